@@ -1,0 +1,80 @@
+//! The `hearth-api` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use hearth_api::server::{self, AllInOne, ApiConfig};
+use vmm_manager::{Accel, HypervisorKind, VmmConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "hearth-api", version, about = "hearth's REST API")]
+struct Args {
+    /// Run the api and all four daemons (vmm-manager, netd, blockd, imaged) in this process.
+    #[arg(long)]
+    all_in_one: bool,
+    /// Data directory: store, admin key, and with --all-in-one the daemons' state and sockets.
+    #[arg(long, default_value = "/var/lib/hearth")]
+    data_dir: PathBuf,
+    /// Address to serve the REST API on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory of the daemons' sockets (default: /run/hearth, or <data dir>/run with --all-in-one).
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    /// Hypervisor for VMs that do not name one; QEMU is used where it is not installed.
+    #[arg(long, default_value = "cloud-hypervisor")]
+    default_hypervisor: HypervisorKind,
+    /// All-in-one: image catalog directory (default <data dir>/images).
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// All-in-one: QEMU accelerator (auto probes whether KVM really boots a guest).
+    #[arg(long, default_value = "auto")]
+    qemu_accel: Accel,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_binary: String,
+    #[arg(long, default_value = "cloud-hypervisor")]
+    cloud_hypervisor_binary: String,
+    /// All-in-one: seconds a guest gets to power off before it is forced.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    socket_http::logging::init();
+    let a = Args::parse();
+    let run_dir = a.data_dir.join("run");
+    let socket_dir = a.socket_dir.clone().unwrap_or_else(|| if a.all_in_one { run_dir.clone() } else { "/run/hearth".into() });
+    let config = ApiConfig {
+        data_dir: a.data_dir.clone(),
+        listen: a.listen,
+        socket_dir,
+        default_hypervisor: a.default_hypervisor,
+    };
+    let all_in_one = a.all_in_one.then(|| AllInOne {
+        vmm: VmmConfig {
+            run_dir,
+            qemu_binary: a.qemu_binary.clone(),
+            cloud_hypervisor_binary: a.cloud_hypervisor_binary.clone(),
+            accel: a.qemu_accel,
+            stop_timeout: Duration::from_secs(a.stop_timeout),
+        },
+        images_dir: a.images_dir.clone().unwrap_or_else(|| a.data_dir.join("images")),
+    });
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+        let _ = tx.send(true);
+    });
+    server::run(config, all_in_one, rx).await
+}

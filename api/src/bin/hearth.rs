@@ -1,0 +1,12 @@
+//! The `hearth` CLI.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let cli = hearth_api::cli::Cli::parse();
+    if let Err(e) = hearth_api::cli::run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

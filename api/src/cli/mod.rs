@@ -1,0 +1,319 @@
+//! The `hearth` command: a client of the REST API.
+//!
+//! It reads the API's address from `--url`/`HEARTH_URL` (default
+//! `http://127.0.0.1:8080`) and the key from `--api-key`/`HEARTH_API_KEY`, or from the
+//! file named by `--api-key-file`/`HEARTH_API_KEY_FILE` (default
+//! `/var/lib/hearth/admin.key`).
+
+mod client;
+mod terminal;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+pub use client::ApiClient;
+
+#[derive(Parser, Debug)]
+#[command(name = "hearth", version, about = "Drive a hearth private cloud")]
+pub struct Cli {
+    /// The API's base URL.
+    #[arg(long, env = "HEARTH_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// API key (hth_…).
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
+    /// File holding the API key.
+    #[arg(long, env = "HEARTH_API_KEY_FILE", default_value = "/var/lib/hearth/admin.key", global = true)]
+    pub api_key_file: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Attach this terminal to a VM's serial console. Detach with Ctrl-] (the VM keeps running).
+    Console {
+        vm: String,
+        /// Watch only; do not type into the guest.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Show a long-running operation.
+    Operation { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create (and by default start) a VM.
+    Create {
+        name: String,
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        /// cloud-hypervisor or qemu (default: the server's choice).
+        #[arg(long)]
+        hypervisor: Option<String>,
+        /// Extra kernel command line arguments.
+        #[arg(long)]
+        cmdline_append: Option<String>,
+        /// Give the VM a VNC display (QEMU only).
+        #[arg(long)]
+        vnc: bool,
+        /// Define the VM without starting it.
+        #[arg(long)]
+        no_start: bool,
+        /// Return once the request is accepted instead of waiting for the operation.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { vm: String },
+    /// Boot a VM.
+    Start { vm: String, #[arg(long)] no_wait: bool },
+    /// Stop a VM (ACPI power button, forced after a timeout).
+    Stop { vm: String, /// Skip the power button.
+        #[arg(long)] force: bool, #[arg(long)] no_wait: bool },
+    /// Reset a VM.
+    Reboot { vm: String, #[arg(long)] no_wait: bool },
+    /// Freeze a VM's vCPUs.
+    Pause { vm: String, #[arg(long)] no_wait: bool },
+    /// Unfreeze a paused VM.
+    Resume { vm: String, #[arg(long)] no_wait: bool },
+    /// Delete a VM (stopping it first).
+    Delete { vm: String, #[arg(long)] no_wait: bool },
+    /// Print what the VM printed on its serial console.
+    Log { vm: String, /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)] bytes: usize },
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let key = match &cli.api_key {
+        Some(k) => k.clone(),
+        None => std::fs::read_to_string(&cli.api_key_file)
+            .with_context(|| format!("no API key: set HEARTH_API_KEY or --api-key, or make {} readable", cli.api_key_file.display()))?
+            .trim()
+            .to_string(),
+    };
+    let api = ApiClient::new(&cli.url, &key)?;
+    let out = cli.output;
+    match cli.command {
+        Command::Vm(cmd) => vm(&api, out, cmd).await,
+        Command::Console { vm, read_only } => terminal::attach(&api, &vm, !read_only).await,
+        Command::Operation { id } => {
+            let op = api.get(&format!("/v1/operations/{id}")).await?;
+            print_value(out, &op, |op| println!("{}", op_line(op)));
+            Ok(())
+        }
+    }
+}
+
+async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> {
+    match cmd {
+        VmCommand::Create { name, image, vcpus, memory, hypervisor, cmdline_append, vnc, no_start, no_wait } => {
+            let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start});
+            if let Some(h) = hypervisor {
+                body["hypervisor"] = json!(h);
+            }
+            if let Some(c) = cmdline_append {
+                body["cmdline_append"] = json!(c);
+            }
+            let accepted = api.post("/v1/vms", Some(body)).await?;
+            finish(api, out, accepted, no_wait, &name).await
+        }
+        VmCommand::List => {
+            let vms = api.get("/v1/vms").await?;
+            print_value(out, &vms, |v| print_vm_table(v.as_array().map(Vec::as_slice).unwrap_or_default()));
+            Ok(())
+        }
+        VmCommand::Show { vm } => {
+            let v = api.get(&format!("/v1/vms/{vm}")).await?;
+            print_value(out, &v, print_vm_details);
+            Ok(())
+        }
+        VmCommand::Start { vm, no_wait } => action(api, out, &vm, "start", "", no_wait).await,
+        VmCommand::Stop { vm, force, no_wait } => action(api, out, &vm, "stop", if force { "?force=true" } else { "" }, no_wait).await,
+        VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, "reboot", "", no_wait).await,
+        VmCommand::Pause { vm, no_wait } => action(api, out, &vm, "pause", "", no_wait).await,
+        VmCommand::Resume { vm, no_wait } => action(api, out, &vm, "resume", "", no_wait).await,
+        VmCommand::Delete { vm, no_wait } => {
+            let accepted = api.delete(&format!("/v1/vms/{vm}")).await?;
+            finish(api, out, accepted, no_wait, &vm).await
+        }
+        VmCommand::Log { vm, bytes } => {
+            let log = api.get_bytes(&format!("/v1/vms/{vm}/console/log?bytes={bytes}")).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&log)?;
+            Ok(())
+        }
+    }
+}
+
+async fn action(api: &ApiClient, out: Output, vm: &str, action: &str, query: &str, no_wait: bool) -> anyhow::Result<()> {
+    let accepted = api.post(&format!("/v1/vms/{vm}/{action}{query}"), None).await?;
+    finish(api, out, accepted, no_wait, vm).await
+}
+
+/// Waits for the operation in a `202 Accepted` body, showing its progress on stderr,
+/// then prints the VM.
+async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm: &str) -> anyhow::Result<()> {
+    let op_id = accepted["operation"]["id"].as_str().unwrap_or_default().to_string();
+    if no_wait {
+        print_value(out, &accepted, |a| println!("{}", op_line(&a["operation"])));
+        return Ok(());
+    }
+    let mut last = String::new();
+    let op = loop {
+        let op = api.get(&format!("/v1/operations/{op_id}?wait=10")).await?;
+        let progress = op["progress"].as_str().unwrap_or_default().to_string();
+        if progress != last && out == Output::Table {
+            eprintln!("  {} … {progress}", op["kind"].as_str().unwrap_or("operation"));
+            last = progress;
+        }
+        if op["status"] != "running" {
+            break op;
+        }
+    };
+    if op["status"] == "failed" {
+        bail!("{} failed: {}", op["kind"].as_str().unwrap_or("operation"), op["error"]["message"].as_str().unwrap_or("unknown error"));
+    }
+    if op["kind"] == "vm.delete" {
+        if out == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&op)?);
+        } else {
+            println!("deleted {vm}");
+        }
+        return Ok(());
+    }
+    let id = op["target_id"].as_str().unwrap_or(vm);
+    // Give vmm-manager's state a moment to settle on the final value.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let v = api.get(&format!("/v1/vms/{id}")).await?;
+    print_value(out, &v, print_vm_details);
+    Ok(())
+}
+
+fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table => table(v),
+    }
+}
+
+fn op_line(op: &Value) -> String {
+    let mut s = format!(
+        "operation {} {} {}",
+        op["id"].as_str().unwrap_or("?"),
+        op["kind"].as_str().unwrap_or("?"),
+        op["status"].as_str().unwrap_or("?")
+    );
+    if let Some(m) = op["error"]["message"].as_str() {
+        s.push_str(&format!(": {m}"));
+    }
+    s
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows as aligned columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn print_vm_table(vms: &[Value]) {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["name"]),
+                s(&v["state"]),
+                s(&v["hypervisor"]),
+                s(&v["vcpus"]),
+                format!("{} MiB", s(&v["memory_mib"])),
+                s(&v["image"]),
+                v["id"].as_str().map(|i| i.chars().take(8).collect()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no VMs");
+    } else {
+        println!("{}", table(&["NAME", "STATE", "HYPERVISOR", "VCPUS", "MEMORY", "IMAGE", "ID"], &rows));
+    }
+}
+
+fn print_vm_details(v: &Value) {
+    let mut rows = vec![
+        ("Name", s(&v["name"])),
+        ("ID", s(&v["id"])),
+        ("State", s(&v["state"])),
+        ("Hypervisor", s(&v["hypervisor"])),
+        ("vCPUs", s(&v["vcpus"])),
+        ("Memory", format!("{} MiB", s(&v["memory_mib"]))),
+        ("Image", s(&v["image"])),
+    ];
+    if let Some(r) = v["reason"].as_str() {
+        rows.push(("Reason", r.to_string()));
+    }
+    if let Some(p) = v["pid"].as_u64() {
+        rows.push(("VMM PID", p.to_string()));
+    }
+    for (k, val) in rows {
+        println!("{k:<11} {val}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tables_align_columns() {
+        let t = super::table(&["NAME", "STATE"], &[vec!["web".into(), "running".into()], vec!["database".into(), "stopped".into()]]);
+        assert_eq!(t, "NAME      STATE\nweb       running\ndatabase  stopped");
+    }
+}

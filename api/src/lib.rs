@@ -1,0 +1,19 @@
+//! hearth's public REST API: the state store, operations, authentication, the VM
+//! endpoints and the console proxy, plus the `hearth` CLI's client code.
+//!
+//! - [`server`]: wiring, `--all-in-one`
+//! - [`store`]: the state store trait and its embedded implementation
+//! - [`vms`], [`console`]: `/v1/vms` and its console
+//! - [`operations`]: long-running operations
+//! - [`auth`]: API keys
+//! - [`cli`]: the `hearth` command
+
+pub mod auth;
+pub mod cli;
+pub mod console;
+pub mod json;
+pub mod model;
+pub mod operations;
+pub mod server;
+pub mod store;
+pub mod vms;

@@ -1,0 +1,168 @@
+//! The public API's resource types (one serde type per resource, strict on input).
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/vms` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// DNS-label style name, unique per project; generated when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub image: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// `cloud-hypervisor` or `qemu`; the configured default when absent.
+    #[serde(default)]
+    pub hypervisor: Option<String>,
+    /// Extra kernel command line arguments appended to the image's.
+    #[serde(default)]
+    pub cmdline_append: Option<String>,
+    /// QEMU only: give the VM a display reachable over VNC.
+    #[serde(default)]
+    pub vnc: bool,
+    /// Boot right after creation (default true).
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    256
+}
+fn yes() -> bool {
+    true
+}
+
+/// Where the api wants a VM to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Creating,
+    Ready,
+    Deleting,
+}
+
+/// The stored desired state of a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub hypervisor: vmm_manager::HypervisorKind,
+    #[serde(default)]
+    pub cmdline_append: Option<String>,
+    #[serde(default)]
+    pub vnc: bool,
+    pub phase: Phase,
+    pub created_at_ms: u64,
+}
+
+/// A VM as the API shows it: the record plus what the host reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub hypervisor: vmm_manager::HypervisorKind,
+    /// `creating`, `deleting`, a vmm-manager state (`stopped`, `starting`, `running`,
+    /// `paused`, `stopping`, `failed`), or `unknown` when vmm-manager cannot be reached.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub created_at_ms: u64,
+}
+
+impl Vm {
+    pub fn from_record(r: &VmRecord, live: Option<&vmm_manager::VmInfo>, reachable: bool) -> Self {
+        let (state, reason, pid) = match (r.phase, live) {
+            (Phase::Creating, _) => ("creating".to_string(), None, None),
+            (Phase::Deleting, _) => ("deleting".to_string(), None, None),
+            (Phase::Ready, Some(info)) => (
+                info.status.state.as_str().to_string(),
+                info.status.reason.clone(),
+                info.status.pid,
+            ),
+            (Phase::Ready, None) if reachable => ("missing".to_string(), Some("vmm-manager does not know this VM".into()), None),
+            (Phase::Ready, None) => ("unknown".to_string(), Some("vmm-manager is unreachable".into()), None),
+        };
+        Self {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            project: r.project.clone(),
+            image: r.image.clone(),
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            hypervisor: r.hypervisor,
+            state,
+            reason,
+            pid,
+            created_at_ms: r.created_at_ms,
+        }
+    }
+}
+
+/// Status of a long-running operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A long-running mutation (`202 Accepted` returns one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    /// What it does, e.g. `vm.create`, `vm.stop`.
+    pub kind: String,
+    pub target_kind: String,
+    pub target_id: String,
+    pub status: OperationStatus,
+    /// Human description of the current step.
+    #[serde(default)]
+    pub progress: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<socket_http::ErrorBody>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// What `POST /v1/vms` and VM actions answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub operation: Operation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Vm>,
+}
+
+/// Validates a resource name: a DNS label (lowercase letters, digits, '-', 1-63 bytes,
+/// starting and ending alphanumeric).
+pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(socket_http::ApiError::unprocessable(format!(
+            "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )))
+    }
+}

@@ -1,0 +1,120 @@
+//! Long-running operations: recorded in the store before work starts, updated as it
+//! goes, and long-polled by clients (`?wait=SECONDS`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socket_http::{ApiError, ErrorBody};
+use tokio::sync::watch;
+
+use crate::model::{Operation, OperationStatus};
+use crate::store::{self, StateStore};
+
+/// Creates, updates and waits for operations.
+pub struct Operations {
+    store: Arc<dyn StateStore>,
+    waiters: Mutex<HashMap<String, watch::Sender<()>>>,
+}
+
+fn key(id: &str) -> String {
+    format!("operations/{id}")
+}
+
+impl Operations {
+    pub fn new(store: Arc<dyn StateStore>) -> Self {
+        Self { store, waiters: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records a new running operation.
+    pub async fn start(&self, kind: &str, target_kind: &str, target_id: &str) -> Result<Operation, ApiError> {
+        let now = vmm_manager::spec::now_ms();
+        let op = Operation {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: kind.to_string(),
+            target_kind: target_kind.to_string(),
+            target_id: target_id.to_string(),
+            status: OperationStatus::Running,
+            progress: "accepted".into(),
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.store.put(&key(&op.id), store::encode(&op)).await?;
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(op.id.clone(), watch::channel(()).0);
+        Ok(op)
+    }
+
+    async fn update(&self, id: &str, f: impl FnOnce(&mut Operation)) {
+        let Ok(Some((mut op, _))) = store::get_json::<Operation>(self.store.as_ref(), &key(id)).await else {
+            return;
+        };
+        f(&mut op);
+        op.updated_at_ms = vmm_manager::spec::now_ms();
+        if let Err(e) = self.store.put(&key(id), store::encode(&op)).await {
+            tracing::error!(operation = id, "cannot record operation progress: {e}");
+        }
+        let finished = op.status != OperationStatus::Running;
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = waiters.get(id) {
+            tx.send_replace(());
+        }
+        if finished {
+            waiters.remove(id);
+        }
+    }
+
+    pub async fn progress(&self, id: &str, step: &str) {
+        self.update(id, |op| op.progress = step.to_string()).await;
+    }
+
+    pub async fn succeed(&self, id: &str) {
+        self.update(id, |op| {
+            op.status = OperationStatus::Succeeded;
+            op.progress = "done".into();
+        })
+        .await;
+    }
+
+    pub async fn fail(&self, id: &str, error: &ApiError) {
+        let body: ErrorBody = error.body.clone();
+        tracing::warn!(operation = id, "operation failed: {}", body.message);
+        self.update(id, |op| {
+            op.status = OperationStatus::Failed;
+            op.progress = "failed".into();
+            op.error = Some(body);
+        })
+        .await;
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Operation, ApiError> {
+        store::get_json::<Operation>(self.store.as_ref(), &key(id))
+            .await?
+            .map(|(op, _)| op)
+            .ok_or_else(|| ApiError::not_found(format!("operation {id} does not exist")))
+    }
+
+    /// Returns the operation once it has finished, or after `wait`, whichever is first.
+    pub async fn wait(&self, id: &str, wait: Duration) -> Result<Operation, ApiError> {
+        let rx = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(id).map(|tx| tx.subscribe());
+        let deadline = tokio::time::Instant::now() + wait;
+        let op = self.get(id).await?;
+        let Some(mut rx) = rx else { return Ok(op) };
+        let mut op = op;
+        while op.status == OperationStatus::Running {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => op = self.get(id).await?,
+                // Sender gone: the operation finished and was unregistered.
+                Ok(Err(_)) => return self.get(id).await,
+                Err(_) => break,
+            }
+        }
+        Ok(op)
+    }
+
+    pub async fn list(&self) -> Result<Vec<Operation>, ApiError> {
+        let mut ops: Vec<Operation> = store::list_json(self.store.as_ref(), "operations/").await?.into_iter().map(|(o, _)| o).collect();
+        ops.sort_by_key(|o| std::cmp::Reverse(o.created_at_ms));
+        Ok(ops)
+    }
+}

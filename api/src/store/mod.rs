@@ -1,0 +1,130 @@
+//! The state store: desired state behind one trait (get, put, compare-and-swap by
+//! revision, delete, list by prefix, watch). Every write bumps a store-wide revision,
+//! as etcd does, and each key remembers the revision of its last change.
+//!
+//! [`embedded::EmbeddedStore`] keeps everything in one redb file in the data directory.
+
+pub mod embedded;
+
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use socket_http::ApiError;
+use tokio::sync::broadcast;
+
+/// A value and the revision of its last change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+/// A change seen by a watcher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    pub key: String,
+    /// `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    pub revision: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("revision conflict on {key}: expected {expected:?}, found {found:?}")]
+    Conflict { key: String, expected: Option<u64>, found: Option<u64> },
+    #[error("the state store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored value under {key} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
+            StoreError::Corrupt { .. } => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+/// The store trait every backend implements.
+pub trait StateStore: Send + Sync {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>>;
+    /// Writes unconditionally; returns the new revision.
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Writes only when the key's revision is `expected` (`None`: the key must not exist).
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Deletes a key; returns whether it existed.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Every key starting with `prefix`, in key order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, Versioned)>, StoreError>>;
+    /// Changes from now on (filter by prefix on the receiving side).
+    fn watch(&self) -> broadcast::Receiver<WatchEvent>;
+}
+
+/// JSON helpers over any store.
+pub async fn get_json<T: DeserializeOwned>(store: &dyn StateStore, key: &str) -> Result<Option<(T, u64)>, StoreError> {
+    match store.get(key).await? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v.value)
+            .map(|t| Some((t, v.revision)))
+            .map_err(|e| StoreError::Corrupt { key: key.to_string(), message: e.to_string() }),
+    }
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our record types contain no maps with non-string keys, so encoding cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub async fn list_json<T: DeserializeOwned>(store: &dyn StateStore, prefix: &str) -> Result<Vec<(T, u64)>, StoreError> {
+    store
+        .list(prefix)
+        .await?
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_slice(&v.value)
+                .map(|t| (t, v.revision))
+                .map_err(|e| StoreError::Corrupt { key: k, message: e.to_string() })
+        })
+        .collect()
+}
+
+/// The suite every store implementation must pass.
+#[cfg(test)]
+pub(crate) async fn conformance(store: &dyn StateStore) {
+    assert_eq!(store.get("a/1").await.ok().flatten(), None);
+    let mut watch = store.watch();
+    let r1 = store.put("a/1", b"one".to_vec()).await.expect("put");
+    let got = store.get("a/1").await.expect("get").expect("present");
+    assert_eq!(got, Versioned { value: b"one".to_vec(), revision: r1 });
+    let ev = watch.recv().await.expect("watch event");
+    assert_eq!((ev.key.as_str(), ev.value.as_deref(), ev.revision), ("a/1", Some(&b"one"[..]), r1));
+
+    // Create-only CAS refuses an existing key; CAS with a stale revision refuses too.
+    assert!(matches!(store.compare_and_swap("a/1", None, b"x".to_vec()).await, Err(StoreError::Conflict { .. })));
+    let r2 = store.compare_and_swap("a/1", Some(r1), b"two".to_vec()).await.expect("cas");
+    assert!(r2 > r1, "revisions grow");
+    assert!(matches!(store.compare_and_swap("a/1", Some(r1), b"three".to_vec()).await, Err(StoreError::Conflict { .. })));
+    let r3 = store.compare_and_swap("a/2", None, b"new".to_vec()).await.expect("create");
+    store.put("b/1", b"other".to_vec()).await.expect("put");
+
+    let listed: Vec<_> = store.list("a/").await.expect("list").into_iter().map(|(k, v)| (k, v.value, v.revision)).collect();
+    assert_eq!(listed, vec![("a/1".to_string(), b"two".to_vec(), r2), ("a/2".to_string(), b"new".to_vec(), r3)]);
+
+    assert!(store.delete("a/1").await.expect("delete"));
+    assert!(!store.delete("a/1").await.expect("delete missing"), "deleting a missing key succeeds and says so");
+    assert_eq!(store.get("a/1").await.expect("get"), None);
+    assert_eq!(store.list("a/").await.expect("list").len(), 1);
+
+    // Concurrent create-only CAS: exactly one wins.
+    let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+}

@@ -1,0 +1,368 @@
+//! `/v1/vms`: create, list, show, delete and lifecycle actions.
+//!
+//! Mutations record intent in the store first (the VM record, the name claim, the
+//! operation), answer `202 Accepted`, and do the work in a task that drives
+//! vmm-manager through its idempotent endpoints. A create that fails removes
+//! everything it made: the VMM, its state directory and the records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use socket_http::{ApiError, ClientError};
+use vmm_manager::spec::{HypervisorKind, QemuMachine, QemuOptions, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
+
+use crate::json::JsonBody;
+use crate::model::{validate_name, Accepted, CreateVm, Phase, Vm, VmRecord};
+use crate::server::AppState;
+use crate::store;
+
+type AppS = State<Arc<AppState>>;
+
+pub const PROJECT: &str = "default";
+
+fn vm_key(id: &str) -> String {
+    format!("vms/{id}")
+}
+fn name_key(project: &str, name: &str) -> String {
+    format!("vm-names/{project}/{name}")
+}
+
+/// Turns a daemon client error into an API error, keeping the daemon's status where
+/// it is meaningful to the user.
+pub fn upstream(e: ClientError) -> ApiError {
+    match e {
+        ClientError::Api { status, code, message, details } => {
+            let mut err = ApiError::new(status, &code, message);
+            err.body.details = details;
+            err
+        }
+        other => ApiError::unavailable(other.to_string()),
+    }
+}
+
+/// Finds a VM record by id or by name.
+pub async fn resolve(state: &AppState, id_or_name: &str) -> Result<(VmRecord, u64), ApiError> {
+    let s = state.store.as_ref();
+    if let Some(found) = store::get_json::<VmRecord>(s, &vm_key(id_or_name)).await? {
+        return Ok(found);
+    }
+    if let Some((id, _)) = store::get_json::<String>(s, &name_key(PROJECT, id_or_name)).await? {
+        if let Some(found) = store::get_json::<VmRecord>(s, &vm_key(&id)).await? {
+            return Ok(found);
+        }
+    }
+    Err(ApiError::not_found(format!("VM {id_or_name:?} does not exist")))
+}
+
+async fn view(state: &AppState, rec: &VmRecord) -> Vm {
+    match state.vmm.get(&rec.id).await {
+        Ok(info) => Vm::from_record(rec, Some(&info), true),
+        Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
+        Err(_) => Vm::from_record(rec, None, false),
+    }
+}
+
+pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
+    let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/").await?.into_iter().map(|(r, _)| r).collect();
+    let live = state.vmm.list().await;
+    let reachable = live.is_ok();
+    let live: std::collections::HashMap<String, vmm_manager::VmInfo> =
+        live.unwrap_or_default().into_iter().map(|i| (i.spec.id.clone(), i)).collect();
+    let mut vms: Vec<Vm> = records.iter().map(|r| Vm::from_record(r, live.get(&r.id), reachable)).collect();
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(vms))
+}
+
+pub async fn show(State(state): AppS, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
+    let (rec, _) = resolve(&state, &id).await?;
+    Ok(Json(view(&state, &rec).await))
+}
+
+fn accepted(op: crate::model::Operation, vm: Option<Vm>) -> Response {
+    (StatusCode::ACCEPTED, Json(Accepted { operation: op, vm })).into_response()
+}
+
+/// Chooses the hypervisor: the request's, else the configured default, falling back to
+/// QEMU where Cloud Hypervisor is not installed.
+async fn choose_hypervisor(state: &AppState, requested: Option<&str>) -> Result<HypervisorKind, ApiError> {
+    let requested = match requested {
+        Some(h) => Some(h.parse::<HypervisorKind>().map_err(ApiError::unprocessable)?),
+        None => None,
+    };
+    let hypervisors = state.vmm.hypervisors().await.map_err(upstream)?;
+    let available = |k: HypervisorKind| hypervisors.iter().find(|h| h.kind == k).filter(|h| h.available).is_some();
+    let reason = |k: HypervisorKind| {
+        hypervisors.iter().find(|h| h.kind == k).and_then(|h| h.detail.clone()).unwrap_or_default()
+    };
+    match requested {
+        Some(kind) if available(kind) => Ok(kind),
+        Some(kind) => Err(ApiError::unprocessable(format!("hypervisor {kind} cannot run VMs on this host: {}", reason(kind)))),
+        None => {
+            let kind = state.config.default_hypervisor;
+            if available(kind) {
+                Ok(kind)
+            } else if available(HypervisorKind::Qemu) {
+                Ok(HypervisorKind::Qemu)
+            } else {
+                Err(ApiError::unprocessable("no hypervisor is installed: install qemu-system-x86 or cloud-hypervisor"))
+            }
+        }
+    }
+}
+
+/// Looks an image up in imaged; an unknown image is the request's fault (422).
+async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, ApiError> {
+    imaged::validate_name(name).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    state.images.get(name).await.map_err(|e| {
+        if e.is_not_found() {
+            ApiError::unprocessable(format!("unknown image {name:?}: {e}"))
+        } else {
+            upstream(e)
+        }
+    })
+}
+
+pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Result<Response, ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
+    validate_name("VM", &name)?;
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(ApiError::unprocessable(format!("vcpus must be between 1 and {MAX_VCPUS}, got {}", req.vcpus)));
+    }
+    let host_mib = vmm_manager::spec::host_memory_mib();
+    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
+        return Err(ApiError::unprocessable(format!(
+            "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
+            req.memory_mib
+        )));
+    }
+    if let Some(extra) = &req.cmdline_append {
+        if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
+            return Err(ApiError::unprocessable("cmdline_append must be at most 1024 printable characters"));
+        }
+    }
+    let hypervisor = choose_hypervisor(&state, req.hypervisor.as_deref()).await?;
+    if req.vnc && hypervisor != HypervisorKind::Qemu {
+        return Err(ApiError::unprocessable("vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer"));
+    }
+    let image = find_image(&state, &req.image).await?;
+    kernel_for(&image, hypervisor)?;
+
+    // Intent first: claim the name, then record the VM, then the operation.
+    let s = state.store.as_ref();
+    s.compare_and_swap(&name_key(PROJECT, &name), None, store::encode(&id))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => ApiError::conflict(format!("a VM named {name:?} already exists")),
+            other => other.into(),
+        })?;
+    let rec = VmRecord {
+        id: id.clone(),
+        name: name.clone(),
+        project: PROJECT.into(),
+        image: req.image.clone(),
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        hypervisor,
+        cmdline_append: req.cmdline_append.clone(),
+        vnc: req.vnc,
+        phase: Phase::Creating,
+        created_at_ms: vmm_manager::spec::now_ms(),
+    };
+    if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
+        let _ = s.delete(&name_key(PROJECT, &name)).await;
+        return Err(e.into());
+    }
+    let op = state.ops.start("vm.create", "vm", &id).await?;
+    let task_state = state.clone();
+    let (op_id, start) = (op.id.clone(), req.start);
+    tokio::spawn(async move { create_task(task_state, rec, op_id, start).await });
+    let vm = Vm::from_record(&store::get_json::<VmRecord>(s, &vm_key(&id)).await?.map(|(r, _)| r).unwrap_or_else(|| unreachable_record(&id)), None, true);
+    Ok(accepted(op, Some(vm)))
+}
+
+// Only used if the record vanished between the put and the read (a concurrent delete).
+fn unreachable_record(id: &str) -> VmRecord {
+    VmRecord {
+        id: id.to_string(),
+        name: String::new(),
+        project: PROJECT.into(),
+        image: String::new(),
+        vcpus: 0,
+        memory_mib: 0,
+        hypervisor: HypervisorKind::Qemu,
+        cmdline_append: None,
+        vnc: false,
+        phase: Phase::Deleting,
+        created_at_ms: 0,
+    }
+}
+
+fn kernel_for(image: &imaged::ImageInfo, hypervisor: HypervisorKind) -> Result<std::path::PathBuf, ApiError> {
+    let boot = &image.boot;
+    let kernel = match hypervisor {
+        // Cloud Hypervisor boots only the uncompressed PVH ELF.
+        HypervisorKind::CloudHypervisor => boot.kernel_elf.clone(),
+        HypervisorKind::Qemu => boot.kernel_bzimage.clone().or_else(|| boot.kernel_elf.clone()),
+    };
+    kernel.ok_or_else(|| ApiError::unprocessable(format!("image {:?} has no kernel that {hypervisor} can boot", image.name)))
+}
+
+/// Builds the spec vmm-manager gets.
+async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
+    let image = find_image(state, &rec.image).await?;
+    let kernel = kernel_for(&image, rec.hypervisor)?;
+    let mut cmdline = format!("{} hearth.hostname={}", image.boot.cmdline, rec.name);
+    if let Some(extra) = &rec.cmdline_append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    Ok(VmSpec {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        hypervisor: rec.hypervisor,
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        kernel,
+        initramfs: image.boot.initramfs.clone(),
+        cmdline,
+        disks: vec![],
+        nics: vec![],
+        qemu: QemuOptions { machine: QemuMachine::Q35, vnc: rec.vnc },
+    })
+}
+
+async fn create_task(state: Arc<AppState>, rec: VmRecord, op_id: String, start: bool) {
+    let result = async {
+        state.ops.progress(&op_id, "defining the VM").await;
+        let spec = vm_spec(&state, &rec).await?;
+        state.vmm.ensure(&spec).await.map_err(upstream)?;
+        let mut ready = rec.clone();
+        ready.phase = Phase::Ready;
+        state.store.put(&vm_key(&rec.id), store::encode(&ready)).await?;
+        if start {
+            state.ops.progress(&op_id, "starting the VMM").await;
+            state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
+        }
+        Ok::<_, ApiError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => state.ops.succeed(&op_id).await,
+        Err(e) => {
+            // Leave nothing behind: no VMM, no state directory, no records.
+            if let Err(cleanup) = state.vmm.delete(&rec.id).await {
+                tracing::error!(vm = %rec.id, "cleanup after failed create: {cleanup}");
+            }
+            let _ = state.store.delete(&vm_key(&rec.id)).await;
+            let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
+            state.ops.fail(&op_id, &e).await;
+        }
+    }
+}
+
+pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (mut rec, rev) = resolve(&state, &id).await?;
+    if rec.phase == Phase::Creating {
+        return Err(ApiError::conflict(format!("VM {} is still being created; retry when its create operation finishes", rec.name)));
+    }
+    rec.phase = Phase::Deleting;
+    state.store.compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec)).await?;
+    let op = state.ops.start("vm.delete", "vm", &rec.id).await?;
+    let vm = Vm::from_record(&rec, None, true);
+    let (task_state, op_id) = (state.clone(), op.id.clone());
+    tokio::spawn(async move {
+        let result = async {
+            task_state.ops.progress(&op_id, "stopping and removing the VMM").await;
+            task_state.vmm.delete(&rec.id).await.map_err(upstream)?;
+            task_state.store.delete(&vm_key(&rec.id)).await?;
+            task_state.store.delete(&name_key(&rec.project, &rec.name)).await?;
+            Ok::<_, ApiError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => task_state.ops.succeed(&op_id).await,
+            Err(e) => task_state.ops.fail(&op_id, &e).await,
+        }
+    });
+    Ok(accepted(op, Some(vm)))
+}
+
+#[derive(Deserialize)]
+pub struct ActionQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn action(
+    State(state): AppS,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<ActionQuery>,
+) -> Result<Response, ApiError> {
+    if !matches!(action.as_str(), "start" | "stop" | "reboot" | "pause" | "resume") {
+        return Err(ApiError::not_found(format!("unknown VM action {action:?}: use start, stop, reboot, pause or resume")));
+    }
+    let (rec, _) = resolve(&state, &id).await?;
+    if rec.phase != Phase::Ready {
+        return Err(ApiError::conflict(format!("VM {} is {:?}: cannot {action}", rec.name, rec.phase)));
+    }
+    // Refuse what cannot work now, synchronously, so the caller gets a 409 at once.
+    let live = state.vmm.get(&rec.id).await.map_err(upstream)?;
+    let st = live.status.state;
+    use vmm_manager::VmState;
+    let ok = match action.as_str() {
+        "reboot" | "pause" => st == VmState::Running,
+        "resume" => st == VmState::Paused,
+        // start and stop are idempotent.
+        _ => true,
+    };
+    if !ok {
+        return Err(ApiError::conflict(format!("VM {} is {}: cannot {action}", rec.name, st.as_str())));
+    }
+    let op = state.ops.start(&format!("vm.{action}"), "vm", &rec.id).await?;
+    let (task_state, op_id, vm_id, force) = (state.clone(), op.id.clone(), rec.id.clone(), q.force);
+    tokio::spawn(async move {
+        task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
+        match task_state.vmm.action(&vm_id, &action, force).await {
+            Ok(_) => task_state.ops.succeed(&op_id).await,
+            Err(e) => task_state.ops.fail(&op_id, &upstream(e)).await,
+        }
+    });
+    Ok(accepted(op, Some(view(&state, &rec).await)))
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    #[serde(default)]
+    wait: Option<f64>,
+}
+
+pub async fn operation(State(state): AppS, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Result<Json<crate::model::Operation>, ApiError> {
+    let wait = q.wait.unwrap_or(0.0);
+    if !(0.0..=3600.0).contains(&wait) {
+        return Err(ApiError::unprocessable("wait must be between 0 and 3600 seconds"));
+    }
+    // Long-polls are capped so proxies and clients do not time out first.
+    let wait = Duration::from_secs_f64(wait.min(60.0));
+    Ok(Json(state.ops.wait(&id, wait).await?))
+}
+
+pub async fn operations(State(state): AppS) -> Result<Json<Vec<crate::model::Operation>>, ApiError> {
+    Ok(Json(state.ops.list().await?))
+}
+
+#[derive(Deserialize)]
+pub struct LogQuery {
+    bytes: Option<usize>,
+}
+
+pub async fn console_log(State(state): AppS, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let (rec, _) = resolve(&state, &id).await?;
+    let bytes = state.vmm.console_log(&rec.id, q.bytes.unwrap_or(256 * 1024)).await.map_err(upstream)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+}

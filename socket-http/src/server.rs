@@ -1,0 +1,54 @@
+//! Serving an axum router on a Unix socket.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use axum::Router;
+use tokio::net::UnixListener;
+
+/// Binds `path`, replacing a stale socket file left by a dead process, but refusing
+/// when a live process still answers on it (two daemons must never share a socket).
+pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves `router` on the Unix socket at `path` until `shutdown` resolves, then removes
+/// the socket file.
+pub async fn serve_unix(
+    path: PathBuf,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let listener = bind_unix(&path).await?;
+    tracing::info!(socket = %path.display(), "listening");
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The `/health` route every daemon serves.
+pub fn health_router(service: &'static str) -> Router {
+    Router::new().route(
+        "/health",
+        axum::routing::get(move || async move {
+            axum::Json(serde_json::json!({"status": "ok", "service": service}))
+        }),
+    )
+}

@@ -1,0 +1,79 @@
+//! The client for vmm-manager's Unix-socket API, used by the api.
+
+use std::path::PathBuf;
+
+use http::Method;
+use socket_http::{ClientError, UnixClient};
+use tokio::net::UnixStream;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::spec::{VmInfo, VmSpec};
+
+/// Typed calls to vmm-manager.
+#[derive(Debug, Clone)]
+pub struct VmmClient {
+    http: UnixClient,
+}
+
+impl VmmClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { http: UnixClient::new(socket) }
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
+        self.http.get("/vms").await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<VmInfo, ClientError> {
+        self.http.get(&format!("/vms/{id}")).await
+    }
+
+    pub async fn ensure(&self, spec: &VmSpec) -> Result<VmInfo, ClientError> {
+        self.http.call(Method::PUT, &format!("/vms/{}", spec.id), Some(spec)).await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.http.call::<(), serde_json::Value>(Method::DELETE, &format!("/vms/{id}"), None).await.map(|_| ())
+    }
+
+    /// `action` is one of start, stop, reboot, pause, resume.
+    pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {
+        let q = if force { "?force=true" } else { "" };
+        self.http.call::<(), VmInfo>(Method::POST, &format!("/vms/{id}/{action}{q}"), None).await
+    }
+
+    pub async fn console_log(&self, id: &str, max_bytes: usize) -> Result<bytes::Bytes, ClientError> {
+        let resp = self.http.raw(Method::GET, &format!("/vms/{id}/console/log?bytes={max_bytes}"), None).await?;
+        if resp.status.is_success() {
+            Ok(resp.body)
+        } else {
+            Err(self.http.api_error(&resp))
+        }
+    }
+
+    pub async fn hypervisors(&self) -> Result<Vec<crate::service::HypervisorAvailability>, ClientError> {
+        self.http.get("/hypervisors").await
+    }
+
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        self.http.get("/health").await
+    }
+
+    /// Opens the console WebSocket over the Unix socket.
+    pub async fn console(&self, id: &str, write: bool) -> Result<WebSocketStream<UnixStream>, ClientError> {
+        let socket = self.http.socket().to_path_buf();
+        let stream = UnixStream::connect(&socket)
+            .await
+            .map_err(|source| ClientError::Connect { socket: socket.clone(), source })?;
+        let url = format!("ws://localhost/vms/{id}/console?write={write}");
+        match tokio_tungstenite::client_async(url, stream).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status();
+                let body = resp.body().clone().unwrap_or_default();
+                Err(self.http.api_error(&socket_http::client::RawResponse { status, body: body.into() }))
+            }
+            Err(e) => Err(ClientError::Transport { socket, message: e.to_string() }),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! vmm-manager's HTTP/JSON API on its Unix socket. Handlers only parse and map; the
+//! work is in [`VmService`].
+//!
+//! - `GET /vms`, `GET /vms/{id}`, `PUT /vms/{id}` (ensure, body = `VmSpec`),
+//!   `DELETE /vms/{id}` (also succeeds when missing)
+//! - `POST /vms/{id}/{start|stop|reboot|pause|resume}` (`stop?force=true` skips the
+//!   power button)
+//! - `GET /vms/{id}/console/log?bytes=N`: scrollback as raw bytes
+//! - `GET /vms/{id}/console?write=true`: WebSocket; first the ring buffer, then live
+//!   output as binary frames; with `write=true` (one writer at a time) frames from the
+//!   client are typed into the guest
+//! - `GET /events`: server-sent events of VM state changes
+//! - `GET /hypervisors`: which hypervisors can run VMs on this host
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use socket_http::ApiError;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::console::{ConsoleWriter, SerialConsole};
+use crate::service::VmService;
+use crate::spec::{VmInfo, VmSpec};
+
+type Svc = State<Arc<VmService>>;
+
+pub fn router(svc: Arc<VmService>) -> Router {
+    Router::new()
+        .route("/vms", get(list))
+        .route("/vms/{id}", get(show).put(ensure).delete(remove))
+        .route("/vms/{id}/{action}", post(action))
+        .route("/vms/{id}/console/log", get(console_log))
+        .route("/vms/{id}/console", get(console))
+        .route("/events", get(events))
+        .route("/hypervisors", get(hypervisors))
+        .with_state(svc)
+        .merge(socket_http::server::health_router("vmm-manager"))
+}
+
+async fn hypervisors(State(svc): Svc) -> Json<Vec<crate::service::HypervisorAvailability>> {
+    Json(svc.hypervisors())
+}
+
+async fn list(State(svc): Svc) -> Json<Vec<VmInfo>> {
+    Json(svc.list())
+}
+
+async fn show(State(svc): Svc, Path(id): Path<String>) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(svc.get(&id)?))
+}
+
+async fn ensure(State(svc): Svc, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let spec: VmSpec = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid VM spec: {e}")))?;
+    if spec.id != id {
+        return Err(ApiError::unprocessable(format!("spec id {:?} does not match the URL's {id:?}", spec.id)));
+    }
+    let (info, created) = svc.create(spec).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(info)).into_response())
+}
+
+async fn remove(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    svc.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ActionQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn action(
+    State(svc): Svc,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<ActionQuery>,
+) -> Result<Json<VmInfo>, ApiError> {
+    let info = match action.as_str() {
+        "start" => svc.start(&id).await?,
+        "stop" => svc.stop(&id, q.force).await?,
+        "reboot" => svc.reboot(&id).await?,
+        "pause" => svc.pause(&id).await?,
+        "resume" => svc.resume(&id).await?,
+        other => return Err(ApiError::not_found(format!("unknown VM action {other:?}"))),
+    };
+    Ok(Json(info))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    bytes: Option<usize>,
+}
+
+async fn console_log(State(svc): Svc, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let bytes = svc.console_log(&id, q.bytes.unwrap_or(256 * 1024).min(64 * 1024 * 1024))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    write: bool,
+}
+
+async fn console(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let console = svc.console(&id)?;
+    let writer = if q.write {
+        Some(console.try_writer().ok_or_else(|| ApiError::from(crate::service::ServiceError::WriterBusy(id.clone())))?)
+    } else {
+        None
+    };
+    Ok(ws.on_upgrade(move |socket| serve_console(socket, console, writer)))
+}
+
+/// Moves bytes between one WebSocket client and the console until either side goes.
+pub async fn serve_console(socket: WebSocket, console: Arc<SerialConsole>, writer: Option<ConsoleWriter>) {
+    let sub = console.subscribe();
+    drop(console);
+    let (mut tx, mut rx) = socket.split();
+    let mut live = sub.live;
+    if tx.send(Message::Binary(sub.scrollback)).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            out = live.recv() => match out {
+                Ok(chunk) => if tx.send(Message::Binary(chunk)).await.is_err() { return },
+                // A slow client loses output rather than holding anyone up.
+                Err(RecvError::Lagged(n)) => tracing::debug!("console reader lagged by {n} chunks"),
+                Err(RecvError::Closed) => {
+                    let _ = tx.send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "the VM stopped".into() }))).await;
+                    return;
+                }
+            },
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Binary(b))) => if let Some(w) = &writer { if w.write(b).await.is_err() { return } },
+                Some(Ok(Message::Text(t))) => if let Some(w) = &writer { if w.write(bytes::Bytes::from(t.as_str().to_owned())).await.is_err() { return } },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn events(State(svc): Svc) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = svc.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    return Some((Ok(Event::default().event("vm").data(data)), rx));
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
+}

@@ -1,0 +1,440 @@
+//! The QEMU driver.
+//!
+//! One `qemu-system-x86_64` per VM, `q35` by default (`microvm` on request), direct
+//! kernel boot, serial on a chardev socket whose `logfile` keeps what the guest prints
+//! even while vmm-manager is away, QMP on a socket for lifecycle, VNC on a Unix socket
+//! when the VM has a display. The accelerator is `kvm` only where KVM really runs a
+//! guest: with `accel = auto` a probe boots the VM's kernel under KVM once and falls
+//! back to TCG when it does not get through (see TEST-MACHINES.md: a present
+//! `/dev/kvm` may still be unable to run stock kernels).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+use super::{find_binary, log_tail, qmp, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
+use crate::process::{self, ExitInfo};
+use crate::spec::{DiskFormat, DiskSource, HypervisorKind, QemuMachine, VmSpec, VmState};
+use crate::vm_dir::VmDir;
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when a probe boot under KVM succeeds, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            o => Err(format!("unknown accelerator {o:?}: use auto, kvm or tcg")),
+        }
+    }
+}
+
+/// The QEMU driver.
+pub struct QemuDriver {
+    binary: String,
+    accel: Accel,
+    probe_dir: PathBuf,
+    kvm_verdict: OnceCell<bool>,
+}
+
+/// How long the KVM probe may take before KVM is declared unusable.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+
+impl QemuDriver {
+    pub fn new(binary: impl Into<String>, accel: Accel, probe_dir: PathBuf) -> Self {
+        Self {
+            binary: binary.into(),
+            accel,
+            probe_dir,
+            kvm_verdict: OnceCell::new(),
+        }
+    }
+
+    /// Decides whether this VM runs under KVM.
+    async fn use_kvm(&self, kernel: &Path) -> bool {
+        match self.accel {
+            Accel::Kvm => true,
+            Accel::Tcg => false,
+            Accel::Auto => *self
+                .kvm_verdict
+                .get_or_init(|| probe_kvm(&self.binary, kernel, &self.probe_dir))
+                .await,
+        }
+    }
+}
+
+/// Boots `kernel` under KVM without a root filesystem: a kernel that gets as far as
+/// "VFS: Unable to mount root fs" ran its whole boot under KVM, so KVM works.
+pub async fn probe_kvm(binary: &str, kernel: &Path, probe_dir: &Path) -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let _ = std::fs::create_dir_all(probe_dir);
+    let log = probe_dir.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&log);
+    let child = tokio::process::Command::new(binary)
+        .args(["-accel", "kvm", "-cpu", "host", "-M", "q35", "-m", "128", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let deadline = tokio::time::Instant::now() + KVM_PROBE_TIMEOUT;
+    let ok = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("VFS: Unable to mount root fs") {
+            break true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || tokio::time::Instant::now() >= deadline {
+            // Exited before the kernel finished booting (QEMU abort) or hung.
+            break std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("VFS: Unable to mount root fs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = child.kill().await;
+    let verdict = json!({"kvm_usable": ok, "kernel": kernel, "at_ms": crate::spec::now_ms()});
+    let _ = std::fs::write(probe_dir.join("kvm-probe.json"), verdict.to_string());
+    tracing::info!(kvm_usable = ok, "KVM probe finished");
+    ok
+}
+
+/// QEMU's option syntax treats ',' as a separator; a literal comma is doubled.
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The host TSC frequency in kHz, which `microvm` guests need under TCG.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// Builds QEMU's argument vector for `spec`.
+pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
+    let microvm = spec.qemu.machine == QemuMachine::Microvm;
+    let bus = if microvm { "device" } else { "pci" };
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name.replace(',', "_"))]);
+    push(&["-machine", if microvm { "microvm" } else { "q35" }]);
+    push(&["-accel", if kvm { "kvm" } else { "tcg" }]);
+    push(&["-cpu", if kvm { "host" } else { "max" }]);
+    push(&["-smp", &spec.vcpus.to_string()]);
+    push(&["-m", &format!("{}M", spec.memory_mib)]);
+    if spec.needs_shared_memory() {
+        // vhost-user backends map guest memory: it must be a shareable memfd.
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib),
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    }
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-kernel", &spec.kernel.display().to_string()]);
+    if let Some(initrd) = &spec.initramfs {
+        push(&["-initrd", &initrd.display().to_string()]);
+    }
+    let mut cmdline = spec.cmdline.clone();
+    if microvm && !kvm {
+        if let Some(khz) = tsc_khz {
+            if !cmdline.contains("tsc_early_khz=") {
+                cmdline = format!("{cmdline} tsc_early_khz={khz}").trim().to_string();
+            }
+        }
+    }
+    push(&["-append", &cmdline]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            opt_path(&dir.serial_socket()),
+            opt_path(&dir.console_log())
+        ),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&dir.qmp_socket()))]);
+    if spec.qemu.vnc {
+        push(&["-vnc", &format!("unix:{}", opt_path(&dir.vnc_socket())), "-device", "VGA"]);
+    }
+    for d in &spec.disks {
+        match &d.source {
+            DiskSource::File { path, format } => {
+                let fmt = match format {
+                    DiskFormat::Raw => "raw",
+                    DiskFormat::Qcow2 => "qcow2",
+                };
+                push(&[
+                    "-blockdev",
+                    &format!(
+                        "driver=file,node-name={id}-file,filename={},cache.direct=off{ro}",
+                        opt_path(path),
+                        id = d.id,
+                        ro = if d.readonly { ",read-only=on" } else { "" }
+                    ),
+                    "-blockdev",
+                    &format!(
+                        "driver={fmt},node-name={id},file={id}-file{ro}",
+                        id = d.id,
+                        ro = if d.readonly { ",read-only=on" } else { "" }
+                    ),
+                    "-device",
+                    &format!("virtio-blk-{bus},drive={id},id={id}", id = d.id),
+                ]);
+            }
+            DiskSource::VhostUser { socket } => {
+                push(&[
+                    "-chardev",
+                    &format!("socket,id={}-chr,path={}", d.id, opt_path(socket)),
+                    "-device",
+                    &format!("vhost-user-blk-{bus},chardev={id}-chr,id={id}", id = d.id),
+                ]);
+            }
+        }
+    }
+    for n in &spec.nics {
+        let mq = n.queue_pairs > 1;
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id={id},ifname={},script=no,downscript=no,vhost=off{q}",
+                n.tap,
+                id = n.id,
+                q = if mq { format!(",queues={}", n.queue_pairs) } else { String::new() }
+            ),
+            "-device",
+            &format!(
+                "virtio-net-{bus},netdev={id},id={id}-dev,mac={}{mq}",
+                n.mac,
+                id = n.id,
+                mq = if mq && !microvm {
+                    format!(",mq=on,vectors={}", 2 * n.queue_pairs + 2)
+                } else {
+                    String::new()
+                }
+            ),
+        ]);
+    }
+    a
+}
+
+impl Hypervisor for QemuDriver {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Qemu
+    }
+
+    fn check_available(&self) -> Result<(), VmmError> {
+        find_binary(&self.binary).map(|_| ())
+    }
+
+    fn launch<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec) -> BoxFuture<'a, Result<u32, VmmError>> {
+        Box::pin(async move {
+            let binary = find_binary(&self.binary)?;
+            let kvm = self.use_kvm(&spec.kernel).await;
+            let args = qemu_args(spec, dir, kvm, host_tsc_khz());
+            dir.remove_runtime_files();
+            let pid = process::spawn_detached(
+                Command::new(&binary).args(&args).current_dir(&dir.dir),
+                &dir.vmm_output(),
+            )?;
+            let started = async {
+                wait_for_socket(&dir.qmp_socket(), pid, &dir.marker(), Duration::from_secs(15)).await?;
+                qmp::execute(&dir.qmp_socket(), "query-status", None).await?;
+                Ok::<_, VmmError>(())
+            }
+            .await;
+            match started {
+                Ok(()) => Ok(pid),
+                Err(e) => {
+                    kill_and_reap(pid).await;
+                    dir.remove_runtime_files();
+                    let tail = log_tail(&dir.vmm_output(), 5);
+                    Err(VmmError::Launch(if tail.is_empty() { e.to_string() } else { format!("{e}: {tail}") }))
+                }
+            }
+        })
+    }
+
+    fn power_button<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { qmp::execute(&dir.qmp_socket(), "system_powerdown", None).await.map(|_| ()) })
+    }
+
+    fn force_stop<'a>(&'a self, dir: &'a VmDir, pid: u32) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            if qmp::execute(&dir.qmp_socket(), "quit", None).await.is_err() {
+                process::signal(pid, libc::SIGTERM)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn reboot<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { qmp::execute(&dir.qmp_socket(), "system_reset", None).await.map(|_| ()) })
+    }
+
+    fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { qmp::execute(&dir.qmp_socket(), "stop", None).await.map(|_| ()) })
+    }
+
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { qmp::execute(&dir.qmp_socket(), "cont", None).await.map(|_| ()) })
+    }
+
+    fn query<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<RuntimeState, VmmError>> {
+        Box::pin(async move {
+            let status = qmp::execute(&dir.qmp_socket(), "query-status", None).await?;
+            Ok(match status.get("status").and_then(|s| s.as_str()) {
+                Some("running") => RuntimeState::Running,
+                Some("paused") | Some("suspended") => RuntimeState::Paused,
+                _ => RuntimeState::NotRunning,
+            })
+        })
+    }
+
+    fn classify_exit(&self, dir: &VmDir, exit: ExitInfo, stop_requested: bool) -> ExitVerdict {
+        let stopped = |reason: &str| ExitVerdict { state: VmState::Stopped, reason: reason.to_string() };
+        match exit {
+            _ if stop_requested => stopped("stopped on request"),
+            ExitInfo::Code(0) => stopped("the guest powered off"),
+            ExitInfo::Unknown => {
+                // Re-adopted process: QEMU writes a reason to stderr when it fails.
+                let tail = log_tail(&dir.vmm_output(), 3);
+                if tail.contains("qemu-system") {
+                    ExitVerdict { state: VmState::Failed, reason: format!("QEMU exited: {tail}") }
+                } else {
+                    stopped("the guest powered off")
+                }
+            }
+            other => ExitVerdict {
+                state: VmState::Failed,
+                reason: format!("QEMU exited with {other}: {}", log_tail(&dir.vmm_output(), 3)),
+            },
+        }
+    }
+
+    fn writes_console_log(&self) -> bool {
+        true
+    }
+}
+
+/// SIGKILLs a VMM that failed during start-up and reaps it, so no zombie or process is left.
+pub async fn kill_and_reap(pid: u32) {
+    if let Ok(fd) = process::pidfd_open(pid) {
+        let _ = process::signal(pid, libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(5), process::wait_exit(fd)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskSpec, NicSpec, QemuOptions};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "abc".into(),
+            name: "web,1".into(),
+            hypervisor: HypervisorKind::Qemu,
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/img/vmlinuz".into(),
+            initramfs: Some("/img/initrd.img".into()),
+            cmdline: "console=ttyS0".into(),
+            disks: vec![
+                DiskSpec { id: "root".into(), source: DiskSource::File { path: "/v/a,b.qcow2".into(), format: DiskFormat::Qcow2 }, readonly: false },
+                DiskSpec { id: "data".into(), source: DiskSource::VhostUser { socket: "/run/v.sock".into() }, readonly: false },
+            ],
+            nics: vec![NicSpec { id: "net0".into(), tap: "htap0".into(), mac: "52:54:00:00:00:01".into(), queue_pairs: 2 }],
+            qemu: QemuOptions::default(),
+        }
+    }
+
+    fn has(args: &[String], pair: [&str; 2]) -> bool {
+        args.windows(2).any(|w| w[0] == pair[0] && w[1] == pair[1])
+    }
+
+    #[test]
+    fn q35_tcg_command_line() {
+        let dir = VmDir::new(Path::new("/run/h"), "abc");
+        let a = qemu_args(&spec(), &dir, false, Some(2_000_000));
+        assert!(has(&a, ["-machine", "q35"]));
+        assert!(has(&a, ["-accel", "tcg"]));
+        assert!(has(&a, ["-cpu", "max"]));
+        assert!(has(&a, ["-m", "256M"]));
+        assert!(has(&a, ["-name", "guest=web_1,debug-threads=on"]));
+        assert!(has(&a, ["-append", "console=ttyS0"]), "no tsc_early_khz on q35");
+        assert!(has(&a, ["-qmp", "unix:/run/h/vms/abc/qmp.sock,server=on,wait=off"]));
+        assert!(has(&a, ["-chardev", "socket,id=serial0,path=/run/h/vms/abc/serial.sock,server=on,wait=off,logfile=/run/h/vms/abc/console.log,logappend=on"]));
+        // vhost-user needs shared guest memory.
+        assert!(has(&a, ["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]));
+        assert!(has(&a, ["-blockdev", "driver=file,node-name=root-file,filename=/v/a,,b.qcow2,cache.direct=off"]));
+        assert!(has(&a, ["-blockdev", "driver=qcow2,node-name=root,file=root-file"]));
+        assert!(has(&a, ["-device", "vhost-user-blk-pci,chardev=data-chr,id=data"]));
+        assert!(has(&a, ["-netdev", "tap,id=net0,ifname=htap0,script=no,downscript=no,vhost=off,queues=2"]));
+        assert!(has(&a, ["-device", "virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:00:00:01,mq=on,vectors=6"]));
+        assert!(!a.iter().any(|x| x == "-vnc"));
+    }
+
+    #[test]
+    fn microvm_under_tcg_gets_the_tsc_frequency_and_mmio_devices() {
+        let dir = VmDir::new(Path::new("/run/h"), "abc");
+        let mut s = spec();
+        s.qemu.machine = QemuMachine::Microvm;
+        s.qemu.vnc = true;
+        let a = qemu_args(&s, &dir, false, Some(2_100_000));
+        assert!(has(&a, ["-machine", "microvm"]));
+        assert!(has(&a, ["-append", "console=ttyS0 tsc_early_khz=2100000"]));
+        assert!(has(&a, ["-device", "virtio-blk-device,drive=root,id=root"]));
+        assert!(has(&a, ["-vnc", "unix:/run/h/vms/abc/vnc.sock"]));
+        let kvm = qemu_args(&s, &dir, true, Some(2_100_000));
+        assert!(has(&kvm, ["-append", "console=ttyS0"]), "KVM needs no TSC hint");
+        assert!(has(&kvm, ["-cpu", "host"]));
+    }
+
+    #[test]
+    fn exits_are_classified() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = VmDir { dir: tmp.path().to_path_buf() };
+        let d = QemuDriver::new("qemu-system-x86_64", Accel::Tcg, tmp.path().into());
+        assert_eq!(d.classify_exit(&dir, ExitInfo::Code(0), false).state, VmState::Stopped);
+        assert_eq!(d.classify_exit(&dir, ExitInfo::Signal(9), true).state, VmState::Stopped);
+        std::fs::write(dir.vmm_output(), "qemu-system-x86_64: terminating on signal 9\n").expect("write");
+        let v = d.classify_exit(&dir, ExitInfo::Signal(9), false);
+        assert_eq!(v.state, VmState::Failed);
+        assert!(v.reason.contains("terminating on signal 9"), "{}", v.reason);
+    }
+}

@@ -1,0 +1,55 @@
+//! The `vmm-manager` binary: serves vmm-manager's API on a Unix socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use vmm_manager::{Accel, VmService, VmmConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm-manager", version, about = "hearth VM daemon")]
+struct Args {
+    /// Unix socket to serve the API on.
+    #[arg(long, default_value = "/run/hearth/vmm-manager.sock")]
+    socket: PathBuf,
+    /// Directory for VM state (`vms/<id>/`: spec, pid, sockets, logs).
+    #[arg(long, default_value = "/run/hearth")]
+    run_dir: PathBuf,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_binary: String,
+    #[arg(long, default_value = "cloud-hypervisor")]
+    cloud_hypervisor_binary: String,
+    /// QEMU accelerator: auto probes whether KVM really boots a guest.
+    #[arg(long, default_value = "auto")]
+    accel: Accel,
+    /// Seconds a guest gets to power off after the power button.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    socket_http::logging::init();
+    let args = Args::parse();
+    let config = VmmConfig {
+        run_dir: args.run_dir,
+        qemu_binary: args.qemu_binary,
+        cloud_hypervisor_binary: args.cloud_hypervisor_binary,
+        accel: args.accel,
+        stop_timeout: Duration::from_secs(args.stop_timeout),
+    };
+    let svc = VmService::open(config).await?;
+    socket_http::server::serve_unix(args.socket, vmm_manager::http::router(svc), shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

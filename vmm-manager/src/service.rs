@@ -1,0 +1,496 @@
+//! The VM service: lifecycle, supervision and re-adoption.
+//!
+//! ```text
+//!            start              guest boots           stop (power button,
+//!  Stopped ─────────▶ Starting ─────────────▶ Running ─── then force) ──▶ Stopping
+//!     ▲                  │                    │  ▲                           │
+//!     │                  │ launch fails       │  │ resume                    │ VMM exits
+//!     │                  ▼                 pause │                           ▼
+//!     │               Failed ◀── VMM dies ──  Paused                  Stopped / Failed
+//!     └───────────────────────────────────────────────────────────────────────┘
+//! ```
+//! Each VM has one operation lock, so lifecycle calls on a VM run one at a time. The
+//! VMM process is watched through a pidfd by a task that classifies its exit (with the
+//! driver's rules) the moment it happens. Everything needed to find a VM again lives in
+//! its state directory, so after a restart [`VmService::open`] re-adopts running VMMs
+//! (checked by PID and command line) and reports the others as stopped or failed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use socket_http::ApiError;
+use tokio::sync::{broadcast, watch};
+
+use crate::console::SerialConsole;
+use crate::hypervisor::cloud_hypervisor::CloudHypervisorDriver;
+use crate::hypervisor::qemu::{Accel, QemuDriver};
+use crate::hypervisor::{Hypervisor, RuntimeState, VmmError};
+use crate::process;
+use crate::spec::{self, now_ms, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus};
+use crate::vm_dir::VmDir;
+
+/// vmm-manager's settings.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    /// Where VM state directories live (`<run dir>/vms/<id>/`).
+    pub run_dir: PathBuf,
+    pub qemu_binary: String,
+    pub cloud_hypervisor_binary: String,
+    pub accel: Accel,
+    /// How long a guest gets to power off after the power button before it is forced.
+    pub stop_timeout: Duration,
+}
+
+impl VmmConfig {
+    pub fn new(run_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            run_dir: run_dir.into(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            cloud_hypervisor_binary: "cloud-hypervisor".into(),
+            accel: Accel::Auto,
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Whether a hypervisor can run VMs here, and why not.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HypervisorAvailability {
+    pub kind: HypervisorKind,
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("VM {0} does not exist")]
+    NotFound(String),
+    #[error("VM {id} already exists with a different spec")]
+    Exists { id: String },
+    #[error("invalid VM spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("VM {id} is {state}: cannot {action}")]
+    State { id: String, state: &'static str, action: &'static str },
+    #[error("{0}")]
+    Vmm(#[from] VmmError),
+    #[error("console of VM {0} already has a writer")]
+    WriterBusy(String),
+    #[error("I/O error on VM state: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::NotFound(_) => ApiError::not_found(msg),
+            ServiceError::Exists { .. } | ServiceError::State { .. } | ServiceError::WriterBusy(_) => {
+                ApiError::conflict(msg)
+            }
+            ServiceError::Spec(_) => ApiError::unprocessable(msg),
+            ServiceError::Vmm(VmmError::MissingBinary { .. }) => {
+                ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, "hypervisor_unavailable", msg)
+            }
+            ServiceError::Vmm(_) => ApiError::new(http::StatusCode::BAD_GATEWAY, "vmm_error", msg),
+            ServiceError::Io(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+struct Runtime {
+    pid: u32,
+    console: Arc<SerialConsole>,
+    stop_requested: Arc<AtomicBool>,
+    exited: watch::Receiver<bool>,
+}
+
+struct Vm {
+    spec: VmSpec,
+    dir: VmDir,
+    driver: Arc<dyn Hypervisor>,
+    status: Mutex<VmStatus>,
+    op: tokio::sync::Mutex<()>,
+    runtime: Mutex<Option<Runtime>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// All VMs on this host.
+pub struct VmService {
+    config: VmmConfig,
+    qemu: Arc<dyn Hypervisor>,
+    cloud_hypervisor: Arc<dyn Hypervisor>,
+    vms: RwLock<BTreeMap<String, Arc<Vm>>>,
+    events: broadcast::Sender<VmEvent>,
+}
+
+impl VmService {
+    /// Opens the run directory and re-adopts every VM found in it.
+    pub async fn open(config: VmmConfig) -> Result<Arc<Self>, ServiceError> {
+        std::fs::create_dir_all(config.run_dir.join("vms"))?;
+        let svc = Arc::new(Self {
+            qemu: Arc::new(QemuDriver::new(config.qemu_binary.clone(), config.accel, config.run_dir.clone())),
+            cloud_hypervisor: Arc::new(CloudHypervisorDriver::new(config.cloud_hypervisor_binary.clone())),
+            config,
+            vms: RwLock::new(BTreeMap::new()),
+            events: broadcast::channel(1024).0,
+        });
+        svc.adopt_all().await?;
+        Ok(svc)
+    }
+
+    pub fn config(&self) -> &VmmConfig {
+        &self.config
+    }
+
+    /// The driver for `kind`.
+    pub fn driver(&self, kind: HypervisorKind) -> Arc<dyn Hypervisor> {
+        match kind {
+            HypervisorKind::Qemu => self.qemu.clone(),
+            HypervisorKind::CloudHypervisor => self.cloud_hypervisor.clone(),
+        }
+    }
+
+    /// Which hypervisors can run VMs on this host.
+    pub fn hypervisors(&self) -> Vec<HypervisorAvailability> {
+        [HypervisorKind::CloudHypervisor, HypervisorKind::Qemu]
+            .into_iter()
+            .map(|kind| match self.driver(kind).check_available() {
+                Ok(()) => HypervisorAvailability { kind, available: true, detail: None },
+                Err(e) => HypervisorAvailability { kind, available: false, detail: Some(e.to_string()) },
+            })
+            .collect()
+    }
+
+    /// State changes of every VM.
+    pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
+        self.events.subscribe()
+    }
+
+    fn vm(&self, id: &str) -> Result<Arc<Vm>, ServiceError> {
+        self.vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServiceError::NotFound(id.to_string()))
+    }
+
+    fn info(vm: &Vm) -> VmInfo {
+        VmInfo { spec: vm.spec.clone(), status: lock(&vm.status).clone() }
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        self.vms.read().unwrap_or_else(|p| p.into_inner()).values().map(|vm| Self::info(vm)).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        Ok(Self::info(&vm))
+    }
+
+    fn set_status(&self, vm: &Vm, state: VmState, reason: Option<String>) {
+        let pid = lock(&vm.runtime).as_ref().map(|r| r.pid);
+        let status = VmStatus { state, reason: reason.clone(), pid: pid.filter(|_| state.is_active()), since_ms: now_ms() };
+        if let Ok(bytes) = serde_json::to_vec(&status) {
+            let _ = VmDir::write_atomic(&vm.dir.status(), &bytes);
+        }
+        *lock(&vm.status) = status;
+        tracing::info!(vm = %vm.spec.id, name = %vm.spec.name, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "VM state");
+        let _ = self.events.send(VmEvent {
+            vm_id: vm.spec.id.clone(),
+            name: vm.spec.name.clone(),
+            state: Some(state),
+            reason,
+            at_ms: now_ms(),
+        });
+    }
+
+    /// Ensures a VM exists with `spec` (stopped if new). Returns whether it was created.
+    pub async fn create(&self, spec: VmSpec) -> Result<(VmInfo, bool), ServiceError> {
+        spec::validate_id(&spec.id)?;
+        if let Ok(existing) = self.vm(&spec.id) {
+            return if existing.spec == spec {
+                Ok((Self::info(&existing), false))
+            } else {
+                Err(ServiceError::Exists { id: spec.id })
+            };
+        }
+        spec.validate(spec::host_memory_mib())?;
+        let driver = self.driver(spec.hypervisor);
+        driver.check_available()?;
+        let dir = VmDir::new(&self.config.run_dir, &spec.id);
+        std::fs::create_dir_all(&dir.dir)?;
+        let written = serde_json::to_vec_pretty(&spec)
+            .map_err(std::io::Error::other)
+            .and_then(|b| VmDir::write_atomic(&dir.spec(), &b));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir.dir);
+            return Err(e.into());
+        }
+        let vm = Arc::new(Vm {
+            spec,
+            dir,
+            driver,
+            status: Mutex::new(VmStatus { state: VmState::Stopped, reason: None, pid: None, since_ms: now_ms() }),
+            op: tokio::sync::Mutex::new(()),
+            runtime: Mutex::new(None),
+        });
+        self.vms.write().unwrap_or_else(|p| p.into_inner()).insert(vm.spec.id.clone(), vm.clone());
+        self.set_status(&vm, VmState::Stopped, None);
+        Ok((Self::info(&vm), true))
+    }
+
+    /// Boots a VM. Starting a running VM changes nothing.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        if lock(&vm.runtime).is_some() {
+            return Ok(Self::info(&vm));
+        }
+        self.set_status(&vm, VmState::Starting, None);
+        match vm.driver.launch(&vm.dir, &vm.spec).await {
+            Ok(pid) => {
+                VmDir::write_atomic(&vm.dir.pid(), pid.to_string().as_bytes())?;
+                if let Err(e) = self.attach(&vm, pid) {
+                    crate::hypervisor::qemu::kill_and_reap(pid).await;
+                    vm.dir.remove_runtime_files();
+                    self.set_status(&vm, VmState::Failed, Some(format!("cannot supervise the VMM: {e}")));
+                    return Err(e.into());
+                }
+                // The watcher may already have seen a very quick exit.
+                if lock(&vm.status).state == VmState::Starting {
+                    self.set_status(&vm, VmState::Running, None);
+                }
+                Ok(Self::info(&vm))
+            }
+            Err(e) => {
+                self.set_status(&vm, VmState::Failed, Some(format!("start failed: {e}")));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Watches a VMM process and serves its console.
+    fn attach(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> std::io::Result<()> {
+        let pidfd = process::pidfd_open(pid)?;
+        let console = Arc::new(SerialConsole::start(
+            vm.dir.serial_socket(),
+            vm.dir.console_log(),
+            !vm.driver.writes_console_log(),
+        ));
+        let stop_requested = Arc::new(AtomicBool::new(false));
+        let (exited_tx, exited) = watch::channel(false);
+        *lock(&vm.runtime) = Some(Runtime { pid, console, stop_requested: stop_requested.clone(), exited });
+        let svc = Arc::downgrade(self);
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let exit = process::wait_exit(pidfd).await;
+            let verdict = vm.driver.classify_exit(&vm.dir, exit, stop_requested.load(Ordering::SeqCst));
+            tracing::info!(vm = %vm.spec.id, pid, %exit, "VMM exited");
+            vm.dir.remove_runtime_files();
+            // Drop the console only after the last output has been read.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = lock(&vm.runtime).take();
+            if let Some(svc) = svc.upgrade() {
+                svc.set_status(&vm, verdict.state, Some(verdict.reason));
+            }
+            let _ = exited_tx.send(true);
+        });
+        Ok(())
+    }
+
+    fn runtime_handles(vm: &Vm) -> Option<(u32, Arc<AtomicBool>, watch::Receiver<bool>)> {
+        lock(&vm.runtime).as_ref().map(|r| (r.pid, r.stop_requested.clone(), r.exited.clone()))
+    }
+
+    /// Stops a VM: the power button first (unless `force`), then the VMM's own forced
+    /// stop after the stop timeout, then SIGKILL. Stopping a stopped VM changes nothing.
+    pub async fn stop(&self, id: &str, force: bool) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        self.stop_locked(&vm, force).await?;
+        Ok(Self::info(&vm))
+    }
+
+    async fn stop_locked(&self, vm: &Vm, force: bool) -> Result<(), ServiceError> {
+        let Some((pid, stop_requested, mut exited)) = Self::runtime_handles(vm) else {
+            return Ok(());
+        };
+        stop_requested.store(true, Ordering::SeqCst);
+        self.set_status(vm, VmState::Stopping, None);
+        let wait = |d: Duration| {
+            let mut rx = exited.clone();
+            async move { tokio::time::timeout(d, rx.wait_for(|e| *e)).await.is_ok() }
+        };
+        if !force {
+            match vm.driver.power_button(&vm.dir).await {
+                Ok(()) => {
+                    if wait(self.config.stop_timeout).await {
+                        return Ok(());
+                    }
+                    tracing::warn!(vm = %vm.spec.id, "guest ignored the power button; forcing");
+                }
+                Err(e) => tracing::warn!(vm = %vm.spec.id, "power button failed ({e}); forcing"),
+            }
+        }
+        if let Err(e) = vm.driver.force_stop(&vm.dir, pid).await {
+            tracing::warn!(vm = %vm.spec.id, "forced stop failed ({e}); killing");
+        }
+        if wait(Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        process::signal(pid, libc::SIGKILL)?;
+        let _ = exited.wait_for(|e| *e).await;
+        Ok(())
+    }
+
+    async fn with_running<F>(&self, id: &str, action: &'static str, f: F) -> Result<VmInfo, ServiceError>
+    where
+        F: for<'a> FnOnce(&'a dyn Hypervisor, &'a VmDir) -> futures_util::future::BoxFuture<'a, Result<(), VmmError>>,
+    {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        if Self::runtime_handles(&vm).is_none() {
+            let state = lock(&vm.status).state.as_str();
+            return Err(ServiceError::State { id: id.to_string(), state, action });
+        }
+        f(vm.driver.as_ref(), &vm.dir).await?;
+        Ok(Self::info(&vm))
+    }
+
+    pub async fn reboot(&self, id: &str) -> Result<VmInfo, ServiceError> {
+        self.with_running(id, "reboot", |d, dir| d.reboot(dir)).await
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<VmInfo, ServiceError> {
+        let info = self.with_running(id, "pause", |d, dir| d.pause(dir)).await?;
+        let vm = self.vm(id)?;
+        self.set_status(&vm, VmState::Paused, None);
+        let status = lock(&vm.status).clone();
+        Ok(VmInfo { status, ..info })
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<VmInfo, ServiceError> {
+        let info = self.with_running(id, "resume", |d, dir| d.resume(dir)).await?;
+        let vm = self.vm(id)?;
+        self.set_status(&vm, VmState::Running, None);
+        let status = lock(&vm.status).clone();
+        Ok(VmInfo { status, ..info })
+    }
+
+    /// Deletes a VM: forces its VMM down and removes its state directory. Deleting a
+    /// missing VM succeeds.
+    pub async fn delete(&self, id: &str) -> Result<(), ServiceError> {
+        let Ok(vm) = self.vm(id) else { return Ok(()) };
+        let _op = vm.op.lock().await;
+        self.stop_locked(&vm, true).await?;
+        self.vms.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        match std::fs::remove_dir_all(&vm.dir.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let _ = self.events.send(VmEvent {
+            vm_id: vm.spec.id.clone(),
+            name: vm.spec.name.clone(),
+            state: None,
+            reason: Some("deleted".into()),
+            at_ms: now_ms(),
+        });
+        Ok(())
+    }
+
+    /// The live console of a running VM.
+    pub fn console(&self, id: &str) -> Result<Arc<SerialConsole>, ServiceError> {
+        let vm = self.vm(id)?;
+        let rt = lock(&vm.runtime);
+        match rt.as_ref() {
+            Some(r) => Ok(r.console.clone()),
+            None => Err(ServiceError::State { id: id.to_string(), state: lock(&vm.status).state.as_str(), action: "attach to its console" }),
+        }
+    }
+
+    /// The last `max` bytes the guest printed (kept across stops and restarts).
+    pub fn console_log(&self, id: &str, max: usize) -> Result<Vec<u8>, ServiceError> {
+        let vm = self.vm(id)?;
+        match crate::console::read_tail(&vm.dir.console_log(), max) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Finds the VMs of a previous run and takes them back.
+    async fn adopt_all(self: &Arc<Self>) -> Result<(), ServiceError> {
+        let entries = std::fs::read_dir(self.config.run_dir.join("vms"))?;
+        for entry in entries.flatten() {
+            let dir = VmDir { dir: entry.path() };
+            let spec = match dir.read_spec() {
+                Ok(s) => s,
+                Err(e) => {
+                    // A create that crashed before its spec was written: nothing to keep.
+                    tracing::warn!(dir = %dir.dir.display(), "removing VM directory without a valid spec: {e}");
+                    let _ = std::fs::remove_dir_all(&dir.dir);
+                    continue;
+                }
+            };
+            let last: Option<VmStatus> = std::fs::read(dir.status()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let vm = Arc::new(Vm {
+                driver: self.driver(spec.hypervisor),
+                spec,
+                dir,
+                status: Mutex::new(last.clone().unwrap_or(VmStatus { state: VmState::Stopped, reason: None, pid: None, since_ms: now_ms() })),
+                op: tokio::sync::Mutex::new(()),
+                runtime: Mutex::new(None),
+            });
+            self.vms.write().unwrap_or_else(|p| p.into_inner()).insert(vm.spec.id.clone(), vm.clone());
+            self.adopt(&vm, last).await;
+        }
+        Ok(())
+    }
+
+    async fn adopt(self: &Arc<Self>, vm: &Arc<Vm>, last: Option<VmStatus>) {
+        let pid = vm.dir.read_pid();
+        match pid {
+            Some(pid) if process::is_our_process(pid, &vm.dir.marker()) => {
+                if let Err(e) = self.attach(vm, pid) {
+                    tracing::warn!(vm = %vm.spec.id, "cannot re-adopt VMM {pid}: {e}");
+                    return;
+                }
+                let state = vm.driver.query(&vm.dir).await;
+                tracing::info!(vm = %vm.spec.id, pid, ?state, "re-adopted running VMM");
+                match state {
+                    Ok(RuntimeState::Running) => self.set_status(vm, VmState::Running, Some("re-adopted after a vmm-manager restart".into())),
+                    Ok(RuntimeState::Paused) => self.set_status(vm, VmState::Paused, Some("re-adopted after a vmm-manager restart".into())),
+                    // A VMM whose guest never booted (start interrupted by the restart),
+                    // or one that no longer answers: take it down.
+                    other => {
+                        tracing::warn!(vm = %vm.spec.id, "VMM found in state {other:?}; stopping it");
+                        let _ = self.stop_locked(vm, true).await;
+                        self.set_status(vm, VmState::Failed, Some("the VM's start was interrupted by a vmm-manager restart".into()));
+                    }
+                }
+            }
+            Some(_) => {
+                // It was running when vmm-manager went away and has exited since.
+                let verdict = vm.driver.classify_exit(&vm.dir, process::ExitInfo::Unknown, false);
+                vm.dir.remove_runtime_files();
+                self.set_status(vm, verdict.state, Some(verdict.reason));
+            }
+            None => {
+                if last.map(|s| s.state.is_active()).unwrap_or(false) {
+                    vm.dir.remove_runtime_files();
+                    self.set_status(vm, VmState::Stopped, Some("found stopped after a vmm-manager restart".into()));
+                }
+            }
+        }
+    }
+}

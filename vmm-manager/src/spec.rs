@@ -1,0 +1,386 @@
+//! The VM spec vmm-manager is handed (by the api, or by hand), and the state it reports.
+//!
+//! The spec is hypervisor-neutral: each driver maps it to its own configuration
+//! (Cloud Hypervisor's `VmConfig`, QEMU's command line).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    CloudHypervisor,
+    Qemu,
+}
+
+impl HypervisorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HypervisorKind::CloudHypervisor => "cloud-hypervisor",
+            HypervisorKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cloud-hypervisor" => Ok(HypervisorKind::CloudHypervisor),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            other => Err(format!(
+                "unknown hypervisor {other:?}: use \"cloud-hypervisor\" or \"qemu\""
+            )),
+        }
+    }
+}
+
+/// Everything needed to run one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Stable identifier; also the name of the VM's state directory.
+    pub id: String,
+    /// Human name, for logs and process titles.
+    pub name: String,
+    pub hypervisor: HypervisorKind,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Kernel to boot directly: a bzImage or PVH ELF for QEMU, a PVH ELF for Cloud Hypervisor.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    #[serde(default)]
+    pub qemu: QemuOptions,
+}
+
+/// A block device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub id: String,
+    pub source: DiskSource,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// Where a disk's blocks live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DiskSource {
+    /// An image file on the host.
+    File { path: PathBuf, format: DiskFormat },
+    /// A vhost-user-blk backend listening on a Unix socket.
+    VhostUser { socket: PathBuf },
+}
+
+/// Image file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// A network interface backed by a TAP device created beforehand (by netd).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub id: String,
+    pub tap: String,
+    pub mac: String,
+    /// Queue pairs of the TAP (1 unless it was created multi-queue).
+    #[serde(default = "one")]
+    pub queue_pairs: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// QEMU-only choices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuOptions {
+    #[serde(default)]
+    pub machine: QemuMachine,
+    /// Give the VM a VGA display served over VNC on a Unix socket.
+    #[serde(default)]
+    pub vnc: bool,
+}
+
+/// QEMU machine types hearth supports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuMachine {
+    #[default]
+    Q35,
+    Microvm,
+}
+
+/// Why a spec was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    #[error("invalid VM id {0:?}: use 1-64 lowercase letters, digits and '-'")]
+    Id(String),
+    #[error("vcpus must be between 1 and {max}, got {got}")]
+    Vcpus { got: u32, max: u32 },
+    #[error("memory_mib must be between 64 and the host's {host_mib} MiB, got {got}")]
+    Memory { got: u64, host_mib: u64 },
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Largest vCPU count accepted (Cloud Hypervisor's and QEMU q35's practical limit).
+pub const MAX_VCPUS: u32 = 254;
+/// Smallest memory a guest is given.
+pub const MIN_MEMORY_MIB: u64 = 64;
+
+impl VmSpec {
+    /// Checks what can be checked before any process starts.
+    pub fn validate(&self, host_memory_mib: u64) -> Result<(), SpecError> {
+        validate_id(&self.id)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(SpecError::Vcpus {
+                got: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > host_memory_mib {
+            return Err(SpecError::Memory {
+                got: self.memory_mib,
+                host_mib: host_memory_mib,
+            });
+        }
+        require_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initramfs {
+            require_file("initramfs", initrd)?;
+        }
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.disks {
+            if !ids.insert(d.id.as_str()) {
+                return Err(SpecError::Device(format!("device id {:?} is used twice", d.id)));
+            }
+            if let DiskSource::File { path, .. } = &d.source {
+                require_file("disk image", path)?;
+            }
+        }
+        for n in &self.nics {
+            if !ids.insert(n.id.as_str()) {
+                return Err(SpecError::Device(format!("device id {:?} is used twice", n.id)));
+            }
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(SpecError::Device(format!(
+                    "TAP name {:?} must be 1-15 bytes",
+                    n.tap
+                )));
+            }
+            if n.queue_pairs == 0 {
+                return Err(SpecError::Device(format!("NIC {} needs at least one queue pair", n.id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when a disk needs guest memory shared with a vhost-user backend.
+    pub fn needs_shared_memory(&self) -> bool {
+        self.disks
+            .iter()
+            .any(|d| matches!(d.source, DiskSource::VhostUser { .. }))
+    }
+}
+
+/// VM ids name directories and appear in process command lines: keep them boring.
+pub fn validate_id(id: &str) -> Result<(), SpecError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Id(id.to_string()))
+    }
+}
+
+fn require_file(what: &'static str, path: &Path) -> Result<(), SpecError> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(SpecError::MissingFile {
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// The host's total memory in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+/// Lifecycle states a VM can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    /// The VMM died or the guest failed; `reason` says why.
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+        }
+    }
+
+    /// True while a VMM process exists for the VM.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+/// A VM's runtime status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Milliseconds since the Unix epoch when `state` was entered.
+    pub since_ms: u64,
+}
+
+/// What `GET /vms/{id}` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub spec: VmSpec,
+    pub status: VmStatus,
+}
+
+/// A state change, published to subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmEvent {
+    pub vm_id: String,
+    pub name: String,
+    /// `None` when the VM was deleted.
+    pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at_ms: u64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kernel: &Path) -> VmSpec {
+        VmSpec {
+            id: "vm-1".into(),
+            name: "one".into(),
+            hypervisor: HypervisorKind::Qemu,
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: kernel.to_path_buf(),
+            initramfs: None,
+            cmdline: String::new(),
+            disks: vec![],
+            nics: vec![],
+            qemu: QemuOptions::default(),
+        }
+    }
+
+    #[test]
+    fn spec_json_is_strict() {
+        let good = r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":1,"memory_mib":64,"kernel":"/k"}"#;
+        assert!(serde_json::from_str::<VmSpec>(good).is_ok());
+        let cases = [
+            r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":1,"memory_mib":64,"kernel":"/k","bogus":1}"#,
+            r#"{"id":"a","name":"a","hypervisor":"kvmtool","vcpus":1,"memory_mib":64,"kernel":"/k"}"#,
+            r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":-1,"memory_mib":64,"kernel":"/k"}"#,
+            r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":1,"memory_mib":64}"#,
+            r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":1,"memory_mib":64,"kernel":"/k","disks":[{"id":"d","source":{"kind":"file","path":"/x"}}]}"#,
+            r#"{"id":"a","name":"a","hypervisor":"qemu","vcpus":1,"memory_mib":64,"kernel":"/k","disks":[{"id":"d","source":{"kind":"file","path":"/x","format":"raw","extra":1}}]}"#,
+        ];
+        for c in cases {
+            assert!(serde_json::from_str::<VmSpec>(c).is_err(), "accepted {c}");
+        }
+        let disk = r#"{"id":"d","source":{"kind":"vhost-user","socket":"/s"}}"#;
+        let d: DiskSpec = serde_json::from_str(disk).expect("vhost-user disk parses");
+        assert_eq!(d.source, DiskSource::VhostUser { socket: "/s".into() });
+    }
+
+    #[test]
+    fn validation_refuses_what_would_fail_later() -> Result<(), Box<dyn std::error::Error>> {
+        let k = tempfile::NamedTempFile::new()?;
+        let ok = spec(k.path());
+        assert_eq!(ok.validate(1024), Ok(()));
+        let mut s = ok.clone();
+        s.vcpus = 0;
+        assert!(matches!(s.validate(1024), Err(SpecError::Vcpus { got: 0, .. })));
+        let mut s = ok.clone();
+        s.memory_mib = 63;
+        assert!(matches!(s.validate(1024), Err(SpecError::Memory { .. })));
+        let mut s = ok.clone();
+        s.memory_mib = 2048;
+        assert!(matches!(s.validate(1024), Err(SpecError::Memory { .. })));
+        let mut s = ok.clone();
+        s.kernel = "/nonexistent/kernel".into();
+        assert!(matches!(s.validate(1024), Err(SpecError::MissingFile { what: "kernel", .. })));
+        let mut s = ok.clone();
+        s.id = "../etc".into();
+        assert!(matches!(s.validate(1024), Err(SpecError::Id(_))));
+        let mut s = ok;
+        s.nics.push(NicSpec { id: "n".into(), tap: "a-very-long-tap-name".into(), mac: "52:54:00:00:00:01".into(), queue_pairs: 1 });
+        assert!(matches!(s.validate(1024), Err(SpecError::Device(_))));
+        Ok(())
+    }
+}
