@@ -113,15 +113,20 @@ fn try_reap(pidfd: &OwnedFd) -> Option<ExitInfo> {
     })
 }
 
-/// True when `pid` is alive (not a zombie) and its command line mentions `marker`
-/// (the VM's state directory), so a recycled PID is never mistaken for our VMM.
-pub fn is_our_process(pid: u32, marker: &str) -> bool {
+/// True while `pid` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
     // The state letter follows the parenthesised command name.
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, Some("Z") | Some("X") | None) {
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// True when `pid` is alive (not a zombie) and its command line mentions `marker`
+/// (the VM's state directory), so a recycled PID is never mistaken for our VMM.
+pub fn is_our_process(pid: u32, marker: &str) -> bool {
+    if !is_alive(pid) {
         return false;
     }
     match std::fs::read(format!("/proc/{pid}/cmdline")) {

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use socket_http::client::RawResponse;
 use socket_http::UnixClient;
 
-use super::qemu::kill_and_reap;
+use super::qemu::{kill_and_reap};
 use super::{find_binary, log_tail, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
 use crate::process::{self, ExitInfo};
 use crate::spec::{DiskFormat, DiskSource, HypervisorKind, VmSpec, VmState};
@@ -162,7 +162,7 @@ impl Hypervisor for CloudHypervisorDriver {
                 .current_dir(&dir.dir);
             let pid = process::spawn_detached(&mut cmd, &dir.vmm_output())?;
             let booted = async {
-                wait_for_socket(&dir.api_socket(), pid, &dir.marker(), Duration::from_secs(10)).await?;
+                wait_for_socket(&dir.api_socket(), pid, Duration::from_secs(10)).await?;
                 Self::put(dir, "vm.create", Some(&vm_config(spec, dir))).await?;
                 Self::put(dir, "vm.boot", None).await?;
                 Ok::<_, VmmError>(())
@@ -175,10 +175,9 @@ impl Hypervisor for CloudHypervisorDriver {
                     let _ = Self::put(dir, "vmm.shutdown", None).await;
                     kill_and_reap(pid).await;
                     dir.remove_runtime_files();
-                    let tail = log_tail(&dir.vmm_output(), 3);
                     Err(match e {
-                        VmmError::Launch(m) if !tail.is_empty() => VmmError::Launch(format!("{m}: {tail}")),
-                        other => other,
+                        refused @ VmmError::Refused { .. } => refused,
+                        other => super::qemu::launch_error(other, &dir.vmm_output()),
                     })
                 }
             }

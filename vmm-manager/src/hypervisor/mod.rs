@@ -115,18 +115,15 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
 }
 
 /// Waits until a Unix socket accepts connections, while the process `pid` lives.
-pub async fn wait_for_socket(
-    path: &std::path::Path,
-    pid: u32,
-    marker: &str,
-    timeout: std::time::Duration,
-) -> Result<(), VmmError> {
+/// (Liveness, not the command line: right after the fork the child still shows its
+/// parent's.)
+pub async fn wait_for_socket(path: &std::path::Path, pid: u32, timeout: std::time::Duration) -> Result<(), VmmError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Ok(());
         }
-        if !crate::process::is_our_process(pid, marker) {
+        if !crate::process::is_alive(pid) {
             return Err(VmmError::Launch("the VMM exited during start-up".into()));
         }
         if tokio::time::Instant::now() >= deadline {

@@ -272,7 +272,7 @@ impl Hypervisor for QemuDriver {
                 &dir.vmm_output(),
             )?;
             let started = async {
-                wait_for_socket(&dir.qmp_socket(), pid, &dir.marker(), Duration::from_secs(15)).await?;
+                wait_for_socket(&dir.qmp_socket(), pid, Duration::from_secs(15)).await?;
                 qmp::execute(&dir.qmp_socket(), "query-status", None).await?;
                 Ok::<_, VmmError>(())
             }
@@ -282,8 +282,7 @@ impl Hypervisor for QemuDriver {
                 Err(e) => {
                     kill_and_reap(pid).await;
                     dir.remove_runtime_files();
-                    let tail = log_tail(&dir.vmm_output(), 5);
-                    Err(VmmError::Launch(if tail.is_empty() { e.to_string() } else { format!("{e}: {tail}") }))
+                    Err(launch_error(e, &dir.vmm_output()))
                 }
             }
         })
@@ -349,6 +348,16 @@ impl Hypervisor for QemuDriver {
     fn writes_console_log(&self) -> bool {
         true
     }
+}
+
+/// A start-up failure with the VMM's last words, without repeating "failed to start".
+pub fn launch_error(e: VmmError, output: &Path) -> VmmError {
+    let tail = log_tail(output, 5);
+    let what = match e {
+        VmmError::Launch(m) => m,
+        other => other.to_string(),
+    };
+    VmmError::Launch(if tail.is_empty() { what } else { format!("{what}; the VMM said: {tail}") })
 }
 
 /// SIGKILLs a VMM that failed during start-up and reaps it, so no zombie or process is left.

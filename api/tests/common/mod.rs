@@ -1,0 +1,309 @@
+//! Test harness: runs `hearth-api --all-in-one` in a private network namespace and a
+//! temporary data directory, talks to it over HTTP and WebSocket, and cleans up every
+//! process it started (by PID) even when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const LISTEN: &str = "127.0.0.1:18080";
+
+/// Runs `f` on a thread inside a fresh network namespace (with loopback up), on a
+/// runtime of its own: the api, its daemons and every VMM it starts live there.
+pub fn in_private_netns<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let handle = std::thread::spawn(move || {
+        enter_private_netns().expect("cannot create a network namespace (tests need root)");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(f());
+    });
+    if let Err(panic) = handle.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn enter_private_netns() -> std::io::Result<()> {
+    // SAFETY: unshare only changes this thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a plain datagram socket for interface ioctls.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; zeroed is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        ifr.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: `ifr` names an interface and outlives both ioctls; `fd` is ours.
+    let rc = unsafe {
+        let get = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        let set = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        libc::close(fd);
+        get.min(set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Where the guest images are (built by guest-images/tiny/build.sh).
+pub fn images_dir() -> PathBuf {
+    let dir = std::env::var_os("HEARTH_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/cache/hearth/images".into());
+    assert!(
+        dir.join("tiny/image.json").is_file(),
+        "the tiny image is missing in {}: run guest-images/tiny/build.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The fake Cloud Hypervisor, or the real one when HEARTH_TEST_CH_BINARY names it.
+pub fn cloud_hypervisor_binary() -> String {
+    std::env::var("HEARTH_TEST_CH_BINARY").unwrap_or_else(|_| {
+        format!("{}/../vmm-manager/tests/fake-cloud-hypervisor/fake-cloud-hypervisor", env!("CARGO_MANIFEST_DIR"))
+    })
+}
+
+/// A running all-in-one stack.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub key: String,
+    pub args: Vec<String>,
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Stack {
+    pub async fn start(extra: &[&str]) -> Stack {
+        let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().expect("tempdir");
+        let mut stack = Stack {
+            dir,
+            child: None,
+            key: String::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        stack.spawn().await;
+        stack
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{LISTEN}")
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("api.log")).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
+        if !self.args.iter().any(|a| a == "--cloud-hypervisor-binary") {
+            cmd.arg("--cloud-hypervisor-binary").arg(cloud_hypervisor_binary());
+        }
+        cmd.args(["--all-in-one", "--listen", LISTEN, "--qemu-accel", "tcg", "--stop-timeout", "20"])
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--images-dir")
+            .arg(images_dir())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        self.child = Some(cmd.spawn().expect("spawn hearth-api"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = self.request_as("GET", "/health/ready", None, None).await {
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("hearth-api exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "hearth-api did not become ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.key = std::fs::read_to_string(self.dir.path().join("admin.key")).expect("admin.key").trim().to_string();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("api.log")).unwrap_or_default()
+    }
+
+    /// Stops the api process with `signal` and starts it again on the same data directory.
+    pub async fn restart(&mut self, signal: i32) {
+        self.stop_api(signal);
+        self.spawn().await;
+    }
+
+    pub fn stop_api(&mut self, signal: i32) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signals only the api process this harness started.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn request_as(&self, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Result<(u16, Value), String> {
+        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.url()));
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let payload = body.map(|b| Bytes::copy_from_slice(b)).unwrap_or_default();
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = self.http.request(req.body(Full::new(payload)).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok((status, value))
+    }
+
+    /// An authenticated request; panics when the api cannot be reached.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        self.request_as(method, path, bytes.as_deref(), Some(&self.key)).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Waits for an operation to finish and returns it.
+    pub async fn wait_op(&self, accepted: &Value) -> Value {
+        let id = accepted["operation"]["id"].as_str().unwrap_or_else(|| panic!("no operation in {accepted}"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, op) = self.call("GET", &format!("/v1/operations/{id}?wait=10"), None).await;
+            assert_eq!(status, 200, "{op}");
+            if op["status"] != "running" {
+                return op;
+            }
+            assert!(Instant::now() < deadline, "operation {id} still running: {op}");
+        }
+    }
+
+    /// Runs an action and asserts its operation succeeded.
+    pub async fn act(&self, vm: &str, action: &str) -> Value {
+        let (status, accepted) = self.call("POST", &format!("/v1/vms/{vm}/{action}"), None).await;
+        assert_eq!(status, 202, "{action}: {accepted}");
+        let op = self.wait_op(&accepted).await;
+        assert_eq!(op["status"], "succeeded", "{action}: {op}");
+        op
+    }
+
+    pub async fn vm(&self, vm: &str) -> Value {
+        let (status, v) = self.call("GET", &format!("/v1/vms/{vm}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    pub async fn console_log(&self, vm: &str) -> String {
+        let (status, v) = self.call("GET", &format!("/v1/vms/{vm}/console/log"), None).await;
+        assert_eq!(status, 200, "{v}");
+        v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+    }
+
+    /// Polls the console log until it contains `needle` `times` times.
+    pub async fn wait_console(&self, vm: &str, needle: &str, times: usize, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let log = self.console_log(vm).await;
+            if log.matches(needle).count() >= times {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < timeout, "{needle:?} x{times} not in {vm}'s console after {timeout:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Types `line` into the console over the WebSocket and returns what came back
+    /// once `expect` appeared.
+    pub async fn console_exchange(&self, vm: &str, line: &str, expect: &str) -> String {
+        let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console").into_client_request().expect("request");
+        req.headers_mut().insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("console websocket");
+        let (mut tx, mut rx) = ws.split();
+        // The first frame is the scrollback; what follows is live.
+        let _scrollback = tokio::time::timeout(Duration::from_secs(10), rx.next()).await.expect("scrollback frame");
+        tx.send(Message::Binary(Bytes::from(line.to_string()))).await.expect("send");
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.contains(expect) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("console ended before {expect:?} ({other:?}); saw {seen:?}"),
+            }
+        }
+        let _ = tx.send(Message::Close(None)).await;
+        seen
+    }
+
+    /// PIDs of live processes whose command line mentions this stack's data directory
+    /// (VMMs, the api itself).
+    pub fn processes_using_data_dir(&self) -> Vec<(u32, String)> {
+        let marker = self.dir.path().display().to_string();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false))
+                .unwrap_or(false);
+            if cmd.contains(&marker) && !zombie {
+                out.push((pid, cmd));
+            }
+        }
+        out
+    }
+
+    pub fn vmm_processes(&self) -> Vec<(u32, String)> {
+        let api = self.child.as_ref().map(|c| c.id());
+        self.processes_using_data_dir().into_iter().filter(|(pid, _)| Some(*pid) != api).collect()
+    }
+
+    /// The VM state directories vmm-manager holds.
+    pub fn vm_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path().join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_api(libc::SIGKILL);
+        // Whatever the test left running (it failed half way), stop it: only processes
+        // whose command line names this stack's private data directory.
+        for (pid, _) in self.processes_using_data_dir() {
+            // SAFETY: signals a process this stack started (identified by its data dir).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn create_body(name: &str, hypervisor: &str) -> Value {
+    json!({"name": name, "image": "tiny", "hypervisor": hypervisor, "vcpus": 1, "memory_mib": 256})
+}

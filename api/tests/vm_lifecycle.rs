@@ -1,0 +1,80 @@
+//! End to end: one REST call boots a real VM, and its whole lifecycle works, through
+//! both drivers: QEMU under TCG booting the real tiny guest, and Cloud Hypervisor (the
+//! fake in vmm-manager/tests, or the real binary when HEARTH_TEST_CH_BINARY names one).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create_body, in_private_netns, Stack};
+
+async fn lifecycle(hypervisor: &'static str) {
+    let stack = Stack::start(&[]).await;
+    let (status, accepted) = stack.call("POST", "/v1/vms", Some(create_body("web", hypervisor))).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["vm"]["state"], "creating");
+    let op = stack.wait_op(&accepted).await;
+    assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
+
+    let vm = stack.vm("web").await;
+    assert_eq!(vm["hypervisor"], hypervisor);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let pid = vm["pid"].as_u64().expect("running VM has a VMM pid") as u32;
+    assert!(stack.vmm_processes().iter().any(|(p, _)| *p == pid), "VMM {pid} is not running");
+
+    let boot = stack.wait_console("web", "HEARTH-GUEST-READY", 1, Duration::from_secs(60)).await;
+    eprintln!("{hypervisor}: HEARTH-GUEST-READY after {boot:?}");
+    let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
+    assert!(out.contains("42"), "{out}");
+
+    stack.act("web", "pause").await;
+    assert_eq!(stack.vm("web").await["state"], "paused");
+    stack.act("web", "resume").await;
+    assert_eq!(stack.vm("web").await["state"], "running");
+
+    stack.act("web", "stop").await;
+    let vm = stack.vm("web").await;
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert!(stack.vmm_processes().is_empty(), "VMM left after stop: {:?}", stack.vmm_processes());
+    // Actions that need a running VM are refused while it is stopped.
+    let (status, err) = stack.call("POST", "/v1/vms/web/pause", None).await;
+    assert_eq!(status, 409, "{err}");
+
+    stack.act("web", "start").await;
+    stack.wait_console("web", "HEARTH-GUEST-READY", 2, Duration::from_secs(60)).await;
+    let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
+    assert!(out.contains("42"));
+
+    let (status, accepted) = stack.call("DELETE", "/v1/vms/web", None).await;
+    assert_eq!(status, 202, "{accepted}");
+    let op = stack.wait_op(&accepted).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let (status, _) = stack.call("GET", "/v1/vms/web", None).await;
+    assert_eq!(status, 404);
+    assert!(stack.vmm_processes().is_empty(), "VMM left after delete: {:?}", stack.vmm_processes());
+    assert!(stack.vm_dirs().is_empty(), "VM state directories left: {:?}", stack.vm_dirs());
+    let sockets: Vec<_> = walk(&stack.data_dir().join("run/vms"));
+    assert!(sockets.is_empty(), "files left: {sockets:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn qemu_tcg_vm_lifecycle_with_serial_console() {
+    in_private_netns(|| lifecycle("qemu"));
+}
+
+#[test]
+fn cloud_hypervisor_vm_lifecycle_with_serial_console() {
+    in_private_netns(|| lifecycle("cloud-hypervisor"));
+}
