@@ -38,7 +38,9 @@ fn hash(secret: &str) -> String {
 fn random_token(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// Splits `hth_<id>_<secret>`.
@@ -88,11 +90,16 @@ pub async fn ensure_admin_key(store: &dyn StateStore, data_dir: &Path) -> Result
 pub async fn verify(store: &dyn StateStore, key: &str) -> Result<ApiKeyRecord, ApiError> {
     let denied = || ApiError::unauthorized("invalid API key");
     let (id, secret) = parse_key(key).ok_or_else(denied)?;
-    let (rec, _) = store::get_json::<ApiKeyRecord>(store, &format!("api-keys/{id}")).await?.ok_or_else(denied)?;
+    let (rec, _) = store::get_json::<ApiKeyRecord>(store, &format!("api-keys/{id}"))
+        .await?
+        .ok_or_else(denied)?;
     // Compare digests in constant time.
     let a = hash(secret);
     let same = a.len() == rec.secret_sha256.len()
-        && a.bytes().zip(rec.secret_sha256.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        && a.bytes()
+            .zip(rec.secret_sha256.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0;
     if same {
         Ok(rec)
     } else {
@@ -101,7 +108,11 @@ pub async fn verify(store: &dyn StateStore, key: &str) -> Result<ApiKeyRecord, A
 }
 
 /// Middleware: everything except `/health/*` needs `Authorization: Bearer <key>`.
-pub async fn require_key(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_key(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if req.uri().path().starts_with("/health/") {
         return Ok(next.run(req).await);
     }
@@ -136,15 +147,25 @@ mod tests {
         ensure_admin_key(&store, dir.path()).await.expect("create");
         let key = std::fs::read_to_string(dir.path().join("admin.key")).expect("key file");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("admin.key")).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("admin.key"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         ensure_admin_key(&store, dir.path()).await.expect("again");
-        assert_eq!(std::fs::read_to_string(dir.path().join("admin.key")).expect("key"), key, "kept on restart");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("admin.key")).expect("key"),
+            key,
+            "kept on restart"
+        );
         let rec = verify(&store, key.trim()).await.expect("valid key");
         assert_eq!(rec.role, "admin");
         let raw = store.list("api-keys/").await.expect("list");
         let (_, secret) = parse_key(key.trim()).expect("format");
-        assert!(!String::from_utf8_lossy(&raw[0].1.value).contains(secret), "secret never stored");
+        assert!(
+            !String::from_utf8_lossy(&raw[0].1.value).contains(secret),
+            "secret never stored"
+        );
         let mut wrong = key.trim().to_string();
         wrong.pop();
         wrong.push('!');

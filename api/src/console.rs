@@ -50,7 +50,10 @@ async fn proxy(client: WebSocket, upstream: tokio_tungstenite::WebSocketStream<t
                 UpMessage::Close(frame) => {
                     let reason = frame.map(|f| f.reason.as_str().to_string()).unwrap_or_default();
                     let _ = c_tx
-                        .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: reason.into() })))
+                        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                            code: 1000,
+                            reason: reason.into(),
+                        })))
                         .await;
                     break;
                 }

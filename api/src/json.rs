@@ -51,7 +51,9 @@ mod tests {
             ("{\"image\":\"tiny\",\"vcpus\":-1}", 422, "invalid value"),
         ];
         for (body, status, needle) in cases {
-            let err = parse::<CreateVm>(body.as_bytes()).err().unwrap_or_else(|| panic!("{body:?} accepted"));
+            let err = parse::<CreateVm>(body.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("{body:?} accepted"));
             assert_eq!(err.status.as_u16(), *status, "{body:?}: {}", err.message());
             assert!(err.message().contains(needle), "{body:?}: {}", err.message());
         }

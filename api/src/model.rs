@@ -95,7 +95,11 @@ impl Vm {
                 info.status.reason.clone(),
                 info.status.pid,
             ),
-            (Phase::Ready, None) if reachable => ("missing".to_string(), Some("vmm-manager does not know this VM".into()), None),
+            (Phase::Ready, None) if reachable => (
+                "missing".to_string(),
+                Some("vmm-manager does not know this VM".into()),
+                None,
+            ),
             (Phase::Ready, None) => ("unknown".to_string(), Some("vmm-manager is unreachable".into()), None),
         };
         Self {
@@ -155,7 +159,8 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-';
     if ok {

@@ -23,7 +23,10 @@ fn key(id: &str) -> String {
 
 impl Operations {
     pub fn new(store: Arc<dyn StateStore>) -> Self {
-        Self { store, waiters: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            waiters: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records a new running operation.
@@ -41,7 +44,10 @@ impl Operations {
             updated_at_ms: now,
         };
         self.store.put(&key(&op.id), store::encode(&op)).await?;
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(op.id.clone(), watch::channel(()).0);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op.id.clone(), watch::channel(()).0);
         Ok(op)
     }
 
@@ -96,7 +102,12 @@ impl Operations {
 
     /// Returns the operation once it has finished, or after `wait`, whichever is first.
     pub async fn wait(&self, id: &str, wait: Duration) -> Result<Operation, ApiError> {
-        let rx = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).get(id).map(|tx| tx.subscribe());
+        let rx = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|tx| tx.subscribe());
         let deadline = tokio::time::Instant::now() + wait;
         let op = self.get(id).await?;
         let Some(mut rx) = rx else { return Ok(op) };
@@ -113,7 +124,11 @@ impl Operations {
     }
 
     pub async fn list(&self) -> Result<Vec<Operation>, ApiError> {
-        let mut ops: Vec<Operation> = store::list_json(self.store.as_ref(), "operations/").await?.into_iter().map(|(o, _)| o).collect();
+        let mut ops: Vec<Operation> = store::list_json(self.store.as_ref(), "operations/")
+            .await?
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect();
         ops.sort_by_key(|o| std::cmp::Reverse(o.created_at_ms));
         Ok(ops)
     }

@@ -57,7 +57,10 @@ pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/health/live", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/health/live",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/health/ready", get(ready))
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
@@ -72,7 +75,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Ready when every daemon answers its health endpoint.
-async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn ready(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let mut checks = serde_json::Map::new();
     let mut all_ok = true;
     for d in DAEMONS {
@@ -101,7 +106,9 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
             done.status = crate::model::OperationStatus::Failed;
             done.error = Some(ApiError::unavailable("the api restarted while this operation ran; retry it").body);
             done.updated_at_ms = vmm_manager::spec::now_ms();
-            store.put(&format!("operations/{}", op.id), store::encode(&done)).await?;
+            store
+                .put(&format!("operations/{}", op.id), store::encode(&done))
+                .await?;
         }
     }
     Ok(Arc::new(AppState {
@@ -115,7 +122,11 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
 
 /// Runs the api (and with `all_in_one`, the daemons) until `shutdown` flips to true.
 /// VMs keep running after it returns.
-pub async fn run(config: ApiConfig, all_in_one: Option<AllInOne>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    config: ApiConfig,
+    all_in_one: Option<AllInOne>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let stop = {
         let rx = shutdown.clone();
         move || {
@@ -152,7 +163,10 @@ pub async fn run(config: ApiConfig, all_in_one: Option<AllInOne>, mut shutdown: 
     let served = axum::serve(listener, app).with_graceful_shutdown(stop()).await;
     let _ = shutdown.wait_for(|s| *s).await;
     // Long-lived connections (console WebSockets) must not hold shutdown up for long.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while daemons.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while daemons.join_next().await.is_some() {}
+    })
+    .await;
     served?;
     Ok(())
 }

@@ -36,7 +36,12 @@ fn name_key(project: &str, name: &str) -> String {
 /// it is meaningful to the user.
 pub fn upstream(e: ClientError) -> ApiError {
     match e {
-        ClientError::Api { status, code, message, details } => {
+        ClientError::Api {
+            status,
+            code,
+            message,
+            details,
+        } => {
             let mut err = ApiError::new(status, &code, message);
             err.body.details = details;
             err
@@ -68,12 +73,22 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
 }
 
 pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
-    let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/").await?.into_iter().map(|(r, _)| r).collect();
+    let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/")
+        .await?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
     let live = state.vmm.list().await;
     let reachable = live.is_ok();
-    let live: std::collections::HashMap<String, vmm_manager::VmInfo> =
-        live.unwrap_or_default().into_iter().map(|i| (i.spec.id.clone(), i)).collect();
-    let mut vms: Vec<Vm> = records.iter().map(|r| Vm::from_record(r, live.get(&r.id), reachable)).collect();
+    let live: std::collections::HashMap<String, vmm_manager::VmInfo> = live
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| (i.spec.id.clone(), i))
+        .collect();
+    let mut vms: Vec<Vm> = records
+        .iter()
+        .map(|r| Vm::from_record(r, live.get(&r.id), reachable))
+        .collect();
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(vms))
 }
@@ -95,13 +110,26 @@ async fn choose_hypervisor(state: &AppState, requested: Option<&str>) -> Result<
         None => None,
     };
     let hypervisors = state.vmm.hypervisors().await.map_err(upstream)?;
-    let available = |k: HypervisorKind| hypervisors.iter().find(|h| h.kind == k).filter(|h| h.available).is_some();
+    let available = |k: HypervisorKind| {
+        hypervisors
+            .iter()
+            .find(|h| h.kind == k)
+            .filter(|h| h.available)
+            .is_some()
+    };
     let reason = |k: HypervisorKind| {
-        hypervisors.iter().find(|h| h.kind == k).and_then(|h| h.detail.clone()).unwrap_or_default()
+        hypervisors
+            .iter()
+            .find(|h| h.kind == k)
+            .and_then(|h| h.detail.clone())
+            .unwrap_or_default()
     };
     match requested {
         Some(kind) if available(kind) => Ok(kind),
-        Some(kind) => Err(ApiError::unprocessable(format!("hypervisor {kind} cannot run VMs on this host: {}", reason(kind)))),
+        Some(kind) => Err(ApiError::unprocessable(format!(
+            "hypervisor {kind} cannot run VMs on this host: {}",
+            reason(kind)
+        ))),
         None => {
             let kind = state.config.default_hypervisor;
             if available(kind) {
@@ -109,7 +137,9 @@ async fn choose_hypervisor(state: &AppState, requested: Option<&str>) -> Result<
             } else if available(HypervisorKind::Qemu) {
                 Ok(HypervisorKind::Qemu)
             } else {
-                Err(ApiError::unprocessable("no hypervisor is installed: install qemu-system-x86 or cloud-hypervisor"))
+                Err(ApiError::unprocessable(
+                    "no hypervisor is installed: install qemu-system-x86 or cloud-hypervisor",
+                ))
             }
         }
     }
@@ -132,7 +162,10 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
     validate_name("VM", &name)?;
     if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(ApiError::unprocessable(format!("vcpus must be between 1 and {MAX_VCPUS}, got {}", req.vcpus)));
+        return Err(ApiError::unprocessable(format!(
+            "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+            req.vcpus
+        )));
     }
     let host_mib = vmm_manager::spec::host_memory_mib();
     if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
@@ -143,12 +176,16 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     }
     if let Some(extra) = &req.cmdline_append {
         if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
-            return Err(ApiError::unprocessable("cmdline_append must be at most 1024 printable characters"));
+            return Err(ApiError::unprocessable(
+                "cmdline_append must be at most 1024 printable characters",
+            ));
         }
     }
     let hypervisor = choose_hypervisor(&state, req.hypervisor.as_deref()).await?;
     if req.vnc && hypervisor != HypervisorKind::Qemu {
-        return Err(ApiError::unprocessable("vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer"));
+        return Err(ApiError::unprocessable(
+            "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
+        ));
     }
     let image = find_image(&state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
@@ -182,7 +219,14 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     let task_state = state.clone();
     let (op_id, start) = (op.id.clone(), req.start);
     tokio::spawn(async move { create_task(task_state, rec, op_id, start).await });
-    let vm = Vm::from_record(&store::get_json::<VmRecord>(s, &vm_key(&id)).await?.map(|(r, _)| r).unwrap_or_else(|| unreachable_record(&id)), None, true);
+    let vm = Vm::from_record(
+        &store::get_json::<VmRecord>(s, &vm_key(&id))
+            .await?
+            .map(|(r, _)| r)
+            .unwrap_or_else(|| unreachable_record(&id)),
+        None,
+        true,
+    );
     Ok(accepted(op, Some(vm)))
 }
 
@@ -210,7 +254,12 @@ fn kernel_for(image: &imaged::ImageInfo, hypervisor: HypervisorKind) -> Result<s
         HypervisorKind::CloudHypervisor => boot.kernel_elf.clone(),
         HypervisorKind::Qemu => boot.kernel_bzimage.clone().or_else(|| boot.kernel_elf.clone()),
     };
-    kernel.ok_or_else(|| ApiError::unprocessable(format!("image {:?} has no kernel that {hypervisor} can boot", image.name)))
+    kernel.ok_or_else(|| {
+        ApiError::unprocessable(format!(
+            "image {:?} has no kernel that {hypervisor} can boot",
+            image.name
+        ))
+    })
 }
 
 /// Builds the spec vmm-manager gets.
@@ -233,7 +282,10 @@ async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
         cmdline,
         disks: vec![],
         nics: vec![],
-        qemu: QemuOptions { machine: QemuMachine::Q35, vnc: rec.vnc },
+        qemu: QemuOptions {
+            machine: QemuMachine::Q35,
+            vnc: rec.vnc,
+        },
     })
 }
 
@@ -269,10 +321,16 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, op_id: String, start: 
 pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Response, ApiError> {
     let (mut rec, rev) = resolve(&state, &id).await?;
     if rec.phase == Phase::Creating {
-        return Err(ApiError::conflict(format!("VM {} is still being created; retry when its create operation finishes", rec.name)));
+        return Err(ApiError::conflict(format!(
+            "VM {} is still being created; retry when its create operation finishes",
+            rec.name
+        )));
     }
     rec.phase = Phase::Deleting;
-    state.store.compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec)).await?;
+    state
+        .store
+        .compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec))
+        .await?;
     let op = state.ops.start("vm.delete", "vm", &rec.id).await?;
     let vm = Vm::from_record(&rec, None, true);
     let (task_state, op_id) = (state.clone(), op.id.clone());
@@ -305,11 +363,16 @@ pub async fn action(
     Query(q): Query<ActionQuery>,
 ) -> Result<Response, ApiError> {
     if !matches!(action.as_str(), "start" | "stop" | "reboot" | "pause" | "resume") {
-        return Err(ApiError::not_found(format!("unknown VM action {action:?}: use start, stop, reboot, pause or resume")));
+        return Err(ApiError::not_found(format!(
+            "unknown VM action {action:?}: use start, stop, reboot, pause or resume"
+        )));
     }
     let (rec, _) = resolve(&state, &id).await?;
     if rec.phase != Phase::Ready {
-        return Err(ApiError::conflict(format!("VM {} is {:?}: cannot {action}", rec.name, rec.phase)));
+        return Err(ApiError::conflict(format!(
+            "VM {} is {:?}: cannot {action}",
+            rec.name, rec.phase
+        )));
     }
     // Refuse what cannot work now, synchronously, so the caller gets a 409 at once.
     let live = state.vmm.get(&rec.id).await.map_err(upstream)?;
@@ -322,7 +385,11 @@ pub async fn action(
         _ => true,
     };
     if !ok {
-        return Err(ApiError::conflict(format!("VM {} is {}: cannot {action}", rec.name, st.as_str())));
+        return Err(ApiError::conflict(format!(
+            "VM {} is {}: cannot {action}",
+            rec.name,
+            st.as_str()
+        )));
     }
     let op = state.ops.start(&format!("vm.{action}"), "vm", &rec.id).await?;
     let (task_state, op_id, vm_id, force) = (state.clone(), op.id.clone(), rec.id.clone(), q.force);
@@ -342,7 +409,11 @@ pub struct WaitQuery {
     wait: Option<f64>,
 }
 
-pub async fn operation(State(state): AppS, Path(id): Path<String>, Query(q): Query<WaitQuery>) -> Result<Json<crate::model::Operation>, ApiError> {
+pub async fn operation(
+    State(state): AppS,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<crate::model::Operation>, ApiError> {
     let wait = q.wait.unwrap_or(0.0);
     if !(0.0..=3600.0).contains(&wait) {
         return Err(ApiError::unprocessable("wait must be between 0 and 3600 seconds"));
@@ -361,8 +432,16 @@ pub struct LogQuery {
     bytes: Option<usize>,
 }
 
-pub async fn console_log(State(state): AppS, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+pub async fn console_log(
+    State(state): AppS,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
     let (rec, _) = resolve(&state, &id).await?;
-    let bytes = state.vmm.console_log(&rec.id, q.bytes.unwrap_or(256 * 1024)).await.map_err(upstream)?;
+    let bytes = state
+        .vmm
+        .console_log(&rec.id, q.bytes.unwrap_or(256 * 1024))
+        .await
+        .map_err(upstream)?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }

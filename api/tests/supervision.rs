@@ -12,7 +12,9 @@ async fn boot(stack: &Stack, name: &str, hypervisor: &str) -> u32 {
     assert_eq!(status, 202, "{accepted}");
     let op = stack.wait_op(&accepted).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    stack.wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(60)).await;
+    stack
+        .wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+        .await;
     stack.vm(name).await["pid"].as_u64().expect("pid") as u32
 }
 
@@ -60,14 +62,19 @@ fn dead_vmm_is_noticed_within_a_second() {
             if vm["state"] != "running" {
                 break vm;
             }
-            assert!(start.elapsed() < Duration::from_secs(1), "still running after 1 s: {vm}");
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "still running after 1 s: {vm}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(vm["state"], "failed", "{vm}");
         assert!(vm["reason"].as_str().unwrap_or_default().contains("signal 9"), "{vm}");
         // It can be started again.
         stack.act("victim", "start").await;
-        stack.wait_console("victim", "HEARTH-GUEST-READY", 2, Duration::from_secs(60)).await;
+        stack
+            .wait_console("victim", "HEARTH-GUEST-READY", 2, Duration::from_secs(60))
+            .await;
     });
 }
 
@@ -83,7 +90,10 @@ fn guest_poweroff_stops_and_vcpu_error_fails() {
         loop {
             let vm = stack.vm("quitter").await;
             if vm["state"] == "stopped" {
-                assert!(vm["reason"].as_str().unwrap_or_default().contains("powered off"), "{vm}");
+                assert!(
+                    vm["reason"].as_str().unwrap_or_default().contains("powered off"),
+                    "{vm}"
+                );
                 break;
             }
             assert!(start.elapsed() < Duration::from_secs(20), "{vm}");
@@ -101,7 +111,13 @@ fn guest_poweroff_stops_and_vcpu_error_fails() {
             let vm = stack.vm("crasher").await;
             if vm["state"] != "running" {
                 assert_eq!(vm["state"], "failed", "{vm}");
-                assert!(vm["reason"].as_str().unwrap_or_default().contains("VCPU generated error"), "{vm}");
+                assert!(
+                    vm["reason"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("VCPU generated error"),
+                    "{vm}"
+                );
                 break;
             }
             assert!(start.elapsed() < Duration::from_secs(10), "{vm}");

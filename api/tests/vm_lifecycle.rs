@@ -10,7 +10,9 @@ use common::{create_body, in_private_netns, Stack};
 
 async fn lifecycle(hypervisor: &'static str) {
     let stack = Stack::start(&[]).await;
-    let (status, accepted) = stack.call("POST", "/v1/vms", Some(create_body("web", hypervisor))).await;
+    let (status, accepted) = stack
+        .call("POST", "/v1/vms", Some(create_body("web", hypervisor)))
+        .await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["vm"]["state"], "creating");
     let op = stack.wait_op(&accepted).await;
@@ -20,9 +22,14 @@ async fn lifecycle(hypervisor: &'static str) {
     assert_eq!(vm["hypervisor"], hypervisor);
     assert_eq!(vm["state"], "running", "{vm}");
     let pid = vm["pid"].as_u64().expect("running VM has a VMM pid") as u32;
-    assert!(stack.vmm_processes().iter().any(|(p, _)| *p == pid), "VMM {pid} is not running");
+    assert!(
+        stack.vmm_processes().iter().any(|(p, _)| *p == pid),
+        "VMM {pid} is not running"
+    );
 
-    let boot = stack.wait_console("web", "HEARTH-GUEST-READY", 1, Duration::from_secs(60)).await;
+    let boot = stack
+        .wait_console("web", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+        .await;
     eprintln!("{hypervisor}: HEARTH-GUEST-READY after {boot:?}");
     let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
     assert!(out.contains("42"), "{out}");
@@ -35,13 +42,19 @@ async fn lifecycle(hypervisor: &'static str) {
     stack.act("web", "stop").await;
     let vm = stack.vm("web").await;
     assert_eq!(vm["state"], "stopped", "{vm}");
-    assert!(stack.vmm_processes().is_empty(), "VMM left after stop: {:?}", stack.vmm_processes());
+    assert!(
+        stack.vmm_processes().is_empty(),
+        "VMM left after stop: {:?}",
+        stack.vmm_processes()
+    );
     // Actions that need a running VM are refused while it is stopped.
     let (status, err) = stack.call("POST", "/v1/vms/web/pause", None).await;
     assert_eq!(status, 409, "{err}");
 
     stack.act("web", "start").await;
-    stack.wait_console("web", "HEARTH-GUEST-READY", 2, Duration::from_secs(60)).await;
+    stack
+        .wait_console("web", "HEARTH-GUEST-READY", 2, Duration::from_secs(60))
+        .await;
     let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
     assert!(out.contains("42"));
 
@@ -51,8 +64,16 @@ async fn lifecycle(hypervisor: &'static str) {
     assert_eq!(op["status"], "succeeded", "{op}");
     let (status, _) = stack.call("GET", "/v1/vms/web", None).await;
     assert_eq!(status, 404);
-    assert!(stack.vmm_processes().is_empty(), "VMM left after delete: {:?}", stack.vmm_processes());
-    assert!(stack.vm_dirs().is_empty(), "VM state directories left: {:?}", stack.vm_dirs());
+    assert!(
+        stack.vmm_processes().is_empty(),
+        "VMM left after delete: {:?}",
+        stack.vmm_processes()
+    );
+    assert!(
+        stack.vm_dirs().is_empty(),
+        "VM state directories left: {:?}",
+        stack.vm_dirs()
+    );
     let sockets: Vec<_> = walk(&stack.data_dir().join("run/vms"));
     assert!(sockets.is_empty(), "files left: {sockets:?}");
 }

@@ -221,7 +221,9 @@ pub mod client {
 
     impl ImagedClient {
         pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
-            Self { http: UnixClient::new(socket) }
+            Self {
+                http: UnixClient::new(socket),
+            }
         }
 
         pub async fn get(&self, name: &str) -> Result<ImageInfo, ClientError> {

@@ -18,10 +18,7 @@ use crate::error::{ErrorBody, ErrorEnvelope};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach {socket}: {source}")]
-    Connect {
-        socket: PathBuf,
-        source: std::io::Error,
-    },
+    Connect { socket: PathBuf, source: std::io::Error },
     #[error("HTTP exchange with {socket} failed: {message}")]
     Transport { socket: PathBuf, message: String },
     #[error("{socket} did not answer within {timeout:?}")]
@@ -84,12 +81,7 @@ impl UnixClient {
     }
 
     /// Sends one request and returns status and body, whatever the status.
-    pub async fn raw(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<RawResponse, ClientError> {
+    pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
         let fut = self.raw_inner(method, path, body);
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
@@ -100,12 +92,7 @@ impl UnixClient {
         }
     }
 
-    async fn raw_inner(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<RawResponse, ClientError> {
+    async fn raw_inner(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
@@ -135,20 +122,13 @@ impl UnixClient {
             }
             None => Bytes::new(),
         };
-        let req = req
-            .body(Full::new(payload))
-            .map_err(|e| ClientError::Transport {
-                socket: self.socket.clone(),
-                message: e.to_string(),
-            })?;
+        let req = req.body(Full::new(payload)).map_err(|e| ClientError::Transport {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        })?;
         let resp = sender.send_request(req).await.map_err(transport)?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(transport)?.to_bytes();
         conn_task.abort();
         Ok(RawResponse { status, body })
     }
@@ -193,12 +173,7 @@ impl UnixClient {
     pub fn api_error(&self, resp: &RawResponse) -> ClientError {
         match serde_json::from_slice::<ErrorEnvelope>(&resp.body) {
             Ok(ErrorEnvelope {
-                error:
-                    ErrorBody {
-                        code,
-                        message,
-                        details,
-                    },
+                error: ErrorBody { code, message, details },
             }) => ClientError::Api {
                 status: resp.status,
                 code,

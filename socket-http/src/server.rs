@@ -36,9 +36,7 @@ pub async fn serve_unix(
 ) -> io::Result<()> {
     let listener = bind_unix(&path).await?;
     tracing::info!(socket = %path.display(), "listening");
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
     let _ = std::fs::remove_file(&path);
     result
 }
@@ -47,8 +45,6 @@ pub async fn serve_unix(
 pub fn health_router(service: &'static str) -> Router {
     Router::new().route(
         "/health",
-        axum::routing::get(move || async move {
-            axum::Json(serde_json::json!({"status": "ok", "service": service}))
-        }),
+        axum::routing::get(move || async move { axum::Json(serde_json::json!({"status": "ok", "service": service})) }),
     )
 }

@@ -17,7 +17,9 @@ pub struct VmmClient {
 
 impl VmmClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { http: UnixClient::new(socket) }
+        Self {
+            http: UnixClient::new(socket),
+        }
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
@@ -29,21 +31,31 @@ impl VmmClient {
     }
 
     pub async fn ensure(&self, spec: &VmSpec) -> Result<VmInfo, ClientError> {
-        self.http.call(Method::PUT, &format!("/vms/{}", spec.id), Some(spec)).await
+        self.http
+            .call(Method::PUT, &format!("/vms/{}", spec.id), Some(spec))
+            .await
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.http.call::<(), serde_json::Value>(Method::DELETE, &format!("/vms/{id}"), None).await.map(|_| ())
+        self.http
+            .call::<(), serde_json::Value>(Method::DELETE, &format!("/vms/{id}"), None)
+            .await
+            .map(|_| ())
     }
 
     /// `action` is one of start, stop, reboot, pause, resume.
     pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
-        self.http.call::<(), VmInfo>(Method::POST, &format!("/vms/{id}/{action}{q}"), None).await
+        self.http
+            .call::<(), VmInfo>(Method::POST, &format!("/vms/{id}/{action}{q}"), None)
+            .await
     }
 
     pub async fn console_log(&self, id: &str, max_bytes: usize) -> Result<bytes::Bytes, ClientError> {
-        let resp = self.http.raw(Method::GET, &format!("/vms/{id}/console/log?bytes={max_bytes}"), None).await?;
+        let resp = self
+            .http
+            .raw(Method::GET, &format!("/vms/{id}/console/log?bytes={max_bytes}"), None)
+            .await?;
         if resp.status.is_success() {
             Ok(resp.body)
         } else {
@@ -64,16 +76,25 @@ impl VmmClient {
         let socket = self.http.socket().to_path_buf();
         let stream = UnixStream::connect(&socket)
             .await
-            .map_err(|source| ClientError::Connect { socket: socket.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                socket: socket.clone(),
+                source,
+            })?;
         let url = format!("ws://localhost/vms/{id}/console?write={write}");
         match tokio_tungstenite::client_async(url, stream).await {
             Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status();
                 let body = resp.body().clone().unwrap_or_default();
-                Err(self.http.api_error(&socket_http::client::RawResponse { status, body: body.into() }))
+                Err(self.http.api_error(&socket_http::client::RawResponse {
+                    status,
+                    body: body.into(),
+                }))
             }
-            Err(e) => Err(ClientError::Transport { socket, message: e.to_string() }),
+            Err(e) => Err(ClientError::Transport {
+                socket,
+                message: e.to_string(),
+            }),
         }
     }
 }

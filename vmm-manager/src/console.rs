@@ -80,17 +80,8 @@ impl SerialConsole {
             writer: Arc::new(tokio::sync::Mutex::new(())),
         });
         let (input, input_rx) = mpsc::channel(64);
-        let task = tokio::spawn(pump(
-            socket,
-            write_log.then_some(log),
-            shared.clone(),
-            input_rx,
-        ));
-        Self {
-            shared,
-            input,
-            task,
-        }
+        let task = tokio::spawn(pump(socket, write_log.then_some(log), shared.clone(), input_rx));
+        Self { shared, input, task }
     }
 
     /// Attaches a reader.
@@ -124,12 +115,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Keeps the serial socket connected and moves bytes both ways.
-async fn pump(
-    socket: PathBuf,
-    log: Option<PathBuf>,
-    shared: Arc<Shared>,
-    mut input: mpsc::Receiver<Bytes>,
-) {
+async fn pump(socket: PathBuf, log: Option<PathBuf>, shared: Arc<Shared>, mut input: mpsc::Receiver<Bytes>) {
     let mut log_file = log.and_then(|p| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -223,7 +209,9 @@ mod tests {
 
         let w = console.try_writer().expect("first writer gets the turn");
         assert!(console.try_writer().is_none(), "only one writer at a time");
-        w.write(Bytes::from_static(b"ls\n")).await.map_err(std::io::Error::other)?;
+        w.write(Bytes::from_static(b"ls\n"))
+            .await
+            .map_err(std::io::Error::other)?;
         let mut got = [0u8; 3];
         guest.read_exact(&mut got).await?;
         assert_eq!(&got, b"ls\n");
@@ -260,7 +248,9 @@ mod tests {
             match tokio::time::timeout(Duration::from_secs(10), live.recv()).await {
                 Ok(Ok(b)) => {
                     tail.push_str(&String::from_utf8_lossy(&b));
-                    if tail.contains("END") { break; }
+                    if tail.contains("END") {
+                        break;
+                    }
                     let keep = tail.len().saturating_sub(8);
                     tail.drain(..keep);
                 }

@@ -59,9 +59,13 @@ async fn show(State(svc): Svc, Path(id): Path<String>) -> Result<Json<VmInfo>, A
 }
 
 async fn ensure(State(svc): Svc, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let spec: VmSpec = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid VM spec: {e}")))?;
+    let spec: VmSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid VM spec: {e}")))?;
     if spec.id != id {
-        return Err(ApiError::unprocessable(format!("spec id {:?} does not match the URL's {id:?}", spec.id)));
+        return Err(ApiError::unprocessable(format!(
+            "spec id {:?} does not match the URL's {id:?}",
+            spec.id
+        )));
     }
     let (info, created) = svc.create(spec).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
@@ -119,7 +123,11 @@ async fn console(
 ) -> Result<Response, ApiError> {
     let console = svc.console(&id)?;
     let writer = if q.write {
-        Some(console.try_writer().ok_or_else(|| ApiError::from(crate::service::ServiceError::WriterBusy(id.clone())))?)
+        Some(
+            console
+                .try_writer()
+                .ok_or_else(|| ApiError::from(crate::service::ServiceError::WriterBusy(id.clone())))?,
+        )
     } else {
         None
     };

@@ -32,10 +32,7 @@ impl std::fmt::Display for ExitInfo {
 /// Spawns `cmd` detached: stdin from /dev/null, stdout and stderr appended to `output`,
 /// in a process group of its own so signals aimed at vmm-manager's group miss it.
 pub fn spawn_detached(cmd: &mut Command, output: &Path) -> io::Result<u32> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(output)?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(out))
@@ -119,7 +116,9 @@ pub fn is_alive(pid: u32) -> bool {
         return false;
     };
     // The state letter follows the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
@@ -158,10 +157,7 @@ mod tests {
     async fn exit_of_a_detached_child_is_seen_at_once_with_its_status() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let out = dir.path().join("out.log");
-        let pid = spawn_detached(
-            Command::new("sh").args(["-c", "echo hello; sleep 0.2; exit 7"]),
-            &out,
-        )?;
+        let pid = spawn_detached(Command::new("sh").args(["-c", "echo hello; sleep 0.2; exit 7"]), &out)?;
         let fd = pidfd_open(pid)?;
         let start = Instant::now();
         let info = tokio::time::timeout(Duration::from_secs(5), wait_exit(fd)).await;

@@ -75,7 +75,11 @@ pub enum ServiceError {
     #[error("invalid VM spec: {0}")]
     Spec(#[from] SpecError),
     #[error("VM {id} is {state}: cannot {action}")]
-    State { id: String, state: &'static str, action: &'static str },
+    State {
+        id: String,
+        state: &'static str,
+        action: &'static str,
+    },
     #[error("{0}")]
     Vmm(#[from] VmmError),
     #[error("console of VM {0} already has a writer")]
@@ -136,7 +140,11 @@ impl VmService {
     pub async fn open(config: VmmConfig) -> Result<Arc<Self>, ServiceError> {
         std::fs::create_dir_all(config.run_dir.join("vms"))?;
         let svc = Arc::new(Self {
-            qemu: Arc::new(QemuDriver::new(config.qemu_binary.clone(), config.accel, config.run_dir.clone())),
+            qemu: Arc::new(QemuDriver::new(
+                config.qemu_binary.clone(),
+                config.accel,
+                config.run_dir.clone(),
+            )),
             cloud_hypervisor: Arc::new(CloudHypervisorDriver::new(config.cloud_hypervisor_binary.clone())),
             config,
             vms: RwLock::new(BTreeMap::new()),
@@ -163,8 +171,16 @@ impl VmService {
         [HypervisorKind::CloudHypervisor, HypervisorKind::Qemu]
             .into_iter()
             .map(|kind| match self.driver(kind).check_available() {
-                Ok(()) => HypervisorAvailability { kind, available: true, detail: None },
-                Err(e) => HypervisorAvailability { kind, available: false, detail: Some(e.to_string()) },
+                Ok(()) => HypervisorAvailability {
+                    kind,
+                    available: true,
+                    detail: None,
+                },
+                Err(e) => HypervisorAvailability {
+                    kind,
+                    available: false,
+                    detail: Some(e.to_string()),
+                },
             })
             .collect()
     }
@@ -184,11 +200,19 @@ impl VmService {
     }
 
     fn info(vm: &Vm) -> VmInfo {
-        VmInfo { spec: vm.spec.clone(), status: lock(&vm.status).clone() }
+        VmInfo {
+            spec: vm.spec.clone(),
+            status: lock(&vm.status).clone(),
+        }
     }
 
     pub fn list(&self) -> Vec<VmInfo> {
-        self.vms.read().unwrap_or_else(|p| p.into_inner()).values().map(|vm| Self::info(vm)).collect()
+        self.vms
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|vm| Self::info(vm))
+            .collect()
     }
 
     pub fn get(&self, id: &str) -> Result<VmInfo, ServiceError> {
@@ -198,7 +222,12 @@ impl VmService {
 
     fn set_status(&self, vm: &Vm, state: VmState, reason: Option<String>) {
         let pid = lock(&vm.runtime).as_ref().map(|r| r.pid);
-        let status = VmStatus { state, reason: reason.clone(), pid: pid.filter(|_| state.is_active()), since_ms: now_ms() };
+        let status = VmStatus {
+            state,
+            reason: reason.clone(),
+            pid: pid.filter(|_| state.is_active()),
+            since_ms: now_ms(),
+        };
         if let Ok(bytes) = serde_json::to_vec(&status) {
             let _ = VmDir::write_atomic(&vm.dir.status(), &bytes);
         }
@@ -239,11 +268,19 @@ impl VmService {
             spec,
             dir,
             driver,
-            status: Mutex::new(VmStatus { state: VmState::Stopped, reason: None, pid: None, since_ms: now_ms() }),
+            status: Mutex::new(VmStatus {
+                state: VmState::Stopped,
+                reason: None,
+                pid: None,
+                since_ms: now_ms(),
+            }),
             op: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
         });
-        self.vms.write().unwrap_or_else(|p| p.into_inner()).insert(vm.spec.id.clone(), vm.clone());
+        self.vms
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.spec.id.clone(), vm.clone());
         self.set_status(&vm, VmState::Stopped, None);
         Ok((Self::info(&vm), true))
     }
@@ -288,12 +325,19 @@ impl VmService {
         ));
         let stop_requested = Arc::new(AtomicBool::new(false));
         let (exited_tx, exited) = watch::channel(false);
-        *lock(&vm.runtime) = Some(Runtime { pid, console, stop_requested: stop_requested.clone(), exited });
+        *lock(&vm.runtime) = Some(Runtime {
+            pid,
+            console,
+            stop_requested: stop_requested.clone(),
+            exited,
+        });
         let svc = Arc::downgrade(self);
         let vm = vm.clone();
         tokio::spawn(async move {
             let exit = process::wait_exit(pidfd).await;
-            let verdict = vm.driver.classify_exit(&vm.dir, exit, stop_requested.load(Ordering::SeqCst));
+            let verdict = vm
+                .driver
+                .classify_exit(&vm.dir, exit, stop_requested.load(Ordering::SeqCst));
             tracing::info!(vm = %vm.spec.id, pid, %exit, "VMM exited");
             vm.dir.remove_runtime_files();
             // Drop the console only after the last output has been read.
@@ -308,7 +352,9 @@ impl VmService {
     }
 
     fn runtime_handles(vm: &Vm) -> Option<(u32, Arc<AtomicBool>, watch::Receiver<bool>)> {
-        lock(&vm.runtime).as_ref().map(|r| (r.pid, r.stop_requested.clone(), r.exited.clone()))
+        lock(&vm.runtime)
+            .as_ref()
+            .map(|r| (r.pid, r.stop_requested.clone(), r.exited.clone()))
     }
 
     /// Stops a VM: the power button first (unless `force`), then the VMM's own forced
@@ -360,7 +406,11 @@ impl VmService {
         let _op = vm.op.lock().await;
         if Self::runtime_handles(&vm).is_none() {
             let state = lock(&vm.status).state.as_str();
-            return Err(ServiceError::State { id: id.to_string(), state, action });
+            return Err(ServiceError::State {
+                id: id.to_string(),
+                state,
+                action,
+            });
         }
         f(vm.driver.as_ref(), &vm.dir).await?;
         Ok(Self::info(&vm))
@@ -414,7 +464,11 @@ impl VmService {
         let rt = lock(&vm.runtime);
         match rt.as_ref() {
             Some(r) => Ok(r.console.clone()),
-            None => Err(ServiceError::State { id: id.to_string(), state: lock(&vm.status).state.as_str(), action: "attach to its console" }),
+            None => Err(ServiceError::State {
+                id: id.to_string(),
+                state: lock(&vm.status).state.as_str(),
+                action: "attach to its console",
+            }),
         }
     }
 
@@ -442,16 +496,26 @@ impl VmService {
                     continue;
                 }
             };
-            let last: Option<VmStatus> = std::fs::read(dir.status()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let last: Option<VmStatus> = std::fs::read(dir.status())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             let vm = Arc::new(Vm {
                 driver: self.driver(spec.hypervisor),
                 spec,
                 dir,
-                status: Mutex::new(last.clone().unwrap_or(VmStatus { state: VmState::Stopped, reason: None, pid: None, since_ms: now_ms() })),
+                status: Mutex::new(last.clone().unwrap_or(VmStatus {
+                    state: VmState::Stopped,
+                    reason: None,
+                    pid: None,
+                    since_ms: now_ms(),
+                })),
                 op: tokio::sync::Mutex::new(()),
                 runtime: Mutex::new(None),
             });
-            self.vms.write().unwrap_or_else(|p| p.into_inner()).insert(vm.spec.id.clone(), vm.clone());
+            self.vms
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vm.spec.id.clone(), vm.clone());
             self.adopt(&vm, last).await;
         }
         Ok(())
@@ -468,14 +532,26 @@ impl VmService {
                 let state = vm.driver.query(&vm.dir).await;
                 tracing::info!(vm = %vm.spec.id, pid, ?state, "re-adopted running VMM");
                 match state {
-                    Ok(RuntimeState::Running) => self.set_status(vm, VmState::Running, Some("re-adopted after a vmm-manager restart".into())),
-                    Ok(RuntimeState::Paused) => self.set_status(vm, VmState::Paused, Some("re-adopted after a vmm-manager restart".into())),
+                    Ok(RuntimeState::Running) => self.set_status(
+                        vm,
+                        VmState::Running,
+                        Some("re-adopted after a vmm-manager restart".into()),
+                    ),
+                    Ok(RuntimeState::Paused) => self.set_status(
+                        vm,
+                        VmState::Paused,
+                        Some("re-adopted after a vmm-manager restart".into()),
+                    ),
                     // A VMM whose guest never booted (start interrupted by the restart),
                     // or one that no longer answers: take it down.
                     other => {
                         tracing::warn!(vm = %vm.spec.id, "VMM found in state {other:?}; stopping it");
                         let _ = self.stop_locked(vm, true).await;
-                        self.set_status(vm, VmState::Failed, Some("the VM's start was interrupted by a vmm-manager restart".into()));
+                        self.set_status(
+                            vm,
+                            VmState::Failed,
+                            Some("the VM's start was interrupted by a vmm-manager restart".into()),
+                        );
                     }
                 }
             }
@@ -488,7 +564,11 @@ impl VmService {
             None => {
                 if last.map(|s| s.state.is_active()).unwrap_or(false) {
                     vm.dir.remove_runtime_files();
-                    self.set_status(vm, VmState::Stopped, Some("found stopped after a vmm-manager restart".into()));
+                    self.set_status(
+                        vm,
+                        VmState::Stopped,
+                        Some("found stopped after a vmm-manager restart".into()),
+                    );
                 }
             }
         }

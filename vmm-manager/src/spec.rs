@@ -186,10 +186,7 @@ impl VmSpec {
                 return Err(SpecError::Device(format!("device id {:?} is used twice", n.id)));
             }
             if n.tap.is_empty() || n.tap.len() > 15 {
-                return Err(SpecError::Device(format!(
-                    "TAP name {:?} must be 1-15 bytes",
-                    n.tap
-                )));
+                return Err(SpecError::Device(format!("TAP name {:?} must be 1-15 bytes", n.tap)));
             }
             if n.queue_pairs == 0 {
                 return Err(SpecError::Device(format!("NIC {} needs at least one queue pair", n.id)));
@@ -374,12 +371,20 @@ mod tests {
         assert!(matches!(s.validate(1024), Err(SpecError::Memory { .. })));
         let mut s = ok.clone();
         s.kernel = "/nonexistent/kernel".into();
-        assert!(matches!(s.validate(1024), Err(SpecError::MissingFile { what: "kernel", .. })));
+        assert!(matches!(
+            s.validate(1024),
+            Err(SpecError::MissingFile { what: "kernel", .. })
+        ));
         let mut s = ok.clone();
         s.id = "../etc".into();
         assert!(matches!(s.validate(1024), Err(SpecError::Id(_))));
         let mut s = ok;
-        s.nics.push(NicSpec { id: "n".into(), tap: "a-very-long-tap-name".into(), mac: "52:54:00:00:00:01".into(), queue_pairs: 1 });
+        s.nics.push(NicSpec {
+            id: "n".into(),
+            tap: "a-very-long-tap-name".into(),
+            mac: "52:54:00:00:00:01".into(),
+            queue_pairs: 1,
+        });
         assert!(matches!(s.validate(1024), Err(SpecError::Device(_))));
         Ok(())
     }

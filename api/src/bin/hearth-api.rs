@@ -46,7 +46,13 @@ async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let a = Args::parse();
     let run_dir = a.data_dir.join("run");
-    let socket_dir = a.socket_dir.clone().unwrap_or_else(|| if a.all_in_one { run_dir.clone() } else { "/run/hearth".into() });
+    let socket_dir = a.socket_dir.clone().unwrap_or_else(|| {
+        if a.all_in_one {
+            run_dir.clone()
+        } else {
+            "/run/hearth".into()
+        }
+    });
     let config = ApiConfig {
         data_dir: a.data_dir.clone(),
         listen: a.listen,

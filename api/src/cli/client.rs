@@ -20,7 +20,11 @@ impl ApiClient {
         if !base.starts_with("http://") {
             return Err(anyhow!("unsupported API URL {base:?}: use http://host:port"));
         }
-        Ok(Self { base, key: key.to_string(), http: Client::builder(TokioExecutor::new()).build_http() })
+        Ok(Self {
+            base,
+            key: key.to_string(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -31,7 +35,12 @@ impl ApiClient {
         &self.key
     }
 
-    async fn send(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<(http::StatusCode, Bytes)> {
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(http::StatusCode, Bytes)> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -58,7 +67,7 @@ impl ApiClient {
         if !status.is_success() {
             return Err(error_from(status, &bytes));
         }
-        Ok(serde_json::from_slice(&bytes).context("the API answered something that is not JSON")?)
+        serde_json::from_slice(&bytes).context("the API answered something that is not JSON")
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {

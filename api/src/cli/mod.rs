@@ -27,7 +27,12 @@ pub struct Cli {
     #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
     /// File holding the API key.
-    #[arg(long, env = "HEARTH_API_KEY_FILE", default_value = "/var/lib/hearth/admin.key", global = true)]
+    #[arg(
+        long,
+        env = "HEARTH_API_KEY_FILE",
+        default_value = "/var/lib/hearth/admin.key",
+        global = true
+    )]
     pub api_key_file: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
@@ -91,21 +96,51 @@ pub enum VmCommand {
     /// Show one VM.
     Show { vm: String },
     /// Boot a VM.
-    Start { vm: String, #[arg(long)] no_wait: bool },
+    Start {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Stop a VM (ACPI power button, forced after a timeout).
-    Stop { vm: String, /// Skip the power button.
-        #[arg(long)] force: bool, #[arg(long)] no_wait: bool },
+    Stop {
+        vm: String,
+        /// Skip the power button.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Reset a VM.
-    Reboot { vm: String, #[arg(long)] no_wait: bool },
+    Reboot {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Freeze a VM's vCPUs.
-    Pause { vm: String, #[arg(long)] no_wait: bool },
+    Pause {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Unfreeze a paused VM.
-    Resume { vm: String, #[arg(long)] no_wait: bool },
+    Resume {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete a VM (stopping it first).
-    Delete { vm: String, #[arg(long)] no_wait: bool },
+    Delete {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print what the VM printed on its serial console.
-    Log { vm: String, /// Bytes from the end.
-        #[arg(long, default_value_t = 65536)] bytes: usize },
+    Log {
+        vm: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: usize,
+    },
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -113,7 +148,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let key = match &cli.api_key {
         Some(k) => k.clone(),
         None => std::fs::read_to_string(&cli.api_key_file)
-            .with_context(|| format!("no API key: set HEARTH_API_KEY or --api-key, or make {} readable", cli.api_key_file.display()))?
+            .with_context(|| {
+                format!(
+                    "no API key: set HEARTH_API_KEY or --api-key, or make {} readable",
+                    cli.api_key_file.display()
+                )
+            })?
             .trim()
             .to_string(),
     };
@@ -132,7 +172,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
-        VmCommand::Create { name, image, vcpus, memory, hypervisor, cmdline_append, vnc, no_start, no_wait } => {
+        VmCommand::Create {
+            name,
+            image,
+            vcpus,
+            memory,
+            hypervisor,
+            cmdline_append,
+            vnc,
+            no_start,
+            no_wait,
+        } => {
             let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start});
             if let Some(h) = hypervisor {
                 body["hypervisor"] = json!(h);
@@ -145,7 +195,9 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
         }
         VmCommand::List => {
             let vms = api.get("/v1/vms").await?;
-            print_value(out, &vms, |v| print_vm_table(v.as_array().map(Vec::as_slice).unwrap_or_default()));
+            print_value(out, &vms, |v| {
+                print_vm_table(v.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
             Ok(())
         }
         VmCommand::Show { vm } => {
@@ -154,7 +206,9 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             Ok(())
         }
         VmCommand::Start { vm, no_wait } => action(api, out, &vm, "start", "", no_wait).await,
-        VmCommand::Stop { vm, force, no_wait } => action(api, out, &vm, "stop", if force { "?force=true" } else { "" }, no_wait).await,
+        VmCommand::Stop { vm, force, no_wait } => {
+            action(api, out, &vm, "stop", if force { "?force=true" } else { "" }, no_wait).await
+        }
         VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, "reboot", "", no_wait).await,
         VmCommand::Pause { vm, no_wait } => action(api, out, &vm, "pause", "", no_wait).await,
         VmCommand::Resume { vm, no_wait } => action(api, out, &vm, "resume", "", no_wait).await,
@@ -163,7 +217,9 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             finish(api, out, accepted, no_wait, &vm).await
         }
         VmCommand::Log { vm, bytes } => {
-            let log = api.get_bytes(&format!("/v1/vms/{vm}/console/log?bytes={bytes}")).await?;
+            let log = api
+                .get_bytes(&format!("/v1/vms/{vm}/console/log?bytes={bytes}"))
+                .await?;
             use std::io::Write;
             std::io::stdout().write_all(&log)?;
             Ok(())
@@ -171,7 +227,14 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
     }
 }
 
-async fn action(api: &ApiClient, out: Output, vm: &str, action: &str, query: &str, no_wait: bool) -> anyhow::Result<()> {
+async fn action(
+    api: &ApiClient,
+    out: Output,
+    vm: &str,
+    action: &str,
+    query: &str,
+    no_wait: bool,
+) -> anyhow::Result<()> {
     let accepted = api.post(&format!("/v1/vms/{vm}/{action}{query}"), None).await?;
     finish(api, out, accepted, no_wait, vm).await
 }
@@ -197,7 +260,11 @@ async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm
         }
     };
     if op["status"] == "failed" {
-        bail!("{} failed: {}", op["kind"].as_str().unwrap_or("operation"), op["error"]["message"].as_str().unwrap_or("unknown error"));
+        bail!(
+            "{} failed: {}",
+            op["kind"].as_str().unwrap_or("operation"),
+            op["error"]["message"].as_str().unwrap_or("unknown error")
+        );
     }
     if op["kind"] == "vm.delete" {
         if out == Output::Json {
@@ -277,14 +344,23 @@ fn print_vm_table(vms: &[Value]) {
                 s(&v["vcpus"]),
                 format!("{} MiB", s(&v["memory_mib"])),
                 s(&v["image"]),
-                v["id"].as_str().map(|i| i.chars().take(8).collect()).unwrap_or_default(),
+                v["id"]
+                    .as_str()
+                    .map(|i| i.chars().take(8).collect())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
     if rows.is_empty() {
         println!("no VMs");
     } else {
-        println!("{}", table(&["NAME", "STATE", "HYPERVISOR", "VCPUS", "MEMORY", "IMAGE", "ID"], &rows));
+        println!(
+            "{}",
+            table(
+                &["NAME", "STATE", "HYPERVISOR", "VCPUS", "MEMORY", "IMAGE", "ID"],
+                &rows
+            )
+        );
     }
 }
 
@@ -313,7 +389,13 @@ fn print_vm_details(v: &Value) {
 mod tests {
     #[test]
     fn tables_align_columns() {
-        let t = super::table(&["NAME", "STATE"], &[vec!["web".into(), "running".into()], vec!["database".into(), "stopped".into()]]);
+        let t = super::table(
+            &["NAME", "STATE"],
+            &[
+                vec!["web".into(), "running".into()],
+                vec!["database".into(), "stopped".into()],
+            ],
+        );
         assert_eq!(t, "NAME      STATE\nweb       running\ndatabase  stopped");
     }
 }

@@ -26,12 +26,18 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 fn decode(key: &str, raw: &[u8]) -> Result<Versioned, StoreError> {
     if raw.len() < 8 {
-        return Err(StoreError::Corrupt { key: key.to_string(), message: "record shorter than its revision".into() });
+        return Err(StoreError::Corrupt {
+            key: key.to_string(),
+            message: "record shorter than its revision".into(),
+        });
     }
     let (rev, value) = raw.split_at(8);
     let mut b = [0u8; 8];
     b.copy_from_slice(rev);
-    Ok(Versioned { value: value.to_vec(), revision: u64::from_le_bytes(b) })
+    Ok(Versioned {
+        value: value.to_vec(),
+        revision: u64::from_le_bytes(b),
+    })
 }
 
 impl EmbeddedStore {
@@ -42,7 +48,10 @@ impl EmbeddedStore {
         tx.open_table(KV).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
-        Ok(Self { db: Arc::new(db), events: broadcast::channel(4096).0 })
+        Ok(Self {
+            db: Arc::new(db),
+            events: broadcast::channel(4096).0,
+        })
     }
 
     /// Runs a write transaction on a blocking thread. `f` returns the value to report
@@ -56,7 +65,12 @@ impl EmbeddedStore {
             let tx = db.begin_write().map_err(unavailable)?;
             let result = {
                 let mut meta = tx.open_table(META).map_err(unavailable)?;
-                let next = meta.get("revision").map_err(unavailable)?.map(|v| v.value()).unwrap_or(0) + 1;
+                let next = meta
+                    .get("revision")
+                    .map_err(unavailable)?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    + 1;
                 let mut kv = tx.open_table(KV).map_err(unavailable)?;
                 let (out, event) = f(&mut kv, next)?;
                 if event.is_some() {
@@ -104,11 +118,23 @@ impl StateStore for EmbeddedStore {
         let key = key.to_string();
         Box::pin(self.write(move |kv, rev| {
             store_value(kv, &key, rev, &value)?;
-            Ok((rev, Some(WatchEvent { key, value: Some(value), revision: rev })))
+            Ok((
+                rev,
+                Some(WatchEvent {
+                    key,
+                    value: Some(value),
+                    revision: rev,
+                }),
+            ))
         }))
     }
 
-    fn compare_and_swap<'a>(&'a self, key: &'a str, expected: Option<u64>, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = key.to_string();
         Box::pin(self.write(move |kv, rev| {
             let found = match kv.get(key.as_str()).map_err(unavailable)? {
@@ -119,7 +145,14 @@ impl StateStore for EmbeddedStore {
                 return Err(StoreError::Conflict { key, expected, found });
             }
             store_value(kv, &key, rev, &value)?;
-            Ok((rev, Some(WatchEvent { key, value: Some(value), revision: rev })))
+            Ok((
+                rev,
+                Some(WatchEvent {
+                    key,
+                    value: Some(value),
+                    revision: rev,
+                }),
+            ))
         }))
     }
 
@@ -127,7 +160,11 @@ impl StateStore for EmbeddedStore {
         let key = key.to_string();
         Box::pin(self.write(move |kv, rev| {
             let existed = kv.remove(key.as_str()).map_err(unavailable)?.is_some();
-            let event = existed.then(|| WatchEvent { key, value: None, revision: rev });
+            let event = existed.then_some(WatchEvent {
+                key,
+                value: None,
+                revision: rev,
+            });
             Ok((existed, event))
         }))
     }
@@ -174,7 +211,16 @@ mod tests {
             store.put("k", b"v".to_vec()).await.expect("put")
         };
         let store = EmbeddedStore::open(&path).expect("reopen");
-        assert_eq!(store.get("k").await.expect("get"), Some(Versioned { value: b"v".to_vec(), revision: rev }));
-        assert!(store.put("k2", vec![]).await.expect("put") > rev, "the revision counter persists");
+        assert_eq!(
+            store.get("k").await.expect("get"),
+            Some(Versioned {
+                value: b"v".to_vec(),
+                revision: rev
+            })
+        );
+        assert!(
+            store.put("k2", vec![]).await.expect("put") > rev,
+            "the revision counter persists"
+        );
     }
 }

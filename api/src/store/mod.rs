@@ -32,7 +32,11 @@ pub struct WatchEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("revision conflict on {key}: expected {expected:?}, found {found:?}")]
-    Conflict { key: String, expected: Option<u64>, found: Option<u64> },
+    Conflict {
+        key: String,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
     #[error("the state store is unavailable: {0}")]
     Unavailable(String),
     #[error("stored value under {key} is corrupt: {message}")]
@@ -75,7 +79,10 @@ pub async fn get_json<T: DeserializeOwned>(store: &dyn StateStore, key: &str) ->
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v.value)
             .map(|t| Some((t, v.revision)))
-            .map_err(|e| StoreError::Corrupt { key: key.to_string(), message: e.to_string() }),
+            .map_err(|e| StoreError::Corrupt {
+                key: key.to_string(),
+                message: e.to_string(),
+            }),
     }
 }
 
@@ -92,7 +99,10 @@ pub async fn list_json<T: DeserializeOwned>(store: &dyn StateStore, prefix: &str
         .map(|(k, v)| {
             serde_json::from_slice(&v.value)
                 .map(|t| (t, v.revision))
-                .map_err(|e| StoreError::Corrupt { key: k, message: e.to_string() })
+                .map_err(|e| StoreError::Corrupt {
+                    key: k,
+                    message: e.to_string(),
+                })
         })
         .collect()
 }
@@ -104,23 +114,59 @@ pub(crate) async fn conformance(store: &dyn StateStore) {
     let mut watch = store.watch();
     let r1 = store.put("a/1", b"one".to_vec()).await.expect("put");
     let got = store.get("a/1").await.expect("get").expect("present");
-    assert_eq!(got, Versioned { value: b"one".to_vec(), revision: r1 });
+    assert_eq!(
+        got,
+        Versioned {
+            value: b"one".to_vec(),
+            revision: r1
+        }
+    );
     let ev = watch.recv().await.expect("watch event");
-    assert_eq!((ev.key.as_str(), ev.value.as_deref(), ev.revision), ("a/1", Some(&b"one"[..]), r1));
+    assert_eq!(
+        (ev.key.as_str(), ev.value.as_deref(), ev.revision),
+        ("a/1", Some(&b"one"[..]), r1)
+    );
 
     // Create-only CAS refuses an existing key; CAS with a stale revision refuses too.
-    assert!(matches!(store.compare_and_swap("a/1", None, b"x".to_vec()).await, Err(StoreError::Conflict { .. })));
-    let r2 = store.compare_and_swap("a/1", Some(r1), b"two".to_vec()).await.expect("cas");
+    assert!(matches!(
+        store.compare_and_swap("a/1", None, b"x".to_vec()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let r2 = store
+        .compare_and_swap("a/1", Some(r1), b"two".to_vec())
+        .await
+        .expect("cas");
     assert!(r2 > r1, "revisions grow");
-    assert!(matches!(store.compare_and_swap("a/1", Some(r1), b"three".to_vec()).await, Err(StoreError::Conflict { .. })));
-    let r3 = store.compare_and_swap("a/2", None, b"new".to_vec()).await.expect("create");
+    assert!(matches!(
+        store.compare_and_swap("a/1", Some(r1), b"three".to_vec()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let r3 = store
+        .compare_and_swap("a/2", None, b"new".to_vec())
+        .await
+        .expect("create");
     store.put("b/1", b"other".to_vec()).await.expect("put");
 
-    let listed: Vec<_> = store.list("a/").await.expect("list").into_iter().map(|(k, v)| (k, v.value, v.revision)).collect();
-    assert_eq!(listed, vec![("a/1".to_string(), b"two".to_vec(), r2), ("a/2".to_string(), b"new".to_vec(), r3)]);
+    let listed: Vec<_> = store
+        .list("a/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(k, v)| (k, v.value, v.revision))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("a/1".to_string(), b"two".to_vec(), r2),
+            ("a/2".to_string(), b"new".to_vec(), r3)
+        ]
+    );
 
     assert!(store.delete("a/1").await.expect("delete"));
-    assert!(!store.delete("a/1").await.expect("delete missing"), "deleting a missing key succeeds and says so");
+    assert!(
+        !store.delete("a/1").await.expect("delete missing"),
+        "deleting a missing key succeeds and says so"
+    );
     assert_eq!(store.get("a/1").await.expect("get"), None);
     assert_eq!(store.list("a/").await.expect("list").len(), 1);
 

@@ -28,7 +28,10 @@ where
 {
     let handle = std::thread::spawn(move || {
         enter_private_netns().expect("cannot create a network namespace (tests need root)");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(f());
     });
     if let Err(panic) = handle.join() {
@@ -67,7 +70,9 @@ fn enter_private_netns() -> std::io::Result<()> {
 
 /// Where the guest images are (built by guest-images/tiny/build.sh).
 pub fn images_dir() -> PathBuf {
-    let dir = std::env::var_os("HEARTH_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/cache/hearth/images".into());
+    let dir = std::env::var_os("HEARTH_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/hearth/images".into());
     assert!(
         dir.join("tiny/image.json").is_file(),
         "the tiny image is missing in {}: run guest-images/tiny/build.sh (scripts/test.sh does)",
@@ -79,7 +84,10 @@ pub fn images_dir() -> PathBuf {
 /// The fake Cloud Hypervisor, or the real one when HEARTH_TEST_CH_BINARY names it.
 pub fn cloud_hypervisor_binary() -> String {
     std::env::var("HEARTH_TEST_CH_BINARY").unwrap_or_else(|_| {
-        format!("{}/../vmm-manager/tests/fake-cloud-hypervisor/fake-cloud-hypervisor", env!("CARGO_MANIFEST_DIR"))
+        format!(
+            "{}/../vmm-manager/tests/fake-cloud-hypervisor/fake-cloud-hypervisor",
+            env!("CARGO_MANIFEST_DIR")
+        )
     })
 }
 
@@ -94,7 +102,10 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(extra: &[&str]) -> Stack {
-        let dir = tempfile::Builder::new().prefix("hearth-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .expect("tempdir");
         let mut stack = Stack {
             dir,
             child: None,
@@ -115,21 +126,33 @@ impl Stack {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("api.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("api.log"))
+            .expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
         if !self.args.iter().any(|a| a == "--cloud-hypervisor-binary") {
             cmd.arg("--cloud-hypervisor-binary").arg(cloud_hypervisor_binary());
         }
-        cmd.args(["--all-in-one", "--listen", LISTEN, "--qemu-accel", "tcg", "--stop-timeout", "20"])
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .arg("--images-dir")
-            .arg(images_dir())
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log));
+        cmd.args([
+            "--all-in-one",
+            "--listen",
+            LISTEN,
+            "--qemu-accel",
+            "tcg",
+            "--stop-timeout",
+            "20",
+        ])
+        .arg("--data-dir")
+        .arg(self.dir.path())
+        .arg("--images-dir")
+        .arg(images_dir())
+        .args(&self.args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log));
         self.child = Some(cmd.spawn().expect("spawn hearth-api"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -139,10 +162,17 @@ impl Stack {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("hearth-api exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "hearth-api did not become ready: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "hearth-api did not become ready: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.key = std::fs::read_to_string(self.dir.path().join("admin.key")).expect("admin.key").trim().to_string();
+        self.key = std::fs::read_to_string(self.dir.path().join("admin.key"))
+            .expect("admin.key")
+            .trim()
+            .to_string();
     }
 
     pub fn log(&self) -> String {
@@ -163,31 +193,48 @@ impl Stack {
         }
     }
 
-    pub async fn request_as(&self, method: &str, path: &str, body: Option<&[u8]>, key: Option<&str>) -> Result<(u16, Value), String> {
-        let mut req = http::Request::builder().method(method).uri(format!("{}{path}", self.url()));
+    pub async fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        key: Option<&str>,
+    ) -> Result<(u16, Value), String> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url()));
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
         }
-        let payload = body.map(|b| Bytes::copy_from_slice(b)).unwrap_or_default();
+        let payload = body.map(Bytes::copy_from_slice).unwrap_or_default();
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let resp = self.http.request(req.body(Full::new(payload)).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        let resp = self
+            .http
+            .request(req.body(Full::new(payload)).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, value))
     }
 
     /// An authenticated request; panics when the api cannot be reached.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let bytes = body.map(|b| b.to_string().into_bytes());
-        self.request_as(method, path, bytes.as_deref(), Some(&self.key)).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        self.request_as(method, path, bytes.as_deref(), Some(&self.key))
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// Waits for an operation to finish and returns it.
     pub async fn wait_op(&self, accepted: &Value) -> Value {
-        let id = accepted["operation"]["id"].as_str().unwrap_or_else(|| panic!("no operation in {accepted}"));
+        let id = accepted["operation"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no operation in {accepted}"));
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let (status, op) = self.call("GET", &format!("/v1/operations/{id}?wait=10"), None).await;
@@ -228,7 +275,10 @@ impl Stack {
             if log.matches(needle).count() >= times {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < timeout, "{needle:?} x{times} not in {vm}'s console after {timeout:?}:\n{log}");
+            assert!(
+                start.elapsed() < timeout,
+                "{needle:?} x{times} not in {vm}'s console after {timeout:?}:\n{log}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -236,13 +286,20 @@ impl Stack {
     /// Types `line` into the console over the WebSocket and returns what came back
     /// once `expect` appeared.
     pub async fn console_exchange(&self, vm: &str, line: &str, expect: &str) -> String {
-        let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console").into_client_request().expect("request");
-        req.headers_mut().insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
+        let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console")
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
         let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("console websocket");
         let (mut tx, mut rx) = ws.split();
         // The first frame is the scrollback; what follows is live.
-        let _scrollback = tokio::time::timeout(Duration::from_secs(10), rx.next()).await.expect("scrollback frame");
-        tx.send(Message::Binary(Bytes::from(line.to_string()))).await.expect("send");
+        let _scrollback = tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .expect("scrollback frame");
+        tx.send(Message::Binary(Bytes::from(line.to_string())))
+            .await
+            .expect("send");
         let mut seen = String::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !seen.contains(expect) {
@@ -263,11 +320,19 @@ impl Stack {
         let marker = self.dir.path().display().to_string();
         let mut out = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(false))
+                .map(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                        .unwrap_or(false)
+                })
                 .unwrap_or(false);
             if cmd.contains(&marker) && !zombie {
                 out.push((pid, cmd));
@@ -278,7 +343,10 @@ impl Stack {
 
     pub fn vmm_processes(&self) -> Vec<(u32, String)> {
         let api = self.child.as_ref().map(|c| c.id());
-        self.processes_using_data_dir().into_iter().filter(|(pid, _)| Some(*pid) != api).collect()
+        self.processes_using_data_dir()
+            .into_iter()
+            .filter(|(pid, _)| Some(*pid) != api)
+            .collect()
     }
 
     /// The VM state directories vmm-manager holds.

@@ -80,7 +80,10 @@ mod tests {
             evs.extend(s.push(&TWO.as_bytes()[split..]));
             let names: Vec<_> = evs.iter().map(|e| format!("{}/{}", e.source, e.event)).collect();
             assert_eq!(names, ["vmm/starting", "vm/booted"], "split at {split}");
-            assert_eq!(evs[1].properties.as_ref().and_then(|p| p.get("id")).map(String::as_str), Some("x"));
+            assert_eq!(
+                evs[1].properties.as_ref().and_then(|p| p.get("id")).map(String::as_str),
+                Some("x")
+            );
         }
     }
 

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use socket_http::client::RawResponse;
 use socket_http::UnixClient;
 
-use super::qemu::{kill_and_reap};
+use super::qemu::kill_and_reap;
 use super::{find_binary, log_tail, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
 use crate::process::{self, ExitInfo};
 use crate::spec::{DiskFormat, DiskSource, HypervisorKind, VmSpec, VmState};
@@ -58,7 +58,10 @@ impl CloudHypervisorDriver {
         if resp.status.is_success() {
             Ok(resp)
         } else {
-            Err(VmmError::Refused { action: action.to_string(), message: error_chain(&resp) })
+            Err(VmmError::Refused {
+                action: action.to_string(),
+                message: error_chain(&resp),
+            })
         }
     }
 }
@@ -67,7 +70,13 @@ impl CloudHypervisorDriver {
 pub fn error_chain(resp: &RawResponse) -> String {
     match serde_json::from_slice::<Vec<String>>(&resp.body) {
         Ok(chain) if !chain.is_empty() => format!("{} ({})", chain.join(": "), resp.status.as_u16()),
-        _ => format!("HTTP {} {}", resp.status.as_u16(), String::from_utf8_lossy(&resp.body).trim()).trim_end().to_string(),
+        _ => format!(
+            "HTTP {} {}",
+            resp.status.as_u16(),
+            String::from_utf8_lossy(&resp.body).trim()
+        )
+        .trim_end()
+        .to_string(),
     }
 }
 
@@ -106,13 +115,15 @@ pub fn vm_config(spec: &VmSpec, dir: &VmDir) -> Value {
     let net: Vec<Value> = spec
         .nics
         .iter()
-        .map(|n| json!({
-            "id": n.id,
-            "tap": n.tap,
-            "mac": n.mac,
-            // Two queues (rx + tx) per queue pair, matching how the TAP was created.
-            "num_queues": 2 * n.queue_pairs,
-        }))
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "tap": n.tap,
+                "mac": n.mac,
+                // Two queues (rx + tx) per queue pair, matching how the TAP was created.
+                "num_queues": 2 * n.queue_pairs,
+            })
+        })
         .collect();
     let mut memory = json!({"size": spec.memory_mib * 1024 * 1024});
     if spec.needs_shared_memory() {
@@ -232,7 +243,10 @@ impl Hypervisor for CloudHypervisorDriver {
         let log = crate::console::read_tail(&dir.vmm_log(), 64 * 1024).unwrap_or_default();
         let log = String::from_utf8_lossy(&log);
         if let Some(line) = log.lines().find(|l| l.contains(VCPU_ERROR)) {
-            return ExitVerdict { state: VmState::Failed, reason: format!("vCPU failure: {}", line.trim()) };
+            return ExitVerdict {
+                state: VmState::Failed,
+                reason: format!("vCPU failure: {}", line.trim()),
+            };
         }
         let events = std::fs::read(dir.events()).unwrap_or_default();
         let panicked = super::ch_events::EventStream::default()
@@ -240,16 +254,26 @@ impl Hypervisor for CloudHypervisorDriver {
             .iter()
             .any(|e| e.source == "guest" && e.event == "panic");
         if panicked {
-            return ExitVerdict { state: VmState::Failed, reason: "the guest kernel panicked".into() };
+            return ExitVerdict {
+                state: VmState::Failed,
+                reason: "the guest kernel panicked".into(),
+            };
         }
         match exit {
-            _ if stop_requested => ExitVerdict { state: VmState::Stopped, reason: "stopped on request".into() },
-            ExitInfo::Code(0) | ExitInfo::Unknown => {
-                ExitVerdict { state: VmState::Stopped, reason: "the guest powered off".into() }
-            }
+            _ if stop_requested => ExitVerdict {
+                state: VmState::Stopped,
+                reason: "stopped on request".into(),
+            },
+            ExitInfo::Code(0) | ExitInfo::Unknown => ExitVerdict {
+                state: VmState::Stopped,
+                reason: "the guest powered off".into(),
+            },
             other => ExitVerdict {
                 state: VmState::Failed,
-                reason: format!("cloud-hypervisor exited with {other}: {}", log_tail(&dir.vmm_output(), 3)),
+                reason: format!(
+                    "cloud-hypervisor exited with {other}: {}",
+                    log_tail(&dir.vmm_output(), 3)
+                ),
             },
         }
     }
@@ -276,11 +300,36 @@ mod tests {
             initramfs: Some("/img/initrd.img".into()),
             cmdline: "console=ttyS0 quiet".into(),
             disks: vec![
-                DiskSpec { id: "root".into(), source: DiskSource::File { path: "/v/root.raw".into(), format: DiskFormat::Raw }, readonly: false },
-                DiskSpec { id: "base".into(), source: DiskSource::File { path: "/v/o.qcow2".into(), format: DiskFormat::Qcow2 }, readonly: true },
-                DiskSpec { id: "data".into(), source: DiskSource::VhostUser { socket: "/run/vol.sock".into() }, readonly: false },
+                DiskSpec {
+                    id: "root".into(),
+                    source: DiskSource::File {
+                        path: "/v/root.raw".into(),
+                        format: DiskFormat::Raw,
+                    },
+                    readonly: false,
+                },
+                DiskSpec {
+                    id: "base".into(),
+                    source: DiskSource::File {
+                        path: "/v/o.qcow2".into(),
+                        format: DiskFormat::Qcow2,
+                    },
+                    readonly: true,
+                },
+                DiskSpec {
+                    id: "data".into(),
+                    source: DiskSource::VhostUser {
+                        socket: "/run/vol.sock".into(),
+                    },
+                    readonly: false,
+                },
             ],
-            nics: vec![NicSpec { id: "net0".into(), tap: "htap1a2b3c".into(), mac: "52:54:00:12:34:56".into(), queue_pairs: 1 }],
+            nics: vec![NicSpec {
+                id: "net0".into(),
+                tap: "htap1a2b3c".into(),
+                mac: "52:54:00:12:34:56".into(),
+                queue_pairs: 1,
+            }],
             qemu: QemuOptions::default(),
         }
     }
@@ -289,16 +338,31 @@ mod tests {
     fn vm_config_follows_behaviour_md() {
         let dir = VmDir::new(Path::new("/run/hearth"), "x");
         let c = vm_config(&spec(), &dir);
-        assert_eq!(c["payload"], json!({"kernel": "/img/vmlinux", "initramfs": "/img/initrd.img", "cmdline": "console=ttyS0 quiet"}));
+        assert_eq!(
+            c["payload"],
+            json!({"kernel": "/img/vmlinux", "initramfs": "/img/initrd.img", "cmdline": "console=ttyS0 quiet"})
+        );
         assert_eq!(c["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 2}));
         assert_eq!(c["memory"], json!({"size": 536870912u64, "shared": true}));
-        assert_eq!(c["serial"], json!({"mode": "Socket", "socket": "/run/hearth/vms/x/serial.sock"}));
+        assert_eq!(
+            c["serial"],
+            json!({"mode": "Socket", "socket": "/run/hearth/vms/x/serial.sock"})
+        );
         assert_eq!(c["console"], json!({"mode": "Off"}));
-        assert_eq!(c["disks"][0], json!({"id": "root", "path": "/v/root.raw", "image_type": "Raw", "readonly": false}));
+        assert_eq!(
+            c["disks"][0],
+            json!({"id": "root", "path": "/v/root.raw", "image_type": "Raw", "readonly": false})
+        );
         assert_eq!(c["disks"][1]["image_type"], "Qcow2");
         assert_eq!(c["disks"][1]["backing_files"], true);
-        assert_eq!(c["disks"][2], json!({"id": "data", "vhost_user": true, "vhost_socket": "/run/vol.sock", "readonly": false}));
-        assert_eq!(c["net"][0], json!({"id": "net0", "tap": "htap1a2b3c", "mac": "52:54:00:12:34:56", "num_queues": 2}));
+        assert_eq!(
+            c["disks"][2],
+            json!({"id": "data", "vhost_user": true, "vhost_socket": "/run/vol.sock", "readonly": false})
+        );
+        assert_eq!(
+            c["net"][0],
+            json!({"id": "net0", "tap": "htap1a2b3c", "mac": "52:54:00:12:34:56", "num_queues": 2})
+        );
         assert_eq!(c["platform"]["system_uuid"], "3f2c1d9e-8a7b-4c6d-9e0f-112233445566");
         // Every file disk names its image type.
         for d in c["disks"].as_array().into_iter().flatten() {
@@ -312,18 +376,30 @@ mod tests {
             status: http::StatusCode::INTERNAL_SERVER_ERROR,
             body: bytes::Bytes::from_static(br#"["Error from API","The VM could not boot","VM is already created"]"#),
         };
-        assert_eq!(error_chain(&resp), "Error from API: The VM could not boot: VM is already created (500)");
-        let empty = RawResponse { status: http::StatusCode::BAD_REQUEST, body: bytes::Bytes::new() };
+        assert_eq!(
+            error_chain(&resp),
+            "Error from API: The VM could not boot: VM is already created (500)"
+        );
+        let empty = RawResponse {
+            status: http::StatusCode::BAD_REQUEST,
+            body: bytes::Bytes::new(),
+        };
         assert_eq!(error_chain(&empty), "HTTP 400");
     }
 
     #[test]
     fn vcpu_errors_fail_the_vm_despite_exit_status_zero() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = VmDir { dir: tmp.path().to_path_buf() };
+        let dir = VmDir {
+            dir: tmp.path().to_path_buf(),
+        };
         let d = CloudHypervisorDriver::new("cloud-hypervisor");
         assert_eq!(d.classify_exit(&dir, ExitInfo::Code(0), false).state, VmState::Stopped);
-        std::fs::write(dir.vmm_log(), "cloud-hypervisor: 1.2s: <vcpu0> ERROR:vmm/src/cpu.rs: VCPU generated error: VcpuUnhandledKvmExit\n").expect("write");
+        std::fs::write(
+            dir.vmm_log(),
+            "cloud-hypervisor: 1.2s: <vcpu0> ERROR:vmm/src/cpu.rs: VCPU generated error: VcpuUnhandledKvmExit\n",
+        )
+        .expect("write");
         let v = d.classify_exit(&dir, ExitInfo::Code(0), false);
         assert_eq!(v.state, VmState::Failed);
         assert!(v.reason.contains("VcpuUnhandledKvmExit"));

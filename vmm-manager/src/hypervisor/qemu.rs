@@ -71,10 +71,12 @@ impl QemuDriver {
         match self.accel {
             Accel::Kvm => true,
             Accel::Tcg => false,
-            Accel::Auto => *self
-                .kvm_verdict
-                .get_or_init(|| probe_kvm(&self.binary, kernel, &self.probe_dir))
-                .await,
+            Accel::Auto => {
+                *self
+                    .kvm_verdict
+                    .get_or_init(|| probe_kvm(&self.binary, kernel, &self.probe_dir))
+                    .await
+            }
         }
     }
 }
@@ -148,7 +150,10 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     let bus = if microvm { "device" } else { "pci" };
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-name", &format!("guest={},debug-threads=on", spec.name.replace(',', "_"))]);
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", spec.name.replace(',', "_")),
+    ]);
     push(&["-machine", if microvm { "microvm" } else { "q35" }]);
     push(&["-accel", if kvm { "kvm" } else { "tcg" }]);
     push(&["-cpu", if kvm { "host" } else { "max" }]);
@@ -187,9 +192,17 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
         "-serial",
         "chardev:serial0",
     ]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&dir.qmp_socket()))]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", opt_path(&dir.qmp_socket())),
+    ]);
     if spec.qemu.vnc {
-        push(&["-vnc", &format!("unix:{}", opt_path(&dir.vnc_socket())), "-device", "VGA"]);
+        push(&[
+            "-vnc",
+            &format!("unix:{}", opt_path(&dir.vnc_socket())),
+            "-device",
+            "VGA",
+        ]);
     }
     for d in &spec.disks {
         match &d.source {
@@ -234,7 +247,11 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
                 "tap,id={id},ifname={},script=no,downscript=no,vhost=off{q}",
                 n.tap,
                 id = n.id,
-                q = if mq { format!(",queues={}", n.queue_pairs) } else { String::new() }
+                q = if mq {
+                    format!(",queues={}", n.queue_pairs)
+                } else {
+                    String::new()
+                }
             ),
             "-device",
             &format!(
@@ -289,7 +306,11 @@ impl Hypervisor for QemuDriver {
     }
 
     fn power_button<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), VmmError>> {
-        Box::pin(async move { qmp::execute(&dir.qmp_socket(), "system_powerdown", None).await.map(|_| ()) })
+        Box::pin(async move {
+            qmp::execute(&dir.qmp_socket(), "system_powerdown", None)
+                .await
+                .map(|_| ())
+        })
     }
 
     fn force_stop<'a>(&'a self, dir: &'a VmDir, pid: u32) -> BoxFuture<'a, Result<(), VmmError>> {
@@ -325,7 +346,10 @@ impl Hypervisor for QemuDriver {
     }
 
     fn classify_exit(&self, dir: &VmDir, exit: ExitInfo, stop_requested: bool) -> ExitVerdict {
-        let stopped = |reason: &str| ExitVerdict { state: VmState::Stopped, reason: reason.to_string() };
+        let stopped = |reason: &str| ExitVerdict {
+            state: VmState::Stopped,
+            reason: reason.to_string(),
+        };
         match exit {
             _ if stop_requested => stopped("stopped on request"),
             ExitInfo::Code(0) => stopped("the guest powered off"),
@@ -333,7 +357,10 @@ impl Hypervisor for QemuDriver {
                 // Re-adopted process: QEMU writes a reason to stderr when it fails.
                 let tail = log_tail(&dir.vmm_output(), 3);
                 if tail.contains("qemu-system") {
-                    ExitVerdict { state: VmState::Failed, reason: format!("QEMU exited: {tail}") }
+                    ExitVerdict {
+                        state: VmState::Failed,
+                        reason: format!("QEMU exited: {tail}"),
+                    }
                 } else {
                     stopped("the guest powered off")
                 }
@@ -357,7 +384,11 @@ pub fn launch_error(e: VmmError, output: &Path) -> VmmError {
         VmmError::Launch(m) => m,
         other => other.to_string(),
     };
-    VmmError::Launch(if tail.is_empty() { what } else { format!("{what}; the VMM said: {tail}") })
+    VmmError::Launch(if tail.is_empty() {
+        what
+    } else {
+        format!("{what}; the VMM said: {tail}")
+    })
 }
 
 /// SIGKILLs a VMM that failed during start-up and reaps it, so no zombie or process is left.
@@ -384,10 +415,28 @@ mod tests {
             initramfs: Some("/img/initrd.img".into()),
             cmdline: "console=ttyS0".into(),
             disks: vec![
-                DiskSpec { id: "root".into(), source: DiskSource::File { path: "/v/a,b.qcow2".into(), format: DiskFormat::Qcow2 }, readonly: false },
-                DiskSpec { id: "data".into(), source: DiskSource::VhostUser { socket: "/run/v.sock".into() }, readonly: false },
+                DiskSpec {
+                    id: "root".into(),
+                    source: DiskSource::File {
+                        path: "/v/a,b.qcow2".into(),
+                        format: DiskFormat::Qcow2,
+                    },
+                    readonly: false,
+                },
+                DiskSpec {
+                    id: "data".into(),
+                    source: DiskSource::VhostUser {
+                        socket: "/run/v.sock".into(),
+                    },
+                    readonly: false,
+                },
             ],
-            nics: vec![NicSpec { id: "net0".into(), tap: "htap0".into(), mac: "52:54:00:00:00:01".into(), queue_pairs: 2 }],
+            nics: vec![NicSpec {
+                id: "net0".into(),
+                tap: "htap0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                queue_pairs: 2,
+            }],
             qemu: QemuOptions::default(),
         }
     }
@@ -410,11 +459,29 @@ mod tests {
         assert!(has(&a, ["-chardev", "socket,id=serial0,path=/run/h/vms/abc/serial.sock,server=on,wait=off,logfile=/run/h/vms/abc/console.log,logappend=on"]));
         // vhost-user needs shared guest memory.
         assert!(has(&a, ["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]));
-        assert!(has(&a, ["-blockdev", "driver=file,node-name=root-file,filename=/v/a,,b.qcow2,cache.direct=off"]));
+        assert!(has(
+            &a,
+            [
+                "-blockdev",
+                "driver=file,node-name=root-file,filename=/v/a,,b.qcow2,cache.direct=off"
+            ]
+        ));
         assert!(has(&a, ["-blockdev", "driver=qcow2,node-name=root,file=root-file"]));
         assert!(has(&a, ["-device", "vhost-user-blk-pci,chardev=data-chr,id=data"]));
-        assert!(has(&a, ["-netdev", "tap,id=net0,ifname=htap0,script=no,downscript=no,vhost=off,queues=2"]));
-        assert!(has(&a, ["-device", "virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:00:00:01,mq=on,vectors=6"]));
+        assert!(has(
+            &a,
+            [
+                "-netdev",
+                "tap,id=net0,ifname=htap0,script=no,downscript=no,vhost=off,queues=2"
+            ]
+        ));
+        assert!(has(
+            &a,
+            [
+                "-device",
+                "virtio-net-pci,netdev=net0,id=net0-dev,mac=52:54:00:00:00:01,mq=on,vectors=6"
+            ]
+        ));
         assert!(!a.iter().any(|x| x == "-vnc"));
     }
 
@@ -437,7 +504,9 @@ mod tests {
     #[test]
     fn exits_are_classified() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = VmDir { dir: tmp.path().to_path_buf() };
+        let dir = VmDir {
+            dir: tmp.path().to_path_buf(),
+        };
         let d = QemuDriver::new("qemu-system-x86_64", Accel::Tcg, tmp.path().into());
         assert_eq!(d.classify_exit(&dir, ExitInfo::Code(0), false).state, VmState::Stopped);
         assert_eq!(d.classify_exit(&dir, ExitInfo::Signal(9), true).state, VmState::Stopped);

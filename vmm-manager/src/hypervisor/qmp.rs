@@ -58,8 +58,8 @@ async fn read_reply(
             .next_line()
             .await?
             .ok_or_else(|| VmmError::Control(format!("QMP closed while waiting for {what}")))?;
-        let v: Value = serde_json::from_str(&line)
-            .map_err(|e| VmmError::Control(format!("bad QMP message {line:?}: {e}")))?;
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| VmmError::Control(format!("bad QMP message {line:?}: {e}")))?;
         if v.get("event").is_none() {
             return Ok(v);
         }

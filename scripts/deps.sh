@@ -1,0 +1,26 @@
+# Sourced by the scripts: installs Debian packages that are missing, with apt-get.
+# Usage: ensure_packages pkg...   (runs apt-get update once, only when something is missing)
+
+ensure_packages() {
+	local missing=()
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	echo "==> installing ${missing[*]}"
+	local sudo=()
+	[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+	"${sudo[@]}" apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# What building and running hearth's VMs needs. (qemu-img comes with the machine or
+# qemu-utils; it is not needed by the foundation tests.)
+HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 busybox-static cpio lz4 ca-certificates)
+# What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
+# to run the fake.
+HEARTH_TEST_PACKAGES=(curl python3)
+
+# Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"
+export HEARTH_IMAGE_CACHE="${HEARTH_IMAGE_CACHE:-/var/cache/hearth/images}"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds the tiny guest image, and runs the whole test
+# suite: lints, unit tests, the fake Cloud Hypervisor's self-test, and the end-to-end
+# tests that boot real VMs under QEMU/TCG inside private network namespaces.
+# Needs root (network namespaces, /dev/kvm probing). Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+
+start=$(date +%s)
+ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+echo "==> building the tiny guest image"
+guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
+
+echo "==> lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> fake Cloud Hypervisor self-test"
+vmm-manager/tests/fake-cloud-hypervisor/selftest.sh
+
+echo "==> tests"
+export HEARTH_TEST_IMAGES="$HEARTH_IMAGE_CACHE"
+if cargo nextest --version >/dev/null 2>&1; then
+	cargo nextest run --workspace --locked --no-fail-fast
+else
+	cargo test --workspace --locked --no-fail-fast
+fi
+echo "==> all tests passed in $(( $(date +%s) - start )) s"
