@@ -1,0 +1,155 @@
+//! The `hearth` CLI against a live stack: tables, JSON output, errors, and
+//! `hearth console` driven through a pseudo-terminal (input reaches the guest, Ctrl-]
+//! detaches, the VM keeps running).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{in_private_netns, Stack};
+
+fn hearth(stack: &Stack, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(args)
+        .env("HEARTH_URL", stack.url())
+        .env("HEARTH_API_KEY", &stack.key)
+        .output()
+        .expect("run hearth")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "hearth failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Opens a pseudo-terminal; returns (master, slave).
+fn openpty() -> (OwnedFd, OwnedFd) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors into the integers it is given.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned by nothing else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+#[test]
+fn cli_manages_vms_and_attaches_to_the_console() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+        let created = ok(&hearth(
+            &stack,
+            &[
+                "vm",
+                "create",
+                "cli1",
+                "--image",
+                "tiny",
+                "--hypervisor",
+                "cloud-hypervisor",
+            ],
+        ));
+        assert!(created.contains("running"), "{created}");
+        let list = ok(&hearth(&stack, &["vm", "list"]));
+        assert!(list.starts_with("NAME"), "{list}");
+        assert!(
+            list.lines().any(|l| l.starts_with("cli1") && l.contains("running")),
+            "{list}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&hearth(&stack, &["-o", "json", "vm", "show", "cli1"]))).expect("json");
+        assert_eq!(json["state"], "running");
+        stack
+            .wait_console("cli1", "HEARTH-GUEST-READY", 1, Duration::from_secs(30))
+            .await;
+
+        // hearth console through a pseudo-terminal.
+        let (master, slave) = openpty();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["console", "cli1"])
+            .env("HEARTH_URL", stack.url())
+            .env("HEARTH_API_KEY", &stack.key)
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::from(slave))
+            .spawn()
+            .expect("hearth console");
+        let mut term = std::fs::File::from(master);
+        let mut reader = term.try_clone().expect("dup");
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut screen = String::new();
+        let mut wait_for = |needle: &str, screen: &mut String| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !screen.contains(needle) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(b) => screen.push_str(&String::from_utf8_lossy(&b)),
+                    Err(_) => panic!("{needle:?} never appeared on the terminal: {screen:?}"),
+                }
+            }
+        };
+        wait_for("Detach with Ctrl-]", &mut screen);
+        term.write_all(b"echo $((6*7))\r").expect("type");
+        wait_for("42\r\n", &mut screen);
+        term.write_all(&[0x1d]).expect("escape");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "hearth console did not detach on Ctrl-]");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success());
+        assert_eq!(
+            stack.vm("cli1").await["state"],
+            "running",
+            "detaching leaves the VM running"
+        );
+
+        ok(&hearth(&stack, &["vm", "stop", "cli1"]));
+        assert_eq!(stack.vm("cli1").await["state"], "stopped");
+        let out = hearth(&stack, &["vm", "show", "ghost"]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["vm", "list"])
+            .env("HEARTH_URL", stack.url())
+            .env("HEARTH_API_KEY", "hth_bad_key")
+            .output()
+            .expect("run");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("401"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(ok(&hearth(&stack, &["vm", "delete", "cli1"])).contains("deleted cli1"));
+        assert_eq!(ok(&hearth(&stack, &["vm", "list"])).trim(), "no VMs");
+    });
+}

@@ -1,0 +1,157 @@
+//! The standalone `vmm-manager` binary: a VM keeps running when the daemon is killed,
+//! and the next daemon re-adopts it (state, console, stop all work).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use vmm_manager::client::VmmClient;
+use vmm_manager::spec::{HypervisorKind, QemuOptions, VmSpec, VmState};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(run_dir: &Path) -> Daemon {
+    let fake = format!(
+        "{}/tests/fake-cloud-hypervisor/fake-cloud-hypervisor",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm-manager"))
+        .arg("--socket")
+        .arg(run_dir.join("vmm-manager.sock"))
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["--cloud-hypervisor-binary", &fake, "--stop-timeout", "10"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vmm-manager");
+    Daemon(child)
+}
+
+async fn wait_healthy(client: &VmmClient) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.health().await.is_err() {
+        assert!(Instant::now() < deadline, "vmm-manager did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kernel() -> PathBuf {
+    let images = std::env::var_os("HEARTH_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/hearth/images".into());
+    let k = images.join("tiny/vmlinux");
+    assert!(k.exists(), "{} missing: run guest-images/tiny/build.sh", k.display());
+    k
+}
+
+async fn console_says(client: &VmmClient, id: &str, input: &str, expect: &str) {
+    let mut ws = client.console(id, true).await.expect("console");
+    let _ = ws.next().await; // scrollback
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        input.as_bytes().to_vec().into(),
+    ))
+    .await
+    .expect("send");
+    let mut seen = String::new();
+    while !seen.contains(expect) {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(m))) => seen.push_str(&String::from_utf8_lossy(&m.into_data())),
+            other => panic!("console ended: {other:?}, saw {seen:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let client = VmmClient::new(tmp.path().join("vmm-manager.sock"));
+    let mut daemon = start(tmp.path());
+    wait_healthy(&client).await;
+
+    let spec = VmSpec {
+        id: "standalone-1".into(),
+        name: "s1".into(),
+        hypervisor: HypervisorKind::CloudHypervisor,
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: kernel(),
+        initramfs: None,
+        cmdline: "console=ttyS0".into(),
+        disks: vec![],
+        nics: vec![],
+        qemu: QemuOptions::default(),
+    };
+    client.ensure(&spec).await.expect("create");
+    // Ensuring the same spec again changes nothing; a different spec is a conflict.
+    client.ensure(&spec).await.expect("idempotent create");
+    let mut other = spec.clone();
+    other.vcpus = 2;
+    assert_eq!(
+        client
+            .ensure(&other)
+            .await
+            .err()
+            .and_then(|e| e.status())
+            .map(|s| s.as_u16()),
+        Some(409)
+    );
+
+    let info = client.action("standalone-1", "start", false).await.expect("start");
+    let pid = info.status.pid.expect("pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = client.console_log("standalone-1", 1 << 20).await.expect("log");
+        if String::from_utf8_lossy(&log).contains("HEARTH-GUEST-READY") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "guest never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    console_says(&client, "standalone-1", "echo $((6*7))\n", "42").await;
+
+    daemon.0.kill().expect("kill -9 vmm-manager");
+    let _ = daemon.0.wait();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM died with its daemon"
+    );
+
+    let _daemon = start(tmp.path());
+    wait_healthy(&client).await;
+    let info = client.get("standalone-1").await.expect("get");
+    assert_eq!(info.status.state, VmState::Running, "{info:?}");
+    assert_eq!(info.status.pid, Some(pid));
+    console_says(&client, "standalone-1", "echo $((7*6))hello\n", "42hello").await;
+    let log = client.console_log("standalone-1", 1 << 20).await.expect("log");
+    assert!(
+        String::from_utf8_lossy(&log).contains("HEARTH-GUEST-READY"),
+        "scrollback kept"
+    );
+
+    let info = client.action("standalone-1", "stop", false).await.expect("stop");
+    assert_eq!(info.status.state, VmState::Stopped);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+    );
+    client.delete("standalone-1").await.expect("delete");
+    client
+        .delete("standalone-1")
+        .await
+        .expect("deleting a missing VM succeeds");
+    assert!(std::fs::read_dir(tmp.path().join("vms"))
+        .expect("vms dir")
+        .next()
+        .is_none());
+}
