@@ -100,7 +100,7 @@ fn cli_manages_vms_and_attaches_to_the_console() {
             }
         });
         let mut screen = String::new();
-        let mut wait_for = |needle: &str, screen: &mut String| {
+        let wait_for = |needle: &str, screen: &mut String| {
             let deadline = Instant::now() + Duration::from_secs(20);
             while !screen.contains(needle) {
                 let left = deadline.saturating_duration_since(Instant::now());

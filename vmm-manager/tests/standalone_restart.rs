@@ -11,6 +11,27 @@ use vmm_manager::spec::{HypervisorKind, QemuOptions, VmSpec, VmState};
 
 struct Daemon(Child);
 
+/// Kills, on the way out (also when the test fails), every process whose command line
+/// names this test's private directory: the VMMs it started.
+struct VmmReaper(PathBuf);
+
+impl Drop for VmmReaper {
+    fn drop(&mut self) {
+        let marker = self.0.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(&marker) {
+                    // SAFETY: signals a process started by this test (it names our tempdir).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -73,6 +94,7 @@ async fn console_says(client: &VmmClient, id: &str, input: &str, expect: &str) {
 #[tokio::test]
 async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    let _reaper = VmmReaper(tmp.path().to_path_buf());
     let client = VmmClient::new(tmp.path().join("vmm-manager.sock"));
     let mut daemon = start(tmp.path());
     wait_healthy(&client).await;
