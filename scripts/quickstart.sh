@@ -49,7 +49,7 @@ for _ in $(seq 600); do
 	sleep 0.1
 done
 echo "----- console of $vm (last lines) -----"
-"$hearth" vm log "$vm" --bytes 2000 | tr -d '\r' | tail -n 12
+"$hearth" vm log "$vm" --bytes 2000 | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | tr -d '\r' | tail -n 12
 echo "---------------------------------------"
 cat <<MSG
 
