@@ -23,6 +23,9 @@ pub struct CreateVm {
     /// QEMU only: give the VM a display reachable over VNC.
     #[serde(default)]
     pub vnc: bool,
+    /// QEMU only: the machine type, `q35` (default) or `microvm`.
+    #[serde(default)]
+    pub machine: Option<vmm_manager::spec::QemuMachine>,
     /// Boot right after creation (default true).
     #[serde(default = "yes")]
     pub start: bool,
@@ -61,6 +64,8 @@ pub struct VmRecord {
     pub cmdline_append: Option<String>,
     #[serde(default)]
     pub vnc: bool,
+    #[serde(default)]
+    pub machine: vmm_manager::spec::QemuMachine,
     pub phase: Phase,
     pub created_at_ms: u64,
 }

@@ -187,6 +187,17 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
             "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
         ));
     }
+    if req.machine.is_some() && hypervisor != HypervisorKind::Qemu {
+        return Err(ApiError::unprocessable(
+            "machine is a QEMU option; Cloud Hypervisor has one machine type",
+        ));
+    }
+    let machine = req.machine.unwrap_or_default();
+    if req.vnc && machine == QemuMachine::Microvm {
+        return Err(ApiError::unprocessable(
+            "vnc needs machine q35: microvm has no display device",
+        ));
+    }
     let image = find_image(&state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
 
@@ -208,6 +219,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         hypervisor,
         cmdline_append: req.cmdline_append.clone(),
         vnc: req.vnc,
+        machine,
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
@@ -242,6 +254,7 @@ fn unreachable_record(id: &str) -> VmRecord {
         hypervisor: HypervisorKind::Qemu,
         cmdline_append: None,
         vnc: false,
+        machine: QemuMachine::Q35,
         phase: Phase::Deleting,
         created_at_ms: 0,
     }
@@ -283,7 +296,7 @@ async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
         disks: vec![],
         nics: vec![],
         qemu: QemuOptions {
-            machine: QemuMachine::Q35,
+            machine: rec.machine,
             vnc: rec.vnc,
         },
     })

@@ -99,3 +99,73 @@ fn qemu_tcg_vm_lifecycle_with_serial_console() {
 fn cloud_hypervisor_vm_lifecycle_with_serial_console() {
     in_private_netns(|| lifecycle("cloud-hypervisor"));
 }
+
+/// QEMU's other options: `microvm` (which needs `tsc_early_khz` under TCG to boot
+/// reliably), a VNC display on a Unix socket that speaks RFB, and `accel = auto`, whose
+/// probe must not trust a present /dev/kvm.
+#[test]
+fn qemu_microvm_vnc_and_accel_auto() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&["--qemu-accel", "auto"]).await;
+        let mut micro = create_body("micro", "qemu");
+        micro["machine"] = serde_json::json!("microvm");
+        let mut vnc = create_body("screen", "qemu");
+        vnc["vnc"] = serde_json::json!(true);
+        for body in [micro, vnc] {
+            let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+            assert_eq!(status, 202, "{accepted}");
+            let op = stack.wait_op(&accepted).await;
+            assert_eq!(op["status"], "succeeded", "{op}");
+        }
+        stack
+            .wait_console("micro", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+            .await;
+        stack
+            .wait_console("screen", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+            .await;
+        let micro_id = stack.vm("micro").await["id"].as_str().expect("id").to_string();
+        let cmdline =
+            std::fs::read_to_string(stack.data_dir().join(format!("run/vms/{micro_id}/spec.json"))).expect("spec");
+        assert!(cmdline.contains("microvm"), "{cmdline}");
+
+        // The probe ran and recorded its verdict; on hosts where it fails, TCG runs the VM.
+        let probe: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(stack.data_dir().join("run/kvm-probe.json")).expect("kvm-probe.json"),
+        )
+        .expect("json");
+        let kvm = probe["kvm_usable"].as_bool().expect("verdict");
+        let pid = stack.vm("micro").await["pid"].as_u64().expect("pid");
+        let argv = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+        assert!(argv.contains(if kvm { "-accel kvm" } else { "-accel tcg" }), "{argv}");
+        if !kvm {
+            assert!(
+                argv.contains("tsc_early_khz="),
+                "microvm under TCG needs the TSC hint: {argv}"
+            );
+        }
+
+        // VNC: the Unix socket answers with an RFB greeting.
+        let screen_id = stack.vm("screen").await["id"].as_str().expect("id").to_string();
+        let sock = stack.data_dir().join(format!("run/vms/{screen_id}/vnc.sock"));
+        let mut s = tokio::net::UnixStream::connect(&sock).await.expect("vnc socket");
+        let mut greeting = [0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut greeting)
+            .await
+            .expect("greeting");
+        assert!(greeting.starts_with(b"RFB 003."), "{greeting:?}");
+
+        // Refused combinations.
+        let mut bad = create_body("bad", "cloud-hypervisor");
+        bad["vnc"] = serde_json::json!(true);
+        assert_eq!(stack.call("POST", "/v1/vms", Some(bad)).await.0, 422);
+        let mut bad = create_body("bad", "qemu");
+        bad["machine"] = serde_json::json!("pc");
+        assert_eq!(stack.call("POST", "/v1/vms", Some(bad)).await.0, 422);
+        for vm in ["micro", "screen"] {
+            let (_, accepted) = stack.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
+            assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
+        }
+        assert!(stack.vmm_processes().is_empty());
+    });
+}

@@ -84,6 +84,9 @@ pub enum VmCommand {
         /// Give the VM a VNC display (QEMU only).
         #[arg(long)]
         vnc: bool,
+        /// QEMU machine type: q35 (default) or microvm.
+        #[arg(long)]
+        machine: Option<String>,
         /// Define the VM without starting it.
         #[arg(long)]
         no_start: bool,
@@ -180,12 +183,16 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             hypervisor,
             cmdline_append,
             vnc,
+            machine,
             no_start,
             no_wait,
         } => {
             let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start});
             if let Some(h) = hypervisor {
                 body["hypervisor"] = json!(h);
+            }
+            if let Some(m) = machine {
+                body["machine"] = json!(m);
             }
             if let Some(c) = cmdline_append {
                 body["cmdline_append"] = json!(c);

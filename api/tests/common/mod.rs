@@ -135,24 +135,19 @@ impl Stack {
         if !self.args.iter().any(|a| a == "--cloud-hypervisor-binary") {
             cmd.arg("--cloud-hypervisor-binary").arg(cloud_hypervisor_binary());
         }
-        cmd.args([
-            "--all-in-one",
-            "--listen",
-            LISTEN,
-            "--qemu-accel",
-            "tcg",
-            "--stop-timeout",
-            "20",
-        ])
-        .arg("--data-dir")
-        .arg(self.dir.path())
-        .arg("--images-dir")
-        .arg(images_dir())
-        .args(&self.args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().expect("log")))
-        .stderr(Stdio::from(log));
+        if !self.args.iter().any(|a| a == "--qemu-accel") {
+            cmd.args(["--qemu-accel", "tcg"]);
+        }
+        cmd.args(["--all-in-one", "--listen", LISTEN, "--stop-timeout", "20"])
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--images-dir")
+            .arg(images_dir())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
         self.child = Some(cmd.spawn().expect("spawn hearth-api"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
