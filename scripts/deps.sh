@@ -16,7 +16,7 @@ ensure_packages() {
 
 # What building and running hearth's VMs needs. (qemu-img comes with the machine or
 # qemu-utils; it is not needed by the foundation tests.)
-HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 busybox-static cpio lz4 ca-certificates curl)
+HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2)
 # What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
 # to run the fake.
 HEARTH_TEST_PACKAGES=(curl python3)

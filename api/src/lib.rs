@@ -13,6 +13,7 @@ pub mod cli;
 pub mod console;
 pub mod json;
 pub mod model;
+pub mod networks;
 pub mod operations;
 pub mod server;
 pub mod store;

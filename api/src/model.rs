@@ -26,9 +26,36 @@ pub struct CreateVm {
     /// QEMU only: the machine type, `q35` (default) or `microvm`.
     #[serde(default)]
     pub machine: Option<vmm_manager::spec::QemuMachine>,
+    /// Network interfaces; when absent, one NIC on the `default` network (if it exists).
+    #[serde(default)]
+    pub nics: Option<Vec<NicRequest>>,
     /// Boot right after creation (default true).
     #[serde(default = "yes")]
     pub start: bool,
+}
+
+/// One NIC of `POST /v1/vms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicRequest {
+    pub network: String,
+    /// A static address in the network; IPAM picks one when absent.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// A VM NIC as recorded and shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nic {
+    pub network: String,
+    pub port: String,
+    pub tap: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    /// The guest configures itself by DHCP (else from kernel arguments).
+    pub dhcp: bool,
 }
 
 fn default_vcpus() -> u32 {
@@ -66,6 +93,8 @@ pub struct VmRecord {
     pub vnc: bool,
     #[serde(default)]
     pub machine: vmm_manager::spec::QemuMachine,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
     pub phase: Phase,
     pub created_at_ms: u64,
 }
@@ -87,6 +116,8 @@ pub struct Vm {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
     pub created_at_ms: u64,
 }
 
@@ -118,6 +149,7 @@ impl Vm {
             state,
             reason,
             pid,
+            nics: r.nics.clone(),
             created_at_ms: r.created_at_ms,
         }
     }

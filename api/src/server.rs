@@ -18,7 +18,7 @@ use vmm_manager::HypervisorKind;
 use crate::operations::Operations;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::StateStore;
-use crate::{auth, console, store, vms};
+use crate::{auth, console, networks, store, vms};
 
 /// The api's settings.
 #[derive(Debug, Clone)]
@@ -41,6 +41,7 @@ impl ApiConfig {
 #[derive(Debug, Clone)]
 pub struct AllInOne {
     pub vmm: vmm_manager::VmmConfig,
+    pub netd: netd::network::NetdConfig,
     pub images_dir: PathBuf,
 }
 
@@ -51,6 +52,7 @@ pub struct AppState {
     pub ops: Operations,
     pub vmm: VmmClient,
     pub images: imaged::client::ImagedClient,
+    pub netd: netd::http::client::NetdClient,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -67,6 +69,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{id}/console", get(console::console))
         .route("/v1/vms/{id}/console/log", get(vms::console_log))
         .route("/v1/vms/{id}/{action}", post(vms::action))
+        .route("/v1/networks", get(networks::list).post(networks::create))
+        .route("/v1/networks/{name}", get(networks::show).delete(networks::delete))
         .route("/v1/operations", get(vms::operations))
         .route("/v1/operations/{id}", get(vms::operation))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -114,6 +118,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     Ok(Arc::new(AppState {
         vmm: VmmClient::new(config.socket("vmm-manager")),
         images: imaged::client::ImagedClient::new(config.socket("imaged")),
+        netd: netd::http::client::NetdClient::new(config.socket("netd")),
         config,
         store,
         ops,
@@ -141,7 +146,10 @@ pub async fn run(
         let vmm = vmm_manager::VmService::open(aio.vmm).await?;
         let routers = [
             ("vmm-manager", vmm_manager::http::router(vmm)),
-            ("netd", netd::router()),
+            (
+                "netd",
+                netd::http::router(netd::network::NetworkService::open(aio.netd).await?),
+            ),
             ("blockd", blockd::router()),
             ("imaged", imaged::router(imaged::ImageCatalog::new(aio.images_dir))),
         ];
@@ -157,6 +165,9 @@ pub async fn run(
         }
     }
     let state = open_state(config.clone()).await?;
+    if let Err(e) = networks::ensure_default(&state).await {
+        tracing::error!("cannot create the default network: {e}");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hearth-api serving");
     let app = router(state);

@@ -220,6 +220,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         cmdline_append: req.cmdline_append.clone(),
         vnc: req.vnc,
         machine,
+        nics: vec![],
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
@@ -227,6 +228,28 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         let _ = s.delete(&name_key(PROJECT, &name)).await;
         return Err(e.into());
     }
+    // NICs: a port (TAP + IPAM address) per NIC, made now so a taken or foreign address
+    // is refused at once.
+    let nic_requests = match req.nics.clone() {
+        Some(n) => n,
+        None if state.netd.network(crate::networks::DEFAULT_NETWORK).await.is_ok() => {
+            vec![crate::model::NicRequest {
+                network: crate::networks::DEFAULT_NETWORK.into(),
+                ip: None,
+            }]
+        }
+        None => vec![],
+    };
+    let mut rec = rec;
+    match attach_nics(&state, &id, &nic_requests).await {
+        Ok(nics) => rec.nics = nics,
+        Err(e) => {
+            let _ = s.delete(&vm_key(&id)).await;
+            let _ = s.delete(&name_key(PROJECT, &name)).await;
+            return Err(e);
+        }
+    }
+    s.put(&vm_key(&id), store::encode(&rec)).await?;
     let op = state.ops.start("vm.create", "vm", &id).await?;
     let task_state = state.clone();
     let (op_id, start) = (op.id.clone(), req.start);
@@ -255,6 +278,7 @@ fn unreachable_record(id: &str) -> VmRecord {
         cmdline_append: None,
         vnc: false,
         machine: QemuMachine::Q35,
+        nics: vec![],
         phase: Phase::Deleting,
         created_at_ms: 0,
     }
@@ -275,11 +299,90 @@ fn kernel_for(image: &imaged::ImageInfo, hypervisor: HypervisorKind) -> Result<s
     })
 }
 
+fn port_id(vm_id: &str, index: usize) -> String {
+    format!("{vm_id}-{index}")
+}
+
+/// Creates the ports of a VM's NICs; on failure removes the ones already made.
+async fn attach_nics(
+    state: &AppState,
+    vm_id: &str,
+    requests: &[crate::model::NicRequest],
+) -> Result<Vec<crate::model::Nic>, ApiError> {
+    let mut nics = Vec::new();
+    for (i, req) in requests.iter().enumerate() {
+        let made = async {
+            let net = state.netd.network(&req.network).await.map_err(|e| {
+                if e.is_not_found() {
+                    ApiError::unprocessable(format!("unknown network {:?}", req.network))
+                } else {
+                    upstream(e)
+                }
+            })?;
+            if let Some(ip) = req.ip {
+                if !net.spec.subnet.contains(&ip) {
+                    return Err(ApiError::unprocessable(format!(
+                        "address {ip} is outside network {}'s subnet {}",
+                        req.network, net.spec.subnet
+                    )));
+                }
+            }
+            let spec = netd::network::PortSpec {
+                network: req.network.clone(),
+                mac: None,
+                ip: req.ip,
+                queues: 1,
+            };
+            let port = state
+                .netd
+                .ensure_port(&port_id(vm_id, i), &spec)
+                .await
+                .map_err(upstream)?;
+            Ok(crate::model::Nic {
+                network: port.network,
+                port: port.id,
+                tap: port.tap,
+                mac: port.mac,
+                ip: port.ip,
+                prefix: port.prefix,
+                gateway: port.gateway,
+                dhcp: net.spec.dhcp,
+            })
+        }
+        .await;
+        match made {
+            Ok(nic) => nics.push(nic),
+            Err(e) => {
+                detach_nics(state, &nics).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(nics)
+}
+
+/// Removes a VM's ports (TAPs and addresses).
+async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
+    for nic in nics {
+        if let Err(e) = state.netd.delete_port(&nic.port).await {
+            tracing::error!(port = %nic.port, "cannot remove port: {e}");
+        }
+    }
+}
+
 /// Builds the spec vmm-manager gets.
 async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
     let image = find_image(state, &rec.image).await?;
     let kernel = kernel_for(&image, rec.hypervisor)?;
     let mut cmdline = format!("{} hearth.hostname={}", image.boot.cmdline, rec.name);
+    // Guests on networks without DHCP learn their address from the kernel command line
+    // (the tiny image reads hearth.ip/hearth.gw).
+    if let Some(nic) = rec.nics.first().filter(|n| !n.dhcp) {
+        cmdline.push_str(&format!(
+            " hearth.ip={}/{} hearth.gw={}",
+            nic.ip, nic.prefix, nic.gateway
+        ));
+    }
     if let Some(extra) = &rec.cmdline_append {
         cmdline.push(' ');
         cmdline.push_str(extra);
@@ -294,7 +397,17 @@ async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
         initramfs: image.boot.initramfs.clone(),
         cmdline,
         disks: vec![],
-        nics: vec![],
+        nics: rec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| vmm_manager::spec::NicSpec {
+                id: format!("net{i}"),
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+                queue_pairs: 1,
+            })
+            .collect(),
         qemu: QemuOptions {
             machine: rec.machine,
             vnc: rec.vnc,
@@ -324,6 +437,7 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, op_id: String, start: 
             if let Err(cleanup) = state.vmm.delete(&rec.id).await {
                 tracing::error!(vm = %rec.id, "cleanup after failed create: {cleanup}");
             }
+            detach_nics(&state, &rec.nics).await;
             let _ = state.store.delete(&vm_key(&rec.id)).await;
             let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
             state.ops.fail(&op_id, &e).await;
@@ -351,6 +465,9 @@ pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Respon
         let result = async {
             task_state.ops.progress(&op_id, "stopping and removing the VMM").await;
             task_state.vmm.delete(&rec.id).await.map_err(upstream)?;
+            for nic in &rec.nics {
+                task_state.netd.delete_port(&nic.port).await.map_err(upstream)?;
+            }
             task_state.store.delete(&vm_key(&rec.id)).await?;
             task_state.store.delete(&name_key(&rec.project, &rec.name)).await?;
             Ok::<_, ApiError>(())

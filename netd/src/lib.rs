@@ -1,9 +1,17 @@
-//! netd's service. This first cut serves its health endpoint on its Unix socket; the
-//! resources it will own are described in DESIGN.md.
+//! netd: networks for hearth's VMs.
+//!
+//! - [`network`]: the service (networks, ports, reconciliation)
+//! - [`link`]: bridges, addresses and VXLAN through netlink
+//! - [`tap`]: persistent TAP devices through `/dev/net/tun`
+//! - [`ipam`]: authoritative, persistent address management
+//! - [`firewall`]: NAT, isolation and anti-spoofing through nftables' JSON interface
+//! - [`dhcp`]: a supervised dnsmasq per network, fed with IPAM's reservations
+//! - [`http`]: the Unix-socket API and its client
 
-use axum::Router;
-
-/// The HTTP routes netd serves on its Unix socket.
-pub fn router() -> Router {
-    socket_http::server::health_router("netd")
-}
+pub mod dhcp;
+pub mod firewall;
+pub mod http;
+pub mod ipam;
+pub mod link;
+pub mod network;
+pub mod tap;

@@ -3,20 +3,29 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use netd::network::{NetdConfig, NetworkService};
 
 #[derive(Parser, Debug)]
-#[command(name = "netd", version, about = "hearth netd daemon")]
+#[command(name = "netd", version, about = "hearth network daemon")]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/netd.sock")]
     socket: PathBuf,
+    /// Persistent state: networks, IPAM, ports.
+    #[arg(long, default_value = "/var/lib/hearth/netd")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "dnsmasq")]
+    dnsmasq_binary: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let args = Args::parse();
-    socket_http::server::serve_unix(args.socket, netd::router(), async {
+    let mut config = NetdConfig::new(args.state_dir);
+    config.dnsmasq_binary = args.dnsmasq_binary;
+    let svc = NetworkService::open(config).await?;
+    socket_http::server::serve_unix(args.socket, netd::http::router(svc), async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

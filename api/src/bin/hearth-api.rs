@@ -68,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
             stop_timeout: Duration::from_secs(a.stop_timeout),
         },
         images_dir: a.images_dir.clone().unwrap_or_else(|| a.data_dir.join("images")),
+        netd: netd::network::NetdConfig::new(a.data_dir.join("netd")),
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -40,8 +40,32 @@ where
 }
 
 fn enter_private_netns() -> std::io::Result<()> {
+    // A network namespace, and a mount namespace with a fresh sysfs: /sys/class/net
+    // shows the namespace sysfs was mounted in, and netd reads it.
     // SAFETY: unshare only changes this thread's namespaces.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+    if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: mount with static C strings; makes our mounts private, then mounts sysfs.
+    let rc = unsafe {
+        let root = c"/".as_ptr();
+        let private = libc::mount(
+            std::ptr::null(),
+            root,
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+        let sys = libc::mount(
+            c"sysfs".as_ptr(),
+            c"/sys".as_ptr(),
+            c"sysfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+        private.min(sys)
+    };
+    if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a plain datagram socket for interface ioctls.
@@ -309,6 +333,16 @@ impl Stack {
         seen
     }
 
+    /// Runs a shell command in the guest over the console and returns its output (what
+    /// came back up to an end marker the command prints).
+    pub async fn console_run(&self, vm: &str, cmd: &str) -> String {
+        let out = self
+            .console_exchange(vm, &format!("{cmd}; echo __END_$((40+2))__\n"), "__END_42__")
+            .await;
+        let start = out.find(cmd).map(|i| i + cmd.len()).unwrap_or(0);
+        out[start..].to_string()
+    }
+
     /// PIDs of live processes whose command line mentions this stack's data directory
     /// (VMMs, the api itself).
     pub fn processes_using_data_dir(&self) -> Vec<(u32, String)> {
@@ -338,9 +372,10 @@ impl Stack {
 
     pub fn vmm_processes(&self) -> Vec<(u32, String)> {
         let api = self.child.as_ref().map(|c| c.id());
+        // dnsmasq (netd's DHCP server) also names the data directory; it is not a VMM.
         self.processes_using_data_dir()
             .into_iter()
-            .filter(|(pid, _)| Some(*pid) != api)
+            .filter(|(pid, cmd)| Some(*pid) != api && !cmd.contains("dnsmasq"))
             .collect()
     }
 

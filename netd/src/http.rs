@@ -1,0 +1,130 @@
+//! netd's HTTP/JSON API on its Unix socket. Idempotent: `PUT` ensures, `DELETE` of a
+//! missing thing succeeds, `GET` reports what exists.
+//!
+//! - `GET /networks`, `GET|PUT|DELETE /networks/{name}` (body: `NetworkSpec`)
+//! - `GET /ports`, `GET|PUT|DELETE /ports/{id}` (body: `PortSpec`)
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use socket_http::ApiError;
+
+use crate::network::{NetworkService, NetworkSpec, NetworkStatus, Port, PortSpec};
+
+type Svc = State<Arc<NetworkService>>;
+
+pub fn router(svc: Arc<NetworkService>) -> Router {
+    Router::new()
+        .route("/networks", get(list_networks))
+        .route(
+            "/networks/{name}",
+            get(show_network).put(ensure_network).delete(delete_network),
+        )
+        .route("/ports", get(list_ports))
+        .route("/ports/{id}", get(show_port).put(ensure_port).delete(delete_port))
+        .with_state(svc)
+        .merge(socket_http::server::health_router("netd"))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::unprocessable(format!("invalid request: {e}")),
+        _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+    })
+}
+
+async fn list_networks(State(svc): Svc) -> Result<Json<Vec<NetworkStatus>>, ApiError> {
+    Ok(Json(svc.list_networks().await?))
+}
+
+async fn show_network(State(svc): Svc, Path(name): Path<String>) -> Result<Json<NetworkStatus>, ApiError> {
+    Ok(Json(svc.network(&name).await?))
+}
+
+async fn ensure_network(
+    State(svc): Svc,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<NetworkStatus>, ApiError> {
+    let spec: NetworkSpec = parse(&body)?;
+    if spec.name != name {
+        return Err(ApiError::unprocessable(format!(
+            "body names network {:?}, the URL {name:?}",
+            spec.name
+        )));
+    }
+    Ok(Json(svc.ensure_network(spec).await?))
+}
+
+async fn delete_network(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    svc.delete_network(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_ports(State(svc): Svc) -> Json<Vec<Port>> {
+    Json(svc.ports().await)
+}
+
+async fn show_port(State(svc): Svc, Path(id): Path<String>) -> Result<Json<Port>, ApiError> {
+    Ok(Json(svc.port(&id).await?))
+}
+
+async fn ensure_port(State(svc): Svc, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<Port>, ApiError> {
+    let spec: PortSpec = parse(&body)?;
+    Ok(Json(svc.ensure_port(&id, spec).await?))
+}
+
+async fn delete_port(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    svc.delete_port(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The client for netd's API, used by the api.
+pub mod client {
+    use http::Method;
+    use socket_http::{ClientError, UnixClient};
+
+    use crate::network::{NetworkSpec, NetworkStatus, Port, PortSpec};
+
+    #[derive(Debug, Clone)]
+    pub struct NetdClient {
+        http: UnixClient,
+    }
+
+    impl NetdClient {
+        pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
+            Self {
+                http: UnixClient::new(socket),
+            }
+        }
+        pub async fn networks(&self) -> Result<Vec<NetworkStatus>, ClientError> {
+            self.http.get("/networks").await
+        }
+        pub async fn network(&self, name: &str) -> Result<NetworkStatus, ClientError> {
+            self.http.get(&format!("/networks/{name}")).await
+        }
+        pub async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkStatus, ClientError> {
+            self.http
+                .call(Method::PUT, &format!("/networks/{}", spec.name), Some(spec))
+                .await
+        }
+        pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+            self.http
+                .call::<(), serde_json::Value>(Method::DELETE, &format!("/networks/{name}"), None)
+                .await
+                .map(|_| ())
+        }
+        pub async fn ensure_port(&self, id: &str, spec: &PortSpec) -> Result<Port, ClientError> {
+            self.http.call(Method::PUT, &format!("/ports/{id}"), Some(spec)).await
+        }
+        pub async fn delete_port(&self, id: &str) -> Result<(), ClientError> {
+            self.http
+                .call::<(), serde_json::Value>(Method::DELETE, &format!("/ports/{id}"), None)
+                .await
+                .map(|_| ())
+        }
+    }
+}
