@@ -198,3 +198,89 @@ fn vms_reach_each_other_and_the_host_but_not_other_networks() {
         assert_eq!(stack.call("GET", "/v1/networks/lan-a", None).await.0, 404);
     });
 }
+
+fn nft_ruleset() -> String {
+    let out = Command::new("nft").args(["list", "ruleset"]).output().expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// netd puts back a bridge or TAP deleted by hand, and a restart of the whole stack
+/// (SIGKILL) changes no address, duplicates no rule and keeps traffic flowing.
+#[test]
+fn netd_repairs_the_host_and_restarts_keep_traffic_flowing() {
+    in_private_netns(|| async {
+        let mut stack = Stack::start(&[]).await;
+        let (status, net) = stack
+            .call(
+                "POST",
+                "/v1/networks",
+                Some(json!({"name": "lan-r", "subnet": "10.55.0.0/24", "dhcp": false})),
+            )
+            .await;
+        assert_eq!(status, 201, "{net}");
+        let bridge = net["bridge"].as_str().expect("bridge").to_string();
+        let acc = create_vm(&stack, "r1", "lan-r", None).await;
+        assert_eq!(stack.wait_op(&acc).await["status"], "succeeded");
+        let vm = stack.vm("r1").await;
+        let ip = vm["nics"][0]["ip"].as_str().expect("ip").to_string();
+        let tap = vm["nics"][0]["tap"].as_str().expect("tap").to_string();
+        stack
+            .wait_console("r1", "HEARTH-GUEST-READY", 1, Duration::from_secs(90))
+            .await;
+        assert!(host_ping(&ip));
+
+        // The CLI lists it.
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["network", "list"])
+            .env("HEARTH_URL", stack.url())
+            .env("HEARTH_API_KEY", &stack.key)
+            .output()
+            .expect("hearth");
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with("lan-r") && l.contains("10.55.0.0/24")),
+            "{list}"
+        );
+
+        // Delete the bridge behind netd's back: it comes back, with the TAP on it.
+        assert!(Command::new("ip")
+            .args(["link", "del", &bridge])
+            .status()
+            .expect("ip")
+            .success());
+        let mut back = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).ok();
+            if master.is_some_and(|m| m.ends_with(&bridge)) {
+                back = true;
+                break;
+            }
+        }
+        assert!(back, "netd did not restore bridge {bridge} with {tap} on it");
+        assert!(host_ping(&ip), "traffic after the bridge came back");
+
+        // Restart everything; the VM, its address and the rules stay as they were.
+        let rules = nft_ruleset();
+        stack.restart(libc::SIGKILL).await;
+        assert!(host_ping(&ip), "traffic right after the restart");
+        let vm = stack.vm("r1").await;
+        assert_eq!(vm["nics"][0]["ip"].as_str(), Some(ip.as_str()));
+        assert_eq!(vm["state"], "running");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = nft_ruleset();
+        let count = |r: &str| {
+            r.lines()
+                .filter(|l| l.contains("drop") || l.contains("accept") || l.contains("masquerade"))
+                .count()
+        };
+        assert_eq!(
+            count(&again),
+            count(&rules),
+            "rules duplicated or lost across the restart:\n{rules}\n---\n{again}"
+        );
+        let out = stack.console_run("r1", "ping -c 2 -W 2 10.55.0.1").await;
+        assert_eq!(received(&out), Some(2), "guest -> gateway after restart: {out}");
+    });
+}

@@ -82,6 +82,15 @@ impl ApiClient {
         self.json(http::Method::DELETE, path, None).await
     }
 
+    /// DELETE answering 204 No Content.
+    pub async fn delete_empty(&self, path: &str) -> anyhow::Result<()> {
+        let (status, bytes) = self.send(http::Method::DELETE, path, None).await?;
+        if !status.is_success() {
+            return Err(error_from(status, &bytes));
+        }
+        Ok(())
+    }
+
     pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
         let (status, bytes) = self.send(http::Method::GET, path, None).await?;
         if !status.is_success() {
