@@ -91,7 +91,7 @@ def main():
             name = f"bench{i}"
             t0 = time.monotonic()
             status, acc = call("POST", "/v1/vms", key, {"name": name, "image": "tiny", "hypervisor": "qemu",
-                                                        "vcpus": 1, "memory_mib": 256})
+                                                        "vcpus": 1, "memory_mib": 256, "nics": []})
             assert status == 202, acc
             vm_id = acc["vm"]["id"]
             vm_dir = os.path.join(data, "run", "vms", vm_id)

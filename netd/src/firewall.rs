@@ -203,6 +203,21 @@ pub fn apply(spec: &FirewallSpec) -> Result<Applied, FirewallError> {
     Ok(Applied { missing_taps })
 }
 
+/// True when both of our tables exist (someone may have flushed the ruleset by hand).
+pub fn tables_present() -> bool {
+    [["list", "table", "inet", TABLE], ["list", "table", "netdev", TABLE]]
+        .iter()
+        .all(|args| {
+            std::process::Command::new("nft")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+}
+
 /// Delete netd's tables. Tables that are already gone are fine.
 pub fn remove() -> Result<(), FirewallError> {
     let mut batch = Batch::new();

@@ -209,6 +209,9 @@ pub struct NetworkService {
     config: NetdConfig,
     nl: Netlink,
     state: Mutex<State>,
+    /// The firewall spec last applied, so the periodic reconcile rebuilds the ruleset
+    /// only when something changed or our tables went missing.
+    applied_firewall: std::sync::Mutex<Option<String>>,
 }
 
 fn validate_resource_name(kind: &str, name: &str) -> Result<(), NetError> {
@@ -269,6 +272,7 @@ impl NetworkService {
             config,
             nl,
             state: Mutex::new(state),
+            applied_firewall: std::sync::Mutex::new(None),
         });
         svc.reconcile().await?;
         let weak = Arc::downgrade(&svc);
@@ -657,13 +661,26 @@ impl NetworkService {
 
     fn apply_firewall(&self, st: &State) -> Result<(), NetError> {
         let spec = firewall_spec(st);
+        let fingerprint = format!("{spec:?}");
+        let unchanged = self
+            .applied_firewall
+            .lock()
+            .map(|a| a.as_deref() == Some(fingerprint.as_str()))
+            .unwrap_or(false);
+        if unchanged && firewall::tables_present() {
+            return Ok(());
+        }
         // Forwarding is switched on only when a NAT network needs it, and never switched
         // off: the operator may rely on it for other things.
         if st.networks.values().any(|n| n.spec.nat) {
             firewall::ensure_ip_forward(true).map_err(|e| NetError::Host(e.to_string()))?;
         }
         let applied = firewall::apply(&spec).map_err(|e| NetError::Host(e.to_string()))?;
-        if !applied.missing_taps.is_empty() {
+        if applied.missing_taps.is_empty() {
+            if let Ok(mut a) = self.applied_firewall.lock() {
+                *a = Some(fingerprint);
+            }
+        } else {
             tracing::warn!(taps = ?applied.missing_taps, "anti-spoofing rules skipped for missing TAPs");
         }
         Ok(())
