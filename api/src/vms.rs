@@ -253,35 +253,9 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     let op = state.ops.start("vm.create", "vm", &id).await?;
     let task_state = state.clone();
     let (op_id, start) = (op.id.clone(), req.start);
-    tokio::spawn(async move { create_task(task_state, rec, op_id, start).await });
-    let vm = Vm::from_record(
-        &store::get_json::<VmRecord>(s, &vm_key(&id))
-            .await?
-            .map(|(r, _)| r)
-            .unwrap_or_else(|| unreachable_record(&id)),
-        None,
-        true,
-    );
+    let vm = Vm::from_record(&rec, None, true);
+    tokio::spawn(async move { create_task(task_state, rec, image, op_id, start).await });
     Ok(accepted(op, Some(vm)))
-}
-
-// Only used if the record vanished between the put and the read (a concurrent delete).
-fn unreachable_record(id: &str) -> VmRecord {
-    VmRecord {
-        id: id.to_string(),
-        name: String::new(),
-        project: PROJECT.into(),
-        image: String::new(),
-        vcpus: 0,
-        memory_mib: 0,
-        hypervisor: HypervisorKind::Qemu,
-        cmdline_append: None,
-        vnc: false,
-        machine: QemuMachine::Q35,
-        nics: vec![],
-        phase: Phase::Deleting,
-        created_at_ms: 0,
-    }
 }
 
 fn kernel_for(image: &imaged::ImageInfo, hypervisor: HypervisorKind) -> Result<std::path::PathBuf, ApiError> {
@@ -370,10 +344,9 @@ async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
     }
 }
 
-/// Builds the spec vmm-manager gets.
-async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
-    let image = find_image(state, &rec.image).await?;
-    let kernel = kernel_for(&image, rec.hypervisor)?;
+/// Builds the spec vmm-manager gets from the record and its image.
+fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError> {
+    let kernel = kernel_for(image, rec.hypervisor)?;
     let mut cmdline = format!("{} hearth.hostname={}", image.boot.cmdline, rec.name);
     // Guests on networks without DHCP learn their address from the kernel command line
     // (the tiny image reads hearth.ip/hearth.gw).
@@ -415,10 +388,10 @@ async fn vm_spec(state: &AppState, rec: &VmRecord) -> Result<VmSpec, ApiError> {
     })
 }
 
-async fn create_task(state: Arc<AppState>, rec: VmRecord, op_id: String, start: bool) {
+async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageInfo, op_id: String, start: bool) {
     let result = async {
         state.ops.progress(&op_id, "defining the VM").await;
-        let spec = vm_spec(&state, &rec).await?;
+        let spec = vm_spec(&rec, &image)?;
         state.vmm.ensure(&spec).await.map_err(upstream)?;
         let mut ready = rec.clone();
         ready.phase = Phase::Ready;

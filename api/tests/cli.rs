@@ -73,6 +73,10 @@ fn cli_manages_vms_and_attaches_to_the_console() {
         let json: serde_json::Value =
             serde_json::from_str(&ok(&hearth(&stack, &["-o", "json", "vm", "show", "cli1"]))).expect("json");
         assert_eq!(json["state"], "running");
+        // The VM has one NIC (on the default network), shown once.
+        let shown = ok(&hearth(&stack, &["vm", "show", "cli1"]));
+        assert_eq!(shown.lines().filter(|l| l.starts_with("NIC")).count(), 1, "{shown}");
+        assert!(shown.contains("on default"), "{shown}");
         stack
             .wait_console("cli1", "HEARTH-GUEST-READY", 1, Duration::from_secs(30))
             .await;

@@ -466,7 +466,7 @@ impl NetworkService {
                 )));
             }
             let port = existing.clone();
-            self.realize_port(&st, &port).await?;
+            self.realize_port(&port).await?;
             return Ok(port);
         }
         let net = st
@@ -495,7 +495,7 @@ impl NetworkService {
             queues: spec.queues,
         };
         let made = async {
-            self.realize_port(&st, &port).await?;
+            self.realize_port(&port).await?;
             write_json(&self.config.state_dir.join("ports").join(format!("{id}.json")), &port)?;
             Ok::<_, NetError>(())
         }
@@ -552,7 +552,7 @@ impl NetworkService {
         self.apply_firewall(st)
     }
 
-    async fn realize_port(&self, st: &State, port: &Port) -> Result<(), NetError> {
+    async fn realize_port(&self, port: &Port) -> Result<(), NetError> {
         let bridge = self
             .nl
             .link(&bridge_name(&port.network))
@@ -578,7 +578,6 @@ impl NetworkService {
         if !link.up {
             self.nl.set_up(link.index).await?;
         }
-        let _ = st;
         Ok(())
     }
 
@@ -635,7 +634,7 @@ impl NetworkService {
         }
         let ports: Vec<Port> = st.ports.values().cloned().collect();
         for port in &ports {
-            if let Err(e) = self.realize_port(st, port).await {
+            if let Err(e) = self.realize_port(port).await {
                 tracing::warn!(port = %port.id, "cannot restore port: {e}");
             }
         }

@@ -40,10 +40,10 @@ impl Drop for Daemon {
 }
 
 fn start(run_dir: &Path) -> Daemon {
-    let fake = format!(
-        "{}/tests/fake-cloud-hypervisor/fake-cloud-hypervisor",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    // The manifest directory at run time: a shared target directory may hold a binary
+    // built from another checkout.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let fake = format!("{dir}/tests/fake-cloud-hypervisor/fake-cloud-hypervisor");
     let child = Command::new(env!("CARGO_BIN_EXE_vmm-manager"))
         .arg("--socket")
         .arg(run_dir.join("vmm-manager.sock"))

@@ -558,19 +558,6 @@ fn print_vm_details(v: &Value) {
             ),
         ));
     }
-    for nic in v["nics"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        rows.push((
-            "NIC",
-            format!(
-                "{} {}/{} on {} ({})",
-                s(&nic["mac"]),
-                s(&nic["ip"]),
-                s(&nic["prefix"]),
-                s(&nic["network"]),
-                s(&nic["tap"])
-            ),
-        ));
-    }
     if let Some(r) = v["reason"].as_str() {
         rows.push(("Reason", r.to_string()));
     }

@@ -94,6 +94,24 @@ impl EmbeddedStore {
     }
 }
 
+/// Stores `value` under `key` at `rev` and returns the revision with its watch event.
+fn stored(
+    kv: &mut redb::Table<&str, &[u8]>,
+    key: String,
+    rev: u64,
+    value: Vec<u8>,
+) -> Result<(u64, Option<WatchEvent>), StoreError> {
+    store_value(kv, &key, rev, &value)?;
+    Ok((
+        rev,
+        Some(WatchEvent {
+            key,
+            value: Some(value),
+            revision: rev,
+        }),
+    ))
+}
+
 fn store_value(kv: &mut redb::Table<&str, &[u8]>, key: &str, rev: u64, value: &[u8]) -> Result<(), StoreError> {
     let mut raw = Vec::with_capacity(8 + value.len());
     raw.extend_from_slice(&rev.to_le_bytes());
@@ -116,17 +134,7 @@ impl StateStore for EmbeddedStore {
 
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = key.to_string();
-        Box::pin(self.write(move |kv, rev| {
-            store_value(kv, &key, rev, &value)?;
-            Ok((
-                rev,
-                Some(WatchEvent {
-                    key,
-                    value: Some(value),
-                    revision: rev,
-                }),
-            ))
-        }))
+        Box::pin(self.write(move |kv, rev| stored(kv, key, rev, value)))
     }
 
     fn compare_and_swap<'a>(
@@ -144,15 +152,7 @@ impl StateStore for EmbeddedStore {
             if found != expected {
                 return Err(StoreError::Conflict { key, expected, found });
             }
-            store_value(kv, &key, rev, &value)?;
-            Ok((
-                rev,
-                Some(WatchEvent {
-                    key,
-                    value: Some(value),
-                    revision: rev,
-                }),
-            ))
+            stored(kv, key, rev, value)
         }))
     }
 

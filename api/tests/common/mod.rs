@@ -108,10 +108,10 @@ pub fn images_dir() -> PathBuf {
 /// The fake Cloud Hypervisor, or the real one when HEARTH_TEST_CH_BINARY names it.
 pub fn cloud_hypervisor_binary() -> String {
     std::env::var("HEARTH_TEST_CH_BINARY").unwrap_or_else(|_| {
-        format!(
-            "{}/../vmm-manager/tests/fake-cloud-hypervisor/fake-cloud-hypervisor",
-            env!("CARGO_MANIFEST_DIR")
-        )
+        // The manifest directory at run time: a shared target directory may hold a
+        // binary built from another checkout.
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+        format!("{dir}/../vmm-manager/tests/fake-cloud-hypervisor/fake-cloud-hypervisor")
     })
 }
 
