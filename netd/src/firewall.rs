@@ -6,30 +6,25 @@
 //!   drop) that lets traffic stay on its own bridge, keeps isolated networks apart and
 //!   counts what it drops in a named counter `isolation_drop_<network>`; and a
 //!   `postrouting` chain that masquerades NAT networks leaving by any other interface.
-//! - `netdev hearth`: one ingress chain per VM TAP that drops every frame the VM sends from
-//!   a MAC or an IPv4 address that is not its own (named counter `spoof_<tap>`). It lives
-//!   at the TAP's ingress because the inet hooks never see ARP and see bridged traffic only
-//!   through br_netfilter.
+//!   It changes only when networks change, and is then rebuilt whole ([`apply_networks`]).
+//! - `bridge hearth`: anti-spoofing. One fixed chain at the bridges' prerouting hook
+//!   looks at every frame a VM's TAP hands to its bridge (ARP included, which the inet
+//!   hooks never see) and drops it unless its Ethernet source, and its IPv4 or ARP sender
+//!   address, are the TAP's own. What each TAP owns lives in sets keyed by the TAP's name,
+//!   so adding or removing a port changes a few set elements in one transaction
+//!   ([`add_port`], [`remove_port`]) instead of rebuilding rules; a TAP with hearth's
+//!   `htap` prefix that is in no set may send nothing. Drops are counted per TAP in the
+//!   dynamic set `spoofed` (read as [`spoof_counter`] by [`counters`]).
 //!
-//! [`ruleset`] computes the whole ruleset from a [`FirewallSpec`]; [`apply`] loads it with
-//! one `nft -j -f -` transaction that deletes and recreates both tables. Applying a spec
-//! twice therefore gives the same ruleset, a smaller spec removes what is no longer
-//! wanted, and no packet ever meets a half-built ruleset. [`apply`] carries the named
-//! counters' values over from the ruleset it replaces, so they keep counting.
-//!
-//! Ports whose TAP does not exist are left out by [`apply`] and reported in
-//! [`Applied::missing_taps`]: kernels before 6.16 refuse a whole batch that hooks a missing
-//! device, and a missing TAP carries no traffic to filter. netd applies the ruleset after
-//! creating a TAP and before a VM may use it.
-//!
-//! Everything here blocks on `nft`; call it from a blocking context.
+//! Every change is one nftables transaction, so no packet ever meets a half-built
+//! ruleset, and everything goes through libnftables in process ([`crate::nft`]).
+//! [`apply`] carries the named counters' values over from the ruleset it replaces, so
+//! they keep counting.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
-use std::ffi::CString;
-use std::io::{self, Write};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io;
 use std::net::Ipv4Addr;
-use std::process::{Command, ExitStatus, Stdio};
 
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
@@ -39,14 +34,16 @@ use nftables::stmt::{self, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Deserialize;
 
-/// The name of both of netd's tables (`inet hearth` and `netdev hearth`).
+use crate::nft::{self, NftError};
+
+/// The name of both of netd's tables (`inet hearth` and `bridge hearth`).
 pub const TABLE: &str = "hearth";
 /// The `inet hearth` chain that isolates networks.
 pub const FORWARD_CHAIN: &str = "forward";
 /// The `inet hearth` chain that masquerades NAT networks.
 pub const POSTROUTING_CHAIN: &str = "postrouting";
-/// Ahead of everything else at a TAP's ingress, so nothing sees a spoofed frame first.
-const INGRESS_PRIORITY: i32 = -500;
+/// The prefix of the TAPs netd creates; such a TAP sends nothing until it is a port.
+pub const TAP_PREFIX: &str = "htap";
 /// `srcnat`.
 const POSTROUTING_PRIORITY: i32 = 100;
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -54,6 +51,36 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const MAX_NETWORK_NAME: usize = 64;
 /// Linux interface names are at most 15 bytes.
 const MAX_IFNAME: usize = 15;
+
+/// The `bridge hearth` table. Ahead of everything else at the bridges' prerouting hook
+/// (-300), so nothing sees a spoofed frame first.
+const GUARD_TABLE: &str = r#"table bridge hearth {
+    set ports { type ifname; }
+    set macs { type ifname . ether_addr; }
+    set addrs { type ifname . ipv4_addr; }
+    set spoofed { type ifname; size 65535; flags dynamic; counter; }
+    chain prerouting {
+        type filter hook prerouting priority -300; policy accept;
+        iifname @ports jump guard
+        iifname "htap*" jump guard
+    }
+    chain guard {
+        iifname . ether saddr != @macs update @spoofed { iifname } drop
+        ether type != { ip, arp } drop
+        ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept
+        iifname . ip saddr @addrs accept
+        ether type ip update @spoofed { iifname } drop
+        iifname . arp saddr ether != @macs update @spoofed { iifname } drop
+        arp saddr ip 0.0.0.0 accept
+        iifname . arp saddr ip @addrs accept
+        update @spoofed { iifname } drop
+    }
+}
+"#;
+/// What [`GUARD_TABLE`] holds, to tell a complete table from a damaged one.
+const GUARD_CHAINS: usize = 2;
+const GUARD_SETS: usize = 4;
+const GUARD_RULES: usize = 11;
 
 /// Everything the firewall must enforce: all of hearth's networks on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +93,24 @@ impl FirewallSpec {
     /// route between two networks that are not isolated.
     pub fn needs_ip_forward(&self) -> bool {
         self.networks.iter().any(|n| n.nat) || self.networks.iter().filter(|n| !n.isolated).count() >= 2
+    }
+
+    /// The spec without its ports: what `inet hearth` depends on.
+    pub fn without_ports(&self) -> FirewallSpec {
+        FirewallSpec {
+            networks: self
+                .networks
+                .iter()
+                .map(|n| NetworkRules {
+                    ports: Vec::new(),
+                    ..n.clone()
+                })
+                .collect(),
+        }
+    }
+
+    fn ports(&self) -> impl Iterator<Item = &PortRules> {
+        self.networks.iter().flat_map(|n| &n.ports)
     }
 }
 
@@ -109,13 +154,6 @@ pub struct PortRules {
     pub ips: Vec<Ipv4Addr>,
 }
 
-/// What [`apply`] loaded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Ports left out because their TAP does not exist; apply again once it does.
-    pub missing_taps: Vec<String>,
-}
-
 /// A named counter's value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct CounterValue {
@@ -127,23 +165,15 @@ pub struct CounterValue {
 pub enum FirewallError {
     #[error("invalid firewall spec: {0}")]
     InvalidSpec(String),
-    #[error("cannot run nft to {action} (is the nftables package installed?): {source}")]
-    NftSpawn { action: &'static str, source: io::Error },
-    #[error("nft failed to {action} ({status}): {stderr}")]
-    NftFailed {
-        action: &'static str,
-        status: ExitStatus,
-        stderr: String,
-    },
-    #[error("cannot read nft's answer to {action}: {source}")]
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error("cannot read nftables' answer to {action}: {source}")]
     NftOutput {
         action: &'static str,
         source: serde_json::Error,
     },
     #[error("cannot encode the nftables batch: {0}")]
     Encode(serde_json::Error),
-    #[error("cannot check whether interface {name} exists: {source}")]
-    InterfaceLookup { name: String, source: io::Error },
     #[error("cannot {action} {IP_FORWARD}: {source}")]
     IpForward { action: &'static str, source: io::Error },
 }
@@ -154,17 +184,12 @@ pub fn isolation_counter(network: &str) -> String {
     format!("isolation_drop_{network}")
 }
 
-/// The name of the counter of frames dropped at `tap`'s ingress as spoofed.
+/// The name under which [`counters`] reports the frames dropped from `tap` as spoofed.
 pub fn spoof_counter(tap: &str) -> String {
     format!("spoof_{tap}")
 }
 
-/// The name of the `netdev hearth` ingress chain of `tap`.
-pub fn port_chain(tap: &str) -> String {
-    format!("port_{tap}")
-}
-
-/// The whole nftables batch for `spec`: recreate both tables, then fill them.
+/// The `inet hearth` batch for `spec`: recreate the table, then fill it.
 ///
 /// Pure: it neither runs nft nor looks at the host.
 pub fn ruleset(spec: &FirewallSpec) -> Result<Nftables<'static>, FirewallError> {
@@ -172,70 +197,148 @@ pub fn ruleset(spec: &FirewallSpec) -> Result<Nftables<'static>, FirewallError> 
     let mut batch = Batch::new();
     recreate_table(&mut batch, NfFamily::INet);
     add_inet_rules(&mut batch, spec);
-    recreate_table(&mut batch, NfFamily::NetDev);
-    add_port_rules(&mut batch, spec);
     Ok(batch.to_nftables())
 }
 
-/// Load the ruleset for `spec` in one transaction, replacing whatever netd loaded before.
-///
-/// Ports whose TAP does not exist are left out and listed in the result.
-pub fn apply(spec: &FirewallSpec) -> Result<Applied, FirewallError> {
+/// Make the host's firewall exactly `spec`: rebuild `inet hearth`, and make the
+/// anti-spoofing sets hold exactly `spec`'s ports.
+pub fn apply(spec: &FirewallSpec) -> Result<(), FirewallError> {
+    apply_networks(spec)?;
+    sync_ports(spec)
+}
+
+/// Rebuild `inet hearth` for `spec`'s networks in one transaction, keeping the named
+/// counters' values, and create `bridge hearth` if it is missing or damaged (filled with
+/// `spec`'s ports). Leaves the ports of an intact `bridge hearth` alone.
+pub fn apply_networks(spec: &FirewallSpec) -> Result<(), FirewallError> {
     validate(spec)?;
-    let mut present = spec.clone();
-    let mut missing_taps = Vec::new();
-    for network in &mut present.networks {
-        let mut ports = Vec::with_capacity(network.ports.len());
-        for port in network.ports.drain(..) {
-            if interface_exists(&port.tap)? {
-                ports.push(port);
-            } else {
-                missing_taps.push(port.tap);
-            }
-        }
-        network.ports = ports;
-    }
-
-    let mut document = serde_json::to_value(ruleset(&present)?).map_err(FirewallError::Encode)?;
-    carry_counters(&mut document, &counters()?);
+    let mut document = serde_json::to_value(ruleset(spec)?).map_err(FirewallError::Encode)?;
+    carry_counters(&mut document, &named_counters()?);
     let document = serde_json::to_string(&document).map_err(FirewallError::Encode)?;
-    nft("load the hearth ruleset", &["-j", "-f", "-"], Some(&document))?;
-    Ok(Applied { missing_taps })
-}
-
-/// True when both of our tables exist (someone may have flushed the ruleset by hand).
-pub fn tables_present() -> bool {
-    [["list", "table", "inet", TABLE], ["list", "table", "netdev", TABLE]]
-        .iter()
-        .all(|args| {
-            std::process::Command::new("nft")
-                .args(args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-}
-
-/// Delete netd's tables. Tables that are already gone are fine.
-pub fn remove() -> Result<(), FirewallError> {
-    let mut batch = Batch::new();
-    for family in [NfFamily::INet, NfFamily::NetDev] {
-        // Adding first makes the delete succeed when the table is missing.
-        batch.add(NfListObject::Table(table(family)));
-        batch.delete(NfListObject::Table(table(family)));
+    nft::run("load the hearth ruleset", &document)?;
+    if guard()?.is_none() {
+        let mut commands = String::from("add table bridge hearth\ndelete table bridge hearth\n");
+        commands.push_str(GUARD_TABLE);
+        for port in spec.ports() {
+            commands.push_str(&port_elements("add", port));
+        }
+        nft::run("load the anti-spoofing table", &commands)?;
     }
-    let document = serde_json::to_string(&batch.to_nftables()).map_err(FirewallError::Encode)?;
-    nft("delete the hearth tables", &["-j", "-f", "-"], Some(&document))?;
     Ok(())
 }
 
-/// The named counters in netd's tables, by name (see [`isolation_counter`] and
-/// [`spoof_counter`]). Empty when the tables do not exist.
+/// Let `port` send from its own MAC and addresses (and nothing else) through its TAP.
+/// The TAP need not exist yet.
+pub fn add_port(port: &PortRules) -> Result<(), FirewallError> {
+    check_port(port)?;
+    nft::run(&format!("let {} send", port.tap), &port_elements("add", port))?;
+    Ok(())
+}
+
+/// [`add_port`] for many ports, in one transaction.
+pub fn add_ports(ports: &[PortRules]) -> Result<(), FirewallError> {
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let mut commands = String::new();
+    for port in ports {
+        check_port(port)?;
+        commands.push_str(&port_elements("add", port));
+    }
+    nft::run(&format!("let {} ports send", ports.len()), &commands)?;
+    Ok(())
+}
+
+/// Forget what `port` may send, and its spoofing count. Forgetting a port that is not
+/// there is fine.
+pub fn remove_port(port: &PortRules) -> Result<(), FirewallError> {
+    check_port(port)?;
+    let tap = quoted(&port.tap);
+    // Adding first makes the deletes succeed when the elements are missing.
+    let mut commands = port_elements("add", port);
+    commands.push_str(&format!("add element bridge hearth spoofed {{ {tap} }}\n"));
+    commands.push_str(&port_elements("delete", port));
+    commands.push_str(&format!("delete element bridge hearth spoofed {{ {tap} }}\n"));
+    nft::run(&format!("forget port {}", port.tap), &commands)?;
+    Ok(())
+}
+
+/// Make the anti-spoofing sets hold exactly `spec`'s ports, in one transaction, touching
+/// nothing when they already do. Repairs elements deleted or added by hand.
+pub fn sync_ports(spec: &FirewallSpec) -> Result<(), FirewallError> {
+    validate(spec)?;
+    let Some(current) = guard()? else {
+        // Missing or damaged: rebuilt, with every port, by apply_networks.
+        return apply_networks(spec);
+    };
+    let mut wanted = GuardSets::default();
+    for port in spec.ports() {
+        wanted.insert(port);
+    }
+    let mut commands = String::new();
+    for (verb, from, to) in [("delete", &current, &wanted), ("add", &wanted, &current)] {
+        for tap in from.ports.difference(&to.ports) {
+            commands.push_str(&format!("{verb} element bridge hearth ports {{ {} }}\n", quoted(tap)));
+        }
+        for (tap, mac) in from.macs.difference(&to.macs) {
+            commands.push_str(&format!(
+                "{verb} element bridge hearth macs {{ {} . {mac} }}\n",
+                quoted(tap)
+            ));
+        }
+        for (tap, ip) in from.addrs.difference(&to.addrs) {
+            commands.push_str(&format!(
+                "{verb} element bridge hearth addrs {{ {} . {ip} }}\n",
+                quoted(tap)
+            ));
+        }
+    }
+    for tap in current.spoofed.difference(&wanted.ports) {
+        commands.push_str(&format!("delete element bridge hearth spoofed {{ {} }}\n", quoted(tap)));
+    }
+    if !commands.is_empty() {
+        tracing::info!("bringing the anti-spoofing sets back to the ports netd holds");
+        nft::run("repair the anti-spoofing sets", &commands)?;
+    }
+    Ok(())
+}
+
+/// True when both of our tables exist and the anti-spoofing table is whole (someone may
+/// have flushed the ruleset by hand).
+pub fn tables_present() -> bool {
+    nft::run("look for the hearth table", "list table inet hearth").is_ok() && matches!(guard(), Ok(Some(_)))
+}
+
+/// Delete netd's tables (and the `netdev hearth` table of netd before 0.1.1). Tables that
+/// are already gone are fine.
+pub fn remove() -> Result<(), FirewallError> {
+    let mut commands = String::new();
+    for family in ["inet", "bridge", "netdev"] {
+        commands.push_str(&format!("add table {family} hearth\ndelete table {family} hearth\n"));
+    }
+    nft::run("delete the hearth tables", &commands)?;
+    Ok(())
+}
+
+/// The named counters in `inet hearth` (see [`isolation_counter`]) and the spoofing
+/// counts per TAP (see [`spoof_counter`]), by name. Empty when the tables do not exist.
 pub fn counters() -> Result<BTreeMap<String, CounterValue>, FirewallError> {
+    let mut counters = named_counters()?;
+    if let Some(guard) = guard()? {
+        // A port that never sent a spoofed frame has no element in `spoofed` yet.
+        for tap in &guard.ports {
+            counters.insert(spoof_counter(tap), CounterValue::default());
+        }
+        for (tap, value) in guard.spoof_counts {
+            counters.insert(spoof_counter(&tap), value);
+        }
+    }
+    Ok(counters)
+}
+
+fn named_counters() -> Result<BTreeMap<String, CounterValue>, FirewallError> {
     const ACTION: &str = "list the counters";
-    let output = nft(ACTION, &["-j", "list", "counters"], None)?;
+    let output = nft::run(ACTION, "list counters")?;
     parse_counters(&output).map_err(|source| FirewallError::NftOutput { action: ACTION, source })
 }
 
@@ -254,6 +357,114 @@ pub fn ensure_ip_forward(enabled: bool) -> Result<bool, FirewallError> {
     Ok(was_enabled)
 }
 
+/// The elements of the anti-spoofing sets.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct GuardSets {
+    ports: BTreeSet<String>,
+    macs: BTreeSet<(String, String)>,
+    addrs: BTreeSet<(String, Ipv4Addr)>,
+    spoofed: BTreeSet<String>,
+    spoof_counts: BTreeMap<String, CounterValue>,
+}
+
+impl GuardSets {
+    fn insert(&mut self, port: &PortRules) {
+        self.ports.insert(port.tap.clone());
+        self.macs.insert((port.tap.clone(), port.mac.to_ascii_lowercase()));
+        for ip in &port.ips {
+            self.addrs.insert((port.tap.clone(), *ip));
+        }
+    }
+}
+
+/// The anti-spoofing table's sets, or None when the table is missing or not whole.
+fn guard() -> Result<Option<GuardSets>, FirewallError> {
+    const ACTION: &str = "list the anti-spoofing table";
+    match nft::run(ACTION, "list table bridge hearth") {
+        Ok(output) => parse_guard(&output).map_err(|source| FirewallError::NftOutput { action: ACTION, source }),
+        // The usual reason is that the table does not exist; anything else shows again
+        // when the table is created.
+        Err(_) => Ok(None),
+    }
+}
+
+fn parse_guard(output: &str) -> Result<Option<GuardSets>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Listing {
+        nftables: Vec<serde_json::Value>,
+    }
+    let listing: Listing = serde_json::from_str(output)?;
+    let count = |kind: &str| listing.nftables.iter().filter(|o| o.get(kind).is_some()).count();
+    if (count("chain"), count("set"), count("rule")) != (GUARD_CHAINS, GUARD_SETS, GUARD_RULES) {
+        return Ok(None);
+    }
+    let mut sets = GuardSets::default();
+    for set in listing.nftables.iter().filter_map(|o| o.get("set")) {
+        let name = set.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+        let elements = set.get("elem").and_then(|e| e.as_array()).cloned().unwrap_or_default();
+        for element in elements {
+            // An element with a counter is {"elem": {"val": ..., "counter": ...}}.
+            let (value, counter) = match element.get("elem") {
+                Some(e) => (e.get("val").cloned().unwrap_or_default(), e.get("counter").cloned()),
+                None => (element, None),
+            };
+            let pair = || -> Option<(String, String)> {
+                let parts = value.get("concat")?.as_array()?;
+                Some((parts.first()?.as_str()?.to_owned(), parts.get(1)?.as_str()?.to_owned()))
+            };
+            match name {
+                "ports" | "spoofed" => {
+                    let Some(tap) = value.as_str() else { continue };
+                    if name == "ports" {
+                        sets.ports.insert(tap.to_owned());
+                    } else {
+                        sets.spoofed.insert(tap.to_owned());
+                        if let Some(counter) = counter {
+                            sets.spoof_counts
+                                .insert(tap.to_owned(), CounterValue::deserialize(counter)?);
+                        }
+                    }
+                }
+                "macs" => {
+                    if let Some(pair) = pair() {
+                        sets.macs.insert(pair);
+                    }
+                }
+                "addrs" => {
+                    if let Some((tap, ip)) = pair() {
+                        if let Ok(ip) = ip.parse() {
+                            sets.addrs.insert((tap, ip));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Some(sets))
+}
+
+/// `verb` (add or delete) the elements that let `port` send. Validated names only.
+fn port_elements(verb: &str, port: &PortRules) -> String {
+    let tap = quoted(&port.tap);
+    let mac = port.mac.to_ascii_lowercase();
+    let mut commands = format!(
+        "{verb} element bridge hearth ports {{ {tap} }}\n{verb} element bridge hearth macs {{ {tap} . {mac} }}\n"
+    );
+    if !port.ips.is_empty() {
+        let addrs: Vec<String> = port.ips.iter().map(|ip| format!("{tap} . {ip}")).collect();
+        commands.push_str(&format!(
+            "{verb} element bridge hearth addrs {{ {} }}\n",
+            addrs.join(", ")
+        ));
+    }
+    commands
+}
+
+fn quoted(tap: &str) -> String {
+    format!("\"{tap}\"")
+}
+
 fn validate(spec: &FirewallSpec) -> Result<(), FirewallError> {
     let mut names = HashSet::new();
     let mut bridges = HashSet::new();
@@ -269,17 +480,36 @@ fn validate(spec: &FirewallSpec) -> Result<(), FirewallError> {
         }
         for port in &network.ports {
             check_ifname(&port.tap, &format!("TAP of network {:?}", network.name))?;
-            parse_mac(&port.mac).ok_or_else(|| {
-                invalid(format!(
-                    "TAP {:?} has MAC {:?}, expected a unicast aa:bb:cc:dd:ee:ff",
-                    port.tap, port.mac
-                ))
-            })?;
+            check_port(port)?;
             if !taps.insert(port.tap.as_str()) {
                 return Err(invalid(format!("TAP {:?} is listed twice", port.tap)));
             }
         }
     }
+    Ok(())
+}
+
+/// A port's TAP name goes into nftables commands quoted, so it is held to the names netd
+/// makes (letters, digits, '-', '_', '.'), and its MAC must be unicast.
+fn check_port(port: &PortRules) -> Result<(), FirewallError> {
+    let tap_ok = !port.tap.is_empty()
+        && port.tap.len() <= MAX_IFNAME
+        && port
+            .tap
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !tap_ok {
+        return Err(invalid(format!(
+            "TAP {:?} must be 1 to {MAX_IFNAME} letters, digits, '-', '_' or '.'",
+            port.tap
+        )));
+    }
+    parse_mac(&port.mac).ok_or_else(|| {
+        invalid(format!(
+            "TAP {:?} has MAC {:?}, expected a unicast aa:bb:cc:dd:ee:ff",
+            port.tap, port.mac
+        ))
+    })?;
     Ok(())
 }
 
@@ -492,77 +722,6 @@ fn add_inet_rules(batch: &mut Batch<'static>, spec: &FirewallSpec) {
     }
 }
 
-fn add_port_rules(batch: &mut Batch<'static>, spec: &FirewallSpec) {
-    let family = NfFamily::NetDev;
-    for port in spec.networks.iter().flat_map(|n| &n.ports) {
-        let counter = spoof_counter(&port.tap);
-        let chain = port_chain(&port.tap);
-        // Validated before.
-        let mac = parse_mac(&port.mac).unwrap_or_default();
-        add_counter(batch, family, counter.clone());
-        batch.add(NfListObject::Chain(Chain {
-            dev: Some(port.tap.clone().into()),
-            ..base_chain(
-                family,
-                chain.clone(),
-                NfChainType::Filter,
-                NfHook::Ingress,
-                INGRESS_PRIORITY,
-            )
-        }));
-        let mut rule = |expr: Vec<Statement<'static>>| add_rule(batch, family, &chain, expr);
-        let dropped = || [count(&counter), drop_packet()];
-        let ips = || set(port.ips.iter().map(|ip| string(ip.to_string())).collect());
-
-        rule(
-            [is_not(payload("ether", "saddr"), string(&mac))]
-                .into_iter()
-                .chain(dropped())
-                .collect(),
-        );
-        // hearth networks are IPv4: anything else (IPv6 and its router advertisements,
-        // VLAN tags hiding a spoofed packet) is not the VM's to send. Not counted: a guest
-        // with IPv6 on sends it all the time, and the counter is for spoofing.
-        rule(vec![
-            is_not(payload("ether", "type"), set(vec![string("ip"), string("arp")])),
-            drop_packet(),
-        ]);
-        // DHCP before the VM has an address.
-        rule(vec![
-            is(payload("ether", "type"), string("ip")),
-            is(payload("ip", "saddr"), string("0.0.0.0")),
-            is(payload("udp", "sport"), Expression::Number(68)),
-            is(payload("udp", "dport"), Expression::Number(67)),
-            accept(),
-        ]);
-        let mut ip_check = vec![is(payload("ether", "type"), string("ip"))];
-        if !port.ips.is_empty() {
-            ip_check.push(is_not(payload("ip", "saddr"), ips()));
-        }
-        rule(ip_check.into_iter().chain(dropped()).collect());
-        rule(
-            [
-                is(payload("ether", "type"), string("arp")),
-                is_not(payload("arp", "saddr ether"), string(&mac)),
-            ]
-            .into_iter()
-            .chain(dropped())
-            .collect(),
-        );
-        // RFC 5227 address probes.
-        rule(vec![
-            is(payload("ether", "type"), string("arp")),
-            is(payload("arp", "saddr ip"), string("0.0.0.0")),
-            accept(),
-        ]);
-        let mut arp_check = vec![is(payload("ether", "type"), string("arp"))];
-        if !port.ips.is_empty() {
-            arp_check.push(is_not(payload("arp", "saddr ip"), ips()));
-        }
-        rule(arp_check.into_iter().chain(dropped()).collect());
-    }
-}
-
 fn string(s: impl Into<String>) -> Expression<'static> {
     Expression::String(Cow::Owned(s.into()))
 }
@@ -653,59 +812,11 @@ fn parse_counters(output: &str) -> Result<BTreeMap<String, CounterValue>, serde_
             continue;
         };
         let counter = ListedCounter::deserialize(counter)?;
-        if counter.table == TABLE && matches!(counter.family.as_str(), "inet" | "netdev") {
+        if counter.table == TABLE && counter.family == "inet" {
             counters.insert(counter.name, counter.value);
         }
     }
     Ok(counters)
-}
-
-fn interface_exists(name: &str) -> Result<bool, FirewallError> {
-    let lookup_error = |source| FirewallError::InterfaceLookup {
-        name: name.to_owned(),
-        source,
-    };
-    let c_name = CString::new(name).map_err(|e| lookup_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    // SAFETY: `c_name` is a NUL-terminated string that outlives the call, which only reads it.
-    // The lookup runs in the calling thread's network namespace, unlike /sys/class/net,
-    // which shows the namespace sysfs was mounted in.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index != 0 {
-        return Ok(true);
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ENODEV) {
-        Ok(false)
-    } else {
-        Err(lookup_error(error))
-    }
-}
-
-/// Run `nft` with `args` (never through a shell), feeding it `stdin`, and return its
-/// standard output.
-fn nft(action: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let spawn_error = |source| FirewallError::NftSpawn { action, source };
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // nft reads all of its input before it answers, so this cannot deadlock on its
-        // output; a write error means nft died, and its exit status says why.
-        let _ = pipe.write_all(input.as_bytes());
-    }
-    let output = child.wait_with_output().map_err(spawn_error)?;
-    if !output.status.success() {
-        return Err(FirewallError::NftFailed {
-            action,
-            status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[cfg(test)]
@@ -837,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_recreates_both_tables_and_touches_no_other() {
+    fn batch_recreates_the_inet_table_and_touches_no_other() {
         let doc = document(&three_networks());
         let all = commands(&doc);
         let table_commands: Vec<_> = all
@@ -847,14 +958,7 @@ mod tests {
             .collect();
         assert_eq!(
             table_commands,
-            [
-                "add inet hearth",
-                "delete inet hearth",
-                "add inet hearth",
-                "add netdev hearth",
-                "delete netdev hearth",
-                "add netdev hearth"
-            ]
+            ["add inet hearth", "delete inet hearth", "add inet hearth"]
         );
         // Each table is recreated before anything is put into it.
         assert_eq!(all[0].1, "table");
@@ -870,7 +974,7 @@ mod tests {
     }
 
     #[test]
-    fn chains_hook_forward_postrouting_and_each_tap_ingress() {
+    fn chains_hook_forward_and_postrouting() {
         let doc = document(&three_networks());
         let chains: Vec<_> = objects(&doc, "chain")
             .iter()
@@ -892,9 +996,6 @@ mod tests {
             [
                 "inet forward filter forward 0 accept ",
                 "inet postrouting nat postrouting 100 accept ",
-                "netdev port_htap1 filter ingress -500 accept htap1",
-                "netdev port_htap2 filter ingress -500 accept htap2",
-                "netdev port_htap3 filter ingress -500 accept htap3",
             ]
         );
     }
@@ -932,7 +1033,7 @@ mod tests {
     }
 
     #[test]
-    fn every_network_and_every_port_has_a_named_counter() {
+    fn every_network_has_a_named_isolation_counter() {
         let doc = document(&three_networks());
         let counters: Vec<_> = objects(&doc, "counter")
             .iter()
@@ -944,45 +1045,45 @@ mod tests {
                 "inet isolation_drop_a",
                 "inet isolation_drop_b",
                 "inet isolation_drop_c",
-                "netdev spoof_htap1",
-                "netdev spoof_htap2",
-                "netdev spoof_htap3",
             ]
         );
     }
 
     #[test]
-    fn a_port_may_send_only_from_its_own_mac_and_addresses() {
-        let doc = document(&three_networks());
+    fn a_port_is_its_mac_and_addresses_in_the_guard_sets() {
+        let spec = three_networks();
         assert_eq!(
-            rules(&doc, "netdev", "port_htap1"),
-            [
-                "ether saddr != 52:54:00:00:00:01 counter spoof_htap1 drop",
-                "ether type != {ip,arp} drop",
-                "ether type == ip ip saddr == 0.0.0.0 udp sport == 68 udp dport == 67 accept",
-                "ether type == ip ip saddr != {10.1.0.2,10.1.0.3} counter spoof_htap1 drop",
-                "ether type == arp arp saddr ether != 52:54:00:00:00:01 counter spoof_htap1 drop",
-                "ether type == arp arp saddr ip == 0.0.0.0 accept",
-                "ether type == arp arp saddr ip != {10.1.0.2,10.1.0.3} counter spoof_htap1 drop",
-            ]
+            port_elements("add", &spec.networks[0].ports[0]),
+            "add element bridge hearth ports { \"htap1\" }\n\
+             add element bridge hearth macs { \"htap1\" . 52:54:00:00:00:01 }\n\
+             add element bridge hearth addrs { \"htap1\" . 10.1.0.2, \"htap1\" . 10.1.0.3 }\n"
         );
     }
 
     #[test]
     fn a_port_without_addresses_may_only_ask_for_one() {
-        let doc = document(&three_networks());
+        // No addrs element: the guard chain accepts only DHCP and ARP probes from 0.0.0.0.
+        let spec = three_networks();
+        let elements = port_elements("delete", &spec.networks[1].ports[0]);
         assert_eq!(
-            rules(&doc, "netdev", "port_htap3"),
-            [
-                "ether saddr != 52:54:00:00:00:03 counter spoof_htap3 drop",
-                "ether type != {ip,arp} drop",
-                "ether type == ip ip saddr == 0.0.0.0 udp sport == 68 udp dport == 67 accept",
-                "ether type == ip counter spoof_htap3 drop",
-                "ether type == arp arp saddr ether != 52:54:00:00:00:03 counter spoof_htap3 drop",
-                "ether type == arp arp saddr ip == 0.0.0.0 accept",
-                "ether type == arp counter spoof_htap3 drop",
-            ]
+            elements,
+            "delete element bridge hearth ports { \"htap3\" }\n\
+             delete element bridge hearth macs { \"htap3\" . 52:54:00:00:00:03 }\n"
         );
+        assert!(GUARD_TABLE.contains("ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept"));
+        assert!(GUARD_TABLE.contains("arp saddr ip 0.0.0.0 accept"));
+    }
+
+    #[test]
+    fn the_guard_table_counts_what_it_declares() {
+        let rules = GUARD_TABLE
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains("jump") || l.ends_with("drop") || l.ends_with("accept"))
+            .count();
+        assert_eq!(rules, GUARD_RULES);
+        assert_eq!(GUARD_TABLE.matches("\n    set ").count(), GUARD_SETS);
+        assert_eq!(GUARD_TABLE.matches("\n    chain ").count(), GUARD_CHAINS);
     }
 
     #[test]
@@ -1001,8 +1102,8 @@ mod tests {
     fn mac_addresses_are_written_in_lower_case() {
         let mut spec = three_networks();
         spec.networks[0].ports[0].mac = "52:54:00:AB:CD:EF".into();
-        let rules = rules(&document(&spec), "netdev", "port_htap1");
-        assert_eq!(rules[0], "ether saddr != 52:54:00:ab:cd:ef counter spoof_htap1 drop");
+        let elements = port_elements("add", &spec.networks[0].ports[0]);
+        assert!(elements.contains("\"htap1\" . 52:54:00:ab:cd:ef"), "{elements}");
     }
 
     #[test]
@@ -1095,6 +1196,11 @@ mod tests {
                 "unicast",
             ),
             (
+                "quote in tap",
+                Box::new(|s| s.networks[0].ports[0].tap = "htap\"1".into()),
+                "letters, digits",
+            ),
+            (
                 "injection",
                 Box::new(|s| s.networks[0].ports[0].mac = "52:54:00:00:00:01\" drop".into()),
                 "MAC",
@@ -1131,9 +1237,9 @@ mod tests {
         let listing = json!({"nftables": [
             {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
             {"counter": {"family": "netdev", "name": "spoof_htap1", "table": "hearth", "handle": 2,
-                         "packets": 5_000_000_000u64, "bytes": 7}},
+                         "packets": 5, "bytes": 7}},
             {"counter": {"family": "inet", "name": "isolation_drop_a", "table": "hearth", "handle": 3,
-                         "packets": 2, "bytes": 168}},
+                         "packets": 5_000_000_000u64, "bytes": 168}},
             {"counter": {"family": "inet", "name": "spoof_x", "table": "other", "handle": 4,
                          "packets": 1, "bytes": 1}},
             {"counter": {"family": "ip", "name": "spoof_y", "table": "hearth", "handle": 4,
@@ -1142,16 +1248,13 @@ mod tests {
         let counters = parse_counters(&listing.to_string()).expect("parses");
         assert_eq!(
             counters.into_iter().collect::<Vec<_>>(),
-            [
-                ("isolation_drop_a".to_owned(), CounterValue { packets: 2, bytes: 168 }),
-                (
-                    "spoof_htap1".to_owned(),
-                    CounterValue {
-                        packets: 5_000_000_000,
-                        bytes: 7
-                    }
-                ),
-            ]
+            [(
+                "isolation_drop_a".to_owned(),
+                CounterValue {
+                    packets: 5_000_000_000,
+                    bytes: 168
+                }
+            )]
         );
         assert!(parse_counters("{\"nftables\": [{\"counter\": {\"name\": 1}}]}").is_err());
         assert!(parse_counters("Error: oops").is_err());
@@ -1162,31 +1265,75 @@ mod tests {
         let mut doc = document(&three_networks());
         let previous = BTreeMap::from([
             (
-                "spoof_htap2".to_owned(),
+                "isolation_drop_b".to_owned(),
                 CounterValue {
                     packets: 5_000_000_000,
                     bytes: 9,
                 },
             ),
-            ("spoof_gone".to_owned(), CounterValue { packets: 1, bytes: 1 }),
+            ("isolation_drop_gone".to_owned(), CounterValue { packets: 1, bytes: 1 }),
         ]);
         carry_counters(&mut doc, &previous);
         let counters = objects(&doc, "counter");
-        let carried = counters.iter().find(|c| c["name"] == "spoof_htap2").expect("counter");
+        let carried = counters
+            .iter()
+            .find(|c| c["name"] == "isolation_drop_b")
+            .expect("counter");
         assert_eq!(
             (&carried["packets"], &carried["bytes"]),
             (&json!(5_000_000_000u64), &json!(9))
         );
-        let fresh = counters.iter().find(|c| c["name"] == "spoof_htap1").expect("counter");
+        let fresh = counters
+            .iter()
+            .find(|c| c["name"] == "isolation_drop_a")
+            .expect("counter");
         assert!(fresh.get("packets").is_none_or(Value::is_null));
-        assert!(!counters.iter().any(|c| c["name"] == "spoof_gone"));
+        assert!(!counters.iter().any(|c| c["name"] == "isolation_drop_gone"));
+    }
+
+    #[test]
+    fn the_guard_listing_gives_sets_and_spoof_counts() {
+        let mut listing = vec![
+            json!({"metainfo": {"version": "1.0.6"}}),
+            json!({"table": {"family": "bridge", "name": "hearth"}}),
+            json!({"set": {"name": "ports", "elem": ["htap1"]}}),
+            json!({"set": {"name": "macs", "elem": [{"concat": ["htap1", "52:54:00:00:00:01"]}]}}),
+            json!({"set": {"name": "addrs", "elem": [{"concat": ["htap1", "10.1.0.2"]}]}}),
+            json!({"set": {"name": "spoofed", "elem": [
+                {"elem": {"val": "htap1", "counter": {"packets": 3, "bytes": 126}}}]}}),
+            json!({"chain": {"name": "prerouting"}}),
+            json!({"chain": {"name": "guard"}}),
+        ];
+        listing.extend((0..GUARD_RULES).map(|_| json!({"rule": {}})));
+        let parsed = parse_guard(&json!({ "nftables": listing }).to_string())
+            .expect("parses")
+            .expect("whole");
+        let mut wanted = GuardSets::default();
+        wanted.insert(&port("htap1", "52:54:00:00:00:01", &["10.1.0.2"]));
+        assert_eq!(parsed.ports, wanted.ports);
+        assert_eq!(parsed.macs, wanted.macs);
+        assert_eq!(parsed.addrs, wanted.addrs);
+        assert_eq!(parsed.spoof_counts["htap1"], CounterValue { packets: 3, bytes: 126 });
+        // A rule deleted by hand: the table is not whole and gets rebuilt.
+        listing.pop();
+        assert!(parse_guard(&json!({ "nftables": listing }).to_string())
+            .expect("parses")
+            .is_none());
+    }
+
+    fn port(tap: &str, mac: &str, ips: &[&str]) -> PortRules {
+        PortRules {
+            tap: tap.into(),
+            mac: mac.into(),
+            ips: ips.iter().map(|a| ip(a)).collect(),
+        }
     }
 
     /// Tests against the real kernel and nft, each inside a private network namespace so
     /// that the host's own firewall is never touched. They need root.
     mod in_netns {
         use super::*;
-        use std::process::Output;
+        use std::process::{Command, Output};
 
         /// Run `f` on a thread of its own in a fresh network namespace; processes it
         /// spawns (nft, ip) inherit that namespace.
@@ -1241,23 +1388,19 @@ mod tests {
                 .collect()
         }
 
-        fn tap(name: &str) {
-            run(&["ip", "tuntap", "add", name, "mode", "tap"]);
+        /// Both of our tables, in a fixed order (a rebuilt table moves to the end of
+        /// the full listing).
+        fn ours() -> String {
+            run(&["nft", "list", "table", "inet", TABLE]) + &run(&["nft", "list", "table", "bridge", TABLE])
         }
 
-        fn port(tap: &str, mac: &str, ips: &[&str]) -> PortRules {
-            PortRules {
-                tap: tap.into(),
-                mac: mac.into(),
-                ips: ips.iter().map(|a| ip(a)).collect(),
-            }
+        fn guard_elements(set: &str) -> String {
+            run(&["nft", "list", "set", "bridge", TABLE, set])
         }
 
         #[test]
         fn apply_is_idempotent_shrinks_and_leaves_other_tables_alone() {
             in_private_netns(|| {
-                tap("htap1");
-                tap("htap3");
                 run(&["nft", "add", "table", "inet", "other"]);
                 run(&[
                     "nft",
@@ -1272,8 +1415,8 @@ mod tests {
                 let other = run(&["nft", "list", "table", "inet", "other"]);
 
                 let mut spec = three_networks();
-                let applied = apply(&spec).expect("apply");
-                assert_eq!(applied.missing_taps, ["htap2"]);
+                apply(&spec).expect("apply");
+                assert!(tables_present());
 
                 let inet = hearth_json("inet");
                 let chains: Vec<_> = listed(&inet, "chain")
@@ -1303,15 +1446,23 @@ mod tests {
                     .collect();
                 assert_eq!(postrouting, ["ip saddr == 10.1.0.0/24 oifname != hbr-a masquerade"]);
 
-                let netdev = hearth_json("netdev");
-                let ports: Vec<_> = listed(&netdev, "chain")
-                    .iter()
-                    .map(|c| format!("{} {} {}", render_expr(&c["name"]), render_expr(&c["hook"]), c["prio"]))
-                    .collect();
-                assert_eq!(ports, ["port_htap1 ingress -500", "port_htap3 ingress -500"]);
-                // nft 1.0.6 leaves the device out of its JSON listing.
-                let text = run(&["nft", "list", "table", "netdev", TABLE]);
-                assert!(text.contains("hook ingress device \"htap1\" priority -500"), "{text}");
+                // The guard hooks the bridges' prerouting, ahead of everything, and holds
+                // every port; TAPs need not exist.
+                let text = run(&["nft", "list", "table", "bridge", TABLE]);
+                assert!(
+                    text.contains("type filter hook prerouting priority dstnat;"),
+                    "-300 is dstnat: {text}"
+                );
+                let macs = guard_elements("macs");
+                for element in [
+                    "\"htap1\" . 52:54:00:00:00:01",
+                    "\"htap2\" . 52:54:00:00:00:02",
+                    "\"htap3\" . 52:54:00:00:00:03",
+                ] {
+                    assert!(macs.contains(element), "{element} missing:\n{macs}");
+                }
+                let addrs = guard_elements("addrs");
+                assert!(addrs.contains("\"htap1\" . 10.1.0.3"), "{addrs}");
                 let counter_names: Vec<_> = counters().expect("counters").into_keys().collect();
                 assert_eq!(
                     counter_names,
@@ -1320,28 +1471,62 @@ mod tests {
                         "isolation_drop_b",
                         "isolation_drop_c",
                         "spoof_htap1",
+                        "spoof_htap2",
                         "spoof_htap3"
                     ]
                 );
 
-                let first = listing();
+                let first = ours();
                 apply(&spec).expect("apply again");
-                assert_eq!(listing(), first, "applying the same spec twice changes nothing");
+                assert_eq!(ours(), first, "applying the same spec twice changes nothing");
 
-                // The TAP appears: applying again picks its port up.
-                tap("htap2");
-                assert!(apply(&spec).expect("apply").missing_taps.is_empty());
-                assert!(listing().contains("chain port_htap2"));
+                // Elements deleted and added by hand are put right.
+                run(&[
+                    "nft",
+                    "delete",
+                    "element",
+                    "bridge",
+                    TABLE,
+                    "macs",
+                    "{ \"htap2\" . 52:54:00:00:00:02 }",
+                ]);
+                run(&[
+                    "nft",
+                    "add",
+                    "element",
+                    "bridge",
+                    TABLE,
+                    "addrs",
+                    "{ \"htap2\" . 10.1.0.99 }",
+                ]);
+                sync_ports(&spec).expect("sync");
+                assert_eq!(ours(), first, "sync repairs the sets");
+
+                // One port at a time.
+                let extra = port("htap9", "52:54:00:00:00:09", &["10.1.0.9"]);
+                add_port(&extra).expect("add a port");
+                assert!(guard_elements("addrs").contains("\"htap9\" . 10.1.0.9"));
+                add_port(&extra).expect("adding twice is fine");
+                remove_port(&extra).expect("remove a port");
+                remove_port(&extra).expect("removing twice is fine");
+                assert_eq!(ours(), first, "add then remove leaves what was there");
 
                 spec.networks.remove(1);
                 spec.networks[0].ports.remove(0);
                 apply(&spec).expect("apply a smaller spec");
                 let smaller = listing();
-                for gone in ["hbr-b", "isolation_drop_b", "port_htap1", "spoof_htap1", "port_htap3"] {
+                for gone in ["hbr-b", "isolation_drop_b", "\"htap1\"", "\"htap3\""] {
                     assert!(!smaller.contains(gone), "{gone} is still there:\n{smaller}");
                 }
-                assert!(smaller.contains("chain port_htap2"), "{smaller}");
+                assert!(smaller.contains("\"htap2\""), "{smaller}");
                 assert!(smaller.contains(&other), "another table changed:\n{smaller}");
+
+                // A flushed guard table is rebuilt whole, with the ports.
+                run(&["nft", "flush", "chain", "bridge", TABLE, "guard"]);
+                assert!(!tables_present());
+                apply_networks(&spec).expect("apply networks");
+                assert!(tables_present());
+                assert!(guard_elements("ports").contains("\"htap2\""));
 
                 remove().expect("remove");
                 remove().expect("removing twice is fine");

@@ -3,6 +3,8 @@
 //!
 //! - `GET /networks`, `GET|PUT|DELETE /networks/{name}` (body: `NetworkSpec`)
 //! - `GET /ports`, `GET|PUT|DELETE /ports/{id}` (body: `PortSpec`)
+//! - `PUT /ports` (body: `{id: PortSpec, ...}`): many ports at once, all or nothing; the
+//!   answer is `{id: Port, ...}`
 
 use std::sync::Arc;
 
@@ -23,7 +25,7 @@ pub fn router(svc: Arc<NetworkService>) -> Router {
             "/networks/{name}",
             get(show_network).put(ensure_network).delete(delete_network),
         )
-        .route("/ports", get(list_ports))
+        .route("/ports", get(list_ports).put(ensure_ports))
         .route("/ports/{id}", get(show_port).put(ensure_port).delete(delete_port))
         .with_state(svc)
         .merge(socket_http::server::health_router("netd"))
@@ -77,6 +79,15 @@ async fn ensure_port(State(svc): Svc, Path(id): Path<String>, body: axum::body::
     Ok(Json(svc.ensure_port(&id, spec).await?))
 }
 
+async fn ensure_ports(
+    State(svc): Svc,
+    body: axum::body::Bytes,
+) -> Result<Json<std::collections::BTreeMap<String, Port>>, ApiError> {
+    let specs: std::collections::BTreeMap<String, PortSpec> = parse(&body)?;
+    let ports = svc.ensure_ports(specs.into_iter().collect()).await?;
+    Ok(Json(ports.into_iter().map(|p| (p.id.clone(), p)).collect()))
+}
+
 async fn delete_port(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     svc.delete_port(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -119,6 +130,13 @@ pub mod client {
         }
         pub async fn ensure_port(&self, id: &str, spec: &PortSpec) -> Result<Port, ClientError> {
             self.http.call(Method::PUT, &format!("/ports/{id}"), Some(spec)).await
+        }
+        /// Many ports at once, all or nothing.
+        pub async fn ensure_ports(
+            &self,
+            specs: &std::collections::BTreeMap<String, PortSpec>,
+        ) -> Result<std::collections::BTreeMap<String, Port>, ClientError> {
+            self.http.call(Method::PUT, "/ports", Some(specs)).await
         }
         pub async fn delete_port(&self, id: &str) -> Result<(), ClientError> {
             self.http

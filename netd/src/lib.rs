@@ -5,6 +5,7 @@
 //! - [`tap`]: persistent TAP devices through `/dev/net/tun`
 //! - [`ipam`]: authoritative, persistent address management
 //! - [`firewall`]: NAT, isolation and anti-spoofing through nftables' JSON interface
+//! - [`nft`]: libnftables in process, per network namespace
 //! - [`dhcp`]: a supervised dnsmasq per network, fed with IPAM's reservations
 //! - [`http`]: the Unix-socket API and its client
 
@@ -14,4 +15,5 @@ pub mod http;
 pub mod ipam;
 pub mod link;
 pub mod network;
+pub mod nft;
 pub mod tap;

@@ -31,6 +31,14 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// What [`Netlink::configure`] changes on a link; `None`/`false` leaves it as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortLink {
+    pub mac: Option<[u8; 6]>,
+    pub controller: Option<u32>,
+    pub up: bool,
+}
+
 /// A link as netlink reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkInfo {
@@ -184,6 +192,26 @@ impl Netlink {
             .execute()
             .await
             .map_err(Self::err(format!("set the MAC of link {index}")))
+    }
+
+    /// Changes a bridge port's MAC, bridge and state in one request.
+    pub async fn configure(&self, index: u32, change: PortLink) -> Result<(), LinkError> {
+        let mut link = LinkUnspec::new_with_index(index);
+        if let Some(mac) = change.mac {
+            link = link.address(mac.to_vec());
+        }
+        if let Some(bridge) = change.controller {
+            link = link.controller(bridge);
+        }
+        if change.up {
+            link = link.up();
+        }
+        self.handle
+            .link()
+            .set(link.build())
+            .execute()
+            .await
+            .map_err(Self::err(format!("configure link {index}")))
     }
 
     /// Makes `index` a port of bridge `bridge`.

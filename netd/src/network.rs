@@ -453,78 +453,150 @@ impl NetworkService {
 
     /// Ensures a port: an address from IPAM, a persistent TAP on the bridge.
     pub async fn ensure_port(&self, id: &str, spec: PortSpec) -> Result<Port, NetError> {
-        validate_resource_name("port", id)?;
-        if spec.queues == 0 || spec.queues > 16 {
-            return Err(NetError::Invalid(format!("queues must be 1-16, got {}", spec.queues)));
-        }
-        let mut st = self.state.lock().await;
-        if let Some(existing) = st.ports.get(id) {
-            if existing.network != spec.network || spec.ip.is_some_and(|ip| ip != existing.ip) {
-                return Err(NetError::Conflict(format!(
-                    "port {id} already exists on network {}",
-                    existing.network
+        let mut ports = self.ensure_ports(vec![(id.to_string(), spec)]).await?;
+        ports.pop().ok_or_else(|| NetError::Host("no port came back".into()))
+    }
+
+    /// Ensures many ports at once, all or nothing: one IPAM sync per network and one
+    /// firewall transaction for all of them. Ports that exist already are checked against
+    /// their spec and repaired; new ones that were made are taken back if any fails.
+    pub async fn ensure_ports(&self, requests: Vec<(String, PortSpec)>) -> Result<Vec<Port>, NetError> {
+        let mut ids = std::collections::HashSet::new();
+        for (id, spec) in &requests {
+            validate_resource_name("port", id)?;
+            if spec.queues == 0 || spec.queues > 16 {
+                return Err(NetError::Invalid(format!(
+                    "port {id}: queues must be 1-16, got {}",
+                    spec.queues
                 )));
             }
-            let port = existing.clone();
-            self.realize_port(&port).await?;
-            return Ok(port);
+            if !ids.insert(id.as_str()) {
+                return Err(NetError::Invalid(format!("port {id} is listed twice")));
+            }
         }
-        let net = st
-            .networks
-            .get_mut(&spec.network)
-            .ok_or_else(|| NetError::Invalid(format!("network {:?} does not exist", spec.network)))?;
-        let mac = match spec.mac {
-            Some(m) => {
-                let parsed = parse_mac(&m).ok_or_else(|| NetError::Invalid(format!("invalid MAC address {m:?}")))?;
-                if parsed[0] & 1 == 1 {
-                    return Err(NetError::Invalid(format!("MAC {m} is a multicast address")));
+        let mut st = self.state.lock().await;
+        for net in st.networks.values_mut() {
+            net.ipam.begin_batch();
+        }
+        let mut made: Vec<Port> = Vec::new();
+        let result = self.ensure_ports_locked(&mut st, requests, &mut made).await;
+        let committed = st.networks.values_mut().try_for_each(|n| n.ipam.commit());
+        let result = result.and_then(|ports| committed.map(|()| ports).map_err(NetError::from));
+        if result.is_err() {
+            // Take back what this call made; the releases are synced one by one.
+            for port in &made {
+                let _ = tap::delete_tap(&port.tap);
+                let _ = firewall::remove_port(&port_rules(port));
+                let _ = std::fs::remove_file(self.port_file(&port.id));
+                st.ports.remove(&port.id);
+                if let Some(net) = st.networks.get_mut(&port.network) {
+                    let _ = net.ipam.release(&port.id);
                 }
-                m.to_ascii_lowercase()
             }
-            None => tap::mac_for(id, 0),
-        };
-        let ip = net.ipam.allocate(id, Some(&mac), spec.ip)?;
-        let port = Port {
-            id: id.to_string(),
-            network: spec.network.clone(),
-            tap: tap::tap_name_for(id, 0),
-            mac,
-            ip,
-            prefix: net.spec.subnet.prefix_len(),
-            gateway: net.gateway,
-            queues: spec.queues,
-        };
-        let made = async {
-            self.realize_port(&port).await?;
-            write_json(&self.config.state_dir.join("ports").join(format!("{id}.json")), &port)?;
-            Ok::<_, NetError>(())
         }
-        .await;
-        if let Err(e) = made {
-            let _ = tap::delete_tap(&port.tap);
-            if let Some(net) = st.networks.get_mut(&port.network) {
-                let _ = net.ipam.release(id);
+        let networks: std::collections::BTreeSet<String> = made.iter().map(|p| p.network.clone()).collect();
+        for network in networks {
+            self.update_dhcp(&st, &network)?;
+        }
+        result
+    }
+
+    fn port_file(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("ports").join(format!("{id}.json"))
+    }
+
+    async fn ensure_ports_locked(
+        &self,
+        st: &mut State,
+        requests: Vec<(String, PortSpec)>,
+        made: &mut Vec<Port>,
+    ) -> Result<Vec<Port>, NetError> {
+        let mut ports = Vec::with_capacity(requests.len());
+        let mut new = Vec::new();
+        for (id, spec) in requests {
+            if let Some(existing) = st.ports.get(&id) {
+                if existing.network != spec.network || spec.ip.is_some_and(|ip| ip != existing.ip) {
+                    return Err(NetError::Conflict(format!(
+                        "port {id} already exists on network {}",
+                        existing.network
+                    )));
+                }
+                ports.push(existing.clone());
+                continue;
             }
-            return Err(e);
+            let net = st
+                .networks
+                .get_mut(&spec.network)
+                .ok_or_else(|| NetError::Invalid(format!("network {:?} does not exist", spec.network)))?;
+            let mac = match spec.mac {
+                Some(m) => {
+                    let parsed =
+                        parse_mac(&m).ok_or_else(|| NetError::Invalid(format!("invalid MAC address {m:?}")))?;
+                    if parsed[0] & 1 == 1 {
+                        return Err(NetError::Invalid(format!("MAC {m} is a multicast address")));
+                    }
+                    m.to_ascii_lowercase()
+                }
+                None => tap::mac_for(&id, 0),
+            };
+            let ip = net.ipam.allocate(&id, Some(&mac), spec.ip)?;
+            let port = Port {
+                id: id.clone(),
+                network: spec.network.clone(),
+                tap: tap::tap_name_for(&id, 0),
+                mac,
+                ip,
+                prefix: net.spec.subnet.prefix_len(),
+                gateway: net.gateway,
+                queues: spec.queues,
+            };
+            // Recorded at once, so that a failure further on takes it back.
+            st.ports.insert(id, port.clone());
+            made.push(port.clone());
+            new.push(port.clone());
+            ports.push(port);
         }
-        st.ports.insert(id.to_string(), port.clone());
-        self.after_port_change(&st, &port.network)?;
-        Ok(port)
+        // Each TAP may carry only its port's own MAC and address from the moment it
+        // exists: the anti-spoofing elements go in first, in one transaction.
+        let rules: Vec<_> = new.iter().map(port_rules).collect();
+        firewall::add_ports(&rules).map_err(host_error)?;
+        let mut bridges = BTreeMap::new();
+        for port in &ports {
+            let bridge = match bridges.get(&port.network) {
+                Some(&index) => index,
+                None => {
+                    let index = self
+                        .nl
+                        .link(&bridge_name(&port.network))
+                        .await?
+                        .ok_or_else(|| NetError::Host(format!("bridge of network {} is missing", port.network)))?
+                        .index;
+                    bridges.insert(port.network.clone(), index);
+                    index
+                }
+            };
+            self.realize_port_on(port, bridge).await?;
+        }
+        for port in &new {
+            write_json(&self.port_file(&port.id), port)?;
+        }
+        Ok(ports)
     }
 
     pub async fn delete_port(&self, id: &str) -> Result<(), NetError> {
         let mut st = self.state.lock().await;
         let Some(port) = st.ports.remove(id) else { return Ok(()) };
-        tap::delete_tap(&port.tap).map_err(|e| NetError::Host(e.to_string()))?;
+        tap::delete_tap(&port.tap).map_err(host_error)?;
+        firewall::remove_port(&port_rules(&port)).map_err(host_error)?;
         if let Some(net) = st.networks.get_mut(&port.network) {
             net.ipam.release(id)?;
         }
-        match std::fs::remove_file(self.config.state_dir.join("ports").join(format!("{id}.json"))) {
+        match std::fs::remove_file(self.port_file(id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        self.after_port_change(&st, &port.network)?;
+        self.update_dhcp(&st, &port.network)?;
         Ok(())
     }
 
@@ -542,14 +614,15 @@ impl NetworkService {
             .ok_or_else(|| NetError::NotFound(format!("port {id} does not exist")))
     }
 
-    fn after_port_change(&self, st: &State, network: &str) -> Result<(), NetError> {
+    /// Give the network's dnsmasq the reservations as they are now.
+    fn update_dhcp(&self, st: &State, network: &str) -> Result<(), NetError> {
         if let Some(net) = st.networks.get(network) {
             if let Some(d) = &net.dhcp {
                 dhcp::write_hosts(d.dir(), &net.ipam.reservations())?;
                 d.reload();
             }
         }
-        self.apply_firewall(st)
+        Ok(())
     }
 
     async fn realize_port(&self, port: &Port) -> Result<(), NetError> {
@@ -558,7 +631,12 @@ impl NetworkService {
             .link(&bridge_name(&port.network))
             .await?
             .ok_or_else(|| NetError::Host(format!("bridge of network {} is missing", port.network)))?;
-        tap::create_tap(&port.tap, port.queues).map_err(|e| NetError::Host(e.to_string()))?;
+        self.realize_port_on(port, bridge.index).await
+    }
+
+    /// Makes `port`'s TAP exist, with its MAC, on bridge `bridge`, and up.
+    async fn realize_port_on(&self, port: &Port, bridge: u32) -> Result<(), NetError> {
+        tap::create_tap(&port.tap, port.queues).map_err(host_error)?;
         let link = self
             .nl
             .link(&port.tap)
@@ -566,17 +644,17 @@ impl NetworkService {
             .ok_or_else(|| NetError::Host(format!("TAP {} vanished after creation", port.tap)))?;
         // The host end gets the guest's MAC with a 0xfe first byte (as libvirt does), so
         // the bridge never learns the guest's own MAC on the host side.
-        if let Some(mut mac) = parse_mac(&port.mac) {
+        let mac = parse_mac(&port.mac).map(|mut mac| {
             mac[0] = 0xfe;
-            if link.mac != Some(mac) {
-                self.nl.set_mac(link.index, mac).await?;
-            }
-        }
-        if link.controller != Some(bridge.index) {
-            self.nl.set_controller(link.index, bridge.index).await?;
-        }
-        if !link.up {
-            self.nl.set_up(link.index).await?;
+            mac
+        });
+        let change = crate::link::PortLink {
+            mac: mac.filter(|m| link.mac != Some(*m)),
+            controller: (link.controller != Some(bridge)).then_some(bridge),
+            up: !link.up,
+        };
+        if change.mac.is_some() || change.controller.is_some() || change.up {
+            self.nl.configure(link.index, change).await?;
         }
         Ok(())
     }
@@ -658,31 +736,40 @@ impl NetworkService {
         self.apply_firewall(st)
     }
 
+    /// Rebuild `inet hearth` when the networks changed (or our tables are gone), then make
+    /// the anti-spoofing sets hold exactly the ports.
     fn apply_firewall(&self, st: &State) -> Result<(), NetError> {
         let spec = firewall_spec(st);
-        let fingerprint = format!("{spec:?}");
+        let fingerprint = format!("{:?}", spec.without_ports());
         let unchanged = self
             .applied_firewall
             .lock()
             .map(|a| a.as_deref() == Some(fingerprint.as_str()))
             .unwrap_or(false);
-        if unchanged && firewall::tables_present() {
-            return Ok(());
-        }
-        // Forwarding is switched on only when a NAT network needs it, and never switched
-        // off: the operator may rely on it for other things.
-        if st.networks.values().any(|n| n.spec.nat) {
-            firewall::ensure_ip_forward(true).map_err(|e| NetError::Host(e.to_string()))?;
-        }
-        let applied = firewall::apply(&spec).map_err(|e| NetError::Host(e.to_string()))?;
-        if applied.missing_taps.is_empty() {
+        if !unchanged || !firewall::tables_present() {
+            // Forwarding is switched on only when a NAT network needs it, and never
+            // switched off: the operator may rely on it for other things.
+            if st.networks.values().any(|n| n.spec.nat) {
+                firewall::ensure_ip_forward(true).map_err(host_error)?;
+            }
+            firewall::apply_networks(&spec).map_err(host_error)?;
             if let Ok(mut a) = self.applied_firewall.lock() {
                 *a = Some(fingerprint);
             }
-        } else {
-            tracing::warn!(taps = ?applied.missing_taps, "anti-spoofing rules skipped for missing TAPs");
         }
-        Ok(())
+        firewall::sync_ports(&spec).map_err(host_error)
+    }
+}
+
+fn host_error(e: impl std::fmt::Display) -> NetError {
+    NetError::Host(e.to_string())
+}
+
+fn port_rules(p: &Port) -> firewall::PortRules {
+    firewall::PortRules {
+        tap: p.tap.clone(),
+        mac: p.mac.clone(),
+        ips: vec![p.ip],
     }
 }
 
@@ -700,11 +787,7 @@ fn firewall_spec(st: &State) -> firewall::FirewallSpec {
                 .ports
                 .values()
                 .filter(|p| p.network == n.spec.name)
-                .map(|p| firewall::PortRules {
-                    tap: p.tap.clone(),
-                    mac: p.mac.clone(),
-                    ips: vec![p.ip],
-                })
+                .map(port_rules)
                 .collect(),
         })
         .collect();
