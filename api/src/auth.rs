@@ -107,13 +107,83 @@ pub async fn verify(store: &dyn StateStore, key: &str) -> Result<ApiKeyRecord, A
     }
 }
 
-/// Middleware: everything except `/health/*` needs `Authorization: Bearer <key>`.
+/// Roles a key may have.
+pub const ROLES: [&str; 3] = ["admin", "member", "viewer"];
+
+/// `POST /v1/keys` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: String,
+    pub role: String,
+}
+
+/// `POST /v1/keys` (admin only): a new key, shown once; only its hash is stored.
+pub async fn create_key(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<ApiKeyRecord>,
+    body: axum::body::Bytes,
+) -> Result<(axum::http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
+    if caller.role != "admin" {
+        return Err(ApiError::forbidden(format!(
+            "creating API keys needs the admin role; this key has role {}",
+            caller.role
+        )));
+    }
+    let req: CreateKey = crate::json::parse(&body)?;
+    if !ROLES.contains(&req.role.as_str()) {
+        return Err(ApiError::unprocessable(format!(
+            "role {:?} does not exist: use one of {}",
+            req.role,
+            ROLES.join(", ")
+        )));
+    }
+    if req.name.trim().is_empty() || req.name.len() > 64 {
+        return Err(ApiError::unprocessable("a key needs a name of 1 to 64 characters"));
+    }
+    let id = random_token(8);
+    let secret = random_token(40);
+    let rec = ApiKeyRecord {
+        id: id.clone(),
+        name: req.name,
+        role: req.role,
+        secret_sha256: hash(&secret),
+        created_at_ms: vmm_manager::spec::now_ms(),
+    };
+    state.store.put(&format!("api-keys/{id}"), store::encode(&rec)).await?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "id": id, "name": rec.name, "role": rec.role, "prefix": format!("hth_{id}_"),
+            "key": format!("hth_{id}_{secret}"), "created_at_ms": rec.created_at_ms,
+        })),
+    ))
+}
+
+/// A random single-use token (console tickets).
+pub fn new_token() -> String {
+    random_token(40)
+}
+
+/// Middleware: everything except `/health/*`, the web console's files and console
+/// WebSockets opened with a ticket needs `Authorization: Bearer <key>`.
 pub async fn require_key(
     State(state): State<Arc<AppState>>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if req.uri().path().starts_with("/health/") {
+    let path = req.uri().path();
+    let web = path == "/" || path.starts_with("/assets/");
+    // Browsers cannot set headers on WebSockets: those carry a ticket, which the
+    // handler checks (see crate::console).
+    let ticketed = req.headers().get(axum::http::header::AUTHORIZATION).is_none()
+        && path.starts_with("/v1/vms/")
+        && (path.ends_with("/console") || path.ends_with("/vnc"))
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("ticket=")));
+    if path.starts_with("/health/") || web || ticketed {
         return Ok(next.run(req).await);
     }
     let header = req

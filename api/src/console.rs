@@ -1,42 +1,313 @@
-//! `GET /v1/vms/{id}/console`: the serial console as a WebSocket (binary frames both
-//! ways, xterm.js-compatible), proxied to vmm-manager's console WebSocket. The first
-//! frame carries the scrollback, then live output follows; with `write=true` (the
-//! default) the client's frames are typed into the guest, one writer at a time.
+//! Consoles over WebSockets, proxied to vmm-manager:
+//!
+//! - `GET /v1/vms/{id}/console`: the serial console (binary frames both ways,
+//!   xterm.js-compatible). The first frame carries the scrollback, then live output
+//!   follows; with `write=true` (the default) the client's frames are typed into the
+//!   guest, one writer at a time, and `takeover=true` takes the keyboard from the client
+//!   that has it.
+//! - `GET /v1/vms/{id}/vnc`: RFB for noVNC, for QEMU VMs with a display.
+//! - `POST /v1/vms/{id}/console/ticket`: browsers cannot set headers on WebSockets, so they
+//!   present a ticket (`?ticket=`) instead: bound to one VM, one key and one kind, valid for
+//!   [`TICKET_TTL`], good for one connection.
+//!
+//! A WebSocket upgrade that carries an `Origin` (every browser's does) must come from this
+//! server's own origin, so another site cannot open a console with a visitor's ticket.
+//! A key with role `viewer` may watch a console but never type.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::{Extension, Json};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 use tokio_tungstenite::tungstenite::Message as UpMessage;
 
+use crate::auth::ApiKeyRecord;
+use crate::model::VmRecord;
 use crate::server::AppState;
 use crate::vms::{resolve, upstream};
+
+/// How long a console ticket stays valid (`HEARTH_CONSOLE_TICKET_TTL_MS` shortens it for
+/// tests; it is never longer).
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+
+/// What a ticket opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TicketKind {
+    #[default]
+    Serial,
+    Vnc,
+}
+
+#[derive(Debug, Clone)]
+struct Ticket {
+    vm: String,
+    kind: TicketKind,
+    write: bool,
+    key_id: String,
+    expires: Instant,
+}
+
+/// Outstanding console tickets, in memory: they live for seconds, and a restart of the
+/// api simply makes clients ask again.
+pub struct Tickets {
+    open: Mutex<HashMap<String, Ticket>>,
+    ttl: Duration,
+}
+
+impl Default for Tickets {
+    fn default() -> Self {
+        let ttl = std::env::var("HEARTH_CONSOLE_TICKET_TTL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .map_or(TICKET_TTL, |t| t.min(TICKET_TTL));
+        Self {
+            open: Mutex::default(),
+            ttl,
+        }
+    }
+}
+
+impl Tickets {
+    fn issue(&self, ticket: Ticket) -> String {
+        let token = crate::auth::new_token();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        open.retain(|_, t| t.expires > now);
+        open.insert(token.clone(), ticket);
+        token
+    }
+
+    /// Takes a ticket out (it works once, whatever happens next).
+    fn redeem(&self, token: &str) -> Option<Ticket> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(token)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketRequest {
+    #[serde(default)]
+    kind: TicketKind,
+    #[serde(default = "yes")]
+    write: bool,
+}
+
+/// `POST /v1/vms/{id}/console/ticket`.
+pub async fn ticket(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Extension(key): Extension<ApiKeyRecord>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req: TicketRequest = if body.is_empty() {
+        TicketRequest {
+            kind: TicketKind::Serial,
+            write: true,
+        }
+    } else {
+        crate::json::parse(&body)?
+    };
+    let (rec, _) = resolve(&state, &id).await?;
+    if req.write && req.kind == TicketKind::Serial {
+        may_type(&key)?;
+    }
+    if req.kind == TicketKind::Vnc {
+        has_display(&rec)?;
+    }
+    let ttl = state.tickets.ttl;
+    let token = state.tickets.issue(Ticket {
+        vm: rec.id.clone(),
+        kind: req.kind,
+        write: req.write,
+        key_id: key.id.clone(),
+        expires: Instant::now() + ttl,
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "ticket": token, "kind": req.kind, "vm": rec.id, "write": req.write,
+            "expires_at_ms": vmm_manager::spec::now_ms() + ttl.as_millis() as u64,
+        })),
+    ))
+}
+
+fn may_type(key: &ApiKeyRecord) -> Result<(), ApiError> {
+    if key.role == "viewer" {
+        return Err(ApiError::forbidden(format!(
+            "key {} has role viewer, which may watch consoles but not type (permission console.write);              connect with write=false",
+            key.name
+        )));
+    }
+    Ok(())
+}
+
+fn has_display(rec: &VmRecord) -> Result<(), ApiError> {
+    if rec.hypervisor != vmm_manager::HypervisorKind::Qemu {
+        return Err(ApiError::conflict(format!(
+            "VM {} runs on Cloud Hypervisor, which has no framebuffer: use its serial console",
+            rec.name
+        )));
+    }
+    if !rec.vnc {
+        return Err(ApiError::conflict(format!(
+            "VM {} was created without a display (vnc: false): use its serial console",
+            rec.name
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a WebSocket upgrade whose `Origin` is not this server.
+fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return Ok(()); // Not a browser: the CLI and scripts send none.
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or_default();
+    if host.is_empty() || !origin_host.eq_ignore_ascii_case(host) {
+        tracing::warn!(origin, host, "refused a console WebSocket from another origin");
+        return Err(ApiError::forbidden(format!(
+            "WebSocket origin {origin:?} is not this server ({host}); open the console from hearth's own web console"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 pub struct ConsoleQuery {
     #[serde(default = "yes")]
     write: bool,
+    #[serde(default)]
+    takeover: bool,
+    #[serde(default)]
+    ticket: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct VncQuery {
+    #[serde(default)]
+    ticket: Option<String>,
 }
 
 fn yes() -> bool {
     true
 }
 
+/// Who may open `kind` on VM `id`: the bearer key, or a ticket. Returns the VM and
+/// whether typing is allowed.
+async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    key: Option<ApiKeyRecord>,
+    ticket: Option<&str>,
+    kind: TicketKind,
+    write: bool,
+) -> Result<(VmRecord, bool), ApiError> {
+    check_origin(headers)?;
+    match (key, ticket) {
+        (Some(key), _) => {
+            let (rec, _) = resolve(state, id).await?;
+            if write && kind == TicketKind::Serial {
+                may_type(&key)?;
+            }
+            Ok((rec, write))
+        }
+        (None, Some(token)) => {
+            let t = state
+                .tickets
+                .redeem(token)
+                .ok_or_else(|| ApiError::unauthorized("unknown console ticket, or one that was used already"))?;
+            if t.expires <= Instant::now() {
+                return Err(ApiError::unauthorized("the console ticket expired: ask for a new one"));
+            }
+            let (rec, _) = resolve(state, id).await?;
+            if rec.id != t.vm {
+                return Err(ApiError::forbidden(format!(
+                    "this ticket is for another VM, not {}",
+                    rec.name
+                )));
+            }
+            if t.kind != kind {
+                return Err(ApiError::forbidden(format!(
+                    "this ticket opens the {:?} console, not this one",
+                    t.kind
+                )));
+            }
+            tracing::debug!(key = %t.key_id, vm = %rec.id, "console ticket redeemed");
+            Ok((rec, write && t.write))
+        }
+        (None, None) => Err(ApiError::unauthorized(
+            "missing Authorization: Bearer <api key> header or console ticket",
+        )),
+    }
+}
+
 pub async fn console(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<ConsoleQuery>,
+    key: Option<Extension<ApiKeyRecord>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (rec, _) = resolve(&state, &id).await?;
+    let (rec, write) = admit(
+        &state,
+        &headers,
+        &id,
+        key.map(|k| k.0),
+        q.ticket.as_deref(),
+        TicketKind::Serial,
+        q.write,
+    )
+    .await?;
     // Connect upstream before upgrading, so a stopped VM or a busy writer is refused
     // with a proper status instead of a WebSocket that closes at once.
-    let upstream_ws = state.vmm.console(&rec.id, q.write).await.map_err(upstream)?;
+    let upstream_ws = state
+        .vmm
+        .console(&rec.id, write, write && q.takeover)
+        .await
+        .map_err(upstream)?;
     Ok(ws.on_upgrade(move |client| proxy(client, upstream_ws)))
+}
+
+pub async fn vnc(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<VncQuery>,
+    key: Option<Extension<ApiKeyRecord>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (rec, _) = admit(
+        &state,
+        &headers,
+        &id,
+        key.map(|k| k.0),
+        q.ticket.as_deref(),
+        TicketKind::Vnc,
+        false,
+    )
+    .await?;
+    has_display(&rec)?;
+    let upstream_ws = state.vmm.vnc(&rec.id).await.map_err(upstream)?;
+    // noVNC asks for the "binary" subprotocol.
+    Ok(ws
+        .protocols(["binary"])
+        .on_upgrade(move |client| proxy(client, upstream_ws)))
 }
 
 async fn proxy(client: WebSocket, upstream: tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>) {

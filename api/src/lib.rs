@@ -18,3 +18,4 @@ pub mod operations;
 pub mod server;
 pub mod store;
 pub mod vms;
+pub mod web;

@@ -118,6 +118,9 @@ pub struct Vm {
     pub pid: Option<u32>,
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// QEMU VMs with a display reachable over VNC.
+    #[serde(default)]
+    pub vnc: bool,
     pub created_at_ms: u64,
 }
 
@@ -150,6 +153,7 @@ impl Vm {
             reason,
             pid,
             nics: r.nics.clone(),
+            vnc: r.vnc,
             created_at_ms: r.created_at_ms,
         }
     }

@@ -53,6 +53,7 @@ pub struct AppState {
     pub vmm: VmmClient,
     pub images: imaged::client::ImagedClient,
     pub netd: netd::http::client::NetdClient,
+    pub tickets: crate::console::Tickets,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -67,6 +68,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
         .route("/v1/vms/{id}/console", get(console::console))
+        .route("/v1/vms/{id}/console/ticket", post(console::ticket))
+        .route("/v1/vms/{id}/vnc", get(console::vnc))
+        .route("/v1/images", get(images))
+        .route("/v1/keys", post(auth::create_key))
+        .route("/", get(crate::web::index))
+        .route("/assets/{*file}", get(crate::web::asset))
         .route("/v1/vms/{id}/console/log", get(vms::console_log))
         .route("/v1/vms/{id}/{action}", post(vms::action))
         .route("/v1/networks", get(networks::list).post(networks::create))
@@ -76,6 +83,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .with_state(state)
+}
+
+/// `GET /v1/images`: the images this host can boot.
+async fn images(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> Result<Json<Vec<imaged::ImageInfo>>, ApiError> {
+    Ok(Json(state.images.list().await.map_err(crate::vms::upstream)?))
 }
 
 /// Ready when every daemon answers its health endpoint.
@@ -119,6 +133,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         vmm: VmmClient::new(config.socket("vmm-manager")),
         images: imaged::client::ImagedClient::new(config.socket("imaged")),
         netd: netd::http::client::NetdClient::new(config.socket("netd")),
+        tickets: Default::default(),
         config,
         store,
         ops,

@@ -71,8 +71,24 @@ impl VmmClient {
         self.http.get("/health").await
     }
 
-    /// Opens the console WebSocket over the Unix socket.
-    pub async fn console(&self, id: &str, write: bool) -> Result<WebSocketStream<UnixStream>, ClientError> {
+    /// Opens the console WebSocket over the Unix socket. With `takeover`, a writer takes
+    /// the keyboard from the client that has it.
+    pub async fn console(
+        &self,
+        id: &str,
+        write: bool,
+        takeover: bool,
+    ) -> Result<WebSocketStream<UnixStream>, ClientError> {
+        self.websocket(&format!("/vms/{id}/console?write={write}&takeover={takeover}"))
+            .await
+    }
+
+    /// Opens the VNC (RFB over WebSocket) stream of a QEMU VM with a display.
+    pub async fn vnc(&self, id: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {
+        self.websocket(&format!("/vms/{id}/vnc")).await
+    }
+
+    async fn websocket(&self, path: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {
         let socket = self.http.socket().to_path_buf();
         let stream = UnixStream::connect(&socket)
             .await
@@ -80,7 +96,7 @@ impl VmmClient {
                 socket: socket.clone(),
                 source,
             })?;
-        let url = format!("ws://localhost/vms/{id}/console?write={write}");
+        let url = format!("ws://localhost{path}");
         match tokio_tungstenite::client_async(url, stream).await {
             Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {

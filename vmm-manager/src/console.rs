@@ -28,6 +28,8 @@ struct Shared {
     ring: Mutex<VecDeque<u8>>,
     output: broadcast::Sender<Bytes>,
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped to ask the current writer to give up its turn.
+    takeover: tokio::sync::watch::Sender<u64>,
 }
 
 /// A VM's serial console, alive while its VMM runs.
@@ -53,12 +55,22 @@ pub struct ConsoleSubscription {
 pub struct ConsoleWriter {
     input: mpsc::Sender<Bytes>,
     _turn: OwnedMutexGuard<()>,
+    takeover: tokio::sync::watch::Receiver<u64>,
 }
 
 impl ConsoleWriter {
     /// Sends keystrokes to the guest. Fails once the console is gone.
     pub async fn write(&self, data: Bytes) -> Result<(), ConsoleGone> {
         self.input.send(data).await.map_err(|_| ConsoleGone)
+    }
+
+    /// Resolves when another client takes the writer's turn over (see
+    /// [`SerialConsole::take_writer`]); the holder must then drop this writer.
+    pub async fn taken_over(&mut self) {
+        if self.takeover.changed().await.is_err() {
+            // The console is gone; nobody can take over any more.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -78,6 +90,7 @@ impl SerialConsole {
             ring: Mutex::new(VecDeque::from(initial)),
             output,
             writer: Arc::new(tokio::sync::Mutex::new(())),
+            takeover: tokio::sync::watch::channel(0).0,
         });
         let (input, input_rx) = mpsc::channel(64);
         let task = tokio::spawn(pump(socket, write_log.then_some(log), shared.clone(), input_rx));
@@ -102,10 +115,30 @@ impl SerialConsole {
 
     /// Takes the writer's turn, unless someone else holds it.
     pub fn try_writer(&self) -> Option<ConsoleWriter> {
+        let takeover = self.shared.takeover.subscribe();
         let turn = self.shared.writer.clone().try_lock_owned().ok()?;
         Some(ConsoleWriter {
             input: self.input.clone(),
             _turn: turn,
+            takeover,
+        })
+    }
+
+    /// Takes the writer's turn even if someone holds it: the holder is told to give it
+    /// up (and becomes a reader), and this waits until it has, at most `patience`.
+    pub async fn take_writer(&self, patience: std::time::Duration) -> Option<ConsoleWriter> {
+        if let Some(w) = self.try_writer() {
+            return Some(w);
+        }
+        self.shared.takeover.send_modify(|n| *n += 1);
+        let takeover = self.shared.takeover.subscribe();
+        let turn = tokio::time::timeout(patience, self.shared.writer.clone().lock_owned())
+            .await
+            .ok()?;
+        Some(ConsoleWriter {
+            input: self.input.clone(),
+            _turn: turn,
+            takeover,
         })
     }
 }
@@ -217,6 +250,18 @@ mod tests {
         assert_eq!(&got, b"ls\n");
         drop(w);
         assert!(console.try_writer().is_some(), "the turn passes on when dropped");
+        let mut first = console.try_writer().expect("a writer again");
+        let holder = tokio::spawn(async move {
+            first.taken_over().await;
+            drop(first);
+        });
+        let second = console
+            .take_writer(Duration::from_secs(5))
+            .await
+            .expect("taking over succeeds once the holder lets go");
+        holder.await.expect("holder");
+        assert!(console.try_writer().is_none(), "the new writer holds the turn");
+        drop(second);
 
         guest.write_all(b"world\r\n").await?;
         recv_until(&mut a.live, "world").await;

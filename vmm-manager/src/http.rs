@@ -6,7 +6,8 @@
 //! - `POST /vms/{id}/{start|stop|reboot|pause|resume}` (`stop?force=true` skips the
 //!   power button)
 //! - `GET /vms/{id}/console/log?bytes=N`: scrollback as raw bytes
-//! - `GET /vms/{id}/console?write=true`: WebSocket; first the ring buffer, then live
+//! - `GET /vms/{id}/vnc`: WebSocket carrying RFB to and from QEMU's VNC socket
+//! - `GET /vms/{id}/console?write=true[&takeover=true]`: WebSocket; first the ring buffer, then live
 //!   output as binary frames; with `write=true` (one writer at a time) frames from the
 //!   client are typed into the guest
 //! - `GET /events`: server-sent events of VM state changes
@@ -40,6 +41,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/vms/{id}/{action}", post(action))
         .route("/vms/{id}/console/log", get(console_log))
         .route("/vms/{id}/console", get(console))
+        .route("/vms/{id}/vnc", get(vnc))
         .route("/events", get(events))
         .route("/hypervisors", get(hypervisors))
         .with_state(svc)
@@ -113,6 +115,9 @@ async fn console_log(State(svc): Svc, Path(id): Path<String>, Query(q): Query<Lo
 struct ConsoleQuery {
     #[serde(default)]
     write: bool,
+    /// With `write`: take the keyboard from the client that has it.
+    #[serde(default)]
+    takeover: bool,
 }
 
 async fn console(
@@ -122,20 +127,19 @@ async fn console(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let console = svc.console(&id)?;
-    let writer = if q.write {
-        Some(
-            console
-                .try_writer()
-                .ok_or_else(|| ApiError::from(crate::service::ServiceError::WriterBusy(id.clone())))?,
-        )
-    } else {
-        None
+    let writer = match (q.write, q.takeover) {
+        (false, _) => None,
+        (true, false) => console.try_writer(),
+        (true, true) => console.take_writer(std::time::Duration::from_secs(5)).await,
     };
+    if q.write && writer.is_none() {
+        return Err(crate::service::ServiceError::WriterBusy(id.clone()).into());
+    }
     Ok(ws.on_upgrade(move |socket| serve_console(socket, console, writer)))
 }
 
 /// Moves bytes between one WebSocket client and the console until either side goes.
-pub async fn serve_console(socket: WebSocket, console: Arc<SerialConsole>, writer: Option<ConsoleWriter>) {
+pub async fn serve_console(socket: WebSocket, console: Arc<SerialConsole>, mut writer: Option<ConsoleWriter>) {
     let sub = console.subscribe();
     drop(console);
     let (mut tx, mut rx) = socket.split();
@@ -154,6 +158,11 @@ pub async fn serve_console(socket: WebSocket, console: Arc<SerialConsole>, write
                     return;
                 }
             },
+            () = async { match writer.as_mut() { Some(w) => w.taken_over().await, None => std::future::pending().await } } => {
+                writer = None;
+                let notice = "\r\n[hearth: another client took the keyboard; this one only watches now]\r\n";
+                if tx.send(Message::Binary(bytes::Bytes::from_static(notice.as_bytes()))).await.is_err() { return }
+            },
             msg = rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) => if let Some(w) = &writer { if w.write(b).await.is_err() { return } },
                 Some(Ok(Message::Text(t))) => if let Some(w) = &writer { if w.write(bytes::Bytes::from(t.as_str().to_owned())).await.is_err() { return } },
@@ -161,6 +170,60 @@ pub async fn serve_console(socket: WebSocket, console: Arc<SerialConsole>, write
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+/// `GET /vms/{id}/vnc`: a WebSocket carrying the VM's RFB stream (binary frames both ways),
+/// connected to QEMU's VNC Unix socket.
+async fn vnc(State(svc): Svc, Path(id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+    let socket = svc.vnc_socket(&id)?;
+    // Connect before upgrading, so that a refusal has a proper status.
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|e| ApiError::conflict(format!("the VNC server of VM {id} does not answer: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| serve_vnc(socket, stream)))
+}
+
+/// Moves RFB bytes between a WebSocket client and the VNC server until either side goes.
+/// Back-pressure is end to end: a client that stops reading stalls only its own stream.
+async fn serve_vnc(socket: WebSocket, stream: tokio::net::UnixStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tx, mut rx) = socket.split();
+    let (mut vnc_rx, mut vnc_tx) = stream.into_split();
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match vnc_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.close().await;
+    };
+    let up = async {
+        while let Some(Ok(msg)) = rx.next().await {
+            let data = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if vnc_tx.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = vnc_tx.shutdown().await;
+    };
+    tokio::select! {
+        () = down => {},
+        () = up => {},
     }
 }
 

@@ -82,8 +82,10 @@ pub enum ServiceError {
     },
     #[error("{0}")]
     Vmm(#[from] VmmError),
-    #[error("console of VM {0} already has a writer")]
+    #[error("console of VM {0} already has a writer; connect with takeover=true to take the keyboard")]
     WriterBusy(String),
+    #[error("{0}")]
+    NoDisplay(String),
     #[error("I/O error on VM state: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -93,9 +95,10 @@ impl From<ServiceError> for ApiError {
         let msg = e.to_string();
         match e {
             ServiceError::NotFound(_) => ApiError::not_found(msg),
-            ServiceError::Exists { .. } | ServiceError::State { .. } | ServiceError::WriterBusy(_) => {
-                ApiError::conflict(msg)
-            }
+            ServiceError::Exists { .. }
+            | ServiceError::State { .. }
+            | ServiceError::WriterBusy(_)
+            | ServiceError::NoDisplay(_) => ApiError::conflict(msg),
             ServiceError::Spec(_) => ApiError::unprocessable(msg),
             ServiceError::Vmm(VmmError::MissingBinary { .. }) => {
                 ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, "hypervisor_unavailable", msg)
@@ -470,6 +473,29 @@ impl VmService {
                 action: "attach to its console",
             }),
         }
+    }
+
+    /// The VNC socket of a running VM that has a display; 409 with the reason otherwise.
+    pub fn vnc_socket(&self, id: &str) -> Result<std::path::PathBuf, ServiceError> {
+        let vm = self.vm(id)?;
+        if vm.spec.hypervisor != crate::spec::HypervisorKind::Qemu {
+            return Err(ServiceError::NoDisplay(format!(
+                "VM {id} runs on Cloud Hypervisor, which has no framebuffer: use its serial console"
+            )));
+        }
+        if !vm.spec.qemu.vnc {
+            return Err(ServiceError::NoDisplay(format!(
+                "VM {id} was created without a display (vnc: false): use its serial console"
+            )));
+        }
+        if lock(&vm.runtime).is_none() {
+            return Err(ServiceError::State {
+                id: id.to_string(),
+                state: lock(&vm.status).state.as_str(),
+                action: "show its screen",
+            });
+        }
+        Ok(vm.dir.vnc_socket())
     }
 
     /// The last `max` bytes the guest printed (kept across stops and restarts).

@@ -75,7 +75,7 @@ fn kernel() -> PathBuf {
 }
 
 async fn console_says(client: &VmmClient, id: &str, input: &str, expect: &str) {
-    let mut ws = client.console(id, true).await.expect("console");
+    let mut ws = client.console(id, true, false).await.expect("console");
     let _ = ws.next().await; // scrollback
     ws.send(tokio_tungstenite::tungstenite::Message::Binary(
         input.as_bytes().to_vec().into(),
