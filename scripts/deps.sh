@@ -19,7 +19,8 @@ ensure_packages() {
 HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2)
 # What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
 # to run the fake.
-HEARTH_TEST_PACKAGES=(curl python3)
+# chromium: the web console's browser test (Playwright drives Debian's Chromium).
+HEARTH_TEST_PACKAGES=(curl python3 chromium)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"

@@ -14,6 +14,9 @@ command -v cargo >/dev/null || { echo "quickstart: cargo is missing: install a R
 
 echo "==> installing packages"
 ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}"
+echo "==> building the web console"
+scripts/build-web.sh
+
 echo "==> building hearth (release)"
 cargo build --release --locked -p api -p vmm-manager -p netd -p blockd -p imaged
 bin="$CARGO_TARGET_DIR/release"

@@ -14,6 +14,9 @@ mkdir -p "$CARGO_TARGET_DIR"
 echo "==> building the tiny guest image"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 
+echo "==> building the web console"
+scripts/build-web.sh
+
 echo "==> lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
