@@ -279,9 +279,15 @@ async function main() {
       throw new Error(`step ${stepNo} (${title}) failed: ${e.message}`);
     }
   };
+  // The text of an element that may vanish between looking and reading (the page
+  // re-renders every 2 s): null instead of waiting for it to come back.
+  const text = async (locator) => {
+    const t = await locator.first().textContent({ timeout: 1_000 }).catch(() => null);
+    return t === null ? null : t.trim();
+  };
   const row = page.locator(`[data-testid="vm-row-${NAME}"]`);
-  const rowState = async () => ((await row.count()) ? (await row.locator('[data-testid="vm-state"]').textContent()).trim() : '(no row)');
-  const pageState = async () => (await page.locator('[data-testid="vm-page-state"]').textContent()).trim();
+  const rowState = async () => ((await row.count()) ? ((await text(row.locator('[data-testid="vm-state"]'))) ?? '(re-rendering)') : '(no row)');
+  const pageState = async () => (await text(page.locator('[data-testid="vm-page-state"]'))) ?? '(re-rendering)';
 
   try {
     await step('sign in', async () => {
@@ -292,7 +298,7 @@ async function main() {
       await until(
         async () => {
           if ((await page.locator('[data-testid="create-form"]').count()) > 0) return true;
-          const msg = (await err.count()) ? (await err.textContent()).trim() : '';
+          const msg = (await err.count()) ? ((await text(err)) ?? '') : '';
           if (msg) throw fatal(`sign-in refused: ${msg}`);
           return false;
         },
@@ -324,7 +330,7 @@ async function main() {
       await until(
         async () => {
           const s = await rowState();
-          const st = (await status.textContent()).trim();
+          const st = (await text(status)) ?? '';
           const bad = /tone-text-bad/.test((await status.getAttribute('class')) || '');
           if (s === 'failed' || bad) throw fatal(`creation failed: row state "${s}", form says "${st}"`);
           return s === 'running' || { ok: false, row: s, form: st };
@@ -342,8 +348,8 @@ async function main() {
       await until(
         async () => {
           const lines = await page.evaluate(termLines);
-          if (!lines) return { ok: false, why: 'window.hearth.term not set', status: await page.locator('[data-testid="console-status"]').textContent() };
-          return lines.some((l) => l.includes(MARKER)) || { ok: false, status: await page.locator('[data-testid="console-status"]').textContent(), tail: lines.filter(Boolean).slice(-3) };
+          if (!lines) return { ok: false, why: 'window.hearth.term not set', status: await text(page.locator('[data-testid="console-status"]')) };
+          return lines.some((l) => l.includes(MARKER)) || { ok: false, status: await text(page.locator('[data-testid="console-status"]')), tail: lines.filter(Boolean).slice(-3) };
         },
         120_000,
         `the serial console never showed ${MARKER}`,
@@ -375,12 +381,12 @@ async function main() {
       const vncBox = page.locator('[data-testid="vnc"]');
       await vncBox.waitFor({ state: 'visible', timeout: 10_000 }).catch(async () => {
         const note = page.locator('[data-testid="vnc-none"]');
-        throw new Error(`the VNC screen is not shown${(await note.isVisible()) ? `: ${await note.textContent()}` : ''}`);
+        throw new Error(`the VNC screen is not shown${(await note.isVisible()) ? `: ${await text(note)}` : ''}`);
       });
       const info = await until(
         async () => {
           const i = await page.evaluate(vncCanvasInfo);
-          return i.ok ? i : { ...i, status: await page.locator('[data-testid="vnc-status"]').textContent() };
+          return i.ok ? i : { ...i, status: await text(page.locator('[data-testid="vnc-status"]')) };
         },
         60_000,
         'the noVNC canvas stayed missing or blank',
