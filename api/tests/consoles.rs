@@ -45,6 +45,14 @@ async fn ticket(stack: &Stack, vm: &str, body: Value, key: &str) -> (u16, Value)
         .expect("ticket request")
 }
 
+/// `path` with the ticket of a `POST .../console/ticket` answer.
+fn with_ticket(path: &str, answer: &Value) -> String {
+    let token = answer["ticket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ticket in {answer}"));
+    format!("{path}?ticket={token}")
+}
+
 /// Reads until `needle` shows up (or panics after `within`); returns what was read.
 async fn read_until(ws: &mut Ws, needle: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
@@ -90,8 +98,7 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         // A ticket opens the console once, without a key.
         let (status, t) = ticket(&stack, "gui", json!({"kind": "serial"}), &admin).await;
         assert_eq!(status, 201, "{t}");
-        let token = t["ticket"].as_str().expect("ticket").to_string();
-        let path = format!("/v1/vms/gui/console?ticket={token}");
+        let path = with_ticket("/v1/vms/gui/console", &t);
         let mut console = ws(&path, &[]).await.expect("the ticket opens the console");
         console
             .send(Message::Binary(Bytes::from_static(b"echo T$((6*7))\n")))
@@ -103,14 +110,14 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
 
         // Bound to its VM and its kind; short-lived; never from another origin.
         let (_, t) = ticket(&stack, "gui", json!({}), &admin).await;
-        let other_vm = format!("/v1/vms/headless/console?ticket={}", t["ticket"].as_str().expect("t"));
+        let other_vm = with_ticket("/v1/vms/headless/console", &t);
         assert_eq!(ws(&other_vm, &[]).await.err(), Some(403), "a ticket for another VM");
         let (_, t) = ticket(&stack, "gui", json!({"kind": "serial"}), &admin).await;
-        let wrong_kind = format!("/v1/vms/gui/vnc?ticket={}", t["ticket"].as_str().expect("t"));
+        let wrong_kind = with_ticket("/v1/vms/gui/vnc", &t);
         assert_eq!(ws(&wrong_kind, &[]).await.err(), Some(403), "a serial ticket for VNC");
         let (_, t) = ticket(&stack, "gui", json!({}), &admin).await;
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let expired = format!("/v1/vms/gui/console?ticket={}", t["ticket"].as_str().expect("t"));
+        let expired = with_ticket("/v1/vms/gui/console", &t);
         assert_eq!(ws(&expired, &[]).await.err(), Some(401), "an expired ticket");
         assert_eq!(
             ws("/v1/vms/gui/console?ticket=made-up", &[]).await.err(),
@@ -118,7 +125,7 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
             "an unknown ticket"
         );
         let (_, t) = ticket(&stack, "gui", json!({}), &admin).await;
-        let path = format!("/v1/vms/gui/console?ticket={}", t["ticket"].as_str().expect("t"));
+        let path = with_ticket("/v1/vms/gui/console", &t);
         assert_eq!(
             ws(&path, &[("origin", "http://evil.example")]).await.err(),
             Some(403),
@@ -126,7 +133,7 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         );
         let own_origin = format!("http://{LISTEN}");
         let (_, t) = ticket(&stack, "gui", json!({}), &admin).await;
-        let path = format!("/v1/vms/gui/console?ticket={}", t["ticket"].as_str().expect("t"));
+        let path = with_ticket("/v1/vms/gui/console", &t);
         assert!(
             ws(&path, &[("origin", own_origin.as_str())]).await.is_ok(),
             "our own page"
@@ -135,12 +142,7 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         // VNC: RFB through the WebSocket; a VM without a display is refused with the reason.
         let (status, t) = ticket(&stack, "gui", json!({"kind": "vnc"}), &admin).await;
         assert_eq!(status, 201, "{t}");
-        let mut vnc = ws(
-            &format!("/v1/vms/gui/vnc?ticket={}", t["ticket"].as_str().expect("t")),
-            &[],
-        )
-        .await
-        .expect("vnc");
+        let mut vnc = ws(&with_ticket("/v1/vms/gui/vnc", &t), &[]).await.expect("vnc");
         match tokio::time::timeout(Duration::from_secs(10), vnc.next()).await {
             Ok(Some(Ok(Message::Binary(b)))) => assert!(b.starts_with(b"RFB 003."), "{b:?}"),
             other => panic!("no RFB greeting: {other:?}"),
@@ -185,12 +187,9 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         );
         let (status, t) = ticket(&stack, "gui", json!({"write": false}), &viewer_key).await;
         assert_eq!(status, 201, "{t}");
-        let mut watcher = ws(
-            &format!("/v1/vms/gui/console?ticket={}", t["ticket"].as_str().expect("t")),
-            &[],
-        )
-        .await
-        .expect("a viewer may watch");
+        let mut watcher = ws(&with_ticket("/v1/vms/gui/console", &t), &[])
+            .await
+            .expect("a viewer may watch");
         watcher
             .send(Message::Binary(Bytes::from_static(b"echo VIEWER$((1+1))\n")))
             .await

@@ -306,7 +306,13 @@ pub fn sync_ports(spec: &FirewallSpec) -> Result<(), FirewallError> {
 /// True when both of our tables exist and the anti-spoofing table is whole (someone may
 /// have flushed the ruleset by hand).
 pub fn tables_present() -> bool {
-    nft::run("look for the hearth table", "list table inet hearth").is_ok() && matches!(guard(), Ok(Some(_)))
+    networks_table_present() && matches!(guard(), Ok(Some(_)))
+}
+
+/// True when `inet hearth` exists. (A missing or damaged `bridge hearth` is rebuilt by
+/// [`sync_ports`].)
+pub fn networks_table_present() -> bool {
+    nft::run("look for the hearth table", "list table inet hearth").is_ok()
 }
 
 /// Delete netd's tables (and the `netdev hearth` table of netd before 0.1.1). Tables that

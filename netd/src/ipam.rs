@@ -330,15 +330,16 @@ impl Ipam {
         let mut lines = bytes.split_inclusive(|&b| b == b'\n').enumerate().peekable();
         while let Some((number, line)) = lines.next() {
             let last = lines.peek().is_none();
-            let entry = match serde_json::from_slice::<JournalEntry>(line) {
+            // Only the last line can lack its newline. A crash while appending leaves it
+            // torn; its mutation never returned, so it is dropped.
+            let parsed = serde_json::from_slice::<JournalEntry>(line);
+            let entry = match parsed {
                 Ok(entry) if line.ends_with(b"\n") => entry,
-                // A crash while appending leaves a torn last line; its mutation never
-                // returned, so it is dropped.
                 _ if last => {
                     tracing::warn!(path = %journal.display(), "dropping a torn last journal line");
                     break;
                 }
-                Ok(_) => unreachable!("only the last line can lack its newline"),
+                Ok(_) => return Err(corrupt(format!("line {} has no newline", number + 1))),
                 Err(e) => return Err(corrupt(format!("line {} is not a journal entry: {e}", number + 1))),
             };
             if entry.seq <= self.seq {

@@ -33,7 +33,7 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 /// What [`Netlink::configure`] changes on a link; `None`/`false` leaves it as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PortLink {
+pub struct LinkChange {
     pub mac: Option<[u8; 6]>,
     pub controller: Option<u32>,
     pub up: bool,
@@ -185,17 +185,8 @@ impl Netlink {
             .map_err(Self::err(format!("bring link {index} up")))
     }
 
-    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), LinkError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
-            .execute()
-            .await
-            .map_err(Self::err(format!("set the MAC of link {index}")))
-    }
-
-    /// Changes a bridge port's MAC, bridge and state in one request.
-    pub async fn configure(&self, index: u32, change: PortLink) -> Result<(), LinkError> {
+    /// Changes a link's MAC, bridge and state in one request.
+    pub async fn configure(&self, index: u32, change: LinkChange) -> Result<(), LinkError> {
         let mut link = LinkUnspec::new_with_index(index);
         if let Some(mac) = change.mac {
             link = link.address(mac.to_vec());
@@ -212,16 +203,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(Self::err(format!("configure link {index}")))
-    }
-
-    /// Makes `index` a port of bridge `bridge`.
-    pub async fn set_controller(&self, index: u32, bridge: u32) -> Result<(), LinkError> {
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).controller(bridge).build())
-            .execute()
-            .await
-            .map_err(Self::err(format!("attach link {index} to bridge {bridge}")))
     }
 
     /// Deletes a link by name; a missing link is success.
@@ -360,8 +341,12 @@ mod tests {
                 .ensure_vxlan("hvx-test", 4242, "127.0.0.1".parse().expect("ip"), Some(lo.index), 4789)
                 .await
                 .expect("vxlan");
-            nl.set_controller(vx, br).await.expect("attach");
-            nl.set_mac(vx, [0x52, 0x54, 0, 1, 2, 3]).await.expect("mac");
+            let change = LinkChange {
+                mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+                controller: Some(br),
+                up: false,
+            };
+            nl.configure(vx, change).await.expect("attach and set the MAC");
             for peer in ["192.0.2.10", "192.0.2.11", "192.0.2.10"] {
                 nl.fdb_append_peer(vx, peer.parse().expect("ip")).await.expect("peer");
             }

@@ -648,7 +648,7 @@ impl NetworkService {
             mac[0] = 0xfe;
             mac
         });
-        let change = crate::link::PortLink {
+        let change = crate::link::LinkChange {
             mac: mac.filter(|m| link.mac != Some(*m)),
             controller: (link.controller != Some(bridge)).then_some(bridge),
             up: !link.up,
@@ -690,7 +690,11 @@ impl NetworkService {
                     .ensure_vxlan(&vxlan_name(&name), vx.vni, vx.local, underlay, vx.port)
                     .await?;
                 if self.nl.link(&vxlan_name(&name)).await?.and_then(|l| l.controller) != Some(br) {
-                    self.nl.set_controller(vxi, br).await?;
+                    let attach = crate::link::LinkChange {
+                        controller: Some(br),
+                        ..Default::default()
+                    };
+                    self.nl.configure(vxi, attach).await?;
                 }
                 for peer in &vx.peers {
                     self.nl.fdb_append_peer(vxi, *peer).await?;
@@ -746,7 +750,8 @@ impl NetworkService {
             .lock()
             .map(|a| a.as_deref() == Some(fingerprint.as_str()))
             .unwrap_or(false);
-        if !unchanged || !firewall::tables_present() {
+        // sync_ports lists (and if need be rebuilds) the anti-spoofing table anyway.
+        if !unchanged || !firewall::networks_table_present() {
             // Forwarding is switched on only when a NAT network needs it, and never
             // switched off: the operator may rely on it for other things.
             if st.networks.values().any(|n| n.spec.nat) {
