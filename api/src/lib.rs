@@ -4,6 +4,7 @@
 //! - [`server`]: wiring, `--all-in-one`
 //! - [`store`]: the state store trait and its embedded implementation
 //! - [`vms`], [`console`]: `/v1/vms` and its console
+//! - [`volumes`]: `/v1/volumes`
 //! - [`operations`]: long-running operations
 //! - [`auth`]: API keys
 //! - [`cli`]: the `hearth` command
@@ -18,4 +19,5 @@ pub mod operations;
 pub mod server;
 pub mod store;
 pub mod vms;
+pub mod volumes;
 pub mod web;

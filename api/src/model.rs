@@ -32,6 +32,59 @@ pub struct CreateVm {
     /// Boot right after creation (default true).
     #[serde(default = "yes")]
     pub start: bool,
+    /// Data volumes to attach: names, or `{"volume": name, "via": "vhost-user"}`.
+    #[serde(default)]
+    pub volumes: Vec<VolumeRef>,
+}
+
+/// A volume named in `POST /v1/vms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum VolumeRef {
+    Name(String),
+    Full(AttachVolume),
+}
+
+impl VolumeRef {
+    pub fn into_attach(self) -> AttachVolume {
+        match self {
+            VolumeRef::Name(volume) => AttachVolume { volume, via: None, read_only: false },
+            VolumeRef::Full(a) => a,
+        }
+    }
+}
+
+/// How a VM reaches a volume's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachVia {
+    /// The hypervisor opens the volume's file or device itself.
+    File,
+    /// blockd serves it on a vhost-user-blk socket (also volumes on other hosts).
+    VhostUser,
+}
+
+/// One volume to attach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    pub volume: String,
+    /// `file` or `vhost-user`; default: `file` for local volumes, `vhost-user` for
+    /// remote ones (the only way to reach them).
+    #[serde(default)]
+    pub via: Option<AttachVia>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A volume attached to a VM, as recorded on the VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachedVolume {
+    pub volume: String,
+    /// The disk id inside the VM (`vol0`, `vol1`, …).
+    pub disk: String,
+    pub via: AttachVia,
+    pub read_only: bool,
 }
 
 /// One NIC of `POST /v1/vms`.
@@ -95,6 +148,8 @@ pub struct VmRecord {
     pub machine: vmm_manager::spec::QemuMachine,
     #[serde(default)]
     pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub volumes: Vec<AttachedVolume>,
     pub phase: Phase,
     pub created_at_ms: u64,
 }
@@ -118,6 +173,8 @@ pub struct Vm {
     pub pid: Option<u32>,
     #[serde(default)]
     pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub volumes: Vec<AttachedVolume>,
     /// QEMU VMs with a display reachable over VNC.
     #[serde(default)]
     pub vnc: bool,
@@ -153,6 +210,7 @@ impl Vm {
             reason,
             pid,
             nics: r.nics.clone(),
+            volumes: r.volumes.clone(),
             vnc: r.vnc,
             created_at_ms: r.created_at_ms,
         }

@@ -18,7 +18,7 @@ use vmm_manager::HypervisorKind;
 use crate::operations::Operations;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::StateStore;
-use crate::{auth, console, networks, store, vms};
+use crate::{auth, console, networks, store, vms, volumes};
 
 /// The api's settings.
 #[derive(Debug, Clone)]
@@ -42,6 +42,7 @@ impl ApiConfig {
 pub struct AllInOne {
     pub vmm: vmm_manager::VmmConfig,
     pub netd: netd::network::NetdConfig,
+    pub blockd: blockd::BlockdConfig,
     pub images_dir: PathBuf,
 }
 
@@ -53,6 +54,7 @@ pub struct AppState {
     pub vmm: VmmClient,
     pub images: imaged::client::ImagedClient,
     pub netd: netd::http::client::NetdClient,
+    pub blockd: blockd::http::client::BlockdClient,
     pub tickets: crate::console::Tickets,
 }
 
@@ -78,6 +80,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{id}/{action}", post(vms::action))
         .route("/v1/networks", get(networks::list).post(networks::create))
         .route("/v1/networks/{name}", get(networks::show).delete(networks::delete))
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route("/v1/volumes/{name}", get(volumes::show).delete(volumes::delete))
+        .route("/v1/volumes/{name}/resize", post(volumes::resize))
+        .route("/v1/volumes/{name}/snapshots", post(volumes::snapshot))
+        .route("/v1/volumes/{name}/snapshots/{snapshot}", axum::routing::delete(volumes::delete_snapshot))
+        .route("/v1/volumes/{name}/clone", post(volumes::clone))
+        .route("/v1/volumes/{name}/attach", post(volumes::attach))
+        .route("/v1/volumes/{name}/detach", post(volumes::detach))
+        .route("/v1/volumes/{name}/export", post(volumes::export).delete(volumes::unexport))
         .route("/v1/operations", get(vms::operations))
         .route("/v1/operations/{id}", get(vms::operation))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -133,6 +144,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         vmm: VmmClient::new(config.socket("vmm-manager")),
         images: imaged::client::ImagedClient::new(config.socket("imaged")),
         netd: netd::http::client::NetdClient::new(config.socket("netd")),
+        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")),
         tickets: Default::default(),
         config,
         store,
@@ -165,7 +177,10 @@ pub async fn run(
                 "netd",
                 netd::http::router(netd::network::NetworkService::open(aio.netd).await?),
             ),
-            ("blockd", blockd::router()),
+            (
+                "blockd",
+                blockd::router(blockd::Blockd::open(aio.blockd).await.map_err(|e| anyhow::anyhow!("blockd: {e}"))?),
+            ),
             ("imaged", imaged::router(imaged::ImageCatalog::new(aio.images_dir))),
         ];
         for (name, router) in routers {

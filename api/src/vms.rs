@@ -221,6 +221,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         vnc: req.vnc,
         machine,
         nics: vec![],
+        volumes: vec![],
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
@@ -247,6 +248,21 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
             let _ = s.delete(&vm_key(&id)).await;
             let _ = s.delete(&name_key(PROJECT, &name)).await;
             return Err(e);
+        }
+    }
+    // Volumes: claimed now, so one already attached elsewhere is refused at once.
+    for v in req.volumes.clone() {
+        match crate::volumes::claim(&state, &rec, &v.into_attach(), &rec.volumes).await {
+            Ok(a) => rec.volumes.push(a),
+            Err(e) => {
+                for a in &rec.volumes {
+                    crate::volumes::release(&state, a).await;
+                }
+                detach_nics(&state, &rec.nics).await;
+                let _ = s.delete(&vm_key(&id)).await;
+                let _ = s.delete(&name_key(PROJECT, &name)).await;
+                return Err(e);
+            }
         }
     }
     s.put(&vm_key(&id), store::encode(&rec)).await?;
@@ -391,7 +407,10 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError
 async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageInfo, op_id: String, start: bool) {
     let result = async {
         state.ops.progress(&op_id, "defining the VM").await;
-        let spec = vm_spec(&rec, &image)?;
+        let mut spec = vm_spec(&rec, &image)?;
+        for v in &rec.volumes {
+            spec.disks.push(crate::volumes::disk_spec(&state, v).await?);
+        }
         state.vmm.ensure(&spec).await.map_err(upstream)?;
         let mut ready = rec.clone();
         ready.phase = Phase::Ready;
@@ -411,6 +430,9 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
                 tracing::error!(vm = %rec.id, "cleanup after failed create: {cleanup}");
             }
             detach_nics(&state, &rec.nics).await;
+            for v in &rec.volumes {
+                crate::volumes::release(&state, v).await;
+            }
             let _ = state.store.delete(&vm_key(&rec.id)).await;
             let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
             state.ops.fail(&op_id, &e).await;
@@ -440,6 +462,10 @@ pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Respon
             task_state.vmm.delete(&rec.id).await.map_err(upstream)?;
             for nic in &rec.nics {
                 task_state.netd.delete_port(&nic.port).await.map_err(upstream)?;
+            }
+            // Volumes outlive the VM: only the attachment goes.
+            for v in &rec.volumes {
+                crate::volumes::release(&task_state, v).await;
             }
             task_state.store.delete(&vm_key(&rec.id)).await?;
             task_state.store.delete(&name_key(&rec.project, &rec.name)).await?;

@@ -1,24 +1,64 @@
 //! The `blockd` binary: serves blockd's API on a Unix socket.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use blockd::exports::NbdSettings;
+use blockd::{BlockdConfig, PoolConfig};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "blockd", version, about = "hearth blockd daemon")]
+#[command(name = "blockd", version, about = "hearth storage daemon")]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/blockd.sock")]
     socket: PathBuf,
+    /// Where volumes live: file:/absolute/dir, lvm:VG[/THINPOOL] or memory:BYTES.
+    #[arg(long, default_value = "file:/var/lib/hearth/volumes")]
+    pool: PoolConfig,
+    /// Persistent state (the export table).
+    #[arg(long, default_value = "/var/lib/hearth/blockd")]
+    state_dir: PathBuf,
+    /// Directory of the vhost-user-blk sockets.
+    #[arg(long, default_value = "/run/hearth/blockd")]
+    socket_dir: PathBuf,
+    /// Serve NBD on this TCP address (e.g. 0.0.0.0:10809). Off unless given.
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// Serve NBD on this Unix socket.
+    #[arg(long, default_value = "/run/hearth/blockd/nbd.sock")]
+    nbd_unix: PathBuf,
+    /// Only these networks may connect over TCP (repeatable, e.g. 192.168.1.0/24).
+    #[arg(long)]
+    nbd_allow: Vec<ipnet::IpNet>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let args = Args::parse();
-    socket_http::server::serve_unix(args.socket, blockd::router(), async {
-        let _ = tokio::signal::ctrl_c().await;
+    let a = Args::parse();
+    let config = BlockdConfig {
+        pool: a.pool,
+        state_dir: a.state_dir,
+        socket_dir: a.socket_dir,
+        nbd: NbdSettings {
+            tcp: a.nbd_tcp,
+            unix: Some(a.nbd_unix),
+            allow: (!a.nbd_allow.is_empty()).then_some(a.nbd_allow),
+        },
+    };
+    let blockd = blockd::Blockd::open(config).await?;
+    socket_http::server::serve_unix(a.socket, blockd::router(blockd.clone()), async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     })
     .await?;
+    blockd.exports.shutdown().await;
     Ok(())
 }

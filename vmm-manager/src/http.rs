@@ -10,6 +10,8 @@
 //! - `GET /vms/{id}/console?write=true[&takeover=true]`: WebSocket; first the ring buffer, then live
 //!   output as binary frames; with `write=true` (one writer at a time) frames from the
 //!   client are typed into the guest
+//! - `PUT /vms/{id}/disks/{disk}` (body = `DiskSpec`), `DELETE /vms/{id}/disks/{disk}`:
+//!   attach and detach, hot-plugged while the VM runs
 //! - `GET /events`: server-sent events of VM state changes
 //! - `GET /hypervisors`: which hypervisors can run VMs on this host
 
@@ -39,6 +41,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/vms", get(list))
         .route("/vms/{id}", get(show).put(ensure).delete(remove))
         .route("/vms/{id}/{action}", post(action))
+        .route("/vms/{id}/disks/{disk}", axum::routing::put(attach_disk).delete(detach_disk))
         .route("/vms/{id}/console/log", get(console_log))
         .route("/vms/{id}/console", get(console))
         .route("/vms/{id}/vnc", get(vnc))
@@ -104,6 +107,23 @@ async fn action(
 #[derive(Deserialize)]
 struct LogQuery {
     bytes: Option<usize>,
+}
+
+async fn attach_disk(
+    State(svc): Svc,
+    Path((id, disk)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<VmInfo>, ApiError> {
+    let spec: crate::spec::DiskSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::unprocessable(format!("invalid disk: {e}")))?;
+    if spec.id != disk {
+        return Err(ApiError::unprocessable(format!("body names disk {:?}, the URL {disk:?}", spec.id)));
+    }
+    Ok(Json(svc.attach_disk(&id, spec).await?))
+}
+
+async fn detach_disk(State(svc): Svc, Path((id, disk)): Path<(String, String)>) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(svc.detach_disk(&id, &disk).await?))
 }
 
 async fn console_log(State(svc): Svc, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {

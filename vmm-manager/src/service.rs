@@ -29,7 +29,7 @@ use crate::hypervisor::cloud_hypervisor::CloudHypervisorDriver;
 use crate::hypervisor::qemu::{Accel, QemuDriver};
 use crate::hypervisor::{Hypervisor, RuntimeState, VmmError};
 use crate::process;
-use crate::spec::{self, now_ms, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus};
+use crate::spec::{self, now_ms, DiskSpec, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus};
 use crate::vm_dir::VmDir;
 
 /// vmm-manager's settings.
@@ -86,6 +86,8 @@ pub enum ServiceError {
     WriterBusy(String),
     #[error("{0}")]
     NoDisplay(String),
+    #[error("VM {vm} already has a different disk {disk:?}")]
+    DiskExists { vm: String, disk: String },
     #[error("I/O error on VM state: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -98,11 +100,13 @@ impl From<ServiceError> for ApiError {
             ServiceError::Exists { .. }
             | ServiceError::State { .. }
             | ServiceError::WriterBusy(_)
+            | ServiceError::DiskExists { .. }
             | ServiceError::NoDisplay(_) => ApiError::conflict(msg),
             ServiceError::Spec(_) => ApiError::unprocessable(msg),
             ServiceError::Vmm(VmmError::MissingBinary { .. }) => {
                 ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, "hypervisor_unavailable", msg)
             }
+            ServiceError::Vmm(VmmError::Unsupported(_)) => ApiError::new(http::StatusCode::CONFLICT, "unsupported", msg),
             ServiceError::Vmm(_) => ApiError::new(http::StatusCode::BAD_GATEWAY, "vmm_error", msg),
             ServiceError::Io(_) => ApiError::internal(msg),
         }
@@ -117,12 +121,27 @@ struct Runtime {
 }
 
 struct Vm {
+    /// The spec as created; its `disks` are the ones it was created with.
     spec: VmSpec,
+    /// The disks now: created ones plus attached, minus detached. Saved in the spec file.
+    disks: Mutex<Vec<DiskSpec>>,
     dir: VmDir,
     driver: Arc<dyn Hypervisor>,
     status: Mutex<VmStatus>,
     op: tokio::sync::Mutex<()>,
     runtime: Mutex<Option<Runtime>>,
+}
+
+impl Vm {
+    /// The spec with the disks the VM has now.
+    fn current_spec(&self) -> VmSpec {
+        VmSpec { disks: lock(&self.disks).clone(), ..self.spec.clone() }
+    }
+
+    fn save_spec(&self) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.current_spec()).map_err(std::io::Error::other)?;
+        VmDir::write_atomic(&self.dir.spec(), &bytes)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,7 +223,7 @@ impl VmService {
 
     fn info(vm: &Vm) -> VmInfo {
         VmInfo {
-            spec: vm.spec.clone(),
+            spec: vm.current_spec(),
             status: lock(&vm.status).clone(),
         }
     }
@@ -268,6 +287,7 @@ impl VmService {
             return Err(e.into());
         }
         let vm = Arc::new(Vm {
+            disks: Mutex::new(spec.disks.clone()),
             spec,
             dir,
             driver,
@@ -296,7 +316,8 @@ impl VmService {
             return Ok(Self::info(&vm));
         }
         self.set_status(&vm, VmState::Starting, None);
-        match vm.driver.launch(&vm.dir, &vm.spec).await {
+        let spec = vm.current_spec();
+        match vm.driver.launch(&vm.dir, &spec).await {
             Ok(pid) => {
                 VmDir::write_atomic(&vm.dir.pid(), pid.to_string().as_bytes())?;
                 if let Err(e) = self.attach(&vm, pid) {
@@ -441,6 +462,53 @@ impl VmService {
 
     /// Deletes a VM: forces its VMM down and removes its state directory. Deleting a
     /// missing VM succeeds.
+    /// Attaches a disk: hot-plugged into a running VM, or kept for the next start of a
+    /// stopped one. The same disk again changes nothing; another disk with the same id
+    /// is a conflict.
+    pub async fn attach_disk(&self, id: &str, disk: DiskSpec) -> Result<VmInfo, ServiceError> {
+        spec::validate_id(&disk.id)?;
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        if let Some(existing) = lock(&vm.disks).iter().find(|d| d.id == disk.id) {
+            return if *existing == disk {
+                Ok(Self::info(&vm))
+            } else {
+                Err(ServiceError::DiskExists { vm: id.to_string(), disk: disk.id })
+            };
+        }
+        let mut candidate = vm.current_spec();
+        candidate.disks.push(disk.clone());
+        candidate.validate(spec::host_memory_mib())?;
+        let state = lock(&vm.status).state;
+        match state {
+            VmState::Running | VmState::Paused => vm.driver.add_disk(&vm.dir, &candidate, &disk).await?,
+            VmState::Stopped | VmState::Failed => {}
+            other => return Err(ServiceError::State { id: id.to_string(), state: other.as_str(), action: "attach a disk" }),
+        }
+        lock(&vm.disks).push(disk);
+        vm.save_spec()?;
+        Ok(Self::info(&vm))
+    }
+
+    /// Detaches a disk (hot-unplug from a running VM: the guest must release it).
+    /// Detaching a disk the VM does not have succeeds.
+    pub async fn detach_disk(&self, id: &str, disk_id: &str) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        if !lock(&vm.disks).iter().any(|d| d.id == disk_id) {
+            return Ok(Self::info(&vm));
+        }
+        let state = lock(&vm.status).state;
+        match state {
+            VmState::Running | VmState::Paused => vm.driver.remove_disk(&vm.dir, disk_id).await?,
+            VmState::Stopped | VmState::Failed => {}
+            other => return Err(ServiceError::State { id: id.to_string(), state: other.as_str(), action: "detach a disk" }),
+        }
+        lock(&vm.disks).retain(|d| d.id != disk_id);
+        vm.save_spec()?;
+        Ok(Self::info(&vm))
+    }
+
     pub async fn delete(&self, id: &str) -> Result<(), ServiceError> {
         let Ok(vm) = self.vm(id) else { return Ok(()) };
         let _op = vm.op.lock().await;
@@ -527,6 +595,7 @@ impl VmService {
                 .and_then(|b| serde_json::from_slice(&b).ok());
             let vm = Arc::new(Vm {
                 driver: self.driver(spec.hypervisor),
+                disks: Mutex::new(spec.disks.clone()),
                 spec,
                 dir,
                 status: Mutex::new(last.clone().unwrap_or(VmStatus {

@@ -36,6 +36,16 @@ struct Args {
     qemu_binary: String,
     #[arg(long, default_value = "cloud-hypervisor")]
     cloud_hypervisor_binary: String,
+    /// All-in-one: where volumes live: file:/dir (default <data dir>/volumes),
+    /// lvm:VG[/THINPOOL] or memory:BYTES.
+    #[arg(long)]
+    volume_pool: Option<blockd::PoolConfig>,
+    /// All-in-one: serve volumes over NBD on this TCP address (off unless given).
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// All-in-one: networks allowed to reach the NBD address (repeatable).
+    #[arg(long)]
+    nbd_allow: Vec<ipnet::IpNet>,
     /// All-in-one: seconds a guest gets to power off before it is forced.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
@@ -61,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {
-            run_dir,
+            run_dir: run_dir.clone(),
             qemu_binary: a.qemu_binary.clone(),
             cloud_hypervisor_binary: a.cloud_hypervisor_binary.clone(),
             accel: a.qemu_accel,
@@ -69,6 +79,15 @@ async fn main() -> anyhow::Result<()> {
         },
         images_dir: a.images_dir.clone().unwrap_or_else(|| a.data_dir.join("images")),
         netd: netd::network::NetdConfig::new(a.data_dir.join("netd")),
+        blockd: {
+            let mut b = blockd::BlockdConfig::new(a.data_dir.clone(), run_dir.clone());
+            if let Some(pool) = a.volume_pool.clone() {
+                b.pool = pool;
+            }
+            b.nbd.tcp = a.nbd_tcp;
+            b.nbd.allow = (!a.nbd_allow.is_empty()).then(|| a.nbd_allow.clone());
+            b
+        },
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -27,7 +27,7 @@ use socket_http::UnixClient;
 use super::qemu::kill_and_reap;
 use super::{find_binary, log_tail, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
 use crate::process::{self, ExitInfo};
-use crate::spec::{DiskFormat, DiskSource, HypervisorKind, VmSpec, VmState};
+use crate::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, VmSpec, VmState};
 use crate::vm_dir::VmDir;
 
 /// What the log says when a vCPU failed (the exit status is 0 all the same).
@@ -81,37 +81,38 @@ pub fn error_chain(resp: &RawResponse) -> String {
 }
 
 /// Maps a spec to Cloud Hypervisor's `VmConfig`.
+/// One disk as Cloud Hypervisor's `DiskConfig` (in `vm.create` and `vm.add-disk`).
+pub fn disk_config(d: &DiskSpec) -> Value {
+    match &d.source {
+        DiskSource::File { path, format } => {
+            let mut disk = json!({
+                "id": d.id,
+                "path": path,
+                // Always explicit: without it CH guesses, warns, and refuses writes
+                // to sector 0 of raw images.
+                "image_type": match format { DiskFormat::Raw => "Raw", DiskFormat::Qcow2 => "Qcow2" },
+                "readonly": d.readonly,
+            });
+            if *format == DiskFormat::Qcow2 {
+                disk["backing_files"] = json!(true);
+            }
+            disk
+        }
+        DiskSource::VhostUser { socket } => json!({
+            "id": d.id,
+            "vhost_user": true,
+            "vhost_socket": socket,
+            "readonly": d.readonly,
+        }),
+    }
+}
+
 pub fn vm_config(spec: &VmSpec, dir: &VmDir) -> Value {
     let mut payload = json!({"kernel": spec.kernel, "cmdline": spec.cmdline});
     if let Some(initrd) = &spec.initramfs {
         payload["initramfs"] = json!(initrd);
     }
-    let disks: Vec<Value> = spec
-        .disks
-        .iter()
-        .map(|d| match &d.source {
-            DiskSource::File { path, format } => {
-                let mut disk = json!({
-                    "id": d.id,
-                    "path": path,
-                    // Always explicit: without it CH guesses, warns, and refuses writes
-                    // to sector 0 of raw images.
-                    "image_type": match format { DiskFormat::Raw => "Raw", DiskFormat::Qcow2 => "Qcow2" },
-                    "readonly": d.readonly,
-                });
-                if *format == DiskFormat::Qcow2 {
-                    disk["backing_files"] = json!(true);
-                }
-                disk
-            }
-            DiskSource::VhostUser { socket } => json!({
-                "id": d.id,
-                "vhost_user": true,
-                "vhost_socket": socket,
-                "readonly": d.readonly,
-            }),
-        })
-        .collect();
+    let disks: Vec<Value> = spec.disks.iter().map(disk_config).collect();
     let net: Vec<Value> = spec
         .nics
         .iter()
@@ -276,6 +277,16 @@ impl Hypervisor for CloudHypervisorDriver {
                 ),
             },
         }
+    }
+
+    fn add_disk<'a>(&'a self, dir: &'a VmDir, _spec: &'a VmSpec, disk: &'a DiskSpec) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move { Self::put(dir, "vm.add-disk", Some(&disk_config(disk))).await.map(|_| ()) })
+    }
+
+    fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            Self::put(dir, "vm.remove-device", Some(&json!({ "id": disk_id }))).await.map(|_| ())
+        })
     }
 
     fn writes_console_log(&self) -> bool {

@@ -27,6 +27,8 @@ pub enum VmmError {
     Refused { action: String, message: String },
     #[error("cannot reach the VMM's control socket: {0}")]
     Control(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -73,6 +75,12 @@ pub trait Hypervisor: Send + Sync {
 
     /// Decides how an exit is reported: stopped or failed, and why.
     fn classify_exit(&self, dir: &VmDir, exit: ExitInfo, stop_requested: bool) -> ExitVerdict;
+
+    /// Hot-plugs `disk` into the running VM (`spec` already includes it).
+    fn add_disk<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec, disk: &'a crate::spec::DiskSpec) -> BoxFuture<'a, Result<(), VmmError>>;
+
+    /// Hot-unplugs a disk; returns once the guest has released it.
+    fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>>;
 
     /// True when the VMM writes the console log itself (QEMU's `logfile=`), false when
     /// vmm-manager must.

@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 
 use super::{find_binary, log_tail, qmp, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
 use crate::process::{self, ExitInfo};
-use crate::spec::{DiskFormat, DiskSource, HypervisorKind, QemuMachine, VmSpec, VmState};
+use crate::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, QemuMachine, VmSpec, VmState};
 use crate::vm_dir::VmDir;
 
 /// Which accelerator QEMU uses.
@@ -159,8 +159,9 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     push(&["-cpu", if kvm { "host" } else { "max" }]);
     push(&["-smp", &spec.vcpus.to_string()]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
-    if spec.needs_shared_memory() {
-        // vhost-user backends map guest memory: it must be a shareable memfd.
+    if spec.needs_shared_memory() || !microvm {
+        // vhost-user backends map guest memory: it must be a shareable memfd. q35 VMs
+        // always get one, so a vhost-user disk can be hot-plugged later.
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib),
@@ -204,6 +205,12 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
             "VGA",
         ]);
     }
+    if !microvm {
+        // q35's root bus cannot hot-plug: disks attached later go into these ports.
+        for i in 0..HOTPLUG_PORTS {
+            push(&["-device", &format!("pcie-root-port,id=hp{i},chassis={}", i + 1)]);
+        }
+    }
     for d in &spec.disks {
         match &d.source {
             DiskSource::File { path, format } => {
@@ -232,7 +239,8 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
             DiskSource::VhostUser { socket } => {
                 push(&[
                     "-chardev",
-                    &format!("socket,id={}-chr,path={}", d.id, opt_path(socket)),
+                    // reconnect: when blockd restarts, QEMU dials the socket again.
+                    &format!("socket,id={}-chr,path={},reconnect=1", d.id, opt_path(socket)),
                     "-device",
                     &format!("vhost-user-blk-{bus},chardev={id}-chr,id={id}", id = d.id),
                 ]);
@@ -372,9 +380,150 @@ impl Hypervisor for QemuDriver {
         }
     }
 
+    fn add_disk<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec, disk: &'a DiskSpec) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            if spec.qemu.machine == QemuMachine::Microvm {
+                return Err(VmmError::Unsupported(
+                    "a microvm machine has no hot-plug; stop the VM to attach the disk".into(),
+                ));
+            }
+            let qmp_socket = dir.qmp_socket();
+            let pci = qmp::execute(&qmp_socket, "query-pci", None).await?;
+            let port = free_hotplug_port(&pci).ok_or_else(|| {
+                VmmError::Unsupported(format!(
+                    "all {HOTPLUG_PORTS} hot-plug ports are taken; stop the VM to attach more disks"
+                ))
+            })?;
+            let id = &disk.id;
+            let (backend_cleanup, device) = match &disk.source {
+                DiskSource::File { path, format } => {
+                    let fmt = match format {
+                        DiskFormat::Raw => "raw",
+                        DiskFormat::Qcow2 => "qcow2",
+                    };
+                    qmp::execute(
+                        &qmp_socket,
+                        "blockdev-add",
+                        Some(json!({"driver": "file", "node-name": format!("{id}-file"), "filename": path, "read-only": disk.readonly})),
+                    )
+                    .await?;
+                    let added = qmp::execute(
+                        &qmp_socket,
+                        "blockdev-add",
+                        Some(json!({"driver": fmt, "node-name": id, "file": format!("{id}-file"), "read-only": disk.readonly})),
+                    )
+                    .await;
+                    if let Err(e) = added {
+                        let _ = qmp::execute(&qmp_socket, "blockdev-del", Some(json!({"node-name": format!("{id}-file")}))).await;
+                        return Err(e);
+                    }
+                    (
+                        vec![("blockdev-del", json!({"node-name": id})), ("blockdev-del", json!({"node-name": format!("{id}-file")}))],
+                        json!({"driver": "virtio-blk-pci", "id": id, "drive": id, "bus": port}),
+                    )
+                }
+                DiskSource::VhostUser { socket } => {
+                    qmp::execute(
+                        &qmp_socket,
+                        "chardev-add",
+                        Some(json!({"id": format!("{id}-chr"), "backend": {"type": "socket", "data": {
+                            "addr": {"type": "unix", "data": {"path": socket}},
+                            "server": false,
+                            "reconnect": 1
+                        }}})),
+                    )
+                    .await?;
+                    (
+                        vec![("chardev-remove", json!({"id": format!("{id}-chr")}))],
+                        json!({"driver": "vhost-user-blk-pci", "id": id, "chardev": format!("{id}-chr"), "bus": port}),
+                    )
+                }
+            };
+            if let Err(e) = qmp::execute(&qmp_socket, "device_add", Some(device)).await {
+                for (cmd, args) in backend_cleanup {
+                    let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
+                }
+                return Err(e);
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            let qmp_socket = dir.qmp_socket();
+            let pci = qmp::execute(&qmp_socket, "query-pci", None).await?;
+            if pci_has_device(&pci, disk_id) {
+                qmp::execute(&qmp_socket, "device_del", Some(json!({"id": disk_id}))).await?;
+                // The device goes once the guest acknowledges the unplug.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let pci = qmp::execute(&qmp_socket, "query-pci", None).await?;
+                    if !pci_has_device(&pci, disk_id) {
+                        break;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(VmmError::Refused {
+                            action: "device_del".into(),
+                            message: format!("the guest did not release disk {disk_id} within 20 s"),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            // Whatever backend the disk had; the ones it did not have answer with an error.
+            for (cmd, args) in [
+                ("blockdev-del", json!({"node-name": disk_id})),
+                ("blockdev-del", json!({"node-name": format!("{disk_id}-file")})),
+                ("chardev-remove", json!({"id": format!("{disk_id}-chr")})),
+            ] {
+                let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
+            }
+            Ok(())
+        })
+    }
+
     fn writes_console_log(&self) -> bool {
         true
     }
+}
+
+/// PCIe root ports a q35 VM gets for hot-plugged disks.
+pub const HOTPLUG_PORTS: usize = 4;
+
+/// The root port (`hpN`) with no device behind it, from `query-pci`.
+fn free_hotplug_port(pci: &serde_json::Value) -> Option<String> {
+    let buses = pci.as_array()?;
+    for bus in buses {
+        for dev in bus.get("devices").and_then(|d| d.as_array()).into_iter().flatten() {
+            let Some(id) = dev.get("qdev_id").and_then(|v| v.as_str()) else { continue };
+            if !id.starts_with("hp") {
+                continue;
+            }
+            let empty = dev
+                .pointer("/pci_bridge/devices")
+                .and_then(|d| d.as_array())
+                .is_none_or(|d| d.is_empty());
+            if empty {
+                return Some(id.to_string());
+            }
+        }
+    }
+    None
+}
+
+/// True when `query-pci` still lists a device with this id.
+fn pci_has_device(pci: &serde_json::Value, id: &str) -> bool {
+    fn walk(v: &serde_json::Value, id: &str) -> bool {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.get("qdev_id").and_then(|x| x.as_str()) == Some(id) || m.values().any(|x| walk(x, id))
+            }
+            serde_json::Value::Array(a) => a.iter().any(|x| walk(x, id)),
+            _ => false,
+        }
+    }
+    walk(pci, id)
 }
 
 /// A start-up failure with the VMM's last words, without repeating "failed to start".

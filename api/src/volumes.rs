@@ -1,0 +1,547 @@
+//! `/v1/volumes`: data disks that outlive VMs. blockd holds the blocks; the api records
+//! each volume's name (and, for volumes on other hosts, where they are) and which VM a
+//! volume is attached to. One VM at a time: the claim `volume-attachments/{name}` is
+//! taken with compare-and-swap, so two attaches cannot both win.
+//!
+//! - `POST /v1/volumes` `{name, size_bytes | size, source?: {snapshot: "vol@snap"}, remote?: {tcp|unix, export}}`
+//! - `GET /v1/volumes`, `GET|DELETE /v1/volumes/{name}` (delete: 409 while attached,
+//!   exported or holding snapshots with clones)
+//! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only)
+//! - `POST /v1/volumes/{name}/snapshots` `{name}`, `DELETE /v1/volumes/{name}/snapshots/{snapshot}`
+//! - `POST /v1/volumes/{name}/clone` `{name, snapshot?}` (without a snapshot, one named
+//!   after the clone is taken first)
+//! - `POST /v1/volumes/{name}/attach` `{vm, via?, read_only?}`, `POST /v1/volumes/{name}/detach`
+//!   (hot-plugged while the VM runs)
+//! - `POST /v1/volumes/{name}/export` `{read_only?}`, `DELETE /v1/volumes/{name}/export`:
+//!   NBD, so another host (or qemu-img, nbdcopy) reaches it
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use blockd::exports::{Export, ExportSpec, RemoteDiskSpec};
+use blockd::service::{VolumeSource, VolumeSpec};
+use serde::{Deserialize, Serialize};
+use socket_http::ApiError;
+use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
+
+use crate::json::JsonBody;
+use crate::model::{validate_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
+use crate::server::AppState;
+use crate::store;
+use crate::vms::{upstream, PROJECT};
+
+type AppS = State<Arc<AppState>>;
+
+fn record_key(name: &str) -> String {
+    format!("volumes/{PROJECT}/{name}")
+}
+fn claim_key(name: &str) -> String {
+    format!("volume-attachments/{PROJECT}/{name}")
+}
+
+/// What the api stores per volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub project: String,
+    /// Set for a volume another host exports over NBD.
+    #[serde(default)]
+    pub remote: Option<RemoteDiskSpec>,
+    pub created_at_ms: u64,
+}
+
+/// Which VM holds a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub vm: String,
+    pub vm_name: String,
+    pub disk: String,
+    pub via: AttachVia,
+    pub read_only: bool,
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub project: String,
+    /// `local` (in this host's pool) or `remote` (an NBD export elsewhere).
+    pub location: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<blockd::volume::VolumeFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default)]
+    pub snapshots: Vec<blockd::volume::Snapshot>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<Attachment>,
+    #[serde(default)]
+    pub exports: Vec<Export>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteDiskSpec>,
+    pub created_at_ms: u64,
+}
+
+/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeRequest {
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub size: Option<String>,
+}
+
+impl SizeRequest {
+    pub fn bytes(&self) -> Result<Option<u64>, ApiError> {
+        match (&self.size_bytes, &self.size) {
+            (Some(_), Some(_)) => Err(ApiError::unprocessable("give size_bytes or size, not both")),
+            (Some(b), None) => Ok(Some(*b)),
+            (None, Some(s)) => parse_size(s).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `10G` → 10 GiB. Plain numbers are bytes.
+pub fn parse_size(s: &str) -> Result<u64, ApiError> {
+    let t = s.trim();
+    let bad = || ApiError::unprocessable(format!("size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"));
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SourceRequest {
+    /// `volume@snapshot`.
+    Snapshot(String),
+}
+
+/// `POST /v1/volumes` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub source: Option<SourceRequest>,
+    /// A volume exported over NBD by another host's blockd.
+    #[serde(default)]
+    pub remote: Option<RemoteDiskSpec>,
+}
+
+fn blockd_error(e: socket_http::ClientError) -> ApiError {
+    upstream(e)
+}
+
+async fn find_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiError> {
+    validate_name("volume", name)?;
+    store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(name))
+        .await?
+        .map(|(r, _)| r)
+        .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))
+}
+
+async fn attachment(state: &AppState, name: &str) -> Result<Option<Attachment>, ApiError> {
+    Ok(store::get_json::<Attachment>(state.store.as_ref(), &claim_key(name)).await?.map(|(a, _)| a))
+}
+
+async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Result<Volume, ApiError> {
+    let attached_to = attachment(state, &rec.name).await?;
+    let mut v = Volume {
+        name: rec.name.clone(),
+        project: rec.project.clone(),
+        location: if rec.remote.is_some() { "remote" } else { "local" }.into(),
+        size_bytes: None,
+        allocated_bytes: None,
+        backend: None,
+        format: None,
+        origin: None,
+        snapshots: vec![],
+        attached_to,
+        exports: exports.iter().filter(|e| e.volume == rec.name && e.remote.is_none()).cloned().collect(),
+        remote: rec.remote.clone(),
+        created_at_ms: rec.created_at_ms,
+    };
+    if rec.remote.is_none() {
+        let b = state.blockd.volume(&rec.name).await.map_err(blockd_error)?;
+        v.size_bytes = Some(b.size_bytes);
+        v.allocated_bytes = Some(b.allocated_bytes);
+        v.backend = Some(b.backend);
+        v.format = Some(b.format);
+        v.origin = b.origin;
+        v.snapshots = b.snapshots;
+    }
+    Ok(v)
+}
+
+pub async fn list(State(state): AppS) -> Result<Json<Vec<Volume>>, ApiError> {
+    let recs: Vec<VolumeRecord> = store::list_json(state.store.as_ref(), &format!("volumes/{PROJECT}/"))
+        .await?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    let mut out = Vec::new();
+    for r in &recs {
+        match view(&state, r, &exports).await {
+            Ok(v) => out.push(v),
+            Err(e) => tracing::warn!(volume = %r.name, "volume listed but not in blockd: {}", e.message()),
+        }
+    }
+    Ok(Json(out))
+}
+
+pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
+    let rec = find_record(&state, &name).await?;
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    Ok(Json(view(&state, &rec, &exports).await?))
+}
+
+pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -> Result<Response, ApiError> {
+    validate_name("volume", &req.name)?;
+    let size = SizeRequest { size_bytes: req.size_bytes, size: req.size.clone() }.bytes()?;
+    if req.remote.is_some() && (size.is_some() || req.source.is_some()) {
+        return Err(ApiError::unprocessable("a remote volume has the size its host gives it: no size or source"));
+    }
+    if req.remote.is_none() && size.is_none() && req.source.is_none() {
+        return Err(ApiError::unprocessable("give size_bytes or size (e.g. \"10G\") for a new volume"));
+    }
+    let rec = VolumeRecord {
+        name: req.name.clone(),
+        project: PROJECT.into(),
+        remote: req.remote.clone(),
+        created_at_ms: vmm_manager::spec::now_ms(),
+    };
+    let s = state.store.as_ref();
+    s.compare_and_swap(&record_key(&req.name), None, store::encode(&rec)).await.map_err(|e| match e {
+        store::StoreError::Conflict { .. } => ApiError::conflict(format!("a volume named {:?} already exists", req.name)),
+        other => other.into(),
+    })?;
+    let made = async {
+        if let Some(remote) = &req.remote {
+            // Check now that the export is there, so a typo fails here, not at attach.
+            let probe = format!("probe-{}", req.name);
+            state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+            state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
+            return Ok(());
+        }
+        let source = match &req.source {
+            Some(SourceRequest::Snapshot(snap)) => {
+                let (vol, _) = snap
+                    .split_once('@')
+                    .ok_or_else(|| ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot")))?;
+                find_record(&state, vol).await.map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
+                Some(VolumeSource::Snapshot(snap.clone()))
+            }
+            None => None,
+        };
+        state
+            .blockd
+            .ensure_volume(&req.name, &VolumeSpec { size_bytes: size, source })
+            .await
+            .map_err(blockd_error)
+            .map(|_| ())
+    }
+    .await;
+    if let Err(e) = made {
+        let _ = s.delete(&record_key(&req.name)).await;
+        return Err(e);
+    }
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
+}
+
+pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    validate_name("volume", &name)?;
+    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(&name)).await? else {
+        return Ok(StatusCode::NO_CONTENT);
+    };
+    if let Some(a) = attachment(&state, &name).await? {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} is attached to VM {} as {}; detach it first",
+            a.vm_name, a.disk
+        )));
+    }
+    if rec.remote.is_none() {
+        match state.blockd.delete_volume(&name).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(blockd_error(e)),
+        }
+    }
+    state.store.delete(&record_key(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn local_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiError> {
+    let rec = find_record(state, name).await?;
+    if rec.remote.is_some() {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} lives on another host; resize, snapshot and clone it there"
+        )));
+    }
+    Ok(rec)
+}
+
+pub async fn resize(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<SizeRequest>) -> Result<Json<Volume>, ApiError> {
+    let rec = local_record(&state, &name).await?;
+    let size = req.bytes()?.ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
+    state.blockd.resize(&name, size).await.map_err(blockd_error)?;
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    Ok(Json(view(&state, &rec, &exports).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameRequest {
+    pub name: String,
+}
+
+pub async fn snapshot(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<NameRequest>) -> Result<Response, ApiError> {
+    local_record(&state, &name).await?;
+    validate_name("snapshot", &req.name)?;
+    let snap = state.blockd.snapshot(&name, &req.name).await.map_err(blockd_error)?;
+    Ok((StatusCode::CREATED, Json(snap)).into_response())
+}
+
+pub async fn delete_snapshot(State(state): AppS, Path((name, snap)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    local_record(&state, &name).await?;
+    validate_name("snapshot", &snap)?;
+    state.blockd.delete_snapshot(&name, &snap).await.map_err(blockd_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub name: String,
+    /// Clone this snapshot of the volume; without it, a snapshot named after the clone
+    /// is taken first.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+pub async fn clone(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<CloneRequest>) -> Result<Response, ApiError> {
+    local_record(&state, &name).await?;
+    validate_name("volume", &req.name)?;
+    let snap = match req.snapshot {
+        Some(s) => {
+            validate_name("snapshot", &s)?;
+            s
+        }
+        None => {
+            let s = format!("clone-{}", req.name);
+            state.blockd.snapshot(&name, &s).await.map_err(blockd_error)?;
+            s
+        }
+    };
+    let create = CreateVolume {
+        name: req.name,
+        size_bytes: None,
+        size: None,
+        source: Some(SourceRequest::Snapshot(format!("{name}@{snap}"))),
+        remote: None,
+    };
+    self::create(State(state), JsonBody(create)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    pub vm: String,
+    #[serde(default)]
+    pub via: Option<AttachVia>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Claims a volume for a VM and picks its disk id. Nothing is attached yet.
+pub async fn claim(state: &AppState, rec: &VmRecord, req: &AttachVolume, taken: &[AttachedVolume]) -> Result<AttachedVolume, ApiError> {
+    let vol = find_record(state, &req.volume)
+        .await
+        .map_err(|e| if e.status == StatusCode::NOT_FOUND { ApiError::unprocessable(e.message().to_string()) } else { e })?;
+    let via = match (req.via, &vol.remote) {
+        (Some(AttachVia::File), Some(_)) => {
+            return Err(ApiError::unprocessable(format!(
+                "volume {:?} is on another host: attach it via vhost-user",
+                req.volume
+            )))
+        }
+        (Some(v), _) => v,
+        (None, Some(_)) => AttachVia::VhostUser,
+        (None, None) => AttachVia::File,
+    };
+    let disk = (0..)
+        .map(|i| format!("vol{i}"))
+        .find(|d| !taken.iter().any(|t| &t.disk == d))
+        .unwrap_or_else(|| "vol".into());
+    let claim = Attachment { vm: rec.id.clone(), vm_name: rec.name.clone(), disk: disk.clone(), via, read_only: req.read_only };
+    state
+        .store
+        .compare_and_swap(&claim_key(&req.volume), None, store::encode(&claim))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => {
+                ApiError::conflict(format!("volume {:?} is already attached to a VM", req.volume))
+            }
+            other => other.into(),
+        })?;
+    Ok(AttachedVolume { volume: req.volume.clone(), disk, via, read_only: req.read_only })
+}
+
+/// Makes the volume reachable the way the attachment says and returns the disk the VM
+/// gets (a file or a vhost-user-blk socket).
+pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
+    let rec = find_record(state, &a.volume).await?;
+    let source = match (&rec.remote, a.via) {
+        (Some(remote), _) => {
+            let e = state.blockd.remote_disk(&a.volume, remote).await.map_err(blockd_error)?;
+            DiskSource::VhostUser { socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))? }
+        }
+        (None, AttachVia::VhostUser) => {
+            let e = state
+                .blockd
+                .export(&a.volume, "vhost-user", &ExportSpec { read_only: a.read_only })
+                .await
+                .map_err(blockd_error)?;
+            DiskSource::VhostUser { socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))? }
+        }
+        (None, AttachVia::File) => {
+            let v = state.blockd.volume(&a.volume).await.map_err(blockd_error)?;
+            let path = v.path.ok_or_else(|| {
+                ApiError::conflict(format!("volume {:?} has no file or device (a memory pool); attach it via vhost-user", a.volume))
+            })?;
+            let format = match v.format {
+                blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
+                blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
+            };
+            DiskSource::File { path, format }
+        }
+    };
+    Ok(DiskSpec { id: a.disk.clone(), source, readonly: a.read_only })
+}
+
+/// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
+pub async fn release(state: &AppState, a: &AttachedVolume) {
+    let remote = find_record(state, &a.volume).await.ok().and_then(|r| r.remote);
+    let undone = match (remote, a.via) {
+        (Some(_), _) => state.blockd.delete_remote_disk(&a.volume).await,
+        (None, AttachVia::VhostUser) => state.blockd.unexport(&a.volume, "vhost-user").await,
+        (None, AttachVia::File) => Ok(()),
+    };
+    if let Err(e) = undone {
+        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
+    }
+    if let Err(e) = state.store.delete(&claim_key(&a.volume)).await {
+        tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");
+    }
+}
+
+pub async fn attach(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<AttachRequest>) -> Result<Json<Volume>, ApiError> {
+    let (mut vm, rev) = crate::vms::resolve(&state, &req.vm).await?;
+    if vm.phase != crate::model::Phase::Ready {
+        return Err(ApiError::conflict(format!("VM {} is being created or deleted", vm.name)));
+    }
+    if let Some(a) = attachment(&state, &name).await? {
+        if a.vm == vm.id {
+            let rec = find_record(&state, &name).await?;
+            let exports = state.blockd.exports().await.map_err(blockd_error)?;
+            return Ok(Json(view(&state, &rec, &exports).await?));
+        }
+    }
+    let request = AttachVolume { volume: name.clone(), via: req.via, read_only: req.read_only };
+    let att = claim(&state, &vm, &request, &vm.volumes).await?;
+    let done = async {
+        let disk = disk_spec(&state, &att).await?;
+        state.vmm.attach_disk(&vm.id, &disk).await.map_err(upstream)?;
+        vm.volumes.push(att.clone());
+        state
+            .store
+            .compare_and_swap(&format!("vms/{}", vm.id), Some(rev), store::encode(&vm))
+            .await
+            .map_err(ApiError::from)
+    }
+    .await;
+    if let Err(e) = done {
+        let _ = state.vmm.detach_disk(&vm.id, &att.disk).await;
+        release(&state, &att).await;
+        return Err(e);
+    }
+    let rec = find_record(&state, &name).await?;
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    Ok(Json(view(&state, &rec, &exports).await?))
+}
+
+pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
+    let rec = find_record(&state, &name).await?;
+    if let Some(a) = attachment(&state, &name).await? {
+        match crate::vms::resolve(&state, &a.vm).await {
+            Ok((mut vm, rev)) => {
+                state.vmm.detach_disk(&vm.id, &a.disk).await.map_err(upstream)?;
+                let att = vm.volumes.iter().find(|v| v.volume == name).cloned();
+                vm.volumes.retain(|v| v.volume != name);
+                state.store.compare_and_swap(&format!("vms/{}", vm.id), Some(rev), store::encode(&vm)).await?;
+                let att = att.unwrap_or(AttachedVolume { volume: name.clone(), disk: a.disk, via: a.via, read_only: a.read_only });
+                release(&state, &att).await;
+            }
+            // The VM is gone: only the claim is left.
+            Err(_) => {
+                let att = AttachedVolume { volume: name.clone(), disk: a.disk, via: a.via, read_only: a.read_only };
+                release(&state, &att).await;
+            }
+        }
+    }
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    Ok(Json(view(&state, &rec, &exports).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+pub async fn export(State(state): AppS, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Json<Export>, ApiError> {
+    local_record(&state, &name).await?;
+    let req: ExportRequest = if body.iter().all(u8::is_ascii_whitespace) { ExportRequest::default() } else { crate::json::parse(&body)? };
+    let e = state
+        .blockd
+        .export(&name, "nbd", &ExportSpec { read_only: req.read_only })
+        .await
+        .map_err(blockd_error)?;
+    Ok(Json(e))
+}
+
+pub async fn unexport(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    local_record(&state, &name).await?;
+    state.blockd.unexport(&name, "nbd").await.map_err(blockd_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,263 @@
+//! Volumes through the public API, with real guests (tiny image, QEMU/TCG): data
+//! written by one VM is read by the next, through a file attachment, a vhost-user-blk
+//! attachment (blockd's backend), and a volume another blockd serves over NBD,
+//! hot-plugged into a running VM. Then blockd restarts under a VM using a volume.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create_body, in_private_netns, Stack};
+use serde_json::{json, Value};
+
+async fn create_vm(stack: &Stack, name: &str, volumes: Value) -> Value {
+    let mut body = create_body(name, "qemu");
+    body["nics"] = json!([]);
+    body["volumes"] = volumes;
+    let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+    assert_eq!(status, 202, "{accepted}");
+    let op = stack.wait_op(&accepted).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    stack.wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(90)).await;
+    stack.vm(name).await
+}
+
+async fn delete_vm(stack: &Stack, name: &str) {
+    let (status, accepted) = stack.call("DELETE", &format!("/v1/vms/{name}"), None).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
+}
+
+/// Writes `text` at sector `sector` of the guest's `dev`, and syncs.
+async fn guest_write(stack: &Stack, vm: &str, dev: &str, sector: u32, text: &str) {
+    let out = stack
+        .console_run(vm, &format!("printf '{text}' | dd of={dev} bs=512 seek={sector} conv=fsync 2>&1; sync"))
+        .await;
+    assert!(!out.contains("can't open") && !out.contains("No such"), "write to {dev} failed: {out}");
+}
+
+/// Reads `len` bytes at sector `sector` of the guest's `dev`.
+async fn guest_read(stack: &Stack, vm: &str, dev: &str, sector: u32, len: usize) -> String {
+    // Drop the guest's cache so the bytes come from the device.
+    stack
+        .console_run(vm, &format!("echo 3 > /proc/sys/vm/drop_caches; dd if={dev} bs=512 skip={sector} count=1 2>/dev/null | head -c {len}; echo"))
+        .await
+}
+
+async fn wait_for_device(stack: &Stack, vm: &str, dev: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.console_run(vm, &format!("[ -b {dev} ] && echo PRESENT-$((1+1))")).await;
+        if out.contains("PRESENT-2") {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{dev} never appeared in {vm}: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn volume(stack: &Stack, name: &str) -> Value {
+    let (status, v) = stack.call("GET", &format!("/v1/volumes/{name}"), None).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// A second blockd (another "host"): the same library the daemon runs, in this test
+/// process, serving NBD on loopback.
+struct RemoteBlockd {
+    dir: tempfile::TempDir,
+    port: u16,
+    blockd: std::sync::Arc<blockd::Blockd>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RemoteBlockd {
+    async fn start() -> RemoteBlockd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = 20000 + (std::process::id() % 20000) as u16;
+        let d = dir.path();
+        let config = blockd::BlockdConfig {
+            pool: blockd::PoolConfig::File(d.join("pool")),
+            state_dir: d.join("state"),
+            socket_dir: d.join("run"),
+            nbd: blockd::exports::NbdSettings {
+                tcp: Some(format!("127.0.0.1:{port}").parse().expect("address")),
+                unix: Some(d.join("run/nbd.sock")),
+                allow: Some(vec!["127.0.0.0/8".parse().expect("network")]),
+            },
+        };
+        let blockd = blockd::Blockd::open(config).await.expect("second blockd");
+        let listener = socket_http::server::bind_unix(&d.join("blockd.sock")).await.expect("bind");
+        let router = blockd::router(blockd.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        RemoteBlockd { dir, port, blockd, server }
+    }
+
+    fn client(&self) -> blockd::http::client::BlockdClient {
+        blockd::http::client::BlockdClient::new(self.dir.path().join("blockd.sock"))
+    }
+}
+
+impl Drop for RemoteBlockd {
+    fn drop(&mut self) {
+        self.server.abort();
+        let b = self.blockd.clone();
+        // Stop its NBD listeners and sockets; the runtime may be ending.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(b.exports.shutdown());
+            }
+        })
+        .join();
+    }
+}
+
+#[test]
+fn volumes_outlive_vms_and_travel_between_hosts() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+
+        // A volume, written by one VM (file attachment)...
+        let (status, v) = stack.call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "64M"}))).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["size_bytes"], 64 << 20);
+        create_vm(&stack, "writer", json!(["data"])).await;
+        assert_eq!(volume(&stack, "data").await["attached_to"]["vm_name"], "writer");
+        let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
+        assert_eq!(status, 409, "deleting an attached volume: {e}");
+        guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
+        stack.act("writer", "stop").await;
+        delete_vm(&stack, "writer").await;
+        assert!(volume(&stack, "data").await["attached_to"].is_null(), "the VM's delete released the volume");
+
+        // ... is read back by the next VM, through blockd's vhost-user-blk backend.
+        create_vm(&stack, "reader", json!([{"volume": "data", "via": "vhost-user"}])).await;
+        let read = guest_read(&stack, "reader", "/dev/vda", 100, 18).await;
+        assert!(read.contains("HEARTH-PATTERN-ONE"), "read through vhost-user: {read:?}");
+        guest_write(&stack, "reader", "/dev/vda", 200, "HEARTH-PATTERN-TWO").await;
+
+        // A snapshot keeps the old content; a clone is independent.
+        let (status, s) = stack.call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"}))).await;
+        assert_eq!(status, 201, "{s}");
+        let (status, c) = stack.call("POST", "/v1/volumes/data/clone", Some(json!({"name": "copy", "snapshot": "s1"}))).await;
+        assert_eq!(status, 201, "{c}");
+        assert_eq!(c["origin"], "data@s1");
+
+        // blockd restarts (the api with it) while the VM uses the volume over vhost-user:
+        // the socket comes back and the guest keeps reading and writing.
+        let mut stack = stack;
+        stack.restart(libc::SIGTERM).await;
+        let exports = volume(&stack, "data").await["exports"].clone();
+        assert_eq!(exports[0]["kind"], "vhost-user", "the vhost-user export came back: {exports}");
+        guest_write(&stack, "reader", "/dev/vda", 300, "HEARTH-AFTER-RESTART").await;
+        let read = guest_read(&stack, "reader", "/dev/vda", 300, 20).await;
+        assert!(read.contains("HEARTH-AFTER-RESTART"), "after blockd restarted: {read:?}");
+        let read = guest_read(&stack, "reader", "/dev/vda", 200, 18).await;
+        assert!(read.contains("HEARTH-PATTERN-TWO"), "data from before the restart: {read:?}");
+
+        // A volume on another host, exported over NBD, hot-plugged into the running VM.
+        let remote = RemoteBlockd::start().await;
+        let rc = remote.client();
+        let spec = blockd::service::VolumeSpec { size_bytes: Some(32 << 20), source: None };
+        let far = rc.ensure_volume("far", &spec).await.expect("remote volume");
+        std::fs::write(far.path.as_ref().expect("path"), {
+            let mut b = vec![0u8; 32 << 20];
+            b[512 * 7..512 * 7 + 17].copy_from_slice(b"HEARTH-FROM-AFAR!");
+            b
+        })
+        .expect("fill the remote volume");
+        rc.export("far", "nbd", &blockd::exports::ExportSpec { read_only: false }).await.expect("export");
+        let body = json!({"name": "far", "remote": {"tcp": format!("127.0.0.1:{}", remote.port), "export": "far"}});
+        let (status, v) = stack.call("POST", "/v1/volumes", Some(body)).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["location"], "remote");
+        let (status, v) = stack.call("POST", "/v1/volumes/far/attach", Some(json!({"vm": "reader"}))).await;
+        assert_eq!(status, 200, "hot-plug: {v}");
+        wait_for_device(&stack, "reader", "/dev/vdb").await;
+        let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
+        assert!(read.contains("HEARTH-FROM-AFAR!"), "read over NBD: {read:?}");
+        guest_write(&stack, "reader", "/dev/vdb", 9, "WRITTEN-FROM-VM").await;
+        let bytes = std::fs::read(far.path.as_ref().expect("path")).expect("remote file");
+        assert_eq!(&bytes[512 * 9..512 * 9 + 15], b"WRITTEN-FROM-VM", "the write reached the other host's file");
+
+        // Hot-unplug, then clean up in dependency order.
+        let (status, v) = stack.call("POST", "/v1/volumes/far/detach", None).await;
+        assert_eq!(status, 200, "hot-unplug: {v}");
+        assert!(v["attached_to"].is_null());
+        delete_vm(&stack, "reader").await;
+        let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
+        assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");
+        for v in ["copy", "data", "far"] {
+            let (status, e) = stack.call("DELETE", &format!("/v1/volumes/{v}"), None).await;
+            assert_eq!(status, 204, "{v}: {e}");
+        }
+        let (_, list) = stack.call("GET", "/v1/volumes", None).await;
+        assert_eq!(list, json!([]));
+        assert!(std::fs::read_dir(stack.data_dir().join("run/blockd")).expect("socket dir").flatten().all(|e| {
+            !e.file_name().to_string_lossy().starts_with("vol-") && !e.file_name().to_string_lossy().starts_with("remote-")
+        }), "no vhost-user socket left");
+    });
+}
+
+#[test]
+fn bad_volume_requests_get_clear_errors() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+        let cases = [
+            (json!({"name": "a/b", "size": "1M"}), 422),
+            (json!({"name": "..", "size": "1M"}), 422),
+            (json!({"name": "bad\u{1}", "size": "1M"}), 422),
+            (json!({"name": "zero", "size_bytes": 0}), 422),
+            (json!({"name": "odd", "size_bytes": 1000}), 422),
+            (json!({"name": "nosize"}), 422),
+            (json!({"name": "units", "size": "12Q"}), 422),
+            (json!({"name": "huge", "size": "1000000T"}), 507),
+            (json!({"name": "clone", "source": {"snapshot": "nope@x"}}), 404),
+            (json!({"name": "far", "remote": {"tcp": "127.0.0.1:1", "export": "x"}}), 404),
+        ];
+        for (body, want) in cases {
+            let (status, e) = stack.call("POST", "/v1/volumes", Some(body.clone())).await;
+            assert_eq!(status, want, "{body}: {e}");
+            assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        }
+        let (_, list) = stack.call("GET", "/v1/volumes", None).await;
+        assert_eq!(list, json!([]), "failed creates left nothing");
+        assert_eq!(std::fs::read_dir(stack.data_dir().join("volumes/volumes")).expect("pool").count(), 0);
+
+        let (status, _) = stack.call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"}))).await;
+        assert_eq!(status, 201);
+        let (status, e) = stack.call("POST", "/v1/volumes/v/resize", Some(json!({"size": "4M"}))).await;
+        assert_eq!(status, 422, "shrink: {e}");
+        let (status, v) = stack.call("POST", "/v1/volumes/v/resize", Some(json!({"size": "16M"}))).await;
+        assert_eq!((status, v["size_bytes"].as_u64()), (200, Some(16 << 20)), "{v}");
+        let (status, _) = stack.call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"}))).await;
+        assert_eq!(status, 409, "a second volume with the same name");
+
+        // Attaching to a stopped VM records the disk for its next start; a second VM
+        // cannot take the same volume.
+        let mut body = create_body("idle", "qemu");
+        body["nics"] = json!([]);
+        body["start"] = json!(false);
+        body["volumes"] = json!(["v"]);
+        let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
+        let mut body = create_body("greedy", "qemu");
+        body["nics"] = json!([]);
+        body["start"] = json!(false);
+        body["volumes"] = json!(["v"]);
+        let (status, e) = stack.call("POST", "/v1/vms", Some(body)).await;
+        assert_eq!(status, 409, "the volume is taken: {e}");
+        let (status, e) = stack.call("DELETE", "/v1/volumes/v", None).await;
+        assert_eq!(status, 409, "{e}");
+        assert!(e["error"]["message"].as_str().unwrap_or("").contains("idle"), "{e}");
+        let (status, _) = stack.call("POST", "/v1/volumes/v/detach", None).await;
+        assert_eq!(status, 200);
+        assert!(stack.vm("idle").await["volumes"].as_array().is_some_and(|v| v.is_empty()));
+        let (status, _) = stack.call("DELETE", "/v1/volumes/v", None).await;
+        assert_eq!(status, 204);
+        delete_vm(&stack, "idle").await;
+    });
+}

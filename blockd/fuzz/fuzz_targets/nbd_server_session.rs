@@ -1,0 +1,51 @@
+//! Arbitrary bytes as a client's side of an NBD session: the server runs its
+//! handshake and transmission phase over an in-memory stream. It must never panic and
+//! must finish (the input ends, so the session must end) within the time limit.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use blockd::device::MemoryDevice;
+use blockd::nbd::{ExportOptions, NbdServer, ServerConfig};
+use libfuzzer_sys::fuzz_target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime"))
+}
+
+fn server() -> &'static NbdServer {
+    static SERVER: OnceLock<NbdServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let s = NbdServer::new(ServerConfig { handshake_timeout: Duration::from_secs(1), ..ServerConfig::default() });
+        s.add_export("disk", Arc::new(MemoryDevice::new(1 << 20)), ExportOptions::default()).expect("add");
+        let ro = ExportOptions { read_only: true, description: "ro".into() };
+        s.add_export("ro", Arc::new(MemoryDevice::new(64 << 10)), ro).expect("add");
+        s
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let input = data.to_vec();
+    runtime().block_on(async move {
+        let (client, server_end) = tokio::io::duplex(64 << 10);
+        let s = server().clone();
+        let conn = tokio::spawn(async move { s.serve_connection(server_end).await });
+        let (mut r, mut w) = tokio::io::split(client);
+        tokio::spawn(async move {
+            let _ = w.write_all(&input).await;
+            let _ = w.shutdown().await;
+        });
+        tokio::spawn(async move {
+            let mut sink = [0u8; 8192];
+            while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        match tokio::time::timeout(Duration::from_secs(5), conn).await {
+            Err(_) => panic!("the session did not end after its input did"),
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(_) => {}
+        }
+    });
+});

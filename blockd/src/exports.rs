@@ -1,0 +1,453 @@
+//! What makes volumes reachable: NBD exports (for other hosts and tools) and
+//! vhost-user-blk sockets (for VMs), plus vhost-user-blk sockets for volumes another
+//! host exports over NBD ("remote disks", served through blockd's NBD client, so no
+//! kernel nbd module is needed).
+//!
+//! The table is saved in `<state dir>/exports.json` on every change and restored when
+//! blockd starts, so a restart brings every export and socket back at the same place:
+//! NBD clients reconnect, and a VM's vhost-user-blk frontend reconnects to the socket
+//! (QEMU with `reconnect=` on its chardev; Cloud Hypervisor does on its own).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::device::{BlockDevice, ReadOnly};
+use crate::nbd::client::{NbdAddress, NbdDevice, ReconnectPolicy};
+use crate::nbd::server::{ExportOptions, NbdServer};
+use crate::service::VolumeService;
+use crate::vhost_user::{VhostUserBlkExport, VhostUserBlkOptions};
+use crate::volume::{validate_name, Result, VolumeError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportKind {
+    Nbd,
+    VhostUser,
+}
+
+/// The body of `PUT /volumes/{name}/exports/{kind}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A volume on another host, exported there over NBD. Exactly one of `tcp` and `unix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteDiskSpec {
+    /// `host:port` of the remote NBD server.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// Unix socket of the remote NBD server (same host, or a forwarded socket).
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    /// The export name (the volume's name on the remote blockd).
+    pub export: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl RemoteDiskSpec {
+    fn address(&self) -> Result<NbdAddress> {
+        match (&self.tcp, &self.unix) {
+            (Some(t), None) => Ok(NbdAddress::Tcp(t.clone())),
+            (None, Some(u)) if u.is_absolute() => Ok(NbdAddress::Unix(u.clone())),
+            (None, Some(u)) => Err(VolumeError::Invalid(format!("unix socket path {} must be absolute", u.display()))),
+            _ => Err(VolumeError::Invalid("give exactly one of tcp (host:port) and unix (socket path)".into())),
+        }
+    }
+}
+
+/// Where an NBD export can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdEndpoint {
+    pub export: String,
+    /// `nbd://…` and `nbd+unix://…` URIs, as qemu-img, nbdinfo and nbdcopy take them.
+    pub uris: Vec<String>,
+}
+
+/// An export as it exists now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Export {
+    /// The volume (or, for remote disks, the local name of the remote disk).
+    pub volume: String,
+    pub kind: ExportKind,
+    pub read_only: bool,
+    /// The vhost-user-blk socket a VM attaches to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// True while a VM is connected to the socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdEndpoint>,
+    /// For remote disks: where the blocks really are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteDiskSpec>,
+}
+
+/// Settings of the NBD server blockd runs.
+#[derive(Debug, Clone, Default)]
+pub struct NbdSettings {
+    /// TCP address to listen on (e.g. `0.0.0.0:10809`); none: no TCP.
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket to listen on.
+    pub unix: Option<PathBuf>,
+    /// TCP peers allowed (none: all that can reach the address).
+    pub allow: Option<Vec<ipnet::IpNet>>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    #[serde(default)]
+    volumes: Vec<(String, ExportKind, ExportSpec)>,
+    #[serde(default)]
+    remote: Vec<(String, RemoteDiskSpec)>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    nbd: BTreeMap<String, ExportSpec>,
+    vhost: BTreeMap<String, (ExportSpec, VhostUserBlkExport)>,
+    remote: BTreeMap<String, (RemoteDiskSpec, VhostUserBlkExport)>,
+}
+
+/// The exports of one blockd.
+#[derive(Debug)]
+pub struct Exports {
+    state_file: PathBuf,
+    socket_dir: PathBuf,
+    nbd: Arc<NbdServer>,
+    nbd_uris: Vec<String>,
+    table: Mutex<Table>,
+    /// Exported volume names, readable from the synchronous busy check.
+    exported: Arc<StdMutex<BTreeSet<String>>>,
+}
+
+fn internal(context: &str) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+    move |e| VolumeError::Io { context: context.to_string(), source: e }
+}
+
+impl Exports {
+    /// Starts the NBD listeners (none when `settings` names none).
+    pub async fn new(state_dir: &Path, socket_dir: &Path, nbd: NbdSettings) -> Result<Exports> {
+        std::fs::create_dir_all(state_dir).map_err(internal("creating the state directory"))?;
+        std::fs::create_dir_all(socket_dir).map_err(internal("creating the socket directory"))?;
+        let config = crate::nbd::server::ServerConfig { allowed_networks: nbd.allow.clone(), ..Default::default() };
+        let server = Arc::new(NbdServer::new(config));
+        let mut uris = Vec::new();
+        if let Some(addr) = nbd.tcp {
+            let bound = server
+                .listen_tcp(addr)
+                .await
+                .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {addr}: {e}")))?;
+            uris.push(format!("nbd://{bound}/"));
+        }
+        if let Some(path) = &nbd.unix {
+            server
+                .listen_unix(path)
+                .await
+                .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {}: {e}", path.display())))?;
+            uris.push(format!("nbd+unix:///?socket={}", path.display()));
+        }
+        Ok(Exports {
+            state_file: state_dir.join("exports.json"),
+            socket_dir: socket_dir.to_path_buf(),
+            nbd: server,
+            nbd_uris: uris,
+            table: Mutex::new(Table::default()),
+            exported: Arc::default(),
+        })
+    }
+
+    /// The check `VolumeService` runs before deleting a volume.
+    pub fn busy_check(&self) -> impl Fn(&str) -> Option<String> + Send + Sync + 'static {
+        let exported = self.exported.clone();
+        move |name| {
+            exported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(name)
+                .then(|| "it is exported (over NBD or to a VM); remove its exports first".to_string())
+        }
+    }
+
+    /// Brings back the exports saved before a restart. Failures are logged, not fatal:
+    /// the rest of the table still comes back.
+    pub async fn restore(&self, volumes: &VolumeService) {
+        let saved: Saved = match std::fs::read(&self.state_file) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(file = %self.state_file.display(), "cannot parse the saved exports: {e}");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        for (name, kind, spec) in saved.volumes {
+            if let Err(e) = self.export(volumes, &name, kind, spec).await {
+                tracing::error!(volume = name, ?kind, "cannot restore export: {e}");
+            }
+        }
+        for (name, spec) in saved.remote {
+            if let Err(e) = self.remote_disk(&name, spec).await {
+                tracing::error!(disk = name, "cannot restore remote disk: {e}");
+            }
+        }
+    }
+
+    fn save(&self, t: &Table) -> Result<()> {
+        let mut saved = Saved::default();
+        for (n, s) in &t.nbd {
+            saved.volumes.push((n.clone(), ExportKind::Nbd, s.clone()));
+        }
+        for (n, (s, _)) in &t.vhost {
+            saved.volumes.push((n.clone(), ExportKind::VhostUser, s.clone()));
+        }
+        for (n, (s, _)) in &t.remote {
+            saved.remote.push((n.clone(), s.clone()));
+        }
+        let bytes = serde_json::to_vec_pretty(&saved).map_err(|e| VolumeError::Backend(e.to_string()))?;
+        let tmp = self.state_file.with_extension("json.tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, &self.state_file))
+            .map_err(internal("saving the export table"))?;
+        let mut names: BTreeSet<String> = t.nbd.keys().cloned().collect();
+        names.extend(t.vhost.keys().cloned());
+        *self.exported.lock().unwrap_or_else(|e| e.into_inner()) = names;
+        Ok(())
+    }
+
+    fn vhost_socket(&self, prefix: &str, name: &str) -> PathBuf {
+        self.socket_dir.join(format!("{prefix}-{name}.sock"))
+    }
+
+    fn describe_nbd(&self, name: &str, spec: &ExportSpec) -> Export {
+        let uris = self
+            .nbd_uris
+            .iter()
+            .map(|u| match u.split_once("/?") {
+                Some((base, q)) => format!("{base}/{name}?{q}"),
+                None => format!("{u}{name}"),
+            })
+            .collect();
+        Export {
+            volume: name.to_string(),
+            kind: ExportKind::Nbd,
+            read_only: spec.read_only,
+            socket: None,
+            connected: None,
+            nbd: Some(NbdEndpoint { export: name.to_string(), uris }),
+            remote: None,
+        }
+    }
+
+    fn describe_vhost(name: &str, spec: &ExportSpec, e: &VhostUserBlkExport) -> Export {
+        Export {
+            volume: name.to_string(),
+            kind: ExportKind::VhostUser,
+            read_only: spec.read_only,
+            socket: Some(e.socket_path().to_path_buf()),
+            connected: Some(e.is_connected()),
+            nbd: None,
+            remote: None,
+        }
+    }
+
+    pub async fn list(&self) -> Vec<Export> {
+        let t = self.table.lock().await;
+        let mut out: Vec<Export> = t.nbd.iter().map(|(n, s)| self.describe_nbd(n, s)).collect();
+        out.extend(t.vhost.iter().map(|(n, (s, e))| Self::describe_vhost(n, s, e)));
+        out.extend(t.remote.iter().map(|(n, (s, e))| {
+            let mut x = Self::describe_vhost(n, &ExportSpec { read_only: s.read_only }, e);
+            x.remote = Some(s.clone());
+            x
+        }));
+        out
+    }
+
+    async fn open(volumes: &VolumeService, name: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
+        volumes.get(name).await?;
+        let backend = volumes.backend().clone();
+        let n = name.to_string();
+        let dev = tokio::task::spawn_blocking(move || backend.open(&n, read_only))
+            .await
+            .map_err(|e| VolumeError::Backend(e.to_string()))??;
+        Ok(if read_only && !dev.read_only() { Arc::new(ReadOnly(dev)) } else { dev })
+    }
+
+    /// Exports a volume. Idempotent: the same export again changes nothing; a different
+    /// `read_only` is a conflict (unexport first).
+    pub async fn export(&self, volumes: &VolumeService, name: &str, kind: ExportKind, spec: ExportSpec) -> Result<(Export, bool)> {
+        validate_name("volume", name)?;
+        let mut t = self.table.lock().await;
+        let existing = match kind {
+            ExportKind::Nbd => t.nbd.get(name).cloned(),
+            ExportKind::VhostUser => t.vhost.get(name).map(|(s, _)| s.clone()),
+        };
+        if let Some(s) = existing {
+            if s != spec {
+                return Err(VolumeError::Conflict(format!(
+                    "volume {name:?} is already exported with read_only={}; remove that export first",
+                    s.read_only
+                )));
+            }
+            let e = match kind {
+                ExportKind::Nbd => self.describe_nbd(name, &s),
+                ExportKind::VhostUser => {
+                    let (s, e) = &t.vhost[name];
+                    Self::describe_vhost(name, s, e)
+                }
+            };
+            return Ok((e, false));
+        }
+        let dev = Self::open(volumes, name, spec.read_only).await?;
+        match kind {
+            ExportKind::Nbd => {
+                if self.nbd_uris.is_empty() {
+                    return Err(VolumeError::Unsupported(
+                        "this blockd runs no NBD listener; start it with --nbd-tcp or --nbd-unix".into(),
+                    ));
+                }
+                let options = ExportOptions { read_only: spec.read_only, description: format!("hearth volume {name}") };
+                self.nbd
+                    .add_export(name, dev, options)
+                    .map_err(|e| VolumeError::Backend(format!("cannot export {name:?}: {e}")))?;
+                t.nbd.insert(name.to_string(), spec.clone());
+            }
+            ExportKind::VhostUser => {
+                let socket = self.vhost_socket("vol", name);
+                let options = VhostUserBlkOptions { serial: name.chars().take(20).collect(), ..Default::default() };
+                let started = tokio::task::spawn_blocking(move || VhostUserBlkExport::start(&socket, dev, options))
+                    .await
+                    .map_err(|e| VolumeError::Backend(e.to_string()))?
+                    .map_err(internal("starting the vhost-user-blk socket"))?;
+                t.vhost.insert(name.to_string(), (spec.clone(), started));
+            }
+        }
+        if let Err(e) = self.save(&t) {
+            self.drop_export(&mut t, name, kind);
+            return Err(e);
+        }
+        let made = match kind {
+            ExportKind::Nbd => self.describe_nbd(name, &spec),
+            ExportKind::VhostUser => {
+                let (s, e) = &t.vhost[name];
+                Self::describe_vhost(name, s, e)
+            }
+        };
+        Ok((made, true))
+    }
+
+    fn drop_export(&self, t: &mut Table, name: &str, kind: ExportKind) {
+        match kind {
+            ExportKind::Nbd => {
+                t.nbd.remove(name);
+                self.nbd.remove_export(name);
+            }
+            ExportKind::VhostUser => {
+                if let Some((_, e)) = t.vhost.remove(name) {
+                    if let Err(err) = e.stop() {
+                        tracing::warn!(volume = name, "stopping vhost-user-blk export: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes an export; removing one that does not exist succeeds.
+    pub async fn unexport(&self, name: &str, kind: ExportKind) -> Result<()> {
+        validate_name("volume", name)?;
+        let mut t = self.table.lock().await;
+        self.drop_export(&mut t, name, kind);
+        self.save(&t)
+    }
+
+    /// After a resize, new NBD connections must see the new size: the export is
+    /// re-added (connections already open keep the size they negotiated).
+    pub async fn resized(&self, volumes: &VolumeService, name: &str) {
+        let t = self.table.lock().await;
+        if let Some(spec) = t.nbd.get(name) {
+            match Self::open(volumes, name, spec.read_only).await {
+                Ok(dev) => {
+                    self.nbd.remove_export(name);
+                    let options =
+                        ExportOptions { read_only: spec.read_only, description: format!("hearth volume {name}") };
+                    if let Err(e) = self.nbd.add_export(name, dev, options) {
+                        tracing::error!(volume = name, "re-exporting after resize: {e}");
+                    }
+                }
+                Err(e) => tracing::error!(volume = name, "re-opening after resize: {e}"),
+            }
+        }
+    }
+
+    /// Serves a remote NBD export to local VMs on a vhost-user-blk socket.
+    pub async fn remote_disk(&self, name: &str, spec: RemoteDiskSpec) -> Result<(Export, bool)> {
+        validate_name("remote disk", name)?;
+        let address = spec.address()?;
+        let mut t = self.table.lock().await;
+        if let Some((s, e)) = t.remote.get(name) {
+            if *s != spec {
+                return Err(VolumeError::Conflict(format!("remote disk {name:?} exists with other settings; delete it first")));
+            }
+            let mut x = Self::describe_vhost(name, &ExportSpec { read_only: s.read_only }, e);
+            x.remote = Some(s.clone());
+            return Ok((x, false));
+        }
+        let socket = self.vhost_socket("remote", name);
+        let (export, read_only) = (spec.export.clone(), spec.read_only);
+        let started = tokio::task::spawn_blocking(move || -> Result<VhostUserBlkExport> {
+            let dev = NbdDevice::connect(address.clone(), &export, ReconnectPolicy::default())
+                .map_err(|e| VolumeError::NotFound(format!("cannot reach NBD export {export:?} at {address}: {e}")))?;
+            let dev: Arc<dyn BlockDevice> = if read_only { Arc::new(ReadOnly(dev)) } else { Arc::new(dev) };
+            let options = VhostUserBlkOptions { serial: export.chars().take(20).collect(), ..Default::default() };
+            VhostUserBlkExport::start(&socket, dev, options).map_err(internal("starting the vhost-user-blk socket"))
+        })
+        .await
+        .map_err(|e| VolumeError::Backend(e.to_string()))??;
+        t.remote.insert(name.to_string(), (spec.clone(), started));
+        if let Err(e) = self.save(&t) {
+            if let Some((_, e)) = t.remote.remove(name) {
+                let _ = e.stop();
+            }
+            return Err(e);
+        }
+        let (s, e) = &t.remote[name];
+        let mut x = Self::describe_vhost(name, &ExportSpec { read_only: s.read_only }, e);
+        x.remote = Some(s.clone());
+        Ok((x, true))
+    }
+
+    pub async fn delete_remote_disk(&self, name: &str) -> Result<()> {
+        validate_name("remote disk", name)?;
+        let mut t = self.table.lock().await;
+        if let Some((_, e)) = t.remote.remove(name) {
+            if let Err(err) = e.stop() {
+                tracing::warn!(disk = name, "stopping vhost-user-blk export: {err}");
+            }
+        }
+        self.save(&t)
+    }
+
+    /// Stops every export without forgetting them (blockd is shutting down; they come
+    /// back on the next start).
+    pub async fn shutdown(&self) {
+        let mut t = self.table.lock().await;
+        for (_, (_, e)) in std::mem::take(&mut t.vhost) {
+            let _ = e.stop();
+        }
+        for (_, (_, e)) in std::mem::take(&mut t.remote) {
+            let _ = e.stop();
+        }
+        self.nbd.shutdown();
+    }
+}

@@ -1,0 +1,211 @@
+//! blockd's HTTP/JSON API on its Unix socket. Idempotent: `PUT` ensures, `DELETE` of a
+//! missing thing succeeds, `GET` reports what exists.
+//!
+//! - `GET /pool`: backend and space
+//! - `GET /volumes`, `GET|PUT|DELETE /volumes/{name}` (body: `VolumeSpec`; a clone is a
+//!   `PUT` with `"source": {"snapshot": "volume@snapshot"}`); `PUT` answers 201 when it
+//!   created the volume, 200 when it was there
+//! - `POST /volumes/{name}/resize` (body: `{"size_bytes": N}`): grow only
+//! - `PUT|DELETE /volumes/{name}/snapshots/{snapshot}`
+//! - `GET /exports`, `PUT|DELETE /volumes/{name}/exports/{nbd|vhost-user}` (body:
+//!   `ExportSpec`): serve a volume over NBD or to a VM over a vhost-user-blk socket
+//! - `PUT|DELETE /remote-disks/{name}` (body: `RemoteDiskSpec`): a vhost-user-blk socket
+//!   for a volume that another host exports over NBD
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use socket_http::ApiError;
+
+use crate::exports::{Export, ExportKind, ExportSpec, RemoteDiskSpec};
+use crate::service::{PoolStatus, VolumeSpec};
+use crate::volume::{Snapshot, Volume};
+use crate::Blockd;
+
+type Svc = State<Arc<Blockd>>;
+
+pub fn router(svc: Arc<Blockd>) -> Router {
+    Router::new()
+        .route("/pool", get(pool))
+        .route("/volumes", get(list))
+        .route("/volumes/{name}", get(show).put(ensure).delete(delete))
+        .route("/volumes/{name}/resize", post(resize))
+        .route("/volumes/{name}/snapshots/{snapshot}", put(snapshot).delete(delete_snapshot))
+        .route("/exports", get(exports))
+        .route("/volumes/{name}/exports/{kind}", put(export).delete(unexport))
+        .route("/remote-disks/{name}", put(remote_disk).delete(delete_remote_disk))
+        .with_state(svc)
+        .merge(socket_http::server::health_router("blockd"))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.is_empty() { b"{}".as_slice() } else { body };
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::unprocessable(format!("invalid request: {e}")),
+        _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+    })
+}
+
+fn created<T>(made: bool, body: T) -> (StatusCode, Json<T>) {
+    (if made { StatusCode::CREATED } else { StatusCode::OK }, Json(body))
+}
+
+async fn pool(State(svc): Svc) -> Result<Json<PoolStatus>, ApiError> {
+    Ok(Json(svc.volumes.pool().await?))
+}
+
+async fn list(State(svc): Svc) -> Result<Json<Vec<Volume>>, ApiError> {
+    Ok(Json(svc.volumes.list().await?))
+}
+
+async fn show(State(svc): Svc, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
+    Ok(Json(svc.volumes.get(&name).await?))
+}
+
+async fn ensure(State(svc): Svc, Path(name): Path<String>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    let spec: VolumeSpec = parse(&body)?;
+    let (v, made) = svc.volumes.ensure(&name, spec).await?;
+    Ok(created(made, v))
+}
+
+async fn delete(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    svc.volumes.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    size_bytes: u64,
+}
+
+async fn resize(State(svc): Svc, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Json<Volume>, ApiError> {
+    let r: Resize = parse(&body)?;
+    let v = svc.volumes.resize(&name, r.size_bytes).await?;
+    svc.exports.resized(&svc.volumes, &name).await;
+    Ok(Json(v))
+}
+
+async fn snapshot(State(svc): Svc, Path((name, snap)): Path<(String, String)>) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    let (s, made) = svc.volumes.snapshot(&name, &snap).await?;
+    Ok(created(made, s))
+}
+
+async fn delete_snapshot(State(svc): Svc, Path((name, snap)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    svc.volumes.delete_snapshot(&name, &snap).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn exports(State(svc): Svc) -> Json<Vec<Export>> {
+    Json(svc.exports.list().await)
+}
+
+fn kind(s: &str) -> Result<ExportKind, ApiError> {
+    match s {
+        "nbd" => Ok(ExportKind::Nbd),
+        "vhost-user" => Ok(ExportKind::VhostUser),
+        _ => Err(ApiError::not_found(format!("no export kind {s:?}; use nbd or vhost-user"))),
+    }
+}
+
+async fn export(
+    State(svc): Svc,
+    Path((name, k)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Export>), ApiError> {
+    let spec: ExportSpec = parse(&body)?;
+    let (e, made) = svc.exports.export(&svc.volumes, &name, kind(&k)?, spec).await?;
+    Ok(created(made, e))
+}
+
+async fn unexport(State(svc): Svc, Path((name, k)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    svc.exports.unexport(&name, kind(&k)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remote_disk(
+    State(svc): Svc,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Export>), ApiError> {
+    let spec: RemoteDiskSpec = parse(&body)?;
+    let (e, made) = svc.exports.remote_disk(&name, spec).await?;
+    Ok(created(made, e))
+}
+
+async fn delete_remote_disk(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    svc.exports.delete_remote_disk(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The client for blockd's API, used by the api.
+pub mod client {
+    use http::Method;
+    use socket_http::{ClientError, UnixClient};
+
+    use crate::exports::{Export, ExportSpec, RemoteDiskSpec};
+    use crate::service::{PoolStatus, VolumeSpec};
+    use crate::volume::{Snapshot, Volume};
+
+    #[derive(Debug, Clone)]
+    pub struct BlockdClient {
+        http: UnixClient,
+    }
+
+    async fn no_body(http: &UnixClient, method: Method, path: &str) -> Result<(), ClientError> {
+        http.call::<(), serde_json::Value>(method, path, None).await.map(|_| ())
+    }
+
+    impl BlockdClient {
+        pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
+            Self { http: UnixClient::new(socket).with_timeout(std::time::Duration::from_secs(600)) }
+        }
+        pub async fn pool(&self) -> Result<PoolStatus, ClientError> {
+            self.http.get("/pool").await
+        }
+        pub async fn volumes(&self) -> Result<Vec<Volume>, ClientError> {
+            self.http.get("/volumes").await
+        }
+        pub async fn volume(&self, name: &str) -> Result<Volume, ClientError> {
+            self.http.get(&format!("/volumes/{name}")).await
+        }
+        pub async fn ensure_volume(&self, name: &str, spec: &VolumeSpec) -> Result<Volume, ClientError> {
+            self.http.call(Method::PUT, &format!("/volumes/{name}"), Some(spec)).await
+        }
+        pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}")).await
+        }
+        pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume, ClientError> {
+            let body = serde_json::json!({ "size_bytes": size_bytes });
+            self.http.call(Method::POST, &format!("/volumes/{name}/resize"), Some(&body)).await
+        }
+        pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Snapshot, ClientError> {
+            self.http
+                .call::<(), Snapshot>(Method::PUT, &format!("/volumes/{name}/snapshots/{snapshot}"), None)
+                .await
+        }
+        pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), ClientError> {
+            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}/snapshots/{snapshot}")).await
+        }
+        pub async fn exports(&self) -> Result<Vec<Export>, ClientError> {
+            self.http.get("/exports").await
+        }
+        /// `kind` is `nbd` or `vhost-user`.
+        pub async fn export(&self, name: &str, kind: &str, spec: &ExportSpec) -> Result<Export, ClientError> {
+            self.http.call(Method::PUT, &format!("/volumes/{name}/exports/{kind}"), Some(spec)).await
+        }
+        pub async fn unexport(&self, name: &str, kind: &str) -> Result<(), ClientError> {
+            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}/exports/{kind}")).await
+        }
+        pub async fn remote_disk(&self, name: &str, spec: &RemoteDiskSpec) -> Result<Export, ClientError> {
+            self.http.call(Method::PUT, &format!("/remote-disks/{name}"), Some(spec)).await
+        }
+        pub async fn delete_remote_disk(&self, name: &str) -> Result<(), ClientError> {
+            no_body(&self.http, Method::DELETE, &format!("/remote-disks/{name}")).await
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! blockd's service: the rules every backend shares (names, sizes, clones depending on
+//! snapshots, exported volumes), on top of one `VolumeBackend`, and the exports that
+//! make volumes reachable (NBD, vhost-user-blk).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::volume::{validate_name, validate_size, PoolUsage, Result, Snapshot, Volume, VolumeBackend, VolumeError};
+
+/// What a volume is made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// A clone of `volume@snapshot`.
+    Snapshot(String),
+    /// A copy of a raw image file on this host (shares extents where it can).
+    Image(PathBuf),
+}
+
+/// The body of `PUT /volumes/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Size in bytes; optional for clones and images (they keep their source's size).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub source: Option<VolumeSource>,
+}
+
+/// The pool and what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub backend: String,
+    #[serde(flatten)]
+    pub usage: PoolUsage,
+}
+
+/// Splits `volume@snapshot`.
+pub fn split_snapshot_ref(s: &str) -> Result<(&str, &str)> {
+    let (v, snap) = s
+        .split_once('@')
+        .ok_or_else(|| VolumeError::Invalid(format!("{s:?} does not name a snapshot; write volume@snapshot")))?;
+    validate_name("volume", v)?;
+    validate_name("snapshot", snap)?;
+    Ok((v, snap))
+}
+
+/// The volume rules over one backend. Backend calls block (lvm2, file copies), so the
+/// async methods run them on the blocking pool.
+pub struct VolumeService {
+    backend: Arc<dyn VolumeBackend>,
+    /// Volumes something serves (an export or a VM socket): not deletable meanwhile.
+    busy: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for VolumeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeService").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Backend(format!("storage task failed: {e}")))?
+}
+
+impl VolumeService {
+    pub fn new(backend: Arc<dyn VolumeBackend>) -> VolumeService {
+        VolumeService { backend, busy: Box::new(|_| None) }
+    }
+
+    /// Installs the check that says why a volume is in use (exported, attached).
+    pub fn set_busy_check(&mut self, busy: impl Fn(&str) -> Option<String> + Send + Sync + 'static) {
+        self.busy = Box::new(busy);
+    }
+
+    pub fn backend(&self) -> &Arc<dyn VolumeBackend> {
+        &self.backend
+    }
+
+    pub async fn list(&self) -> Result<Vec<Volume>> {
+        let b = self.backend.clone();
+        blocking(move || b.list()).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Volume> {
+        validate_name("volume", name)?;
+        let b = self.backend.clone();
+        let n = name.to_string();
+        blocking(move || b.get(&n))
+            .await?
+            .ok_or_else(|| VolumeError::NotFound(format!("volume {name:?} does not exist")))
+    }
+
+    pub async fn pool(&self) -> Result<PoolStatus> {
+        let b = self.backend.clone();
+        let usage = blocking(move || b.usage()).await?;
+        Ok(PoolStatus { backend: self.backend.kind().to_string(), usage })
+    }
+
+    fn check_fits(&self, size_bytes: u64, usage: PoolUsage) -> Result<()> {
+        if size_bytes > usage.total_bytes {
+            return Err(VolumeError::NoSpace(format!(
+                "{size_bytes} bytes is more than the whole {} pool ({} bytes)",
+                self.backend.kind(),
+                usage.total_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ensures the volume exists as described. An existing volume is returned as it is
+    /// (grown if the spec asks for more; asking for less is refused: volumes never shrink).
+    pub async fn ensure(&self, name: &str, spec: VolumeSpec) -> Result<(Volume, bool)> {
+        validate_name("volume", name)?;
+        if let Some(size) = spec.size_bytes {
+            validate_size(size)?;
+        }
+        if spec.size_bytes.is_none() && spec.source.is_none() {
+            return Err(VolumeError::Invalid("size_bytes is required for an empty volume".into()));
+        }
+        let b = self.backend.clone();
+        let n = name.to_string();
+        if let Some(existing) = blocking(move || b.get(&n)).await? {
+            return match spec.size_bytes {
+                Some(s) if s > existing.size_bytes => Ok((self.resize(name, s).await?, false)),
+                Some(s) if s < existing.size_bytes => Err(VolumeError::Invalid(format!(
+                    "volume {name:?} exists with {} bytes; volumes cannot shrink to {s}",
+                    existing.size_bytes
+                ))),
+                _ => Ok((existing, false)),
+            };
+        }
+        let b = self.backend.clone();
+        if let Some(size) = spec.size_bytes {
+            let usage = blocking(move || b.usage()).await?;
+            self.check_fits(size, usage)?;
+        }
+        let b = self.backend.clone();
+        let n = name.to_string();
+        let made = match spec.source {
+            None => {
+                let size = spec.size_bytes.unwrap_or(0);
+                blocking(move || b.create(&n, size)).await?
+            }
+            Some(VolumeSource::Image(path)) => {
+                if !path.is_absolute() {
+                    return Err(VolumeError::Invalid(format!("image path {} must be absolute", path.display())));
+                }
+                if !path.is_file() {
+                    return Err(VolumeError::NotFound(format!("image file {} does not exist", path.display())));
+                }
+                blocking(move || b.create_from_file(&n, &path, spec.size_bytes)).await?
+            }
+            Some(VolumeSource::Snapshot(r)) => {
+                let (v, s) = split_snapshot_ref(&r)?;
+                let (v, s) = (v.to_string(), s.to_string());
+                let cloned = blocking(move || b.clone_snapshot(&v, &s, &n)).await?;
+                match spec.size_bytes {
+                    Some(size) if size > cloned.size_bytes => self.resize(name, size).await?,
+                    Some(size) if size < cloned.size_bytes => {
+                        let _ = self.delete(name).await;
+                        return Err(VolumeError::Invalid(format!(
+                            "the snapshot {r} holds {} bytes; a clone cannot be smaller ({size})",
+                            cloned.size_bytes
+                        )));
+                    }
+                    _ => cloned,
+                }
+            }
+        };
+        Ok((made, true))
+    }
+
+    /// Grows a volume; shrinking is refused (422).
+    pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume> {
+        validate_size(size_bytes)?;
+        let v = self.get(name).await?;
+        if size_bytes < v.size_bytes {
+            return Err(VolumeError::Invalid(format!(
+                "volume {name:?} has {} bytes; shrinking to {size_bytes} would destroy data and is refused",
+                v.size_bytes
+            )));
+        }
+        if size_bytes == v.size_bytes {
+            return Ok(v);
+        }
+        let b = self.backend.clone();
+        let usage = blocking(move || b.usage()).await?;
+        self.check_fits(size_bytes, usage)?;
+        let b = self.backend.clone();
+        let n = name.to_string();
+        blocking(move || b.resize(&n, size_bytes)).await
+    }
+
+    /// Deletes a volume and its snapshots. Refused while a snapshot has clones or the
+    /// volume is in use. Deleting a missing volume succeeds.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        validate_name("volume", name)?;
+        let b = self.backend.clone();
+        let n = name.to_string();
+        let Some(v) = blocking(move || b.get(&n)).await? else { return Ok(()) };
+        if let Some(why) = (self.busy)(name) {
+            return Err(VolumeError::Conflict(format!("volume {name:?} is in use: {why}")));
+        }
+        let dependents: Vec<String> =
+            v.snapshots.iter().flat_map(|s| s.clones.iter().map(move |c| format!("{c} (from {}@{})", s.volume, s.name))).collect();
+        if !dependents.is_empty() {
+            return Err(VolumeError::Conflict(format!(
+                "volume {name:?} has clones that depend on its snapshots: {}; delete them first",
+                dependents.join(", ")
+            )));
+        }
+        let b = self.backend.clone();
+        let n = name.to_string();
+        blocking(move || b.delete(&n)).await
+    }
+
+    pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(Snapshot, bool)> {
+        validate_name("volume", volume)?;
+        validate_name("snapshot", snapshot)?;
+        let v = self.get(volume).await?;
+        if let Some(s) = v.snapshots.into_iter().find(|s| s.name == snapshot) {
+            return Ok((s, false));
+        }
+        let b = self.backend.clone();
+        let (vn, sn) = (volume.to_string(), snapshot.to_string());
+        Ok((blocking(move || b.snapshot(&vn, &sn)).await?, true))
+    }
+
+    pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        validate_name("volume", volume)?;
+        validate_name("snapshot", snapshot)?;
+        let b = self.backend.clone();
+        let vn = volume.to_string();
+        let Some(v) = blocking(move || b.get(&vn)).await? else { return Ok(()) };
+        if let Some(s) = v.snapshots.iter().find(|s| s.name == snapshot) {
+            if !s.clones.is_empty() {
+                return Err(VolumeError::Conflict(format!(
+                    "snapshot {volume}@{snapshot} has clones: {}; delete them first",
+                    s.clones.join(", ")
+                )));
+            }
+        }
+        if let Some(why) = (self.busy)(&format!("{volume}@{snapshot}")) {
+            return Err(VolumeError::Conflict(format!("snapshot {volume}@{snapshot} is in use: {why}")));
+        }
+        let b = self.backend.clone();
+        let (vn, sn) = (volume.to_string(), snapshot.to_string());
+        blocking(move || b.delete_snapshot(&vn, &sn)).await
+    }
+}
+
+/// Helper for callers that take a path from a request: refuses relative paths.
+pub fn require_absolute(p: &Path) -> Result<()> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(VolumeError::Invalid(format!("{} must be an absolute path", p.display())))
+    }
+}

@@ -1,0 +1,523 @@
+//! blockd's NBD server and client against real NBD tools (libnbd's nbdinfo, nbdcopy
+//! and nbdsh, qemu-img, fio's nbd engine) and against each other, on loopback TCP and
+//! Unix sockets only.
+//!
+//! The tools come from the Debian packages qemu-utils, nbdkit, libnbd-bin,
+//! python3-libnbd and fio; a missing tool fails its test with the package's name.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockd::device::{BlockDevice, FileDevice, MemoryDevice};
+use blockd::nbd::{ExportOptions, NbdAddress, NbdClient, NbdDevice, NbdServer, ReconnectPolicy, ServerConfig};
+
+const MIB: u64 = 1 << 20;
+
+/// Fails the test unless `tool` is installed, naming the package that has it.
+fn require(tool: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join(tool);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{tool} is not installed: install the Debian package {package} (apt-get install {package})");
+}
+
+/// Debian's Python, which has libnbd's `nbd` module (the first python3 on PATH may not).
+fn nbd_python() -> PathBuf {
+    let python = require("python3", "python3");
+    let ok = Command::new(&python).args(["-c", "import nbd"]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "/usr/bin/python3 cannot import nbd: install the Debian package python3-libnbd");
+    python
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn scratch_dir() -> tempfile::TempDir {
+    // tmpfs keeps the big files fast and off the disk.
+    let base = if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+    tempfile::Builder::new().prefix("nbd-test-").tempdir_in(base).expect("temp dir")
+}
+
+fn random_file(path: &Path, len: u64) {
+    let mut src = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
+    let mut dst = std::fs::File::create(path).expect("create random file");
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact(&mut buf[..n]).expect("read /dev/urandom");
+        dst.write_all(&buf[..n]).expect("write random file");
+        left -= n as u64;
+    }
+}
+
+fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path).and_then(|f| f.set_len(len)).expect("create export file");
+}
+
+fn files_equal(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (std::fs::File::open(a).expect("open a"), std::fs::File::open(b).expect("open b"));
+    if fa.metadata().expect("meta").len() != fb.metadata().expect("meta").len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    loop {
+        let n = fa.read(&mut ba).expect("read a");
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).expect("read b");
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// A server running in this process, on its own runtime, listening on a loopback
+/// port and a Unix socket in a scratch directory.
+struct Fixture {
+    runtime: tokio::runtime::Runtime,
+    server: NbdServer,
+    tcp: SocketAddr,
+    unix: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(config: ServerConfig) -> Fixture {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let dir = scratch_dir();
+        let server = NbdServer::new(config);
+        let unix = dir.path().join("nbd.sock");
+        let tcp = runtime.block_on(async {
+            server.listen_unix(&unix).await.expect("listen unix");
+            server.listen_tcp("127.0.0.1:0".parse().expect("addr")).await.expect("listen tcp")
+        });
+        Fixture { runtime, server, tcp, unix, dir }
+    }
+
+    /// Exports a new sparse file of `size` bytes; returns its path.
+    fn file_export(&self, name: &str, size: u64, read_only: bool) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.raw"));
+        sparse_file(&path, size);
+        let device = FileDevice::open(&path, false).expect("open export");
+        let options = ExportOptions { read_only, description: format!("the {name} export") };
+        self.server.add_export(name, Arc::new(device), options).expect("add export");
+        path
+    }
+
+    fn tcp_uri(&self, name: &str) -> String {
+        format!("nbd://{}/{name}", self.tcp)
+    }
+
+    fn unix_uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.unix.display())
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.server.shutdown();
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn nbdinfo_lists_exports_with_their_flags() {
+    let nbdinfo = require("nbdinfo", "libnbd-bin");
+    let f = Fixture::new(ServerConfig::default());
+    f.file_export("data", 64 * MIB, false);
+    f.file_export("golden", 16 * MIB, true);
+
+    let list = json(&run(Command::new(&nbdinfo).args(["--list", "--json", &format!("nbd://{}", f.tcp)])));
+    assert_eq!(list["protocol"], "newstyle-fixed");
+    assert_eq!(list["structured"], true);
+    let exports = list["exports"].as_array().expect("exports array");
+    let names: Vec<&str> = exports.iter().filter_map(|e| e["export-name"].as_str()).collect();
+    assert_eq!(names, ["data", "golden"]);
+    let data = &exports[0];
+    assert_eq!(data["export-size"], 64 * MIB);
+    assert_eq!(data["description"], "the data export");
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"] {
+        assert_eq!(data[flag], true, "{flag} on a writable export");
+    }
+    assert_eq!(data["is_read_only"], false);
+    assert_eq!(data["block_size_maximum"], 32 * MIB);
+    let golden = &exports[1];
+    assert_eq!(golden["is_read_only"], true);
+    assert_eq!(golden["can_trim"], false);
+    assert_eq!(golden["can_zero"], false);
+
+    // The same export over the Unix socket, asked for by name.
+    let one = json(&run(Command::new(&nbdinfo).args(["--json", &f.unix_uri("golden")])));
+    assert_eq!(one["exports"][0]["export-size"], 16 * MIB);
+    assert_eq!(one["exports"][0]["is_read_only"], true);
+
+    // An unknown export is refused, not served.
+    let out = Command::new(&nbdinfo).arg(f.tcp_uri("nope")).output().expect("run nbdinfo");
+    assert!(!out.status.success(), "nbdinfo of an unknown export succeeded");
+}
+
+#[test]
+fn nbdcopy_round_trips_a_random_gibibyte() {
+    let nbdcopy = require("nbdcopy", "libnbd-bin");
+    let f = Fixture::new(ServerConfig::default());
+    let export = f.file_export("disk", 1 << 30, false);
+    let src = f.dir.path().join("src.raw");
+    let back = f.dir.path().join("back.raw");
+    random_file(&src, 1 << 30);
+
+    run(Command::new(&nbdcopy).arg(&src).arg(f.tcp_uri("disk")));
+    assert!(files_equal(&src, &export), "the export does not hold what nbdcopy wrote over TCP");
+    run(Command::new(&nbdcopy).arg(f.unix_uri("disk")).arg(&back));
+    assert!(files_equal(&src, &back), "what nbdcopy read back over the Unix socket differs from the source");
+    std::fs::remove_file(&back).expect("remove");
+    run(Command::new(&nbdcopy).arg(f.tcp_uri("disk")).arg(&back));
+    assert!(files_equal(&src, &back), "what nbdcopy read back over TCP differs from the source");
+}
+
+#[test]
+fn qemu_img_reads_writes_and_compares_over_nbd() {
+    let qemu_img = require("qemu-img", "qemu-utils");
+    let f = Fixture::new(ServerConfig::default());
+    f.file_export("disk", 64 * MIB, false);
+    let uri = f.tcp_uri("disk");
+
+    let info = json(&run(Command::new(&qemu_img).args(["info", "--output=json", &uri])));
+    assert_eq!(info["virtual-size"], 64 * MIB);
+
+    let src = f.dir.path().join("src.raw");
+    random_file(&src, 64 * MIB);
+    run(Command::new(&qemu_img).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
+    run(Command::new(&qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
+
+    let qcow = f.dir.path().join("copy.qcow2");
+    run(Command::new(&qemu_img).args(["convert", "-O", "qcow2", &f.unix_uri("disk")]).arg(&qcow));
+    run(Command::new(&qemu_img).args(["compare", "-F", "qcow2"]).arg(&src).arg(&qcow));
+
+    // A changed byte is noticed.
+    let mut bytes = std::fs::read(&src).expect("read src");
+    bytes[12345] ^= 0xff;
+    std::fs::write(&src, &bytes).expect("write src");
+    let out = Command::new(&qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri).output().expect("run");
+    assert_eq!(out.status.code(), Some(1), "qemu-img compare should see the difference");
+}
+
+fn fio_job(fio: &Path, uri: &str, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = dir.join("fio.json");
+    let mut cmd = Command::new(fio);
+    cmd.args(["--name=nbd", "--ioengine=nbd", &format!("--uri={uri}"), "--size=64M", "--output-format=json"])
+        .arg(format!("--output={}", out.display()))
+        .args(extra);
+    run(&mut cmd);
+    let v = json(&std::fs::read_to_string(&out).expect("fio output"));
+    std::fs::remove_file(&out).expect("remove fio output");
+    v
+}
+
+#[test]
+fn fio_nbd_engine_reads_writes_and_trims_without_error() {
+    let fio = require("fio", "fio");
+    let f = Fixture::new(ServerConfig::default());
+    f.file_export("disk", 64 * MIB, false);
+    let jobs: [(&str, Vec<&str>, &[&str]); 4] = [
+        ("randwrite+verify", vec!["--rw=randwrite", "--bs=4k", "--iodepth=32", "--verify=crc32c", "--do_verify=1"], &["write", "read"]),
+        ("randread", vec!["--rw=randread", "--bs=4k", "--iodepth=32", "--runtime=2", "--time_based"], &["read"]),
+        ("randtrim", vec!["--rw=randtrim", "--bs=64k", "--iodepth=8"], &["trim"]),
+        ("mixed 64k", vec!["--rw=randrw", "--bs=64k", "--iodepth=16", "--runtime=2", "--time_based"], &["read", "write"]),
+    ];
+    for (what, args, directions) in jobs {
+        let uri = if what == "randread" { f.unix_uri("disk") } else { f.tcp_uri("disk") };
+        let v = fio_job(&fio, &uri, f.dir.path(), &args);
+        let job = &v["jobs"][0];
+        assert_eq!(job["error"], 0, "fio {what} reported an error: {job}");
+        for d in directions {
+            let bytes = job[d]["io_bytes"].as_u64().unwrap_or(0);
+            assert!(bytes > 0, "fio {what} moved no {d} bytes");
+        }
+    }
+}
+
+const NBDSH_CHECKS: &str = r#"
+import errno, sys
+import nbd
+
+tcp, ro_uri = sys.argv[1], sys.argv[2]
+h = nbd.NBD()
+# Let requests the server must refuse reach it, instead of libnbd refusing them.
+h.set_strict_mode(0)
+h.connect_uri(tcp)
+size = h.get_size()
+assert h.can_trim() and h.can_zero() and h.can_flush() and h.can_fua(), "write features advertised"
+
+def expect_errno(want, fn, *args, **kw):
+    try:
+        fn(*args, **kw)
+    except nbd.Error as e:
+        # libnbd's Python binding gives the errno's name.
+        assert e.errno in (want, errno.errorcode[want]), "%s: errno %s, wanted %s (%s)" % (fn.__name__, e.errno, errno.errorcode[want], e)
+        return
+    raise AssertionError("%s succeeded but should fail with errno %d" % (fn.__name__, want))
+
+# Write with FUA, read back.
+h.pwrite(b"\xab" * 65536, 1 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread(65536, 1 << 20) == b"\xab" * 65536
+h.flush()
+
+# TRIM reads back as zeroes (hearth's devices guarantee it).
+h.trim(65536, 1 << 20)
+assert h.pread(65536, 1 << 20) == bytes(65536), "trimmed range is not zero"
+
+# WRITE_ZEROES, with and without NO_HOLE.
+h.pwrite(b"\x11" * 8192, 4096)
+h.zero(4096, 4096)
+h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(8192, 4096) == bytes(8192), "zeroed range is not zero"
+h.pwrite(b"\x22" * 4096, 0, nbd.CMD_FLAG_FUA)
+h.zero(4096, 0, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 0) == bytes(4096)
+
+# Out-of-range requests fail and the connection stays usable.
+expect_errno(errno.EINVAL, h.pread, 4096, size - 1024)
+expect_errno(errno.EINVAL, h.pread, 512, 1 << 62)
+expect_errno(errno.ENOSPC, h.pwrite, b"x" * 4096, size - 1)
+expect_errno(errno.EINVAL, h.trim, 8192, size)
+expect_errno(errno.ENOSPC, h.zero, 8192, size)
+# Over 32 MiB: refused as invalid, connection still fine.
+expect_errno(errno.EINVAL, h.pread, (32 << 20) + 1, 0)
+h.pwrite(b"\x33" * 512, size - 512)
+assert h.pread(512, size - 512) == b"\x33" * 512, "connection unusable after refused requests"
+h.shutdown()
+
+# The read-only export refuses every kind of write.
+r = nbd.NBD()
+r.set_strict_mode(0)
+r.connect_uri(ro_uri)
+assert r.is_read_only()
+expect_errno(errno.EPERM, r.pwrite, b"x" * 512, 0)
+expect_errno(errno.EPERM, r.trim, 4096, 0)
+expect_errno(errno.EPERM, r.zero, 4096, 0)
+assert r.pread(512, 0) == bytes(512)
+r.flush()
+r.shutdown()
+print("ok")
+"#;
+
+#[test]
+fn nbdsh_checks_trim_zeroes_flush_fua_ranges_and_read_only() {
+    let python = nbd_python();
+    let f = Fixture::new(ServerConfig::default());
+    f.file_export("disk", 16 * MIB, false);
+    f.file_export("golden", 16 * MIB, true);
+    let script = f.dir.path().join("checks.py");
+    std::fs::write(&script, NBDSH_CHECKS).expect("write script");
+    let out = run(Command::new(&python).arg(&script).arg(f.tcp_uri("disk")).arg(f.unix_uri("golden")));
+    assert_eq!(out.trim(), "ok");
+
+    // nbdsh itself, the way an operator would use it.
+    let out = run(Command::new(&python).args([
+        "-m",
+        "nbd",
+        "-u",
+        &f.unix_uri("disk"),
+        "-c",
+        "print(h.get_size(), h.can_multi_conn(), h.get_structured_replies_negotiated())",
+    ]));
+    assert_eq!(out.trim(), format!("{} True True", 16 * MIB));
+}
+
+#[test]
+fn our_client_and_device_against_our_server() {
+    let f = Fixture::new(ServerConfig::default());
+    let mem = Arc::new(MemoryDevice::new(8 * MIB));
+    f.server.add_export("mem", mem.clone(), ExportOptions::default()).expect("add");
+    f.file_export("ro", MIB, true);
+
+    // Many requests in flight on one connection, over TCP.
+    f.runtime.block_on(async {
+        let client = Arc::new(NbdClient::connect(&NbdAddress::Tcp(f.tcp.to_string()), "mem").await.expect("connect"));
+        assert!(client.info().structured_replies);
+        assert_eq!(client.size(), 8 * MIB);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..256u64 {
+            let c = client.clone();
+            tasks.spawn(async move {
+                let block = vec![i as u8; 4096];
+                c.write(i * 4096, &block, i % 7 == 0).await.expect("write");
+                assert_eq!(c.read(i * 4096, 4096).await.expect("read"), block);
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("task");
+        }
+        client.flush().await.expect("flush");
+        // A read larger than one request is split, and holes read as zero.
+        let big = client.read(0, 40 << 20).await;
+        assert!(big.is_err(), "read past the end must fail");
+        let all = client.read(0, 8 << 20).await.expect("read all");
+        assert_eq!(all[4096 * 255], 255);
+        assert!(all[256 * 4096..].iter().all(|&b| b == 0));
+        client.write_zeroes(0, 8192, true).await.expect("zero");
+        client.trim(8192, 4096).await.expect("trim");
+        assert!(client.read(0, 12288).await.expect("read").iter().all(|&b| b == 0));
+        client.disconnect().await.expect("disconnect");
+    });
+    assert_eq!(mem.to_bytes()[4096 * 3], 3, "writes landed on the exported device");
+
+    // NbdDevice from plain threads, over the Unix socket.
+    let dev = Arc::new(NbdDevice::connect(NbdAddress::Unix(f.unix.clone()), "mem", ReconnectPolicy::default()).expect("device"));
+    assert_eq!(dev.size(), 8 * MIB);
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let buf = vec![t + 1; 64 << 10];
+                let at = u64::from(t) * MIB;
+                dev.write_at(&buf, at).expect("write_at");
+                let mut back = vec![0; 64 << 10];
+                dev.read_at(&mut back, at).expect("read_at");
+                assert_eq!(back, buf);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    dev.flush().expect("flush");
+    let mut b = [0u8; 16];
+    assert!(dev.read_at(&mut b, 8 * MIB - 8).is_err());
+
+    let ro = NbdDevice::connect(NbdAddress::Tcp(f.tcp.to_string()), "ro", ReconnectPolicy::default()).expect("ro");
+    assert!(ro.read_only());
+    assert!(ro.write_at(&[1], 0).is_err());
+}
+
+/// The `nbd_serve` example, built next to this test binary by `cargo test`.
+fn nbd_serve_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("examples").join("nbd_serve");
+    assert!(bin.exists(), "{} is missing: build it with cargo build -p blockd --example nbd_serve", bin.display());
+    bin
+}
+
+struct ServeProcess(Child);
+
+impl ServeProcess {
+    fn start(file: &Path, socket: &Path) -> ServeProcess {
+        let mut child = Command::new(nbd_serve_binary())
+            .args(["--name", "vol", "--file"])
+            .arg(file)
+            .arg("--unix")
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start nbd_serve");
+        let mut line = String::new();
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut byte = [0u8; 1];
+        while !line.ends_with('\n') && stdout.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+            line.push(byte[0] as char);
+        }
+        assert!(line.starts_with("listening unix="), "nbd_serve did not start: {line:?}");
+        ServeProcess(child)
+    }
+
+    fn stop(mut self) {
+        // SIGTERM by PID, as an operator restarting blockd would.
+        let pid = self.0.id() as libc::pid_t;
+        // SAFETY: kill with the PID of a child this test started and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn nbd_device_survives_a_server_restart() {
+    let dir = scratch_dir();
+    let file = dir.path().join("vol.raw");
+    sparse_file(&file, 16 * MIB);
+    let socket = dir.path().join("serve.sock");
+    let server = ServeProcess::start(&file, &socket);
+    let policy = ReconnectPolicy { give_up_after: Duration::from_secs(20), ..ReconnectPolicy::default() };
+    let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
+    dev.write_at(&[0x5a; 4096], 4096).expect("write");
+    dev.flush().expect("flush");
+
+    server.stop();
+    // The server comes back a moment later; meanwhile the device keeps retrying.
+    let (file2, socket2) = (file.clone(), socket.clone());
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        ServeProcess::start(&file2, &socket2)
+    });
+    let started = Instant::now();
+    let mut back = [0u8; 4096];
+    dev.read_at(&mut back, 4096).expect("read across the restart");
+    assert_eq!(back, [0x5a; 4096], "data written before the restart reads back after it");
+    assert!(started.elapsed() >= Duration::from_millis(500), "the read cannot have succeeded before the restart");
+    assert!(dev.reconnects() >= 1);
+    dev.write_at(&[0x6b; 512], 0).expect("write after the restart");
+    let server2 = restarter.join().expect("restarter");
+    drop(dev);
+    server2.stop();
+
+    // With no server at all, requests fail once the policy gives up.
+    let policy = ReconnectPolicy { give_up_after: Duration::from_millis(300), ..ReconnectPolicy::default() };
+    let server3 = ServeProcess::start(&file, &socket);
+    let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
+    server3.stop();
+    let started = Instant::now();
+    assert!(dev.read_at(&mut back, 0).is_err(), "read without a server must fail eventually");
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up too late: {:?}", started.elapsed());
+}
+
+#[test]
+fn peers_outside_the_allowlist_are_closed_before_the_handshake() {
+    let nbdinfo = require("nbdinfo", "libnbd-bin");
+    let refused = Fixture::new(ServerConfig {
+        allowed_networks: Some(vec!["10.0.0.0/8".parse().expect("net")]),
+        ..ServerConfig::default()
+    });
+    refused.file_export("disk", MIB, false);
+    let mut s = std::net::TcpStream::connect(refused.tcp).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 18];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a refused peer must not get a greeting");
+    let out = Command::new(&nbdinfo).arg(refused.tcp_uri("disk")).output().expect("nbdinfo");
+    assert!(!out.status.success(), "nbdinfo from a refused address succeeded");
+
+    let allowed = Fixture::new(ServerConfig {
+        allowed_networks: Some(vec!["10.0.0.0/8".parse().expect("net"), "127.0.0.0/8".parse().expect("net")]),
+        ..ServerConfig::default()
+    });
+    allowed.file_export("disk", MIB, false);
+    run(Command::new(&nbdinfo).arg(allowed.tcp_uri("disk")));
+}
