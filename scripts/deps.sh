@@ -14,13 +14,16 @@ ensure_packages() {
 	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
-# What building and running hearth's VMs needs. (qemu-img comes with the machine or
-# qemu-utils; it is not needed by the foundation tests.)
-HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2)
+# What building and running hearth's VMs needs. qemu-utils: qemu-img makes the qcow2
+# overlays of clones on file systems without reflink.
+HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2)
 # What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
 # to run the fake.
 # chromium: the web console's browser test (Playwright drives Debian's Chromium).
-HEARTH_TEST_PACKAGES=(curl python3 chromium)
+# lvm2, xfsprogs: the LVM backend against real lvm2, the file pool on XFS with reflink.
+# nbdkit, libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh), fio: the NBD server
+# against real clients and the reference servers.
+HEARTH_TEST_PACKAGES=(curl python3 chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"

@@ -4,7 +4,7 @@
 //! - [`server`]: wiring, `--all-in-one`
 //! - [`store`]: the state store trait and its embedded implementation
 //! - [`vms`], [`console`]: `/v1/vms` and its console
-//! - [`volumes`]: `/v1/volumes`
+//! - [`volumes`]: the `/v1/volumes` endpoints
 //! - [`operations`]: long-running operations
 //! - [`auth`]: API keys
 //! - [`cli`]: the `hearth` command

@@ -157,3 +157,36 @@ fn cli_manages_vms_and_attaches_to_the_console() {
         assert_eq!(ok(&hearth(&stack, &["vm", "list"])).trim(), "no VMs");
     });
 }
+
+#[test]
+fn volume_commands() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+        let out = ok(&hearth(&stack, &["volume", "create", "data", "--size", "64M"]));
+        assert!(out.contains("size:        64M"), "{out}");
+        ok(&hearth(&stack, &["volume", "snapshot", "data", "s1"]));
+        ok(&hearth(&stack, &["volume", "clone", "data", "copy", "--snapshot", "s1"]));
+        let list = ok(&hearth(&stack, &["volume", "list"]));
+        let lines: Vec<&str> = list.lines().collect();
+        assert!(lines[0].starts_with("NAME") && lines[0].contains("ATTACHED TO"), "{list}");
+        assert!(lines.iter().any(|l| l.starts_with("copy ") && l.contains("64M")), "{list}");
+        let show = ok(&hearth(&stack, &["volume", "show", "data"]));
+        assert!(show.contains("snapshot:    s1 (64M), clones: copy"), "{show}");
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&hearth(&stack, &["-o", "json", "volume", "show", "copy"]))).expect("json");
+        assert_eq!(json["origin"], "data@s1");
+
+        let shrink = hearth(&stack, &["volume", "resize", "data", "--size", "1M"]);
+        assert!(!shrink.status.success());
+        let err = String::from_utf8_lossy(&shrink.stderr);
+        assert!(err.contains("shrink"), "{err}");
+        let busy = hearth(&stack, &["volume", "delete", "data"]);
+        assert!(!busy.status.success(), "a volume with clones is kept");
+        assert!(String::from_utf8_lossy(&busy.stderr).contains("copy"));
+        ok(&hearth(&stack, &["volume", "resize", "data", "--size", "128M"]));
+        ok(&hearth(&stack, &["volume", "delete", "copy"]));
+        ok(&hearth(&stack, &["volume", "delete-snapshot", "data", "s1"]));
+        ok(&hearth(&stack, &["volume", "delete", "data"]));
+        assert_eq!(ok(&hearth(&stack, &["volume", "list"])).trim(), "no volumes");
+    });
+}

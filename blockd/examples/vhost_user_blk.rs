@@ -38,8 +38,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let signals = block_termination_signals()?;
     let device: Arc<dyn BlockDevice> = Arc::new(
-        FileDevice::open(&args.image, args.read_only)
-            .with_context(|| format!("opening {}", args.image.display()))?,
+        FileDevice::open(&args.image, args.read_only).with_context(|| format!("opening {}", args.image.display()))?,
     );
     let options = VhostUserBlkOptions {
         num_queues: args.queues,

@@ -53,8 +53,11 @@ pub fn split_snapshot_ref(s: &str) -> Result<(&str, &str)> {
 pub struct VolumeService {
     backend: Arc<dyn VolumeBackend>,
     /// Volumes something serves (an export or a VM socket): not deletable meanwhile.
-    busy: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    busy: BusyCheck,
 }
+
+/// Says why a volume is in use, or `None`.
+type BusyCheck = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for VolumeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

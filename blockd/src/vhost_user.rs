@@ -28,12 +28,11 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::{
-    Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock,
-    VringT,
+    Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
 };
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -88,9 +87,15 @@ impl Default for VhostUserBlkOptions {
             seg_max: 126,
             // 1 GiB per segment: large enough that Linux rarely splits, small enough that a
             // zero-filling fallback finishes within a guest's I/O timeout.
-            discard: SegmentLimits { max_sectors: (1 << 30) / 512, max_segments: 32 },
-            write_zeroes: SegmentLimits { max_sectors: (1 << 30) / 512, max_segments: 1 },
-            poll_us: 50,
+            discard: SegmentLimits {
+                max_sectors: (1 << 30) / 512,
+                max_segments: 32,
+            },
+            write_zeroes: SegmentLimits {
+                max_sectors: (1 << 30) / 512,
+                max_segments: 1,
+            },
+            poll_us: 100,
         }
     }
 }
@@ -102,7 +107,10 @@ impl VhostUserBlkOptions {
             return bad(format!("num_queues {} is not in 1..={MAX_QUEUES}", self.num_queues));
         }
         if !self.block_size.is_power_of_two() || !(512..=65536).contains(&self.block_size) {
-            return bad(format!("block_size {} is not a power of two in 512..=65536", self.block_size));
+            return bad(format!(
+                "block_size {} is not a power of two in 512..=65536",
+                self.block_size
+            ));
         }
         if self.seg_max == 0 || self.seg_max as usize > MAX_QUEUE_SIZE - 2 {
             return bad(format!("seg_max {} is not in 1..={}", self.seg_max, MAX_QUEUE_SIZE - 2));
@@ -296,7 +304,9 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?} on queue {thread_id}")));
+            return Err(io::Error::other(format!(
+                "unexpected event set {evset:?} on queue {thread_id}"
+            )));
         }
         // Each worker owns exactly one vring, so the event is always its index 0.
         let vring = vrings
@@ -355,9 +365,8 @@ impl VhostUserBlkExport {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = Listener::new(socket_path, false).map_err(|e| {
-            io::Error::other(format!("cannot listen on {}: {e}", socket_path.display()))
-        })?;
+        let listener = Listener::new(socket_path, false)
+            .map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", socket_path.display())))?;
         let state = Arc::new(ExportState {
             stopping: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -370,7 +379,11 @@ impl VhostUserBlkExport {
         let thread = std::thread::Builder::new()
             .name("vhost-user-blk".to_string())
             .spawn(move || accept_loop(name, listener, device, options, thread_state))?;
-        Ok(VhostUserBlkExport { socket_path: socket_path.to_path_buf(), state, thread: Some(thread) })
+        Ok(VhostUserBlkExport {
+            socket_path: socket_path.to_path_buf(),
+            state,
+            thread: Some(thread),
+        })
     }
 
     /// Where frontends connect.
@@ -470,7 +483,11 @@ fn wait_set(listener: &Listener, stop: &EventFd) -> io::Result<Epoll> {
         listener.as_raw_fd(),
         EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
     )?;
-    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP_TOKEN),
+    )?;
     Ok(epoll)
 }
 
@@ -518,7 +535,12 @@ mod tests {
     fn features_follow_the_device() {
         let rw = virtio_features(&MemoryDevice::new(4096));
         let ro = virtio_features(&ReadOnly(MemoryDevice::new(4096)));
-        for bit in [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ] {
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+        ] {
             assert_ne!(rw & (1 << bit), 0);
             assert_ne!(ro & (1 << bit), 0);
         }
@@ -531,7 +553,10 @@ mod tests {
 
     #[test]
     fn config_space_reports_capacity_and_queues() {
-        let opts = VhostUserBlkOptions { num_queues: 3, ..Default::default() };
+        let opts = VhostUserBlkOptions {
+            num_queues: 3,
+            ..Default::default()
+        };
         let c = config_space(&MemoryDevice::new(1 << 20), &opts);
         assert_eq!(c.capacity, 2048);
         assert_eq!(c.num_queues, 3);
@@ -544,10 +569,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("s");
         for bad in [
-            VhostUserBlkOptions { num_queues: 0, ..Default::default() },
-            VhostUserBlkOptions { num_queues: 65, ..Default::default() },
-            VhostUserBlkOptions { block_size: 1000, ..Default::default() },
-            VhostUserBlkOptions { seg_max: 0, ..Default::default() },
+            VhostUserBlkOptions {
+                num_queues: 0,
+                ..Default::default()
+            },
+            VhostUserBlkOptions {
+                num_queues: 65,
+                ..Default::default()
+            },
+            VhostUserBlkOptions {
+                block_size: 1000,
+                ..Default::default()
+            },
+            VhostUserBlkOptions {
+                seg_max: 0,
+                ..Default::default()
+            },
         ] {
             let err = VhostUserBlkExport::start(&sock, dev.clone(), bad).expect_err("invalid options");
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);

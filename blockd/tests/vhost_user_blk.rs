@@ -41,12 +41,16 @@ fn images_dir() -> PathBuf {
 /// What the guest writes: 2048 lines of 32 bytes, made by the guest's shell with
 /// `printf 'hearth vhost-user-blk test %04d\n'`.
 fn guest_pattern() -> Vec<u8> {
-    (0..PATTERN_LINES).flat_map(|i| format!("hearth vhost-user-blk test {i:04}\n").into_bytes()).collect()
+    (0..PATTERN_LINES)
+        .flat_map(|i| format!("hearth vhost-user-blk test {i:04}\n").into_bytes())
+        .collect()
 }
 
 /// What the host puts on the disk before the first boot, for the guest to read.
 fn host_pattern() -> Vec<u8> {
-    (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
 }
 
 fn md5_hex(bytes: &[u8]) -> String {
@@ -55,9 +59,18 @@ fn md5_hex(bytes: &[u8]) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .expect("md5sum");
-    child.stdin.take().expect("stdin").write_all(bytes).expect("feed md5sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("feed md5sum");
     let out = child.wait_with_output().expect("md5sum output");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// One QEMU process; killed (by its PID) when dropped, so a failing assertion never
@@ -78,7 +91,12 @@ impl Vm {
         let child = Command::new("qemu-system-x86_64")
             .args(["-name", name, "-machine", "q35", "-accel", "tcg", "-cpu", "max"])
             .args(["-smp", &smp.to_string(), "-m", "256M"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"])
+            .args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=256M,share=on",
+                "-numa",
+                "node,memdev=mem",
+            ])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-kernel")
             .arg(images.join("vmlinuz"))
@@ -86,20 +104,32 @@ impl Vm {
             .arg(images.join("initrd.img"))
             .args(["-append", cmdline.trim()])
             .arg("-chardev")
-            .arg(format!("socket,id=s0,path={},server=on,wait=off,logfile={}", serial.display(), log.display()))
+            .arg(format!(
+                "socket,id=s0,path={},server=on,wait=off,logfile={}",
+                serial.display(),
+                log.display()
+            ))
             .args(["-serial", "chardev:s0"])
             .arg("-chardev")
             .arg(format!("socket,id=blk0,path={}", socket.display()))
-            .args(["-device", &format!("vhost-user-blk-pci,chardev=blk0,num-queues={smp},id=vda")])
+            .args([
+                "-device",
+                &format!("vhost-user-blk-pci,chardev=blk0,num-queues={smp},id=vda"),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .expect("start qemu-system-x86_64");
-        let mut vm = Vm { child, console: Console::default(), dir: dir.to_path_buf() };
+        let mut vm = Vm {
+            child,
+            console: Console::default(),
+            dir: dir.to_path_buf(),
+        };
         vm.console = Console::connect(&serial, &mut vm.child);
         let dir = vm.dir.clone();
-        vm.console.expect("HEARTH-GUEST-READY", BOOT_TIMEOUT, &|| diagnostics(&dir, name));
+        vm.console
+            .expect("HEARTH-GUEST-READY", BOOT_TIMEOUT, &|| diagnostics(&dir, name));
         vm
     }
 
@@ -129,7 +159,11 @@ impl Drop for Vm {
 
 fn diagnostics(dir: &Path, name: &str) -> String {
     let read = |f: &str| std::fs::read_to_string(dir.join(format!("{name}-{f}"))).unwrap_or_default();
-    format!("qemu stderr:\n{}\nconsole log:\n{}", read("qemu.stderr"), read("console.log"))
+    format!(
+        "qemu stderr:\n{}\nconsole log:\n{}",
+        read("qemu.stderr"),
+        read("console.log")
+    )
 }
 
 /// The guest's serial console (busybox shell on ttyS0).
@@ -146,7 +180,10 @@ impl Console {
         loop {
             if let Ok(s) = UnixStream::connect(path) {
                 s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-                return Console { stream: Some(s), ..Default::default() };
+                return Console {
+                    stream: Some(s),
+                    ..Default::default()
+                };
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("qemu exited early with {status}");
@@ -158,7 +195,9 @@ impl Console {
 
     fn send(&mut self, line: &str) {
         let stream = self.stream.as_mut().expect("connected");
-        stream.write_all(format!("{line}\n").as_bytes()).expect("write to console");
+        stream
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to console");
     }
 
     /// Reads until `needle` appears; returns everything read up to and including it and
@@ -197,10 +236,13 @@ impl Console {
         let n = self.next_command;
         self.send(&format!("{cmd}; echo \"@@END-$((1000 + {n}))@@\""));
         let what = cmd.to_string();
-        let out = self.expect(&format!("@@END-{}@@", 1000 + n), COMMAND_TIMEOUT, &|| format!("command: {what}"));
+        let out = self.expect(&format!("@@END-{}@@", 1000 + n), COMMAND_TIMEOUT, &|| {
+            format!("command: {what}")
+        });
         // Drop the echoed command line itself.
         let body = out.split_once('\n').map(|(_, rest)| rest).unwrap_or(&out);
-        body.trim_end_matches(&format!("@@END-{}@@", 1000 + n)).replace('\r', "")
+        body.trim_end_matches(&format!("@@END-{}@@", 1000 + n))
+            .replace('\r', "")
     }
 
     /// The value of `KEY<n>=value` printed by `run`, where the guest computes `<n>`.
@@ -228,13 +270,19 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
     let image = dir.path().join("disk.raw");
     let file = std::fs::File::create(&image).expect("create image");
     file.set_len(DISK_SIZE).expect("size image");
-    file.write_all_at(&host_pattern(), HOST_PATTERN_AT).expect("host pattern");
-    file.write_all_at(&vec![0xaa; DISCARD_LEN as usize], DISCARD_AT).expect("discard target");
+    file.write_all_at(&host_pattern(), HOST_PATTERN_AT)
+        .expect("host pattern");
+    file.write_all_at(&vec![0xaa; DISCARD_LEN as usize], DISCARD_AT)
+        .expect("discard target");
     drop(file);
 
     let device: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&image, false).expect("open image"));
     let socket = dir.path().join("vda.sock");
-    let options = VhostUserBlkOptions { num_queues: 2, serial: "hearth-vub-test".into(), ..Default::default() };
+    let options = VhostUserBlkOptions {
+        num_queues: 2,
+        serial: "hearth-vub-test".into(),
+        ..Default::default()
+    };
     let export = VhostUserBlkExport::start(&socket, device, options).expect("start export");
     assert!(!export.is_connected());
 
@@ -242,17 +290,29 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
     let mut vm = Vm::boot(dir.path(), "vm1", &socket, 2);
     assert!(export.is_connected(), "QEMU is connected while the VM runs");
     let c = &mut vm.console;
-    assert_eq!(c.value("cat /sys/block/vda/size"), (DISK_SIZE / 512).to_string(), "capacity");
+    assert_eq!(
+        c.value("cat /sys/block/vda/size"),
+        (DISK_SIZE / 512).to_string(),
+        "capacity"
+    );
     assert_eq!(c.value("cat /sys/block/vda/serial"), "hearth-vub-test", "GET_ID");
     assert_eq!(c.value("ls /sys/block/vda/mq | wc -l"), "2", "two request queues");
     assert_eq!(c.value("cat /sys/block/vda/ro"), "0");
-    assert_ne!(c.value("cat /sys/block/vda/queue/discard_max_bytes"), "0", "discard offered");
+    assert_ne!(
+        c.value("cat /sys/block/vda/queue/discard_max_bytes"),
+        "0",
+        "discard offered"
+    );
 
     let host_md5 = c.value(&format!(
         "dd if=/dev/vda bs=4096 skip={} count=16 2>/dev/null | md5sum",
         HOST_PATTERN_AT / 4096
     ));
-    assert_eq!(host_md5.split_whitespace().next(), Some(md5_hex(&host_pattern()).as_str()), "guest reads what the host wrote");
+    assert_eq!(
+        host_md5.split_whitespace().next(),
+        Some(md5_hex(&host_pattern()).as_str()),
+        "guest reads what the host wrote"
+    );
 
     c.run(&format!(
         "i=0; while [ $i -lt {PATTERN_LINES} ]; do printf 'hearth vhost-user-blk test %04d\\n' $i; i=$((i+1)); done >/tmp/p"
@@ -263,10 +323,14 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
         GUEST_PATTERN_AT / 4096
     ));
     assert!(out.contains("rc=0"), "dd to /dev/vda failed: {out}");
-    let out = c.run(&format!("blkdiscard -o {DISCARD_AT} -l {DISCARD_LEN} /dev/vda 2>&1; echo rc=$?"));
+    let out = c.run(&format!(
+        "blkdiscard -o {DISCARD_AT} -l {DISCARD_LEN} /dev/vda 2>&1; echo rc=$?"
+    ));
     assert!(out.contains("rc=0"), "blkdiscard failed: {out}");
     vm.power_off();
-    wait_until("the export notices QEMU is gone", Duration::from_secs(10), || !export.is_connected());
+    wait_until("the export notices QEMU is gone", Duration::from_secs(10), || {
+        !export.is_connected()
+    });
 
     let mut on_disk = vec![0u8; guest_pattern().len()];
     let file = std::fs::File::open(&image).expect("open image");
@@ -283,11 +347,20 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
         "dd if=/dev/vda bs=4096 skip={} count=16 2>/dev/null | md5sum",
         GUEST_PATTERN_AT / 4096
     ));
-    assert_eq!(md5.split_whitespace().next(), Some(md5_hex(&guest_pattern()).as_str()), "the second guest reads the first's pattern");
-    let text = vm.console.value(&format!("dd if=/dev/vda bs=32 skip={} count=1 2>/dev/null", GUEST_PATTERN_AT / 32 + 7));
+    assert_eq!(
+        md5.split_whitespace().next(),
+        Some(md5_hex(&guest_pattern()).as_str()),
+        "the second guest reads the first's pattern"
+    );
+    let text = vm.console.value(&format!(
+        "dd if=/dev/vda bs=32 skip={} count=1 2>/dev/null",
+        GUEST_PATTERN_AT / 32 + 7
+    ));
     assert_eq!(text, "hearth vhost-user-blk test 0007");
     drop(vm); // killed by PID: a VM that dies without powering off
-    wait_until("the export notices the killed QEMU", Duration::from_secs(10), || !export.is_connected());
+    wait_until("the export notices the killed QEMU", Duration::from_secs(10), || {
+        !export.is_connected()
+    });
 
     export.stop().expect("stop");
     assert!(!socket.exists(), "stop removes the socket");

@@ -7,6 +7,7 @@
 
 mod client;
 mod terminal;
+mod volume;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Manage networks.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Manage volumes: data disks that outlive VMs.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Show a long-running operation.
     Operation { id: String },
 }
@@ -128,6 +132,9 @@ pub enum VmCommand {
         /// QEMU machine type: q35 (default) or microvm.
         #[arg(long)]
         machine: Option<String>,
+        /// Attach this volume (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
         /// Define the VM without starting it.
         #[arg(long)]
         no_start: bool,
@@ -207,6 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm(&api, out, cmd).await,
         Command::Console { vm, read_only } => terminal::attach(&api, &vm, !read_only).await,
         Command::Network(cmd) => network(&api, out, cmd).await,
+        Command::Volume(cmd) => volume::run(&api, out, cmd).await,
         Command::Operation { id } => {
             let op = api.get(&format!("/v1/operations/{id}")).await?;
             print_value(out, &op, |op| println!("{}", op_line(op)));
@@ -226,10 +234,11 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             cmdline_append,
             vnc,
             machine,
+            volumes,
             no_start,
             no_wait,
         } => {
-            let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start});
+            let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start, "volumes": volumes});
             if let Some(h) = hypervisor {
                 body["hypervisor"] = json!(h);
             }

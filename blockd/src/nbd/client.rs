@@ -575,11 +575,30 @@ impl NbdDevice {
     /// Runs `op` on a live connection, reconnecting and retrying on connection errors.
     fn with_client<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
-        F: Fn(Arc<NbdClient>) -> Fut,
+        T: Send,
+        F: Fn(Arc<NbdClient>) -> Fut + Send,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let Some(runtime) = self.runtime.as_ref() else { return Err(ClientError::Closed) };
-        runtime.block_on(async {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called from inside a runtime (say, an NBD server serving this device
+            // inline): blocking on another runtime here would panic, so wait on a
+            // plain thread instead.
+            return std::thread::scope(|s| {
+                s.spawn(|| runtime.block_on(self.retrying(op)))
+                    .join()
+                    .unwrap_or_else(|_| Err(ClientError::Io("NBD request thread panicked".into())))
+            });
+        }
+        runtime.block_on(self.retrying(op))
+    }
+
+    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Arc<NbdClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        {
             let mut first_failure: Option<Instant> = None;
             let mut delay = self.policy.first_delay;
             loop {
@@ -612,7 +631,7 @@ impl NbdDevice {
                     Err(e) => return Err(e),
                 }
             }
-        })
+        }
     }
 }
 

@@ -17,9 +17,9 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 
@@ -89,18 +89,20 @@ impl RequestExecutor {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        RequestExecutor { device, serial: id, discard, write_zeroes, bounce: Vec::new() }
+        RequestExecutor {
+            device,
+            serial: id,
+            discard,
+            write_zeroes,
+            bounce: Vec::new(),
+        }
     }
 
     /// Completes every request available on `queue`: runs it, writes its status and
     /// puts it on the used ring. Returns whether any request was completed. Errors are
     /// those of the rings themselves (a used ring outside guest memory), not of
     /// requests.
-    pub fn process_queue(
-        &mut self,
-        queue: &mut Queue,
-        mem: &GuestMem,
-    ) -> Result<bool, virtio_queue::Error> {
+    pub fn process_queue(&mut self, queue: &mut Queue, mem: &GuestMem) -> Result<bool, virtio_queue::Error> {
         let mut completed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -179,7 +181,9 @@ impl RequestExecutor {
 
     /// The byte range of `len` bytes at `sector`, checked against the device.
     fn range(&self, sector: u64, len: u64) -> Result<u64, Failure> {
-        if len % SECTOR_SIZE != 0 {
+        // Masks, not `%`: both are powers of two, and `is_multiple_of` is newer than the
+        // workspace's rust-version.
+        if len & (SECTOR_SIZE - 1) != 0 {
             return Err(invalid(format!("length {len} is not a multiple of {SECTOR_SIZE}")));
         }
         let offset = sector
@@ -242,12 +246,17 @@ impl RequestExecutor {
         self.refuse_if_read_only()?;
         let limits = if zeroes { self.write_zeroes } else { self.discard };
         let bytes = data_in.available_bytes();
-        if bytes == 0 || bytes % SEGMENT_LEN != 0 {
-            return Err(invalid(format!("{bytes} bytes of segments, not a multiple of {SEGMENT_LEN}")));
+        if bytes == 0 || bytes & (SEGMENT_LEN - 1) != 0 {
+            return Err(invalid(format!(
+                "{bytes} bytes of segments, not a multiple of {SEGMENT_LEN}"
+            )));
         }
         let count = bytes / SEGMENT_LEN;
         if count > limits.max_segments as usize {
-            return Err(invalid(format!("{count} segments, at most {} allowed", limits.max_segments)));
+            return Err(invalid(format!(
+                "{count} segments, at most {} allowed",
+                limits.max_segments
+            )));
         }
         let mut ranges = Vec::with_capacity(count);
         for _ in 0..count {
@@ -354,7 +363,10 @@ mod tests {
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
-    const LIMITS: SegmentLimits = SegmentLimits { max_sectors: 1024, max_segments: 4 };
+    const LIMITS: SegmentLimits = SegmentLimits {
+        max_sectors: 1024,
+        max_segments: 4,
+    };
 
     struct Rig {
         mem: GuestMem,
@@ -367,7 +379,10 @@ mod tests {
     impl Rig {
         fn new() -> Rig {
             let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("guest memory");
-            Rig { mem, device: Arc::new(MemoryDevice::new(DEV_SIZE)) }
+            Rig {
+                mem,
+                device: Arc::new(MemoryDevice::new(DEV_SIZE)),
+            }
         }
 
         fn header(&self, request_type: u32, sector: u64) {
@@ -425,13 +440,23 @@ mod tests {
         rig.mem.write_slice(&pattern, GuestAddress(DATA)).expect("data");
         rig.header(VIRTIO_BLK_T_OUT, 8);
         // Two data descriptors of 4 KiB each.
-        let d = [(HDR, 16, false), (DATA, 4096, false), (DATA + 4096, 4096, false), (STATUS, 1, true)];
+        let d = [
+            (HDR, 16, false),
+            (DATA, 4096, false),
+            (DATA + 4096, 4096, false),
+            (STATUS, 1, true),
+        ];
         assert_eq!(rig.submit(rig.dev(), &d), (OK, 1));
         assert_eq!(&rig.device.to_bytes()[4096..12288], &pattern[..]);
 
         rig.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).expect("clear");
         rig.header(VIRTIO_BLK_T_IN, 8);
-        let d = [(HDR, 16, false), (DATA, 512, true), (DATA + 512, 7680, true), (STATUS, 1, true)];
+        let d = [
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 512, 7680, true),
+            (STATUS, 1, true),
+        ];
         assert_eq!(rig.submit(rig.dev(), &d), (OK, 8193), "used length = data + status");
         let mut back = vec![0u8; 8192];
         rig.mem.read_slice(&mut back, GuestAddress(DATA)).expect("read back");
@@ -445,7 +470,9 @@ mod tests {
         rig.header(VIRTIO_BLK_T_IN, 0);
         // One writable descriptor of 513 bytes: 512 of data, then the status.
         let d = [(HDR, 16, false), (DATA, 513, true)];
-        rig.mem.write_obj(0xffu8, GuestAddress(DATA + 512)).expect("status slot");
+        rig.mem
+            .write_obj(0xffu8, GuestAddress(DATA + 512))
+            .expect("status slot");
         rig.submit(rig.dev(), &d);
         let status: u8 = rig.mem.read_obj(GuestAddress(DATA + 512)).expect("status");
         assert_eq!(status, OK);
@@ -487,15 +514,24 @@ mod tests {
         assert_eq!(rig.submit(rig.dev(), &d), (OK, 1));
         let bytes = rig.device.to_bytes();
         assert!(bytes[0..4096].iter().all(|&b| b == 0));
-        assert!(bytes[4096..8192].iter().all(|&b| b == 5), "between the segments is untouched");
+        assert!(
+            bytes[4096..8192].iter().all(|&b| b == 5),
+            "between the segments is untouched"
+        );
         assert!(bytes[8192..12288].iter().all(|&b| b == 0));
 
         // Write zeroes with and without unmap.
         rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
         segment(&rig, DATA, 8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]), (OK, 1));
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]),
+            (OK, 1)
+        );
         segment(&rig, DATA, 100, 1, 0);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]), (OK, 1));
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]),
+            (OK, 1)
+        );
         let bytes = rig.device.to_bytes();
         assert!(bytes[4096..8192].iter().all(|&b| b == 0));
         assert!(bytes[51200..51712].iter().all(|&b| b == 0));
@@ -535,16 +571,35 @@ mod tests {
         let last = DEV_SIZE / 512 - 1;
         // Reading the last sector is fine, one more is not.
         rig.header(VIRTIO_BLK_T_IN, last);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).0, OK);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+                .0,
+            OK
+        );
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         // Sector arithmetic that overflows, and writes past the end.
         rig.header(VIRTIO_BLK_T_IN, u64::MAX / 256);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         rig.header(VIRTIO_BLK_T_OUT, DEV_SIZE / 512);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]), (IOERR, 1));
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]),
+            (IOERR, 1)
+        );
         // Lengths that are not whole sectors.
         rig.header(VIRTIO_BLK_T_OUT, 0);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 100, false), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (DATA, 100, false), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         assert!(rig.device.to_bytes().iter().all(|&b| b == 0), "nothing was written");
     }
 
@@ -552,7 +607,10 @@ mod tests {
     fn unknown_types_are_unsupported() {
         let rig = Rig::new();
         rig.header(0x7777, 0);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (STATUS, 1, true)]), (UNSUPP, 1));
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 16, false), (STATUS, 1, true)]),
+            (UNSUPP, 1)
+        );
     }
 
     #[test]
@@ -560,12 +618,24 @@ mod tests {
         let rig = Rig::new();
         let ro: Arc<dyn BlockDevice> = Arc::new(ReadOnly(MemoryDevice::new(DEV_SIZE)));
         rig.header(VIRTIO_BLK_T_OUT, 0);
-        assert_eq!(rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
         segment(&rig, DATA, 0, 1, 0);
-        assert_eq!(rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         rig.header(VIRTIO_BLK_T_IN, 0);
-        assert_eq!(rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).0, OK);
+        assert_eq!(
+            rig.submit(ro.clone(), &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+                .0,
+            OK
+        );
         rig.header(VIRTIO_BLK_T_FLUSH, 0);
         assert_eq!(rig.submit(ro, &[(HDR, 16, false), (STATUS, 1, true)]).0, OK);
     }
@@ -575,10 +645,23 @@ mod tests {
         let rig = Rig::new();
         // Header shorter than 16 bytes.
         rig.header(VIRTIO_BLK_T_IN, 0);
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 8, false), (DATA, 512, true), (STATUS, 1, true)]).0, IOERR);
+        assert_eq!(
+            rig.submit(rig.dev(), &[(HDR, 8, false), (DATA, 512, true), (STATUS, 1, true)])
+                .0,
+            IOERR
+        );
         // Header split over two descriptors is fine.
         assert_eq!(
-            rig.submit(rig.dev(), &[(HDR, 8, false), (HDR + 8, 8, false), (DATA, 512, true), (STATUS, 1, true)]).0,
+            rig.submit(
+                rig.dev(),
+                &[
+                    (HDR, 8, false),
+                    (HDR + 8, 8, false),
+                    (DATA, 512, true),
+                    (STATUS, 1, true)
+                ]
+            )
+            .0,
             OK
         );
         // No readable header at all: the first descriptor is writable.
@@ -587,19 +670,35 @@ mod tests {
         assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false)]).1, 0);
         // A data descriptor outside guest memory.
         assert_eq!(
-            rig.submit(rig.dev(), &[(HDR, 16, false), (0x1_0000_0000, 512, false), (STATUS, 1, true)]).0,
+            rig.submit(
+                rig.dev(),
+                &[(HDR, 16, false), (0x1_0000_0000, 512, false), (STATUS, 1, true)]
+            )
+            .0,
             IOERR
         );
-        assert_eq!(rig.submit(rig.dev(), &[(HDR, 16, false), (0x3f_ff00, 512, true), (STATUS, 1, true)]).1, 0);
+        assert_eq!(
+            rig.submit(
+                rig.dev(),
+                &[(HDR, 16, false), (0x3f_ff00, 512, true), (STATUS, 1, true)]
+            )
+            .1,
+            0
+        );
     }
 
     #[test]
     fn large_requests_go_through_the_bounce_buffer_in_pieces() {
         let rig = Rig::new();
         let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 << 20));
-        let pattern: Vec<u8> = (0..(3 << 20) as u32 / 2).flat_map(|i| (i as u16).to_le_bytes()).collect();
+        let pattern: Vec<u8> = (0..(3 << 20) as u32 / 2)
+            .flat_map(|i| (i as u16).to_le_bytes())
+            .collect();
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x80_0000)]).expect("mem");
-        let big = Rig { mem, device: Arc::new(MemoryDevice::new(1)) };
+        let big = Rig {
+            mem,
+            device: Arc::new(MemoryDevice::new(1)),
+        };
         big.mem.write_slice(&pattern, GuestAddress(0x40_0000)).expect("data");
         big.header(VIRTIO_BLK_T_OUT, 1);
         let d = [(HDR, 16, false), (0x40_0000, 3 << 20, false), (STATUS, 1, true)];
@@ -617,9 +716,15 @@ mod tests {
             seg_max: 126,
             blk_size: 512,
             num_queues: 4,
-            discard: SegmentLimits { max_sectors: 0x10_0000, max_segments: 32 },
+            discard: SegmentLimits {
+                max_sectors: 0x10_0000,
+                max_segments: 32,
+            },
             discard_sector_alignment: 8,
-            write_zeroes: SegmentLimits { max_sectors: 0x20_0000, max_segments: 1 },
+            write_zeroes: SegmentLimits {
+                max_sectors: 0x20_0000,
+                max_segments: 1,
+            },
             write_zeroes_may_unmap: true,
         };
         let b = c.to_bytes();

@@ -389,11 +389,7 @@ impl Hypervisor for QemuDriver {
             }
             let qmp_socket = dir.qmp_socket();
             let pci = qmp::execute(&qmp_socket, "query-pci", None).await?;
-            let port = free_hotplug_port(&pci).ok_or_else(|| {
-                VmmError::Unsupported(format!(
-                    "all {HOTPLUG_PORTS} hot-plug ports are taken; stop the VM to attach more disks"
-                ))
-            })?;
+            let ports = free_hotplug_ports(&pci);
             let id = &disk.id;
             let (backend_cleanup, device) = match &disk.source {
                 DiskSource::File { path, format } => {
@@ -419,7 +415,7 @@ impl Hypervisor for QemuDriver {
                     }
                     (
                         vec![("blockdev-del", json!({"node-name": id})), ("blockdev-del", json!({"node-name": format!("{id}-file")}))],
-                        json!({"driver": "virtio-blk-pci", "id": id, "drive": id, "bus": port}),
+                        json!({"driver": "virtio-blk-pci", "id": id, "drive": id}),
                     )
                 }
                 DiskSource::VhostUser { socket } => {
@@ -435,17 +431,31 @@ impl Hypervisor for QemuDriver {
                     .await?;
                     (
                         vec![("chardev-remove", json!({"id": format!("{id}-chr")}))],
-                        json!({"driver": "vhost-user-blk-pci", "id": id, "chardev": format!("{id}-chr"), "bus": port}),
+                        json!({"driver": "vhost-user-blk-pci", "id": id, "chardev": format!("{id}-chr")}),
                     )
                 }
             };
-            if let Err(e) = qmp::execute(&qmp_socket, "device_add", Some(device)).await {
-                for (cmd, args) in backend_cleanup {
-                    let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
+            let mut last = VmmError::Unsupported(format!(
+                "all {HOTPLUG_PORTS} hot-plug ports are taken; stop the VM to attach more disks"
+            ));
+            for port in ports {
+                let mut dev = device.clone();
+                dev["bus"] = json!(port);
+                match qmp::execute(&qmp_socket, "device_add", Some(dev)).await {
+                    Ok(_) => return Ok(()),
+                    Err(VmmError::Refused { message, .. }) if message.contains("occupied") || message.contains("in use") => {
+                        last = VmmError::Unsupported(format!("no free hot-plug port ({message})"));
+                    }
+                    Err(e) => {
+                        last = e;
+                        break;
+                    }
                 }
-                return Err(e);
             }
-            Ok(())
+            for (cmd, args) in backend_cleanup {
+                let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
+            }
+            Err(last)
         })
     }
 
@@ -491,10 +501,12 @@ impl Hypervisor for QemuDriver {
 /// PCIe root ports a q35 VM gets for hot-plugged disks.
 pub const HOTPLUG_PORTS: usize = 4;
 
-/// The root port (`hpN`) with no device behind it, from `query-pci`.
-fn free_hotplug_port(pci: &serde_json::Value) -> Option<String> {
-    let buses = pci.as_array()?;
-    for bus in buses {
+/// The root ports (`hpN`) `query-pci` shows no device behind, in order. A port whose
+/// bus the guest has not numbered yet shows no devices even when it has one, so the
+/// caller tries the next port when QEMU says a slot is taken.
+fn free_hotplug_ports(pci: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for bus in pci.as_array().into_iter().flatten() {
         for dev in bus.get("devices").and_then(|d| d.as_array()).into_iter().flatten() {
             let Some(id) = dev.get("qdev_id").and_then(|v| v.as_str()) else { continue };
             if !id.starts_with("hp") {
@@ -505,11 +517,11 @@ fn free_hotplug_port(pci: &serde_json::Value) -> Option<String> {
                 .and_then(|d| d.as_array())
                 .is_none_or(|d| d.is_empty());
             if empty {
-                return Some(id.to_string());
+                out.push(id.to_string());
             }
         }
     }
-    None
+    out
 }
 
 /// True when `query-pci` still lists a device with this id.
@@ -663,5 +675,18 @@ mod tests {
         let v = d.classify_exit(&dir, ExitInfo::Signal(9), false);
         assert_eq!(v.state, VmState::Failed);
         assert!(v.reason.contains("terminating on signal 9"), "{}", v.reason);
+    }
+
+    /// `query-pci` of a q35 VM with two root ports, recorded from QEMU 7.2 (fields the
+    /// code does not read dropped), before and after the guest numbered the buses.
+    #[test]
+    fn hotplug_ports_are_read_from_query_pci() {
+        let fresh: serde_json::Value = serde_json::from_str(r#"[{"bus": 0, "devices": [{"bus": 0, "qdev_id": "", "slot": 0, "class_info": {"desc": "Host bridge"}}, {"bus": 0, "pci_bridge": {"bus": {"number": 0}}, "qdev_id": "hp0", "slot": 1, "class_info": {"desc": "PCI bridge"}}, {"bus": 0, "pci_bridge": {"bus": {"number": 0}}, "qdev_id": "hp1", "slot": 2, "class_info": {"desc": "PCI bridge"}}, {"bus": 0, "qdev_id": "", "slot": 31, "class_info": {"desc": "ISA bridge"}}]}]"#).expect("json");
+        assert_eq!(free_hotplug_ports(&fresh), ["hp0", "hp1"]);
+        assert!(!pci_has_device(&fresh, "vol0"));
+        let used: serde_json::Value = serde_json::from_str(r#"[{"bus": 0, "devices": [{"bus": 0, "pci_bridge": {"bus": {"number": 1}, "devices": [{"bus": 1, "qdev_id": "vol0", "slot": 0}]}, "qdev_id": "hp0", "slot": 1}, {"bus": 0, "pci_bridge": {"bus": {"number": 2}, "devices": []}, "qdev_id": "hp1", "slot": 2}]}]"#).expect("json");
+        assert_eq!(free_hotplug_ports(&used), ["hp1"]);
+        assert!(pci_has_device(&used, "vol0"));
+        assert!(free_hotplug_ports(&serde_json::json!({"unexpected": true})).is_empty());
     }
 }
