@@ -3,6 +3,8 @@
 # machine's noise hits both alike. Writes docs/benchmarks.md.
 #   VM boot: POST /v1/vms until the VMM runs and until HEARTH-GUEST-READY, against the
 #   identical QEMU command line launched by hand (QEMU/TCG, tiny guest).
+#   Storage: blockd's NBD server vs qemu-nbd and nbdkit; its vhost-user-blk backend vs
+#   qemu-storage-daemon (scripts/bench_nbd.sh, scripts/bench_vhost_user.sh).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +15,13 @@ cargo build --release --locked -p api -p netd --bins --examples
 api_bin="$CARGO_TARGET_DIR/release/hearth-api"
 netd_bin="$CARGO_TARGET_DIR/release/netd"
 
-out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp)
-trap 'rm -f "$out" "$net_out" "$ipam_out"' EXIT
+out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp)
+trap 'rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out"' EXIT
+ensure_packages "${HEARTH_TEST_PACKAGES[@]}"
+echo "==> NBD: blockd vs qemu-nbd vs nbdkit (1 GiB in /dev/shm, loopback and Unix socket)"
+ROUNDS="${NBD_ROUNDS:-3}" scripts/bench_nbd.sh >"$nbd_out"
+echo "==> vhost-user-blk: blockd vs qemu-storage-daemon (fio in a tiny guest)"
+ROUNDS="${VHOST_ROUNDS:-5}" scripts/bench_vhost_user.sh >"$vu_out"
 echo "==> netd: ${TAPS:-200} TAPs with IP allocation vs ip commands (private namespaces)"
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && exec python3 scripts/bench_netd.py "$0"' \
 	"$netd_bin" >"$net_out"
@@ -83,3 +90,4 @@ Goal: at least 10x the speed of the `ip` sequence.
 open("docs/benchmarks.md", "w").write(doc)
 print(doc)
 PY
+python3 scripts/bench_storage_md.py "$nbd_out" "$vu_out" | tee -a docs/benchmarks.md

@@ -48,7 +48,11 @@ pub enum VolumeRef {
 impl VolumeRef {
     pub fn into_attach(self) -> AttachVolume {
         match self {
-            VolumeRef::Name(volume) => AttachVolume { volume, via: None, read_only: false },
+            VolumeRef::Name(volume) => AttachVolume {
+                volume,
+                via: None,
+                read_only: false,
+            },
             VolumeRef::Full(a) => a,
         }
     }

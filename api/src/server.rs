@@ -84,11 +84,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/volumes/{name}", get(volumes::show).delete(volumes::delete))
         .route("/v1/volumes/{name}/resize", post(volumes::resize))
         .route("/v1/volumes/{name}/snapshots", post(volumes::snapshot))
-        .route("/v1/volumes/{name}/snapshots/{snapshot}", axum::routing::delete(volumes::delete_snapshot))
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(volumes::delete_snapshot),
+        )
         .route("/v1/volumes/{name}/clone", post(volumes::clone))
         .route("/v1/volumes/{name}/attach", post(volumes::attach))
         .route("/v1/volumes/{name}/detach", post(volumes::detach))
-        .route("/v1/volumes/{name}/export", post(volumes::export).delete(volumes::unexport))
+        .route(
+            "/v1/volumes/{name}/export",
+            post(volumes::export).delete(volumes::unexport),
+        )
         .route("/v1/operations", get(vms::operations))
         .route("/v1/operations/{id}", get(vms::operation))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -179,7 +185,11 @@ pub async fn run(
             ),
             (
                 "blockd",
-                blockd::router(blockd::Blockd::open(aio.blockd).await.map_err(|e| anyhow::anyhow!("blockd: {e}"))?),
+                blockd::router(
+                    blockd::Blockd::open(aio.blockd)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("blockd: {e}"))?,
+                ),
             ),
             ("imaged", imaged::router(imaged::ImageCatalog::new(aio.images_dir))),
         ];

@@ -115,7 +115,11 @@ impl SizeRequest {
 /// `10G` → 10 GiB. Plain numbers are bytes.
 pub fn parse_size(s: &str) -> Result<u64, ApiError> {
     let t = s.trim();
-    let bad = || ApiError::unprocessable(format!("size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"));
+    let bad = || {
+        ApiError::unprocessable(format!(
+            "size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"
+        ))
+    };
     let (num, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m: u64 = match c.to_ascii_uppercase() {
@@ -169,7 +173,9 @@ async fn find_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiEr
 }
 
 async fn attachment(state: &AppState, name: &str) -> Result<Option<Attachment>, ApiError> {
-    Ok(store::get_json::<Attachment>(state.store.as_ref(), &claim_key(name)).await?.map(|(a, _)| a))
+    Ok(store::get_json::<Attachment>(state.store.as_ref(), &claim_key(name))
+        .await?
+        .map(|(a, _)| a))
 }
 
 async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Result<Volume, ApiError> {
@@ -185,7 +191,11 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
         origin: None,
         snapshots: vec![],
         attached_to,
-        exports: exports.iter().filter(|e| e.volume == rec.name && e.remote.is_none()).cloned().collect(),
+        exports: exports
+            .iter()
+            .filter(|e| e.volume == rec.name && e.remote.is_none())
+            .cloned()
+            .collect(),
         remote: rec.remote.clone(),
         created_at_ms: rec.created_at_ms,
     };
@@ -226,12 +236,20 @@ pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<V
 
 pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -> Result<Response, ApiError> {
     validate_name("volume", &req.name)?;
-    let size = SizeRequest { size_bytes: req.size_bytes, size: req.size.clone() }.bytes()?;
+    let size = SizeRequest {
+        size_bytes: req.size_bytes,
+        size: req.size.clone(),
+    }
+    .bytes()?;
     if req.remote.is_some() && (size.is_some() || req.source.is_some()) {
-        return Err(ApiError::unprocessable("a remote volume has the size its host gives it: no size or source"));
+        return Err(ApiError::unprocessable(
+            "a remote volume has the size its host gives it: no size or source",
+        ));
     }
     if req.remote.is_none() && size.is_none() && req.source.is_none() {
-        return Err(ApiError::unprocessable("give size_bytes or size (e.g. \"10G\") for a new volume"));
+        return Err(ApiError::unprocessable(
+            "give size_bytes or size (e.g. \"10G\") for a new volume",
+        ));
     }
     let rec = VolumeRecord {
         name: req.name.clone(),
@@ -240,10 +258,14 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     let s = state.store.as_ref();
-    s.compare_and_swap(&record_key(&req.name), None, store::encode(&rec)).await.map_err(|e| match e {
-        store::StoreError::Conflict { .. } => ApiError::conflict(format!("a volume named {:?} already exists", req.name)),
-        other => other.into(),
-    })?;
+    s.compare_and_swap(&record_key(&req.name), None, store::encode(&rec))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => {
+                ApiError::conflict(format!("a volume named {:?} already exists", req.name))
+            }
+            other => other.into(),
+        })?;
     let made = async {
         if let Some(remote) = &req.remote {
             // Check now that the export is there, so a typo fails here, not at attach.
@@ -254,17 +276,25 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
         }
         let source = match &req.source {
             Some(SourceRequest::Snapshot(snap)) => {
-                let (vol, _) = snap
-                    .split_once('@')
-                    .ok_or_else(|| ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot")))?;
-                find_record(&state, vol).await.map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
+                let (vol, _) = snap.split_once('@').ok_or_else(|| {
+                    ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
+                })?;
+                find_record(&state, vol)
+                    .await
+                    .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
                 Some(VolumeSource::Snapshot(snap.clone()))
             }
             None => None,
         };
         state
             .blockd
-            .ensure_volume(&req.name, &VolumeSpec { size_bytes: size, source })
+            .ensure_volume(
+                &req.name,
+                &VolumeSpec {
+                    size_bytes: size,
+                    source,
+                },
+            )
             .await
             .map_err(blockd_error)
             .map(|_| ())
@@ -310,9 +340,15 @@ async fn local_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiE
     Ok(rec)
 }
 
-pub async fn resize(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<SizeRequest>) -> Result<Json<Volume>, ApiError> {
+pub async fn resize(
+    State(state): AppS,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<SizeRequest>,
+) -> Result<Json<Volume>, ApiError> {
     let rec = local_record(&state, &name).await?;
-    let size = req.bytes()?.ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
+    let size = req
+        .bytes()?
+        .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
     state.blockd.resize(&name, size).await.map_err(blockd_error)?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
@@ -324,14 +360,21 @@ pub struct NameRequest {
     pub name: String,
 }
 
-pub async fn snapshot(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<NameRequest>) -> Result<Response, ApiError> {
+pub async fn snapshot(
+    State(state): AppS,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<NameRequest>,
+) -> Result<Response, ApiError> {
     local_record(&state, &name).await?;
     validate_name("snapshot", &req.name)?;
     let snap = state.blockd.snapshot(&name, &req.name).await.map_err(blockd_error)?;
     Ok((StatusCode::CREATED, Json(snap)).into_response())
 }
 
-pub async fn delete_snapshot(State(state): AppS, Path((name, snap)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+pub async fn delete_snapshot(
+    State(state): AppS,
+    Path((name, snap)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     local_record(&state, &name).await?;
     validate_name("snapshot", &snap)?;
     state.blockd.delete_snapshot(&name, &snap).await.map_err(blockd_error)?;
@@ -348,7 +391,11 @@ pub struct CloneRequest {
     pub snapshot: Option<String>,
 }
 
-pub async fn clone(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<CloneRequest>) -> Result<Response, ApiError> {
+pub async fn clone(
+    State(state): AppS,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<CloneRequest>,
+) -> Result<Response, ApiError> {
     local_record(&state, &name).await?;
     validate_name("volume", &req.name)?;
     let snap = match req.snapshot {
@@ -383,10 +430,19 @@ pub struct AttachRequest {
 }
 
 /// Claims a volume for a VM and picks its disk id. Nothing is attached yet.
-pub async fn claim(state: &AppState, rec: &VmRecord, req: &AttachVolume, taken: &[AttachedVolume]) -> Result<AttachedVolume, ApiError> {
-    let vol = find_record(state, &req.volume)
-        .await
-        .map_err(|e| if e.status == StatusCode::NOT_FOUND { ApiError::unprocessable(e.message().to_string()) } else { e })?;
+pub async fn claim(
+    state: &AppState,
+    rec: &VmRecord,
+    req: &AttachVolume,
+    taken: &[AttachedVolume],
+) -> Result<AttachedVolume, ApiError> {
+    let vol = find_record(state, &req.volume).await.map_err(|e| {
+        if e.status == StatusCode::NOT_FOUND {
+            ApiError::unprocessable(e.message().to_string())
+        } else {
+            e
+        }
+    })?;
     let via = match (req.via, &vol.remote) {
         (Some(AttachVia::File), Some(_)) => {
             return Err(ApiError::unprocessable(format!(
@@ -402,7 +458,13 @@ pub async fn claim(state: &AppState, rec: &VmRecord, req: &AttachVolume, taken: 
         .map(|i| format!("vol{i}"))
         .find(|d| !taken.iter().any(|t| &t.disk == d))
         .unwrap_or_else(|| "vol".into());
-    let claim = Attachment { vm: rec.id.clone(), vm_name: rec.name.clone(), disk: disk.clone(), via, read_only: req.read_only };
+    let claim = Attachment {
+        vm: rec.id.clone(),
+        vm_name: rec.name.clone(),
+        disk: disk.clone(),
+        via,
+        read_only: req.read_only,
+    };
     state
         .store
         .compare_and_swap(&claim_key(&req.volume), None, store::encode(&claim))
@@ -413,7 +475,12 @@ pub async fn claim(state: &AppState, rec: &VmRecord, req: &AttachVolume, taken: 
             }
             other => other.into(),
         })?;
-    Ok(AttachedVolume { volume: req.volume.clone(), disk, via, read_only: req.read_only })
+    Ok(AttachedVolume {
+        volume: req.volume.clone(),
+        disk,
+        via,
+        read_only: req.read_only,
+    })
 }
 
 /// Makes the volume reachable the way the attachment says and returns the disk the VM
@@ -422,8 +489,14 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
     let rec = find_record(state, &a.volume).await?;
     let source = match (&rec.remote, a.via) {
         (Some(remote), _) => {
-            let e = state.blockd.remote_disk(&a.volume, remote).await.map_err(blockd_error)?;
-            DiskSource::VhostUser { socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))? }
+            let e = state
+                .blockd
+                .remote_disk(&a.volume, remote)
+                .await
+                .map_err(blockd_error)?;
+            DiskSource::VhostUser {
+                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+            }
         }
         (None, AttachVia::VhostUser) => {
             let e = state
@@ -431,12 +504,17 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
                 .export(&a.volume, "vhost-user", &ExportSpec { read_only: a.read_only })
                 .await
                 .map_err(blockd_error)?;
-            DiskSource::VhostUser { socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))? }
+            DiskSource::VhostUser {
+                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+            }
         }
         (None, AttachVia::File) => {
             let v = state.blockd.volume(&a.volume).await.map_err(blockd_error)?;
             let path = v.path.ok_or_else(|| {
-                ApiError::conflict(format!("volume {:?} has no file or device (a memory pool); attach it via vhost-user", a.volume))
+                ApiError::conflict(format!(
+                    "volume {:?} has no file or device (a memory pool); attach it via vhost-user",
+                    a.volume
+                ))
             })?;
             let format = match v.format {
                 blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
@@ -445,7 +523,11 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
             DiskSource::File { path, format }
         }
     };
-    Ok(DiskSpec { id: a.disk.clone(), source, readonly: a.read_only })
+    Ok(DiskSpec {
+        id: a.disk.clone(),
+        source,
+        readonly: a.read_only,
+    })
 }
 
 /// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
@@ -464,10 +546,17 @@ pub async fn release(state: &AppState, a: &AttachedVolume) {
     }
 }
 
-pub async fn attach(State(state): AppS, Path(name): Path<String>, JsonBody(req): JsonBody<AttachRequest>) -> Result<Json<Volume>, ApiError> {
+pub async fn attach(
+    State(state): AppS,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<AttachRequest>,
+) -> Result<Json<Volume>, ApiError> {
     let (mut vm, rev) = crate::vms::resolve(&state, &req.vm).await?;
     if vm.phase != crate::model::Phase::Ready {
-        return Err(ApiError::conflict(format!("VM {} is being created or deleted", vm.name)));
+        return Err(ApiError::conflict(format!(
+            "VM {} is being created or deleted",
+            vm.name
+        )));
     }
     if let Some(a) = attachment(&state, &name).await? {
         if a.vm == vm.id {
@@ -476,7 +565,11 @@ pub async fn attach(State(state): AppS, Path(name): Path<String>, JsonBody(req):
             return Ok(Json(view(&state, &rec, &exports).await?));
         }
     }
-    let request = AttachVolume { volume: name.clone(), via: req.via, read_only: req.read_only };
+    let request = AttachVolume {
+        volume: name.clone(),
+        via: req.via,
+        read_only: req.read_only,
+    };
     let att = claim(&state, &vm, &request, &vm.volumes).await?;
     let done = async {
         let disk = disk_spec(&state, &att).await?;
@@ -507,13 +600,26 @@ pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json
                 state.vmm.detach_disk(&vm.id, &a.disk).await.map_err(upstream)?;
                 let att = vm.volumes.iter().find(|v| v.volume == name).cloned();
                 vm.volumes.retain(|v| v.volume != name);
-                state.store.compare_and_swap(&format!("vms/{}", vm.id), Some(rev), store::encode(&vm)).await?;
-                let att = att.unwrap_or(AttachedVolume { volume: name.clone(), disk: a.disk, via: a.via, read_only: a.read_only });
+                state
+                    .store
+                    .compare_and_swap(&format!("vms/{}", vm.id), Some(rev), store::encode(&vm))
+                    .await?;
+                let att = att.unwrap_or(AttachedVolume {
+                    volume: name.clone(),
+                    disk: a.disk,
+                    via: a.via,
+                    read_only: a.read_only,
+                });
                 release(&state, &att).await;
             }
             // The VM is gone: only the claim is left.
             Err(_) => {
-                let att = AttachedVolume { volume: name.clone(), disk: a.disk, via: a.via, read_only: a.read_only };
+                let att = AttachedVolume {
+                    volume: name.clone(),
+                    disk: a.disk,
+                    via: a.via,
+                    read_only: a.read_only,
+                };
                 release(&state, &att).await;
             }
         }
@@ -529,12 +635,26 @@ pub struct ExportRequest {
     pub read_only: bool,
 }
 
-pub async fn export(State(state): AppS, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Json<Export>, ApiError> {
+pub async fn export(
+    State(state): AppS,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Export>, ApiError> {
     local_record(&state, &name).await?;
-    let req: ExportRequest = if body.iter().all(u8::is_ascii_whitespace) { ExportRequest::default() } else { crate::json::parse(&body)? };
+    let req: ExportRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ExportRequest::default()
+    } else {
+        crate::json::parse(&body)?
+    };
     let e = state
         .blockd
-        .export(&name, "nbd", &ExportSpec { read_only: req.read_only })
+        .export(
+            &name,
+            "nbd",
+            &ExportSpec {
+                read_only: req.read_only,
+            },
+        )
         .await
         .map_err(blockd_error)?;
     Ok(Json(e))

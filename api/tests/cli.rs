@@ -165,11 +165,20 @@ fn volume_commands() {
         let out = ok(&hearth(&stack, &["volume", "create", "data", "--size", "64M"]));
         assert!(out.contains("size:        64M"), "{out}");
         ok(&hearth(&stack, &["volume", "snapshot", "data", "s1"]));
-        ok(&hearth(&stack, &["volume", "clone", "data", "copy", "--snapshot", "s1"]));
+        ok(&hearth(
+            &stack,
+            &["volume", "clone", "data", "copy", "--snapshot", "s1"],
+        ));
         let list = ok(&hearth(&stack, &["volume", "list"]));
         let lines: Vec<&str> = list.lines().collect();
-        assert!(lines[0].starts_with("NAME") && lines[0].contains("ATTACHED TO"), "{list}");
-        assert!(lines.iter().any(|l| l.starts_with("copy ") && l.contains("64M")), "{list}");
+        assert!(
+            lines[0].starts_with("NAME") && lines[0].contains("ATTACHED TO"),
+            "{list}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with("copy ") && l.contains("64M")),
+            "{list}"
+        );
         let show = ok(&hearth(&stack, &["volume", "show", "data"]));
         assert!(show.contains("snapshot:    s1 (64M), clones: copy"), "{show}");
         let json: serde_json::Value =

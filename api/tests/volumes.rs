@@ -18,7 +18,9 @@ async fn create_vm(stack: &Stack, name: &str, volumes: Value) -> Value {
     assert_eq!(status, 202, "{accepted}");
     let op = stack.wait_op(&accepted).await;
     assert_eq!(op["status"], "succeeded", "{op}");
-    stack.wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(90)).await;
+    stack
+        .wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(90))
+        .await;
     stack.vm(name).await
 }
 
@@ -31,9 +33,15 @@ async fn delete_vm(stack: &Stack, name: &str) {
 /// Writes `text` at sector `sector` of the guest's `dev`, and syncs.
 async fn guest_write(stack: &Stack, vm: &str, dev: &str, sector: u32, text: &str) {
     let out = stack
-        .console_run(vm, &format!("printf '{text}' | dd of={dev} bs=512 seek={sector} conv=fsync 2>&1; sync"))
+        .console_run(
+            vm,
+            &format!("printf '{text}' | dd of={dev} bs=512 seek={sector} conv=fsync 2>&1; sync"),
+        )
         .await;
-    assert!(!out.contains("can't open") && !out.contains("No such"), "write to {dev} failed: {out}");
+    assert!(
+        !out.contains("can't open") && !out.contains("No such"),
+        "write to {dev} failed: {out}"
+    );
 }
 
 /// Reads `len` bytes at sector `sector` of the guest's `dev`.
@@ -47,11 +55,16 @@ async fn guest_read(stack: &Stack, vm: &str, dev: &str, sector: u32, len: usize)
 async fn wait_for_device(stack: &Stack, vm: &str, dev: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let out = stack.console_run(vm, &format!("[ -b {dev} ] && echo PRESENT-$((1+1))")).await;
+        let out = stack
+            .console_run(vm, &format!("[ -b {dev} ] && echo PRESENT-$((1+1))"))
+            .await;
         if out.contains("PRESENT-2") {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{dev} never appeared in {vm}: {out}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dev} never appeared in {vm}: {out}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -87,12 +100,19 @@ impl RemoteBlockd {
             },
         };
         let blockd = blockd::Blockd::open(config).await.expect("second blockd");
-        let listener = socket_http::server::bind_unix(&d.join("blockd.sock")).await.expect("bind");
+        let listener = socket_http::server::bind_unix(&d.join("blockd.sock"))
+            .await
+            .expect("bind");
         let router = blockd::router(blockd.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        RemoteBlockd { dir, port, blockd, server }
+        RemoteBlockd {
+            dir,
+            port,
+            blockd,
+            server,
+        }
     }
 
     fn client(&self) -> blockd::http::client::BlockdClient {
@@ -120,7 +140,9 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let stack = Stack::start(&[]).await;
 
         // A volume, written by one VM (file attachment)...
-        let (status, v) = stack.call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "64M"}))).await;
+        let (status, v) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "64M"})))
+            .await;
         assert_eq!(status, 201, "{v}");
         assert_eq!(v["size_bytes"], 64 << 20);
         create_vm(&stack, "writer", json!(["data"])).await;
@@ -130,7 +152,10 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
         stack.act("writer", "stop").await;
         delete_vm(&stack, "writer").await;
-        assert!(volume(&stack, "data").await["attached_to"].is_null(), "the VM's delete released the volume");
+        assert!(
+            volume(&stack, "data").await["attached_to"].is_null(),
+            "the VM's delete released the volume"
+        );
 
         // ... is read back by the next VM, through blockd's vhost-user-blk backend.
         create_vm(&stack, "reader", json!([{"volume": "data", "via": "vhost-user"}])).await;
@@ -139,9 +164,17 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         guest_write(&stack, "reader", "/dev/vda", 200, "HEARTH-PATTERN-TWO").await;
 
         // A snapshot keeps the old content; a clone is independent.
-        let (status, s) = stack.call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"}))).await;
+        let (status, s) = stack
+            .call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"})))
+            .await;
         assert_eq!(status, 201, "{s}");
-        let (status, c) = stack.call("POST", "/v1/volumes/data/clone", Some(json!({"name": "copy", "snapshot": "s1"}))).await;
+        let (status, c) = stack
+            .call(
+                "POST",
+                "/v1/volumes/data/clone",
+                Some(json!({"name": "copy", "snapshot": "s1"})),
+            )
+            .await;
         assert_eq!(status, 201, "{c}");
         assert_eq!(c["origin"], "data@s1");
 
@@ -150,17 +183,29 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let mut stack = stack;
         stack.restart(libc::SIGTERM).await;
         let exports = volume(&stack, "data").await["exports"].clone();
-        assert_eq!(exports[0]["kind"], "vhost-user", "the vhost-user export came back: {exports}");
+        assert_eq!(
+            exports[0]["kind"], "vhost-user",
+            "the vhost-user export came back: {exports}"
+        );
         guest_write(&stack, "reader", "/dev/vda", 300, "HEARTH-AFTER-RESTART").await;
         let read = guest_read(&stack, "reader", "/dev/vda", 300, 20).await;
-        assert!(read.contains("HEARTH-AFTER-RESTART"), "after blockd restarted: {read:?}");
+        assert!(
+            read.contains("HEARTH-AFTER-RESTART"),
+            "after blockd restarted: {read:?}"
+        );
         let read = guest_read(&stack, "reader", "/dev/vda", 200, 18).await;
-        assert!(read.contains("HEARTH-PATTERN-TWO"), "data from before the restart: {read:?}");
+        assert!(
+            read.contains("HEARTH-PATTERN-TWO"),
+            "data from before the restart: {read:?}"
+        );
 
         // A volume on another host, exported over NBD, hot-plugged into the running VM.
         let remote = RemoteBlockd::start().await;
         let rc = remote.client();
-        let spec = blockd::service::VolumeSpec { size_bytes: Some(32 << 20), source: None };
+        let spec = blockd::service::VolumeSpec {
+            size_bytes: Some(32 << 20),
+            source: None,
+        };
         let far = rc.ensure_volume("far", &spec).await.expect("remote volume");
         std::fs::write(far.path.as_ref().expect("path"), {
             let mut b = vec![0u8; 32 << 20];
@@ -168,19 +213,27 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             b
         })
         .expect("fill the remote volume");
-        rc.export("far", "nbd", &blockd::exports::ExportSpec { read_only: false }).await.expect("export");
+        rc.export("far", "nbd", &blockd::exports::ExportSpec { read_only: false })
+            .await
+            .expect("export");
         let body = json!({"name": "far", "remote": {"tcp": format!("127.0.0.1:{}", remote.port), "export": "far"}});
         let (status, v) = stack.call("POST", "/v1/volumes", Some(body)).await;
         assert_eq!(status, 201, "{v}");
         assert_eq!(v["location"], "remote");
-        let (status, v) = stack.call("POST", "/v1/volumes/far/attach", Some(json!({"vm": "reader"}))).await;
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/far/attach", Some(json!({"vm": "reader"})))
+            .await;
         assert_eq!(status, 200, "hot-plug: {v}");
         wait_for_device(&stack, "reader", "/dev/vdb").await;
         let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
         assert!(read.contains("HEARTH-FROM-AFAR!"), "read over NBD: {read:?}");
         guest_write(&stack, "reader", "/dev/vdb", 9, "WRITTEN-FROM-VM").await;
         let bytes = std::fs::read(far.path.as_ref().expect("path")).expect("remote file");
-        assert_eq!(&bytes[512 * 9..512 * 9 + 15], b"WRITTEN-FROM-VM", "the write reached the other host's file");
+        assert_eq!(
+            &bytes[512 * 9..512 * 9 + 15],
+            b"WRITTEN-FROM-VM",
+            "the write reached the other host's file"
+        );
 
         // Hot-unplug, then clean up in dependency order.
         let (status, v) = stack.call("POST", "/v1/volumes/far/detach", None).await;
@@ -195,9 +248,16 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         }
         let (_, list) = stack.call("GET", "/v1/volumes", None).await;
         assert_eq!(list, json!([]));
-        assert!(std::fs::read_dir(stack.data_dir().join("run/blockd")).expect("socket dir").flatten().all(|e| {
-            !e.file_name().to_string_lossy().starts_with("vol-") && !e.file_name().to_string_lossy().starts_with("remote-")
-        }), "no vhost-user socket left");
+        assert!(
+            std::fs::read_dir(stack.data_dir().join("run/blockd"))
+                .expect("socket dir")
+                .flatten()
+                .all(|e| {
+                    !e.file_name().to_string_lossy().starts_with("vol-")
+                        && !e.file_name().to_string_lossy().starts_with("remote-")
+                }),
+            "no vhost-user socket left"
+        );
     });
 }
 
@@ -215,7 +275,10 @@ fn bad_volume_requests_get_clear_errors() {
             (json!({"name": "units", "size": "12Q"}), 422),
             (json!({"name": "huge", "size": "1000000T"}), 507),
             (json!({"name": "clone", "source": {"snapshot": "nope@x"}}), 404),
-            (json!({"name": "far", "remote": {"tcp": "127.0.0.1:1", "export": "x"}}), 404),
+            (
+                json!({"name": "far", "remote": {"tcp": "127.0.0.1:1", "export": "x"}}),
+                404,
+            ),
         ];
         for (body, want) in cases {
             let (status, e) = stack.call("POST", "/v1/volumes", Some(body.clone())).await;
@@ -224,15 +287,28 @@ fn bad_volume_requests_get_clear_errors() {
         }
         let (_, list) = stack.call("GET", "/v1/volumes", None).await;
         assert_eq!(list, json!([]), "failed creates left nothing");
-        assert_eq!(std::fs::read_dir(stack.data_dir().join("volumes/volumes")).expect("pool").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(stack.data_dir().join("volumes/volumes"))
+                .expect("pool")
+                .count(),
+            0
+        );
 
-        let (status, _) = stack.call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"}))).await;
+        let (status, _) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"})))
+            .await;
         assert_eq!(status, 201);
-        let (status, e) = stack.call("POST", "/v1/volumes/v/resize", Some(json!({"size": "4M"}))).await;
+        let (status, e) = stack
+            .call("POST", "/v1/volumes/v/resize", Some(json!({"size": "4M"})))
+            .await;
         assert_eq!(status, 422, "shrink: {e}");
-        let (status, v) = stack.call("POST", "/v1/volumes/v/resize", Some(json!({"size": "16M"}))).await;
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/v/resize", Some(json!({"size": "16M"})))
+            .await;
         assert_eq!((status, v["size_bytes"].as_u64()), (200, Some(16 << 20)), "{v}");
-        let (status, _) = stack.call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"}))).await;
+        let (status, _) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "v", "size": "8M"})))
+            .await;
         assert_eq!(status, 409, "a second volume with the same name");
 
         // Attaching to a stopped VM records the disk for its next start; a second VM
@@ -255,7 +331,9 @@ fn bad_volume_requests_get_clear_errors() {
         assert!(e["error"]["message"].as_str().unwrap_or("").contains("idle"), "{e}");
         let (status, _) = stack.call("POST", "/v1/volumes/v/detach", None).await;
         assert_eq!(status, 200);
-        assert!(stack.vm("idle").await["volumes"].as_array().is_some_and(|v| v.is_empty()));
+        assert!(stack.vm("idle").await["volumes"]
+            .as_array()
+            .is_some_and(|v| v.is_empty()));
         let (status, _) = stack.call("DELETE", "/v1/volumes/v", None).await;
         assert_eq!(status, 204);
         delete_vm(&stack, "idle").await;

@@ -67,8 +67,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if args.tcp.is_empty() && args.unix.is_empty() {
         anyhow::bail!("give at least one --tcp or --unix listener");
     }
-    let device = FileDevice::open(&args.file, args.read_only)
-        .with_context(|| format!("opening {}", args.file.display()))?;
+    let device =
+        FileDevice::open(&args.file, args.read_only).with_context(|| format!("opening {}", args.file.display()))?;
     let mut config = ServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         allowed_networks: (!args.allow.is_empty()).then_some(args.allow.clone()),
@@ -81,7 +81,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         config.socket_buffer_bytes = n;
     }
     let server = NbdServer::new(config);
-    let options = ExportOptions { read_only: args.read_only, description: args.description.clone() };
+    let options = ExportOptions {
+        read_only: args.read_only,
+        description: args.description.clone(),
+    };
     server.add_export(&args.name, Arc::new(device), options)?;
     for addr in &args.tcp {
         let bound = server.listen_tcp(*addr).await?;

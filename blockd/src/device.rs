@@ -70,22 +70,32 @@ impl FileDevice {
         } else {
             meta.len()
         };
-        Ok(FileDevice { file, size, read_only, is_block_device })
+        Ok(FileDevice {
+            file,
+            size,
+            read_only,
+            is_block_device,
+        })
     }
 
     fn refuse_if_read_only(&self) -> io::Result<()> {
         if self.read_only {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the device is read-only"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the device is read-only",
+            ));
         }
         Ok(())
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a file descriptor this struct owns, with plain integers.
-        let r = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
-        };
-        if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn blk_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
@@ -93,7 +103,11 @@ impl FileDevice {
         // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 from the pointer, which points to
         // a live array of two u64.
         let r = unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) };
-        if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn write_zero_buffer(&self, mut offset: u64, len: u64) -> io::Result<()> {
@@ -175,11 +189,15 @@ pub struct MemoryDevice {
 
 impl MemoryDevice {
     pub fn new(size: u64) -> MemoryDevice {
-        MemoryDevice { bytes: RwLock::new(vec![0; size as usize]) }
+        MemoryDevice {
+            bytes: RwLock::new(vec![0; size as usize]),
+        }
     }
     /// A device holding a copy of `bytes` (snapshots and clones of in-memory volumes).
     pub fn from_bytes(bytes: Vec<u8>) -> MemoryDevice {
-        MemoryDevice { bytes: RwLock::new(bytes) }
+        MemoryDevice {
+            bytes: RwLock::new(bytes),
+        }
     }
     /// A copy of the contents.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -298,7 +316,10 @@ mod tests {
         dev.discard(8192, 4096).expect("discard");
         dev.read_at(&mut buf, 4096).expect("read");
         assert!(buf.iter().all(|&b| b == 0), "zeroed and discarded ranges read as zero");
-        assert!(dev.read_at(&mut buf, size - 4096).is_err(), "read past the end is refused");
+        assert!(
+            dev.read_at(&mut buf, size - 4096).is_err(),
+            "read past the end is refused"
+        );
         assert!(dev.write_at(&buf, size).is_err(), "write past the end is refused");
         assert!(dev.discard(size, 1).is_err());
         dev.flush().expect("flush");

@@ -59,8 +59,13 @@ impl RemoteDiskSpec {
         match (&self.tcp, &self.unix) {
             (Some(t), None) => Ok(NbdAddress::Tcp(t.clone())),
             (None, Some(u)) if u.is_absolute() => Ok(NbdAddress::Unix(u.clone())),
-            (None, Some(u)) => Err(VolumeError::Invalid(format!("unix socket path {} must be absolute", u.display()))),
-            _ => Err(VolumeError::Invalid("give exactly one of tcp (host:port) and unix (socket path)".into())),
+            (None, Some(u)) => Err(VolumeError::Invalid(format!(
+                "unix socket path {} must be absolute",
+                u.display()
+            ))),
+            _ => Err(VolumeError::Invalid(
+                "give exactly one of tcp (host:port) and unix (socket path)".into(),
+            )),
         }
     }
 }
@@ -132,7 +137,10 @@ pub struct Exports {
 }
 
 fn internal(context: &str) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
-    move |e| VolumeError::Io { context: context.to_string(), source: e }
+    move |e| VolumeError::Io {
+        context: context.to_string(),
+        source: e,
+    }
 }
 
 impl Exports {
@@ -140,7 +148,10 @@ impl Exports {
     pub async fn new(state_dir: &Path, socket_dir: &Path, nbd: NbdSettings) -> Result<Exports> {
         std::fs::create_dir_all(state_dir).map_err(internal("creating the state directory"))?;
         std::fs::create_dir_all(socket_dir).map_err(internal("creating the socket directory"))?;
-        let config = crate::nbd::server::ServerConfig { allowed_networks: nbd.allow.clone(), ..Default::default() };
+        let config = crate::nbd::server::ServerConfig {
+            allowed_networks: nbd.allow.clone(),
+            ..Default::default()
+        };
         let server = Arc::new(NbdServer::new(config));
         let mut uris = Vec::new();
         if let Some(addr) = nbd.tcp {
@@ -245,7 +256,10 @@ impl Exports {
             read_only: spec.read_only,
             socket: None,
             connected: None,
-            nbd: Some(NbdEndpoint { export: name.to_string(), uris }),
+            nbd: Some(NbdEndpoint {
+                export: name.to_string(),
+                uris,
+            }),
             remote: None,
         }
     }
@@ -281,12 +295,22 @@ impl Exports {
         let dev = tokio::task::spawn_blocking(move || backend.open(&n, read_only))
             .await
             .map_err(|e| VolumeError::Backend(e.to_string()))??;
-        Ok(if read_only && !dev.read_only() { Arc::new(ReadOnly(dev)) } else { dev })
+        Ok(if read_only && !dev.read_only() {
+            Arc::new(ReadOnly(dev))
+        } else {
+            dev
+        })
     }
 
     /// Exports a volume. Idempotent: the same export again changes nothing; a different
     /// `read_only` is a conflict (unexport first).
-    pub async fn export(&self, volumes: &VolumeService, name: &str, kind: ExportKind, spec: ExportSpec) -> Result<(Export, bool)> {
+    pub async fn export(
+        &self,
+        volumes: &VolumeService,
+        name: &str,
+        kind: ExportKind,
+        spec: ExportSpec,
+    ) -> Result<(Export, bool)> {
         validate_name("volume", name)?;
         let mut t = self.table.lock().await;
         let existing = match kind {
@@ -317,7 +341,10 @@ impl Exports {
                         "this blockd runs no NBD listener; start it with --nbd-tcp or --nbd-unix".into(),
                     ));
                 }
-                let options = ExportOptions { read_only: spec.read_only, description: format!("hearth volume {name}") };
+                let options = ExportOptions {
+                    read_only: spec.read_only,
+                    description: format!("hearth volume {name}"),
+                };
                 self.nbd
                     .add_export(name, dev, options)
                     .map_err(|e| VolumeError::Backend(format!("cannot export {name:?}: {e}")))?;
@@ -325,7 +352,10 @@ impl Exports {
             }
             ExportKind::VhostUser => {
                 let socket = self.vhost_socket("vol", name);
-                let options = VhostUserBlkOptions { serial: name.chars().take(20).collect(), ..Default::default() };
+                let options = VhostUserBlkOptions {
+                    serial: name.chars().take(20).collect(),
+                    ..Default::default()
+                };
                 let started = tokio::task::spawn_blocking(move || VhostUserBlkExport::start(&socket, dev, options))
                     .await
                     .map_err(|e| VolumeError::Backend(e.to_string()))?
@@ -379,8 +409,10 @@ impl Exports {
             match Self::open(volumes, name, spec.read_only).await {
                 Ok(dev) => {
                     self.nbd.remove_export(name);
-                    let options =
-                        ExportOptions { read_only: spec.read_only, description: format!("hearth volume {name}") };
+                    let options = ExportOptions {
+                        read_only: spec.read_only,
+                        description: format!("hearth volume {name}"),
+                    };
                     if let Err(e) = self.nbd.add_export(name, dev, options) {
                         tracing::error!(volume = name, "re-exporting after resize: {e}");
                     }
@@ -397,7 +429,9 @@ impl Exports {
         let mut t = self.table.lock().await;
         if let Some((s, e)) = t.remote.get(name) {
             if *s != spec {
-                return Err(VolumeError::Conflict(format!("remote disk {name:?} exists with other settings; delete it first")));
+                return Err(VolumeError::Conflict(format!(
+                    "remote disk {name:?} exists with other settings; delete it first"
+                )));
             }
             let mut x = Self::describe_vhost(name, &ExportSpec { read_only: s.read_only }, e);
             x.remote = Some(s.clone());
@@ -408,8 +442,15 @@ impl Exports {
         let started = tokio::task::spawn_blocking(move || -> Result<VhostUserBlkExport> {
             let dev = NbdDevice::connect(address.clone(), &export, ReconnectPolicy::default())
                 .map_err(|e| VolumeError::NotFound(format!("cannot reach NBD export {export:?} at {address}: {e}")))?;
-            let dev: Arc<dyn BlockDevice> = if read_only { Arc::new(ReadOnly(dev)) } else { Arc::new(dev) };
-            let options = VhostUserBlkOptions { serial: export.chars().take(20).collect(), ..Default::default() };
+            let dev: Arc<dyn BlockDevice> = if read_only {
+                Arc::new(ReadOnly(dev))
+            } else {
+                Arc::new(dev)
+            };
+            let options = VhostUserBlkOptions {
+                serial: export.chars().take(20).collect(),
+                ..Default::default()
+            };
             VhostUserBlkExport::start(&socket, dev, options).map_err(internal("starting the vhost-user-blk socket"))
         })
         .await

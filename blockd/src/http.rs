@@ -34,7 +34,10 @@ pub fn router(svc: Arc<Blockd>) -> Router {
         .route("/volumes", get(list))
         .route("/volumes/{name}", get(show).put(ensure).delete(delete))
         .route("/volumes/{name}/resize", post(resize))
-        .route("/volumes/{name}/snapshots/{snapshot}", put(snapshot).delete(delete_snapshot))
+        .route(
+            "/volumes/{name}/snapshots/{snapshot}",
+            put(snapshot).delete(delete_snapshot),
+        )
         .route("/exports", get(exports))
         .route("/volumes/{name}/exports/{kind}", put(export).delete(unexport))
         .route("/remote-disks/{name}", put(remote_disk).delete(delete_remote_disk))
@@ -66,7 +69,11 @@ async fn show(State(svc): Svc, Path(name): Path<String>) -> Result<Json<Volume>,
     Ok(Json(svc.volumes.get(&name).await?))
 }
 
-async fn ensure(State(svc): Svc, Path(name): Path<String>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Volume>), ApiError> {
+async fn ensure(
+    State(svc): Svc,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let spec: VolumeSpec = parse(&body)?;
     let (v, made) = svc.volumes.ensure(&name, spec).await?;
     Ok(created(made, v))
@@ -90,7 +97,10 @@ async fn resize(State(svc): Svc, Path(name): Path<String>, body: axum::body::Byt
     Ok(Json(v))
 }
 
-async fn snapshot(State(svc): Svc, Path((name, snap)): Path<(String, String)>) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+async fn snapshot(
+    State(svc): Svc,
+    Path((name, snap)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
     let (s, made) = svc.volumes.snapshot(&name, &snap).await?;
     Ok(created(made, s))
 }
@@ -108,7 +118,9 @@ fn kind(s: &str) -> Result<ExportKind, ApiError> {
     match s {
         "nbd" => Ok(ExportKind::Nbd),
         "vhost-user" => Ok(ExportKind::VhostUser),
-        _ => Err(ApiError::not_found(format!("no export kind {s:?}; use nbd or vhost-user"))),
+        _ => Err(ApiError::not_found(format!(
+            "no export kind {s:?}; use nbd or vhost-user"
+        ))),
     }
 }
 
@@ -162,7 +174,9 @@ pub mod client {
 
     impl BlockdClient {
         pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
-            Self { http: UnixClient::new(socket).with_timeout(std::time::Duration::from_secs(600)) }
+            Self {
+                http: UnixClient::new(socket).with_timeout(std::time::Duration::from_secs(600)),
+            }
         }
         pub async fn pool(&self) -> Result<PoolStatus, ClientError> {
             self.http.get("/pool").await
@@ -174,14 +188,18 @@ pub mod client {
             self.http.get(&format!("/volumes/{name}")).await
         }
         pub async fn ensure_volume(&self, name: &str, spec: &VolumeSpec) -> Result<Volume, ClientError> {
-            self.http.call(Method::PUT, &format!("/volumes/{name}"), Some(spec)).await
+            self.http
+                .call(Method::PUT, &format!("/volumes/{name}"), Some(spec))
+                .await
         }
         pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
             no_body(&self.http, Method::DELETE, &format!("/volumes/{name}")).await
         }
         pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume, ClientError> {
             let body = serde_json::json!({ "size_bytes": size_bytes });
-            self.http.call(Method::POST, &format!("/volumes/{name}/resize"), Some(&body)).await
+            self.http
+                .call(Method::POST, &format!("/volumes/{name}/resize"), Some(&body))
+                .await
         }
         pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Snapshot, ClientError> {
             self.http
@@ -189,20 +207,29 @@ pub mod client {
                 .await
         }
         pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}/snapshots/{snapshot}")).await
+            no_body(
+                &self.http,
+                Method::DELETE,
+                &format!("/volumes/{name}/snapshots/{snapshot}"),
+            )
+            .await
         }
         pub async fn exports(&self) -> Result<Vec<Export>, ClientError> {
             self.http.get("/exports").await
         }
         /// `kind` is `nbd` or `vhost-user`.
         pub async fn export(&self, name: &str, kind: &str, spec: &ExportSpec) -> Result<Export, ClientError> {
-            self.http.call(Method::PUT, &format!("/volumes/{name}/exports/{kind}"), Some(spec)).await
+            self.http
+                .call(Method::PUT, &format!("/volumes/{name}/exports/{kind}"), Some(spec))
+                .await
         }
         pub async fn unexport(&self, name: &str, kind: &str) -> Result<(), ClientError> {
             no_body(&self.http, Method::DELETE, &format!("/volumes/{name}/exports/{kind}")).await
         }
         pub async fn remote_disk(&self, name: &str, spec: &RemoteDiskSpec) -> Result<Export, ClientError> {
-            self.http.call(Method::PUT, &format!("/remote-disks/{name}"), Some(spec)).await
+            self.http
+                .call(Method::PUT, &format!("/remote-disks/{name}"), Some(spec))
+                .await
         }
         pub async fn delete_remote_disk(&self, name: &str) -> Result<(), ClientError> {
             no_body(&self.http, Method::DELETE, &format!("/remote-disks/{name}")).await

@@ -38,11 +38,22 @@ impl std::str::FromStr for PoolConfig {
         match s.split_once(':') {
             Some(("file", p)) if p.starts_with('/') => Ok(PoolConfig::File(p.into())),
             Some(("lvm", vp)) => match vp.split_once('/') {
-                Some((vg, pool)) => Ok(PoolConfig::Lvm { volume_group: vg.into(), thin_pool: pool.into() }),
-                None => Ok(PoolConfig::Lvm { volume_group: vp.into(), thin_pool: "hearth-pool".into() }),
+                Some((vg, pool)) => Ok(PoolConfig::Lvm {
+                    volume_group: vg.into(),
+                    thin_pool: pool.into(),
+                }),
+                None => Ok(PoolConfig::Lvm {
+                    volume_group: vp.into(),
+                    thin_pool: "hearth-pool".into(),
+                }),
             },
-            Some(("memory", n)) => n.parse().map(PoolConfig::Memory).map_err(|e| format!("memory pool size {n:?}: {e}")),
-            _ => Err(format!("pool {s:?}: use file:/absolute/path, lvm:VG[/THINPOOL] or memory:BYTES")),
+            Some(("memory", n)) => n
+                .parse()
+                .map(PoolConfig::Memory)
+                .map_err(|e| format!("memory pool size {n:?}: {e}")),
+            _ => Err(format!(
+                "pool {s:?}: use file:/absolute/path, lvm:VG[/THINPOOL] or memory:BYTES"
+            )),
         }
     }
 }
@@ -66,7 +77,10 @@ impl BlockdConfig {
             pool: PoolConfig::File(data_dir.join("volumes")),
             state_dir: data_dir.join("blockd"),
             socket_dir: run_dir.join("blockd"),
-            nbd: NbdSettings { unix: Some(run_dir.join("blockd").join("nbd.sock")), ..Default::default() },
+            nbd: NbdSettings {
+                unix: Some(run_dir.join("blockd").join("nbd.sock")),
+                ..Default::default()
+            },
         }
     }
 }
@@ -82,11 +96,20 @@ impl Blockd {
     /// Opens the pool, starts the NBD listeners and restores the saved exports.
     pub async fn open(config: BlockdConfig) -> Result<Arc<Blockd>, VolumeError> {
         let backend: Arc<dyn VolumeBackend> = match config.pool.clone() {
-            PoolConfig::File(dir) => Arc::new(tokio::task::spawn_blocking(move || pool_file::FilePool::open(&dir)).await.map_err(
-                |e| VolumeError::Backend(e.to_string()),
-            )??),
-            PoolConfig::Lvm { volume_group, thin_pool } => {
-                let cfg = pool_lvm::LvmConfig { volume_group, thin_pool, pool_size_bytes: None };
+            PoolConfig::File(dir) => Arc::new(
+                tokio::task::spawn_blocking(move || pool_file::FilePool::open(&dir))
+                    .await
+                    .map_err(|e| VolumeError::Backend(e.to_string()))??,
+            ),
+            PoolConfig::Lvm {
+                volume_group,
+                thin_pool,
+            } => {
+                let cfg = pool_lvm::LvmConfig {
+                    volume_group,
+                    thin_pool,
+                    pool_size_bytes: None,
+                };
                 Arc::new(
                     tokio::task::spawn_blocking(move || pool_lvm::LvmPool::open(cfg, Box::new(pool_lvm::SystemLvm)))
                         .await

@@ -50,11 +50,16 @@ impl FilePool {
     /// system can share extents between files.
     pub fn open(root: &Path) -> Result<FilePool> {
         for d in ["volumes", "snapshots", "meta"] {
-            fs::create_dir_all(root.join(d)).map_err(VolumeError::io(format!("creating {}", root.join(d).display())))?;
+            fs::create_dir_all(root.join(d))
+                .map_err(VolumeError::io(format!("creating {}", root.join(d).display())))?;
         }
         let reflink = probe_reflink(root);
         tracing::info!(pool = %root.display(), reflink, "file pool opened");
-        let pool = FilePool { root: root.to_path_buf(), reflink, changes: Mutex::new(()) };
+        let pool = FilePool {
+            root: root.to_path_buf(),
+            reflink,
+            changes: Mutex::new(()),
+        };
         pool.remove_leftovers();
         Ok(pool)
     }
@@ -104,11 +109,15 @@ impl FilePool {
     }
 
     fn read_meta(&self, name: &str) -> Meta {
-        fs::read(self.meta_file(name)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        fs::read(self.meta_file(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     fn require_volume(&self, name: &str) -> Result<(PathBuf, VolumeFormat)> {
-        self.volume_file(name).ok_or_else(|| VolumeError::NotFound(format!("volume {name:?} does not exist")))
+        self.volume_file(name)
+            .ok_or_else(|| VolumeError::NotFound(format!("volume {name:?} does not exist")))
     }
 
     fn refuse_existing(&self, name: &str) -> Result<()> {
@@ -136,7 +145,10 @@ impl FilePool {
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(dst);
-            return Err(VolumeError::Io { context: ctx(), source: e });
+            return Err(VolumeError::Io {
+                context: ctx(),
+                source: e,
+            });
         }
         Ok(())
     }
@@ -153,9 +165,15 @@ impl FilePool {
             .collect();
         entries.sort();
         for file in entries {
-            let Some((stem, ext)) = file.rsplit_once('.') else { continue };
+            let Some((stem, ext)) = file.rsplit_once('.') else {
+                continue;
+            };
             let snap = &stem[prefix.len()..];
-            let fmt = if ext == "qcow2" { VolumeFormat::Qcow2 } else { VolumeFormat::Raw };
+            let fmt = if ext == "qcow2" {
+                VolumeFormat::Qcow2
+            } else {
+                VolumeFormat::Raw
+            };
             let (s, a) = sizes(&self.root.join("snapshots").join(&file), fmt)?;
             snapshots.push(Snapshot {
                 name: snap.to_string(),
@@ -176,19 +194,27 @@ impl FilePool {
             allocated_bytes,
             format,
             path: Some(path.to_path_buf()),
-            origin: all_meta.iter().find(|(n, _)| n == name).and_then(|(_, m)| m.origin.clone()),
+            origin: all_meta
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, m)| m.origin.clone()),
             snapshots,
         })
     }
 
     fn volume_names(&self) -> Result<Vec<(String, PathBuf, VolumeFormat)>> {
         let mut out = Vec::new();
-        for e in fs::read_dir(self.root.join("volumes")).map_err(VolumeError::io("listing volumes"))?.flatten() {
+        for e in fs::read_dir(self.root.join("volumes"))
+            .map_err(VolumeError::io("listing volumes"))?
+            .flatten()
+        {
             let file = e.file_name().to_string_lossy().into_owned();
             if file.starts_with(".tmp-") {
                 continue;
             }
-            let Some((stem, ext)) = file.rsplit_once('.') else { continue };
+            let Some((stem, ext)) = file.rsplit_once('.') else {
+                continue;
+            };
             let format = match ext {
                 "raw" => VolumeFormat::Raw,
                 "qcow2" => VolumeFormat::Qcow2,
@@ -221,10 +247,15 @@ impl VolumeBackend for FilePool {
         self.refuse_existing(name)?;
         let final_path = self.root.join("volumes").join(format!("{name}.raw"));
         let tmp = self.tmp_path("volumes", &format!("{name}.raw"));
-        let made = File::create(&tmp).and_then(|f| f.set_len(size_bytes)).and_then(|_| fs::rename(&tmp, &final_path));
+        let made = File::create(&tmp)
+            .and_then(|f| f.set_len(size_bytes))
+            .and_then(|_| fs::rename(&tmp, &final_path));
         if let Err(e) = made {
             let _ = fs::remove_file(&tmp);
-            return Err(VolumeError::Io { context: format!("creating volume {name:?}"), source: e });
+            return Err(VolumeError::Io {
+                context: format!("creating volume {name:?}"),
+                source: e,
+            });
         }
         drop(_g);
         self.get_volume(name)
@@ -253,7 +284,10 @@ impl VolumeBackend for FilePool {
         };
         if let Err(e) = grow() {
             let _ = fs::remove_file(&tmp);
-            return Err(VolumeError::Io { context: format!("creating volume {name:?} from {}", path.display()), source: e });
+            return Err(VolumeError::Io {
+                context: format!("creating volume {name:?} from {}", path.display()),
+                source: e,
+            });
         }
         drop(_g);
         self.get_volume(name)
@@ -262,7 +296,10 @@ impl VolumeBackend for FilePool {
     fn delete(&self, name: &str) -> Result<()> {
         let _g = self.lock();
         let prefix = format!("{name}@");
-        for e in fs::read_dir(self.root.join("snapshots")).map_err(VolumeError::io("listing snapshots"))?.flatten() {
+        for e in fs::read_dir(self.root.join("snapshots"))
+            .map_err(VolumeError::io("listing snapshots"))?
+            .flatten()
+        {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 remove_if_present(&e.path())?;
             }
@@ -282,7 +319,13 @@ impl VolumeBackend for FilePool {
                 .open(&path)
                 .and_then(|f| f.set_len(size_bytes))
                 .map_err(VolumeError::io(format!("growing volume {name:?}")))?,
-            VolumeFormat::Qcow2 => qemu_img(&["resize", "-f", "qcow2", &path.to_string_lossy(), &size_bytes.to_string()])?,
+            VolumeFormat::Qcow2 => qemu_img(&[
+                "resize",
+                "-f",
+                "qcow2",
+                &path.to_string_lossy(),
+                &size_bytes.to_string(),
+            ])?,
         }
         drop(_g);
         self.get_volume(name)
@@ -293,19 +336,26 @@ impl VolumeBackend for FilePool {
             let _g = self.lock();
             let (path, format) = self.require_volume(volume)?;
             if self.snapshot_file(volume, snapshot).is_some() {
-                return Err(VolumeError::Conflict(format!("snapshot {volume}@{snapshot} already exists")));
+                return Err(VolumeError::Conflict(format!(
+                    "snapshot {volume}@{snapshot} already exists"
+                )));
             }
             let ext = if format == VolumeFormat::Qcow2 { "qcow2" } else { "raw" };
             let file = format!("{volume}@{snapshot}.{ext}");
             let tmp = self.tmp_path("snapshots", &file);
             // Whatever the guest wrote before the snapshot must be in the file first.
-            File::open(&path).and_then(|f| f.sync_data()).map_err(VolumeError::io(format!("syncing {volume:?}")))?;
+            File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(VolumeError::io(format!("syncing {volume:?}")))?;
             self.copy_file(&path, &tmp)?;
             let finish = fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444))
                 .and_then(|_| fs::rename(&tmp, self.root.join("snapshots").join(&file)));
             if let Err(e) = finish {
                 let _ = fs::remove_file(&tmp);
-                return Err(VolumeError::Io { context: format!("snapshotting {volume:?}"), source: e });
+                return Err(VolumeError::Io {
+                    context: format!("snapshotting {volume:?}"),
+                    source: e,
+                });
             }
         }
         self.get_volume(volume)?
@@ -329,9 +379,12 @@ impl VolumeBackend for FilePool {
         let (snap_path, snap_format) = self
             .snapshot_file(volume, snapshot)
             .ok_or_else(|| VolumeError::NotFound(format!("snapshot {volume}@{snapshot} does not exist")))?;
-        let meta = Meta { origin: Some(format!("{volume}@{snapshot}")) };
+        let meta = Meta {
+            origin: Some(format!("{volume}@{snapshot}")),
+        };
         let meta_bytes = serde_json::to_vec(&meta).map_err(|e| VolumeError::Backend(e.to_string()))?;
-        fs::write(self.meta_file(name), meta_bytes).map_err(VolumeError::io(format!("recording the origin of {name:?}")))?;
+        fs::write(self.meta_file(name), meta_bytes)
+            .map_err(VolumeError::io(format!("recording the origin of {name:?}")))?;
         let made = if self.reflink && snap_format == VolumeFormat::Raw {
             let final_path = self.root.join("volumes").join(format!("{name}.raw"));
             let tmp = self.tmp_path("volumes", &format!("{name}.raw"));
@@ -341,13 +394,20 @@ impl VolumeBackend for FilePool {
                     .and_then(|_| fs::rename(&tmp, &final_path))
                     .map_err(|e| {
                         let _ = fs::remove_file(&tmp);
-                        VolumeError::Io { context: format!("cloning into {name:?}"), source: e }
+                        VolumeError::Io {
+                            context: format!("cloning into {name:?}"),
+                            source: e,
+                        }
                     })
             })
         } else {
             let final_path = self.root.join("volumes").join(format!("{name}.qcow2"));
             let tmp = self.tmp_path("volumes", &format!("{name}.qcow2"));
-            let fmt = if snap_format == VolumeFormat::Qcow2 { "qcow2" } else { "raw" };
+            let fmt = if snap_format == VolumeFormat::Qcow2 {
+                "qcow2"
+            } else {
+                "raw"
+            };
             qemu_img(&[
                 "create",
                 "-q",
@@ -403,7 +463,9 @@ impl VolumeBackend for FilePool {
                  attach it to a VM as a file, or use a pool on XFS or btrfs to serve it over NBD or vhost-user"
             )));
         }
-        Ok(Arc::new(FileDevice::open(&path, read_only).map_err(VolumeError::io(format!("opening {name:?}")))?))
+        Ok(Arc::new(
+            FileDevice::open(&path, read_only).map_err(VolumeError::io(format!("opening {name:?}")))?,
+        ))
     }
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Arc<dyn BlockDevice>> {
@@ -411,9 +473,13 @@ impl VolumeBackend for FilePool {
             .snapshot_file(volume, snapshot)
             .ok_or_else(|| VolumeError::NotFound(format!("snapshot {volume}@{snapshot} does not exist")))?;
         if format != VolumeFormat::Raw {
-            return Err(VolumeError::Unsupported(format!("snapshot {volume}@{snapshot} is qcow2")));
+            return Err(VolumeError::Unsupported(format!(
+                "snapshot {volume}@{snapshot} is qcow2"
+            )));
         }
-        Ok(Arc::new(FileDevice::open(&path, true).map_err(VolumeError::io(format!("opening {volume}@{snapshot}")))?))
+        Ok(Arc::new(
+            FileDevice::open(&path, true).map_err(VolumeError::io(format!("opening {volume}@{snapshot}")))?,
+        ))
     }
 
     fn usage(&self) -> Result<PoolUsage> {
@@ -425,7 +491,10 @@ fn remove_if_present(p: &Path) -> Result<()> {
     match fs::remove_file(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VolumeError::Io { context: format!("removing {}", p.display()), source: e }),
+        Err(e) => Err(VolumeError::Io {
+            context: format!("removing {}", p.display()),
+            source: e,
+        }),
     }
 }
 
@@ -446,7 +515,10 @@ fn qcow2_virtual_size(path: &Path) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let f = File::open(path).map_err(VolumeError::io(format!("opening {}", path.display())))?;
     let mut hdr = [0u8; 32];
-    f.read_exact_at(&mut hdr, 0).map_err(VolumeError::io(format!("reading the qcow2 header of {}", path.display())))?;
+    f.read_exact_at(&mut hdr, 0).map_err(VolumeError::io(format!(
+        "reading the qcow2 header of {}",
+        path.display()
+    )))?;
     if &hdr[..4] != b"QFI\xfb" {
         return Err(VolumeError::Backend(format!("{} is not qcow2", path.display())));
     }
@@ -459,13 +531,17 @@ fn is_qcow2(path: &Path) -> Result<bool> {
     use std::io::Read;
     let mut magic = [0u8; 4];
     let mut f = File::open(path).map_err(VolumeError::io(format!("opening {}", path.display())))?;
-    Ok(f.read(&mut magic).map_err(VolumeError::io(format!("reading {}", path.display())))? == 4 && &magic == b"QFI\xfb")
+    Ok(f.read(&mut magic)
+        .map_err(VolumeError::io(format!("reading {}", path.display())))?
+        == 4
+        && &magic == b"QFI\xfb")
 }
 
 fn qemu_img(args: &[&str]) -> Result<()> {
-    let out = Command::new("qemu-img").args(args).output().map_err(|e| {
-        VolumeError::Backend(format!("cannot run qemu-img ({e}); install Debian's qemu-utils"))
-    })?;
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| VolumeError::Backend(format!("cannot run qemu-img ({e}); install Debian's qemu-utils")))?;
     if !out.status.success() {
         return Err(VolumeError::Backend(format!(
             "qemu-img {} failed: {}",
@@ -479,7 +555,11 @@ fn qemu_img(args: &[&str]) -> Result<()> {
 fn ficlone(from: &File, to: &File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source file descriptor as its argument; both are open.
     let r = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE, from.as_raw_fd()) };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn probe_reflink(root: &Path) -> bool {
@@ -488,7 +568,12 @@ fn probe_reflink(root: &Path) -> bool {
     let b = root.join(".tmp-reflink-probe-b");
     let ok = (|| -> io::Result<()> {
         // FICLONE reads the source: it must be open for reading.
-        let fa = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&a)?;
+        let fa = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&a)?;
         fa.write_all_at(&[1u8; 4096], 0)?;
         let fb = File::create(&b)?;
         ficlone(&fa, &fb)
@@ -540,12 +625,16 @@ fn sparse_copy(from: &File, to: &File) -> io::Result<()> {
 
 fn statvfs(p: &Path) -> io::Result<PoolUsage> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let c =
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: zeroed is a valid statvfs; the call fills it from a NUL-terminated path.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and s a valid out pointer.
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(PoolUsage { total_bytes: s.f_blocks * s.f_frsize, free_bytes: s.f_bavail * s.f_frsize })
+    Ok(PoolUsage {
+        total_bytes: s.f_blocks * s.f_frsize,
+        free_bytes: s.f_bavail * s.f_frsize,
+    })
 }

@@ -38,7 +38,9 @@ pub struct SystemLvm;
 
 impl LvmRunner for SystemLvm {
     fn run(&self, argv: &[String]) -> Result<String> {
-        let (prog, args) = argv.split_first().ok_or_else(|| VolumeError::Backend("empty lvm command".into()))?;
+        let (prog, args) = argv
+            .split_first()
+            .ok_or_else(|| VolumeError::Backend("empty lvm command".into()))?;
         let out = Command::new(prog)
             .args(args)
             .env("LVM_SUPPRESS_FD_WARNINGS", "1")
@@ -55,7 +57,10 @@ impl LvmRunner for SystemLvm {
 fn classify_failure(argv: &[String], stderr: &str) -> VolumeError {
     let cmd = argv.join(" ");
     let msg = stderr.trim();
-    if msg.contains("Insufficient free space") || msg.contains("insufficient free space") || msg.contains("exceeds the size of thin pool") {
+    if msg.contains("Insufficient free space")
+        || msg.contains("insufficient free space")
+        || msg.contains("exceeds the size of thin pool")
+    {
         return VolumeError::NoSpace(format!("{cmd}: {msg}"));
     }
     if msg.contains("already exists") {
@@ -117,10 +122,12 @@ impl LvRow {
         if self.data_percent.is_empty() {
             return Ok(size);
         }
-        let pct: f64 = self
-            .data_percent
-            .parse()
-            .map_err(|_| VolumeError::Backend(format!("lvs gave data_percent {:?} for {}", self.data_percent, self.lv_name)))?;
+        let pct: f64 = self.data_percent.parse().map_err(|_| {
+            VolumeError::Backend(format!(
+                "lvs gave data_percent {:?} for {}",
+                self.data_percent, self.lv_name
+            ))
+        })?;
         Ok((size as f64 * pct / 100.0) as u64)
     }
     fn tags(&self) -> impl Iterator<Item = &str> {
@@ -137,9 +144,11 @@ pub struct VgRow {
 }
 
 fn parse_bytes(s: &str, what: &str) -> Result<u64> {
-    s.trim()
-        .parse::<u64>()
-        .map_err(|_| VolumeError::Backend(format!("lvm2 gave size {s:?} for {what}; expected bytes (--units b --nosuffix)")))
+    s.trim().parse::<u64>().map_err(|_| {
+        VolumeError::Backend(format!(
+            "lvm2 gave size {s:?} for {what}; expected bytes (--units b --nosuffix)"
+        ))
+    })
 }
 
 /// Parses `lvs --reportformat json` output. lvs gives one row per segment with segment
@@ -199,7 +208,11 @@ impl LvmPool {
         for n in [&cfg.volume_group, &cfg.thin_pool] {
             crate::volume::validate_name("LVM", n)?;
         }
-        Ok(LvmPool { cfg, lvm, changes: Mutex::new(()) })
+        Ok(LvmPool {
+            cfg,
+            lvm,
+            changes: Mutex::new(()),
+        })
     }
 
     /// Checks the volume group, and creates the thin pool unless it exists.
@@ -230,7 +243,16 @@ impl LvmPool {
     }
 
     pub fn vgs_argv(&self) -> Vec<String> {
-        vec![s("vgs"), s("--reportformat"), s("json"), s("--units"), s("b"), s("--nosuffix"), s("-o"), s("vg_name,vg_size,vg_free")]
+        vec![
+            s("vgs"),
+            s("--reportformat"),
+            s("json"),
+            s("--units"),
+            s("b"),
+            s("--nosuffix"),
+            s("-o"),
+            s("vg_name,vg_size,vg_free"),
+        ]
     }
 
     pub fn lvs_argv(&self) -> Vec<String> {
@@ -248,7 +270,14 @@ impl LvmPool {
     }
 
     pub fn create_pool_argv(&self, vg_free: u64) -> Vec<String> {
-        let mut v = vec![s("lvcreate"), s("--yes"), s("--type"), s("thin-pool"), s("-n"), self.cfg.thin_pool.clone()];
+        let mut v = vec![
+            s("lvcreate"),
+            s("--yes"),
+            s("--type"),
+            s("thin-pool"),
+            s("-n"),
+            self.cfg.thin_pool.clone(),
+        ];
         match self.cfg.pool_size_bytes {
             Some(b) => v.extend([s("-L"), format!("{b}b")]),
             None if vg_free > 0 => v.extend([s("-l"), s("90%FREE")]),
@@ -312,7 +341,12 @@ impl LvmPool {
     }
 
     pub fn resize_argv(&self, name: &str, size_bytes: u64) -> Vec<String> {
-        vec![s("lvextend"), s("-L"), format!("{size_bytes}b"), self.vg_lv(&format!("{VOLUME_PREFIX}{name}"))]
+        vec![
+            s("lvextend"),
+            s("-L"),
+            format!("{size_bytes}b"),
+            self.vg_lv(&format!("{VOLUME_PREFIX}{name}")),
+        ]
     }
 
     pub fn remove_argv(&self, lv: &str) -> Vec<String> {
@@ -333,7 +367,9 @@ impl LvmPool {
 
     fn describe_all(&self, rows: &[LvRow]) -> Result<Vec<Volume>> {
         let origin_of = |r: &LvRow| -> Option<String> {
-            r.tags().find_map(|t| t.strip_prefix(ORIGIN_TAG)).map(|o| o.replacen('+', "@", 1))
+            r.tags()
+                .find_map(|t| t.strip_prefix(ORIGIN_TAG))
+                .map(|o| o.replacen('+', "@", 1))
         };
         let volumes: Vec<(&LvRow, String)> = rows
             .iter()
@@ -391,7 +427,11 @@ impl VolumeBackend for LvmPool {
 
     fn create(&self, name: &str, size_bytes: u64) -> Result<Volume> {
         let _g = self.lock();
-        if self.lvs()?.iter().any(|r| r.lv_name == format!("{VOLUME_PREFIX}{name}")) {
+        if self
+            .lvs()?
+            .iter()
+            .any(|r| r.lv_name == format!("{VOLUME_PREFIX}{name}"))
+        {
             return Err(VolumeError::Conflict(format!("volume {name:?} already exists")));
         }
         self.lvm.run(&self.create_argv(name, size_bytes))?;
@@ -399,7 +439,9 @@ impl VolumeBackend for LvmPool {
     }
 
     fn create_from_file(&self, name: &str, path: &std::path::Path, size_bytes: Option<u64>) -> Result<Volume> {
-        let len = std::fs::metadata(path).map_err(VolumeError::io(format!("stat {}", path.display())))?.len();
+        let len = std::fs::metadata(path)
+            .map_err(VolumeError::io(format!("stat {}", path.display())))?
+            .len();
         let size = size_bytes.unwrap_or(len).max(len).div_ceil(512) * 512;
         let v = self.create(name, size)?;
         let copied = (|| -> std::io::Result<()> {
@@ -421,7 +463,10 @@ impl VolumeBackend for LvmPool {
         })();
         if let Err(e) = copied {
             let _ = self.delete(name);
-            return Err(VolumeError::Io { context: format!("copying {} into {name:?}", path.display()), source: e });
+            return Err(VolumeError::Io {
+                context: format!("copying {} into {name:?}", path.display()),
+                source: e,
+            });
         }
         Ok(v)
     }
@@ -453,7 +498,9 @@ impl VolumeBackend for LvmPool {
         let _g = self.lock();
         let v = self.find(volume)?;
         if v.snapshots.iter().any(|s| s.name == snapshot) {
-            return Err(VolumeError::Conflict(format!("snapshot {volume}@{snapshot} already exists")));
+            return Err(VolumeError::Conflict(format!(
+                "snapshot {volume}@{snapshot} already exists"
+            )));
         }
         self.lvm.run(&self.snapshot_argv(volume, snapshot))?;
         self.find(volume)?
@@ -478,8 +525,13 @@ impl VolumeBackend for LvmPool {
         if rows.iter().any(|r| r.lv_name == format!("{VOLUME_PREFIX}{name}")) {
             return Err(VolumeError::Conflict(format!("volume {name:?} already exists")));
         }
-        if !rows.iter().any(|r| r.lv_name == format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}")) {
-            return Err(VolumeError::NotFound(format!("snapshot {volume}@{snapshot} does not exist")));
+        if !rows
+            .iter()
+            .any(|r| r.lv_name == format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}"))
+        {
+            return Err(VolumeError::NotFound(format!(
+                "snapshot {volume}@{snapshot} does not exist"
+            )));
         }
         self.lvm.run(&self.clone_argv(volume, snapshot, name))?;
         self.find(name)
@@ -492,14 +544,16 @@ impl VolumeBackend for LvmPool {
     fn open(&self, name: &str, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
         let lv = format!("{VOLUME_PREFIX}{name}");
         self.lvm.run(&self.activate_argv(&lv))?;
-        let dev = FileDevice::open(&self.dev_path(&lv), read_only).map_err(VolumeError::io(format!("opening {name:?}")))?;
+        let dev =
+            FileDevice::open(&self.dev_path(&lv), read_only).map_err(VolumeError::io(format!("opening {name:?}")))?;
         Ok(Arc::new(dev))
     }
 
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Arc<dyn BlockDevice>> {
         let lv = format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}");
         self.lvm.run(&self.activate_argv(&lv))?;
-        let dev = FileDevice::open(&self.dev_path(&lv), true).map_err(VolumeError::io(format!("opening {volume}@{snapshot}")))?;
+        let dev = FileDevice::open(&self.dev_path(&lv), true)
+            .map_err(VolumeError::io(format!("opening {volume}@{snapshot}")))?;
         Ok(Arc::new(ReadOnly(dev)))
     }
 
@@ -510,6 +564,9 @@ impl VolumeBackend for LvmPool {
             .find(|r| r.lv_name == self.cfg.thin_pool)
             .ok_or_else(|| VolumeError::Backend(format!("thin pool {} vanished", self.cfg.thin_pool)))?;
         let total = pool.size()?;
-        Ok(PoolUsage { total_bytes: total, free_bytes: total.saturating_sub(pool.allocated()?) })
+        Ok(PoolUsage {
+            total_bytes: total,
+            free_bytes: total.saturating_sub(pool.allocated()?),
+        })
     }
 }

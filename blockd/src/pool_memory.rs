@@ -23,7 +23,10 @@ pub struct MemoryPool {
 
 impl MemoryPool {
     pub fn new(capacity_bytes: u64) -> MemoryPool {
-        MemoryPool { capacity: capacity_bytes, volumes: Mutex::new(BTreeMap::new()) }
+        MemoryPool {
+            capacity: capacity_bytes,
+            volumes: Mutex::new(BTreeMap::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, MemVolume>> {
@@ -31,7 +34,9 @@ impl MemoryPool {
     }
 
     fn used(vols: &BTreeMap<String, MemVolume>) -> u64 {
-        vols.values().map(|v| v.device.size() + v.snapshots.values().map(|s| s.size()).sum::<u64>()).sum()
+        vols.values()
+            .map(|v| v.device.size() + v.snapshots.values().map(|s| s.size()).sum::<u64>())
+            .sum()
     }
 
     fn reserve(&self, vols: &BTreeMap<String, MemVolume>, more: u64) -> Result<()> {
@@ -69,9 +74,16 @@ impl MemoryPool {
 }
 
 /// Names of volumes whose origin is `volume@snapshot`.
-pub(crate) fn clones_of<'a>(volumes: impl Iterator<Item = (&'a str, Option<&'a str>)>, volume: &str, snapshot: &str) -> Vec<String> {
+pub(crate) fn clones_of<'a>(
+    volumes: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    volume: &str,
+    snapshot: &str,
+) -> Vec<String> {
     let origin = format!("{volume}@{snapshot}");
-    volumes.filter(|(_, o)| *o == Some(origin.as_str())).map(|(n, _)| n.to_string()).collect()
+    volumes
+        .filter(|(_, o)| *o == Some(origin.as_str()))
+        .map(|(n, _)| n.to_string())
+        .collect()
 }
 
 fn missing(name: &str) -> VolumeError {
@@ -89,7 +101,11 @@ impl VolumeBackend for MemoryPool {
             return Err(VolumeError::Conflict(format!("volume {name:?} already exists")));
         }
         self.reserve(&vols, size_bytes)?;
-        let v = MemVolume { device: Arc::new(MemoryDevice::new(size_bytes)), origin: None, snapshots: BTreeMap::new() };
+        let v = MemVolume {
+            device: Arc::new(MemoryDevice::new(size_bytes)),
+            origin: None,
+            snapshots: BTreeMap::new(),
+        };
         vols.insert(name.to_string(), v);
         Ok(Self::describe(name, &vols[name], &vols))
     }
@@ -103,7 +119,11 @@ impl VolumeBackend for MemoryPool {
             return Err(VolumeError::Conflict(format!("volume {name:?} already exists")));
         }
         self.reserve(&vols, size)?;
-        let v = MemVolume { device: Arc::new(MemoryDevice::from_bytes(bytes)), origin: None, snapshots: BTreeMap::new() };
+        let v = MemVolume {
+            device: Arc::new(MemoryDevice::from_bytes(bytes)),
+            origin: None,
+            snapshots: BTreeMap::new(),
+        };
         vols.insert(name.to_string(), v);
         Ok(Self::describe(name, &vols[name], &vols))
     }
@@ -127,11 +147,19 @@ impl VolumeBackend for MemoryPool {
         self.reserve(&vols, size)?;
         let v = vols.get_mut(volume).ok_or_else(|| missing(volume))?;
         if v.snapshots.contains_key(snapshot) {
-            return Err(VolumeError::Conflict(format!("snapshot {volume}@{snapshot} already exists")));
+            return Err(VolumeError::Conflict(format!(
+                "snapshot {volume}@{snapshot} already exists"
+            )));
         }
-        v.snapshots.insert(snapshot.to_string(), Arc::new(MemoryDevice::from_bytes(v.device.to_bytes())));
+        v.snapshots.insert(
+            snapshot.to_string(),
+            Arc::new(MemoryDevice::from_bytes(v.device.to_bytes())),
+        );
         let desc = Self::describe(volume, &vols[volume], &vols);
-        desc.snapshots.into_iter().find(|s| s.name == snapshot).ok_or_else(|| missing(snapshot))
+        desc.snapshots
+            .into_iter()
+            .find(|s| s.name == snapshot)
+            .ok_or_else(|| missing(snapshot))
     }
 
     fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
@@ -182,6 +210,9 @@ impl VolumeBackend for MemoryPool {
 
     fn usage(&self) -> Result<PoolUsage> {
         let vols = self.lock();
-        Ok(PoolUsage { total_bytes: self.capacity, free_bytes: self.capacity.saturating_sub(Self::used(&vols)) })
+        Ok(PoolUsage {
+            total_bytes: self.capacity,
+            free_bytes: self.capacity.saturating_sub(Self::used(&vols)),
+        })
     }
 }

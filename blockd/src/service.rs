@@ -61,7 +61,9 @@ type BusyCheck = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for VolumeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeService").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("VolumeService")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,7 +75,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl VolumeService {
     pub fn new(backend: Arc<dyn VolumeBackend>) -> VolumeService {
-        VolumeService { backend, busy: Box::new(|_| None) }
+        VolumeService {
+            backend,
+            busy: Box::new(|_| None),
+        }
     }
 
     /// Installs the check that says why a volume is in use (exported, attached).
@@ -102,7 +107,10 @@ impl VolumeService {
     pub async fn pool(&self) -> Result<PoolStatus> {
         let b = self.backend.clone();
         let usage = blocking(move || b.usage()).await?;
-        Ok(PoolStatus { backend: self.backend.kind().to_string(), usage })
+        Ok(PoolStatus {
+            backend: self.backend.kind().to_string(),
+            usage,
+        })
     }
 
     fn check_fits(&self, size_bytes: u64, usage: PoolUsage) -> Result<()> {
@@ -124,7 +132,9 @@ impl VolumeService {
             validate_size(size)?;
         }
         if spec.size_bytes.is_none() && spec.source.is_none() {
-            return Err(VolumeError::Invalid("size_bytes is required for an empty volume".into()));
+            return Err(VolumeError::Invalid(
+                "size_bytes is required for an empty volume".into(),
+            ));
         }
         let b = self.backend.clone();
         let n = name.to_string();
@@ -152,10 +162,16 @@ impl VolumeService {
             }
             Some(VolumeSource::Image(path)) => {
                 if !path.is_absolute() {
-                    return Err(VolumeError::Invalid(format!("image path {} must be absolute", path.display())));
+                    return Err(VolumeError::Invalid(format!(
+                        "image path {} must be absolute",
+                        path.display()
+                    )));
                 }
                 if !path.is_file() {
-                    return Err(VolumeError::NotFound(format!("image file {} does not exist", path.display())));
+                    return Err(VolumeError::NotFound(format!(
+                        "image file {} does not exist",
+                        path.display()
+                    )));
                 }
                 blocking(move || b.create_from_file(&n, &path, spec.size_bytes)).await?
             }
@@ -206,12 +222,21 @@ impl VolumeService {
         validate_name("volume", name)?;
         let b = self.backend.clone();
         let n = name.to_string();
-        let Some(v) = blocking(move || b.get(&n)).await? else { return Ok(()) };
+        let Some(v) = blocking(move || b.get(&n)).await? else {
+            return Ok(());
+        };
         if let Some(why) = (self.busy)(name) {
             return Err(VolumeError::Conflict(format!("volume {name:?} is in use: {why}")));
         }
-        let dependents: Vec<String> =
-            v.snapshots.iter().flat_map(|s| s.clones.iter().map(move |c| format!("{c} (from {}@{})", s.volume, s.name))).collect();
+        let dependents: Vec<String> = v
+            .snapshots
+            .iter()
+            .flat_map(|s| {
+                s.clones
+                    .iter()
+                    .map(move |c| format!("{c} (from {}@{})", s.volume, s.name))
+            })
+            .collect();
         if !dependents.is_empty() {
             return Err(VolumeError::Conflict(format!(
                 "volume {name:?} has clones that depend on its snapshots: {}; delete them first",
@@ -240,7 +265,9 @@ impl VolumeService {
         validate_name("snapshot", snapshot)?;
         let b = self.backend.clone();
         let vn = volume.to_string();
-        let Some(v) = blocking(move || b.get(&vn)).await? else { return Ok(()) };
+        let Some(v) = blocking(move || b.get(&vn)).await? else {
+            return Ok(());
+        };
         if let Some(s) = v.snapshots.iter().find(|s| s.name == snapshot) {
             if !s.clones.is_empty() {
                 return Err(VolumeError::Conflict(format!(
@@ -250,7 +277,9 @@ impl VolumeService {
             }
         }
         if let Some(why) = (self.busy)(&format!("{volume}@{snapshot}")) {
-            return Err(VolumeError::Conflict(format!("snapshot {volume}@{snapshot} is in use: {why}")));
+            return Err(VolumeError::Conflict(format!(
+                "snapshot {volume}@{snapshot} is in use: {why}"
+            )));
         }
         let b = self.backend.clone();
         let (vn, sn) = (volume.to_string(), snapshot.to_string());
@@ -263,6 +292,9 @@ pub fn require_absolute(p: &Path) -> Result<()> {
     if p.is_absolute() {
         Ok(())
     } else {
-        Err(VolumeError::Invalid(format!("{} must be an absolute path", p.display())))
+        Err(VolumeError::Invalid(format!(
+            "{} must be an absolute path",
+            p.display()
+        )))
     }
 }

@@ -93,7 +93,9 @@ impl From<VolumeError> for socket_http::ApiError {
             VolumeError::NotFound(m) => ApiError::not_found(m.clone()),
             VolumeError::Conflict(m) => ApiError::conflict(m.clone()),
             VolumeError::Invalid(m) => ApiError::unprocessable(m.clone()),
-            VolumeError::NoSpace(m) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m.clone()),
+            VolumeError::NoSpace(m) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m.clone())
+            }
             VolumeError::Unsupported(m) => ApiError::new(StatusCode::CONFLICT, "unsupported", m.clone()),
             VolumeError::Io { .. } | VolumeError::Backend(_) => ApiError::internal(e.to_string()),
         }
@@ -138,7 +140,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
         && !name.contains("..");
     if ok {
         Ok(())
@@ -168,7 +172,21 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_are_refused() {
-        for bad in ["", "a/b", "..", "a..b", ".hidden", "-x", "a\nb", "a\0b", "é", &"x".repeat(64), "a b", "a@b", "a+b"] {
+        for bad in [
+            "",
+            "a/b",
+            "..",
+            "a..b",
+            ".hidden",
+            "-x",
+            "a\nb",
+            "a\0b",
+            "é",
+            &"x".repeat(64),
+            "a b",
+            "a@b",
+            "a+b",
+        ] {
             assert!(validate_name("volume", bad).is_err(), "{bad:?} accepted");
         }
         for good in ["data", "db-1", "vm_7.root", "A9", &"x".repeat(63)] {

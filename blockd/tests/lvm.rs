@@ -17,7 +17,11 @@ const LVS: &str = include_str!("fixtures/lvm/lvs-linear-lvm2-2.03.16.json");
 const VGS: &str = include_str!("fixtures/lvm/vgs-lvm2-2.03.16.json");
 
 fn cfg(vg: &str) -> LvmConfig {
-    LvmConfig { volume_group: vg.into(), thin_pool: "pool".into(), pool_size_bytes: None }
+    LvmConfig {
+        volume_group: vg.into(),
+        thin_pool: "pool".into(),
+        pool_size_bytes: None,
+    }
 }
 
 #[test]
@@ -36,7 +40,13 @@ fn recorded_reports_parse() {
 
 #[test]
 fn malformed_reports_are_errors_not_panics() {
-    for bad in ["", "{", "[]", r#"{"report":[{"lv":[{"lv_name":"x"}]}]}"#, r#"{"report":"x"}"#] {
+    for bad in [
+        "",
+        "{",
+        "[]",
+        r#"{"report":[{"lv":[{"lv_name":"x"}]}]}"#,
+        r#"{"report":"x"}"#,
+    ] {
         assert!(parse_lvs(bad).is_err(), "{bad:?}");
     }
     // A size with a unit suffix (someone dropped --nosuffix) is refused when read.
@@ -54,7 +64,10 @@ struct Canned {
 
 impl Canned {
     fn new(lvs: &str) -> Canned {
-        Canned { lvs: Mutex::new(lvs.into()), calls: Arc::default() }
+        Canned {
+            lvs: Mutex::new(lvs.into()),
+            calls: Arc::default(),
+        }
     }
 }
 
@@ -73,13 +86,29 @@ impl LvmRunner for Canned {
 /// (rows built from the recorded linear report, thin attributes filled in).
 fn thin_report() -> String {
     let row = |name: &str, attr: &str, size: &str, pct: &str, origin: &str, tags: &str| {
-        format!(r#"{{"lv_name":"{name}", "lv_uuid":"u-{name}", "lv_attr":"{attr}", "lv_size":"{size}", "data_percent":"{pct}", "pool_lv":"pool", "origin":"{origin}", "lv_tags":"{tags}", "lv_path":"/dev/hearthrec/{name}"}}"#)
+        format!(
+            r#"{{"lv_name":"{name}", "lv_uuid":"u-{name}", "lv_attr":"{attr}", "lv_size":"{size}", "data_percent":"{pct}", "pool_lv":"pool", "origin":"{origin}", "lv_tags":"{tags}", "lv_path":"/dev/hearthrec/{name}"}}"#
+        )
     };
     let rows = [
         row("pool", "twi-aotz--", "188743680", "12.50", "", ""),
         row("hv-data", "Vwi-aotz--", "67108864", "25.00", "", "hearth"),
-        row("hs-data+before", "Vri---tz-k", "67108864", "25.00", "hv-data", "hearth_snapshot"),
-        row("hv-copy", "Vwi-a-tz--", "67108864", "25.00", "hs-data+before", "hearth,hearth_origin=data+before"),
+        row(
+            "hs-data+before",
+            "Vri---tz-k",
+            "67108864",
+            "25.00",
+            "hv-data",
+            "hearth_snapshot",
+        ),
+        row(
+            "hv-copy",
+            "Vwi-a-tz--",
+            "67108864",
+            "25.00",
+            "hs-data+before",
+            "hearth,hearth_origin=data+before",
+        ),
     ];
     format!(r#"{{"report":[{{"lv":[{}]}}]}}"#, rows.join(","))
 }
@@ -97,7 +126,10 @@ fn thin_volumes_snapshots_and_clones_are_read_back() {
     assert_eq!(data.snapshots[0].clones, ["copy"]);
     let copy = vols.iter().find(|v| v.name == "copy").expect("copy");
     assert_eq!(copy.origin.as_deref(), Some("data@before"));
-    assert_eq!(copy.path.as_deref(), Some(std::path::Path::new("/dev/hearthrec/hv-copy")));
+    assert_eq!(
+        copy.path.as_deref(),
+        Some(std::path::Path::new("/dev/hearthrec/hv-copy"))
+    );
     let usage = pool.usage().expect("usage");
     assert_eq!(usage.total_bytes, 188743680);
     assert_eq!(usage.free_bytes, 188743680 - 188743680 / 8);
@@ -117,15 +149,58 @@ fn commands_are_argument_vectors_lvm2_accepts() {
     let _ = pool.snapshot("data", "s2");
     let _ = pool.clone_snapshot("data", "before", "c2");
     let _ = pool.resize("data", 128 << 20);
-    let made: Vec<Vec<String>> = calls.lock().expect("lock").iter().filter(|c| c[0] != "lvs" && c[0] != "vgs").cloned().collect();
+    let made: Vec<Vec<String>> = calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|c| c[0] != "lvs" && c[0] != "vgs")
+        .cloned()
+        .collect();
     assert_eq!(
         made,
         vec![
-            v(&["lvcreate", "--yes", "--type", "thin", "-V", "1073741824b", "--thinpool", "pool", "-n", "hv-new", "--addtag", "hearth", "hearthrec"]),
-            v(&["lvcreate", "--yes", "-s", "-n", "hs-data+s2", "--addtag", "hearth_snapshot", "--permission", "r", "hearthrec/hv-data"]),
             v(&[
-                "lvcreate", "--yes", "-s", "--setactivationskip", "n", "--permission", "rw", "-n", "hv-c2", "--addtag", "hearth",
-                "--addtag", "hearth_origin=data+before", "hearthrec/hs-data+before"
+                "lvcreate",
+                "--yes",
+                "--type",
+                "thin",
+                "-V",
+                "1073741824b",
+                "--thinpool",
+                "pool",
+                "-n",
+                "hv-new",
+                "--addtag",
+                "hearth",
+                "hearthrec"
+            ]),
+            v(&[
+                "lvcreate",
+                "--yes",
+                "-s",
+                "-n",
+                "hs-data+s2",
+                "--addtag",
+                "hearth_snapshot",
+                "--permission",
+                "r",
+                "hearthrec/hv-data"
+            ]),
+            v(&[
+                "lvcreate",
+                "--yes",
+                "-s",
+                "--setactivationskip",
+                "n",
+                "--permission",
+                "rw",
+                "-n",
+                "hv-c2",
+                "--addtag",
+                "hearth",
+                "--addtag",
+                "hearth_origin=data+before",
+                "hearthrec/hs-data+before"
             ]),
             v(&["lvextend", "-L", "134217728b", "hearthrec/hv-data"]),
         ]
@@ -134,8 +209,27 @@ fn commands_are_argument_vectors_lvm2_accepts() {
     let canned = Canned::new(LVS);
     let calls = canned.calls.clone();
     LvmPool::open(cfg("hearthrec"), Box::new(canned)).expect("open");
-    let made: Vec<Vec<String>> = calls.lock().expect("lock").iter().filter(|c| c[0] == "lvcreate").cloned().collect();
-    assert_eq!(made, vec![v(&["lvcreate", "--yes", "--type", "thin-pool", "-n", "pool", "-l", "90%FREE", "hearthrec"])]);
+    let made: Vec<Vec<String>> = calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|c| c[0] == "lvcreate")
+        .cloned()
+        .collect();
+    assert_eq!(
+        made,
+        vec![v(&[
+            "lvcreate",
+            "--yes",
+            "--type",
+            "thin-pool",
+            "-n",
+            "pool",
+            "-l",
+            "90%FREE",
+            "hearthrec"
+        ])]
+    );
 }
 
 /// Real lvm2 with activation off: every command blockd sends, with
@@ -156,7 +250,10 @@ fn real_lvm2_on_a_loop_device() {
     let disk = LoopDevice::new("256M");
     let vg = format!("hearthlvm{}", std::process::id());
     run("pvcreate", &["-q", &disk.device]);
-    let _guard = Vg { name: vg.clone(), device: disk.device.clone() };
+    let _guard = Vg {
+        name: vg.clone(),
+        device: disk.device.clone(),
+    };
     run("vgcreate", &["-q", &vg, &disk.device]);
 
     // The thin pool needs device-mapper: the error says so instead of something vague.
@@ -168,9 +265,44 @@ fn real_lvm2_on_a_loop_device() {
 
     // Metadata-only LVs named the way blockd names them, listed back through blockd.
     let c = "global { activation = 0 }";
-    run("lvcreate", &["--config", c, "-q", "-L", "8m", "-n", "hv-data", "--addtag", "hearth", &vg]);
-    run("lvcreate", &["--config", c, "-q", "-L", "8m", "-n", "hs-data+before", "--addtag", "hearth_snapshot", &vg]);
-    run("lvcreate", &["--config", c, "-q", "-L", "8m", "-n", "hv-copy", "--addtag", "hearth", "--addtag", "hearth_origin=data+before", &vg]);
+    run(
+        "lvcreate",
+        &[
+            "--config", c, "-q", "-L", "8m", "-n", "hv-data", "--addtag", "hearth", &vg,
+        ],
+    );
+    run(
+        "lvcreate",
+        &[
+            "--config",
+            c,
+            "-q",
+            "-L",
+            "8m",
+            "-n",
+            "hs-data+before",
+            "--addtag",
+            "hearth_snapshot",
+            &vg,
+        ],
+    );
+    run(
+        "lvcreate",
+        &[
+            "--config",
+            c,
+            "-q",
+            "-L",
+            "8m",
+            "-n",
+            "hv-copy",
+            "--addtag",
+            "hearth",
+            "--addtag",
+            "hearth_origin=data+before",
+            &vg,
+        ],
+    );
     let pool = LvmPool::new(cfg(&vg), Box::new(MetadataOnly)).expect("pool");
     let vols = pool.list().expect("list");
     let names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();
@@ -195,7 +327,11 @@ struct Vg {
 
 impl Drop for Vg {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("vgremove").args(["-f", "-q", &self.name]).output();
-        let _ = std::process::Command::new("pvremove").args(["-q", &self.device]).output();
+        let _ = std::process::Command::new("vgremove")
+            .args(["-f", "-q", &self.name])
+            .output();
+        let _ = std::process::Command::new("pvremove")
+            .args(["-q", &self.device])
+            .output();
     }
 }

@@ -31,8 +31,15 @@ fn require(tool: &str, package: &str) -> PathBuf {
 /// Debian's Python, which has libnbd's `nbd` module (the first python3 on PATH may not).
 fn nbd_python() -> PathBuf {
     let python = require("python3", "python3");
-    let ok = Command::new(&python).args(["-c", "import nbd"]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "/usr/bin/python3 cannot import nbd: install the Debian package python3-libnbd");
+    let ok = Command::new(&python)
+        .args(["-c", "import nbd"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "/usr/bin/python3 cannot import nbd: install the Debian package python3-libnbd"
+    );
     python
 }
 
@@ -50,8 +57,15 @@ fn run(cmd: &mut Command) -> String {
 
 fn scratch_dir() -> tempfile::TempDir {
     // tmpfs keeps the big files fast and off the disk.
-    let base = if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-    tempfile::Builder::new().prefix("nbd-test-").tempdir_in(base).expect("temp dir")
+    let base = if Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    tempfile::Builder::new()
+        .prefix("nbd-test-")
+        .tempdir_in(base)
+        .expect("temp dir")
 }
 
 fn random_file(path: &Path, len: u64) {
@@ -68,11 +82,16 @@ fn random_file(path: &Path, len: u64) {
 }
 
 fn sparse_file(path: &Path, len: u64) {
-    std::fs::File::create(path).and_then(|f| f.set_len(len)).expect("create export file");
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(len))
+        .expect("create export file");
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {
-    let (mut fa, mut fb) = (std::fs::File::open(a).expect("open a"), std::fs::File::open(b).expect("open b"));
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).expect("open a"),
+        std::fs::File::open(b).expect("open b"),
+    );
     if fa.metadata().expect("meta").len() != fb.metadata().expect("meta").len() {
         return false;
     }
@@ -101,15 +120,28 @@ struct Fixture {
 
 impl Fixture {
     fn new(config: ServerConfig) -> Fixture {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
         let dir = scratch_dir();
         let server = NbdServer::new(config);
         let unix = dir.path().join("nbd.sock");
         let tcp = runtime.block_on(async {
             server.listen_unix(&unix).await.expect("listen unix");
-            server.listen_tcp("127.0.0.1:0".parse().expect("addr")).await.expect("listen tcp")
+            server
+                .listen_tcp("127.0.0.1:0".parse().expect("addr"))
+                .await
+                .expect("listen tcp")
         });
-        Fixture { runtime, server, tcp, unix, dir }
+        Fixture {
+            runtime,
+            server,
+            tcp,
+            unix,
+            dir,
+        }
     }
 
     /// Exports a new sparse file of `size` bytes; returns its path.
@@ -117,8 +149,13 @@ impl Fixture {
         let path = self.dir.path().join(format!("{name}.raw"));
         sparse_file(&path, size);
         let device = FileDevice::open(&path, false).expect("open export");
-        let options = ExportOptions { read_only, description: format!("the {name} export") };
-        self.server.add_export(name, Arc::new(device), options).expect("add export");
+        let options = ExportOptions {
+            read_only,
+            description: format!("the {name} export"),
+        };
+        self.server
+            .add_export(name, Arc::new(device), options)
+            .expect("add export");
         path
     }
 
@@ -148,7 +185,11 @@ fn nbdinfo_lists_exports_with_their_flags() {
     f.file_export("data", 64 * MIB, false);
     f.file_export("golden", 16 * MIB, true);
 
-    let list = json(&run(Command::new(&nbdinfo).args(["--list", "--json", &format!("nbd://{}", f.tcp)])));
+    let list = json(&run(Command::new(&nbdinfo).args([
+        "--list",
+        "--json",
+        &format!("nbd://{}", f.tcp),
+    ])));
     assert_eq!(list["protocol"], "newstyle-fixed");
     assert_eq!(list["structured"], true);
     let exports = list["exports"].as_array().expect("exports array");
@@ -157,7 +198,14 @@ fn nbdinfo_lists_exports_with_their_flags() {
     let data = &exports[0];
     assert_eq!(data["export-size"], 64 * MIB);
     assert_eq!(data["description"], "the data export");
-    for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"] {
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_df",
+    ] {
         assert_eq!(data[flag], true, "{flag} on a writable export");
     }
     assert_eq!(data["is_read_only"], false);
@@ -173,7 +221,10 @@ fn nbdinfo_lists_exports_with_their_flags() {
     assert_eq!(one["exports"][0]["is_read_only"], true);
 
     // An unknown export is refused, not served.
-    let out = Command::new(&nbdinfo).arg(f.tcp_uri("nope")).output().expect("run nbdinfo");
+    let out = Command::new(&nbdinfo)
+        .arg(f.tcp_uri("nope"))
+        .output()
+        .expect("run nbdinfo");
     assert!(!out.status.success(), "nbdinfo of an unknown export succeeded");
 }
 
@@ -187,12 +238,21 @@ fn nbdcopy_round_trips_a_random_gibibyte() {
     random_file(&src, 1 << 30);
 
     run(Command::new(&nbdcopy).arg(&src).arg(f.tcp_uri("disk")));
-    assert!(files_equal(&src, &export), "the export does not hold what nbdcopy wrote over TCP");
+    assert!(
+        files_equal(&src, &export),
+        "the export does not hold what nbdcopy wrote over TCP"
+    );
     run(Command::new(&nbdcopy).arg(f.unix_uri("disk")).arg(&back));
-    assert!(files_equal(&src, &back), "what nbdcopy read back over the Unix socket differs from the source");
+    assert!(
+        files_equal(&src, &back),
+        "what nbdcopy read back over the Unix socket differs from the source"
+    );
     std::fs::remove_file(&back).expect("remove");
     run(Command::new(&nbdcopy).arg(f.tcp_uri("disk")).arg(&back));
-    assert!(files_equal(&src, &back), "what nbdcopy read back over TCP differs from the source");
+    assert!(
+        files_equal(&src, &back),
+        "what nbdcopy read back over TCP differs from the source"
+    );
 }
 
 #[test]
@@ -207,27 +267,51 @@ fn qemu_img_reads_writes_and_compares_over_nbd() {
 
     let src = f.dir.path().join("src.raw");
     random_file(&src, 64 * MIB);
-    run(Command::new(&qemu_img).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
-    run(Command::new(&qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&uri));
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri));
 
     let qcow = f.dir.path().join("copy.qcow2");
-    run(Command::new(&qemu_img).args(["convert", "-O", "qcow2", &f.unix_uri("disk")]).arg(&qcow));
-    run(Command::new(&qemu_img).args(["compare", "-F", "qcow2"]).arg(&src).arg(&qcow));
+    run(Command::new(&qemu_img)
+        .args(["convert", "-O", "qcow2", &f.unix_uri("disk")])
+        .arg(&qcow));
+    run(Command::new(&qemu_img)
+        .args(["compare", "-F", "qcow2"])
+        .arg(&src)
+        .arg(&qcow));
 
     // A changed byte is noticed.
     let mut bytes = std::fs::read(&src).expect("read src");
     bytes[12345] ^= 0xff;
     std::fs::write(&src, &bytes).expect("write src");
-    let out = Command::new(&qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri).output().expect("run");
+    let out = Command::new(&qemu_img)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1), "qemu-img compare should see the difference");
 }
 
 fn fio_job(fio: &Path, uri: &str, dir: &Path, extra: &[&str]) -> serde_json::Value {
     let out = dir.join("fio.json");
     let mut cmd = Command::new(fio);
-    cmd.args(["--name=nbd", "--ioengine=nbd", &format!("--uri={uri}"), "--size=64M", "--output-format=json"])
-        .arg(format!("--output={}", out.display()))
-        .args(extra);
+    // fio writes verify state files into its working directory: keep them out of the tree.
+    cmd.current_dir(dir);
+    cmd.args([
+        "--name=nbd",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--size=64M",
+        "--output-format=json",
+    ])
+    .arg(format!("--output={}", out.display()))
+    .args(extra);
     run(&mut cmd);
     let v = json(&std::fs::read_to_string(&out).expect("fio output"));
     std::fs::remove_file(&out).expect("remove fio output");
@@ -240,13 +324,41 @@ fn fio_nbd_engine_reads_writes_and_trims_without_error() {
     let f = Fixture::new(ServerConfig::default());
     f.file_export("disk", 64 * MIB, false);
     let jobs: [(&str, Vec<&str>, &[&str]); 4] = [
-        ("randwrite+verify", vec!["--rw=randwrite", "--bs=4k", "--iodepth=32", "--verify=crc32c", "--do_verify=1"], &["write", "read"]),
-        ("randread", vec!["--rw=randread", "--bs=4k", "--iodepth=32", "--runtime=2", "--time_based"], &["read"]),
+        (
+            "randwrite+verify",
+            vec![
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--verify=crc32c",
+                "--do_verify=1",
+            ],
+            &["write", "read"],
+        ),
+        (
+            "randread",
+            vec![
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=32",
+                "--runtime=2",
+                "--time_based",
+            ],
+            &["read"],
+        ),
         ("randtrim", vec!["--rw=randtrim", "--bs=64k", "--iodepth=8"], &["trim"]),
-        ("mixed 64k", vec!["--rw=randrw", "--bs=64k", "--iodepth=16", "--runtime=2", "--time_based"], &["read", "write"]),
+        (
+            "mixed 64k",
+            vec!["--rw=randrw", "--bs=64k", "--iodepth=16", "--runtime=2", "--time_based"],
+            &["read", "write"],
+        ),
     ];
     for (what, args, directions) in jobs {
-        let uri = if what == "randread" { f.unix_uri("disk") } else { f.tcp_uri("disk") };
+        let uri = if what == "randread" {
+            f.unix_uri("disk")
+        } else {
+            f.tcp_uri("disk")
+        };
         let v = fio_job(&fio, &uri, f.dir.path(), &args);
         let job = &v["jobs"][0];
         assert_eq!(job["error"], 0, "fio {what} reported an error: {job}");
@@ -330,7 +442,10 @@ fn nbdsh_checks_trim_zeroes_flush_fua_ranges_and_read_only() {
     f.file_export("golden", 16 * MIB, true);
     let script = f.dir.path().join("checks.py");
     std::fs::write(&script, NBDSH_CHECKS).expect("write script");
-    let out = run(Command::new(&python).arg(&script).arg(f.tcp_uri("disk")).arg(f.unix_uri("golden")));
+    let out = run(Command::new(&python)
+        .arg(&script)
+        .arg(f.tcp_uri("disk"))
+        .arg(f.unix_uri("golden")));
     assert_eq!(out.trim(), "ok");
 
     // nbdsh itself, the way an operator would use it.
@@ -349,12 +464,18 @@ fn nbdsh_checks_trim_zeroes_flush_fua_ranges_and_read_only() {
 fn our_client_and_device_against_our_server() {
     let f = Fixture::new(ServerConfig::default());
     let mem = Arc::new(MemoryDevice::new(8 * MIB));
-    f.server.add_export("mem", mem.clone(), ExportOptions::default()).expect("add");
+    f.server
+        .add_export("mem", mem.clone(), ExportOptions::default())
+        .expect("add");
     f.file_export("ro", MIB, true);
 
     // Many requests in flight on one connection, over TCP.
     f.runtime.block_on(async {
-        let client = Arc::new(NbdClient::connect(&NbdAddress::Tcp(f.tcp.to_string()), "mem").await.expect("connect"));
+        let client = Arc::new(
+            NbdClient::connect(&NbdAddress::Tcp(f.tcp.to_string()), "mem")
+                .await
+                .expect("connect"),
+        );
         assert!(client.info().structured_replies);
         assert_eq!(client.size(), 8 * MIB);
         let mut tasks = tokio::task::JoinSet::new();
@@ -384,7 +505,9 @@ fn our_client_and_device_against_our_server() {
     assert_eq!(mem.to_bytes()[4096 * 3], 3, "writes landed on the exported device");
 
     // NbdDevice from plain threads, over the Unix socket.
-    let dev = Arc::new(NbdDevice::connect(NbdAddress::Unix(f.unix.clone()), "mem", ReconnectPolicy::default()).expect("device"));
+    let dev = Arc::new(
+        NbdDevice::connect(NbdAddress::Unix(f.unix.clone()), "mem", ReconnectPolicy::default()).expect("device"),
+    );
     assert_eq!(dev.size(), 8 * MIB);
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
@@ -403,6 +526,13 @@ fn our_client_and_device_against_our_server() {
         t.join().expect("thread");
     }
     dev.flush().expect("flush");
+    // From inside a runtime (an NBD server serving a remote disk inline) it works too.
+    let d = dev.clone();
+    f.runtime.block_on(async move {
+        let mut b = [0u8; 4];
+        d.read_at(&mut b, MIB).expect("read inside a runtime");
+        assert_eq!(b, [2; 4]);
+    });
     let mut b = [0u8; 16];
     assert!(dev.read_at(&mut b, 8 * MIB - 8).is_err());
 
@@ -416,7 +546,11 @@ fn nbd_serve_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("examples").join("nbd_serve");
-    assert!(bin.exists(), "{} is missing: build it with cargo build -p blockd --example nbd_serve", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with cargo build -p blockd --example nbd_serve",
+        bin.display()
+    );
     bin
 }
 
@@ -465,7 +599,10 @@ fn nbd_device_survives_a_server_restart() {
     sparse_file(&file, 16 * MIB);
     let socket = dir.path().join("serve.sock");
     let server = ServeProcess::start(&file, &socket);
-    let policy = ReconnectPolicy { give_up_after: Duration::from_secs(20), ..ReconnectPolicy::default() };
+    let policy = ReconnectPolicy {
+        give_up_after: Duration::from_secs(20),
+        ..ReconnectPolicy::default()
+    };
     let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
     dev.write_at(&[0x5a; 4096], 4096).expect("write");
     dev.flush().expect("flush");
@@ -480,8 +617,14 @@ fn nbd_device_survives_a_server_restart() {
     let started = Instant::now();
     let mut back = [0u8; 4096];
     dev.read_at(&mut back, 4096).expect("read across the restart");
-    assert_eq!(back, [0x5a; 4096], "data written before the restart reads back after it");
-    assert!(started.elapsed() >= Duration::from_millis(500), "the read cannot have succeeded before the restart");
+    assert_eq!(
+        back, [0x5a; 4096],
+        "data written before the restart reads back after it"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the read cannot have succeeded before the restart"
+    );
     assert!(dev.reconnects() >= 1);
     dev.write_at(&[0x6b; 512], 0).expect("write after the restart");
     let server2 = restarter.join().expect("restarter");
@@ -489,13 +632,23 @@ fn nbd_device_survives_a_server_restart() {
     server2.stop();
 
     // With no server at all, requests fail once the policy gives up.
-    let policy = ReconnectPolicy { give_up_after: Duration::from_millis(300), ..ReconnectPolicy::default() };
+    let policy = ReconnectPolicy {
+        give_up_after: Duration::from_millis(300),
+        ..ReconnectPolicy::default()
+    };
     let server3 = ServeProcess::start(&file, &socket);
     let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
     server3.stop();
     let started = Instant::now();
-    assert!(dev.read_at(&mut back, 0).is_err(), "read without a server must fail eventually");
-    assert!(started.elapsed() < Duration::from_secs(5), "gave up too late: {:?}", started.elapsed());
+    assert!(
+        dev.read_at(&mut back, 0).is_err(),
+        "read without a server must fail eventually"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up too late: {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -511,11 +664,17 @@ fn peers_outside_the_allowlist_are_closed_before_the_handshake() {
     let mut buf = [0u8; 18];
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "a refused peer must not get a greeting");
-    let out = Command::new(&nbdinfo).arg(refused.tcp_uri("disk")).output().expect("nbdinfo");
+    let out = Command::new(&nbdinfo)
+        .arg(refused.tcp_uri("disk"))
+        .output()
+        .expect("nbdinfo");
     assert!(!out.status.success(), "nbdinfo from a refused address succeeded");
 
     let allowed = Fixture::new(ServerConfig {
-        allowed_networks: Some(vec!["10.0.0.0/8".parse().expect("net"), "127.0.0.0/8".parse().expect("net")]),
+        allowed_networks: Some(vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "127.0.0.0/8".parse().expect("net"),
+        ]),
         ..ServerConfig::default()
     });
     allowed.file_export("disk", MIB, false);

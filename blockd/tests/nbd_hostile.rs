@@ -16,8 +16,19 @@ const SIZE: u64 = 1 << 20;
 
 fn server(config: ServerConfig) -> NbdServer {
     let server = NbdServer::new(config);
-    server.add_export("disk", Arc::new(MemoryDevice::new(SIZE)), ExportOptions::default()).expect("add");
-    server.add_export("ro", Arc::new(MemoryDevice::new(SIZE)), ExportOptions { read_only: true, ..Default::default() }).expect("add");
+    server
+        .add_export("disk", Arc::new(MemoryDevice::new(SIZE)), ExportOptions::default())
+        .expect("add");
+    server
+        .add_export(
+            "ro",
+            Arc::new(MemoryDevice::new(SIZE)),
+            ExportOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .expect("add");
     server
 }
 
@@ -72,7 +83,15 @@ async fn go(c: &mut DuplexStream, export: &str, structured: bool) -> u16 {
 }
 
 async fn send(c: &mut DuplexStream, command: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-    c.write_all(&encode_request(&Request { flags, command, cookie, offset, len })).await.expect("send request");
+    c.write_all(&encode_request(&Request {
+        flags,
+        command,
+        cookie,
+        offset,
+        len,
+    }))
+    .await
+    .expect("send request");
 }
 
 /// Reads a simple reply (and `data` bytes of read data when it succeeded).
@@ -114,7 +133,11 @@ async fn refused_requests_get_errors_and_the_connection_stays_usable() {
     send(&mut c, CMD_READ, 0x100, 5, 0, 512).await;
     assert_eq!(simple_reply(&mut c, 512).await.0, EINVAL, "unknown flag");
     send(&mut c, CMD_BLOCK_STATUS, 0, 6, 0, 512).await;
-    assert_eq!(simple_reply(&mut c, 0).await.0, EINVAL, "block status was not negotiated");
+    assert_eq!(
+        simple_reply(&mut c, 0).await.0,
+        EINVAL,
+        "block status was not negotiated"
+    );
 
     // An oversized write is refused, and its data skipped so the stream stays in step.
     let big = MAX_REQUEST_LEN + 4096;
@@ -128,7 +151,13 @@ async fn refused_requests_get_errors_and_the_connection_stays_usable() {
         });
         let mut h = [0u8; SIMPLE_REPLY_LEN];
         r.read_exact(&mut h).await.expect("reply");
-        assert_eq!(parse_reply_header(&h), Ok(ReplyHeader::Simple { error: EINVAL, cookie: 7 }));
+        assert_eq!(
+            parse_reply_header(&h),
+            Ok(ReplyHeader::Simple {
+                error: EINVAL,
+                cookie: 7
+            })
+        );
         let w = feed.await.expect("feed");
         r.unsplit(w)
     };
@@ -149,7 +178,10 @@ async fn refused_requests_get_errors_and_the_connection_stays_usable() {
     // Bad magic ends the connection.
     c.write_all(&[0xde; REQUEST_LEN]).await.expect("garbage");
     expect_closed(&mut c).await;
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("connection ends").expect("no panic");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("connection ends")
+        .expect("no panic");
 }
 
 #[tokio::test]
@@ -167,7 +199,13 @@ async fn structured_read_errors_and_read_only_refusals() {
     send(&mut c, CMD_READ, 0, 3, SIZE, 1).await;
     let mut h = [0u8; STRUCTURED_HEADER_LEN];
     c.read_exact(&mut h).await.expect("chunk");
-    let ReplyHeader::Structured { flags, chunk_type, cookie, len } = parse_reply_header(&h).expect("header") else {
+    let ReplyHeader::Structured {
+        flags,
+        chunk_type,
+        cookie,
+        len,
+    } = parse_reply_header(&h).expect("header")
+    else {
         panic!("reads get structured replies once negotiated")
     };
     assert_eq!((flags, chunk_type, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 3));
@@ -178,7 +216,12 @@ async fn structured_read_errors_and_read_only_refusals() {
     c.read_exact(&mut h).await.expect("chunk");
     assert_eq!(
         parse_reply_header(&h),
-        Ok(ReplyHeader::Structured { flags: REPLY_FLAG_DONE, chunk_type: REPLY_TYPE_OFFSET_DATA, cookie: 4, len: 16 })
+        Ok(ReplyHeader::Structured {
+            flags: REPLY_FLAG_DONE,
+            chunk_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: 4,
+            len: 16
+        })
     );
     let mut p = [0u8; 16];
     c.read_exact(&mut p).await.expect("data");
@@ -197,6 +240,7 @@ async fn handshake_options_list_unsupported_and_oversized() {
     encode_option(&mut out, OPT_LIST, b"x");
     encode_option(&mut out, OPT_INFO, &encode_info_request("missing", &[]));
     encode_option(&mut out, OPT_INFO, &[0, 0, 0, 200]);
+    encode_option(&mut out, OPT_GO, &[0, 0, 0, 0]);
     c.write_all(&out).await.expect("options");
     let mut names = Vec::new();
     loop {
@@ -209,10 +253,31 @@ async fn handshake_options_list_unsupported_and_oversized() {
     }
     assert_eq!(names, ["disk", "ro"]);
     assert_eq!(read_option_reply(&mut c).await.0.reply_type, REP_ERR_UNSUP, "STARTTLS");
-    assert_eq!(read_option_reply(&mut c).await.0.reply_type, REP_ERR_UNSUP, "unknown option");
-    assert_eq!(read_option_reply(&mut c).await.0.reply_type, REP_ERR_INVALID, "LIST with data");
-    assert_eq!(read_option_reply(&mut c).await.0.reply_type, REP_ERR_UNKNOWN, "unknown export");
-    assert_eq!(read_option_reply(&mut c).await.0.reply_type, REP_ERR_INVALID, "malformed INFO");
+    assert_eq!(
+        read_option_reply(&mut c).await.0.reply_type,
+        REP_ERR_UNSUP,
+        "unknown option"
+    );
+    assert_eq!(
+        read_option_reply(&mut c).await.0.reply_type,
+        REP_ERR_INVALID,
+        "LIST with data"
+    );
+    assert_eq!(
+        read_option_reply(&mut c).await.0.reply_type,
+        REP_ERR_UNKNOWN,
+        "unknown export"
+    );
+    assert_eq!(
+        read_option_reply(&mut c).await.0.reply_type,
+        REP_ERR_INVALID,
+        "malformed INFO"
+    );
+    assert_eq!(
+        read_option_reply(&mut c).await.0.reply_type,
+        REP_ERR_INVALID,
+        "GO without a request count"
+    );
 
     // An option claiming 4 GiB of data: the server hangs up instead of reading it.
     let mut huge = IHAVEOPT.to_be_bytes().to_vec();
@@ -244,7 +309,10 @@ async fn handshake_options_list_unsupported_and_oversized() {
 
 #[tokio::test]
 async fn a_silent_peer_is_dropped_after_the_handshake_timeout() {
-    let server = server(ServerConfig { handshake_timeout: Duration::from_millis(200), ..ServerConfig::default() });
+    let server = server(ServerConfig {
+        handshake_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    });
     let (mut c, task) = connect(&server);
     read_greeting(&mut c).await;
     let started = tokio::time::Instant::now();
@@ -264,7 +332,11 @@ async fn removing_an_export_closes_its_connections_only() {
     assert!(!server.remove_export("disk"));
     expect_closed(&mut on_disk).await;
     send(&mut on_ro, CMD_FLUSH, 0, 1, 0, 0).await;
-    assert_eq!(simple_reply(&mut on_ro, 0).await.0, 0, "the other export's connection still works");
+    assert_eq!(
+        simple_reply(&mut on_ro, 0).await.0,
+        0,
+        "the other export's connection still works"
+    );
     assert_eq!(server.export_names(), ["ro"]);
     server.shutdown();
     expect_closed(&mut on_ro).await;
@@ -282,7 +354,10 @@ async fn our_client_over_an_in_memory_stream() {
     let err = client.read(SIZE, 1).await.expect_err("out of range");
     assert!(err.to_string().contains("error 22"), "{err}");
     assert!(!err.is_connection_error());
-    assert!(NbdClient::connect_stream(tokio::io::duplex(64).0, "x").await.is_err());
+    // A peer that hangs up at once is an error, not a hang.
+    let (gone, peer) = tokio::io::duplex(64);
+    drop(peer);
+    assert!(NbdClient::connect_stream(gone, "x").await.is_err());
 }
 
 /// A deterministic xorshift generator: the test needs no dependency and a failure
@@ -314,14 +389,24 @@ fn valid_session(rng: &mut Rng) -> Vec<u8> {
     if rng.below(4) == 0 {
         encode_option(&mut out, OPT_EXPORT_NAME, export.as_bytes());
     } else {
-        encode_option(&mut out, OPT_GO, &encode_info_request(export, &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]));
+        encode_option(
+            &mut out,
+            OPT_GO,
+            &encode_info_request(export, &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]),
+        );
     }
     for cookie in 0..rng.below(12) as u64 {
         let command = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_DISC][rng.below(6)];
         let len = [0, 1, 512, 4096, 65536][rng.below(5)];
         let offset = [0, 4096, SIZE - 512, SIZE][rng.below(4)];
         let flags = [0, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF][rng.below(4)];
-        out.extend_from_slice(&encode_request(&Request { flags, command, cookie, offset, len }));
+        out.extend_from_slice(&encode_request(&Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        }));
         if command == CMD_WRITE {
             out.extend(std::iter::repeat_n(cookie as u8, len as usize));
         }
@@ -363,11 +448,18 @@ fn random_and_mutated_streams_never_panic_and_always_end() {
         hook_panics.fetch_add(1, Ordering::SeqCst);
         default_hook(info);
     }));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut rng = Rng(seed);
     runtime.block_on(async {
-        let server = server(ServerConfig { handshake_timeout: Duration::from_secs(2), ..ServerConfig::default() });
+        let server = server(ServerConfig {
+            handshake_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        });
         for i in 0..3000 {
             let mut input = match i % 3 {
                 0 => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),
@@ -397,5 +489,9 @@ fn random_and_mutated_streams_never_panic_and_always_end() {
         }
     });
     drop(std::panic::take_hook());
-    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic happened while serving hostile input");
+    assert_eq!(
+        panics.load(Ordering::SeqCst),
+        0,
+        "a panic happened while serving hostile input"
+    );
 }

@@ -18,11 +18,17 @@ use common::{run, LoopDevice, LoopMount};
 const MIB: u64 = 1 << 20;
 
 fn spec(size: u64) -> VolumeSpec {
-    VolumeSpec { size_bytes: Some(size), source: None }
+    VolumeSpec {
+        size_bytes: Some(size),
+        source: None,
+    }
 }
 
 fn clone_of(snapshot: &str) -> VolumeSpec {
-    VolumeSpec { size_bytes: None, source: Some(VolumeSource::Snapshot(snapshot.into())) }
+    VolumeSpec {
+        size_bytes: None,
+        source: Some(VolumeSource::Snapshot(snapshot.into())),
+    }
 }
 
 /// Writes `byte` repeated over `len` bytes at `offset` of a volume.
@@ -45,17 +51,35 @@ fn read(b: &Arc<dyn VolumeBackend>, v: &Volume, offset: u64, len: usize) -> Vec<
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("raw");
         let path = v.path.as_ref().expect("path");
-        run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", path.to_str().expect("utf8"), out.to_str().expect("utf8")]);
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                path.to_str().expect("utf8"),
+                out.to_str().expect("utf8"),
+            ],
+        );
         let all = std::fs::read(out).expect("read converted");
         return all[offset as usize..offset as usize + len].to_vec();
     }
     let mut buf = vec![0u8; len];
-    b.open(&v.name, true).expect("open").read_at(&mut buf, offset).expect("read");
+    b.open(&v.name, true)
+        .expect("open")
+        .read_at(&mut buf, offset)
+        .expect("read");
     buf
 }
 
 fn assert_all(bytes: &[u8], byte: u8, what: &str) {
-    assert!(bytes.iter().all(|&x| x == byte), "{what}: expected every byte {byte:#x}, got {:?}…", &bytes[..16.min(bytes.len())]);
+    assert!(
+        bytes.iter().all(|&x| x == byte),
+        "{what}: expected every byte {byte:#x}, got {:?}…",
+        &bytes[..16.min(bytes.len())]
+    );
 }
 
 async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
@@ -73,8 +97,16 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
     let listed = svc.list().await.expect("list");
     let d = listed.iter().find(|v| v.name == "data").expect("listed");
     if kind != "memory" {
-        assert!(d.allocated_bytes >= MIB, "{kind}: 1 MiB written shows as allocated ({})", d.allocated_bytes);
-        assert!(d.allocated_bytes < 64 * MIB, "{kind}: volumes are sparse ({})", d.allocated_bytes);
+        assert!(
+            d.allocated_bytes >= MIB,
+            "{kind}: 1 MiB written shows as allocated ({})",
+            d.allocated_bytes
+        );
+        assert!(
+            d.allocated_bytes < 64 * MIB,
+            "{kind}: volumes are sparse ({})",
+            d.allocated_bytes
+        );
     }
 
     // A snapshot keeps the old content after the volume is overwritten.
@@ -83,10 +115,20 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
     write_pattern(&backend, &v, 0, 1 << 20, 0xB2);
     assert_all(&read(&backend, &v, 0, 4096), 0xB2, "volume after overwrite");
     let mut old = vec![0u8; 4096];
-    backend.open_snapshot("data", "before").map(|d| d.read_at(&mut old, 0).expect("read snapshot")).ok();
+    backend
+        .open_snapshot("data", "before")
+        .map(|d| d.read_at(&mut old, 0).expect("read snapshot"))
+        .ok();
     if backend.open_snapshot("data", "before").is_ok() {
         assert_all(&old, 0xA1, "snapshot");
-        assert!(backend.open_snapshot("data", "before").expect("open").write_at(&[0], 0).is_err(), "snapshots are read-only");
+        assert!(
+            backend
+                .open_snapshot("data", "before")
+                .expect("open")
+                .write_at(&[0], 0)
+                .is_err(),
+            "snapshots are read-only"
+        );
     }
 
     // A clone starts with the snapshot's content and is independent of its source.
@@ -96,19 +138,36 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
     assert_all(&read(&backend, &c, 0, 4096), 0xA1, "clone");
     write_pattern(&backend, &c, 0, 4096, 0xC3);
     assert_all(&read(&backend, &c, 0, 4096), 0xC3, "clone after its own write");
-    assert_all(&read(&backend, &v, 0, 4096), 0xB2, "source untouched by the clone's write");
+    assert_all(
+        &read(&backend, &v, 0, 4096),
+        0xB2,
+        "source untouched by the clone's write",
+    );
     write_pattern(&backend, &v, 4096, 4096, 0xD4);
-    assert_all(&read(&backend, &c, 4096, 4096), 0xA1, "clone untouched by the source's write");
+    assert_all(
+        &read(&backend, &c, 4096, 4096),
+        0xA1,
+        "clone untouched by the source's write",
+    );
 
     // Grow only.
     let grown = svc.resize("data", 128 * MIB).await.expect("grow");
     assert_eq!(grown.size_bytes, 128 * MIB);
     assert_all(&read(&backend, &grown, 0, 4096), 0xB2, "content kept across growth");
-    assert!(matches!(svc.resize("data", 32 * MIB).await, Err(VolumeError::Invalid(_))), "shrink is refused");
-    assert!(matches!(svc.ensure("data", spec(32 * MIB)).await, Err(VolumeError::Invalid(_))));
+    assert!(
+        matches!(svc.resize("data", 32 * MIB).await, Err(VolumeError::Invalid(_))),
+        "shrink is refused"
+    );
+    assert!(matches!(
+        svc.ensure("data", spec(32 * MIB)).await,
+        Err(VolumeError::Invalid(_))
+    ));
 
     // Dependencies: the snapshot and its volume cannot go while the clone exists.
-    assert!(matches!(svc.delete_snapshot("data", "before").await, Err(VolumeError::Conflict(_))));
+    assert!(matches!(
+        svc.delete_snapshot("data", "before").await,
+        Err(VolumeError::Conflict(_))
+    ));
     match svc.delete("data").await {
         Err(VolumeError::Conflict(m)) => assert!(m.contains("copy"), "{m}"),
         other => panic!("deleting a volume with clones: {other:?}"),
@@ -116,27 +175,55 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
 
     // Bad input.
     for bad in ["a/b", "..", "x\u{1}", ""] {
-        assert!(matches!(svc.ensure(bad, spec(MIB)).await, Err(VolumeError::Invalid(_))), "{bad:?}");
+        assert!(
+            matches!(svc.ensure(bad, spec(MIB)).await, Err(VolumeError::Invalid(_))),
+            "{bad:?}"
+        );
     }
-    assert!(matches!(svc.ensure("zero", spec(0)).await, Err(VolumeError::Invalid(_))));
-    assert!(matches!(svc.ensure("odd", spec(1000)).await, Err(VolumeError::Invalid(_))));
+    assert!(matches!(
+        svc.ensure("zero", spec(0)).await,
+        Err(VolumeError::Invalid(_))
+    ));
+    assert!(matches!(
+        svc.ensure("odd", spec(1000)).await,
+        Err(VolumeError::Invalid(_))
+    ));
     let huge = svc.pool().await.expect("pool").usage.total_bytes + MIB;
-    assert!(matches!(svc.ensure("huge", spec(huge.div_ceil(512) * 512)).await, Err(VolumeError::NoSpace(_))));
-    assert!(matches!(svc.ensure("bad-clone", clone_of("data@nope")).await, Err(VolumeError::NotFound(_))));
+    assert!(matches!(
+        svc.ensure("huge", spec(huge.div_ceil(512) * 512)).await,
+        Err(VolumeError::NoSpace(_))
+    ));
+    assert!(matches!(
+        svc.ensure("bad-clone", clone_of("data@nope")).await,
+        Err(VolumeError::NotFound(_))
+    ));
     let missing = scratch.join("no-such-image.raw");
-    let from_missing = VolumeSpec { size_bytes: None, source: Some(VolumeSource::Image(missing)) };
-    assert!(matches!(svc.ensure("img", from_missing).await, Err(VolumeError::NotFound(_))));
+    let from_missing = VolumeSpec {
+        size_bytes: None,
+        source: Some(VolumeSource::Image(missing)),
+    };
+    assert!(matches!(
+        svc.ensure("img", from_missing).await,
+        Err(VolumeError::NotFound(_))
+    ));
     let names: Vec<String> = svc.list().await.expect("list").into_iter().map(|v| v.name).collect();
     assert_eq!(names, ["copy", "data"], "{kind}: failed operations left nothing behind");
 
     // From an image file.
     let image = scratch.join("image.raw");
     std::fs::write(&image, vec![0x5Au8; 3 * 4096]).expect("image");
-    let from_image = VolumeSpec { size_bytes: Some(8 * MIB), source: Some(VolumeSource::Image(image)) };
+    let from_image = VolumeSpec {
+        size_bytes: Some(8 * MIB),
+        source: Some(VolumeSource::Image(image)),
+    };
     let (img, _) = svc.ensure("from-image", from_image).await.expect("from image");
     assert_eq!(img.size_bytes, 8 * MIB);
     assert_all(&read(&backend, &img, 0, 3 * 4096), 0x5A, "volume from image");
-    assert_all(&read(&backend, &img, 3 * 4096, 4096), 0, "volume from image, beyond the image");
+    assert_all(
+        &read(&backend, &img, 3 * 4096, 4096),
+        0,
+        "volume from image, beyond the image",
+    );
 
     // Clean up in dependency order; deleting what is gone succeeds.
     svc.delete("copy").await.expect("delete clone");
@@ -157,7 +244,10 @@ async fn memory_pool() {
 async fn file_pool_on_ext4_copies_snapshots_and_overlays_clones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pool = FilePool::open(&dir.path().join("pool")).expect("pool");
-    assert!(!pool.reflink(), "the test expects a file system without reflink here (ext4)");
+    assert!(
+        !pool.reflink(),
+        "the test expects a file system without reflink here (ext4)"
+    );
     suite(Arc::new(pool), dir.path()).await;
     let vols = std::fs::read_dir(dir.path().join("pool/volumes")).expect("dir").count();
     assert_eq!(vols, 0, "no file left in the pool");
@@ -186,8 +276,16 @@ async fn file_pool_on_xfs_shares_extents() {
     svc.ensure("big-clone", clone_of("big@s")).await.expect("clone");
     let took = t.elapsed();
     let after = run("df", &["--output=used", "-B1", fs.path().to_str().expect("utf8")]);
-    let used = |s: &str| s.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()).expect("df figure");
-    assert!(used(&after) - used(&before) < 16 * MIB, "snapshot+clone of 256 MiB of data shares extents");
+    let used = |s: &str| {
+        s.lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .expect("df figure")
+    };
+    assert!(
+        used(&after) - used(&before) < 16 * MIB,
+        "snapshot+clone of 256 MiB of data shares extents"
+    );
     assert!(took < std::time::Duration::from_secs(2), "snapshot+clone took {took:?}");
     assert_eq!(v.format, VolumeFormat::Raw);
     svc.delete("big-clone").await.expect("delete");
@@ -205,8 +303,15 @@ async fn lvm_thin_pool_with_device_mapper() {
     let vg = format!("hearthtest{}", std::process::id());
     run("pvcreate", &["-q", &disk.device]);
     run("vgcreate", &["-q", &vg, &disk.device]);
-    let _vg = VgGuard { vg: vg.clone(), device: disk.device.clone() };
-    let cfg = LvmConfig { volume_group: vg.clone(), thin_pool: "pool".into(), pool_size_bytes: Some(512 * MIB) };
+    let _vg = VgGuard {
+        vg: vg.clone(),
+        device: disk.device.clone(),
+    };
+    let cfg = LvmConfig {
+        volume_group: vg.clone(),
+        thin_pool: "pool".into(),
+        pool_size_bytes: Some(512 * MIB),
+    };
     let pool = LvmPool::open(cfg, Box::new(SystemLvm)).expect("thin pool");
     let scratch = tempfile::tempdir().expect("tempdir");
     suite(Arc::new(pool), scratch.path()).await;
@@ -220,7 +325,11 @@ struct VgGuard {
 
 impl Drop for VgGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("vgremove").args(["-f", "-q", &self.vg]).status();
-        let _ = std::process::Command::new("pvremove").args(["-q", &self.device]).status();
+        let _ = std::process::Command::new("vgremove")
+            .args(["-f", "-q", &self.vg])
+            .status();
+        let _ = std::process::Command::new("pvremove")
+            .args(["-q", &self.device])
+            .status();
     }
 }

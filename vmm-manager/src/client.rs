@@ -46,11 +46,15 @@ impl VmmClient {
     /// `action` is one of start, stop, reboot, pause, resume.
     /// Attaches a disk (hot-plugged if the VM runs).
     pub async fn attach_disk(&self, id: &str, disk: &crate::spec::DiskSpec) -> Result<VmInfo, ClientError> {
-        self.http.call(Method::PUT, &format!("/vms/{id}/disks/{}", disk.id), Some(disk)).await
+        self.http
+            .call(Method::PUT, &format!("/vms/{id}/disks/{}", disk.id), Some(disk))
+            .await
     }
 
     pub async fn detach_disk(&self, id: &str, disk_id: &str) -> Result<VmInfo, ClientError> {
-        self.http.call::<(), VmInfo>(Method::DELETE, &format!("/vms/{id}/disks/{disk_id}"), None).await
+        self.http
+            .call::<(), VmInfo>(Method::DELETE, &format!("/vms/{id}/disks/{disk_id}"), None)
+            .await
     }
 
     pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {

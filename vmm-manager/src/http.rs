@@ -41,7 +41,10 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/vms", get(list))
         .route("/vms/{id}", get(show).put(ensure).delete(remove))
         .route("/vms/{id}/{action}", post(action))
-        .route("/vms/{id}/disks/{disk}", axum::routing::put(attach_disk).delete(detach_disk))
+        .route(
+            "/vms/{id}/disks/{disk}",
+            axum::routing::put(attach_disk).delete(detach_disk),
+        )
         .route("/vms/{id}/console/log", get(console_log))
         .route("/vms/{id}/console", get(console))
         .route("/vms/{id}/vnc", get(vnc))
@@ -114,10 +117,13 @@ async fn attach_disk(
     Path((id, disk)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<Json<VmInfo>, ApiError> {
-    let spec: crate::spec::DiskSpec = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::unprocessable(format!("invalid disk: {e}")))?;
+    let spec: crate::spec::DiskSpec =
+        serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable(format!("invalid disk: {e}")))?;
     if spec.id != disk {
-        return Err(ApiError::unprocessable(format!("body names disk {:?}, the URL {disk:?}", spec.id)));
+        return Err(ApiError::unprocessable(format!(
+            "body names disk {:?}, the URL {disk:?}",
+            spec.id
+        )));
     }
     Ok(Json(svc.attach_disk(&id, spec).await?))
 }

@@ -106,7 +106,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Vmm(VmmError::MissingBinary { .. }) => {
                 ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, "hypervisor_unavailable", msg)
             }
-            ServiceError::Vmm(VmmError::Unsupported(_)) => ApiError::new(http::StatusCode::CONFLICT, "unsupported", msg),
+            ServiceError::Vmm(VmmError::Unsupported(_)) => {
+                ApiError::new(http::StatusCode::CONFLICT, "unsupported", msg)
+            }
             ServiceError::Vmm(_) => ApiError::new(http::StatusCode::BAD_GATEWAY, "vmm_error", msg),
             ServiceError::Io(_) => ApiError::internal(msg),
         }
@@ -135,7 +137,10 @@ struct Vm {
 impl Vm {
     /// The spec with the disks the VM has now.
     fn current_spec(&self) -> VmSpec {
-        VmSpec { disks: lock(&self.disks).clone(), ..self.spec.clone() }
+        VmSpec {
+            disks: lock(&self.disks).clone(),
+            ..self.spec.clone()
+        }
     }
 
     fn save_spec(&self) -> std::io::Result<()> {
@@ -473,7 +478,10 @@ impl VmService {
             return if *existing == disk {
                 Ok(Self::info(&vm))
             } else {
-                Err(ServiceError::DiskExists { vm: id.to_string(), disk: disk.id })
+                Err(ServiceError::DiskExists {
+                    vm: id.to_string(),
+                    disk: disk.id,
+                })
             };
         }
         let mut candidate = vm.current_spec();
@@ -483,7 +491,13 @@ impl VmService {
         match state {
             VmState::Running | VmState::Paused => vm.driver.add_disk(&vm.dir, &candidate, &disk).await?,
             VmState::Stopped | VmState::Failed => {}
-            other => return Err(ServiceError::State { id: id.to_string(), state: other.as_str(), action: "attach a disk" }),
+            other => {
+                return Err(ServiceError::State {
+                    id: id.to_string(),
+                    state: other.as_str(),
+                    action: "attach a disk",
+                })
+            }
         }
         lock(&vm.disks).push(disk);
         vm.save_spec()?;
@@ -502,7 +516,13 @@ impl VmService {
         match state {
             VmState::Running | VmState::Paused => vm.driver.remove_disk(&vm.dir, disk_id).await?,
             VmState::Stopped | VmState::Failed => {}
-            other => return Err(ServiceError::State { id: id.to_string(), state: other.as_str(), action: "detach a disk" }),
+            other => {
+                return Err(ServiceError::State {
+                    id: id.to_string(),
+                    state: other.as_str(),
+                    action: "detach a disk",
+                })
+            }
         }
         lock(&vm.disks).retain(|d| d.id != disk_id);
         vm.save_spec()?;

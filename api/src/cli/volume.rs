@@ -71,7 +71,13 @@ pub enum VolumeCommand {
 
 pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size, from_snapshot, remote, remote_export } => {
+        VolumeCommand::Create {
+            name,
+            size,
+            from_snapshot,
+            remote,
+            remote_export,
+        } => {
             let mut body = json!({ "name": name });
             if let Some(size) = size {
                 body["size"] = json!(size);
@@ -98,7 +104,11 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
                             s(&v["name"]),
                             v["size_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into()),
                             v["allocated_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into()),
-                            if v["location"] == "remote" { "remote".into() } else { s(&v["backend"]) },
+                            if v["location"] == "remote" {
+                                "remote".into()
+                            } else {
+                                s(&v["backend"])
+                            },
                             v["snapshots"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
                             v["attached_to"]["vm_name"].as_str().unwrap_or("-").to_string(),
                         ]
@@ -107,7 +117,10 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
                 if rows.is_empty() {
                     println!("no volumes");
                 } else {
-                    println!("{}", table(&["NAME", "SIZE", "USED", "BACKEND", "SNAPSHOTS", "ATTACHED TO"], &rows));
+                    println!(
+                        "{}",
+                        table(&["NAME", "SIZE", "USED", "BACKEND", "SNAPSHOTS", "ATTACHED TO"], &rows)
+                    );
                 }
             });
         }
@@ -116,18 +129,36 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
             print_value(out, &v, print_details);
         }
         VolumeCommand::Resize { name, size } => {
-            let v = api.post(&format!("/v1/volumes/{name}/resize"), Some(json!({ "size": size }))).await?;
+            let v = api
+                .post(&format!("/v1/volumes/{name}/resize"), Some(json!({ "size": size })))
+                .await?;
             print_value(out, &v, print_details);
         }
         VolumeCommand::Snapshot { name, snapshot } => {
-            let sn = api.post(&format!("/v1/volumes/{name}/snapshots"), Some(json!({ "name": snapshot }))).await?;
-            print_value(out, &sn, |sn| println!("snapshot {}@{} ({})", s(&sn["volume"]), s(&sn["name"]), size_of(sn)));
+            let sn = api
+                .post(
+                    &format!("/v1/volumes/{name}/snapshots"),
+                    Some(json!({ "name": snapshot })),
+                )
+                .await?;
+            print_value(out, &sn, |sn| {
+                println!("snapshot {}@{} ({})", s(&sn["volume"]), s(&sn["name"]), size_of(sn))
+            });
         }
         VolumeCommand::DeleteSnapshot { name, snapshot } => {
-            api.delete_empty(&format!("/v1/volumes/{name}/snapshots/{snapshot}")).await?;
-            done(out, json!({ "deleted": format!("{name}@{snapshot}") }), &format!("deleted snapshot {name}@{snapshot}"));
+            api.delete_empty(&format!("/v1/volumes/{name}/snapshots/{snapshot}"))
+                .await?;
+            done(
+                out,
+                json!({ "deleted": format!("{name}@{snapshot}") }),
+                &format!("deleted snapshot {name}@{snapshot}"),
+            );
         }
-        VolumeCommand::Clone { name, new_name, snapshot } => {
+        VolumeCommand::Clone {
+            name,
+            new_name,
+            snapshot,
+        } => {
             let mut body = json!({ "name": new_name });
             if let Some(snap) = snapshot {
                 body["snapshot"] = json!(snap);
@@ -135,7 +166,12 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
             let v = api.post(&format!("/v1/volumes/{name}/clone"), Some(body)).await?;
             print_value(out, &v, print_details);
         }
-        VolumeCommand::Attach { name, vm, via, read_only } => {
+        VolumeCommand::Attach {
+            name,
+            vm,
+            via,
+            read_only,
+        } => {
             let mut body = json!({ "vm": vm, "read_only": read_only });
             if let Some(via) = via {
                 body["via"] = json!(via);
@@ -148,7 +184,12 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
             print_value(out, &v, print_details);
         }
         VolumeCommand::Export { name, read_only } => {
-            let e = api.post(&format!("/v1/volumes/{name}/export"), Some(json!({ "read_only": read_only }))).await?;
+            let e = api
+                .post(
+                    &format!("/v1/volumes/{name}/export"),
+                    Some(json!({ "read_only": read_only })),
+                )
+                .await?;
             print_value(out, &e, |e| {
                 for uri in e["nbd"]["uris"].as_array().into_iter().flatten() {
                     println!("{}", s(uri));
@@ -157,7 +198,11 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
         }
         VolumeCommand::Unexport { name } => {
             api.delete_empty(&format!("/v1/volumes/{name}/export")).await?;
-            done(out, json!({ "unexported": name }), &format!("volume {name} is no longer served over NBD"));
+            done(
+                out,
+                json!({ "unexported": name }),
+                &format!("volume {name} is no longer served over NBD"),
+            );
         }
         VolumeCommand::Delete { name } => {
             api.delete_empty(&format!("/v1/volumes/{name}")).await?;
@@ -181,7 +226,11 @@ pub fn human(b: u64) -> String {
     for (u, n) in UNITS {
         if b >= n {
             let v = b as f64 / n as f64;
-            return if b % n == 0 { format!("{}{u}", b / n) } else { format!("{v:.1}{u}") };
+            return if b % n == 0 {
+                format!("{}{u}", b / n)
+            } else {
+                format!("{v:.1}{u}")
+            };
         }
     }
     b.to_string()
@@ -195,22 +244,45 @@ fn print_details(v: &Value) {
     println!("name:        {}", s(&v["name"]));
     if v["location"] == "remote" {
         let r = &v["remote"];
-        println!("location:    remote, NBD export {} at {}", s(&r["export"]), r["tcp"].as_str().or(r["unix"].as_str()).unwrap_or("?"));
+        println!(
+            "location:    remote, NBD export {} at {}",
+            s(&r["export"]),
+            r["tcp"].as_str().or(r["unix"].as_str()).unwrap_or("?")
+        );
     } else {
         println!("size:        {}", size_of(v));
-        println!("used:        {}", v["allocated_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into()));
+        println!(
+            "used:        {}",
+            v["allocated_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into())
+        );
         println!("backend:     {} ({})", s(&v["backend"]), s(&v["format"]));
     }
     if let Some(o) = v["origin"].as_str() {
         println!("cloned from: {o}");
     }
     match v["attached_to"]["vm_name"].as_str() {
-        Some(vm) => println!("attached to: {vm} as {} via {}", s(&v["attached_to"]["disk"]), s(&v["attached_to"]["via"])),
+        Some(vm) => println!(
+            "attached to: {vm} as {} via {}",
+            s(&v["attached_to"]["disk"]),
+            s(&v["attached_to"]["via"])
+        ),
         None => println!("attached to: -"),
     }
     for sn in v["snapshots"].as_array().into_iter().flatten() {
-        let clones = sn["clones"].as_array().map(|c| c.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-        println!("snapshot:    {} ({}){}", s(&sn["name"]), size_of(sn), if clones.is_empty() { String::new() } else { format!(", clones: {clones}") });
+        let clones = sn["clones"]
+            .as_array()
+            .map(|c| c.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        println!(
+            "snapshot:    {} ({}){}",
+            s(&sn["name"]),
+            size_of(sn),
+            if clones.is_empty() {
+                String::new()
+            } else {
+                format!(", clones: {clones}")
+            }
+        );
     }
     for e in v["exports"].as_array().into_iter().flatten() {
         match e["kind"].as_str() {

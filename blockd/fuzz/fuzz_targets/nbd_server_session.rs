@@ -13,16 +13,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime"))
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
 }
 
 fn server() -> &'static NbdServer {
     static SERVER: OnceLock<NbdServer> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let s = NbdServer::new(ServerConfig { handshake_timeout: Duration::from_secs(1), ..ServerConfig::default() });
-        s.add_export("disk", Arc::new(MemoryDevice::new(1 << 20)), ExportOptions::default()).expect("add");
-        let ro = ExportOptions { read_only: true, description: "ro".into() };
-        s.add_export("ro", Arc::new(MemoryDevice::new(64 << 10)), ro).expect("add");
+        let s = NbdServer::new(ServerConfig {
+            handshake_timeout: Duration::from_secs(1),
+            ..ServerConfig::default()
+        });
+        s.add_export("disk", Arc::new(MemoryDevice::new(1 << 20)), ExportOptions::default())
+            .expect("add");
+        let ro = ExportOptions {
+            read_only: true,
+            description: "ro".into(),
+        };
+        s.add_export("ro", Arc::new(MemoryDevice::new(64 << 10)), ro)
+            .expect("add");
         s
     })
 }
@@ -34,11 +48,11 @@ fuzz_target!(|data: &[u8]| {
         let s = server().clone();
         let conn = tokio::spawn(async move { s.serve_connection(server_end).await });
         let (mut r, mut w) = tokio::io::split(client);
-        tokio::spawn(async move {
+        let feed = tokio::spawn(async move {
             let _ = w.write_all(&input).await;
             let _ = w.shutdown().await;
         });
-        tokio::spawn(async move {
+        let drain = tokio::spawn(async move {
             let mut sink = [0u8; 8192];
             while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
         });
@@ -47,5 +61,8 @@ fuzz_target!(|data: &[u8]| {
             Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Ok(_) => {}
         }
+        // Nothing of this input may outlive it (keeps the leak checker meaningful).
+        let _ = tokio::time::timeout(Duration::from_secs(5), feed).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     });
 });

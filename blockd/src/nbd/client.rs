@@ -44,11 +44,19 @@ pub enum ClientError {
     #[error("the NBD server broke the protocol: {0}")]
     Protocol(String),
     #[error("the NBD server refused option {option}: {message} (reply {reply_type:#x})")]
-    OptionRefused { option: u32, reply_type: u32, message: String },
+    OptionRefused {
+        option: u32,
+        reply_type: u32,
+        message: String,
+    },
     #[error("the NBD server has no export {0:?}")]
     UnknownExport(String),
     #[error("the NBD server failed the {command} request: error {errno} {message}")]
-    Request { command: &'static str, errno: u32, message: String },
+    Request {
+        command: &'static str,
+        errno: u32,
+        message: String,
+    },
     #[error("the connection to the NBD server is closed")]
     Closed,
     #[error("the export is read-only")]
@@ -61,7 +69,10 @@ impl ClientError {
     /// True when the connection itself failed (so reconnecting may help), false when
     /// the server answered with an error.
     pub fn is_connection_error(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed | ClientError::Protocol(_))
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed | ClientError::Protocol(_)
+        )
     }
 
     fn to_io(&self) -> io::Error {
@@ -120,7 +131,13 @@ impl Connection {
     /// Fails every request still waiting; the connection is unusable from now on.
     fn fail_all(&self, error: ClientError) {
         self.closed.store(true, Ordering::SeqCst);
-        let pending: Vec<Pending> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, p)| p).collect();
+        let pending: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in pending {
             let _ = p.done.send(Err(error.clone()));
         }
@@ -161,10 +178,15 @@ impl Drop for NbdClient {
 impl NbdClient {
     /// Connects, negotiates structured replies and opens `export` with `NBD_OPT_GO`.
     pub async fn connect(address: &NbdAddress, export: &str) -> Result<NbdClient, ClientError> {
-        let connect_error = |e: io::Error| ClientError::Connect { address: address.to_string(), message: e.to_string() };
+        let connect_error = |e: io::Error| ClientError::Connect {
+            address: address.to_string(),
+            message: e.to_string(),
+        };
         match address {
             NbdAddress::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a.as_str()).await.map_err(connect_error)?;
+                let s = tokio::net::TcpStream::connect(a.as_str())
+                    .await
+                    .map_err(connect_error)?;
                 s.set_nodelay(true).map_err(connect_error)?;
                 let (r, w) = s.into_split();
                 Self::handshake(r, Box::new(w), export).await
@@ -203,12 +225,22 @@ impl NbdClient {
         }
         let mut out = client_flags.to_be_bytes().to_vec();
         encode_option(&mut out, OPT_STRUCTURED_REPLY, &[]);
-        encode_option(&mut out, OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE, INFO_DESCRIPTION]));
+        encode_option(
+            &mut out,
+            OPT_GO,
+            &encode_info_request(export, &[INFO_BLOCK_SIZE, INFO_DESCRIPTION]),
+        );
         w.write_all(&out).await?;
         w.flush().await?;
 
         let mut structured = false;
-        let mut info = ExportInfo { size: 0, flags: 0, structured_replies: false, description: None, max_request: MAX_REQUEST_LEN };
+        let mut info = ExportInfo {
+            size: 0,
+            flags: 0,
+            structured_replies: false,
+            description: None,
+            max_request: MAX_REQUEST_LEN,
+        };
         let mut got_export = false;
         let mut payload = Vec::new();
         loop {
@@ -235,15 +267,23 @@ impl NbdClient {
                 (OPT_GO, REP_ERR_UNKNOWN) => return Err(ClientError::UnknownExport(export.to_string())),
                 (option, t) if is_error_reply(t) => {
                     let message = String::from_utf8_lossy(&payload).into_owned();
-                    return Err(ClientError::OptionRefused { option, reply_type: t, message });
+                    return Err(ClientError::OptionRefused {
+                        option,
+                        reply_type: t,
+                        message,
+                    });
                 }
                 (option, t) => {
-                    return Err(ClientError::Protocol(format!("unexpected reply {t:#x} to option {option}")));
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected reply {t:#x} to option {option}"
+                    )));
                 }
             }
         }
         if !got_export {
-            return Err(ClientError::Protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into()));
+            return Err(ClientError::Protocol(
+                "NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into(),
+            ));
         }
         info.structured_replies = structured;
         let conn = Arc::new(Connection {
@@ -279,19 +319,41 @@ impl NbdClient {
         self.conn.closed.load(Ordering::SeqCst)
     }
 
-    async fn request(&self, command: u16, flags: u16, offset: u64, len: u32, data: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+    async fn request(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ClientError> {
         if self.is_closed() {
             return Err(ClientError::Closed);
         }
         let cookie = self.conn.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let buf = if command == CMD_READ { vec![0u8; len as usize] } else { Vec::new() };
-        self.conn
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, Pending { command, offset, buf, error: None, done: tx });
-        let header = encode_request(&Request { flags, command, cookie, offset, len });
+        let buf = if command == CMD_READ {
+            vec![0u8; len as usize]
+        } else {
+            Vec::new()
+        };
+        self.conn.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            cookie,
+            Pending {
+                command,
+                offset,
+                buf,
+                error: None,
+                done: tx,
+            },
+        );
+        let header = encode_request(&Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        });
         let sent = {
             let mut w = self.conn.writer.lock().await;
             let mut slices = [IoSlice::new(&header), IoSlice::new(data.unwrap_or_default())];
@@ -301,7 +363,11 @@ impl NbdClient {
             }
         };
         if let Err(e) = sent {
-            self.conn.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&cookie);
+            self.conn
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&cookie);
             let error = ClientError::from(e);
             self.conn.fail_all(error.clone());
             return Err(error);
@@ -332,7 +398,8 @@ impl NbdClient {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         for (i, chunk) in data.chunks(self.info.max_request as usize).enumerate() {
             let at = offset + (i * self.info.max_request as usize) as u64;
-            self.request(CMD_WRITE, flags, at, chunk.len() as u32, Some(chunk)).await?;
+            self.request(CMD_WRITE, flags, at, chunk.len() as u32, Some(chunk))
+                .await?;
         }
         Ok(())
     }
@@ -365,7 +432,13 @@ impl NbdClient {
 
     /// Sends `NBD_CMD_DISC` after the requests in flight, and closes.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
-        let header = encode_request(&Request { flags: 0, command: CMD_DISC, cookie: 0, offset: 0, len: 0 });
+        let header = encode_request(&Request {
+            flags: 0,
+            command: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        });
         let mut w = self.conn.writer.lock().await;
         w.write_all(&header).await?;
         w.shutdown().await?;
@@ -400,7 +473,12 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, conn: &Connection) -> Res
                 }
                 let _ = p.done.send(Ok(p.buf));
             }
-            ReplyHeader::Structured { flags, chunk_type, cookie, len } => {
+            ReplyHeader::Structured {
+                flags,
+                chunk_type,
+                cookie,
+                len,
+            } => {
                 let done = flags & REPLY_FLAG_DONE != 0;
                 // Taken out to be filled; put back below unless this chunk ends the reply.
                 let mut p = take_pending(conn, cookie)?;
@@ -432,7 +510,11 @@ fn take_pending(conn: &Connection, cookie: u64) -> Result<Pending, ClientError> 
 }
 
 fn request_error(command: u16, errno: u32, message: String) -> ClientError {
-    ClientError::Request { command: command_name(command), errno, message }
+    ClientError::Request {
+        command: command_name(command),
+        errno,
+        message,
+    }
 }
 
 async fn read_chunk<R: AsyncRead + Unpin>(
@@ -470,7 +552,10 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             Ok(())
         }
-        t => Err(ClientError::Protocol(format!("unexpected chunk type {t} of {len} bytes for a {}", command_name(p.command)))),
+        t => Err(ClientError::Protocol(format!(
+            "unexpected chunk type {t} of {len} bytes for a {}",
+            command_name(p.command)
+        ))),
     }
 }
 
@@ -479,7 +564,9 @@ fn chunk_position(p: &Pending, offset: u64, len: u64) -> Result<usize, ClientErr
     let end = offset.checked_add(len);
     match (offset.checked_sub(p.offset), end) {
         (Some(at), Some(end)) if end - p.offset <= p.buf.len() as u64 => Ok(at as usize),
-        _ => Err(ClientError::Protocol(format!("chunk {offset}+{len} is outside the request"))),
+        _ => Err(ClientError::Protocol(format!(
+            "chunk {offset}+{len} is outside the request"
+        ))),
     }
 }
 
@@ -525,7 +612,11 @@ pub struct NbdDevice {
 
 impl std::fmt::Debug for NbdDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdDevice").field("address", &self.address).field("export", &self.export).field("size", &self.size).finish()
+        f.debug_struct("NbdDevice")
+            .field("address", &self.address)
+            .field("export", &self.export)
+            .field("size", &self.size)
+            .finish()
     }
 }
 
@@ -550,7 +641,17 @@ impl NbdDevice {
             .enable_all()
             .build()
             .map_err(|e| ClientError::Io(format!("cannot start the NBD client runtime: {e}")))?;
-        let client = runtime.block_on(NbdClient::connect(&address, export))?;
+        let connect = || runtime.block_on(NbdClient::connect(&address, export));
+        let client = if tokio::runtime::Handle::try_current().is_ok() {
+            // Blocking on our runtime from inside another would panic.
+            std::thread::scope(|s| {
+                s.spawn(connect)
+                    .join()
+                    .unwrap_or_else(|_| Err(ClientError::Io("NBD connect thread panicked".into())))
+            })?
+        } else {
+            connect()?
+        };
         Ok(NbdDevice {
             size: client.size(),
             read_only: client.read_only(),
@@ -569,7 +670,11 @@ impl NbdDevice {
     }
 
     fn current(&self) -> Option<Arc<NbdClient>> {
-        self.client.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| !c.is_closed())
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|c| !c.is_closed())
     }
 
     /// Runs `op` on a live connection, reconnecting and retrying on connection errors.
@@ -579,7 +684,9 @@ impl NbdDevice {
         F: Fn(Arc<NbdClient>) -> Fut + Send,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let Some(runtime) = self.runtime.as_ref() else { return Err(ClientError::Closed) };
+        let Some(runtime) = self.runtime.as_ref() else {
+            return Err(ClientError::Closed);
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Called from inside a runtime (say, an NBD server serving this device
             // inline): blocking on another runtime here would panic, so wait on a
@@ -605,7 +712,10 @@ impl NbdDevice {
                 let attempt = match self.current() {
                     Some(c) => op(c).await,
                     None => match NbdClient::connect(&self.address, &self.export).await {
-                        Ok(c) if c.size() != self.size => Err(ClientError::SizeChanged { was: self.size, now: c.size() }),
+                        Ok(c) if c.size() != self.size => Err(ClientError::SizeChanged {
+                            was: self.size,
+                            now: c.size(),
+                        }),
                         Ok(c) => {
                             tracing::info!(address = %self.address, export = %self.export, "NBD connection re-established");
                             self.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -645,7 +755,9 @@ impl BlockDevice for NbdDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         let len = buf.len();
-        let data = self.with_client(|c| async move { c.read(offset, len).await }).map_err(|e| e.to_io())?;
+        let data = self
+            .with_client(|c| async move { c.read(offset, len).await })
+            .map_err(|e| e.to_io())?;
         buf.copy_from_slice(&data);
         Ok(())
     }
@@ -654,26 +766,30 @@ impl BlockDevice for NbdDevice {
             return Err(ClientError::ReadOnly.to_io());
         }
         check_range(self.size, offset, buf.len() as u64)?;
-        self.with_client(|c| async move { c.write(offset, buf, false).await }).map_err(|e| e.to_io())
+        self.with_client(|c| async move { c.write(offset, buf, false).await })
+            .map_err(|e| e.to_io())
     }
     fn flush(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.with_client(|c| async move { c.flush().await }).map_err(|e| e.to_io())
+        self.with_client(|c| async move { c.flush().await })
+            .map_err(|e| e.to_io())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(ClientError::ReadOnly.to_io());
         }
         check_range(self.size, offset, len)?;
-        self.with_client(|c| async move { c.trim(offset, len).await }).map_err(|e| e.to_io())
+        self.with_client(|c| async move { c.trim(offset, len).await })
+            .map_err(|e| e.to_io())
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         if self.read_only {
             return Err(ClientError::ReadOnly.to_io());
         }
         check_range(self.size, offset, len)?;
-        self.with_client(|c| async move { c.write_zeroes(offset, len, may_trim).await }).map_err(|e| e.to_io())
+        self.with_client(|c| async move { c.write_zeroes(offset, len, may_trim).await })
+            .map_err(|e| e.to_io())
     }
 }

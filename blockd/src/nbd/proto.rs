@@ -143,7 +143,11 @@ pub enum ParseError {
     #[error("option payload of {0} bytes exceeds the limit of {MAX_OPTION_LEN}")]
     OptionTooLong(u32),
     #[error("{what} of {len} bytes does not fit in the {available} bytes of the option")]
-    Truncated { what: &'static str, len: usize, available: usize },
+    Truncated {
+        what: &'static str,
+        len: usize,
+        available: usize,
+    },
     #[error("{0} is longer than {MAX_STRING_LEN} bytes")]
     StringTooLong(&'static str),
     #[error("{0} is not valid UTF-8 or contains NUL")]
@@ -166,7 +170,10 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 fn need(b: &[u8], n: usize) -> Result<(), ParseError> {
     if b.len() < n {
-        return Err(ParseError::Short { needed: n, got: b.len() });
+        return Err(ParseError::Short {
+            needed: n,
+            got: b.len(),
+        });
     }
     Ok(())
 }
@@ -189,11 +196,17 @@ pub fn parse_greeting(b: &[u8]) -> Result<u16, ParseError> {
     need(b, GREETING_LEN)?;
     let magic = be64(b, 0);
     if magic != NBD_MAGIC {
-        return Err(ParseError::BadMagic { expected: NBD_MAGIC, found: magic });
+        return Err(ParseError::BadMagic {
+            expected: NBD_MAGIC,
+            found: magic,
+        });
     }
     let opt = be64(b, 8);
     if opt != IHAVEOPT {
-        return Err(ParseError::BadMagic { expected: IHAVEOPT, found: opt });
+        return Err(ParseError::BadMagic {
+            expected: IHAVEOPT,
+            found: opt,
+        });
     }
     Ok(be16(b, 16))
 }
@@ -211,9 +224,15 @@ pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, ParseError> {
     need(b, OPTION_HEADER_LEN)?;
     let magic = be64(b, 0);
     if magic != IHAVEOPT {
-        return Err(ParseError::BadMagic { expected: IHAVEOPT, found: magic });
+        return Err(ParseError::BadMagic {
+            expected: IHAVEOPT,
+            found: magic,
+        });
     }
-    let header = OptionHeader { option: be32(b, 8), len: be32(b, 12) };
+    let header = OptionHeader {
+        option: be32(b, 8),
+        len: be32(b, 12),
+    };
     if header.len > MAX_OPTION_LEN {
         return Err(ParseError::OptionTooLong(header.len));
     }
@@ -250,9 +269,16 @@ pub fn parse_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, ParseErr
     need(b, OPTION_REPLY_HEADER_LEN)?;
     let magic = be64(b, 0);
     if magic != OPTION_REPLY_MAGIC {
-        return Err(ParseError::BadMagic { expected: OPTION_REPLY_MAGIC, found: magic });
+        return Err(ParseError::BadMagic {
+            expected: OPTION_REPLY_MAGIC,
+            found: magic,
+        });
     }
-    let header = OptionReplyHeader { option: be32(b, 8), reply_type: be32(b, 12), len: be32(b, 16) };
+    let header = OptionReplyHeader {
+        option: be32(b, 8),
+        reply_type: be32(b, 12),
+        len: be32(b, 16),
+    };
     if header.len > MAX_OPTION_LEN {
         return Err(ParseError::OptionTooLong(header.len));
     }
@@ -287,8 +313,13 @@ pub fn parse_info_request(payload: &[u8]) -> Result<InfoRequest<'_>, ParseError>
     need(payload, 4)?;
     let name_len = be32(payload, 0) as usize;
     let available = payload.len() - 4;
-    if name_len > available.saturating_sub(2) {
-        return Err(ParseError::Truncated { what: "export name", len: name_len, available });
+    // The name must leave room for the 2-byte count (found by fuzzing: 4 zero bytes).
+    if available < 2 || name_len > available - 2 {
+        return Err(ParseError::Truncated {
+            what: "export name",
+            len: name_len,
+            available,
+        });
     }
     let name = parse_string(&payload[4..4 + name_len], "export name")?;
     let rest = &payload[4 + name_len..];
@@ -296,7 +327,11 @@ pub fn parse_info_request(payload: &[u8]) -> Result<InfoRequest<'_>, ParseError>
     let list = &rest[2..];
     if list.len() != count * 2 {
         if list.len() < count * 2 {
-            return Err(ParseError::Truncated { what: "information request list", len: count * 2, available: list.len() });
+            return Err(ParseError::Truncated {
+                what: "information request list",
+                len: count * 2,
+                available: list.len(),
+            });
         }
         return Err(ParseError::Trailing("the information request list"));
     }
@@ -356,8 +391,15 @@ pub fn encode_rep_server(name: &str, description: &str) -> Vec<u8> {
 /// Information the server gave about an export in `NBD_REP_INFO` replies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
-    BlockSize { minimum: u32, preferred: u32, maximum: u32 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        minimum: u32,
+        preferred: u32,
+        maximum: u32,
+    },
     Name(String),
     Description(String),
     /// An information type this implementation does not know; clients ignore these.
@@ -379,11 +421,18 @@ pub fn parse_info_reply(payload: &[u8]) -> Result<Info, ParseError> {
     Ok(match info {
         INFO_EXPORT => {
             exact(10, "NBD_INFO_EXPORT")?;
-            Info::Export { size: be64(body, 0), flags: be16(body, 8) }
+            Info::Export {
+                size: be64(body, 0),
+                flags: be16(body, 8),
+            }
         }
         INFO_BLOCK_SIZE => {
             exact(12, "NBD_INFO_BLOCK_SIZE")?;
-            Info::BlockSize { minimum: be32(body, 0), preferred: be32(body, 4), maximum: be32(body, 8) }
+            Info::BlockSize {
+                minimum: be32(body, 0),
+                preferred: be32(body, 4),
+                maximum: be32(body, 8),
+            }
         }
         INFO_NAME => Info::Name(parse_string(body, "export name")?.to_string()),
         INFO_DESCRIPTION => Info::Description(parse_string(body, "export description")?.to_string()),
@@ -398,7 +447,11 @@ pub fn parse_rep_server(payload: &[u8]) -> Result<(String, String), ParseError> 
     let len = be32(payload, 0) as usize;
     let available = payload.len() - 4;
     if len > available {
-        return Err(ParseError::Truncated { what: "export name", len, available });
+        return Err(ParseError::Truncated {
+            what: "export name",
+            len,
+            available,
+        });
     }
     let name = parse_string(&payload[4..4 + len], "export name")?;
     let description = parse_string(&payload[4 + len..], "export description")?;
@@ -407,7 +460,12 @@ pub fn parse_rep_server(payload: &[u8]) -> Result<(String, String), ParseError> 
 
 /// The server's reply to `NBD_OPT_EXPORT_NAME`: size, transmission flags and, unless
 /// the client set `NBD_FLAG_C_NO_ZEROES`, 124 zero bytes. Returns the filled length.
-pub fn encode_export_name_reply(out: &mut [u8; EXPORT_NAME_REPLY_LEN], size: u64, flags: u16, no_zeroes: bool) -> usize {
+pub fn encode_export_name_reply(
+    out: &mut [u8; EXPORT_NAME_REPLY_LEN],
+    size: u64,
+    flags: u16,
+    no_zeroes: bool,
+) -> usize {
     out.fill(0);
     out[0..8].copy_from_slice(&size.to_be_bytes());
     out[8..10].copy_from_slice(&flags.to_be_bytes());
@@ -438,9 +496,18 @@ pub fn parse_request(b: &[u8]) -> Result<Request, ParseError> {
     need(b, REQUEST_LEN)?;
     let magic = be32(b, 0);
     if magic != REQUEST_MAGIC {
-        return Err(ParseError::BadMagic { expected: u64::from(REQUEST_MAGIC), found: u64::from(magic) });
+        return Err(ParseError::BadMagic {
+            expected: u64::from(REQUEST_MAGIC),
+            found: u64::from(magic),
+        });
     }
-    Ok(Request { flags: be16(b, 4), command: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), len: be32(b, 24) })
+    Ok(Request {
+        flags: be16(b, 4),
+        command: be16(b, 6),
+        cookie: be64(b, 8),
+        offset: be64(b, 16),
+        len: be32(b, 24),
+    })
 }
 
 /// Encodes a request header.
@@ -493,7 +560,12 @@ pub fn encode_read_data_header(cookie: u64, offset: u64, data_len: u32) -> [u8; 
 pub fn encode_structured_error(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let message = truncate_utf8(message, MAX_STRING_LEN);
     let len = 4 + 2 + message.len() as u32;
-    out.extend_from_slice(&encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len));
+    out.extend_from_slice(&encode_structured_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        len,
+    ));
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(message.len() as u16).to_be_bytes());
     out.extend_from_slice(message.as_bytes());
@@ -517,7 +589,12 @@ pub enum ReplyHeader {
     /// A simple reply; for a successful read the data follows.
     Simple { error: u32, cookie: u64 },
     /// A structured reply chunk; `len` bytes of chunk payload follow.
-    Structured { flags: u16, chunk_type: u16, cookie: u64, len: u32 },
+    Structured {
+        flags: u16,
+        chunk_type: u16,
+        cookie: u64,
+        len: u32,
+    },
 }
 
 /// Bytes to read before [`parse_reply_header`] can tell the reply kind: both kinds
@@ -531,7 +608,10 @@ pub fn parse_reply_header(b: &[u8]) -> Result<ReplyHeader, ParseError> {
     match be32(b, 0) {
         SIMPLE_REPLY_MAGIC => {
             need(b, SIMPLE_REPLY_LEN)?;
-            Ok(ReplyHeader::Simple { error: be32(b, 4), cookie: be64(b, 8) })
+            Ok(ReplyHeader::Simple {
+                error: be32(b, 4),
+                cookie: be64(b, 8),
+            })
         }
         STRUCTURED_REPLY_MAGIC => {
             need(b, STRUCTURED_HEADER_LEN)?;
@@ -540,9 +620,17 @@ pub fn parse_reply_header(b: &[u8]) -> Result<ReplyHeader, ParseError> {
             if len > MAX_REQUEST_LEN + 8 + MAX_STRING_LEN as u32 {
                 return Err(ParseError::OptionTooLong(len));
             }
-            Ok(ReplyHeader::Structured { flags: be16(b, 4), chunk_type: be16(b, 6), cookie: be64(b, 8), len })
+            Ok(ReplyHeader::Structured {
+                flags: be16(b, 4),
+                chunk_type: be16(b, 6),
+                cookie: be64(b, 8),
+                len,
+            })
         }
-        other => Err(ParseError::BadMagic { expected: u64::from(SIMPLE_REPLY_MAGIC), found: u64::from(other) }),
+        other => Err(ParseError::BadMagic {
+            expected: u64::from(SIMPLE_REPLY_MAGIC),
+            found: u64::from(other),
+        }),
     }
 }
 
@@ -553,7 +641,11 @@ pub fn parse_structured_error(payload: &[u8]) -> Result<(u32, String), ParseErro
     let len = be16(payload, 4) as usize;
     let available = payload.len() - 6;
     if len > available {
-        return Err(ParseError::Truncated { what: "error message", len, available });
+        return Err(ParseError::Truncated {
+            what: "error message",
+            len,
+            available,
+        });
     }
     let message = String::from_utf8_lossy(&payload[6..6 + len]).into_owned();
     Ok((error, message))
@@ -613,9 +705,21 @@ mod tests {
 
     #[test]
     fn requests_parse_or_fail_as_tabled() {
-        let ok = |flags, command, cookie, offset, len| Ok(Request { flags, command, cookie, offset, len });
+        let ok = |flags, command, cookie, offset, len| {
+            Ok(Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                len,
+            })
+        };
         let table: Vec<(&str, Vec<u8>, Result<Request, ParseError>)> = vec![
-            ("read", request_bytes(REQUEST_MAGIC, 0, CMD_READ, 7, 4096, 512), ok(0, CMD_READ, 7, 4096, 512)),
+            (
+                "read",
+                request_bytes(REQUEST_MAGIC, 0, CMD_READ, 7, 4096, 512),
+                ok(0, CMD_READ, 7, 4096, 512),
+            ),
             (
                 "write with FUA",
                 request_bytes(REQUEST_MAGIC, CMD_FLAG_FUA, CMD_WRITE, u64::MAX, 0, 1),
@@ -629,10 +733,17 @@ mod tests {
             (
                 "simple reply magic is not a request",
                 request_bytes(SIMPLE_REPLY_MAGIC, 0, 0, 0, 0, 0),
-                Err(ParseError::BadMagic { expected: REQUEST_MAGIC as u64, found: SIMPLE_REPLY_MAGIC as u64 }),
+                Err(ParseError::BadMagic {
+                    expected: REQUEST_MAGIC as u64,
+                    found: SIMPLE_REPLY_MAGIC as u64,
+                }),
             ),
             ("empty", vec![], Err(ParseError::Short { needed: 28, got: 0 })),
-            ("27 bytes", vec![0x25; 27], Err(ParseError::Short { needed: 28, got: 27 })),
+            (
+                "27 bytes",
+                vec![0x25; 27],
+                Err(ParseError::Short { needed: 28, got: 27 }),
+            ),
         ];
         for (what, bytes, want) in table {
             assert_eq!(parse_request(&bytes), want, "{what}");
@@ -641,7 +752,13 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        let r = Request { flags: 3, command: CMD_WRITE_ZEROES, cookie: 0x0102030405060708, offset: 1 << 40, len: 99 };
+        let r = Request {
+            flags: 3,
+            command: CMD_WRITE_ZEROES,
+            cookie: 0x0102030405060708,
+            offset: 1 << 40,
+            len: 99,
+        };
         assert_eq!(parse_request(&encode_request(&r)), Ok(r));
     }
 
@@ -655,11 +772,40 @@ mod tests {
     #[test]
     fn option_headers_parse_or_fail_as_tabled() {
         let table: Vec<(&str, Vec<u8>, Result<OptionHeader, ParseError>)> = vec![
-            ("go", option_bytes(IHAVEOPT, OPT_GO, 10), Ok(OptionHeader { option: OPT_GO, len: 10 })),
-            ("at the limit", option_bytes(IHAVEOPT, 99, MAX_OPTION_LEN), Ok(OptionHeader { option: 99, len: MAX_OPTION_LEN })),
-            ("oversized", option_bytes(IHAVEOPT, OPT_GO, u32::MAX), Err(ParseError::OptionTooLong(u32::MAX))),
-            ("oversized by one", option_bytes(IHAVEOPT, 1, MAX_OPTION_LEN + 1), Err(ParseError::OptionTooLong(MAX_OPTION_LEN + 1))),
-            ("bad magic", option_bytes(NBD_MAGIC, OPT_GO, 0), Err(ParseError::BadMagic { expected: IHAVEOPT, found: NBD_MAGIC })),
+            (
+                "go",
+                option_bytes(IHAVEOPT, OPT_GO, 10),
+                Ok(OptionHeader {
+                    option: OPT_GO,
+                    len: 10,
+                }),
+            ),
+            (
+                "at the limit",
+                option_bytes(IHAVEOPT, 99, MAX_OPTION_LEN),
+                Ok(OptionHeader {
+                    option: 99,
+                    len: MAX_OPTION_LEN,
+                }),
+            ),
+            (
+                "oversized",
+                option_bytes(IHAVEOPT, OPT_GO, u32::MAX),
+                Err(ParseError::OptionTooLong(u32::MAX)),
+            ),
+            (
+                "oversized by one",
+                option_bytes(IHAVEOPT, 1, MAX_OPTION_LEN + 1),
+                Err(ParseError::OptionTooLong(MAX_OPTION_LEN + 1)),
+            ),
+            (
+                "bad magic",
+                option_bytes(NBD_MAGIC, OPT_GO, 0),
+                Err(ParseError::BadMagic {
+                    expected: IHAVEOPT,
+                    found: NBD_MAGIC,
+                }),
+            ),
             ("short", vec![0x49; 15], Err(ParseError::Short { needed: 16, got: 15 })),
         ];
         for (what, bytes, want) in table {
@@ -671,28 +817,83 @@ mod tests {
     fn info_requests_parse_or_fail_as_tabled() {
         let mut two = encode_info_request("disk", &[INFO_BLOCK_SIZE, INFO_NAME]);
         let table: Vec<(&str, Vec<u8>, Result<InfoRequest<'_>, ParseError>)> = vec![
-            ("name and two requests", two.clone(), Ok(InfoRequest { name: "disk", requests: vec![3, 1] })),
-            ("empty name", encode_info_request("", &[]), Ok(InfoRequest { name: "", requests: vec![] })),
+            (
+                "name and two requests",
+                two.clone(),
+                Ok(InfoRequest {
+                    name: "disk",
+                    requests: vec![3, 1],
+                }),
+            ),
+            (
+                "empty name",
+                encode_info_request("", &[]),
+                Ok(InfoRequest {
+                    name: "",
+                    requests: vec![],
+                }),
+            ),
             ("empty payload", vec![], Err(ParseError::Short { needed: 4, got: 0 })),
             (
                 "name length past the end",
                 vec![0, 0, 0, 9, b'a', 0, 0],
-                Err(ParseError::Truncated { what: "export name", len: 9, available: 3 }),
+                Err(ParseError::Truncated {
+                    what: "export name",
+                    len: 9,
+                    available: 3,
+                }),
             ),
             (
                 "name length u32::MAX",
                 vec![0xff, 0xff, 0xff, 0xff, 0, 0],
-                Err(ParseError::Truncated { what: "export name", len: u32::MAX as usize, available: 2 }),
+                Err(ParseError::Truncated {
+                    what: "export name",
+                    len: u32::MAX as usize,
+                    available: 2,
+                }),
             ),
-            ("no request count", vec![0, 0, 0, 1, b'a'], Err(ParseError::Truncated { what: "export name", len: 1, available: 1 })),
+            (
+                "empty name and no request count",
+                vec![0, 0, 0, 0],
+                Err(ParseError::Truncated {
+                    what: "export name",
+                    len: 0,
+                    available: 0,
+                }),
+            ),
+            (
+                "no request count",
+                vec![0, 0, 0, 1, b'a'],
+                Err(ParseError::Truncated {
+                    what: "export name",
+                    len: 1,
+                    available: 1,
+                }),
+            ),
             (
                 "count larger than the list",
                 vec![0, 0, 0, 0, 0, 2, 0, 1],
-                Err(ParseError::Truncated { what: "information request list", len: 4, available: 2 }),
+                Err(ParseError::Truncated {
+                    what: "information request list",
+                    len: 4,
+                    available: 2,
+                }),
             ),
-            ("trailing byte", vec![0, 0, 0, 0, 0, 0, 7], Err(ParseError::Trailing("the information request list"))),
-            ("NUL in name", encode_info_request("a\0b", &[]), Err(ParseError::BadString("export name"))),
-            ("invalid UTF-8", vec![0, 0, 0, 1, 0xff, 0, 0], Err(ParseError::BadString("export name"))),
+            (
+                "trailing byte",
+                vec![0, 0, 0, 0, 0, 0, 7],
+                Err(ParseError::Trailing("the information request list")),
+            ),
+            (
+                "NUL in name",
+                encode_info_request("a\0b", &[]),
+                Err(ParseError::BadString("export name")),
+            ),
+            (
+                "invalid UTF-8",
+                vec![0, 0, 0, 1, 0xff, 0, 0],
+                Err(ParseError::BadString("export name")),
+            ),
         ];
         for (what, bytes, want) in table {
             assert_eq!(parse_info_request(&bytes), want, "{what}");
@@ -705,41 +906,89 @@ mod tests {
     fn export_names_longer_than_the_protocol_allows_are_refused() {
         let long = vec![b'x'; MAX_STRING_LEN + 1];
         assert_eq!(parse_export_name(&long), Err(ParseError::StringTooLong("export name")));
-        assert_eq!(parse_export_name(&long[..MAX_STRING_LEN]).map(str::len), Ok(MAX_STRING_LEN));
+        assert_eq!(
+            parse_export_name(&long[..MAX_STRING_LEN]).map(str::len),
+            Ok(MAX_STRING_LEN)
+        );
     }
 
     #[test]
     fn info_replies_round_trip() {
-        assert_eq!(parse_info_reply(&encode_info_export(1 << 30, 0x1ed)), Ok(Info::Export { size: 1 << 30, flags: 0x1ed }));
+        assert_eq!(
+            parse_info_reply(&encode_info_export(1 << 30, 0x1ed)),
+            Ok(Info::Export {
+                size: 1 << 30,
+                flags: 0x1ed
+            })
+        );
         assert_eq!(
             parse_info_reply(&encode_info_block_size(1, 4096, MAX_REQUEST_LEN)),
-            Ok(Info::BlockSize { minimum: 1, preferred: 4096, maximum: MAX_REQUEST_LEN })
+            Ok(Info::BlockSize {
+                minimum: 1,
+                preferred: 4096,
+                maximum: MAX_REQUEST_LEN
+            })
         );
-        assert_eq!(parse_info_reply(&encode_info_string(INFO_NAME, "d")), Ok(Info::Name("d".into())));
+        assert_eq!(
+            parse_info_reply(&encode_info_string(INFO_NAME, "d")),
+            Ok(Info::Name("d".into()))
+        );
         assert_eq!(parse_info_reply(&[0, 9, 1]), Ok(Info::Unknown(9)));
-        assert_eq!(parse_info_reply(&[0, 0, 1]), Err(ParseError::Short { needed: 10, got: 1 }));
-        assert_eq!(parse_info_reply(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]), Err(ParseError::Trailing("NBD_INFO_EXPORT")));
-        assert_eq!(parse_rep_server(&encode_rep_server("a", "desc")), Ok(("a".into(), "desc".into())));
+        assert_eq!(
+            parse_info_reply(&[0, 0, 1]),
+            Err(ParseError::Short { needed: 10, got: 1 })
+        );
+        assert_eq!(
+            parse_info_reply(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]),
+            Err(ParseError::Trailing("NBD_INFO_EXPORT"))
+        );
+        assert_eq!(
+            parse_rep_server(&encode_rep_server("a", "desc")),
+            Ok(("a".into(), "desc".into()))
+        );
         assert!(parse_rep_server(&[0, 0, 1, 0]).is_err());
     }
 
     #[test]
     fn reply_headers_parse_or_fail_as_tabled() {
         let simple = encode_simple_reply(EPERM, 42);
-        assert_eq!(parse_reply_header(&simple), Ok(ReplyHeader::Simple { error: EPERM, cookie: 42 }));
+        assert_eq!(
+            parse_reply_header(&simple),
+            Ok(ReplyHeader::Simple {
+                error: EPERM,
+                cookie: 42
+            })
+        );
         let data = encode_read_data_header(5, 4096, 512);
         assert_eq!(
             parse_reply_header(&data),
-            Ok(ReplyHeader::Structured { flags: REPLY_FLAG_DONE, chunk_type: REPLY_TYPE_OFFSET_DATA, cookie: 5, len: 520 })
+            Ok(ReplyHeader::Structured {
+                flags: REPLY_FLAG_DONE,
+                chunk_type: REPLY_TYPE_OFFSET_DATA,
+                cookie: 5,
+                len: 520
+            })
         );
-        assert_eq!(parse_reply_header(&simple[..4]), Err(ParseError::Short { needed: 16, got: 4 }));
-        assert_eq!(parse_reply_header(&data[..16]), Err(ParseError::Short { needed: 20, got: 16 }));
-        assert!(matches!(parse_reply_header(&[0, 0, 0, 0]), Err(ParseError::BadMagic { .. })));
+        assert_eq!(
+            parse_reply_header(&simple[..4]),
+            Err(ParseError::Short { needed: 16, got: 4 })
+        );
+        assert_eq!(
+            parse_reply_header(&data[..16]),
+            Err(ParseError::Short { needed: 20, got: 16 })
+        );
+        assert!(matches!(
+            parse_reply_header(&[0, 0, 0, 0]),
+            Err(ParseError::BadMagic { .. })
+        ));
         let huge = encode_structured_header(0, REPLY_TYPE_OFFSET_DATA, 1, u32::MAX);
         assert!(matches!(parse_reply_header(&huge), Err(ParseError::OptionTooLong(_))));
         let mut err = Vec::new();
         encode_structured_error(&mut err, 9, EINVAL, "out of range");
-        assert_eq!(parse_structured_error(&err[STRUCTURED_HEADER_LEN..]), Ok((EINVAL, "out of range".into())));
+        assert_eq!(
+            parse_structured_error(&err[STRUCTURED_HEADER_LEN..]),
+            Ok((EINVAL, "out of range".into()))
+        );
         assert!(parse_structured_error(&[0, 0, 0, 22, 0, 5, b'a']).is_err());
     }
 

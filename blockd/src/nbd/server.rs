@@ -141,7 +141,9 @@ pub struct NbdServer {
 
 impl std::fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdServer").field("exports", &self.export_names()).finish()
+        f.debug_struct("NbdServer")
+            .field("exports", &self.export_names())
+            .finish()
     }
 }
 
@@ -171,12 +173,23 @@ impl NbdServer {
     }
 
     /// Offers `device` under `name`. New connections can use it at once.
-    pub fn add_export(&self, name: &str, device: Arc<dyn BlockDevice>, options: ExportOptions) -> Result<(), ServerError> {
+    pub fn add_export(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        options: ExportOptions,
+    ) -> Result<(), ServerError> {
         if name.len() > MAX_STRING_LEN {
-            return Err(ServerError::InvalidExportName { name: name.into(), reason: "longer than 4096 bytes" });
+            return Err(ServerError::InvalidExportName {
+                name: name.into(),
+                reason: "longer than 4096 bytes",
+            });
         }
         if name.contains('\0') {
-            return Err(ServerError::InvalidExportName { name: name.into(), reason: "contains NUL" });
+            return Err(ServerError::InvalidExportName {
+                name: name.into(),
+                reason: "contains NUL",
+            });
         }
         let mut exports = self.inner.exports.write().unwrap_or_else(|e| e.into_inner());
         if exports.contains_key(name) {
@@ -184,7 +197,13 @@ impl NbdServer {
         }
         let read_only = options.read_only || device.read_only();
         let description = proto_string(options.description);
-        let export = Export { name: name.into(), device, read_only, description, removed: watch::channel(false).0 };
+        let export = Export {
+            name: name.into(),
+            device,
+            read_only,
+            description,
+            removed: watch::channel(false).0,
+        };
         exports.insert(name.into(), Arc::new(export));
         Ok(())
     }
@@ -192,7 +211,12 @@ impl NbdServer {
     /// Withdraws an export and closes the connections using it. Returns whether it
     /// existed.
     pub fn remove_export(&self, name: &str) -> bool {
-        let removed = self.inner.exports.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let removed = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         match removed {
             Some(export) => {
                 export.removed.send_replace(true);
@@ -204,11 +228,19 @@ impl NbdServer {
 
     /// Names of the current exports, sorted.
     pub fn export_names(&self) -> Vec<String> {
-        self.inner.exports.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle { tx: self.inner.shutdown.clone() }
+        ShutdownHandle {
+            tx: self.inner.shutdown.clone(),
+        }
     }
 
     /// Same as `shutdown_handle().shutdown()`.
@@ -219,9 +251,16 @@ impl NbdServer {
     /// Listens on a TCP address and serves connections in a background task until
     /// shutdown. Returns the bound address (useful with port 0).
     pub async fn listen_tcp(&self, address: SocketAddr) -> Result<SocketAddr, ServerError> {
-        let listen_error = |source| ServerError::Listen { address: address.to_string(), source };
-        let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-            .map_err(listen_error)?;
+        let listen_error = |source| ServerError::Listen {
+            address: address.to_string(),
+            source,
+        };
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(listen_error)?;
         socket.set_reuseaddr(true).map_err(listen_error)?;
         socket.bind(address).map_err(listen_error)?;
         let listener = socket.listen(1024).map_err(listen_error)?;
@@ -234,7 +273,10 @@ impl NbdServer {
     /// Listens on a Unix socket at `path` (replacing a stale socket file there) and
     /// serves connections in a background task until shutdown, then removes the file.
     pub async fn listen_unix(&self, path: &Path) -> Result<(), ServerError> {
-        let listen_error = |source| ServerError::Listen { address: path.display().to_string(), source };
+        let listen_error = |source| ServerError::Listen {
+            address: path.display().to_string(),
+            source,
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_socket() {
@@ -298,7 +340,9 @@ impl NbdServer {
     }
 
     fn peer_allowed(&self, ip: IpAddr) -> bool {
-        let Some(nets) = &self.inner.config.allowed_networks else { return true };
+        let Some(nets) = &self.inner.config.allowed_networks else {
+            return true;
+        };
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
             v4 => v4,
@@ -388,7 +432,8 @@ impl NbdServer {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        w.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).await?;
+        w.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+            .await?;
         w.flush().await?;
         let mut client_flags = [0u8; 4];
         r.read_exact(&mut client_flags).await?;
@@ -397,7 +442,9 @@ impl NbdServer {
             return Err(ConnectionError::Protocol("client does not speak fixed newstyle".into()));
         }
         if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(ConnectionError::Protocol(format!("unknown client flags {client_flags:#x}")));
+            return Err(ConnectionError::Protocol(format!(
+                "unknown client flags {client_flags:#x}"
+            )));
         }
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
         let mut structured = false;
@@ -437,15 +484,31 @@ impl NbdServer {
                     encode_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
                 }
                 OPT_LIST => {
-                    let exports: Vec<Arc<Export>> =
-                        self.inner.exports.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+                    let exports: Vec<Arc<Export>> = self
+                        .inner
+                        .exports
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .cloned()
+                        .collect();
                     for e in exports {
-                        encode_option_reply(&mut out, option, REP_SERVER, &encode_rep_server(&e.name, &e.description));
+                        encode_option_reply(
+                            &mut out,
+                            option,
+                            REP_SERVER,
+                            &encode_rep_server(&e.name, &e.description),
+                        );
                     }
                     encode_option_reply(&mut out, option, REP_ACK, &[]);
                 }
                 OPT_STRUCTURED_REPLY if !payload.is_empty() => {
-                    encode_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
+                    encode_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 }
                 OPT_STRUCTURED_REPLY => {
                     structured = true;
@@ -649,7 +712,11 @@ where
     read_result.and(write_result)
 }
 
-async fn read_requests<R>(reader: &mut BufReader<R>, t: &Transmission, budget: &Arc<Semaphore>) -> Result<(), ConnectionError>
+async fn read_requests<R>(
+    reader: &mut BufReader<R>,
+    t: &Transmission,
+    budget: &Arc<Semaphore>,
+) -> Result<(), ConnectionError>
 where
     R: AsyncRead + Unpin,
 {
@@ -666,11 +733,22 @@ where
             return Ok(());
         }
         let payload_len = if request.command == CMD_WRITE { request.len } else { 0 };
-        let data_len = if request.command == CMD_READ || request.command == CMD_WRITE { request.len } else { 0 };
+        let data_len = if request.command == CMD_READ || request.command == CMD_WRITE {
+            request.len
+        } else {
+            0
+        };
         if let Some(error) = t.refusal(&request) {
             // Refused writes still carry their data, which must be skipped to stay in step.
             skip(reader, payload_len).await?;
-            t.reply(Reply { cookie: request.cookie, command: request.command, error, data: None, offset: 0, _permit: None });
+            t.reply(Reply {
+                cookie: request.cookie,
+                command: request.command,
+                error,
+                data: None,
+                offset: 0,
+                _permit: None,
+            });
             continue;
         }
         let permit = budget
@@ -679,7 +757,11 @@ where
             .await
             .map_err(|_| ConnectionError::Protocol("in-flight budget closed".into()))?;
         let is_io = request.command == CMD_READ || request.command == CMD_WRITE;
-        let mut data = if is_io { Some(t.pool.take(data_len as usize)) } else { None };
+        let mut data = if is_io {
+            Some(t.pool.take(data_len as usize))
+        } else {
+            None
+        };
         if let Some(buf) = data.as_mut().filter(|_| request.command == CMD_WRITE) {
             reader.read_exact(buf).await?;
         }
@@ -727,7 +809,11 @@ impl Transmission {
             return Some(EINVAL);
         }
         if r.command == CMD_FLUSH {
-            return if r.offset == 0 && r.len == 0 { None } else { Some(EINVAL) };
+            return if r.offset == 0 && r.len == 0 {
+                None
+            } else {
+                Some(EINVAL)
+            };
         }
         let writes = r.command != CMD_READ;
         if writes && self.read_only {
@@ -750,7 +836,11 @@ struct Job {
 
 impl Job {
     fn run(self, device: &dyn BlockDevice) -> Reply {
-        let Job { request: r, mut data, permit } = self;
+        let Job {
+            request: r,
+            mut data,
+            permit,
+        } = self;
         let fua = r.flags & CMD_FLAG_FUA != 0;
         let result = match r.command {
             CMD_READ => match data.as_mut() {
@@ -766,7 +856,11 @@ impl Job {
             CMD_WRITE_ZEROES => device.write_zeroes(r.offset, r.len.into(), r.flags & CMD_FLAG_NO_HOLE == 0),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
-        let result = if fua && r.command != CMD_READ && result.is_ok() { device.flush() } else { result };
+        let result = if fua && r.command != CMD_READ && result.is_ok() {
+            device.flush()
+        } else {
+            result
+        };
         let error = match &result {
             Ok(()) => 0,
             Err(e) => {
@@ -774,7 +868,14 @@ impl Job {
                 error_value(e)
             }
         };
-        Reply { cookie: r.cookie, command: r.command, error, data, offset: r.offset, _permit: Some(permit) }
+        Reply {
+            cookie: r.cookie,
+            command: r.command,
+            error,
+            data,
+            offset: r.offset,
+            _permit: Some(permit),
+        }
     }
 }
 
@@ -814,14 +915,24 @@ where
         segments.clear();
         let mut mark = 0;
         for (i, reply) in batch.iter().enumerate() {
-            let data = reply.data.as_deref().filter(|_| reply.command == CMD_READ && reply.error == 0);
+            let data = reply
+                .data
+                .as_deref()
+                .filter(|_| reply.command == CMD_READ && reply.error == 0);
             match (data, structured && reply.command == CMD_READ) {
-                (Some([]), true) => {
-                    out.extend_from_slice(&encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, reply.cookie, 0))
+                (Some([]), true) => out.extend_from_slice(&encode_structured_header(
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_NONE,
+                    reply.cookie,
+                    0,
+                )),
+                (Some(d), true) => {
+                    out.extend_from_slice(&encode_read_data_header(reply.cookie, reply.offset, d.len() as u32))
                 }
-                (Some(d), true) => out.extend_from_slice(&encode_read_data_header(reply.cookie, reply.offset, d.len() as u32)),
                 (Some(_), false) => out.extend_from_slice(&encode_simple_reply(0, reply.cookie)),
-                (None, true) => encode_structured_error(&mut out, reply.cookie, reply.error, error_message(reply.error)),
+                (None, true) => {
+                    encode_structured_error(&mut out, reply.cookie, reply.error, error_message(reply.error))
+                }
                 (None, false) => out.extend_from_slice(&encode_simple_reply(reply.error, reply.cookie)),
             }
             if let Some(d) = data {
@@ -860,7 +971,10 @@ where
 }
 
 /// Writes every slice, in as few system calls as the socket allows.
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !slices.is_empty() {
         let n = w.write_vectored(slices).await?;
         if n == 0 {

@@ -32,10 +32,16 @@ impl LoopMount {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("fs.img");
         run("truncate", &["-s", size, image.to_str().expect("utf8")]);
-        let device = run("losetup", &["--find", "--show", image.to_str().expect("utf8")]).trim().to_string();
+        let device = run("losetup", &["--find", "--show", image.to_str().expect("utf8")])
+            .trim()
+            .to_string();
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir(&mountpoint).expect("mkdir");
-        let guard = LoopMount { dir, mountpoint, device };
+        let guard = LoopMount {
+            dir,
+            mountpoint,
+            device,
+        };
         let mut argv = mkfs.to_vec();
         argv.push(&guard.device);
         run(argv[0], &argv[1..]);
@@ -66,7 +72,9 @@ impl LoopDevice {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
         run("truncate", &["-s", size, image.to_str().expect("utf8")]);
-        let device = run("losetup", &["--find", "--show", image.to_str().expect("utf8")]).trim().to_string();
+        let device = run("losetup", &["--find", "--show", image.to_str().expect("utf8")])
+            .trim()
+            .to_string();
         LoopDevice { dir, device }
     }
 }

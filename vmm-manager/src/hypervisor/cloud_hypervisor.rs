@@ -279,13 +279,24 @@ impl Hypervisor for CloudHypervisorDriver {
         }
     }
 
-    fn add_disk<'a>(&'a self, dir: &'a VmDir, _spec: &'a VmSpec, disk: &'a DiskSpec) -> BoxFuture<'a, Result<(), VmmError>> {
-        Box::pin(async move { Self::put(dir, "vm.add-disk", Some(&disk_config(disk))).await.map(|_| ()) })
+    fn add_disk<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        _spec: &'a VmSpec,
+        disk: &'a DiskSpec,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            Self::put(dir, "vm.add-disk", Some(&disk_config(disk)))
+                .await
+                .map(|_| ())
+        })
     }
 
     fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(async move {
-            Self::put(dir, "vm.remove-device", Some(&json!({ "id": disk_id }))).await.map(|_| ())
+            Self::put(dir, "vm.remove-device", Some(&json!({ "id": disk_id })))
+                .await
+                .map(|_| ())
         })
     }
 

@@ -77,7 +77,12 @@ pub trait Hypervisor: Send + Sync {
     fn classify_exit(&self, dir: &VmDir, exit: ExitInfo, stop_requested: bool) -> ExitVerdict;
 
     /// Hot-plugs `disk` into the running VM (`spec` already includes it).
-    fn add_disk<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec, disk: &'a crate::spec::DiskSpec) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn add_disk<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        disk: &'a crate::spec::DiskSpec,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
 
     /// Hot-unplugs a disk; returns once the guest has released it.
     fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>>;

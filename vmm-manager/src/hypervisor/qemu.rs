@@ -380,7 +380,12 @@ impl Hypervisor for QemuDriver {
         }
     }
 
-    fn add_disk<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec, disk: &'a DiskSpec) -> BoxFuture<'a, Result<(), VmmError>> {
+    fn add_disk<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        disk: &'a DiskSpec,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(async move {
             if spec.qemu.machine == QemuMachine::Microvm {
                 return Err(VmmError::Unsupported(
@@ -410,11 +415,19 @@ impl Hypervisor for QemuDriver {
                     )
                     .await;
                     if let Err(e) = added {
-                        let _ = qmp::execute(&qmp_socket, "blockdev-del", Some(json!({"node-name": format!("{id}-file")}))).await;
+                        let _ = qmp::execute(
+                            &qmp_socket,
+                            "blockdev-del",
+                            Some(json!({"node-name": format!("{id}-file")})),
+                        )
+                        .await;
                         return Err(e);
                     }
                     (
-                        vec![("blockdev-del", json!({"node-name": id})), ("blockdev-del", json!({"node-name": format!("{id}-file")}))],
+                        vec![
+                            ("blockdev-del", json!({"node-name": id})),
+                            ("blockdev-del", json!({"node-name": format!("{id}-file")})),
+                        ],
                         json!({"driver": "virtio-blk-pci", "id": id, "drive": id}),
                     )
                 }
@@ -422,11 +435,13 @@ impl Hypervisor for QemuDriver {
                     qmp::execute(
                         &qmp_socket,
                         "chardev-add",
-                        Some(json!({"id": format!("{id}-chr"), "backend": {"type": "socket", "data": {
-                            "addr": {"type": "unix", "data": {"path": socket}},
-                            "server": false,
-                            "reconnect": 1
-                        }}})),
+                        Some(
+                            json!({"id": format!("{id}-chr"), "backend": {"type": "socket", "data": {
+                                "addr": {"type": "unix", "data": {"path": socket}},
+                                "server": false,
+                                "reconnect": 1
+                            }}}),
+                        ),
                     )
                     .await?;
                     (
@@ -443,7 +458,9 @@ impl Hypervisor for QemuDriver {
                 dev["bus"] = json!(port);
                 match qmp::execute(&qmp_socket, "device_add", Some(dev)).await {
                     Ok(_) => return Ok(()),
-                    Err(VmmError::Refused { message, .. }) if message.contains("occupied") || message.contains("in use") => {
+                    Err(VmmError::Refused { message, .. })
+                        if message.contains("occupied") || message.contains("in use") =>
+                    {
                         last = VmmError::Unsupported(format!("no free hot-plug port ({message})"));
                     }
                     Err(e) => {
@@ -508,7 +525,9 @@ fn free_hotplug_ports(pci: &serde_json::Value) -> Vec<String> {
     let mut out = Vec::new();
     for bus in pci.as_array().into_iter().flatten() {
         for dev in bus.get("devices").and_then(|d| d.as_array()).into_iter().flatten() {
-            let Some(id) = dev.get("qdev_id").and_then(|v| v.as_str()) else { continue };
+            let Some(id) = dev.get("qdev_id").and_then(|v| v.as_str()) else {
+                continue;
+            };
             if !id.starts_with("hp") {
                 continue;
             }

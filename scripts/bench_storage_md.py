@@ -1,0 +1,51 @@
+"""Renders the storage benchmarks (scripts/bench_nbd.sh and scripts/bench_vhost_user.sh
+JSON) as the storage sections of docs/benchmarks.md. Usage: bench_storage_md.py NBD VHOST"""
+import datetime
+import json
+import sys
+
+nbd = json.load(open(sys.argv[1]))
+vu = json.load(open(sys.argv[2]))
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+out = [f"""
+## NBD servers: blockd against qemu-nbd and nbdkit
+
+{nbd['file']}, the same file for every server; {nbd['rounds']} rounds, servers interleaved
+(order rotated every round), fio {nbd['fio_runtime_s']} s per job; medians. nbdcopy for
+sequential transfers, fio's `nbd` engine for 4k random I/O. Run {now} UTC.
+Goal: at least nbdkit on every row and at least 1.3x qemu-nbd.
+
+| test | via | unit | blockd | qemu-nbd | nbdkit | vs nbdkit | vs qemu-nbd |
+|---|---|---|---|---|---|---|---|"""]
+for r in nbd["rows"]:
+    m = r["median"]
+    vk, vq = r.get("blockd_vs_nbdkit"), r.get("blockd_vs_qemu_nbd")
+    flag = lambda v, goal: f"**{v:.2f}**" if v is not None and v < goal else (f"{v:.2f}" if v is not None else "-")
+    out.append(f"| {r['test']} | {r['transport']} | {r['unit']} | {m.get('blockd', 0):.0f} | {m.get('qemu-nbd', 0):.0f} | "
+               f"{m.get('nbdkit', 0):.0f} | {flag(vk, 1.0)} | {flag(vq, 1.3)} |")
+out.append("""
+Bold: below the goal. At queue depth 1 each reply crosses from the connection's reader
+task to its writer task, a thread wake-up that nbdkit (one thread receives, reads and
+sends) does not pay; nbdcopy's 256 KiB writes go to the blocking pool. nbdcopy reads
+are bound by the client near 1.5-2 GiB/s for every server.""")
+med, ratio = vu["median"], vu["hearth_over_qsd"]
+s = vu["setup"]
+out.append(f"""
+## vhost-user-blk: blockd's backend against qemu-storage-daemon
+
+{s['disk']}; tiny guest under QEMU/TCG ({s['guest_vcpus']} vCPU, {s['queues']} queue), fio inside
+the guest ({s['fio']}), {s['rounds']} rounds {s['order']}; medians. qemu-storage-daemon:
+`{s['qemu-storage-daemon']}`. Goal: at least equal.
+
+| metric | blockd | qemu-storage-daemon | blockd / qsd |
+|---|---|---|---|""")
+names = {"seq_read_mib_s": "sequential read, MiB/s", "seq_write_mib_s": "sequential write, MiB/s",
+         "rand_read_4k_iops": "4k random read, IOPS", "rand_write_4k_iops": "4k random write, IOPS"}
+for k, label in names.items():
+    out.append(f"| {label} | {med['hearth'][k]:.0f} | {med['qemu-storage-daemon'][k]:.0f} | {ratio[k]:.2f} |")
+out.append("""
+Under TCG the guest's own CPU cost dominates and single rounds swing 2-3x on these
+2-core machines; the backend polls a busy queue for up to 100 µs before it interrupts
+the guest, which is where it gains.
+""")
+print("\n".join(out))
