@@ -48,16 +48,11 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let blockd = blockd::Blockd::open(config).await?;
-    socket_http::server::serve_unix(a.socket, blockd::router(blockd.clone()), async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
+    socket_http::server::serve_unix(
+        a.socket,
+        blockd::router(blockd.clone()),
+        socket_http::server::shutdown_signal(),
+    )
     .await?;
     blockd.exports.shutdown().await;
     Ok(())

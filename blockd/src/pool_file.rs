@@ -84,24 +84,20 @@ impl FilePool {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `<dir>/<stem>.raw` or `<dir>/<stem>.qcow2`, whichever exists.
+    fn find_file(&self, dir: &str, stem: &str) -> Option<(PathBuf, VolumeFormat)> {
+        [("raw", VolumeFormat::Raw), ("qcow2", VolumeFormat::Qcow2)]
+            .into_iter()
+            .map(|(ext, format)| (self.root.join(dir).join(format!("{stem}.{ext}")), format))
+            .find(|(p, _)| p.exists())
+    }
+
     fn volume_file(&self, name: &str) -> Option<(PathBuf, VolumeFormat)> {
-        for (ext, format) in [("raw", VolumeFormat::Raw), ("qcow2", VolumeFormat::Qcow2)] {
-            let p = self.root.join("volumes").join(format!("{name}.{ext}"));
-            if p.exists() {
-                return Some((p, format));
-            }
-        }
-        None
+        self.find_file("volumes", name)
     }
 
     fn snapshot_file(&self, volume: &str, snapshot: &str) -> Option<(PathBuf, VolumeFormat)> {
-        for (ext, format) in [("raw", VolumeFormat::Raw), ("qcow2", VolumeFormat::Qcow2)] {
-            let p = self.root.join("snapshots").join(format!("{volume}@{snapshot}.{ext}"));
-            if p.exists() {
-                return Some((p, format));
-            }
-        }
-        None
+        self.find_file("snapshots", &format!("{volume}@{snapshot}"))
     }
 
     fn meta_file(&self, name: &str) -> PathBuf {
@@ -153,18 +149,30 @@ impl FilePool {
         Ok(())
     }
 
-    fn describe(&self, name: &str, path: &Path, format: VolumeFormat, all_meta: &[(String, Meta)]) -> Result<Volume> {
-        let (size_bytes, allocated_bytes) = sizes(path, format)?;
-        let mut snapshots = Vec::new();
-        let prefix = format!("{name}@");
-        let mut entries: Vec<_> = fs::read_dir(self.root.join("snapshots"))
+    /// The snapshot files in the pool, sorted (read once per listing).
+    fn snapshot_files(&self) -> Result<Vec<String>> {
+        let mut files: Vec<String> = fs::read_dir(self.root.join("snapshots"))
             .map_err(VolumeError::io("listing snapshots"))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
+            .filter(|n| !n.starts_with(".tmp-"))
             .collect();
-        entries.sort();
-        for file in entries {
+        files.sort();
+        Ok(files)
+    }
+
+    fn describe(
+        &self,
+        name: &str,
+        path: &Path,
+        format: VolumeFormat,
+        all_meta: &[(String, Meta)],
+        snapshot_files: &[String],
+    ) -> Result<Volume> {
+        let (size_bytes, allocated_bytes) = sizes(path, format)?;
+        let mut snapshots = Vec::new();
+        let prefix = format!("{name}@");
+        for file in snapshot_files.iter().filter(|n| n.starts_with(&prefix)) {
             let Some((stem, ext)) = file.rsplit_once('.') else {
                 continue;
             };
@@ -174,7 +182,7 @@ impl FilePool {
             } else {
                 VolumeFormat::Raw
             };
-            let (s, a) = sizes(&self.root.join("snapshots").join(&file), fmt)?;
+            let (s, a) = sizes(&self.root.join("snapshots").join(file), fmt)?;
             snapshots.push(Snapshot {
                 name: snap.to_string(),
                 volume: name.to_string(),
@@ -233,7 +241,7 @@ impl FilePool {
     fn get_volume(&self, name: &str) -> Result<Volume> {
         let names = self.volume_names()?;
         let (path, format) = self.require_volume(name)?;
-        self.describe(name, &path, format, &self.all_meta(&names))
+        self.describe(name, &path, format, &self.all_meta(&names), &self.snapshot_files()?)
     }
 }
 
@@ -435,9 +443,10 @@ impl VolumeBackend for FilePool {
     fn list(&self) -> Result<Vec<Volume>> {
         let names = self.volume_names()?;
         let meta = self.all_meta(&names);
+        let snapshot_files = self.snapshot_files()?;
         let mut out = Vec::new();
         for (n, p, f) in &names {
-            match self.describe(n, p, *f, &meta) {
+            match self.describe(n, p, *f, &meta, &snapshot_files) {
                 Ok(v) => out.push(v),
                 // Deleted between listing and describing.
                 Err(VolumeError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}

@@ -242,31 +242,33 @@ impl LvmPool {
         format!("{}/{}", self.cfg.volume_group, lv)
     }
 
-    pub fn vgs_argv(&self) -> Vec<String> {
-        vec![
-            s("vgs"),
-            s("--reportformat"),
-            s("json"),
-            s("--units"),
-            s("b"),
-            s("--nosuffix"),
-            s("-o"),
-            s("vg_name,vg_size,vg_free"),
+    /// `vgs`/`lvs` with the JSON report in bytes, the way every report is read here.
+    fn report_argv(command: &str, fields: &str) -> Vec<String> {
+        [
+            command,
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            fields,
         ]
+        .map(s)
+        .to_vec()
+    }
+
+    pub fn vgs_argv(&self) -> Vec<String> {
+        Self::report_argv("vgs", "vg_name,vg_size,vg_free")
     }
 
     pub fn lvs_argv(&self) -> Vec<String> {
-        vec![
-            s("lvs"),
-            s("--reportformat"),
-            s("json"),
-            s("--units"),
-            s("b"),
-            s("--nosuffix"),
-            s("-o"),
-            s("lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path"),
-            self.cfg.volume_group.clone(),
-        ]
+        let mut v = Self::report_argv(
+            "lvs",
+            "lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path",
+        );
+        v.push(self.cfg.volume_group.clone());
+        v
     }
 
     pub fn create_pool_argv(&self, vg_free: u64) -> Vec<String> {

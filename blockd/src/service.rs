@@ -86,27 +86,38 @@ impl VolumeService {
         self.busy = Box::new(busy);
     }
 
+    /// Runs a backend call on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn VolumeBackend) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let backend = self.backend.clone();
+        blocking(move || f(backend.as_ref())).await
+    }
+
+    /// The volume if it exists.
+    async fn find(&self, name: &str) -> Result<Option<Volume>> {
+        let n = name.to_string();
+        self.run(move |b| b.get(&n)).await
+    }
+
     pub fn backend(&self) -> &Arc<dyn VolumeBackend> {
         &self.backend
     }
 
     pub async fn list(&self) -> Result<Vec<Volume>> {
-        let b = self.backend.clone();
-        blocking(move || b.list()).await
+        self.run(move |b| b.list()).await
     }
 
     pub async fn get(&self, name: &str) -> Result<Volume> {
         validate_name("volume", name)?;
-        let b = self.backend.clone();
-        let n = name.to_string();
-        blocking(move || b.get(&n))
+        self.find(name)
             .await?
             .ok_or_else(|| VolumeError::NotFound(format!("volume {name:?} does not exist")))
     }
 
     pub async fn pool(&self) -> Result<PoolStatus> {
-        let b = self.backend.clone();
-        let usage = blocking(move || b.usage()).await?;
+        let usage = self.run(move |b| b.usage()).await?;
         Ok(PoolStatus {
             backend: self.backend.kind().to_string(),
             usage,
@@ -136,9 +147,7 @@ impl VolumeService {
                 "size_bytes is required for an empty volume".into(),
             ));
         }
-        let b = self.backend.clone();
-        let n = name.to_string();
-        if let Some(existing) = blocking(move || b.get(&n)).await? {
+        if let Some(existing) = self.find(name).await? {
             return match spec.size_bytes {
                 Some(s) if s > existing.size_bytes => Ok((self.resize(name, s).await?, false)),
                 Some(s) if s < existing.size_bytes => Err(VolumeError::Invalid(format!(
@@ -148,17 +157,15 @@ impl VolumeService {
                 _ => Ok((existing, false)),
             };
         }
-        let b = self.backend.clone();
         if let Some(size) = spec.size_bytes {
-            let usage = blocking(move || b.usage()).await?;
+            let usage = self.run(move |b| b.usage()).await?;
             self.check_fits(size, usage)?;
         }
-        let b = self.backend.clone();
         let n = name.to_string();
         let made = match spec.source {
             None => {
                 let size = spec.size_bytes.unwrap_or(0);
-                blocking(move || b.create(&n, size)).await?
+                self.run(move |b| b.create(&n, size)).await?
             }
             Some(VolumeSource::Image(path)) => {
                 if !path.is_absolute() {
@@ -173,12 +180,13 @@ impl VolumeService {
                         path.display()
                     )));
                 }
-                blocking(move || b.create_from_file(&n, &path, spec.size_bytes)).await?
+                self.run(move |b| b.create_from_file(&n, &path, spec.size_bytes))
+                    .await?
             }
             Some(VolumeSource::Snapshot(r)) => {
                 let (v, s) = split_snapshot_ref(&r)?;
                 let (v, s) = (v.to_string(), s.to_string());
-                let cloned = blocking(move || b.clone_snapshot(&v, &s, &n)).await?;
+                let cloned = self.run(move |b| b.clone_snapshot(&v, &s, &n)).await?;
                 match spec.size_bytes {
                     Some(size) if size > cloned.size_bytes => self.resize(name, size).await?,
                     Some(size) if size < cloned.size_bytes => {
@@ -208,21 +216,17 @@ impl VolumeService {
         if size_bytes == v.size_bytes {
             return Ok(v);
         }
-        let b = self.backend.clone();
-        let usage = blocking(move || b.usage()).await?;
+        let usage = self.run(move |b| b.usage()).await?;
         self.check_fits(size_bytes, usage)?;
-        let b = self.backend.clone();
         let n = name.to_string();
-        blocking(move || b.resize(&n, size_bytes)).await
+        self.run(move |b| b.resize(&n, size_bytes)).await
     }
 
     /// Deletes a volume and its snapshots. Refused while a snapshot has clones or the
     /// volume is in use. Deleting a missing volume succeeds.
     pub async fn delete(&self, name: &str) -> Result<()> {
         validate_name("volume", name)?;
-        let b = self.backend.clone();
-        let n = name.to_string();
-        let Some(v) = blocking(move || b.get(&n)).await? else {
+        let Some(v) = self.find(name).await? else {
             return Ok(());
         };
         if let Some(why) = (self.busy)(name) {
@@ -243,9 +247,8 @@ impl VolumeService {
                 dependents.join(", ")
             )));
         }
-        let b = self.backend.clone();
         let n = name.to_string();
-        blocking(move || b.delete(&n)).await
+        self.run(move |b| b.delete(&n)).await
     }
 
     pub async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<(Snapshot, bool)> {
@@ -255,17 +258,14 @@ impl VolumeService {
         if let Some(s) = v.snapshots.into_iter().find(|s| s.name == snapshot) {
             return Ok((s, false));
         }
-        let b = self.backend.clone();
         let (vn, sn) = (volume.to_string(), snapshot.to_string());
-        Ok((blocking(move || b.snapshot(&vn, &sn)).await?, true))
+        Ok((self.run(move |b| b.snapshot(&vn, &sn)).await?, true))
     }
 
     pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         validate_name("volume", volume)?;
         validate_name("snapshot", snapshot)?;
-        let b = self.backend.clone();
-        let vn = volume.to_string();
-        let Some(v) = blocking(move || b.get(&vn)).await? else {
+        let Some(v) = self.find(volume).await? else {
             return Ok(());
         };
         if let Some(s) = v.snapshots.iter().find(|s| s.name == snapshot) {
@@ -281,9 +281,8 @@ impl VolumeService {
                 "snapshot {volume}@{snapshot} is in use: {why}"
             )));
         }
-        let b = self.backend.clone();
         let (vn, sn) = (volume.to_string(), snapshot.to_string());
-        blocking(move || b.delete_snapshot(&vn, &sn)).await
+        self.run(move |b| b.delete_snapshot(&vn, &sn)).await
     }
 }
 

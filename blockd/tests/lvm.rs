@@ -265,44 +265,18 @@ fn real_lvm2_on_a_loop_device() {
 
     // Metadata-only LVs named the way blockd names them, listed back through blockd.
     let c = "global { activation = 0 }";
-    run(
-        "lvcreate",
-        &[
-            "--config", c, "-q", "-L", "8m", "-n", "hv-data", "--addtag", "hearth", &vg,
-        ],
-    );
-    run(
-        "lvcreate",
-        &[
-            "--config",
-            c,
-            "-q",
-            "-L",
-            "8m",
-            "-n",
-            "hs-data+before",
-            "--addtag",
-            "hearth_snapshot",
-            &vg,
-        ],
-    );
-    run(
-        "lvcreate",
-        &[
-            "--config",
-            c,
-            "-q",
-            "-L",
-            "8m",
-            "-n",
-            "hv-copy",
-            "--addtag",
-            "hearth",
-            "--addtag",
-            "hearth_origin=data+before",
-            &vg,
-        ],
-    );
+    for (lv, tags) in [
+        ("hv-data", &["hearth"][..]),
+        ("hs-data+before", &["hearth_snapshot"][..]),
+        ("hv-copy", &["hearth", "hearth_origin=data+before"][..]),
+    ] {
+        let mut args = vec!["--config", c, "-q", "-L", "8m", "-n", lv];
+        for t in tags {
+            args.extend(["--addtag", t]);
+        }
+        args.push(&vg);
+        run("lvcreate", &args);
+    }
     let pool = LvmPool::new(cfg(&vg), Box::new(MetadataOnly)).expect("pool");
     let vols = pool.list().expect("list");
     let names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();

@@ -20,9 +20,6 @@ async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let args = Args::parse();
     let router = imaged::router(imaged::ImageCatalog::new(args.images_dir));
-    socket_http::server::serve_unix(args.socket, router, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    socket_http::server::serve_unix(args.socket, router, socket_http::server::shutdown_signal()).await?;
     Ok(())
 }

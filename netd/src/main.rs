@@ -25,9 +25,11 @@ async fn main() -> anyhow::Result<()> {
     let mut config = NetdConfig::new(args.state_dir);
     config.dnsmasq_binary = args.dnsmasq_binary;
     let svc = NetworkService::open(config).await?;
-    socket_http::server::serve_unix(args.socket, netd::http::router(svc), async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    socket_http::server::serve_unix(
+        args.socket,
+        netd::http::router(svc),
+        socket_http::server::shutdown_signal(),
+    )
     .await?;
     Ok(())
 }

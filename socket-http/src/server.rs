@@ -41,6 +41,18 @@ pub async fn serve_unix(
     result
 }
 
+/// Resolves on SIGINT or SIGTERM: how every daemon is asked to stop.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// The `/health` route every daemon serves.
 pub fn health_router(service: &'static str) -> Router {
     Router::new().route(

@@ -39,17 +39,11 @@ async fn main() -> anyhow::Result<()> {
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
     let svc = VmService::open(config).await?;
-    socket_http::server::serve_unix(args.socket, vmm_manager::http::router(svc), shutdown_signal()).await?;
+    socket_http::server::serve_unix(
+        args.socket,
+        vmm_manager::http::router(svc),
+        socket_http::server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -91,14 +91,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        socket_http::server::shutdown_signal().await;
         tracing::info!("shutting down; VMs keep running");
         let _ = tx.send(true);
     });
