@@ -5,6 +5,7 @@
 //! - [`store`]: the state store trait and its embedded implementation
 //! - [`vms`], [`console`]: `/v1/vms` and its console
 //! - [`volumes`]: the `/v1/volumes` endpoints
+//! - [`images`]: the `/v1/images` endpoints
 //! - [`operations`]: long-running operations
 //! - [`auth`]: API keys
 //! - [`cli`]: the `hearth` command
@@ -12,6 +13,7 @@
 pub mod auth;
 pub mod cli;
 pub mod console;
+pub mod images;
 pub mod json;
 pub mod model;
 pub mod networks;

@@ -35,6 +35,17 @@ pub struct CreateVm {
     /// Data volumes to attach: names, or `{"volume": name, "via": "vhost-user"}`.
     #[serde(default)]
     pub volumes: Vec<VolumeRef>,
+    /// Size of the root disk for images that have one, e.g. "20G" (default: the
+    /// image's size). The root disk is a copy-on-write clone of the image.
+    #[serde(default)]
+    pub disk_size: Option<String>,
+    /// OpenSSH public keys for the image's default user (through cloud-init).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// cloud-init user-data: a `#cloud-config` document (merged with hearth's
+    /// hostname, network and keys) or a script.
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 /// A volume named in `POST /v1/vms`.
@@ -154,8 +165,28 @@ pub struct VmRecord {
     pub nics: Vec<Nic>,
     #[serde(default)]
     pub volumes: Vec<AttachedVolume>,
+    /// The image's digest when the VM was created (its lease in imaged).
+    #[serde(default)]
+    pub image_digest: String,
+    /// The blockd volume holding the root disk (a clone of the image), if the image has a disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<RootDisk>,
+    /// The VM gets a cloud-init NoCloud seed disk.
+    #[serde(default)]
+    pub seed: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
     pub phase: Phase,
     pub created_at_ms: u64,
+}
+
+/// A VM's root disk: a blockd volume cloned from the image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RootDisk {
+    pub volume: String,
+    pub size_bytes: Option<u64>,
 }
 
 /// A VM as the API shows it: the record plus what the host reports.
@@ -179,6 +210,10 @@ pub struct Vm {
     pub nics: Vec<Nic>,
     #[serde(default)]
     pub volumes: Vec<AttachedVolume>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<RootDisk>,
+    #[serde(default)]
+    pub image_digest: String,
     /// QEMU VMs with a display reachable over VNC.
     #[serde(default)]
     pub vnc: bool,
@@ -215,6 +250,8 @@ impl Vm {
             pid,
             nics: r.nics.clone(),
             volumes: r.volumes.clone(),
+            root_disk: r.root_disk.clone(),
+            image_digest: r.image_digest.clone(),
             vnc: r.vnc,
             created_at_ms: r.created_at_ms,
         }
@@ -242,10 +279,24 @@ pub struct Operation {
     /// Human description of the current step.
     #[serde(default)]
     pub progress: String,
+    /// Byte counts for operations that move data (image imports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_detail: Option<ProgressDetail>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<socket_http::ErrorBody>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+}
+
+/// How far an operation that moves data is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressDetail {
+    pub bytes_done: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    pub rate_bytes_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 /// What `POST /v1/vms` and VM actions answer.

@@ -39,6 +39,7 @@ impl Operations {
             target_id: target_id.to_string(),
             status: OperationStatus::Running,
             progress: "accepted".into(),
+            progress_detail: None,
             error: None,
             created_at_ms: now,
             updated_at_ms: now,
@@ -72,6 +73,15 @@ impl Operations {
 
     pub async fn progress(&self, id: &str, step: &str) {
         self.update(id, |op| op.progress = step.to_string()).await;
+    }
+
+    /// Progress with byte counts (imports).
+    pub async fn progress_detail(&self, id: &str, step: &str, detail: crate::model::ProgressDetail) {
+        self.update(id, |op| {
+            op.progress = step.to_string();
+            op.progress_detail = Some(detail);
+        })
+        .await;
     }
 
     pub async fn succeed(&self, id: &str) {

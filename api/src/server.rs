@@ -18,7 +18,7 @@ use vmm_manager::HypervisorKind;
 use crate::operations::Operations;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::StateStore;
-use crate::{auth, console, networks, store, vms, volumes};
+use crate::{auth, console, images, networks, store, vms, volumes};
 
 /// The api's settings.
 #[derive(Debug, Clone)]
@@ -43,6 +43,7 @@ pub struct AllInOne {
     pub vmm: vmm_manager::VmmConfig,
     pub netd: netd::network::NetdConfig,
     pub blockd: blockd::BlockdConfig,
+    /// Recipe outputs imaged imports on first use (`<dir>/<name>/image.json`).
     pub images_dir: PathBuf,
 }
 
@@ -72,7 +73,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{id}/console", get(console::console))
         .route("/v1/vms/{id}/console/ticket", post(console::ticket))
         .route("/v1/vms/{id}/vnc", get(console::vnc))
-        .route("/v1/images", get(images))
+        .route("/v1/images", get(images::list).post(images::import))
+        .route("/v1/images/{name}", get(images::show).delete(images::delete))
         .route("/v1/keys", post(auth::create_key))
         .route("/", get(crate::web::index))
         .route("/assets/{*file}", get(crate::web::asset))
@@ -100,13 +102,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .with_state(state)
-}
-
-/// `GET /v1/images`: the images this host can boot.
-async fn images(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-) -> Result<Json<Vec<imaged::ImageInfo>>, ApiError> {
-    Ok(Json(state.images.list().await.map_err(crate::vms::upstream)?))
 }
 
 /// Ready when every daemon answers its health endpoint.
@@ -191,7 +186,13 @@ pub async fn run(
                         .map_err(|e| anyhow::anyhow!("blockd: {e}"))?,
                 ),
             ),
-            ("imaged", imaged::router(imaged::ImageCatalog::new(aio.images_dir))),
+            (
+                "imaged",
+                imaged::router(
+                    imaged::Imaged::open(imaged::ImagedConfig::new(&config.data_dir, Some(aio.images_dir)))
+                        .map_err(|e| anyhow::anyhow!("imaged: {e}"))?,
+                ),
+            ),
         ];
         for (name, router) in routers {
             let path = config.socket(name);

@@ -17,7 +17,7 @@ use socket_http::{ApiError, ClientError};
 use vmm_manager::spec::{HypervisorKind, QemuMachine, QemuOptions, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::json::JsonBody;
-use crate::model::{validate_name, Accepted, CreateVm, Phase, Vm, VmRecord};
+use crate::model::{validate_name, Accepted, CreateVm, Phase, RootDisk, Vm, VmRecord};
 use crate::server::AppState;
 use crate::store;
 
@@ -200,6 +200,38 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     }
     let image = find_image(&state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
+    let disk_size = match (&req.disk_size, &image.disk) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(ApiError::unprocessable(format!(
+                "image {:?} has no root disk; disk_size applies to images that have one",
+                req.image
+            )))
+        }
+        (Some(s), Some(d)) => {
+            let bytes = crate::volumes::parse_size(s)?;
+            if bytes < d.virtual_size {
+                return Err(ApiError::unprocessable(format!(
+                    "disk_size {s} is smaller than image {:?} ({} bytes)",
+                    req.image, d.virtual_size
+                )));
+            }
+            Some(bytes)
+        }
+    };
+    // Images with a root disk are cloud images: they get a cloud-init seed, as does any
+    // VM given keys or user-data. Bad keys or user-data are refused now.
+    let seed = image.disk.is_some() || req.user_data.is_some() || !req.ssh_keys.is_empty();
+    if seed {
+        let preview = imaged::cloudinit::SeedRequest {
+            instance_id: id.clone(),
+            hostname: name.clone(),
+            ssh_keys: req.ssh_keys.clone(),
+            user_data: req.user_data.clone(),
+            nics: vec![],
+        };
+        imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
+    }
 
     // Intent first: claim the name, then record the VM, then the operation.
     let s = state.store.as_ref();
@@ -222,6 +254,14 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         machine,
         nics: vec![],
         volumes: vec![],
+        image_digest: image.digest.clone(),
+        root_disk: image.disk.as_ref().map(|_| RootDisk {
+            volume: format!("vm-{id}-root"),
+            size_bytes: disk_size,
+        }),
+        seed,
+        ssh_keys: req.ssh_keys.clone(),
+        user_data: req.user_data.clone(),
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
@@ -265,7 +305,15 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
             }
         }
     }
-    s.put(&vm_key(&id), store::encode(&rec)).await?;
+    // The image cannot be deleted while this VM exists.
+    if let Err(e) = state.images.lease(&image.digest, &id).await {
+        undo_create(&state, &rec).await;
+        return Err(upstream(e));
+    }
+    if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
+        undo_create(&state, &rec).await;
+        return Err(e.into());
+    }
     let op = state.ops.start("vm.create", "vm", &id).await?;
     let task_state = state.clone();
     let (op_id, start) = (op.id.clone(), req.start);
@@ -404,10 +452,141 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError
     })
 }
 
+/// The host's resolvers (not loopback ones, which mean nothing inside a VM).
+fn host_resolvers() -> Vec<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(3)
+        .collect()
+}
+
+/// What imaged writes into the VM's cloud-init seed.
+fn seed_request(rec: &VmRecord) -> imaged::cloudinit::SeedRequest {
+    let dns = host_resolvers();
+    imaged::cloudinit::SeedRequest {
+        instance_id: rec.id.clone(),
+        hostname: rec.name.clone(),
+        ssh_keys: rec.ssh_keys.clone(),
+        user_data: rec.user_data.clone(),
+        nics: rec
+            .nics
+            .iter()
+            .map(|n| imaged::cloudinit::SeedNic {
+                mac: n.mac.clone(),
+                ip: n.ip.into(),
+                prefix: n.prefix,
+                gateway: Some(n.gateway.into()),
+                dns: dns.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The root disk (a copy-on-write clone of the image, made by blockd) and the
+/// cloud-init seed, in that order: the guest sees them as vda and vdb.
+async fn boot_disks(
+    state: &AppState,
+    rec: &VmRecord,
+    image: &imaged::ImageInfo,
+    op_id: &str,
+) -> Result<Vec<vmm_manager::spec::DiskSpec>, ApiError> {
+    use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
+    let mut disks = Vec::new();
+    if let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) {
+        state.ops.progress(op_id, "cloning the root disk from the image").await;
+        let spec = blockd::service::VolumeSpec {
+            size_bytes: root.size_bytes,
+            source: Some(blockd::service::VolumeSource::ImageClone {
+                path: disk.path.clone(),
+                key: image.digest.clone(),
+            }),
+        };
+        let v = state
+            .blockd
+            .ensure_volume(&root.volume, &spec)
+            .await
+            .map_err(upstream)?;
+        let path = v.path.ok_or_else(|| {
+            ApiError::conflict("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")
+        })?;
+        let format = match v.format {
+            blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
+            blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
+        };
+        disks.push(DiskSpec {
+            id: "root".into(),
+            source: DiskSource::File { path, format },
+            readonly: false,
+        });
+    }
+    if rec.seed {
+        state.ops.progress(op_id, "writing the cloud-init seed").await;
+        let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
+        disks.push(DiskSpec {
+            id: "seed".into(),
+            source: DiskSource::File {
+                path: seed.path,
+                format: DiskFormat::Raw,
+            },
+            readonly: true,
+        });
+    }
+    Ok(disks)
+}
+
+/// Removes what a VM owns on the host, in dependency order: the VMM, its ports, its
+/// root disk and seed, its volume attachments, its image lease. Each step is
+/// idempotent; errors are logged and the rest still runs.
+async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    let mut first_error = None;
+    let mut note = |what: &str, e: ApiError| {
+        tracing::error!(vm = %rec.id, "cannot remove the {what}: {}", e.body.message);
+        first_error.get_or_insert(e);
+    };
+    if let Err(e) = state.vmm.delete(&rec.id).await {
+        note("VMM", upstream(e));
+    }
+    for nic in &rec.nics {
+        if let Err(e) = state.netd.delete_port(&nic.port).await {
+            note("port", upstream(e));
+        }
+    }
+    if let Some(root) = &rec.root_disk {
+        if let Err(e) = state.blockd.delete_volume(&root.volume).await {
+            note("root disk", upstream(e));
+        }
+    }
+    if rec.seed {
+        if let Err(e) = state.images.delete_seed(&rec.id).await {
+            note("cloud-init seed", upstream(e));
+        }
+    }
+    // Volumes outlive the VM: only the attachment goes.
+    for v in &rec.volumes {
+        crate::volumes::release(state, v).await;
+    }
+    if let Err(e) = state.images.release(&rec.id).await {
+        note("image lease", upstream(e));
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Undoes a create that failed: everything on the host and the records.
+async fn undo_create(state: &AppState, rec: &VmRecord) {
+    let _ = remove_vm_parts(state, rec).await;
+    let _ = state.store.delete(&vm_key(&rec.id)).await;
+    let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
+}
+
 async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageInfo, op_id: String, start: bool) {
     let result = async {
         state.ops.progress(&op_id, "defining the VM").await;
         let mut spec = vm_spec(&rec, &image)?;
+        spec.disks = boot_disks(&state, &rec, &image, &op_id).await?;
         for v in &rec.volumes {
             spec.disks.push(crate::volumes::disk_spec(&state, v).await?);
         }
@@ -425,16 +604,8 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
     match result {
         Ok(()) => state.ops.succeed(&op_id).await,
         Err(e) => {
-            // Leave nothing behind: no VMM, no state directory, no records.
-            if let Err(cleanup) = state.vmm.delete(&rec.id).await {
-                tracing::error!(vm = %rec.id, "cleanup after failed create: {cleanup}");
-            }
-            detach_nics(&state, &rec.nics).await;
-            for v in &rec.volumes {
-                crate::volumes::release(&state, v).await;
-            }
-            let _ = state.store.delete(&vm_key(&rec.id)).await;
-            let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
+            // Leave nothing behind: no VMM, state directory, disk, seed or records.
+            undo_create(&state, &rec).await;
             state.ops.fail(&op_id, &e).await;
         }
     }
@@ -459,14 +630,7 @@ pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Respon
     tokio::spawn(async move {
         let result = async {
             task_state.ops.progress(&op_id, "stopping and removing the VMM").await;
-            task_state.vmm.delete(&rec.id).await.map_err(upstream)?;
-            for nic in &rec.nics {
-                task_state.netd.delete_port(&nic.port).await.map_err(upstream)?;
-            }
-            // Volumes outlive the VM: only the attachment goes.
-            for v in &rec.volumes {
-                crate::volumes::release(&task_state, v).await;
-            }
+            remove_vm_parts(&task_state, &rec).await?;
             task_state.store.delete(&vm_key(&rec.id)).await?;
             task_state.store.delete(&name_key(&rec.project, &rec.name)).await?;
             Ok::<_, ApiError>(())

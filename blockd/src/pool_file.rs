@@ -440,6 +440,61 @@ impl VolumeBackend for FilePool {
         self.get_volume(name)
     }
 
+    /// A reflink of the image where the file system shares extents (and the image is
+    /// on it), else a qcow2 overlay whose backing file is the image. Never a copy.
+    fn clone_image(&self, name: &str, image: &Path, _key: &str) -> Result<Volume> {
+        let _g = self.lock();
+        self.refuse_existing(name)?;
+        if is_qcow2(image)? {
+            return Err(VolumeError::Unsupported(format!(
+                "{} is a qcow2 image; root disks are cloned from raw images (imaged converts on import)",
+                image.display()
+            )));
+        }
+        let meta = Meta {
+            origin: Some(format!("image:{}", image.display())),
+        };
+        let meta_bytes = serde_json::to_vec(&meta).map_err(|e| VolumeError::Backend(e.to_string()))?;
+        fs::write(self.meta_file(name), meta_bytes)
+            .map_err(VolumeError::io(format!("recording the origin of {name:?}")))?;
+        let reflinked = self.reflink && {
+            let final_path = self.root.join("volumes").join(format!("{name}.raw"));
+            let tmp = self.tmp_path("volumes", &format!("{name}.raw"));
+            let cloned = File::open(image)
+                .and_then(|from| File::create(&tmp).and_then(|to| ficlone(&from, &to)))
+                .and_then(|_| fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644)))
+                .and_then(|_| fs::rename(&tmp, &final_path));
+            if cloned.is_err() {
+                // EXDEV (the image is on another file system) or no reflink: overlay.
+                let _ = fs::remove_file(&tmp);
+            }
+            cloned.is_ok()
+        };
+        if !reflinked {
+            let final_path = self.root.join("volumes").join(format!("{name}.qcow2"));
+            let tmp = self.tmp_path("volumes", &format!("{name}.qcow2"));
+            let made = qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                &image.to_string_lossy(),
+                &tmp.to_string_lossy(),
+            ])
+            .and_then(|_| fs::rename(&tmp, &final_path).map_err(VolumeError::io(format!("cloning into {name:?}"))));
+            if let Err(e) = made {
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(self.meta_file(name));
+                return Err(e);
+            }
+        }
+        drop(_g);
+        self.get_volume(name)
+    }
+
     fn list(&self) -> Result<Vec<Volume>> {
         let names = self.volume_names()?;
         let meta = self.all_meta(&names);

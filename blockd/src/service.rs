@@ -17,6 +17,10 @@ pub enum VolumeSource {
     Snapshot(String),
     /// A copy of a raw image file on this host (shares extents where it can).
     Image(PathBuf),
+    /// A copy-on-write clone of an immutable raw image file (imaged's cache): a
+    /// reflink or qcow2 overlay in a file pool, a thin snapshot of the image's base
+    /// volume in LVM. `key` is the image's digest.
+    ImageClone { path: PathBuf, key: String },
 }
 
 /// The body of `PUT /volumes/{name}`.
@@ -36,6 +40,23 @@ pub struct PoolStatus {
     pub backend: String,
     #[serde(flatten)]
     pub usage: PoolUsage,
+}
+
+/// An image path must be absolute and name an existing file.
+fn check_image_path(path: &Path) -> Result<()> {
+    if !path.is_absolute() {
+        return Err(VolumeError::Invalid(format!(
+            "image path {} must be absolute",
+            path.display()
+        )));
+    }
+    if !path.is_file() {
+        return Err(VolumeError::NotFound(format!(
+            "image file {} does not exist",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Splits `volume@snapshot`.
@@ -168,20 +189,29 @@ impl VolumeService {
                 self.run(move |b| b.create(&n, size)).await?
             }
             Some(VolumeSource::Image(path)) => {
-                if !path.is_absolute() {
-                    return Err(VolumeError::Invalid(format!(
-                        "image path {} must be absolute",
-                        path.display()
-                    )));
-                }
-                if !path.is_file() {
-                    return Err(VolumeError::NotFound(format!(
-                        "image file {} does not exist",
-                        path.display()
-                    )));
-                }
+                check_image_path(&path)?;
                 self.run(move |b| b.create_from_file(&n, &path, spec.size_bytes))
                     .await?
+            }
+            Some(VolumeSource::ImageClone { path, key }) => {
+                check_image_path(&path)?;
+                if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == ':') {
+                    return Err(VolumeError::Invalid(format!("image key {key:?} must be a digest")));
+                }
+                let len = std::fs::metadata(&path)
+                    .map_err(VolumeError::io(format!("stat {}", path.display())))?
+                    .len();
+                let cloned = self.run(move |b| b.clone_image(&n, &path, &key)).await?;
+                match spec.size_bytes {
+                    Some(size) if size > cloned.size_bytes => self.resize(name, size).await?,
+                    Some(size) if size < len => {
+                        let _ = self.delete(name).await;
+                        return Err(VolumeError::Invalid(format!(
+                            "the image holds {len} bytes; a disk made from it cannot be smaller ({size})"
+                        )));
+                    }
+                    _ => cloned,
+                }
             }
             Some(VolumeSource::Snapshot(r)) => {
                 let (v, s) = split_snapshot_ref(&r)?;

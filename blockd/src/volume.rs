@@ -104,6 +104,19 @@ impl From<VolumeError> for socket_http::ApiError {
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
 
+/// The snapshot of an image base volume that root disks are cloned from.
+pub const IMAGE_BASE_SNAPSHOT: &str = "base";
+
+/// The volume that holds an image's blocks once, for backends that clone snapshots.
+pub fn image_base_name(key: &str) -> String {
+    let short: String = key
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(24)
+        .collect();
+    format!("image-{short}")
+}
+
 /// A storage backend: where volumes live and how they are snapshotted and cloned.
 /// Every method is idempotent where that makes sense: deleting what is missing succeeds.
 pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
@@ -122,6 +135,25 @@ pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
     fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
     /// Creates `name` from `volume@snapshot`, sharing blocks where the backend can.
     fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<Volume>;
+    /// Creates `name` as a copy-on-write clone of an immutable image file (imaged's
+    /// cache), never a full copy where the backend can share blocks. `key` names the
+    /// image (its digest) for backends that keep one base per image.
+    ///
+    /// The default keeps one base volume per image (`image-<key>`, filled once from the
+    /// file) with one snapshot `base`, and clones that snapshot: an LVM thin snapshot.
+    fn clone_image(&self, name: &str, image: &std::path::Path, key: &str) -> Result<Volume> {
+        let base = image_base_name(key);
+        if self.get(&base)?.is_none() {
+            self.create_from_file(&base, image, None)?;
+        }
+        let has_snapshot = self
+            .get(&base)?
+            .is_some_and(|v| v.snapshots.iter().any(|s| s.name == IMAGE_BASE_SNAPSHOT));
+        if !has_snapshot {
+            self.snapshot(&base, IMAGE_BASE_SNAPSHOT)?;
+        }
+        self.clone_snapshot(&base, IMAGE_BASE_SNAPSHOT, name)
+    }
     fn list(&self) -> Result<Vec<Volume>>;
     fn get(&self, name: &str) -> Result<Option<Volume>> {
         Ok(self.list()?.into_iter().find(|v| v.name == name))

@@ -225,6 +225,49 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
         "volume from image, beyond the image",
     );
 
+    // A root disk cloned from an immutable image: copy-on-write, the image untouched.
+    let cache_image = scratch.join("cache-image.raw");
+    std::fs::write(&cache_image, vec![0x3Cu8; 8 * 4096]).expect("image");
+    let digest_before = std::fs::read(&cache_image).expect("read image");
+    let root_spec = |size: Option<u64>| VolumeSpec {
+        size_bytes: size,
+        source: Some(VolumeSource::ImageClone {
+            path: cache_image.clone(),
+            key: "sha256:0123456789abcdef0123456789abcdef".into(),
+        }),
+    };
+    let (root, _) = svc.ensure("root-a", root_spec(Some(16 * MIB))).await.expect("clone image");
+    let (root_b, _) = svc.ensure("root-b", root_spec(None)).await.expect("clone image again");
+    assert_eq!(root.size_bytes, 16 * MIB, "{kind}: the clone is grown to the size asked");
+    assert_eq!(root_b.size_bytes, 8 * 4096, "{kind}: without a size the clone keeps the image's");
+    assert_all(&read(&backend, &root, 0, 8 * 4096), 0x3C, "image clone");
+    write_pattern(&backend, &root, 0, 4096, 0x77);
+    assert_all(&read(&backend, &root, 0, 4096), 0x77, "image clone after a write");
+    assert_all(&read(&backend, &root_b, 0, 4096), 0x3C, "the other clone of the image");
+    assert_eq!(
+        std::fs::read(&cache_image).expect("read image"),
+        digest_before,
+        "{kind}: writing to a clone leaves the image file untouched"
+    );
+    assert!(matches!(
+        svc.ensure("root-small", root_spec(Some(4096))).await,
+        Err(VolumeError::Invalid(_))
+    ));
+    assert!(svc.get("root-small").await.is_err(), "a refused clone leaves nothing");
+    svc.delete("root-a").await.expect("delete root");
+    svc.delete("root-b").await.expect("delete root");
+    if let Some(base) = svc
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|v| v.name.starts_with("image-"))
+    {
+        // Backends that keep a base volume per image (memory, LVM).
+        svc.delete_snapshot(&base.name, "base").await.expect("base snapshot");
+        svc.delete(&base.name).await.expect("base");
+    }
+
     // Clean up in dependency order; deleting what is gone succeeds.
     svc.delete("copy").await.expect("delete clone");
     svc.delete_snapshot("data", "before").await.expect("delete snapshot");

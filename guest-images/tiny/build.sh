@@ -30,50 +30,25 @@ virtio_pci_modern_dev virtio_pci virtio_mmio virtio_net virtio_blk button evdev"
 OUT_FILES="vmlinuz vmlinux initrd.img cmdline image.json"
 
 export LC_ALL=C
-
-die() { echo "tiny: error: $*" >&2; exit 1; }
-log() { echo "tiny: $*" >&2; }
+RECIPE=tiny
+# shellcheck source=../lib.sh
+. "$HERE/../lib.sh"
 
 [ $# -le 1 ] || die "usage: $0 [OUT_DIR]"
 case $OUT_DIR in /*) ;; *) OUT_DIR=$PWD/$OUT_DIR ;; esac
 OUT_DIR=${OUT_DIR%/}
 
-need_tools() {
-	local t missing=()
-	for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
-	[ ${#missing[@]} -eq 0 ] ||
-		die "missing tools: ${missing[*]} (Debian: apt-get install -y busybox-static cpio lz4 gzip dpkg apt coreutils)"
-}
-need_tools apt-cache apt-get dpkg-deb dpkg-query sha256sum od dd cpio lz4 gzip find sort
-
-# Temp dirs, removed on any exit.
-TMP_DIRS=()
-cleanup() {
-	local d
-	for d in "${TMP_DIRS[@]}"; do rm -rf -- "$d"; done
-}
-trap cleanup EXIT
-trap 'echo "tiny: error: build failed at line $LINENO: $BASH_COMMAND" >&2' ERR
-trap 'exit 130' INT
-trap 'exit 143' TERM
+need_tools "Debian: apt-get install -y busybox-static cpio lz4 gzip dpkg apt coreutils" \
+	apt-cache apt-get dpkg-deb dpkg-query sha256sum od dd cpio lz4 gzip find sort
+hearth_traps
 
 # ---------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------
 recipe_hash() {
-	# build.sh and everything under rootfs/ (not README.md). Modes are set
-	# explicitly below, so only names, link targets and contents count.
-	(
-		cd "$HERE"
-		find build.sh rootfs \( -type f -o -type l \) -print | sort |
-			while IFS= read -r f; do
-				if [ -L "$f" ]; then
-					printf 'L %s %s\n' "$f" "$(readlink "$f")"
-				else
-					printf 'F %s %s\n' "$f" "$(sha256sum <"$f" | cut -d' ' -f1)"
-				fi
-			done
-	) | sha256sum | cut -d' ' -f1
+	# build.sh, everything under rootfs/ and the shared ../lib.sh (not README.md).
+	# Modes are set explicitly below, so only names, link targets and contents count.
+	hearth_hash_files "$HERE/.." tiny/build.sh tiny/rootfs lib.sh
 }
 
 kernel_package() {
@@ -139,10 +114,8 @@ fi
 
 log "building $OUT_DIR (kernel $KPKG $KPKG_VERSION, busybox $BUSYBOX_VERSION)"
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hearth-tiny.XXXXXX")
-TMP_DIRS+=("$WORK")
-STAGE=$(mktemp -d "$(dirname "$OUT_DIR")/.$(basename "$OUT_DIR").build.XXXXXX")
-TMP_DIRS+=("$STAGE")
+hearth_tmpdir WORK "${TMPDIR:-/tmp}/hearth-tiny.XXXXXX"
+hearth_tmpdir STAGE "$(dirname "$OUT_DIR")/.$(basename "$OUT_DIR").build.XXXXXX"
 
 # ---------------------------------------------------------------------------
 # Kernel package: download (cached), verify, extract
@@ -155,8 +128,7 @@ deb_ok() {
 }
 if ! deb_ok "$DEB"; then
 	log "downloading $KPKG=$KPKG_VERSION"
-	dl=$(mktemp -d "$DEB_CACHE/.download.XXXXXX")
-	TMP_DIRS+=("$dl")
+	hearth_tmpdir dl "$DEB_CACHE/.download.XXXXXX"
 	(cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$KPKG=$KPKG_VERSION" >&2) ||
 		die "apt-get download $KPKG=$KPKG_VERSION failed"
 	got=("$dl"/*.deb)
@@ -178,47 +150,8 @@ MODDIR=$KROOT/lib/modules/$KVER
 
 cp "$vmlinuz" "$STAGE/vmlinuz"
 
-# ---------------------------------------------------------------------------
-# vmlinux: LZ4 payload of the bzImage (boot protocol >= 2.08)
-#   setup sectors: byte 0x1f1; payload_offset: u32 LE 0x248; payload_length:
-#   u32 LE 0x24c; both relative to the protected-mode code at (setup+1)*512.
-# ---------------------------------------------------------------------------
-u8() { od -An -tu1 -j "$2" -N1 "$1" | tr -d ' '; }
-u32le() { od -An -tu4 --endian=little -j "$2" -N4 "$1" | tr -d ' '; }
-[ "$(dd if="$vmlinuz" bs=1 skip=$((0x202)) count=4 status=none)" = HdrS ] ||
-	die "$vmlinuz is not a bzImage (no HdrS setup header)"
-setup_sects=$(u8 "$vmlinuz" $((0x1f1)))
-[ "$setup_sects" -eq 0 ] && setup_sects=4
-payload_off=$(u32le "$vmlinuz" $((0x248)))
-payload_len=$(u32le "$vmlinuz" $((0x24c)))
-pm_start=$(((setup_sects + 1) * 512))
-[ "$payload_len" -gt 0 ] && [ $((pm_start + payload_off + payload_len)) -le "$(stat -c %s "$vmlinuz")" ] ||
-	die "bzImage payload offset/length out of range"
-# The kernel build appends the decompressed size (u32 LE) to the compressed
-# data; lz4 rejects that as trailing garbage, so cut it off and check it.
-payload_start=$((pm_start + payload_off))
-vmlinux_size=$(u32le "$vmlinuz" $((payload_start + payload_len - 4)))
-dd if="$vmlinuz" of="$WORK/payload" iflag=skip_bytes,count_bytes bs=1M \
-	skip="$payload_start" count=$((payload_len - 4)) status=none
-# lz4 frame (04 22 4d 18) or legacy (02 21 4c 18) magic
-magic=$(od -An -tx1 -N4 "$WORK/payload" | tr -d ' ')
-case $magic in
-04224d18 | 02214c18) ;;
-*) die "bzImage payload is not LZ4 (magic $magic); this kernel is compressed differently" ;;
-esac
-lz4 -d -q -f --sparse "$WORK/payload" "$STAGE/vmlinux" ||
-	die "lz4 could not decompress the bzImage payload"
-rm -f "$WORK/payload"
-[ "$(stat -c %s "$STAGE/vmlinux")" = "$vmlinux_size" ] ||
-	die "vmlinux is $(stat -c %s "$STAGE/vmlinux") bytes, the bzImage says $vmlinux_size"
-[ "$(od -An -tx1 -N4 "$STAGE/vmlinux" | tr -d ' ')" = 7f454c46 ] ||
-	die "decompressed payload is not an ELF file (no 7f 45 4c 46 magic)"
-if command -v readelf >/dev/null 2>&1; then
-	# XEN_ELFNOTE_PHYS32_ENTRY (18) = PVH entry point
-	notes=$(readelf -n "$STAGE/vmlinux")
-	grep -E '^[[:space:]]+Xen[[:space:]]' <<<"$notes" | grep -E '\(0x00000012\)|PHYS32_ENTRY' >/dev/null ||
-		die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); Cloud Hypervisor cannot boot it"
-fi
+# vmlinux: the LZ4 payload of the bzImage, decompressed (guest-images/lib.sh)
+hearth_extract_vmlinux "$vmlinuz" "$STAGE/vmlinux" "$WORK"
 
 # ---------------------------------------------------------------------------
 # initramfs
@@ -251,8 +184,8 @@ for mod in $MODULES; do
 	[ -n "$src" ] || continue # absent
 	case $src in
 	*.ko) cp "$src" "$ROOT/lib/modules/$mod.ko" ;;
-	*.ko.xz) need_tools xz; xz -dc "$src" >"$ROOT/lib/modules/$mod.ko" ;;
-	*.ko.zst) need_tools zstd; zstd -qdc "$src" >"$ROOT/lib/modules/$mod.ko" ;;
+	*.ko.xz) need_tools "apt-get install -y xz-utils" xz; xz -dc "$src" >"$ROOT/lib/modules/$mod.ko" ;;
+	*.ko.zst) need_tools "apt-get install -y zstd" zstd; zstd -qdc "$src" >"$ROOT/lib/modules/$mod.ko" ;;
 	*.ko.gz) gzip -dc "$src" >"$ROOT/lib/modules/$mod.ko" ;;
 	esac
 	echo "$mod" >>"$ROOT/etc/modules-load"
@@ -293,15 +226,6 @@ echo "$CMDLINE" >"$STAGE/cmdline"
 chmod 0644 "$STAGE"/*
 chmod 0755 "$STAGE"
 
-# ---------------------------------------------------------------------------
-# Into place. OUT_DIR is either the old complete image, absent, or the new
-# complete image; never partial.
-# ---------------------------------------------------------------------------
-if [ -e "$OUT_DIR" ]; then
-	OLD=$(mktemp -d "$(dirname "$OUT_DIR")/.$(basename "$OUT_DIR").old.XXXXXX")
-	TMP_DIRS+=("$OLD")
-	mv -T "$OUT_DIR" "$OLD/old"
-fi
-mv -T "$STAGE" "$OUT_DIR"
-sync -f "$OUT_DIR" 2>/dev/null || true
+# Into place: OUT_DIR is the old complete image, absent, or the new one; never partial.
+hearth_into_place "$STAGE" "$OUT_DIR"
 log "done: $(du -sh --apparent-size "$OUT_DIR" | cut -f1) apparent in $OUT_DIR ($KVER)"

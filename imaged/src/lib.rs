@@ -1,22 +1,40 @@
-//! imaged: the guest image catalog.
+//! imaged: the guest image cache.
 //!
-//! This first cut serves the images found in one catalog directory, one folder per
-//! image (`<images dir>/<name>/`), as the recipes in `guest-images/` produce them:
-//! `vmlinuz` (bzImage, for QEMU), `vmlinux` (uncompressed PVH ELF, for Cloud
-//! Hypervisor), `initrd.img`, `cmdline` (the default kernel command line) and
-//! `image.json` (metadata). The content-addressed store and imports come later.
+//! Images live once in a content-addressed store (`store`), named by SHA-256 digest,
+//! with names and tags pointing at digests. They arrive by import (`import`): from an
+//! HTTP(S) URL (`fetch`, resumable, checksummed, coalesced), a local disk file, or a
+//! folder a recipe in `guest-images/` built. qcow2 is converted to raw on import
+//! (`format`) so storage backends can clone it copy-on-write. imaged also writes each
+//! VM's cloud-init NoCloud seed (`cloudinit`).
+//!
+//! A catalog folder (`--catalog-dir`, one recipe output per subfolder) is imported on
+//! first use: asking for `tiny` when the store has no such name imports
+//! `<catalog>/tiny/`.
+
+pub mod cloudinit;
+pub mod fetch;
+pub mod format;
+pub mod import;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::routing::get;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 
+use crate::format::SourceFormat;
+use crate::import::{ImportRequest, ImportStatus, Importer};
+use crate::store::{GcReport, ImageRef, Store};
+
 /// What a VM needs to boot directly from an image: kernels and initramfs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BootKit {
     /// Compressed kernel (bzImage), booted by QEMU.
     pub kernel_bzimage: Option<PathBuf>,
@@ -27,35 +45,107 @@ pub struct BootKit {
     pub cmdline: String,
 }
 
-/// An image in the catalog.
+/// An image's root disk in the store: raw, never written (VMs get clones).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskImage {
+    pub path: PathBuf,
+    /// Always `raw` in the store.
+    pub format: String,
+    pub virtual_size: u64,
+    /// What was imported: raw or qcow2.
+    pub source_format: SourceFormat,
+    /// SHA-256 of the file as imported.
+    pub source_digest: String,
+}
+
+/// An image in the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ImageInfo {
     pub name: String,
+    #[serde(default)]
+    pub tag: String,
+    /// Every `name[:tag]` pointing at this image.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// `sha256:<hex>` of the image's manifest.
+    #[serde(default)]
+    pub digest: String,
     pub boot: BootKit,
+    #[serde(default)]
+    pub disk: Option<DiskImage>,
+    /// Bytes the image's files take on disk.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub imported_at_ms: u64,
+    /// VMs using it: while any does, its last name cannot be deleted.
+    #[serde(default)]
+    pub in_use_by: Vec<String>,
     /// The recipe's own metadata (`image.json`), passed through.
     #[serde(default)]
     pub metadata: serde_json::Value,
 }
 
-/// Why an image lookup failed.
+/// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("image name {0:?} is invalid: use letters, digits, '.', '-' and '_' only")]
+    #[error("image name {0:?} is invalid: use letters, digits, '.', '-' and '_' (and name:tag)")]
     InvalidName(String),
-    #[error("image {0:?} does not exist in {1}")]
-    NotFound(String, PathBuf),
-    #[error("image {name:?} is incomplete: {reason}")]
-    Incomplete { name: String, reason: String },
-    #[error("cannot read image catalog {0}: {1}")]
+    #[error("image {0:?} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    SourceMissing(String),
+    #[error("not a disk image: {0}")]
+    NotADisk(String),
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    #[error("checksum mismatch: expected {expected}, the file has {got}; nothing was stored")]
+    ChecksumMismatch { expected: String, got: String },
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("image {image:?} is in use by {users:?}; delete those VMs first")]
+    InUse { image: String, users: Vec<String> },
+    #[error("{0}")]
+    Tool(String),
+    #[error("image store is damaged: {0}")]
+    Corrupt(String),
+    #[error("{path}: {source}", path = .0.display(), source = .1)]
     Io(PathBuf, std::io::Error),
+}
+
+impl ImageError {
+    /// Says which part of an import failed.
+    pub fn context(self, what: &str) -> ImageError {
+        match self {
+            ImageError::Source(m) => ImageError::Source(format!("{what}: {m}")),
+            ImageError::Unreachable(m) => ImageError::Unreachable(format!("{what}: {m}")),
+            other => other,
+        }
+    }
 }
 
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
+        let msg = e.to_string();
         match e {
-            ImageError::InvalidName(_) => ApiError::unprocessable(e.to_string()),
-            ImageError::NotFound(..) => ApiError::not_found(e.to_string()),
-            ImageError::Incomplete { .. } | ImageError::Io(..) => ApiError::internal(e.to_string()),
+            ImageError::InvalidName(_) | ImageError::Invalid(_) => ApiError::unprocessable(msg),
+            ImageError::NotFound(_) => ApiError::not_found(msg),
+            ImageError::SourceMissing(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "source_missing", msg),
+            ImageError::NotADisk(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_a_disk_image", msg),
+            ImageError::Unsupported(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_format", msg),
+            ImageError::ChecksumMismatch { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "checksum_mismatch", msg)
+            }
+            ImageError::Source(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "source_error", msg),
+            ImageError::Unreachable(_) => ApiError::new(StatusCode::BAD_GATEWAY, "source_unreachable", msg),
+            ImageError::InUse { .. } => ApiError::conflict(msg),
+            ImageError::Tool(_) | ImageError::Corrupt(_) | ImageError::Io(..) => ApiError::internal(msg),
         }
     }
 }
@@ -75,98 +165,200 @@ pub fn validate_name(name: &str) -> Result<(), ImageError> {
     }
 }
 
-/// The catalog: a directory of image folders.
+/// Where imaged keeps things.
 #[derive(Debug, Clone)]
-pub struct ImageCatalog {
-    dir: PathBuf,
+pub struct ImagedConfig {
+    /// The content-addressed store.
+    pub store_dir: PathBuf,
+    /// Recipe outputs imported on first use (`<dir>/<name>/image.json`).
+    pub catalog_dir: Option<PathBuf>,
+    /// cloud-init seeds, one FAT image per VM.
+    pub seeds_dir: PathBuf,
 }
 
-impl ImageCatalog {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Looks an image up by name.
-    pub fn get(&self, name: &str) -> Result<ImageInfo, ImageError> {
-        validate_name(name)?;
-        let dir = self.dir.join(name);
-        if !dir.join("image.json").is_file() {
-            return Err(ImageError::NotFound(name.to_string(), self.dir.clone()));
+impl ImagedConfig {
+    /// Everything under one data directory, with an optional catalog.
+    pub fn new(data_dir: &Path, catalog_dir: Option<PathBuf>) -> ImagedConfig {
+        ImagedConfig {
+            store_dir: data_dir.join("imaged"),
+            catalog_dir,
+            seeds_dir: data_dir.join("imaged/seeds"),
         }
-        let metadata = std::fs::read(dir.join("image.json"))
-            .map_err(|e| ImageError::Io(dir.clone(), e))
-            .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| ImageError::Incomplete {
-                    name: name.to_string(),
-                    reason: format!("image.json: {e}"),
-                })
-            })?;
-        let file = |f: &str| {
-            let p = dir.join(f);
-            p.is_file().then_some(p)
-        };
-        let cmdline = std::fs::read_to_string(dir.join("cmdline"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "console=ttyS0".to_string());
-        let boot = BootKit {
-            kernel_bzimage: file("vmlinuz"),
-            kernel_elf: file("vmlinux"),
-            initramfs: file("initrd.img"),
-            cmdline,
-        };
-        if boot.kernel_bzimage.is_none() && boot.kernel_elf.is_none() {
-            return Err(ImageError::Incomplete {
-                name: name.to_string(),
-                reason: "it has no kernel (vmlinuz or vmlinux)".into(),
-            });
-        }
-        Ok(ImageInfo {
-            name: name.to_string(),
-            boot,
-            metadata,
-        })
+    }
+}
+
+/// The daemon's state.
+#[derive(Debug)]
+pub struct Imaged {
+    importer: Arc<Importer>,
+    catalog_dir: Option<PathBuf>,
+    seeds_dir: PathBuf,
+}
+
+impl Imaged {
+    pub fn open(cfg: ImagedConfig) -> Result<Arc<Imaged>, ImageError> {
+        let store = Arc::new(Store::open(&cfg.store_dir)?);
+        std::fs::create_dir_all(&cfg.seeds_dir).map_err(|e| ImageError::Io(cfg.seeds_dir.clone(), e))?;
+        // Leftovers of an import that died with the last run, and unused images.
+        store.gc()?;
+        Ok(Arc::new(Imaged {
+            importer: Arc::new(Importer::new(store)),
+            catalog_dir: cfg.catalog_dir,
+            seeds_dir: cfg.seeds_dir,
+        }))
     }
 
-    /// Every complete image in the catalog, by name.
-    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(ImageError::Io(self.dir.clone(), e)),
-        };
-        let mut images: Vec<ImageInfo> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|name| self.get(&name).ok())
-            .collect();
-        images.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(images)
+    pub fn store(&self) -> &Arc<Store> {
+        self.importer.store()
     }
+
+    pub fn importer(&self) -> &Arc<Importer> {
+        &self.importer
+    }
+
+    /// Finds an image; a name the store lacks but the catalog has is imported now.
+    pub async fn get(&self, what: &str) -> Result<ImageInfo, ApiError> {
+        let store = self.store();
+        if let Some((m, refs)) = store.resolve(what)? {
+            let shown = ImageRef::parse(what).ok();
+            return Ok(store.info(&m, &refs, shown.as_ref()));
+        }
+        let r = ImageRef::parse(what)?;
+        let recipe = self
+            .catalog_dir
+            .as_ref()
+            .map(|d| d.join(&r.name))
+            .filter(|d| r.tag == "latest" && d.join("image.json").is_file());
+        match recipe {
+            Some(dir) => {
+                tracing::info!(image = %r, dir = %dir.display(), "importing from the catalog");
+                self.importer
+                    .import_and_wait(ImportRequest {
+                        name: r.to_string(),
+                        path: Some(dir),
+                        ..Default::default()
+                    })
+                    .await
+            }
+            None => Err(ImageError::NotFound(what.to_string()).into()),
+        }
+    }
+
+    fn seed_path(&self, id: &str) -> Result<PathBuf, ImageError> {
+        validate_name(id)?;
+        Ok(self.seeds_dir.join(format!("{id}.img")))
+    }
+}
+
+/// What `PUT /seeds/{id}` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seed {
+    /// The FAT image to attach to the VM as a read-only raw disk.
+    pub path: PathBuf,
+    pub files: cloudinit::SeedFiles,
 }
 
 /// The HTTP routes imaged serves on its Unix socket.
-pub fn router(catalog: ImageCatalog) -> Router {
-    let catalog = Arc::new(catalog);
+pub fn router(imaged: Arc<Imaged>) -> Router {
     Router::new()
         .route("/images", get(list_images))
-        .route("/images/{name}", get(get_image))
-        .with_state(catalog)
+        .route("/images/{image}", get(get_image).delete(delete_image))
+        .route("/images/{image}/leases/{holder}", put(lease))
+        .route("/leases/{holder}", axum::routing::delete(release))
+        .route("/imports", post(start_import).get(list_imports))
+        .route("/imports/{id}", get(import_status))
+        .route("/gc", post(gc))
+        .route("/seeds/{id}", put(put_seed).delete(delete_seed))
+        .with_state(imaged)
         .merge(socket_http::server::health_router("imaged"))
 }
 
-async fn list_images(State(c): State<Arc<ImageCatalog>>) -> Result<Json<Vec<ImageInfo>>, ApiError> {
-    Ok(Json(c.list()?))
+type S = State<Arc<Imaged>>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("imaged task failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
-async fn get_image(
-    State(c): State<Arc<ImageCatalog>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<ImageInfo>, ApiError> {
-    Ok(Json(c.get(&name)?))
+async fn list_images(State(d): S) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+    let store = d.store().clone();
+    Ok(Json(blocking(move || store.list()).await?))
+}
+
+async fn get_image(State(d): S, UrlPath(image): UrlPath<String>) -> Result<Json<ImageInfo>, ApiError> {
+    Ok(Json(d.get(&image).await?))
+}
+
+async fn delete_image(State(d): S, UrlPath(image): UrlPath<String>) -> Result<Json<GcReport>, ApiError> {
+    let store = d.store().clone();
+    Ok(Json(blocking(move || store.delete(&image)).await?))
+}
+
+async fn lease(State(d): S, UrlPath((image, holder)): UrlPath<(String, String)>) -> Result<Json<ImageInfo>, ApiError> {
+    d.get(&image).await?;
+    let store = d.store().clone();
+    Ok(Json(blocking(move || store.lease(&image, &holder)).await?))
+}
+
+async fn release(State(d): S, UrlPath(holder): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    let store = d.store().clone();
+    blocking(move || store.release(&holder)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_import(
+    State(d): S,
+    Json(req): Json<ImportRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let st = d.importer.start(req)?;
+    Ok((StatusCode::ACCEPTED, Json(st)))
+}
+
+async fn list_imports(State(d): S) -> Json<Vec<ImportStatus>> {
+    Json(d.importer.list())
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    #[serde(default)]
+    wait: Option<f64>,
+}
+
+async fn import_status(
+    State(d): S,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<ImportStatus>, ApiError> {
+    let wait = Duration::from_secs_f64(q.wait.unwrap_or(0.0).clamp(0.0, 60.0));
+    Ok(Json(d.importer.status(&id, wait).await?))
+}
+
+async fn gc(State(d): S) -> Result<Json<GcReport>, ApiError> {
+    let store = d.store().clone();
+    Ok(Json(blocking(move || store.gc()).await?))
+}
+
+async fn put_seed(
+    State(d): S,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<cloudinit::SeedRequest>,
+) -> Result<Json<Seed>, ApiError> {
+    let path = d.seed_path(&id)?;
+    let files = cloudinit::compose(&req)?;
+    let (p, f) = (path.clone(), files.clone());
+    blocking(move || cloudinit::write_seed(&f, &p)).await?;
+    Ok(Json(Seed { path, files }))
+}
+
+async fn delete_seed(State(d): S, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    let path = d.seed_path(&id)?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StatusCode::NO_CONTENT),
+        Err(e) => Err(ImageError::Io(path, e).into()),
+    }
 }
 
 #[cfg(test)]
@@ -182,36 +374,15 @@ mod tests {
             assert!(validate_name(good).is_ok(), "{good:?} should be accepted");
         }
     }
-
-    #[test]
-    fn catalog_finds_complete_images_only() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let tiny = dir.path().join("tiny");
-        std::fs::create_dir_all(&tiny)?;
-        std::fs::write(tiny.join("image.json"), r#"{"name":"tiny"}"#)?;
-        std::fs::write(tiny.join("vmlinuz"), b"k")?;
-        std::fs::write(tiny.join("initrd.img"), b"i")?;
-        std::fs::write(tiny.join("cmdline"), "console=ttyS0 quiet\n")?;
-        // A folder without a kernel is not an image.
-        std::fs::create_dir_all(dir.path().join("broken"))?;
-        std::fs::write(dir.path().join("broken/image.json"), "{}")?;
-
-        let catalog = ImageCatalog::new(dir.path());
-        let img = catalog.get("tiny")?;
-        assert_eq!(img.boot.cmdline, "console=ttyS0 quiet");
-        assert_eq!(img.boot.kernel_bzimage, Some(tiny.join("vmlinuz")));
-        assert_eq!(img.boot.kernel_elf, None);
-        assert!(matches!(catalog.get("nope"), Err(ImageError::NotFound(..))));
-        assert!(matches!(catalog.get("broken"), Err(ImageError::Incomplete { .. })));
-        let names: Vec<_> = catalog.list()?.into_iter().map(|i| i.name).collect();
-        assert_eq!(names, vec!["tiny"]);
-        Ok(())
-    }
 }
 
 /// The client for imaged's Unix-socket API, used by the api.
 pub mod client {
-    use super::ImageInfo;
+    use std::time::Duration;
+
+    use super::{cloudinit::SeedRequest, GcReport, ImageInfo, Seed};
+    use crate::import::{ImportRequest, ImportStatus};
+    use http::Method;
     use socket_http::{ClientError, UnixClient};
 
     #[derive(Debug, Clone)]
@@ -226,12 +397,59 @@ pub mod client {
             }
         }
 
+        /// Looks an image up (a catalog recipe is imported first, which takes a while).
         pub async fn get(&self, name: &str) -> Result<ImageInfo, ClientError> {
-            self.http.get(&format!("/images/{name}")).await
+            self.http
+                .clone()
+                .with_timeout(Duration::from_secs(600))
+                .get(&format!("/images/{name}"))
+                .await
         }
 
         pub async fn list(&self) -> Result<Vec<ImageInfo>, ClientError> {
             self.http.get("/images").await
+        }
+
+        pub async fn delete(&self, name: &str) -> Result<GcReport, ClientError> {
+            self.http
+                .call::<(), _>(Method::DELETE, &format!("/images/{name}"), None)
+                .await
+        }
+
+        pub async fn lease(&self, name: &str, holder: &str) -> Result<ImageInfo, ClientError> {
+            self.http
+                .clone()
+                .with_timeout(Duration::from_secs(600))
+                .call::<(), _>(Method::PUT, &format!("/images/{name}/leases/{holder}"), None)
+                .await
+        }
+
+        pub async fn release(&self, holder: &str) -> Result<(), ClientError> {
+            self.http
+                .call::<(), ()>(Method::DELETE, &format!("/leases/{holder}"), None)
+                .await
+        }
+
+        pub async fn import(&self, req: &ImportRequest) -> Result<ImportStatus, ClientError> {
+            self.http.call(Method::POST, "/imports", Some(req)).await
+        }
+
+        pub async fn import_status(&self, id: &str, wait_secs: f64) -> Result<ImportStatus, ClientError> {
+            self.http
+                .clone()
+                .with_timeout(Duration::from_secs_f64(wait_secs + 30.0))
+                .get(&format!("/imports/{id}?wait={wait_secs}"))
+                .await
+        }
+
+        pub async fn seed(&self, id: &str, req: &SeedRequest) -> Result<Seed, ClientError> {
+            self.http.call(Method::PUT, &format!("/seeds/{id}"), Some(req)).await
+        }
+
+        pub async fn delete_seed(&self, id: &str) -> Result<(), ClientError> {
+            self.http
+                .call::<(), ()>(Method::DELETE, &format!("/seeds/{id}"), None)
+                .await
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The `imaged` binary: serves the image catalog on a Unix socket.
+//! The `imaged` binary: the image store, imports and cloud-init seeds on a Unix socket.
 
 use std::path::PathBuf;
 
@@ -10,16 +10,27 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/imaged.sock")]
     socket: PathBuf,
-    /// Directory holding one folder per image.
-    #[arg(long, default_value = "/var/lib/hearth/images")]
-    images_dir: PathBuf,
+    /// The content-addressed image store.
+    #[arg(long, default_value = "/var/lib/hearth/imaged")]
+    store_dir: PathBuf,
+    /// Recipe outputs (one folder per image, as guest-images/*/build.sh writes them),
+    /// imported on first use.
+    #[arg(long)]
+    catalog_dir: Option<PathBuf>,
+    /// Where cloud-init seed images are written.
+    #[arg(long, default_value = "/var/lib/hearth/imaged/seeds")]
+    seeds_dir: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let args = Args::parse();
-    let router = imaged::router(imaged::ImageCatalog::new(args.images_dir));
-    socket_http::server::serve_unix(args.socket, router, socket_http::server::shutdown_signal()).await?;
+    let imaged = imaged::Imaged::open(imaged::ImagedConfig {
+        store_dir: args.store_dir,
+        catalog_dir: args.catalog_dir,
+        seeds_dir: args.seeds_dir,
+    })?;
+    socket_http::server::serve_unix(args.socket, imaged::router(imaged), socket_http::server::shutdown_signal()).await?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! `/var/lib/hearth/admin.key`).
 
 mod client;
+mod image;
 mod terminal;
 mod volume;
 
@@ -66,6 +67,9 @@ pub enum Command {
     /// Manage volumes: data disks that outlive VMs.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Manage guest images: import, list, show, delete.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Show a long-running operation.
     Operation { id: String },
 }
@@ -135,6 +139,15 @@ pub enum VmCommand {
         /// Attach this volume (repeatable).
         #[arg(long = "volume")]
         volumes: Vec<String>,
+        /// Root disk size for images with a disk, e.g. 20G (default: the image's).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// OpenSSH public key file for the image's default user (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+        /// cloud-init user-data file (#cloud-config or a script).
+        #[arg(long)]
+        user_data: Option<PathBuf>,
         /// Define the VM without starting it.
         #[arg(long)]
         no_start: bool,
@@ -215,6 +228,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Console { vm, read_only } => terminal::attach(&api, &vm, !read_only).await,
         Command::Network(cmd) => network(&api, out, cmd).await,
         Command::Volume(cmd) => volume::run(&api, out, cmd).await,
+        Command::Image(cmd) => image::run(&api, out, cmd).await,
         Command::Operation { id } => {
             let op = api.get(&format!("/v1/operations/{id}")).await?;
             print_value(out, &op, |op| println!("{}", op_line(op)));
@@ -235,10 +249,27 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             vnc,
             machine,
             volumes,
+            disk_size,
+            ssh_keys,
+            user_data,
             no_start,
             no_wait,
         } => {
             let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start, "volumes": volumes});
+            let mut keys = Vec::new();
+            for f in &ssh_keys {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+            }
+            if !keys.is_empty() {
+                body["ssh_keys"] = json!(keys);
+            }
+            if let Some(f) = user_data {
+                body["user_data"] = json!(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
+            }
+            if let Some(d) = disk_size {
+                body["disk_size"] = json!(d);
+            }
             if let Some(h) = hypervisor {
                 body["hypervisor"] = json!(h);
             }
@@ -462,7 +493,7 @@ async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm
     Ok(())
 }
 
-fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
+pub(crate) fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         Output::Table => table(v),
@@ -482,7 +513,7 @@ fn op_line(op: &Value) -> String {
     s
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
