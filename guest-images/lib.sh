@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell shared by the guest image recipes (guest-images/*/build.sh). Sourced, not run.
 #
 # The sourcing script sets RECIPE (the image name, used as the message prefix) first,
@@ -64,7 +65,7 @@ hearth_hash_files() {
 	local dir=$1
 	shift
 	(
-		cd "$dir"
+		cd "$dir" || exit 1
 		find "$@" \( -type f -o -type l \) -print | sort |
 			while IFS= read -r f; do
 				if [ -L "$f" ]; then

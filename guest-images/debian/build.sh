@@ -35,18 +35,22 @@ DEB_CACHE=${HEARTH_DEB_CACHE:-/var/cache/hearth/debs}
 SUITE=bookworm
 MIRROR=${HEARTH_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${HEARTH_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-# systemd-resolved: DNS from network-config (networkd passes it on); lz4: the
-# initramfs compressor (fastest to unpack under emulation).
+# lz4: the initramfs compressor (fastest to unpack under emulation). No
+# systemd-resolved: it and the D-Bus it needs cost ~10 s of a TCG boot;
+# hearth-resolv-conf (rootfs/) writes /etc/resolv.conf from networkd's state.
 PACKAGES="systemd-sysv udev cloud-init openssh-server linux-image-cloud-amd64
-initramfs-tools iproute2 netbase ca-certificates systemd-resolved lz4"
+initramfs-tools iproute2 netbase ca-certificates lz4"
 # Installed versions recorded in image.json (the full list is packages.txt).
 NOTABLE_PACKAGES="base-files cloud-init systemd openssh-server python3 libc6 initramfs-tools e2fsprogs"
 # Units a hearth guest never needs; each costs boot time under TCG (e2scrub_reap
 # alone ~30 s, networkd-wait-online ~14 s when a NIC has no carrier).
+# cloud-config.service: its modules run in cloud-final (rootfs/etc/cloud/cloud.cfg.d).
 MASK_UNITS="apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrade.service
 dpkg-db-backup.timer dpkg-db-backup.service e2scrub_all.timer e2scrub_all.service
-e2scrub_reap.service fstrim.timer fstrim.service systemd-networkd-wait-online.service"
-ENABLE_UNITS="systemd-networkd.service systemd-resolved.service hearth-guest-ready.service"
+e2scrub_reap.service fstrim.timer fstrim.service systemd-networkd-wait-online.service
+cloud-config.service"
+ENABLE_UNITS="systemd-networkd.service hearth-guest-ready.service hearth-resolv-conf.path
+hearth-resolv-conf.service"
 DISK_SIZE=$((2 * 1024 * 1024 * 1024))
 # Fixed, so the same inputs give the same file system identity.
 FS_UUID=5f2d5a0c-8e1f-4b4a-9a57-68e6a1d0b5e1
@@ -63,7 +67,7 @@ OUT_FILES="disk.raw vmlinuz vmlinux initrd.img cmdline image.json packages.txt"
 export LC_ALL=C
 umask 022
 RECIPE=debian
-# shellcheck source=../lib.sh
+# shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
 [ $# -le 1 ] || die "usage: $0 [OUT_DIR]"
@@ -71,7 +75,8 @@ case $OUT_DIR in /*) ;; *) OUT_DIR=$PWD/$OUT_DIR ;; esac
 OUT_DIR=${OUT_DIR%/}
 
 need_tools "Debian: apt-get install -y apt dpkg coreutils util-linux e2fsprogs lz4 findutils" \
-	apt-cache apt-get dpkg-query sha256sum od dd lz4 find sort flock mkfs.ext4 e2fsck chroot systemctl
+	apt-cache apt-get dpkg-query sha256sum od dd lz4 find sort flock mkfs.ext4 e2fsck debugfs dumpe2fs \
+	chroot systemctl
 hearth_traps
 
 # ---------------------------------------------------------------------------
@@ -193,7 +198,8 @@ write_hook() {
 	chmod 0755 "$WORK/hook-$name"
 }
 # The recipe's files (rootfs/): root-owned, 0644, 0755 for these.
-EXECUTABLES="etc/initramfs-tools/hooks/hearth usr/local/sbin/hearth-guest-ready"
+EXECUTABLES="etc/initramfs-tools/hooks/hearth usr/local/sbin/hearth-guest-ready
+usr/local/sbin/hearth-resolv-conf"
 write_hook setup '
 mkdir -p "$1/var/cache/apt/archives"
 link_debs "$ARCHIVE_CACHE" "$1/var/cache/apt/archives"'
@@ -259,23 +265,24 @@ log "root tree done after $(($(date +%s) - START)) s"
 # ---------------------------------------------------------------------------
 # Finish the root tree
 # ---------------------------------------------------------------------------
-vmlinuz=("$ROOT"/boot/vmlinuz-*)
-[ ${#vmlinuz[@]} -eq 1 ] && [ -s "${vmlinuz[0]}" ] || die "no single /boot/vmlinuz-* in the root tree"
-vmlinuz=${vmlinuz[0]}
+kernels=("$ROOT"/boot/vmlinuz-*)
+[ ${#kernels[@]} -eq 1 ] && [ -s "${kernels[0]}" ] || die "no single /boot/vmlinuz-* in the root tree"
+vmlinuz=${kernels[0]}
 KVER=${vmlinuz##*/vmlinuz-}
 initrd=$ROOT/boot/initrd.img-$KVER
 [ -s "$initrd" ] || die "no /boot/initrd.img-$KVER in the root tree"
 KPKG=linux-image-$KVER
 
-# Identity: host name, hosts, fstab. No resolv.conf from the build host
-# (systemd-resolved's postinst links it to its stub unless the host's was copied in).
+# Identity: host name, hosts, fstab; no resolv.conf from the build host (it is
+# written at boot by hearth-resolv-conf, which manages it while its header is there).
 echo debian >"$ROOT/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n' >"$ROOT/etc/hosts"
-if [ ! -L "$ROOT/etc/resolv.conf" ]; then
-	rm -f "$ROOT/etc/resolv.conf"
-	ln -s ../run/systemd/resolve/stub-resolv.conf "$ROOT/etc/resolv.conf"
-fi
+rm -f "$ROOT/etc/resolv.conf"
+echo "# hearth-resolv-conf: from systemd-networkd's link state" >"$ROOT/etc/resolv.conf"
 printf '# hearth: the whole disk is the root file system (see guest-images/debian)\n/dev/vda\t/\text4\terrors=remount-ro\t0\t1\n' >"$ROOT/etc/fstab"
+# (mmdebstrap copied hostname and resolv.conf from the host, with the host's modes)
+chown 0:0 "$ROOT"/etc/{hostname,hosts,resolv.conf,fstab}
+chmod 0644 "$ROOT"/etc/{hostname,hosts,resolv.conf,fstab}
 
 # Units
 # shellcheck disable=SC2086
@@ -301,9 +308,11 @@ KPKG_VERSION=$(pkg_version "$KPKG")
 cloud_init_version=$(pkg_version cloud-init)
 [ -n "$cloud_init_version" ] || die "cloud-init is not installed in the root tree"
 
-# Reproducible timestamps: nothing newer than SOURCE_DATE_EPOCH (files that
-# dpkg unpacked keep their package mtimes).
-find "$ROOT" -xdev -newermt "@$SOURCE_DATE_EPOCH" -print0 |
+# Reproducible timestamps: what the build made (maintainer scripts, the
+# initramfs, .pyc files, this script) gets SOURCE_DATE_EPOCH. Files that dpkg
+# unpacked keep their package mtimes: Python checks its .pyc files against the
+# .py mtimes, and stale ones would be recompiled under TCG at every boot.
+find "$ROOT" -xdev -newermt "@$((START - 1))" -print0 |
 	xargs -0r touch -h -d "@$SOURCE_DATE_EPOCH"
 
 # ---------------------------------------------------------------------------
@@ -313,6 +322,37 @@ cp "$vmlinuz" "$STAGE/vmlinuz"
 cp "$initrd" "$STAGE/initrd.img"
 hearth_extract_vmlinux "$STAGE/vmlinuz" "$STAGE/vmlinux" "$WORK"
 
+# mkfs.ext4 -d copies each file's atime and ctime from the build tree; ctime cannot
+# be set there and atime changes whenever the build reads a file. Set both to
+# SOURCE_DATE_EPOCH in every used inode (debugfs, ~0.1 s), so that the same tree
+# gives a bit-identical disk.raw. Used inodes: the complement of dumpe2fs's
+# per-group "Free inodes" ranges.
+ext4_clamp_times() {
+	local img=$1
+	dumpe2fs "$img" 2>/dev/null | awk -v t="$SOURCE_DATE_EPOCH" '
+		/^Inodes per group:/ { ipg = $4 }
+		/^Group [0-9]+:/ { g = $2; sub(/:$/, "", g); g += 0 }
+		/^  Free inodes:/ {
+			s = $0; sub(/^  Free inodes: */, "", s)
+			delete free
+			n = split(s, parts, /, */)
+			for (i = 1; i <= n; i++) {
+				if (parts[i] == "") continue
+				if (split(parts[i], r, "-") == 2) { for (j = r[1] + 0; j <= r[2] + 0; j++) free[j] = 1 }
+				else free[parts[i] + 0] = 1
+			}
+			for (j = g * ipg + 1; j <= (g + 1) * ipg; j++) if (!(j in free))
+				printf "sif <%d> ctime @%s\nsif <%d> atime @%s\nsif <%d> ctime_extra 0\nsif <%d> atime_extra 0\n", j, t, j, t, j, j
+		}' >"$WORK/times.debugfs"
+	[ -s "$WORK/times.debugfs" ] || die "dumpe2fs listed no used inodes in $img"
+	E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$WORK/times.debugfs" "$img" >/dev/null 2>"$WORK/times.err" ||
+		{ cat "$WORK/times.err" >&2; die "debugfs could not set the inode times"; }
+	if grep -v '^debugfs [0-9]' "$WORK/times.err" | grep -q .; then
+		cat "$WORK/times.err" >&2
+		die "debugfs could not set the inode times"
+	fi
+}
+
 # ext4 straight from the tree (no loop mount). Fixed UUID, hash seed and time;
 # the settings come from the recipe's mke2fs.conf, not the host's.
 truncate -s "$DISK_SIZE" "$STAGE/disk.raw"
@@ -321,6 +361,7 @@ MKE2FS_CONFIG=$HERE/mke2fs.conf E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH \
 	-E "hash_seed=$FS_HASH_SEED,root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0" \
 	-d "$ROOT" "$STAGE/disk.raw" ||
 	die "mkfs.ext4 -d failed"
+ext4_clamp_times "$STAGE/disk.raw"
 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH e2fsck -fn "$STAGE/disk.raw" >"$WORK/fsck.log" 2>&1 ||
 	{ cat "$WORK/fsck.log" >&2; die "e2fsck found problems in disk.raw"; }
 

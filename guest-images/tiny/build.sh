@@ -31,7 +31,7 @@ OUT_FILES="vmlinuz vmlinux initrd.img cmdline image.json"
 
 export LC_ALL=C
 RECIPE=tiny
-# shellcheck source=../lib.sh
+# shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
 [ $# -le 1 ] || die "usage: $0 [OUT_DIR]"
@@ -129,6 +129,7 @@ deb_ok() {
 if ! deb_ok "$DEB"; then
 	log "downloading $KPKG=$KPKG_VERSION"
 	hearth_tmpdir dl "$DEB_CACHE/.download.XXXXXX"
+	# shellcheck disable=SC2154 # dl is set by hearth_tmpdir
 	(cd "$dl" && apt-get download -q -o APT::Sandbox::User=root "$KPKG=$KPKG_VERSION" >&2) ||
 		die "apt-get download $KPKG=$KPKG_VERSION failed"
 	got=("$dl"/*.deb)

@@ -486,27 +486,62 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 const CHUNK: usize = 1 << 20;
 
 /// Copies `src` to the new file `dst`, returning the SHA-256 (hex) of the bytes.
-/// Zero chunks are not written, so they stay holes.
+/// Holes in `src` (found with SEEK_DATA/SEEK_HOLE) are hashed as zeros without being
+/// read, and zero chunks are not written, so they stay holes.
 pub fn copy_hashing(src: &Path, dst: &Path, progress: &dyn Fn(u64)) -> Result<String, ImageError> {
-    let mut from = File::open(src).map_err(io_err(src))?;
+    let from = File::open(src).map_err(io_err(src))?;
+    let len = from.metadata().map_err(io_err(src))?.len();
     let to = File::create(dst).map_err(io_err(dst))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
+    let zeros = vec![0u8; CHUNK];
     let mut off = 0u64;
-    loop {
-        let n = read_full(&mut from, &mut buf).map_err(io_err(src))?;
-        if n == 0 {
-            break;
+    while off < len {
+        let (data_start, data_end) = next_data(&from, off, len).map_err(io_err(src))?;
+        // The hole before the data: zeros, hashed without reading.
+        while off < data_start {
+            let n = (data_start - off).min(CHUNK as u64) as usize;
+            hasher.update(&zeros[..n]);
+            off += n as u64;
+            progress(off);
         }
-        hasher.update(&buf[..n]);
-        if buf[..n].iter().any(|&b| b != 0) {
-            to.write_all_at(&buf[..n], off).map_err(io_err(dst))?;
+        while off < data_end {
+            let n = (data_end - off).min(CHUNK as u64) as usize;
+            from.read_exact_at(&mut buf[..n], off).map_err(io_err(src))?;
+            hasher.update(&buf[..n]);
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], off).map_err(io_err(dst))?;
+            }
+            off += n as u64;
+            progress(off);
         }
-        off += n as u64;
-        progress(off);
     }
-    to.set_len(off).map_err(io_err(dst))?;
+    to.set_len(len).map_err(io_err(dst))?;
     Ok(hex(&hasher.finalize()))
+}
+
+/// The next range of data at or after `off`: (start, end). Where the file system
+/// cannot say, everything is data.
+fn next_data(f: &File, off: u64, len: u64) -> io::Result<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on a file descriptor this function borrows; no memory is involved.
+    let start = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // No data after `off`: the rest is a hole.
+            Some(libc::ENXIO) => Ok((len, len)),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((off, len)),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Ok((start as u64, len));
+    }
+    Ok((start as u64, (end as u64).min(len)))
 }
 
 /// SHA-256 (hex) of a file.

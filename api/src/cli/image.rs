@@ -16,13 +16,12 @@ use super::{print_value, s, table, Output};
 pub enum ImageCommand {
     /// Import an image from an HTTP(S) URL or a path on the API's host (a raw or qcow2
     /// disk, or a folder a guest-images recipe built). Shows a progress bar.
+    /// Example: hearth image import debian /var/cache/hearth/images/debian
     Import {
         /// name or name:tag
         name: String,
-        #[arg(long, conflicts_with = "path", required_unless_present = "path")]
-        url: Option<String>,
-        #[arg(long)]
-        path: Option<PathBuf>,
+        /// An http(s):// URL, or an absolute path on the API's host.
+        source: String,
         /// Expected SHA-256 of the file (sha256:HEX or HEX).
         #[arg(long)]
         sha256: Option<String>,
@@ -54,8 +53,7 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
     match cmd {
         ImageCommand::Import {
             name,
-            url,
-            path,
+            source,
             sha256,
             format,
             kernel,
@@ -64,9 +62,14 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
             no_wait,
         } => {
             let mut body = json!({ "name": name });
+            if source.starts_with("http://") || source.starts_with("https://") {
+                body["url"] = json!(source);
+            } else {
+                let p = PathBuf::from(&source);
+                let abs = if p.is_absolute() { p } else { std::env::current_dir()?.join(p) };
+                body["path"] = json!(abs.display().to_string());
+            }
             let fields = [
-                ("url", url),
-                ("path", path.map(|p| p.display().to_string())),
                 ("sha256", sha256),
                 ("format", format),
                 ("kernel", kernel),
