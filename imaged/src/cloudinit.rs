@@ -1,6 +1,11 @@
 //! cloud-init NoCloud seeds: `meta-data`, `user-data` (hearth's settings merged with
 //! the user's), `network-config` (version 2, the addresses IPAM gave), written into a
 //! small FAT file system labelled `CIDATA` by the `fatfs` library (no mkfs, no mount).
+//!
+//! The user's `#cloud-config` is read as YAML 1.2 (serde_yaml_ng) and written back,
+//! merged, as JSON. Where YAML 1.1 (cloud-init's PyYAML) reads a plain scalar
+//! differently, the user's meaning follows YAML 1.2: an unquoted `on`, `yes` or `off`
+//! stays a string. Quote or write `true`/`false` to be unambiguous.
 
 use std::io::{Cursor, Write};
 use std::net::IpAddr;
@@ -86,8 +91,17 @@ fn check_key(k: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// The seed's documents are written as JSON, which is YAML too: cloud-init reads them
+/// with PyYAML (YAML 1.1), which would take an unquoted MAC address like
+/// `52:54:00:12:34:56` for a base-60 number, or `on` for a boolean. JSON quotes every
+/// string, so what hearth means is what the guest reads.
 fn yaml(v: &Value) -> Result<String, ImageError> {
-    serde_yaml_ng::to_string(v).map_err(|e| ImageError::Corrupt(format!("cannot write YAML: {e}")))
+    serde_json::to_string_pretty(v)
+        .map(|mut s| {
+            s.push('\n');
+            s
+        })
+        .map_err(|e| ImageError::Corrupt(format!("cannot write the seed: {e}")))
 }
 
 /// Builds the seed files. The user's `#cloud-config` wins where it sets something

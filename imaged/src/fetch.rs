@@ -13,9 +13,8 @@ use futures_util::StreamExt;
 use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::store::hex;
+use crate::store::{hex, Sha256};
 use crate::ImageError;
 
 /// How many times a broken download is resumed before the import fails.

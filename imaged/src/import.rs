@@ -438,14 +438,26 @@ impl Importer {
                         let src = path.clone();
                         let hashing = tokio::task::spawn_blocking(move || store::hash_file(&src, &|_| {}));
                         let converted = self.convert(job, path).await;
+                        // Flush the conversion to disk while the hash finishes.
+                        let syncing = converted.as_ref().ok().map(|(tmp, _)| {
+                            let tmp = tmp.clone();
+                            tokio::task::spawn_blocking(move || {
+                                std::fs::File::open(&tmp)
+                                    .and_then(|f| f.sync_all())
+                                    .map_err(|e| ImageError::Io(tmp, e))
+                            })
+                        });
                         let hex = hashing
                             .await
                             .map_err(|e| ImageError::Corrupt(format!("hash task: {e}")))?;
+                        if let Some(s) = syncing {
+                            s.await.map_err(|e| ImageError::Corrupt(format!("sync task: {e}")))??;
+                        }
                         let (tmp, virtual_size) = converted?;
                         let r = hex
                             .and_then(|hex| check_expected(plan.expected.as_deref(), &hex).map(|_| hex))
                             .and_then(|hex| {
-                                self.store.adopt_blob(&tmp, &hex).map(|_| ManifestDisk {
+                                self.store.adopt_synced_blob(&tmp, &hex).map(|_| ManifestDisk {
                                     blob: hex,
                                     virtual_size,
                                     source_format: SourceFormat::Qcow2,

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use imaged::import::{ImportRequest, ImportState, ImportStatus, Importer};
 use imaged::store::Store;
-use sha2::{Digest, Sha256};
+use imaged::store::Sha256;
 
 /// How the server serves one file.
 #[derive(Clone, Default)]
