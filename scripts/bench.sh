@@ -5,23 +5,40 @@
 #   identical QEMU command line launched by hand (QEMU/TCG, tiny guest).
 #   Storage: blockd's NBD server vs qemu-nbd and nbdkit; its vhost-user-blk backend vs
 #   qemu-storage-daemon (scripts/bench_nbd.sh, scripts/bench_vhost_user.sh).
+#   Images: a root disk from a 10 GiB image by clone (ext4: qcow2 overlay; XFS loop
+#   mount: reflink) vs a full copy; qcow2 import vs qemu-img convert (image_bench).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}" python3 iproute2
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
-cargo build --release --locked -p api -p netd --bins --examples
+cargo build --release --locked -p api -p netd -p imaged --bins --examples
 api_bin="$CARGO_TARGET_DIR/release/hearth-api"
 netd_bin="$CARGO_TARGET_DIR/release/netd"
 
-out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp)
-trap 'rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out"' EXIT
+out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp) img_out=$(mktemp)
+img_work=$(mktemp -d /var/tmp/hearth-image-bench.XXXXXX)
+xfs_mnt=""
+cleanup() {
+	[ -z "$xfs_mnt" ] || { umount "$xfs_mnt" 2>/dev/null; rmdir "$xfs_mnt"; }
+	rm -rf "$img_work"
+	rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out" "$img_out"
+}
+trap cleanup EXIT
 ensure_packages "${HEARTH_TEST_PACKAGES[@]}"
 echo "==> NBD: blockd vs qemu-nbd vs nbdkit (1 GiB in /dev/shm, loopback and Unix socket)"
 ROUNDS="${NBD_ROUNDS:-3}" scripts/bench_nbd.sh >"$nbd_out"
 echo "==> vhost-user-blk: blockd vs qemu-storage-daemon (fio in a tiny guest)"
 ROUNDS="${VHOST_ROUNDS:-5}" scripts/bench_vhost_user.sh >"$vu_out"
+echo "==> images: root disk by clone vs full copy; qcow2 import vs qemu-img convert"
+xfs_mnt=$(mktemp -d /var/tmp/hearth-xfs.XXXXXX)
+truncate -s 14G "$img_work/xfs.img"
+mkfs.xfs -q -m reflink=1 "$img_work/xfs.img"
+mount -o loop "$img_work/xfs.img" "$xfs_mnt"
+"$CARGO_TARGET_DIR/release/examples/image_bench" "$img_work/ext4" "$xfs_mnt" "${IMAGE_ROUNDS:-5}" >"$img_out"
+cat "$img_out"
+umount "$xfs_mnt" && rmdir "$xfs_mnt" && xfs_mnt=""
 echo "==> netd: ${TAPS:-200} TAPs with IP allocation vs ip commands (private namespaces)"
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && exec python3 scripts/bench_netd.py "$0"' \
 	"$netd_bin" >"$net_out"
@@ -91,3 +108,4 @@ open("docs/benchmarks.md", "w").write(doc)
 print(doc)
 PY
 python3 scripts/bench_storage_md.py "$nbd_out" "$vu_out" | tee -a docs/benchmarks.md
+cat "$img_out" >>docs/benchmarks.md

@@ -16,14 +16,16 @@ ensure_packages() {
 
 # What building and running hearth's VMs needs. qemu-utils: qemu-img makes the qcow2
 # overlays of clones on file systems without reflink.
-HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2)
+# e2fsprogs, mmdebstrap, systemd: the debian guest image recipe (guest-images/debian).
+HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2 e2fsprogs mmdebstrap)
 # What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
 # to run the fake.
 # chromium: the web console's browser test (Playwright drives Debian's Chromium).
 # lvm2, xfsprogs: the LVM backend against real lvm2, the file pool on XFS with reflink.
 # nbdkit, libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh), fio: the NBD server
 # against real clients and the reference servers.
-HEARTH_TEST_PACKAGES=(curl python3 chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio)
+# openssh-client: the debian guest test logs in with the key cloud-init installed.
+HEARTH_TEST_PACKAGES=(curl python3 chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the tests need, builds the tiny guest image, and runs the whole test
+# Installs what the tests need, builds the guest images, and runs the whole test
 # suite: lints, unit tests, the fake Cloud Hypervisor's self-test, and the end-to-end
 # tests that boot real VMs under QEMU/TCG inside private network namespaces.
 # Needs root (network namespaces, /dev/kvm probing). Usage: scripts/test.sh
@@ -11,8 +11,9 @@ start=$(date +%s)
 ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
 mkdir -p "$CARGO_TARGET_DIR"
 
-echo "==> building the tiny guest image"
+echo "==> building the guest images (tiny, debian; cached)"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
+guest-images/debian/build.sh "$HEARTH_IMAGE_CACHE/debian"
 
 echo "==> building the web console"
 scripts/build-web.sh

@@ -66,7 +66,8 @@ fn debian_vm_is_configured_by_cloud_init() {
             )
             .await;
         assert_eq!(status, 201, "{net}");
-        let user_data = "#cloud-config\nwrite_files:\n  - path: /etc/hearth-test.txt\n    content: \"written by cloud-init\\n\"\n";
+        let user_data =
+            "#cloud-config\nwrite_files:\n  - path: /etc/hearth-test.txt\n    content: \"written by cloud-init\\n\"\n";
         let body = json!({
             "name": "deb-1",
             "image": "debian",
@@ -88,16 +89,27 @@ fn debian_vm_is_configured_by_cloud_init() {
         let ready = stack
             .wait_console("deb-1", "HEARTH-GUEST-READY", 1, Duration::from_secs(240))
             .await;
-        eprintln!("debian: created and booted to HEARTH-GUEST-READY in {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "debian: created and booted to HEARTH-GUEST-READY in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let log = stack.console_log("deb-1").await;
-        assert!(log.contains("HEARTH-GUEST-CLOUD-INIT ok"), "cloud-init reported errors:\n{log}");
+        assert!(
+            log.contains("HEARTH-GUEST-CLOUD-INIT ok"),
+            "cloud-init reported errors:\n{log}"
+        );
         let _ = ready;
 
         // Over SSH with the key cloud-init installed, at the address IPAM gave.
         let mut last = String::new();
         let mut ok = false;
         for _ in 0..20 {
-            let (success, text) = ssh(&key, &ip, "hostname; cat /etc/hearth-test.txt; df -B1 --output=size / | tail -1").await;
+            let (success, text) = ssh(
+                &key,
+                &ip,
+                "hostname; cat /etc/hearth-test.txt; df -B1 --output=size / | tail -1",
+            )
+            .await;
             last = text;
             if success {
                 ok = true;
@@ -105,12 +117,19 @@ fn debian_vm_is_configured_by_cloud_init() {
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        assert!(ok, "ssh root@{ip} with the VM's key failed: {last}\n{}", stack.console_log("deb-1").await);
+        assert!(
+            ok,
+            "ssh root@{ip} with the VM's key failed: {last}\n{}",
+            stack.console_log("deb-1").await
+        );
         let lines: Vec<&str> = last.lines().collect();
         assert_eq!(lines.first().copied(), Some("deb-1"), "hostname: {last}");
         assert!(last.contains("written by cloud-init"), "user-data file: {last}");
         let root_size: u64 = lines.last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-        assert!(root_size > 2_500_000_000, "the root file system grew to the 3G disk: {last}");
+        assert!(
+            root_size > 2_500_000_000,
+            "the root file system grew to the 3G disk: {last}"
+        );
         // A key that was not given does not get in.
         let other = keys.path().join("other");
         std::process::Command::new("ssh-keygen")

@@ -92,7 +92,8 @@ async fn import(stack: &Stack, body: Value) -> Value {
 /// Creates a VM from `image` without starting it; returns (VM, seconds the create took).
 async fn create_stopped(stack: &Stack, name: &str, image: &str) -> (Value, f64) {
     let t = Instant::now();
-    let body = json!({"name": name, "image": image, "hypervisor": "qemu", "memory_mib": 256, "nics": [], "start": false});
+    let body =
+        json!({"name": name, "image": image, "hypervisor": "qemu", "memory_mib": 256, "nics": [], "start": false});
     let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
     assert_eq!(status, 202, "{accepted}");
     let op = stack.wait_op(&accepted).await;
@@ -102,7 +103,11 @@ async fn create_stopped(stack: &Stack, name: &str, image: &str) -> (Value, f64) 
 
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -182,7 +187,10 @@ fn images_are_imported_once_and_cloned_for_each_vm() {
         assert_eq!(op["status"], "succeeded", "{op}");
         let out = cli(&stack, &["image", "list"]).await;
         let listing = String::from_utf8_lossy(&out.stdout);
-        assert!(listing.contains("small") && listing.contains("big") && listing.contains("10G"), "{listing}");
+        assert!(
+            listing.contains("small") && listing.contains("big") && listing.contains("10G"),
+            "{listing}"
+        );
 
         // Root disks are clones: as fast for 10 GiB as for 100 MiB, and tiny.
         let (vm_small, t_small) = create_stopped(&stack, "from-small", "small").await;
@@ -201,7 +209,11 @@ fn images_are_imported_once_and_cloned_for_each_vm() {
         for vm in [&vm_small, &vm_big] {
             let f = root_file(vm);
             let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&f).expect("md")) * 512;
-            assert!(used < 4 << 20, "{}: a clone takes almost no space ({used} bytes)", f.display());
+            assert!(
+                used < 4 << 20,
+                "{}: a clone takes almost no space ({used} bytes)",
+                f.display()
+            );
         }
 
         // The guest sees the image's files and writes its own; the image stays as it was.
@@ -227,7 +239,10 @@ fn images_are_imported_once_and_cloned_for_each_vm() {
         assert!(out.contains("CIDATA"), "seed disk: {out}");
         stack.act("from-small", "stop").await;
         assert_eq!(sha256(&blob), small_sum, "the image is untouched by the guest's writes");
-        assert_eq!(std::fs::metadata(&blob).expect("md").modified().expect("mtime"), blob_mtime);
+        assert_eq!(
+            std::fs::metadata(&blob).expect("md").modified().expect("mtime"),
+            blob_mtime
+        );
         let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(root_file(&vm_small)).expect("md")) * 512;
         assert!(used >= 8 << 20, "the guest's writes went to the clone ({used} bytes)");
 
@@ -245,7 +260,10 @@ fn images_are_imported_once_and_cloned_for_each_vm() {
         }
         assert!(!small_root.exists(), "the root disk went with its VM");
         assert!(files_in(&stack.data_dir().join("volumes/volumes")).is_empty());
-        assert!(files_in(&stack.data_dir().join("imaged/seeds")).is_empty(), "seeds went too");
+        assert!(
+            files_in(&stack.data_dir().join("imaged/seeds")).is_empty(),
+            "seeds went too"
+        );
         assert_eq!(sha256(&blob), small_sum);
         let out = cli(&stack, &["image", "delete", "small"]).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -291,10 +309,26 @@ fn bad_image_sources_fail_clearly_and_leave_nothing() {
         }
         // Accepted, then the operation fails with the reason.
         let cases = [
-            (json!({"name": "x", "url": format!("http://{closed}/ok.raw")}), "source_unreachable", "cannot reach"),
-            (json!({"name": "x", "url": format!("{base}/missing.raw")}), "source_error", "404"),
-            (json!({"name": "x", "url": format!("{base}/notes.txt")}), "not_a_disk_image", "partition table"),
-            (json!({"name": "x", "url": format!("{base}/disk.vmdk")}), "unsupported_format", "VMDK"),
+            (
+                json!({"name": "x", "url": format!("http://{closed}/ok.raw")}),
+                "source_unreachable",
+                "cannot reach",
+            ),
+            (
+                json!({"name": "x", "url": format!("{base}/missing.raw")}),
+                "source_error",
+                "404",
+            ),
+            (
+                json!({"name": "x", "url": format!("{base}/notes.txt")}),
+                "not_a_disk_image",
+                "partition table",
+            ),
+            (
+                json!({"name": "x", "url": format!("{base}/disk.vmdk")}),
+                "unsupported_format",
+                "VMDK",
+            ),
             (
                 json!({"name": "x", "url": format!("{base}/ok.raw"), "sha256": "0".repeat(64)}),
                 "checksum_mismatch",
@@ -323,9 +357,18 @@ fn bad_image_sources_fail_clearly_and_leave_nothing() {
         // A VM from an unknown image, or with bad cloud-init input, is refused.
         for (body, what) in [
             (json!({"name": "v1", "image": "nope"}), "unknown image"),
-            (json!({"name": "v2", "image": "tiny", "ssh_keys": ["not a key"]}), "bad key"),
-            (json!({"name": "v3", "image": "tiny", "user_data": "#cloud-config\n[1, 2"}), "bad YAML"),
-            (json!({"name": "v4", "image": "tiny", "disk_size": "10G"}), "disk_size without a disk"),
+            (
+                json!({"name": "v2", "image": "tiny", "ssh_keys": ["not a key"]}),
+                "bad key",
+            ),
+            (
+                json!({"name": "v3", "image": "tiny", "user_data": "#cloud-config\n[1, 2"}),
+                "bad YAML",
+            ),
+            (
+                json!({"name": "v4", "image": "tiny", "disk_size": "10G"}),
+                "disk_size without a disk",
+            ),
         ] {
             let (status, e) = stack.call("POST", "/v1/vms", Some(body)).await;
             assert_eq!(status, 422, "{what}: {e}");

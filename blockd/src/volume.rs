@@ -109,11 +109,7 @@ pub const IMAGE_BASE_SNAPSHOT: &str = "base";
 
 /// The volume that holds an image's blocks once, for backends that clone snapshots.
 pub fn image_base_name(key: &str) -> String {
-    let short: String = key
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .take(24)
-        .collect();
+    let short: String = key.chars().filter(|c| c.is_ascii_alphanumeric()).take(24).collect();
     format!("image-{short}")
 }
 

@@ -236,10 +236,21 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
             key: "sha256:0123456789abcdef0123456789abcdef".into(),
         }),
     };
-    let (root, _) = svc.ensure("root-a", root_spec(Some(16 * MIB))).await.expect("clone image");
+    let (root, _) = svc
+        .ensure("root-a", root_spec(Some(16 * MIB)))
+        .await
+        .expect("clone image");
     let (root_b, _) = svc.ensure("root-b", root_spec(None)).await.expect("clone image again");
-    assert_eq!(root.size_bytes, 16 * MIB, "{kind}: the clone is grown to the size asked");
-    assert_eq!(root_b.size_bytes, 8 * 4096, "{kind}: without a size the clone keeps the image's");
+    assert_eq!(
+        root.size_bytes,
+        16 * MIB,
+        "{kind}: the clone is grown to the size asked"
+    );
+    assert_eq!(
+        root_b.size_bytes,
+        8 * 4096,
+        "{kind}: without a size the clone keeps the image's"
+    );
     assert_all(&read(&backend, &root, 0, 8 * 4096), 0x3C, "image clone");
     write_pattern(&backend, &root, 0, 4096, 0x77);
     assert_all(&read(&backend, &root, 0, 4096), 0x77, "image clone after a write");

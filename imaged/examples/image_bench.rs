@@ -22,8 +22,15 @@ use imaged::store::Store;
 const GIB: u64 = 1 << 30;
 
 fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -60,7 +67,7 @@ async fn clone_rounds(pool_dir: &Path, image: &Path, rounds: usize) -> (Vec<f64>
     for i in 0..rounds {
         let name = format!("root-{i}");
         let spec = VolumeSpec {
-            size_bytes: Some(20 * GIB),
+            size_bytes: None,
             source: Some(VolumeSource::ImageClone {
                 path: image.to_path_buf(),
                 key: "sha256:bench".into(),
@@ -81,7 +88,12 @@ fn copy_rounds(image: &Path, dir: &Path, rounds: usize) -> Vec<f64> {
         let t = Instant::now();
         run(
             "cp",
-            &["--reflink=never", "--sparse=always", image.to_str().expect("utf8"), dst.to_str().expect("utf8")],
+            &[
+                "--reflink=never",
+                "--sparse=always",
+                image.to_str().expect("utf8"),
+                dst.to_str().expect("utf8"),
+            ],
         );
         run("sync", &["-f", dst.to_str().expect("utf8")]);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -103,7 +115,10 @@ async fn import_once(qcow2: &Path, dir: &Path) -> f64 {
         })
         .expect("start");
     let st = loop {
-        let s = importer.status(&st.id, std::time::Duration::from_secs(60)).await.expect("status");
+        let s = importer
+            .status(&st.id, std::time::Duration::from_secs(60))
+            .await
+            .expect("status");
         if s.state != ImportState::Running {
             break s;
         }
@@ -120,7 +135,15 @@ fn convert_once(qcow2: &Path, dir: &Path) -> f64 {
     let t = Instant::now();
     run(
         "qemu-img",
-        &["convert", "-f", "qcow2", "-O", "raw", qcow2.to_str().expect("utf8"), dst.to_str().expect("utf8")],
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow2.to_str().expect("utf8"),
+            dst.to_str().expect("utf8"),
+        ],
     );
     run("sync", &["-f", dst.to_str().expect("utf8")]);
     let secs = t.elapsed().as_secs_f64();
@@ -141,21 +164,51 @@ async fn main() {
 
     let mut rows = Vec::new();
     let (mut t, how) = clone_rounds(&work.join("pool"), &image, rounds).await;
-    rows.push((format!("blockd clone ({how}, ext4)"), median(&mut t), t[0], t[t.len() - 1]));
+    rows.push((
+        format!("blockd clone ({how}, ext4)"),
+        median(&mut t),
+        t[0],
+        t[t.len() - 1],
+    ));
     if let Some(x) = &xfs {
         let ximg = x.join("image.raw");
-        run("cp", &["--sparse=always", image.to_str().expect("utf8"), ximg.to_str().expect("utf8")]);
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                image.to_str().expect("utf8"),
+                ximg.to_str().expect("utf8"),
+            ],
+        );
         let (mut t, how) = clone_rounds(&x.join("pool"), &ximg, rounds).await;
-        rows.push((format!("blockd clone ({how}, XFS)"), median(&mut t), t[0], t[t.len() - 1]));
+        rows.push((
+            format!("blockd clone ({how}, XFS)"),
+            median(&mut t),
+            t[0],
+            t[t.len() - 1],
+        ));
         std::fs::remove_file(&ximg).expect("rm");
     }
     let mut c = copy_rounds(&image, &work, rounds.min(3));
-    rows.push(("full copy (cp --sparse=always, ext4)".into(), median(&mut c), c[0], c[c.len() - 1]));
+    rows.push((
+        "full copy (cp --sparse=always, ext4)".into(),
+        median(&mut c),
+        c[0],
+        c[c.len() - 1],
+    ));
 
     let qcow2 = work.join("image.qcow2");
     run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "qcow2", image.to_str().expect("utf8"), qcow2.to_str().expect("utf8")],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            image.to_str().expect("utf8"),
+            qcow2.to_str().expect("utf8"),
+        ],
     );
     std::fs::remove_file(&image).expect("rm");
     let qsize = std::fs::metadata(&qcow2).expect("md").len();
@@ -169,7 +222,10 @@ async fn main() {
     let mib = qsize as f64 / (1 << 20) as f64;
 
     println!("\n## Images: root disks by clone, and qcow2 import\n");
-    println!("A 10 GiB raw image holding 1 GiB of data; {rounds} rounds (copies and imports: {}).\n", rounds.min(3));
+    println!(
+        "A 10 GiB raw image holding 1 GiB of data; {rounds} rounds (copies and imports: {}).\n",
+        rounds.min(3)
+    );
     println!("| root disk from the image | median ms | min | max |\n|---|---|---|---|");
     for (label, m, lo, hi) in &rows {
         println!("| {label} | {m:.1} | {lo:.1} | {hi:.1} |");

@@ -73,7 +73,9 @@ fn check_hostname(h: &str) -> Result<(), ImageError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(format!("hostname {h:?} must be a DNS label (letters, digits, '-')")))
+        Err(invalid(format!(
+            "hostname {h:?} must be a DNS label (letters, digits, '-')"
+        )))
     }
 }
 
@@ -128,7 +130,10 @@ pub fn compose(req: &SeedRequest) -> Result<SeedFiles, ImageError> {
     }
     let user = req.user_data.as_deref().unwrap_or("");
     if user.len() > MAX_USER_DATA {
-        return Err(invalid(format!("user_data is {} bytes; at most {MAX_USER_DATA}", user.len())));
+        return Err(invalid(format!(
+            "user_data is {} bytes; at most {MAX_USER_DATA}",
+            user.len()
+        )));
     }
     let user_data = if user.trim().is_empty() || user.starts_with("#cloud-config") {
         let theirs: Value = if user.trim().is_empty() {
@@ -323,7 +328,10 @@ mod tests {
         assert!(files.user_data.contains("text/x-shellscript"));
         assert!(files.user_data.contains("text/cloud-config"));
         for bad in ["#cloud-config\n[1, 2", "#cloud-config\n- a\n- b\n", "plain text"] {
-            assert!(matches!(compose(&req(Some(bad))), Err(ImageError::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(compose(&req(Some(bad))), Err(ImageError::Invalid(_))),
+                "{bad:?}"
+            );
         }
         let mut r = req(None);
         r.ssh_keys = vec!["not a key".into()];

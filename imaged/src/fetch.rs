@@ -143,7 +143,12 @@ impl Download<'_> {
                 }
                 Err(Failure::Retry(why)) if attempt < ATTEMPTS => {
                     let wait = Duration::from_millis(250 << attempt.min(5));
-                    tracing::warn!(url = self.url, have, attempt, "download interrupted ({why}); resuming in {wait:?}");
+                    tracing::warn!(
+                        url = self.url,
+                        have,
+                        attempt,
+                        "download interrupted ({why}); resuming in {wait:?}"
+                    );
                     tokio::time::sleep(wait).await;
                 }
                 Err(Failure::Retry(why)) => {
@@ -167,7 +172,11 @@ impl Download<'_> {
         }
         let resp = req.send().await.map_err(|e| {
             if e.is_connect() {
-                Failure::Fatal(ImageError::Unreachable(format!("cannot reach {}: {}", self.url, error_chain(&e))))
+                Failure::Fatal(ImageError::Unreachable(format!(
+                    "cannot reach {}: {}",
+                    self.url,
+                    error_chain(&e)
+                )))
             } else {
                 Failure::Retry(error_chain(&e))
             }

@@ -162,7 +162,10 @@ pub async fn qcow2_info(path: &Path) -> Result<u64, ImageError> {
     let info: QemuImgInfo = serde_json::from_slice(&out.stdout)
         .map_err(|e| ImageError::Tool(format!("qemu-img info gave unexpected output: {e}")))?;
     if info.format != "qcow2" {
-        return Err(ImageError::NotADisk(format!("qemu-img reads it as {}, not qcow2", info.format)));
+        return Err(ImageError::NotADisk(format!(
+            "qemu-img reads it as {}, not qcow2",
+            info.format
+        )));
     }
     if let Some(b) = info.backing_filename {
         return Err(ImageError::Unsupported(format!(
@@ -170,7 +173,9 @@ pub async fn qcow2_info(path: &Path) -> Result<u64, ImageError> {
         )));
     }
     if info.encrypted {
-        return Err(ImageError::Unsupported("encrypted qcow2 images are not supported".into()));
+        return Err(ImageError::Unsupported(
+            "encrypted qcow2 images are not supported".into(),
+        ));
     }
     Ok(info.virtual_size)
 }

@@ -113,7 +113,11 @@ impl Job {
             names: lock(&self.names).iter().map(|r| r.to_string()).collect(),
             source: self.source.clone(),
             state,
-            phase: if state == ImportState::Running { phase } else { "done".into() },
+            phase: if state == ImportState::Running {
+                phase
+            } else {
+                "done".into()
+            },
             bytes_done: done,
             bytes_total: total,
             rate_bytes_per_second: rate,
@@ -143,7 +147,9 @@ pub struct Importer {
 
 impl std::fmt::Debug for Importer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Importer").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("Importer")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -157,7 +163,8 @@ enum Source {
 
 fn parse_location(s: &str, what: &str) -> Result<Source, ImageError> {
     if s.starts_with("http://") || s.starts_with("https://") {
-        let u = reqwest::Url::parse(s).map_err(|e| ImageError::Invalid(format!("{what} {s:?} is not a valid URL: {e}")))?;
+        let u =
+            reqwest::Url::parse(s).map_err(|e| ImageError::Invalid(format!("{what} {s:?} is not a valid URL: {e}")))?;
         if u.host_str().is_none() {
             return Err(ImageError::Invalid(format!("{what} {s:?} has no host")));
         }
@@ -175,8 +182,12 @@ fn parse_location(s: &str, what: &str) -> Result<Source, ImageError> {
     match std::fs::metadata(&p) {
         Ok(m) if m.is_dir() => Ok(Source::Recipe(p)),
         Ok(m) if m.is_file() => Ok(Source::File(p)),
-        Ok(_) => Err(ImageError::Invalid(format!("{what} {s:?} is neither a file nor a folder"))),
-        Err(_) => Err(ImageError::SourceMissing(format!("{what} {s:?} does not exist on this host"))),
+        Ok(_) => Err(ImageError::Invalid(format!(
+            "{what} {s:?} is neither a file nor a folder"
+        ))),
+        Err(_) => Err(ImageError::SourceMissing(format!(
+            "{what} {s:?} does not exist on this host"
+        ))),
     }
 }
 
@@ -214,7 +225,11 @@ impl Importer {
         let expected = req.sha256.as_deref().map(parse_digest).transpose()?;
         let format = req.format.as_deref().map(str::parse::<SourceFormat>).transpose()?;
         let kernel = req.kernel.as_deref().map(|k| parse_location(k, "kernel")).transpose()?;
-        let initramfs = req.initramfs.as_deref().map(|k| parse_location(k, "initramfs")).transpose()?;
+        let initramfs = req
+            .initramfs
+            .as_deref()
+            .map(|k| parse_location(k, "initramfs"))
+            .transpose()?;
         for s in [&kernel, &initramfs].into_iter().flatten() {
             if matches!(s, Source::Recipe(_)) {
                 return Err(ImageError::Invalid("kernel and initramfs must be files or URLs".into()));
@@ -222,7 +237,9 @@ impl Importer {
         }
         if let Some(c) = &req.cmdline {
             if c.len() > 2048 || c.chars().any(|c| c.is_control()) {
-                return Err(ImageError::Invalid("cmdline must be at most 2048 printable characters".into()));
+                return Err(ImageError::Invalid(
+                    "cmdline must be at most 2048 printable characters".into(),
+                ));
             }
         }
         if matches!(source, Source::Recipe(_))
@@ -353,13 +370,7 @@ impl Importer {
                         .clone()
                         .unwrap_or_else(|| "console=ttyS0 root=/dev/vda rw".into()),
                 };
-                (
-                    ManifestContent {
-                        disk: Some(disk),
-                        boot,
-                    },
-                    serde_json::Value::Null,
-                )
+                (ManifestContent { disk: Some(disk), boot }, serde_json::Value::Null)
             }
         };
         let manifest = Manifest {
@@ -407,7 +418,9 @@ impl Importer {
             }
             Source::File(path) => {
                 let fmt = detect_with(path, plan.format)?;
-                let len = std::fs::metadata(path).map_err(|e| ImageError::Io(path.clone(), e))?.len();
+                let len = std::fs::metadata(path)
+                    .map_err(|e| ImageError::Io(path.clone(), e))?
+                    .len();
                 match fmt {
                     SourceFormat::Raw => {
                         job.progress.phase("copying", len);
@@ -484,7 +497,9 @@ impl Importer {
         _downloaded: bool,
     ) -> Result<ManifestDisk, ImageError> {
         let fmt = detect_with(part, forced)?;
-        let len = std::fs::metadata(part).map_err(|e| ImageError::Io(part.to_path_buf(), e))?.len();
+        let len = std::fs::metadata(part)
+            .map_err(|e| ImageError::Io(part.to_path_buf(), e))?
+            .len();
         match fmt {
             SourceFormat::Raw => {
                 // Written sparse as it arrived: the partial file becomes the blob.
@@ -564,7 +579,12 @@ impl Importer {
     async fn recipe(&self, job: &Job, dir: &Path) -> Result<(ManifestContent, serde_json::Value), ImageError> {
         let meta_path = dir.join("image.json");
         let metadata: serde_json::Value = std::fs::read(&meta_path)
-            .map_err(|_| ImageError::Invalid(format!("{} has no image.json: it is not a recipe's output", dir.display())))
+            .map_err(|_| {
+                ImageError::Invalid(format!(
+                    "{} has no image.json: it is not a recipe's output",
+                    dir.display()
+                ))
+            })
             .and_then(|b| {
                 serde_json::from_slice(&b).map_err(|e| ImageError::Invalid(format!("{}: {e}", meta_path.display())))
             })?;
@@ -577,7 +597,10 @@ impl Importer {
             .filter(|(_, p)| p.is_file())
             .collect();
         if !files.iter().any(|(f, _)| *f != "initrd.img") {
-            return Err(ImageError::Invalid(format!("{} has no kernel (vmlinuz or vmlinux)", dir.display())));
+            return Err(ImageError::Invalid(format!(
+                "{} has no kernel (vmlinuz or vmlinux)",
+                dir.display()
+            )));
         }
         let total: u64 = files
             .iter()
@@ -643,7 +666,9 @@ fn detect_with(path: &Path, forced: Option<SourceFormat>) -> Result<SourceFormat
         (Ok(f), Some(want)) => Err(ImageError::Unsupported(format!("the file is {f}, not {want}"))),
         // A raw disk without a file system yet, when the caller says it is raw.
         (Err(ImageError::NotADisk(_)), Some(SourceFormat::Raw)) => {
-            let len = std::fs::metadata(path).map_err(|e| ImageError::Io(path.to_path_buf(), e))?.len();
+            let len = std::fs::metadata(path)
+                .map_err(|e| ImageError::Io(path.to_path_buf(), e))?
+                .len();
             if len % 512 == 0 && len > 0 {
                 Ok(SourceFormat::Raw)
             } else {
@@ -666,7 +691,9 @@ fn check_expected(expected: Option<&str>, got: &str) -> Result<(), ImageError> {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, ImageError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ImageError::Corrupt(format!("import task failed: {e}")))?

@@ -275,7 +275,9 @@ pub fn router(imaged: Arc<Imaged>) -> Router {
 
 type S = State<Arc<Imaged>>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ImageError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal(format!("imaged task failed: {e}")))?
@@ -308,10 +310,7 @@ async fn release(State(d): S, UrlPath(holder): UrlPath<String>) -> Result<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start_import(
-    State(d): S,
-    Json(req): Json<ImportRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+async fn start_import(State(d): S, Json(req): Json<ImportRequest>) -> Result<impl IntoResponse, ApiError> {
     let st = d.importer.start(req)?;
     Ok((StatusCode::ACCEPTED, Json(st)))
 }

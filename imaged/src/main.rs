@@ -31,6 +31,11 @@ async fn main() -> anyhow::Result<()> {
         catalog_dir: args.catalog_dir,
         seeds_dir: args.seeds_dir,
     })?;
-    socket_http::server::serve_unix(args.socket, imaged::router(imaged), socket_http::server::shutdown_signal()).await?;
+    socket_http::server::serve_unix(
+        args.socket,
+        imaged::router(imaged),
+        socket_http::server::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -458,7 +458,9 @@ impl Store {
         let images = self.root.join("images");
         for e in fs::read_dir(&images).map_err(io_err(&images))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_suffix(".json") else { continue };
+            let Some(hex) = name.strip_suffix(".json") else {
+                continue;
+            };
             if keep.contains(hex) {
                 if let Some(m) = self.read_manifest(hex)? {
                     live_blobs.extend(m.content.disk.map(|d| d.blob));
@@ -580,9 +582,7 @@ fn next_data(f: &File, off: u64, len: u64) -> io::Result<(u64, u64)> {
 pub fn hash_file(path: &Path, progress: &dyn Fn(u64)) -> Result<String, ImageError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     // SAFETY: advice on a descriptor this function owns; failure only loses read-ahead.
-    unsafe {
-        libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_SEQUENTIAL)
-    };
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 * CHUNK];
     let mut off = 0u64;
@@ -655,7 +655,10 @@ mod tests {
         store.lease("tiny", "vm-1").expect("lease");
         store.delete("tiny:12").expect("one of two names");
         assert!(matches!(store.delete("tiny"), Err(ImageError::InUse { .. })));
-        assert!(store.resolve("tiny").expect("resolve").is_some(), "refused delete changes nothing");
+        assert!(
+            store.resolve("tiny").expect("resolve").is_some(),
+            "refused delete changes nothing"
+        );
         store.release("vm-1").expect("release");
         let report = store.delete("tiny").expect("delete");
         assert_eq!(report.images, vec![m.digest.clone()]);

@@ -59,25 +59,49 @@ fn generated_seeds_pass_cloud_inits_own_checks() {
         ssh_authorized_keys:\n  - ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7 user@laptop\n";
     for (what, req) in [
         ("no user-data, one NIC", request(None, 1)),
-        ("a #cloud-config merged with ours, two NICs", request(Some(user_config), 2)),
-        ("a shell script (multipart), no NIC", request(Some("#!/bin/sh\necho hi > /run/y\n"), 0)),
+        (
+            "a #cloud-config merged with ours, two NICs",
+            request(Some(user_config), 2),
+        ),
+        (
+            "a shell script (multipart), no NIC",
+            request(Some("#!/bin/sh\necho hi > /run/y\n"), 0),
+        ),
     ] {
         let files = compose(&req).expect("compose");
         // `cloud-init schema` checks cloud-configs, not MIME multiparts: check the
         // multipart's cloud-config part, and that the script travels unchanged.
-        let user_data = match files.user_data.strip_prefix("Content-Type: multipart/mixed; boundary=\"") {
+        let user_data = match files
+            .user_data
+            .strip_prefix("Content-Type: multipart/mixed; boundary=\"")
+        {
             Some(rest) => {
                 let boundary = rest.split('"').next().expect("boundary");
                 let parts: Vec<&str> = files.user_data.split(&format!("--{boundary}")).collect();
                 let body = |p: &str| p.split_once("\n\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-                let script = parts.iter().find(|p| p.contains("text/x-shellscript")).expect("script part");
-                assert_eq!(body(script).trim_end(), req.user_data.as_deref().unwrap_or("").trim_end());
-                body(parts.iter().find(|p| p.contains("text/cloud-config")).expect("cloud-config part"))
+                let script = parts
+                    .iter()
+                    .find(|p| p.contains("text/x-shellscript"))
+                    .expect("script part");
+                assert_eq!(
+                    body(script).trim_end(),
+                    req.user_data.as_deref().unwrap_or("").trim_end()
+                );
+                body(
+                    parts
+                        .iter()
+                        .find(|p| p.contains("text/cloud-config"))
+                        .expect("cloud-config part"),
+                )
             }
             None => files.user_data.clone(),
         };
         let (ok, text) = check(&user_data, &files.network_config);
-        assert!(ok, "{what}: cloud-init refuses what imaged wrote:\n{text}\n--- user-data\n{}\n--- network-config\n{}", files.user_data, files.network_config);
+        assert!(
+            ok,
+            "{what}: cloud-init refuses what imaged wrote:\n{text}\n--- user-data\n{}\n--- network-config\n{}",
+            files.user_data, files.network_config
+        );
     }
     // The checker fails on what is wrong.
     let good = compose(&request(None, 1)).expect("compose");

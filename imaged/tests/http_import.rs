@@ -14,8 +14,8 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use imaged::import::{ImportRequest, ImportState, ImportStatus, Importer};
-use imaged::store::Store;
 use imaged::store::Sha256;
+use imaged::store::Store;
 
 /// How the server serves one file.
 #[derive(Clone, Default)]
@@ -39,7 +39,12 @@ impl Server {
         self.files.lock().expect("lock").insert(name.into(), s);
     }
     fn requests(&self, name: &str) -> Vec<String> {
-        self.requests.lock().expect("lock").get(name).cloned().unwrap_or_default()
+        self.requests
+            .lock()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -153,7 +158,11 @@ fn url_import(name: &str, url: String, sha256: Option<String>) -> ImportRequest 
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -180,7 +189,11 @@ async fn http_imports_verify_coalesce_and_resume() {
         .start(url_import("alpha", format!("{base}/disk.raw"), Some(sha(&disk))))
         .expect("start");
     let b = importer
-        .start(url_import("beta", format!("{base}/disk.raw"), Some(format!("sha256:{}", sha(&disk)))))
+        .start(url_import(
+            "beta",
+            format!("{base}/disk.raw"),
+            Some(format!("sha256:{}", sha(&disk))),
+        ))
         .expect("start");
     assert_eq!(a.id, b.id, "the second import joins the first");
     let mut saw_progress = false;
@@ -196,7 +209,10 @@ async fn http_imports_verify_coalesce_and_resume() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(saw_progress, "progress (bytes, total, rate, ETA) is reported while downloading");
+    assert!(
+        saw_progress,
+        "progress (bytes, total, rate, ETA) is reported while downloading"
+    );
     let done = wait(&importer, &a).await;
     assert_eq!(done.state, ImportState::Succeeded, "{:?}", done.error);
     assert_eq!(done.requests, 2);
@@ -204,11 +220,18 @@ async fn http_imports_verify_coalesce_and_resume() {
     let img = done.image.expect("image");
     let disk_info = img.disk.clone().expect("disk");
     assert_eq!(disk_info.source_digest, format!("sha256:{}", sha(&disk)));
-    assert_eq!(std::fs::read(&disk_info.path).expect("blob"), disk, "the stored disk is the file");
+    assert_eq!(
+        std::fs::read(&disk_info.path).expect("blob"),
+        disk,
+        "the stored disk is the file"
+    );
     let (alpha, _) = store.resolve("alpha").expect("resolve").expect("alpha");
     let (beta, _) = store.resolve("beta").expect("resolve").expect("beta");
     assert_eq!(alpha.digest, beta.digest);
-    assert!(entries(&dir.path().join("tmp")).is_empty(), "no partial files after success");
+    assert!(
+        entries(&dir.path().join("tmp")).is_empty(),
+        "no partial files after success"
+    );
     let blobs_before = entries(&dir.path().join("blobs/sha256"));
 
     // A wrong checksum: the import fails and caches nothing.
@@ -230,7 +253,11 @@ async fn http_imports_verify_coalesce_and_resume() {
     assert_eq!(st.error_status, Some(422));
     assert!(store.resolve("wrong").expect("resolve").is_none());
     assert!(entries(&dir.path().join("tmp")).is_empty(), "the bad download is gone");
-    assert_eq!(entries(&dir.path().join("blobs/sha256")), blobs_before, "no blob was added");
+    assert_eq!(
+        entries(&dir.path().join("blobs/sha256")),
+        blobs_before,
+        "no blob was added"
+    );
 
     // Cut half way: the import resumes with a Range request and completes.
     let cut = disk_bytes(4, 3);
@@ -255,7 +282,10 @@ async fn http_imports_verify_coalesce_and_resume() {
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|s| s.parse().ok())
         .expect("a Range request");
-    assert!(resumed_at > 0 && resumed_at <= cut.len() as u64 / 2, "resumed at {resumed_at}");
+    assert!(
+        resumed_at > 0 && resumed_at <= cut.len() as u64 / 2,
+        "resumed at {resumed_at}"
+    );
     let img = st.image.expect("image");
     assert_eq!(std::fs::read(img.disk.expect("disk").path).expect("blob"), cut);
 
@@ -282,14 +312,22 @@ async fn http_imports_verify_coalesce_and_resume() {
         },
     );
     let st = importer
-        .start(url_import("from-qcow2", format!("{base}/disk.qcow2"), Some(sha(&qcow2))))
+        .start(url_import(
+            "from-qcow2",
+            format!("{base}/disk.qcow2"),
+            Some(sha(&qcow2)),
+        ))
         .expect("start");
     let st = wait(&importer, &st).await;
     assert_eq!(st.state, ImportState::Succeeded, "{:?}", st.error);
     let d = st.image.expect("image").disk.expect("disk");
     assert_eq!(d.source_format, imaged::format::SourceFormat::Qcow2);
     assert_eq!(d.virtual_size, raw.len() as u64);
-    assert_eq!(std::fs::read(&d.path).expect("blob"), raw, "the stored disk is the raw conversion");
+    assert_eq!(
+        std::fs::read(&d.path).expect("blob"),
+        raw,
+        "the stored disk is the raw conversion"
+    );
 
     // Bad sources: each fails clearly and leaves nothing.
     srv.add(
@@ -314,7 +352,12 @@ async fn http_imports_verify_coalesce_and_resume() {
     };
     let cases = [
         (format!("{base}/missing.raw"), "source_error", 422, "404"),
-        (format!("http://{closed}/disk.raw"), "source_unreachable", 502, "cannot reach"),
+        (
+            format!("http://{closed}/disk.raw"),
+            "source_unreachable",
+            502,
+            "cannot reach",
+        ),
         (format!("{base}/notes.txt"), "not_a_disk_image", 422, "partition table"),
         (format!("{base}/disk.vmdk"), "unsupported_format", 422, "VMDK"),
     ];
@@ -337,7 +380,10 @@ async fn http_imports_verify_coalesce_and_resume() {
         (url_import("../x", format!("{base}/disk.raw"), None), "a name with .."),
         (url_import("a/b", format!("{base}/disk.raw"), None), "a name with /"),
         (url_import("ok", "ftp://example.invalid/x".into(), None), "an ftp URL"),
-        (url_import("ok", format!("{base}/disk.raw"), Some("abc".into())), "a short checksum"),
+        (
+            url_import("ok", format!("{base}/disk.raw"), Some("abc".into())),
+            "a short checksum",
+        ),
         (
             ImportRequest {
                 name: "ok".into(),
@@ -384,7 +430,9 @@ async fn local_imports_dedupe_and_refuse_what_is_not_a_disk() {
     assert_eq!(st.error.expect("error").code, "not_a_disk_image");
     // A blank raw disk is accepted when the caller says it is raw.
     let blank = dir.path().join("blank.raw");
-    std::fs::File::create(&blank).and_then(|f| f.set_len(1 << 20)).expect("blank");
+    std::fs::File::create(&blank)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("blank");
     let mut r = req("blank", &blank);
     r.format = Some("raw".into());
     let st = wait(&importer, &importer.start(r).expect("start")).await;

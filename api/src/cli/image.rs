@@ -66,7 +66,11 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
                 body["url"] = json!(source);
             } else {
                 let p = PathBuf::from(&source);
-                let abs = if p.is_absolute() { p } else { std::env::current_dir()?.join(p) };
+                let abs = if p.is_absolute() {
+                    p
+                } else {
+                    std::env::current_dir()?.join(p)
+                };
                 body["path"] = json!(abs.display().to_string());
             }
             let fields = [
@@ -83,13 +87,18 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
             }
             let accepted = api.post("/v1/images", Some(body)).await?;
             if no_wait {
-                print_value(out, &accepted, |a| println!("import accepted: operation {}", s(&a["operation"]["id"])));
+                print_value(out, &accepted, |a| {
+                    println!("import accepted: operation {}", s(&a["operation"]["id"]))
+                });
                 return Ok(());
             }
             let op_id = s(&accepted["operation"]["id"]);
             let op = follow(api, &op_id, out == Output::Table).await?;
             if op["status"] == "failed" {
-                bail!("import failed: {}", op["error"]["message"].as_str().unwrap_or("unknown error"));
+                bail!(
+                    "import failed: {}",
+                    op["error"]["message"].as_str().unwrap_or("unknown error")
+                );
             }
             let img = api.get(&format!("/v1/images/{name}")).await?;
             print_value(out, &img, print_details);
@@ -106,7 +115,10 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
                         vec![
                             display_name(i),
                             short_digest(i),
-                            i["disk"]["virtual_size"].as_u64().map(human).unwrap_or_else(|| "-".into()),
+                            i["disk"]["virtual_size"]
+                                .as_u64()
+                                .map(human)
+                                .unwrap_or_else(|| "-".into()),
                             i["stored_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into()),
                             i["in_use_by"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
                         ]
@@ -139,13 +151,15 @@ pub async fn run(api: &ApiClient, out: Output, cmd: ImageCommand) -> anyhow::Res
 
 /// Polls the operation, drawing a progress bar on stderr (when `bar`), until it ends.
 async fn follow(api: &ApiClient, op_id: &str, bar: bool) -> anyhow::Result<Value> {
-    let pb = if bar { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    let pb = if bar {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg:12} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     pb.enable_steady_tick(Duration::from_millis(200));
     let op = loop {
@@ -189,9 +203,18 @@ fn print_details(i: &Value) {
     let mut rows = vec![
         ("Name", display_name(i)),
         ("Digest", s(&i["digest"])),
-        ("Names", i["names"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
+        (
+            "Names",
+            i["names"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+        ),
         ("Source", s(&i["source"])),
-        ("Stored", i["stored_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into())),
+        (
+            "Stored",
+            i["stored_bytes"].as_u64().map(human).unwrap_or_else(|| "-".into()),
+        ),
     ];
     if i["disk"].is_object() {
         rows.push((

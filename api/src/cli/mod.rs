@@ -259,13 +259,19 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             let mut keys = Vec::new();
             for f in &ssh_keys {
                 let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-                keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                );
             }
             if !keys.is_empty() {
                 body["ssh_keys"] = json!(keys);
             }
             if let Some(f) = user_data {
-                body["user_data"] = json!(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
+                body["user_data"] =
+                    json!(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
             }
             if let Some(d) = disk_size {
                 body["disk_size"] = json!(d);
