@@ -350,10 +350,18 @@ fn bad_image_sources_fail_clearly_and_leave_nothing() {
         }
         assert_eq!(files_in(&blobs), blobs_before, "no failed import stored anything");
         let (_, list) = stack.call("GET", "/v1/images", None).await;
+        let list = list.as_array().expect("list").clone();
+        assert!(!list.iter().any(|i| i["name"] == "x"), "{list:?}");
+        // The catalog's recipes are listed before their first use, without a digest.
+        let tiny = list.iter().find(|i| i["name"] == "tiny").expect("tiny is listed");
+        assert_eq!(tiny["catalog_only"], true, "{tiny}");
+        let (status, shown) = stack.call("GET", "/v1/images/tiny", None).await;
+        assert_eq!(status, 200, "{shown}");
         assert!(
-            !list.as_array().expect("list").iter().any(|i| i["name"] == "x"),
-            "{list}"
+            shown["digest"].as_str().unwrap_or("").starts_with("sha256:"),
+            "first use imports it: {shown}"
         );
+        assert!(shown.get("catalog_only").is_none(), "{shown}");
         // A VM from an unknown image, or with bad cloud-init input, is refused.
         for (body, what) in [
             (json!({"name": "v1", "image": "nope"}), "unknown image"),

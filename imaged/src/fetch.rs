@@ -65,11 +65,7 @@ impl Progress {
         let done = self.done.load(Ordering::Relaxed);
         let total = Some(self.total.load(Ordering::Relaxed)).filter(|t| *t > 0);
         let secs = started.elapsed().as_secs_f64();
-        let rate = if secs > 0.05 {
-            done.saturating_sub(base) as f64 / secs
-        } else {
-            0.0
-        };
+        let rate = done.saturating_sub(base) as f64 / secs.max(0.001);
         let eta = total
             .filter(|_| rate > 0.0)
             .map(|t| t.saturating_sub(done) as f64 / rate);

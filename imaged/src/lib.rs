@@ -86,6 +86,10 @@ pub struct ImageInfo {
     /// The recipe's own metadata (`image.json`), passed through.
     #[serde(default)]
     pub metadata: serde_json::Value,
+    /// A recipe output in the catalog, not imported yet: the first VM (or `GET`)
+    /// that asks for it imports it. It has no digest until then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catalog_only: bool,
 }
 
 /// Why an image operation failed.
@@ -284,9 +288,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// The store's images, then the catalog's recipes that are not imported yet.
 async fn list_images(State(d): S) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     let store = d.store().clone();
-    Ok(Json(blocking(move || store.list()).await?))
+    let mut images = blocking(move || store.list()).await?;
+    if let Some(dir) = &d.catalog_dir {
+        let mut pending: Vec<ImageInfo> = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| e.file_name().into_string().ok().map(|n| (n, e.path())))
+            .filter(|(n, p)| validate_name(n).is_ok() && p.join("image.json").is_file())
+            .filter(|(n, _)| !images.iter().any(|i| i.name == *n && i.tag == "latest"))
+            .map(|(name, path)| ImageInfo {
+                name,
+                tag: "latest".into(),
+                source: path.display().to_string(),
+                metadata: std::fs::read(path.join("image.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default(),
+                catalog_only: true,
+                ..Default::default()
+            })
+            .collect();
+        pending.sort_by(|a, b| a.name.cmp(&b.name));
+        images.extend(pending);
+    }
+    Ok(Json(images))
 }
 
 async fn get_image(State(d): S, UrlPath(image): UrlPath<String>) -> Result<Json<ImageInfo>, ApiError> {

@@ -363,6 +363,7 @@ impl Store {
             imported_at_ms: m.imported_at_ms,
             in_use_by: self.leases(&hex),
             metadata: m.metadata.clone(),
+            catalog_only: false,
         }
     }
 

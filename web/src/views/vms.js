@@ -141,7 +141,7 @@ function createForm(refresh) {
   network.addEventListener('change', () => (networkTouched = true));
   get('/v1/images')
     .then((images) => {
-      const names = (images || []).map((i) => i.name).sort();
+      const names = [...new Set((images || []).map((i) => (i.tag && i.tag !== 'latest' ? `${i.name}:${i.tag}` : i.name)))].sort();
       replace(image, names.length ? names.map((n) => h('option', { value: n, text: n })) : h('option', { value: '', text: 'no images' }));
     })
     .catch((e) => replace(image, h('option', { value: '', text: `cannot list images: ${e.message}` })))
