@@ -305,12 +305,26 @@ impl Stack {
     /// Types `line` into the console over the WebSocket and returns what came back
     /// once `expect` appeared.
     pub async fn console_exchange(&self, vm: &str, line: &str, expect: &str) -> String {
-        let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console")
-            .into_client_request()
-            .expect("request");
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("console websocket");
+        // The previous exchange's writer slot is released when the server has finished
+        // with its closed WebSocket, which can be a moment after our close: a 409
+        // ("already has a writer") right after one is retried for up to 2 s.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let ws = loop {
+            let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console")
+                .into_client_request()
+                .expect("request");
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
+            match tokio_tungstenite::connect_async(req).await {
+                Ok((ws, _)) => break ws,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                    if r.status() == 409 && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("console websocket: {e:?}"),
+            }
+        };
         let (mut tx, mut rx) = ws.split();
         // The first frame is the scrollback; what follows is live.
         let _scrollback = tokio::time::timeout(Duration::from_secs(10), rx.next())
@@ -330,6 +344,8 @@ impl Stack {
             }
         }
         let _ = tx.send(Message::Close(None)).await;
+        // Wait for the server's side of the close, so its writer slot is free sooner.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while rx.next().await.is_some() {} }).await;
         seen
     }
 
