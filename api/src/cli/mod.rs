@@ -6,6 +6,7 @@
 //! `/var/lib/hearth/admin.key`).
 
 mod client;
+mod doctor;
 mod image;
 mod terminal;
 mod volume;
@@ -72,6 +73,19 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Show a long-running operation.
     Operation { id: String },
+    /// Check this host: KVM really usable, device-mapper, tools, IP forwarding, firewall
+    /// rules that would drop bridged traffic. Needs no API key; run it as root.
+    Doctor {
+        /// Guest kernel to probe KVM with (default: the tiny image's).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Where guest images are built.
+        #[arg(long, env = "HEARTH_IMAGE_CACHE", default_value = "/var/cache/hearth/images")]
+        images_dir: PathBuf,
+        /// Do not boot a guest to check KVM (up to 8 s); report only whether /dev/kvm opens.
+        #[arg(long)]
+        no_kvm_probe: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,6 +223,14 @@ pub enum VmCommand {
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Doctor {
+        kernel,
+        images_dir,
+        no_kvm_probe,
+    } = cli.command
+    {
+        return doctor_command(cli.output, (!no_kvm_probe).then_some(kernel), images_dir).await;
+    }
     let key = match &cli.api_key {
         Some(k) => k.clone(),
         None => std::fs::read_to_string(&cli.api_key_file)
@@ -234,7 +256,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_value(out, &op, |op| println!("{}", op_line(op)));
             Ok(())
         }
+        Command::Doctor {
+            kernel,
+            images_dir,
+            no_kvm_probe,
+        } => doctor_command(out, (!no_kvm_probe).then_some(kernel), images_dir).await,
     }
+}
+
+/// `probe`: None skips the KVM boot probe; Some(kernel) probes (with that kernel, or the tiny image's).
+async fn doctor_command(out: Output, probe: Option<Option<PathBuf>>, images_dir: PathBuf) -> anyhow::Result<()> {
+    if !doctor::run(out, probe, images_dir).await? {
+        bail!("some checks failed");
+    }
+    Ok(())
 }
 
 async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> {
