@@ -8,7 +8,7 @@ use blockd::{BlockdConfig, PoolConfig};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "blockd", version, about = "hearth storage daemon")]
+#[command(name = "blockd", version, about = "hearth storage daemon", args_override_self = true)]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/blockd.sock")]
@@ -36,7 +36,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let a = Args::parse();
+    let a = Args::parse_from(socket_http::config::args_with_config("blockd")?);
     let config = BlockdConfig {
         pool: a.pool,
         state_dir: a.state_dir,
@@ -56,4 +56,27 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     blockd.exports.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_options_override_earlier_ones_and_lists_accumulate() {
+        // hearth.toml's options come first; the command line's win.
+        let a = Args::parse_from([
+            "blockd",
+            "--pool",
+            "memory:1048576",
+            "--nbd-allow",
+            "10.0.0.0/8",
+            "--nbd-allow",
+            "192.168.1.0/24",
+            "--pool",
+            "file:/tmp/p",
+        ]);
+        assert_eq!(a.pool, PoolConfig::File("/tmp/p".into()));
+        assert_eq!(a.nbd_allow.len(), 2);
+    }
 }

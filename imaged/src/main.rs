@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "imaged", version, about = "hearth image daemon")]
+#[command(name = "imaged", version, about = "hearth image daemon", args_override_self = true)]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/imaged.sock")]
@@ -25,7 +25,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let args = Args::parse();
+    let args = Args::parse_from(socket_http::config::args_with_config("imaged")?);
     let imaged = imaged::Imaged::open(imaged::ImagedConfig {
         store_dir: args.store_dir,
         catalog_dir: args.catalog_dir,

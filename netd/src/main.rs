@@ -6,7 +6,7 @@ use clap::Parser;
 use netd::network::{NetdConfig, NetworkService};
 
 #[derive(Parser, Debug)]
-#[command(name = "netd", version, about = "hearth network daemon")]
+#[command(name = "netd", version, about = "hearth network daemon", args_override_self = true)]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/netd.sock")]
@@ -21,7 +21,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let args = Args::parse();
+    let args = Args::parse_from(socket_http::config::args_with_config("netd")?);
     let mut config = NetdConfig::new(args.state_dir);
     config.dnsmasq_binary = args.dnsmasq_binary;
     let svc = NetworkService::open(config).await?;

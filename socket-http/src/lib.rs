@@ -1,8 +1,9 @@
 //! The plumbing every hearth daemon repeats: serving HTTP/JSON on a Unix socket
 //! ([`server`]), calling such a socket ([`client`]), the error envelope shared by the
-//! daemons and the public API ([`error`]), and logging setup ([`logging`]).
+//! daemons and the public API ([`error`]), logging setup ([`logging`]) and the configuration file ([`config`]).
 
 pub mod client;
+pub mod config;
 pub mod error;
 pub mod logging;
 pub mod server;

@@ -7,7 +7,7 @@ use clap::Parser;
 use vmm_manager::{Accel, VmService, VmmConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "vmm-manager", version, about = "hearth VM daemon")]
+#[command(name = "vmm-manager", version, about = "hearth VM daemon", args_override_self = true)]
 struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/vmm-manager.sock")]
@@ -30,7 +30,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let args = Args::parse();
+    let args = Args::parse_from(socket_http::config::args_with_config("vmm-manager")?);
     let config = VmmConfig {
         run_dir: args.run_dir,
         qemu_binary: args.qemu_binary,

@@ -9,7 +9,7 @@ use hearth_api::server::{self, AllInOne, ApiConfig};
 use vmm_manager::{Accel, HypervisorKind, VmmConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "hearth-api", version, about = "hearth's REST API")]
+#[command(name = "hearth-api", version, about = "hearth's REST API", args_override_self = true)]
 struct Args {
     /// Run the api and all four daemons (vmm-manager, netd, blockd, imaged) in this process.
     #[arg(long)]
@@ -54,7 +54,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
-    let a = Args::parse();
+    let a = Args::parse_from(socket_http::config::args_with_config("api")?);
     let run_dir = a.data_dir.join("run");
     let socket_dir = a.socket_dir.clone().unwrap_or_else(|| {
         if a.all_in_one {
