@@ -196,11 +196,37 @@ pub async fn require_key(
         .ok_or_else(|| ApiError::unauthorized("the Authorization header must be 'Bearer <api key>'"))?;
     match verify(state.store.as_ref(), key.trim()).await {
         Ok(rec) => {
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let who = (rec.id.clone(), rec.name.clone(), rec.role.clone());
             req.extensions_mut().insert(rec);
-            Ok(next.run(req).await)
+            let resp = next.run(req).await;
+            // Audit: every request that changes something, with who made it.
+            if !matches!(
+                method,
+                axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+            ) {
+                state.events.emit(
+                    "audit",
+                    crate::vms::PROJECT,
+                    serde_json::json!({
+                        "key_id": who.0, "key_name": who.1, "role": who.2,
+                        "method": method.as_str(), "path": path, "status": resp.status().as_u16(),
+                    }),
+                );
+            }
+            Ok(resp)
         }
         Err(e) => {
             tracing::warn!(path = %req.uri().path(), "rejected request: {}", e.message());
+            state.events.emit(
+                "audit",
+                crate::vms::PROJECT,
+                serde_json::json!({
+                    "method": req.method().as_str(), "path": req.uri().path(),
+                    "status": e.status.as_u16(), "refused": e.message(),
+                }),
+            );
             Err(e)
         }
     }

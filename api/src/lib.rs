@@ -7,12 +7,14 @@
 //! - [`volumes`]: the `/v1/volumes` endpoints
 //! - [`images`]: the `/v1/images` endpoints
 //! - [`operations`]: long-running operations
+//! - [`events`]: `/v1/events` (server-sent events)
 //! - [`auth`]: API keys
 //! - [`cli`]: the `hearth` command
 
 pub mod auth;
 pub mod cli;
 pub mod console;
+pub mod events;
 pub mod images;
 pub mod json;
 pub mod model;

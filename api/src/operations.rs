@@ -15,6 +15,21 @@ use crate::store::{self, StateStore};
 pub struct Operations {
     store: Arc<dyn StateStore>,
     waiters: Mutex<HashMap<String, watch::Sender<()>>>,
+    events: Arc<crate::events::Events>,
+}
+
+/// What a VM operation's success means for the VM, as a `vm` event says it.
+fn vm_change(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "vm.create" => "created",
+        "vm.delete" => "deleted",
+        "vm.start" => "started",
+        "vm.stop" => "stopped",
+        "vm.reboot" => "rebooted",
+        "vm.pause" => "paused",
+        "vm.resume" => "resumed",
+        _ => return None,
+    })
 }
 
 fn key(id: &str) -> String {
@@ -22,10 +37,25 @@ fn key(id: &str) -> String {
 }
 
 impl Operations {
-    pub fn new(store: Arc<dyn StateStore>) -> Self {
+    pub fn new(store: Arc<dyn StateStore>, events: Arc<crate::events::Events>) -> Self {
         Self {
             store,
             waiters: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+
+    fn emit(&self, op: &Operation) {
+        let data = serde_json::to_value(op).unwrap_or_default();
+        self.events.emit("operation", crate::vms::PROJECT, data);
+        if op.status == OperationStatus::Succeeded && op.target_kind == "vm" {
+            if let Some(change) = vm_change(&op.kind) {
+                self.events.emit(
+                    "vm",
+                    crate::vms::PROJECT,
+                    serde_json::json!({"id": op.target_id, "change": change, "operation": op.id}),
+                );
+            }
         }
     }
 
@@ -45,6 +75,7 @@ impl Operations {
             updated_at_ms: now,
         };
         self.store.put(&key(&op.id), store::encode(&op)).await?;
+        self.emit(&op);
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -61,6 +92,7 @@ impl Operations {
         if let Err(e) = self.store.put(&key(id), store::encode(&op)).await {
             tracing::error!(operation = id, "cannot record operation progress: {e}");
         }
+        self.emit(&op);
         let finished = op.status != OperationStatus::Running;
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = waiters.get(id) {

@@ -57,6 +57,7 @@ pub struct AppState {
     pub netd: netd::http::client::NetdClient,
     pub blockd: blockd::http::client::BlockdClient,
     pub tickets: crate::console::Tickets,
+    pub events: Arc<crate::events::Events>,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -97,6 +98,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/volumes/{name}/export",
             post(volumes::export).delete(volumes::unexport),
         )
+        .route("/v1/events", get(crate::events::stream))
         .route("/v1/operations", get(vms::operations))
         .route("/v1/operations/{id}", get(vms::operation))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -129,7 +131,8 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
     auth::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
-    let ops = Operations::new(store.clone());
+    let events = Arc::new(crate::events::Events::default());
+    let ops = Operations::new(store.clone(), events.clone());
     for op in ops.list().await? {
         if op.status == crate::model::OperationStatus::Running {
             let mut done = op.clone();
@@ -147,6 +150,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         netd: netd::http::client::NetdClient::new(config.socket("netd")),
         blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")),
         tickets: Default::default(),
+        events,
         config,
         store,
         ops,
