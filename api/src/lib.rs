@@ -7,7 +7,7 @@
 //! - [`volumes`]: the `/v1/volumes` endpoints
 //! - [`images`]: the `/v1/images` endpoints
 //! - [`operations`]: long-running operations
-//! - [`events`]: `/v1/events` (server-sent events)
+//! - [`events`]: server-sent events at `/v1/events`
 //! - [`auth`]: API keys
 //! - [`cli`]: the `hearth` command
 
