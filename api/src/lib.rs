@@ -17,6 +17,7 @@ pub mod console;
 pub mod events;
 pub mod images;
 pub mod json;
+pub mod metrics;
 pub mod model;
 pub mod networks;
 pub mod operations;

@@ -16,6 +16,7 @@ pub struct Operations {
     store: Arc<dyn StateStore>,
     waiters: Mutex<HashMap<String, watch::Sender<()>>>,
     events: Arc<crate::events::Events>,
+    metrics: crate::metrics::OperationMetrics,
 }
 
 /// What a VM operation's success means for the VM, as a `vm` event says it.
@@ -42,7 +43,12 @@ impl Operations {
             store,
             waiters: Mutex::new(HashMap::new()),
             events,
+            metrics: Default::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::OperationMetrics {
+        &self.metrics
     }
 
     fn emit(&self, op: &Operation) {
@@ -94,6 +100,15 @@ impl Operations {
         }
         self.emit(&op);
         let finished = op.status != OperationStatus::Running;
+        if finished {
+            let status = if op.status == OperationStatus::Succeeded {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            let secs = op.updated_at_ms.saturating_sub(op.created_at_ms) as f64 / 1000.0;
+            self.metrics.finished(&op.kind, status, secs);
+        }
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = waiters.get(id) {
             tx.send_replace(());

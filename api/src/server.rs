@@ -69,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/health/ready", get(ready))
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
         .route("/v1/vms/{id}/console", get(console::console))

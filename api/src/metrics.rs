@@ -1,0 +1,150 @@
+//! `GET /metrics` in Prometheus' text format (prometheus-client):
+//! - `hearth_vms{state}`: VMs by the state the API shows;
+//! - `hearth_operations_total{kind,status}` and `hearth_operation_duration_seconds{kind}`:
+//!   finished operations and how long they took;
+//! - `hearth_daemon_up{daemon}`: whether each daemon answers its health endpoint;
+//! - `hearth_ipam_addresses{network,state}`: allocated and usable addresses;
+//! - `hearth_volume_pool_bytes{state}`: the volume pool's size and use;
+//! - `hearth_images`, `hearth_image_store_bytes`: the image cache.
+//!
+//! Counters and histograms live as long as the api process; gauges are read from the
+//! store and the daemons at each scrape.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use socket_http::{ApiError, UnixClient};
+
+use crate::server::{AppState, DAEMONS};
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// What the api counts as it runs.
+pub struct OperationMetrics {
+    finished: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram>,
+}
+
+impl Default for OperationMetrics {
+    fn default() -> Self {
+        OperationMetrics {
+            finished: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 10 ms … ~80 s: VM actions take seconds under TCG, imports minutes.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.01, 2.0, 14,
+                ))
+            }),
+        }
+    }
+}
+
+impl OperationMetrics {
+    /// Records a finished operation.
+    pub fn finished(&self, kind: &str, status: &str, seconds: f64) {
+        self.finished
+            .get_or_create(&labels(&[("kind", kind), ("status", status)]))
+            .inc();
+        self.duration.get_or_create(&labels(&[("kind", kind)])).observe(seconds);
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let mut reg = Registry::with_prefix("hearth");
+    reg.register(
+        "operations",
+        "Operations finished, by kind and status",
+        state.ops.metrics().finished.clone(),
+    );
+    reg.register(
+        "operation_duration_seconds",
+        "How long finished operations took, by kind",
+        state.ops.metrics().duration.clone(),
+    );
+
+    let vms = Family::<Labels, Gauge>::default();
+    let listed = crate::vms::list(State(state.clone()))
+        .await
+        .map(|j| j.0)
+        .unwrap_or_default();
+    for state_name in [
+        "creating", "deleting", "running", "stopped", "paused", "failed", "missing", "unknown",
+    ] {
+        vms.get_or_create(&labels(&[("state", state_name)])).set(0);
+    }
+    for vm in &listed {
+        vms.get_or_create(&labels(&[("state", &vm.state)])).inc();
+    }
+    reg.register("vms", "VMs by state", vms);
+
+    let up = Family::<Labels, Gauge>::default();
+    for d in DAEMONS {
+        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
+        let ok = client.get::<serde_json::Value>("/health").await.is_ok();
+        up.get_or_create(&labels(&[("daemon", d)])).set(i64::from(ok));
+    }
+    reg.register("daemon_up", "1 when the daemon answers its health endpoint", up);
+
+    let ipam = Family::<Labels, Gauge>::default();
+    for n in state.netd.networks().await.unwrap_or_default() {
+        let prefix = n.spec.subnet.prefix_len();
+        // Network and broadcast addresses and the gateway are not for VMs.
+        let usable = (1i64 << (32 - u32::from(prefix))).saturating_sub(3).max(0);
+        ipam.get_or_create(&labels(&[("network", &n.spec.name), ("state", "allocated")]))
+            .set(n.allocated as i64);
+        ipam.get_or_create(&labels(&[("network", &n.spec.name), ("state", "usable")]))
+            .set(usable);
+    }
+    reg.register(
+        "ipam_addresses",
+        "Addresses per network: allocated by IPAM and usable",
+        ipam,
+    );
+
+    let pool = Family::<Labels, Gauge>::default();
+    if let Ok(p) = state.blockd.pool().await {
+        pool.get_or_create(&labels(&[("state", "total")]))
+            .set(p.usage.total_bytes as i64);
+        pool.get_or_create(&labels(&[("state", "used")]))
+            .set(p.usage.total_bytes.saturating_sub(p.usage.free_bytes) as i64);
+    }
+    reg.register("volume_pool_bytes", "The volume pool's size and what is used", pool);
+
+    let images = state.images.list().await.unwrap_or_default();
+    let stored: Gauge = Gauge::default();
+    stored.set(
+        images
+            .iter()
+            .filter(|i| !i.catalog_only)
+            .map(|i| i.stored_bytes as i64)
+            .sum(),
+    );
+    let count: Gauge = Gauge::default();
+    count.set(images.iter().filter(|i| !i.catalog_only).count() as i64);
+    reg.register("images", "Image names in the store", count);
+    reg.register("image_store_bytes", "Bytes the stored images take", stored);
+
+    let mut body = String::new();
+    encode(&mut body, &reg).map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
