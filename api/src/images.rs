@@ -38,9 +38,8 @@ pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<i
 }
 
 /// Deletes a name (or, by digest, the image). Refused (409) while VMs use the image.
-pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let report = state.images.delete(&name).await.map_err(upstream)?;
-    Ok((StatusCode::OK, Json(report)).into_response())
+pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::store::GcReport>, ApiError> {
+    Ok(Json(state.images.delete(&name).await.map_err(upstream)?))
 }
 
 pub async fn import(State(state): AppS, JsonBody(req): JsonBody<ImportRequest>) -> Result<Response, ApiError> {

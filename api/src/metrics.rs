@@ -11,7 +11,6 @@
 //! store and the daemons at each scrape.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
@@ -22,9 +21,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use socket_http::{ApiError, UnixClient};
+use socket_http::ApiError;
 
-use crate::server::{AppState, DAEMONS};
+use crate::server::{daemon_health, AppState};
 
 type Labels = Vec<(String, String)>;
 
@@ -91,9 +90,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     reg.register("vms", "VMs by state", vms);
 
     let up = Family::<Labels, Gauge>::default();
-    for d in DAEMONS {
-        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
-        let ok = client.get::<serde_json::Value>("/health").await.is_ok();
+    for (d, ok) in daemon_health(&state).await {
         up.get_or_create(&labels(&[("daemon", d)])).set(i64::from(ok));
     }
     reg.register("daemon_up", "1 when the daemon answers its health endpoint", up);

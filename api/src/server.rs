@@ -107,15 +107,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Whether each daemon answers its health endpoint (within 2 s).
+pub async fn daemon_health(state: &AppState) -> Vec<(&'static str, bool)> {
+    let mut out = Vec::new();
+    for d in DAEMONS {
+        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
+        out.push((d, client.get::<serde_json::Value>("/health").await.is_ok()));
+    }
+    out
+}
+
 /// Ready when every daemon answers its health endpoint.
 async fn ready(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut checks = serde_json::Map::new();
     let mut all_ok = true;
-    for d in DAEMONS {
-        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
-        let ok = client.get::<serde_json::Value>("/health").await.is_ok();
+    for (d, ok) in daemon_health(&state).await {
         all_ok &= ok;
         checks.insert(d.to_string(), serde_json::json!(if ok { "ok" } else { "unreachable" }));
     }

@@ -103,7 +103,7 @@ fn doctor_reports_what_the_host_really_has() {
         // A required tool missing: the check fails, names it, and the exit status says so.
         let bin = tempfile::tempdir().expect("tmp");
         for tool in ["qemu-system-x86_64", "dnsmasq", "nft", "sh"] {
-            if let Some(p) = which(tool) {
+            if let Some(p) = hearth_api::cli::doctor::in_path(tool) {
                 std::os::unix::fs::symlink(p, bin.path().join(tool)).expect("symlink");
             }
         }
@@ -116,13 +116,4 @@ fn doctor_reports_what_the_host_really_has() {
             "{tools}"
         );
     });
-}
-
-fn which(tool: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }

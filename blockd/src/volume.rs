@@ -139,12 +139,11 @@ pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
     /// file) with one snapshot `base`, and clones that snapshot: an LVM thin snapshot.
     fn clone_image(&self, name: &str, image: &std::path::Path, key: &str) -> Result<Volume> {
         let base = image_base_name(key);
-        if self.get(&base)?.is_none() {
-            self.create_from_file(&base, image, None)?;
-        }
-        let has_snapshot = self
-            .get(&base)?
-            .is_some_and(|v| v.snapshots.iter().any(|s| s.name == IMAGE_BASE_SNAPSHOT));
+        let volume = match self.get(&base)? {
+            Some(v) => v,
+            None => self.create_from_file(&base, image, None)?,
+        };
+        let has_snapshot = volume.snapshots.iter().any(|s| s.name == IMAGE_BASE_SNAPSHOT);
         if !has_snapshot {
             self.snapshot(&base, IMAGE_BASE_SNAPSHOT)?;
         }

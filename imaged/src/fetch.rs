@@ -119,8 +119,9 @@ impl Download<'_> {
         let mut hasher = Sha256::new();
         let mut have = 0u64;
         if info.validator.is_some() {
-            if let Ok(f) = File::open(&self.part) {
-                have = hash_prefix(&f, &mut hasher).map_err(|e| ImageError::Io(self.part.clone(), e))?;
+            if let Ok(mut f) = File::open(&self.part) {
+                have = crate::store::hash_into(&mut f, &mut hasher, &|_| {})
+                    .map_err(|e| ImageError::Io(self.part.clone(), e))?;
             }
         }
         if have == 0 {
@@ -247,19 +248,6 @@ impl Download<'_> {
         file.sync_all().map_err(io)?;
         let _ = fs::remove_file(self.info_path());
         Ok(())
-    }
-}
-
-fn hash_prefix(f: &File, hasher: &mut Sha256) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    loop {
-        let n = f.read_at(&mut buf, off)?;
-        if n == 0 {
-            return Ok(off);
-        }
-        hasher.update(&buf[..n]);
-        off += n as u64;
     }
 }
 

@@ -342,7 +342,7 @@ impl Importer {
         outcome.unwrap_or_else(|| Err(ApiError::internal("import finished without an outcome")))
     }
 
-    async fn run(&self, job: &Job, plan: Plan) -> Result<ImageInfo, ImageError> {
+    async fn run(&self, job: &Arc<Job>, plan: Plan) -> Result<ImageInfo, ImageError> {
         let (content, metadata) = match &plan.source {
             Source::Recipe(dir) => self.recipe(job, dir).await?,
             _ => {
@@ -398,7 +398,7 @@ impl Importer {
     }
 
     /// The disk of a URL or file import, stored raw. Returns its manifest entry.
-    async fn disk(&self, job: &Job, plan: &Plan) -> Result<ManifestDisk, ImageError> {
+    async fn disk(&self, job: &Arc<Job>, plan: &Plan) -> Result<ManifestDisk, ImageError> {
         match &plan.source {
             Source::Url(url) => {
                 let dl = Download {
@@ -410,7 +410,7 @@ impl Importer {
                 let hex = dl.run().await?;
                 let result = async {
                     check_expected(plan.expected.as_deref(), &hex)?;
-                    self.store_disk(job, &dl.part, &hex, plan.format, true).await
+                    self.store_disk(job, &dl.part, &hex, plan.format).await
                 }
                 .await;
                 dl.discard();
@@ -426,8 +426,7 @@ impl Importer {
                         job.progress.phase("copying", len);
                         let tmp = self.store.tmp_path("disk");
                         let (src, dst) = (path.clone(), tmp.clone());
-                        let progress = &job.progress;
-                        let hex = scoped_blocking(|| store::copy_hashing(&src, &dst, &|n| progress.set(n)));
+                        let hex = with_progress(job, move |p| store::copy_hashing(&src, &dst, &|n| p.set(n))).await;
                         let r = match hex {
                             Ok(hex) => check_expected(plan.expected.as_deref(), &hex).map(|_| hex),
                             Err(e) => Err(e),
@@ -494,7 +493,6 @@ impl Importer {
         part: &Path,
         hex: &str,
         forced: Option<SourceFormat>,
-        _downloaded: bool,
     ) -> Result<ManifestDisk, ImageError> {
         let fmt = detect_with(part, forced)?;
         let len = std::fs::metadata(part)
@@ -576,7 +574,7 @@ impl Importer {
     }
 
     /// A folder a recipe in `guest-images/` built.
-    async fn recipe(&self, job: &Job, dir: &Path) -> Result<(ManifestContent, serde_json::Value), ImageError> {
+    async fn recipe(&self, job: &Arc<Job>, dir: &Path) -> Result<(ManifestContent, serde_json::Value), ImageError> {
         let meta_path = dir.join("image.json");
         let metadata: serde_json::Value = std::fs::read(&meta_path)
             .map_err(|_| {
@@ -616,8 +614,7 @@ impl Importer {
         for (f, p) in files {
             let store = self.store.clone();
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            let progress = &job.progress;
-            let hex = scoped_blocking(|| store.import_file(&p, &|n| progress.set(base + n)))?;
+            let hex = with_progress(job, move |prog| store.import_file(&p, &|n| prog.set(base + n))).await?;
             base += len;
             match f {
                 "vmlinuz" => boot.kernel_bzimage = Some(hex),
@@ -699,10 +696,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ImageError::Corrupt(format!("import task failed: {e}")))?
 }
 
-/// Runs blocking file work that borrows from the caller without moving it to the
-/// blocking pool (tokio's `block_in_place` on the multi-threaded runtime).
-fn scoped_blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
+/// Runs blocking file work on the blocking pool, reporting to the job's progress.
+async fn with_progress<T: Send + 'static>(
+    job: &Arc<Job>,
+    f: impl FnOnce(&Progress) -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    let job = job.clone();
+    blocking(move || f(&job.progress)).await
 }
 
 pub fn now_ms() -> u64 {

@@ -582,21 +582,26 @@ fn next_data(f: &File, off: u64, len: u64) -> io::Result<(u64, u64)> {
 /// SHA-256 (hex) of a file.
 pub fn hash_file(path: &Path, progress: &dyn Fn(u64)) -> Result<String, ImageError> {
     let mut f = File::open(path).map_err(io_err(path))?;
-    // SAFETY: advice on a descriptor this function owns; failure only loses read-ahead.
-    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let mut hasher = Sha256::new();
+    hash_into(&mut f, &mut hasher, progress).map_err(io_err(path))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Feeds the rest of `f` into `hasher`; returns how many bytes that was.
+pub fn hash_into(f: &mut File, hasher: &mut Sha256, progress: &dyn Fn(u64)) -> io::Result<u64> {
+    // SAFETY: advice on a descriptor the caller holds open; failure only loses read-ahead.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let mut buf = vec![0u8; 4 * CHUNK];
     let mut off = 0u64;
     loop {
-        let n = read_full(&mut f, &mut buf).map_err(io_err(path))?;
+        let n = read_full(f, &mut buf)?;
         if n == 0 {
-            break;
+            return Ok(off);
         }
         hasher.update(&buf[..n]);
         off += n as u64;
         progress(off);
     }
-    Ok(hex(&hasher.finalize()))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {

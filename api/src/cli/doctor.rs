@@ -44,7 +44,8 @@ fn check(name: &'static str, verdict: Verdict, detail: impl Into<String>, fix: O
     }
 }
 
-fn in_path(tool: &str) -> Option<PathBuf> {
+/// Where `tool` is on `PATH`, if anywhere.
+pub fn in_path(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()

@@ -6,7 +6,7 @@
 //! `/var/lib/hearth/admin.key`).
 
 mod client;
-mod doctor;
+pub mod doctor;
 mod image;
 mod terminal;
 mod volume;
