@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}" python3 iproute2
+ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}" python3 iproute2
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 cargo build --release --locked -p api -p netd -p imaged --bins --examples
 api_bin="$CARGO_TARGET_DIR/release/hearth-api"

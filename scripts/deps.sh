@@ -18,6 +18,10 @@ ensure_packages() {
 # overlays of clones on file systems without reflink.
 # e2fsprogs, mmdebstrap, systemd: the debian guest image recipe (guest-images/debian).
 HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-certificates curl nftables dnsmasq-base iproute2 e2fsprogs mmdebstrap)
+# What building hearth needs besides cargo: protoc and the well-known protobuf types,
+# for etcd-client's gRPC code.
+HEARTH_BUILD_PACKAGES=(protobuf-compiler libprotobuf-dev)
+
 # What the tests need on top: curl for the fake Cloud Hypervisor's self-test, python3
 # to run the fake.
 # chromium: the web console's browser test (Playwright drives Debian's Chromium).
@@ -25,8 +29,17 @@ HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-c
 # nbdkit, libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh), fio: the NBD server
 # against real clients and the reference servers.
 # openssh-client: the debian guest test logs in with the key cloud-init installed.
-HEARTH_TEST_PACKAGES=(curl python3 chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client)
+# etcd-server, etcd-client: the etcd state store's tests start their own etcd.
+HEARTH_TEST_PACKAGES=(curl python3 chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client etcd-server etcd-client)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"
 export HEARTH_IMAGE_CACHE="${HEARTH_IMAGE_CACHE:-/var/cache/hearth/images}"
+
+# A shared target directory keeps every incremental build: drop that state (rebuilt as
+# needed) when its disk has less than 15 GiB left, so runs do not fill the disk.
+if [ -d "$CARGO_TARGET_DIR/debug/incremental" ] &&
+	[ "$(df --output=avail -k "$CARGO_TARGET_DIR" | tail -1)" -lt $((15 * 1024 * 1024)) ]; then
+	echo "==> low on disk: removing $CARGO_TARGET_DIR/debug/incremental"
+	rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+fi

@@ -62,7 +62,7 @@ fi
 
 source scripts/deps.sh
 if [ "$PACKAGES" = 1 ]; then
-	ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}"
+	ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}"
 fi
 if [ -z "$BIN_DIR" ]; then
 	echo "==> building the release binaries"

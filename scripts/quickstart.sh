@@ -13,7 +13,7 @@ listen=${HEARTH_LISTEN:-127.0.0.1:8080}
 command -v cargo >/dev/null || { echo "quickstart: cargo is missing: install a Rust toolchain (https://rustup.rs) first" >&2; exit 1; }
 
 echo "==> installing packages"
-ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}"
+ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}"
 echo "==> building the web console"
 scripts/build-web.sh
 

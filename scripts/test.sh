@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
 start=$(date +%s)
-ensure_packages "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
+ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
 mkdir -p "$CARGO_TARGET_DIR"
 
 echo "==> building the guest images (tiny, debian; cached)"

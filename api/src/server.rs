@@ -16,7 +16,6 @@ use vmm_manager::client::VmmClient;
 use vmm_manager::HypervisorKind;
 
 use crate::operations::Operations;
-use crate::store::embedded::EmbeddedStore;
 use crate::store::StateStore;
 use crate::{auth, console, images, networks, store, vms, volumes};
 
@@ -29,6 +28,8 @@ pub struct ApiConfig {
     /// Where the daemons' sockets are.
     pub socket_dir: PathBuf,
     pub default_hypervisor: HypervisorKind,
+    /// Where the desired state lives.
+    pub store: store::StoreLocation,
 }
 
 impl ApiConfig {
@@ -138,7 +139,7 @@ async fn ready(
 /// unfinished as failed (their tasks died with it).
 pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
+    let store = store::open(&config.store, &config.data_dir).await?;
     auth::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
     let events = Arc::new(crate::events::Events::default());
     let ops = Operations::new(store.clone(), events.clone());

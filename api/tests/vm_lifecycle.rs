@@ -6,10 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create_body, in_private_netns, Stack};
+use common::{create_body, in_private_netns, Etcd, Stack};
 
-async fn lifecycle(hypervisor: &'static str) {
-    let stack = Stack::start(&[]).await;
+/// The whole lifecycle of one VM. With `etcd`, the api keeps its state there, and the
+/// test also stops etcd while the VM runs.
+async fn lifecycle(hypervisor: &'static str, mut etcd: Option<Etcd>) {
+    let store = etcd.as_ref().map(|e| e.store_url());
+    let args: Vec<&str> = store.as_deref().map(|u| vec!["--store", u]).unwrap_or_default();
+    let stack = Stack::start(&args).await;
     let (status, accepted) = stack
         .call("POST", "/v1/vms", Some(create_body("web", hypervisor)))
         .await;
@@ -33,6 +37,10 @@ async fn lifecycle(hypervisor: &'static str) {
     eprintln!("{hypervisor}: HEARTH-GUEST-READY after {boot:?}");
     let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
     assert!(out.contains("42"), "{out}");
+
+    if let Some(etcd) = etcd.as_mut() {
+        etcd_outage(&stack, etcd).await;
+    }
 
     stack.act("web", "pause").await;
     assert_eq!(stack.vm("web").await["state"], "paused");
@@ -78,6 +86,64 @@ async fn lifecycle(hypervisor: &'static str) {
     assert!(sockets.is_empty(), "files left: {sockets:?}");
 }
 
+/// With etcd stopped, requests fail with 503 and a message naming etcd, the VM keeps
+/// running, and once etcd is back everything works again without restarting the api.
+async fn etcd_outage(stack: &Stack, etcd: &mut Etcd) {
+    etcd.kill();
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/networks",
+            Some(serde_json::json!({"name": "lab", "subnet": "10.78.0.0/24"})),
+        ),
+        ("POST", "/v1/vms/web/pause", None),
+        ("GET", "/v1/vms", None),
+    ] {
+        let t = std::time::Instant::now();
+        let (status, err) = stack.call(method, path, body).await;
+        assert_eq!(status, 503, "{method} {path} with etcd down: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("etcd at http://127.0.0.1:"), "{message}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{method} {path} took {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(
+        stack.vmm_processes().len(),
+        1,
+        "the VM keeps running while etcd is down"
+    );
+
+    etcd.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = stack.call("GET", "/v1/vms/web", None).await;
+        if status == 200 {
+            assert_eq!(body["state"], "running", "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the api did not recover: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, accepted) = stack
+        .call(
+            "POST",
+            "/v1/networks",
+            Some(serde_json::json!({"name": "lab", "subnet": "10.78.0.0/24"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{accepted}");
+    let (status, _) = stack.call("DELETE", "/v1/networks/lab", None).await;
+    assert!(status < 300, "{status}");
+    let out = stack.console_exchange("web", "echo $((6*9))\n", "54\r\n").await;
+    assert!(out.contains("54"), "{out}");
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -92,12 +158,18 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn qemu_tcg_vm_lifecycle_with_serial_console() {
-    in_private_netns(|| lifecycle("qemu"));
+    in_private_netns(|| lifecycle("qemu", None));
+}
+
+/// The same lifecycle with the state in a real etcd (`--store etcd://…`), started here.
+#[test]
+fn qemu_tcg_vm_lifecycle_on_etcd() {
+    in_private_netns(|| async { lifecycle("qemu", Some(Etcd::start(12379, 12380))).await });
 }
 
 #[test]
 fn cloud_hypervisor_vm_lifecycle_with_serial_console() {
-    in_private_netns(|| lifecycle("cloud-hypervisor"));
+    in_private_netns(|| lifecycle("cloud-hypervisor", None));
 }
 
 /// QEMU's other options: `microvm` (which needs `tsc_early_khz` under TCG to boot

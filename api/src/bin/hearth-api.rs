@@ -23,6 +23,10 @@ struct Args {
     /// Directory of the daemons' sockets (default: /run/hearth, or <data dir>/run with --all-in-one).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
+    /// Where the desired state lives: `embedded` (<data dir>/store.redb) or
+    /// etcd://host:port[,host:port…][/prefix] for several hosts.
+    #[arg(long, default_value = "embedded")]
+    store: hearth_api::store::StoreLocation,
     /// Hypervisor for VMs that do not name one; QEMU is used where it is not installed.
     #[arg(long, default_value = "cloud-hypervisor")]
     default_hypervisor: HypervisorKind,
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         listen: a.listen,
         socket_dir,
         default_hypervisor: a.default_hypervisor,
+        store: a.store.clone(),
     };
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {

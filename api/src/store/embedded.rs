@@ -196,13 +196,6 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn embedded_store_passes_the_shared_suite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("open");
-        super::super::conformance(&store).await;
-    }
-
-    #[tokio::test]
     async fn data_and_revisions_survive_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("store.redb");

@@ -2,15 +2,53 @@
 //! revision, delete, list by prefix, watch). Every write bumps a store-wide revision,
 //! as etcd does, and each key remembers the revision of its last change.
 //!
-//! [`embedded::EmbeddedStore`] keeps everything in one redb file in the data directory.
+//! [`embedded::EmbeddedStore`] keeps everything in one redb file in the data directory;
+//! [`etcd::EtcdStore`] keeps it in etcd, for several hosts.
 
 pub mod embedded;
+pub mod etcd;
 
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use socket_http::ApiError;
 use tokio::sync::broadcast;
+
+/// Which store the api keeps its state in (`--store`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum StoreLocation {
+    /// `embedded` (the default): `<data dir>/store.redb`.
+    #[default]
+    Embedded,
+    /// `etcd://host:port[,host:port…][/prefix]`.
+    Etcd(etcd::EtcdTarget),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "embedded" {
+            Ok(Self::Embedded)
+        } else if s.starts_with("etcd://") {
+            s.parse().map(Self::Etcd)
+        } else {
+            Err(format!(
+                "{s:?}: the store is `embedded` or etcd://host:port[,host:port…][/prefix]"
+            ))
+        }
+    }
+}
+
+/// Opens the store at `location`.
+pub async fn open(
+    location: &StoreLocation,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn StateStore>, StoreError> {
+    Ok(match location {
+        StoreLocation::Embedded => std::sync::Arc::new(embedded::EmbeddedStore::open(&data_dir.join("store.redb"))?),
+        StoreLocation::Etcd(target) => std::sync::Arc::new(etcd::EtcdStore::connect(target).await?),
+    })
+}
 
 /// A value and the revision of its last change.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,9 +145,9 @@ pub async fn list_json<T: DeserializeOwned>(store: &dyn StateStore, prefix: &str
         .collect()
 }
 
-/// The suite every store implementation must pass.
-#[cfg(test)]
-pub(crate) async fn conformance(store: &dyn StateStore) {
+/// The suite every store implementation must pass (it panics on the first failure);
+/// `api/tests/store.rs` runs it against the embedded store and a real etcd.
+pub async fn conformance(store: &dyn StateStore) {
     assert_eq!(store.get("a/1").await.ok().flatten(), None);
     let mut watch = store.watch();
     let r1 = store.put("a/1", b"one".to_vec()).await.expect("put");

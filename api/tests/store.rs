@@ -1,0 +1,93 @@
+//! The state store's shared suite against both implementations: the embedded redb file
+//! and a real etcd started here. Then what an etcd outage looks like to the store: a
+//! clear "unavailable" within seconds, and everything (writes, the watch) back once etcd
+//! returns.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{free_port, Etcd};
+use hearth_api::store::etcd::{EtcdStore, EtcdTarget};
+use hearth_api::store::{self, StateStore, StoreError, StoreLocation};
+
+#[tokio::test]
+async fn embedded_store_passes_the_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("open");
+    store::conformance(s.as_ref()).await;
+    assert!(dir.path().join("store.redb").exists());
+}
+
+#[tokio::test]
+async fn etcd_store_passes_the_suite_and_survives_an_outage() {
+    let mut etcd = Etcd::start(free_port(), free_port());
+    let location: StoreLocation = etcd.store_url().parse().expect("store url");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = store::open(&location, dir.path()).await.expect("connect");
+    store::conformance(s.as_ref()).await;
+
+    // Two prefixes in one etcd are two stores that do not see each other.
+    let other = EtcdStore::connect(
+        &format!("{}/other", etcd.store_url())
+            .parse::<EtcdTarget>()
+            .expect("url"),
+    )
+    .await
+    .expect("connect");
+    assert!(
+        other.list("").await.expect("list").is_empty(),
+        "the other prefix is empty"
+    );
+    other.put("a/2", b"mine".to_vec()).await.expect("put");
+    let ours = s.get("a/2").await.expect("get").expect("a/2 from the suite");
+    assert_eq!(ours.value, b"new", "a write under another prefix leaves ours alone");
+
+    let before = s.put("outage/before", b"1".to_vec()).await.expect("put");
+    let mut watch = s.watch();
+    etcd.kill();
+    let t = Instant::now();
+    let err = s.put("outage/during", b"2".to_vec()).await.expect_err("etcd is down");
+    let waited = t.elapsed();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("etcd at http://127.0.0.1:"), "{message}");
+    assert!(waited < Duration::from_secs(10), "failing took {waited:?}");
+    eprintln!("a write with etcd down failed after {waited:?}: {message}");
+    let api: socket_http::ApiError = err.into();
+    assert_eq!(api.status.as_u16(), 503);
+
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match s.put("outage/after", b"3".to_vec()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "etcd is back but writes still fail: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(after > before);
+    assert_eq!(
+        s.get("outage/before").await.expect("get").map(|v| v.value),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(
+        s.get("outage/during").await.expect("get"),
+        None,
+        "the failed write did not land"
+    );
+    // The watch resumed after the outage and reports the write made after it.
+    let ev = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let ev = watch.recv().await.expect("watch open");
+            if ev.key == "outage/after" {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("the watch saw the write after etcd came back");
+    assert_eq!((ev.value.as_deref(), ev.revision), (Some(&b"3"[..]), after));
+}
