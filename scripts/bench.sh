@@ -7,6 +7,8 @@
 #   qemu-storage-daemon (scripts/bench_nbd.sh, scripts/bench_vhost_user.sh).
 #   Images: a root disk from a 10 GiB image by clone (ext4: qcow2 overlay; XFS loop
 #   mount: reflink) vs a full copy; qcow2 import vs qemu-img convert (image_bench).
+#   REST API: GET /v1/vms with 1,000 VMs under wrk, embedded store and etcd, and the
+#   restart to serving them again (scripts/bench_api.py, which also runs on its own).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +19,13 @@ cargo build --release --locked -p api -p netd -p imaged --bins --examples
 api_bin="$CARGO_TARGET_DIR/release/hearth-api"
 netd_bin="$CARGO_TARGET_DIR/release/netd"
 
-out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp) img_out=$(mktemp)
+out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp) img_out=$(mktemp) api_out=$(mktemp)
 img_work=$(mktemp -d /var/tmp/hearth-image-bench.XXXXXX)
 xfs_mnt=""
 cleanup() {
 	[ -z "$xfs_mnt" ] || { umount "$xfs_mnt" 2>/dev/null; rmdir "$xfs_mnt"; }
 	rm -rf "$img_work"
-	rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out" "$img_out"
+	rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out" "$img_out" "$api_out"
 }
 trap cleanup EXIT
 ensure_packages "${HEARTH_TEST_PACKAGES[@]}"
@@ -50,6 +52,10 @@ echo "==> VM boot: REST path vs QEMU by hand (${ROUNDS:-5} interleaved rounds, p
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && exec python3 scripts/bench_vm_boot.py "$0" "$1"' \
 	"$api_bin" "$HEARTH_IMAGE_CACHE" >"$out"
 cat "$out"
+echo "==> REST API: GET /v1/vms with ${VMS:-1000} VMs under wrk, embedded store and etcd; restart time"
+unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && HEARTH_BENCH_NETNS=1 exec python3 scripts/bench_api.py "$0" "$1"' \
+	"$api_bin" "$HEARTH_IMAGE_CACHE" >"$api_out"
+cat "$api_out"
 
 python3 - "$out" "$net_out" "$ipam_out" <<'PY'
 import json, sys, datetime, platform, os
@@ -109,3 +115,4 @@ print(doc)
 PY
 python3 scripts/bench_storage_md.py "$nbd_out" "$vu_out" | tee -a docs/benchmarks.md
 cat "$img_out" >>docs/benchmarks.md
+python3 scripts/bench_api.py --markdown "$api_out" | tee -a docs/benchmarks.md

@@ -32,4 +32,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
 	cargo test --workspace --locked --no-fail-fast
 fi
+echo "==> schemathesis against the served OpenAPI document"
+MAX_TIME="${SCHEMATHESIS_MAX_TIME:-90}" scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/hearth-api"
 echo "==> all tests passed in $(( $(date +%s) - start )) s"

@@ -111,19 +111,34 @@ pub async fn verify(store: &dyn StateStore, key: &str) -> Result<ApiKeyRecord, A
 pub const ROLES: [&str; 3] = ["admin", "member", "viewer"];
 
 /// `POST /v1/keys` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     pub name: String,
     pub role: String,
 }
 
+/// A new key as `POST /v1/keys` answers: the only time the secret is shown.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeyCreated {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    /// The key's visible part, `hth_<id>_`, by which it is listed.
+    pub prefix: String,
+    /// The whole key. Store it now: only its hash is kept.
+    pub key: String,
+    pub created_at_ms: u64,
+}
+
 /// `POST /v1/keys` (admin only): a new key, shown once; only its hash is stored.
+#[utoipa::path(post, path = "/v1/keys", tag = "identity", request_body = CreateKey,
+    responses((status = 201, description = "The key, shown this once", body = KeyCreated), (status = 403, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<ApiKeyRecord>,
     body: axum::body::Bytes,
-) -> Result<(axum::http::StatusCode, axum::Json<serde_json::Value>), ApiError> {
+) -> Result<(axum::http::StatusCode, axum::Json<KeyCreated>), ApiError> {
     if caller.role != "admin" {
         return Err(ApiError::forbidden(format!(
             "creating API keys needs the admin role; this key has role {}",
@@ -153,10 +168,14 @@ pub async fn create_key(
     state.store.put(&format!("api-keys/{id}"), store::encode(&rec)).await?;
     Ok((
         axum::http::StatusCode::CREATED,
-        axum::Json(serde_json::json!({
-            "id": id, "name": rec.name, "role": rec.role, "prefix": format!("hth_{id}_"),
-            "key": format!("hth_{id}_{secret}"), "created_at_ms": rec.created_at_ms,
-        })),
+        axum::Json(KeyCreated {
+            prefix: format!("hth_{id}_"),
+            key: format!("hth_{id}_{secret}"),
+            id,
+            name: rec.name,
+            role: rec.role,
+            created_at_ms: rec.created_at_ms,
+        }),
     ))
 }
 
@@ -165,7 +184,7 @@ pub fn new_token() -> String {
     random_token(40)
 }
 
-/// Middleware: everything except `/health/*`, the web console's files and console
+/// Middleware: everything except `/health/*`, `/openapi.json`, the web console's files and console
 /// WebSockets opened with a ticket needs `Authorization: Bearer <key>`.
 pub async fn require_key(
     State(state): State<Arc<AppState>>,
@@ -173,7 +192,7 @@ pub async fn require_key(
     next: Next,
 ) -> Result<Response, ApiError> {
     let path = req.uri().path();
-    let web = path == "/" || path.starts_with("/assets/");
+    let web = path == "/" || path.starts_with("/assets/") || path == "/openapi.json";
     // Browsers cannot set headers on WebSockets: those carry a ticket, which the
     // handler checks (see crate::console).
     let ticketed = req.headers().get(axum::http::header::AUTHORIZATION).is_none()

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
+
+use crate::json::Query;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
@@ -38,7 +40,7 @@ use crate::vms::{resolve, upstream};
 pub const TICKET_TTL: Duration = Duration::from_secs(30);
 
 /// What a ticket opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TicketKind {
     #[default]
@@ -92,7 +94,7 @@ impl Tickets {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TicketRequest {
     #[serde(default)]
@@ -101,13 +103,26 @@ pub struct TicketRequest {
     write: bool,
 }
 
+/// What `POST /v1/vms/{id}/console/ticket` answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TicketIssued {
+    /// Pass as `?ticket=` when opening the WebSocket; valid once, for seconds.
+    pub ticket: String,
+    pub kind: TicketKind,
+    pub vm: String,
+    pub write: bool,
+    pub expires_at_ms: u64,
+}
+
 /// `POST /v1/vms/{id}/console/ticket`.
+#[utoipa::path(post, path = "/v1/vms/{id}/console/ticket", tag = "consoles", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam), request_body(content = Option<TicketRequest>),
+    responses((status = 201, description = "A single-use ticket for a console WebSocket (for browsers, which cannot send headers)", body = TicketIssued), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn ticket(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Extension(key): Extension<ApiKeyRecord>,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<TicketIssued>), ApiError> {
     let req: TicketRequest = if body.is_empty() {
         TicketRequest {
             kind: TicketKind::Serial,
@@ -133,10 +148,13 @@ pub async fn ticket(
     });
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({
-            "ticket": token, "kind": req.kind, "vm": rec.id, "write": req.write,
-            "expires_at_ms": vmm_manager::spec::now_ms() + ttl.as_millis() as u64,
-        })),
+        Json(TicketIssued {
+            ticket: token,
+            kind: req.kind,
+            vm: rec.id,
+            write: req.write,
+            expires_at_ms: vmm_manager::spec::now_ms() + ttl.as_millis() as u64,
+        }),
     ))
 }
 
@@ -256,6 +274,9 @@ async fn admit(
     }
 }
 
+#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "consoles",
+    params(("id" = String, Path, description = "VM id or name"), ("write" = Option<bool>, Query, description = "Type as well as watch (default true)"), ("takeover" = Option<bool>, Query, description = "Take the keyboard from another writer"), ("ticket" = Option<String>, Query, description = "A ticket instead of the Authorization header"), crate::openapi::ProjectParam),
+    responses((status = 101, description = "WebSocket: the serial console (binary frames, xterm.js compatible)"), (status = 400, description = "Not a WebSocket upgrade"), (status = 403, body = crate::openapi::ErrorResponse), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse)))]
 pub async fn console(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -284,6 +305,9 @@ pub async fn console(
     Ok(ws.on_upgrade(move |client| proxy(client, upstream_ws)))
 }
 
+#[utoipa::path(get, path = "/v1/vms/{id}/vnc", tag = "consoles",
+    params(("id" = String, Path, description = "VM id or name"), ("ticket" = Option<String>, Query), crate::openapi::ProjectParam),
+    responses((status = 101, description = "WebSocket: the VM's screen over RFB (noVNC)"), (status = 400, description = "Not a WebSocket upgrade"), (status = 403, body = crate::openapi::ErrorResponse), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse)))]
 pub async fn vnc(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use crate::json::Query;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -20,7 +22,7 @@ use tokio::sync::broadcast;
 use crate::server::AppState;
 
 /// One event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Event {
     /// Increases by one per event of this api process.
     pub seq: u64,
@@ -73,6 +75,9 @@ pub struct EventsQuery {
     project: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(("kinds" = Option<String>, Query, description = "Comma-separated: operation, vm, audit"), ("project" = Option<String>, Query)),
+    responses((status = 200, description = "Server-sent events, one JSON Event per message", content_type = "text/event-stream", body = Event), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     Query(q): Query<EventsQuery>,

@@ -22,26 +22,40 @@ use crate::vms::upstream;
 type AppS = State<Arc<AppState>>;
 
 /// What `POST /v1/images` answers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ImportAccepted {
     pub operation: Operation,
     /// imaged's job id (several imports of one source share it).
     pub import_id: String,
 }
 
+/// A name, `name:tag` or digest that imaged could hold; anything else is 422.
+fn valid_reference(name: &str) -> Result<(), ApiError> {
+    imaged::validate_name(name).map_err(|e| ApiError::unprocessable(e.to_string()))
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = Vec<imaged::ImageInfo>)))]
 pub async fn list(State(state): AppS) -> Result<Json<Vec<imaged::ImageInfo>>, ApiError> {
     Ok(Json(state.images.list().await.map_err(upstream)?))
 }
 
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path, description = "name, name:tag or sha256 digest")),
+    responses((status = 200, body = imaged::ImageInfo), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::ImageInfo>, ApiError> {
+    valid_reference(&name)?;
     Ok(Json(state.images.get(&name).await.map_err(upstream)?))
 }
 
 /// Deletes a name (or, by digest, the image). Refused (409) while VMs use the image.
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path, description = "name, name:tag or sha256 digest")),
+    responses((status = 200, description = "What garbage collection freed", body = imaged::store::GcReport), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "VMs use the image", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::store::GcReport>, ApiError> {
+    valid_reference(&name)?;
     Ok(Json(state.images.delete(&name).await.map_err(upstream)?))
 }
 
+#[utoipa::path(post, path = "/v1/images", tag = "images", params(crate::openapi::IdempotencyKey), request_body = ImportRequest,
+    responses((status = 202, description = "Accepted: the import operation", body = ImportAccepted), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn import(State(state): AppS, JsonBody(req): JsonBody<ImportRequest>) -> Result<Response, ApiError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.
     let job = state.images.import(&req).await.map_err(upstream)?;

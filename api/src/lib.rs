@@ -20,6 +20,7 @@ pub mod json;
 pub mod metrics;
 pub mod model;
 pub mod networks;
+pub mod openapi;
 pub mod operations;
 pub mod server;
 pub mod store;

@@ -61,6 +61,7 @@ impl OperationMetrics {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "OpenMetrics text format (Prometheus scrapes it)", content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let mut reg = Registry::with_prefix("hearth");
     reg.register(

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/vms` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// DNS-label style name, unique per project; generated when absent.
@@ -49,7 +49,7 @@ pub struct CreateVm {
 }
 
 /// A volume named in `POST /v1/vms`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum VolumeRef {
     Name(String),
@@ -70,7 +70,7 @@ impl VolumeRef {
 }
 
 /// How a VM reaches a volume's blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttachVia {
     /// The hypervisor opens the volume's file or device itself.
@@ -80,7 +80,7 @@ pub enum AttachVia {
 }
 
 /// One volume to attach.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachVolume {
     pub volume: String,
@@ -93,7 +93,7 @@ pub struct AttachVolume {
 }
 
 /// A volume attached to a VM, as recorded on the VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttachedVolume {
     pub volume: String,
     /// The disk id inside the VM (`vol0`, `vol1`, …).
@@ -103,24 +103,27 @@ pub struct AttachedVolume {
 }
 
 /// One NIC of `POST /v1/vms`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NicRequest {
     pub network: String,
     /// A static address in the network; IPAM picks one when absent.
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Ipv4, example = "10.77.0.2")]
     pub ip: Option<std::net::Ipv4Addr>,
 }
 
 /// A VM NIC as recorded and shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Nic {
     pub network: String,
     pub port: String,
     pub tap: String,
     pub mac: String,
+    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub ip: std::net::Ipv4Addr,
     pub prefix: u8,
+    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub gateway: std::net::Ipv4Addr,
     /// The guest configures itself by DHCP (else from kernel arguments).
     pub dhcp: bool,
@@ -183,14 +186,14 @@ pub struct VmRecord {
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RootDisk {
     pub volume: String,
     pub size_bytes: Option<u64>,
 }
 
 /// A VM as the API shows it: the record plus what the host reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Vm {
     pub id: String,
     pub name: String,
@@ -259,7 +262,7 @@ impl Vm {
 }
 
 /// Status of a long-running operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationStatus {
     Running,
@@ -268,7 +271,7 @@ pub enum OperationStatus {
 }
 
 /// A long-running mutation (`202 Accepted` returns one).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operation {
     pub id: String,
     /// What it does, e.g. `vm.create`, `vm.stop`.
@@ -289,7 +292,7 @@ pub struct Operation {
 }
 
 /// How far an operation that moves data is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgressDetail {
     pub bytes_done: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,7 +303,7 @@ pub struct ProgressDetail {
 }
 
 /// What `POST /v1/vms` and VM actions answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Accepted {
     pub operation: Operation,
     #[serde(default, skip_serializing_if = "Option::is_none")]

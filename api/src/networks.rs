@@ -21,13 +21,14 @@ use crate::vms::upstream;
 type AppS = State<Arc<AppState>>;
 
 /// `POST /v1/networks` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     pub name: String,
     /// e.g. `10.50.0.0/24`
     pub subnet: String,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Ipv4, example = "10.77.0.2")]
     pub gateway: Option<std::net::Ipv4Addr>,
     #[serde(default)]
     pub range: Option<IpRange>,
@@ -81,6 +82,8 @@ pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam, crate::openapi::IdempotencyKey), request_body = CreateNetwork,
+    responses((status = 201, body = NetworkStatus), (status = 409, description = "The name is taken or the subnet overlaps", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateNetwork>) -> Result<Response, ApiError> {
     crate::model::validate_name("network", &req.name)?;
     let subnet = req.subnet.parse().map_err(|e| {
@@ -106,15 +109,22 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateNetwork>) 
     Ok((StatusCode::CREATED, Json(status)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<NetworkStatus>)))]
 pub async fn list(State(state): AppS) -> Result<Json<Vec<NetworkStatus>>, ApiError> {
     Ok(Json(state.netd.networks().await.map_err(upstream)?))
 }
 
+#[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 200, body = NetworkStatus), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<NetworkStatus>, ApiError> {
+    crate::model::validate_name("network", &name)?;
     Ok(Json(state.netd.network(&name).await.map_err(upstream)?))
 }
 
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "VMs are attached", body = crate::openapi::ErrorResponse)))]
 pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    crate::model::validate_name("network", &name)?;
     if state.store.get(&key(&name)).await?.is_none() && state.netd.network(&name).await.is_err() {
         return Err(ApiError::not_found(format!("network {name:?} does not exist")));
     }

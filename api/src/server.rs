@@ -8,10 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use socket_http::{ApiError, UnixClient};
 use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use vmm_manager::client::VmmClient;
 use vmm_manager::HypervisorKind;
 
@@ -64,48 +67,76 @@ pub struct AppState {
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let (router, doc) = api_router().split_for_parts();
+    let doc = Arc::new(crate::openapi::document_json(&doc));
+    router
         .route(
-            "/health/live",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], doc.as_ref().clone()) }
+            }),
         )
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(crate::metrics::metrics))
-        .route("/v1/vms", get(vms::list).post(vms::create))
-        .route("/v1/vms/{id}", get(vms::show).delete(vms::delete))
-        .route("/v1/vms/{id}/console", get(console::console))
-        .route("/v1/vms/{id}/console/ticket", post(console::ticket))
-        .route("/v1/vms/{id}/vnc", get(console::vnc))
-        .route("/v1/images", get(images::list).post(images::import))
-        .route("/v1/images/{name}", get(images::show).delete(images::delete))
-        .route("/v1/keys", post(auth::create_key))
         .route("/", get(crate::web::index))
         .route("/assets/{*file}", get(crate::web::asset))
-        .route("/v1/vms/{id}/console/log", get(vms::console_log))
-        .route("/v1/vms/{id}/{action}", post(vms::action))
-        .route("/v1/networks", get(networks::list).post(networks::create))
-        .route("/v1/networks/{name}", get(networks::show).delete(networks::delete))
-        .route("/v1/volumes", get(volumes::list).post(volumes::create))
-        .route("/v1/volumes/{name}", get(volumes::show).delete(volumes::delete))
-        .route("/v1/volumes/{name}/resize", post(volumes::resize))
-        .route("/v1/volumes/{name}/snapshots", post(volumes::snapshot))
-        .route(
-            "/v1/volumes/{name}/snapshots/{snapshot}",
-            axum::routing::delete(volumes::delete_snapshot),
-        )
-        .route("/v1/volumes/{name}/clone", post(volumes::clone))
-        .route("/v1/volumes/{name}/attach", post(volumes::attach))
-        .route("/v1/volumes/{name}/detach", post(volumes::detach))
-        .route(
-            "/v1/volumes/{name}/export",
-            post(volumes::export).delete(volumes::unexport),
-        )
-        .route("/v1/events", get(crate::events::stream))
-        .route("/v1/operations", get(vms::operations))
-        .route("/v1/operations/{id}", get(vms::operation))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .with_state(state)
+}
+
+/// Every documented route, and the document they make.
+fn api_router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(crate::metrics::metrics))
+        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vms::show, vms::delete))
+        .routes(routes!(vms::action))
+        .routes(routes!(vms::console_log))
+        .routes(routes!(console::console))
+        .routes(routes!(console::ticket))
+        .routes(routes!(console::vnc))
+        .routes(routes!(images::list, images::import))
+        .routes(routes!(images::show, images::delete))
+        .routes(routes!(auth::create_key))
+        .routes(routes!(networks::list, networks::create))
+        .routes(routes!(networks::show, networks::delete))
+        .routes(routes!(volumes::list, volumes::create))
+        .routes(routes!(volumes::show, volumes::delete))
+        .routes(routes!(volumes::resize))
+        .routes(routes!(volumes::snapshot))
+        .routes(routes!(volumes::delete_snapshot))
+        .routes(routes!(volumes::clone))
+        .routes(routes!(volumes::attach))
+        .routes(routes!(volumes::detach))
+        .routes(routes!(volumes::export, volumes::unexport))
+        .routes(routes!(crate::events::stream))
+        .routes(routes!(vms::operations))
+        .routes(routes!(vms::operation))
+}
+
+/// The OpenAPI document (the route itself is served from `router`, which holds it).
+#[utoipa::path(get, path = "/openapi.json", tag = "system",
+    responses((status = 200, description = "This API's OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+#[allow(dead_code)]
+pub(crate) async fn openapi_json() {}
+
+/// The OpenAPI document, as `GET /openapi.json` serves it.
+pub fn openapi_document() -> String {
+    crate::openapi::document_json(&api_router().into_openapi())
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Live {
+    /// Always `ok`.
+    status: String,
+}
+
+/// The api process answers.
+#[utoipa::path(get, path = "/health/live", tag = "system", responses((status = 200, body = Live)))]
+async fn live() -> Json<Live> {
+    Json(Live { status: "ok".into() })
 }
 
 /// Whether each daemon answers its health endpoint (within 2 s).
@@ -118,20 +149,31 @@ pub async fn daemon_health(state: &AppState) -> Vec<(&'static str, bool)> {
     out
 }
 
+/// Every daemon's health, as `GET /health/ready` reports it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Ready {
+    status: String,
+    /// `ok` or `unreachable`, per daemon.
+    daemons: std::collections::BTreeMap<String, String>,
+}
+
 /// Ready when every daemon answers its health endpoint.
-async fn ready(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut checks = serde_json::Map::new();
+#[utoipa::path(get, path = "/health/ready", tag = "system",
+    responses((status = 200, body = Ready), (status = 503, description = "Some daemons are unreachable; details name them", body = crate::openapi::ErrorResponse)))]
+async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
+    let mut daemons = std::collections::BTreeMap::new();
     let mut all_ok = true;
     for (d, ok) in daemon_health(&state).await {
         all_ok &= ok;
-        checks.insert(d.to_string(), serde_json::json!(if ok { "ok" } else { "unreachable" }));
+        daemons.insert(d.to_string(), if ok { "ok" } else { "unreachable" }.to_string());
     }
     if all_ok {
-        Ok(Json(serde_json::json!({"status": "ok", "daemons": checks})))
+        Ok(Json(Ready {
+            status: "ok".into(),
+            daemons,
+        }))
     } else {
-        Err(ApiError::unavailable("some daemons are unreachable").with_details(serde_json::Value::Object(checks)))
+        Err(ApiError::unavailable("some daemons are unreachable").with_details(serde_json::json!(daemons)))
     }
 }
 

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
+
+use crate::json::Query;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -72,6 +74,8 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
     }
 }
 
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(crate::openapi::ProjectParam),
+    responses((status = 200, description = "The project's VMs, by name", body = Vec<Vm>)))]
 pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
     let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/")
         .await?
@@ -93,6 +97,8 @@ pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
     Ok(Json(vms))
 }
 
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
+    responses((status = 200, body = Vm), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn show(State(state): AppS, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
     let (rec, _) = resolve(&state, &id).await?;
     Ok(Json(view(&state, &rec).await))
@@ -157,6 +163,10 @@ async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, A
     })
 }
 
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", params(crate::openapi::ProjectParam, crate::openapi::IdempotencyKey), request_body = CreateVm,
+    responses((status = 202, description = "Accepted: the operation that creates (and starts) the VM", body = Accepted),
+      (status = 409, description = "The name is taken", body = crate::openapi::ErrorResponse),
+      (status = 422, description = "Invalid request: unknown image or network, bad key, size or YAML", body = crate::openapi::ErrorResponse)))]
 pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Result<Response, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
@@ -611,6 +621,9 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
     }
 }
 
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
+    responses((status = 202, description = "Accepted: the operation that deletes the VM and everything it owns", body = Accepted),
+      (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "Another operation is running on the VM", body = crate::openapi::ErrorResponse)))]
 pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Response, ApiError> {
     let (mut rec, rev) = resolve(&state, &id).await?;
     if rec.phase == Phase::Creating {
@@ -644,12 +657,27 @@ pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Respon
     Ok(accepted(op, Some(vm)))
 }
 
+/// What `POST /v1/vms/{id}/{action}` can do.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum VmAction {
+    Start,
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
 #[derive(Deserialize)]
 pub struct ActionQuery {
     #[serde(default)]
     force: bool,
 }
 
+#[utoipa::path(post, path = "/v1/vms/{id}/{action}", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), ("action" = inline(VmAction), Path), ("force" = Option<bool>, Query, description = "stop: power off at once instead of asking the guest"), crate::openapi::ProjectParam),
+    responses((status = 202, body = Accepted), (status = 404, body = crate::openapi::ErrorResponse),
+      (status = 409, description = "The VM is not in a state that allows the action", body = crate::openapi::ErrorResponse)))]
 pub async fn action(
     State(state): AppS,
     Path((id, action)): Path<(String, String)>,
@@ -702,6 +730,9 @@ pub struct WaitQuery {
     wait: Option<f64>,
 }
 
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations",
+    params(("id" = String, Path), ("wait" = Option<f64>, Query, description = "Seconds to wait for the operation to finish (at most 60)")),
+    responses((status = 200, body = crate::model::Operation), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn operation(
     State(state): AppS,
     Path(id): Path<String>,
@@ -716,6 +747,8 @@ pub async fn operation(
     Ok(Json(state.ops.wait(&id, wait).await?))
 }
 
+#[utoipa::path(get, path = "/v1/operations", tag = "operations", params(crate::openapi::ProjectParam),
+    responses((status = 200, description = "Operations, newest first", body = Vec<crate::model::Operation>)))]
 pub async fn operations(State(state): AppS) -> Result<Json<Vec<crate::model::Operation>>, ApiError> {
     Ok(Json(state.ops.list().await?))
 }
@@ -725,6 +758,9 @@ pub struct LogQuery {
     bytes: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/vms/{id}/console/log", tag = "consoles",
+    params(("id" = String, Path, description = "VM id or name"), ("bytes" = Option<u64>, Query, description = "How much of the end of the log"), crate::openapi::ProjectParam),
+    responses((status = 200, description = "The serial console's scrollback", content_type = "text/plain", body = String), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn console_log(
     State(state): AppS,
     Path(id): Path<String>,

@@ -54,7 +54,7 @@ pub struct VolumeRecord {
 }
 
 /// Which VM holds a volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attachment {
     pub vm: String,
     pub vm_name: String,
@@ -64,7 +64,7 @@ pub struct Attachment {
 }
 
 /// A volume as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Volume {
     pub name: String,
     pub project: String,
@@ -92,7 +92,7 @@ pub struct Volume {
 }
 
 /// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SizeRequest {
     #[serde(default)]
@@ -137,7 +137,7 @@ pub fn parse_size(s: &str) -> Result<u64, ApiError> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum SourceRequest {
     /// `volume@snapshot`.
@@ -145,7 +145,7 @@ pub enum SourceRequest {
 }
 
 /// `POST /v1/volumes` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: String,
@@ -211,6 +211,7 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
     Ok(v)
 }
 
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<Volume>)))]
 pub async fn list(State(state): AppS) -> Result<Json<Vec<Volume>>, ApiError> {
     let recs: Vec<VolumeRecord> = store::list_json(state.store.as_ref(), &format!("volumes/{PROJECT}/"))
         .await?
@@ -228,12 +229,17 @@ pub async fn list(State(state): AppS) -> Result<Json<Vec<Volume>>, ApiError> {
     Ok(Json(out))
 }
 
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
     let rec = find_record(&state, &name).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", params(crate::openapi::ProjectParam, crate::openapi::IdempotencyKey), request_body = CreateVolume,
+    responses((status = 201, body = Volume), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse),
+      (status = 507, description = "The pool has no room", body = crate::openapi::ErrorResponse)))]
 pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -> Result<Response, ApiError> {
     validate_name("volume", &req.name)?;
     let size = SizeRequest {
@@ -308,6 +314,8 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "Attached, or has snapshots with clones", body = crate::openapi::ErrorResponse)))]
 pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     validate_name("volume", &name)?;
     let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(&name)).await? else {
@@ -340,6 +348,8 @@ async fn local_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiE
     Ok(rec)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/resize", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = SizeRequest,
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
 pub async fn resize(
     State(state): AppS,
     Path(name): Path<String>,
@@ -354,12 +364,14 @@ pub async fn resize(
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NameRequest {
     pub name: String,
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = NameRequest,
+    responses((status = 201, body = blockd::volume::Snapshot), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn snapshot(
     State(state): AppS,
     Path(name): Path<String>,
@@ -371,6 +383,8 @@ pub async fn snapshot(
     Ok((StatusCode::CREATED, Json(snap)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/volumes/{name}/snapshots/{snapshot}", tag = "volumes", params(("name" = String, Path), ("snapshot" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "Clones depend on it", body = crate::openapi::ErrorResponse)))]
 pub async fn delete_snapshot(
     State(state): AppS,
     Path((name, snap)): Path<(String, String)>,
@@ -381,7 +395,7 @@ pub async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     pub name: String,
@@ -391,6 +405,8 @@ pub struct CloneRequest {
     pub snapshot: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/clone", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = CloneRequest,
+    responses((status = 201, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn clone(
     State(state): AppS,
     Path(name): Path<String>,
@@ -419,7 +435,7 @@ pub async fn clone(
     self::create(State(state), JsonBody(create)).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachRequest {
     pub vm: String,
@@ -546,6 +562,8 @@ pub async fn release(state: &AppState, a: &AttachedVolume) {
     }
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/attach", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = AttachRequest,
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "Attached elsewhere", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn attach(
     State(state): AppS,
     Path(name): Path<String>,
@@ -592,6 +610,8 @@ pub async fn attach(
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/detach", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse)))]
 pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
     let rec = find_record(&state, &name).await?;
     if let Some(a) = attachment(&state, &name).await? {
@@ -628,13 +648,15 @@ pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     #[serde(default)]
     pub read_only: bool,
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/export", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body(content = Option<ExportRequest>),
+    responses((status = 200, description = "The NBD export (idempotent)", body = Export), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn export(
     State(state): AppS,
     Path(name): Path<String>,
@@ -660,6 +682,8 @@ pub async fn export(
     Ok(Json(e))
 }
 
+#[utoipa::path(delete, path = "/v1/volumes/{name}/export", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 204, description = "No longer exported"), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn unexport(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     local_record(&state, &name).await?;
     state.blockd.unexport(&name, "nbd").await.map_err(blockd_error)?;

@@ -23,7 +23,7 @@ use crate::service::VolumeService;
 use crate::vhost_user::{VhostUserBlkExport, VhostUserBlkOptions};
 use crate::volume::{validate_name, Result, VolumeError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExportKind {
     Nbd,
@@ -31,7 +31,7 @@ pub enum ExportKind {
 }
 
 /// The body of `PUT /volumes/{name}/exports/{kind}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSpec {
     #[serde(default)]
@@ -39,7 +39,7 @@ pub struct ExportSpec {
 }
 
 /// A volume on another host, exported there over NBD. Exactly one of `tcp` and `unix`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteDiskSpec {
     /// `host:port` of the remote NBD server.
@@ -47,6 +47,7 @@ pub struct RemoteDiskSpec {
     pub tcp: Option<String>,
     /// Unix socket of the remote NBD server (same host, or a forwarded socket).
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub unix: Option<PathBuf>,
     /// The export name (the volume's name on the remote blockd).
     pub export: String,
@@ -71,7 +72,7 @@ impl RemoteDiskSpec {
 }
 
 /// Where an NBD export can be reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NbdEndpoint {
     pub export: String,
     /// `nbd://…` and `nbd+unix://…` URIs, as qemu-img, nbdinfo and nbdcopy take them.
@@ -79,7 +80,7 @@ pub struct NbdEndpoint {
 }
 
 /// An export as it exists now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Export {
     /// The volume (or, for remote disks, the local name of the remote disk).
     pub volume: String,
@@ -87,6 +88,7 @@ pub struct Export {
     pub read_only: bool,
     /// The vhost-user-blk socket a VM attaches to.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub socket: Option<PathBuf>,
     /// True while a VM is connected to the socket.
     #[serde(skip_serializing_if = "Option::is_none")]

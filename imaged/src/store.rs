@@ -501,7 +501,7 @@ impl Store {
 }
 
 /// What a garbage collection removed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GcReport {
     pub images: Vec<String>,
     pub blobs: u64,

@@ -49,6 +49,22 @@ impl ClientError {
     }
 }
 
+/// Percent-encodes what may not appear in a URI as is (non-ASCII, controls, spaces,
+/// quotes, `#`…), so a name with such characters reaches the daemon, which judges it,
+/// instead of failing here. `/`, `?`, `&`, `=` and `%` keep their meaning.
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        let keep = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A raw HTTP response: status and body bytes.
 #[derive(Debug, Clone)]
 pub struct RawResponse {
@@ -111,7 +127,7 @@ impl UnixClient {
         });
         let mut req = Request::builder()
             .method(method)
-            .uri(path)
+            .uri(encode_path(path))
             .header(http::header::HOST, "localhost");
         let payload = match body {
             Some(b) => {
@@ -191,6 +207,25 @@ impl UnixClient {
                 ),
                 details: None,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_path;
+
+    #[test]
+    fn paths_with_odd_names_become_valid_uris() {
+        for (raw, want) in [
+            ("/networks/lab", "/networks/lab"),
+            ("/images/debian:12?x=1&y=2", "/images/debian:12?x=1&y=2"),
+            ("/networks/a b#c", "/networks/a%20b%23c"),
+            ("/images/é\u{1e}", "/images/%C3%A9%1E"),
+        ] {
+            let got = encode_path(raw);
+            assert_eq!(got, want);
+            assert!(got.parse::<http::Uri>().is_ok(), "{got}");
         }
     }
 }

@@ -14,7 +14,7 @@ pub struct ErrorEnvelope {
 }
 
 /// What went wrong: a stable machine-readable code and a human message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,

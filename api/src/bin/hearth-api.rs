@@ -11,6 +11,9 @@ use vmm_manager::{Accel, HypervisorKind, VmmConfig};
 #[derive(Parser, Debug)]
 #[command(name = "hearth-api", version, about = "hearth's REST API", args_override_self = true)]
 struct Args {
+    /// Print the OpenAPI document (what GET /openapi.json serves) and exit.
+    #[arg(long)]
+    openapi: bool,
     /// Run the api and all four daemons (vmm-manager, netd, blockd, imaged) in this process.
     #[arg(long)]
     all_in_one: bool,
@@ -59,6 +62,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let a = Args::parse_from(socket_http::config::args_with_config("api")?);
+    if a.openapi {
+        print!("{}", server::openapi_document());
+        return Ok(());
+    }
     let run_dir = a.data_dir.join("run");
     let socket_dir = a.socket_dir.clone().unwrap_or_else(|| {
         if a.all_in_one {

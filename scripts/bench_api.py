@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""Benchmark: the REST API under load with 1,000 VMs in the store, for both stores.
+
+For the embedded store, then for etcd (a private etcd on loopback), in one run:
+  - start `hearth-api --all-in-one`, create VMS (1,000) VMs through `POST /v1/vms`
+    (tiny image, not started, no NICs) from 8 client threads, check that
+    `GET /v1/vms` lists them all;
+  - load `GET /v1/vms` and, for contrast, `GET /v1/vms/b-0001` with wrk on loopback
+    (wrk and the api share the machine's cores);
+  - restart: SIGTERM the api, start it again on the same data directory (and etcd),
+    time until `/health/ready` is 200 and until `GET /v1/vms` lists all the VMs.
+Prints a JSON summary on stdout; `--markdown JSON` renders it as the section of
+docs/benchmarks.md (scripts/bench.sh appends it), `--markdown JSON --doc FILE` replaces
+that section in FILE (or appends it) for a run of this benchmark on its own.
+
+Usage: scripts/bench_api.py HEARTH_API_BINARY IMAGES_DIR
+It runs in a private network and mount namespace: it re-executes itself under
+`unshare` unless HEARTH_BENCH_NETNS=1 says it already is in one. Needs wrk and, for the
+etcd store, etcd (Debian's etcd-server). Environment: VMS (1000), DURATION (wrk seconds,
+10), CONNECTIONS (16), THREADS (wrk threads, 2), RESTARTS (3), STORES (embedded,etcd),
+KEEP (keep the data directories).
+"""
+import datetime, http.client, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
+
+HOST = "127.0.0.1"
+API_PORT = 18091
+ETCD_CLIENT, ETCD_PEER = 12379, 12380
+VMS = int(os.environ.get("VMS", "1000"))
+DURATION = int(os.environ.get("DURATION", "10"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+THREADS = int(os.environ.get("THREADS", "2"))
+RESTARTS = int(os.environ.get("RESTARTS", "3"))
+STORES = os.environ.get("STORES", "embedded,etcd").split(",")
+CREATE_CLIENTS = 8
+SECTION = "## REST API: GET /v1/vms with 1,000 VMs"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Client:
+    """One keep-alive HTTP connection to the api, reopened after errors."""
+
+    def __init__(self, key):
+        self.key, self.c = key, None
+
+    def call(self, method, path, body=None, timeout=60):
+        for attempt in range(3):
+            try:
+                if self.c is None:
+                    self.c = http.client.HTTPConnection(HOST, API_PORT, timeout=timeout)
+                self.c.request(method, path, body=json.dumps(body) if body is not None else None,
+                               headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+                r = self.c.getresponse()
+                data = r.read()
+                return r.status, (json.loads(data) if data else None), len(data)
+            except (OSError, http.client.HTTPException):
+                if self.c is not None:
+                    self.c.close()
+                self.c = None
+                if attempt == 2:
+                    raise
+                time.sleep(0.1)
+
+    def close(self):
+        if self.c is not None:
+            self.c.close()
+
+
+def ready():
+    try:
+        c = http.client.HTTPConnection(HOST, API_PORT, timeout=2)
+        c.request("GET", "/health/ready")
+        ok = c.getresponse().status == 200
+        c.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+class Api:
+    def __init__(self, binary, images, data, store):
+        self.binary, self.images, self.data, self.store = binary, images, data, store
+        self.proc, self.log = None, open(os.path.join(data, "api.log"), "ab")
+
+    def start(self):
+        args = [self.binary, "--all-in-one", "--data-dir", self.data, "--listen", f"{HOST}:{API_PORT}",
+                "--images-dir", self.images, "--qemu-accel", "tcg"]
+        if self.store != "embedded":
+            args += ["--store", self.store]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, deadline_s=60, poll=0.01):
+        deadline = time.monotonic() + deadline_s
+        while not ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hearth-api exited with {self.proc.returncode}; see {self.data}/api.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError("hearth-api not ready")
+            time.sleep(poll)
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_etcd(work):
+    d = os.path.join(work, "etcd")
+    logf = open(os.path.join(work, "etcd.log"), "wb")
+    peer = f"http://{HOST}:{ETCD_PEER}"
+    client = f"http://{HOST}:{ETCD_CLIENT}"
+    p = subprocess.Popen(["etcd", "--name", "b", "--data-dir", d, "--listen-client-urls", client,
+                          "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                          "--initial-advertise-peer-urls", peer, "--initial-cluster", f"b={peer}"],
+                         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            c = http.client.HTTPConnection(HOST, ETCD_CLIENT, timeout=2)
+            c.request("GET", "/health")
+            if b'"true"' in c.getresponse().read():
+                c.close()
+                return p
+        except (OSError, http.client.HTTPException):
+            pass
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            p.wait()
+            raise RuntimeError(f"etcd did not come up; see {work}/etcd.log")
+        time.sleep(0.05)
+
+
+def create_vms(key, n):
+    """POST /v1/vms n times from CREATE_CLIENTS threads; waits for every operation."""
+    names = [f"b-{i:04d}" for i in range(1, n + 1)]
+    lock, errors = threading.Lock(), []
+
+    def worker():
+        c = Client(key)
+        try:
+            while True:
+                with lock:
+                    if not names or errors:
+                        return
+                    name = names.pop(0)
+                status, body, _ = c.call("POST", "/v1/vms", {"name": name, "image": "tiny", "hypervisor": "qemu",
+                                                            "start": False, "memory_mib": 64, "vcpus": 1,
+                                                            "nics": []})
+                if status != 202:
+                    raise RuntimeError(f"POST /v1/vms {name}: {status} {body}")
+                op = body["operation"]
+                while op["status"] == "running":
+                    _, op, _ = c.call("GET", f"/v1/operations/{op['id']}?wait=10")
+                if op["status"] != "succeeded":
+                    raise RuntimeError(f"creating {name}: {op}")
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            with lock:
+                errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(CREATE_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def to_ms(s):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", s)
+    if not m:
+        raise ValueError(f"wrk latency {s!r}")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+
+
+def wrk(key, path):
+    load_before = open("/proc/loadavg").read().split()[0]
+    out = subprocess.run(["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency",
+                          "-H", f"Authorization: Bearer {key}", f"http://{HOST}:{API_PORT}{path}"],
+                         check=True, capture_output=True, text=True).stdout
+    log(out)
+    r = {"path": path, "load_before": float(load_before)}
+    r["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    r["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    for pct in ("50", "75", "90", "99"):
+        r[f"p{pct}_ms"] = to_ms(re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M).group(1))
+    r["avg_ms"] = to_ms(re.search(r"^\s+Latency\s+(\S+)", out, re.M).group(1))
+    r["max_ms"] = to_ms(re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    r["non_2xx"] = int(bad.group(1)) if bad else 0
+    r["socket_errors"] = sock.group(1).strip() if sock else ""
+    if r["non_2xx"]:
+        raise RuntimeError(f"wrk {path}: {r['non_2xx']} responses were not 2xx")
+    return r
+
+
+def bench_store(api_bin, images, store):
+    work = tempfile.mkdtemp(prefix=f"hearth-bench-api-{store}-")
+    data = os.path.join(work, "data")
+    os.mkdir(data)
+    etcd, api = None, None
+    result = {"store": store}
+    try:
+        location = "embedded"
+        if store == "etcd":
+            etcd = start_etcd(work)
+            location = f"etcd://{HOST}:{ETCD_CLIENT}"
+        api = Api(api_bin, images, data, location)
+        api.start()
+        api.wait_ready()
+        key = open(os.path.join(data, "admin.key")).read().strip()
+        log(f"==> {store}: creating {VMS} VMs")
+        t0 = time.monotonic()
+        create_vms(key, VMS)
+        result["create_s"] = time.monotonic() - t0
+        c = Client(key)
+        status, vms, size = c.call("GET", "/v1/vms")
+        c.close()
+        if status != 200 or len(vms) != VMS:
+            raise RuntimeError(f"GET /v1/vms: {status}, {len(vms or [])} VMs, expected {VMS}")
+        result["list_bytes"] = size
+        log(f"==> {store}: {VMS} VMs in {result['create_s']:.1f} s; GET /v1/vms is {size} bytes")
+        result["list"] = wrk(key, "/v1/vms")
+        result["show"] = wrk(key, "/v1/vms/b-0001")
+
+        ready_ms, serving_ms, stop_ms = [], [], []
+        for _ in range(RESTARTS):
+            t0 = time.monotonic()
+            api.stop()
+            stop_ms.append((time.monotonic() - t0) * 1000)
+            t0 = time.monotonic()
+            api.start()
+            api.wait_ready(poll=0.005)
+            ready_ms.append((time.monotonic() - t0) * 1000)
+            c = Client(key)
+            while True:
+                status, vms, _ = c.call("GET", "/v1/vms")
+                if status == 200 and len(vms) == VMS:
+                    break
+                if time.monotonic() - t0 > 120:
+                    raise TimeoutError(f"after restart GET /v1/vms gave {status} with {len(vms or [])} VMs")
+                time.sleep(0.005)
+            serving_ms.append((time.monotonic() - t0) * 1000)
+            c.close()
+            log(f"==> {store}: restart: stopped in {stop_ms[-1]:.0f} ms, ready after {ready_ms[-1]:.0f} ms, "
+                f"serving all {VMS} VMs after {serving_ms[-1]:.0f} ms")
+        result["restart"] = {"stop_ms": stop_ms, "ready_ms": ready_ms, "serving_ms": serving_ms}
+        return result
+    finally:
+        if api is not None:
+            api.stop()
+        if etcd is not None:
+            etcd.terminate()
+            try:
+                etcd.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                etcd.kill()
+                etcd.wait()
+        # A VMM left running from this data directory (none is started here) is ours:
+        # stop it by PID.
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    if data.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        if os.environ.get("KEEP") is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log("kept", work)
+
+
+def run(api_bin, images):
+    if os.environ.get("HEARTH_BENCH_NETNS") != "1":
+        # Loopback traffic and the all-in-one's bridges and firewall stay in a namespace
+        # of their own.
+        os.execvpe("unshare", ["unshare", "--net", "--mount", "--propagation", "private", "bash", "-c",
+                               'mount -t sysfs sysfs /sys && ip link set lo up && exec python3 "$0" "$@"',
+                               os.path.abspath(__file__), api_bin, images],
+                   dict(os.environ, HEARTH_BENCH_NETNS="1"))
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    out = {"vms": VMS, "wrk": {"threads": THREADS, "connections": CONNECTIONS, "duration_s": DURATION},
+           "restarts": RESTARTS, "cores": os.cpu_count(), "cpu": cpu,
+           "run": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "stores": {}}
+    for store in STORES:
+        out["stores"][store] = bench_store(api_bin, images, store)
+    print(json.dumps(out, indent=1))
+
+
+GOAL_RPS, GOAL_P99_MS = 10000, 10.0
+
+
+def markdown(r):
+    def med(xs):
+        return f"{statistics.median(xs):.0f} ({min(xs):.0f}-{max(xs):.0f})"
+
+    w = r["wrk"]
+    lines = [f"""
+{SECTION}
+
+`hearth-api --all-in-one`, {r['vms']:,} VMs created through `POST /v1/vms` (tiny image, not
+started, no NICs), then wrk on loopback: {w['threads']} threads, {w['connections']} connections,
+{w['duration_s']} s per route, one run each. wrk and the api share the machine's
+{r['cores']} cores, so these are figures for the pair, not for the api alone. Restart:
+SIGTERM, start again on the same data directory (and the same etcd), time until
+`/health/ready` is 200 and until `GET /v1/vms` lists all {r['vms']:,} VMs ("restart to
+serving"; there is no reconciler yet, so this is not a reconcile time); median (min-max)
+of {r['restarts']} restarts, ms. Run {r['run']} UTC.
+
+| store | route | req/s | p50 ms | p99 ms | max ms | restart to ready | restart to serving {r['vms']:,} VMs |
+|---|---|---|---|---|---|---|---|"""]
+    for name, s in r["stores"].items():
+        label = {"embedded": "embedded (redb)", "etcd": "etcd 3.4 (local)"}.get(name, name)
+        rs = s["restart"]
+        for i, (k, route) in enumerate((("list", f"`GET /v1/vms` ({s['list_bytes'] // 1024} KiB)"),
+                                        ("show", "`GET /v1/vms/b-0001`"))):
+            x = s[k]
+            restart = f"{med(rs['ready_ms'])} | {med(rs['serving_ms'])}" if i == 0 else "| "
+            lines.append(f"| {label if i == 0 else ''} | {route} | {x['rps']:,.0f} | {x['p50_ms']:.2f} | "
+                         f"{x['p99_ms']:.2f} | {x['max_ms']:.1f} | {restart} |")
+    e = r["stores"].get("embedded")
+    if e:
+        rps, p99 = e["list"]["rps"], e["list"]["p99_ms"]
+        met = rps >= GOAL_RPS and p99 < GOAL_P99_MS
+        misses = []
+        if rps < GOAL_RPS:
+            misses.append(f"{rps:,.0f} req/s is {rps / GOAL_RPS:.0%} of the goal")
+        if p99 >= GOAL_P99_MS:
+            misses.append(f"p99 {p99:.1f} ms is {p99 / GOAL_P99_MS:.1f}x the limit")
+        verdict = "Met." if met else "Not met: " + "; ".join(misses) + "."
+        lines.append(f"""
+Goal: `GET /v1/vms` with {r['vms']:,} VMs at >= {GOAL_RPS:,} requests/s with p99 < {GOAL_P99_MS:.0f} ms on the
+embedded store. {verdict}""")
+    for name, s in r["stores"].items():
+        errs = [f"{s[k]['path']}: {s[k]['socket_errors']}" for k in ("list", "show") if s[k]["socket_errors"]]
+        if errs:
+            lines.append(f"\nwrk socket errors ({name}): " + "; ".join(errs) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(doc_path, section):
+    doc = open(doc_path).read() if os.path.exists(doc_path) else ""
+    start = doc.find(SECTION)
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n" + section
+    else:
+        start = doc.rfind("\n", 0, start) + 1
+        nxt = doc.find("\n## ", start + len(SECTION))
+        rest = doc[nxt + 1:] if nxt >= 0 else ""
+        doc = doc[:start].rstrip("\n") + "\n" + section + ("\n" + rest if rest else "")
+    open(doc_path, "w").write(doc)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--markdown":
+        md = markdown(json.load(open(sys.argv[2])))
+        if len(sys.argv) == 5 and sys.argv[3] == "--doc":
+            replace_section(sys.argv[4], md)
+        print(md, end="")
+    elif len(sys.argv) == 3:
+        run(sys.argv[1], sys.argv[2])
+    else:
+        sys.exit(__doc__)
