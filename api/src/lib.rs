@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cli;
 pub mod console;
 pub mod events;
+pub mod idempotency;
 pub mod images;
 pub mod json;
 pub mod metrics;

@@ -80,6 +80,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(crate::web::index))
         .route("/assets/{*file}", get(crate::web::asset))
         .fallback(|| async { ApiError::not_found("no such route") })
+        // Layers run outside in: authentication first, then idempotency keys.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::idempotency::layer,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .with_state(state)
 }

@@ -219,11 +219,28 @@ impl Stack {
         body: Option<&[u8]>,
         key: Option<&str>,
     ) -> Result<(u16, Value), String> {
+        self.request_with(method, path, body, key, &[])
+            .await
+            .map(|(status, _, value)| (status, value))
+    }
+
+    /// A request with extra headers; returns the response's headers too.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, http::HeaderMap, Value), String> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.url()));
         if let Some(k) = key {
             req = req.header("authorization", format!("Bearer {k}"));
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let payload = body.map(Bytes::copy_from_slice).unwrap_or_default();
         if body.is_some() {
@@ -235,10 +252,11 @@ impl Stack {
             .await
             .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         let value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, value))
+        Ok((status, headers, value))
     }
 
     /// An authenticated request; panics when the api cannot be reached.
