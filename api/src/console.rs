@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 use tokio_tungstenite::tungstenite::Message as UpMessage;
 
-use crate::auth::ApiKeyRecord;
+use crate::auth::Caller;
 use crate::model::VmRecord;
 use crate::server::AppState;
 use crate::vms::{resolve, upstream};
@@ -54,6 +54,7 @@ struct Ticket {
     kind: TicketKind,
     write: bool,
     key_id: String,
+    project: String,
     expires: Instant,
 }
 
@@ -120,7 +121,7 @@ pub struct TicketIssued {
 pub async fn ticket(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    Extension(key): Extension<ApiKeyRecord>,
+    Extension(caller): Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<TicketIssued>), ApiError> {
     let req: TicketRequest = if body.is_empty() {
@@ -131,9 +132,9 @@ pub async fn ticket(
     } else {
         crate::json::parse(&body)?
     };
-    let (rec, _) = resolve(&state, &id).await?;
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
     if req.write && req.kind == TicketKind::Serial {
-        may_type(&key)?;
+        may_type(&caller)?;
     }
     if req.kind == TicketKind::Vnc {
         has_display(&rec)?;
@@ -143,7 +144,8 @@ pub async fn ticket(
         vm: rec.id.clone(),
         kind: req.kind,
         write: req.write,
-        key_id: key.id.clone(),
+        key_id: caller.key_id.clone(),
+        project: caller.project.clone(),
         expires: Instant::now() + ttl,
     });
     Ok((
@@ -158,12 +160,15 @@ pub async fn ticket(
     ))
 }
 
-fn may_type(key: &ApiKeyRecord) -> Result<(), ApiError> {
-    if key.role == "viewer" {
+fn may_type(caller: &Caller) -> Result<(), ApiError> {
+    if !caller.may_write() {
         return Err(ApiError::forbidden(format!(
-            "key {} has role viewer, which may watch consoles but not type (permission console.write);              connect with write=false",
-            key.name
-        )));
+            "permission consoles.write denied: user {} has role {} in project {}, which may watch consoles but not type; connect with write=false",
+            caller.user,
+            caller.role.as_deref().unwrap_or("none"),
+            caller.project
+        ))
+        .with_details(serde_json::json!({"permission": "consoles.write"})));
     }
     Ok(())
 }
@@ -230,7 +235,7 @@ async fn admit(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
-    key: Option<ApiKeyRecord>,
+    key: Option<Caller>,
     ticket: Option<&str>,
     kind: TicketKind,
     write: bool,
@@ -238,7 +243,7 @@ async fn admit(
     check_origin(headers)?;
     match (key, ticket) {
         (Some(key), _) => {
-            let (rec, _) = resolve(state, id).await?;
+            let (rec, _) = resolve(state, &key.project, id).await?;
             if write && kind == TicketKind::Serial {
                 may_type(&key)?;
             }
@@ -252,7 +257,7 @@ async fn admit(
             if t.expires <= Instant::now() {
                 return Err(ApiError::unauthorized("the console ticket expired: ask for a new one"));
             }
-            let (rec, _) = resolve(state, id).await?;
+            let (rec, _) = resolve(state, &t.project, id).await?;
             if rec.id != t.vm {
                 return Err(ApiError::forbidden(format!(
                     "this ticket is for another VM, not {}",
@@ -281,7 +286,7 @@ pub async fn console(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<ConsoleQuery>,
-    key: Option<Extension<ApiKeyRecord>>,
+    key: Option<Extension<Caller>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -312,7 +317,7 @@ pub async fn vnc(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<VncQuery>,
-    key: Option<Extension<ApiKeyRecord>>,
+    key: Option<Extension<Caller>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {

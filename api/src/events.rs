@@ -80,6 +80,7 @@ pub struct EventsQuery {
     responses((status = 200, description = "Server-sent events, one JSON Event per message", content_type = "text/event-stream", body = Event), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, socket_http::ApiError> {
     let kinds: Option<Vec<String>> = q.kinds.map(|k| {
@@ -96,7 +97,12 @@ pub async fn stream(
         }
     }
     let rx = state.events.subscribe();
-    let project = q.project;
+    // A project's events only, except for administrators who name no project.
+    let project = if caller.admin && q.project.is_none() {
+        None
+    } else {
+        Some(caller.project.clone())
+    };
     let stream = futures_util::stream::unfold(rx, move |mut rx| {
         let kinds = kinds.clone();
         let project = project.clone();

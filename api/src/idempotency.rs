@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use socket_http::ApiError;
 
-use crate::auth::ApiKeyRecord;
+use crate::auth::Caller;
 use crate::server::AppState;
 use crate::store;
 
@@ -61,7 +61,7 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
     if req.method() != Method::POST {
         return Ok(next.run(req).await);
     }
-    let Some(caller) = req.extensions().get::<ApiKeyRecord>().map(|k| k.id.clone()) else {
+    let Some(caller) = req.extensions().get::<Caller>().map(|c| c.key_id.clone()) else {
         // Unauthenticated routes (none take POST today) run as they are.
         return Ok(next.run(req).await);
     };

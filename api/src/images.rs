@@ -56,10 +56,17 @@ pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json
 
 #[utoipa::path(post, path = "/v1/images", tag = "images", params(crate::openapi::IdempotencyKey), request_body = ImportRequest,
     responses((status = 202, description = "Accepted: the import operation", body = ImportAccepted), (status = 422, body = crate::openapi::ErrorResponse)))]
-pub async fn import(State(state): AppS, JsonBody(req): JsonBody<ImportRequest>) -> Result<Response, ApiError> {
+pub async fn import(
+    State(state): AppS,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    JsonBody(req): JsonBody<ImportRequest>,
+) -> Result<Response, ApiError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.
     let job = state.images.import(&req).await.map_err(upstream)?;
-    let op = state.ops.start("image.import", "image", &req.name).await?;
+    let op = state
+        .ops
+        .start(&caller.project, "image.import", "image", &req.name)
+        .await?;
     let (task_state, op_id, job_id) = (state.clone(), op.id.clone(), job.id.clone());
     tokio::spawn(async move { follow(task_state, op_id, job_id).await });
     Ok((

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod console;
 pub mod events;
 pub mod idempotency;
+pub mod identity;
 pub mod images;
 pub mod json;
 pub mod metrics;

@@ -76,10 +76,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     );
 
     let vms = Family::<Labels, Gauge>::default();
-    let listed = crate::vms::list(State(state.clone()))
-        .await
-        .map(|j| j.0)
-        .unwrap_or_default();
+    let listed = crate::vms::views(&state, None).await.unwrap_or_default();
     for state_name in [
         "creating", "deleting", "running", "stopped", "paused", "failed", "missing", "unknown",
     ] {

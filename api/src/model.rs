@@ -129,6 +129,10 @@ pub struct Nic {
     pub dhcp: bool,
 }
 
+fn default_project() -> String {
+    crate::auth::DEFAULT_PROJECT.into()
+}
+
 fn default_vcpus() -> u32 {
     1
 }
@@ -274,6 +278,9 @@ pub enum OperationStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operation {
     pub id: String,
+    /// The project whose resource the operation works on.
+    #[serde(default = "default_project")]
+    pub project: String,
     /// What it does, e.g. `vm.create`, `vm.stop`.
     pub kind: String,
     pub target_kind: String,

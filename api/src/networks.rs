@@ -7,11 +7,12 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use netd::network::{IpRange, NetworkSpec, NetworkStatus, VxlanSpec};
 use serde::Deserialize;
 use socket_http::ApiError;
 
+use crate::auth::Caller;
 use crate::json::JsonBody;
 use crate::model::VmRecord;
 use crate::server::AppState;
@@ -63,8 +64,41 @@ pub fn default_network() -> NetworkSpec {
     }
 }
 
-fn key(name: &str) -> String {
-    format!("networks/{name}")
+fn key(project: &str, name: &str) -> String {
+    format!("networks/{project}/{name}")
+}
+
+/// What netd calls a project's network: its own name in `default`, `<project>.<name>`
+/// elsewhere (project and resource names cannot contain '.', so these never collide).
+pub fn host_name(project: &str, name: &str) -> String {
+    if project == crate::auth::DEFAULT_PROJECT {
+        name.to_string()
+    } else {
+        format!("{project}.{name}")
+    }
+}
+
+/// netd's view with the network's name as the project knows it.
+fn as_seen_in(project: &str, mut status: NetworkStatus) -> NetworkStatus {
+    if let Some(n) = status.spec.name.strip_prefix(&format!("{project}.")) {
+        status.spec.name = n.to_string();
+    }
+    status
+}
+
+/// Records from before projects (`networks/<name>`) move to `networks/default/<name>`.
+pub async fn migrate(state: &AppState) -> Result<(), ApiError> {
+    for (k, v) in state.store.list("networks/").await? {
+        let rest = &k["networks/".len()..];
+        if !rest.contains('/') {
+            state
+                .store
+                .put(&key(crate::auth::DEFAULT_PROJECT, rest), v.value)
+                .await?;
+            state.store.delete(&k).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates the default network the first time the api starts (never again once the
@@ -76,7 +110,10 @@ pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
     }
     let spec = default_network();
     state.netd.ensure_network(&spec).await.map_err(upstream)?;
-    state.store.put(&key(&spec.name), store::encode(&spec)).await?;
+    state
+        .store
+        .put(&key(crate::auth::DEFAULT_PROJECT, &spec.name), store::encode(&spec))
+        .await?;
     state.store.put(marker, b"true".to_vec()).await?;
     tracing::info!("created the default network {}", spec.subnet);
     Ok(())
@@ -84,8 +121,13 @@ pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam, crate::openapi::IdempotencyKey), request_body = CreateNetwork,
     responses((status = 201, body = NetworkStatus), (status = 409, description = "The name is taken or the subnet overlaps", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
-pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateNetwork>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    JsonBody(req): JsonBody<CreateNetwork>,
+) -> Result<Response, ApiError> {
     crate::model::validate_name("network", &req.name)?;
+    let project = caller.project.as_str();
     let subnet = req.subnet.parse().map_err(|e| {
         ApiError::unprocessable(format!(
             "invalid subnet {:?}: {e} (use CIDR, e.g. 10.50.0.0/24)",
@@ -93,7 +135,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateNetwork>) 
         ))
     })?;
     let spec = NetworkSpec {
-        name: req.name.clone(),
+        name: host_name(project, &req.name),
         subnet,
         gateway: req.gateway,
         range: req.range,
@@ -101,37 +143,82 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateNetwork>) 
         nat: req.nat,
         vxlan: req.vxlan,
     };
-    if state.store.get(&key(&spec.name)).await?.is_some() {
-        return Err(ApiError::conflict(format!("network {:?} already exists", spec.name)));
+    if state.store.get(&key(project, &req.name)).await?.is_some() {
+        return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
     }
     let status = state.netd.ensure_network(&spec).await.map_err(upstream)?;
-    state.store.put(&key(&spec.name), store::encode(&spec)).await?;
-    Ok((StatusCode::CREATED, Json(status)).into_response())
+    state.store.put(&key(project, &req.name), store::encode(&spec)).await?;
+    Ok((StatusCode::CREATED, Json(as_seen_in(project, status))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<NetworkStatus>)))]
-pub async fn list(State(state): AppS) -> Result<Json<Vec<NetworkStatus>>, ApiError> {
-    Ok(Json(state.netd.networks().await.map_err(upstream)?))
+pub async fn list(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<NetworkStatus>>, ApiError> {
+    let project = caller.project.as_str();
+    let prefix = format!("networks/{project}/");
+    let mine: std::collections::BTreeSet<String> = state
+        .store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|(k, _)| host_name(project, &k[prefix.len()..]))
+        .collect();
+    Ok(Json(
+        state
+            .netd
+            .networks()
+            .await
+            .map_err(upstream)?
+            .into_iter()
+            .filter(|n| mine.contains(&n.spec.name))
+            .map(|n| as_seen_in(project, n))
+            .collect(),
+    ))
+}
+
+/// Whether the project has this network (the default project also owns networks netd
+/// has that predate the api's records).
+async fn owned(state: &AppState, project: &str, name: &str) -> Result<bool, ApiError> {
+    crate::model::validate_name("network", name)?;
+    Ok(state.store.get(&key(project, name)).await?.is_some()
+        || (project == crate::auth::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 200, body = NetworkStatus), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<NetworkStatus>, ApiError> {
-    crate::model::validate_name("network", &name)?;
-    Ok(Json(state.netd.network(&name).await.map_err(upstream)?))
+pub async fn show(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<NetworkStatus>, ApiError> {
+    if !owned(&state, &caller.project, &name).await? {
+        return Err(ApiError::not_found(format!("network {name:?} does not exist")));
+    }
+    let status = state
+        .netd
+        .network(&host_name(&caller.project, &name))
+        .await
+        .map_err(upstream)?;
+    Ok(Json(as_seen_in(&caller.project, status)))
 }
 
 #[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "VMs are attached", body = crate::openapi::ErrorResponse)))]
-pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    crate::model::validate_name("network", &name)?;
-    if state.store.get(&key(&name)).await?.is_none() && state.netd.network(&name).await.is_err() {
+pub async fn delete(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let project = caller.project.as_str();
+    if !owned(&state, project, &name).await? {
         return Err(ApiError::not_found(format!("network {name:?} does not exist")));
     }
     let vms: Vec<String> = store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
         .await?
         .into_iter()
-        .filter(|(vm, _)| vm.nics.iter().any(|n| n.network == name))
+        .filter(|(vm, _)| vm.project == project && vm.nics.iter().any(|n| n.network == name))
         .map(|(vm, _)| vm.name)
         .collect();
     if !vms.is_empty() {
@@ -140,7 +227,11 @@ pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Stat
                 .with_details(serde_json::json!({"vms": vms})),
         );
     }
-    state.netd.delete_network(&name).await.map_err(upstream)?;
-    state.store.delete(&key(&name)).await?;
+    state
+        .netd
+        .delete_network(&host_name(project, &name))
+        .await
+        .map_err(upstream)?;
+    state.store.delete(&key(project, &name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

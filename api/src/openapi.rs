@@ -39,7 +39,6 @@ pub struct IdempotencyKey(#[allow(dead_code)] Option<String>);
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     paths(crate::server::openapi_json),
-    modifiers(&Common),
     components(schemas(ErrorResponse)),
     tags(
         (name = "vms", description = "Virtual machines and their lifecycle"),
@@ -58,7 +57,7 @@ pub struct ApiDoc;
 /// Adds the bearer scheme, and to every operation the answers any route can give:
 /// 401 (no or a bad key), 403 (a key without the permission), 429 (too many failed
 /// authentications), 503 (the state store or a daemon is unavailable).
-struct Common;
+pub struct Common;
 
 impl Modify for Common {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -123,8 +122,11 @@ impl Modify for Common {
     }
 }
 
-/// The document as JSON, pretty-printed, as checked in at `docs/openapi.json`.
+/// The document as JSON, pretty-printed, as checked in at `docs/openapi.json`, once
+/// every route is in it (so [`Common`] reaches them all).
 pub fn document_json(doc: &utoipa::openapi::OpenApi) -> String {
+    let mut doc = doc.clone();
+    Common.modify(&mut doc);
     let mut s = doc.to_pretty_json().unwrap_or_default();
     s.push('\n');
     s

@@ -53,12 +53,12 @@ impl Operations {
 
     fn emit(&self, op: &Operation) {
         let data = serde_json::to_value(op).unwrap_or_default();
-        self.events.emit("operation", crate::vms::PROJECT, data);
+        self.events.emit("operation", &op.project, data);
         if op.status == OperationStatus::Succeeded && op.target_kind == "vm" {
             if let Some(change) = vm_change(&op.kind) {
                 self.events.emit(
                     "vm",
-                    crate::vms::PROJECT,
+                    &op.project,
                     serde_json::json!({"id": op.target_id, "change": change, "operation": op.id}),
                 );
             }
@@ -66,10 +66,17 @@ impl Operations {
     }
 
     /// Records a new running operation.
-    pub async fn start(&self, kind: &str, target_kind: &str, target_id: &str) -> Result<Operation, ApiError> {
+    pub async fn start(
+        &self,
+        project: &str,
+        kind: &str,
+        target_kind: &str,
+        target_id: &str,
+    ) -> Result<Operation, ApiError> {
         let now = vmm_manager::spec::now_ms();
         let op = Operation {
             id: uuid::Uuid::new_v4().to_string(),
+            project: project.to_string(),
             kind: kind.to_string(),
             target_kind: target_kind.to_string(),
             target_id: target_id.to_string(),

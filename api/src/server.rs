@@ -20,7 +20,7 @@ use vmm_manager::HypervisorKind;
 
 use crate::operations::Operations;
 use crate::store::StateStore;
-use crate::{auth, console, images, networks, store, vms, volumes};
+use crate::{auth, console, identity, images, networks, store, vms, volumes};
 
 /// The api's settings.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct ApiConfig {
     pub default_hypervisor: HypervisorKind,
     /// Where the desired state lives.
     pub store: store::StoreLocation,
+    /// Failed authentications per minute from one address before it gets 429s (0: no limit).
+    pub auth_failures_per_minute: u32,
 }
 
 impl ApiConfig {
@@ -62,6 +64,7 @@ pub struct AppState {
     pub blockd: blockd::http::client::BlockdClient,
     pub tickets: crate::console::Tickets,
     pub events: Arc<crate::events::Events>,
+    pub auth_failures: auth::AuthFailures,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -104,7 +107,14 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(console::vnc))
         .routes(routes!(images::list, images::import))
         .routes(routes!(images::show, images::delete))
-        .routes(routes!(auth::create_key))
+        .routes(routes!(identity::list_projects, identity::create_project))
+        .routes(routes!(identity::show_project, identity::delete_project))
+        .routes(routes!(identity::list_members))
+        .routes(routes!(identity::set_member, identity::remove_member))
+        .routes(routes!(identity::list_users, identity::create_user))
+        .routes(routes!(identity::delete_user))
+        .routes(routes!(identity::list_keys, identity::create_key))
+        .routes(routes!(identity::revoke_key))
         .routes(routes!(networks::list, networks::create))
         .routes(routes!(networks::show, networks::delete))
         .routes(routes!(volumes::list, volumes::create))
@@ -201,6 +211,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
                 .await?;
         }
     }
+    let auth_limit = config.auth_failures_per_minute;
     Ok(Arc::new(AppState {
         vmm: VmmClient::new(config.socket("vmm-manager")),
         images: imaged::client::ImagedClient::new(config.socket("imaged")),
@@ -211,6 +222,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         config,
         store,
         ops,
+        auth_failures: auth::AuthFailures::new(auth_limit),
     }))
 }
 
@@ -267,13 +279,19 @@ pub async fn run(
         }
     }
     let state = open_state(config.clone()).await?;
+    networks::migrate(&state).await?;
     if let Err(e) = networks::ensure_default(&state).await {
         tracing::error!("cannot create the default network: {e}");
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hearth-api serving");
     let app = router(state);
-    let served = axum::serve(listener, app).with_graceful_shutdown(stop()).await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop())
+    .await;
     let _ = shutdown.wait_for(|s| *s).await;
     // Long-lived connections (console WebSockets) must not hold shutdown up for long.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

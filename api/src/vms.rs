@@ -9,23 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-
-use crate::json::Query;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use socket_http::{ApiError, ClientError};
 use vmm_manager::spec::{HypervisorKind, QemuMachine, QemuOptions, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
-use crate::json::JsonBody;
+use crate::auth::Caller;
+use crate::json::{JsonBody, Query};
 use crate::model::{validate_name, Accepted, CreateVm, Phase, RootDisk, Vm, VmRecord};
 use crate::server::AppState;
 use crate::store;
 
 type AppS = State<Arc<AppState>>;
-
-pub const PROJECT: &str = "default";
 
 fn vm_key(id: &str) -> String {
     format!("vms/{id}")
@@ -53,12 +50,15 @@ pub fn upstream(e: ClientError) -> ApiError {
 }
 
 /// Finds a VM record by id or by name.
-pub async fn resolve(state: &AppState, id_or_name: &str) -> Result<(VmRecord, u64), ApiError> {
+/// VMs of other projects are not found.
+pub async fn resolve(state: &AppState, project: &str, id_or_name: &str) -> Result<(VmRecord, u64), ApiError> {
     let s = state.store.as_ref();
     if let Some(found) = store::get_json::<VmRecord>(s, &vm_key(id_or_name)).await? {
-        return Ok(found);
+        if found.0.project == project {
+            return Ok(found);
+        }
     }
-    if let Some((id, _)) = store::get_json::<String>(s, &name_key(PROJECT, id_or_name)).await? {
+    if let Some((id, _)) = store::get_json::<String>(s, &name_key(project, id_or_name)).await? {
         if let Some(found) = store::get_json::<VmRecord>(s, &vm_key(&id)).await? {
             return Ok(found);
         }
@@ -76,11 +76,17 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
 
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(crate::openapi::ProjectParam),
     responses((status = 200, description = "The project's VMs, by name", body = Vec<Vm>)))]
-pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
+pub async fn list(State(state): AppS, Extension(caller): Extension<Caller>) -> Result<Json<Vec<Vm>>, ApiError> {
+    Ok(Json(views(&state, Some(&caller.project)).await?))
+}
+
+/// The VMs of `project` (of every project with `None`), as the API shows them.
+pub async fn views(state: &AppState, project: Option<&str>) -> Result<Vec<Vm>, ApiError> {
     let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/")
         .await?
         .into_iter()
         .map(|(r, _)| r)
+        .filter(|r: &VmRecord| project.is_none_or(|p| r.project == p))
         .collect();
     let live = state.vmm.list().await;
     let reachable = live.is_ok();
@@ -94,13 +100,17 @@ pub async fn list(State(state): AppS) -> Result<Json<Vec<Vm>>, ApiError> {
         .map(|r| Vm::from_record(r, live.get(&r.id), reachable))
         .collect();
     vms.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(vms))
+    Ok(vms)
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
     responses((status = 200, body = Vm), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn show(State(state): AppS, Path(id): Path<String>) -> Result<Json<Vm>, ApiError> {
-    let (rec, _) = resolve(&state, &id).await?;
+pub async fn show(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Vm>, ApiError> {
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
     Ok(Json(view(&state, &rec).await))
 }
 
@@ -167,7 +177,12 @@ async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, A
     responses((status = 202, description = "Accepted: the operation that creates (and starts) the VM", body = Accepted),
       (status = 409, description = "The name is taken", body = crate::openapi::ErrorResponse),
       (status = 422, description = "Invalid request: unknown image or network, bad key, size or YAML", body = crate::openapi::ErrorResponse)))]
-pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    JsonBody(req): JsonBody<CreateVm>,
+) -> Result<Response, ApiError> {
+    let project = caller.project.as_str();
     let id = uuid::Uuid::new_v4().to_string();
     let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
     validate_name("VM", &name)?;
@@ -245,7 +260,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
 
     // Intent first: claim the name, then record the VM, then the operation.
     let s = state.store.as_ref();
-    s.compare_and_swap(&name_key(PROJECT, &name), None, store::encode(&id))
+    s.compare_and_swap(&name_key(project, &name), None, store::encode(&id))
         .await
         .map_err(|e| match e {
             store::StoreError::Conflict { .. } => ApiError::conflict(format!("a VM named {name:?} already exists")),
@@ -254,7 +269,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
     let rec = VmRecord {
         id: id.clone(),
         name: name.clone(),
-        project: PROJECT.into(),
+        project: project.into(),
         image: req.image.clone(),
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
@@ -276,14 +291,19 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
-        let _ = s.delete(&name_key(PROJECT, &name)).await;
+        let _ = s.delete(&name_key(project, &name)).await;
         return Err(e.into());
     }
     // NICs: a port (TAP + IPAM address) per NIC, made now so a taken or foreign address
     // is refused at once.
     let nic_requests = match req.nics.clone() {
         Some(n) => n,
-        None if state.netd.network(crate::networks::DEFAULT_NETWORK).await.is_ok() => {
+        None if state
+            .netd
+            .network(&crate::networks::host_name(project, crate::networks::DEFAULT_NETWORK))
+            .await
+            .is_ok() =>
+        {
             vec![crate::model::NicRequest {
                 network: crate::networks::DEFAULT_NETWORK.into(),
                 ip: None,
@@ -292,11 +312,11 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         None => vec![],
     };
     let mut rec = rec;
-    match attach_nics(&state, &id, &nic_requests).await {
+    match attach_nics(&state, project, &id, &nic_requests).await {
         Ok(nics) => rec.nics = nics,
         Err(e) => {
             let _ = s.delete(&vm_key(&id)).await;
-            let _ = s.delete(&name_key(PROJECT, &name)).await;
+            let _ = s.delete(&name_key(project, &name)).await;
             return Err(e);
         }
     }
@@ -306,11 +326,11 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
             Ok(a) => rec.volumes.push(a),
             Err(e) => {
                 for a in &rec.volumes {
-                    crate::volumes::release(&state, a).await;
+                    crate::volumes::release(&state, &rec.project, a).await;
                 }
                 detach_nics(&state, &rec.nics).await;
                 let _ = s.delete(&vm_key(&id)).await;
-                let _ = s.delete(&name_key(PROJECT, &name)).await;
+                let _ = s.delete(&name_key(project, &name)).await;
                 return Err(e);
             }
         }
@@ -324,7 +344,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVm>) -> Re
         undo_create(&state, &rec).await;
         return Err(e.into());
     }
-    let op = state.ops.start("vm.create", "vm", &id).await?;
+    let op = state.ops.start(project, "vm.create", "vm", &id).await?;
     let task_state = state.clone();
     let (op_id, start) = (op.id.clone(), req.start);
     let vm = Vm::from_record(&rec, None, true);
@@ -354,13 +374,15 @@ fn port_id(vm_id: &str, index: usize) -> String {
 /// Creates the ports of a VM's NICs; on failure removes the ones already made.
 async fn attach_nics(
     state: &AppState,
+    project: &str,
     vm_id: &str,
     requests: &[crate::model::NicRequest],
 ) -> Result<Vec<crate::model::Nic>, ApiError> {
     let mut nics = Vec::new();
     for (i, req) in requests.iter().enumerate() {
         let made = async {
-            let net = state.netd.network(&req.network).await.map_err(|e| {
+            let host_network = crate::networks::host_name(project, &req.network);
+            let net = state.netd.network(&host_network).await.map_err(|e| {
                 if e.is_not_found() {
                     ApiError::unprocessable(format!("unknown network {:?}", req.network))
                 } else {
@@ -376,7 +398,7 @@ async fn attach_nics(
                 }
             }
             let spec = netd::network::PortSpec {
-                network: req.network.clone(),
+                network: host_network.clone(),
                 mac: None,
                 ip: req.ip,
                 queues: 1,
@@ -387,7 +409,7 @@ async fn attach_nics(
                 .await
                 .map_err(upstream)?;
             Ok(crate::model::Nic {
-                network: port.network,
+                network: req.network.clone(),
                 port: port.id,
                 tap: port.tap,
                 mac: port.mac,
@@ -577,7 +599,7 @@ async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiErro
     }
     // Volumes outlive the VM: only the attachment goes.
     for v in &rec.volumes {
-        crate::volumes::release(state, v).await;
+        crate::volumes::release(state, &rec.project, v).await;
     }
     if let Err(e) = state.images.release(&rec.id).await {
         note("image lease", upstream(e));
@@ -598,7 +620,8 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
         let mut spec = vm_spec(&rec, &image)?;
         spec.disks = boot_disks(&state, &rec, &image, &op_id).await?;
         for v in &rec.volumes {
-            spec.disks.push(crate::volumes::disk_spec(&state, v).await?);
+            spec.disks
+                .push(crate::volumes::disk_spec(&state, &rec.project, v).await?);
         }
         state.vmm.ensure(&spec).await.map_err(upstream)?;
         let mut ready = rec.clone();
@@ -624,8 +647,12 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
     responses((status = 202, description = "Accepted: the operation that deletes the VM and everything it owns", body = Accepted),
       (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "Another operation is running on the VM", body = crate::openapi::ErrorResponse)))]
-pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let (mut rec, rev) = resolve(&state, &id).await?;
+pub async fn delete(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (mut rec, rev) = resolve(&state, &caller.project, &id).await?;
     if rec.phase == Phase::Creating {
         return Err(ApiError::conflict(format!(
             "VM {} is still being created; retry when its create operation finishes",
@@ -637,7 +664,7 @@ pub async fn delete(State(state): AppS, Path(id): Path<String>) -> Result<Respon
         .store
         .compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec))
         .await?;
-    let op = state.ops.start("vm.delete", "vm", &rec.id).await?;
+    let op = state.ops.start(&rec.project, "vm.delete", "vm", &rec.id).await?;
     let vm = Vm::from_record(&rec, None, true);
     let (task_state, op_id) = (state.clone(), op.id.clone());
     tokio::spawn(async move {
@@ -680,6 +707,7 @@ pub struct ActionQuery {
       (status = 409, description = "The VM is not in a state that allows the action", body = crate::openapi::ErrorResponse)))]
 pub async fn action(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path((id, action)): Path<(String, String)>,
     Query(q): Query<ActionQuery>,
 ) -> Result<Response, ApiError> {
@@ -688,7 +716,7 @@ pub async fn action(
             "unknown VM action {action:?}: use start, stop, reboot, pause or resume"
         )));
     }
-    let (rec, _) = resolve(&state, &id).await?;
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
     if rec.phase != Phase::Ready {
         return Err(ApiError::conflict(format!(
             "VM {} is {:?}: cannot {action}",
@@ -712,7 +740,10 @@ pub async fn action(
             st.as_str()
         )));
     }
-    let op = state.ops.start(&format!("vm.{action}"), "vm", &rec.id).await?;
+    let op = state
+        .ops
+        .start(&rec.project, &format!("vm.{action}"), "vm", &rec.id)
+        .await?;
     let (task_state, op_id, vm_id, force) = (state.clone(), op.id.clone(), rec.id.clone(), q.force);
     tokio::spawn(async move {
         task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
@@ -735,6 +766,7 @@ pub struct WaitQuery {
     responses((status = 200, body = crate::model::Operation), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn operation(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Json<crate::model::Operation>, ApiError> {
@@ -744,13 +776,23 @@ pub async fn operation(
     }
     // Long-polls are capped so proxies and clients do not time out first.
     let wait = Duration::from_secs_f64(wait.min(60.0));
+    // Operations of other projects are not found.
+    let op = state.ops.get(&id).await?;
+    if op.project != caller.project {
+        return Err(ApiError::not_found(format!("operation {id:?} does not exist")));
+    }
     Ok(Json(state.ops.wait(&id, wait).await?))
 }
 
 #[utoipa::path(get, path = "/v1/operations", tag = "operations", params(crate::openapi::ProjectParam),
     responses((status = 200, description = "Operations, newest first", body = Vec<crate::model::Operation>)))]
-pub async fn operations(State(state): AppS) -> Result<Json<Vec<crate::model::Operation>>, ApiError> {
-    Ok(Json(state.ops.list().await?))
+pub async fn operations(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<crate::model::Operation>>, ApiError> {
+    let mut ops = state.ops.list().await?;
+    ops.retain(|o| o.project == caller.project);
+    Ok(Json(ops))
 }
 
 #[derive(Deserialize)]
@@ -763,10 +805,11 @@ pub struct LogQuery {
     responses((status = 200, description = "The serial console's scrollback", content_type = "text/plain", body = String), (status = 404, body = crate::openapi::ErrorResponse)))]
 pub async fn console_log(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
-    let (rec, _) = resolve(&state, &id).await?;
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
     let bytes = state
         .vmm
         .console_log(&rec.id, q.bytes.unwrap_or(256 * 1024))

@@ -20,26 +20,32 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use blockd::exports::{Export, ExportSpec, RemoteDiskSpec};
 use blockd::service::{VolumeSource, VolumeSpec};
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
 
+use crate::auth::Caller;
 use crate::json::JsonBody;
 use crate::model::{validate_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
+use crate::networks::host_name;
 use crate::server::AppState;
 use crate::store;
-use crate::vms::{upstream, PROJECT};
+use crate::vms::upstream;
 
 type AppS = State<Arc<AppState>>;
 
-fn record_key(name: &str) -> String {
-    format!("volumes/{PROJECT}/{name}")
+fn record_key(project: &str, name: &str) -> String {
+    format!("volumes/{project}/{name}")
 }
-fn claim_key(name: &str) -> String {
-    format!("volume-attachments/{PROJECT}/{name}")
+fn claim_key(project: &str, name: &str) -> String {
+    format!("volume-attachments/{project}/{name}")
+}
+/// What blockd calls a project's volume (see [`host_name`]).
+fn bname(rec: &VolumeRecord) -> String {
+    host_name(&rec.project, &rec.name)
 }
 
 /// What the api stores per volume.
@@ -164,22 +170,25 @@ fn blockd_error(e: socket_http::ClientError) -> ApiError {
     upstream(e)
 }
 
-async fn find_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiError> {
+async fn find_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
     validate_name("volume", name)?;
-    store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(name))
+    store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name))
         .await?
         .map(|(r, _)| r)
         .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))
 }
 
-async fn attachment(state: &AppState, name: &str) -> Result<Option<Attachment>, ApiError> {
-    Ok(store::get_json::<Attachment>(state.store.as_ref(), &claim_key(name))
-        .await?
-        .map(|(a, _)| a))
+async fn attachment(state: &AppState, project: &str, name: &str) -> Result<Option<Attachment>, ApiError> {
+    Ok(
+        store::get_json::<Attachment>(state.store.as_ref(), &claim_key(project, name))
+            .await?
+            .map(|(a, _)| a),
+    )
 }
 
 async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Result<Volume, ApiError> {
-    let attached_to = attachment(state, &rec.name).await?;
+    let attached_to = attachment(state, &rec.project, &rec.name).await?;
+    let host = bname(rec);
     let mut v = Volume {
         name: rec.name.clone(),
         project: rec.project.clone(),
@@ -193,27 +202,40 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
         attached_to,
         exports: exports
             .iter()
-            .filter(|e| e.volume == rec.name && e.remote.is_none())
+            .filter(|e| e.volume == host && e.remote.is_none())
             .cloned()
+            .map(|mut e| {
+                e.volume = rec.name.clone();
+                e
+            })
             .collect(),
         remote: rec.remote.clone(),
         created_at_ms: rec.created_at_ms,
     };
     if rec.remote.is_none() {
-        let b = state.blockd.volume(&rec.name).await.map_err(blockd_error)?;
+        let b = state.blockd.volume(&host).await.map_err(blockd_error)?;
         v.size_bytes = Some(b.size_bytes);
         v.allocated_bytes = Some(b.allocated_bytes);
         v.backend = Some(b.backend);
         v.format = Some(b.format);
-        v.origin = b.origin;
-        v.snapshots = b.snapshots;
+        let own = |n: &str| n.strip_prefix(&format!("{}.", rec.project)).unwrap_or(n).to_string();
+        v.origin = b.origin.as_deref().map(own);
+        v.snapshots = b
+            .snapshots
+            .into_iter()
+            .map(|mut sn| {
+                sn.volume = own(&sn.volume);
+                sn.clones = sn.clones.iter().map(|c| own(c)).collect();
+                sn
+            })
+            .collect();
     }
     Ok(v)
 }
 
 #[utoipa::path(get, path = "/v1/volumes", tag = "volumes", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<Volume>)))]
-pub async fn list(State(state): AppS) -> Result<Json<Vec<Volume>>, ApiError> {
-    let recs: Vec<VolumeRecord> = store::list_json(state.store.as_ref(), &format!("volumes/{PROJECT}/"))
+pub async fn list(State(state): AppS, Extension(caller): Extension<Caller>) -> Result<Json<Vec<Volume>>, ApiError> {
+    let recs: Vec<VolumeRecord> = store::list_json(state.store.as_ref(), &format!("volumes/{}/", caller.project))
         .await?
         .into_iter()
         .map(|(r, _)| r)
@@ -231,8 +253,12 @@ pub async fn list(State(state): AppS) -> Result<Json<Vec<Volume>>, ApiError> {
 
 #[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
-    let rec = find_record(&state, &name).await?;
+pub async fn show(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Volume>, ApiError> {
+    let rec = find_record(&state, &caller.project, &name).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }
@@ -240,8 +266,20 @@ pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<V
 #[utoipa::path(post, path = "/v1/volumes", tag = "volumes", params(crate::openapi::ProjectParam, crate::openapi::IdempotencyKey), request_body = CreateVolume,
     responses((status = 201, body = Volume), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse),
       (status = 507, description = "The pool has no room", body = crate::openapi::ErrorResponse)))]
-pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    JsonBody(req): JsonBody<CreateVolume>,
+) -> Result<Response, ApiError> {
     validate_name("volume", &req.name)?;
+    let project = caller.project.as_str();
+    let host = host_name(project, &req.name);
+    if host.len() > 63 {
+        return Err(ApiError::unprocessable(format!(
+            "volume name {:?} is too long for project {project}: project and name together take at most 62 characters",
+            req.name
+        )));
+    }
     let size = SizeRequest {
         size_bytes: req.size_bytes,
         size: req.size.clone(),
@@ -259,12 +297,12 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
     }
     let rec = VolumeRecord {
         name: req.name.clone(),
-        project: PROJECT.into(),
+        project: project.into(),
         remote: req.remote.clone(),
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     let s = state.store.as_ref();
-    s.compare_and_swap(&record_key(&req.name), None, store::encode(&rec))
+    s.compare_and_swap(&record_key(project, &req.name), None, store::encode(&rec))
         .await
         .map_err(|e| match e {
             store::StoreError::Conflict { .. } => {
@@ -275,7 +313,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
     let made = async {
         if let Some(remote) = &req.remote {
             // Check now that the export is there, so a typo fails here, not at attach.
-            let probe = format!("probe-{}", req.name);
+            let probe = format!("probe-{host}");
             state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
             state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
             return Ok(());
@@ -285,17 +323,18 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
                 let (vol, _) = snap.split_once('@').ok_or_else(|| {
                     ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
                 })?;
-                find_record(&state, vol)
+                let from = find_record(&state, project, vol)
                     .await
                     .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
-                Some(VolumeSource::Snapshot(snap.clone()))
+                let (_, snap_name) = snap.split_once('@').unwrap_or_default();
+                Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
             }
             None => None,
         };
         state
             .blockd
             .ensure_volume(
-                &req.name,
+                &host,
                 &VolumeSpec {
                     size_bytes: size,
                     source,
@@ -307,7 +346,7 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
     }
     .await;
     if let Err(e) = made {
-        let _ = s.delete(&record_key(&req.name)).await;
+        let _ = s.delete(&record_key(project, &req.name)).await;
         return Err(e);
     }
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
@@ -316,30 +355,36 @@ pub async fn create(State(state): AppS, JsonBody(req): JsonBody<CreateVolume>) -
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "Attached, or has snapshots with clones", body = crate::openapi::ErrorResponse)))]
-pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     validate_name("volume", &name)?;
-    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(&name)).await? else {
+    let project = caller.project.as_str();
+    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, &name)).await?
+    else {
         return Ok(StatusCode::NO_CONTENT);
     };
-    if let Some(a) = attachment(&state, &name).await? {
+    if let Some(a) = attachment(&state, project, &name).await? {
         return Err(ApiError::conflict(format!(
             "volume {name:?} is attached to VM {} as {}; detach it first",
             a.vm_name, a.disk
         )));
     }
     if rec.remote.is_none() {
-        match state.blockd.delete_volume(&name).await {
+        match state.blockd.delete_volume(&bname(&rec)).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(blockd_error(e)),
         }
     }
-    state.store.delete(&record_key(&name)).await?;
+    state.store.delete(&record_key(project, &name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn local_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiError> {
-    let rec = find_record(state, name).await?;
+async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
+    let rec = find_record(state, project, name).await?;
     if rec.remote.is_some() {
         return Err(ApiError::conflict(format!(
             "volume {name:?} lives on another host; resize, snapshot and clone it there"
@@ -352,14 +397,15 @@ async fn local_record(state: &AppState, name: &str) -> Result<VolumeRecord, ApiE
     responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
 pub async fn resize(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<SizeRequest>,
 ) -> Result<Json<Volume>, ApiError> {
-    let rec = local_record(&state, &name).await?;
+    let rec = local_record(&state, &caller.project, &name).await?;
     let size = req
         .bytes()?
         .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
-    state.blockd.resize(&name, size).await.map_err(blockd_error)?;
+    state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }
@@ -374,12 +420,18 @@ pub struct NameRequest {
     responses((status = 201, body = blockd::volume::Snapshot), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn snapshot(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<NameRequest>,
 ) -> Result<Response, ApiError> {
-    local_record(&state, &name).await?;
+    let rec = local_record(&state, &caller.project, &name).await?;
     validate_name("snapshot", &req.name)?;
-    let snap = state.blockd.snapshot(&name, &req.name).await.map_err(blockd_error)?;
+    let mut snap = state
+        .blockd
+        .snapshot(&bname(&rec), &req.name)
+        .await
+        .map_err(blockd_error)?;
+    snap.volume = name;
     Ok((StatusCode::CREATED, Json(snap)).into_response())
 }
 
@@ -387,11 +439,16 @@ pub async fn snapshot(
     responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "Clones depend on it", body = crate::openapi::ErrorResponse)))]
 pub async fn delete_snapshot(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path((name, snap)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    local_record(&state, &name).await?;
+    let rec = local_record(&state, &caller.project, &name).await?;
     validate_name("snapshot", &snap)?;
-    state.blockd.delete_snapshot(&name, &snap).await.map_err(blockd_error)?;
+    state
+        .blockd
+        .delete_snapshot(&bname(&rec), &snap)
+        .await
+        .map_err(blockd_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -409,10 +466,11 @@ pub struct CloneRequest {
     responses((status = 201, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn clone(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<CloneRequest>,
 ) -> Result<Response, ApiError> {
-    local_record(&state, &name).await?;
+    let rec = local_record(&state, &caller.project, &name).await?;
     validate_name("volume", &req.name)?;
     let snap = match req.snapshot {
         Some(s) => {
@@ -421,7 +479,7 @@ pub async fn clone(
         }
         None => {
             let s = format!("clone-{}", req.name);
-            state.blockd.snapshot(&name, &s).await.map_err(blockd_error)?;
+            state.blockd.snapshot(&bname(&rec), &s).await.map_err(blockd_error)?;
             s
         }
     };
@@ -432,7 +490,7 @@ pub async fn clone(
         source: Some(SourceRequest::Snapshot(format!("{name}@{snap}"))),
         remote: None,
     };
-    self::create(State(state), JsonBody(create)).await
+    self::create(State(state), Extension(caller), JsonBody(create)).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -452,7 +510,7 @@ pub async fn claim(
     req: &AttachVolume,
     taken: &[AttachedVolume],
 ) -> Result<AttachedVolume, ApiError> {
-    let vol = find_record(state, &req.volume).await.map_err(|e| {
+    let vol = find_record(state, &rec.project, &req.volume).await.map_err(|e| {
         if e.status == StatusCode::NOT_FOUND {
             ApiError::unprocessable(e.message().to_string())
         } else {
@@ -483,7 +541,7 @@ pub async fn claim(
     };
     state
         .store
-        .compare_and_swap(&claim_key(&req.volume), None, store::encode(&claim))
+        .compare_and_swap(&claim_key(&rec.project, &req.volume), None, store::encode(&claim))
         .await
         .map_err(|e| match e {
             store::StoreError::Conflict { .. } => {
@@ -501,15 +559,12 @@ pub async fn claim(
 
 /// Makes the volume reachable the way the attachment says and returns the disk the VM
 /// gets (a file or a vhost-user-blk socket).
-pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
-    let rec = find_record(state, &a.volume).await?;
+pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
+    let rec = find_record(state, project, &a.volume).await?;
+    let host = bname(&rec);
     let source = match (&rec.remote, a.via) {
         (Some(remote), _) => {
-            let e = state
-                .blockd
-                .remote_disk(&a.volume, remote)
-                .await
-                .map_err(blockd_error)?;
+            let e = state.blockd.remote_disk(&host, remote).await.map_err(blockd_error)?;
             DiskSource::VhostUser {
                 socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
             }
@@ -517,7 +572,7 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
         (None, AttachVia::VhostUser) => {
             let e = state
                 .blockd
-                .export(&a.volume, "vhost-user", &ExportSpec { read_only: a.read_only })
+                .export(&host, "vhost-user", &ExportSpec { read_only: a.read_only })
                 .await
                 .map_err(blockd_error)?;
             DiskSource::VhostUser {
@@ -525,7 +580,7 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
             }
         }
         (None, AttachVia::File) => {
-            let v = state.blockd.volume(&a.volume).await.map_err(blockd_error)?;
+            let v = state.blockd.volume(&host).await.map_err(blockd_error)?;
             let path = v.path.ok_or_else(|| {
                 ApiError::conflict(format!(
                     "volume {:?} has no file or device (a memory pool); attach it via vhost-user",
@@ -547,17 +602,18 @@ pub async fn disk_spec(state: &AppState, a: &AttachedVolume) -> Result<DiskSpec,
 }
 
 /// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
-pub async fn release(state: &AppState, a: &AttachedVolume) {
-    let remote = find_record(state, &a.volume).await.ok().and_then(|r| r.remote);
+pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
+    let remote = find_record(state, project, &a.volume).await.ok().and_then(|r| r.remote);
+    let host = host_name(project, &a.volume);
     let undone = match (remote, a.via) {
-        (Some(_), _) => state.blockd.delete_remote_disk(&a.volume).await,
-        (None, AttachVia::VhostUser) => state.blockd.unexport(&a.volume, "vhost-user").await,
+        (Some(_), _) => state.blockd.delete_remote_disk(&host).await,
+        (None, AttachVia::VhostUser) => state.blockd.unexport(&host, "vhost-user").await,
         (None, AttachVia::File) => Ok(()),
     };
     if let Err(e) = undone {
         tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
     }
-    if let Err(e) = state.store.delete(&claim_key(&a.volume)).await {
+    if let Err(e) = state.store.delete(&claim_key(project, &a.volume)).await {
         tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");
     }
 }
@@ -566,19 +622,22 @@ pub async fn release(state: &AppState, a: &AttachedVolume) {
     responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "Attached elsewhere", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn attach(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<AttachRequest>,
 ) -> Result<Json<Volume>, ApiError> {
-    let (mut vm, rev) = crate::vms::resolve(&state, &req.vm).await?;
+    let project = caller.project.as_str();
+    find_record(&state, project, &name).await?;
+    let (mut vm, rev) = crate::vms::resolve(&state, project, &req.vm).await?;
     if vm.phase != crate::model::Phase::Ready {
         return Err(ApiError::conflict(format!(
             "VM {} is being created or deleted",
             vm.name
         )));
     }
-    if let Some(a) = attachment(&state, &name).await? {
+    if let Some(a) = attachment(&state, project, &name).await? {
         if a.vm == vm.id {
-            let rec = find_record(&state, &name).await?;
+            let rec = find_record(&state, project, &name).await?;
             let exports = state.blockd.exports().await.map_err(blockd_error)?;
             return Ok(Json(view(&state, &rec, &exports).await?));
         }
@@ -590,7 +649,7 @@ pub async fn attach(
     };
     let att = claim(&state, &vm, &request, &vm.volumes).await?;
     let done = async {
-        let disk = disk_spec(&state, &att).await?;
+        let disk = disk_spec(&state, project, &att).await?;
         state.vmm.attach_disk(&vm.id, &disk).await.map_err(upstream)?;
         vm.volumes.push(att.clone());
         state
@@ -602,20 +661,25 @@ pub async fn attach(
     .await;
     if let Err(e) = done {
         let _ = state.vmm.detach_disk(&vm.id, &att.disk).await;
-        release(&state, &att).await;
+        release(&state, project, &att).await;
         return Err(e);
     }
-    let rec = find_record(&state, &name).await?;
+    let rec = find_record(&state, project, &name).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/detach", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse)))]
-pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json<Volume>, ApiError> {
-    let rec = find_record(&state, &name).await?;
-    if let Some(a) = attachment(&state, &name).await? {
-        match crate::vms::resolve(&state, &a.vm).await {
+pub async fn detach(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Volume>, ApiError> {
+    let project = caller.project.as_str();
+    let rec = find_record(&state, project, &name).await?;
+    if let Some(a) = attachment(&state, project, &name).await? {
+        match crate::vms::resolve(&state, project, &a.vm).await {
             Ok((mut vm, rev)) => {
                 state.vmm.detach_disk(&vm.id, &a.disk).await.map_err(upstream)?;
                 let att = vm.volumes.iter().find(|v| v.volume == name).cloned();
@@ -630,7 +694,7 @@ pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json
                     via: a.via,
                     read_only: a.read_only,
                 });
-                release(&state, &att).await;
+                release(&state, project, &att).await;
             }
             // The VM is gone: only the claim is left.
             Err(_) => {
@@ -640,7 +704,7 @@ pub async fn detach(State(state): AppS, Path(name): Path<String>) -> Result<Json
                     via: a.via,
                     read_only: a.read_only,
                 };
-                release(&state, &att).await;
+                release(&state, project, &att).await;
             }
         }
     }
@@ -659,10 +723,11 @@ pub struct ExportRequest {
     responses((status = 200, description = "The NBD export (idempotent)", body = Export), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn export(
     State(state): AppS,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Export>, ApiError> {
-    local_record(&state, &name).await?;
+    let rec = local_record(&state, &caller.project, &name).await?;
     let req: ExportRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ExportRequest::default()
     } else {
@@ -671,7 +736,7 @@ pub async fn export(
     let e = state
         .blockd
         .export(
-            &name,
+            &bname(&rec),
             "nbd",
             &ExportSpec {
                 read_only: req.read_only,
@@ -684,8 +749,12 @@ pub async fn export(
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}/export", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 204, description = "No longer exported"), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn unexport(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    local_record(&state, &name).await?;
-    state.blockd.unexport(&name, "nbd").await.map_err(blockd_error)?;
+pub async fn unexport(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let rec = local_record(&state, &caller.project, &name).await?;
+    state.blockd.unexport(&bname(&rec), "nbd").await.map_err(blockd_error)?;
     Ok(StatusCode::NO_CONTENT)
 }

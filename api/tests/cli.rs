@@ -199,3 +199,58 @@ fn volume_commands() {
         assert_eq!(ok(&hearth(&stack, &["volume", "list"])).trim(), "no volumes");
     });
 }
+
+/// Projects, users and keys from the CLI, and a config file (url, key, project) that
+/// replaces the environment.
+#[test]
+fn identity_commands_and_config_file() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+        ok(&hearth(
+            &stack,
+            &["project", "create", "lab", "--description", "the lab"],
+        ));
+        ok(&hearth(&stack, &["user", "create", "carol"]));
+        ok(&hearth(&stack, &["project", "grant", "lab", "carol", "member"]));
+        let members = ok(&hearth(&stack, &["project", "members", "lab"]));
+        assert!(members.contains("carol") && members.contains("member"), "{members}");
+        let key = ok(&hearth(&stack, &["key", "create", "laptop", "--user", "carol"]));
+        let key = key.trim().to_string();
+        assert!(key.starts_with("hth_"), "{key}");
+
+        // Carol's config file: no environment at all.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("cli.toml");
+        std::fs::write(
+            &config,
+            format!("url = \"{}\"\napi_key = \"{key}\"\nproject = \"lab\"\n", stack.url()),
+        )
+        .expect("config");
+        let carol = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+                .args(args)
+                .env_clear()
+                .env("HEARTH_CLI_CONFIG", &config)
+                .output()
+                .expect("run hearth")
+        };
+        let out = ok(&carol(&["network", "create", "lab-net", "--subnet", "10.82.0.0/24"]));
+        assert!(out.contains("lab-net"), "{out}");
+        let listed = ok(&carol(&["network", "list"]));
+        assert!(listed.contains("lab-net"), "{listed}");
+        // The admin in `default` does not see lab's network; with --project it does.
+        let default_list = ok(&hearth(&stack, &["network", "list"]));
+        assert!(!default_list.contains("lab-net"), "{default_list}");
+        let lab_list = ok(&hearth(&stack, &["--project", "lab", "network", "list"]));
+        assert!(lab_list.contains("lab-net"), "{lab_list}");
+        // Carol may not make users: the error names the permission.
+        let refused = carol(&["user", "create", "mallory"]);
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("users.write") && err.contains("403"), "{err}");
+        let keys = ok(&carol(&["key", "list"]));
+        assert!(keys.contains("laptop") && !keys.contains(&key), "{keys}");
+        ok(&carol(&["network", "delete", "lab-net"]));
+        ok(&hearth(&stack, &["project", "delete", "lab"]));
+    });
+}

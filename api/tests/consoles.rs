@@ -166,15 +166,11 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         );
 
         // A viewer watches but cannot type.
-        let (status, viewer) = stack
-            .call("POST", "/v1/keys", Some(json!({"name": "watcher", "role": "viewer"})))
-            .await;
-        assert_eq!(status, 201, "{viewer}");
-        let viewer_key = viewer["key"].as_str().expect("key").to_string();
+        let viewer_key = stack.key_for("watcher", "default", "viewer").await;
         let (status, err) = ticket(&stack, "gui", json!({"write": true}), &viewer_key).await;
         assert_eq!(status, 403, "{err}");
         assert!(
-            err["error"]["message"].as_str().expect("m").contains("console.write"),
+            err["error"]["message"].as_str().expect("m").contains("consoles.write"),
             "{err}"
         );
         let viewer_bearer = format!("Bearer {viewer_key}");

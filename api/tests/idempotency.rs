@@ -78,11 +78,7 @@ fn retried_posts_do_the_work_once() {
         assert_eq!(named_once, 1, "{vms}");
 
         // Another API key with the same Idempotency-Key is a different request.
-        let (status, created) = stack
-            .call("POST", "/v1/keys", Some(json!({"name": "ops", "role": "admin"})))
-            .await;
-        assert_eq!(status, 201, "{created}");
-        let other_key = created["key"].as_str().expect("key").to_string();
+        let other_key = stack.key_for("ops", "default", "member").await;
         let theirs = post(&stack, &other_key, "/v1/networks", &other, Some("net-1")).await;
         assert_eq!((theirs.0, theirs.1), (201, false), "{}", theirs.2);
 

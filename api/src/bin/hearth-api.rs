@@ -30,6 +30,10 @@ struct Args {
     /// etcd://host:port[,host:port…][/prefix] for several hosts.
     #[arg(long, default_value = "embedded")]
     store: hearth_api::store::StoreLocation,
+    /// Failed authentications per minute from one address before it is refused (429)
+    /// for the rest of the minute; 0 turns the limit off.
+    #[arg(long, default_value_t = hearth_api::auth::FAILURE_LIMIT)]
+    auth_failures_per_minute: u32,
     /// Hypervisor for VMs that do not name one; QEMU is used where it is not installed.
     #[arg(long, default_value = "cloud-hypervisor")]
     default_hypervisor: HypervisorKind,
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         socket_dir,
         default_hypervisor: a.default_hypervisor,
         store: a.store.clone(),
+        auth_failures_per_minute: a.auth_failures_per_minute,
     };
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {

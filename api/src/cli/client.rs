@@ -11,6 +11,8 @@ use serde_json::Value;
 pub struct ApiClient {
     base: String,
     key: String,
+    /// Sent as `?project=` with every request.
+    project: Option<String>,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -23,6 +25,7 @@ impl ApiClient {
         Ok(Self {
             base,
             key: key.to_string(),
+            project: None,
             http: Client::builder(TokioExecutor::new()).build_http(),
         })
     }
@@ -35,6 +38,23 @@ impl ApiClient {
         &self.key
     }
 
+    /// Works in `project` instead of `default`.
+    pub fn with_project(mut self, project: Option<String>) -> Self {
+        self.project = project;
+        self
+    }
+
+    /// `path` with the project added to its query.
+    pub fn path(&self, path: &str) -> String {
+        match &self.project {
+            None => path.to_string(),
+            Some(p) => {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                format!("{path}{sep}project={p}")
+            }
+        }
+    }
+
     async fn send(
         &self,
         method: http::Method,
@@ -43,7 +63,7 @@ impl ApiClient {
     ) -> anyhow::Result<(http::StatusCode, Bytes)> {
         let mut req = http::Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri(format!("{}{}", self.base, self.path(path)))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.key));
         let payload = match body {
             Some(b) => {
@@ -76,6 +96,10 @@ impl ApiClient {
 
     pub async fn post(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         self.json(http::Method::POST, path, body).await
+    }
+
+    pub async fn put(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.json(http::Method::PUT, path, body).await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {

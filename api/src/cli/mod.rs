@@ -1,12 +1,15 @@
 //! The `hearth` command: a client of the REST API.
 //!
-//! It reads the API's address from `--url`/`HEARTH_URL` (default
-//! `http://127.0.0.1:8080`) and the key from `--api-key`/`HEARTH_API_KEY`, or from the
-//! file named by `--api-key-file`/`HEARTH_API_KEY_FILE` (default
-//! `/var/lib/hearth/admin.key`).
+//! It reads the API's address from `--url`/`HEARTH_URL`, the key from
+//! `--api-key`/`HEARTH_API_KEY` or the file named by `--api-key-file`/
+//! `HEARTH_API_KEY_FILE`, and the project from `--project`/`HEARTH_PROJECT`. What none
+//! of those give comes from the config file (`--config`/`HEARTH_CLI_CONFIG`, default
+//! `~/.config/hearth/cli.toml`: `url`, `api_key`, `api_key_file`, `project`), then from
+//! the defaults `http://127.0.0.1:8080`, `/var/lib/hearth/admin.key` and `default`.
 
 mod client;
 pub mod doctor;
+mod identity;
 mod image;
 mod terminal;
 mod volume;
@@ -23,20 +26,21 @@ pub use client::ApiClient;
 #[derive(Parser, Debug)]
 #[command(name = "hearth", version, about = "Drive a hearth private cloud")]
 pub struct Cli {
-    /// The API's base URL.
-    #[arg(long, env = "HEARTH_URL", default_value = "http://127.0.0.1:8080", global = true)]
-    pub url: String,
+    /// The API's base URL [default: http://127.0.0.1:8080].
+    #[arg(long, env = "HEARTH_URL", global = true)]
+    pub url: Option<String>,
     /// API key (hth_…).
     #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
-    /// File holding the API key.
-    #[arg(
-        long,
-        env = "HEARTH_API_KEY_FILE",
-        default_value = "/var/lib/hearth/admin.key",
-        global = true
-    )]
-    pub api_key_file: PathBuf,
+    /// File holding the API key [default: /var/lib/hearth/admin.key].
+    #[arg(long, env = "HEARTH_API_KEY_FILE", global = true)]
+    pub api_key_file: Option<PathBuf>,
+    /// The project to work in [default: default].
+    #[arg(long, env = "HEARTH_PROJECT", global = true)]
+    pub project: Option<String>,
+    /// Config file with url, api_key, api_key_file and project [default: ~/.config/hearth/cli.toml].
+    #[arg(long, env = "HEARTH_CLI_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
     pub output: Output,
@@ -73,6 +77,15 @@ pub enum Command {
     Image(image::ImageCommand),
     /// Show a long-running operation.
     Operation { id: String },
+    /// Projects and their members.
+    #[command(subcommand)]
+    Project(identity::ProjectCommand),
+    /// Users (administrators).
+    #[command(subcommand)]
+    User(identity::UserCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Key(identity::KeyCommand),
     /// Check this host: KVM really usable, device-mapper, tools, IP forwarding, firewall
     /// rules that would drop bridged traffic. Needs no API key; run it as root.
     Doctor {
@@ -231,19 +244,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         return doctor_command(cli.output, (!no_kvm_probe).then_some(kernel), images_dir).await;
     }
-    let key = match &cli.api_key {
-        Some(k) => k.clone(),
-        None => std::fs::read_to_string(&cli.api_key_file)
+    let file = CliConfig::load(cli.config.as_deref())?;
+    let url = cli
+        .url
+        .clone()
+        .or(file.url)
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let key_file = cli
+        .api_key_file
+        .clone()
+        .or(file.api_key_file)
+        .unwrap_or_else(|| "/var/lib/hearth/admin.key".into());
+    let key = match cli.api_key.clone().or(file.api_key) {
+        Some(k) => k,
+        None => std::fs::read_to_string(&key_file)
             .with_context(|| {
                 format!(
-                    "no API key: set HEARTH_API_KEY or --api-key, or make {} readable",
-                    cli.api_key_file.display()
+                    "no API key: set HEARTH_API_KEY or --api-key, put api_key in the config file, or make {} readable",
+                    key_file.display()
                 )
             })?
             .trim()
             .to_string(),
     };
-    let api = ApiClient::new(&cli.url, &key)?;
+    let api = ApiClient::new(&url, &key)?.with_project(cli.project.clone().or(file.project));
     let out = cli.output;
     match cli.command {
         Command::Vm(cmd) => vm(&api, out, cmd).await,
@@ -251,6 +275,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Network(cmd) => network(&api, out, cmd).await,
         Command::Volume(cmd) => volume::run(&api, out, cmd).await,
         Command::Image(cmd) => image::run(&api, out, cmd).await,
+        Command::Project(cmd) => identity::project(&api, out, cmd).await,
+        Command::User(cmd) => identity::user(&api, out, cmd).await,
+        Command::Key(cmd) => identity::key(&api, out, cmd).await,
         Command::Operation { id } => {
             let op = api.get(&format!("/v1/operations/{id}")).await?;
             print_value(out, &op, |op| println!("{}", op_line(op)));
@@ -261,6 +288,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             images_dir,
             no_kvm_probe,
         } => doctor_command(out, (!no_kvm_probe).then_some(kernel), images_dir).await,
+    }
+}
+
+/// The CLI's config file: what flags and environment variables do not give.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    url: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
+    project: Option<String>,
+}
+
+impl CliConfig {
+    /// Reads `path`, or `~/.config/hearth/cli.toml` (`$XDG_CONFIG_HOME` honoured) when
+    /// it exists. A named file must exist.
+    fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let (path, must) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => {
+                let base = std::env::var_os("XDG_CONFIG_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+                match base {
+                    Some(b) => (b.join("hearth/cli.toml"), false),
+                    None => return Ok(Self::default()),
+                }
+            }
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        toml::from_str(&text).with_context(|| format!("{} is not a valid hearth CLI config", path.display()))
     }
 }
 

@@ -47,7 +47,8 @@ impl Drop for RawMode {
 
 pub async fn attach(api: &ApiClient, vm: &str, write: bool) -> anyhow::Result<()> {
     let ws_base = api.base().replacen("http://", "ws://", 1);
-    let mut req = format!("{ws_base}/v1/vms/{vm}/console?write={write}").into_client_request()?;
+    let path = api.path(&format!("/v1/vms/{vm}/console?write={write}"));
+    let mut req = format!("{ws_base}{path}").into_client_request()?;
     req.headers_mut()
         .insert(http::header::AUTHORIZATION, format!("Bearer {}", api.key()).parse()?);
     let (ws, _) = match tokio_tungstenite::connect_async(req).await {

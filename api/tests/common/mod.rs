@@ -267,6 +267,32 @@ impl Stack {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// Gives `user` (made if needed) the `role` in `project` (made if needed) and returns
+    /// a new API key of that user.
+    pub async fn key_for(&self, user: &str, project: &str, role: &str) -> String {
+        let (status, body) = self.call("POST", "/v1/projects", Some(json!({"name": project}))).await;
+        assert!(status == 201 || status == 409, "{status} {body}");
+        let (status, body) = self.call("POST", "/v1/users", Some(json!({"name": user}))).await;
+        assert!(status == 201 || status == 409, "{status} {body}");
+        let (status, body) = self
+            .call(
+                "PUT",
+                &format!("/v1/projects/{project}/members/{user}"),
+                Some(json!({"role": role})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/api-keys",
+                Some(json!({"name": format!("{user}-key"), "user": user})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["key"].as_str().expect("key").to_string()
+    }
+
     /// Waits for an operation to finish and returns it.
     pub async fn wait_op(&self, accepted: &Value) -> Value {
         let id = accepted["operation"]["id"]
