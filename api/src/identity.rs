@@ -28,6 +28,21 @@ fn not_found(kind: &str, name: &str) -> ApiError {
     ApiError::not_found(format!("{kind} {name:?} does not exist"))
 }
 
+/// Stores a new record; 409 when `key` exists already.
+async fn create_only<T: Serialize>(
+    state: &AppState,
+    key: &str,
+    value: &T,
+    kind: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    match state.store.compare_and_swap(key, None, store::encode(value)).await {
+        Ok(_) => Ok(()),
+        Err(store::StoreError::Conflict { .. }) => Err(ApiError::conflict(format!("{kind} {name:?} already exists"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn role_in(state: &AppState, project: &str, user: &str) -> Result<Option<String>, ApiError> {
     Ok(
         store::get_json::<Binding>(state.store.as_ref(), &binding_key(project, user))
@@ -92,14 +107,7 @@ pub async fn create_project(
         description: req.description,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
-    state
-        .store
-        .compare_and_swap(&project_key(&p.name), None, store::encode(&p))
-        .await
-        .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => ApiError::conflict(format!("project {:?} already exists", p.name)),
-            e => e.into(),
-        })?;
+    create_only(&state, &project_key(&p.name), &p, "project", &p.name).await?;
     Ok((StatusCode::CREATED, Json(p)))
 }
 
@@ -260,14 +268,7 @@ pub async fn create_user(
         admin: req.admin,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
-    state
-        .store
-        .compare_and_swap(&user_key(&u.name), None, store::encode(&u))
-        .await
-        .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => ApiError::conflict(format!("user {:?} already exists", u.name)),
-            e => e.into(),
-        })?;
+    create_only(&state, &user_key(&u.name), &u, "user", &u.name).await?;
     Ok((StatusCode::CREATED, Json(u)))
 }
 

@@ -199,9 +199,19 @@ fn tickets_vnc_origins_viewers_takeover_and_slow_clients() {
         );
 
         // One writer at a time; taking over is explicit and the old writer is told.
-        let mut first = ws("/v1/vms/gui/console", &[("authorization", bearer.as_str())])
-            .await
-            .expect("first writer");
+        // The console_run writer above may take a moment to be let go upstream.
+        let mut first = {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match ws("/v1/vms/gui/console", &[("authorization", bearer.as_str())]).await {
+                    Ok(w) => break w,
+                    Err(409) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(status) => panic!("first writer: {status}"),
+                }
+            }
+        };
         assert_eq!(
             ws("/v1/vms/gui/console", &[("authorization", bearer.as_str())])
                 .await
