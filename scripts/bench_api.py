@@ -7,8 +7,12 @@ For the embedded store, then for etcd (a private etcd on loopback), in one run:
     `GET /v1/vms` lists them all;
   - load `GET /v1/vms` and, for contrast, `GET /v1/vms/b-0001` with wrk on loopback
     (wrk and the api share the machine's cores);
+  - for scale (first store only): the web console's largest static file and
+    `/health/live` under the same load;
   - restart: SIGTERM the api, start it again on the same data directory (and etcd),
     time until `/health/ready` is 200 and until `GET /v1/vms` lists all the VMs.
+Each wrk run also records where the machine's CPU went (the api, wrk, etcd, interrupts,
+and other processes by name), so a run disturbed by other work on the machine shows it.
 Prints a JSON summary on stdout; `--markdown JSON` renders it as the section of
 docs/benchmarks.md (scripts/bench.sh appends it), `--markdown JSON --doc FILE` replaces
 that section in FILE (or appends it) for a run of this benchmark on its own.
@@ -463,7 +467,8 @@ the `Vm` views, 3% sorting; HTTP, auth and the runtime are a few percent.""")
     if t:
         lines.append(f"""
 On etcd every request waits on sequential etcd reads: two to check the key (the key and
-its user; a member's project role is a third), three more to find one VM by name. Under `GET /v1/vms` load the api used {t['list']['cores_api']:.1f} cores and etcd
+its user; a member's project role is a third), three more to find one VM by name.
+Under `GET /v1/vms` load the api used {t['list']['cores_api']:.1f} cores and etcd
 {t['list']['cores_etcd']:.1f}; under `GET /v1/vms/b-0001`, {t['show']['cores_api']:.1f} and {t['show']['cores_etcd']:.1f}.""")
     other, names = 0.0, {}
     for s in r["stores"].values():
