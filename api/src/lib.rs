@@ -24,6 +24,7 @@ pub mod model;
 pub mod networks;
 pub mod openapi;
 pub mod operations;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod vms;

@@ -280,6 +280,12 @@ pub async fn run(
     }
     let state = open_state(config.clone()).await?;
     networks::migrate(&state).await?;
+    // Before serving: repair what a crash of the previous process left half done.
+    match crate::reconcile::reconcile(&state).await {
+        Ok(r) if r.is_empty() => tracing::info!("reconciled: nothing to repair"),
+        Ok(r) => tracing::warn!(report = %serde_json::to_string(&r).unwrap_or_default(), "reconciled after a restart"),
+        Err(e) => tracing::error!("reconciling failed: {e}"),
+    }
     if let Err(e) = networks::ensure_default(&state).await {
         tracing::error!("cannot create the default network: {e}");
     }

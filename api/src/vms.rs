@@ -588,8 +588,10 @@ async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiErro
         }
     }
     if let Some(root) = &rec.root_disk {
-        if let Err(e) = state.blockd.delete_volume(&root.volume).await {
-            note("root disk", upstream(e));
+        match state.blockd.delete_volume(&root.volume).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => note("root disk", upstream(e)),
         }
     }
     if rec.seed {
@@ -607,8 +609,16 @@ async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiErro
     first_error.map_or(Ok(()), Err)
 }
 
+/// Finishes a delete: everything on the host, then the records.
+pub(crate) async fn finish_delete(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    remove_vm_parts(state, rec).await?;
+    state.store.delete(&vm_key(&rec.id)).await?;
+    state.store.delete(&name_key(&rec.project, &rec.name)).await?;
+    Ok(())
+}
+
 /// Undoes a create that failed: everything on the host and the records.
-async fn undo_create(state: &AppState, rec: &VmRecord) {
+pub(crate) async fn undo_create(state: &AppState, rec: &VmRecord) {
     let _ = remove_vm_parts(state, rec).await;
     let _ = state.store.delete(&vm_key(&rec.id)).await;
     let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
@@ -670,10 +680,7 @@ pub async fn delete(
     tokio::spawn(async move {
         let result = async {
             task_state.ops.progress(&op_id, "stopping and removing the VMM").await;
-            remove_vm_parts(&task_state, &rec).await?;
-            task_state.store.delete(&vm_key(&rec.id)).await?;
-            task_state.store.delete(&name_key(&rec.project, &rec.name)).await?;
-            Ok::<_, ApiError>(())
+            finish_delete(&task_state, &rec).await
         }
         .await;
         match result {

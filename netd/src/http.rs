@@ -128,6 +128,9 @@ pub mod client {
                 .await
                 .map(|_| ())
         }
+        pub async fn ports(&self) -> Result<Vec<Port>, ClientError> {
+            self.http.get("/ports").await
+        }
         pub async fn ensure_port(&self, id: &str, spec: &PortSpec) -> Result<Port, ClientError> {
             self.http.call(Method::PUT, &format!("/ports/{id}"), Some(spec)).await
         }

@@ -134,6 +134,16 @@ pub fn is_our_process(pid: u32, marker: &str) -> bool {
     }
 }
 
+/// A live process (not this one) whose command line mentions `marker`: a VMM started
+/// by a vmm-manager that died before it could write the pid file.
+pub fn find_by_marker(marker: &str) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        (pid != me && is_our_process(pid, marker)).then_some(pid)
+    })
+}
+
 /// Sends `signal` to `pid`. A process that is already gone is not an error.
 pub fn signal(pid: u32, signal: i32) -> io::Result<()> {
     // SAFETY: kill only takes integers.

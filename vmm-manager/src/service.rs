@@ -637,7 +637,13 @@ impl VmService {
     }
 
     async fn adopt(self: &Arc<Self>, vm: &Arc<Vm>, last: Option<VmStatus>) {
-        let pid = vm.dir.read_pid();
+        // No pid file, yet a VMM may run: one launched just before vmm-manager died.
+        let pid = vm.dir.read_pid().or_else(|| {
+            let found = process::find_by_marker(&vm.dir.marker())?;
+            tracing::warn!(vm = %vm.spec.id, pid = found, "found a VMM without a pid file");
+            let _ = VmDir::write_atomic(&vm.dir.pid(), found.to_string().as_bytes());
+            Some(found)
+        });
         match pid {
             Some(pid) if process::is_our_process(pid, &vm.dir.marker()) => {
                 if let Err(e) = self.attach(vm, pid) {

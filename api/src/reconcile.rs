@@ -1,0 +1,157 @@
+//! Repairs what a crash left half done, when the api starts (before it serves).
+//!
+//! Desired state is in the store; what exists is what the daemons report. A VM record
+//! still `creating` or `deleting` belongs to an operation that died with the previous
+//! process (those operations are marked failed first): a create is undone completely, a
+//! delete is finished. Then whatever the daemons hold for VMs the store does not know is
+//! removed: VMM definitions, ports named `<vm id>-<n>`, root disks `vm-<id>-root`, their
+//! cloud-init seeds and image leases, and volume claims of VMs that are gone. Only
+//! things hearth names after a VM id are touched, so a port or volume someone made by
+//! hand under another name stays.
+//!
+//! It runs once per start and assumes one api process per store.
+
+use std::collections::BTreeSet;
+
+use socket_http::ApiError;
+
+use crate::model::{Phase, VmRecord};
+use crate::server::AppState;
+use crate::store;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    pub creates_undone: Vec<String>,
+    pub deletes_finished: Vec<String>,
+    pub orphan_vmms: Vec<String>,
+    pub orphan_ports: Vec<String>,
+    pub orphan_root_disks: Vec<String>,
+    pub orphan_claims: Vec<String>,
+}
+
+impl Report {
+    pub fn is_empty(&self) -> bool {
+        self.creates_undone.is_empty()
+            && self.deletes_finished.is_empty()
+            && self.orphan_vmms.is_empty()
+            && self.orphan_ports.is_empty()
+            && self.orphan_root_disks.is_empty()
+            && self.orphan_claims.is_empty()
+    }
+}
+
+/// The VM id a name made by hearth carries: `<uuid>-<n>` (ports) or `vm-<uuid>-root`
+/// (root disks).
+fn vm_id_of_port(port: &str) -> Option<&str> {
+    let (id, n) = port.rsplit_once('-')?;
+    (n.parse::<u32>().is_ok() && uuid::Uuid::parse_str(id).is_ok()).then_some(id)
+}
+
+fn vm_id_of_root_disk(volume: &str) -> Option<&str> {
+    let id = volume.strip_prefix("vm-")?.strip_suffix("-root")?;
+    uuid::Uuid::parse_str(id).is_ok().then_some(id)
+}
+
+/// One pass. Daemons that do not answer are skipped (and said so in the log); the
+/// next start tries again.
+pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
+    let mut report = Report::default();
+    let mut known = BTreeSet::new();
+    for (rec, _) in store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await? {
+        match rec.phase {
+            Phase::Ready => {
+                known.insert(rec.id.clone());
+            }
+            Phase::Creating => {
+                crate::vms::undo_create(state, &rec).await;
+                report.creates_undone.push(rec.id.clone());
+            }
+            Phase::Deleting => match crate::vms::finish_delete(state, &rec).await {
+                Ok(()) => report.deletes_finished.push(rec.id.clone()),
+                Err(e) => tracing::warn!(vm = %rec.id, "cannot finish deleting: {}", e.body.message),
+            },
+        }
+    }
+
+    match state.vmm.list().await {
+        Ok(vms) => {
+            for vm in vms.iter().filter(|v| !known.contains(&v.spec.id)) {
+                match state.vmm.delete(&vm.spec.id).await {
+                    Ok(()) => report.orphan_vmms.push(vm.spec.id.clone()),
+                    Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!("reconcile: vmm-manager did not answer: {e}"),
+    }
+    match state.netd.ports().await {
+        Ok(ports) => {
+            for p in ports {
+                if vm_id_of_port(&p.id).is_some_and(|id| !known.contains(id)) {
+                    match state.netd.delete_port(&p.id).await {
+                        Ok(()) => report.orphan_ports.push(p.id),
+                        Err(e) => tracing::warn!(port = %p.id, "cannot remove an orphan port: {e}"),
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!("reconcile: netd did not answer: {e}"),
+    }
+    match state.blockd.volumes().await {
+        Ok(volumes) => {
+            for v in volumes {
+                let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !known.contains(*id)) else {
+                    continue;
+                };
+                let id = id.to_string();
+                match state.blockd.delete_volume(&v.name).await {
+                    Ok(()) => report.orphan_root_disks.push(v.name.clone()),
+                    Err(e) => tracing::warn!(volume = %v.name, "cannot remove an orphan root disk: {e}"),
+                }
+                let _ = state.images.delete_seed(&id).await;
+                let _ = state.images.release(&id).await;
+            }
+        }
+        Err(e) => tracing::warn!("reconcile: blockd did not answer: {e}"),
+    }
+    for (key, v) in state.store.list("volume-attachments/").await? {
+        let Ok(claim) = serde_json::from_slice::<crate::volumes::Attachment>(&v.value) else {
+            continue;
+        };
+        if known.contains(&claim.vm) {
+            continue;
+        }
+        // volume-attachments/<project>/<volume>
+        let mut parts = key.splitn(3, '/').skip(1);
+        let (Some(project), Some(volume)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let att = crate::model::AttachedVolume {
+            volume: volume.to_string(),
+            disk: claim.disk,
+            via: claim.via,
+            read_only: claim.read_only,
+        };
+        crate::volumes::release(state, project, &att).await;
+        report.orphan_claims.push(format!("{project}/{volume}"));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_hearth_gives_are_taken_for_vm_parts() {
+        let id = "0b4c6f0e-2a53-4c1e-9a57-6f1f8c1c2d3e";
+        assert_eq!(vm_id_of_port(&format!("{id}-0")), Some(id));
+        assert_eq!(vm_id_of_port(&format!("{id}-12")), Some(id));
+        assert_eq!(vm_id_of_port("router-0"), None);
+        assert_eq!(vm_id_of_port(id), None);
+        assert_eq!(vm_id_of_root_disk(&format!("vm-{id}-root")), Some(id));
+        assert_eq!(vm_id_of_root_disk("vm-data-root"), None);
+        assert_eq!(vm_id_of_root_disk("data"), None);
+    }
+}

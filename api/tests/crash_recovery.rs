@@ -1,0 +1,193 @@
+//! Crash recovery: the api is killed (-9) right after accepting VM creates, at
+//! different moments, and parts are left in the daemons behind its back; after each
+//! restart every VM is either whole (record, VMM definition, port, root disk) or
+//! entirely gone, nothing hearth names after a VM id is left without its VM, no
+//! operation is still "running", and a VM that was running all along still runs with
+//! the same VMM process. What the reconciler did is in the api's log.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{create_body, in_private_netns, Etcd, Stack};
+use serde_json::{json, Value};
+use socket_http::UnixClient;
+
+fn daemon(stack: &Stack, name: &str) -> UnixClient {
+    UnixClient::new(stack.data_dir().join(format!("run/{name}.sock")))
+}
+
+/// Whether the daemon has the resource at `path` (200) or not (404).
+async fn exists(client: &UnixClient, path: &str) -> bool {
+    let r = client.raw(http::Method::GET, path, None).await.expect("daemon answers");
+    match r.status.as_u16() {
+        200 => true,
+        404 => false,
+        s => panic!("GET {path}: {s} {}", String::from_utf8_lossy(&r.body)),
+    }
+}
+
+async fn put(client: &UnixClient, path: &str, body: Value) {
+    let r = client
+        .raw(http::Method::PUT, path, Some(body.to_string().into_bytes()))
+        .await
+        .expect("daemon answers");
+    assert!(
+        r.status.is_success(),
+        "PUT {path}: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+}
+
+#[test]
+fn killed_api_leaves_every_vm_whole_or_gone() {
+    in_private_netns(|| scenario(None));
+}
+
+/// The same with the state in a real etcd, which outlives every api process.
+#[test]
+fn killed_api_on_etcd_leaves_every_vm_whole_or_gone() {
+    in_private_netns(|| async { scenario(Some(Etcd::start(12379, 12380))).await });
+}
+
+async fn scenario(etcd: Option<Etcd>) {
+    {
+        let store = etcd.as_ref().map(|e| e.store_url());
+        let args: Vec<&str> = store.as_deref().map(|u| vec!["--store", u]).unwrap_or_default();
+        let mut stack = Stack::start(&args).await;
+        let (status, accepted) = stack.call("POST", "/v1/vms", Some(create_body("keep", "qemu"))).await;
+        assert_eq!(status, 202, "{accepted}");
+        let op = stack.wait_op(&accepted).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        let keep = stack.vm("keep").await;
+        let keep_pid = keep["pid"].as_u64().expect("running");
+
+        // Parts of a VM the store never knew, made behind the api's back.
+        let (netd, blockd, vmm) = (
+            daemon(&stack, "netd"),
+            daemon(&stack, "blockd"),
+            daemon(&stack, "vmm-manager"),
+        );
+        let ghost = uuid::Uuid::new_v4().to_string();
+        put(&netd, &format!("/ports/{ghost}-0"), json!({"network": "default"})).await;
+        put(
+            &blockd,
+            &format!("/volumes/vm-{ghost}-root"),
+            json!({"size_bytes": 1048576}),
+        )
+        .await;
+        let keep_id = keep["id"].as_str().expect("id").to_string();
+        let mut spec: Value = serde_json::from_slice(
+            &std::fs::read(stack.data_dir().join(format!("run/vms/{keep_id}/spec.json"))).expect("spec.json"),
+        )
+        .expect("json");
+        let ghost_vm = uuid::Uuid::new_v4().to_string();
+        spec["id"] = json!(ghost_vm);
+        spec["name"] = json!("ghost");
+        put(&vmm, &format!("/vms/{ghost_vm}"), spec).await;
+        // A port with a name hearth never gives stays.
+        put(&netd, "/ports/router-0", json!({"network": "default"})).await;
+
+        // Creates cut short by kill -9 at different moments.
+        let mut created = Vec::new();
+        for (i, delay_ms) in [0u64, 1, 3, 6, 12, 25, 50].into_iter().enumerate() {
+            let mut body = create_body(&format!("c{i}"), "qemu");
+            body["start"] = json!(i % 2 == 0);
+            let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+            assert_eq!(status, 202, "{accepted}");
+            created.push(accepted["vm"]["id"].as_str().expect("id").to_string());
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            stack.restart(libc::SIGKILL).await;
+        }
+
+        let log = stack.log();
+        assert!(log.contains("reconciled after a restart"), "{log}");
+        let (mut whole, mut gone) = (0, 0);
+        for (i, id) in created.iter().enumerate() {
+            let (status, vm) = stack.call("GET", &format!("/v1/vms/{id}"), None).await;
+            let parts = [
+                exists(&vmm, &format!("/vms/{id}")).await,
+                exists(&netd, &format!("/ports/{id}-0")).await,
+            ];
+            let root_disk = exists(&blockd, &format!("/volumes/vm-{id}-root")).await;
+            match status {
+                200 => {
+                    // A start cut short leaves the VM failed, with the reason.
+                    let state = vm["state"].as_str().unwrap_or_default();
+                    assert!(["running", "stopped", "failed"].contains(&state), "c{i}: {vm}");
+                    if state == "failed" {
+                        assert!(
+                            vm["reason"].as_str().is_some_and(|r| r.contains("interrupted")),
+                            "c{i}: {vm}"
+                        );
+                    }
+                    assert_eq!(parts, [true; 2], "c{i} is listed, so its VMM and port exist: {vm}");
+                    // tiny boots from kernel + initramfs: a root disk only if it has one.
+                    assert_eq!(root_disk, vm.get("root_disk").is_some(), "c{i}: {vm}");
+                    whole += 1;
+                }
+                404 => {
+                    assert_eq!(parts, [false; 2], "c{i} is gone, so are its VMM and port");
+                    assert!(!root_disk, "c{i} is gone, so is any root disk");
+                    let (s, _) = stack.call("GET", &format!("/v1/vms/c{i}"), None).await;
+                    assert_eq!(s, 404, "its name is free again");
+                    gone += 1;
+                }
+                s => panic!("c{i}: {s} {vm}"),
+            }
+        }
+        eprintln!(
+            "after 7 kills ({}): {whole} VMs whole, {gone} gone",
+            store.as_deref().unwrap_or("embedded")
+        );
+
+        assert!(
+            !exists(&netd, &format!("/ports/{ghost}-0")).await,
+            "orphan port removed"
+        );
+        assert!(
+            !exists(&blockd, &format!("/volumes/vm-{ghost}-root")).await,
+            "orphan root disk removed"
+        );
+        assert!(
+            !exists(&vmm, &format!("/vms/{ghost_vm}")).await,
+            "orphan VMM definition removed"
+        );
+        assert!(
+            exists(&netd, "/ports/router-0").await,
+            "a port hearth did not name stays"
+        );
+
+        let (_, ops) = stack.call("GET", "/v1/operations", None).await;
+        for op in ops.as_array().expect("operations") {
+            assert_ne!(op["status"], "running", "{op}");
+            if op["status"] == "failed" {
+                assert!(!op["error"]["message"].as_str().unwrap_or_default().is_empty(), "{op}");
+            }
+        }
+        let keep = stack.vm("keep").await;
+        assert_eq!(keep["state"], "running", "{keep}");
+        assert_eq!(keep["pid"].as_u64(), Some(keep_pid), "the same VMM process throughout");
+        let out = stack.console_exchange("keep", "echo $((6*7))\n", "42\r\n").await;
+        assert!(out.contains("42"), "{out}");
+
+        // Clean up through the API: everything it lists goes.
+        let (_, vms) = stack.call("GET", "/v1/vms", None).await;
+        for vm in vms.as_array().expect("vms") {
+            let (s, accepted) = stack
+                .call("DELETE", &format!("/v1/vms/{}", vm["id"].as_str().expect("id")), None)
+                .await;
+            assert_eq!(s, 202, "{accepted}");
+            let op = stack.wait_op(&accepted).await;
+            assert_eq!(op["status"], "succeeded", "deleting {}: {op}", vm["name"]);
+        }
+        let r = netd
+            .raw(http::Method::DELETE, "/ports/router-0", None)
+            .await
+            .expect("netd");
+        assert!(r.status.is_success());
+        assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
+    }
+    drop(etcd);
+}
