@@ -26,6 +26,8 @@ KEEP (keep the data directories).
 """
 import datetime, http.client, json, os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
 
+from procs import kill_processes_under
+
 HOST = "127.0.0.1"
 API_PORT = 18091
 ETCD_CLIENT, ETCD_PEER = 12379, 12380
@@ -358,13 +360,7 @@ def bench_store(api_bin, images, store):
                 etcd.wait()
         # A VMM left running from this data directory (none is started here) is ours:
         # stop it by PID.
-        for pid in os.listdir("/proc"):
-            if pid.isdigit() and int(pid) != os.getpid():
-                try:
-                    if data.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_processes_under(data)
         if os.environ.get("KEEP") is None:
             shutil.rmtree(work, ignore_errors=True)
         else:

@@ -12,6 +12,8 @@ Prints a JSON summary on stdout.
 """
 import http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
+from procs import kill_processes_under
+
 API = ("127.0.0.1", 18090)
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 
@@ -141,13 +143,7 @@ def main():
         api.send_signal(signal.SIGTERM)
         api.wait(timeout=30)
         # Any VMM still using the data directory (a failed round) is ours: stop it by PID.
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    if data.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_processes_under(data)
         if os.environ.get("KEEP") is None:
             shutil.rmtree(data, ignore_errors=True)
         else:

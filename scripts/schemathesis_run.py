@@ -13,6 +13,8 @@ import tempfile
 import time
 import urllib.request
 
+from procs import kill_processes_under
+
 api_bin, st_bin, images, max_time = sys.argv[1:5]
 LISTEN = "127.0.0.1:18080"
 BASE = f"http://{LISTEN}"
@@ -26,21 +28,6 @@ def call(method, path, key, body=None):
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, None
-
-
-def processes_under(path):
-    """PIDs (other than ours) whose command line mentions `path`."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if path.encode() in f.read():
-                    out.append(int(pid))
-        except OSError:
-            pass
-    return out
 
 
 def main():
@@ -98,11 +85,7 @@ def main():
         except subprocess.TimeoutExpired:
             api.kill()
             api.wait()
-        for pid in processes_under(data):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_processes_under(data)
         if status != 0:
             print("---- hearth-api log (last 60 lines) ----")
             print("".join(open(log.name).readlines()[-60:]))

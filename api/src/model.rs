@@ -319,6 +319,24 @@ pub struct Accepted {
 
 /// Validates a resource name: a DNS label (lowercase letters, digits, '-', 1-63 bytes,
 /// starting and ending alphanumeric).
+/// What the daemons call a project's network or volume: its own name in `default`,
+/// `<project>.<name>` elsewhere (project and resource names cannot contain '.', so
+/// these never collide). The daemons know no projects.
+pub fn host_name(project: &str, name: &str) -> String {
+    if project == crate::auth::DEFAULT_PROJECT {
+        name.to_string()
+    } else {
+        format!("{project}.{name}")
+    }
+}
+
+/// The inverse of [`host_name`]: the name `project` knows a daemon's resource by.
+pub fn name_in_project<'a>(project: &str, host: &'a str) -> &'a str {
+    host.strip_prefix(project)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(host)
+}
+
 pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
@@ -333,5 +351,22 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError
         Err(socket_http::ApiError::unprocessable(format!(
             "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{host_name, name_in_project};
+
+    #[test]
+    fn daemon_names_carry_the_project_outside_default() {
+        assert_eq!(host_name("default", "lab"), "lab");
+        assert_eq!(host_name("alpha", "lab"), "alpha.lab");
+        for project in ["default", "alpha"] {
+            assert_eq!(name_in_project(project, &host_name(project, "lab")), "lab");
+        }
+        // Another project's prefix, or one that is only a prefix of a name, stays.
+        assert_eq!(name_in_project("alpha", "beta.lab"), "beta.lab");
+        assert_eq!(name_in_project("alp", "alpha.lab"), "alpha.lab");
     }
 }

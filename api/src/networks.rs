@@ -14,7 +14,7 @@ use socket_http::ApiError;
 
 use crate::auth::Caller;
 use crate::json::JsonBody;
-use crate::model::VmRecord;
+use crate::model::{host_name, name_in_project, VmRecord};
 use crate::server::AppState;
 use crate::store;
 use crate::vms::upstream;
@@ -68,21 +68,9 @@ fn key(project: &str, name: &str) -> String {
     format!("networks/{project}/{name}")
 }
 
-/// What netd calls a project's network: its own name in `default`, `<project>.<name>`
-/// elsewhere (project and resource names cannot contain '.', so these never collide).
-pub fn host_name(project: &str, name: &str) -> String {
-    if project == crate::auth::DEFAULT_PROJECT {
-        name.to_string()
-    } else {
-        format!("{project}.{name}")
-    }
-}
-
 /// netd's view with the network's name as the project knows it.
 fn as_seen_in(project: &str, mut status: NetworkStatus) -> NetworkStatus {
-    if let Some(n) = status.spec.name.strip_prefix(&format!("{project}.")) {
-        status.spec.name = n.to_string();
-    }
+    status.spec.name = name_in_project(project, &status.spec.name).to_string();
     status
 }
 

@@ -300,7 +300,7 @@ pub async fn create(
         Some(n) => n,
         None if state
             .netd
-            .network(&crate::networks::host_name(project, crate::networks::DEFAULT_NETWORK))
+            .network(&crate::model::host_name(project, crate::networks::DEFAULT_NETWORK))
             .await
             .is_ok() =>
         {
@@ -381,7 +381,7 @@ async fn attach_nics(
     let mut nics = Vec::new();
     for (i, req) in requests.iter().enumerate() {
         let made = async {
-            let host_network = crate::networks::host_name(project, &req.network);
+            let host_network = crate::model::host_name(project, &req.network);
             let net = state.netd.network(&host_network).await.map_err(|e| {
                 if e.is_not_found() {
                     ApiError::unprocessable(format!("unknown network {:?}", req.network))

@@ -29,8 +29,7 @@ use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
 
 use crate::auth::Caller;
 use crate::json::JsonBody;
-use crate::model::{validate_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
-use crate::networks::host_name;
+use crate::model::{host_name, name_in_project, validate_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
 use crate::server::AppState;
 use crate::store;
 use crate::vms::upstream;
@@ -218,7 +217,7 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
         v.allocated_bytes = Some(b.allocated_bytes);
         v.backend = Some(b.backend);
         v.format = Some(b.format);
-        let own = |n: &str| n.strip_prefix(&format!("{}.", rec.project)).unwrap_or(n).to_string();
+        let own = |n: &str| name_in_project(&rec.project, n).to_string();
         v.origin = b.origin.as_deref().map(own);
         v.snapshots = b
             .snapshots

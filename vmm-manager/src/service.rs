@@ -637,8 +637,13 @@ impl VmService {
     }
 
     async fn adopt(self: &Arc<Self>, vm: &Arc<Vm>, last: Option<VmStatus>) {
-        // No pid file, yet a VMM may run: one launched just before vmm-manager died.
+        // No pid file, yet a VMM may run: one launched just before vmm-manager died
+        // (its last status says it was starting). Stopped VMs need no /proc scan.
+        let was_active = last.as_ref().is_some_and(|s| s.state.is_active());
         let pid = vm.dir.read_pid().or_else(|| {
+            if !was_active {
+                return None;
+            }
             let found = process::find_by_marker(&vm.dir.marker())?;
             tracing::warn!(vm = %vm.spec.id, pid = found, "found a VMM without a pid file");
             let _ = VmDir::write_atomic(&vm.dir.pid(), found.to_string().as_bytes());

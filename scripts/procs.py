@@ -1,0 +1,21 @@
+"""Process helpers the Python test and benchmark scripts share."""
+
+import os
+import signal
+
+
+def kill_processes_under(path):
+    """SIGKILLs every process (other than this one) whose command line mentions `path`:
+    VMMs a run started from its scratch data directory. Returns their PIDs."""
+    killed = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if path.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+        except OSError:
+            pass
+    return killed
