@@ -3,7 +3,7 @@
 //!
 //! - [`server`]: wiring, `--all-in-one`
 //! - [`store`]: the state store trait and its embedded implementation
-//! - [`vms`], [`console`]: `/v1/vms` and its console
+//! - [`vms`], [`console`]: `/v1/vms` and its console; [`vm_list`]: the cached listing
 //! - [`volumes`]: the `/v1/volumes` endpoints
 //! - [`images`]: the `/v1/images` endpoints
 //! - [`operations`]: long-running operations
@@ -27,6 +27,7 @@ pub mod operations;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod vm_list;
 pub mod vms;
 pub mod volumes;
 pub mod web;

@@ -76,7 +76,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     );
 
     let vms = Family::<Labels, Gauge>::default();
-    let listed = crate::vms::views(&state, None).await.unwrap_or_default();
+    let listed = crate::vm_list::views(&state, None)
+        .await
+        .map(|(vms, _)| vms)
+        .unwrap_or_default();
     for state_name in [
         "creating", "deleting", "running", "stopped", "paused", "failed", "missing", "unknown",
     ] {

@@ -228,15 +228,11 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn from_record(r: &VmRecord, live: Option<&vmm_manager::VmInfo>, reachable: bool) -> Self {
+    pub fn from_record(r: &VmRecord, live: Option<&vmm_manager::spec::VmStatus>, reachable: bool) -> Self {
         let (state, reason, pid) = match (r.phase, live) {
             (Phase::Creating, _) => ("creating".to_string(), None, None),
             (Phase::Deleting, _) => ("deleting".to_string(), None, None),
-            (Phase::Ready, Some(info)) => (
-                info.status.state.as_str().to_string(),
-                info.status.reason.clone(),
-                info.status.pid,
-            ),
+            (Phase::Ready, Some(status)) => (status.state.as_str().to_string(), status.reason.clone(), status.pid),
             (Phase::Ready, None) if reachable => (
                 "missing".to_string(),
                 Some("vmm-manager does not know this VM".into()),

@@ -65,6 +65,10 @@ pub struct AppState {
     pub tickets: crate::console::Tickets,
     pub events: Arc<crate::events::Events>,
     pub auth_failures: auth::AuthFailures,
+    /// vmm-manager's state of every VM, followed by [`crate::vm_list::follow`].
+    pub live: Arc<crate::vm_list::LiveVms>,
+    /// Rendered `GET /v1/vms` listings.
+    pub vm_list: crate::vm_list::ListCache,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -223,6 +227,8 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         store,
         ops,
         auth_failures: auth::AuthFailures::new(auth_limit),
+        live: Default::default(),
+        vm_list: Default::default(),
     }))
 }
 
@@ -245,6 +251,13 @@ pub async fn run(
     let mut daemons = tokio::task::JoinSet::new();
     if let Some(aio) = all_in_one {
         let vmm = vmm_manager::VmService::open(aio.vmm).await?;
+        {
+            let (vmm, stop) = (vmm.clone(), stop());
+            tokio::spawn(async move {
+                stop.await;
+                vmm.close_streams();
+            });
+        }
         let routers = [
             ("vmm-manager", vmm_manager::http::router(vmm)),
             (
@@ -279,6 +292,7 @@ pub async fn run(
         }
     }
     let state = open_state(config.clone()).await?;
+    let following = tokio::spawn(crate::vm_list::follow(state.vmm.clone(), state.live.clone()));
     networks::migrate(&state).await?;
     // Before serving: repair what a crash of the previous process left half done.
     match crate::reconcile::reconcile(&state).await {
@@ -299,6 +313,7 @@ pub async fn run(
     .with_graceful_shutdown(stop())
     .await;
     let _ = shutdown.wait_for(|s| *s).await;
+    following.abort();
     // Long-lived connections (console WebSockets) must not hold shutdown up for long.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while daemons.join_next().await.is_some() {}

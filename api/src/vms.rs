@@ -68,7 +68,10 @@ pub async fn resolve(state: &AppState, project: &str, id_or_name: &str) -> Resul
 
 async fn view(state: &AppState, rec: &VmRecord) -> Vm {
     match state.vmm.get(&rec.id).await {
-        Ok(info) => Vm::from_record(rec, Some(&info), true),
+        Ok(info) => {
+            state.live.observe(&info);
+            Vm::from_record(rec, Some(&info.status), true)
+        }
         Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
         Err(_) => Vm::from_record(rec, None, false),
     }
@@ -76,31 +79,13 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
 
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(crate::openapi::ProjectParam),
     responses((status = 200, description = "The project's VMs, by name", body = Vec<Vm>)))]
-pub async fn list(State(state): AppS, Extension(caller): Extension<Caller>) -> Result<Json<Vec<Vm>>, ApiError> {
-    Ok(Json(views(&state, Some(&caller.project)).await?))
-}
-
-/// The VMs of `project` (of every project with `None`), as the API shows them.
-pub async fn views(state: &AppState, project: Option<&str>) -> Result<Vec<Vm>, ApiError> {
-    let records: Vec<VmRecord> = store::list_json(state.store.as_ref(), "vms/")
-        .await?
-        .into_iter()
-        .map(|(r, _)| r)
-        .filter(|r: &VmRecord| project.is_none_or(|p| r.project == p))
-        .collect();
-    let live = state.vmm.list().await;
-    let reachable = live.is_ok();
-    let live: std::collections::HashMap<String, vmm_manager::VmInfo> = live
-        .unwrap_or_default()
-        .into_iter()
-        .map(|i| (i.spec.id.clone(), i))
-        .collect();
-    let mut vms: Vec<Vm> = records
-        .iter()
-        .map(|r| Vm::from_record(r, live.get(&r.id), reachable))
-        .collect();
-    vms.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(vms)
+pub async fn list(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    headers: http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let rendered = state.vm_list.get(&state, &caller.project).await?;
+    Ok(rendered.respond(&headers))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
@@ -633,13 +618,15 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
             spec.disks
                 .push(crate::volumes::disk_spec(&state, &rec.project, v).await?);
         }
-        state.vmm.ensure(&spec).await.map_err(upstream)?;
+        let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
+        state.live.observe(&defined);
         let mut ready = rec.clone();
         ready.phase = Phase::Ready;
         state.store.put(&vm_key(&rec.id), store::encode(&ready)).await?;
         if start {
             state.ops.progress(&op_id, "starting the VMM").await;
-            state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
+            let started = state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
+            state.live.observe(&started);
         }
         Ok::<_, ApiError>(())
     }
@@ -755,7 +742,10 @@ pub async fn action(
     tokio::spawn(async move {
         task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
         match task_state.vmm.action(&vm_id, &action, force).await {
-            Ok(_) => task_state.ops.succeed(&op_id).await,
+            Ok(info) => {
+                task_state.live.observe(&info);
+                task_state.ops.succeed(&op_id).await
+            }
             Err(e) => task_state.ops.fail(&op_id, &upstream(e)).await,
         }
     });

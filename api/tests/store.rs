@@ -41,7 +41,7 @@ async fn etcd_store_passes_the_suite_and_survives_an_outage() {
     );
     other.put("a/2", b"mine".to_vec()).await.expect("put");
     let ours = s.get("a/2").await.expect("get").expect("a/2 from the suite");
-    assert_eq!(ours.value, b"new", "a write under another prefix leaves ours alone");
+    assert_eq!(ours.value, b"newer", "a write under another prefix leaves ours alone");
 
     let before = s.put("outage/before", b"1".to_vec()).await.expect("put");
     let mut watch = s.watch();

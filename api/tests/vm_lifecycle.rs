@@ -22,9 +22,13 @@ async fn lifecycle(hypervisor: &'static str, mut etcd: Option<Etcd>) {
     let op = stack.wait_op(&accepted).await;
     assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
 
+    // The listing (cached, and followed through vmm-manager's events) is asked first,
+    // so it cannot have learnt the state from the request for the VM alone.
+    assert_eq!(stack.listed("web").await["state"], "running");
     let vm = stack.vm("web").await;
     assert_eq!(vm["hypervisor"], hypervisor);
     assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(stack.listed("web").await, vm, "the listing and the VM alone agree");
     let pid = vm["pid"].as_u64().expect("running VM has a VMM pid") as u32;
     assert!(
         stack.vmm_processes().iter().any(|(p, _)| *p == pid),
@@ -43,11 +47,14 @@ async fn lifecycle(hypervisor: &'static str, mut etcd: Option<Etcd>) {
     }
 
     stack.act("web", "pause").await;
+    assert_eq!(stack.listed("web").await["state"], "paused");
     assert_eq!(stack.vm("web").await["state"], "paused");
     stack.act("web", "resume").await;
+    assert_eq!(stack.listed("web").await["state"], "running");
     assert_eq!(stack.vm("web").await["state"], "running");
 
     stack.act("web", "stop").await;
+    assert_eq!(stack.listed("web").await["state"], "stopped");
     let vm = stack.vm("web").await;
     assert_eq!(vm["state"], "stopped", "{vm}");
     assert!(
@@ -60,6 +67,7 @@ async fn lifecycle(hypervisor: &'static str, mut etcd: Option<Etcd>) {
     assert_eq!(status, 409, "{err}");
 
     stack.act("web", "start").await;
+    assert_eq!(stack.listed("web").await["state"], "running");
     stack
         .wait_console("web", "HEARTH-GUEST-READY", 2, Duration::from_secs(60))
         .await;
@@ -72,6 +80,7 @@ async fn lifecycle(hypervisor: &'static str, mut etcd: Option<Etcd>) {
     assert_eq!(op["status"], "succeeded", "{op}");
     let (status, _) = stack.call("GET", "/v1/vms/web", None).await;
     assert_eq!(status, 404);
+    assert_eq!(stack.call("GET", "/v1/vms", None).await.1, serde_json::json!([]));
     assert!(
         stack.vmm_processes().is_empty(),
         "VMM left after delete: {:?}",

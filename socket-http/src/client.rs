@@ -109,19 +109,42 @@ impl UnixClient {
     }
 
     async fn raw_inner(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
+        let (resp, conn_task) = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.transport(e))?
+            .to_bytes();
+        conn_task.abort();
+        Ok(RawResponse { status, body })
+    }
+
+    fn transport(&self, e: impl std::fmt::Display) -> ClientError {
+        ClientError::Transport {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Opens a connection, sends one request and returns the response head with its
+    /// still unread body, and the task driving the connection.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, tokio::task::JoinHandle<()>), ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
                 socket: self.socket.clone(),
                 source,
             })?;
-        let transport = |e: hyper::Error| ClientError::Transport {
-            socket: self.socket.clone(),
-            message: e.to_string(),
-        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(transport)?;
+            .map_err(|e| self.transport(e))?;
         let conn_task = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -138,15 +161,44 @@ impl UnixClient {
             }
             None => Bytes::new(),
         };
-        let req = req.body(Full::new(payload)).map_err(|e| ClientError::Transport {
-            socket: self.socket.clone(),
-            message: e.to_string(),
-        })?;
-        let resp = sender.send_request(req).await.map_err(transport)?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(transport)?.to_bytes();
-        conn_task.abort();
-        Ok(RawResponse { status, body })
+        let req = req.body(Full::new(payload)).map_err(|e| self.transport(e))?;
+        match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, conn_task)),
+            Err(e) => {
+                conn_task.abort();
+                Err(self.transport(e))
+            }
+        }
+    }
+
+    /// GET of a long-lived response (server-sent events): waits for the response head
+    /// (within the client's timeout) and returns the body to read as it arrives. The
+    /// connection closes when the body is dropped. A non-success status is an error.
+    pub async fn stream(&self, path: &str) -> Result<Streaming, ClientError> {
+        let (resp, conn_task) = match tokio::time::timeout(self.timeout, self.send(Method::GET, path, None)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    socket: self.socket.clone(),
+                    timeout: self.timeout,
+                })
+            }
+        };
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            conn_task.abort();
+            return Err(self.api_error(&RawResponse { status, body }));
+        }
+        Ok(Streaming {
+            body: resp.into_body(),
+            conn_task,
+        })
     }
 
     /// Calls a hearth daemon: success bodies are decoded as `T`, error bodies as the
@@ -208,6 +260,39 @@ impl UnixClient {
                 details: None,
             },
         }
+    }
+}
+
+/// The body of a response read as it arrives ([`UnixClient::stream`]).
+pub struct Streaming {
+    body: hyper::body::Incoming,
+    conn_task: tokio::task::JoinHandle<()>,
+}
+
+impl Streaming {
+    /// The next chunk of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
+        loop {
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => {
+                    return Some(Err(ClientError::Transport {
+                        socket: PathBuf::new(),
+                        message: e.to_string(),
+                    }))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.conn_task.abort();
     }
 }
 

@@ -8,5 +8,5 @@ pub mod error;
 pub mod logging;
 pub mod server;
 
-pub use client::{ClientError, UnixClient};
+pub use client::{ClientError, Streaming, UnixClient};
 pub use error::{ApiError, ErrorBody, ErrorEnvelope};

@@ -7,7 +7,7 @@ use socket_http::{ClientError, UnixClient};
 use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::spec::{VmInfo, VmSpec};
+use crate::spec::{VmEvent, VmInfo, VmSpec};
 
 /// Typed calls to vmm-manager.
 #[derive(Debug, Clone)]
@@ -24,6 +24,16 @@ impl VmmClient {
 
     pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
         self.http.get("/vms").await
+    }
+
+    /// Follows vmm-manager's state changes (`GET /events`). Subscribed once this
+    /// returns: every change after that is delivered, in order per VM, until the stream
+    /// ends (vmm-manager stopped, or this reader fell behind and must list again).
+    pub async fn events(&self) -> Result<VmEvents, ClientError> {
+        Ok(VmEvents {
+            body: self.http.stream("/events").await?,
+            buf: Vec::new(),
+        })
     }
 
     pub async fn get(&self, id: &str) -> Result<VmInfo, ClientError> {
@@ -125,5 +135,65 @@ impl VmmClient {
                 message: e.to_string(),
             }),
         }
+    }
+}
+
+/// The server-sent events of `GET /events`, decoded.
+pub struct VmEvents {
+    body: socket_http::Streaming,
+    buf: Vec<u8>,
+}
+
+impl VmEvents {
+    /// The next change; `None` when the stream ended, `Some(Err)` when it broke.
+    pub async fn next(&mut self) -> Option<Result<VmEvent, ClientError>> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let message: Vec<u8> = self.buf.drain(..end + 2).collect();
+                if let Some(ev) = parse_sse_message(&message) {
+                    return Some(ev);
+                }
+                continue;
+            }
+            match self.body.chunk().await? {
+                Ok(chunk) => self.buf.extend_from_slice(&chunk),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// One SSE message: its `data:` lines joined, decoded as a [`VmEvent`]. Comments and
+/// keep-alives (no data) give `None`.
+fn parse_sse_message(message: &[u8]) -> Option<Result<VmEvent, ClientError>> {
+    let text = String::from_utf8_lossy(message);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    if data.is_empty() {
+        return None;
+    }
+    Some(serde_json::from_str(&data.join("\n")).map_err(|e| ClientError::Decode {
+        socket: std::path::PathBuf::from("/events"),
+        message: e.to_string(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_messages_decode_and_keep_alives_are_skipped() {
+        assert!(parse_sse_message(b":\n\n").is_none());
+        let ev = parse_sse_message(
+            b"event: vm\ndata: {\"vm_id\":\"a\",\"name\":\"n\",\"state\":\"running\",\"pid\":7,\"at_ms\":1,\"seq\":9}\n\n",
+        )
+        .expect("a message")
+        .expect("decodes");
+        assert_eq!((ev.vm_id.as_str(), ev.pid, ev.seq), ("a", Some(7), 9));
+        assert!(matches!(parse_sse_message(b"data: {\n\n"), Some(Err(_))));
     }
 }

@@ -255,17 +255,14 @@ async fn serve_vnc(socket: WebSocket, stream: tokio::net::UnixStream) {
 
 async fn events(State(svc): Svc) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = svc.subscribe();
+    let closed = svc.closed();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    let data = serde_json::to_string(&ev).unwrap_or_default();
-                    return Some((Ok(Event::default().event("vm").data(data)), rx));
-                }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return None,
-            }
-        }
-    });
+        // A subscriber that fell behind has lost changes: the stream ends, so it
+        // reconnects and reads the list again instead of keeping a stale view.
+        let ev = rx.recv().await.ok()?;
+        let data = serde_json::to_string(&ev).unwrap_or_default();
+        Some((Ok(Event::default().event("vm").data(data)), rx))
+    })
+    .take_until(closed);
     Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
 }

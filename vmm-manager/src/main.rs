@@ -39,11 +39,11 @@ async fn main() -> anyhow::Result<()> {
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
     let svc = VmService::open(config).await?;
-    socket_http::server::serve_unix(
-        args.socket,
-        vmm_manager::http::router(svc),
-        socket_http::server::shutdown_signal(),
-    )
+    let closing = svc.clone();
+    socket_http::server::serve_unix(args.socket, vmm_manager::http::router(svc), async move {
+        socket_http::server::shutdown_signal().await;
+        closing.close_streams();
+    })
     .await?;
     Ok(())
 }

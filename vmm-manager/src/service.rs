@@ -29,7 +29,9 @@ use crate::hypervisor::cloud_hypervisor::CloudHypervisorDriver;
 use crate::hypervisor::qemu::{Accel, QemuDriver};
 use crate::hypervisor::{Hypervisor, RuntimeState, VmmError};
 use crate::process;
-use crate::spec::{self, now_ms, DiskSpec, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus};
+use crate::spec::{
+    self, now_micros, now_ms, DiskSpec, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus,
+};
 use crate::vm_dir::VmDir;
 
 /// vmm-manager's settings.
@@ -160,6 +162,10 @@ pub struct VmService {
     cloud_hypervisor: Arc<dyn Hypervisor>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
     events: broadcast::Sender<VmEvent>,
+    /// The source of [`VmStatus::seq`].
+    seq: std::sync::atomic::AtomicU64,
+    /// Flipped by [`VmService::close_streams`].
+    closing: watch::Sender<bool>,
 }
 
 impl VmService {
@@ -176,6 +182,8 @@ impl VmService {
             config,
             vms: RwLock::new(BTreeMap::new()),
             events: broadcast::channel(1024).0,
+            seq: std::sync::atomic::AtomicU64::new(now_micros()),
+            closing: watch::channel(false).0,
         });
         svc.adopt_all().await?;
         Ok(svc)
@@ -217,6 +225,20 @@ impl VmService {
         self.events.subscribe()
     }
 
+    /// Ends every event stream served (they would otherwise hold a graceful shutdown
+    /// open for as long as their readers stay).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`VmService::close_streams`] was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
     fn vm(&self, id: &str) -> Result<Arc<Vm>, ServiceError> {
         self.vms
             .read()
@@ -247,26 +269,36 @@ impl VmService {
         Ok(Self::info(&vm))
     }
 
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
     fn set_status(&self, vm: &Vm, state: VmState, reason: Option<String>) {
         let pid = lock(&vm.runtime).as_ref().map(|r| r.pid);
+        // The sequence number is taken and the event sent under the status lock, so the
+        // events of one VM leave in the order of their `seq`.
+        let mut current = lock(&vm.status);
         let status = VmStatus {
             state,
             reason: reason.clone(),
             pid: pid.filter(|_| state.is_active()),
             since_ms: now_ms(),
+            seq: self.next_seq(),
         };
         if let Ok(bytes) = serde_json::to_vec(&status) {
             let _ = VmDir::write_atomic(&vm.dir.status(), &bytes);
         }
-        *lock(&vm.status) = status;
         tracing::info!(vm = %vm.spec.id, name = %vm.spec.name, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "VM state");
         let _ = self.events.send(VmEvent {
             vm_id: vm.spec.id.clone(),
             name: vm.spec.name.clone(),
             state: Some(state),
             reason,
-            at_ms: now_ms(),
+            pid: status.pid,
+            at_ms: status.since_ms,
+            seq: status.seq,
         });
+        *current = status;
     }
 
     /// Ensures a VM exists with `spec` (stopped if new). Returns whether it was created.
@@ -301,6 +333,7 @@ impl VmService {
                 reason: None,
                 pid: None,
                 since_ms: now_ms(),
+                seq: 0,
             }),
             op: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
@@ -544,7 +577,9 @@ impl VmService {
             name: vm.spec.name.clone(),
             state: None,
             reason: Some("deleted".into()),
+            pid: None,
             at_ms: now_ms(),
+            seq: self.next_seq(),
         });
         Ok(())
     }
@@ -623,6 +658,7 @@ impl VmService {
                     reason: None,
                     pid: None,
                     since_ms: now_ms(),
+                    seq: 0,
                 })),
                 op: tokio::sync::Mutex::new(()),
                 runtime: Mutex::new(None),

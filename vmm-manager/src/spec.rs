@@ -287,6 +287,11 @@ pub struct VmStatus {
     pub pid: Option<u32>,
     /// Milliseconds since the Unix epoch when `state` was entered.
     pub since_ms: u64,
+    /// Orders the changes of one VM: a later change has a larger `seq`. Taken from one
+    /// counter per vmm-manager process that starts at the wall clock in microseconds, so
+    /// it keeps growing across restarts. 0 in status files written before it existed.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// What `GET /vms/{id}` returns.
@@ -305,7 +310,21 @@ pub struct VmEvent {
     pub state: Option<VmState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The VMM process while the VM is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     pub at_ms: u64,
+    /// The [`VmStatus::seq`] of this change (a delete takes the next one).
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 pub fn now_ms() -> u64 {

@@ -18,6 +18,17 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub struct EmbeddedStore {
     db: Arc<Database>,
     events: broadcast::Sender<WatchEvent>,
+    /// For [`StateStore::prefix_version`]: the revision of the last change under each
+    /// first key segment (`vms/`, …) since the store was opened, and the revision at
+    /// opening. The file belongs to this process alone (redb locks it), so every change
+    /// passes through here.
+    changed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    opened_at: u64,
+}
+
+/// `vms/` for `vms/<id>`; the whole key when it has no `/`.
+fn first_segment(key: &str) -> &str {
+    key.find('/').map_or(key, |i| &key[..=i])
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -48,9 +59,19 @@ impl EmbeddedStore {
         tx.open_table(KV).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
+        let opened_at = {
+            let tx = db.begin_read().map_err(unavailable)?;
+            let meta = tx.open_table(META).map_err(unavailable)?;
+            meta.get("revision")
+                .map_err(unavailable)?
+                .map(|v| v.value())
+                .unwrap_or(0)
+        };
         Ok(Self {
             db: Arc::new(db),
             events: broadcast::channel(4096).0,
+            changed: Default::default(),
+            opened_at,
         })
     }
 
@@ -88,6 +109,12 @@ impl EmbeddedStore {
         .await
         .map_err(unavailable)??;
         if let Some(ev) = event {
+            // Recorded after the commit: a reader that sees the new version also sees
+            // the new data.
+            self.changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(first_segment(&ev.key).to_string(), ev.revision);
             let _ = self.events.send(ev);
         }
         Ok(out)
@@ -188,6 +215,18 @@ impl StateStore for EmbeddedStore {
 
     fn watch(&self) -> broadcast::Receiver<WatchEvent> {
         self.events.subscribe()
+    }
+
+    fn prefix_version<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<super::PrefixVersion, StoreError>> {
+        let changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        let revision = if prefix.contains('/') {
+            changed.get(first_segment(prefix)).copied()
+        } else {
+            // A prefix within the first segment: any change at all counts.
+            changed.values().max().copied()
+        }
+        .unwrap_or(self.opened_at);
+        Box::pin(std::future::ready(Ok(super::PrefixVersion { count: 0, revision })))
     }
 }
 

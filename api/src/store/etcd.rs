@@ -249,6 +249,33 @@ impl StateStore for EtcdStore {
     fn watch(&self) -> broadcast::Receiver<WatchEvent> {
         self.events.subscribe()
     }
+
+    /// One range request for the key with the highest `mod_revision` under the prefix,
+    /// keys only: a write moves that maximum, a delete lowers the count (etcd counts
+    /// every key in the range whatever the limit).
+    fn prefix_version<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<super::PrefixVersion, StoreError>> {
+        Box::pin(async move {
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Mod, SortOrder::Descend)
+                .with_limit(1);
+            let resp = self
+                .client
+                .kv_client()
+                .get(self.key(prefix), Some(options))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            Ok(super::PrefixVersion {
+                count: u64::try_from(resp.count()).unwrap_or(0),
+                revision: resp
+                    .kvs()
+                    .first()
+                    .and_then(|kv| u64::try_from(kv.mod_revision()).ok())
+                    .unwrap_or(0),
+            })
+        })
+    }
 }
 
 /// Follows etcd's changes under `prefix` into `events` for as long as the store lives.

@@ -109,6 +109,17 @@ pub trait StateStore: Send + Sync {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, Versioned)>, StoreError>>;
     /// Changes from now on (filter by prefix on the receiving side).
     fn watch(&self) -> broadcast::Receiver<WatchEvent>;
+    /// A value that differs after any key under `prefix` was written or deleted, much
+    /// cheaper to read than the keys themselves: what a cache of a listing compares
+    /// before serving it (it may also change when nothing under `prefix` did).
+    fn prefix_version<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<PrefixVersion, StoreError>>;
+}
+
+/// See [`StateStore::prefix_version`]; only equality means anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrefixVersion {
+    pub count: u64,
+    pub revision: u64,
 }
 
 /// JSON helpers over any store.
@@ -179,10 +190,18 @@ pub async fn conformance(store: &dyn StateStore) {
         store.compare_and_swap("a/1", Some(r1), b"three".to_vec()).await,
         Err(StoreError::Conflict { .. })
     ));
+    let v1 = store.prefix_version("a/").await.expect("prefix version");
+    assert_eq!(
+        store.prefix_version("a/").await.expect("prefix version"),
+        v1,
+        "stable without writes"
+    );
     let r3 = store
         .compare_and_swap("a/2", None, b"new".to_vec())
         .await
         .expect("create");
+    let v2 = store.prefix_version("a/").await.expect("prefix version");
+    assert_ne!(v2, v1, "a create under the prefix changes its version");
     store.put("b/1", b"other".to_vec()).await.expect("put");
 
     let listed: Vec<_> = store
@@ -207,6 +226,14 @@ pub async fn conformance(store: &dyn StateStore) {
     );
     assert_eq!(store.get("a/1").await.expect("get"), None);
     assert_eq!(store.list("a/").await.expect("list").len(), 1);
+    let v3 = store.prefix_version("a/").await.expect("prefix version");
+    assert!(v3 != v2 && v3 != v1, "a delete under the prefix changes its version");
+    store.put("a/2", b"newer".to_vec()).await.expect("put");
+    assert_ne!(
+        store.prefix_version("a/").await.expect("prefix version"),
+        v3,
+        "an overwrite changes it"
+    );
 
     // Concurrent create-only CAS: exactly one wins.
     let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;

@@ -149,7 +149,7 @@ impl Stack {
         format!("http://{LISTEN}")
     }
 
-    async fn spawn(&mut self) {
+    pub async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -316,6 +316,16 @@ impl Stack {
         let op = self.wait_op(&accepted).await;
         assert_eq!(op["status"], "succeeded", "{action}: {op}");
         op
+    }
+
+    /// `vm` as `GET /v1/vms` lists it (the cached listing), without asking for it alone.
+    pub async fn listed(&self, vm: &str) -> Value {
+        let (status, list) = self.call("GET", "/v1/vms", None).await;
+        assert_eq!(status, 200, "{list}");
+        list.as_array()
+            .and_then(|a| a.iter().find(|v| v["name"] == vm))
+            .cloned()
+            .unwrap_or_else(|| panic!("{vm} is not listed: {list}"))
     }
 
     pub async fn vm(&self, vm: &str) -> Value {
