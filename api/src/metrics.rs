@@ -135,6 +135,27 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     reg.register("images", "Image names in the store", count);
     reg.register("image_store_bytes", "Bytes the stored images take", stored);
 
+    let pass = *state.reconciled.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(pass) = pass {
+        let seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        seconds.set(pass.seconds);
+        reg.register(
+            "reconcile_seconds",
+            "How long the reconcile pass at start took",
+            seconds,
+        );
+        let examined: Gauge = Gauge::default();
+        examined.set(pass.examined as i64);
+        reg.register(
+            "reconcile_examined",
+            "Records and daemon objects the reconcile pass at start looked at",
+            examined,
+        );
+        let repairs: Gauge = Gauge::default();
+        repairs.set(pass.repairs as i64);
+        reg.register("reconcile_repairs", "What the reconcile pass at start changed", repairs);
+    }
+
     let mut body = String::new();
     encode(&mut body, &reg).map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
     Ok((

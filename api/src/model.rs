@@ -187,6 +187,11 @@ pub struct VmRecord {
     pub user_data: Option<String>,
     pub phase: Phase,
     pub created_at_ms: u64,
+    /// The user's last word on whether the VM runs: set by a create that starts it and
+    /// by start, reboot and resume, cleared by stop (a guest powering itself off does
+    /// not change it). The reconciler starts a VM it had to define again only when set.
+    #[serde(default)]
+    pub desired_running: bool,
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.

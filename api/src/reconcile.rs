@@ -3,7 +3,11 @@
 //! Desired state is in the store; what exists is what the daemons report. A VM record
 //! still `creating` or `deleting` belongs to an operation that died with the previous
 //! process (those operations are marked failed first): a create is undone completely, a
-//! delete is finished. Then whatever the daemons hold for VMs the store does not know is
+//! delete is finished. A VM vmm-manager does not know (its state directory under /run
+//! is gone after a host reboot) is defined again from its record, with its ports, root
+//! disk and volumes, and started if the user last wanted it running; a root disk or
+//! volume that is gone is reported, never made anew. Then whatever the daemons hold
+//! for VMs the store does not know is
 //! removed: VMM definitions, ports named `<vm id>-<n>`, root disks `vm-<id>-root`, their
 //! cloud-init seeds and image leases, and volume claims of VMs that are gone. Only
 //! things hearth names after a VM id are touched, so a port or volume someone made by
@@ -28,9 +32,36 @@ pub struct Report {
     pub orphan_ports: Vec<String>,
     pub orphan_root_disks: Vec<String>,
     pub orphan_claims: Vec<String>,
+    /// VMs vmm-manager had lost, defined again (and started when wanted running).
+    pub redefined: Vec<String>,
+    pub restarted: Vec<String>,
+    /// VMs vmm-manager had lost that could not be defined again, with why.
+    pub not_redefined: Vec<String>,
+    /// How many records and daemon objects the pass looked at.
+    #[serde(skip)]
+    pub examined: usize,
+}
+
+/// The figures of the last pass, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pass {
+    pub seconds: f64,
+    pub examined: usize,
+    pub repairs: usize,
 }
 
 impl Report {
+    /// How many things the pass changed.
+    pub fn repairs(&self) -> usize {
+        self.creates_undone.len()
+            + self.deletes_finished.len()
+            + self.orphan_vmms.len()
+            + self.orphan_ports.len()
+            + self.orphan_root_disks.len()
+            + self.orphan_claims.len()
+            + self.redefined.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.creates_undone.is_empty()
             && self.deletes_finished.is_empty()
@@ -38,6 +69,8 @@ impl Report {
             && self.orphan_ports.is_empty()
             && self.orphan_root_disks.is_empty()
             && self.orphan_claims.is_empty()
+            && self.redefined.is_empty()
+            && self.not_redefined.is_empty()
     }
 }
 
@@ -58,10 +91,14 @@ fn vm_id_of_root_disk(volume: &str) -> Option<&str> {
 pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     let mut report = Report::default();
     let mut known = BTreeSet::new();
-    for (rec, _) in store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await? {
+    let mut ready = Vec::new();
+    let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
+    report.examined += records.len();
+    for (rec, _) in records {
         match rec.phase {
             Phase::Ready => {
                 known.insert(rec.id.clone());
+                ready.push(rec);
             }
             Phase::Creating => {
                 crate::vms::undo_create(state, &rec).await;
@@ -76,10 +113,26 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
 
     match state.vmm.list().await {
         Ok(vms) => {
+            report.examined += vms.len();
             for vm in vms.iter().filter(|v| !known.contains(&v.spec.id)) {
                 match state.vmm.delete(&vm.spec.id).await {
                     Ok(()) => report.orphan_vmms.push(vm.spec.id.clone()),
                     Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
+                }
+            }
+            let defined: BTreeSet<&str> = vms.iter().map(|v| v.spec.id.as_str()).collect();
+            for rec in ready.iter().filter(|r| !defined.contains(r.id.as_str())) {
+                match crate::vms::redefine(state, rec).await {
+                    Ok(started) => {
+                        report.redefined.push(rec.id.clone());
+                        if started {
+                            report.restarted.push(rec.id.clone());
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %rec.id, name = %rec.name, "cannot define the lost VM again: {}", e.body.message);
+                        report.not_redefined.push(format!("{}: {}", rec.id, e.body.message));
+                    }
                 }
             }
         }
@@ -87,6 +140,7 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     }
     match state.netd.ports().await {
         Ok(ports) => {
+            report.examined += ports.len();
             for p in ports {
                 if vm_id_of_port(&p.id).is_some_and(|id| !known.contains(id)) {
                     match state.netd.delete_port(&p.id).await {
@@ -100,6 +154,7 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     }
     match state.blockd.volumes().await {
         Ok(volumes) => {
+            report.examined += volumes.len();
             for v in volumes {
                 let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !known.contains(*id)) else {
                     continue;

@@ -69,6 +69,8 @@ pub struct AppState {
     pub live: Arc<crate::vm_list::LiveVms>,
     /// Rendered `GET /v1/vms` listings.
     pub vm_list: crate::vm_list::ListCache,
+    /// The start-time reconcile pass, once it ran.
+    pub reconciled: std::sync::Mutex<Option<crate::reconcile::Pass>>,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -229,6 +231,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         auth_failures: auth::AuthFailures::new(auth_limit),
         live: Default::default(),
         vm_list: Default::default(),
+        reconciled: Default::default(),
     }))
 }
 
@@ -295,9 +298,25 @@ pub async fn run(
     let following = tokio::spawn(crate::vm_list::follow(state.vmm.clone(), state.live.clone()));
     networks::migrate(&state).await?;
     // Before serving: repair what a crash of the previous process left half done.
+    let started = std::time::Instant::now();
     match crate::reconcile::reconcile(&state).await {
-        Ok(r) if r.is_empty() => tracing::info!("reconciled: nothing to repair"),
-        Ok(r) => tracing::warn!(report = %serde_json::to_string(&r).unwrap_or_default(), "reconciled after a restart"),
+        Ok(r) => {
+            let pass = crate::reconcile::Pass {
+                seconds: started.elapsed().as_secs_f64(),
+                examined: r.examined,
+                repairs: r.repairs(),
+            };
+            *state.reconciled.lock().unwrap_or_else(|p| p.into_inner()) = Some(pass);
+            if r.is_empty() {
+                tracing::info!(
+                    examined = r.examined,
+                    ms = pass.seconds * 1000.0,
+                    "reconciled: nothing to repair"
+                );
+            } else {
+                tracing::warn!(examined = r.examined, ms = pass.seconds * 1000.0, report = %serde_json::to_string(&r).unwrap_or_default(), "reconciled after a restart");
+            }
+        }
         Err(e) => tracing::error!("reconciling failed: {e}"),
     }
     if let Err(e) = networks::ensure_default(&state).await {

@@ -274,6 +274,7 @@ pub async fn create(
         user_data: req.user_data.clone(),
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
+        desired_running: req.start,
     };
     if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
         let _ = s.delete(&name_key(project, &name)).await;
@@ -423,6 +424,88 @@ async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
             tracing::error!(port = %nic.port, "cannot remove port: {e}");
         }
     }
+}
+
+/// Records whether the user wants VM `id` running (compare-and-swap, retried when
+/// another writer changed the record meanwhile).
+async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
+    for _ in 0..8 {
+        let Some((mut rec, rev)) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key(id)).await? else {
+            return Ok(());
+        };
+        if rec.desired_running == running {
+            return Ok(());
+        }
+        rec.desired_running = running;
+        match state
+            .store
+            .compare_and_swap(&vm_key(id), Some(rev), store::encode(&rec))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict("the VM's record kept changing; retry"))
+}
+
+/// Defines a VM in vmm-manager again from its record, when vmm-manager lost it (its
+/// state directory under /run is gone after a host reboot, or was removed by hand).
+/// Everything holding data must still exist: a missing root disk or volume is an error,
+/// never made anew empty. Ports netd lost are made again with the same MAC and address,
+/// and the cloud-init seed is written again. Starts the VM when the user last wanted
+/// it running; returns whether it did.
+pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError> {
+    for nic in &rec.nics {
+        let spec = netd::network::PortSpec {
+            network: crate::model::host_name(&rec.project, &nic.network),
+            mac: Some(nic.mac.clone()),
+            ip: Some(nic.ip),
+            queues: 1,
+        };
+        let port = state.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
+        if port.tap != nic.tap {
+            return Err(ApiError::conflict(format!(
+                "port {} came back as TAP {}, the VM was defined with {}",
+                nic.port, port.tap, nic.tap
+            )));
+        }
+    }
+    let image = state
+        .images
+        .get(if rec.image_digest.is_empty() {
+            &rec.image
+        } else {
+            &rec.image_digest
+        })
+        .await
+        .map_err(upstream)?;
+    if let Some(root) = &rec.root_disk {
+        state.blockd.volume(&root.volume).await.map_err(|e| {
+            if e.is_not_found() {
+                ApiError::conflict(format!(
+                    "the root disk {} is gone; the VM cannot be defined again",
+                    root.volume
+                ))
+            } else {
+                upstream(e)
+            }
+        })?;
+    }
+    let mut spec = vm_spec(rec, &image)?;
+    spec.disks = boot_disks(state, rec, &image, "").await?;
+    for v in &rec.volumes {
+        spec.disks
+            .push(crate::volumes::disk_spec(state, &rec.project, v).await?);
+    }
+    let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
+    state.live.observe(&defined);
+    if rec.desired_running {
+        let started = state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
+        state.live.observe(&started);
+    }
+    Ok(rec.desired_running)
 }
 
 /// Builds the spec vmm-manager gets from the record and its image.
@@ -733,6 +816,12 @@ pub async fn action(
             rec.name,
             st.as_str()
         )));
+    }
+    // Intent first: what the reconciler restores if the VMM definition is lost.
+    match action.as_str() {
+        "start" | "reboot" | "resume" => set_desired_running(&state, &rec.id, true).await?,
+        "stop" => set_desired_running(&state, &rec.id, false).await?,
+        _ => {}
     }
     let op = state
         .ops

@@ -172,6 +172,69 @@ async fn scenario(etcd: Option<Etcd>) {
         let out = stack.console_exchange("keep", "echo $((6*7))\n", "42\r\n").await;
         assert!(out.contains("42"), "{out}");
 
+        // A host reboot: every VMM dies and /run is emptied, so vmm-manager knows no VM.
+        // The reconciler defines each VM again from its record and starts those the
+        // user last wanted running (created with start, or started); the rest stay
+        // stopped.
+        let (_, before) = stack.call("GET", "/v1/vms", None).await;
+        let before = before.as_array().expect("vms").clone();
+        // Stopped by the user: stays stopped, whatever the create asked.
+        let stopped_by_user = before
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .find(|n| n.starts_with('c') && n[1..].parse::<usize>().is_ok_and(|i| i % 2 == 0))
+            .map(str::to_string);
+        if let Some(name) = &stopped_by_user {
+            stack.act(name, "stop").await;
+        }
+        stack.stop_api(libc::SIGKILL);
+        for (pid, _) in stack.vmm_processes() {
+            // SAFETY: VMM processes of this test's stack, by PID.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for _ in 0..100 {
+            if stack.vmm_processes().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
+        std::fs::remove_dir_all(stack.data_dir().join("run/vms")).expect("empty /run");
+        stack.spawn().await;
+        let log = stack.log();
+        assert!(log.contains("\"redefined\""), "{log}");
+        let mut wanted_running = 0;
+        for vm in &before {
+            let name = vm["name"].as_str().expect("name");
+            let id = vm["id"].as_str().expect("id");
+            let now = stack.listed(name).await;
+            // keep and the even c<i> were created with start (a start cut by the crash
+            // left some "failed"): the user wanted them running.
+            let wanted = name == "keep"
+                || (name[1..].parse::<usize>().is_ok_and(|i| i % 2 == 0) && stopped_by_user.as_deref() != Some(name));
+            let expected = if wanted { "running" } else { "stopped" };
+            assert_eq!(now["state"], expected, "{name} before: {vm}\nafter: {now}");
+            assert!(exists(&vmm, &format!("/vms/{id}")).await, "{name} defined again");
+            if expected == "running" {
+                wanted_running += 1;
+                assert_ne!(now["pid"], vm["pid"], "{name} runs in a new VMM");
+            }
+        }
+        assert!(wanted_running >= 1, "keep at least: {before:?}");
+        let (_, metrics) = stack.call("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap_or_default().to_string();
+        let repairs = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("hearth_reconcile_repairs "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no hearth_reconcile_repairs in {metrics}"));
+        assert_eq!(repairs, before.len(), "one repair per VM defined again");
+        stack
+            .wait_console("keep", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+            .await;
+        let out = stack.console_exchange("keep", "echo $((6*7))\n", "42\r\n").await;
+        assert!(out.contains("42"), "{out}");
+
         // Clean up through the API: everything it lists goes.
         let (_, vms) = stack.call("GET", "/v1/vms", None).await;
         for vm in vms.as_array().expect("vms") {
