@@ -18,6 +18,7 @@ pub mod events;
 pub mod idempotency;
 pub mod identity;
 pub mod images;
+pub mod intents;
 pub mod json;
 pub mod metrics;
 pub mod model;

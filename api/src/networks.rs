@@ -13,6 +13,7 @@ use serde::Deserialize;
 use socket_http::ApiError;
 
 use crate::auth::Caller;
+use crate::intents;
 use crate::json::JsonBody;
 use crate::model::{host_name, name_in_project, VmRecord};
 use crate::server::AppState;
@@ -131,12 +132,22 @@ pub async fn create(
         nat: req.nat,
         vxlan: req.vxlan,
     };
-    if state.store.get(&key(project, &req.name)).await?.is_some() {
-        return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
+    let s = state.store.as_ref();
+    let intent = intents::begin(s, intents::Kind::Network, project, &req.name, "create").await?;
+    let made = async {
+        if s.get(&key(project, &req.name)).await?.is_some() {
+            return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
+        }
+        let status = state.netd.ensure_network(&spec).await.map_err(upstream)?;
+        if let Err(e) = s.put(&key(project, &req.name), store::encode(&spec)).await {
+            let _ = state.netd.delete_network(&spec.name).await;
+            return Err(e.into());
+        }
+        Ok(status)
     }
-    let status = state.netd.ensure_network(&spec).await.map_err(upstream)?;
-    state.store.put(&key(project, &req.name), store::encode(&spec)).await?;
-    Ok((StatusCode::CREATED, Json(as_seen_in(project, status))).into_response())
+    .await;
+    intent.end(s).await?;
+    Ok((StatusCode::CREATED, Json(as_seen_in(project, made?))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<NetworkStatus>)))]
@@ -215,11 +226,21 @@ pub async fn delete(
                 .with_details(serde_json::json!({"vms": vms})),
         );
     }
+    let s = state.store.as_ref();
+    let intent = intents::begin(s, intents::Kind::Network, project, &name, "delete").await?;
+    let removed = remove(&state, project, &name).await;
+    intent.end(s).await?;
+    removed.map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Removes a network completely, from netd and the store (the reconciler, for a
+/// create or delete a crash cut short).
+pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
     state
         .netd
-        .delete_network(&host_name(project, &name))
+        .delete_network(&host_name(project, name))
         .await
         .map_err(upstream)?;
-    state.store.delete(&key(project, &name)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    state.store.delete(&key(project, name)).await?;
+    Ok(())
 }

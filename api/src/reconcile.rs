@@ -13,6 +13,9 @@
 //! things hearth names after a VM id are touched, so a port or volume someone made by
 //! hand under another name stays.
 //!
+//! Networks and volumes whose create or delete a crash cut short (an intent marker is
+//! left, see [`crate::intents`]) are removed completely.
+//!
 //! It runs once per start and assumes one api process per store.
 
 use std::collections::BTreeSet;
@@ -37,6 +40,10 @@ pub struct Report {
     pub restarted: Vec<String>,
     /// VMs vmm-manager had lost that could not be defined again, with why.
     pub not_redefined: Vec<String>,
+    /// Networks and volumes (`<project>/<name>`) whose create or delete a crash cut
+    /// short, removed completely.
+    pub networks_removed: Vec<String>,
+    pub volumes_removed: Vec<String>,
     /// How many records and daemon objects the pass looked at.
     #[serde(skip)]
     pub examined: usize,
@@ -60,6 +67,8 @@ impl Report {
             + self.orphan_root_disks.len()
             + self.orphan_claims.len()
             + self.redefined.len()
+            + self.networks_removed.len()
+            + self.volumes_removed.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,6 +80,8 @@ impl Report {
             && self.orphan_claims.is_empty()
             && self.redefined.is_empty()
             && self.not_redefined.is_empty()
+            && self.networks_removed.is_empty()
+            && self.volumes_removed.is_empty()
     }
 }
 
@@ -90,6 +101,29 @@ fn vm_id_of_root_disk(volume: &str) -> Option<&str> {
 /// next start tries again.
 pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     let mut report = Report::default();
+    // Network and volume changes cut short: removed completely (their clients never
+    // got an answer). A marker that cannot be dealt with now stays for the next start.
+    for (kind, project, name) in crate::intents::left_over(state.store.as_ref()).await? {
+        let (removed, list) = match kind {
+            crate::intents::Kind::Network => (
+                crate::networks::remove(state, &project, &name).await,
+                &mut report.networks_removed,
+            ),
+            crate::intents::Kind::Volume => (
+                crate::volumes::remove(state, &project, &name).await,
+                &mut report.volumes_removed,
+            ),
+        };
+        match removed {
+            Ok(()) => {
+                crate::intents::clear(state.store.as_ref(), kind, &project, &name).await?;
+                list.push(format!("{project}/{name}"));
+            }
+            Err(e) => {
+                tracing::warn!(?kind, %project, %name, "cannot remove what a cut-short change left: {}", e.body.message)
+            }
+        }
+    }
     let mut known = BTreeSet::new();
     let mut ready = Vec::new();
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;

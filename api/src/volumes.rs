@@ -301,14 +301,19 @@ pub async fn create(
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     let s = state.store.as_ref();
-    s.compare_and_swap(&record_key(project, &req.name), None, store::encode(&rec))
+    let intent = crate::intents::begin(s, crate::intents::Kind::Volume, project, &req.name, "create").await?;
+    if let Err(e) = s
+        .compare_and_swap(&record_key(project, &req.name), None, store::encode(&rec))
         .await
-        .map_err(|e| match e {
+    {
+        intent.end(s).await?;
+        return Err(match e {
             store::StoreError::Conflict { .. } => {
                 ApiError::conflict(format!("a volume named {:?} already exists", req.name))
             }
             other => other.into(),
-        })?;
+        });
+    }
     let made = async {
         if let Some(remote) = &req.remote {
             // Check now that the export is there, so a typo fails here, not at attach.
@@ -346,8 +351,10 @@ pub async fn create(
     .await;
     if let Err(e) = made {
         let _ = s.delete(&record_key(project, &req.name)).await;
+        intent.end(s).await?;
         return Err(e);
     }
+    intent.end(s).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
 }
@@ -361,16 +368,31 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     validate_name("volume", &name)?;
     let project = caller.project.as_str();
-    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, &name)).await?
-    else {
+    if state.store.get(&record_key(project, &name)).await?.is_none() {
         return Ok(StatusCode::NO_CONTENT);
-    };
+    }
     if let Some(a) = attachment(&state, project, &name).await? {
         return Err(ApiError::conflict(format!(
             "volume {name:?} is attached to VM {} as {}; detach it first",
             a.vm_name, a.disk
         )));
     }
+    let s = state.store.as_ref();
+    let intent = crate::intents::begin(s, crate::intents::Kind::Volume, project, &name, "delete").await?;
+    let removed = remove(&state, project, &name).await;
+    intent.end(s).await?;
+    removed.map(|()| StatusCode::NO_CONTENT)
+}
+
+/// Removes a volume completely, from blockd (unless it lives on another host) and the
+/// store. Also what the reconciler does with a create or delete a crash cut short.
+pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name)).await?
+    else {
+        // The record comes before the volume: without it, hearth made nothing (a volume
+        // of that name in blockd is someone else's).
+        return Ok(());
+    };
     if rec.remote.is_none() {
         match state.blockd.delete_volume(&bname(&rec)).await {
             Ok(()) => {}
@@ -378,8 +400,8 @@ pub async fn delete(
             Err(e) => return Err(blockd_error(e)),
         }
     }
-    state.store.delete(&record_key(project, &name)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    state.store.delete(&record_key(project, name)).await?;
+    Ok(())
 }
 
 async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {

@@ -89,7 +89,11 @@ async fn scenario(etcd: Option<Etcd>) {
         // A port with a name hearth never gives stays.
         put(&netd, "/ports/router-0", json!({"network": "default"})).await;
 
-        // Creates cut short by kill -9 at different moments.
+        // Creates cut short by kill -9 at different moments. Each time, in project
+        // "storm", a network and a volume are being created and the previous ones
+        // deleted, concurrently, when the kill comes.
+        let (status, body) = stack.call("POST", "/v1/projects", Some(json!({"name": "storm"}))).await;
+        assert_eq!(status, 201, "{body}");
         let mut created = Vec::new();
         for (i, delay_ms) in [0u64, 1, 3, 6, 12, 25, 50].into_iter().enumerate() {
             let mut body = create_body(&format!("c{i}"), "qemu");
@@ -97,7 +101,32 @@ async fn scenario(etcd: Option<Etcd>) {
             let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
             assert_eq!(status, 202, "{accepted}");
             created.push(accepted["vm"]["id"].as_str().expect("id").to_string());
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let net = json!({"name": format!("n{i}"), "subnet": format!("10.100.{i}.0/24")}).to_string();
+            let vol = json!({"name": format!("v{i}"), "size_bytes": 1048576}).to_string();
+            let (prev_net, prev_vol) = (
+                format!("/v1/networks/n{}?project=storm", i.wrapping_sub(1)),
+                format!("/v1/volumes/v{}?project=storm", i.wrapping_sub(1)),
+            );
+            let key = Some(stack.key.as_str());
+            let mut requests = vec![
+                stack.request_as("POST", "/v1/networks?project=storm", Some(net.as_bytes()), key),
+                stack.request_as("POST", "/v1/volumes?project=storm", Some(vol.as_bytes()), key),
+            ];
+            if i > 0 {
+                requests.push(stack.request_as("DELETE", &prev_net, None, key));
+                requests.push(stack.request_as("DELETE", &prev_vol, None, key));
+            }
+            let api_pid = stack.api_pid();
+            let kill = async {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                // SAFETY: the api process this test started.
+                unsafe { libc::kill(api_pid as i32, libc::SIGKILL) };
+            };
+            let (answers, ()) = tokio::join!(futures_util::future::join_all(requests), kill);
+            for a in answers.into_iter().flatten() {
+                // 404: deleting what the previous kill left never made (or removed).
+                assert!([201, 204, 404, 409].contains(&a.0), "{a:?}");
+            }
             stack.restart(libc::SIGKILL).await;
         }
 
@@ -157,6 +186,44 @@ async fn scenario(etcd: Option<Etcd>) {
         assert!(
             exists(&netd, "/ports/router-0").await,
             "a port hearth did not name stays"
+        );
+
+        // Every network and volume of the storm is whole (the api shows it and the daemon
+        // has it) or gone from both.
+        let (mut present, mut absent) = (0, 0);
+        for i in 0..7 {
+            for (what, api_path, daemon, daemon_path) in [
+                (
+                    "network",
+                    format!("/v1/networks/n{i}?project=storm"),
+                    &netd,
+                    format!("/networks/storm.n{i}"),
+                ),
+                (
+                    "volume",
+                    format!("/v1/volumes/v{i}?project=storm"),
+                    &blockd,
+                    format!("/volumes/storm.v{i}"),
+                ),
+            ] {
+                let (status, body) = stack.call("GET", &api_path, None).await;
+                assert!(status == 200 || status == 404, "{api_path}: {status} {body}");
+                let held = exists(daemon, &daemon_path).await;
+                assert_eq!(
+                    status == 200,
+                    held,
+                    "{what} {i}: the api says {status}, the daemon has it: {held}"
+                );
+                if held {
+                    present += 1;
+                } else {
+                    absent += 1;
+                }
+            }
+        }
+        eprintln!(
+            "storm networks and volumes: {present} whole, {absent} gone; the reconciler removed {} cut short",
+            stack.log().matches("\"storm/").count()
         );
 
         let (_, ops) = stack.call("GET", "/v1/operations", None).await;
@@ -236,6 +303,16 @@ async fn scenario(etcd: Option<Etcd>) {
         assert!(out.contains("42"), "{out}");
 
         // Clean up through the API: everything it lists goes.
+        for kind in ["networks", "volumes"] {
+            let (_, list) = stack.call("GET", &format!("/v1/{kind}?project=storm"), None).await;
+            for item in list.as_array().expect("list") {
+                let name = item["name"].as_str().or(item["spec"]["name"].as_str()).expect("name");
+                let (s, body) = stack
+                    .call("DELETE", &format!("/v1/{kind}/{name}?project=storm"), None)
+                    .await;
+                assert_eq!(s, 204, "{kind} {name}: {body}");
+            }
+        }
         let (_, vms) = stack.call("GET", "/v1/vms", None).await;
         for vm in vms.as_array().expect("vms") {
             let (s, accepted) = stack

@@ -204,6 +204,11 @@ impl Stack {
         self.spawn().await;
     }
 
+    /// The api process's PID.
+    pub fn api_pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("the api runs")
+    }
+
     pub fn stop_api(&mut self, signal: i32) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signals only the api process this harness started.

@@ -1,0 +1,88 @@
+//! Intent markers for the mutations that answer at once (network create and delete,
+//! volume create and delete): before touching a daemon the handler writes
+//! `intents/<kind>/<project>/<name>` (create-only, so two such changes of one name
+//! cannot overlap: the second gets 409), and removes it only when everything is done.
+//! A marker found at start belongs to a request a crash cut short, whose client never
+//! got its answer: the reconciler removes that network or volume completely (from the
+//! daemon and the store), so it is either whole, with no marker, or gone.
+
+use socket_http::ApiError;
+
+use crate::store::{self, StateStore, StoreError};
+
+/// What a marker is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Network,
+    Volume,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Network => "network",
+            Kind::Volume => "volume",
+        }
+    }
+}
+
+fn key(kind: Kind, project: &str, name: &str) -> String {
+    format!("intents/{}/{project}/{name}", kind.as_str())
+}
+
+/// A change in progress; [`Intent::end`] when it is complete (or undone).
+#[must_use = "an intent left in the store makes the next start remove the resource"]
+pub struct Intent {
+    key: String,
+}
+
+/// Records that `action` on `kind` `name` of `project` begins.
+pub async fn begin(
+    store: &dyn StateStore,
+    kind: Kind,
+    project: &str,
+    name: &str,
+    action: &str,
+) -> Result<Intent, ApiError> {
+    let key = key(kind, project, name);
+    let value = store::encode(&serde_json::json!({"action": action, "at_ms": vmm_manager::spec::now_ms()}));
+    match store.compare_and_swap(&key, None, value).await {
+        Ok(_) => Ok(Intent { key }),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(format!(
+            "{} {name:?} is being created or deleted by another request; retry when it is done",
+            kind.as_str()
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Intent {
+    pub async fn end(self, store: &dyn StateStore) -> Result<(), ApiError> {
+        store.delete(&self.key).await?;
+        Ok(())
+    }
+}
+
+/// The markers a previous process left: (kind, project, name).
+pub async fn left_over(store: &dyn StateStore) -> Result<Vec<(Kind, String, String)>, ApiError> {
+    Ok(store
+        .list("intents/")
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| {
+            let mut parts = k.splitn(4, '/').skip(1);
+            let kind = match parts.next()? {
+                "network" => Kind::Network,
+                "volume" => Kind::Volume,
+                _ => return None,
+            };
+            Some((kind, parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect())
+}
+
+/// Removes the marker of `kind` `name` once the reconciler dealt with it.
+pub async fn clear(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<(), ApiError> {
+    store.delete(&key(kind, project, name)).await?;
+    Ok(())
+}
