@@ -144,16 +144,22 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
             "How long the reconcile pass at start took",
             seconds,
         );
-        let examined: Gauge = Gauge::default();
-        examined.set(pass.examined as i64);
-        reg.register(
-            "reconcile_examined",
-            "Records and daemon objects the reconcile pass at start looked at",
-            examined,
-        );
-        let repairs: Gauge = Gauge::default();
-        repairs.set(pass.repairs as i64);
-        reg.register("reconcile_repairs", "What the reconcile pass at start changed", repairs);
+        for (name, help, value) in [
+            (
+                "reconcile_examined",
+                "Records and daemon objects the reconcile pass at start looked at",
+                pass.examined,
+            ),
+            (
+                "reconcile_repairs",
+                "What the reconcile pass at start changed",
+                pass.repairs,
+            ),
+        ] {
+            let g: Gauge = Gauge::default();
+            g.set(value as i64);
+            reg.register(name, help, g);
+        }
     }
 
     let mut body = String::new();

@@ -83,6 +83,15 @@ impl Drop for EtcdStore {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl EtcdStore {
+    /// A range request over every key under `prefix`, with `options` (a prefix range).
+    async fn range(&self, prefix: &str, options: GetOptions) -> Result<etcd_client::GetResponse, StoreError> {
+        self.client
+            .kv_client()
+            .get(self.key(prefix), Some(options.with_prefix()))
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// Connects (lazily: an etcd that is down now makes requests fail until it is up)
     /// and starts following changes under the prefix.
     pub async fn connect(target: &EtcdTarget) -> Result<Self, StoreError> {
@@ -225,15 +234,8 @@ impl StateStore for EtcdStore {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, Versioned)>, StoreError>> {
         Box::pin(async move {
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            let resp = self
-                .client
-                .kv_client()
-                .get(self.key(prefix), Some(options))
-                .await
-                .map_err(|e| self.unavailable(e))?;
+            let options = GetOptions::new().with_sort(SortTarget::Key, SortOrder::Ascend);
+            let resp = self.range(prefix, options).await?;
             resp.kvs()
                 .iter()
                 .map(|kv| {
@@ -256,16 +258,10 @@ impl StateStore for EtcdStore {
     fn prefix_version<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<super::PrefixVersion, StoreError>> {
         Box::pin(async move {
             let options = GetOptions::new()
-                .with_prefix()
                 .with_keys_only()
                 .with_sort(SortTarget::Mod, SortOrder::Descend)
                 .with_limit(1);
-            let resp = self
-                .client
-                .kv_client()
-                .get(self.key(prefix), Some(options))
-                .await
-                .map_err(|e| self.unavailable(e))?;
+            let resp = self.range(prefix, options).await?;
             Ok(super::PrefixVersion {
                 count: u64::try_from(resp.count()).unwrap_or(0),
                 revision: resp
