@@ -5,6 +5,14 @@
 //! A marker found at start belongs to a request a crash cut short, whose client never
 //! got its answer: the reconciler removes that network or volume completely (from the
 //! daemon and the store), so it is either whole, with no marker, or gone.
+//!
+//! [`run`] does the work in a task of its own, so a client that hangs up mid-request
+//! cannot leave a marker behind in a running api, and handlers check that a name is
+//! free before they take the marker, so a marker never stands for something an earlier
+//! request made.
+
+use std::future::Future;
+use std::sync::Arc;
 
 use socket_http::ApiError;
 
@@ -61,6 +69,27 @@ impl Intent {
         store.delete(&self.key).await?;
         Ok(())
     }
+}
+
+/// Runs `work` holding the marker for `action` on `kind` `name`, to completion in a
+/// task of its own even when the request that started it goes away.
+pub async fn run<T: Send + 'static>(
+    store: Arc<dyn StateStore>,
+    kind: Kind,
+    project: &str,
+    name: &str,
+    action: &'static str,
+    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (project, name) = (project.to_string(), name.to_string());
+    tokio::spawn(async move {
+        let intent = begin(store.as_ref(), kind, &project, &name, action).await?;
+        let out = work.await;
+        intent.end(store.as_ref()).await?;
+        out
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the {} {action} did not finish: {e}", kind.as_str())))?
 }
 
 /// The markers a previous process left: (kind, project, name).

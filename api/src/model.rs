@@ -190,8 +190,10 @@ pub struct VmRecord {
     /// The user's last word on whether the VM runs: set by a create that starts it and
     /// by start, reboot and resume, cleared by stop (a guest powering itself off does
     /// not change it). The reconciler starts a VM it had to define again only when set.
-    #[serde(default)]
-    pub desired_running: bool,
+    /// `None` in records written before it existed: the reconciler fills it in from
+    /// the VM's state when vmm-manager still knows the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_running: Option<bool>,
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.

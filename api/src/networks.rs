@@ -132,22 +132,27 @@ pub async fn create(
         nat: req.nat,
         vxlan: req.vxlan,
     };
-    let s = state.store.as_ref();
-    let intent = intents::begin(s, intents::Kind::Network, project, &req.name, "create").await?;
-    let made = async {
-        if s.get(&key(project, &req.name)).await?.is_some() {
-            return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
-        }
-        let status = state.netd.ensure_network(&spec).await.map_err(upstream)?;
-        if let Err(e) = s.put(&key(project, &req.name), store::encode(&spec)).await {
-            let _ = state.netd.delete_network(&spec.name).await;
-            return Err(e.into());
-        }
-        Ok(status)
+    if state.store.get(&key(project, &req.name)).await?.is_some() {
+        return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
     }
-    .await;
-    intent.end(s).await?;
-    Ok((StatusCode::CREATED, Json(as_seen_in(project, made?))).into_response())
+    let (st, record) = (state.clone(), key(project, &req.name));
+    let status = intents::run(
+        state.store.clone(),
+        intents::Kind::Network,
+        project,
+        &req.name,
+        "create",
+        async move {
+            let status = st.netd.ensure_network(&spec).await.map_err(upstream)?;
+            if let Err(e) = st.store.put(&record, store::encode(&spec)).await {
+                let _ = st.netd.delete_network(&spec.name).await;
+                return Err(e.into());
+            }
+            Ok(status)
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(as_seen_in(project, status))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", params(crate::openapi::ProjectParam), responses((status = 200, body = Vec<NetworkStatus>)))]
@@ -226,11 +231,17 @@ pub async fn delete(
                 .with_details(serde_json::json!({"vms": vms})),
         );
     }
-    let s = state.store.as_ref();
-    let intent = intents::begin(s, intents::Kind::Network, project, &name, "delete").await?;
-    let removed = remove(&state, project, &name).await;
-    intent.end(s).await?;
-    removed.map(|()| StatusCode::NO_CONTENT)
+    let (st, p, n) = (state.clone(), project.to_string(), name.clone());
+    intents::run(
+        state.store.clone(),
+        intents::Kind::Network,
+        project,
+        &name,
+        "delete",
+        async move { remove(&st, &p, &n).await },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Removes a network completely, from netd and the store (the reconciler, for a

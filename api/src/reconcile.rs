@@ -154,6 +154,16 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
                     Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
                 }
             }
+            // Records from before `desired_running` existed learn it from what runs.
+            for rec in ready.iter().filter(|r| r.desired_running.is_none()) {
+                if let Some(vm) = vms.iter().find(|v| v.spec.id == rec.id) {
+                    use vmm_manager::VmState;
+                    let running = matches!(vm.status.state, VmState::Starting | VmState::Running | VmState::Paused);
+                    if let Err(e) = crate::vms::set_desired_running(state, &rec.id, running).await {
+                        tracing::warn!(vm = %rec.id, "cannot record whether it should run: {}", e.body.message);
+                    }
+                }
+            }
             let defined: BTreeSet<&str> = vms.iter().map(|v| v.spec.id.as_str()).collect();
             for rec in ready.iter().filter(|r| !defined.contains(r.id.as_str())) {
                 match crate::vms::redefine(state, rec).await {

@@ -128,20 +128,29 @@ impl LiveVms {
     }
 }
 
+/// How long the event stream may stay silent: vmm-manager sends a keep-alive every
+/// 15 s, so a longer silence means it is stuck, and the view is not trusted.
+const IDLE: Duration = Duration::from_secs(45);
+
 /// Keeps `live` current for as long as the api runs: subscribes to vmm-manager's events,
 /// reads the full list, applies events until the stream ends, and starts again (after
 /// 50 ms, doubling to 1 s while vmm-manager stays away).
 pub async fn follow(vmm: VmmClient, live: Arc<LiveVms>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        if let Ok(mut events) = vmm.events().await {
+        if let Ok(mut events) = vmm.events().await.map(|e| e.with_idle_timeout(IDLE)) {
             if let Ok(list) = vmm.list().await {
                 live.replace(list);
-                backoff = Duration::from_millis(50);
+                let since = std::time::Instant::now();
                 while let Some(Ok(ev)) = events.next().await {
                     live.apply_event(ev);
                 }
                 tracing::debug!("vmm-manager's event stream ended; listing again");
+                // A stream that ends at once (vmm-manager shutting down) is not a
+                // reason to list again every 50 ms.
+                if since.elapsed() > Duration::from_secs(1) {
+                    backoff = Duration::from_millis(50);
+                }
             }
         }
         live.lost();

@@ -274,7 +274,7 @@ pub async fn create(
         user_data: req.user_data.clone(),
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
-        desired_running: req.start,
+        desired_running: Some(req.start),
     };
     if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
         let _ = s.delete(&name_key(project, &name)).await;
@@ -428,15 +428,15 @@ async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
 
 /// Records whether the user wants VM `id` running (compare-and-swap, retried when
 /// another writer changed the record meanwhile).
-async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
+pub async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
     for _ in 0..8 {
         let Some((mut rec, rev)) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key(id)).await? else {
             return Ok(());
         };
-        if rec.desired_running == running {
+        if rec.desired_running == Some(running) {
             return Ok(());
         }
-        rec.desired_running = running;
+        rec.desired_running = Some(running);
         match state
             .store
             .compare_and_swap(&vm_key(id), Some(rev), store::encode(&rec))
@@ -501,11 +501,21 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
     }
     let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
     state.live.observe(&defined);
-    if rec.desired_running {
-        let started = state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
-        state.live.observe(&started);
+    if rec.desired_running != Some(true) {
+        return Ok(false);
     }
-    Ok(rec.desired_running)
+    // Defined is defined: a start that fails leaves the VM stopped (or failed, with the
+    // reason), and the pass goes on.
+    match state.vmm.action(&rec.id, "start", false).await {
+        Ok(started) => {
+            state.live.observe(&started);
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::error!(vm = %rec.id, name = %rec.name, "defined again, but it does not start: {e}");
+            Ok(false)
+        }
+    }
 }
 
 /// Builds the spec vmm-manager gets from the record and its image.

@@ -300,63 +300,79 @@ pub async fn create(
         remote: req.remote.clone(),
         created_at_ms: vmm_manager::spec::now_ms(),
     };
-    let s = state.store.as_ref();
-    let intent = crate::intents::begin(s, crate::intents::Kind::Volume, project, &req.name, "create").await?;
-    if let Err(e) = s
-        .compare_and_swap(&record_key(project, &req.name), None, store::encode(&rec))
-        .await
-    {
-        intent.end(s).await?;
-        return Err(match e {
-            store::StoreError::Conflict { .. } => {
-                ApiError::conflict(format!("a volume named {:?} already exists", req.name))
-            }
-            other => other.into(),
-        });
+    let name = req.name.clone();
+    let conflict = move || ApiError::conflict(format!("a volume named {name:?} already exists"));
+    if state.store.get(&record_key(project, &req.name)).await?.is_some() {
+        return Err(conflict());
     }
-    let made = async {
-        if let Some(remote) = &req.remote {
-            // Check now that the export is there, so a typo fails here, not at attach.
-            let probe = format!("probe-{host}");
-            state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
-            state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
-            return Ok(());
-        }
-        let source = match &req.source {
-            Some(SourceRequest::Snapshot(snap)) => {
-                let (vol, _) = snap.split_once('@').ok_or_else(|| {
-                    ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
+    let (st, p, r, name) = (state.clone(), project.to_string(), rec.clone(), req.name.clone());
+    crate::intents::run(
+        state.store.clone(),
+        crate::intents::Kind::Volume,
+        project,
+        &name,
+        "create",
+        async move {
+            let s = st.store.as_ref();
+            s.compare_and_swap(&record_key(&p, &req.name), None, store::encode(&r))
+                .await
+                .map_err(|e| match e {
+                    store::StoreError::Conflict { .. } => conflict(),
+                    other => other.into(),
                 })?;
-                let from = find_record(&state, project, vol)
-                    .await
-                    .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
-                let (_, snap_name) = snap.split_once('@').unwrap_or_default();
-                Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
+            let made = make_volume(&st, &p, &host, &req, size).await;
+            if made.is_err() {
+                let _ = s.delete(&record_key(&p, &req.name)).await;
             }
-            None => None,
-        };
-        state
-            .blockd
-            .ensure_volume(
-                &host,
-                &VolumeSpec {
-                    size_bytes: size,
-                    source,
-                },
-            )
-            .await
-            .map_err(blockd_error)
-            .map(|_| ())
-    }
-    .await;
-    if let Err(e) = made {
-        let _ = s.delete(&record_key(project, &req.name)).await;
-        intent.end(s).await?;
-        return Err(e);
-    }
-    intent.end(s).await?;
+            made
+        },
+    )
+    .await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
+}
+
+/// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export
+/// answers).
+async fn make_volume(
+    state: &AppState,
+    project: &str,
+    host: &str,
+    req: &CreateVolume,
+    size: Option<u64>,
+) -> Result<(), ApiError> {
+    if let Some(remote) = &req.remote {
+        // Check now that the export is there, so a typo fails here, not at attach.
+        let probe = format!("probe-{host}");
+        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
+        return Ok(());
+    }
+    let source = match &req.source {
+        Some(SourceRequest::Snapshot(snap)) => {
+            let (vol, _) = snap.split_once('@').ok_or_else(|| {
+                ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
+            })?;
+            let from = find_record(state, project, vol)
+                .await
+                .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
+            let (_, snap_name) = snap.split_once('@').unwrap_or_default();
+            Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
+        }
+        None => None,
+    };
+    state
+        .blockd
+        .ensure_volume(
+            host,
+            &VolumeSpec {
+                size_bytes: size,
+                source,
+            },
+        )
+        .await
+        .map_err(blockd_error)
+        .map(|_| ())
 }
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
@@ -377,16 +393,28 @@ pub async fn delete(
             a.vm_name, a.disk
         )));
     }
-    let s = state.store.as_ref();
-    let intent = crate::intents::begin(s, crate::intents::Kind::Volume, project, &name, "delete").await?;
-    let removed = remove(&state, project, &name).await;
-    intent.end(s).await?;
-    removed.map(|()| StatusCode::NO_CONTENT)
+    let (st, p, n) = (state.clone(), project.to_string(), name.clone());
+    crate::intents::run(
+        state.store.clone(),
+        crate::intents::Kind::Volume,
+        project,
+        &name,
+        "delete",
+        async move { remove(&st, &p, &n).await },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Removes a volume completely, from blockd (unless it lives on another host) and the
 /// store. Also what the reconciler does with a create or delete a crash cut short.
 pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+    if let Some(a) = attachment(state, project, name).await? {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} is attached to VM {} as {}; detach it first",
+            a.vm_name, a.disk
+        )));
+    }
     let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name)).await?
     else {
         // The record comes before the volume: without it, hearth made nothing (a volume

@@ -33,6 +33,7 @@ impl VmmClient {
         Ok(VmEvents {
             body: self.http.stream("/events").await?,
             buf: Vec::new(),
+            idle: None,
         })
     }
 
@@ -142,9 +143,17 @@ impl VmmClient {
 pub struct VmEvents {
     body: socket_http::Streaming,
     buf: Vec<u8>,
+    idle: Option<std::time::Duration>,
 }
 
 impl VmEvents {
+    /// Makes [`VmEvents::next`] fail when nothing at all (not even a keep-alive)
+    /// arrives for `idle`.
+    pub fn with_idle_timeout(mut self, idle: std::time::Duration) -> Self {
+        self.idle = Some(idle);
+        self
+    }
+
     /// The next change; `None` when the stream ended, `Some(Err)` when it broke.
     pub async fn next(&mut self) -> Option<Result<VmEvent, ClientError>> {
         loop {
@@ -155,7 +164,19 @@ impl VmEvents {
                 }
                 continue;
             }
-            match self.body.chunk().await? {
+            let chunk = match self.idle {
+                Some(idle) => match tokio::time::timeout(idle, self.body.chunk()).await {
+                    Ok(c) => c?,
+                    Err(_) => {
+                        return Some(Err(ClientError::Timeout {
+                            socket: std::path::PathBuf::from("/events"),
+                            timeout: idle,
+                        }))
+                    }
+                },
+                None => self.body.chunk().await?,
+            };
+            match chunk {
                 Ok(chunk) => self.buf.extend_from_slice(&chunk),
                 Err(e) => return Some(Err(e)),
             }

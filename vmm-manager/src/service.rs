@@ -648,6 +648,11 @@ impl VmService {
             let last: Option<VmStatus> = std::fs::read(dir.status())
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
+            // The counter starts at the wall clock; a clock that went back must not make
+            // new changes look older than the adopted ones.
+            if let Some(l) = &last {
+                self.seq.fetch_max(l.seq, std::sync::atomic::Ordering::Relaxed);
+            }
             let vm = Arc::new(Vm {
                 driver: self.driver(spec.hypervisor),
                 disks: Mutex::new(spec.disks.clone()),

@@ -22,7 +22,7 @@ pub struct EmbeddedStore {
     /// first key segment (`vms/`, …) since the store was opened, and the revision at
     /// opening. The file belongs to this process alone (redb locks it), so every change
     /// passes through here.
-    changed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    changed: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
     opened_at: u64,
 }
 
@@ -81,10 +81,13 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>, u64) -> Result<(T, Option<WatchEvent>), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        let (out, event) = tokio::task::spawn_blocking(move || {
+        let (db, changed, events) = (self.db.clone(), self.changed.clone(), self.events.clone());
+        // Everything after the commit happens on the blocking thread too, so a caller
+        // that goes away mid-write (a client hanging up) cannot leave a committed change
+        // unannounced.
+        tokio::task::spawn_blocking(move || {
             let tx = db.begin_write().map_err(unavailable)?;
-            let result = {
+            let (out, event) = {
                 let mut meta = tx.open_table(META).map_err(unavailable)?;
                 let next = meta
                     .get("revision")
@@ -99,25 +102,23 @@ impl EmbeddedStore {
                 }
                 (out, event)
             };
-            if result.1.is_some() {
-                tx.commit().map_err(unavailable)?;
-            } else {
-                tx.abort().map_err(unavailable)?;
+            match event {
+                Some(ev) => {
+                    tx.commit().map_err(unavailable)?;
+                    // Recorded after the commit: a reader that sees the new version
+                    // also sees the new data.
+                    let mut changed = changed.lock().unwrap_or_else(|p| p.into_inner());
+                    let last = changed.entry(first_segment(&ev.key).to_string()).or_default();
+                    *last = (*last).max(ev.revision);
+                    drop(changed);
+                    let _ = events.send(ev);
+                }
+                None => tx.abort().map_err(unavailable)?,
             }
-            Ok::<_, StoreError>(result)
+            Ok::<_, StoreError>(out)
         })
         .await
-        .map_err(unavailable)??;
-        if let Some(ev) = event {
-            // Recorded after the commit: a reader that sees the new version also sees
-            // the new data.
-            self.changed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(first_segment(&ev.key).to_string(), ev.revision);
-            let _ = self.events.send(ev);
-        }
-        Ok(out)
+        .map_err(unavailable)?
     }
 }
 
