@@ -387,12 +387,7 @@ pub async fn delete(
     if state.store.get(&record_key(project, &name)).await?.is_none() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    if let Some(a) = attachment(&state, project, &name).await? {
-        return Err(ApiError::conflict(format!(
-            "volume {name:?} is attached to VM {} as {}; detach it first",
-            a.vm_name, a.disk
-        )));
-    }
+    // remove() refuses an attached volume (409).
     let (st, p, n) = (state.clone(), project.to_string(), name.clone());
     crate::intents::run(
         state.store.clone(),
