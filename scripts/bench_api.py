@@ -30,9 +30,9 @@ etcd store, etcd (Debian's etcd-server). Environment: VMS (1000), DURATION (wrk 
 10), CONNECTIONS (16), THREADS (wrk threads, 2), RESTARTS (3), STORES (embedded,etcd),
 KEEP (keep the data directories).
 """
-import datetime, http.client, json, os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, threading, time
+import datetime, http.client, json, os, re, resource, shutil, statistics, subprocess, sys, tempfile, threading, time
 
-from procs import kill_processes_under
+from procs import kill_processes_under, stop
 
 HOST = "127.0.0.1"
 API_PORT = 18091
@@ -113,14 +113,8 @@ class Api:
             time.sleep(poll)
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, 60)
 
 
 def start_etcd(work):
@@ -394,12 +388,7 @@ def bench_store(api_bin, images, store):
         if api is not None:
             api.stop()
         if etcd is not None:
-            etcd.terminate()
-            try:
-                etcd.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                etcd.kill()
-                etcd.wait()
+            stop(etcd, 30)
         # A VMM left running from this data directory (none is started here) is ours:
         # stop it by PID.
         kill_processes_under(data)

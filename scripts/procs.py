@@ -2,6 +2,7 @@
 
 import os
 import signal
+import subprocess
 
 
 def kill_processes_under(path):
@@ -19,3 +20,16 @@ def kill_processes_under(path):
         except OSError:
             pass
     return killed
+
+
+def stop(proc, timeout):
+    """SIGTERM `proc` (a subprocess.Popen), SIGKILL it if it has not exited after
+    `timeout` seconds, and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -6,14 +6,13 @@ Usage: schemathesis_run.py HEARTH_API SCHEMATHESIS IMAGES_DIR MAX_TIME"""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-from procs import kill_processes_under
+from procs import kill_processes_under, stop
 
 api_bin, st_bin, images, max_time = sys.argv[1:5]
 LISTEN = "127.0.0.1:18080"
@@ -79,12 +78,7 @@ def main():
                 time.sleep(0.3)
         except Exception as e:  # the api may be the thing that broke
             print(f"cleanup through the api failed: {e}", file=sys.stderr)
-        api.send_signal(signal.SIGTERM)
-        try:
-            api.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            api.kill()
-            api.wait()
+        stop(api, 30)
         kill_processes_under(data)
         if status != 0:
             print("---- hearth-api log (last 60 lines) ----")

@@ -38,14 +38,14 @@ fn key(kind: Kind, project: &str, name: &str) -> String {
     format!("intents/{}/{project}/{name}", kind.as_str())
 }
 
-/// A change in progress; [`Intent::end`] when it is complete (or undone).
+/// A change in progress, ended by [`run`] when it is complete (or undone).
 #[must_use = "an intent left in the store makes the next start remove the resource"]
-pub struct Intent {
+struct Intent {
     key: String,
 }
 
 /// Records that `action` on `kind` `name` of `project` begins.
-pub async fn begin(
+async fn begin(
     store: &dyn StateStore,
     kind: Kind,
     project: &str,
@@ -65,7 +65,7 @@ pub async fn begin(
 }
 
 impl Intent {
-    pub async fn end(self, store: &dyn StateStore) -> Result<(), ApiError> {
+    async fn end(self, store: &dyn StateStore) -> Result<(), ApiError> {
         store.delete(&self.key).await?;
         Ok(())
     }

@@ -493,14 +493,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
             }
         })?;
     }
-    let mut spec = vm_spec(rec, &image)?;
-    spec.disks = boot_disks(state, rec, &image, "").await?;
-    for v in &rec.volumes {
-        spec.disks
-            .push(crate::volumes::disk_spec(state, &rec.project, v).await?);
-    }
-    let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
-    state.live.observe(&defined);
+    define(state, rec, &image, None).await?;
     if rec.desired_running != Some(true) {
         return Ok(false);
     }
@@ -602,12 +595,14 @@ async fn boot_disks(
     state: &AppState,
     rec: &VmRecord,
     image: &imaged::ImageInfo,
-    op_id: &str,
+    op_id: Option<&str>,
 ) -> Result<Vec<vmm_manager::spec::DiskSpec>, ApiError> {
     use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
     let mut disks = Vec::new();
     if let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) {
-        state.ops.progress(op_id, "cloning the root disk from the image").await;
+        if let Some(op) = op_id {
+            state.ops.progress(op, "cloning the root disk from the image").await;
+        }
         let spec = blockd::service::VolumeSpec {
             size_bytes: root.size_bytes,
             source: Some(blockd::service::VolumeSource::ImageClone {
@@ -634,7 +629,9 @@ async fn boot_disks(
         });
     }
     if rec.seed {
-        state.ops.progress(op_id, "writing the cloud-init seed").await;
+        if let Some(op) = op_id {
+            state.ops.progress(op, "writing the cloud-init seed").await;
+        }
         let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
         disks.push(DiskSpec {
             id: "seed".into(),
@@ -702,17 +699,29 @@ pub(crate) async fn undo_create(state: &AppState, rec: &VmRecord) {
     let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
 }
 
+/// Gives vmm-manager the VM as its record describes it: root disk and seed, data
+/// volumes, NICs. Progress goes to operation `op_id` when there is one.
+async fn define(
+    state: &AppState,
+    rec: &VmRecord,
+    image: &imaged::ImageInfo,
+    op_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let mut spec = vm_spec(rec, image)?;
+    spec.disks = boot_disks(state, rec, image, op_id).await?;
+    for v in &rec.volumes {
+        spec.disks
+            .push(crate::volumes::disk_spec(state, &rec.project, v).await?);
+    }
+    let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
+    state.live.observe(&defined);
+    Ok(())
+}
+
 async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageInfo, op_id: String, start: bool) {
     let result = async {
         state.ops.progress(&op_id, "defining the VM").await;
-        let mut spec = vm_spec(&rec, &image)?;
-        spec.disks = boot_disks(&state, &rec, &image, &op_id).await?;
-        for v in &rec.volumes {
-            spec.disks
-                .push(crate::volumes::disk_spec(&state, &rec.project, v).await?);
-        }
-        let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
-        state.live.observe(&defined);
+        define(&state, &rec, &image, Some(&op_id)).await?;
         let mut ready = rec.clone();
         ready.phase = Phase::Ready;
         state.store.put(&vm_key(&rec.id), store::encode(&ready)).await?;
