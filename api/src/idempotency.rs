@@ -39,6 +39,11 @@ struct Entry {
     created_at_ms: u64,
     /// `None` while the first request runs.
     response: Option<Stored>,
+    /// The api process running it ([`AppState::instance`]). A claim without an answer
+    /// from a process that is gone was cut short by a crash; the reconciler undid what
+    /// it had begun, so a retry runs the request afresh.
+    #[serde(default)]
+    instance: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,11 +95,21 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
         fingerprint: fingerprint.clone(),
         created_at_ms: now,
         response: None,
+        instance: Some(state.instance.clone()),
     };
     let expected = match store::get_json::<Entry>(state.store.as_ref(), &record).await? {
         None => None,
         // Expired: the key may be used afresh.
         Some((old, rev)) if now.saturating_sub(old.created_at_ms) > TTL_MS => Some(rev),
+        // Cut short by a crash of the api that took it (one api per store).
+        Some((old, rev))
+            if old.response.is_none()
+                && old.fingerprint == fingerprint
+                && old.instance.as_deref() != Some(state.instance.as_str()) =>
+        {
+            tracing::info!("an Idempotency-Key claimed by an api process that is gone is run afresh");
+            Some(rev)
+        }
         Some((old, _)) => return Ok(answer_repeat(&old, &fingerprint)),
     };
     let revision = match state
@@ -128,6 +143,7 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
         let _ = state.store.delete(&record).await;
     } else {
         let done = Entry {
+            instance: Some(state.instance.clone()),
             fingerprint,
             created_at_ms: now,
             response: Some(Stored {

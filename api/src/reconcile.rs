@@ -14,7 +14,10 @@
 //! hand under another name stays.
 //!
 //! Networks and volumes whose create or delete a crash cut short (an intent marker is
-//! left, see [`crate::intents`]) are removed completely.
+//! left, see [`crate::intents`]) are removed completely; a VM name claimed by a create
+//! that died before recording its VM is freed. Operations the previous process left
+//! running are then settled ([`settle_interrupted`]): succeeded when the pass finished
+//! their work, failed with a message otherwise.
 //!
 //! It runs once per start and assumes one api process per store.
 
@@ -44,6 +47,8 @@ pub struct Report {
     /// short, removed completely.
     pub networks_removed: Vec<String>,
     pub volumes_removed: Vec<String>,
+    /// VM names (`<project>/<name>`) a crash left claimed by no VM, freed.
+    pub names_freed: Vec<String>,
     /// How many records and daemon objects the pass looked at.
     #[serde(skip)]
     pub examined: usize,
@@ -69,6 +74,7 @@ impl Report {
             + self.redefined.len()
             + self.networks_removed.len()
             + self.volumes_removed.len()
+            + self.names_freed.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -82,6 +88,7 @@ impl Report {
             && self.not_redefined.is_empty()
             && self.networks_removed.is_empty()
             && self.volumes_removed.is_empty()
+            && self.names_freed.is_empty()
     }
 }
 
@@ -128,6 +135,17 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     let mut ready = Vec::new();
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
     report.examined += records.len();
+    // A create claims the VM's name before it records the VM: a crash in between
+    // leaves a name that no VM holds, which would refuse that name for ever.
+    let ids: BTreeSet<&str> = records.iter().map(|(r, _)| r.id.as_str()).collect();
+    for (key, v) in state.store.list("vm-names/").await? {
+        report.examined += 1;
+        let holder = serde_json::from_slice::<String>(&v.value).unwrap_or_default();
+        if !ids.contains(holder.as_str()) {
+            state.store.delete(&key).await?;
+            report.names_freed.push(key["vm-names/".len()..].to_string());
+        }
+    }
     for (rec, _) in records {
         match rec.phase {
             Phase::Ready => {
@@ -236,6 +254,70 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
         report.orphan_claims.push(format!("{project}/{volume}"));
     }
     Ok(report)
+}
+
+/// Settles the operations the previous process left running, once the pass has
+/// finished or undone their work: a VM delete the pass finished succeeded; a VM create
+/// whose VM is whole succeeded, after starting the VM if it was to be started (the
+/// crash may have come between defining and starting it); anything else failed with a
+/// message saying what to do.
+pub async fn settle_interrupted(state: &AppState, report: Option<&Report>) {
+    let interrupted = std::mem::take(&mut *state.interrupted.lock().unwrap_or_else(|p| p.into_inner()));
+    if !interrupted.is_empty() {
+        tracing::info!(
+            count = interrupted.len(),
+            "settling the operations the previous api process left running"
+        );
+    }
+    for op in interrupted {
+        let finished = report.is_some_and(|r| r.deletes_finished.contains(&op.target_id));
+        let outcome = match op.kind.as_str() {
+            "vm.delete" if finished => Ok(()),
+            "vm.create" if !report.is_some_and(|r| r.creates_undone.contains(&op.target_id)) => {
+                finish_create(state, &op.target_id).await
+            }
+            "vm.create" => Err(ApiError::unavailable(
+                "the api restarted before the VM was made; nothing of it was kept; retry the create",
+            )),
+            _ => Err(ApiError::unavailable(
+                "the api restarted while this operation ran; retry it",
+            )),
+        };
+        match outcome {
+            Ok(()) => {
+                state.ops.progress(&op.id, "finished after the api restarted").await;
+                state.ops.succeed(&op.id).await;
+            }
+            Err(e) => state.ops.fail(&op.id, &e).await,
+        }
+    }
+}
+
+/// A create cut short after its VM was recorded whole: started when it was to be.
+async fn finish_create(state: &AppState, id: &str) -> Result<(), ApiError> {
+    let Some((rec, _)) = store::get_json::<VmRecord>(state.store.as_ref(), &crate::vms::vm_key(id)).await? else {
+        return Err(ApiError::unavailable(
+            "the api restarted while the VM was made and it is gone; retry the create",
+        ));
+    };
+    if rec.phase != Phase::Ready {
+        return Err(ApiError::unavailable(
+            "the api restarted while this operation ran; retry it",
+        ));
+    }
+    if rec.desired_running == Some(true) {
+        let vm = state.vmm.get(id).await.map_err(crate::vms::upstream)?;
+        use vmm_manager::VmState;
+        if matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
+            let started = state
+                .vmm
+                .action(id, "start", false)
+                .await
+                .map_err(crate::vms::upstream)?;
+            state.live.observe(&started);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -71,6 +71,11 @@ pub struct AppState {
     pub vm_list: crate::vm_list::ListCache,
     /// The start-time reconcile pass, once it ran.
     pub reconciled: std::sync::Mutex<Option<crate::reconcile::Pass>>,
+    /// This process's identity (random per start): marks the Idempotency-Keys it runs.
+    pub instance: String,
+    /// Operations the previous api process left running, until the start-time
+    /// reconcile pass settles them.
+    pub interrupted: std::sync::Mutex<Vec<crate::model::Operation>>,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -200,29 +205,30 @@ async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>)
 
 /// Opens the store, makes the admin key, and marks operations a previous run left
 /// unfinished as failed (their tasks died with it).
+/// How long a call to a daemon waits for it to come back (systemd restarts a daemon
+/// that died after 2 s) before the operation fails with 503.
+pub const DAEMON_RESTART: Duration = Duration::from_secs(20);
+
 pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = store::open(&config.store, &config.data_dir).await?;
     auth::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
     let events = Arc::new(crate::events::Events::default());
     let ops = Operations::new(store.clone(), events.clone());
-    for op in ops.list().await? {
-        if op.status == crate::model::OperationStatus::Running {
-            let mut done = op.clone();
-            done.status = crate::model::OperationStatus::Failed;
-            done.error = Some(ApiError::unavailable("the api restarted while this operation ran; retry it").body);
-            done.updated_at_ms = vmm_manager::spec::now_ms();
-            store
-                .put(&format!("operations/{}", op.id), store::encode(&done))
-                .await?;
-        }
-    }
+    // Operations the previous process was running: the reconciler finishes or undoes
+    // their work, then settles them (before the api serves).
+    let interrupted = ops
+        .list()
+        .await?
+        .into_iter()
+        .filter(|op| op.status == crate::model::OperationStatus::Running)
+        .collect();
     let auth_limit = config.auth_failures_per_minute;
     Ok(Arc::new(AppState {
-        vmm: VmmClient::new(config.socket("vmm-manager")),
-        images: imaged::client::ImagedClient::new(config.socket("imaged")),
-        netd: netd::http::client::NetdClient::new(config.socket("netd")),
-        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")),
+        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(DAEMON_RESTART),
+        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(DAEMON_RESTART),
+        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(DAEMON_RESTART),
+        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(DAEMON_RESTART),
         tickets: Default::default(),
         events,
         config,
@@ -232,6 +238,8 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         live: Default::default(),
         vm_list: Default::default(),
         reconciled: Default::default(),
+        instance: uuid::Uuid::new_v4().to_string(),
+        interrupted: std::sync::Mutex::new(interrupted),
     }))
 }
 
@@ -287,6 +295,7 @@ pub async fn run(
             let path = config.socket(name);
             let listener = socket_http::server::bind_unix(&path).await?;
             let stop = stop();
+            let router = socket_http::server::run_to_completion(router);
             daemons.spawn(async move {
                 let r = axum::serve(listener, router).with_graceful_shutdown(stop).await;
                 let _ = std::fs::remove_file(&path);
@@ -299,7 +308,9 @@ pub async fn run(
     networks::migrate(&state).await?;
     // Before serving: repair what a crash of the previous process left half done.
     let started = std::time::Instant::now();
-    match crate::reconcile::reconcile(&state).await {
+    let reconciled = crate::reconcile::reconcile(&state).await;
+    crate::reconcile::settle_interrupted(&state, reconciled.as_ref().ok()).await;
+    match reconciled {
         Ok(r) => {
             let pass = crate::reconcile::Pass {
                 seconds: started.elapsed().as_secs_f64(),
@@ -324,7 +335,8 @@ pub async fn run(
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hearth-api serving");
-    let app = router(state);
+    // A request the api accepted runs to its end even if its client hangs up.
+    let app = socket_http::server::run_to_completion(router(state));
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),

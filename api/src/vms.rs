@@ -24,7 +24,7 @@ use crate::store;
 
 type AppS = State<Arc<AppState>>;
 
-fn vm_key(id: &str) -> String {
+pub(crate) fn vm_key(id: &str) -> String {
     format!("vms/{id}")
 }
 fn name_key(project: &str, name: &str) -> String {

@@ -178,6 +178,12 @@ pub mod client {
                 http: UnixClient::new(socket).with_timeout(std::time::Duration::from_secs(600)),
             }
         }
+
+        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
+        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
+            self.http = self.http.with_retry(window);
+            self
+        }
         pub async fn pool(&self) -> Result<PoolStatus, ClientError> {
             self.http.get("/pool").await
         }

@@ -429,6 +429,12 @@ pub mod client {
             }
         }
 
+        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
+        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
+            self.http = self.http.with_retry(window);
+            self
+        }
+
         /// Looks an image up (a catalog recipe is imported first, which takes a while).
         pub async fn get(&self, name: &str) -> Result<ImageInfo, ClientError> {
             self.http

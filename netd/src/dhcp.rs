@@ -156,10 +156,22 @@ fn stop_stale(dir: &Path) {
         // SAFETY: kill only takes integers; the process was checked to be our dnsmasq.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         for _ in 0..50 {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            if !running(pid) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Whether `pid` is a live process. A dnsmasq left by a netd that was killed belongs to
+/// whoever adopted it; until that process reaps it, it stays a zombie: exited.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
     }
 }

@@ -111,6 +111,12 @@ pub mod client {
                 http: UnixClient::new(socket),
             }
         }
+
+        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
+        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
+            self.http = self.http.with_retry(window);
+            self
+        }
         pub async fn networks(&self) -> Result<Vec<NetworkStatus>, ClientError> {
             self.http.get("/networks").await
         }

@@ -275,6 +275,7 @@ impl NetworkService {
                 state.ports.insert(port.id.clone(), port);
             }
         }
+        Self::match_addresses_to_ports(&mut state)?;
         let svc = Arc::new(Self {
             config,
             nl,
@@ -297,6 +298,30 @@ impl NetworkService {
             }
         });
         Ok(svc)
+    }
+
+    /// A netd killed between writing a port's file and committing its address (or the
+    /// other way round, or half way through a delete) leaves the two disagreeing: an
+    /// address without a port is released, a port's missing address taken again.
+    fn match_addresses_to_ports(state: &mut State) -> Result<(), NetError> {
+        let State { networks, ports } = state;
+        for (name, net) in networks.iter_mut() {
+            net.ipam.begin_batch();
+            for a in net.ipam.list() {
+                if ports.get(&a.owner).is_none_or(|p| &p.network != name) {
+                    tracing::warn!(network = %name, owner = %a.owner, ip = %a.ip, "releasing an address no port holds");
+                    net.ipam.release(&a.owner)?;
+                }
+            }
+            for p in ports.values().filter(|p| &p.network == name) {
+                if net.ipam.get(&p.id) != Some(p.ip) {
+                    tracing::warn!(network = %name, port = %p.id, ip = %p.ip, "taking back a port's address");
+                    net.ipam.allocate(&p.id, Some(&p.mac), Some(p.ip))?;
+                }
+            }
+            net.ipam.commit()?;
+        }
+        Ok(())
     }
 
     fn net_dir(config: &NetdConfig, name: &str) -> PathBuf {
@@ -411,12 +436,18 @@ impl NetworkService {
                 "network {name} still has ports attached: {attached:?}"
             )));
         }
+        // The record goes first: whatever happens after, a restart does not bring the
+        // network back, and links no network wants are removed by the reconcile pass.
+        match std::fs::remove_dir_all(Self::net_dir(&self.config, name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         if let Some(mut net) = st.networks.remove(name) {
             net.dhcp = None;
         }
         self.nl.delete(&vxlan_name(name)).await?;
         self.nl.delete(&bridge_name(name)).await?;
-        std::fs::remove_dir_all(Self::net_dir(&self.config, name))?;
         self.apply_firewall(&st)?;
         Ok(())
     }
@@ -592,17 +623,26 @@ impl NetworkService {
 
     pub async fn delete_port(&self, id: &str) -> Result<(), NetError> {
         let mut st = self.state.lock().await;
-        let Some(port) = st.ports.remove(id) else { return Ok(()) };
-        tap::delete_tap(&port.tap).map_err(host_error)?;
-        firewall::remove_port(&port_rules(&port)).map_err(host_error)?;
-        if let Some(net) = st.networks.get_mut(&port.network) {
-            net.ipam.release(id)?;
-        }
+        let Some(port) = st.ports.get(id).cloned() else {
+            return Ok(());
+        };
+        // The record goes first (a restart then releases the address and removes the
+        // TAP), the port leaves the table last (a failure half way can be retried).
         match std::fs::remove_file(self.port_file(id)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
+        if let Err(e) = tap::delete_tap(&port.tap) {
+            // In use by a VMM, say: the port stays as it was.
+            write_json(&self.port_file(id), &port)?;
+            return Err(host_error(e));
+        }
+        firewall::remove_port(&port_rules(&port)).map_err(host_error)?;
+        if let Some(net) = st.networks.get_mut(&port.network) {
+            net.ipam.release(id)?;
+        }
+        st.ports.remove(id);
         self.update_dhcp(&st, &port.network)?;
         Ok(())
     }

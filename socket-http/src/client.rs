@@ -77,6 +77,30 @@ pub struct RawResponse {
 pub struct UnixClient {
     socket: PathBuf,
     timeout: Duration,
+    retry_for: Duration,
+}
+
+/// Whether a failed exchange may be sent again: the request never reached the server
+/// (no socket, or nothing listening: a daemon restarting), or the connection broke
+/// before the answer and the method may be repeated without changing the outcome
+/// (GET, PUT, DELETE, HEAD; hearth's daemons make PUT and DELETE idempotent).
+fn may_retry(repeatable: bool, e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+        ),
+        ClientError::Transport { .. } => repeatable,
+        _ => false,
+    }
+}
+
+/// Methods whose repetition has the effect of one request.
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::PUT | Method::DELETE | Method::HEAD)
 }
 
 impl UnixClient {
@@ -84,11 +108,20 @@ impl UnixClient {
         Self {
             socket: socket.into(),
             timeout: Duration::from_secs(120),
+            retry_for: Duration::ZERO,
         }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Rides out a restart of the server: a request that could not be delivered, or an
+    /// idempotent one whose connection broke before the answer, is sent again (with
+    /// growing pauses up to 0.5 s) for up to `window`. Off by default.
+    pub fn with_retry(mut self, window: Duration) -> Self {
+        self.retry_for = window;
         self
     }
 
@@ -98,13 +131,36 @@ impl UnixClient {
 
     /// Sends one request and returns status and body, whatever the status.
     pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
-        let fut = self.raw_inner(method, path, body);
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout {
-                socket: self.socket.clone(),
-                timeout: self.timeout,
-            }),
+        let repeatable = idempotent(&method);
+        self.exchange(method, path, body, repeatable).await
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        repeatable: bool,
+    ) -> Result<RawResponse, ClientError> {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let fut = self.raw_inner(method.clone(), path, body.clone());
+            let result = match tokio::time::timeout(self.timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Timeout {
+                    socket: self.socket.clone(),
+                    timeout: self.timeout,
+                }),
+            };
+            match result {
+                Err(e) if may_retry(repeatable, &e) && started.elapsed() + pause <= self.retry_for => {
+                    tracing::debug!(socket = %self.socket.display(), %method, path, "retrying: {e}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -209,6 +265,30 @@ impl UnixClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        let repeatable = idempotent(&method);
+        self.call_with(method, path, body, repeatable).await
+    }
+
+    /// [`UnixClient::call`] for a POST whose repetition has the effect of one request
+    /// (an "ensure" such as starting a VM that may already run): with
+    /// [`UnixClient::with_retry`] it is sent again when the connection broke before the
+    /// answer.
+    pub async fn call_repeatable<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        self.call_with(method, path, body, true).await
+    }
+
+    async fn call_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        repeatable: bool,
+    ) -> Result<T, ClientError> {
         let encoded = match body {
             Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::Decode {
                 socket: self.socket.clone(),
@@ -216,7 +296,7 @@ impl UnixClient {
             })?),
             None => None,
         };
-        let resp = self.raw(method, path, encoded).await?;
+        let resp = self.exchange(method, path, encoded, repeatable).await?;
         if !resp.status.is_success() {
             return Err(self.api_error(&resp));
         }

@@ -4,8 +4,29 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use axum::response::IntoResponse;
 use axum::Router;
 use tokio::net::UnixListener;
+
+/// Lets every request the router accepted run to its end even when the client hangs
+/// up or dies half way (hyper drops a handler's future when its connection closes).
+/// A daemon's change is several steps (an interface, then a file, then its record):
+/// cut between two of them it would leave half a resource that the next start could
+/// bring back. The client sees the answer it waited for, or a broken connection and
+/// asks again; the daemons' PUT and DELETE are idempotent.
+pub fn run_to_completion(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(
+        |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            match tokio::spawn(next.run(req)).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::error!("a request handler failed: {e}");
+                    crate::ApiError::internal("the request handler failed").into_response()
+                }
+            }
+        },
+    ))
+}
 
 /// Binds `path`, replacing a stale socket file left by a dead process, but refusing
 /// when a live process still answers on it (two daemons must never share a socket).
@@ -36,7 +57,9 @@ pub async fn serve_unix(
 ) -> io::Result<()> {
     let listener = bind_unix(&path).await?;
     tracing::info!(socket = %path.display(), "listening");
-    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, run_to_completion(router))
+        .with_graceful_shutdown(shutdown)
+        .await;
     let _ = std::fs::remove_file(&path);
     result
 }

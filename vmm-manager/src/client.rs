@@ -22,6 +22,12 @@ impl VmmClient {
         }
     }
 
+    /// Rides out a restart of vmm-manager (see [`UnixClient::with_retry`]).
+    pub fn with_retry(mut self, window: std::time::Duration) -> Self {
+        self.http = self.http.with_retry(window);
+        self
+    }
+
     pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
         self.http.get("/vms").await
     }
@@ -70,9 +76,14 @@ impl VmmClient {
 
     pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
-        self.http
-            .call::<(), VmInfo>(Method::POST, &format!("/vms/{id}/{action}{q}"), None)
-            .await
+        let path = format!("/vms/{id}/{action}{q}");
+        // Starting a VM that runs, or stopping one that is stopped, changes nothing:
+        // those two may be sent again when vmm-manager died before answering.
+        if matches!(action, "start" | "stop") {
+            self.http.call_repeatable::<(), VmInfo>(Method::POST, &path, None).await
+        } else {
+            self.http.call::<(), VmInfo>(Method::POST, &path, None).await
+        }
     }
 
     pub async fn console_log(&self, id: &str, max_bytes: usize) -> Result<bytes::Bytes, ClientError> {

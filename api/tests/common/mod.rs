@@ -115,12 +115,15 @@ pub fn cloud_hypervisor_binary() -> String {
     })
 }
 
-/// A running all-in-one stack.
+/// A running stack: `hearth-api --all-in-one`, or ([`Stack::start_separate`]) the api
+/// and each daemon as a process of its own.
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub key: String,
     pub args: Vec<String>,
+    /// The daemons' own processes, when they do not run inside the api.
+    pub daemons: Option<Daemons>,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -135,6 +138,31 @@ impl Stack {
             child: None,
             key: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            daemons: None,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        stack.spawn().await;
+        stack
+    }
+
+    /// vmm-manager, netd, blockd, imaged and the api each as its own process, started
+    /// the way the systemd units start them (`<program> --config hearth.toml`), with
+    /// every path of the file pointing into the test's data directory.
+    pub async fn start_separate(extra: &[&str]) -> Stack {
+        let dir = tempfile::Builder::new()
+            .prefix("hearth-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut daemons = Daemons::new(dir.path());
+        for name in DAEMONS {
+            daemons.spawn(name).await;
+        }
+        let mut stack = Stack {
+            dir,
+            child: None,
+            key: String::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            daemons: Some(daemons),
             http: Client::builder(TokioExecutor::new()).build_http(),
         };
         stack.spawn().await;
@@ -156,17 +184,22 @@ impl Stack {
             .open(self.dir.path().join("api.log"))
             .expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
-        if !self.args.iter().any(|a| a == "--cloud-hypervisor-binary") {
-            cmd.arg("--cloud-hypervisor-binary").arg(cloud_hypervisor_binary());
+        if let Some(d) = &self.daemons {
+            cmd.arg("--config").arg(&d.config);
+        } else {
+            if !self.args.iter().any(|a| a == "--cloud-hypervisor-binary") {
+                cmd.arg("--cloud-hypervisor-binary").arg(cloud_hypervisor_binary());
+            }
+            if !self.args.iter().any(|a| a == "--qemu-accel") {
+                cmd.args(["--qemu-accel", "tcg"]);
+            }
+            cmd.args(["--all-in-one", "--stop-timeout", "20"])
+                .arg("--images-dir")
+                .arg(images_dir());
         }
-        if !self.args.iter().any(|a| a == "--qemu-accel") {
-            cmd.args(["--qemu-accel", "tcg"]);
-        }
-        cmd.args(["--all-in-one", "--listen", LISTEN, "--stop-timeout", "20"])
+        cmd.args(["--listen", LISTEN])
             .arg("--data-dir")
             .arg(self.dir.path())
-            .arg("--images-dir")
-            .arg(images_dir())
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -238,30 +271,16 @@ impl Stack {
         key: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, http::HeaderMap, Value), String> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.url()));
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
+        self.client().request_with(method, path, body, key, headers).await
+    }
+
+    /// A handle for requests that does not borrow the stack (so the test may restart
+    /// the api meanwhile).
+    pub fn client(&self) -> ApiClient {
+        ApiClient {
+            http: self.http.clone(),
+            key: self.key.clone(),
         }
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let payload = body.map(Bytes::copy_from_slice).unwrap_or_default();
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        let resp = self
-            .http
-            .request(req.body(Full::new(payload)).map_err(|e| e.to_string())?)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, headers, value))
     }
 
     /// An authenticated request; panics when the api cannot be reached.
@@ -446,11 +465,14 @@ impl Stack {
     }
 
     pub fn vmm_processes(&self) -> Vec<(u32, String)> {
-        let api = self.child.as_ref().map(|c| c.id());
+        let mut ours: Vec<u32> = self.child.iter().map(|c| c.id()).collect();
+        if let Some(d) = &self.daemons {
+            ours.extend(d.children.iter().map(|(_, c)| c.id()));
+        }
         // dnsmasq (netd's DHCP server) also names the data directory; it is not a VMM.
         self.processes_using_data_dir()
             .into_iter()
-            .filter(|(pid, cmd)| Some(*pid) != api && !cmd.contains("dnsmasq"))
+            .filter(|(pid, cmd)| !ours.contains(pid) && !cmd.contains("dnsmasq"))
             .collect()
     }
 
@@ -467,12 +489,202 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("HEARTH_KEEP_TEST_DIR").is_some() {
+            eprintln!("HEARTH_KEEP_TEST_DIR: kept {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
+        }
         self.stop_api(libc::SIGKILL);
+        if let Some(d) = &mut self.daemons {
+            for name in DAEMONS {
+                d.kill(name, libc::SIGKILL);
+            }
+        }
         // Whatever the test left running (it failed half way), stop it: only processes
         // whose command line names this stack's private data directory.
         for (pid, _) in self.processes_using_data_dir() {
             // SAFETY: signals a process this stack started (identified by its data dir).
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Requests to the stack's api, independent of the [`Stack`] value.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// The admin key.
+    pub key: String,
+}
+
+impl ApiClient {
+    /// A request with extra headers; returns the response's headers too.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, http::HeaderMap, Value), String> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{LISTEN}{path}"));
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let payload = body.map(Bytes::copy_from_slice).unwrap_or_default();
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(payload)).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok((status, headers, value))
+    }
+}
+
+/// The daemons, in the order their systemd units start.
+pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
+
+/// hearth's daemons as processes of their own, each started as
+/// `<program> --config <dir>/hearth.toml` (what the systemd units run), logging to
+/// `<dir>/<program>.log`. Stopped by PID.
+pub struct Daemons {
+    dir: PathBuf,
+    pub config: PathBuf,
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Daemons {
+    /// Writes the configuration: sockets under `<dir>/run` (the api's `socket_dir`),
+    /// state under `<dir>`, QEMU under TCG, the test's Cloud Hypervisor and images.
+    pub fn new(dir: &Path) -> Daemons {
+        let d = dir.display();
+        let config = dir.join("hearth.toml");
+        let text = format!(
+            r#"[api]
+socket_dir = "{d}/run"
+
+[vmm-manager]
+socket = "{d}/run/vmm-manager.sock"
+run_dir = "{d}/run"
+accel = "tcg"
+stop_timeout = 20
+cloud_hypervisor_binary = "{ch}"
+
+[netd]
+socket = "{d}/run/netd.sock"
+state_dir = "{d}/netd"
+
+[blockd]
+socket = "{d}/run/blockd.sock"
+pool = "file:{d}/volumes"
+state_dir = "{d}/blockd"
+socket_dir = "{d}/run/blockd"
+nbd_unix = "{d}/run/blockd/nbd.sock"
+
+[imaged]
+socket = "{d}/run/imaged.sock"
+store_dir = "{d}/imaged"
+seeds_dir = "{d}/imaged/seeds"
+catalog_dir = "{images}"
+"#,
+            ch = cloud_hypervisor_binary(),
+            images = images_dir().display(),
+        );
+        std::fs::write(&config, text).expect("hearth.toml");
+        Daemons {
+            dir: dir.to_path_buf(),
+            config,
+            children: Vec::new(),
+        }
+    }
+
+    /// A daemon's binary: built next to `hearth-api` by `cargo build --workspace`
+    /// (`cargo test --workspace` does that).
+    fn binary(name: &str) -> PathBuf {
+        let bin = Path::new(env!("CARGO_BIN_EXE_hearth-api"))
+            .parent()
+            .expect("bin dir")
+            .join(name);
+        assert!(
+            bin.is_file(),
+            "{} is missing: run `cargo build --workspace --bins` first",
+            bin.display()
+        );
+        bin
+    }
+
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("run/{name}.sock"))
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Starts `name` and waits until it answers `GET /health` on its socket.
+    pub async fn spawn(&mut self, name: &'static str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .expect("log");
+        let child = Command::new(Self::binary(name))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.children.push((name, child));
+        let client = socket_http::UnixClient::new(self.socket(name)).with_timeout(Duration::from_secs(2));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.get::<Value>("/health").await.is_ok() {
+                return;
+            }
+            if let Some((_, c)) = self.children.iter_mut().find(|(n, _)| *n == name) {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("{name} exited with {status}: {}", self.log(name));
+                }
+            }
+            assert!(Instant::now() < deadline, "{name} did not answer: {}", self.log(name));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| *n == name).map(|(_, c)| c.id())
+    }
+
+    /// Sends `signal` to the daemon and reaps it.
+    pub fn kill(&mut self, name: &str, signal: i32) {
+        if let Some(i) = self.children.iter().position(|(n, _)| *n == name) {
+            let (_, mut child) = self.children.remove(i);
+            // SAFETY: signals only a daemon process this harness started.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for name in DAEMONS {
+            self.kill(name, libc::SIGKILL);
         }
     }
 }
