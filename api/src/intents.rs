@@ -9,13 +9,15 @@
 //! [`run`] does the work in a task of its own, so a client that hangs up mid-request
 //! cannot leave a marker behind in a running api, and handlers check that a name is
 //! free before they take the marker, so a marker never stands for something an earlier
-//! request made.
+//! request made. A marker names the api process that wrote it, so the periodic pass
+//! leaves alone the changes this process is making.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use socket_http::ApiError;
 
+use crate::server::AppState;
 use crate::store::{self, StateStore, StoreError};
 
 /// What a marker is about.
@@ -47,13 +49,18 @@ struct Intent {
 /// Records that `action` on `kind` `name` of `project` begins.
 async fn begin(
     store: &dyn StateStore,
+    instance: &str,
     kind: Kind,
     project: &str,
     name: &str,
     action: &str,
 ) -> Result<Intent, ApiError> {
     let key = key(kind, project, name);
-    let value = store::encode(&serde_json::json!({"action": action, "at_ms": vmm_manager::spec::now_ms()}));
+    let value = store::encode(&serde_json::json!({
+        "action": action,
+        "at_ms": vmm_manager::spec::now_ms(),
+        "instance": instance,
+    }));
     match store.compare_and_swap(&key, None, value).await {
         Ok(_) => Ok(Intent { key }),
         Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(format!(
@@ -74,7 +81,7 @@ impl Intent {
 /// Runs `work` holding the marker for `action` on `kind` `name`, to completion in a
 /// task of its own even when the request that started it goes away.
 pub async fn run<T: Send + 'static>(
-    store: Arc<dyn StateStore>,
+    state: &Arc<AppState>,
     kind: Kind,
     project: &str,
     name: &str,
@@ -82,8 +89,9 @@ pub async fn run<T: Send + 'static>(
     work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     let (project, name) = (project.to_string(), name.to_string());
+    let (store, instance) = (state.store.clone(), state.instance.clone());
     tokio::spawn(async move {
-        let intent = begin(store.as_ref(), kind, &project, &name, action).await?;
+        let intent = begin(store.as_ref(), &instance, kind, &project, &name, action).await?;
         let out = work.await;
         intent.end(store.as_ref()).await?;
         out
@@ -92,13 +100,18 @@ pub async fn run<T: Send + 'static>(
     .map_err(|e| ApiError::internal(format!("the {} {action} did not finish: {e}", kind.as_str())))?
 }
 
-/// The markers a previous process left: (kind, project, name).
-pub async fn left_over(store: &dyn StateStore) -> Result<Vec<(Kind, String, String)>, ApiError> {
+/// The markers no change of this process (`instance`) holds: those a crash left.
+/// (kind, project, name).
+pub async fn left_over(store: &dyn StateStore, instance: &str) -> Result<Vec<(Kind, String, String)>, ApiError> {
     Ok(store
         .list("intents/")
         .await?
         .into_iter()
-        .filter_map(|(k, _)| {
+        .filter_map(|(k, v)| {
+            let holder = serde_json::from_slice::<serde_json::Value>(&v.value).ok()?;
+            if holder["instance"] == instance {
+                return None;
+            }
             let mut parts = k.splitn(4, '/').skip(1);
             let kind = match parts.next()? {
                 "network" => Kind::Network,

@@ -162,6 +162,20 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         }
     }
 
+    let (passes, repairs): (Counter, Counter) = Default::default();
+    passes.inc_by(state.drift.passes.load(std::sync::atomic::Ordering::Relaxed));
+    repairs.inc_by(state.drift.repairs.load(std::sync::atomic::Ordering::Relaxed));
+    reg.register(
+        "reconcile_periodic_passes",
+        "Reconcile passes while the api served",
+        passes,
+    );
+    reg.register(
+        "reconcile_periodic_repairs",
+        "What the periodic reconcile passes changed (orphans removed, cut-short changes undone)",
+        repairs,
+    );
+
     let mut body = String::new();
     encode(&mut body, &reg).map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
     Ok((

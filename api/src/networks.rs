@@ -137,7 +137,7 @@ pub async fn create(
     }
     let (st, record) = (state.clone(), key(project, &req.name));
     let status = intents::run(
-        state.store.clone(),
+        &state,
         intents::Kind::Network,
         project,
         &req.name,
@@ -232,14 +232,9 @@ pub async fn delete(
         );
     }
     let (st, p, n) = (state.clone(), project.to_string(), name.clone());
-    intents::run(
-        state.store.clone(),
-        intents::Kind::Network,
-        project,
-        &name,
-        "delete",
-        async move { remove(&st, &p, &n).await },
-    )
+    intents::run(&state, intents::Kind::Network, project, &name, "delete", async move {
+        remove(&st, &p, &n).await
+    })
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -19,7 +19,9 @@
 //! running are then settled ([`settle_interrupted`]): succeeded when the pass finished
 //! their work, failed with a message otherwise.
 //!
-//! It runs once per start and assumes one api process per store.
+//! It runs at start, before the api serves, and then every `--reconcile-interval`
+//! ([`live`]: cut-short changes and orphans only). It assumes one api process per
+//! store.
 
 use std::collections::BTreeSet;
 
@@ -54,7 +56,14 @@ pub struct Report {
     pub examined: usize,
 }
 
-/// The figures of the last pass, for `/metrics`.
+/// Totals of the periodic passes, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub passes: std::sync::atomic::AtomicU64,
+    pub repairs: std::sync::atomic::AtomicU64,
+}
+
+/// The figures of the pass at start, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pass {
     pub seconds: f64,
@@ -104,13 +113,11 @@ fn vm_id_of_root_disk(volume: &str) -> Option<&str> {
     uuid::Uuid::parse_str(id).is_ok().then_some(id)
 }
 
-/// One pass. Daemons that do not answer are skipped (and said so in the log); the
-/// next start tries again.
-pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
-    let mut report = Report::default();
-    // Network and volume changes cut short: removed completely (their clients never
-    // got an answer). A marker that cannot be dealt with now stays for the next start.
-    for (kind, project, name) in crate::intents::left_over(state.store.as_ref()).await? {
+/// Network and volume changes cut short (a marker no change of this process holds):
+/// removed completely (their clients never got an answer). A marker that cannot be
+/// dealt with now stays for the next pass.
+async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), ApiError> {
+    for (kind, project, name) in crate::intents::left_over(state.store.as_ref(), &state.instance).await? {
         let (removed, list) = match kind {
             crate::intents::Kind::Network => (
                 crate::networks::remove(state, &project, &name).await,
@@ -131,6 +138,114 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
             }
         }
     }
+    Ok(())
+}
+
+/// What the daemons hold, read before the store in the periodic pass.
+struct Held {
+    vms: Option<Vec<vmm_manager::VmInfo>>,
+    ports: Option<Vec<netd::network::Port>>,
+    volumes: Option<Vec<blockd::volume::Volume>>,
+    claims: Vec<(String, store::Versioned)>,
+}
+
+impl Held {
+    async fn read(state: &AppState) -> Result<Held, ApiError> {
+        let vms = state
+            .vmm
+            .list()
+            .await
+            .map_err(|e| tracing::warn!("reconcile: vmm-manager did not answer: {e}"))
+            .ok();
+        let ports = state
+            .netd
+            .ports()
+            .await
+            .map_err(|e| tracing::warn!("reconcile: netd did not answer: {e}"))
+            .ok();
+        let volumes = state
+            .blockd
+            .volumes()
+            .await
+            .map_err(|e| tracing::warn!("reconcile: blockd did not answer: {e}"))
+            .ok();
+        let claims = state.store.list("volume-attachments/").await?;
+        Ok(Held {
+            vms,
+            ports,
+            volumes,
+            claims,
+        })
+    }
+}
+
+/// Removes what the daemons hold under names hearth derives from the id of a VM that
+/// is not in `known`: VMM definitions, ports, root disks (with seed and image lease),
+/// volume claims.
+async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, report: &mut Report) {
+    for vm in held.vms.iter().flatten() {
+        report.examined += 1;
+        if known.contains(&vm.spec.id) {
+            continue;
+        }
+        match state.vmm.delete(&vm.spec.id).await {
+            Ok(()) => report.orphan_vmms.push(vm.spec.id.clone()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
+        }
+    }
+    for p in held.ports.into_iter().flatten() {
+        report.examined += 1;
+        if vm_id_of_port(&p.id).is_some_and(|id| !known.contains(id)) {
+            match state.netd.delete_port(&p.id).await {
+                Ok(()) => report.orphan_ports.push(p.id),
+                Err(e) => tracing::warn!(port = %p.id, "cannot remove an orphan port: {e}"),
+            }
+        }
+    }
+    for v in held.volumes.into_iter().flatten() {
+        report.examined += 1;
+        let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !known.contains(*id)) else {
+            continue;
+        };
+        let id = id.to_string();
+        match state.blockd.delete_volume(&v.name).await {
+            Ok(()) => report.orphan_root_disks.push(v.name.clone()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(volume = %v.name, "cannot remove an orphan root disk: {e}"),
+        }
+        let _ = state.images.delete_seed(&id).await;
+        let _ = state.images.release(&id).await;
+    }
+    for (key, v) in held.claims {
+        let Ok(claim) = serde_json::from_slice::<crate::volumes::Attachment>(&v.value) else {
+            continue;
+        };
+        if known.contains(&claim.vm) {
+            continue;
+        }
+        // volume-attachments/<project>/<volume>
+        let mut parts = key.splitn(3, '/').skip(1);
+        let (Some(project), Some(volume)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let att = crate::model::AttachedVolume {
+            volume: volume.to_string(),
+            disk: claim.disk,
+            via: claim.via,
+            read_only: claim.read_only,
+        };
+        crate::volumes::release(state, project, &att).await;
+        report.orphan_claims.push(format!("{project}/{volume}"));
+    }
+}
+
+/// The pass at start, before the api serves (nothing of this process runs yet).
+/// Daemons that do not answer are skipped (and said so in the log); the periodic pass
+/// tries again.
+pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
+    let mut report = Report::default();
+    remove_cut_short(state, &mut report).await?;
     let mut known = BTreeSet::new();
     let mut ready = Vec::new();
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
@@ -163,97 +278,78 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
         }
     }
 
-    match state.vmm.list().await {
-        Ok(vms) => {
-            report.examined += vms.len();
-            for vm in vms.iter().filter(|v| !known.contains(&v.spec.id)) {
-                match state.vmm.delete(&vm.spec.id).await {
-                    Ok(()) => report.orphan_vmms.push(vm.spec.id.clone()),
-                    Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
-                }
-            }
-            // Records from before `desired_running` existed learn it from what runs.
-            for rec in ready.iter().filter(|r| r.desired_running.is_none()) {
-                if let Some(vm) = vms.iter().find(|v| v.spec.id == rec.id) {
-                    use vmm_manager::VmState;
-                    let running = matches!(vm.status.state, VmState::Starting | VmState::Running | VmState::Paused);
-                    if let Err(e) = crate::vms::set_desired_running(state, &rec.id, running).await {
-                        tracing::warn!(vm = %rec.id, "cannot record whether it should run: {}", e.body.message);
-                    }
-                }
-            }
-            let defined: BTreeSet<&str> = vms.iter().map(|v| v.spec.id.as_str()).collect();
-            for rec in ready.iter().filter(|r| !defined.contains(r.id.as_str())) {
-                match crate::vms::redefine(state, rec).await {
-                    Ok(started) => {
-                        report.redefined.push(rec.id.clone());
-                        if started {
-                            report.restarted.push(rec.id.clone());
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(vm = %rec.id, name = %rec.name, "cannot define the lost VM again: {}", e.body.message);
-                        report.not_redefined.push(format!("{}: {}", rec.id, e.body.message));
-                    }
+    let held = Held::read(state).await?;
+    if let Some(vms) = &held.vms {
+        // Records from before `desired_running` existed learn it from what runs.
+        for rec in ready.iter().filter(|r| r.desired_running.is_none()) {
+            if let Some(vm) = vms.iter().find(|v| v.spec.id == rec.id) {
+                use vmm_manager::VmState;
+                let running = matches!(vm.status.state, VmState::Starting | VmState::Running | VmState::Paused);
+                if let Err(e) = crate::vms::set_desired_running(state, &rec.id, running).await {
+                    tracing::warn!(vm = %rec.id, "cannot record whether it should run: {}", e.body.message);
                 }
             }
         }
-        Err(e) => tracing::warn!("reconcile: vmm-manager did not answer: {e}"),
-    }
-    match state.netd.ports().await {
-        Ok(ports) => {
-            report.examined += ports.len();
-            for p in ports {
-                if vm_id_of_port(&p.id).is_some_and(|id| !known.contains(id)) {
-                    match state.netd.delete_port(&p.id).await {
-                        Ok(()) => report.orphan_ports.push(p.id),
-                        Err(e) => tracing::warn!(port = %p.id, "cannot remove an orphan port: {e}"),
+        let defined: BTreeSet<&str> = vms.iter().map(|v| v.spec.id.as_str()).collect();
+        for rec in ready.iter().filter(|r| !defined.contains(r.id.as_str())) {
+            match crate::vms::redefine(state, rec).await {
+                Ok(started) => {
+                    report.redefined.push(rec.id.clone());
+                    if started {
+                        report.restarted.push(rec.id.clone());
                     }
                 }
-            }
-        }
-        Err(e) => tracing::warn!("reconcile: netd did not answer: {e}"),
-    }
-    match state.blockd.volumes().await {
-        Ok(volumes) => {
-            report.examined += volumes.len();
-            for v in volumes {
-                let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !known.contains(*id)) else {
-                    continue;
-                };
-                let id = id.to_string();
-                match state.blockd.delete_volume(&v.name).await {
-                    Ok(()) => report.orphan_root_disks.push(v.name.clone()),
-                    Err(e) => tracing::warn!(volume = %v.name, "cannot remove an orphan root disk: {e}"),
+                Err(e) => {
+                    tracing::error!(vm = %rec.id, name = %rec.name, "cannot define the lost VM again: {}", e.body.message);
+                    report.not_redefined.push(format!("{}: {}", rec.id, e.body.message));
                 }
-                let _ = state.images.delete_seed(&id).await;
-                let _ = state.images.release(&id).await;
             }
         }
-        Err(e) => tracing::warn!("reconcile: blockd did not answer: {e}"),
     }
-    for (key, v) in state.store.list("volume-attachments/").await? {
-        let Ok(claim) = serde_json::from_slice::<crate::volumes::Attachment>(&v.value) else {
-            continue;
-        };
-        if known.contains(&claim.vm) {
-            continue;
-        }
-        // volume-attachments/<project>/<volume>
-        let mut parts = key.splitn(3, '/').skip(1);
-        let (Some(project), Some(volume)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let att = crate::model::AttachedVolume {
-            volume: volume.to_string(),
-            disk: claim.disk,
-            via: claim.via,
-            read_only: claim.read_only,
-        };
-        crate::volumes::release(state, project, &att).await;
-        report.orphan_claims.push(format!("{project}/{volume}"));
-    }
+    remove_orphans(state, &known, held, &mut report).await;
     Ok(report)
+}
+
+/// The periodic pass, while the api serves: markers of changes cut short (by a crash,
+/// or left because a daemon was down at the last pass), and orphans. What the daemons
+/// hold is read *before* the store: a VM's record is written before any of its parts
+/// is made and removed after all of them, so a part read earlier whose VM has no
+/// record later is an orphan, never a VM being made. VMs being created or deleted
+/// are known (their operation runs in this process); VMs vmm-manager lost are defined
+/// again only at start.
+pub async fn live(state: &AppState) -> Result<Report, ApiError> {
+    let mut report = Report::default();
+    remove_cut_short(state, &mut report).await?;
+    let held = Held::read(state).await?;
+    let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
+    report.examined += records.len();
+    let known: BTreeSet<String> = records.into_iter().map(|(r, _)| r.id).collect();
+    remove_orphans(state, &known, held, &mut report).await;
+    Ok(report)
+}
+
+/// Runs [`live`] every `every` until the process ends, counting passes and repairs
+/// for `/metrics` and logging what it repaired.
+pub async fn periodically(state: std::sync::Arc<AppState>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let started = std::time::Instant::now();
+        match live(&state).await {
+            Ok(r) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                state.drift.passes.fetch_add(1, Relaxed);
+                state.drift.repairs.fetch_add(r.repairs() as u64, Relaxed);
+                if !r.is_empty() {
+                    tracing::warn!(examined = r.examined, ms = started.elapsed().as_secs_f64() * 1000.0,
+                        report = %serde_json::to_string(&r).unwrap_or_default(), "reconciled drift");
+                }
+            }
+            Err(e) => tracing::warn!("periodic reconcile failed: {e}"),
+        }
+    }
 }
 
 /// Settles the operations the previous process left running, once the pass has

@@ -35,6 +35,8 @@ pub struct ApiConfig {
     pub store: store::StoreLocation,
     /// Failed authentications per minute from one address before it gets 429s (0: no limit).
     pub auth_failures_per_minute: u32,
+    /// How often the reconciler looks for drift while the api serves (zero: only at start).
+    pub reconcile_interval: Duration,
 }
 
 impl ApiConfig {
@@ -69,13 +71,15 @@ pub struct AppState {
     pub live: Arc<crate::vm_list::LiveVms>,
     /// Rendered `GET /v1/vms` listings.
     pub vm_list: crate::vm_list::ListCache,
-    /// The start-time reconcile pass, once it ran.
+    /// The reconcile pass at start, once it ran.
     pub reconciled: std::sync::Mutex<Option<crate::reconcile::Pass>>,
     /// This process's identity (random per start): marks the Idempotency-Keys it runs.
     pub instance: String,
     /// Operations the previous api process left running, until the start-time
     /// reconcile pass settles them.
     pub interrupted: std::sync::Mutex<Vec<crate::model::Operation>>,
+    /// Totals of the periodic reconcile passes.
+    pub drift: crate::reconcile::Totals,
 }
 
 pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
@@ -240,6 +244,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         reconciled: Default::default(),
         instance: uuid::Uuid::new_v4().to_string(),
         interrupted: std::sync::Mutex::new(interrupted),
+        drift: Default::default(),
     }))
 }
 
@@ -333,6 +338,8 @@ pub async fn run(
     if let Err(e) = networks::ensure_default(&state).await {
         tracing::error!("cannot create the default network: {e}");
     }
+    let periodic = (!config.reconcile_interval.is_zero())
+        .then(|| tokio::spawn(crate::reconcile::periodically(state.clone(), config.reconcile_interval)));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hearth-api serving");
     // A request the api accepted runs to its end even if its client hangs up.
@@ -345,6 +352,9 @@ pub async fn run(
     .await;
     let _ = shutdown.wait_for(|s| *s).await;
     following.abort();
+    if let Some(p) = periodic {
+        p.abort();
+    }
     // Long-lived connections (console WebSockets) must not hold shutdown up for long.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while daemons.join_next().await.is_some() {}

@@ -307,7 +307,7 @@ pub async fn create(
     }
     let (st, p, r, name) = (state.clone(), project.to_string(), rec.clone(), req.name.clone());
     crate::intents::run(
-        state.store.clone(),
+        &state,
         crate::intents::Kind::Volume,
         project,
         &name,
@@ -390,7 +390,7 @@ pub async fn delete(
     // remove() refuses an attached volume (409).
     let (st, p, n) = (state.clone(), project.to_string(), name.clone());
     crate::intents::run(
-        state.store.clone(),
+        &state,
         crate::intents::Kind::Volume,
         project,
         &name,

@@ -236,6 +236,11 @@ async fn scenario(etcd: Option<Etcd>) {
         let keep = stack.vm("keep").await;
         assert_eq!(keep["state"], "running", "{keep}");
         assert_eq!(keep["pid"].as_u64(), Some(keep_pid), "the same VMM process throughout");
+        // Typed before its shell is up (a guest booting slowly under load), the
+        // input would be lost.
+        stack
+            .wait_console("keep", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+            .await;
         let out = stack.console_exchange("keep", "echo $((6*7))\n", "42\r\n").await;
         assert!(out.contains("42"), "{out}");
 

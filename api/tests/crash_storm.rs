@@ -556,3 +556,176 @@ async fn storm(etcd: Option<Etcd>) {
     let log = stack.log();
     assert!(log.contains("reconciled"), "{log}");
 }
+
+/// The periodic pass (`--reconcile-interval 1`) removes what the daemons hold for VMs
+/// that do not exist, made behind the api's back while it serves, and leaves alone
+/// every VM, network and volume being created or deleted meanwhile: each of those
+/// requests succeeds and every VM keeps its parts.
+#[test]
+fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
+    in_private_netns(|| async {
+        let stack = Stack::start_separate(&["--reconcile-interval", "1"]).await;
+        let client = stack.client();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let netd = daemon(&stack, "netd");
+        let per_network = netd.get::<Value>("/networks/default").await.expect("default")["allocated"]
+            .as_u64()
+            .expect("allocated") as usize;
+        let o = send(
+            client.clone(),
+            Change::CreateVm {
+                name: "model".into(),
+                start: false,
+            },
+            deadline,
+        )
+        .await;
+        assert!(o.succeeded(), "{o:?}");
+        let model_id = o.body["vm"]["id"].as_str().expect("id").to_string();
+
+        // Creates and deletes, back to back, for a few passes' time.
+        let busy_until = Instant::now() + Duration::from_secs(6);
+        let socket_dir = stack.data_dir().join("run");
+        let worker = |lane: usize| {
+            let client = client.clone();
+            let socket_dir = socket_dir.clone();
+            async move {
+                let mut done = 0;
+                while Instant::now() < busy_until {
+                    let (create, delete) = match lane {
+                        0 | 1 => {
+                            let name = format!("w{lane}-{done}");
+                            (
+                                Change::CreateVm {
+                                    name: name.clone(),
+                                    start: false,
+                                },
+                                Change::DeleteVm(name),
+                            )
+                        }
+                        2 => {
+                            let name = format!("wn{done}");
+                            (
+                                Change::CreateNetwork {
+                                    name: name.clone(),
+                                    subnet: format!("10.102.{}.0/24", done % 250),
+                                },
+                                Change::DeleteNetwork(name),
+                            )
+                        }
+                        _ => {
+                            let name = format!("wv{done}");
+                            (Change::CreateVolume(name.clone()), Change::DeleteVolume(name))
+                        }
+                    };
+                    let o = send(client.clone(), create.clone(), deadline).await;
+                    assert!(o.succeeded() && o.attempts == 1, "work in flight was disturbed: {o:?}");
+                    // Whole a moment later, while passes run: nothing of it was taken.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    let parts = match &create {
+                        Change::CreateVm { .. } => {
+                            let id = o.body["vm"]["id"].as_str().expect("id");
+                            vec![
+                                ("vmm-manager", format!("/vms/{id}")),
+                                ("netd", format!("/ports/{id}-0")),
+                            ]
+                        }
+                        Change::CreateNetwork { name, .. } => vec![("netd", format!("/networks/{name}"))],
+                        Change::CreateVolume(name) => vec![("blockd", format!("/volumes/{name}"))],
+                        _ => unreachable!(),
+                    };
+                    for (d, path) in parts {
+                        let r = UnixClient::new(socket_dir.join(format!("{d}.sock")))
+                            .raw(http::Method::GET, &path, None)
+                            .await
+                            .expect("daemon answers");
+                        assert_eq!(r.status, 200, "{d} lost {path} of {create:?} while it existed");
+                    }
+                    let o = send(client.clone(), delete, deadline).await;
+                    assert!(o.succeeded() && o.attempts == 1, "work in flight was disturbed: {o:?}");
+                    done += 1;
+                }
+                done
+            }
+        };
+        // Orphans: parts of VMs that do not exist, made through the daemons' sockets.
+        let orphans = async {
+            let (vmm, blockd) = (daemon(&stack, "vmm-manager"), daemon(&stack, "blockd"));
+            let mut made = Vec::new();
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let ghost = uuid::Uuid::new_v4().to_string();
+                let put = |c: &UnixClient, path: String, body: Value| {
+                    let c = c.clone();
+                    async move {
+                        let r = c
+                            .raw(http::Method::PUT, &path, Some(body.to_string().into_bytes()))
+                            .await
+                            .expect("daemon answers");
+                        assert!(r.status.is_success(), "PUT {path}: {}", r.status);
+                    }
+                };
+                put(&netd, format!("/ports/{ghost}-0"), json!({"network": "default"})).await;
+                put(
+                    &blockd,
+                    format!("/volumes/vm-{ghost}-root"),
+                    json!({"size_bytes": 1048576}),
+                )
+                .await;
+                let mut spec: Value = serde_json::from_slice(
+                    &std::fs::read(stack.data_dir().join(format!("run/vms/{model_id}/spec.json"))).expect("spec"),
+                )
+                .expect("json");
+                spec["id"] = json!(ghost);
+                spec["name"] = json!(format!("ghost-{ghost}"));
+                spec["nics"] = json!([]);
+                put(&vmm, format!("/vms/{ghost}"), spec).await;
+                made.push(ghost);
+            }
+            made
+        };
+        let (w0, w1, w2, w3, ghosts) = tokio::join!(worker(0), worker(1), worker(2), worker(3), orphans);
+        eprintln!("while the passes ran: {w0} + {w1} VM, {w2} network and {w3} volume creates and deletes");
+
+        // The next passes remove the last orphans.
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let vmm = daemon(&stack, "vmm-manager");
+            let mut left = Vec::new();
+            for g in &ghosts {
+                for (c, path) in [
+                    (&vmm, format!("/vms/{g}")),
+                    (&netd, format!("/ports/{g}-0")),
+                    (&daemon(&stack, "blockd"), format!("/volumes/vm-{g}-root")),
+                ] {
+                    let r = c.raw(http::Method::GET, &path, None).await.expect("daemon answers");
+                    if r.status != 404 {
+                        left.push(path);
+                    }
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < until, "orphans still there: {left:?}\n{}", stack.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (status, metrics) = stack.call("GET", "/metrics", None).await;
+        assert_eq!(status, 200);
+        let text = metrics.as_str().unwrap_or_default().to_string();
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("hearth_{name}_total ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        assert!(counter("reconcile_periodic_passes") >= 5, "{text}");
+        assert!(
+            counter("reconcile_periodic_repairs") >= 9,
+            "3 x (VMM, port, disk): {text}"
+        );
+        let vms = check_consistent(&stack, per_network).await;
+        assert_eq!(names(&vms, "name"), BTreeSet::from(["model".to_string()]));
+        assert!(stack.log().contains("reconciled drift"), "{}", stack.log());
+    });
+}

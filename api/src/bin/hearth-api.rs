@@ -34,6 +34,10 @@ struct Args {
     /// for the rest of the minute; 0 turns the limit off.
     #[arg(long, default_value_t = hearth_api::auth::FAILURE_LIMIT)]
     auth_failures_per_minute: u32,
+    /// Seconds between the reconciler's passes while the api serves (orphans, and
+    /// changes a crash cut short); 0 runs it only at start.
+    #[arg(long, default_value_t = 300)]
+    reconcile_interval: u64,
     /// Hypervisor for VMs that do not name one; QEMU is used where it is not installed.
     #[arg(long, default_value = "cloud-hypervisor")]
     default_hypervisor: HypervisorKind,
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         default_hypervisor: a.default_hypervisor,
         store: a.store.clone(),
         auth_failures_per_minute: a.auth_failures_per_minute,
+        reconcile_interval: Duration::from_secs(a.reconcile_interval),
     };
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {

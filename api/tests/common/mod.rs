@@ -413,11 +413,19 @@ impl Stack {
             .expect("send");
         let mut seen = String::new();
         let deadline = Instant::now() + Duration::from_secs(30);
+        // A line typed while the shell sets its terminal up (printing a prompt) can
+        // lose its first characters; it is typed once more after 10 s without answer.
+        let mut again = Some(Instant::now() + Duration::from_secs(10));
         while !seen.contains(expect) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, rx.next()).await {
+            let until = again.map_or(deadline, |a| a.min(deadline));
+            match tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx.next()).await {
                 Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
                 Ok(Some(Ok(_))) => {}
+                Err(_) if again.take().is_some() => {
+                    tx.send(Message::Binary(Bytes::from(line.to_string())))
+                        .await
+                        .expect("send");
+                }
                 other => panic!("console ended before {expect:?} ({other:?}); saw {seen:?}"),
             }
         }
