@@ -49,6 +49,8 @@ pub struct Report {
     /// short, removed completely.
     pub networks_removed: Vec<String>,
     pub volumes_removed: Vec<String>,
+    /// Networks (`<project>/<name>`) netd had lost, made again from their records.
+    pub networks_recreated: Vec<String>,
     /// VM names (`<project>/<name>`) a crash left claimed by no VM, freed.
     pub names_freed: Vec<String>,
     /// How many records and daemon objects the pass looked at.
@@ -84,6 +86,7 @@ impl Report {
             + self.networks_removed.len()
             + self.volumes_removed.len()
             + self.names_freed.len()
+            + self.networks_recreated.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,6 +101,7 @@ impl Report {
             && self.networks_removed.is_empty()
             && self.volumes_removed.is_empty()
             && self.names_freed.is_empty()
+            && self.networks_recreated.is_empty()
     }
 }
 
@@ -144,6 +148,7 @@ async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), A
 /// What the daemons hold, read before the store in the periodic pass.
 struct Held {
     vms: Option<Vec<vmm_manager::VmInfo>>,
+    networks: Option<Vec<netd::network::NetworkStatus>>,
     ports: Option<Vec<netd::network::Port>>,
     volumes: Option<Vec<blockd::volume::Volume>>,
     claims: Vec<(String, store::Versioned)>,
@@ -156,6 +161,12 @@ impl Held {
             .list()
             .await
             .map_err(|e| tracing::warn!("reconcile: vmm-manager did not answer: {e}"))
+            .ok();
+        let networks = state
+            .netd
+            .networks()
+            .await
+            .map_err(|e| tracing::warn!("reconcile: netd did not answer: {e}"))
             .ok();
         let ports = state
             .netd
@@ -172,6 +183,7 @@ impl Held {
         let claims = state.store.list("volume-attachments/").await?;
         Ok(Held {
             vms,
+            networks,
             ports,
             volumes,
             claims,
@@ -240,6 +252,42 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
     }
 }
 
+/// Networks the store has and netd lacked when it was read (its state was lost, or
+/// removed behind the api's back) are made again from their records, unless a change
+/// of theirs is in progress or was cut short (an intent marker).
+async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -> Result<(), ApiError> {
+    let Some(present) = &held.networks else { return Ok(()) };
+    let present: BTreeSet<&str> = present.iter().map(|n| n.spec.name.as_str()).collect();
+    let changing: BTreeSet<String> = state
+        .store
+        .list("intents/network/")
+        .await?
+        .into_iter()
+        .map(|(k, _)| k["intents/network/".len()..].to_string())
+        .collect();
+    for (key, v) in state.store.list("networks/").await? {
+        report.examined += 1;
+        // networks/<project>/<name>
+        let Some(project_name) = key.strip_prefix("networks/") else {
+            continue;
+        };
+        if project_name.matches('/').count() != 1 || changing.contains(project_name) {
+            continue;
+        }
+        let Ok(spec) = serde_json::from_slice::<netd::network::NetworkSpec>(&v.value) else {
+            continue;
+        };
+        if present.contains(spec.name.as_str()) {
+            continue;
+        }
+        match state.netd.ensure_network(&spec).await {
+            Ok(_) => report.networks_recreated.push(project_name.to_string()),
+            Err(e) => tracing::warn!(network = %spec.name, "cannot make a lost network again: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// The pass at start, before the api serves (nothing of this process runs yet).
 /// Daemons that do not answer are skipped (and said so in the log); the periodic pass
 /// tries again.
@@ -306,12 +354,14 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
             }
         }
     }
+    recreate_networks(state, &held, &mut report).await?;
     remove_orphans(state, &known, held, &mut report).await;
     Ok(report)
 }
 
 /// The periodic pass, while the api serves: markers of changes cut short (by a crash,
-/// or left because a daemon was down at the last pass), and orphans. What the daemons
+/// or left because a daemon was down at the last pass), networks netd lost, and
+/// orphans. What the daemons
 /// hold is read *before* the store: a VM's record is written before any of its parts
 /// is made and removed after all of them, so a part read earlier whose VM has no
 /// record later is an orphan, never a VM being made. VMs being created or deleted
@@ -324,6 +374,7 @@ pub async fn live(state: &AppState) -> Result<Report, ApiError> {
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
     report.examined += records.len();
     let known: BTreeSet<String> = records.into_iter().map(|(r, _)| r.id).collect();
+    recreate_networks(state, &held, &mut report).await?;
     remove_orphans(state, &known, held, &mut report).await;
     Ok(report)
 }

@@ -558,7 +558,8 @@ async fn storm(etcd: Option<Etcd>) {
 }
 
 /// The periodic pass (`--reconcile-interval 1`) removes what the daemons hold for VMs
-/// that do not exist, made behind the api's back while it serves, and leaves alone
+/// that do not exist, made behind the api's back while it serves, makes again a
+/// network netd lost, and leaves alone
 /// every VM, network and volume being created or deleted meanwhile: each of those
 /// requests succeeds and every VM keeps its parts.
 #[test]
@@ -582,6 +583,16 @@ fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
         .await;
         assert!(o.succeeded(), "{o:?}");
         let model_id = o.body["vm"]["id"].as_str().expect("id").to_string();
+        let o = send(
+            client.clone(),
+            Change::CreateNetwork {
+                name: "lab".into(),
+                subnet: "10.103.0.0/24".into(),
+            },
+            deadline,
+        )
+        .await;
+        assert!(o.succeeded(), "{o:?}");
 
         // Creates and deletes, back to back, for a few passes' time.
         let busy_until = Instant::now() + Duration::from_secs(6);
@@ -682,6 +693,12 @@ fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
                 put(&vmm, format!("/vms/{ghost}"), spec).await;
                 made.push(ghost);
             }
+            // A network netd loses (its state, or removed by hand) is made again.
+            let r = netd
+                .raw(http::Method::DELETE, "/networks/lab", None)
+                .await
+                .expect("netd");
+            assert!(r.status.is_success(), "{}", r.status);
             made
         };
         let (w0, w1, w2, w3, ghosts) = tokio::join!(worker(0), worker(1), worker(2), worker(3), orphans);
@@ -703,6 +720,15 @@ fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
                         left.push(path);
                     }
                 }
+            }
+            if netd
+                .raw(http::Method::GET, "/networks/lab", None)
+                .await
+                .expect("netd")
+                .status
+                != 200
+            {
+                left.push("network lab not made again".into());
             }
             if left.is_empty() {
                 break;
