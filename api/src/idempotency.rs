@@ -40,8 +40,10 @@ struct Entry {
     /// `None` while the first request runs.
     response: Option<Stored>,
     /// The api process running it ([`AppState::instance`]). A claim without an answer
-    /// from a process that is gone was cut short by a crash; the reconciler undid what
-    /// it had begun, so a retry runs the request afresh.
+    /// from a process that is gone was cut short by a crash; a retry runs the request
+    /// afresh. For VM, network and volume creates and deletes the reconciler undid or
+    /// finished what it had begun; an attach cut short may have claimed its volume, and
+    /// the retry then finds the volume attached.
     #[serde(default)]
     instance: Option<String>,
 }

@@ -100,9 +100,38 @@ pub async fn run<T: Send + 'static>(
     .map_err(|e| ApiError::internal(format!("the {} {action} did not finish: {e}", kind.as_str())))?
 }
 
+/// Whether a change of `kind` `name` is in progress or was cut short (its marker is
+/// there): such a volume must not be attached meanwhile.
+pub async fn pending(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<bool, ApiError> {
+    Ok(store.get(&key(kind, project, name)).await?.is_some())
+}
+
+/// Runs `work` holding the marker, in the caller's task (the reconciler, which no
+/// client can cut short). `None` when another change holds the marker.
+pub async fn hold<T>(
+    state: &AppState,
+    kind: Kind,
+    project: &str,
+    name: &str,
+    action: &'static str,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<Option<T>, ApiError> {
+    let intent = match begin(state.store.as_ref(), &state.instance, kind, project, name, action).await {
+        Ok(i) => i,
+        Err(e) if e.status == http::StatusCode::CONFLICT => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let out = work.await;
+    intent.end(state.store.as_ref()).await?;
+    out.map(Some)
+}
+
 /// The markers no change of this process (`instance`) holds: those a crash left.
-/// (kind, project, name).
-pub async fn left_over(store: &dyn StateStore, instance: &str) -> Result<Vec<(Kind, String, String)>, ApiError> {
+/// (kind, project, name, action).
+pub async fn left_over(
+    store: &dyn StateStore,
+    instance: &str,
+) -> Result<Vec<(Kind, String, String, String)>, ApiError> {
     Ok(store
         .list("intents/")
         .await?
@@ -118,7 +147,8 @@ pub async fn left_over(store: &dyn StateStore, instance: &str) -> Result<Vec<(Ki
                 "volume" => Kind::Volume,
                 _ => return None,
             };
-            Some((kind, parts.next()?.to_string(), parts.next()?.to_string()))
+            let action = holder["action"].as_str().unwrap_or_default().to_string();
+            Some((kind, parts.next()?.to_string(), parts.next()?.to_string(), action))
         })
         .collect())
 }

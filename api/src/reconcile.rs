@@ -1,17 +1,17 @@
-//! Repairs what a crash left half done, when the api starts (before it serves).
+//! Repairs what a crash left half done and drift between the store and the daemons.
 //!
 //! Desired state is in the store; what exists is what the daemons report. A VM record
-//! still `creating` or `deleting` belongs to an operation that died with the previous
-//! process (those operations are marked failed first): a create is undone completely, a
+//! still `creating` or `deleting` at start belongs to an operation that died with the
+//! previous process: a create is undone completely, a
 //! delete is finished. A VM vmm-manager does not know (its state directory under /run
 //! is gone after a host reboot) is defined again from its record, with its ports, root
 //! disk and volumes, and started if the user last wanted it running; a root disk or
 //! volume that is gone is reported, never made anew. Then whatever the daemons hold
 //! for VMs the store does not know is
 //! removed: VMM definitions, ports named `<vm id>-<n>`, root disks `vm-<id>-root`, their
-//! cloud-init seeds and image leases, and volume claims of VMs that are gone. Only
-//! things hearth names after a VM id are touched, so a port or volume someone made by
-//! hand under another name stays.
+//! cloud-init seeds and image leases, and volume claims of VMs that are gone. Ports and
+//! volumes are touched only under names hearth derives from a VM id, so one someone
+//! made by hand under another name stays; every VMM definition belongs to a VM.
 //!
 //! Networks and volumes whose create or delete a crash cut short (an intent marker is
 //! left, see [`crate::intents`]) are removed completely; a VM name claimed by a create
@@ -20,8 +20,8 @@
 //! their work, failed with a message otherwise.
 //!
 //! It runs at start, before the api serves, and then every `--reconcile-interval`
-//! ([`live`]: cut-short changes and orphans only). It assumes one api process per
-//! store.
+//! ([`live`]: cut-short changes, networks netd lost, orphans). It assumes one api
+//! process per store.
 
 use std::collections::BTreeSet;
 
@@ -121,7 +121,13 @@ fn vm_id_of_root_disk(volume: &str) -> Option<&str> {
 /// removed completely (their clients never got an answer). A marker that cannot be
 /// dealt with now stays for the next pass.
 async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), ApiError> {
-    for (kind, project, name) in crate::intents::left_over(state.store.as_ref(), &state.instance).await? {
+    for (kind, project, name, action) in crate::intents::left_over(state.store.as_ref(), &state.instance).await? {
+        if action == RECREATE {
+            // The reconciler itself was making a lost network again: its record is
+            // whole, the next pass makes it again.
+            crate::intents::clear(state.store.as_ref(), kind, &project, &name).await?;
+            continue;
+        }
         let (removed, list) = match kind {
             crate::intents::Kind::Network => (
                 crate::networks::remove(state, &project, &name).await,
@@ -258,35 +264,41 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
 async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -> Result<(), ApiError> {
     let Some(present) = &held.networks else { return Ok(()) };
     let present: BTreeSet<&str> = present.iter().map(|n| n.spec.name.as_str()).collect();
-    let changing: BTreeSet<String> = state
-        .store
-        .list("intents/network/")
-        .await?
-        .into_iter()
-        .map(|(k, _)| k["intents/network/".len()..].to_string())
-        .collect();
     for (key, v) in state.store.list("networks/").await? {
         report.examined += 1;
         // networks/<project>/<name>
-        let Some(project_name) = key.strip_prefix("networks/") else {
+        let Some((project, name)) = key.strip_prefix("networks/").and_then(|r| r.split_once('/')) else {
             continue;
         };
-        if project_name.matches('/').count() != 1 || changing.contains(project_name) {
-            continue;
-        }
         let Ok(spec) = serde_json::from_slice::<netd::network::NetworkSpec>(&v.value) else {
             continue;
         };
-        if present.contains(spec.name.as_str()) {
+        if present.contains(spec.name.as_str()) || name.contains('/') {
             continue;
         }
-        match state.netd.ensure_network(&spec).await {
-            Ok(_) => report.networks_recreated.push(project_name.to_string()),
-            Err(e) => tracing::warn!(network = %spec.name, "cannot make a lost network again: {e}"),
+        // Holding the network's marker, so no create or delete of it runs meanwhile,
+        // and only if its record is still the one read (not deleted since).
+        let made = crate::intents::hold(state, crate::intents::Kind::Network, project, name, RECREATE, async {
+            match state.store.get(&key).await? {
+                Some(now) if now.revision == v.revision => {
+                    state.netd.ensure_network(&spec).await.map_err(crate::vms::upstream)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await;
+        match made {
+            Ok(Some(true)) => report.networks_recreated.push(format!("{project}/{name}")),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(network = %spec.name, "cannot make a lost network again: {}", e.body.message),
         }
     }
     Ok(())
 }
+
+/// The marker action of a network the reconciler makes again.
+const RECREATE: &str = "recreate";
 
 /// The pass at start, before the api serves (nothing of this process runs yet).
 /// Daemons that do not answer are skipped (and said so in the log); the periodic pass
@@ -361,16 +373,20 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
 
 /// The periodic pass, while the api serves: markers of changes cut short (by a crash,
 /// or left because a daemon was down at the last pass), networks netd lost, and
-/// orphans. What the daemons
-/// hold is read *before* the store: a VM's record is written before any of its parts
-/// is made and removed after all of them, so a part read earlier whose VM has no
-/// record later is an orphan, never a VM being made. VMs being created or deleted
+/// orphans named after a VM id. What the daemons hold is read *before* the store: a
+/// VM's record is written before any of its parts is made and removed after all of
+/// them, so a part read earlier whose VM has no record later is an orphan, never a VM
+/// being made. Volume claims are left to the start pass. VMs being created or deleted
 /// are known (their operation runs in this process); VMs vmm-manager lost are defined
 /// again only at start.
 pub async fn live(state: &AppState) -> Result<Report, ApiError> {
     let mut report = Report::default();
     remove_cut_short(state, &mut report).await?;
-    let held = Held::read(state).await?;
+    let mut held = Held::read(state).await?;
+    // Claims are keyed by volume, not by VM: one read now may belong to a VM deleted
+    // since whose volume another VM has just claimed. They are swept at start only,
+    // when nothing else runs.
+    held.claims.clear();
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
     report.examined += records.len();
     let known: BTreeSet<String> = records.into_iter().map(|(r, _)| r.id).collect();

@@ -37,6 +37,10 @@ pub struct ApiConfig {
     pub auth_failures_per_minute: u32,
     /// How often the reconciler looks for drift while the api serves (zero: only at start).
     pub reconcile_interval: Duration,
+    /// How long a call waits for a daemon to come back ([`DAEMON_RESTART`] when the
+    /// daemons run on their own; zero when they run in this process, where they cannot
+    /// restart alone and a stopping daemon must fail calls at once).
+    pub daemon_retry: Duration,
 }
 
 impl ApiConfig {
@@ -207,12 +211,12 @@ async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>)
     }
 }
 
-/// Opens the store, makes the admin key, and marks operations a previous run left
-/// unfinished as failed (their tasks died with it).
 /// How long a call to a daemon waits for it to come back (systemd restarts a daemon
 /// that died after 2 s) before the operation fails with 503.
 pub const DAEMON_RESTART: Duration = Duration::from_secs(20);
 
+/// Opens the store, makes the admin key, and collects the operations a previous run
+/// left running (settled after the start-time reconcile pass).
 pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = store::open(&config.store, &config.data_dir).await?;
@@ -229,10 +233,10 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         .collect();
     let auth_limit = config.auth_failures_per_minute;
     Ok(Arc::new(AppState {
-        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(DAEMON_RESTART),
-        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(DAEMON_RESTART),
-        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(DAEMON_RESTART),
-        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(DAEMON_RESTART),
+        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(config.daemon_retry),
+        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(config.daemon_retry),
+        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(config.daemon_retry),
+        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(config.daemon_retry),
         tickets: Default::default(),
         events,
         config,

@@ -554,6 +554,22 @@ pub async fn claim(
     req: &AttachVolume,
     taken: &[AttachedVolume],
 ) -> Result<AttachedVolume, ApiError> {
+    // Checked before the record: a volume whose create or delete is in progress, or
+    // was cut short by a crash and is about to be removed, is not attached. (Its
+    // marker goes only after the removal is complete, so the record is gone then.)
+    if crate::intents::pending(
+        state.store.as_ref(),
+        crate::intents::Kind::Volume,
+        &rec.project,
+        &req.volume,
+    )
+    .await?
+    {
+        return Err(ApiError::conflict(format!(
+            "volume {:?} is being created or deleted; retry when that is done",
+            req.volume
+        )));
+    }
     let vol = find_record(state, &rec.project, &req.volume).await.map_err(|e| {
         if e.status == StatusCode::NOT_FOUND {
             ApiError::unprocessable(e.message().to_string())

@@ -37,9 +37,16 @@ fn storm_on_etcd() {
 /// One request of the storm.
 #[derive(Debug, Clone)]
 enum Change {
-    CreateVm { name: String, start: bool },
+    CreateVm {
+        name: String,
+        start: bool,
+        volume: Option<String>,
+    },
     DeleteVm(String),
-    CreateNetwork { name: String, subnet: String },
+    CreateNetwork {
+        name: String,
+        subnet: String,
+    },
     DeleteNetwork(String),
     CreateVolume(String),
     DeleteVolume(String),
@@ -48,9 +55,12 @@ enum Change {
 impl Change {
     fn request(&self) -> (&'static str, String, Option<Value>) {
         match self {
-            Change::CreateVm { name, start } => {
+            Change::CreateVm { name, start, volume } => {
                 let mut body = common::create_body(name, "qemu");
                 body["start"] = json!(start);
+                if let Some(v) = volume {
+                    body["volumes"] = json!([{"volume": v}]);
+                }
                 ("POST", "/v1/vms".into(), Some(body))
             }
             Change::DeleteVm(name) => ("DELETE", format!("/v1/vms/{name}"), None),
@@ -340,6 +350,32 @@ async fn check_consistent(stack: &Stack, addresses_per_empty_network: usize) -> 
         .map(|f| f.rsplit_once('.').map(|(s, _)| s.to_string()).unwrap_or(f))
         .collect();
     assert_eq!(stems, wanted, "every file in the pool is a volume's");
+
+    // A volume is attached exactly to the VM whose record names it.
+    let api_volumes = list(stack, "/v1/volumes").await;
+    for v in &api_volumes {
+        let name = v["name"].as_str().expect("name");
+        let holders: Vec<&Value> = vms
+            .iter()
+            .filter(|vm| {
+                vm["volumes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["volume"] == name))
+            })
+            .collect();
+        match (v.get("attached_to"), holders.as_slice()) {
+            (None, []) => {}
+            (Some(a), [vm]) => assert_eq!(a["vm"], vm["id"], "{name} is attached to the VM naming it: {v}"),
+            (a, h) => panic!("volume {name}: attached_to {a:?}, named by {h:?}"),
+        }
+    }
+    // Every dnsmasq is a network's DHCP server (none left by a netd that was killed).
+    let dhcp: BTreeSet<u64> = nets.iter().filter_map(|n| n["dhcp_pid"].as_u64()).collect();
+    for (pid, cmd) in stack.processes_using_data_dir() {
+        if cmd.contains("dnsmasq") {
+            assert!(dhcp.contains(&(pid as u64)), "dnsmasq {pid} serves no network: {cmd}");
+        }
+    }
     vms
 }
 
@@ -365,10 +401,20 @@ async fn storm(etcd: Option<Etcd>) {
 
     // What the storm deletes: 8 VMs (3 running), 6 networks, 4 volumes.
     let mut setup = Vec::new();
+    // Volumes attached to VMs of the setup and of the storm.
+    for i in 0..8 {
+        setup.push(Change::CreateVolume(format!("att{i}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let client = stack.client();
+    for o in futures_util::future::join_all(setup.drain(..).map(|c| send(client.clone(), c, deadline))).await {
+        assert!(o.succeeded(), "setup: {o:?}");
+    }
     for i in 0..8 {
         setup.push(Change::CreateVm {
             name: format!("old{i}"),
             start: i % 3 == 0,
+            volume: (i < 4).then(|| format!("att{i}")),
         });
     }
     for i in 0..6 {
@@ -380,8 +426,6 @@ async fn storm(etcd: Option<Etcd>) {
     for i in 0..4 {
         setup.push(Change::CreateVolume(format!("oldvol{i}")));
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let client = stack.client();
     for o in futures_util::future::join_all(setup.into_iter().map(|c| send(client.clone(), c, deadline))).await {
         assert!(o.succeeded(), "setup: {o:?}");
     }
@@ -392,6 +436,7 @@ async fn storm(etcd: Option<Etcd>) {
         changes.push(Change::CreateVm {
             name: format!("vm{i}"),
             start: i % 3 == 0,
+            volume: (i < 4).then(|| format!("att{}", i + 4)),
         });
     }
     for i in 0..8 {
@@ -530,8 +575,15 @@ async fn storm(etcd: Option<Etcd>) {
         }
     }
 
-    // Everything deleted leaves nothing behind.
-    let mut teardown: Vec<Change> = vm_names.iter().map(|n| Change::DeleteVm(n.clone())).collect();
+    // Everything deleted leaves nothing behind: the VMs, then what they used.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let vm_deletes = vm_names
+        .iter()
+        .map(|n| send(client.clone(), Change::DeleteVm(n.clone()), deadline));
+    for o in futures_util::future::join_all(vm_deletes).await {
+        assert!(o.succeeded(), "teardown: {o:?}");
+    }
+    let mut teardown: Vec<Change> = Vec::new();
     teardown.extend(
         net_names
             .iter()
@@ -539,7 +591,6 @@ async fn storm(etcd: Option<Etcd>) {
             .map(|n| Change::DeleteNetwork(n.clone())),
     );
     teardown.extend(vol_names.iter().map(|n| Change::DeleteVolume(n.clone())));
-    let deadline = Instant::now() + Duration::from_secs(180);
     for o in futures_util::future::join_all(teardown.into_iter().map(|c| send(client.clone(), c, deadline))).await {
         assert!(o.succeeded(), "teardown: {o:?}");
     }
@@ -577,6 +628,7 @@ fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
             Change::CreateVm {
                 name: "model".into(),
                 start: false,
+                volume: None,
             },
             deadline,
         )
@@ -610,6 +662,7 @@ fn periodic_pass_removes_orphans_and_leaves_work_in_flight_alone() {
                                 Change::CreateVm {
                                     name: name.clone(),
                                     start: false,
+                                    volume: None,
                                 },
                                 Change::DeleteVm(name),
                             )

@@ -164,6 +164,35 @@ fn stop_stale(dir: &Path) {
     }
 }
 
+/// Stops the dnsmasq processes a netd before this one started for networks under
+/// `networks_dir` that no longer exist (a netd killed half way through deleting one,
+/// after its directory went): found by the `--pid-file=<networks dir>/<name>/…` on
+/// their command line.
+pub fn stop_orphans(networks_dir: &Path) {
+    let prefix = format!("--pid-file={}/", networks_dir.display());
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(pid_file) = args.iter().find_map(|a| a.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let network_dir = networks_dir.join(pid_file.split('/').next().unwrap_or_default());
+        if !network_dir.join("spec.json").exists() && running(pid) {
+            tracing::warn!(pid, dir = %network_dir.display(), "stopping a dnsmasq whose network is gone");
+            // SAFETY: kill only takes integers; the process serves a network of ours.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
 /// Whether `pid` is a live process. A dnsmasq left by a netd that was killed belongs to
 /// whoever adopted it; until that process reaps it, it stays a zombie: exited.
 fn running(pid: i32) -> bool {

@@ -275,7 +275,8 @@ impl NetworkService {
                 state.ports.insert(port.id.clone(), port);
             }
         }
-        Self::match_addresses_to_ports(&mut state)?;
+        Self::match_addresses_to_ports(&mut state);
+        dhcp::stop_orphans(&config.state_dir.join("networks"));
         let svc = Arc::new(Self {
             config,
             nl,
@@ -303,25 +304,32 @@ impl NetworkService {
     /// A netd killed between writing a port's file and committing its address (or the
     /// other way round, or half way through a delete) leaves the two disagreeing: an
     /// address without a port is released, a port's missing address taken again.
-    fn match_addresses_to_ports(state: &mut State) -> Result<(), NetError> {
+    /// A port whose address cannot be taken back is logged and left as it is (netd still
+    /// starts).
+    fn match_addresses_to_ports(state: &mut State) {
         let State { networks, ports } = state;
         for (name, net) in networks.iter_mut() {
             net.ipam.begin_batch();
             for a in net.ipam.list() {
                 if ports.get(&a.owner).is_none_or(|p| &p.network != name) {
                     tracing::warn!(network = %name, owner = %a.owner, ip = %a.ip, "releasing an address no port holds");
-                    net.ipam.release(&a.owner)?;
+                    if let Err(e) = net.ipam.release(&a.owner) {
+                        tracing::error!(network = %name, owner = %a.owner, "cannot release: {e}");
+                    }
                 }
             }
             for p in ports.values().filter(|p| &p.network == name) {
                 if net.ipam.get(&p.id) != Some(p.ip) {
                     tracing::warn!(network = %name, port = %p.id, ip = %p.ip, "taking back a port's address");
-                    net.ipam.allocate(&p.id, Some(&p.mac), Some(p.ip))?;
+                    if let Err(e) = net.ipam.allocate(&p.id, Some(&p.mac), Some(p.ip)) {
+                        tracing::error!(network = %name, port = %p.id, "cannot take its address back: {e}");
+                    }
                 }
             }
-            net.ipam.commit()?;
+            if let Err(e) = net.ipam.commit() {
+                tracing::error!(network = %name, "cannot record the address book: {e}");
+            }
         }
-        Ok(())
     }
 
     fn net_dir(config: &NetdConfig, name: &str) -> PathBuf {

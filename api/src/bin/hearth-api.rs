@@ -90,6 +90,11 @@ async fn main() -> anyhow::Result<()> {
         store: a.store.clone(),
         auth_failures_per_minute: a.auth_failures_per_minute,
         reconcile_interval: Duration::from_secs(a.reconcile_interval),
+        daemon_retry: if a.all_in_one {
+            Duration::ZERO
+        } else {
+            server::DAEMON_RESTART
+        },
     };
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {
