@@ -40,46 +40,9 @@ fn key(kind: Kind, project: &str, name: &str) -> String {
     format!("intents/{}/{project}/{name}", kind.as_str())
 }
 
-/// A change in progress, ended by [`run`] when it is complete (or undone).
-#[must_use = "an intent left in the store makes the next start remove the resource"]
-struct Intent {
-    key: String,
-}
-
-/// Records that `action` on `kind` `name` of `project` begins.
-async fn begin(
-    store: &dyn StateStore,
-    instance: &str,
-    kind: Kind,
-    project: &str,
-    name: &str,
-    action: &str,
-) -> Result<Intent, ApiError> {
-    let key = key(kind, project, name);
-    let value = store::encode(&serde_json::json!({
-        "action": action,
-        "at_ms": vmm_manager::spec::now_ms(),
-        "instance": instance,
-    }));
-    match store.compare_and_swap(&key, None, value).await {
-        Ok(_) => Ok(Intent { key }),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(format!(
-            "{} {name:?} is being created or deleted by another request; retry when it is done",
-            kind.as_str()
-        ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-impl Intent {
-    async fn end(self, store: &dyn StateStore) -> Result<(), ApiError> {
-        store.delete(&self.key).await?;
-        Ok(())
-    }
-}
-
 /// Runs `work` holding the marker for `action` on `kind` `name`, to completion in a
-/// task of its own even when the request that started it goes away.
+/// task of its own even when the request that started it goes away. 409 when another
+/// change of it holds the marker.
 pub async fn run<T: Send + 'static>(
     state: &Arc<AppState>,
     kind: Kind,
@@ -88,13 +51,14 @@ pub async fn run<T: Send + 'static>(
     action: &'static str,
     work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let (project, name) = (project.to_string(), name.to_string());
-    let (store, instance) = (state.store.clone(), state.instance.clone());
+    let (state, project, name) = (state.clone(), project.to_string(), name.to_string());
     tokio::spawn(async move {
-        let intent = begin(store.as_ref(), &instance, kind, &project, &name, action).await?;
-        let out = work.await;
-        intent.end(store.as_ref()).await?;
-        out
+        hold(&state, kind, &project, &name, action, work).await?.ok_or_else(|| {
+            ApiError::conflict(format!(
+                "{} {name:?} is being created or deleted by another request; retry when it is done",
+                kind.as_str()
+            ))
+        })
     })
     .await
     .map_err(|e| ApiError::internal(format!("the {} {action} did not finish: {e}", kind.as_str())))?
@@ -106,8 +70,9 @@ pub async fn pending(store: &dyn StateStore, kind: Kind, project: &str, name: &s
     Ok(store.get(&key(kind, project, name)).await?.is_some())
 }
 
-/// Runs `work` holding the marker, in the caller's task (the reconciler, which no
-/// client can cut short). `None` when another change holds the marker.
+/// Runs `work` holding the marker (create-only: two changes of one name cannot
+/// overlap), in the caller's task, and removes the marker when `work` is done. `None`
+/// when another change holds the marker.
 pub async fn hold<T>(
     state: &AppState,
     kind: Kind,
@@ -116,13 +81,19 @@ pub async fn hold<T>(
     action: &'static str,
     work: impl Future<Output = Result<T, ApiError>>,
 ) -> Result<Option<T>, ApiError> {
-    let intent = match begin(state.store.as_ref(), &state.instance, kind, project, name, action).await {
-        Ok(i) => i,
-        Err(e) if e.status == http::StatusCode::CONFLICT => return Ok(None),
-        Err(e) => return Err(e),
-    };
+    let key = key(kind, project, name);
+    let value = store::encode(&serde_json::json!({
+        "action": action,
+        "at_ms": vmm_manager::spec::now_ms(),
+        "instance": state.instance,
+    }));
+    match state.store.compare_and_swap(&key, None, value).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     let out = work.await;
-    intent.end(state.store.as_ref()).await?;
+    state.store.delete(&key).await?;
     out.map(Some)
 }
 

@@ -161,38 +161,24 @@ struct Held {
 }
 
 impl Held {
+    /// Asks the daemons at once; one that does not answer is skipped this pass.
     async fn read(state: &AppState) -> Result<Held, ApiError> {
-        let vms = state
-            .vmm
-            .list()
-            .await
-            .map_err(|e| tracing::warn!("reconcile: vmm-manager did not answer: {e}"))
-            .ok();
-        let networks = state
-            .netd
-            .networks()
-            .await
-            .map_err(|e| tracing::warn!("reconcile: netd did not answer: {e}"))
-            .ok();
-        let ports = state
-            .netd
-            .ports()
-            .await
-            .map_err(|e| tracing::warn!("reconcile: netd did not answer: {e}"))
-            .ok();
-        let volumes = state
-            .blockd
-            .volumes()
-            .await
-            .map_err(|e| tracing::warn!("reconcile: blockd did not answer: {e}"))
-            .ok();
-        let claims = state.store.list("volume-attachments/").await?;
+        fn answered<T>(daemon: &str, r: Result<T, socket_http::ClientError>) -> Option<T> {
+            r.map_err(|e| tracing::warn!("reconcile: {daemon} did not answer: {e}"))
+                .ok()
+        }
+        let (vms, networks, ports, volumes) = tokio::join!(
+            state.vmm.list(),
+            state.netd.networks(),
+            state.netd.ports(),
+            state.blockd.volumes()
+        );
         Ok(Held {
-            vms,
-            networks,
-            ports,
-            volumes,
-            claims,
+            vms: answered("vmm-manager", vms),
+            networks: answered("netd", networks),
+            ports: answered("netd", ports),
+            volumes: answered("blockd", volumes),
+            claims: state.store.list("volume-attachments/").await?,
         })
     }
 }

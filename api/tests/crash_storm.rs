@@ -174,6 +174,21 @@ async fn follow(client: &ApiClient, accepted: &Value, deadline: Instant) -> Valu
     }
 }
 
+/// Sends `changes` at once and asserts each succeeded (setup and teardown).
+async fn all_succeed(client: &ApiClient, changes: impl IntoIterator<Item = Change>, deadline: Instant, what: &str) {
+    let sent = changes.into_iter().map(|c| send(client.clone(), c, deadline));
+    for o in futures_util::future::join_all(sent).await {
+        assert!(o.succeeded(), "{what}: {o:?}");
+    }
+}
+
+/// The names of networks as netd and the api show them (`spec.name`).
+fn network_names(nets: &[Value]) -> BTreeSet<String> {
+    nets.iter()
+        .map(|n| n["spec"]["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
 /// A 409 saying the name is taken.
 fn already_exists(o: &Outcome) -> bool {
     o.status == 409
@@ -303,15 +318,11 @@ async fn check_consistent(stack: &Stack, addresses_per_empty_network: usize) -> 
     let nets: Vec<Value> = netd.get("/networks").await.expect("netd lists networks");
     let api_nets = list(stack, "/v1/networks").await;
     assert_eq!(names(&nets, "bridge").len(), nets.len(), "one bridge per network");
-    let netd_names: BTreeSet<String> = nets
-        .iter()
-        .map(|n| n["spec"]["name"].as_str().expect("name").to_string())
-        .collect();
-    let api_net_names: BTreeSet<String> = api_nets
-        .iter()
-        .map(|n| n["spec"]["name"].as_str().expect("name").to_string())
-        .collect();
-    assert_eq!(netd_names, api_net_names, "netd holds exactly the api's networks");
+    assert_eq!(
+        network_names(&nets),
+        network_names(&api_nets),
+        "netd holds exactly the api's networks"
+    );
     let bridges: BTreeSet<String> = interfaces()
         .into_iter()
         .map(|(n, _)| n)
@@ -407,9 +418,7 @@ async fn storm(etcd: Option<Etcd>) {
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     let client = stack.client();
-    for o in futures_util::future::join_all(setup.drain(..).map(|c| send(client.clone(), c, deadline))).await {
-        assert!(o.succeeded(), "setup: {o:?}");
-    }
+    all_succeed(&client, setup.drain(..), deadline, "setup").await;
     for i in 0..8 {
         setup.push(Change::CreateVm {
             name: format!("old{i}"),
@@ -426,9 +435,7 @@ async fn storm(etcd: Option<Etcd>) {
     for i in 0..4 {
         setup.push(Change::CreateVolume(format!("oldvol{i}")));
     }
-    for o in futures_util::future::join_all(setup.into_iter().map(|c| send(client.clone(), c, deadline))).await {
-        assert!(o.succeeded(), "setup: {o:?}");
-    }
+    all_succeed(&client, setup, deadline, "setup").await;
 
     // The storm: 50 changes at once.
     let mut changes = Vec::new();
@@ -526,11 +533,7 @@ async fn storm(etcd: Option<Etcd>) {
 
     let vms = check_consistent(&stack, per_network).await;
     let vm_names = names(&vms, "name");
-    let net_names: BTreeSet<String> = list(&stack, "/v1/networks")
-        .await
-        .iter()
-        .map(|n| n["spec"]["name"].as_str().expect("name").to_string())
-        .collect();
+    let net_names = network_names(&list(&stack, "/v1/networks").await);
     let vol_names = names(&list(&stack, "/v1/volumes").await, "name");
     for o in &outcomes {
         let what = format!("{o:?}");
@@ -577,23 +580,20 @@ async fn storm(etcd: Option<Etcd>) {
 
     // Everything deleted leaves nothing behind: the VMs, then what they used.
     let deadline = Instant::now() + Duration::from_secs(180);
-    let vm_deletes = vm_names
+    all_succeed(
+        &client,
+        vm_names.iter().cloned().map(Change::DeleteVm),
+        deadline,
+        "teardown",
+    )
+    .await;
+    let networks = net_names
         .iter()
-        .map(|n| send(client.clone(), Change::DeleteVm(n.clone()), deadline));
-    for o in futures_util::future::join_all(vm_deletes).await {
-        assert!(o.succeeded(), "teardown: {o:?}");
-    }
-    let mut teardown: Vec<Change> = Vec::new();
-    teardown.extend(
-        net_names
-            .iter()
-            .filter(|n| *n != "default")
-            .map(|n| Change::DeleteNetwork(n.clone())),
-    );
-    teardown.extend(vol_names.iter().map(|n| Change::DeleteVolume(n.clone())));
-    for o in futures_util::future::join_all(teardown.into_iter().map(|c| send(client.clone(), c, deadline))).await {
-        assert!(o.succeeded(), "teardown: {o:?}");
-    }
+        .filter(|n| *n != "default")
+        .cloned()
+        .map(Change::DeleteNetwork);
+    let volumes = vol_names.iter().cloned().map(Change::DeleteVolume);
+    all_succeed(&client, networks.chain(volumes), deadline, "teardown").await;
     let left = check_consistent(&stack, per_network).await;
     assert!(left.is_empty(), "{left:?}");
     assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
