@@ -2,16 +2,26 @@
 # Usage: ensure_packages pkg...   (runs apt-get update once, only when something is missing)
 
 ensure_packages() {
-	local missing=()
-	for p in "$@"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	echo "==> installing ${missing[*]}"
-	local sudo=()
+	local missing=() sudo=() updated=0 pass p
 	[ "$(id -u)" -eq 0 ] || sudo=(sudo)
-	"${sudo[@]}" apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	# Two passes: installing one package can remove another that was asked for (a
+	# machine with qemu-utils from backports loses it when Debian's qemu-system-x86
+	# comes in, as their versions must match); the second pass puts it back.
+	for pass in 1 2; do
+		missing=()
+		for p in "$@"; do
+			dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+		done
+		[ ${#missing[@]} -eq 0 ] && return 0
+		echo "==> installing ${missing[*]}"
+		[ "$updated" -eq 1 ] || "${sudo[@]}" apt-get update -qq
+		updated=1
+		DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	done
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+			{ echo "==> $p could not be installed alongside the others" >&2; return 1; }
+	done
 }
 
 # What building and running hearth's VMs needs. qemu-utils: qemu-img makes the qcow2

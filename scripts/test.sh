@@ -27,6 +27,10 @@ vmm-manager/tests/fake-cloud-hypervisor/selftest.sh
 
 echo "==> tests"
 export HEARTH_TEST_IMAGES="$HEARTH_IMAGE_CACHE"
+# The api's tests start the daemons' binaries, which a test run builds only for the
+# packages whose own tests need them: build them all first (on a fresh target
+# directory the daemons were otherwise missing when the first tests ran).
+cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
 	cargo nextest run --workspace --locked --no-fail-fast
 else

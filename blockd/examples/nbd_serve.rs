@@ -38,17 +38,19 @@ struct Args {
     /// Only accept TCP peers in these networks (repeatable, e.g. 127.0.0.0/8).
     #[arg(long)]
     allow: Vec<ipnet::IpNet>,
-    /// Run reads and writes of at most this many bytes inline instead of on the
-    /// blocking pool.
+    /// Threads serving one connection's requests at most.
     #[arg(long)]
-    inline_io_max: Option<u32>,
+    connection_threads: Option<usize>,
     /// Socket send/receive buffer size for accepted connections (0: kernel default).
     #[arg(long)]
     socket_buffer: Option<usize>,
     /// Handshake timeout in seconds.
     #[arg(long, default_value_t = 10)]
     handshake_timeout: u64,
-    /// Tokio worker threads (default: tokio's choice).
+    /// Microseconds a connection polls for its next request before it sleeps.
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
+    /// Tokio worker threads, for accepting and handshakes (default: tokio's choice).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -74,8 +76,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         allowed_networks: (!args.allow.is_empty()).then_some(args.allow.clone()),
         ..ServerConfig::default()
     };
-    if let Some(n) = args.inline_io_max {
-        config.inline_io_max = n;
+    if let Some(n) = args.connection_threads {
+        config.threads_per_connection = n;
+    }
+    if let Some(us) = args.busy_poll_us {
+        config.busy_poll = Duration::from_micros(us);
     }
     if let Some(n) = args.socket_buffer {
         config.socket_buffer_bytes = n;

@@ -1,4 +1,4 @@
-//! The NBD server against hostile and broken peers, over in-memory streams: refused
+//! The NBD server against hostile and broken peers, over socket pairs: refused
 //! requests get error replies and leave the connection usable, protocol violations
 //! end it, nothing panics, and every connection ends within a bound. The last test
 //! is the stable stand-in for the cargo-fuzz targets in `blockd/fuzz`.
@@ -10,7 +10,8 @@ use std::time::Duration;
 use blockd::device::MemoryDevice;
 use blockd::nbd::proto::*;
 use blockd::nbd::{ExportOptions, NbdClient, NbdServer, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 const SIZE: u64 = 1 << 20;
 
@@ -32,21 +33,21 @@ fn server(config: ServerConfig) -> NbdServer {
     server
 }
 
-/// Connects an in-memory client to `server`; returns the client's end.
-fn connect(server: &NbdServer) -> (DuplexStream, tokio::task::JoinHandle<()>) {
-    let (client, server_end) = tokio::io::duplex(1 << 20);
+/// Connects a client over a socket pair to `server`; returns the client's end.
+fn connect(server: &NbdServer) -> (UnixStream, tokio::task::JoinHandle<()>) {
+    let (client, server_end) = UnixStream::pair().expect("socket pair");
     let s = server.clone();
     let task = tokio::spawn(async move { s.serve_connection(server_end).await });
     (client, task)
 }
 
-async fn read_greeting(c: &mut DuplexStream) {
+async fn read_greeting(c: &mut UnixStream) {
     let mut g = [0u8; GREETING_LEN];
     c.read_exact(&mut g).await.expect("greeting");
     assert_eq!(parse_greeting(&g), Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
 }
 
-async fn read_option_reply(c: &mut DuplexStream) -> (OptionReplyHeader, Vec<u8>) {
+async fn read_option_reply(c: &mut UnixStream) -> (OptionReplyHeader, Vec<u8>) {
     let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
     c.read_exact(&mut h).await.expect("option reply");
     let h = parse_option_reply_header(&h).expect("option reply header");
@@ -56,7 +57,7 @@ async fn read_option_reply(c: &mut DuplexStream) -> (OptionReplyHeader, Vec<u8>)
 }
 
 /// Handshake with NBD_OPT_GO; returns the transmission flags.
-async fn go(c: &mut DuplexStream, export: &str, structured: bool) -> u16 {
+async fn go(c: &mut UnixStream, export: &str, structured: bool) -> u16 {
     read_greeting(c).await;
     let mut out = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
     if structured {
@@ -82,7 +83,7 @@ async fn go(c: &mut DuplexStream, export: &str, structured: bool) -> u16 {
     }
 }
 
-async fn send(c: &mut DuplexStream, command: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+async fn send(c: &mut UnixStream, command: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
     c.write_all(&encode_request(&Request {
         flags,
         command,
@@ -95,7 +96,7 @@ async fn send(c: &mut DuplexStream, command: u16, flags: u16, cookie: u64, offse
 }
 
 /// Reads a simple reply (and `data` bytes of read data when it succeeded).
-async fn simple_reply(c: &mut DuplexStream, data: usize) -> (u32, u64, Vec<u8>) {
+async fn simple_reply(c: &mut UnixStream, data: usize) -> (u32, u64, Vec<u8>) {
     let mut h = [0u8; SIMPLE_REPLY_LEN];
     c.read_exact(&mut h).await.expect("reply");
     let ReplyHeader::Simple { error, cookie } = parse_reply_header(&h).expect("reply header") else {
@@ -106,7 +107,7 @@ async fn simple_reply(c: &mut DuplexStream, data: usize) -> (u32, u64, Vec<u8>) 
     (error, cookie, buf)
 }
 
-async fn expect_closed(c: &mut DuplexStream) {
+async fn expect_closed(c: &mut UnixStream) {
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
         .await
@@ -343,9 +344,9 @@ async fn removing_an_export_closes_its_connections_only() {
 }
 
 #[tokio::test]
-async fn our_client_over_an_in_memory_stream() {
+async fn our_client_over_a_socket_pair() {
     let server = server(ServerConfig::default());
-    let (client_end, server_end) = tokio::io::duplex(1 << 20);
+    let (client_end, server_end) = UnixStream::pair().expect("socket pair");
     let s = server.clone();
     tokio::spawn(async move { s.serve_connection(server_end).await });
     let client = NbdClient::connect_stream(client_end, "disk").await.expect("connect");
@@ -355,7 +356,7 @@ async fn our_client_over_an_in_memory_stream() {
     assert!(err.to_string().contains("error 22"), "{err}");
     assert!(!err.is_connection_error());
     // A peer that hangs up at once is an error, not a hang.
-    let (gone, peer) = tokio::io::duplex(64);
+    let (gone, peer) = UnixStream::pair().expect("socket pair");
     drop(peer);
     assert!(NbdClient::connect_stream(gone, "x").await.is_err());
 }
@@ -468,7 +469,7 @@ fn random_and_mutated_streams_never_panic_and_always_end() {
             if i % 3 != 1 {
                 mutate(&mut rng, &mut input);
             }
-            let (client, server_end) = tokio::io::duplex(64 << 10);
+            let (client, server_end) = UnixStream::pair().expect("socket pair");
             let s = server.clone();
             let conn = tokio::spawn(async move { s.serve_connection(server_end).await });
             let (mut r, mut w) = tokio::io::split(client);

@@ -14,7 +14,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 use super::proto::*;
-use super::server::write_all_vectored;
 use crate::device::{check_range, BlockDevice};
 
 /// Where an NBD server listens.
@@ -792,4 +791,16 @@ impl BlockDevice for NbdDevice {
         self.with_client(|c| async move { c.write_zeroes(offset, len, may_trim).await })
             .map_err(|e| e.to_io())
     }
+}
+
+/// Writes every slice, in as few system calls as the socket allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped accepting data"));
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }

@@ -25,12 +25,14 @@
 //!    leave the connection usable; a request with bad magic ends it. `NBD_CMD_DISC`
 //!    closes after the replies in flight.
 //!
-//! [`proto`] holds the byte-level encoding, [`server`] the server, [`client`] the
-//! client and the [`NbdDevice`] adapter.
+//! [`proto`] holds the byte-level encoding, [`server`] the server (its transmission
+//! phase runs on threads, in `transmission`), [`client`] the client and the
+//! [`NbdDevice`] adapter.
 
 pub mod client;
 pub mod proto;
 pub mod server;
+mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdAddress, NbdClient, NbdDevice, ReconnectPolicy};
 pub use server::{ExportOptions, NbdServer, ServerConfig, ServerError, ShutdownHandle};
