@@ -97,6 +97,7 @@ impl RemoteBlockd {
                 tcp: Some(format!("127.0.0.1:{port}").parse().expect("address")),
                 unix: Some(d.join("run/nbd.sock")),
                 allow: Some(vec!["127.0.0.0/8".parse().expect("network")]),
+                tls: None,
             },
         };
         let blockd = blockd::Blockd::open(config).await.expect("second blockd");

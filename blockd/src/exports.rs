@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 use crate::device::{BlockDevice, ReadOnly};
 use crate::nbd::client::{NbdAddress, NbdDevice, ReconnectPolicy};
 use crate::nbd::server::{ExportOptions, NbdServer};
+use crate::nbd::tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles, TlsError};
 use crate::service::VolumeService;
 use crate::vhost_user::{VhostUserBlkExport, VhostUserBlkOptions};
 use crate::volume::{validate_name, Result, VolumeError};
@@ -53,6 +54,10 @@ pub struct RemoteDiskSpec {
     pub export: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Connect inside TLS (`nbds://`), verifying the server against the `ca-cert.pem`
+    /// of this blockd's `--nbd-tls-certificates` directory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 impl RemoteDiskSpec {
@@ -109,6 +114,97 @@ pub struct NbdSettings {
     pub unix: Option<PathBuf>,
     /// TCP peers allowed (none: all that can reach the address).
     pub allow: Option<Vec<ipnet::IpNet>>,
+    /// TLS for the server and for remote disks; none: plaintext only.
+    pub tls: Option<NbdTlsSettings>,
+}
+
+/// TLS of blockd's NBD server and of its connections to remote exports, from one
+/// directory laid out as nbdkit's and qemu-nbd's `--tls-certificates`: `ca-cert.pem`,
+/// `server-cert.pem`, `server-key.pem`, and, to present to servers that verify their
+/// clients, `client-cert.pem` and `client-key.pem`. The same directory serves
+/// `nbdinfo`/`nbdcopy` (`nbds://…?tls-certificates=DIR`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTlsSettings {
+    pub dir: PathBuf,
+    /// The server's TLS: off (the directory then only serves remote disks), on (TLS
+    /// and plaintext clients) or require (nbdkit's `--tls=require`).
+    pub mode: NbdTlsMode,
+    /// Require client certificates signed by `ca-cert.pem` (nbdkit's `--tls-verify-peer`).
+    pub verify_peer: bool,
+}
+
+/// TLS on the NBD server: `off`, `on` (TLS and plaintext clients) or `require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NbdTlsMode {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+/// The NBD TLS options of `blockd` and `hearth-api --all-in-one`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NbdTlsArgs {
+    /// TLS on the NBD server: off, on (TLS and plaintext) or require.
+    #[arg(long, value_enum, default_value_t = NbdTlsMode::Off)]
+    pub nbd_tls: NbdTlsMode,
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem (and optionally
+    /// client-cert.pem, client-key.pem), as nbdkit's --tls-certificates.
+    #[arg(long)]
+    pub nbd_tls_certificates: Option<PathBuf>,
+    /// Require NBD clients to present a certificate signed by ca-cert.pem.
+    #[arg(long)]
+    pub nbd_tls_verify_peer: bool,
+}
+
+impl NbdTlsArgs {
+    /// The settings these options ask for; an error when they do not fit together.
+    pub fn settings(&self) -> std::result::Result<Option<NbdTlsSettings>, String> {
+        match (self.nbd_tls, &self.nbd_tls_certificates) {
+            (NbdTlsMode::Off, _) if self.nbd_tls_verify_peer => {
+                Err("--nbd-tls-verify-peer needs --nbd-tls on or require".into())
+            }
+            (NbdTlsMode::Off, None) => Ok(None),
+            (_, None) => Err("--nbd-tls on/require needs --nbd-tls-certificates DIR".into()),
+            // With TLS off on the server the directory still serves remote disks.
+            (mode, Some(dir)) => Ok(Some(NbdTlsSettings {
+                dir: dir.clone(),
+                mode,
+                verify_peer: self.nbd_tls_verify_peer,
+            })),
+        }
+    }
+}
+
+impl NbdTlsSettings {
+    fn server(&self) -> std::result::Result<Option<ServerTls>, TlsError> {
+        if self.mode == NbdTlsMode::Off {
+            return Ok(None);
+        }
+        ServerTls::load(&ServerTlsFiles {
+            cert: self.dir.join("server-cert.pem"),
+            key: self.dir.join("server-key.pem"),
+            client_ca: self.verify_peer.then(|| self.dir.join("ca-cert.pem")),
+            required: self.mode == NbdTlsMode::Require,
+        })
+        .map(Some)
+    }
+
+    /// The client side, when the directory has a CA to verify servers with.
+    fn client(&self) -> std::result::Result<Option<ClientTls>, TlsError> {
+        let ca = self.dir.join("ca-cert.pem");
+        if !ca.exists() {
+            return Ok(None);
+        }
+        let (cert, key) = (self.dir.join("client-cert.pem"), self.dir.join("client-key.pem"));
+        let cert = (cert.exists() && key.exists()).then_some((cert, key));
+        ClientTls::load(&ClientTlsFiles {
+            ca,
+            cert,
+            server_name: None,
+        })
+        .map(Some)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -133,6 +229,8 @@ pub struct Exports {
     socket_dir: PathBuf,
     nbd: Arc<NbdServer>,
     nbd_uris: Vec<String>,
+    /// For remote disks with `tls`.
+    client_tls: Option<ClientTls>,
     table: Mutex<Table>,
     /// Exported volume names, readable from the synchronous busy check.
     exported: Arc<StdMutex<BTreeSet<String>>>,
@@ -150,10 +248,19 @@ impl Exports {
     pub async fn new(state_dir: &Path, socket_dir: &Path, nbd: NbdSettings) -> Result<Exports> {
         std::fs::create_dir_all(state_dir).map_err(internal("creating the state directory"))?;
         std::fs::create_dir_all(socket_dir).map_err(internal("creating the socket directory"))?;
+        let tls_error = |e: TlsError| VolumeError::Backend(format!("NBD TLS: {e}"));
+        let (server_tls, client_tls) = match &nbd.tls {
+            Some(t) => (t.server().map_err(tls_error)?, t.client().map_err(tls_error)?),
+            None => (None, None),
+        };
         let config = crate::nbd::server::ServerConfig {
             allowed_networks: nbd.allow.clone(),
+            tls: server_tls,
             ..Default::default()
         };
+        // Plaintext URIs unless TLS is required, TLS ones when it is offered.
+        let mode = nbd.tls.as_ref().map_or(NbdTlsMode::Off, |t| t.mode);
+        let (plain, secure) = (mode != NbdTlsMode::Require, mode != NbdTlsMode::Off);
         let server = Arc::new(NbdServer::new(config));
         let mut uris = Vec::new();
         if let Some(addr) = nbd.tcp {
@@ -161,20 +268,31 @@ impl Exports {
                 .listen_tcp(addr)
                 .await
                 .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {addr}: {e}")))?;
-            uris.push(format!("nbd://{bound}/"));
+            if plain {
+                uris.push(format!("nbd://{bound}/"));
+            }
+            if secure {
+                uris.push(format!("nbds://{bound}/"));
+            }
         }
         if let Some(path) = &nbd.unix {
             server
                 .listen_unix(path)
                 .await
                 .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {}: {e}", path.display())))?;
-            uris.push(format!("nbd+unix:///?socket={}", path.display()));
+            if plain {
+                uris.push(format!("nbd+unix:///?socket={}", path.display()));
+            }
+            if secure {
+                uris.push(format!("nbds+unix:///?socket={}", path.display()));
+            }
         }
         Ok(Exports {
             state_file: state_dir.join("exports.json"),
             socket_dir: socket_dir.to_path_buf(),
             nbd: server,
             nbd_uris: uris,
+            client_tls,
             table: Mutex::new(Table::default()),
             exported: Arc::default(),
         })
@@ -439,10 +557,19 @@ impl Exports {
             x.remote = Some(s.clone());
             return Ok((x, false));
         }
+        let tls = match (spec.tls, &self.client_tls) {
+            (false, _) => None,
+            (true, Some(tls)) => Some(tls.clone()),
+            (true, None) => {
+                return Err(VolumeError::Invalid(
+                    "tls needs blockd's --nbd-tls-certificates directory with a ca-cert.pem".into(),
+                ))
+            }
+        };
         let socket = self.vhost_socket("remote", name);
         let (export, read_only) = (spec.export.clone(), spec.read_only);
         let started = tokio::task::spawn_blocking(move || -> Result<VhostUserBlkExport> {
-            let dev = NbdDevice::connect(address.clone(), &export, ReconnectPolicy::default())
+            let dev = NbdDevice::connect_with(address.clone(), &export, tls, ReconnectPolicy::default())
                 .map_err(|e| VolumeError::NotFound(format!("cannot reach NBD export {export:?} at {address}: {e}")))?;
             let dev: Arc<dyn BlockDevice> = if read_only {
                 Arc::new(ReadOnly(dev))

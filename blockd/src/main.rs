@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use blockd::exports::NbdSettings;
+use blockd::exports::{NbdSettings, NbdTlsArgs};
 use blockd::{BlockdConfig, PoolConfig};
 use clap::Parser;
 
@@ -31,6 +31,8 @@ struct Args {
     /// Only these networks may connect over TCP (repeatable, e.g. 192.168.1.0/24).
     #[arg(long)]
     nbd_allow: Vec<ipnet::IpNet>,
+    #[command(flatten)]
+    nbd_tls: NbdTlsArgs,
 }
 
 #[tokio::main]
@@ -45,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
             tcp: a.nbd_tcp,
             unix: Some(a.nbd_unix),
             allow: (!a.nbd_allow.is_empty()).then_some(a.nbd_allow),
+            tls: a.nbd_tls.settings().map_err(anyhow::Error::msg)?,
         },
     };
     let blockd = blockd::Blockd::open(config).await?;
@@ -61,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockd::exports::NbdTlsMode;
 
     #[test]
     fn later_options_override_earlier_ones_and_lists_accumulate() {
@@ -78,5 +82,24 @@ mod tests {
         ]);
         assert_eq!(a.pool, PoolConfig::File("/tmp/p".into()));
         assert_eq!(a.nbd_allow.len(), 2);
+    }
+
+    #[test]
+    fn nbd_tls_options_must_fit_together() {
+        let settings = |args: &[&str]| Args::parse_from([&["blockd"], args].concat()).nbd_tls.settings();
+        assert_eq!(settings(&[]), Ok(None));
+        let on = settings(&["--nbd-tls", "require", "--nbd-tls-certificates", "/etc/hearth/tls"]).expect("valid");
+        let on = on.expect("TLS on");
+        assert!(on.mode == NbdTlsMode::Require && !on.verify_peer);
+        assert_eq!(on.dir, PathBuf::from("/etc/hearth/tls"));
+        let err = settings(&["--nbd-tls", "on"]).expect_err("no directory");
+        assert!(err.contains("--nbd-tls-certificates"), "{err}");
+        // The directory alone: remote disks may use TLS, the server stays plaintext.
+        let client_only = settings(&["--nbd-tls-certificates", "/d"])
+            .expect("valid")
+            .expect("some");
+        assert_eq!(client_only.mode, NbdTlsMode::Off);
+        assert!(settings(&["--nbd-tls-verify-peer"]).is_err());
+        assert!(Args::try_parse_from(["blockd", "--nbd-tls", "maybe"]).is_err());
     }
 }

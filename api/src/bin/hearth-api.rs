@@ -61,6 +61,9 @@ struct Args {
     /// All-in-one: networks allowed to reach the NBD address (repeatable).
     #[arg(long)]
     nbd_allow: Vec<ipnet::IpNet>,
+    /// All-in-one: TLS of the NBD server and of remote disks.
+    #[command(flatten)]
+    nbd_tls: blockd::exports::NbdTlsArgs,
     /// All-in-one: seconds a guest gets to power off before it is forced.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
@@ -96,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             server::DAEMON_RESTART
         },
     };
+    let nbd_tls = a.nbd_tls.settings().map_err(anyhow::Error::msg)?;
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {
             run_dir: run_dir.clone(),
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             }
             b.nbd.tcp = a.nbd_tcp;
             b.nbd.allow = (!a.nbd_allow.is_empty()).then(|| a.nbd_allow.clone());
+            b.nbd.tls = nbd_tls;
             b
         },
     });

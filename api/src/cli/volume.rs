@@ -23,6 +23,10 @@ pub enum VolumeCommand {
         /// The export name on the other host (default: this volume's name).
         #[arg(long)]
         remote_export: Option<String>,
+        /// Reach the other host's NBD server inside TLS (this host's blockd verifies
+        /// it with the ca-cert.pem of its --nbd-tls-certificates).
+        #[arg(long, requires = "remote")]
+        remote_tls: bool,
     },
     /// List volumes.
     List,
@@ -77,6 +81,7 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
             from_snapshot,
             remote,
             remote_export,
+            remote_tls,
         } => {
             let mut body = json!({ "name": name });
             if let Some(size) = size {
@@ -87,6 +92,9 @@ pub async fn run(api: &ApiClient, out: Output, cmd: VolumeCommand) -> anyhow::Re
             }
             if let Some(addr) = remote {
                 body["remote"] = json!({ "tcp": addr, "export": remote_export.unwrap_or_else(|| name.clone()) });
+                if remote_tls {
+                    body["remote"]["tls"] = json!(true);
+                }
             }
             let v = api.post("/v1/volumes", Some(body)).await?;
             print_value(out, &v, print_details);

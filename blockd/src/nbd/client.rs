@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 use super::proto::*;
+use super::tls::ClientTls;
 use crate::device::{check_range, BlockDevice};
 
 /// Where an NBD server listens.
@@ -177,6 +178,15 @@ impl Drop for NbdClient {
 impl NbdClient {
     /// Connects, negotiates structured replies and opens `export` with `NBD_OPT_GO`.
     pub async fn connect(address: &NbdAddress, export: &str) -> Result<NbdClient, ClientError> {
+        Self::connect_with(address, export, None).await
+    }
+
+    /// As [`NbdClient::connect`], inside TLS (`NBD_OPT_STARTTLS` first) when `tls` is given.
+    pub async fn connect_with(
+        address: &NbdAddress,
+        export: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<NbdClient, ClientError> {
         let connect_error = |e: io::Error| ClientError::Connect {
             address: address.to_string(),
             message: e.to_string(),
@@ -187,13 +197,23 @@ impl NbdClient {
                     .await
                     .map_err(connect_error)?;
                 s.set_nodelay(true).map_err(connect_error)?;
-                let (r, w) = s.into_split();
-                Self::handshake(r, Box::new(w), export).await
+                match tls {
+                    Some(tls) => Self::start_tls(s, export, tls, Some(tcp_host(a)), address).await,
+                    None => {
+                        let (r, w) = s.into_split();
+                        Self::handshake(r, Box::new(w), export, false).await
+                    }
+                }
             }
             NbdAddress::Unix(p) => {
                 let s = tokio::net::UnixStream::connect(p).await.map_err(connect_error)?;
-                let (r, w) = s.into_split();
-                Self::handshake(r, Box::new(w), export).await
+                match tls {
+                    Some(tls) => Self::start_tls(s, export, tls, None, address).await,
+                    None => {
+                        let (r, w) = s.into_split();
+                        Self::handshake(r, Box::new(w), export, false).await
+                    }
+                }
             }
         }
     }
@@ -204,25 +224,74 @@ impl NbdClient {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        Self::handshake(r, Box::new(w), export).await
+        Self::handshake(r, Box::new(w), export, false).await
     }
 
-    async fn handshake<R>(r: R, mut w: Writer, export: &str) -> Result<NbdClient, ClientError>
+    /// Greets, asks for TLS, verifies the server's certificate and runs the rest of
+    /// the handshake inside TLS.
+    async fn start_tls<S>(
+        mut s: S,
+        export: &str,
+        tls: &ClientTls,
+        host: Option<&str>,
+        address: &NbdAddress,
+    ) -> Result<NbdClient, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // Unbuffered until TLS starts: nothing past the option reply may be read here.
+        let mut greeting = [0u8; GREETING_LEN];
+        s.read_exact(&mut greeting).await?;
+        let mut out = client_flags(&greeting)?.to_be_bytes().to_vec();
+        encode_option(&mut out, OPT_STARTTLS, &[]);
+        s.write_all(&out).await?;
+        s.flush().await?;
+        let mut header = [0u8; OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut header).await?;
+        let header = parse_option_reply_header(&header)?;
+        let mut payload = vec![0; header.len as usize];
+        s.read_exact(&mut payload).await?;
+        match (header.option, header.reply_type) {
+            (OPT_STARTTLS, REP_ACK) => {}
+            (option, t) if is_error_reply(t) => {
+                return Err(ClientError::OptionRefused {
+                    option,
+                    reply_type: t,
+                    message: String::from_utf8_lossy(&payload).into_owned(),
+                })
+            }
+            (option, t) => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply {t:#x} to option {option}"
+                )))
+            }
+        }
+        let tls_error = |message: String| ClientError::Connect {
+            address: address.to_string(),
+            message: format!("TLS: {message}"),
+        };
+        let name = tls.server_name(host).map_err(|e| tls_error(e.to_string()))?;
+        let stream = tls
+            .connector
+            .connect(name, s)
+            .await
+            .map_err(|e| tls_error(e.to_string()))?;
+        let (r, w) = tokio::io::split(stream);
+        Self::handshake(r, Box::new(w), export, true).await
+    }
+
+    /// The handshake from the greeting (or, once `greeted`, from the options on).
+    async fn handshake<R>(r: R, mut w: Writer, export: &str, greeted: bool) -> Result<NbdClient, ClientError>
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
         let mut r = BufReader::with_capacity(256 << 10, r);
-        let mut greeting = [0u8; GREETING_LEN];
-        r.read_exact(&mut greeting).await?;
-        let flags = parse_greeting(&greeting)?;
-        if flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
+        let mut out = Vec::new();
+        if !greeted {
+            let mut greeting = [0u8; GREETING_LEN];
+            r.read_exact(&mut greeting).await?;
+            out.extend_from_slice(&client_flags(&greeting)?.to_be_bytes());
         }
-        let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
-        if flags & FLAG_NO_ZEROES != 0 {
-            client_flags |= FLAG_C_NO_ZEROES;
-        }
-        let mut out = client_flags.to_be_bytes().to_vec();
         encode_option(&mut out, OPT_STRUCTURED_REPLY, &[]);
         encode_option(
             &mut out,
@@ -445,6 +514,25 @@ impl NbdClient {
     }
 }
 
+/// Our flags in answer to the server's greeting.
+fn client_flags(greeting: &[u8; GREETING_LEN]) -> Result<u32, ClientError> {
+    let flags = parse_greeting(greeting)?;
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
+    }
+    Ok(if flags & FLAG_NO_ZEROES != 0 {
+        FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
+    } else {
+        FLAG_C_FIXED_NEWSTYLE
+    })
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+fn tcp_host(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
+
 async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, conn: &Connection) -> Result<(), ClientError> {
     let mut header = [0u8; STRUCTURED_HEADER_LEN];
     let mut scratch = Vec::new();
@@ -602,6 +690,7 @@ pub struct NbdDevice {
     runtime: Option<tokio::runtime::Runtime>,
     address: NbdAddress,
     export: String,
+    tls: Option<ClientTls>,
     policy: ReconnectPolicy,
     client: Mutex<Option<Arc<NbdClient>>>,
     size: u64,
@@ -634,13 +723,23 @@ impl NbdDevice {
     /// Connects to `export` at `address` (the first connection is not retried, so a
     /// wrong address fails fast).
     pub fn connect(address: NbdAddress, export: &str, policy: ReconnectPolicy) -> Result<NbdDevice, ClientError> {
+        Self::connect_with(address, export, None, policy)
+    }
+
+    /// As [`NbdDevice::connect`], inside TLS when `tls` is given (reconnects too).
+    pub fn connect_with(
+        address: NbdAddress,
+        export: &str,
+        tls: Option<ClientTls>,
+        policy: ReconnectPolicy,
+    ) -> Result<NbdDevice, ClientError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("nbd-client")
             .enable_all()
             .build()
             .map_err(|e| ClientError::Io(format!("cannot start the NBD client runtime: {e}")))?;
-        let connect = || runtime.block_on(NbdClient::connect(&address, export));
+        let connect = || runtime.block_on(NbdClient::connect_with(&address, export, tls.as_ref()));
         let client = if tokio::runtime::Handle::try_current().is_ok() {
             // Blocking on our runtime from inside another would panic.
             std::thread::scope(|s| {
@@ -657,6 +756,7 @@ impl NbdDevice {
             runtime: Some(runtime),
             address,
             export: export.to_string(),
+            tls,
             policy,
             client: Mutex::new(Some(Arc::new(client))),
             reconnects: AtomicU64::new(0),
@@ -710,7 +810,7 @@ impl NbdDevice {
             loop {
                 let attempt = match self.current() {
                     Some(c) => op(c).await,
-                    None => match NbdClient::connect(&self.address, &self.export).await {
+                    None => match NbdClient::connect_with(&self.address, &self.export, self.tls.as_ref()).await {
                         Ok(c) if c.size() != self.size => Err(ClientError::SizeChanged {
                             was: self.size,
                             now: c.size(),

@@ -11,7 +11,9 @@
 //!    reply: `NBD_OPT_LIST` lists the exports, `NBD_OPT_STRUCTURED_REPLY` turns on
 //!    chunked read replies, `NBD_OPT_INFO` describes an export (size, transmission
 //!    flags, block sizes, name, description), `NBD_OPT_ABORT` ends the connection,
-//!    and unknown options get `NBD_REP_ERR_UNSUP`.
+//!    `NBD_OPT_STARTTLS` switches the connection to TLS (the options then start over
+//!    inside it; a server that requires TLS answers every other option before it with
+//!    `NBD_REP_ERR_TLS_REQD`), and unknown options get `NBD_REP_ERR_UNSUP`.
 //! 3. **Choosing the export.** `NBD_OPT_GO` (like `INFO`, then transmission) or the
 //!    older `NBD_OPT_EXPORT_NAME` (size and flags, and a hang-up when the export does
 //!    not exist) end the handshake. The server times the handshake out so a silent
@@ -27,12 +29,14 @@
 //!
 //! [`proto`] holds the byte-level encoding, [`server`] the server (its transmission
 //! phase runs on threads, in `transmission`), [`client`] the client and the
-//! [`NbdDevice`] adapter.
+//! [`NbdDevice`] adapter, [`tls`] the certificates both sides load.
 
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdAddress, NbdClient, NbdDevice, ReconnectPolicy};
 pub use server::{ExportOptions, NbdServer, ServerConfig, ServerError, ShutdownHandle};
+pub use tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles, TlsError};

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::proto::*;
+use super::tls::ServerTls;
 use super::transmission::{self, BlockingSocket};
 use crate::device::BlockDevice;
 
@@ -57,6 +58,9 @@ pub struct ServerConfig {
     /// kernel's default). TCP keeps the kernel's autotuning: fixed 4 MiB buffers on
     /// loopback TCP cut QD1 4k reads about 5x in measurements.
     pub socket_buffer_bytes: usize,
+    /// TLS (`NBD_OPT_STARTTLS`): off when `None`; see [`ServerTls`] for whether
+    /// plaintext clients are still served.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             threads_per_connection: 8,
             busy_poll: Duration::from_micros(50),
             socket_buffer_bytes: 4 << 20,
+            tls: None,
         }
     }
 }
@@ -371,34 +376,59 @@ impl NbdServer {
         if *shutdown.borrow() {
             return;
         }
-        let mut stream = BufReader::with_capacity(64 << 10, stream);
         let timeout = self.inner.config.handshake_timeout;
-        let handshake = tokio::select! {
+        let negotiated = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
-            h = tokio::time::timeout(timeout, self.handshake(&mut stream)) => match h {
-                Ok(h) => h,
+            n = tokio::time::timeout(timeout, self.negotiate(stream)) => match n {
+                Ok(n) => n,
                 Err(_) => Err(ConnectionError::HandshakeTimeout(timeout)),
             },
         };
-        let session = match handshake {
-            Ok(Some(session)) => session,
+        let (session, transport) = match negotiated {
+            Ok(Some(negotiated)) => negotiated,
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(peer, error = %e, "NBD handshake ended");
                 return;
             }
         };
-        // A client may send its first requests without waiting for the handshake's
-        // last reply: those bytes are in the buffer and go first.
-        let leftover = stream.buffer().to_vec();
-        let socket = match stream.into_inner().into_blocking() {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its socket blocking");
-                return;
+        match transport {
+            Transport::Plain(stream) => {
+                // A client may send its first requests without waiting for the
+                // handshake's last reply: those bytes are in the buffer and go first.
+                let leftover = stream.buffer().to_vec();
+                match stream.into_inner().into_blocking() {
+                    Ok(socket) => self.transmit(socket, leftover, session, peer).await,
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its socket blocking")
+                    }
+                }
             }
-        };
-        tracing::debug!(peer, export = %session.export.name, "NBD client connected");
+            Transport::Tls(stream) => {
+                // The threads serve one end of a socket pair; a task relays between
+                // its other end and the TLS stream.
+                let leftover = stream.buffer().to_vec();
+                let pair = UnixStream::pair().and_then(|(ours, theirs)| Ok((ours, theirs.into_blocking()?)));
+                match pair {
+                    Ok((ours, theirs)) => {
+                        let relay = tokio::spawn(relay_tls((*stream).into_inner(), ours));
+                        self.transmit(theirs, leftover, session, peer).await;
+                        let _ = relay.await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its relay socket pair")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The transmission phase on `socket`, until the client leaves, the export is
+    /// removed or the server shuts down.
+    async fn transmit<B: BlockingSocket>(&self, socket: B, leftover: Vec<u8>, session: Session, peer: String) {
+        let socket = Arc::new(socket);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tracing::debug!(peer, export = %session.export.name, tls = session.tls, "NBD client connected");
         let mut removed = session.export.removed.subscribe();
         let settings = transmission::Settings {
             device: session.export.device.clone(),
@@ -419,6 +449,39 @@ impl NbdServer {
         let _ = ended.await;
     }
 
+    /// The handshake, with TLS when the client asks for it. `None`: the client ended it.
+    async fn negotiate<S: Socket>(&self, stream: S) -> Result<Option<(Session, Transport<S>)>, ConnectionError> {
+        let mut plain = BufReader::with_capacity(64 << 10, stream);
+        let no_zeroes = greet(&mut plain).await?;
+        let phase = match &self.inner.config.tls {
+            None => TlsPhase::Unavailable,
+            Some(tls) => TlsPhase::Offered { required: tls.required },
+        };
+        let acceptor = match self.options(&mut plain, no_zeroes, phase).await? {
+            Negotiated::Ended => return Ok(None),
+            Negotiated::Session(s) => return Ok(Some((s, Transport::Plain(plain)))),
+            Negotiated::StartTls(acceptor) => acceptor,
+        };
+        if !plain.buffer().is_empty() {
+            return Err(ConnectionError::Protocol(
+                "data after NBD_OPT_STARTTLS before its reply".into(),
+            ));
+        }
+        let stream = acceptor
+            .accept(plain.into_inner())
+            .await
+            .map_err(|e| ConnectionError::Protocol(format!("TLS handshake: {e}")))?;
+        let mut secure = BufReader::with_capacity(64 << 10, stream);
+        match self.options(&mut secure, no_zeroes, TlsPhase::Done).await? {
+            Negotiated::Session(mut s) => {
+                s.tls = true;
+                Ok(Some((s, Transport::Tls(Box::new(secure)))))
+            }
+            Negotiated::Ended => Ok(None),
+            Negotiated::StartTls(_) => Err(ConnectionError::Protocol("TLS negotiated twice".into())),
+        }
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
         let exports = self.inner.exports.read().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = exports.get(name) {
@@ -431,27 +494,17 @@ impl NbdServer {
         None
     }
 
-    /// Runs the option haggling. `None` means the client ended it (abort, or closed).
-    async fn handshake<S>(&self, r: &mut BufReader<S>) -> Result<Option<Session>, ConnectionError>
+    /// Runs the option haggling after the greeting, in the given TLS phase.
+    async fn options<S>(
+        &self,
+        r: &mut BufReader<S>,
+        no_zeroes: bool,
+        phase: TlsPhase,
+    ) -> Result<Negotiated, ConnectionError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        r.get_mut()
-            .write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-            .await?;
-        r.get_mut().flush().await?;
-        let mut client_flags = [0u8; 4];
-        r.read_exact(&mut client_flags).await?;
-        let client_flags = u32::from_be_bytes(client_flags);
-        if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-            return Err(ConnectionError::Protocol("client does not speak fixed newstyle".into()));
-        }
-        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(ConnectionError::Protocol(format!(
-                "unknown client flags {client_flags:#x}"
-            )));
-        }
-        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        let tls_required = matches!(phase, TlsPhase::Offered { required: true });
         let mut structured = false;
         let mut out = Vec::with_capacity(1024);
         let mut payload = Vec::new();
@@ -465,6 +518,47 @@ impl NbdServer {
             out.clear();
             let option = header.option;
             match option {
+                OPT_STARTTLS if !payload.is_empty() => {
+                    encode_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                }
+                OPT_STARTTLS => match phase {
+                    TlsPhase::Unavailable => {
+                        encode_option_reply(&mut out, option, REP_ERR_UNSUP, b"TLS is not configured on this server");
+                    }
+                    TlsPhase::Done => {
+                        encode_option_reply(&mut out, option, REP_ERR_INVALID, b"TLS is already on");
+                    }
+                    TlsPhase::Offered { .. } => {
+                        let Some(tls) = &self.inner.config.tls else {
+                            return Err(ConnectionError::Protocol("TLS offered without a configuration".into()));
+                        };
+                        encode_option_reply(&mut out, option, REP_ACK, &[]);
+                        r.get_mut().write_all(&out).await?;
+                        r.get_mut().flush().await?;
+                        return Ok(Negotiated::StartTls(tls.acceptor.clone()));
+                    }
+                },
+                OPT_EXPORT_NAME if tls_required => {
+                    // As with an unknown name, the only refusal EXPORT_NAME allows is to hang up.
+                    return Err(ConnectionError::Protocol(
+                        "NBD_OPT_EXPORT_NAME before the required TLS".into(),
+                    ));
+                }
+                OPT_ABORT => {
+                    encode_option_reply(&mut out, option, REP_ACK, &[]);
+                    // The client may already have gone; that is fine.
+                    let _ = r.get_mut().write_all(&out).await;
+                    let _ = r.get_mut().flush().await;
+                    return Ok(Negotiated::Ended);
+                }
+                _ if tls_required => {
+                    encode_option_reply(
+                        &mut out,
+                        option,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                }
                 OPT_EXPORT_NAME => {
                     let name = parse_export_name(&payload)?;
                     let Some(export) = self.lookup(name) else {
@@ -476,14 +570,11 @@ impl NbdServer {
                     let n = encode_export_name_reply(&mut reply, export.device.size(), flags, no_zeroes);
                     r.get_mut().write_all(&reply[..n]).await?;
                     r.get_mut().flush().await?;
-                    return Ok(Some(Session { export, structured }));
-                }
-                OPT_ABORT => {
-                    encode_option_reply(&mut out, option, REP_ACK, &[]);
-                    // The client may already have gone; that is fine.
-                    let _ = r.get_mut().write_all(&out).await;
-                    let _ = r.get_mut().flush().await;
-                    return Ok(None);
+                    return Ok(Negotiated::Session(Session {
+                        export,
+                        structured,
+                        tls: false,
+                    }));
                 }
                 OPT_LIST if !payload.is_empty() => {
                     encode_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
@@ -544,7 +635,11 @@ impl NbdServer {
                             if option == OPT_GO {
                                 r.get_mut().write_all(&out).await?;
                                 r.get_mut().flush().await?;
-                                return Ok(Some(Session { export, structured }));
+                                return Ok(Negotiated::Session(Session {
+                                    export,
+                                    structured,
+                                    tls: false,
+                                }));
                             }
                         }
                     },
@@ -597,6 +692,83 @@ fn set_socket_buffers(socket: &impl AsRawFd, bytes: usize) {
 struct Session {
     export: Arc<Export>,
     structured: bool,
+    tls: bool,
+}
+
+/// Where the option haggling stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsPhase {
+    /// The server has no TLS configuration.
+    Unavailable,
+    /// Before `NBD_OPT_STARTTLS`; with `required`, nothing else is served.
+    Offered { required: bool },
+    /// Options now run inside TLS.
+    Done,
+}
+
+/// How the option haggling ended.
+enum Negotiated {
+    Session(Session),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next.
+    StartTls(tokio_rustls::TlsAcceptor),
+    /// The client aborted.
+    Ended,
+}
+
+/// The stream the transmission phase runs on (with what the handshake read ahead).
+enum Transport<S> {
+    Plain(BufReader<S>),
+    Tls(Box<BufReader<tokio_rustls::server::TlsStream<S>>>),
+}
+
+/// Reads the client's flags after sending the greeting. Returns whether the client
+/// takes replies without zero padding.
+async fn greet<S>(r: &mut BufReader<S>) -> Result<bool, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    r.get_mut()
+        .write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await?;
+    r.get_mut().flush().await?;
+    let mut client_flags = [0u8; 4];
+    r.read_exact(&mut client_flags).await?;
+    let client_flags = u32::from_be_bytes(client_flags);
+    if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+        return Err(ConnectionError::Protocol("client does not speak fixed newstyle".into()));
+    }
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ConnectionError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Carries bytes between a TLS client and the socket the transmission threads serve,
+/// until the threads close their end (their last reply is then through) or the
+/// client's stream ends (the threads then see end of stream, as from a plain client).
+async fn relay_tls<T>(tls: T, inner: UnixStream)
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (tls_r, mut tls_w) = tokio::io::split(tls);
+    let (inner_r, mut inner_w) = inner.into_split();
+    let mut tls_r = BufReader::with_capacity(256 << 10, tls_r);
+    let mut inner_r = BufReader::with_capacity(256 << 10, inner_r);
+    let up = async {
+        let _ = tokio::io::copy_buf(&mut tls_r, &mut inner_w).await;
+        let _ = inner_w.shutdown().await;
+    };
+    let down = async {
+        let _ = tokio::io::copy_buf(&mut inner_r, &mut tls_w).await;
+        let _ = tls_w.shutdown().await;
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        _ = up => (&mut down).await,
+        _ = &mut down => {}
+    }
 }
 
 /// A socket a connection is accepted on: the handshake runs on it asynchronously,

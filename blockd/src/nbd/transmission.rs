@@ -144,8 +144,10 @@ struct Connection<S> {
     ended: Mutex<Option<oneshot::Sender<()>>>,
 }
 
-/// Bytes of receive buffer per connection (several small requests per `recv`).
-const READ_BUFFER: usize = 256 << 10;
+/// Bytes of receive buffer per connection: several small requests per `recv`, while
+/// most of a large write's data (past what one fill brought in) is received straight
+/// into its own buffer rather than copied through this one.
+const READ_BUFFER: usize = 32 << 10;
 /// A thread's data buffer is given back after a request larger than this.
 const KEEP_CAPACITY: usize = 4 << 20;
 /// A peer that takes no reply bytes for this long is disconnected.
