@@ -3,7 +3,7 @@
 //! volume is attached to. One VM at a time: the claim `volume-attachments/{name}` is
 //! taken with compare-and-swap, so two attaches cannot both win.
 //!
-//! - `POST /v1/volumes` `{name, size_bytes | size, source?: {snapshot: "vol@snap"}, remote?: {tcp|unix, export}}`
+//! - `POST /v1/volumes` `{name, size_bytes | size, source?: {snapshot: "vol@snap"}, remote?: {tcp|unix, export, read_only?, tls?}}`
 //! - `GET /v1/volumes`, `GET|DELETE /v1/volumes/{name}` (delete: 409 while attached,
 //!   exported or holding snapshots with clones)
 //! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only)

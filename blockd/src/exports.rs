@@ -197,7 +197,24 @@ impl NbdTlsSettings {
             return Ok(None);
         }
         let (cert, key) = (self.dir.join("client-cert.pem"), self.dir.join("client-key.pem"));
-        let cert = (cert.exists() && key.exists()).then_some((cert, key));
+        let cert = match (cert.exists(), key.exists()) {
+            (true, true) => Some((cert, key)),
+            (false, false) => None,
+            (true, false) => {
+                return Err(TlsError::Config(format!(
+                    "{} without {}",
+                    cert.display(),
+                    key.display()
+                )))
+            }
+            (false, true) => {
+                return Err(TlsError::Config(format!(
+                    "{} without {}",
+                    key.display(),
+                    cert.display()
+                )))
+            }
+        };
         ClientTls::load(&ClientTlsFiles {
             ca,
             cert,

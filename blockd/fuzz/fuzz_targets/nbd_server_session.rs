@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a client's side of an NBD session: the server runs its
-//! handshake and transmission phase over an in-memory stream. It must never panic and
+//! handshake and transmission phase over a socket pair. It must never panic and
 //! must finish (the input ends, so the session must end) within the time limit.
 #![no_main]
 

@@ -252,13 +252,14 @@ impl NbdClient {
         let mut payload = vec![0; header.len as usize];
         s.read_exact(&mut payload).await?;
         match (header.option, header.reply_type) {
-            (OPT_STARTTLS, REP_ACK) => {}
+            (OPT_STARTTLS, REP_ACK) if payload.is_empty() => {}
             (option, t) if is_error_reply(t) => {
+                let said = String::from_utf8_lossy(&payload);
                 return Err(ClientError::OptionRefused {
                     option,
                     reply_type: t,
-                    message: String::from_utf8_lossy(&payload).into_owned(),
-                })
+                    message: format!("the server does not start TLS (NBD_OPT_STARTTLS): {said}"),
+                });
             }
             (option, t) => {
                 return Err(ClientError::Protocol(format!(

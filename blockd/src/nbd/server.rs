@@ -97,6 +97,8 @@ enum ConnectionError {
     Protocol(String),
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 impl From<ParseError> for ConnectionError {
@@ -387,6 +389,11 @@ impl NbdServer {
         let (session, transport) = match negotiated {
             Ok(Some(negotiated)) => negotiated,
             Ok(None) => return,
+            // Certificates that do not fit are the operator's to see.
+            Err(e @ ConnectionError::Tls(_)) => {
+                tracing::info!(peer, error = %e, "NBD client refused");
+                return;
+            }
             Err(e) => {
                 tracing::debug!(peer, error = %e, "NBD handshake ended");
                 return;
@@ -411,9 +418,16 @@ impl NbdServer {
                 let pair = UnixStream::pair().and_then(|(ours, theirs)| Ok((ours, theirs.into_blocking()?)));
                 match pair {
                     Ok((ours, theirs)) => {
-                        let relay = tokio::spawn(relay_tls((*stream).into_inner(), ours));
+                        let mut relay = tokio::spawn(relay_tls((*stream).into_inner(), ours));
                         self.transmit(theirs, leftover, session, peer).await;
-                        let _ = relay.await;
+                        // The last replies and the TLS close go out unless the client has
+                        // stopped reading: bounded as a plain connection's sends are.
+                        if tokio::time::timeout(transmission::SEND_TIMEOUT, &mut relay)
+                            .await
+                            .is_err()
+                        {
+                            relay.abort();
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its relay socket pair")
@@ -444,8 +458,9 @@ impl NbdServer {
             _ = shutdown.wait_for(|s| *s) => {}
             _ = removed.wait_for(|r| *r) => {}
         }
-        // Blocked receives see end of stream; requests being served finish first.
-        socket.close();
+        // Blocked receives see end of stream; requests being served finish and are
+        // answered, then the last thread closes the socket.
+        socket.stop_receiving();
         let _ = ended.await;
     }
 
@@ -470,7 +485,7 @@ impl NbdServer {
         let stream = acceptor
             .accept(plain.into_inner())
             .await
-            .map_err(|e| ConnectionError::Protocol(format!("TLS handshake: {e}")))?;
+            .map_err(ConnectionError::Tls)?;
         let mut secure = BufReader::with_capacity(64 << 10, stream);
         match self.options(&mut secure, no_zeroes, TlsPhase::Done).await? {
             Negotiated::Session(mut s) => {

@@ -45,6 +45,9 @@ pub(crate) trait BlockingSocket: Send + Sync + 'static {
     fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
     /// Shuts both directions: blocked receives return end of stream, sends fail.
     fn close(&self);
+    /// Shuts the receiving side only: blocked receives return end of stream, replies
+    /// still go out.
+    fn stop_receiving(&self);
     /// Whether bytes are waiting to be received.
     fn has_pending(&self) -> bool;
     /// Receives without waiting (`WouldBlock` when nothing is there).
@@ -62,6 +65,9 @@ macro_rules! blocking_socket {
             }
             fn close(&self) {
                 let _ = self.shutdown(Shutdown::Both);
+            }
+            fn stop_receiving(&self) {
+                let _ = self.shutdown(Shutdown::Read);
             }
             fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(self);
@@ -264,25 +270,28 @@ impl<S: BlockingSocket> Connection<S> {
                 if self.closing.load(Ordering::Acquire) {
                     break;
                 }
-                self.next_request(&mut reader, &mut data)
+                let next = self.next_request(&mut reader, &mut data);
+                if !matches!(next, Ok(Some(_))) {
+                    // Before the lock goes: a thread waiting for it must not read on.
+                    self.closing.store(true, Ordering::Release);
+                }
+                next
             };
             let pending = match next {
                 Ok(Some(p)) => p,
-                Ok(None) => {
-                    // Disconnect: the others finish their requests, nobody reads more.
-                    self.closing.store(true, Ordering::Release);
-                    break;
-                }
+                // Disconnect: the others finish their requests, nobody reads more.
+                Ok(None) => break,
                 Err(e) => {
                     self.abort(&e);
                     break;
                 }
             };
             self.serving.fetch_add(1, Ordering::AcqRel);
-            if self.idle.fetch_sub(1, Ordering::AcqRel) == 1 && pending.queued {
-                // Every thread is busy and the client has more requests waiting: another
-                // thread reads them meanwhile. (At queue depth 1 one thread does all, and
-                // no request is handed from one thread to another.)
+            if self.idle.fetch_sub(1, Ordering::AcqRel) == 1 && (pending.queued || may_take_long(&pending.request)) {
+                // Every thread is busy and the client has more requests waiting, or this
+                // one may keep its thread a while: another thread reads meanwhile. (At
+                // queue depth 1 with quick requests one thread does all, and no request
+                // is handed from one thread to another.)
                 self.add_thread();
             }
             let error = match pending.refusal {
@@ -415,6 +424,12 @@ impl<S: BlockingSocket> Connection<S> {
         let _serialized = lock(&self.writer);
         send_all(&*self.socket, &mut slices)
     }
+}
+
+/// Requests that may hold their thread long enough for later ones to queue behind:
+/// flushes, forced unit access, and large transfers.
+fn may_take_long(r: &Request) -> bool {
+    r.command == CMD_FLUSH || r.flags & CMD_FLAG_FUA != 0 || r.len >= 1 << 20
 }
 
 fn send_all<S: BlockingSocket>(socket: &S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
