@@ -200,19 +200,10 @@ impl NbdTlsSettings {
         let cert = match (cert.exists(), key.exists()) {
             (true, true) => Some((cert, key)),
             (false, false) => None,
-            (true, false) => {
-                return Err(TlsError::Config(format!(
-                    "{} without {}",
-                    cert.display(),
-                    key.display()
-                )))
-            }
-            (false, true) => {
-                return Err(TlsError::Config(format!(
-                    "{} without {}",
-                    key.display(),
-                    cert.display()
-                )))
+            (cert_there, _) => {
+                let (there, missing) = if cert_there { (cert, key) } else { (key, cert) };
+                let message = format!("{} without {}", there.display(), missing.display());
+                return Err(TlsError::Config(message));
             }
         };
         ClientTls::load(&ClientTlsFiles {
@@ -277,7 +268,10 @@ impl Exports {
         };
         // Plaintext URIs unless TLS is required, TLS ones when it is offered.
         let mode = nbd.tls.as_ref().map_or(NbdTlsMode::Off, |t| t.mode);
-        let (plain, secure) = (mode != NbdTlsMode::Require, mode != NbdTlsMode::Off);
+        let schemes: Vec<&str> = [(mode != NbdTlsMode::Require, "nbd"), (mode != NbdTlsMode::Off, "nbds")]
+            .into_iter()
+            .filter_map(|(offered, scheme)| offered.then_some(scheme))
+            .collect();
         let server = Arc::new(NbdServer::new(config));
         let mut uris = Vec::new();
         if let Some(addr) = nbd.tcp {
@@ -285,24 +279,18 @@ impl Exports {
                 .listen_tcp(addr)
                 .await
                 .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {addr}: {e}")))?;
-            if plain {
-                uris.push(format!("nbd://{bound}/"));
-            }
-            if secure {
-                uris.push(format!("nbds://{bound}/"));
-            }
+            uris.extend(schemes.iter().map(|s| format!("{s}://{bound}/")));
         }
         if let Some(path) = &nbd.unix {
             server
                 .listen_unix(path)
                 .await
                 .map_err(|e| VolumeError::Backend(format!("NBD server cannot listen on {}: {e}", path.display())))?;
-            if plain {
-                uris.push(format!("nbd+unix:///?socket={}", path.display()));
-            }
-            if secure {
-                uris.push(format!("nbds+unix:///?socket={}", path.display()));
-            }
+            uris.extend(
+                schemes
+                    .iter()
+                    .map(|s| format!("{s}+unix:///?socket={}", path.display())),
+            );
         }
         Ok(Exports {
             state_file: state_dir.join("exports.json"),

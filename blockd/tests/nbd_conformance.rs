@@ -5,6 +5,8 @@
 //! The tools come from the Debian packages qemu-utils, nbdkit, libnbd-bin,
 //! python3-libnbd and fio; a missing tool fails its test with the package's name.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,21 +122,9 @@ struct Fixture {
 
 impl Fixture {
     fn new(config: ServerConfig) -> Fixture {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
         let dir = scratch_dir();
         let server = NbdServer::new(config);
-        let unix = dir.path().join("nbd.sock");
-        let tcp = runtime.block_on(async {
-            server.listen_unix(&unix).await.expect("listen unix");
-            server
-                .listen_tcp("127.0.0.1:0".parse().expect("addr"))
-                .await
-                .expect("listen tcp")
-        });
+        let (runtime, tcp, unix) = common::serve_nbd(&server, dir.path());
         Fixture {
             runtime,
             server,

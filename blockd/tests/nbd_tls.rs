@@ -5,6 +5,8 @@
 //! data crosses TLS intact, a wrong CA or a missing client certificate fails the
 //! connection, and removing the export ends a TLS connection like a plain one.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,11 +174,6 @@ struct Fixture {
 impl Fixture {
     /// `tls`: how the server is configured, from the fixture's own PKI.
     fn new(tls: impl FnOnce(&Path) -> Option<ServerTls>) -> Fixture {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
         let dir = tempfile::Builder::new()
             .prefix("nbd-tls-")
             .tempdir_in("/dev/shm")
@@ -189,14 +186,7 @@ impl Fixture {
         server
             .add_export("disk", Arc::new(MemoryDevice::new(SIZE)), ExportOptions::default())
             .expect("export");
-        let unix = dir.path().join("nbd.sock");
-        let tcp = runtime.block_on(async {
-            server.listen_unix(&unix).await.expect("listen unix");
-            server
-                .listen_tcp("127.0.0.1:0".parse().expect("addr"))
-                .await
-                .expect("listen tcp")
-        });
+        let (runtime, tcp, unix) = common::serve_nbd(&server, dir.path());
         Fixture {
             runtime,
             server,

@@ -414,6 +414,7 @@ impl NbdServer {
             Transport::Tls(stream) => {
                 // The threads serve one end of a socket pair; a task relays between
                 // its other end and the TLS stream.
+                let peer = format!("{peer} (TLS)");
                 let leftover = stream.buffer().to_vec();
                 let pair = UnixStream::pair().and_then(|(ours, theirs)| Ok((ours, theirs.into_blocking()?)));
                 match pair {
@@ -442,7 +443,7 @@ impl NbdServer {
     async fn transmit<B: BlockingSocket>(&self, socket: B, leftover: Vec<u8>, session: Session, peer: String) {
         let socket = Arc::new(socket);
         let mut shutdown = self.inner.shutdown.subscribe();
-        tracing::debug!(peer, export = %session.export.name, tls = session.tls, "NBD client connected");
+        tracing::debug!(peer, export = %session.export.name, "NBD client connected");
         let mut removed = session.export.removed.subscribe();
         let settings = transmission::Settings {
             device: session.export.device.clone(),
@@ -468,14 +469,16 @@ impl NbdServer {
     async fn negotiate<S: Socket>(&self, stream: S) -> Result<Option<(Session, Transport<S>)>, ConnectionError> {
         let mut plain = BufReader::with_capacity(64 << 10, stream);
         let no_zeroes = greet(&mut plain).await?;
-        let phase = match &self.inner.config.tls {
-            None => TlsPhase::Unavailable,
-            Some(tls) => TlsPhase::Offered { required: tls.required },
-        };
+        let tls = self.inner.config.tls.as_ref();
+        let phase = tls.map_or(TlsPhase::Unavailable, |t| TlsPhase::Offered { required: t.required });
         let acceptor = match self.options(&mut plain, no_zeroes, phase).await? {
             Negotiated::Ended => return Ok(None),
             Negotiated::Session(s) => return Ok(Some((s, Transport::Plain(plain)))),
-            Negotiated::StartTls(acceptor) => acceptor,
+            // `options` says yes to STARTTLS only in the Offered phase, which needs `tls`.
+            Negotiated::StartTls => match tls {
+                Some(t) => t.acceptor.clone(),
+                None => return Err(ConnectionError::Protocol("TLS started without a configuration".into())),
+            },
         };
         if !plain.buffer().is_empty() {
             return Err(ConnectionError::Protocol(
@@ -488,12 +491,9 @@ impl NbdServer {
             .map_err(ConnectionError::Tls)?;
         let mut secure = BufReader::with_capacity(64 << 10, stream);
         match self.options(&mut secure, no_zeroes, TlsPhase::Done).await? {
-            Negotiated::Session(mut s) => {
-                s.tls = true;
-                Ok(Some((s, Transport::Tls(Box::new(secure)))))
-            }
+            Negotiated::Session(s) => Ok(Some((s, Transport::Tls(Box::new(secure))))),
             Negotiated::Ended => Ok(None),
-            Negotiated::StartTls(_) => Err(ConnectionError::Protocol("TLS negotiated twice".into())),
+            Negotiated::StartTls => Err(ConnectionError::Protocol("TLS negotiated twice".into())),
         }
     }
 
@@ -544,13 +544,10 @@ impl NbdServer {
                         encode_option_reply(&mut out, option, REP_ERR_INVALID, b"TLS is already on");
                     }
                     TlsPhase::Offered { .. } => {
-                        let Some(tls) = &self.inner.config.tls else {
-                            return Err(ConnectionError::Protocol("TLS offered without a configuration".into()));
-                        };
                         encode_option_reply(&mut out, option, REP_ACK, &[]);
                         r.get_mut().write_all(&out).await?;
                         r.get_mut().flush().await?;
-                        return Ok(Negotiated::StartTls(tls.acceptor.clone()));
+                        return Ok(Negotiated::StartTls);
                     }
                 },
                 OPT_EXPORT_NAME if tls_required => {
@@ -585,11 +582,7 @@ impl NbdServer {
                     let n = encode_export_name_reply(&mut reply, export.device.size(), flags, no_zeroes);
                     r.get_mut().write_all(&reply[..n]).await?;
                     r.get_mut().flush().await?;
-                    return Ok(Negotiated::Session(Session {
-                        export,
-                        structured,
-                        tls: false,
-                    }));
+                    return Ok(Negotiated::Session(Session { export, structured }));
                 }
                 OPT_LIST if !payload.is_empty() => {
                     encode_option_reply(&mut out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
@@ -650,11 +643,7 @@ impl NbdServer {
                             if option == OPT_GO {
                                 r.get_mut().write_all(&out).await?;
                                 r.get_mut().flush().await?;
-                                return Ok(Negotiated::Session(Session {
-                                    export,
-                                    structured,
-                                    tls: false,
-                                }));
+                                return Ok(Negotiated::Session(Session { export, structured }));
                             }
                         }
                     },
@@ -707,7 +696,6 @@ fn set_socket_buffers(socket: &impl AsRawFd, bytes: usize) {
 struct Session {
     export: Arc<Export>,
     structured: bool,
-    tls: bool,
 }
 
 /// Where the option haggling stands with TLS.
@@ -725,7 +713,7 @@ enum TlsPhase {
 enum Negotiated {
     Session(Session),
     /// The client asked for TLS and was told yes: the TLS handshake comes next.
-    StartTls(tokio_rustls::TlsAcceptor),
+    StartTls,
     /// The client aborted.
     Ended,
 }
@@ -793,22 +781,18 @@ trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn into_blocking(self) -> io::Result<Self::Blocking>;
 }
 
-impl Socket for TcpStream {
-    type Blocking = std::net::TcpStream;
-    fn into_blocking(self) -> io::Result<Self::Blocking> {
-        let s = self.into_std()?;
-        s.set_nonblocking(false)?;
-        s.set_write_timeout(Some(transmission::SEND_TIMEOUT))?;
-        Ok(s)
-    }
+macro_rules! socket {
+    ($async:ty => $blocking:ty) => {
+        impl Socket for $async {
+            type Blocking = $blocking;
+            fn into_blocking(self) -> io::Result<Self::Blocking> {
+                let s = self.into_std()?;
+                s.set_nonblocking(false)?;
+                s.set_write_timeout(Some(transmission::SEND_TIMEOUT))?;
+                Ok(s)
+            }
+        }
+    };
 }
-
-impl Socket for UnixStream {
-    type Blocking = std::os::unix::net::UnixStream;
-    fn into_blocking(self) -> io::Result<Self::Blocking> {
-        let s = self.into_std()?;
-        s.set_nonblocking(false)?;
-        s.set_write_timeout(Some(transmission::SEND_TIMEOUT))?;
-        Ok(s)
-    }
-}
+socket!(TcpStream => std::net::TcpStream);
+socket!(UnixStream => std::os::unix::net::UnixStream);

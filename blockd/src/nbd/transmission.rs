@@ -139,13 +139,10 @@ struct Connection<S> {
     size: u64,
     /// Set when no more requests are to be read.
     closing: AtomicBool,
-    /// Threads not serving a request (waiting for or holding the read lock).
-    idle: AtomicUsize,
-    /// Requests taken and not yet answered.
+    /// Requests taken and not yet answered (one per thread serving one).
     serving: Arc<AtomicUsize>,
-    /// Threads started, for the limit.
-    started: AtomicUsize,
-    /// Threads not yet ended; the last one out closes the socket and reports.
+    /// Threads not yet ended, at most `max_threads`; the last one out closes the
+    /// socket and reports.
     live: AtomicUsize,
     ended: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -177,9 +174,7 @@ pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settin
         size: settings.device.size(),
         settings,
         closing: AtomicBool::new(false),
-        idle: AtomicUsize::new(0),
         serving,
-        started: AtomicUsize::new(0),
         live: AtomicUsize::new(0),
         ended: Mutex::new(Some(tx)),
     });
@@ -204,29 +199,19 @@ struct Pending {
 impl<S: BlockingSocket> Connection<S> {
     /// Starts one more thread unless the limit is reached. False if none could start.
     fn add_thread(self: &Arc<Self>) -> bool {
-        let mut n = self.started.load(Ordering::Relaxed);
-        loop {
-            if n >= self.settings.max_threads.max(1) {
-                return false;
-            }
-            match self
-                .started
-                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(now) => n = now,
-            }
+        let max = self.settings.max_threads.max(1);
+        let counted = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+        if counted.is_err() {
+            return false;
         }
-        self.idle.fetch_add(1, Ordering::AcqRel);
-        self.live.fetch_add(1, Ordering::AcqRel);
         let conn = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || conn.work());
         if let Err(e) = spawned {
             tracing::warn!(peer = %self.settings.peer, error = %e, "cannot start an NBD connection thread");
-            self.idle.fetch_sub(1, Ordering::AcqRel);
-            self.started.fetch_sub(1, Ordering::AcqRel);
             self.thread_ended();
             return false;
         }
@@ -286,8 +271,9 @@ impl<S: BlockingSocket> Connection<S> {
                     break;
                 }
             };
-            self.serving.fetch_add(1, Ordering::AcqRel);
-            if self.idle.fetch_sub(1, Ordering::AcqRel) == 1 && (pending.queued || may_take_long(&pending.request)) {
+            let serving = self.serving.fetch_add(1, Ordering::AcqRel) + 1;
+            let all_busy = serving >= self.live.load(Ordering::Acquire);
+            if all_busy && (pending.queued || may_take_long(&pending.request)) {
                 // Every thread is busy and the client has more requests waiting, or this
                 // one may keep its thread a while: another thread reads meanwhile. (At
                 // queue depth 1 with quick requests one thread does all, and no request
@@ -300,7 +286,6 @@ impl<S: BlockingSocket> Connection<S> {
             };
             let sent = self.send_reply(&pending.request, error, &data, &mut head);
             self.serving.fetch_sub(1, Ordering::AcqRel);
-            self.idle.fetch_add(1, Ordering::AcqRel);
             if let Err(e) = sent {
                 self.abort(&e);
                 break;

@@ -1,6 +1,7 @@
 //! Helpers shared by blockd's integration tests.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -83,4 +84,23 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
+}
+
+/// A runtime of its own with `server` listening on a free loopback TCP port and on
+/// `dir/nbd.sock`; returns the runtime, the port's address and the socket's path.
+pub fn serve_nbd(server: &blockd::nbd::NbdServer, dir: &Path) -> (tokio::runtime::Runtime, SocketAddr, PathBuf) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let unix = dir.join("nbd.sock");
+    let tcp = runtime.block_on(async {
+        server.listen_unix(&unix).await.expect("listen unix");
+        server
+            .listen_tcp("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("listen tcp")
+    });
+    (runtime, tcp, unix)
 }
