@@ -38,7 +38,7 @@ xfs_mnt=$(mktemp -d /var/tmp/hearth-xfs.XXXXXX)
 truncate -s 14G "$img_work/xfs.img"
 mkfs.xfs -q -m reflink=1 "$img_work/xfs.img"
 mount -o loop "$img_work/xfs.img" "$xfs_mnt"
-"$CARGO_TARGET_DIR/release/examples/image_bench" "$img_work/ext4" "$xfs_mnt" "${IMAGE_ROUNDS:-5}" >"$img_out"
+"$CARGO_TARGET_DIR/release/examples/image_bench" "$img_work/ext4" "$xfs_mnt" "${IMAGE_ROUNDS:-5}" "$HEARTH_IMAGE_CACHE/debian/disk.raw" >"$img_out"
 cat "$img_out"
 umount "$xfs_mnt" && rmdir "$xfs_mnt" && xfs_mnt=""
 echo "==> netd: ${TAPS:-200} TAPs with IP allocation vs ip commands (private namespaces)"

@@ -101,27 +101,14 @@ fn debian_vm_is_configured_by_cloud_init() {
         let _ = ready;
 
         // Over SSH with the key cloud-init installed, at the address IPAM gave.
-        let mut last = String::new();
-        let mut ok = false;
-        for _ in 0..20 {
-            let (success, text) = ssh(
-                &key,
-                &ip,
-                "hostname; cat /etc/hearth-test.txt; df -B1 --output=size / | tail -1",
-            )
-            .await;
-            last = text;
-            if success {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        assert!(
-            ok,
-            "ssh root@{ip} with the VM's key failed: {last}\n{}",
-            stack.console_log("deb-1").await
-        );
+        let last = ssh_until_ok(
+            &stack,
+            "deb-1",
+            &key,
+            &ip,
+            "hostname; cat /etc/hearth-test.txt; df -B1 --output=size / | tail -1",
+        )
+        .await;
         let lines: Vec<&str> = last.lines().collect();
         assert_eq!(lines.first().copied(), Some("deb-1"), "hostname: {last}");
         assert!(last.contains("written by cloud-init"), "user-data file: {last}");
@@ -144,5 +131,175 @@ fn debian_vm_is_configured_by_cloud_init() {
         assert_eq!(status, 202, "{accepted}");
         assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
         assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
+
+        cloud_layout_boots_its_own_kernel(&stack, &key, public.trim(), user_data).await;
     });
+}
+
+async fn ssh_until_ok(stack: &Stack, vm: &str, key: &std::path::Path, ip: &str, cmd: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let (success, text) = ssh(key, ip, cmd).await;
+        if success {
+            return text;
+        }
+        last = text;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    panic!(
+        "ssh root@{ip} with the VM's key failed: {last}\n{}",
+        stack.console_log(vm).await
+    );
+}
+
+const ROOT_PARTUUID: &str = "3b8f5a2e-1c4d-4e6f-8a9b-0c1d2e3f4a5b";
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.unwrap_or("").as_bytes()).expect("stdin");
+    drop(input);
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The same Debian system laid out the way Debian's own cloud images are: GPT, the
+/// root file system in a partition named by PARTUUID in /etc/fstab, and a grub.cfg.
+/// Imported by path with no kernel given, hearth takes the kernel, initramfs and
+/// command line from the disk; the VM boots under QEMU and cloud-init configures it.
+async fn cloud_layout_boots_its_own_kernel(stack: &Stack, key: &std::path::Path, public: &str, user_data: &str) {
+    let work = tempfile::tempdir_in("/var/tmp").expect("tmp");
+    let root = work.path().join("root.ext4");
+    let p = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    run(
+        "cp",
+        &["--sparse=always", &p(&images_dir().join("debian/disk.raw")), &p(&root)],
+        None,
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images_dir().join("debian/image.json")).expect("image.json"))
+            .expect("json");
+    let release = meta["kernel_version"].as_str().expect("kernel_version");
+    let grub = format!(
+        "menuentry 'Debian GNU/Linux' {{\n\tlinux\t/boot/vmlinuz-{release} root=PARTUUID={ROOT_PARTUUID} ro console=tty0 console=ttyS0,115200 panic=-1\n\tinitrd\t/boot/initrd.img-{release}\n}}\n"
+    );
+    std::fs::write(work.path().join("grub.cfg"), grub).expect("grub.cfg");
+    std::fs::write(
+        work.path().join("fstab"),
+        format!("PARTUUID={ROOT_PARTUUID}\t/\text4\terrors=remount-ro\t0\t1\n"),
+    )
+    .expect("fstab");
+    let cmds = format!(
+        "mkdir /boot/grub\nwrite {} /boot/grub/grub.cfg\nrm /etc/fstab\nwrite {} /etc/fstab\n",
+        p(&work.path().join("grub.cfg")),
+        p(&work.path().join("fstab"))
+    );
+    run("debugfs", &["-w", "-f", "-", &p(&root)], Some(&cmds));
+    let disk = work.path().join("cloud.raw");
+    let root_len = std::fs::metadata(&root).expect("md").len();
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(root_len + 2 * (1 << 20)))
+        .expect("disk");
+    run(
+        "sfdisk",
+        &["-q", "--no-reread", "--no-tell-kernel", &p(&disk)],
+        Some(&format!(
+            "label: gpt\nstart=2048, size={}, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid={ROOT_PARTUUID}\n",
+            root_len / 512
+        )),
+    );
+    run(
+        "dd",
+        &[
+            &format!("if={}", p(&root)),
+            &format!("of={}", p(&disk)),
+            "bs=1M",
+            "seek=1",
+            "conv=sparse,notrunc",
+            "status=none",
+        ],
+        None,
+    );
+    std::fs::remove_file(&root).expect("rm");
+
+    let (status, accepted) = stack
+        .call(
+            "POST",
+            "/v1/images",
+            Some(json!({"name": "debian-gpt", "path": p(&disk)})),
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let op = stack.wait_op(&accepted).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let (_, image) = stack.call("GET", "/v1/images/debian-gpt", None).await;
+    let cmdline = image["boot"]["cmdline"].as_str().unwrap_or_default();
+    assert!(
+        cmdline.starts_with(&format!("root=PARTUUID={ROOT_PARTUUID} ro console=tty0")),
+        "the command line comes from the disk's grub.cfg: {image}"
+    );
+    assert!(
+        image["boot"]["kernel_elf"].is_string(),
+        "a vmlinux for Cloud Hypervisor: {image}"
+    );
+
+    let t = std::time::Instant::now();
+    let body = json!({
+        "name": "deb-gpt",
+        "image": "debian-gpt",
+        "hypervisor": "qemu",
+        "vcpus": 2,
+        "memory_mib": 1024,
+        "nics": [{"network": "lan"}],
+        "ssh_keys": [public],
+        "user_data": user_data,
+    });
+    let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+    assert_eq!(status, 202, "{accepted}");
+    let op = stack.wait_op(&accepted).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let ip = stack.vm("deb-gpt").await["nics"][0]["ip"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    stack
+        .wait_console("deb-gpt", "HEARTH-GUEST-READY", 1, Duration::from_secs(240))
+        .await;
+    eprintln!(
+        "debian (GPT, kernel from its disk): created and booted in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let out = ssh_until_ok(
+        stack,
+        "deb-gpt",
+        key,
+        &ip,
+        "hostname; cat /etc/hearth-test.txt; findmnt -no SOURCE /",
+    )
+    .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first().copied(), Some("deb-gpt"), "hostname: {out}");
+    assert!(out.contains("written by cloud-init"), "user-data file: {out}");
+    assert_eq!(
+        lines.last().copied(),
+        Some("/dev/vda1"),
+        "root is the disk's first partition: {out}"
+    );
+
+    let (status, accepted) = stack.call("DELETE", "/v1/vms/deb-gpt", None).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
+    let (status, _) = stack.call("DELETE", "/v1/images/debian-gpt", None).await;
+    assert!(status == 200 || status == 204, "image delete: {status}");
 }

@@ -7,6 +7,7 @@
 //! import of the same URL resumes from.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use crate::fetch::{part_path, Download, Progress};
 use crate::format::{self, SourceFormat};
 use crate::store::{self, parse_digest, ImageRef, Manifest, ManifestBoot, ManifestContent, ManifestDisk, Store};
+use crate::{bootkit, qcow2};
 use crate::{ImageError, ImageInfo};
 
 /// The body of `POST /imports`.
@@ -348,28 +350,19 @@ impl Importer {
             Source::Recipe(dir) => self.recipe(job, dir).await?,
             _ => {
                 let disk = self.disk(job, &plan).await?;
-                let kernel = match &plan.kernel {
-                    Some(k) => Some(self.small_blob(job, k, "kernel").await?),
-                    None => None,
+                let boot = if plan.kernel.is_none() && plan.initramfs.is_none() {
+                    self.boot_kit_from_disk(job, &disk).await
+                } else {
+                    None
                 };
-                let initramfs = match &plan.initramfs {
-                    Some(k) => Some(self.small_blob(job, k, "initramfs").await?),
-                    None => None,
-                };
-                // A bzImage starts its setup header with "HdrS" at 0x202; a PVH ELF with 0x7f ELF.
-                let (bz, elf) = match kernel {
-                    Some((hex, is_elf)) if is_elf => (None, Some(hex)),
-                    Some((hex, _)) => (Some(hex), None),
-                    None => (None, None),
-                };
-                let boot = ManifestBoot {
-                    kernel_bzimage: bz,
-                    kernel_elf: elf,
-                    initramfs: initramfs.map(|(h, _)| h),
-                    cmdline: plan
-                        .cmdline
-                        .clone()
-                        .unwrap_or_else(|| "console=ttyS0 root=/dev/vda rw".into()),
+                let boot = match boot {
+                    Some(mut boot) => {
+                        if let Some(c) = &plan.cmdline {
+                            boot.cmdline = c.clone();
+                        }
+                        boot
+                    }
+                    None => self.boot_kit(job, &plan).await?,
                 };
                 (ManifestContent { disk: Some(disk), boot }, serde_json::Value::Null)
             }
@@ -396,6 +389,67 @@ impl Importer {
             .resolve(&manifest.digest)?
             .ok_or_else(|| ImageError::Corrupt("the image vanished after commit".into()))?;
         Ok(self.store.info(&m, &refs, names.first()))
+    }
+
+    /// The boot kit the import names (kernel and initramfs from paths or URLs).
+    async fn boot_kit(&self, job: &Job, plan: &Plan) -> Result<ManifestBoot, ImageError> {
+        let kernel = match &plan.kernel {
+            Some(k) => Some(self.small_blob(job, k, "kernel").await?),
+            None => None,
+        };
+        let initramfs = match &plan.initramfs {
+            Some(k) => Some(self.small_blob(job, k, "initramfs").await?),
+            None => None,
+        };
+        // A bzImage starts its setup header with "HdrS" at 0x202; a PVH ELF with 0x7f ELF.
+        let (bz, elf) = match kernel {
+            Some((hex, is_elf)) if is_elf => (None, Some(hex)),
+            Some((hex, _)) => (Some(hex), None),
+            None => (None, None),
+        };
+        Ok(ManifestBoot {
+            kernel_bzimage: bz,
+            kernel_elf: elf,
+            initramfs: initramfs.map(|(h, _)| h),
+            cmdline: plan
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=ttyS0 root=/dev/vda rw".into()),
+        })
+    }
+
+    /// The kernel, initramfs and command line installed in the image's own disk (see
+    /// [`bootkit`]), stored as blobs. `None` when there is none or it cannot be read:
+    /// the image is still imported, and booting it needs a kernel given at import.
+    async fn boot_kit_from_disk(&self, job: &Arc<Job>, disk: &ManifestDisk) -> Option<ManifestBoot> {
+        job.progress.phase("finding the kernel", 0);
+        let store = self.store.clone();
+        let path = store.blob_path(&disk.blob);
+        let found = blocking(move || {
+            let Some(found) = bootkit::find(&path)? else {
+                return Ok(None);
+            };
+            let elf = match &found.vmlinux {
+                Ok(v) => Some(store.put_blob(v)?),
+                Err(why) => {
+                    tracing::info!("no kernel for Cloud Hypervisor from {}: {why}", found.source);
+                    None
+                }
+            };
+            let boot = ManifestBoot {
+                kernel_bzimage: Some(store.put_blob(&found.kernel)?),
+                kernel_elf: elf,
+                initramfs: found.initramfs.as_deref().map(|b| store.put_blob(b)).transpose()?,
+                cmdline: found.cmdline.clone(),
+            };
+            tracing::info!(cmdline = %boot.cmdline, "boot kit found in the disk at {}", found.source);
+            Ok(Some(boot))
+        })
+        .await;
+        found.unwrap_or_else(|e| {
+            tracing::warn!("could not look for a kernel in the image's disk: {e}");
+            None
+        })
     }
 
     /// The disk of a URL or file import, stored raw. Returns its manifest entry.
@@ -446,36 +500,26 @@ impl Importer {
                         r
                     }
                     SourceFormat::Qcow2 => {
-                        // Hash and convert at once: two readers of the same file.
                         job.progress.phase("converting", len);
-                        let src = path.clone();
-                        let hashing = tokio::task::spawn_blocking(move || store::hash_file(&src, &|_| {}));
-                        let converted = self.convert(job, path).await;
-                        // Flush the conversion to disk while the hash finishes.
-                        let syncing = converted.as_ref().ok().map(|(tmp, _)| {
-                            let tmp = tmp.clone();
-                            tokio::task::spawn_blocking(move || {
-                                std::fs::File::open(&tmp)
+                        let (tmp, virtual_size, hex) = self.convert(job, path, true).await?;
+                        let r = async {
+                            let hex = hex.ok_or_else(|| ImageError::Corrupt("the conversion gave no digest".into()))?;
+                            check_expected(plan.expected.as_deref(), &hex)?;
+                            let synced = tmp.clone();
+                            blocking(move || {
+                                File::open(&synced)
                                     .and_then(|f| f.sync_all())
-                                    .map_err(|e| ImageError::Io(tmp, e))
+                                    .map_err(|e| ImageError::Io(synced, e))
                             })
-                        });
-                        let hex = hashing
-                            .await
-                            .map_err(|e| ImageError::Corrupt(format!("hash task: {e}")))?;
-                        if let Some(s) = syncing {
-                            s.await.map_err(|e| ImageError::Corrupt(format!("sync task: {e}")))??;
+                            .await?;
+                            self.store.adopt_synced_blob(&tmp, &hex)?;
+                            Ok(ManifestDisk {
+                                blob: hex,
+                                virtual_size,
+                                source_format: SourceFormat::Qcow2,
+                            })
                         }
-                        let (tmp, virtual_size) = converted?;
-                        let r = hex
-                            .and_then(|hex| check_expected(plan.expected.as_deref(), &hex).map(|_| hex))
-                            .and_then(|hex| {
-                                self.store.adopt_synced_blob(&tmp, &hex).map(|_| ManifestDisk {
-                                    blob: hex,
-                                    virtual_size,
-                                    source_format: SourceFormat::Qcow2,
-                                })
-                            });
+                        .await;
                         if r.is_err() {
                             let _ = std::fs::remove_file(&tmp);
                         }
@@ -490,7 +534,7 @@ impl Importer {
     /// Stores a downloaded disk (`part`, whose bytes hash to `hex`) as raw.
     async fn store_disk(
         &self,
-        job: &Job,
+        job: &Arc<Job>,
         part: &Path,
         hex: &str,
         forced: Option<SourceFormat>,
@@ -511,7 +555,7 @@ impl Importer {
             }
             SourceFormat::Qcow2 => {
                 job.progress.phase("converting", len);
-                let (tmp, virtual_size) = self.convert(job, part).await?;
+                let (tmp, virtual_size, _) = self.convert(job, part, false).await?;
                 if let Err(e) = self.store.adopt_blob(&tmp, hex) {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
@@ -525,23 +569,53 @@ impl Importer {
         }
     }
 
-    /// qcow2 → a raw temporary file. Returns it and the virtual size.
-    async fn convert(&self, job: &Job, src: &Path) -> Result<(PathBuf, u64), ImageError> {
-        let virtual_size = format::qcow2_info(src).await?;
+    /// qcow2 → a raw temporary file. Returns it, the virtual size and, when `hash` is
+    /// set, the digest of the qcow2 file. hearth's own reader does it in one pass
+    /// (`qcow2::to_raw`); images it leaves to qemu-img are hashed beside the conversion.
+    async fn convert(
+        &self,
+        job: &Arc<Job>,
+        src: &Path,
+        hash: bool,
+    ) -> Result<(PathBuf, u64, Option<String>), ImageError> {
         let tmp = self.store.tmp_path("convert");
-        let progress = &job.progress;
-        let r = format::qcow2_to_raw(src, &tmp, |p| {
-            let total = progress.total.load(std::sync::atomic::Ordering::Relaxed);
-            progress.set((p * total as f64) as u64);
-        })
-        .await;
+        let (from, to) = (src.to_path_buf(), tmp.clone());
+        let native = with_progress(job, move |p| qcow2::to_raw(&from, &to, hash, &|n| p.set(n))).await;
+        let r = match native {
+            Ok(Some((virtual_size, hex))) => Ok((virtual_size, hex)),
+            Ok(None) => self.convert_with_qemu_img(job, src, &tmp, hash).await,
+            Err(e) => Err(e),
+        };
         match r {
-            Ok(()) => Ok((tmp, virtual_size)),
+            Ok((virtual_size, hex)) => Ok((tmp, virtual_size, hex)),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(e)
             }
         }
+    }
+
+    async fn convert_with_qemu_img(
+        &self,
+        job: &Job,
+        src: &Path,
+        tmp: &Path,
+        hash: bool,
+    ) -> Result<(u64, Option<String>), ImageError> {
+        let from = src.to_path_buf();
+        let hashing = hash.then(|| tokio::task::spawn_blocking(move || store::hash_file(&from, &|_| {})));
+        let virtual_size = format::qcow2_info(src).await?;
+        let progress = &job.progress;
+        format::qcow2_to_raw(src, tmp, |p| {
+            let total = progress.total.load(std::sync::atomic::Ordering::Relaxed);
+            progress.set((p * total as f64) as u64);
+        })
+        .await?;
+        let hex = match hashing {
+            Some(t) => Some(t.await.map_err(|e| ImageError::Corrupt(format!("hash task: {e}")))??),
+            None => None,
+        };
+        Ok((virtual_size, hex))
     }
 
     /// A kernel or initramfs from a path or URL. Returns (digest, is ELF).

@@ -11,10 +11,12 @@
 //! first use: asking for `tiny` when the store has no such name imports
 //! `<catalog>/tiny/`.
 
+pub mod bootkit;
 pub mod cloudinit;
 pub mod fetch;
 pub mod format;
 pub mod import;
+pub mod qcow2;
 pub mod store;
 
 use std::path::{Path, PathBuf};

@@ -12,13 +12,13 @@
 //! file as downloaded or read (qcow2 or raw), even when the stored blob is the raw
 //! conversion. The same bytes imported twice are stored once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -150,7 +150,14 @@ impl std::fmt::Display for ImageRef {
 pub struct Store {
     root: PathBuf,
     lock: Mutex<()>,
+    /// Blobs an import has put in place but not yet named in a manifest, and since
+    /// when: garbage collection (after another import, say) leaves them alone.
+    held: Mutex<HashMap<String, Instant>>,
 }
+
+/// A blob no manifest names is kept this long after it was put in place, for the
+/// import still working on its other parts; one that failed lets go of it then.
+const HOLD_FOR: Duration = Duration::from_secs(3600);
 
 /// Partial downloads older than this are collected.
 const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
@@ -169,6 +176,7 @@ impl Store {
         Ok(Store {
             root,
             lock: Mutex::new(()),
+            held: Mutex::new(HashMap::new()),
         })
     }
 
@@ -212,6 +220,7 @@ impl Store {
 
     /// [`Store::adopt_blob`] for a file the caller has already flushed to disk.
     pub fn adopt_synced_blob(&self, tmp: &Path, hex: &str) -> Result<PathBuf, ImageError> {
+        self.hold(hex);
         let dst = self.blob_path(hex);
         if dst.exists() {
             let _ = fs::remove_file(tmp);
@@ -220,6 +229,28 @@ impl Store {
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(tmp))?;
         fs::rename(tmp, &dst).map_err(io_err(&dst))?;
         Ok(dst)
+    }
+
+    fn hold(&self, hex: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.insert(hex.to_string(), Instant::now());
+    }
+
+    /// Stores `bytes` as a blob; returns its digest (hex).
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String, ImageError> {
+        let hex = hex(&Sha256::digest(bytes));
+        self.hold(&hex);
+        if !self.blob_path(&hex).exists() {
+            let tmp = self.tmp_path("blob");
+            let written = File::create(&tmp)
+                .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+                .map_err(io_err(&tmp));
+            if let Err(e) = written.and_then(|_| self.adopt_synced_blob(&tmp, &hex)) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        Ok(hex)
     }
 
     /// Copies a local file into the store, hashing it on the way and leaving zero
@@ -248,6 +279,16 @@ impl Store {
                 fs::create_dir_all(dir).map_err(io_err(dir))?;
             }
             write_atomic(&p, manifest.digest.as_bytes())?;
+        }
+        // Named by a manifest now: garbage collection sees them through it.
+        let c = &manifest.content;
+        let blobs = [&c.boot.kernel_bzimage, &c.boot.kernel_elf, &c.boot.initramfs]
+            .into_iter()
+            .flatten()
+            .chain(c.disk.as_ref().map(|d| &d.blob));
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for b in blobs {
+            held.remove(b);
         }
         Ok(())
     }
@@ -473,6 +514,11 @@ impl Store {
                 fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
                 report.images.push(format!("sha256:{hex}"));
             }
+        }
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.retain(|_, since| since.elapsed() < HOLD_FOR);
+            live_blobs.extend(held.keys().cloned());
         }
         let blobs = self.root.join("blobs/sha256");
         for e in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
