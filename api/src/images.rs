@@ -51,7 +51,23 @@ pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<i
     responses((status = 200, description = "What garbage collection freed", body = imaged::store::GcReport), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "VMs use the image", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::store::GcReport>, ApiError> {
     valid_reference(&name)?;
-    Ok(Json(state.images.delete(&name).await.map_err(upstream)?))
+    let report = state.images.delete(&name).await.map_err(upstream)?;
+    remove_image_bases(&state, &report.images).await;
+    Ok(Json(report))
+}
+
+/// Pools that clone a snapshot of one base volume per image (LVM, memory) keep that
+/// base until the image goes: removed here when garbage collection took the image,
+/// and by the reconciler for images collected otherwise (a name moved by an import).
+pub async fn remove_image_bases(state: &AppState, digests: &[String]) {
+    for d in digests {
+        let base = blockd::volume::image_base_name(d);
+        match state.blockd.delete_volume(&base).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(volume = %base, "cannot remove the base volume of a deleted image: {e}"),
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/images", tag = "images", params(crate::openapi::IdempotencyKey), request_body = ImportRequest,

@@ -39,6 +39,8 @@ pub struct Report {
     pub orphan_vmms: Vec<String>,
     pub orphan_ports: Vec<String>,
     pub orphan_root_disks: Vec<String>,
+    /// Base volumes of images that no longer exist (LVM and memory pools).
+    pub orphan_image_bases: Vec<String>,
     pub orphan_claims: Vec<String>,
     /// VMs vmm-manager had lost, defined again (and started when wanted running).
     pub redefined: Vec<String>,
@@ -81,6 +83,7 @@ impl Report {
             + self.orphan_vmms.len()
             + self.orphan_ports.len()
             + self.orphan_root_disks.len()
+            + self.orphan_image_bases.len()
             + self.orphan_claims.len()
             + self.redefined.len()
             + self.networks_removed.len()
@@ -95,6 +98,7 @@ impl Report {
             && self.orphan_vmms.is_empty()
             && self.orphan_ports.is_empty()
             && self.orphan_root_disks.is_empty()
+            && self.orphan_image_bases.is_empty()
             && self.orphan_claims.is_empty()
             && self.redefined.is_empty()
             && self.not_redefined.is_empty()
@@ -157,6 +161,9 @@ struct Held {
     networks: Option<Vec<netd::network::NetworkStatus>>,
     ports: Option<Vec<netd::network::Port>>,
     volumes: Option<Vec<blockd::volume::Volume>>,
+    /// Read after the volumes: an image base in `volumes` was made for an image that
+    /// is in this list unless the image was deleted since.
+    images: Option<Vec<imaged::ImageInfo>>,
     claims: Vec<(String, store::Versioned)>,
 }
 
@@ -173,11 +180,13 @@ impl Held {
             state.netd.ports(),
             state.blockd.volumes()
         );
+        let images = state.images.list().await;
         Ok(Held {
             vms: answered("vmm-manager", vms),
             networks: answered("netd", networks),
             ports: answered("netd", ports),
             volumes: answered("blockd", volumes),
+            images: answered("imaged", images),
             claims: state.store.list("volume-attachments/").await?,
         })
     }
@@ -204,6 +213,23 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
             match state.netd.delete_port(&p.id).await {
                 Ok(()) => report.orphan_ports.push(p.id),
                 Err(e) => tracing::warn!(port = %p.id, "cannot remove an orphan port: {e}"),
+            }
+        }
+    }
+    if let (Some(volumes), Some(images)) = (&held.volumes, &held.images) {
+        let bases: BTreeSet<String> = images
+            .iter()
+            .filter(|i| !i.digest.is_empty())
+            .map(|i| blockd::volume::image_base_name(&i.digest))
+            .collect();
+        for v in volumes {
+            if blockd::volume::is_image_base_name(&v.name) && !bases.contains(&v.name) {
+                // blockd refuses (409) while root disks are still clones of it.
+                match state.blockd.delete_volume(&v.name).await {
+                    Ok(()) => report.orphan_image_bases.push(v.name.clone()),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => tracing::warn!(volume = %v.name, "cannot remove an orphan image base: {e}"),
+                }
             }
         }
     }

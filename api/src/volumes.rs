@@ -42,6 +42,18 @@ fn record_key(project: &str, name: &str) -> String {
 fn claim_key(project: &str, name: &str) -> String {
     format!("volume-attachments/{project}/{name}")
 }
+/// A name for a new volume: valid, and not one of the names hearth gives volumes of
+/// its own (an image's base volume, which the reconciler removes with the image).
+fn validate_new_name(name: &str) -> Result<(), ApiError> {
+    validate_name("volume", name)?;
+    if blockd::volume::is_image_base_name(name) {
+        return Err(ApiError::unprocessable(format!(
+            "volume name {name:?} is kept for hearth's image base volumes: choose another"
+        )));
+    }
+    Ok(())
+}
+
 /// What blockd calls a project's volume (see [`host_name`]).
 fn bname(rec: &VolumeRecord) -> String {
     host_name(&rec.project, &rec.name)
@@ -270,7 +282,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<CreateVolume>,
 ) -> Result<Response, ApiError> {
-    validate_name("volume", &req.name)?;
+    validate_new_name(&req.name)?;
     let project = caller.project.as_str();
     let host = host_name(project, &req.name);
     if host.len() > 63 {
@@ -515,7 +527,7 @@ pub async fn clone(
     JsonBody(req): JsonBody<CloneRequest>,
 ) -> Result<Response, ApiError> {
     let rec = local_record(&state, &caller.project, &name).await?;
-    validate_name("volume", &req.name)?;
+    validate_new_name(&req.name)?;
     let snap = match req.snapshot {
         Some(s) => {
             validate_name("snapshot", &s)?;

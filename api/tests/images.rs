@@ -385,3 +385,136 @@ fn bad_image_sources_fail_clearly_and_leave_nothing() {
         assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
     });
 }
+
+/// The volume pool's bytes in use, from `/metrics`.
+async fn pool_used(stack: &Stack) -> f64 {
+    let (_, metrics) = stack.call("GET", "/metrics", None).await;
+    let text = metrics
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| metrics.to_string());
+    text.lines()
+        .find_map(|l| l.strip_prefix(r#"hearth_volume_pool_bytes{state="used"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pool figure in /metrics: {text}"))
+}
+
+async fn wait_pool_used(stack: &Stack, want: f64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut used = pool_used(stack).await;
+    while used != want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        used = pool_used(stack).await;
+    }
+    assert_eq!(used, want, "{why}");
+}
+
+/// blockd's own API on its socket (the all-in-one api serves it in its data dir).
+async fn blockd(stack: &Stack, method: &str, path: &str, body: Option<Value>) -> Value {
+    let sock = stack.data_dir().join("run/blockd.sock");
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--fail-with-body", "--unix-socket"]).arg(&sock).args([
+        "-X",
+        method,
+        "-H",
+        "content-type: application/json",
+    ]);
+    if let Some(b) = body {
+        cmd.args(["-d", &b.to_string()]);
+    }
+    let out = cmd.arg(format!("http://blockd{path}")).output().await.expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{method} {path}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// A root disk of `image` the way blockd makes one for a VM: a clone keyed by the
+/// image's digest. On the memory pool (which holds no VM root disks) it is made
+/// through blockd's own API.
+async fn clone_of(stack: &Stack, image: &str, volume: &str) {
+    let (_, img) = stack.call("GET", &format!("/v1/images/{image}"), None).await;
+    let body = json!({"source": {"image_clone": {"path": img["disk"]["path"], "key": img["digest"]}}});
+    blockd(stack, "PUT", &format!("/volumes/{volume}"), Some(body)).await;
+}
+
+async fn blockd_volumes(stack: &Stack) -> Vec<String> {
+    let list = blockd(stack, "GET", "/volumes", None).await;
+    let mut names: Vec<String> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v["name"].as_str().expect("name").to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// On a pool that clones a snapshot of one base volume per image (the memory pool
+/// here, LVM thin on a host with device-mapper), the base goes with its image: when
+/// the image is deleted, and when an import moves the image's name to other bytes
+/// and garbage collection takes the old image (the reconciler removes its base).
+/// hearth's name for such a base cannot be taken by a user's volume.
+#[test]
+fn image_base_volumes_go_with_their_image() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&["--volume-pool", "memory:1073741824", "--reconcile-interval", "1"]).await;
+        let work = tempfile::tempdir().expect("tmp");
+        let import_disk = |name: &'static str, marker: &'static str| {
+            let path = work.path().join(format!("{marker}.raw"));
+            ext4_disk(&path, "32M", marker);
+            json!({"name": name, "path": path.display().to_string()})
+        };
+        assert_eq!(pool_used(&stack).await, 0.0);
+
+        // Deleting the image removes its base.
+        let op = import(&stack, import_disk("base-a", "a")).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        clone_of(&stack, "base-a", "disk-a").await;
+        let vols = blockd_volumes(&stack).await;
+        assert_eq!(vols.len(), 2, "the clone and the image's base: {vols:?}");
+        assert!(vols.iter().any(|v| v.starts_with("image-sha256")), "{vols:?}");
+        assert!(pool_used(&stack).await >= (32 << 20) as f64);
+        blockd(&stack, "DELETE", "/volumes/disk-a", None).await;
+        let (status, report) = stack.call("DELETE", "/v1/images/base-a", None).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(
+            blockd_volumes(&stack).await,
+            Vec::<String>::new(),
+            "the base went with the image"
+        );
+        assert_eq!(pool_used(&stack).await, 0.0);
+
+        // An import moves the name; the old image is collected, the reconciler its base.
+        let op = import(&stack, import_disk("moving", "b")).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        clone_of(&stack, "moving", "disk-b").await;
+        blockd(&stack, "DELETE", "/volumes/disk-b", None).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            blockd_volumes(&stack).await.len(),
+            1,
+            "the base of `moving` stays while the image does"
+        );
+        let op = import(&stack, import_disk("moving", "c")).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        wait_pool_used(&stack, 0.0, "the reconciler removed the base of the collected image").await;
+        assert_eq!(blockd_volumes(&stack).await, Vec::<String>::new());
+
+        let (status, e) = stack
+            .call(
+                "POST",
+                "/v1/volumes",
+                Some(json!({"name": "image-sha2560123456789abcdef01", "size": "1M"})),
+            )
+            .await;
+        assert_eq!(status, 422, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap_or("").contains("kept for hearth"),
+            "{e}"
+        );
+    });
+}

@@ -113,6 +113,12 @@ pub fn image_base_name(key: &str) -> String {
     format!("image-{short}")
 }
 
+/// Whether `name` is one [`image_base_name`] makes from an image digest (`sha256:…`).
+pub fn is_image_base_name(name: &str) -> bool {
+    name.strip_prefix("image-sha256")
+        .is_some_and(|hex| hex.len() == 18 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// A storage backend: where volumes live and how they are snapshotted and cloned.
 /// Every method is idempotent where that makes sense: deleting what is missing succeeds.
 pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
