@@ -28,9 +28,9 @@ out.append("""
 Bold: below the goal. blockd serves each connection from threads of its own (up to 8,
 nbdkit's "parallel" model): one thread reads a request, runs it and sends the reply, and
 the thread waiting for the next request polls the socket for up to 50 µs before it
-sleeps, so at queue depth 1 a request costs no thread wake-up. nbdcopy's sequential
-rows are bound by the client (one nbdcopy process on the same 2 cores) and swing from
-run to run.""")
+sleeps (after requests of at most 64 KiB), so at queue depth 1 a request costs no
+thread wake-up. nbdcopy's sequential rows are bound by the client (one nbdcopy process
+on the same 2 cores) and swing from run to run.""")
 if vu is None:
     print("\n".join(out))
     sys.exit(0)

@@ -1,13 +1,17 @@
 //! The NBD server against hostile and broken peers, over socket pairs: refused
 //! requests get error replies and leave the connection usable, protocol violations
-//! end it, nothing panics, and every connection ends within a bound. The last test
-//! is the stable stand-in for the cargo-fuzz targets in `blockd/fuzz`.
+//! end it, nothing panics, and every connection ends within a bound. Requests held
+//! up in a device (a gate the test opens) show the transmission threads' rules: a
+//! slow request does not hold up quick ones behind it, requests in flight still get
+//! their replies when the export is removed or the client sends NBD_CMD_DISC and
+//! stays connected. The last test is the stable stand-in for the cargo-fuzz targets
+//! in `blockd/fuzz`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use blockd::device::MemoryDevice;
+use blockd::device::{BlockDevice, MemoryDevice};
 use blockd::nbd::proto::*;
 use blockd::nbd::{ExportOptions, NbdClient, NbdServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -341,6 +345,150 @@ async fn removing_an_export_closes_its_connections_only() {
     assert_eq!(server.export_names(), ["ro"]);
     server.shutdown();
     expect_closed(&mut on_ro).await;
+}
+
+/// A memory device whose reads or flushes wait at a gate the test opens.
+#[derive(Debug)]
+struct Gated {
+    inner: MemoryDevice,
+    hold_reads: bool,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    open: Mutex<bool>,
+    changed: Condvar,
+    /// Requests that reached the gate.
+    arrived: AtomicUsize,
+}
+
+impl Gate {
+    fn pass(&self) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.lock().expect("gate");
+        while !*open {
+            open = self.changed.wait(open).expect("gate");
+        }
+    }
+    fn open(&self) {
+        *self.open.lock().expect("gate") = true;
+        self.changed.notify_all();
+    }
+    async fn wait_arrived(&self, n: usize) {
+        for _ in 0..500 {
+            if self.arrived.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} requests never reached the device");
+    }
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.hold_reads {
+            self.gate.pass();
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if !self.hold_reads {
+            self.gate.pass();
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_trim)
+    }
+}
+
+/// A server with one export, "slow", whose reads (or flushes) wait at the gate.
+fn gated_server(hold_reads: bool) -> (NbdServer, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    let server = NbdServer::new(ServerConfig::default());
+    let device = Gated {
+        inner: MemoryDevice::new(SIZE),
+        hold_reads,
+        gate: gate.clone(),
+    };
+    server
+        .add_export("slow", Arc::new(device), ExportOptions::default())
+        .expect("add");
+    (server, gate)
+}
+
+#[tokio::test]
+async fn a_slow_flush_does_not_hold_up_reads_behind_it() {
+    let (server, gate) = gated_server(false);
+    let (mut c, _task) = connect(&server);
+    go(&mut c, "slow", false).await;
+    send(&mut c, CMD_FLUSH, 0, 1, 0, 0).await;
+    gate.wait_arrived(1).await;
+    // The flush holds its thread; the read is answered by another meanwhile.
+    send(&mut c, CMD_READ, 0, 2, 4096, 4096).await;
+    let (error, cookie, _) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut c, 4096))
+        .await
+        .expect("the read is answered while the flush waits");
+    assert_eq!((error, cookie), (0, 2));
+    gate.open();
+    assert_eq!(simple_reply(&mut c, 0).await.0, 0, "then the flush");
+}
+
+#[tokio::test]
+async fn requests_in_flight_are_answered_when_the_export_goes() {
+    let (server, gate) = gated_server(true);
+    let (mut c, task) = connect(&server);
+    go(&mut c, "slow", false).await;
+    send(&mut c, CMD_READ, 0, 7, 0, 65536).await;
+    gate.wait_arrived(1).await;
+    assert!(server.remove_export("slow"));
+    // No new requests are read, but the one being served still gets its reply.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open();
+    let (error, cookie, data) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut c, 65536))
+        .await
+        .expect("the reply comes");
+    assert_eq!((error, cookie, data.len()), (0, 7, 65536));
+    expect_closed(&mut c).await;
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the connection ends")
+        .expect("no panic");
+}
+
+#[tokio::test]
+async fn disc_with_the_socket_left_open_ends_the_connection() {
+    let (server, gate) = gated_server(false);
+    let (mut c, task) = connect(&server);
+    go(&mut c, "slow", false).await;
+    // A flush in flight (its thread started another), then NBD_CMD_DISC while the
+    // client keeps its end open: every thread must end, the flush answered first.
+    send(&mut c, CMD_FLUSH, 0, 1, 0, 0).await;
+    gate.wait_arrived(1).await;
+    send(&mut c, CMD_DISC, 0, 2, 0, 0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.open();
+    assert_eq!(
+        simple_reply(&mut c, 0).await,
+        (0, 1, Vec::new()),
+        "the flush is answered"
+    );
+    expect_closed(&mut c).await;
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("every thread of the connection ended")
+        .expect("no panic");
 }
 
 #[tokio::test]

@@ -20,8 +20,11 @@
 //! as the kernel's own `net.core.busy_read` does for NICs) and only then sleeps in
 //! `recv`: a client that answers within that time finds the server awake (30k
 //! 4k-reads/s at queue depth 1 here, nbdkit 21k). The cost is bounded: at most one
-//! poller per connection, for at most `busy_poll` after each request, and none while
-//! the connection has requests being served (their threads need the CPU more).
+//! poller per connection, for at most `busy_poll` after each request, none while
+//! the connection has requests being served (their threads need the CPU more), and
+//! none after a request of more than 64 KiB: large transfers are not bound by a
+//! wake-up, and on 2 cores the spinning took CPU from the client (nbdcopy writes over
+//! a Unix socket: 1,907 MiB/s polling, 2,329 not, nbdkit 2,178).
 //!
 //! The connection ends when the client disconnects (`NBD_CMD_DISC` or end of
 //! stream) after the replies in flight are written, on a protocol violation or a
@@ -107,11 +110,17 @@ struct SocketReader<S> {
     busy_poll: Duration,
     /// Requests of the connection being served: while there are, the CPU is theirs.
     serving: Arc<AtomicUsize>,
+    /// Whether the last request read was small enough to be worth polling after.
+    small: Arc<AtomicBool>,
 }
+
+/// Requests larger than this are not followed by busy polling.
+const POLL_AFTER_AT_MOST: u32 = 64 << 10;
 
 impl<S: BlockingSocket> Read for SocketReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.busy_poll.is_zero() && self.serving.load(Ordering::Acquire) == 0 {
+        if !self.busy_poll.is_zero() && self.serving.load(Ordering::Acquire) == 0 && self.small.load(Ordering::Relaxed)
+        {
             let start = Instant::now();
             loop {
                 match self.socket.try_recv(buf) {
@@ -141,6 +150,8 @@ struct Connection<S> {
     closing: AtomicBool,
     /// Requests taken and not yet answered (one per thread serving one).
     serving: Arc<AtomicUsize>,
+    /// See [`SocketReader::small`].
+    small: Arc<AtomicBool>,
     /// Threads not yet ended, at most `max_threads`; the last one out closes the
     /// socket and reports.
     live: AtomicUsize,
@@ -161,10 +172,12 @@ pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settings: Settings) -> oneshot::Receiver<()> {
     let (tx, rx) = oneshot::channel();
     let serving = Arc::new(AtomicUsize::new(0));
+    let small = Arc::new(AtomicBool::new(true));
     let receiving = SocketReader {
         socket: socket.clone(),
         busy_poll: settings.busy_poll,
         serving: serving.clone(),
+        small: small.clone(),
     };
     let reader = BufReader::with_capacity(READ_BUFFER, Cursor::new(leftover).chain(receiving));
     let conn = Arc::new(Connection {
@@ -175,6 +188,7 @@ pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settin
         settings,
         closing: AtomicBool::new(false),
         serving,
+        small,
         live: AtomicUsize::new(0),
         ended: Mutex::new(Some(tx)),
     });
@@ -306,6 +320,7 @@ impl<S: BlockingSocket> Connection<S> {
             Err(e) => return Err(e.into()),
         }
         let request = parse_request(&header)?;
+        self.small.store(request.len <= POLL_AFTER_AT_MOST, Ordering::Relaxed);
         if request.command == CMD_DISC {
             return Ok(None);
         }
