@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use imaged::bootkit;
-use imaged::import::{ImportRequest, ImportState, Importer};
+use imaged::import::{ImportRequest, Importer};
 use imaged::store::Store;
 
 const MIB: u64 = 1 << 20;
@@ -281,24 +281,15 @@ async fn an_image_imported_without_a_kernel_gets_its_own() {
     let importer = Arc::new(Importer::new(Arc::new(
         Store::open(dir.path().join("store")).expect("store"),
     )));
-    let st = importer
-        .start(ImportRequest {
+    let boot = importer
+        .import_and_wait(ImportRequest {
             name: "cloudlike".into(),
             path: Some(d),
             ..Default::default()
         })
-        .expect("start");
-    let st = loop {
-        let s = importer
-            .status(&st.id, std::time::Duration::from_secs(60))
-            .await
-            .expect("status");
-        if s.state != ImportState::Running {
-            break s;
-        }
-    };
-    assert_eq!(st.state, ImportState::Succeeded, "{:?}", st.error);
-    let boot = st.image.expect("image").boot;
+        .await
+        .expect("import")
+        .boot;
     let read = |p: Option<PathBuf>| std::fs::read(p.expect("a boot file")).expect("read");
     assert!(read(boot.kernel_bzimage) == k.vmlinuz, "bzImage for QEMU");
     assert!(read(boot.kernel_elf) == k.vmlinux, "vmlinux for Cloud Hypervisor");

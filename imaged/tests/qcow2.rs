@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use imaged::import::{ImportRequest, ImportState, Importer};
+use imaged::import::{ImportRequest, Importer};
 use imaged::qcow2;
 use imaged::store::{hex, Sha256, Store};
-use imaged::ImageError;
+use imaged::{ImageError, ImageInfo};
+use socket_http::ApiError;
 
 const MIB: u64 = 1 << 20;
 
@@ -188,23 +189,14 @@ fn importer(dir: &Path) -> Arc<Importer> {
     Arc::new(Importer::new(Arc::new(Store::open(dir.join("store")).expect("store"))))
 }
 
-async fn import(importer: &Arc<Importer>, name: &str, path: PathBuf) -> imaged::import::ImportStatus {
-    let st = importer
-        .start(ImportRequest {
+async fn import(importer: &Arc<Importer>, name: &str, path: PathBuf) -> Result<ImageInfo, ApiError> {
+    importer
+        .import_and_wait(ImportRequest {
             name: name.into(),
             path: Some(path),
             ..Default::default()
         })
-        .expect("start");
-    loop {
-        let s = importer
-            .status(&st.id, std::time::Duration::from_secs(60))
-            .await
-            .expect("status");
-        if s.state != ImportState::Running {
-            return s;
-        }
-    }
+        .await
 }
 
 fn tmp_files(dir: &Path) -> Vec<PathBuf> {
@@ -242,9 +234,11 @@ async fn imports_zlib_by_path_and_zstd_through_qemu_img() {
             assert!(r.is_none(), "zstd clusters are left to qemu-img");
             assert!(!out.exists(), "nothing written for an image left to qemu-img");
         }
-        let st = import(&imp, label, q.clone()).await;
-        assert_eq!(st.state, ImportState::Succeeded, "{label}: {:?}", st.error);
-        let disk = st.image.expect("image").disk.expect("disk");
+        let disk = import(&imp, label, q.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e:?}"))
+            .disk
+            .expect("disk");
         assert_eq!(disk.source_digest, format!("sha256:{}", sha_file(&q)), "{label}");
         assert_eq!(disk.virtual_size, raw.len() as u64);
         assert!(
@@ -362,9 +356,7 @@ async fn damaged_and_hostile_qcow2_fail_cleanly() {
             "{label}: {e:?}"
         );
         let _ = std::fs::remove_file(&out);
-        let st = import(&imp, "bad", p).await;
-        assert_eq!(st.state, ImportState::Failed, "{label}");
-        let err = st.error.expect("error");
+        let err = import(&imp, "bad", p).await.expect_err(label).body;
         assert!(err.message.contains(says), "{label}: {}", err.message);
         assert!(
             tmp_files(dir.path()).is_empty(),
