@@ -223,13 +223,20 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
             .map(|i| blockd::volume::image_base_name(&i.digest))
             .collect();
         for v in volumes {
-            if blockd::volume::is_image_base_name(&v.name) && !bases.contains(&v.name) {
-                // blockd refuses (409) while root disks are still clones of it.
-                match state.blockd.delete_volume(&v.name).await {
-                    Ok(()) => report.orphan_image_bases.push(v.name.clone()),
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => tracing::warn!(volume = %v.name, "cannot remove an orphan image base: {e}"),
-                }
+            if !blockd::volume::is_image_base_name(&v.name) || bases.contains(&v.name) {
+                continue;
+            }
+            // A user's volume of that name from before such names were kept for hearth.
+            let user_key = format!("volumes/{}/{}", crate::auth::DEFAULT_PROJECT, v.name);
+            if !matches!(state.store.get(&user_key).await, Ok(None)) {
+                continue;
+            }
+            // blockd refuses (409) while root disks are clones of it: an image a VM
+            // still holds by lease after its name moved on is not in imaged's list.
+            match state.blockd.delete_volume(&v.name).await {
+                Ok(()) => report.orphan_image_bases.push(v.name.clone()),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::debug!(volume = %v.name, "image base kept: {e}"),
             }
         }
     }

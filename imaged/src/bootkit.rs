@@ -19,8 +19,8 @@ use crate::ImageError;
 
 const SECTOR: u64 = 512;
 const MAX_KERNEL: u64 = 256 << 20;
-const MAX_INITRAMFS: u64 = 2 << 30;
-const MAX_VMLINUX: usize = 1 << 30;
+const MAX_INITRAMFS: u64 = 512 << 20;
+const MAX_VMLINUX: usize = 512 << 20;
 
 /// What was found in a disk.
 #[derive(Debug)]
@@ -89,11 +89,12 @@ pub fn partitions(f: &File, disk_len: u64) -> std::io::Result<Vec<Partition>> {
                     continue;
                 }
                 let (first, last) = (le64(e, 32), le64(e, 40));
-                let (start, len) = (
-                    first.saturating_mul(SECTOR),
-                    (last.saturating_sub(first) + 1).saturating_mul(SECTOR),
-                );
-                if last >= first && fits(start, len) {
+                let len = last
+                    .checked_sub(first)
+                    .and_then(|d| d.checked_add(1))
+                    .and_then(|n| n.checked_mul(SECTOR));
+                let place = first.checked_mul(SECTOR).zip(len).filter(|&(s, l)| fits(s, l));
+                if let Some((start, len)) = place {
                     found.push(Partition {
                         number: i as u32 + 1,
                         start,
@@ -196,11 +197,31 @@ impl Fs {
     }
 }
 
+/// Whether the ext2/3/4 superblock at the partition's start describes a file system
+/// that fits the partition, with a sane number of block groups. ext4-view sizes its
+/// tables from these fields, so a crafted superblock must not reach it.
+fn plausible_ext(f: &File, part: &Partition) -> bool {
+    let mut sb = [0u8; 1024];
+    if part.len < 2048 || f.read_exact_at(&mut sb, part.start + 1024).is_err() || sb[0x38..0x3a] != [0x53, 0xef] {
+        return false;
+    }
+    let log_block = le32(&sb, 0x18);
+    let per_group = le32(&sb, 0x20) as u64;
+    let is_64bit = le32(&sb, 0x60) & 0x80 != 0;
+    let blocks = le32(&sb, 0x04) as u64 | if is_64bit { (le32(&sb, 0x150) as u64) << 32 } else { 0 };
+    if log_block > 6 || per_group < 1024 || blocks == 0 {
+        return false;
+    }
+    let fits = blocks
+        .checked_mul(1024 << log_block)
+        .is_some_and(|bytes| bytes <= part.len);
+    fits && blocks.div_ceil(per_group) <= 1 << 22
+}
+
 fn filesystems(f: &Arc<File>, parts: Vec<Partition>) -> Vec<Fs> {
     let mut out = Vec::new();
     for part in parts {
-        let mut magic = [0u8; 2];
-        if part.len < 2048 || f.read_exact_at(&mut magic, part.start + 1080).is_err() || magic != [0x53, 0xef] {
+        if !plausible_ext(f, &part) {
             continue;
         }
         let reader = PartReader {
@@ -292,7 +313,8 @@ pub fn find(disk: &Path) -> Result<Option<Found>, ImageError> {
             };
             let mut initramfs = Vec::new();
             for p in &initrds {
-                initramfs.extend(holder.file(p, MAX_INITRAMFS).unwrap_or_default());
+                let room = MAX_INITRAMFS.saturating_sub(initramfs.len() as u64);
+                initramfs.extend(holder.file(p, room).unwrap_or_default());
             }
             let cmdline = with_console(args.join(" "));
             return Ok(Some(found(
@@ -404,7 +426,8 @@ pub fn vmlinux_from_bzimage(bz: &[u8]) -> Result<Vec<u8>, String> {
     // The kernel build appends the uncompressed size.
     let (body, size) = payload.split_at(len - 4);
     let size = le32(size, 0) as usize;
-    if size == 0 || size > MAX_VMLINUX {
+    // No kernel compresses better than 64:1; a bigger claim is a lie to make us allocate.
+    if size == 0 || size > MAX_VMLINUX || size / 64 > payload.len() {
         return Err(format!("the bzImage says its kernel is {size} bytes"));
     }
     let mut out = Vec::with_capacity(size);

@@ -30,6 +30,8 @@ const L2_ZERO: u64 = 1;
 /// below) and extended L2 entries (bit 4).
 const KNOWN_INCOMPATIBLE: u64 = 1 | 1 << 3 | 1 << 4;
 const CORRUPT_BIT: u64 = 1 << 1;
+/// Larger virtual sizes are refused (QEMU's own limit is lower still).
+const MAX_VIRTUAL_SIZE: u64 = 1 << 60;
 /// How much of the file one read brings in.
 const CHUNK: usize = 8 << 20;
 /// Writes of converted data are started towards the disk every this many bytes, so the
@@ -152,6 +154,18 @@ impl Qcow2Map {
             }
             extended_l2 = incompatible & (1 << 4) != 0;
         }
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(ImageError::Unsupported(format!(
+                "a virtual size of {virtual_size} bytes is more than hearth handles (1 EiB)"
+            )));
+        }
+        if extended_l2 && cluster_bits < 14 {
+            tracing::info!(
+                cluster_bits,
+                "extended L2 entries with clusters under 16 KiB; converting with qemu-img"
+            );
+            return Ok(None);
+        }
         let cluster_size = 1u64 << cluster_bits;
         let entry_len: u64 = if extended_l2 { 16 } else { 8 };
         let l2_entries = cluster_size / entry_len;
@@ -180,6 +194,9 @@ impl Qcow2Map {
             extents: Vec::new(),
         };
         let mut l2 = vec![0u8; cluster_size as usize];
+        // Each L2 table is read once: a file whose L1 names one table many times would
+        // otherwise cost a read of it per name.
+        let mut seen = std::collections::HashSet::new();
         for (i, e) in l1.chunks_exact(8).enumerate() {
             let l2_offset = u64::from_be_bytes(e.try_into().expect("8 bytes")) & OFFSET_MASK;
             if l2_offset == 0 {
@@ -187,6 +204,9 @@ impl Qcow2Map {
             }
             if l2_offset % cluster_size != 0 {
                 return Err(corrupt(format!("L2 table {i} is not cluster aligned")));
+            }
+            if !seen.insert(l2_offset) {
+                return Err(corrupt(format!("L2 table {i} is also another part's table")));
             }
             read_exact_at(f, path, &mut l2, l2_offset, "L2 table")?;
             let base = i as u64 * per_l1;
@@ -348,7 +368,18 @@ impl Qcow2Map {
                 if off >= self.file_len {
                     break Ok(());
                 }
-                let mut buf = free_rx.recv().expect("a buffer comes back");
+                // A buffer comes back once hashed and written; a hashing thread that died
+                // (it cannot, short of a bug) must not leave this waiting for ever.
+                let buf = loop {
+                    match free_rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                        Ok(b) => break Some(b),
+                        Err(_) if hashing.as_ref().is_some_and(|h| h.is_finished()) => break None,
+                        Err(_) => {}
+                    }
+                };
+                let Some(mut buf) = buf else {
+                    break Err(ImageError::Corrupt("the hashing thread stopped".into()));
+                };
                 let n = (self.file_len - off).min(CHUNK as u64) as usize;
                 if let Err(e) = src.read_exact_at(&mut buf[..n], off).map_err(io_src) {
                     break Err(e);
@@ -390,12 +421,26 @@ pub fn to_raw(
     let Some(map) = Qcow2Map::open(&f, src)? else {
         return Ok(None);
     };
+    let needed = map.data_bytes();
+    let parent = dst.parent().unwrap_or(Path::new("."));
+    let free = free_bytes(parent).map_err(|e| ImageError::Io(parent.to_path_buf(), e))?;
+    if needed > free {
+        return Err(ImageError::Invalid(format!(
+            "the image's disk holds {needed} bytes of data and the image store has {free} bytes free"
+        )));
+    }
     let out = File::create(dst).map_err(|e| ImageError::Io(dst.to_path_buf(), e))?;
     let hasher = map.convert(&f, src, &out, dst, hash.then(Sha256::new), progress)?;
     Ok(Some((
         map.virtual_size,
         hasher.map(|h| crate::store::hex(&h.finalize())),
     )))
+}
+
+/// Bytes an unprivileged writer may still put in the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Places the data of each chunk of the file in the raw output.
@@ -405,13 +450,21 @@ struct Writer<'a> {
     dst_path: &'a Path,
     /// The next extent (by host offset) not yet begun.
     next: usize,
-    /// Extents begun in an earlier chunk and not finished, with the compressed bytes
-    /// gathered so far for compressed ones.
-    open: Vec<(usize, Vec<u8>)>,
+    /// Extents begun in an earlier chunk and not finished.
+    open: Vec<usize>,
+    /// The previous chunk's bytes from `carry_at` on, while a compressed cluster that
+    /// begins there is open. A compressed cluster (at most 4 MiB) is shorter than a
+    /// chunk, so it spans two chunks at most, however many entries name it.
+    carry: Vec<u8>,
+    carry_at: u64,
+    /// A compressed cluster put together from `carry` and the next chunk.
+    stream: Vec<u8>,
     inflate: flate2::Decompress,
     cluster: Vec<u8>,
     unflushed: u64,
 }
+
+const _: () = assert!(CHUNK > (4 << 20) + 512, "a compressed cluster must fit in a chunk");
 
 impl<'a> Writer<'a> {
     fn new(map: &'a Qcow2Map, dst: &'a File, dst_path: &'a Path) -> Writer<'a> {
@@ -421,6 +474,9 @@ impl<'a> Writer<'a> {
             dst_path,
             next: 0,
             open: Vec::new(),
+            carry: Vec::new(),
+            carry_at: 0,
+            stream: Vec::new(),
             inflate: flate2::Decompress::new(false),
             cluster: vec![0u8; map.cluster_size as usize],
             unflushed: 0,
@@ -430,31 +486,55 @@ impl<'a> Writer<'a> {
     /// `data` is the file's bytes from `off`.
     fn place(&mut self, off: u64, data: &[u8]) -> Result<(), ImageError> {
         let end = off + data.len() as u64;
-        let mut still_open = Vec::new();
         let mut open = std::mem::take(&mut self.open);
         while self.next < self.map.extents.len() && self.map.extents[self.next].host < end {
-            open.push((self.next, Vec::new()));
+            open.push(self.next);
             self.next += 1;
         }
-        for (i, mut gathered) in open {
+        let mut still_open = Vec::new();
+        let mut carry = std::mem::take(&mut self.carry);
+        for i in open {
             let e = self.map.extents[i];
             let from = e.host.max(off);
             let to = e.host_end().min(end);
             let piece = &data[(from - off) as usize..(to - off) as usize];
-            if e.compressed {
-                gathered.extend_from_slice(piece);
-                if to == e.host_end() {
-                    self.inflate_cluster(&e, &gathered)?;
-                } else {
-                    still_open.push((i, gathered));
-                }
-            } else {
+            if !e.compressed {
                 self.write(piece, e.guest + (from - e.host))?;
                 if to < e.host_end() {
-                    still_open.push((i, gathered));
+                    still_open.push(i);
                 }
+            } else if to < e.host_end() {
+                still_open.push(i);
+            } else if e.host >= off {
+                self.inflate_cluster(&e, piece)?;
+            } else {
+                // Begun in the previous chunk: its first part was kept in `carry`.
+                let head = e
+                    .host
+                    .checked_sub(self.carry_at)
+                    .and_then(|at| carry.get(at as usize..))
+                    .ok_or_else(|| corrupt("a compressed cluster spans more than two chunks"))?;
+                let mut stream = std::mem::take(&mut self.stream);
+                stream.clear();
+                stream.extend_from_slice(head);
+                stream.extend_from_slice(piece);
+                let r = self.inflate_cluster(&e, &stream);
+                self.stream = stream;
+                r?;
             }
         }
+        carry.clear();
+        let keep_from = still_open
+            .iter()
+            .map(|&i| self.map.extents[i])
+            .filter(|e| e.compressed)
+            .map(|e| e.host)
+            .min();
+        if let Some(start) = keep_from {
+            carry.extend_from_slice(&data[(start - off) as usize..]);
+            self.carry_at = start;
+        }
+        self.carry = carry;
         self.open = still_open;
         Ok(())
     }
@@ -509,10 +589,10 @@ impl<'a> Writer<'a> {
     }
 
     fn finish(self) -> Result<(), ImageError> {
-        if let Some((i, _)) = self.open.first() {
+        if let Some(&i) = self.open.first() {
             return Err(corrupt(format!(
                 "data for guest offset {} runs past the end of the file",
-                self.map.extents[*i].guest
+                self.map.extents[i].guest
             )));
         }
         self.dst

@@ -515,15 +515,17 @@ impl Store {
                 report.images.push(format!("sha256:{hex}"));
             }
         }
-        {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            held.retain(|_, since| since.elapsed() < HOLD_FOR);
-            live_blobs.extend(held.keys().cloned());
-        }
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, since| since.elapsed() < HOLD_FOR);
         let blobs = self.root.join("blobs/sha256");
         for e in fs::read_dir(&blobs).map_err(io_err(&blobs))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !live_blobs.contains(&name) {
+            // Held blobs are checked, and the rest removed, under the lock `hold` takes
+            // before a blob is put in place: one put there meanwhile is never removed.
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if !live_blobs.contains(&name) && !held.contains_key(&name) {
                 let md = e.metadata().map_err(io_err(&e.path()))?;
                 report.freed_bytes += std::os::unix::fs::MetadataExt::blocks(&md) * 512;
                 fs::remove_file(e.path()).map_err(io_err(&e.path()))?;

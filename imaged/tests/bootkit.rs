@@ -251,6 +251,16 @@ fn mbr_and_bare_file_systems_name_the_root_the_kernel_can_find() {
     assert_eq!(found.cmdline, "root=/dev/vda ro console=ttyS0");
     assert_eq!(found.source, "the disk's file system: /boot/vmlinuz-6.1");
 
+    // A superblock claiming 2^32 block groups (one block each): ext4-view would size
+    // its tables from it; it is not opened, and nothing is found.
+    let crafted = dir.path().join("crafted.raw");
+    std::fs::copy(&d, &crafted).expect("copy");
+    let f = std::fs::OpenOptions::new().write(true).open(&crafted).expect("open");
+    f.write_all_at(&1u32.to_le_bytes(), 1024 + 0x20)
+        .expect("blocks per group");
+    f.write_all_at(&u32::MAX.to_le_bytes(), 1024 + 0x04).expect("blocks");
+    assert!(bootkit::find(&crafted).expect("find").is_none());
+
     // No kernel anywhere, and no file system at all: nothing found, no error.
     let t = tree(&dir.path().join("none"), &[("etc/os-release", b"ID=x\n")]);
     let d = ext4(&dir.path().join("none.raw"), 8, &t, "root");

@@ -302,6 +302,24 @@ async fn damaged_and_hostile_qcow2_fail_cleanly() {
         "the first cluster of the zlib image is compressed"
     );
     let coff = centry & ((1u64 << 54) - 1);
+    // 4 KiB clusters: one L2 table per 2 MiB, so the L1 table has several entries.
+    let q4 = dir.path().join("good-4k.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&raw),
+            s(&q4),
+        ],
+    );
+    let l1_4k = be64_at(&q4, 40);
+    let first_l1 = be64_at(&q4, l1_4k).to_be_bytes();
     let backing = dir.path().join("backing.qcow2");
     run(
         "qemu-img",
@@ -345,6 +363,16 @@ async fn damaged_and_hostile_qcow2_fail_cleanly() {
             "qemu-img check",
         ),
         ("backing file", backing, "backing file"),
+        (
+            "one L2 table named twice",
+            damaged(&q4, "l2twice.qcow2", &[(l1_4k + 8, &first_l1)], None),
+            "also another part's table",
+        ),
+        (
+            "a virtual size of 4 EiB",
+            damaged(&q, "huge.qcow2", &[(24, &(1u64 << 62).to_be_bytes())], None),
+            "more than hearth handles",
+        ),
     ];
     let imp = importer(dir.path());
     for (label, p, says) in cases {
@@ -429,4 +457,52 @@ fn mutated_headers_and_tables_never_panic() {
     }
     eprintln!("mutations: {converted} converted, {handed_over} left to qemu-img, {errors} refused");
     assert!(errors > 0 && converted > 0, "the mutations reach both outcomes");
+}
+
+/// A "bomb": a 16 TiB image whose L2 tables name one data cluster over and over, so
+/// 8 TiB of data comes out of a file of a few dozen MiB. The import is refused before
+/// anything is written, with the sizes in the message (this host has less free space).
+#[test]
+fn an_image_with_more_data_than_free_space_is_refused_up_front() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = dir.path().join("bomb.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", s(&q), "16T"],
+    );
+    // One cluster of data per 512 GiB region: 16 L2 tables.
+    let writes: Vec<String> = (0..16u64)
+        .map(|k| format!("write -q -P 0x5a {}G 2M", k * 512))
+        .collect();
+    let mut args = vec!["-f", "qcow2"];
+    for w in &writes {
+        args.extend_from_slice(&["-c", w]);
+    }
+    args.push(s(&q));
+    run("qemu-io", &args);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&q)
+        .expect("open");
+    let l1 = be64_at(&q, 40);
+    for k in 0..16u64 {
+        let l2 = be64_at(&q, l1 + 8 * k) & 0x00ff_ffff_ffff_fe00;
+        let entry = be64_at(&q, l2).to_be_bytes();
+        let table: Vec<u8> = entry.iter().copied().cycle().take(2 << 20).collect();
+        f.write_all_at(&table, l2).expect("write L2");
+    }
+    drop(f);
+    let free = {
+        let st = rustix::fs::statvfs(dir.path()).expect("statvfs");
+        st.f_bavail * st.f_frsize
+    };
+    assert!(free < 8 << 40, "this test needs a host with less than 8 TiB free");
+    let out = dir.path().join("bomb.raw");
+    let e = qcow2::to_raw(&q, &out, true, &|_| {}).expect_err("refused");
+    assert!(
+        e.to_string().contains(&format!("holds {} bytes of data", 8u64 << 40)),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written");
 }
