@@ -75,6 +75,9 @@ pub struct VolumeService {
     backend: Arc<dyn VolumeBackend>,
     /// Volumes something serves (an export or a VM socket): not deletable meanwhile.
     busy: BusyCheck,
+    /// One lock per image base volume: a clone made from it and its removal (the api
+    /// removes bases of deleted images) never interleave.
+    base_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Says why a volume is in use, or `None`.
@@ -99,7 +102,19 @@ impl VolumeService {
         VolumeService {
             backend,
             busy: Box::new(|_| None),
+            base_locks: Default::default(),
         }
+    }
+
+    async fn lock_base(&self, base: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .base_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(base.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// Installs the check that says why a volume is in use (exported, attached).
@@ -201,7 +216,9 @@ impl VolumeService {
                 let len = std::fs::metadata(&path)
                     .map_err(VolumeError::io(format!("stat {}", path.display())))?
                     .len();
+                let base = self.lock_base(&crate::volume::image_base_name(&key)).await;
                 let cloned = self.run(move |b| b.clone_image(&n, &path, &key)).await?;
+                drop(base);
                 match spec.size_bytes {
                     Some(size) if size > cloned.size_bytes => self.resize(name, size).await?,
                     Some(size) if size < len => {
@@ -256,6 +273,10 @@ impl VolumeService {
     /// volume is in use. Deleting a missing volume succeeds.
     pub async fn delete(&self, name: &str) -> Result<()> {
         validate_name("volume", name)?;
+        let _base = match crate::volume::is_image_base_name(name) {
+            true => Some(self.lock_base(name).await),
+            false => None,
+        };
         let Some(v) = self.find(name).await? else {
             return Ok(());
         };
