@@ -8,6 +8,8 @@ hits them alike; the figure per server is the median over rounds.
 Tests, each over TCP (127.0.0.1) and a Unix socket:
   nbdcopy sequential read (export -> null:) and write (tmpfs file -> export), MiB/s
   fio (nbd engine) 4k random read and random write at QD32 and QD1, IOPS
+and over TCP with TLS required (certificates made by openssl for the run, every
+server given the same directory): the nbdcopy rows and fio 4k random read at QD1.
 
 Prints a JSON document on stdout and a table on stderr. Called by bench_nbd.sh,
 which builds the example server first. Environment: ROUNDS (3), FIO_RUNTIME (5 s),
@@ -65,9 +67,10 @@ def wait_ready(tcp_port=None, unix_path=None, timeout=10.0):
 class Server:
     """One NBD server, listening on TCP and a Unix socket (one or two processes)."""
 
-    def __init__(self, name, image, workdir):
-        self.name, self.image = name, image
+    def __init__(self, name, image, workdir, pki):
+        self.name, self.image, self.pki = name, image, pki
         self.port = free_port()
+        self.tls_port = free_port()
         self.sock = os.path.join(workdir, name + ".sock")
         self.procs = []
 
@@ -76,23 +79,34 @@ class Server:
         self.procs.append(p)
 
     def start(self):
+        tls_tcp = "127.0.0.1:%d" % self.tls_port
         if self.name == "blockd":
             self.spawn([OURS, "--file", self.image, "--tcp", "127.0.0.1:%d" % self.port, "--unix", self.sock] + OURS_ARGS)
+            self.spawn([OURS, "--file", self.image, "--tcp", tls_tcp, "--tls-certificates", self.pki] + OURS_ARGS)
         elif self.name == "qemu-nbd":
             common = ["qemu-nbd", "-f", "raw", "-t", "--shared=16", "--cache=writeback", "--aio=threads"]
             self.spawn(common + ["-b", "127.0.0.1", "-p", str(self.port), self.image])
             self.spawn(common + ["-k", self.sock, self.image])
+            self.spawn(common + ["--object", "tls-creds-x509,id=tls0,dir=%s,endpoint=server,verify-peer=off" % self.pki,
+                                 "--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(self.tls_port), self.image])
         elif self.name == "nbdkit":
             self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port), "file", self.image])
             self.spawn(["nbdkit", "-f", "-U", self.sock, "file", self.image])
+            self.spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.tls_port), "--tls=require",
+                        "--tls-certificates=" + self.pki, "file", self.image])
         else:
             raise ValueError(self.name)
         wait_ready(tcp_port=self.port)
         wait_ready(unix_path=self.sock)
+        wait_ready(tcp_port=self.tls_port)
 
     def uri(self, transport):
         if transport == "tcp":
             return "nbd://127.0.0.1:%d/" % self.port
+        if transport == "tls":
+            # The CA comes from $HOME/.pki/libnbd (see CLIENT_ENV): fio's nbd engine
+            # refuses a tls-certificates path in the URI.
+            return "nbds://127.0.0.1:%d/" % self.tls_port
         return "nbd+unix:///?socket=%s" % self.sock
 
     def stop(self):
@@ -108,9 +122,13 @@ class Server:
         self.procs = []
 
 
+# The clients' environment: HOME holds .pki/libnbd, the run's CA (set in main).
+CLIENT_ENV = dict(os.environ)
+
+
 def nbdcopy(src, dst):
     t = time.monotonic()
-    subprocess.run(["nbdcopy", src, dst], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["nbdcopy", src, dst], check=True, stdout=subprocess.DEVNULL, env=CLIENT_ENV)
     return (GIB / (1 << 20)) / (time.monotonic() - t)
 
 
@@ -120,7 +138,7 @@ def fio(uri, rw, depth, workdir):
         ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri, "--rw=" + rw, "--bs=4k",
          "--iodepth=%d" % depth, "--size=1G", "--runtime=%d" % FIO_RUNTIME, "--ramp_time=1",
          "--time_based", "--norandommap", "--randrepeat=0", "--output-format=json", "--output=" + out],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLIENT_ENV)
     with open(out) as f:
         job = json.load(f)["jobs"][0]
     os.unlink(out)
@@ -129,14 +147,45 @@ def fio(uri, rw, depth, workdir):
     return job["read" if rw == "randread" else "write"]["iops"]
 
 
+PLAIN, WITH_TLS = ("tcp", "unix"), ("tcp", "unix", "tls")
 TESTS = [
-    ("nbdcopy seq read", "MiB/s", lambda s, t, w: nbdcopy(s.uri(t), "null:")),
-    ("nbdcopy seq write", "MiB/s", lambda s, t, w: nbdcopy(w["src"], s.uri(t))),
-    ("fio 4k randread QD32", "IOPS", lambda s, t, w: fio(s.uri(t), "randread", 32, w["dir"])),
-    ("fio 4k randwrite QD32", "IOPS", lambda s, t, w: fio(s.uri(t), "randwrite", 32, w["dir"])),
-    ("fio 4k randread QD1", "IOPS", lambda s, t, w: fio(s.uri(t), "randread", 1, w["dir"])),
-    ("fio 4k randwrite QD1", "IOPS", lambda s, t, w: fio(s.uri(t), "randwrite", 1, w["dir"])),
+    ("nbdcopy seq read", "MiB/s", WITH_TLS, lambda s, t, w: nbdcopy(s.uri(t), "null:")),
+    ("nbdcopy seq write", "MiB/s", WITH_TLS, lambda s, t, w: nbdcopy(w["src"], s.uri(t))),
+    ("fio 4k randread QD32", "IOPS", PLAIN, lambda s, t, w: fio(s.uri(t), "randread", 32, w["dir"])),
+    ("fio 4k randwrite QD32", "IOPS", PLAIN, lambda s, t, w: fio(s.uri(t), "randwrite", 32, w["dir"])),
+    ("fio 4k randread QD1", "IOPS", WITH_TLS, lambda s, t, w: fio(s.uri(t), "randread", 1, w["dir"])),
+    ("fio 4k randwrite QD1", "IOPS", PLAIN, lambda s, t, w: fio(s.uri(t), "randwrite", 1, w["dir"])),
 ]
+
+OPENSSL_CONFIG = """[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = hearth bench CA
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+[server]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+"""
+
+
+def make_pki(d):
+    """A CA and a server certificate for 127.0.0.1, laid out as nbdkit's --tls-certificates."""
+    os.makedirs(d)
+    with open(os.path.join(d, "openssl.cnf"), "w") as f:
+        f.write(OPENSSL_CONFIG)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda args: subprocess.run(["openssl"] + args, cwd=d, check=True, capture_output=True)
+    run(["req", "-x509", "-config", "openssl.cnf", "-extensions", "ca", "-days", "2"] + ec +
+        ["-keyout", "ca-key.pem", "-out", "ca-cert.pem"])
+    run(["req", "-new", "-config", "openssl.cnf", "-subj", "/CN=localhost"] + ec +
+        ["-keyout", "server-key.pem", "-out", "server.csr"])
+    run(["x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-set_serial", "2",
+         "-days", "2", "-extfile", "openssl.cnf", "-extensions", "server", "-out", "server-cert.pem"])
 
 
 def fill_random(path, size):
@@ -149,7 +198,7 @@ def fill_random(path, size):
 
 
 def main():
-    for tool in ["nbdcopy", "fio"] + [{"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit"}.get(s) for s in SERVERS if s != "blockd"]:
+    for tool in ["nbdcopy", "fio", "openssl"] + [{"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit"}.get(s) for s in SERVERS if s != "blockd"]:
         if tool and not shutil.which(tool):
             sys.exit("%s is missing (Debian packages: qemu-utils nbdkit libnbd-bin fio)" % tool)
     if "blockd" in SERVERS and not os.access(OURS, os.X_OK):
@@ -162,15 +211,20 @@ def main():
         log("preparing two 1 GiB files in %s" % workdir)
         fill_random(image, GIB)
         fill_random(src, GIB)
-        servers = [Server(n, image, workdir) for n in SERVERS]
+        pki = os.path.join(workdir, "pki")
+        make_pki(pki)
+        os.makedirs(os.path.join(workdir, "home", ".pki"))
+        os.symlink(pki, os.path.join(workdir, "home", ".pki", "libnbd"))
+        CLIENT_ENV["HOME"] = os.path.join(workdir, "home")
+        servers = [Server(n, image, workdir, pki) for n in SERVERS]
         for s in servers:
             s.start()
         env = {"src": src, "dir": workdir}
         samples = {}  # (test, transport) -> server -> [values]
         for r in range(ROUNDS):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
-            for name, unit, fn in TESTS:
-                for transport in ("tcp", "unix"):
+            for name, unit, transports, fn in TESTS:
+                for transport in transports:
                     for s in order:
                         v = fn(s, transport, env)
                         samples.setdefault((name, transport), {}).setdefault(s.name, []).append(v)
@@ -178,8 +232,8 @@ def main():
                     log("round %d  %-22s %-4s  %s" % (r + 1, name, transport,
                         "  ".join("%s=%.0f" % (k, v[-1]) for k, v in row.items())))
         rows = []
-        for name, unit, _ in TESTS:
-            for transport in ("tcp", "unix"):
+        for name, unit, transports, _ in TESTS:
+            for transport in transports:
                 per = samples[(name, transport)]
                 row = {"test": name, "transport": transport, "unit": unit,
                        "median": {k: round(statistics.median(v), 1) for k, v in per.items()},

@@ -53,6 +53,10 @@ struct Args {
     /// Tokio worker threads, for accepting and handshakes (default: tokio's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Require TLS, with server-cert.pem and server-key.pem from this directory (the
+    /// layout of nbdkit's --tls-certificates).
+    #[arg(long)]
+    tls_certificates: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +88,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     if let Some(n) = args.socket_buffer {
         config.socket_buffer_bytes = n;
+    }
+    if let Some(dir) = &args.tls_certificates {
+        config.tls = Some(blockd::nbd::ServerTls::load(&blockd::nbd::ServerTlsFiles {
+            cert: dir.join("server-cert.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca: None,
+            required: true,
+        })?);
     }
     let server = NbdServer::new(config);
     let options = ExportOptions {
