@@ -82,7 +82,7 @@ class Server:
         tls_tcp = "127.0.0.1:%d" % self.tls_port
         if self.name == "blockd":
             self.spawn([OURS, "--file", self.image, "--tcp", "127.0.0.1:%d" % self.port, "--unix", self.sock] + OURS_ARGS)
-            self.spawn([OURS, "--file", self.image, "--tcp", tls_tcp, "--tls-certificates", self.pki] + OURS_ARGS)
+            self.spawn([OURS, "--file", self.image, "--tcp", tls_tcp, "--nbd-tls", "require", "--nbd-tls-certificates", self.pki] + OURS_ARGS)
         elif self.name == "qemu-nbd":
             common = ["qemu-nbd", "-f", "raw", "-t", "--shared=16", "--cache=writeback", "--aio=threads"]
             self.spawn(common + ["-b", "127.0.0.1", "-p", str(self.port), self.image])

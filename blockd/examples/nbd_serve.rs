@@ -53,10 +53,9 @@ struct Args {
     /// Tokio worker threads, for accepting and handshakes (default: tokio's choice).
     #[arg(long)]
     threads: Option<usize>,
-    /// Require TLS, with server-cert.pem and server-key.pem from this directory (the
-    /// layout of nbdkit's --tls-certificates).
-    #[arg(long)]
-    tls_certificates: Option<PathBuf>,
+    /// blockd's own TLS options (--nbd-tls, --nbd-tls-certificates, --nbd-tls-verify-peer).
+    #[command(flatten)]
+    tls: blockd::exports::NbdTlsArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,13 +88,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.socket_buffer {
         config.socket_buffer_bytes = n;
     }
-    if let Some(dir) = &args.tls_certificates {
-        config.tls = Some(blockd::nbd::ServerTls::load(&blockd::nbd::ServerTlsFiles {
-            cert: dir.join("server-cert.pem"),
-            key: dir.join("server-key.pem"),
-            client_ca: None,
-            required: true,
-        })?);
+    if let Some(tls) = args.tls.settings().map_err(anyhow::Error::msg)? {
+        config.tls = tls.server()?;
     }
     let server = NbdServer::new(config);
     let options = ExportOptions {

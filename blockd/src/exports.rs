@@ -177,7 +177,8 @@ impl NbdTlsArgs {
 }
 
 impl NbdTlsSettings {
-    fn server(&self) -> std::result::Result<Option<ServerTls>, TlsError> {
+    /// The server's TLS, `None` when the mode is off.
+    pub fn server(&self) -> std::result::Result<Option<ServerTls>, TlsError> {
         if self.mode == NbdTlsMode::Off {
             return Ok(None);
         }

@@ -7,7 +7,6 @@
 //! import of the same URL resumes from.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -505,14 +504,8 @@ impl Importer {
                         let r = async {
                             let hex = hex.ok_or_else(|| ImageError::Corrupt("the conversion gave no digest".into()))?;
                             check_expected(plan.expected.as_deref(), &hex)?;
-                            let synced = tmp.clone();
-                            blocking(move || {
-                                File::open(&synced)
-                                    .and_then(|f| f.sync_all())
-                                    .map_err(|e| ImageError::Io(synced, e))
-                            })
-                            .await?;
-                            self.store.adopt_synced_blob(&tmp, &hex)?;
+                            let (store, t, h) = (self.store.clone(), tmp.clone(), hex.clone());
+                            blocking(move || store.adopt_blob(&t, &h)).await?;
                             Ok(ManifestDisk {
                                 blob: hex,
                                 virtual_size,

@@ -8,9 +8,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
+use common::{run_with_input as run, s};
 use imaged::bootkit;
 use imaged::import::{ImportRequest, Importer};
 use imaged::store::Store;
@@ -30,36 +32,6 @@ fn tiny() -> PathBuf {
         dir.display()
     );
     dir
-}
-
-fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
-    use std::io::Write;
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("stdin");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8")
 }
 
 /// A file tree for `mkfs.ext4 -d`: (path, bytes).

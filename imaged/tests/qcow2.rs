@@ -7,9 +7,11 @@
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
+mod common;
+
+use common::{run, s};
 use imaged::import::{ImportRequest, Importer};
 use imaged::qcow2;
 use imaged::store::{hex, Sha256, Store};
@@ -17,22 +19,6 @@ use imaged::{ImageError, ImageInfo};
 use socket_http::ApiError;
 
 const MIB: u64 = 1 << 20;
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (install Debian's qemu-utils)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
 
 /// A 40 MiB + 1.5 KiB raw disk: pseudo-random data in pieces of odd sizes at odd
 /// places (some of it compressible, some not), zero runs inside the data, holes
