@@ -33,6 +33,8 @@ FIO_RUNTIME = int(os.environ.get("FIO_RUNTIME", "5"))
 OURS = os.environ.get("OURS", "")
 OURS_ARGS = os.environ.get("OURS_ARGS", "").split()
 SERVERS = os.environ.get("SERVERS", "blockd,qemu-nbd,nbdkit").split(",")
+# A subset of tcp,unix,tls (for a quick look at some rows).
+ONLY = set(os.environ.get("TRANSPORTS", "tcp,unix,tls").split(","))
 
 
 def log(*a):
@@ -224,7 +226,7 @@ def main():
         for r in range(ROUNDS):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for name, unit, transports, fn in TESTS:
-                for transport in transports:
+                for transport in [t for t in transports if t in ONLY]:
                     for s in order:
                         v = fn(s, transport, env)
                         samples.setdefault((name, transport), {}).setdefault(s.name, []).append(v)
@@ -233,7 +235,7 @@ def main():
                         "  ".join("%s=%.0f" % (k, v[-1]) for k, v in row.items())))
         rows = []
         for name, unit, transports, _ in TESTS:
-            for transport in transports:
+            for transport in [t for t in transports if t in ONLY]:
                 per = samples[(name, transport)]
                 row = {"test": name, "transport": transport, "unit": unit,
                        "median": {k: round(statistics.median(v), 1) for k, v in per.items()},

@@ -455,3 +455,129 @@ fn bad_tls_files_are_named_in_the_error() {
     .expect_err("not PEM");
     assert!(not_a_cert.to_string().contains("openssl.cnf"), "{not_a_cert}");
 }
+
+#[test]
+fn many_requests_in_flight_cross_tls_intact() {
+    // Requests of many sizes in flight at once on one TLS connection: the server's
+    // threads decrypt and seal concurrently, and every reply must reach its request.
+    let f = Fixture::new(|pki| Some(server_tls(pki, true, false)));
+    f.runtime.block_on(async {
+        let tls = client_tls(&f.pki(), false);
+        let client = Arc::new(
+            NbdClient::connect_with(&NbdAddress::Tcp(f.tcp.to_string()), "disk", Some(&tls))
+                .await
+                .expect("connect"),
+        );
+        // 256 slots of 128 KiB; slot i gets (i % 31 + 1) * 4 KiB of byte i, zeros after.
+        let slot = 128 << 10;
+        let len = |i: usize| (i % 31 + 1) * 4096;
+        let writes: Vec<_> = (0..256usize)
+            .map(|i| {
+                let c = client.clone();
+                tokio::spawn(async move { c.write((i * slot) as u64, &vec![i as u8; len(i)], i % 7 == 0).await })
+            })
+            .collect();
+        for w in writes {
+            w.await.expect("task").expect("write over TLS");
+        }
+        let reads: Vec<_> = (0..256usize)
+            .map(|i| {
+                let c = client.clone();
+                tokio::spawn(async move { (i, c.read((i * slot) as u64, len(i) + 4096).await) })
+            })
+            .collect();
+        for r in reads {
+            let (i, data) = r.await.expect("task");
+            let data = data.expect("read over TLS");
+            assert!(data[..len(i)].iter().all(|&b| b == i as u8), "slot {i} has other data");
+            assert!(data[len(i)..].iter().all(|&b| b == 0), "slot {i} ran past its length");
+        }
+    });
+}
+
+#[test]
+fn a_key_update_mid_transmission_is_answered_in_order() {
+    // A TLS 1.3 client asks for new keys between requests; the server must take its
+    // new receiving keys and send its KeyUpdate before any reply sealed with the new
+    // sending keys, or the client cannot decrypt the next reply.
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+    let f = Fixture::new(|pki| Some(server_tls(pki, true, false)));
+    f.runtime.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(f.tcp).await.expect("connect");
+        let mut g = [0u8; GREETING_LEN];
+        s.read_exact(&mut g).await.expect("greeting");
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .expect("flags");
+        assert_eq!(option(&mut s, OPT_STARTTLS, &[]).await, (OPT_STARTTLS, REP_ACK));
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(f.pki().join("ca-cert.pem")).expect("CA") {
+            roots.add(c.expect("CA cert")).expect("add CA");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("localhost".try_into().expect("name"), s)
+            .await
+            .expect("TLS handshake");
+        // NBD_OPT_GO inside TLS: replies until NBD_REP_ACK.
+        let mut out = Vec::new();
+        encode_option(&mut out, OPT_GO, &encode_info_request("disk", &[]));
+        tls.write_all(&out).await.expect("send GO");
+        loop {
+            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+            tls.read_exact(&mut h).await.expect("GO reply");
+            let h = parse_option_reply_header(&h).expect("reply header");
+            let mut payload = vec![0; h.len as usize];
+            tls.read_exact(&mut payload).await.expect("payload");
+            if h.reply_type == REP_ACK {
+                break;
+            }
+            assert_eq!(h.reply_type, REP_INFO, "GO refused");
+        }
+        let request = |command: u16, cookie: u64, len: u32| {
+            encode_request(&Request {
+                flags: 0,
+                command,
+                cookie,
+                offset: 4096,
+                len,
+            })
+            .to_vec()
+        };
+        let mut write = request(CMD_WRITE, 1, 4096);
+        write.extend_from_slice(&[0x5a; 4096]);
+        for (round, msg) in [write, request(CMD_READ, 2, 4096), request(CMD_READ, 3, 4096)]
+            .into_iter()
+            .enumerate()
+        {
+            if round > 0 {
+                tls.get_mut().1.refresh_traffic_keys().expect("key update");
+            }
+            tls.write_all(&msg).await.expect("request");
+            tls.flush().await.expect("flush");
+            let mut reply = [0u8; SIMPLE_REPLY_LEN];
+            tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut reply))
+                .await
+                .expect("a reply after the key update")
+                .expect("decryptable reply");
+            assert_eq!(
+                u32::from_be_bytes(reply[4..8].try_into().expect("4")),
+                0,
+                "error in reply {round}"
+            );
+            assert_eq!(
+                u64::from_be_bytes(reply[8..16].try_into().expect("8")),
+                round as u64 + 1
+            );
+            if round > 0 {
+                let mut data = vec![0u8; 4096];
+                tls.read_exact(&mut data).await.expect("read data");
+                assert!(data.iter().all(|&b| b == 0x5a), "read {round} returned other data");
+            }
+        }
+    });
+}

@@ -35,6 +35,7 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod tls;
+mod tls_socket;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdAddress, NbdClient, NbdDevice, ReconnectPolicy};

@@ -22,6 +22,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::proto::*;
 use super::tls::ServerTls;
+use super::tls_socket::TlsSocket;
 use super::transmission::{self, BlockingSocket};
 use crate::device::BlockDevice;
 
@@ -412,26 +413,14 @@ impl NbdServer {
                 }
             }
             Transport::Tls(stream) => {
-                // The threads serve one end of a socket pair; a task relays between
-                // its other end and the TLS stream.
+                // The threads run the TLS session themselves (see `tls_socket`).
                 let peer = format!("{peer} (TLS)");
                 let leftover = stream.buffer().to_vec();
-                let pair = UnixStream::pair().and_then(|(ours, theirs)| Ok((ours, theirs.into_blocking()?)));
-                match pair {
-                    Ok((ours, theirs)) => {
-                        let mut relay = tokio::spawn(relay_tls((*stream).into_inner(), ours));
-                        self.transmit(theirs, leftover, session, peer).await;
-                        // The last replies and the TLS close go out unless the client has
-                        // stopped reading: bounded as a plain connection's sends are.
-                        if tokio::time::timeout(transmission::SEND_TIMEOUT, &mut relay)
-                            .await
-                            .is_err()
-                        {
-                            relay.abort();
-                        }
-                    }
+                let (socket, tls) = (*stream).into_inner().into_inner();
+                match socket.into_blocking().and_then(|s| TlsSocket::new(s, tls)) {
+                    Ok(socket) => self.transmit(socket, leftover, session, peer).await,
                     Err(e) => {
-                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its relay socket pair")
+                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot take over its TLS session")
                     }
                 }
             }
@@ -746,32 +735,6 @@ where
         )));
     }
     Ok(client_flags & FLAG_C_NO_ZEROES != 0)
-}
-
-/// Carries bytes between a TLS client and the socket the transmission threads serve,
-/// until the threads close their end (their last reply is then through) or the
-/// client's stream ends (the threads then see end of stream, as from a plain client).
-async fn relay_tls<T>(tls: T, inner: UnixStream)
-where
-    T: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (tls_r, mut tls_w) = tokio::io::split(tls);
-    let (inner_r, mut inner_w) = inner.into_split();
-    let mut tls_r = BufReader::with_capacity(256 << 10, tls_r);
-    let mut inner_r = BufReader::with_capacity(256 << 10, inner_r);
-    let up = async {
-        let _ = tokio::io::copy_buf(&mut tls_r, &mut inner_w).await;
-        let _ = inner_w.shutdown().await;
-    };
-    let down = async {
-        let _ = tokio::io::copy_buf(&mut inner_r, &mut tls_w).await;
-        let _ = tls_w.shutdown().await;
-    };
-    tokio::pin!(down);
-    tokio::select! {
-        _ = up => (&mut down).await,
-        _ = &mut down => {}
-    }
 }
 
 /// A socket a connection is accepted on: the handshake runs on it asynchronously,

@@ -55,6 +55,10 @@ pub(crate) trait BlockingSocket: Send + Sync + 'static {
     fn has_pending(&self) -> bool;
     /// Receives without waiting (`WouldBlock` when nothing is there).
     fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends what fits without waiting (`WouldBlock` when nothing does).
+    fn try_send(&self, _buf: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 macro_rules! blocking_socket {
@@ -76,6 +80,17 @@ macro_rules! blocking_socket {
                 let fd = std::os::fd::AsRawFd::as_raw_fd(self);
                 // SAFETY: recv into a live buffer of its own length, on a socket we own.
                 let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            }
+            fn try_send(&self, buf: &[u8]) -> io::Result<usize> {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(self);
+                let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                // SAFETY: send from a live buffer of its own length, on a socket we own.
+                let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
                 if r < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -432,7 +447,7 @@ fn may_take_long(r: &Request) -> bool {
     r.command == CMD_FLUSH || r.flags & CMD_FLAG_FUA != 0 || r.len >= 1 << 20
 }
 
-fn send_all<S: BlockingSocket>(socket: &S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub(crate) fn send_all<S: BlockingSocket>(socket: &S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     while slices.iter().any(|s| !s.is_empty()) {
         match socket.send_vectored(slices) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped accepting data")),

@@ -1,0 +1,214 @@
+//! A TLS session served by the transmission threads themselves.
+//!
+//! After the handshake (asynchronous, with tokio-rustls) the rustls session is taken
+//! out of its stream and put beside the connection's blocking socket, so the threads
+//! that read requests and send replies decrypt and encrypt in place of a relay: no
+//! task in between, no socket pair, no extra copy through the kernel each way.
+//!
+//! The session is one state machine for both directions, behind one lock that is
+//! never held across a blocking socket call. Receiving reads raw bytes off the
+//! socket without it, then takes it to feed the records in and take plaintext out.
+//! Sending takes the send lock (records must leave in the order they were sealed),
+//! seals the plaintext under the session lock into a buffer of its own, lets the
+//! session go and sends. So a reply being sent to a slow peer never stops the next
+//! request from being decrypted. Whatever the session has to say on its own (a key
+//! update answer, an alert, the session tickets) goes out the same way.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio_rustls::rustls::ServerConnection;
+
+use super::transmission::{send_all, BlockingSocket};
+
+/// Bytes received off the socket per call.
+const RECEIVE: usize = 256 << 10;
+/// Plaintext sealed per send: the records of one chunk are sent while still in cache.
+const SEAL: usize = 256 << 10;
+/// A send buffer larger than this is given back after use.
+const KEEP_CAPACITY: usize = 4 << 20;
+
+pub(crate) struct TlsSocket<B> {
+    socket: B,
+    session: Mutex<ServerConnection>,
+    /// Raw bytes received and not yet given to the session (only the thread holding
+    /// the transmission read lock receives, so this is never contended).
+    received: Mutex<Received>,
+    /// Sealed records on their way out; held from sealing to sent.
+    sending: Mutex<Vec<u8>>,
+}
+
+struct Received {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<B: BlockingSocket> TlsSocket<B> {
+    /// Takes over an established session on `socket`; sends what the session still
+    /// has queued (TLS 1.3 session tickets).
+    pub(crate) fn new(socket: B, mut session: ServerConnection) -> io::Result<TlsSocket<B>> {
+        // Sealing is bounded by SEAL per call; the session need not hold back.
+        session.set_buffer_limit(None);
+        let s = TlsSocket {
+            socket,
+            session: Mutex::new(session),
+            received: Mutex::new(Received {
+                buf: vec![0; RECEIVE].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            }),
+            sending: Mutex::new(Vec::new()),
+        };
+        s.flush_session()?;
+        Ok(s)
+    }
+
+    /// Sends the records the session has queued on its own.
+    fn flush_session(&self) -> io::Result<()> {
+        let mut out = lock(&self.sending);
+        if !lock(&self.session).wants_write() {
+            return Ok(());
+        }
+        self.seal_and_send(&mut out, &[])
+    }
+
+    /// Seals `plain` (and anything the session had queued), sends it all, in order.
+    /// The caller holds the send lock (`out`).
+    fn seal_and_send(&self, out: &mut Vec<u8>, plain: &[u8]) -> io::Result<()> {
+        let mut chunks = plain.chunks(SEAL).peekable();
+        loop {
+            out.clear();
+            let chunk = chunks.next();
+            {
+                let mut session = lock(&self.session);
+                if let Some(chunk) = chunk {
+                    session.writer().write_all(chunk)?;
+                }
+                while session.wants_write() {
+                    session.write_tls(&mut *out)?;
+                }
+            }
+            if !out.is_empty() {
+                send_all(&self.socket, &mut [IoSlice::new(out)])?;
+            }
+            if chunks.peek().is_none() {
+                break;
+            }
+        }
+        if out.capacity() > KEEP_CAPACITY {
+            *out = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Plaintext into `buf`: what the session has, else records received off the
+    /// socket (waiting for them unless `wait` is false: then `WouldBlock`).
+    fn receive(&self, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+        let mut rx = lock(&self.received);
+        loop {
+            let answer = {
+                let mut session = lock(&self.session);
+                let mut answer = None;
+                while answer.is_none() {
+                    match session.reader().read(buf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        // Plaintext, the peer's close_notify (0) or its unclean end.
+                        r => {
+                            answer = Some(r);
+                            break;
+                        }
+                    }
+                    if rx.start == rx.end {
+                        break;
+                    }
+                    let Received { buf: raw, start, end } = &mut *rx;
+                    let fed = session.read_tls(&mut &raw[*start..*end])?;
+                    *start += fed;
+                    if let Err(e) = session.process_new_packets() {
+                        // The session has queued an alert saying why.
+                        answer = Some(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                    }
+                }
+                let wants_write = session.wants_write();
+                drop(session);
+                if wants_write {
+                    self.flush_session()?;
+                }
+                answer
+            };
+            if let Some(answer) = answer {
+                return answer;
+            }
+            // Every byte received is in the session; more must come off the wire.
+            let n = if wait {
+                self.socket.recv(&mut rx.buf)?
+            } else {
+                self.socket.try_recv(&mut rx.buf)?
+            };
+            if n == 0 {
+                // End of stream: the session tells a clean close from a cut one.
+                lock(&self.session).read_tls(&mut io::empty())?;
+            }
+            rx.start = 0;
+            rx.end = n;
+        }
+    }
+}
+
+impl<B: BlockingSocket> BlockingSocket for TlsSocket<B> {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.receive(buf, true)
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.receive(buf, false)
+    }
+
+    /// Seals and sends every byte before returning (a partial count would leave a
+    /// record half sent).
+    fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut out = lock(&self.sending);
+        let mut total = 0;
+        for b in bufs {
+            self.seal_and_send(&mut out, b)?;
+            total += b.len();
+        }
+        Ok(total)
+    }
+
+    fn close(&self) {
+        // A close_notify if it can go at once: a peer that stopped reading, or a
+        // send in progress, must not delay the cut.
+        if let Ok(mut out) = self.sending.try_lock() {
+            out.clear();
+            {
+                let mut session = lock(&self.session);
+                session.send_close_notify();
+                while session.wants_write() {
+                    if session.write_tls(&mut *out).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = self.socket.try_send(&out);
+        }
+        self.socket.close();
+    }
+
+    fn stop_receiving(&self) {
+        self.socket.stop_receiving();
+    }
+
+    fn has_pending(&self) -> bool {
+        let plaintext = lock(&self.session)
+            .process_new_packets()
+            .is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
+        let rx = lock(&self.received);
+        plaintext || rx.start < rx.end || self.socket.has_pending()
+    }
+}
