@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::RwLock;
@@ -33,6 +33,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes the range read back as zeroes, deallocating it where `may_trim` allows.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()>;
+    /// The writable file behind the device, for writes that go from a socket to the
+    /// file with `splice(2)` rather than through a buffer. `None`: writes come through
+    /// [`BlockDevice::write_at`] only.
+    fn splice_target(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// Checks that `offset..offset+len` lies inside a device of `size` bytes.
@@ -140,6 +146,9 @@ impl BlockDevice for FileDevice {
         self.refuse_if_read_only()?;
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
+    }
+    fn splice_target(&self) -> Option<BorrowedFd<'_>> {
+        (!self.read_only).then(|| self.file.as_fd())
     }
     fn flush(&self) -> io::Result<()> {
         if self.read_only {
@@ -267,6 +276,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         (**self).write_zeroes(offset, len, may_trim)
+    }
+    fn splice_target(&self) -> Option<BorrowedFd<'_>> {
+        (**self).splice_target()
     }
 }
 

@@ -670,3 +670,111 @@ fn peers_outside_the_allowlist_are_closed_before_the_handshake() {
     allowed.file_export("disk", MIB, false);
     run(Command::new(&nbdinfo).arg(allowed.tcp_uri("disk")));
 }
+
+/// A tmpfs of `size` mounted on a directory of its own; unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().expect("mount point");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "hearth-test"])
+            .arg(dir.path()));
+        SmallFs { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazily: a server thread may still hold the file for a moment.
+        let _ = Command::new("umount").arg("--lazy").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn large_writes_land_intact_and_a_full_file_system_fails_only_the_request() {
+    // Writes of 128 KiB and more go from the socket into the file by splice(2), the
+    // rest through a buffer: both must land byte for byte, over TCP and Unix sockets,
+    // and a write the file system cannot hold must fail alone, with ENOSPC, leaving
+    // the connection in step for the requests after it.
+    let small = SmallFs::new("4m");
+    let f = Fixture::new(ServerConfig::default());
+    let path = f.file_export("disk", 64 * MIB, false);
+    let full_path = small.dir.path().join("full.raw");
+    sparse_file(&full_path, 64 * MIB);
+    f.server
+        .add_export(
+            "full",
+            Arc::new(FileDevice::open(&full_path, false).expect("open")),
+            ExportOptions::default(),
+        )
+        .expect("add");
+
+    let mut pattern = vec![0u8; 64 * MIB as usize];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| r.read_exact(&mut pattern))
+        .expect("random");
+    let pattern = Arc::new(pattern);
+    let addresses = [NbdAddress::Tcp(f.tcp.to_string()), NbdAddress::Unix(f.unix.clone())];
+    f.runtime.block_on(async {
+        for (i, address) in addresses.iter().enumerate() {
+            let client = Arc::new(NbdClient::connect(address, "disk").await.expect("connect"));
+            // Each transport fills its own half with writes of many sizes at once,
+            // some with FUA; sizes from 4 KiB to 4 MiB straddle the splice threshold.
+            let half = 32 * MIB as usize;
+            let sizes = [4096, 65536, 131072, 131072 + 512, 262144, 1 << 20, 3 << 20, 4 << 20];
+            let mut writes = Vec::new();
+            let mut at = i * half;
+            let mut k = 0;
+            while at < (i + 1) * half {
+                let len = sizes[k % sizes.len()].min((i + 1) * half - at);
+                let (c, p) = (client.clone(), pattern.clone());
+                writes.push(tokio::spawn(async move {
+                    c.write(at as u64, &p[at..at + len], k % 5 == 0).await
+                }));
+                at += len;
+                k += 1;
+            }
+            for w in writes {
+                w.await.expect("task").expect("write");
+            }
+            let back = client.read((i * half) as u64, half).await.expect("read back");
+            assert!(
+                back == pattern[i * half..(i + 1) * half],
+                "{address}: the export does not read back what was written"
+            );
+        }
+
+        let client = NbdClient::connect(&addresses[1], "full").await.expect("connect");
+        client
+            .write(0, &pattern[..MIB as usize], true)
+            .await
+            .expect("the first MiB fits");
+        let err = client
+            .write(8 * MIB, &pattern[..8 * MIB as usize], false)
+            .await
+            .expect_err("8 MiB on a 4 MiB file system");
+        assert!(
+            matches!(err, blockd::nbd::ClientError::Request { errno: 28, .. }),
+            "expected ENOSPC, got {err}"
+        );
+        // The connection is in step: the next requests are answered as usual.
+        assert_eq!(
+            client.read(0, MIB as usize).await.expect("read"),
+            pattern[..MIB as usize]
+        );
+        client.flush().await.expect("flush");
+    });
+    assert!(
+        files_equal_prefix(&path, &pattern),
+        "the file differs from what was written"
+    );
+}
+
+fn files_equal_prefix(path: &Path, want: &[u8]) -> bool {
+    std::fs::read(path)
+        .map(|got| got.len() >= want.len() && got[..want.len()] == *want)
+        .unwrap_or(false)
+}

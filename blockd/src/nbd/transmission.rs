@@ -26,13 +26,21 @@
 //! wake-up, and on 2 cores the spinning took CPU from the client (nbdcopy writes over
 //! a Unix socket: 1,907 MiB/s polling, 2,329 not, nbdkit 2,178).
 //!
+//! Large writes to a file skip the data buffer: their payload is spliced from the
+//! socket into a pipe of the thread's own while the read lock is held, and from the
+//! pipe into the file once it is let go, so each byte is copied once (into the page
+//! cache) instead of twice (into the buffer, then into the page cache). nbdcopy
+//! writes of 256 KiB: 2,922 MiB/s over a Unix socket against 2,667 reading into the
+//! buffer (nbdkit 2,407).
+//!
 //! The connection ends when the client disconnects (`NBD_CMD_DISC` or end of
 //! stream) after the replies in flight are written, on a protocol violation or a
 //! failed send at once, or when the server closes the socket (export removed,
 //! shutdown): blocked receives then see end of stream.
 
-use std::io::{self, BufReader, Cursor, IoSlice, Read};
+use std::io::{self, BufRead, BufReader, Cursor, IoSlice, Read};
 use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -58,6 +66,11 @@ pub(crate) trait BlockingSocket: Send + Sync + 'static {
     /// Sends what fits without waiting (`WouldBlock` when nothing does).
     fn try_send(&self, _buf: &[u8]) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
+    }
+    /// The socket itself when its bytes are the request stream as is (not inside
+    /// TLS), so a write's data may be spliced from it.
+    fn splice_source(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 
@@ -96,6 +109,9 @@ macro_rules! blocking_socket {
                 } else {
                     Ok(r as usize)
                 }
+            }
+            fn splice_source(&self) -> Option<BorrowedFd<'_>> {
+                Some(AsFd::as_fd(self))
             }
             fn has_pending(&self) -> bool {
                 let mut n: libc::c_int = 0;
@@ -221,6 +237,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Pending {
     request: Request,
     refusal: Option<u32>,
+    /// A write whose data was spliced into the thread's pipe.
+    written: Option<Spliced>,
     /// Another request is already waiting (buffered or in the socket).
     queued: bool,
 }
@@ -278,13 +296,14 @@ impl<S: BlockingSocket> Connection<S> {
         let _ended = Ended(&self);
         let mut data: Vec<u8> = Vec::new();
         let mut head: Vec<u8> = Vec::with_capacity(512);
+        let mut pipe: Option<Pipe> = None;
         loop {
             let next = {
                 let mut reader = lock(&self.reader);
                 if self.closing.load(Ordering::Acquire) {
                     break;
                 }
-                let next = self.next_request(&mut reader, &mut data);
+                let next = self.next_request(&mut reader, &mut data, &mut pipe);
                 if !matches!(next, Ok(Some(_))) {
                     // Before the lock goes: a thread waiting for it must not read on.
                     self.closing.store(true, Ordering::Release);
@@ -309,9 +328,10 @@ impl<S: BlockingSocket> Connection<S> {
                 // is handed from one thread to another.)
                 self.add_thread();
             }
-            let error = match pending.refusal {
-                Some(e) => e,
-                None => self.execute(&pending.request, &mut data),
+            let error = match (pending.refusal, pending.written) {
+                (Some(e), _) => e,
+                (None, Some(spliced)) => self.finish_spliced(&pending.request, spliced, &mut pipe),
+                (None, None) => self.execute(&pending.request, &mut data),
             };
             let sent = self.send_reply(&pending.request, error, &data, &mut head);
             self.serving.fetch_sub(1, Ordering::AcqRel);
@@ -326,7 +346,12 @@ impl<S: BlockingSocket> Connection<S> {
     }
 
     /// Reads the next request (under the read lock). `None` at a disconnect.
-    fn next_request(&self, r: &mut Reader<S>, data: &mut Vec<u8>) -> Result<Option<Pending>, RequestError> {
+    fn next_request(
+        &self,
+        r: &mut Reader<S>,
+        data: &mut Vec<u8>,
+        pipe: &mut Option<Pipe>,
+    ) -> Result<Option<Pending>, RequestError> {
         let mut header = [0u8; REQUEST_LEN];
         match r.read_exact(&mut header) {
             Ok(()) => {}
@@ -341,6 +366,7 @@ impl<S: BlockingSocket> Connection<S> {
         }
         let payload = if request.command == CMD_WRITE { request.len } else { 0 };
         let refusal = self.refusal(&request);
+        let mut written = None;
         if refusal.is_some() {
             // Refused writes still carry their data, which must be skipped to stay in step.
             let skipped = io::copy(&mut r.by_ref().take(payload.into()), &mut io::sink())?;
@@ -348,15 +374,111 @@ impl<S: BlockingSocket> Connection<S> {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
         } else if request.command == CMD_WRITE {
-            data.resize(payload as usize, 0);
-            r.read_exact(data)?;
+            written = self.splice_in(r, &request, pipe)?;
+            if written.is_none() {
+                data.resize(payload as usize, 0);
+                r.read_exact(data)?;
+            }
         }
         let queued = !r.buffer().is_empty() || self.socket.has_pending();
         Ok(Some(Pending {
             request,
             refusal,
+            written,
             queued,
         }))
+    }
+
+    /// Takes a large write's data off the socket into the thread's pipe with
+    /// `splice(2)` (what the read buffer already holds is copied in), so the data never
+    /// passes through this process: the file write that follows, outside the read
+    /// lock, moves it from the pipe into the file, one copy of every byte where reading
+    /// it into a buffer and writing that makes two. `None`: not applicable (a small
+    /// write, a device that is not a file, TLS, bytes left from the handshake, no
+    /// pipe); the caller reads the data itself. Should the pipe fill before the whole
+    /// payload is in, it is emptied into the file here and then refilled. An error
+    /// from the socket ends the connection; one from the file only the request.
+    fn splice_in(&self, r: &mut Reader<S>, request: &Request, pipe: &mut Option<Pipe>) -> io::Result<Option<Spliced>> {
+        if request.len < SPLICE_AT_LEAST {
+            return Ok(None);
+        }
+        let (Some(file), Some(socket)) = (self.settings.device.splice_target(), self.socket.splice_source()) else {
+            return Ok(None);
+        };
+        let handshake_bytes = r.get_ref().get_ref().0;
+        if (handshake_bytes.position() as usize) < handshake_bytes.get_ref().len() {
+            return Ok(None);
+        }
+        if pipe.is_none() {
+            *pipe = Pipe::new().ok();
+        }
+        let Some(pipe) = pipe.as_ref() else {
+            return Ok(None);
+        };
+        let mut spliced = Spliced {
+            offset: request.offset,
+            in_pipe: 0,
+            failed: None,
+        };
+        let mut remaining = request.len as usize;
+        // The pipe is empty and holds at least 64 KiB, more than the read buffer.
+        let buffered = r.buffer().len().min(remaining);
+        if buffered > 0 {
+            write_all_fd(pipe.write.as_fd(), &r.buffer()[..buffered])?;
+            r.consume(buffered);
+            spliced.in_pipe = buffered;
+            remaining -= buffered;
+        }
+        while remaining > 0 {
+            // Never waiting for room in the pipe (nothing else empties it).
+            match splice(socket, pipe.write.as_fd(), None, remaining, libc::SPLICE_F_NONBLOCK) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    spliced.in_pipe += n;
+                    remaining -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The pipe is full, or (a Unix socket honours the flag) no data has
+                    // come yet. Emptied, the pipe has room: waiting on the socket is safe.
+                    spliced.drain(pipe, file)?;
+                    let n = splice(socket, pipe.write.as_fd(), None, remaining, 0)?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    spliced.in_pipe += n;
+                    remaining -= n;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(spliced))
+    }
+
+    /// Finishes a write whose data is in the pipe: into the file, then its flush when
+    /// it asked for FUA. Returns the NBD error value.
+    fn finish_spliced(&self, r: &Request, mut spliced: Spliced, pipe: &mut Option<Pipe>) -> u32 {
+        // `splice_in` made both, and they stay for the thread's and the device's life.
+        let (Some(p), Some(file)) = (pipe.as_ref(), self.settings.device.splice_target()) else {
+            return EIO;
+        };
+        if let Err(e) = spliced.drain(p, file) {
+            // Data may be left in the pipe: it cannot serve another request.
+            *pipe = None;
+            self.abort(&e);
+            return EIO;
+        }
+        let result = match spliced.failed {
+            None if r.flags & CMD_FLAG_FUA != 0 => self.settings.device.flush(),
+            None => Ok(()),
+            Some(e) => Err(e),
+        };
+        match result {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::debug!(offset = r.offset, len = r.len, error = %e, "NBD write failed");
+                error_value(&e)
+            }
+        }
     }
 
     /// The error value for a request that must not run, or `None` if it may.
@@ -461,6 +583,133 @@ pub(crate) fn send_all<S: BlockingSocket>(socket: &S, mut slices: &mut [IoSlice<
             }
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// Writes of at least this many bytes go from the socket to the file by splice.
+const SPLICE_AT_LEAST: u32 = 128 << 10;
+/// The pipe capacities asked for, in turn.
+const PIPE_BYTES: [usize; 2] = [4 << 20, 1 << 20];
+
+/// A pipe a thread splices write data through.
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into a live array of two.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just made by pipe2 and are owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Large enough for most writes to be in the pipe whole, so that the file write
+        // happens after the read lock is let go. Past /proc/sys/fs/pipe-max-size (1 MiB
+        // by default) only root may go; the default 64 KiB still works.
+        for bytes in PIPE_BYTES {
+            // SAFETY: F_SETPIPE_SZ on a pipe we own, with an integer argument.
+            if unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, bytes as libc::c_int) } >= 0 {
+                break;
+            }
+        }
+        Ok(Pipe { read, write })
+    }
+}
+
+/// A write's data in a thread's pipe, on its way to the file.
+struct Spliced {
+    /// Where the bytes in the pipe go.
+    offset: u64,
+    in_pipe: usize,
+    /// The file's error, once it failed: the rest of the data is dropped.
+    failed: Option<io::Error>,
+}
+
+impl Spliced {
+    /// Moves what is in the pipe into the file (or, once the file failed, drops it).
+    /// An error is the pipe's own: it cannot be used again.
+    fn drain(&mut self, pipe: &Pipe, file: BorrowedFd<'_>) -> io::Result<()> {
+        while self.in_pipe > 0 {
+            if self.failed.is_none() {
+                match splice(pipe.read.as_fd(), file, Some(&mut self.offset), self.in_pipe, 0) {
+                    Ok(0) => self.failed = Some(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => self.in_pipe -= n,
+                    Err(e) => self.failed = Some(e),
+                }
+                continue;
+            }
+            let mut scratch = [0u8; 16 << 10];
+            let want = self.in_pipe.min(scratch.len());
+            // SAFETY: read into a live buffer of at least `want` bytes, from a pipe we own.
+            let n = unsafe { libc::read(pipe.read.as_raw_fd(), scratch.as_mut_ptr().cast(), want) };
+            match n {
+                1.. => self.in_pipe -= n as usize,
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `splice(2)` of at most `len` bytes (to `offset` in `to` when given), retried
+/// when interrupted.
+fn splice(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    offset: Option<&mut u64>,
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
+    let mut off = offset.as_deref().map(|&o| o as libc::loff_t);
+    loop {
+        let off_ptr = off.as_mut().map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+        // SAFETY: splice between two descriptors we hold; the offset pointer is null or
+        // points to a live local.
+        let r = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                to.as_raw_fd(),
+                off_ptr,
+                len,
+                libc::SPLICE_F_MOVE | flags,
+            )
+        };
+        if r >= 0 {
+            if let (Some(o), Some(new)) = (offset, off) {
+                *o = new as u64;
+            }
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn write_all_fd(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: write from a live buffer of its own length to a descriptor we hold.
+        let r = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[r as usize..];
     }
     Ok(())
 }
