@@ -12,7 +12,8 @@
 //! seals the plaintext under the session lock into a buffer of its own, lets the
 //! session go and sends. So a reply being sent to a slow peer never stops the next
 //! request from being decrypted. Whatever the session has to say on its own (a key
-//! update answer, an alert, the session tickets) goes out the same way.
+//! update answer, an alert, the session tickets) goes out the same way: at once when
+//! no reply is being sent, else ahead of the next reply.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::{Mutex, MutexGuard};
@@ -137,7 +138,12 @@ impl<B: BlockingSocket> TlsSocket<B> {
                 let wants_write = session.wants_write();
                 drop(session);
                 if wants_write {
-                    self.flush_session()?;
+                    // A key update's answer or an alert. If a reply is being sent, it
+                    // goes out with the next one: the reading thread must not wait on
+                    // a peer that may itself be waiting for its requests to be read.
+                    if let Ok(mut out) = self.sending.try_lock() {
+                        self.seal_and_send(&mut out, &[])?;
+                    }
                 }
                 answer
             };
