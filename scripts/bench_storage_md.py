@@ -30,7 +30,8 @@ Bold: below the goal. blockd serves each connection from threads of its own (up 
 nbdkit's "parallel" model): one thread reads a request, runs it and sends the reply, and
 the thread waiting for the next request polls the socket for up to 50 µs before it
 sleeps (after requests of at most 64 KiB), so at queue depth 1 a request costs no
-thread wake-up. nbdcopy's sequential rows are bound by the client (one nbdcopy process
+thread wake-up. Writes of 128 KiB or more are spliced from the socket into the file
+(one copy of the data, not two). nbdcopy's sequential rows are bound by the client (one nbdcopy process
 on the same 2 cores) and swing from run to run. Over TLS the connection threads run the
 rustls session themselves (records decrypted by the thread that reads, sealed by the
 one that replies), as nbdkit runs GnuTLS in its threads.""")
