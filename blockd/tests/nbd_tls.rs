@@ -372,16 +372,22 @@ async fn option(s: &mut tokio::net::TcpStream, option: u32, data: &[u8]) -> (u32
     (h.option, h.reply_type)
 }
 
+/// A raw TCP connection past the greeting, at the options.
+async fn greeted(address: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let mut g = [0u8; GREETING_LEN];
+    s.read_exact(&mut g).await.expect("greeting");
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .await
+        .expect("flags");
+    s
+}
+
 #[test]
 fn before_required_tls_only_starttls_and_abort_are_served() {
     let f = Fixture::new(|pki| Some(server_tls(pki, true, false)));
     f.runtime.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(f.tcp).await.expect("connect");
-        let mut g = [0u8; GREETING_LEN];
-        s.read_exact(&mut g).await.expect("greeting");
-        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .await
-            .expect("flags");
+        let mut s = greeted(f.tcp).await;
         assert_eq!(option(&mut s, OPT_LIST, &[]).await, (OPT_LIST, REP_ERR_TLS_REQD));
         let go = encode_info_request("disk", &[]);
         assert_eq!(option(&mut s, OPT_GO, &go).await, (OPT_GO, REP_ERR_TLS_REQD));
@@ -503,12 +509,7 @@ fn a_key_update_mid_transmission_is_answered_in_order() {
     use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
     let f = Fixture::new(|pki| Some(server_tls(pki, true, false)));
     f.runtime.block_on(async {
-        let mut s = tokio::net::TcpStream::connect(f.tcp).await.expect("connect");
-        let mut g = [0u8; GREETING_LEN];
-        s.read_exact(&mut g).await.expect("greeting");
-        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .await
-            .expect("flags");
+        let mut s = greeted(f.tcp).await;
         assert_eq!(option(&mut s, OPT_STARTTLS, &[]).await, (OPT_STARTTLS, REP_ACK));
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(f.pki().join("ca-cert.pem")).expect("CA") {
