@@ -20,6 +20,32 @@ use exports::{Exports, NbdSettings};
 use service::VolumeService;
 use volume::{VolumeBackend, VolumeError};
 
+/// Raises the soft limit on open files to the hard one, as a server with many
+/// connections needs (each NBD connection thread keeps a pipe for spliced writes;
+/// systemd's soft default is 1024). Returns the limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one live rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Which backend holds the volumes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PoolConfig {

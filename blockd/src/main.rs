@@ -39,6 +39,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     socket_http::logging::init();
     let a = Args::parse_from(socket_http::config::args_with_config("blockd")?);
+    let open_files = blockd::raise_open_file_limit();
+    tracing::debug!(open_files, "open file limit");
     let config = BlockdConfig {
         pool: a.pool,
         state_dir: a.state_dir,

@@ -417,10 +417,13 @@ impl NbdServer {
                 let peer = format!("{peer} (TLS)");
                 let leftover = stream.buffer().to_vec();
                 let (socket, tls) = (*stream).into_inner().into_inner();
-                match socket.into_blocking().and_then(|s| TlsSocket::new(s, tls)) {
-                    Ok(socket) => self.transmit(socket, leftover, session, peer).await,
+                match socket.into_blocking() {
+                    Ok(socket) => {
+                        self.transmit(TlsSocket::new(socket, tls), leftover, session, peer)
+                            .await
+                    }
                     Err(e) => {
-                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot take over its TLS session")
+                        tracing::warn!(peer, error = %e, "NBD connection dropped: cannot make its socket blocking")
                     }
                 }
             }

@@ -11,12 +11,13 @@
 //! Sending takes the send lock (records must leave in the order they were sealed),
 //! seals the plaintext under the session lock into a buffer of its own, lets the
 //! session go and sends. So a reply being sent to a slow peer never stops the next
-//! request from being decrypted. Whatever the session has to say on its own (a key
-//! update answer, an alert, the session tickets) goes out the same way: at once when
-//! no reply is being sent, else ahead of the next reply.
+//! request from being decrypted. Whatever the session has to say on its own (the
+//! session tickets, a key update's answer, a warning alert) goes out ahead of the
+//! next reply, so the reading thread never sends; a fatal alert goes with the
+//! close_notify when the connection is cut.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use tokio_rustls::rustls::ServerConnection;
 
@@ -50,12 +51,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<B: BlockingSocket> TlsSocket<B> {
-    /// Takes over an established session on `socket`; sends what the session still
-    /// has queued (TLS 1.3 session tickets).
-    pub(crate) fn new(socket: B, mut session: ServerConnection) -> io::Result<TlsSocket<B>> {
+    /// Takes over an established session on `socket`. What the session still has
+    /// queued goes out with the first reply.
+    pub(crate) fn new(socket: B, mut session: ServerConnection) -> TlsSocket<B> {
         // Sealing is bounded by SEAL per call; the session need not hold back.
         session.set_buffer_limit(None);
-        let s = TlsSocket {
+        TlsSocket {
             socket,
             session: Mutex::new(session),
             received: Mutex::new(Received {
@@ -64,45 +65,31 @@ impl<B: BlockingSocket> TlsSocket<B> {
                 end: 0,
             }),
             sending: Mutex::new(Vec::new()),
-        };
-        s.flush_session()?;
-        Ok(s)
+        }
     }
 
-    /// Sends the records the session has queued on its own.
-    fn flush_session(&self) -> io::Result<()> {
-        let mut out = lock(&self.sending);
-        if !lock(&self.session).wants_write() {
-            return Ok(());
-        }
-        self.seal_and_send(&mut out, &[])
-    }
-
-    /// Seals `plain` (and anything the session had queued), sends it all, in order.
-    /// The caller holds the send lock (`out`).
-    fn seal_and_send(&self, out: &mut Vec<u8>, plain: &[u8]) -> io::Result<()> {
-        let mut chunks = plain.chunks(SEAL).peekable();
-        loop {
-            out.clear();
-            let chunk = chunks.next();
-            {
-                let mut session = lock(&self.session);
-                if let Some(chunk) = chunk {
-                    session.writer().write_all(chunk)?;
+    /// Seals `plain` (after anything the session had queued) into records, the
+    /// slices together so a reply's header shares a record with its data, and sends
+    /// them. The caller holds the send lock (`out`).
+    fn seal_and_send(&self, out: &mut Vec<u8>, plain: &[&[u8]]) -> io::Result<()> {
+        out.clear();
+        {
+            let mut session = lock(&self.session);
+            let mut slices: Vec<IoSlice<'_>> = plain.iter().map(|p| IoSlice::new(p)).collect();
+            let mut slices = &mut slices[..];
+            while slices.iter().any(|s| !s.is_empty()) {
+                let n = session.writer().write_vectored(slices)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
                 }
-                while session.wants_write() {
-                    session.write_tls(&mut *out)?;
-                }
+                IoSlice::advance_slices(&mut slices, n);
             }
-            if !out.is_empty() {
-                send_all(&self.socket, &mut [IoSlice::new(out)])?;
-            }
-            if chunks.peek().is_none() {
-                break;
+            while session.wants_write() {
+                session.write_tls(&mut *out)?;
             }
         }
-        if out.capacity() > KEEP_CAPACITY {
-            *out = Vec::new();
+        if !out.is_empty() {
+            send_all(&self.socket, &mut [IoSlice::new(out)])?;
         }
         Ok(())
     }
@@ -133,16 +120,6 @@ impl<B: BlockingSocket> TlsSocket<B> {
                     if let Err(e) = session.process_new_packets() {
                         // The session has queued an alert saying why.
                         answer = Some(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-                    }
-                }
-                let wants_write = session.wants_write();
-                drop(session);
-                if wants_write {
-                    // A key update's answer or an alert. If a reply is being sent, it
-                    // goes out with the next one: the reading thread must not wait on
-                    // a peer that may itself be waiting for its requests to be read.
-                    if let Ok(mut out) = self.sending.try_lock() {
-                        self.seal_and_send(&mut out, &[])?;
                     }
                 }
                 answer
@@ -176,13 +153,32 @@ impl<B: BlockingSocket> BlockingSocket for TlsSocket<B> {
     }
 
     /// Seals and sends every byte before returning (a partial count would leave a
-    /// record half sent).
+    /// record half sent), SEAL bytes at a time.
     fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut out = lock(&self.sending);
         let mut total = 0;
+        let mut window: Vec<&[u8]> = Vec::with_capacity(bufs.len());
+        let mut in_window = 0;
         for b in bufs {
-            self.seal_and_send(&mut out, b)?;
-            total += b.len();
+            let mut rest: &[u8] = b;
+            total += rest.len();
+            while !rest.is_empty() {
+                let take = rest.len().min(SEAL - in_window);
+                window.push(&rest[..take]);
+                in_window += take;
+                rest = &rest[take..];
+                if in_window == SEAL {
+                    self.seal_and_send(&mut out, &window)?;
+                    window.clear();
+                    in_window = 0;
+                }
+            }
+        }
+        if in_window > 0 {
+            self.seal_and_send(&mut out, &window)?;
+        }
+        if out.capacity() > KEEP_CAPACITY {
+            *out = Vec::new();
         }
         Ok(total)
     }
@@ -190,7 +186,12 @@ impl<B: BlockingSocket> BlockingSocket for TlsSocket<B> {
     fn close(&self) {
         // A close_notify if it can go at once: a peer that stopped reading, or a
         // send in progress, must not delay the cut.
-        if let Ok(mut out) = self.sending.try_lock() {
+        let sending = match self.sending.try_lock() {
+            Ok(out) => Some(out),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut out) = sending {
             out.clear();
             {
                 let mut session = lock(&self.session);

@@ -296,7 +296,7 @@ impl<S: BlockingSocket> Connection<S> {
         let _ended = Ended(&self);
         let mut data: Vec<u8> = Vec::new();
         let mut head: Vec<u8> = Vec::with_capacity(512);
-        let mut pipe: Option<Pipe> = None;
+        let mut pipe = ThreadPipe::Untried;
         loop {
             let next = {
                 let mut reader = lock(&self.reader);
@@ -350,7 +350,7 @@ impl<S: BlockingSocket> Connection<S> {
         &self,
         r: &mut Reader<S>,
         data: &mut Vec<u8>,
-        pipe: &mut Option<Pipe>,
+        pipe: &mut ThreadPipe,
     ) -> Result<Option<Pending>, RequestError> {
         let mut header = [0u8; REQUEST_LEN];
         match r.read_exact(&mut header) {
@@ -398,7 +398,7 @@ impl<S: BlockingSocket> Connection<S> {
     /// pipe); the caller reads the data itself. Should the pipe fill before the whole
     /// payload is in, it is emptied into the file here and then refilled. An error
     /// from the socket ends the connection; one from the file only the request.
-    fn splice_in(&self, r: &mut Reader<S>, request: &Request, pipe: &mut Option<Pipe>) -> io::Result<Option<Spliced>> {
+    fn splice_in(&self, r: &mut Reader<S>, request: &Request, pipe: &mut ThreadPipe) -> io::Result<Option<Spliced>> {
         if request.len < SPLICE_AT_LEAST {
             return Ok(None);
         }
@@ -409,19 +409,21 @@ impl<S: BlockingSocket> Connection<S> {
         if (handshake_bytes.position() as usize) < handshake_bytes.get_ref().len() {
             return Ok(None);
         }
-        if pipe.is_none() {
-            *pipe = Pipe::new().ok();
+        if let ThreadPipe::Untried = pipe {
+            *pipe = Pipe::new().map_or(ThreadPipe::Unavailable, ThreadPipe::Ready);
         }
-        let Some(pipe) = pipe.as_ref() else {
+        let ThreadPipe::Ready(pipe) = pipe else {
             return Ok(None);
         };
         let mut spliced = Spliced {
             offset: request.offset,
             in_pipe: 0,
             failed: None,
+            copied: false,
         };
         let mut remaining = request.len as usize;
-        // The pipe is empty and holds at least 64 KiB, more than the read buffer.
+        // The pipe is empty and holds more than the read buffer (`Pipe::new`): this
+        // write cannot wait for room.
         let buffered = r.buffer().len().min(remaining);
         if buffered > 0 {
             write_all_fd(pipe.write.as_fd(), &r.buffer()[..buffered])?;
@@ -456,16 +458,20 @@ impl<S: BlockingSocket> Connection<S> {
 
     /// Finishes a write whose data is in the pipe: into the file, then its flush when
     /// it asked for FUA. Returns the NBD error value.
-    fn finish_spliced(&self, r: &Request, mut spliced: Spliced, pipe: &mut Option<Pipe>) -> u32 {
+    fn finish_spliced(&self, r: &Request, mut spliced: Spliced, pipe: &mut ThreadPipe) -> u32 {
         // `splice_in` made both, and they stay for the thread's and the device's life.
-        let (Some(p), Some(file)) = (pipe.as_ref(), self.settings.device.splice_target()) else {
+        let (ThreadPipe::Ready(p), Some(file)) = (&*pipe, self.settings.device.splice_target()) else {
             return EIO;
         };
         if let Err(e) = spliced.drain(p, file) {
             // Data may be left in the pipe: it cannot serve another request.
-            *pipe = None;
+            *pipe = ThreadPipe::Unavailable;
             self.abort(&e);
             return EIO;
+        }
+        if spliced.copied {
+            // The file system cannot take splices: later writes go through the buffer.
+            *pipe = ThreadPipe::Unavailable;
         }
         let result = match spliced.failed {
             None if r.flags & CMD_FLAG_FUA != 0 => self.settings.device.flush(),
@@ -592,6 +598,14 @@ const SPLICE_AT_LEAST: u32 = 128 << 10;
 /// The pipe capacities asked for, in turn.
 const PIPE_BYTES: [usize; 2] = [4 << 20, 1 << 20];
 
+/// A thread's pipe for spliced writes, made at the first large write.
+enum ThreadPipe {
+    Untried,
+    Ready(Pipe),
+    /// None could be made, or the file system takes no splices: writes use the buffer.
+    Unavailable,
+}
+
 /// A pipe a thread splices write data through.
 pub(crate) struct Pipe {
     read: OwnedFd,
@@ -616,6 +630,13 @@ impl Pipe {
                 break;
             }
         }
+        // A user over fs.pipe-user-pages-soft gets pipes of 8 KiB, which the read
+        // buffer's bytes would not fit in without a reader: no splicing then.
+        // SAFETY: F_GETPIPE_SZ on a pipe we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if capacity < (2 * READ_BUFFER) as libc::c_int {
+            return Err(io::Error::other(format!("pipe of {capacity} bytes")));
+        }
         Ok(Pipe { read, write })
     }
 }
@@ -627,6 +648,9 @@ struct Spliced {
     in_pipe: usize,
     /// The file's error, once it failed: the rest of the data is dropped.
     failed: Option<io::Error>,
+    /// The file took no splice (EINVAL: its file system has no splice_write), so the
+    /// data was copied through a buffer instead.
+    copied: bool,
 }
 
 impl Spliced {
@@ -634,20 +658,31 @@ impl Spliced {
     /// An error is the pipe's own: it cannot be used again.
     fn drain(&mut self, pipe: &Pipe, file: BorrowedFd<'_>) -> io::Result<()> {
         while self.in_pipe > 0 {
-            if self.failed.is_none() {
+            if self.failed.is_none() && !self.copied {
                 match splice(pipe.read.as_fd(), file, Some(&mut self.offset), self.in_pipe, 0) {
                     Ok(0) => self.failed = Some(io::ErrorKind::WriteZero.into()),
                     Ok(n) => self.in_pipe -= n,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.copied = true,
                     Err(e) => self.failed = Some(e),
                 }
                 continue;
             }
-            let mut scratch = [0u8; 16 << 10];
+            // Through a buffer: into the file (copied), or dropped once the file failed.
+            let mut scratch = [0u8; 64 << 10];
             let want = self.in_pipe.min(scratch.len());
             // SAFETY: read into a live buffer of at least `want` bytes, from a pipe we own.
             let n = unsafe { libc::read(pipe.read.as_raw_fd(), scratch.as_mut_ptr().cast(), want) };
             match n {
-                1.. => self.in_pipe -= n as usize,
+                1.. => {
+                    let n = n as usize;
+                    self.in_pipe -= n;
+                    if self.failed.is_none() {
+                        match pwrite_all(file, &scratch[..n], self.offset) {
+                            Ok(()) => self.offset += n as u64,
+                            Err(e) => self.failed = Some(e),
+                        }
+                    }
+                }
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 _ => {
                     let e = io::Error::last_os_error();
@@ -696,6 +731,27 @@ fn splice(
             return Err(e);
         }
     }
+}
+
+fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: pwrite from a live buffer of its own length to a descriptor we hold.
+        let r = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
+        match r {
+            1.. => {
+                buf = &buf[r as usize..];
+                offset += r as u64;
+            }
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_all_fd(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
