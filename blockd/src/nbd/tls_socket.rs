@@ -17,11 +17,11 @@
 //! close_notify when the connection is cut.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, TryLockError};
 
 use tokio_rustls::rustls::ServerConnection;
 
-use super::transmission::{send_all, BlockingSocket};
+use super::transmission::{lock, send_all, BlockingSocket};
 
 /// Bytes received off the socket per call.
 const RECEIVE: usize = 256 << 10;
@@ -44,10 +44,6 @@ struct Received {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<B: BlockingSocket> TlsSocket<B> {

@@ -38,9 +38,10 @@
 //! failed send at once, or when the server closes the socket (export removed,
 //! shutdown): blocked receives then see end of stream.
 
-use std::io::{self, BufRead, BufReader, Cursor, IoSlice, Read};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Cursor, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -229,7 +230,8 @@ pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settin
     rx
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, also after a thread panicked holding it (the data stays usable).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -402,7 +404,8 @@ impl<S: BlockingSocket> Connection<S> {
         if request.len < SPLICE_AT_LEAST {
             return Ok(None);
         }
-        let (Some(file), Some(socket)) = (self.settings.device.splice_target(), self.socket.splice_source()) else {
+        let device = &*self.settings.device;
+        let (Some(_), Some(socket)) = (device.splice_target(), self.socket.splice_source()) else {
             return Ok(None);
         };
         let handshake_bytes = r.get_ref().get_ref().0;
@@ -426,7 +429,7 @@ impl<S: BlockingSocket> Connection<S> {
         // write cannot wait for room.
         let buffered = r.buffer().len().min(remaining);
         if buffered > 0 {
-            write_all_fd(pipe.write.as_fd(), &r.buffer()[..buffered])?;
+            (&pipe.write).write_all(&r.buffer()[..buffered])?;
             r.consume(buffered);
             spliced.in_pipe = buffered;
             remaining -= buffered;
@@ -442,7 +445,7 @@ impl<S: BlockingSocket> Connection<S> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The pipe is full, or (a Unix socket honours the flag) no data has
                     // come yet. Emptied, the pipe has room: waiting on the socket is safe.
-                    spliced.drain(pipe, file)?;
+                    spliced.drain(pipe, device)?;
                     let n = splice(socket, pipe.write.as_fd(), None, remaining, 0)?;
                     if n == 0 {
                         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -459,11 +462,11 @@ impl<S: BlockingSocket> Connection<S> {
     /// Finishes a write whose data is in the pipe: into the file, then its flush when
     /// it asked for FUA. Returns the NBD error value.
     fn finish_spliced(&self, r: &Request, mut spliced: Spliced, pipe: &mut ThreadPipe) -> u32 {
-        // `splice_in` made both, and they stay for the thread's and the device's life.
-        let (ThreadPipe::Ready(p), Some(file)) = (&*pipe, self.settings.device.splice_target()) else {
+        // `splice_in` made it, and it stays for the thread's life.
+        let ThreadPipe::Ready(p) = &*pipe else {
             return EIO;
         };
-        if let Err(e) = spliced.drain(p, file) {
+        if let Err(e) = spliced.drain(p, &*self.settings.device) {
             // Data may be left in the pipe: it cannot serve another request.
             *pipe = ThreadPipe::Unavailable;
             self.abort(&e);
@@ -606,10 +609,11 @@ enum ThreadPipe {
     Unavailable,
 }
 
-/// A pipe a thread splices write data through.
+/// A pipe a thread splices write data through (its ends as files, for std's reads
+/// and writes).
 pub(crate) struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+    read: File,
+    write: File,
 }
 
 impl Pipe {
@@ -620,7 +624,7 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors were just made by pipe2 and are owned by nothing else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
         // Large enough for most writes to be in the pipe whole, so that the file write
         // happens after the read lock is let go. Past /proc/sys/fs/pipe-max-size (1 MiB
         // by default) only root may go; the default 64 KiB still works.
@@ -654,11 +658,15 @@ struct Spliced {
 }
 
 impl Spliced {
-    /// Moves what is in the pipe into the file (or, once the file failed, drops it).
-    /// An error is the pipe's own: it cannot be used again.
-    fn drain(&mut self, pipe: &Pipe, file: BorrowedFd<'_>) -> io::Result<()> {
+    /// Moves what is in the pipe into the device's file (or, once the file failed,
+    /// drops it). An error is the pipe's own: it cannot be used again.
+    fn drain(&mut self, pipe: &Pipe, device: &dyn BlockDevice) -> io::Result<()> {
         while self.in_pipe > 0 {
             if self.failed.is_none() && !self.copied {
+                let Some(file) = device.splice_target() else {
+                    self.copied = true;
+                    continue;
+                };
                 match splice(pipe.read.as_fd(), file, Some(&mut self.offset), self.in_pipe, 0) {
                     Ok(0) => self.failed = Some(io::ErrorKind::WriteZero.into()),
                     Ok(n) => self.in_pipe -= n,
@@ -667,28 +675,19 @@ impl Spliced {
                 }
                 continue;
             }
-            // Through a buffer: into the file (copied), or dropped once the file failed.
-            let mut scratch = [0u8; 64 << 10];
-            let want = self.in_pipe.min(scratch.len());
-            // SAFETY: read into a live buffer of at least `want` bytes, from a pipe we own.
-            let n = unsafe { libc::read(pipe.read.as_raw_fd(), scratch.as_mut_ptr().cast(), want) };
-            match n {
-                1.. => {
-                    let n = n as usize;
-                    self.in_pipe -= n;
-                    if self.failed.is_none() {
-                        match pwrite_all(file, &scratch[..n], self.offset) {
-                            Ok(()) => self.offset += n as u64,
-                            Err(e) => self.failed = Some(e),
-                        }
-                    }
-                }
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
+            // Through a buffer: into the device (copied), or dropped once it failed.
+            let mut scratch = vec![0u8; self.in_pipe.min(64 << 10)];
+            let n = match (&pipe.read).read(&mut scratch) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.in_pipe -= n;
+            if self.failed.is_none() {
+                match device.write_at(&scratch[..n], self.offset) {
+                    Ok(()) => self.offset += n as u64,
+                    Err(e) => self.failed = Some(e),
                 }
             }
         }
@@ -731,43 +730,6 @@ fn splice(
             return Err(e);
         }
     }
-}
-
-fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: pwrite from a live buffer of its own length to a descriptor we hold.
-        let r = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
-        match r {
-            1.. => {
-                buf = &buf[r as usize..];
-                offset += r as u64;
-            }
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn write_all_fd(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: write from a live buffer of its own length to a descriptor we hold.
-        let r = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        buf = &buf[r as usize..];
-    }
-    Ok(())
 }
 
 /// Why reading a request ended the connection.
