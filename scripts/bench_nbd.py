@@ -13,7 +13,10 @@ server given the same directory): the nbdcopy rows and fio 4k random read at QD1
 
 Prints a JSON document on stdout and a table on stderr. Called by bench_nbd.sh,
 which builds the example server first. Environment: ROUNDS (3), FIO_RUNTIME (5 s),
-OURS (path of nbd_serve), OURS_ARGS (extra arguments for it), SERVERS (comma list).
+OURS (path of nbd_serve), OURS_ARGS (extra arguments for it), SERVERS (comma list),
+PIN (0: wherever the scheduler puts them, the default; 1: servers on the upper half of
+the CPUs, clients on the lower half, as when client and server are different hosts;
+every server gets the same CPUs either way).
 """
 
 import json
@@ -35,6 +38,9 @@ OURS_ARGS = os.environ.get("OURS_ARGS", "").split()
 SERVERS = os.environ.get("SERVERS", "blockd,qemu-nbd,nbdkit").split(",")
 # A subset of tcp,unix,tls (for a quick look at some rows).
 ONLY = set(os.environ.get("TRANSPORTS", "tcp,unix,tls").split(","))
+CPUS = sorted(os.sched_getaffinity(0))
+PIN = os.environ.get("PIN", "0") == "1" and len(CPUS) >= 2
+CLIENT_CPUS, SERVER_CPUS = (CPUS[:len(CPUS) // 2], CPUS[len(CPUS) // 2:]) if PIN else (CPUS, CPUS)
 
 
 def log(*a):
@@ -77,7 +83,8 @@ class Server:
         self.procs = []
 
     def spawn(self, argv):
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: os.sched_setaffinity(0, SERVER_CPUS))
         self.procs.append(p)
 
     def start(self):
@@ -205,6 +212,8 @@ def main():
             sys.exit("%s is missing (Debian packages: qemu-utils nbdkit libnbd-bin fio)" % tool)
     if "blockd" in SERVERS and not os.access(OURS, os.X_OK):
         sys.exit("OURS must name the nbd_serve binary")
+    # The clients (nbdcopy, fio) inherit this process's CPUs.
+    os.sched_setaffinity(0, CLIENT_CPUS)
     workdir = tempfile.mkdtemp(prefix="bench-nbd-", dir="/dev/shm")
     servers = []
     try:
@@ -254,6 +263,7 @@ def main():
             "servers": SERVERS,
             "ours_args": OURS_ARGS,
             "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+            "pinned": {"clients": CLIENT_CPUS, "servers": SERVER_CPUS} if PIN else None,
             "rows": rows,
         }
         print(json.dumps(doc, indent=2))

@@ -773,6 +773,109 @@ fn large_writes_land_intact_and_a_full_file_system_fails_only_the_request() {
     );
 }
 
+/// A file export whose splice target is the same file opened with `O_APPEND`, into
+/// which the kernel refuses splices with EINVAL: what a file system without
+/// `splice_write` answers. Everything else goes to the file itself.
+#[derive(Debug)]
+struct RefusesSplices {
+    file: FileDevice,
+    append: std::fs::File,
+}
+
+impl BlockDevice for RefusesSplices {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.file.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        self.file.write_zeroes(offset, len, may_trim)
+    }
+    fn splice_target(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.append))
+    }
+}
+
+#[test]
+fn large_writes_reach_a_file_that_takes_no_splice_through_a_buffer() {
+    // The server finds out at the first large write that the file takes no splice
+    // (EINVAL), after the data is already in its pipe: that write and every later one
+    // must still land where they were sent, and nothing may be appended to the file.
+    let f = Fixture::new(ServerConfig::default());
+    let path = f.dir.path().join("nosplice.raw");
+    let size = 16 * MIB;
+    sparse_file(&path, size);
+    let device = RefusesSplices {
+        file: FileDevice::open(&path, false).expect("open"),
+        append: std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open O_APPEND"),
+    };
+    f.server
+        .add_export("nosplice", Arc::new(device), ExportOptions::default())
+        .expect("add");
+    let mut pattern = vec![0u8; size as usize];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| r.read_exact(&mut pattern))
+        .expect("random");
+    let pattern = Arc::new(pattern);
+    f.runtime.block_on(async {
+        let client = Arc::new(
+            NbdClient::connect(&NbdAddress::Unix(f.unix.clone()), "nosplice")
+                .await
+                .expect("connect"),
+        );
+        // Back to front, several at once, 256 KiB to 4 MiB (all above the splice
+        // threshold), the first alone so that it is the one that meets the EINVAL.
+        let first = 4 * MIB as usize;
+        client
+            .write((size as usize - first) as u64, &pattern[size as usize - first..], false)
+            .await
+            .expect("the first large write");
+        let sizes = [256 << 10, 1 << 20, (1 << 20) + 4096, 3 << 20];
+        let mut writes = Vec::new();
+        let mut end = size as usize - first;
+        let mut k = 0;
+        while end > 0 {
+            let len = sizes[k % sizes.len()].min(end);
+            let at = end - len;
+            let (c, p) = (client.clone(), pattern.clone());
+            writes.push(tokio::spawn(async move {
+                c.write(at as u64, &p[at..end], k % 3 == 0).await
+            }));
+            end = at;
+            k += 1;
+        }
+        for w in writes {
+            w.await.expect("task").expect("write");
+        }
+        assert!(
+            client.read(0, size as usize).await.expect("read back") == pattern[..],
+            "the export does not read back what was written"
+        );
+    });
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        size,
+        "data was appended to the file instead of written in place"
+    );
+    assert!(
+        files_equal_prefix(&path, &pattern),
+        "the file differs from what was written"
+    );
+}
+
 fn files_equal_prefix(path: &Path, want: &[u8]) -> bool {
     std::fs::read(path)
         .map(|got| got.len() >= want.len() && got[..want.len()] == *want)
