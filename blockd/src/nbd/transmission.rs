@@ -634,14 +634,20 @@ impl Pipe {
                 break;
             }
         }
-        // A user over fs.pipe-user-pages-soft gets pipes of 8 KiB, which the read
-        // buffer's bytes would not fit in without a reader: no splicing then.
+        let pipe = Pipe { read, write };
+        pipe.check_capacity()?;
+        Ok(pipe)
+    }
+
+    /// A user over fs.pipe-user-pages-soft gets pipes of 8 KiB, which the read
+    /// buffer's bytes would not fit in without a reader: no splicing then.
+    fn check_capacity(&self) -> io::Result<()> {
         // SAFETY: F_GETPIPE_SZ on a pipe we own.
-        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let capacity = unsafe { libc::fcntl(self.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         if capacity < (2 * READ_BUFFER) as libc::c_int {
             return Err(io::Error::other(format!("pipe of {capacity} bytes")));
         }
-        Ok(Pipe { read, write })
+        Ok(())
     }
 }
 
@@ -749,5 +755,21 @@ fn error_message(error: u32) -> &'static str {
         ENOMEM => "out of memory",
         ENOTSUP => "not supported",
         _ => "I/O error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipe_too_small_for_the_read_buffer_is_not_used() {
+        let pipe = Pipe::new().expect("a pipe of at least 64 KiB");
+        // What the kernel hands a user over fs.pipe-user-pages-soft (two pages).
+        // SAFETY: F_SETPIPE_SZ on a pipe we own, with an integer argument.
+        let r = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, 8192) };
+        assert!(r >= 0, "cannot shrink the pipe: {}", io::Error::last_os_error());
+        let err = pipe.check_capacity().expect_err("an 8 KiB pipe must be refused");
+        assert!(err.to_string().contains("8192"), "{err}");
     }
 }
