@@ -611,7 +611,7 @@ enum ThreadPipe {
 
 /// A pipe a thread splices write data through (its ends as files, for std's reads
 /// and writes).
-pub(crate) struct Pipe {
+struct Pipe {
     read: File,
     write: File,
 }
@@ -667,6 +667,8 @@ impl Spliced {
     /// Moves what is in the pipe into the device's file (or, once the file failed,
     /// drops it). An error is the pipe's own: it cannot be used again.
     fn drain(&mut self, pipe: &Pipe, device: &dyn BlockDevice) -> io::Result<()> {
+        // Only for the copy: a file that takes splices never needs it.
+        let mut scratch = Vec::new();
         while self.in_pipe > 0 {
             if self.failed.is_none() && !self.copied {
                 let Some(file) = device.splice_target() else {
@@ -682,7 +684,7 @@ impl Spliced {
                 continue;
             }
             // Through a buffer: into the device (copied), or dropped once it failed.
-            let mut scratch = vec![0u8; self.in_pipe.min(64 << 10)];
+            scratch.resize(self.in_pipe.min(64 << 10), 0);
             let n = match (&pipe.read).read(&mut scratch) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => n,
