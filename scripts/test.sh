@@ -14,6 +14,10 @@ mkdir -p "$CARGO_TARGET_DIR"
 echo "==> building the guest images (tiny, debian; cached)"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 guest-images/debian/build.sh "$HEARTH_IMAGE_CACHE/debian"
+# lvm2 and thin-provisioning-tools for the guest that runs blockd's thin-pool suite
+# on a real device-mapper (these hosts have none).
+export HEARTH_TEST_LVM_DEBS="${HEARTH_DEB_CACHE:-/var/cache/hearth/debs}/lvm-guest"
+guest-images/debian/lvm-debs.sh "$HEARTH_TEST_LVM_DEBS"
 
 echo "==> building the web console"
 scripts/build-web.sh

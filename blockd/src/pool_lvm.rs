@@ -91,7 +91,7 @@ struct VgReport {
     vg: Vec<VgRow>,
 }
 
-/// One row of `lvs --reportformat json -o lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path`.
+/// One row of `lvs --reportformat json -o lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path,chunk_size`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct LvRow {
     pub lv_name: String,
@@ -110,14 +110,20 @@ pub struct LvRow {
     pub lv_tags: String,
     #[serde(default)]
     pub lv_path: String,
+    /// The thin pool's allocation unit in bytes ("0" on thin volumes).
+    #[serde(default)]
+    pub chunk_size: String,
 }
 
 impl LvRow {
     fn size(&self) -> Result<u64> {
         parse_bytes(&self.lv_size, &self.lv_name)
     }
-    /// Bytes really used: a thin volume's `data_percent` of its size.
-    fn allocated(&self) -> Result<u64> {
+    /// Bytes really used: a thin volume's `data_percent` of its size. lvs gives the
+    /// percentage with two decimals, so the figure is rounded to the pool's allocation
+    /// unit (`chunk` bytes, 0 if unknown): that makes it exact up to 10,000 chunks
+    /// (640 MiB with lvm2's default 64 KiB chunks), and within 0.005% of the size above.
+    fn allocated(&self, chunk: u64) -> Result<u64> {
         let size = self.size()?;
         if self.data_percent.is_empty() {
             return Ok(size);
@@ -128,19 +134,27 @@ impl LvRow {
                 self.data_percent, self.lv_name
             ))
         })?;
-        Ok((size as f64 * pct / 100.0) as u64)
+        let bytes = size as f64 * pct / 100.0;
+        let bytes = if chunk > 0 {
+            (bytes / chunk as f64).round() as u64 * chunk
+        } else {
+            bytes as u64
+        };
+        Ok(bytes.min(size))
     }
     fn tags(&self) -> impl Iterator<Item = &str> {
         self.lv_tags.split(',').filter(|t| !t.is_empty())
     }
 }
 
-/// One row of `vgs --reportformat json -o vg_name,vg_size,vg_free`.
+/// One row of `vgs --reportformat json -o vg_name,vg_size,vg_free,vg_extent_size`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct VgRow {
     pub vg_name: String,
     pub vg_size: String,
     pub vg_free: String,
+    #[serde(default)]
+    pub vg_extent_size: String,
 }
 
 fn parse_bytes(s: &str, what: &str) -> Result<u64> {
@@ -215,15 +229,22 @@ impl LvmPool {
         })
     }
 
+    /// The volume group's row of a `vgs` report.
+    fn vg(&self) -> Result<VgRow> {
+        let vgs = parse_vgs(&self.lvm.run(&self.vgs_argv())?)?;
+        vgs.into_iter()
+            .find(|v| v.vg_name == self.cfg.volume_group)
+            .ok_or_else(|| {
+                VolumeError::NotFound(format!(
+                    "volume group {:?} does not exist; create it with pvcreate and vgcreate",
+                    self.cfg.volume_group
+                ))
+            })
+    }
+
     /// Checks the volume group, and creates the thin pool unless it exists.
     pub fn ensure_thin_pool(&self) -> Result<()> {
-        let vgs = parse_vgs(&self.lvm.run(&self.vgs_argv())?)?;
-        let vg = vgs.iter().find(|v| v.vg_name == self.cfg.volume_group).ok_or_else(|| {
-            VolumeError::NotFound(format!(
-                "volume group {:?} does not exist; create it with pvcreate and vgcreate",
-                self.cfg.volume_group
-            ))
-        })?;
+        let vg = self.vg()?;
         let rows = self.lvs()?;
         match rows.iter().find(|r| r.lv_name == self.cfg.thin_pool) {
             Some(r) if r.lv_attr.starts_with('t') => Ok(()),
@@ -259,13 +280,13 @@ impl LvmPool {
     }
 
     pub fn vgs_argv(&self) -> Vec<String> {
-        Self::report_argv("vgs", "vg_name,vg_size,vg_free")
+        Self::report_argv("vgs", "vg_name,vg_size,vg_free,vg_extent_size")
     }
 
     pub fn lvs_argv(&self) -> Vec<String> {
         let mut v = Self::report_argv(
             "lvs",
-            "lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path",
+            "lv_name,lv_uuid,lv_attr,lv_size,data_percent,pool_lv,origin,lv_tags,lv_path,chunk_size",
         );
         v.push(self.cfg.volume_group.clone());
         v
@@ -367,7 +388,16 @@ impl LvmPool {
         self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The thin pool's chunk size in bytes from an `lvs` report (0 if it is not there).
+    fn chunk_size(&self, rows: &[LvRow]) -> u64 {
+        rows.iter()
+            .find(|r| r.lv_name == self.cfg.thin_pool)
+            .and_then(|r| r.chunk_size.parse().ok())
+            .unwrap_or(0)
+    }
+
     fn describe_all(&self, rows: &[LvRow]) -> Result<Vec<Volume>> {
+        let chunk = self.chunk_size(rows);
         let origin_of = |r: &LvRow| -> Option<String> {
             r.tags()
                 .find_map(|t| t.strip_prefix(ORIGIN_TAG))
@@ -388,7 +418,7 @@ impl LvmPool {
                     name: snap_name,
                     volume: name.clone(),
                     size_bytes: snap.size()?,
-                    allocated_bytes: snap.allocated()?,
+                    allocated_bytes: snap.allocated(chunk)?,
                     clones: volumes
                         .iter()
                         .filter(|(r, _)| origin_of(r).as_deref() == Some(origin.as_str()))
@@ -400,7 +430,7 @@ impl LvmPool {
                 name: name.clone(),
                 backend: "lvm".into(),
                 size_bytes: row.size()?,
-                allocated_bytes: row.allocated()?,
+                allocated_bytes: row.allocated(chunk)?,
                 format: VolumeFormat::Raw,
                 path: Some(self.dev_path(&row.lv_name)),
                 origin: origin_of(row),
@@ -559,6 +589,14 @@ impl VolumeBackend for LvmPool {
         Ok(Arc::new(ReadOnly(dev)))
     }
 
+    /// Thin volumes are whole extents: lvcreate and lvextend round sizes up to them.
+    fn size_granularity(&self) -> Result<u64> {
+        match parse_bytes(&self.vg()?.vg_extent_size, "vg_extent_size")? {
+            0 => Err(VolumeError::Backend("vgs gave an extent size of 0".into())),
+            n => Ok(n),
+        }
+    }
+
     fn usage(&self) -> Result<PoolUsage> {
         let rows = self.lvs()?;
         let pool = rows
@@ -568,7 +606,7 @@ impl VolumeBackend for LvmPool {
         let total = pool.size()?;
         Ok(PoolUsage {
             total_bytes: total,
-            free_bytes: total.saturating_sub(pool.allocated()?),
+            free_bytes: total.saturating_sub(pool.allocated(self.chunk_size(&rows))?),
         })
     }
 }

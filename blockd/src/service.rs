@@ -184,7 +184,12 @@ impl VolumeService {
             ));
         }
         if let Some(existing) = self.find(name).await? {
-            return match spec.size_bytes {
+            // The same request again finds the size the backend rounded it up to.
+            let asked = match spec.size_bytes {
+                Some(s) => Some(self.rounded(s).await?),
+                None => None,
+            };
+            return match asked {
                 Some(s) if s > existing.size_bytes => Ok((self.resize(name, s).await?, false)),
                 Some(s) if s < existing.size_bytes => Err(VolumeError::Invalid(format!(
                     "volume {name:?} exists with {} bytes; volumes cannot shrink to {s}",
@@ -233,8 +238,12 @@ impl VolumeService {
             Some(VolumeSource::Snapshot(r)) => {
                 let (v, s) = split_snapshot_ref(&r)?;
                 let (v, s) = (v.to_string(), s.to_string());
+                let asked = match spec.size_bytes {
+                    Some(size) => Some(self.rounded(size).await?),
+                    None => None,
+                };
                 let cloned = self.run(move |b| b.clone_snapshot(&v, &s, &n)).await?;
-                match spec.size_bytes {
+                match asked {
                     Some(size) if size > cloned.size_bytes => self.resize(name, size).await?,
                     Some(size) if size < cloned.size_bytes => {
                         let _ = self.delete(name).await;
@@ -250,10 +259,19 @@ impl VolumeService {
         Ok((made, true))
     }
 
-    /// Grows a volume; shrinking is refused (422).
+    /// `size` rounded up to what the backend allocates in (see
+    /// [`VolumeBackend::size_granularity`]).
+    async fn rounded(&self, size: u64) -> Result<u64> {
+        let unit = self.run(|b| b.size_granularity()).await?.max(1);
+        Ok(size.div_ceil(unit).saturating_mul(unit))
+    }
+
+    /// Grows a volume; shrinking is refused (422). A size the backend rounds up to the
+    /// volume's present one (an LVM extent) changes nothing.
     pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume> {
         validate_size(size_bytes)?;
         let v = self.get(name).await?;
+        let size_bytes = self.rounded(size_bytes).await?;
         if size_bytes < v.size_bytes {
             return Err(VolumeError::Invalid(format!(
                 "volume {name:?} has {} bytes; shrinking to {size_bytes} would destroy data and is refused",

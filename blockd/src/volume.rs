@@ -164,6 +164,11 @@ pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
     /// The data path of a snapshot (read-only).
     fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<Arc<dyn BlockDevice>>;
     fn usage(&self) -> Result<PoolUsage>;
+    /// What volume sizes are rounded up to: a volume asked to hold `n` bytes gets `n`
+    /// rounded up to this (LVM: the volume group's extent, 4 MiB by default).
+    fn size_granularity(&self) -> Result<u64> {
+        Ok(512)
+    }
 }
 
 /// Checks a volume or snapshot name: 1-63 characters from `[A-Za-z0-9_.-]`, starting

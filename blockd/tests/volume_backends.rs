@@ -109,6 +109,28 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
         );
     }
 
+    // A size the backend does not allocate in (LVM: 4 MiB extents) is rounded up, and
+    // the same request again is still a no-op, not a refused shrink.
+    let unit = backend.size_granularity().expect("granularity");
+    let round_up = |n: u64| n.div_ceil(unit) * unit;
+    let (odd, created) = svc.ensure("odd-size", spec(MIB + 512)).await.expect("create");
+    assert!(created);
+    assert_eq!(odd.size_bytes, round_up(MIB + 512), "{kind}: the size it was given");
+    let (again, created) = svc
+        .ensure("odd-size", spec(MIB + 512))
+        .await
+        .expect("the same odd size again");
+    assert!(!created);
+    assert_eq!(again.size_bytes, odd.size_bytes);
+    assert_eq!(
+        svc.resize("odd-size", MIB + 512)
+            .await
+            .expect("resize to the same")
+            .size_bytes,
+        odd.size_bytes
+    );
+    svc.delete("odd-size").await.expect("delete");
+
     // A snapshot keeps the old content after the volume is overwritten.
     let (snap, _) = svc.snapshot("data", "before").await.expect("snapshot");
     assert_eq!(snap.size_bytes, 64 * MIB);
@@ -248,8 +270,8 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
     );
     assert_eq!(
         root_b.size_bytes,
-        8 * 4096,
-        "{kind}: without a size the clone keeps the image's"
+        round_up(8 * 4096),
+        "{kind}: without a size the clone keeps the image's (rounded up to the backend's unit)"
     );
     assert_all(&read(&backend, &root, 0, 8 * 4096), 0x3C, "image clone");
     write_pattern(&backend, &root, 0, 4096, 0x77);
@@ -346,11 +368,12 @@ async fn file_pool_on_xfs_shares_extents() {
     svc.delete("big").await.expect("delete");
 }
 
-/// The whole suite on a real thin pool: only where device-mapper exists (not on the CI
-/// machines; `lvm.rs` is what runs there). Run it on such a host with
+/// The whole suite on a real thin pool: only where device-mapper exists. The CI
+/// machines have none; there `lvm_thin_pool_in_a_debian_guest` runs this test inside a
+/// Debian guest whose kernel has it. On a host with device-mapper run it with
 /// `HEARTH_TEST_LVM=1 cargo test -p blockd --test volume_backends -- --ignored`.
 #[tokio::test]
-#[ignore = "needs device-mapper: HEARTH_TEST_LVM=1 cargo test -p blockd --test volume_backends -- --ignored"]
+#[ignore = "needs device-mapper: runs inside lvm_thin_pool_in_a_debian_guest, or with HEARTH_TEST_LVM=1 cargo test -p blockd --test volume_backends -- --ignored on such a host"]
 async fn lvm_thin_pool_with_device_mapper() {
     assert_eq!(
         std::env::var("HEARTH_TEST_LVM").as_deref(),
@@ -389,5 +412,201 @@ impl Drop for VgGuard {
         let _ = std::process::Command::new("pvremove")
             .args(["-q", &self.device])
             .status();
+    }
+}
+
+/// Where the host has no device-mapper (these machines), the thin suite runs on a real
+/// one inside a guest: the Debian image (its cloud kernel has dm-thin-pool) boots under
+/// QEMU/TCG on a throw-away overlay, installs lvm2 and thin-provisioning-tools from the
+/// .debs `guest-images/debian/lvm-debs.sh` fetched (the image's own versions), and runs
+/// this very test binary's `lvm_thin_pool_with_device_mapper` as root, with
+/// `HEARTH_TEST_LVM=1`, on a loop device of its own. The guest powers off when it is
+/// done; its serial console says how the suite went.
+///
+/// Needs `qemu-system-x86_64`, `qemu-img`, `mkfs.ext4` with `-d`, the debian image in
+/// `$HEARTH_TEST_IMAGES` and the .debs in `$HEARTH_TEST_LVM_DEBS` (scripts/test.sh makes
+/// both; defaults under /var/cache/hearth).
+#[test]
+fn lvm_thin_pool_in_a_debian_guest() {
+    let images = std::env::var_os("HEARTH_TEST_IMAGES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/hearth/images".into())
+        .join("debian");
+    assert!(
+        images.join("image.json").is_file(),
+        "the debian image is missing in {}: run guest-images/debian/build.sh (scripts/test.sh does)",
+        images.display()
+    );
+    let debs = std::env::var_os("HEARTH_TEST_LVM_DEBS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/hearth/debs/lvm-guest".into());
+    let deb_files: Vec<_> = std::fs::read_dir(&debs)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    for needed in ["lvm2_", "thin-provisioning-tools_"] {
+        assert!(
+            deb_files.iter().any(|p| p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(needed) && n.ends_with(".deb"))),
+            "no {needed}*.deb in {}: run guest-images/debian/lvm-debs.sh (scripts/test.sh does)",
+            debs.display()
+        );
+    }
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let payload = work.path().join("payload");
+    std::fs::create_dir_all(payload.join("debs")).expect("mkdir");
+    for deb in deb_files.iter().filter(|p| p.extension().is_some_and(|e| e == "deb")) {
+        std::fs::copy(deb, payload.join("debs").join(deb.file_name().expect("name"))).expect("copy .deb");
+    }
+    let me = std::env::current_exe().expect("this test binary");
+    std::fs::copy(&me, payload.join("volume_backends")).expect("copy the test binary");
+    std::fs::write(payload.join("run.sh"), GUEST_SCRIPT).expect("run.sh");
+    let payload_size = std::fs::metadata(&me).expect("size").len() + 128 * MIB;
+    let payload_img = work.path().join("payload.img");
+    let root = work.path().join("root.qcow2");
+    let p = |p: &Path| p.to_str().expect("utf8").to_string();
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-d",
+            &p(&payload),
+            &p(&payload_img),
+            &format!("{}k", payload_size / 1024),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &p(&images.join("disk.raw")),
+            &p(&root),
+        ],
+    );
+
+    let cmdline = std::fs::read_to_string(images.join("cmdline")).expect("cmdline");
+    // systemd-run-generator turns systemd.run= into a unit that runs once the system is
+    // up, then powers off; cloud-init has nothing to do here.
+    let append = format!(
+        "{} cloud-init=disabled systemd.run=\"/bin/sh -c 'mkdir -p /payload && mount -o ro /dev/vdb /payload && exec /bin/sh /payload/run.sh'\" systemd.run_success_action=poweroff systemd.run_failure_action=poweroff",
+        cmdline.trim()
+    );
+    let serial = work.path().join("serial.log");
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024M",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(images.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(images.join("initrd.img"))
+        .args(["-append", &append])
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2,if=virtio", p(&root)))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,readonly=on", p(&payload_img)))
+        .arg("-serial")
+        .arg(format!("file:{}", p(&serial)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(work.path().join("qemu.stderr")).expect("stderr file"))
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let mut qemu = KillOnDrop(qemu);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = qemu.0.try_wait().expect("wait for qemu") {
+            break status;
+        }
+        let log = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(
+            started.elapsed() < GUEST_TIMEOUT,
+            "the guest did not finish within {GUEST_TIMEOUT:?}; its console so far:\n{}",
+            tail(&log, 80)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let log = std::fs::read_to_string(&serial).expect("serial log");
+    let stderr = std::fs::read_to_string(work.path().join("qemu.stderr")).unwrap_or_default();
+    eprintln!("the guest ran the thin suite in {:?}", started.elapsed());
+    assert!(
+        status.success(),
+        "qemu exited with {status}: {stderr}\n{}",
+        tail(&log, 80)
+    );
+    let verdict = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HEARTH-LVM-GUEST-EXIT "))
+        .unwrap_or_else(|| panic!("the guest script did not finish; its console:\n{}", tail(&log, 120)));
+    assert_eq!(
+        verdict.trim(),
+        "0",
+        "the thin suite failed in the guest:\n{}",
+        tail(&log, 120)
+    );
+    assert!(
+        // (lvm2's own messages may share the line that names the test.)
+        log.contains("test lvm_thin_pool_with_device_mapper ...")
+            && log.contains("test result: ok. 1 passed; 0 failed"),
+        "the guest's test run did not report the suite as passed:\n{}",
+        tail(&log, 120)
+    );
+    // The pool was a real dm-thin pool: the kernel's thin-pool target was loaded by it.
+    assert!(
+        log.lines().any(|l| l.starts_with("thin-pool ")),
+        "dmsetup targets lists no thin-pool target:\n{}",
+        tail(&log, 40)
+    );
+}
+
+/// How long the guest may take: about a minute on an idle 2-core machine, several when
+/// the rest of the test suite runs alongside.
+const GUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// What the guest runs (from the payload disk, as root, with its console on ttyS0).
+/// policy-rc.d keeps the packages from starting services; triggers are skipped (no
+/// initramfs rebuild in a throw-away guest).
+const GUEST_SCRIPT: &str = r#"#!/bin/sh
+exec >/dev/ttyS0 2>&1
+printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+if ! dpkg --no-triggers -i /payload/debs/*.deb >/tmp/dpkg.log 2>&1; then
+    cat /tmp/dpkg.log
+    echo "HEARTH-LVM-GUEST-EXIT dpkg"
+    exit 1
+fi
+modprobe dm-thin-pool
+dmsetup version
+lvm version | head -1
+cd /tmp
+HEARTH_TEST_LVM=1 RUST_BACKTRACE=0 /payload/volume_backends --ignored --exact lvm_thin_pool_with_device_mapper --nocapture --test-threads=1
+rc=$?
+dmsetup targets
+echo "HEARTH-LVM-GUEST-EXIT $rc"
+"#;
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A child process killed (by its PID) and reaped when dropped, also when the test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
