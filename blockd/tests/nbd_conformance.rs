@@ -881,3 +881,81 @@ fn files_equal_prefix(path: &Path, want: &[u8]) -> bool {
         .map(|got| got.len() >= want.len() && got[..want.len()] == *want)
         .unwrap_or(false)
 }
+
+/// An LVM volume is a block device node, not a file: its size comes from seeking to its
+/// end, TRIM and WRITE_ZEROES go to the BLKDISCARD and BLKZEROOUT ioctls (a node has no
+/// holes to punch), and large writes are spliced into it. Loop devices are block devices
+/// this host has (device-mapper it has not), so the same checks as for files run on two
+/// of them: one full of random data, served read-write, and an empty one served
+/// read-only. A trim must also give the space back, down to the loop's backing file.
+#[test]
+fn block_device_exports_trim_zero_and_splice_through_the_device_node() {
+    let python = nbd_python();
+    let f = Fixture::new(ServerConfig::default());
+    let disk = common::LoopDevice::new("64M");
+    let backing = disk.dir.path().join("disk.img");
+    // Nothing has read the loop device yet, so no stale page of it is cached.
+    random_file(&backing, 64 * MIB);
+    let golden = common::LoopDevice::new("64M");
+    for (name, dev, read_only) in [("blk", &disk, false), ("blk-ro", &golden, true)] {
+        let device = FileDevice::open(Path::new(&dev.device), read_only).expect("open the loop device");
+        assert_eq!(device.size(), 64 * MIB, "a block device's size is where it ends");
+        let options = ExportOptions {
+            read_only,
+            description: format!("{name} on {}", dev.device),
+        };
+        f.server
+            .add_export(name, Arc::new(device), options)
+            .expect("add export");
+    }
+
+    let script = f.dir.path().join("checks.py");
+    std::fs::write(&script, NBDSH_CHECKS).expect("write script");
+    let out = run(Command::new(&python)
+        .arg(&script)
+        .arg(f.tcp_uri("blk"))
+        .arg(f.unix_uri("blk-ro")));
+    assert_eq!(out.trim(), "ok");
+
+    let blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&backing).expect("stat backing file").blocks() * 512
+    };
+    let before = blocks();
+    // 4 MiB at 32 MiB (spliced: above 128 KiB), then 32 MiB of random data trimmed.
+    let out = run(Command::new(&python)
+        .arg("-c")
+        .arg(BLOCK_DEVICE_WRITES)
+        .arg(f.unix_uri("blk")));
+    assert_eq!(out.trim(), "ok");
+    let freed = before.saturating_sub(blocks());
+    assert!(
+        freed >= 30 * MIB,
+        "trimming 32 MiB gave back {freed} bytes of the loop's backing file"
+    );
+    let mut file = std::fs::File::open(&backing).expect("open backing file");
+    let mut at_32m = vec![0u8; 4 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut at_32m, 32 * MIB).expect("read backing file");
+    let want: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    assert!(at_32m == want, "the spliced 4 MiB write is in the backing file");
+    let mut first = vec![0u8; 4096];
+    file.read_exact(&mut first).expect("read");
+    assert_eq!(first, vec![0u8; 4096], "WRITE_ZEROES reached the backing file");
+}
+
+/// Run against the read-write block device export after NBDSH_CHECKS.
+const BLOCK_DEVICE_WRITES: &str = r#"
+import sys
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+data = bytes(i % 251 for i in range(4 << 20))
+h.pwrite(data, 32 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread(4 << 20, 32 << 20) == data
+h.trim(16 << 20, 8 << 20)
+h.trim(16 << 20, 40 << 20)
+assert h.pread(16 << 20, 8 << 20) == bytes(16 << 20)
+h.flush()
+h.shutdown()
+print("ok")
+"#;
