@@ -398,6 +398,148 @@ async fn lvm_thin_pool_with_device_mapper() {
     suite(Arc::new(pool), scratch.path()).await;
 }
 
+/// The blockd daemon itself on a thin pool: it makes the pool in a fresh volume group,
+/// serves a volume over NBD and vhost-user-blk, is killed (-9) and started again; the
+/// exports come back from its state and what was written before the kill reads back,
+/// as does the snapshot's older content through a clone. Where device-mapper exists
+/// only (`lvm_thin_pool_in_a_debian_guest` runs it here); `HEARTH_BLOCKD_BIN` names
+/// the daemon when it is not where cargo built it.
+#[tokio::test]
+#[ignore = "needs device-mapper: runs inside lvm_thin_pool_in_a_debian_guest, or with HEARTH_TEST_LVM=1 cargo test -p blockd --test volume_backends -- --ignored on such a host"]
+async fn blockd_daemon_on_a_thin_pool_with_device_mapper() {
+    use blockd::exports::{ExportKind, ExportSpec};
+    use blockd::http::client::BlockdClient;
+    use blockd::nbd::{NbdAddress, NbdClient};
+
+    assert_eq!(
+        std::env::var("HEARTH_TEST_LVM").as_deref(),
+        Ok("1"),
+        "this test makes a volume group on a loop device: set HEARTH_TEST_LVM=1 to confirm"
+    );
+    let disk = LoopDevice::new("1G");
+    let vg = format!("hearthd{}", std::process::id());
+    run("pvcreate", &["-q", &disk.device]);
+    run("vgcreate", &["-q", &vg, &disk.device]);
+    let _vg = VgGuard {
+        vg: vg.clone(),
+        device: disk.device.clone(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = std::env::var("HEARTH_BLOCKD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_blockd").to_string());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let api = dir.path().join("blockd.sock");
+    let path = |p: &str| dir.path().join(p).display().to_string();
+    let args = [
+        "--socket".to_string(),
+        path("blockd.sock"),
+        "--pool".into(),
+        format!("lvm:{vg}/pool"),
+        "--state-dir".into(),
+        path("state"),
+        "--socket-dir".into(),
+        path("run"),
+        "--nbd-tcp".into(),
+        format!("127.0.0.1:{port}"),
+        "--nbd-unix".into(),
+        path("run/nbd.sock"),
+    ];
+    let start = || {
+        KillOnDrop(
+            std::process::Command::new(&bin)
+                .args(&args)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {bin}: {e}")),
+        )
+    };
+    let mut daemon = start();
+    let client = BlockdClient::new(&api).with_retry(std::time::Duration::from_secs(60));
+    let nbd = NbdAddress::Tcp(format!("127.0.0.1:{port}"));
+
+    let v = client.ensure_volume("data", &spec(64 * MIB)).await.expect("create");
+    assert_eq!(v.backend, "lvm");
+    let lv = format!("/dev/{vg}/hv-data");
+    assert_eq!(v.path.as_deref(), Some(Path::new(&lv)));
+    let export = client
+        .export("data", "nbd", &ExportSpec::default())
+        .await
+        .expect("export over NBD");
+    let export_name = export.nbd.expect("NBD endpoint").export;
+    let vhost = client
+        .export("data", "vhost-user", &ExportSpec::default())
+        .await
+        .expect("export over vhost-user-blk")
+        .socket
+        .expect("socket");
+    let c = NbdClient::connect(&nbd, &export_name).await.expect("connect");
+    assert_eq!(c.size(), 64 * MIB);
+    c.write(0, &vec![0xA1; MIB as usize], true).await.expect("write");
+    client.snapshot("data", "before").await.expect("snapshot");
+    c.write(0, &vec![0xB2; MIB as usize], true).await.expect("write");
+    drop(c);
+
+    // A crash: nothing is cleaned up, nothing is told.
+    daemon.0.kill().expect("kill blockd");
+    daemon.0.wait().expect("reap blockd");
+    let _daemon = start();
+    let exports = client.exports().await.expect("exports after the restart");
+    for kind in [ExportKind::Nbd, ExportKind::VhostUser] {
+        assert!(
+            exports.iter().any(|e| e.volume == "data" && e.kind == kind),
+            "the {kind:?} export is back: {exports:?}"
+        );
+    }
+    std::os::unix::net::UnixStream::connect(&vhost).expect("the vhost-user-blk socket listens again");
+    let c = NbdClient::connect(&nbd, &export_name)
+        .await
+        .expect("connect after the restart");
+    assert_all(
+        &c.read(0, MIB as usize).await.expect("read"),
+        0xB2,
+        "data after a kill -9",
+    );
+    drop(c);
+    let data = client.volume("data").await.expect("show");
+    assert!(
+        data.allocated_bytes >= MIB,
+        "usage from the pool: {}",
+        data.allocated_bytes
+    );
+    assert_eq!(data.snapshots.len(), 1);
+
+    let copy = VolumeSpec {
+        size_bytes: None,
+        source: Some(VolumeSource::Snapshot("data@before".into())),
+    };
+    client.ensure_volume("copy", &copy).await.expect("clone");
+    let e = client
+        .export("copy", "nbd", &ExportSpec::default())
+        .await
+        .expect("export the clone");
+    let c = NbdClient::connect(&nbd, &e.nbd.expect("endpoint").export)
+        .await
+        .expect("connect");
+    assert_all(
+        &c.read(0, MIB as usize).await.expect("read"),
+        0xA1,
+        "the snapshot's content",
+    );
+    drop(c);
+
+    for (volume, kind) in [("copy", "nbd"), ("data", "nbd"), ("data", "vhost-user")] {
+        client.unexport(volume, kind).await.expect("unexport");
+    }
+    client.delete_volume("copy").await.expect("delete the clone");
+    client
+        .delete_snapshot("data", "before")
+        .await
+        .expect("delete the snapshot");
+    client.delete_volume("data").await.expect("delete");
+    assert!(client.volumes().await.expect("list").is_empty());
+}
+
 /// Removes the test's volume group, also when the suite panics.
 struct VgGuard {
     vg: String,
@@ -462,8 +604,11 @@ fn lvm_thin_pool_in_a_debian_guest() {
     }
     let me = std::env::current_exe().expect("this test binary");
     std::fs::copy(&me, payload.join("volume_backends")).expect("copy the test binary");
+    let daemon = Path::new(env!("CARGO_BIN_EXE_blockd"));
+    std::fs::copy(daemon, payload.join("blockd")).expect("copy blockd");
     std::fs::write(payload.join("run.sh"), GUEST_SCRIPT).expect("run.sh");
-    let payload_size = std::fs::metadata(&me).expect("size").len() + 128 * MIB;
+    let payload_size =
+        std::fs::metadata(&me).expect("size").len() + std::fs::metadata(daemon).expect("size").len() + 128 * MIB;
     let payload_img = work.path().join("payload.img");
     let root = work.path().join("root.qcow2");
     let p = |p: &Path| p.to_str().expect("utf8").to_string();
@@ -556,7 +701,8 @@ fn lvm_thin_pool_in_a_debian_guest() {
     assert!(
         // (lvm2's own messages may share the line that names the test.)
         log.contains("test lvm_thin_pool_with_device_mapper ...")
-            && log.contains("test result: ok. 1 passed; 0 failed"),
+            && log.contains("test blockd_daemon_on_a_thin_pool_with_device_mapper ...")
+            && log.contains("test result: ok. 2 passed; 0 failed"),
         "the guest's test run did not report the suite as passed:\n{}",
         tail(&log, 120)
     );
@@ -587,7 +733,7 @@ modprobe dm-thin-pool
 dmsetup version
 lvm version | head -1
 cd /tmp
-HEARTH_TEST_LVM=1 RUST_BACKTRACE=0 /payload/volume_backends --ignored --exact lvm_thin_pool_with_device_mapper --nocapture --test-threads=1
+HEARTH_TEST_LVM=1 HEARTH_BLOCKD_BIN=/payload/blockd RUST_BACKTRACE=0 /payload/volume_backends --ignored --exact lvm_thin_pool_with_device_mapper blockd_daemon_on_a_thin_pool_with_device_mapper --nocapture --test-threads=1
 rc=$?
 dmsetup targets
 echo "HEARTH-LVM-GUEST-EXIT $rc"
