@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! hv-<volume>              thin volume, tagged `hearth`
-//! hs-<volume>+<snapshot>   thin snapshot of it (read-only, tagged `hearth_snapshot`)
+//! hs-<volume>+<snapshot>   thin snapshot of it (read-only, tagged `hearth_snapshot` and
+//!                          `hearth_mapped=<bytes>`: the volume's usage when it was taken)
 //! clone                    thin snapshot of hs-…, tagged `hearth_origin=<volume>+<snapshot>`
 //! ```
 //! `+` cannot appear in a hearth name, so the split is unambiguous. blockd creates the
@@ -25,6 +26,10 @@ use crate::volume::{PoolUsage, Result, Snapshot, Volume, VolumeBackend, VolumeEr
 const VOLUME_PREFIX: &str = "hv-";
 const SNAPSHOT_PREFIX: &str = "hs-";
 const ORIGIN_TAG: &str = "hearth_origin=";
+/// On a snapshot: the bytes its volume had mapped when it was taken. A read-only thin
+/// snapshot's mapping never changes, and lvs has no figure for it while it is inactive
+/// (thin snapshots skip activation), which is most of the time.
+const MAPPED_TAG: &str = "hearth_mapped=";
 
 /// Runs one lvm2 command: `argv[0]` is the program. Replaced in tests to check the
 /// exact command vectors.
@@ -123,10 +128,15 @@ impl LvRow {
     /// percentage with two decimals, so the figure is rounded to the pool's allocation
     /// unit (`chunk` bytes, 0 if unknown): that makes it exact up to 10,000 chunks
     /// (640 MiB with lvm2's default 64 KiB chunks), and within 0.005% of the size above.
+    /// An inactive snapshot has no percentage: its `hearth_mapped` tag is used, else
+    /// its whole size.
     fn allocated(&self, chunk: u64) -> Result<u64> {
         let size = self.size()?;
         if self.data_percent.is_empty() {
-            return Ok(size);
+            let mapped = self
+                .tags()
+                .find_map(|t| t.strip_prefix(MAPPED_TAG)?.parse::<u64>().ok());
+            return Ok(mapped.unwrap_or(size).min(size));
         }
         let pct: f64 = self.data_percent.parse().map_err(|_| {
             VolumeError::Backend(format!(
@@ -328,7 +338,8 @@ impl LvmPool {
         ]
     }
 
-    pub fn snapshot_argv(&self, volume: &str, snapshot: &str) -> Vec<String> {
+    /// `mapped`: the volume's allocated bytes, recorded on the snapshot.
+    pub fn snapshot_argv(&self, volume: &str, snapshot: &str, mapped: u64) -> Vec<String> {
         vec![
             s("lvcreate"),
             s("--yes"),
@@ -337,6 +348,8 @@ impl LvmPool {
             format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}"),
             s("--addtag"),
             s("hearth_snapshot"),
+            s("--addtag"),
+            format!("{MAPPED_TAG}{mapped}"),
             s("--permission"),
             s("r"),
             self.vg_lv(&format!("{VOLUME_PREFIX}{volume}")),
@@ -534,7 +547,7 @@ impl VolumeBackend for LvmPool {
                 "snapshot {volume}@{snapshot} already exists"
             )));
         }
-        self.lvm.run(&self.snapshot_argv(volume, snapshot))?;
+        self.lvm.run(&self.snapshot_argv(volume, snapshot, v.allocated_bytes))?;
         self.find(volume)?
             .snapshots
             .into_iter()

@@ -86,7 +86,8 @@ fn recorded_thin_usage_is_what_device_mapper_mapped() {
     let data = vols.iter().find(|v| v.name == "data").expect("data");
     assert_eq!(data.snapshots.len(), 1);
     assert_eq!(data.snapshots[0].clones, ["copy"]);
-    // Inactive (thin snapshots skip activation), so lvs has no figure: counted in full.
+    // Inactive (thin snapshots skip activation), so lvs has no figure, and recorded
+    // before blockd tagged snapshots with their usage: counted in full.
     assert_eq!(data.snapshots[0].allocated_bytes, data.snapshots[0].size_bytes);
     let usage = pool.usage().expect("usage");
     assert_eq!(usage.total_bytes, 512 << 20);
@@ -246,6 +247,8 @@ fn commands_are_argument_vectors_lvm2_accepts() {
                 "hs-data+s2",
                 "--addtag",
                 "hearth_snapshot",
+                "--addtag",
+                "hearth_mapped=16777216",
                 "--permission",
                 "r",
                 "hearthrec/hv-data"
@@ -331,7 +334,7 @@ fn real_lvm2_on_a_loop_device() {
     let c = "global { activation = 0 }";
     for (lv, tags) in [
         ("hv-data", &["hearth"][..]),
-        ("hs-data+before", &["hearth_snapshot"][..]),
+        ("hs-data+before", &["hearth_snapshot", "hearth_mapped=1048576"][..]),
         ("hv-copy", &["hearth", "hearth_origin=data+before"][..]),
     ] {
         let mut args = vec!["--config", c, "-q", "-L", "8m", "-n", lv];
@@ -349,6 +352,11 @@ fn real_lvm2_on_a_loop_device() {
     assert_eq!(data.size_bytes, 8 << 20);
     assert_eq!(data.snapshots[0].name, "before");
     assert_eq!(data.snapshots[0].clones, ["copy"]);
+    assert_eq!(
+        data.snapshots[0].allocated_bytes,
+        1 << 20,
+        "an inactive snapshot's usage is the one recorded in its tag"
+    );
     // blockd's own resize and delete commands, run by real lvm2.
     pool.resize("data", 16 << 20).expect("lvextend");
     assert_eq!(pool.get("data").expect("get").expect("data").size_bytes, 16 << 20);

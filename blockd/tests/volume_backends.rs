@@ -134,6 +134,13 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
     // A snapshot keeps the old content after the volume is overwritten.
     let (snap, _) = svc.snapshot("data", "before").await.expect("snapshot");
     assert_eq!(snap.size_bytes, 64 * MIB);
+    if kind != "memory" {
+        assert!(
+            snap.allocated_bytes >= MIB && snap.allocated_bytes < 64 * MIB,
+            "{kind}: a snapshot of a volume with 1 MiB written holds about that much ({})",
+            snap.allocated_bytes
+        );
+    }
     write_pattern(&backend, &v, 0, 1 << 20, 0xB2);
     assert_all(&read(&backend, &v, 0, 4096), 0xB2, "volume after overwrite");
     let mut old = vec![0u8; 4096];
