@@ -382,21 +382,9 @@ async fn file_pool_on_xfs_shares_extents() {
 #[tokio::test]
 #[ignore = "needs device-mapper: runs inside lvm_thin_pool_in_a_debian_guest, or with HEARTH_TEST_LVM=1 cargo test -p blockd --test volume_backends -- --ignored on such a host"]
 async fn lvm_thin_pool_with_device_mapper() {
-    assert_eq!(
-        std::env::var("HEARTH_TEST_LVM").as_deref(),
-        Ok("1"),
-        "this test makes a volume group on a loop device: set HEARTH_TEST_LVM=1 to confirm"
-    );
-    let disk = LoopDevice::new("1G");
-    let vg = format!("hearthtest{}", std::process::id());
-    run("pvcreate", &["-q", &disk.device]);
-    run("vgcreate", &["-q", &vg, &disk.device]);
-    let _vg = VgGuard {
-        vg: vg.clone(),
-        device: disk.device.clone(),
-    };
+    let vg = TestVg::new("hearthtest");
     let cfg = LvmConfig {
-        volume_group: vg.clone(),
+        volume_group: vg.name.clone(),
         thin_pool: "pool".into(),
         pool_size_bytes: Some(512 * MIB),
     };
@@ -418,19 +406,8 @@ async fn blockd_daemon_on_a_thin_pool_with_device_mapper() {
     use blockd::http::client::BlockdClient;
     use blockd::nbd::{NbdAddress, NbdClient};
 
-    assert_eq!(
-        std::env::var("HEARTH_TEST_LVM").as_deref(),
-        Ok("1"),
-        "this test makes a volume group on a loop device: set HEARTH_TEST_LVM=1 to confirm"
-    );
-    let disk = LoopDevice::new("1G");
-    let vg = format!("hearthd{}", std::process::id());
-    run("pvcreate", &["-q", &disk.device]);
-    run("vgcreate", &["-q", &vg, &disk.device]);
-    let _vg = VgGuard {
-        vg: vg.clone(),
-        device: disk.device.clone(),
-    };
+    let test_vg = TestVg::new("hearthd");
+    let vg = &test_vg.name;
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = std::env::var("HEARTH_BLOCKD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_blockd").to_string());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -547,19 +524,39 @@ async fn blockd_daemon_on_a_thin_pool_with_device_mapper() {
     assert!(client.volumes().await.expect("list").is_empty());
 }
 
-/// Removes the test's volume group, also when the suite panics.
-struct VgGuard {
-    vg: String,
-    device: String,
+/// A volume group of its own on a 1 GiB loop device, for a test that has confirmed
+/// with `HEARTH_TEST_LVM=1`; removed with its loop device when dropped, also when the
+/// test panics.
+struct TestVg {
+    name: String,
+    disk: LoopDevice,
 }
 
-impl Drop for VgGuard {
+impl TestVg {
+    fn new(prefix: &str) -> TestVg {
+        assert_eq!(
+            std::env::var("HEARTH_TEST_LVM").as_deref(),
+            Ok("1"),
+            "this test makes a volume group on a loop device: set HEARTH_TEST_LVM=1 to confirm"
+        );
+        let disk = LoopDevice::new("1G");
+        run("pvcreate", &["-q", &disk.device]);
+        let vg = TestVg {
+            name: format!("{prefix}{}", std::process::id()),
+            disk,
+        };
+        run("vgcreate", &["-q", &vg.name, &vg.disk.device]);
+        vg
+    }
+}
+
+impl Drop for TestVg {
     fn drop(&mut self) {
         let _ = std::process::Command::new("vgremove")
-            .args(["-f", "-q", &self.vg])
+            .args(["-f", "-q", &self.name])
             .status();
         let _ = std::process::Command::new("pvremove")
-            .args(["-q", &self.device])
+            .args(["-q", &self.disk.device])
             .status();
     }
 }
