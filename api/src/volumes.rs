@@ -89,6 +89,7 @@ pub struct Volume {
     pub location: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Bytes the volume really takes in its pool (blocks written and not trimmed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocated_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -108,7 +109,10 @@ pub struct Volume {
     pub created_at_ms: u64,
 }
 
-/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024).
+/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024), in whole 512-byte
+/// sectors. The volume gets the size rounded up to what its pool allocates in: an
+/// extent (4 MiB by default) in an LVM thin pool, so asking again for the same size
+/// changes nothing.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SizeRequest {
