@@ -156,6 +156,18 @@ impl Fixture {
     fn unix_uri(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", self.unix.display())
     }
+
+    /// Runs NBDSH_CHECKS on export `rw` over TCP and read-only export `ro` over the
+    /// Unix socket.
+    fn nbdsh_checks(&self, python: &Path, rw: &str, ro: &str) {
+        let script = self.dir.path().join("checks.py");
+        std::fs::write(&script, NBDSH_CHECKS).expect("write script");
+        let out = run(Command::new(python)
+            .arg(&script)
+            .arg(self.tcp_uri(rw))
+            .arg(self.unix_uri(ro)));
+        assert_eq!(out.trim(), "ok");
+    }
 }
 
 impl Drop for Fixture {
@@ -430,13 +442,7 @@ fn nbdsh_checks_trim_zeroes_flush_fua_ranges_and_read_only() {
     let f = Fixture::new(ServerConfig::default());
     f.file_export("disk", 16 * MIB, false);
     f.file_export("golden", 16 * MIB, true);
-    let script = f.dir.path().join("checks.py");
-    std::fs::write(&script, NBDSH_CHECKS).expect("write script");
-    let out = run(Command::new(&python)
-        .arg(&script)
-        .arg(f.tcp_uri("disk"))
-        .arg(f.unix_uri("golden")));
-    assert_eq!(out.trim(), "ok");
+    f.nbdsh_checks(&python, "disk", "golden");
 
     // nbdsh itself, the way an operator would use it.
     let out = run(Command::new(&python).args([
@@ -909,13 +915,7 @@ fn block_device_exports_trim_zero_and_splice_through_the_device_node() {
             .expect("add export");
     }
 
-    let script = f.dir.path().join("checks.py");
-    std::fs::write(&script, NBDSH_CHECKS).expect("write script");
-    let out = run(Command::new(&python)
-        .arg(&script)
-        .arg(f.tcp_uri("blk"))
-        .arg(f.unix_uri("blk-ro")));
-    assert_eq!(out.trim(), "ok");
+    f.nbdsh_checks(&python, "blk", "blk-ro");
 
     let blocks = || {
         use std::os::unix::fs::MetadataExt;

@@ -476,15 +476,14 @@ async fn blockd_daemon_on_a_thin_pool_with_device_mapper() {
         );
     }
     std::os::unix::net::UnixStream::connect(&vhost).expect("the vhost-user-blk socket listens again");
-    let c = NbdClient::connect(&nbd, &export_name)
-        .await
-        .expect("connect after the restart");
-    assert_all(
-        &c.read(0, MIB as usize).await.expect("read"),
-        0xB2,
-        "data after a kill -9",
-    );
-    drop(c);
+    let first_mib = |export: String| {
+        let nbd = &nbd;
+        async move {
+            let c = NbdClient::connect(nbd, &export).await.expect("connect");
+            c.read(0, MIB as usize).await.expect("read")
+        }
+    };
+    assert_all(&first_mib(export_name).await, 0xB2, "data after a kill -9");
     let data = client.volume("data").await.expect("show");
     assert!(
         data.allocated_bytes >= MIB,
@@ -502,15 +501,11 @@ async fn blockd_daemon_on_a_thin_pool_with_device_mapper() {
         .export("copy", "nbd", &ExportSpec::default())
         .await
         .expect("export the clone");
-    let c = NbdClient::connect(&nbd, &e.nbd.expect("endpoint").export)
-        .await
-        .expect("connect");
     assert_all(
-        &c.read(0, MIB as usize).await.expect("read"),
+        &first_mib(e.nbd.expect("endpoint").export).await,
         0xA1,
         "the snapshot's content",
     );
-    drop(c);
 
     for (volume, kind) in [("copy", "nbd"), ("data", "nbd"), ("data", "vhost-user")] {
         client.unexport(volume, kind).await.expect("unexport");
