@@ -151,6 +151,29 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "deleting an attached volume: {e}");
         guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
+        // The guest's discards reach the pool: 4 MiB written, then discarded, come back.
+        let out = stack
+            .console_run(
+                "writer",
+                "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
+            )
+            .await;
+        assert!(out.contains("rc=0"), "{out}");
+        let written = volume(&stack, "data").await["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes");
+        assert!(written >= 4 << 20, "4 MiB written, {written} bytes allocated");
+        let out = stack
+            .console_run("writer", "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
+            .await;
+        assert!(out.contains("rc=0"), "{out}");
+        let trimmed = volume(&stack, "data").await["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes");
+        assert!(
+            trimmed + (3 << 20) <= written,
+            "the guest's discard gave nothing back: {written} bytes allocated before, {trimmed} after"
+        );
         stack.act("writer", "stop").await;
         delete_vm(&stack, "writer").await;
         assert!(

@@ -1,36 +1,18 @@
 //! The standalone `vmm-manager` binary: a VM keeps running when the daemon is killed,
 //! and the next daemon re-adopts it (state, console, stop all work).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::VmmReaper;
 use futures_util::{SinkExt, StreamExt};
 use vmm_manager::client::VmmClient;
 use vmm_manager::spec::{HypervisorKind, QemuOptions, VmSpec, VmState};
 
 struct Daemon(Child);
-
-/// Kills, on the way out (also when the test fails), every process whose command line
-/// names this test's private directory: the VMMs it started.
-struct VmmReaper(PathBuf);
-
-impl Drop for VmmReaper {
-    fn drop(&mut self) {
-        let marker = self.0.display().to_string();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                if String::from_utf8_lossy(&cmd).contains(&marker) {
-                    // SAFETY: signals a process started by this test (it names our tempdir).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
-}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -66,12 +48,7 @@ async fn wait_healthy(client: &VmmClient) {
 }
 
 fn kernel() -> PathBuf {
-    let images = std::env::var_os("HEARTH_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/hearth/images".into());
-    let k = images.join("tiny/vmlinux");
-    assert!(k.exists(), "{} missing: run guest-images/tiny/build.sh", k.display());
-    k
+    common::tiny_image().join("vmlinux")
 }
 
 async fn console_says(client: &VmmClient, id: &str, input: &str, expect: &str) {

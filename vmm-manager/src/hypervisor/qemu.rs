@@ -126,6 +126,34 @@ pub async fn probe_kvm(binary: &str, kernel: &Path, probe_dir: &Path) -> bool {
 }
 
 /// QEMU's option syntax treats ',' as a separator; a literal comma is doubled.
+/// The two block nodes of a disk backed by a file or a block device: the protocol
+/// node, which opens `path`, and the format node the guest's device uses. A block
+/// device (an LVM volume, a loop device) needs QEMU's `host_device` driver: `file`
+/// refuses anything but a regular file. Writable disks pass the guest's discards
+/// down (`discard=unmap`), so a trim in the guest gives the space back to a sparse
+/// file, a qcow2 overlay or a thin pool.
+fn file_blockdevs(id: &str, path: &Path, format: DiskFormat, readonly: bool) -> [serde_json::Value; 2] {
+    use std::os::unix::fs::FileTypeExt;
+    let block_device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let discard = if readonly { "ignore" } else { "unmap" };
+    let protocol = json!({
+        "driver": if block_device { "host_device" } else { "file" },
+        "node-name": format!("{id}-file"),
+        "filename": path,
+        "cache": {"direct": false},
+        "read-only": readonly,
+        "discard": discard,
+    });
+    let format = json!({
+        "driver": match format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
+        "node-name": id,
+        "file": format!("{id}-file"),
+        "read-only": readonly,
+        "discard": discard,
+    });
+    [protocol, format]
+}
+
 fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
@@ -214,24 +242,12 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     for d in &spec.disks {
         match &d.source {
             DiskSource::File { path, format } => {
-                let fmt = match format {
-                    DiskFormat::Raw => "raw",
-                    DiskFormat::Qcow2 => "qcow2",
-                };
+                let [protocol, format] = file_blockdevs(&d.id, path, *format, d.readonly);
                 push(&[
                     "-blockdev",
-                    &format!(
-                        "driver=file,node-name={id}-file,filename={},cache.direct=off{ro}",
-                        opt_path(path),
-                        id = d.id,
-                        ro = if d.readonly { ",read-only=on" } else { "" }
-                    ),
+                    &protocol.to_string(),
                     "-blockdev",
-                    &format!(
-                        "driver={fmt},node-name={id},file={id}-file{ro}",
-                        id = d.id,
-                        ro = if d.readonly { ",read-only=on" } else { "" }
-                    ),
+                    &format.to_string(),
                     "-device",
                     &format!("virtio-blk-{bus},drive={id},id={id}", id = d.id),
                 ]);
@@ -398,22 +414,9 @@ impl Hypervisor for QemuDriver {
             let id = &disk.id;
             let (backend_cleanup, device) = match &disk.source {
                 DiskSource::File { path, format } => {
-                    let fmt = match format {
-                        DiskFormat::Raw => "raw",
-                        DiskFormat::Qcow2 => "qcow2",
-                    };
-                    qmp::execute(
-                        &qmp_socket,
-                        "blockdev-add",
-                        Some(json!({"driver": "file", "node-name": format!("{id}-file"), "filename": path, "read-only": disk.readonly})),
-                    )
-                    .await?;
-                    let added = qmp::execute(
-                        &qmp_socket,
-                        "blockdev-add",
-                        Some(json!({"driver": fmt, "node-name": id, "file": format!("{id}-file"), "read-only": disk.readonly})),
-                    )
-                    .await;
+                    let [protocol, format] = file_blockdevs(id, path, *format, disk.readonly);
+                    qmp::execute(&qmp_socket, "blockdev-add", Some(protocol)).await?;
+                    let added = qmp::execute(&qmp_socket, "blockdev-add", Some(format)).await;
                     if let Err(e) = added {
                         let _ = qmp::execute(
                             &qmp_socket,
@@ -639,14 +642,20 @@ mod tests {
         assert!(has(&a, ["-chardev", "socket,id=serial0,path=/run/h/vms/abc/serial.sock,server=on,wait=off,logfile=/run/h/vms/abc/console.log,logappend=on"]));
         // vhost-user needs shared guest memory.
         assert!(has(&a, ["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]));
-        assert!(has(
-            &a,
+        let blockdevs: Vec<serde_json::Value> = a
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("-blockdev takes JSON"))
+            .collect();
+        assert_eq!(
+            blockdevs,
             [
-                "-blockdev",
-                "driver=file,node-name=root-file,filename=/v/a,,b.qcow2,cache.direct=off"
+                json!({"driver": "file", "node-name": "root-file", "filename": "/v/a,b.qcow2",
+                       "cache": {"direct": false}, "read-only": false, "discard": "unmap"}),
+                json!({"driver": "qcow2", "node-name": "root", "file": "root-file",
+                       "read-only": false, "discard": "unmap"}),
             ]
-        ));
-        assert!(has(&a, ["-blockdev", "driver=qcow2,node-name=root,file=root-file"]));
+        );
         assert!(has(&a, ["-device", "vhost-user-blk-pci,chardev=data-chr,id=data"]));
         assert!(has(
             &a,
