@@ -6,7 +6,9 @@
 //! - `POST /v1/volumes` `{name, size_bytes | size, source?: {snapshot: "vol@snap"}, remote?: {tcp|unix, export, read_only?, tls?}}`
 //! - `GET /v1/volumes`, `GET|DELETE /v1/volumes/{name}` (delete: 409 while attached,
 //!   exported or holding snapshots with clones)
-//! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only)
+//! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only; a running VM
+//!   the volume is attached to as a file sees the new size at once, one attached over
+//!   vhost-user at its next start)
 //! - `POST /v1/volumes/{name}/snapshots` `{name}`, `DELETE /v1/volumes/{name}/snapshots/{snapshot}`
 //! - `POST /v1/volumes/{name}/clone` `{name, snapshot?}` (without a snapshot, one named
 //!   after the clone is taken first)
@@ -454,7 +456,7 @@ async fn local_record(state: &AppState, project: &str, name: &str) -> Result<Vol
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = SizeRequest,
-    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "A volume on another host, or the VM it is attached to is between states: the volume grew, the VM was not told", body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 502, description = "The volume grew; its running VM's hypervisor refused the new size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
 pub async fn resize(
     State(state): AppS,
     Extension(caller): Extension<Caller>,
@@ -465,7 +467,31 @@ pub async fn resize(
     let size = req
         .bytes()?
         .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
-    state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
+    let grown = state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
+    if let Some(a) = attachment(&state, &caller.project, &name).await? {
+        // A disk QEMU or Cloud Hypervisor opens as a file: the running guest is told
+        // its new capacity. Over vhost-user blockd serves the grown volume to the VM's
+        // next connection (its next start); the backend cannot notify a live one.
+        if a.via == AttachVia::File {
+            state
+                .vmm
+                .resize_disk(&a.vm, &a.disk, grown.size_bytes)
+                .await
+                .map_err(|e| {
+                    let e = upstream(e);
+                    ApiError::new(
+                        e.status,
+                        "resize_not_seen_by_vm",
+                        format!(
+                            "volume {name:?} grew to {} bytes, but VM {:?} could not be told: {}",
+                            grown.size_bytes,
+                            a.vm_name,
+                            e.message()
+                        ),
+                    )
+                })?;
+        }
+    }
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }

@@ -69,6 +69,32 @@ async fn wait_for_device(stack: &Stack, vm: &str, dev: &str) {
     }
 }
 
+/// The size of the guest's `dev` in 512-byte sectors.
+async fn guest_sectors(stack: &Stack, vm: &str, dev: &str) -> u64 {
+    let out = stack
+        .console_run(vm, &format!("echo SECTORS-$((1+1))=$(cat /sys/block/{dev}/size)"))
+        .await;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("SECTORS-2="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no size of {dev} in {vm}: {out:?}"))
+}
+
+async fn wait_for_sectors(stack: &Stack, vm: &str, dev: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = guest_sectors(stack, vm, dev).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vm}'s {dev} has {now} sectors, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 async fn volume(stack: &Stack, name: &str) -> Value {
     let (status, v) = stack.call("GET", &format!("/v1/volumes/{name}"), None).await;
     assert_eq!(status, 200, "{v}");
@@ -174,6 +200,13 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             trimmed + (3 << 20) <= written,
             "the guest's discard gave nothing back: {written} bytes allocated before, {trimmed} after"
         );
+        // Grown while the VM runs: the guest sees the new size at once.
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "96M"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["size_bytes"], 96 << 20);
+        wait_for_sectors(&stack, "writer", "vda", (96 << 20) / 512).await;
         stack.act("writer", "stop").await;
         delete_vm(&stack, "writer").await;
         assert!(
@@ -186,6 +219,20 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let read = guest_read(&stack, "reader", "/dev/vda", 100, 18).await;
         assert!(read.contains("HEARTH-PATTERN-ONE"), "read through vhost-user: {read:?}");
         guest_write(&stack, "reader", "/dev/vda", 200, "HEARTH-PATTERN-TWO").await;
+        assert_eq!(guest_sectors(&stack, "reader", "vda").await, (96 << 20) / 512);
+        // Grown under a vhost-user attachment: the guest sees it at the VM's next start.
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "128M"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        stack.act("reader", "stop").await;
+        stack.act("reader", "start").await;
+        stack
+            .wait_console("reader", "HEARTH-GUEST-READY", 2, Duration::from_secs(90))
+            .await;
+        assert_eq!(guest_sectors(&stack, "reader", "vda").await, (128 << 20) / 512);
+        let read = guest_read(&stack, "reader", "/dev/vda", 200, 18).await;
+        assert!(read.contains("HEARTH-PATTERN-TWO"), "after the restart: {read:?}");
 
         // A snapshot keeps the old content; a clone is independent.
         let (status, s) = stack

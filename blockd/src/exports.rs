@@ -527,10 +527,17 @@ impl Exports {
         self.save(&t)
     }
 
-    /// After a resize, new NBD connections must see the new size: the export is
-    /// re-added (connections already open keep the size they negotiated).
+    /// After a resize, new connections must see the new size: the NBD export is
+    /// re-added and the vhost-user-blk socket serves the re-opened volume to the next
+    /// frontend (connections already open keep the size they negotiated).
     pub async fn resized(&self, volumes: &VolumeService, name: &str) {
         let t = self.table.lock().await;
+        if let Some((spec, export)) = t.vhost.get(name) {
+            match Self::open(volumes, name, spec.read_only).await {
+                Ok(dev) => export.set_device(dev),
+                Err(e) => tracing::error!(volume = name, "re-opening after resize: {e}"),
+            }
+        }
         if let Some(spec) = t.nbd.get(name) {
             match Self::open(volumes, name, spec.read_only).await {
                 Ok(dev) => {

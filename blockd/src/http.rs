@@ -75,7 +75,12 @@ async fn ensure(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let spec: VolumeSpec = parse(&body)?;
+    let before = svc.volumes.get(&name).await.ok().map(|v| v.size_bytes);
     let (v, made) = svc.volumes.ensure(&name, spec).await?;
+    if before.is_some_and(|b| b != v.size_bytes) {
+        // A larger size given again grows the volume: exports follow, as after a resize.
+        svc.exports.resized(&svc.volumes, &name).await;
+    }
     Ok(created(made, v))
 }
 

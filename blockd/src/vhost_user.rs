@@ -325,6 +325,17 @@ struct ExportState {
     stop_event: EventFd,
     /// Ends the current connection; set while a frontend is connected.
     current: Mutex<Option<ShutdownHandleDebug>>,
+    /// What the next frontend is served (see [`VhostUserBlkExport::set_device`]).
+    device: Mutex<DeviceDebug>,
+}
+
+/// The served device, wrapped so the state can derive `Debug`.
+struct DeviceDebug(Arc<dyn BlockDevice>);
+
+impl std::fmt::Debug for DeviceDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockDevice of {} bytes", self.0.size())
+    }
 }
 
 /// `ShutdownHandle` without `Debug`, wrapped so the state can derive it.
@@ -373,12 +384,13 @@ impl VhostUserBlkExport {
             connections: AtomicU64::new(0),
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             current: Mutex::new(None),
+            device: Mutex::new(DeviceDebug(device)),
         });
         let name = format!("vhost-user-blk:{}", socket_path.display());
         let thread_state = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("vhost-user-blk".to_string())
-            .spawn(move || accept_loop(name, listener, device, options, thread_state))?;
+            .spawn(move || accept_loop(name, listener, options, thread_state))?;
         Ok(VhostUserBlkExport {
             socket_path: socket_path.to_path_buf(),
             state,
@@ -394,6 +406,14 @@ impl VhostUserBlkExport {
     /// True while a frontend is connected.
     pub fn is_connected(&self) -> bool {
         self.state.connected.load(Ordering::Acquire)
+    }
+
+    /// Serves `device` (the same volume, re-opened after it grew) to the frontends that
+    /// connect from now on: a VM started after a resize sees the new capacity. The
+    /// frontend connected now keeps the device and size it was given (the vhost-user
+    /// crate has no way to send it a config-change message).
+    pub fn set_device(&self, device: Arc<dyn BlockDevice>) {
+        self.state.device.lock().unwrap_or_else(|e| e.into_inner()).0 = device;
     }
 
     /// How many frontends have connected since the start.
@@ -441,13 +461,7 @@ const LISTENER_TOKEN: u64 = 0;
 const STOP_TOKEN: u64 = 1;
 
 /// Waits for frontends one after the other until the export is stopped.
-fn accept_loop(
-    name: String,
-    mut listener: Listener,
-    device: Arc<dyn BlockDevice>,
-    options: VhostUserBlkOptions,
-    state: Arc<ExportState>,
-) {
+fn accept_loop(name: String, mut listener: Listener, options: VhostUserBlkOptions, state: Arc<ExportState>) {
     let epoll = match wait_set(&listener, &state.stop_event) {
         Ok(e) => e,
         Err(e) => {
@@ -469,6 +483,7 @@ fn accept_loop(
         if events.iter().any(|e| e.data() == STOP_TOKEN) {
             return;
         }
+        let device = state.device.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
         match serve_connection(&name, &mut listener, &device, &options, &state) {
             Ok(()) => tracing::info!("{name}: frontend disconnected"),
             Err(e) => tracing::warn!("{name}: connection ended: {e}"),

@@ -74,6 +74,14 @@ impl VmmClient {
             .await
     }
 
+    /// Tells a running VM that disk `disk_id` grew to `size_bytes`.
+    pub async fn resize_disk(&self, id: &str, disk_id: &str, size_bytes: u64) -> Result<VmInfo, ClientError> {
+        let body = crate::http::ResizeDisk { size_bytes };
+        self.http
+            .call(Method::POST, &format!("/vms/{id}/disks/{disk_id}/resize"), Some(&body))
+            .await
+    }
+
     pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
         let path = format!("/vms/{id}/{action}{q}");

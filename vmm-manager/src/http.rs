@@ -12,6 +12,8 @@
 //!   client are typed into the guest
 //! - `PUT /vms/{id}/disks/{disk}` (body = `DiskSpec`), `DELETE /vms/{id}/disks/{disk}`:
 //!   attach and detach, hot-plugged while the VM runs
+//! - `POST /vms/{id}/disks/{disk}/resize` (body `{"size_bytes": N}`): the disk's file
+//!   or device grew; a running guest is told its new capacity
 //! - `GET /events`: server-sent events of VM state changes
 //! - `GET /hypervisors`: which hypervisors can run VMs on this host
 
@@ -45,6 +47,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
             "/vms/{id}/disks/{disk}",
             axum::routing::put(attach_disk).delete(detach_disk),
         )
+        .route("/vms/{id}/disks/{disk}/resize", post(resize_disk))
         .route("/vms/{id}/console/log", get(console_log))
         .route("/vms/{id}/console", get(console))
         .route("/vms/{id}/vnc", get(vnc))
@@ -130,6 +133,23 @@ async fn attach_disk(
 
 async fn detach_disk(State(svc): Svc, Path((id, disk)): Path<(String, String)>) -> Result<Json<VmInfo>, ApiError> {
     Ok(Json(svc.detach_disk(&id, &disk).await?))
+}
+
+/// The body of `POST /vms/{id}/disks/{disk}/resize`.
+#[derive(serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDisk {
+    pub size_bytes: u64,
+}
+
+async fn resize_disk(
+    State(svc): Svc,
+    Path((id, disk)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<VmInfo>, ApiError> {
+    let r: ResizeDisk =
+        serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable(format!("invalid resize: {e}")))?;
+    Ok(Json(svc.resize_disk(&id, &disk, r.size_bytes).await?))
 }
 
 async fn console_log(State(svc): Svc, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {

@@ -72,6 +72,8 @@ pub struct HypervisorAvailability {
 pub enum ServiceError {
     #[error("VM {0} does not exist")]
     NotFound(String),
+    #[error("VM {vm} has no disk {disk:?}")]
+    NoDisk { vm: String, disk: String },
     #[error("VM {id} already exists with a different spec")]
     Exists { id: String },
     #[error("invalid VM spec: {0}")]
@@ -98,7 +100,7 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
         match e {
-            ServiceError::NotFound(_) => ApiError::not_found(msg),
+            ServiceError::NotFound(_) | ServiceError::NoDisk { .. } => ApiError::not_found(msg),
             ServiceError::Exists { .. }
             | ServiceError::State { .. }
             | ServiceError::WriterBusy(_)
@@ -559,6 +561,34 @@ impl VmService {
         }
         lock(&vm.disks).retain(|d| d.id != disk_id);
         vm.save_spec()?;
+        Ok(Self::info(&vm))
+    }
+
+    /// Tells a running VM that disk `disk_id` grew to `size` bytes (its file or device
+    /// already has). A stopped VM sees the size at its next start: nothing to do.
+    pub async fn resize_disk(&self, id: &str, disk_id: &str, size: u64) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        let disk = lock(&vm.disks)
+            .iter()
+            .find(|d| d.id == disk_id)
+            .cloned()
+            .ok_or_else(|| ServiceError::NoDisk {
+                vm: id.to_string(),
+                disk: disk_id.to_string(),
+            })?;
+        let state = lock(&vm.status).state;
+        match state {
+            VmState::Running | VmState::Paused => vm.driver.resize_disk(&vm.dir, &disk, size).await?,
+            VmState::Stopped | VmState::Failed => {}
+            other => {
+                return Err(ServiceError::State {
+                    id: id.to_string(),
+                    state: other.as_str(),
+                    action: "resize a disk",
+                })
+            }
+        }
         Ok(Self::info(&vm))
     }
 

@@ -4,7 +4,8 @@
 //! sparse raw file as disks, a second loop device is hot-plugged while it runs; the
 //! guest reads what the host wrote, writes a pattern to each disk and discards a range
 //! of each. After the VM is gone the host finds the patterns on the devices, and the
-//! discarded ranges read as zeroes and were given back to the backing files.
+//! discarded ranges read as zeroes and were given back to the backing files. Grown on
+//! the host while the VM runs, both disks show their new size in the guest.
 //!
 //! Needs root (losetup), `qemu-system-x86_64` and the tiny image.
 
@@ -23,6 +24,7 @@ use vmm_manager::service::{VmService, VmmConfig};
 use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, QemuOptions, VmSpec, VmState};
 
 const DISK_SIZE: u64 = 64 << 20;
+const GROWN: u64 = 96 << 20;
 const HOST_PATTERN_AT: u64 = 8 << 20;
 const GUEST_PATTERN_AT: u64 = 16 << 20;
 const DISCARD_AT: u64 = 32 << 20;
@@ -319,6 +321,39 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
     }
     guest.write_and_discard("vda", "blk").await;
     guest.write_and_discard("vdb", "file").await;
+
+    // Both grow, as blockd grows a volume, and the running guest is told.
+    for disk in [&block, &sparse] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk.backing)
+            .expect("open backing file");
+        f.set_len(GROWN).expect("grow the backing file");
+        if let Some(dev) = &disk.loop_device {
+            run("losetup", &["--set-capacity", dev]);
+        }
+    }
+    for (id, dev) in [("block", "vda"), ("sparse", "vdb")] {
+        svc.resize_disk("disks-1", id, GROWN).await.expect("tell the VM");
+        let want = (GROWN / 512).to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = guest.ok(&format!("cat /sys/block/{dev}/size")).await;
+            if now.lines().next() == Some(want.as_str()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{dev} ({id}) still has {now} sectors, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let err = svc
+        .resize_disk("disks-1", "nope", GROWN)
+        .await
+        .expect_err("no such disk");
+    assert!(err.to_string().contains("has no disk \"nope\""), "{err}");
 
     // A block device hot-plugged into the running VM, and unplugged again.
     svc.attach_disk("disks-1", plugged.spec("plug"))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::VmmReaper;
 use futures_util::{SinkExt, StreamExt};
 use vmm_manager::client::VmmClient;
-use vmm_manager::spec::{HypervisorKind, QemuOptions, VmSpec, VmState};
+use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, QemuOptions, VmSpec, VmState};
 
 struct Daemon(Child);
 
@@ -130,6 +130,33 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
     assert_eq!(info.status.state, VmState::Running, "{info:?}");
     assert_eq!(info.status.pid, Some(pid));
     console_says(&client, "standalone-1", "echo $((7*6))hello\n", "42hello").await;
+
+    // The re-adopted VM takes a hot-plugged disk, and is told when it grows
+    // (`vm.resize-disk`; Cloud Hypervisor grows the file to the size itself).
+    let data = tmp.path().join("data.raw");
+    std::fs::File::create(&data)
+        .expect("data disk")
+        .set_len(1 << 20)
+        .expect("size");
+    let disk = DiskSpec {
+        id: "data".into(),
+        source: DiskSource::File {
+            path: data.clone(),
+            format: DiskFormat::Raw,
+        },
+        readonly: false,
+    };
+    client.attach_disk("standalone-1", &disk).await.expect("hot-plug");
+    client
+        .resize_disk("standalone-1", "data", 2 << 20)
+        .await
+        .expect("resize");
+    assert_eq!(std::fs::metadata(&data).expect("stat").len(), 2 << 20);
+    let err = client
+        .resize_disk("standalone-1", "nope", 2 << 20)
+        .await
+        .expect_err("no such disk");
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(404), "{err}");
     let log = client.console_log("standalone-1", 1 << 20).await.expect("log");
     assert!(
         String::from_utf8_lossy(&log).contains("HEARTH-GUEST-READY"),

@@ -300,6 +300,21 @@ impl Hypervisor for CloudHypervisorDriver {
         })
     }
 
+    fn resize_disk<'a>(&'a self, dir: &'a VmDir, disk: &'a DiskSpec, size: u64) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            match &disk.source {
+                DiskSource::File { .. } => Self::put(
+                    dir,
+                    "vm.resize-disk",
+                    Some(&json!({"id": disk.id, "desired_size": size})),
+                )
+                .await
+                .map(|_| ()),
+                DiskSource::VhostUser { .. } => Err(super::vhost_user_resize_unsupported(&disk.id)),
+            }
+        })
+    }
+
     fn writes_console_log(&self) -> bool {
         false
     }

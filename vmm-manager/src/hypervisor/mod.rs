@@ -87,9 +87,26 @@ pub trait Hypervisor: Send + Sync {
     /// Hot-unplugs a disk; returns once the guest has released it.
     fn remove_disk<'a>(&'a self, dir: &'a VmDir, disk_id: &'a str) -> BoxFuture<'a, Result<(), VmmError>>;
 
+    /// Tells the running VM that the file or device behind `disk` grew to `size` bytes,
+    /// so the guest sees the new capacity. A vhost-user-blk disk's size is its
+    /// backend's to announce: `Unsupported`.
+    fn resize_disk<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        disk: &'a crate::spec::DiskSpec,
+        size: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+
     /// True when the VMM writes the console log itself (QEMU's `logfile=`), false when
     /// vmm-manager must.
     fn writes_console_log(&self) -> bool;
+}
+
+/// The refusal to resize a vhost-user-blk disk through the VMM.
+pub fn vhost_user_resize_unsupported(disk: &str) -> VmmError {
+    VmmError::Unsupported(format!(
+        "disk {disk:?} is a vhost-user-blk device: its size comes from the backend, and the guest sees a new size at the VM's next start"
+    ))
 }
 
 /// Checks that `binary` (a path, or a name looked up in `PATH`) exists and is executable.

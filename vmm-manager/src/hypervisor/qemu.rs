@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use super::{find_binary, log_tail, qmp, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
+use super::{
+    find_binary, log_tail, qmp, vhost_user_resize_unsupported, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState,
+    VmmError,
+};
 use crate::process::{self, ExitInfo};
 use crate::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, QemuMachine, VmSpec, VmState};
 use crate::vm_dir::VmDir;
@@ -510,6 +513,23 @@ impl Hypervisor for QemuDriver {
                 let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
             }
             Ok(())
+        })
+    }
+
+    fn resize_disk<'a>(&'a self, dir: &'a VmDir, disk: &'a DiskSpec, size: u64) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            match &disk.source {
+                // On the format node: QEMU takes the file (or device, which must already
+                // be that large) to the size and raises the guest's config interrupt.
+                DiskSource::File { .. } => qmp::execute(
+                    &dir.qmp_socket(),
+                    "block_resize",
+                    Some(json!({"node-name": disk.id, "size": size})),
+                )
+                .await
+                .map(|_| ()),
+                DiskSource::VhostUser { .. } => Err(vhost_user_resize_unsupported(&disk.id)),
+            }
         })
     }
 
