@@ -128,7 +128,6 @@ pub async fn probe_kvm(binary: &str, kernel: &Path, probe_dir: &Path) -> bool {
     ok
 }
 
-/// QEMU's option syntax treats ',' as a separator; a literal comma is doubled.
 /// The two block nodes of a disk backed by a file or a block device: the protocol
 /// node, which opens `path`, and the format node the guest's device uses. A block
 /// device (an LVM volume, a loop device) needs QEMU's `host_device` driver: `file`
@@ -157,6 +156,7 @@ fn file_blockdevs(id: &str, path: &Path, format: DiskFormat, readonly: bool) -> 
     [protocol, format]
 }
 
+/// QEMU's option syntax treats ',' as a separator; a literal comma is doubled.
 fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
