@@ -22,7 +22,7 @@ use serde::Deserialize;
 use socket_http::ApiError;
 
 use crate::exports::{Export, ExportKind, ExportSpec, RemoteDiskSpec};
-use crate::service::{PoolStatus, VolumeSpec};
+use crate::service::{Ensured, PoolStatus, VolumeSpec};
 use crate::volume::{Snapshot, Volume};
 use crate::Blockd;
 
@@ -75,13 +75,12 @@ async fn ensure(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     let spec: VolumeSpec = parse(&body)?;
-    let before = svc.volumes.get(&name).await.ok().map(|v| v.size_bytes);
-    let (v, made) = svc.volumes.ensure(&name, spec).await?;
-    if before.is_some_and(|b| b != v.size_bytes) {
+    let (v, how) = svc.volumes.ensure_reporting(&name, spec).await?;
+    if how == Ensured::Grown {
         // A larger size given again grows the volume: exports follow, as after a resize.
         svc.exports.resized(&svc.volumes, &name).await;
     }
-    Ok(created(made, v))
+    Ok(created(how == Ensured::Created, v))
 }
 
 async fn delete(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {

@@ -97,6 +97,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| VolumeError::Backend(format!("storage task failed: {e}")))?
 }
 
+/// What [`VolumeService::ensure_reporting`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    Created,
+    /// An existing volume was grown to the size asked for.
+    Grown,
+    Unchanged,
+}
+
 impl VolumeService {
     pub fn new(backend: Arc<dyn VolumeBackend>) -> VolumeService {
         VolumeService {
@@ -173,7 +182,15 @@ impl VolumeService {
 
     /// Ensures the volume exists as described. An existing volume is returned as it is
     /// (grown if the spec asks for more; asking for less is refused: volumes never shrink).
+    /// The flag: whether it was created.
     pub async fn ensure(&self, name: &str, spec: VolumeSpec) -> Result<(Volume, bool)> {
+        let (v, how) = self.ensure_reporting(name, spec).await?;
+        Ok((v, how == Ensured::Created))
+    }
+
+    /// [`ensure`](Self::ensure), telling also whether an existing volume grew (its
+    /// exports must then follow).
+    pub async fn ensure_reporting(&self, name: &str, spec: VolumeSpec) -> Result<(Volume, Ensured)> {
         validate_name("volume", name)?;
         if let Some(size) = spec.size_bytes {
             validate_size(size)?;
@@ -190,12 +207,12 @@ impl VolumeService {
                 None => None,
             };
             return match asked {
-                Some(s) if s > existing.size_bytes => Ok((self.resize(name, s).await?, false)),
+                Some(s) if s > existing.size_bytes => Ok((self.resize(name, s).await?, Ensured::Grown)),
                 Some(s) if s < existing.size_bytes => Err(VolumeError::Invalid(format!(
                     "volume {name:?} exists with {} bytes; volumes cannot shrink to {s}",
                     existing.size_bytes
                 ))),
-                _ => Ok((existing, false)),
+                _ => Ok((existing, Ensured::Unchanged)),
             };
         }
         if let Some(size) = spec.size_bytes {
@@ -256,7 +273,7 @@ impl VolumeService {
                 }
             }
         };
-        Ok((made, true))
+        Ok((made, Ensured::Created))
     }
 
     /// `size` rounded up to what the backend allocates in (see

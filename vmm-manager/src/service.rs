@@ -522,17 +522,8 @@ impl VmService {
         let mut candidate = vm.current_spec();
         candidate.disks.push(disk.clone());
         candidate.validate(spec::host_memory_mib())?;
-        let state = lock(&vm.status).state;
-        match state {
-            VmState::Running | VmState::Paused => vm.driver.add_disk(&vm.dir, &candidate, &disk).await?,
-            VmState::Stopped | VmState::Failed => {}
-            other => {
-                return Err(ServiceError::State {
-                    id: id.to_string(),
-                    state: other.as_str(),
-                    action: "attach a disk",
-                })
-            }
+        if Self::has_vmm(&vm, id, "attach a disk")? {
+            vm.driver.add_disk(&vm.dir, &candidate, &disk).await?;
         }
         lock(&vm.disks).push(disk);
         vm.save_spec()?;
@@ -547,21 +538,26 @@ impl VmService {
         if !lock(&vm.disks).iter().any(|d| d.id == disk_id) {
             return Ok(Self::info(&vm));
         }
-        let state = lock(&vm.status).state;
-        match state {
-            VmState::Running | VmState::Paused => vm.driver.remove_disk(&vm.dir, disk_id).await?,
-            VmState::Stopped | VmState::Failed => {}
-            other => {
-                return Err(ServiceError::State {
-                    id: id.to_string(),
-                    state: other.as_str(),
-                    action: "detach a disk",
-                })
-            }
+        if Self::has_vmm(&vm, id, "detach a disk")? {
+            vm.driver.remove_disk(&vm.dir, disk_id).await?;
         }
         lock(&vm.disks).retain(|d| d.id != disk_id);
         vm.save_spec()?;
         Ok(Self::info(&vm))
+    }
+
+    /// Whether a disk change must go through the VM's VMM (running or paused) or only
+    /// into its spec (stopped or failed); refused while it starts or stops.
+    fn has_vmm(vm: &Vm, id: &str, action: &'static str) -> Result<bool, ServiceError> {
+        match lock(&vm.status).state {
+            VmState::Running | VmState::Paused => Ok(true),
+            VmState::Stopped | VmState::Failed => Ok(false),
+            other => Err(ServiceError::State {
+                id: id.to_string(),
+                state: other.as_str(),
+                action,
+            }),
+        }
     }
 
     /// Tells a running VM that disk `disk_id` grew to `size` bytes (its file or device
@@ -577,17 +573,8 @@ impl VmService {
                 vm: id.to_string(),
                 disk: disk_id.to_string(),
             })?;
-        let state = lock(&vm.status).state;
-        match state {
-            VmState::Running | VmState::Paused => vm.driver.resize_disk(&vm.dir, &disk, size).await?,
-            VmState::Stopped | VmState::Failed => {}
-            other => {
-                return Err(ServiceError::State {
-                    id: id.to_string(),
-                    state: other.as_str(),
-                    action: "resize a disk",
-                })
-            }
+        if Self::has_vmm(&vm, id, "resize a disk")? {
+            vm.driver.resize_disk(&vm.dir, &disk, size).await?;
         }
         Ok(Self::info(&vm))
     }
