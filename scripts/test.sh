@@ -14,10 +14,15 @@ mkdir -p "$CARGO_TARGET_DIR"
 echo "==> building the guest images (tiny, debian; cached)"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 guest-images/debian/build.sh "$HEARTH_IMAGE_CACHE/debian"
-# lvm2 and thin-provisioning-tools for the guest that runs blockd's thin-pool suite
-# on a real device-mapper (these hosts have none).
+# The .debs that debian guests install to run on a real device-mapper (these hosts
+# have none): lvm2 and thin-provisioning-tools for blockd's thin-pool suite, and a
+# whole hearth host (QEMU, nftables, dnsmasq, lvm2) for the api on an LVM pool.
 export HEARTH_TEST_LVM_DEBS="${HEARTH_DEB_CACHE:-/var/cache/hearth/debs}/lvm-guest"
-guest-images/debian/lvm-debs.sh "$HEARTH_TEST_LVM_DEBS"
+guest-images/debian/guest-debs.sh "$HEARTH_IMAGE_CACHE/debian" "$HEARTH_TEST_LVM_DEBS" \
+	lvm2 thin-provisioning-tools
+export HEARTH_TEST_HOST_DEBS="${HEARTH_DEB_CACHE:-/var/cache/hearth/debs}/hearth-host-guest"
+guest-images/debian/guest-debs.sh "$HEARTH_IMAGE_CACHE/debian" "$HEARTH_TEST_HOST_DEBS" \
+	qemu-system-x86 qemu-utils nftables dnsmasq-base lvm2 thin-provisioning-tools
 
 echo "==> building the web console"
 scripts/build-web.sh

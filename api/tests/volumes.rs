@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create_body, in_private_netns, Stack};
+use common::{create_body, in_private_netns, patience, Stack};
 use serde_json::{json, Value};
 
 async fn create_vm(stack: &Stack, name: &str, volumes: Value) -> Value {
@@ -19,7 +19,7 @@ async fn create_vm(stack: &Stack, name: &str, volumes: Value) -> Value {
     let op = stack.wait_op(&accepted).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     stack
-        .wait_console(name, "HEARTH-GUEST-READY", 1, Duration::from_secs(90))
+        .wait_console(name, "HEARTH-GUEST-READY", 1, patience(Duration::from_secs(90)))
         .await;
     stack.vm(name).await
 }
@@ -53,7 +53,7 @@ async fn guest_read(stack: &Stack, vm: &str, dev: &str, sector: u32, len: usize)
 }
 
 async fn wait_for_device(stack: &Stack, vm: &str, dev: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(30));
     loop {
         let out = stack
             .console_run(vm, &format!("[ -b {dev} ] && echo PRESENT-$((1+1))"))
@@ -81,7 +81,7 @@ async fn guest_sectors(stack: &Stack, vm: &str, dev: &str) -> u64 {
 }
 
 async fn wait_for_sectors(stack: &Stack, vm: &str, dev: &str, want: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(30));
     loop {
         let now = guest_sectors(stack, vm, dev).await;
         if now == want {
@@ -310,6 +310,22 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let (status, v) = stack.call("POST", "/v1/volumes/far/detach", None).await;
         assert_eq!(status, 200, "hot-unplug: {v}");
         assert!(v["attached_to"].is_null());
+        // Its owner grows it by asking for it again with a larger size: the next NBD
+        // client is offered the new size.
+        let grown = blockd::service::VolumeSpec {
+            size_bytes: Some(48 << 20),
+            source: None,
+        };
+        assert_eq!(
+            rc.ensure_volume("far", &grown).await.expect("grow").size_bytes,
+            48 << 20
+        );
+        let address = blockd::nbd::NbdAddress::Tcp(format!("127.0.0.1:{}", remote.port));
+        let nbd = blockd::nbd::NbdClient::connect(&address, "far")
+            .await
+            .expect("connect to the export");
+        assert_eq!(nbd.size(), 48 << 20, "the export after a PUT that grew the volume");
+        drop(nbd);
         delete_vm(&stack, "reader").await;
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");
@@ -410,3 +426,260 @@ fn bad_volume_requests_get_clear_errors() {
         delete_vm(&stack, "idle").await;
     });
 }
+
+/// A volume group of its own on a 1 GiB loop device (a sparse file under /var/tmp),
+/// removed with the device when dropped, also when the test fails.
+struct TestVg {
+    name: String,
+    device: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestVg {
+    fn new() -> TestVg {
+        assert_eq!(
+            std::env::var("HEARTH_TEST_LVM").as_deref(),
+            Ok("1"),
+            "this test makes a volume group on a loop device: set HEARTH_TEST_LVM=1 to confirm"
+        );
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let file = dir.path().join("pv.raw");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(1 << 30))
+            .expect("sparse file");
+        let device = sh("losetup", &["--find", "--show", file.to_str().expect("utf8")])
+            .trim()
+            .to_string();
+        let vg = TestVg {
+            name: format!("hearthapi{}", std::process::id()),
+            device,
+            _dir: dir,
+        };
+        sh("pvcreate", &["-q", &vg.device]);
+        sh("vgcreate", &["-q", &vg.name, &vg.device]);
+        vg
+    }
+}
+
+impl Drop for TestVg {
+    fn drop(&mut self) {
+        for (prog, args) in [
+            ("vgremove", vec!["-f", "-q", &self.name]),
+            ("pvremove", vec!["-q", &self.device]),
+            ("losetup", vec!["-d", &self.device]),
+        ] {
+            let _ = std::process::Command::new(prog).args(args).status();
+        }
+    }
+}
+
+fn sh(prog: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The api with its volumes in an LVM thin pool (`--volume-pool lvm:VG/pool`, the pool
+/// made by blockd in a fresh volume group): a tiny VM under QEMU gets a thin volume as
+/// its disk (a device node, so QEMU's `host_device`), writes a pattern, gives a trimmed
+/// range back to the pool, sees the volume grow (rounded up to whole extents) while it
+/// runs; a snapshot keeps the old content, and its clone, hot-plugged into the same VM,
+/// shows it while the volume has moved on. Needs device-mapper: these machines have
+/// none, so `lvm_volumes_through_the_api_in_a_debian_guest` runs it in a guest.
+#[test]
+#[ignore = "needs device-mapper: runs inside lvm_volumes_through_the_api_in_a_debian_guest, or with HEARTH_TEST_LVM=1 cargo test -p api --test volumes -- --ignored on such a host"]
+fn volumes_on_an_lvm_thin_pool() {
+    in_private_netns(|| async {
+        let vg = TestVg::new();
+        let pool = format!("lvm:{}/pool", vg.name);
+        let stack = Stack::start(&["--volume-pool", &pool]).await;
+
+        let (status, v) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "64M"})))
+            .await;
+        assert_eq!(status, 201, "{v}\n{}", stack.log());
+        assert_eq!(v["backend"], "lvm", "{v}");
+        assert_eq!(v["size_bytes"], 64 << 20);
+        let started = std::time::Instant::now();
+        create_vm(&stack, "lv", json!(["data"])).await;
+        eprintln!("the VM on the thin volume booted in {:?}", started.elapsed());
+        // QEMU opened the thin volume's device node as a block device.
+        let lv = format!("/dev/{}/hv-data", vg.name);
+        let qemu = stack
+            .vmm_processes()
+            .into_iter()
+            .map(|(_, cmd)| cmd)
+            .find(|cmd| cmd.contains("qemu"))
+            .expect("the VM's QEMU");
+        assert!(
+            qemu.contains(&lv) && qemu.contains("host_device"),
+            "QEMU does not open {lv} as a host_device: {qemu}"
+        );
+
+        guest_write(&stack, "lv", "/dev/vda", 100, "HEARTH-LVM-ONE").await;
+        let out = stack
+            .console_run(
+                "lv",
+                "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
+            )
+            .await;
+        assert!(out.contains("rc=0"), "{out}");
+        let written = volume(&stack, "data").await["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes");
+        assert!(
+            written >= 4 << 20,
+            "4 MiB written, {written} bytes allocated in the pool"
+        );
+        let out = stack
+            .console_run("lv", "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
+            .await;
+        assert!(out.contains("rc=0"), "{out}");
+        let trimmed = volume(&stack, "data").await["allocated_bytes"]
+            .as_u64()
+            .expect("allocated_bytes");
+        assert!(
+            trimmed + (3 << 20) <= written,
+            "the guest's discard gave nothing back to the thin pool: {written} bytes allocated before, {trimmed} after"
+        );
+        eprintln!("allocated in the thin pool: {written} bytes after the write, {trimmed} after the discard");
+
+        // 98M is not a whole number of 4 MiB extents: the volume gets 100M, and the
+        // running guest sees exactly what the volume got.
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "98M"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["size_bytes"], 100 << 20);
+        wait_for_sectors(&stack, "lv", "vda", (100 << 20) / 512).await;
+
+        // A thin snapshot keeps the old content; its clone is a volume of its own.
+        let (status, s) = stack
+            .call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"})))
+            .await;
+        assert_eq!(status, 201, "{s}");
+        guest_write(&stack, "lv", "/dev/vda", 100, "HEARTH-LVM-TWO").await;
+        let (status, c) = stack
+            .call(
+                "POST",
+                "/v1/volumes/data/clone",
+                Some(json!({"name": "copy", "snapshot": "s1"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{c}");
+        assert_eq!(c["origin"], "data@s1");
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/copy/attach", Some(json!({"vm": "lv"})))
+            .await;
+        assert_eq!(status, 200, "hot-plug the clone: {v}");
+        wait_for_device(&stack, "lv", "/dev/vdb").await;
+        let read = guest_read(&stack, "lv", "/dev/vdb", 100, 14).await;
+        assert!(read.contains("HEARTH-LVM-ONE"), "the clone of the snapshot: {read:?}");
+        guest_write(&stack, "lv", "/dev/vdb", 100, "HEARTH-LVM-TRI").await;
+        let read = guest_read(&stack, "lv", "/dev/vda", 100, 14).await;
+        assert!(
+            read.contains("HEARTH-LVM-TWO"),
+            "the volume after its clone was written: {read:?}"
+        );
+
+        let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
+        assert_eq!(status, 409, "deleting an attached volume: {e}");
+        let (status, v) = stack.call("POST", "/v1/volumes/copy/detach", None).await;
+        assert_eq!(status, 200, "hot-unplug: {v}");
+        delete_vm(&stack, "lv").await;
+        for v in ["copy", "data"] {
+            let (status, e) = stack.call("DELETE", &format!("/v1/volumes/{v}"), None).await;
+            assert_eq!(status, 204, "{v}: {e}");
+        }
+        eprintln!("the test's steps took {:?} in all", started.elapsed());
+        let lvs = sh("lvs", &["--noheadings", "-o", "lv_name", &vg.name]);
+        assert!(!lvs.contains("hv-"), "volumes left in the volume group: {lvs}");
+    });
+}
+
+/// Where the host has no device-mapper (these machines), `volumes_on_an_lvm_thin_pool`
+/// runs in a Debian guest under QEMU/TCG made into a hearth host: it installs QEMU,
+/// nftables, dnsmasq and lvm2 from the .debs `guest-images/debian/guest-debs.sh` fetched
+/// (the image's own versions), and runs this test binary and `hearth-api` as root. The
+/// tiny VM then runs under TCG inside that guest, some 50 times slower than here.
+/// Needs the debian and tiny images in `$HEARTH_TEST_IMAGES` and the .debs in
+/// `$HEARTH_TEST_HOST_DEBS` (scripts/test.sh makes them; defaults under /var/cache/hearth).
+#[test]
+fn lvm_volumes_through_the_api_in_a_debian_guest() {
+    let mut guest = testkit::DebianGuest::new();
+    guest.memory = "2048M".into();
+    guest.timeout = Duration::from_secs(40 * 60);
+    let debs = std::env::var_os("HEARTH_TEST_HOST_DEBS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/hearth/debs/hearth-host-guest".into());
+    guest.copy_debs(
+        &debs,
+        &["qemu-system-x86", "nftables", "dnsmasq-base", "lvm2", "thin-provisioning-tools"],
+        "run guest-images/debian/guest-debs.sh IMAGE_DIR DIR qemu-system-x86 qemu-utils nftables dnsmasq-base lvm2 thin-provisioning-tools (scripts/test.sh does)",
+    );
+    guest.copy_in(&std::env::current_exe().expect("this test binary"), "volumes");
+    let api = std::env::var("HEARTH_API_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hearth-api").to_string());
+    guest.copy_in(std::path::Path::new(&api), "hearth-api");
+    guest.copy_in(&common::images_dir().join("tiny"), "images/tiny");
+    let run = guest.run(API_GUEST_SCRIPT);
+    let log = run.console;
+    eprintln!("the guest ran the api on an LVM pool in {:?}", run.elapsed);
+    // (The first may share the line that names the test.)
+    for line in log.lines() {
+        if let Some(at) = ["the VM on", "allocated in", "the test's steps"]
+            .iter()
+            .find_map(|p| line.find(p))
+        {
+            eprintln!("in the guest: {}", &line[at..]);
+        }
+    }
+    let verdict = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HEARTH-API-LVM-GUEST-EXIT "))
+        .unwrap_or_else(|| {
+            panic!(
+                "the guest script did not finish; its console:\n{}",
+                testkit::tail(&log, 150)
+            )
+        });
+    assert_eq!(
+        verdict.trim(),
+        "0",
+        "the test failed in the guest:\n{}",
+        testkit::tail(&log, 150)
+    );
+    assert!(
+        // (lvm2's own messages may share the line that names the test.)
+        log.contains("test volumes_on_an_lvm_thin_pool ...") && log.contains("test result: ok. 1 passed; 0 failed"),
+        "the guest's test run did not report the test as passed:\n{}",
+        testkit::tail(&log, 150)
+    );
+}
+
+/// What the guest runs (from the payload disk, as root, with its console on ttyS0).
+/// Services the packages would start are not (policy-rc.d); hearth starts what it needs.
+const API_GUEST_SCRIPT: &str = r#"#!/bin/sh
+exec >/dev/ttyS0 2>&1
+printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+if ! dpkg --no-triggers -i /payload/debs/*.deb >/tmp/dpkg.log 2>&1; then
+    cat /tmp/dpkg.log
+    echo "HEARTH-API-LVM-GUEST-EXIT dpkg"
+    exit 1
+fi
+ldconfig
+modprobe dm-thin-pool
+qemu-system-x86_64 --version | head -1
+lvm version | head -1
+mkdir -p /var/tmp/images && cp -a /payload/images/. /var/tmp/images/
+cd /var/tmp
+HEARTH_TEST_LVM=1 HEARTH_TEST_SLOWDOWN=20 HEARTH_API_BIN=/payload/hearth-api HEARTH_TEST_IMAGES=/var/tmp/images RUST_BACKTRACE=1 /payload/volumes --ignored --exact volumes_on_an_lvm_thin_pool --nocapture --test-threads=1
+rc=$?
+echo "HEARTH-API-LVM-GUEST-EXIT $rc"
+"#;

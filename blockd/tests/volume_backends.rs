@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
+use testkit::{tail, KillOnDrop};
 
 use blockd::pool_file::FilePool;
 use blockd::pool_lvm::{LvmConfig, LvmPool, SystemLvm};
@@ -559,7 +560,7 @@ impl Drop for TestVg {
 /// Where the host has no device-mapper (these machines), the thin suite runs on a real
 /// one inside a guest: the Debian image (its cloud kernel has dm-thin-pool) boots under
 /// QEMU/TCG on a throw-away overlay, installs lvm2 and thin-provisioning-tools from the
-/// .debs `guest-images/debian/lvm-debs.sh` fetched (the image's own versions), and runs
+/// .debs `guest-images/debian/guest-debs.sh` fetched (the image's own versions), and runs
 /// this very test binary's `lvm_thin_pool_with_device_mapper` as root, with
 /// `HEARTH_TEST_LVM=1`, on a loop device of its own. The guest powers off when it is
 /// done; its serial console says how the suite went.
@@ -569,124 +570,20 @@ impl Drop for TestVg {
 /// both; defaults under /var/cache/hearth).
 #[test]
 fn lvm_thin_pool_in_a_debian_guest() {
-    let images = std::env::var_os("HEARTH_TEST_IMAGES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/hearth/images".into())
-        .join("debian");
-    assert!(
-        images.join("image.json").is_file(),
-        "the debian image is missing in {}: run guest-images/debian/build.sh (scripts/test.sh does)",
-        images.display()
-    );
+    let guest = testkit::DebianGuest::new();
     let debs = std::env::var_os("HEARTH_TEST_LVM_DEBS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "/var/cache/hearth/debs/lvm-guest".into());
-    let deb_files: Vec<_> = std::fs::read_dir(&debs)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    for needed in ["lvm2_", "thin-provisioning-tools_"] {
-        assert!(
-            deb_files.iter().any(|p| p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(needed) && n.ends_with(".deb"))),
-            "no {needed}*.deb in {}: run guest-images/debian/lvm-debs.sh (scripts/test.sh does)",
-            debs.display()
-        );
-    }
-
-    let work = tempfile::tempdir().expect("tempdir");
-    let payload = work.path().join("payload");
-    std::fs::create_dir_all(payload.join("debs")).expect("mkdir");
-    for deb in deb_files.iter().filter(|p| p.extension().is_some_and(|e| e == "deb")) {
-        std::fs::copy(deb, payload.join("debs").join(deb.file_name().expect("name"))).expect("copy .deb");
-    }
-    let me = std::env::current_exe().expect("this test binary");
-    std::fs::copy(&me, payload.join("volume_backends")).expect("copy the test binary");
-    let daemon = Path::new(env!("CARGO_BIN_EXE_blockd"));
-    std::fs::copy(daemon, payload.join("blockd")).expect("copy blockd");
-    std::fs::write(payload.join("run.sh"), GUEST_SCRIPT).expect("run.sh");
-    let payload_size =
-        std::fs::metadata(&me).expect("size").len() + std::fs::metadata(daemon).expect("size").len() + 128 * MIB;
-    let payload_img = work.path().join("payload.img");
-    let root = work.path().join("root.qcow2");
-    let p = |p: &Path| p.to_str().expect("utf8").to_string();
-    run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-d",
-            &p(&payload),
-            &p(&payload_img),
-            &format!("{}k", payload_size / 1024),
-        ],
+    guest.copy_debs(
+        &debs,
+        &["lvm2", "thin-provisioning-tools"],
+        "run guest-images/debian/guest-debs.sh IMAGE_DIR DIR lvm2 thin-provisioning-tools (scripts/test.sh does)",
     );
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            &p(&images.join("disk.raw")),
-            &p(&root),
-        ],
-    );
-
-    let cmdline = std::fs::read_to_string(images.join("cmdline")).expect("cmdline");
-    // systemd-run-generator turns systemd.run= into a unit that runs once the system is
-    // up, then powers off; cloud-init has nothing to do here.
-    let append = format!(
-        "{} cloud-init=disabled systemd.run=\"/bin/sh -c 'mkdir -p /payload && mount -o ro /dev/vdb /payload && exec /bin/sh /payload/run.sh'\" systemd.run_success_action=poweroff systemd.run_failure_action=poweroff",
-        cmdline.trim()
-    );
-    let serial = work.path().join("serial.log");
-    let qemu = std::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024M",
-        ])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(images.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(images.join("initrd.img"))
-        .args(["-append", &append])
-        .arg("-drive")
-        .arg(format!("file={},format=qcow2,if=virtio", p(&root)))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,readonly=on", p(&payload_img)))
-        .arg("-serial")
-        .arg(format!("file:{}", p(&serial)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(work.path().join("qemu.stderr")).expect("stderr file"))
-        .spawn()
-        .expect("start qemu-system-x86_64");
-    let mut qemu = KillOnDrop(qemu);
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = qemu.0.try_wait().expect("wait for qemu") {
-            break status;
-        }
-        let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        assert!(
-            started.elapsed() < GUEST_TIMEOUT,
-            "the guest did not finish within {GUEST_TIMEOUT:?}; its console so far:\n{}",
-            tail(&log, 80)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    };
-    let log = std::fs::read_to_string(&serial).expect("serial log");
-    let stderr = std::fs::read_to_string(work.path().join("qemu.stderr")).unwrap_or_default();
-    eprintln!("the guest ran the thin suite in {:?}", started.elapsed());
-    assert!(
-        status.success(),
-        "qemu exited with {status}: {stderr}\n{}",
-        tail(&log, 80)
-    );
+    guest.copy_in(&std::env::current_exe().expect("this test binary"), "volume_backends");
+    guest.copy_in(Path::new(env!("CARGO_BIN_EXE_blockd")), "blockd");
+    let run = guest.run(GUEST_SCRIPT);
+    let log = run.console;
+    eprintln!("the guest ran the thin suite in {:?}", run.elapsed);
     let verdict = log
         .lines()
         .find_map(|l| l.trim().strip_prefix("HEARTH-LVM-GUEST-EXIT "))
@@ -713,10 +610,6 @@ fn lvm_thin_pool_in_a_debian_guest() {
     );
 }
 
-/// How long the guest may take: about a minute on an idle 2-core machine, several when
-/// the rest of the test suite runs alongside.
-const GUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
 /// What the guest runs (from the payload disk, as root, with its console on ttyS0).
 /// policy-rc.d keeps the packages from starting services; triggers are skipped (no
 /// initramfs rebuild in a throw-away guest).
@@ -737,21 +630,3 @@ rc=$?
 dmsetup targets
 echo "HEARTH-LVM-GUEST-EXIT $rc"
 "#;
-
-/// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A child process killed (by its PID) and reaped when dropped, also when the test fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::VmmReaper;
+use common::{LoopDevice, VmmReaper};
 use vmm_manager::console::ConsoleWriter;
 use vmm_manager::hypervisor::qemu::Accel;
 use vmm_manager::service::{VmService, VmmConfig};
@@ -47,24 +47,11 @@ fn guest_pattern(name: &str) -> Vec<u8> {
         .collect()
 }
 
-fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A sparse backing file with the host pattern and a range of 0xaa bytes (to be
 /// discarded), optionally behind a loop device (detached when dropped).
 struct Disk {
     backing: PathBuf,
-    loop_device: Option<String>,
+    loop_device: Option<LoopDevice>,
 }
 
 impl Disk {
@@ -76,17 +63,13 @@ impl Disk {
         f.write_all_at(&vec![0xaa; DISCARD_LEN as usize], DISCARD_AT)
             .expect("range to discard");
         f.sync_all().expect("sync backing file");
-        let loop_device = loop_device.then(|| {
-            run("losetup", &["--find", "--show", backing.to_str().expect("utf8")])
-                .trim()
-                .to_string()
-        });
+        let loop_device = loop_device.then(|| LoopDevice::attach(&backing));
         Disk { backing, loop_device }
     }
 
     /// What QEMU opens: the loop device, or the file itself.
     fn path(&self) -> PathBuf {
-        self.loop_device.as_ref().map_or(self.backing.clone(), PathBuf::from)
+        self.loop_device.as_ref().map_or(self.backing.clone(), LoopDevice::path)
     }
 
     fn spec(&self, id: &str) -> DiskSpec {
@@ -112,20 +95,6 @@ impl Disk {
         let f = std::fs::File::open(self.path()).expect("open disk");
         f.read_exact_at(&mut buf, at).expect("read disk");
         buf
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        if let Some(dev) = &self.loop_device {
-            let _ = Command::new("losetup").args(["-d", dev]).status();
-            // Detached at its last close, which can come a moment later (udev probing).
-            let backing = format!("/sys/block/{}/loop/backing_file", dev.trim_start_matches("/dev/"));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Path::new(&backing).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
     }
 }
 
@@ -330,7 +299,7 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
             .expect("open backing file");
         f.set_len(GROWN).expect("grow the backing file");
         if let Some(dev) = &disk.loop_device {
-            run("losetup", &["--set-capacity", dev]);
+            dev.set_capacity();
         }
     }
     for (id, dev) in [("block", "vda"), ("sparse", "vdb")] {

@@ -1,5 +1,7 @@
 //! The standalone `vmm-manager` binary: a VM keeps running when the daemon is killed,
-//! and the next daemon re-adopts it (state, console, stop all work).
+//! and the next daemon re-adopts it (state, console, stop all work), then takes
+//! hot-plugged disks and is told when they grow. Against the fake Cloud Hypervisor, or
+//! the real one when HEARTH_TEST_CH_BINARY names it.
 
 mod common;
 
@@ -25,13 +27,15 @@ fn start(run_dir: &Path) -> Daemon {
     // The manifest directory at run time: a shared target directory may hold a binary
     // built from another checkout.
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
-    let fake = format!("{dir}/tests/fake-cloud-hypervisor/fake-cloud-hypervisor");
+    // The real binary when HEARTH_TEST_CH_BINARY names one (a host with KVM).
+    let ch = std::env::var("HEARTH_TEST_CH_BINARY")
+        .unwrap_or_else(|_| format!("{dir}/tests/fake-cloud-hypervisor/fake-cloud-hypervisor"));
     let child = Command::new(env!("CARGO_BIN_EXE_vmm-manager"))
         .arg("--socket")
         .arg(run_dir.join("vmm-manager.sock"))
         .arg("--run-dir")
         .arg(run_dir)
-        .args(["--cloud-hypervisor-binary", &fake, "--stop-timeout", "10"])
+        .args(["--cloud-hypervisor-binary", &ch, "--stop-timeout", "10"])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -152,6 +156,55 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         .await
         .expect("resize");
     assert_eq!(std::fs::metadata(&data).expect("stat").len(), 2 << 20);
+    // A block device (an LVM volume) is grown outside, as blockd grows it, and Cloud
+    // Hypervisor only checks that it has the size it is told.
+    let lv_file = tmp.path().join("lv.raw");
+    std::fs::File::create(&lv_file)
+        .expect("lv backing")
+        .set_len(1 << 20)
+        .expect("size");
+    let lv = common::LoopDevice::attach(&lv_file);
+    let lv_disk = DiskSpec {
+        id: "lv".into(),
+        source: DiskSource::File {
+            path: lv.path(),
+            format: DiskFormat::Raw,
+        },
+        readonly: false,
+    };
+    client
+        .attach_disk("standalone-1", &lv_disk)
+        .await
+        .expect("hot-plug a block device");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lv_file)
+        .expect("open lv backing")
+        .set_len(3 << 20)
+        .expect("grow");
+    lv.set_capacity();
+    client
+        .resize_disk("standalone-1", "lv", 3 << 20)
+        .await
+        .expect("resize a grown block device");
+    let err = client
+        .resize_disk("standalone-1", "lv", 4 << 20)
+        .await
+        .expect_err("a block device is not grown by its VMM");
+    assert!(
+        err.to_string()
+            .contains("Block device size 3145728 does not match requested size 4194304"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&data).expect("stat").len(),
+        2 << 20,
+        "other disks untouched"
+    );
+    client
+        .detach_disk("standalone-1", "lv")
+        .await
+        .expect("unplug the block device");
     let err = client
         .resize_disk("standalone-1", "nope", 2 << 20)
         .await

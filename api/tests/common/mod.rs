@@ -92,6 +92,18 @@ fn enter_private_netns() -> std::io::Result<()> {
     Ok(())
 }
 
+/// `d` times `$HEARTH_TEST_SLOWDOWN` (default 1): how long to wait for something that
+/// takes `d` at most on a CI machine, where everything runs slower (a guest under
+/// TCG running a guest under TCG, about 50 times).
+pub fn patience(d: Duration) -> Duration {
+    let factor = std::env::var("HEARTH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|f| f.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
 /// Where the guest images are (built by guest-images/tiny/build.sh).
 pub fn images_dir() -> PathBuf {
     let dir = std::env::var_os("HEARTH_TEST_IMAGES")
@@ -183,7 +195,9 @@ impl Stack {
             .append(true)
             .open(self.dir.path().join("api.log"))
             .expect("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
+        // HEARTH_API_BIN: where the binary is when not where cargo built it (in a guest).
+        let bin = std::env::var("HEARTH_API_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hearth-api").to_string());
+        let mut cmd = Command::new(bin);
         if let Some(d) = &self.daemons {
             cmd.arg("--config").arg(&d.config);
         } else {
@@ -206,7 +220,7 @@ impl Stack {
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
         self.child = Some(cmd.spawn().expect("spawn hearth-api"));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience(Duration::from_secs(30));
         loop {
             if let Ok((200, _)) = self.request_as("GET", "/health/ready", None, None).await {
                 break;
@@ -322,7 +336,7 @@ impl Stack {
         let id = accepted["operation"]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("no operation in {accepted}"));
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + patience(Duration::from_secs(120));
         loop {
             let (status, op) = self.call("GET", &format!("/v1/operations/{id}?wait=10"), None).await;
             assert_eq!(status, 200, "{op}");
@@ -405,17 +419,17 @@ impl Stack {
         };
         let (mut tx, mut rx) = ws.split();
         // The first frame is the scrollback; what follows is live.
-        let _scrollback = tokio::time::timeout(Duration::from_secs(10), rx.next())
+        let _scrollback = tokio::time::timeout(patience(Duration::from_secs(10)), rx.next())
             .await
             .expect("scrollback frame");
         tx.send(Message::Binary(Bytes::from(line.to_string())))
             .await
             .expect("send");
         let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience(Duration::from_secs(30));
         // A line typed while the shell sets its terminal up (printing a prompt) can
         // lose its first characters; it is typed once more after 10 s without answer.
-        let mut again = Some(Instant::now() + Duration::from_secs(10));
+        let mut again = Some(Instant::now() + patience(Duration::from_secs(10)));
         while !seen.contains(expect) {
             let until = again.map_or(deadline, |a| a.min(deadline));
             match tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx.next()).await {

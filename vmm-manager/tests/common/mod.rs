@@ -1,6 +1,7 @@
 //! Helpers shared by vmm-manager's integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Kills, on the way out (also when the test fails), every process whose command line
@@ -51,4 +52,50 @@ pub fn tiny_image() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// A loop device over a file (`losetup --find --show`), detached when dropped (also when
+/// the test fails).
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup --find --show {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Makes the device take its backing file's new size (`losetup --set-capacity`).
+    pub fn set_capacity(&self) {
+        let status = Command::new("losetup")
+            .args(["--set-capacity", &self.0])
+            .status()
+            .expect("run losetup");
+        assert!(status.success(), "losetup --set-capacity {}", self.0);
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.0)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        // Detached at its last close, which can come a moment later (udev probing).
+        let backing = format!("/sys/block/{}/loop/backing_file", self.0.trim_start_matches("/dev/"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&backing).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
