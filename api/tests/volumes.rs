@@ -101,6 +101,37 @@ async fn volume(stack: &Stack, name: &str) -> Value {
     v
 }
 
+/// The VM writes 4 MiB at 16 MiB of its /dev/vda (the volume), then discards them: the
+/// volume's `allocated_bytes` grows by them, then drops by at least 3 MiB. Returns both
+/// figures.
+async fn discard_gives_space_back(stack: &Stack, vm: &str, name: &str) -> (u64, u64) {
+    let out = stack
+        .console_run(
+            vm,
+            "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
+        )
+        .await;
+    assert!(out.contains("rc=0"), "{out}");
+    let written = allocated(stack, name).await;
+    assert!(written >= 4 << 20, "4 MiB written, {written} bytes allocated");
+    let out = stack
+        .console_run(vm, "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
+        .await;
+    assert!(out.contains("rc=0"), "{out}");
+    let trimmed = allocated(stack, name).await;
+    assert!(
+        trimmed + (3 << 20) <= written,
+        "the guest's discard gave nothing back to the pool: {written} bytes allocated before, {trimmed} after"
+    );
+    (written, trimmed)
+}
+
+async fn allocated(stack: &Stack, name: &str) -> u64 {
+    volume(stack, name).await["allocated_bytes"]
+        .as_u64()
+        .expect("allocated_bytes")
+}
+
 /// A second blockd (another "host"): the same library the daemon runs, in this test
 /// process, serving NBD on loopback.
 struct RemoteBlockd {
@@ -178,28 +209,7 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         assert_eq!(status, 409, "deleting an attached volume: {e}");
         guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
         // The guest's discards reach the pool: 4 MiB written, then discarded, come back.
-        let out = stack
-            .console_run(
-                "writer",
-                "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
-            )
-            .await;
-        assert!(out.contains("rc=0"), "{out}");
-        let written = volume(&stack, "data").await["allocated_bytes"]
-            .as_u64()
-            .expect("allocated_bytes");
-        assert!(written >= 4 << 20, "4 MiB written, {written} bytes allocated");
-        let out = stack
-            .console_run("writer", "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
-            .await;
-        assert!(out.contains("rc=0"), "{out}");
-        let trimmed = volume(&stack, "data").await["allocated_bytes"]
-            .as_u64()
-            .expect("allocated_bytes");
-        assert!(
-            trimmed + (3 << 20) <= written,
-            "the guest's discard gave nothing back: {written} bytes allocated before, {trimmed} after"
-        );
+        discard_gives_space_back(&stack, "writer", "data").await;
         // Grown while the VM runs: the guest sees the new size at once.
         let (status, v) = stack
             .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "96M"})))
@@ -447,7 +457,7 @@ impl TestVg {
         std::fs::File::create(&file)
             .and_then(|f| f.set_len(1 << 30))
             .expect("sparse file");
-        let device = sh("losetup", &["--find", "--show", file.to_str().expect("utf8")])
+        let device = testkit::run("losetup", &["--find", "--show", file.to_str().expect("utf8")])
             .trim()
             .to_string();
         let vg = TestVg {
@@ -455,8 +465,8 @@ impl TestVg {
             device,
             _dir: dir,
         };
-        sh("pvcreate", &["-q", &vg.device]);
-        sh("vgcreate", &["-q", &vg.name, &vg.device]);
+        testkit::run("pvcreate", &["-q", &vg.device]);
+        testkit::run("vgcreate", &["-q", &vg.name, &vg.device]);
         vg
     }
 }
@@ -471,19 +481,6 @@ impl Drop for TestVg {
             let _ = std::process::Command::new(prog).args(args).status();
         }
     }
-}
-
-fn sh(prog: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The api with its volumes in an LVM thin pool (`--volume-pool lvm:VG/pool`, the pool
@@ -524,31 +521,7 @@ fn volumes_on_an_lvm_thin_pool() {
         );
 
         guest_write(&stack, "lv", "/dev/vda", 100, "HEARTH-LVM-ONE").await;
-        let out = stack
-            .console_run(
-                "lv",
-                "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
-            )
-            .await;
-        assert!(out.contains("rc=0"), "{out}");
-        let written = volume(&stack, "data").await["allocated_bytes"]
-            .as_u64()
-            .expect("allocated_bytes");
-        assert!(
-            written >= 4 << 20,
-            "4 MiB written, {written} bytes allocated in the pool"
-        );
-        let out = stack
-            .console_run("lv", "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
-            .await;
-        assert!(out.contains("rc=0"), "{out}");
-        let trimmed = volume(&stack, "data").await["allocated_bytes"]
-            .as_u64()
-            .expect("allocated_bytes");
-        assert!(
-            trimmed + (3 << 20) <= written,
-            "the guest's discard gave nothing back to the thin pool: {written} bytes allocated before, {trimmed} after"
-        );
+        let (written, trimmed) = discard_gives_space_back(&stack, "lv", "data").await;
         eprintln!("allocated in the thin pool: {written} bytes after the write, {trimmed} after the discard");
 
         // 98M is not a whole number of 4 MiB extents: the volume gets 100M, and the
@@ -599,7 +572,7 @@ fn volumes_on_an_lvm_thin_pool() {
             assert_eq!(status, 204, "{v}: {e}");
         }
         eprintln!("the test's steps took {:?} in all", started.elapsed());
-        let lvs = sh("lvs", &["--noheadings", "-o", "lv_name", &vg.name]);
+        let lvs = testkit::run("lvs", &["--noheadings", "-o", "lv_name", &vg.name]);
         assert!(!lvs.contains("hv-"), "volumes left in the volume group: {lvs}");
     });
 }
@@ -629,7 +602,7 @@ fn lvm_volumes_through_the_api_in_a_debian_guest() {
     guest.copy_in(std::path::Path::new(&api), "hearth-api");
     guest.copy_in(&common::images_dir().join("tiny"), "images/tiny");
     let run = guest.run(API_GUEST_SCRIPT);
-    let log = run.console;
+    let log = &run.console;
     eprintln!("the guest ran the api on an LVM pool in {:?}", run.elapsed);
     // (The first may share the line that names the test.)
     for line in log.lines() {
@@ -640,27 +613,7 @@ fn lvm_volumes_through_the_api_in_a_debian_guest() {
             eprintln!("in the guest: {}", &line[at..]);
         }
     }
-    let verdict = log
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("HEARTH-API-LVM-GUEST-EXIT "))
-        .unwrap_or_else(|| {
-            panic!(
-                "the guest script did not finish; its console:\n{}",
-                testkit::tail(&log, 150)
-            )
-        });
-    assert_eq!(
-        verdict.trim(),
-        "0",
-        "the test failed in the guest:\n{}",
-        testkit::tail(&log, 150)
-    );
-    assert!(
-        // (lvm2's own messages may share the line that names the test.)
-        log.contains("test volumes_on_an_lvm_thin_pool ...") && log.contains("test result: ok. 1 passed; 0 failed"),
-        "the guest's test run did not report the test as passed:\n{}",
-        testkit::tail(&log, 150)
-    );
+    run.assert_tests_passed("HEARTH-API-LVM-GUEST-EXIT ", &["volumes_on_an_lvm_thin_pool"]);
 }
 
 /// What the guest runs (from the payload disk, as root, with its console on ttyS0).

@@ -28,6 +28,33 @@ pub struct GuestRun {
     pub elapsed: Duration,
 }
 
+impl GuestRun {
+    /// Asserts that a test binary run in the guest passed: the script printed `marker`
+    /// and the binary's exit status 0 on a line of its own, and the binary reported each
+    /// of `tests` and `test result: ok. N passed; 0 failed` (N = how many). Panics with
+    /// the end of the console otherwise.
+    pub fn assert_tests_passed(&self, marker: &str, tests: &[&str]) {
+        let log = &self.console;
+        let verdict = log
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(marker))
+            .unwrap_or_else(|| panic!("the guest script did not finish; its console:\n{}", tail(log, 150)));
+        assert_eq!(
+            verdict.trim(),
+            "0",
+            "the tests failed in the guest:\n{}",
+            tail(log, 150)
+        );
+        assert!(
+            // (lvm2's own messages, for one, may share the line that names a test.)
+            tests.iter().all(|t| log.contains(&format!("test {t} ...")))
+                && log.contains(&format!("test result: ok. {} passed; 0 failed", tests.len())),
+            "the guest's test run did not report {tests:?} as passed:\n{}",
+            tail(log, 150)
+        );
+    }
+}
+
 impl DebianGuest {
     /// The debian image under `$HEARTH_TEST_IMAGES` (default `/var/cache/hearth/images`).
     pub fn new() -> DebianGuest {
@@ -205,7 +232,9 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn run(prog: &str, args: &[&str]) {
+/// Runs `prog` with `args` and returns what it printed; panics with its stderr when it
+/// fails.
+pub fn run(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
         .args(args)
         .output()
@@ -215,6 +244,7 @@ fn run(prog: &str, args: &[&str]) {
         "{prog} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn copy_tree(src: &Path, dst: &Path) {
