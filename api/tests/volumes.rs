@@ -601,7 +601,10 @@ fn lvm_volumes_through_the_api_in_a_debian_guest() {
     let api = std::env::var("HEARTH_API_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hearth-api").to_string());
     guest.copy_in(std::path::Path::new(&api), "hearth-api");
     guest.copy_in(&common::images_dir().join("tiny"), "images/tiny");
-    let run = guest.run(API_GUEST_SCRIPT);
+    let run = guest.run(&testkit::script_installing_debs(
+        "HEARTH-API-LVM-GUEST-EXIT ",
+        API_GUEST_SCRIPT_BODY,
+    ));
     let log = &run.console;
     eprintln!("the guest ran the api on an LVM pool in {:?}", run.elapsed);
     // (The first may share the line that names the test.)
@@ -616,17 +619,9 @@ fn lvm_volumes_through_the_api_in_a_debian_guest() {
     run.assert_tests_passed("HEARTH-API-LVM-GUEST-EXIT ", &["volumes_on_an_lvm_thin_pool"]);
 }
 
-/// What the guest runs (from the payload disk, as root, with its console on ttyS0).
-/// Services the packages would start are not (policy-rc.d); hearth starts what it needs.
-const API_GUEST_SCRIPT: &str = r#"#!/bin/sh
-exec >/dev/ttyS0 2>&1
-printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-if ! dpkg --no-triggers -i /payload/debs/*.deb >/tmp/dpkg.log 2>&1; then
-    cat /tmp/dpkg.log
-    echo "HEARTH-API-LVM-GUEST-EXIT dpkg"
-    exit 1
-fi
-ldconfig
+/// What the guest runs once the .debs are in (`testkit::script_installing_debs`), from
+/// the payload disk, as root, with its console on ttyS0; hearth starts what it needs.
+const API_GUEST_SCRIPT_BODY: &str = r#"ldconfig
 modprobe dm-thin-pool
 qemu-system-x86_64 --version | head -1
 lvm version | head -1

@@ -46,33 +46,6 @@ fn guest_pattern() -> Vec<u8> {
         .collect()
 }
 
-/// What the host puts on the disk before the first boot, for the guest to read.
-fn host_pattern() -> Vec<u8> {
-    (0..65536u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect()
-}
-
-fn md5_hex(bytes: &[u8]) -> String {
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(bytes)
-        .expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum output");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// One QEMU process; killed (by its PID) when dropped, so a failing assertion never
 /// leaves a VM behind.
 struct Vm {
@@ -270,7 +243,7 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
     let image = dir.path().join("disk.raw");
     let file = std::fs::File::create(&image).expect("create image");
     file.set_len(DISK_SIZE).expect("size image");
-    file.write_all_at(&host_pattern(), HOST_PATTERN_AT)
+    file.write_all_at(&testkit::host_pattern(), HOST_PATTERN_AT)
         .expect("host pattern");
     file.write_all_at(&vec![0xaa; DISCARD_LEN as usize], DISCARD_AT)
         .expect("discard target");
@@ -310,7 +283,7 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
     ));
     assert_eq!(
         host_md5.split_whitespace().next(),
-        Some(md5_hex(&host_pattern()).as_str()),
+        Some(testkit::md5_hex(&testkit::host_pattern()).as_str()),
         "guest reads what the host wrote"
     );
 
@@ -349,7 +322,7 @@ fn guests_write_and_read_back_through_the_vhost_user_blk_export() {
     ));
     assert_eq!(
         md5.split_whitespace().next(),
-        Some(md5_hex(&guest_pattern()).as_str()),
+        Some(testkit::md5_hex(&guest_pattern()).as_str()),
         "the second guest reads the first's pattern"
     );
     let text = vm.console.value(&format!(

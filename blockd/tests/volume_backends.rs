@@ -581,7 +581,10 @@ fn lvm_thin_pool_in_a_debian_guest() {
     );
     guest.copy_in(&std::env::current_exe().expect("this test binary"), "volume_backends");
     guest.copy_in(Path::new(env!("CARGO_BIN_EXE_blockd")), "blockd");
-    let run = guest.run(GUEST_SCRIPT);
+    let run = guest.run(&testkit::script_installing_debs(
+        "HEARTH-LVM-GUEST-EXIT ",
+        GUEST_SCRIPT_BODY,
+    ));
     eprintln!("the guest ran the thin suite in {:?}", run.elapsed);
     run.assert_tests_passed(
         "HEARTH-LVM-GUEST-EXIT ",
@@ -599,18 +602,9 @@ fn lvm_thin_pool_in_a_debian_guest() {
     );
 }
 
-/// What the guest runs (from the payload disk, as root, with its console on ttyS0).
-/// policy-rc.d keeps the packages from starting services; triggers are skipped (no
-/// initramfs rebuild in a throw-away guest).
-const GUEST_SCRIPT: &str = r#"#!/bin/sh
-exec >/dev/ttyS0 2>&1
-printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-if ! dpkg --no-triggers -i /payload/debs/*.deb >/tmp/dpkg.log 2>&1; then
-    cat /tmp/dpkg.log
-    echo "HEARTH-LVM-GUEST-EXIT dpkg"
-    exit 1
-fi
-modprobe dm-thin-pool
+/// What the guest runs once the .debs are in (`testkit::script_installing_debs`), from
+/// the payload disk, as root, with its console on ttyS0.
+const GUEST_SCRIPT_BODY: &str = r#"modprobe dm-thin-pool
 dmsetup version
 lvm version | head -1
 cd /tmp

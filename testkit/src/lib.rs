@@ -207,6 +207,55 @@ impl Default for DebianGuest {
     }
 }
 
+/// The start of a script for [`DebianGuest::run`]: its output goes to the console, and
+/// the payload's `.deb`s are installed as a user installs them, without starting the
+/// services they bring (policy-rc.d) and without triggers (no initramfs rebuild in a
+/// throw-away guest). When dpkg fails its log is shown and `<marker>dpkg` printed.
+/// `body` follows.
+pub fn script_installing_debs(marker: &str, body: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+exec >/dev/ttyS0 2>&1
+printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+if ! dpkg --no-triggers -i /payload/debs/*.deb >/tmp/dpkg.log 2>&1; then
+    cat /tmp/dpkg.log
+    echo "{marker}dpkg"
+    exit 1
+fi
+{body}"#
+    )
+}
+
+/// 64 KiB of a fixed pseudo-random pattern, for a host to put on a disk and a guest to
+/// find there (or the other way round).
+pub fn host_pattern() -> Vec<u8> {
+    (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// The MD5 of `bytes` in hex, as `md5sum` (which a guest also has) prints it.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("feed md5sum");
+    let out = child.wait_with_output().expect("md5sum output");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// `$HEARTH_TEST_IMAGES`, where the guest images are (default `/var/cache/hearth/images`).
 pub fn images_dir() -> PathBuf {
     std::env::var_os("HEARTH_TEST_IMAGES")
@@ -238,10 +287,10 @@ pub fn run(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {prog} ({e}); scripts/test.sh installs it"));
     assert!(
         out.status.success(),
-        "{prog} {args:?}: {}",
+        "{prog} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -13,7 +13,6 @@ mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,13 +31,6 @@ const DISCARD_LEN: u64 = 4 << 20;
 const PATTERN_LINES: usize = 256;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// What the host writes before the boot, for the guest to read.
-fn host_pattern() -> Vec<u8> {
-    (0..65536u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect()
-}
 
 /// What the guest writes to disk `name`: lines of 32 bytes made by its shell.
 fn guest_pattern(name: &str) -> Vec<u8> {
@@ -59,7 +51,8 @@ impl Disk {
         let backing = dir.join(format!("{name}.raw"));
         let f = std::fs::File::create(&backing).expect("create backing file");
         f.set_len(DISK_SIZE).expect("size backing file");
-        f.write_all_at(&host_pattern(), HOST_PATTERN_AT).expect("host pattern");
+        f.write_all_at(&testkit::host_pattern(), HOST_PATTERN_AT)
+            .expect("host pattern");
         f.write_all_at(&vec![0xaa; DISCARD_LEN as usize], DISCARD_AT)
             .expect("range to discard");
         f.sync_all().expect("sync backing file");
@@ -207,27 +200,6 @@ impl Guest {
     }
 }
 
-fn md5_hex(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(bytes)
-        .expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum output");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_disks_on_block_devices_and_sparse_files() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -268,7 +240,7 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
     });
     let mut guest = Guest::attach(&svc, "disks-1").await;
     assert_eq!(guest.disks().await, ["vda", "vdb"]);
-    let host_md5 = md5_hex(&host_pattern());
+    let host_md5 = testkit::md5_hex(&testkit::host_pattern());
     for dev in ["vda", "vdb"] {
         let sectors = guest.ok(&format!("cat /sys/block/{dev}/size")).await;
         assert!(sectors.starts_with(&(DISK_SIZE / 512).to_string()), "{dev}: {sectors}");
@@ -283,7 +255,9 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
             "{dev} offers discard"
         );
         assert_eq!(
-            guest.md5(dev, HOST_PATTERN_AT, host_pattern().len() as u64).await,
+            guest
+                .md5(dev, HOST_PATTERN_AT, testkit::host_pattern().len() as u64)
+                .await,
             host_md5,
             "{dev}: the guest reads what the host wrote"
         );
@@ -337,7 +311,9 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(
-        guest.md5("vdc", HOST_PATTERN_AT, host_pattern().len() as u64).await,
+        guest
+            .md5("vdc", HOST_PATTERN_AT, testkit::host_pattern().len() as u64)
+            .await,
         host_md5,
         "the hot-plugged disk holds what the host wrote"
     );

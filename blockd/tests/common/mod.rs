@@ -5,19 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Runs a command and returns its stdout; panics with its stderr when it fails.
-pub fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} ({e}); scripts/test.sh installs it"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+pub use testkit::run;
 
 /// A file system on a loop device, mounted on a temporary directory; unmounted and
 /// detached when dropped, also when the test fails.
