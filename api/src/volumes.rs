@@ -7,8 +7,8 @@
 //! - `GET /v1/volumes`, `GET|DELETE /v1/volumes/{name}` (delete: 409 while attached,
 //!   exported or holding snapshots with clones)
 //! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only; a running VM
-//!   the volume is attached to as a file sees the new size at once, one attached over
-//!   vhost-user at its next start)
+//!   the volume is attached to sees the new size at once: as a file through its
+//!   hypervisor's resize, over vhost-user through blockd's config-change message)
 //! - `POST /v1/volumes/{name}/snapshots` `{name}`, `DELETE /v1/volumes/{name}/snapshots/{snapshot}`
 //! - `POST /v1/volumes/{name}/clone` `{name, snapshot?}` (without a snapshot, one named
 //!   after the clone is taken first)
@@ -470,8 +470,8 @@ pub async fn resize(
     let grown = state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
     if let Some(a) = attachment(&state, &caller.project, &name).await? {
         // A disk QEMU or Cloud Hypervisor opens as a file: the running guest is told
-        // its new capacity. Over vhost-user blockd serves the grown volume to the VM's
-        // next connection (its next start); the backend cannot notify a live one.
+        // its new capacity. Over vhost-user blockd has already told the VM (the resize
+        // grew the device under its socket and sent a config-change message).
         if a.via == AttachVia::File {
             state
                 .vmm

@@ -230,11 +230,18 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         assert!(read.contains("HEARTH-PATTERN-ONE"), "read through vhost-user: {read:?}");
         guest_write(&stack, "reader", "/dev/vda", 200, "HEARTH-PATTERN-TWO").await;
         assert_eq!(guest_sectors(&stack, "reader", "vda").await, (96 << 20) / 512);
-        // Grown under a vhost-user attachment: the guest sees it at the VM's next start.
+        // Grown under a vhost-user attachment: blockd tells QEMU over the back-end
+        // channel, and the running guest sees the new size at once...
         let (status, v) = stack
             .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "128M"})))
             .await;
         assert_eq!(status, 200, "{v}");
+        wait_for_sectors(&stack, "reader", "vda", (128 << 20) / 512).await;
+        // ... and can use it: a write past the old end reads back.
+        guest_write(&stack, "reader", "/dev/vda", (120 << 20) / 512, "HEARTH-PAST-OLD-END").await;
+        let read = guest_read(&stack, "reader", "/dev/vda", (120 << 20) / 512, 19).await;
+        assert!(read.contains("HEARTH-PAST-OLD-END"), "past the old end: {read:?}");
+        // The next start is served the grown volume too.
         stack.act("reader", "stop").await;
         stack.act("reader", "start").await;
         stack

@@ -534,7 +534,15 @@ impl Exports {
         let t = self.table.lock().await;
         if let Some((spec, export)) = t.vhost.get(name) {
             match Self::open(volumes, name, spec.read_only).await {
-                Ok(dev) => export.set_device(dev),
+                Ok(dev) => match export.set_device(dev) {
+                    Ok(true) => tracing::info!(volume = name, "the VM on the vhost-user socket was told the new size"),
+                    Ok(false) if export.is_connected() => tracing::info!(
+                        volume = name,
+                        "the VM on the vhost-user socket gave no back-end channel: it sees the new size at its next start"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(volume = name, "the VM on the vhost-user socket was not told the new size: {e}"),
+                },
                 Err(e) => tracing::error!(volume = name, "re-opening after resize: {e}"),
             }
         }

@@ -14,7 +14,7 @@ pub mod vhost_user;
 pub mod volume;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use exports::{Exports, NbdSettings};
 use service::VolumeService;
@@ -155,4 +155,9 @@ impl Blockd {
 /// The HTTP routes blockd serves on its Unix socket.
 pub fn router(blockd: Arc<Blockd>) -> axum::Router {
     http::router(blockd)
+}
+
+/// Locks `m`, also after a thread panicked holding it (the data stays usable).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

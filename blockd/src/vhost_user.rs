@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost::vhost_user::{Backend as FrontendChannel, Error as ProtocolError, Listener, VhostUserFrontendReqHandler};
 use vhost_user_backend::{
     Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
 };
@@ -46,6 +46,7 @@ pub use request::{ConfigSpace, RequestExecutor, SegmentLimits, CONFIG_SPACE_LEN}
 use request::{GuestMem, SECTOR_SIZE};
 
 use crate::device::BlockDevice;
+use crate::lock;
 
 /// Most queues: `queues_per_thread` is a 64-bit mask per worker.
 pub const MAX_QUEUES: u16 = 64;
@@ -163,7 +164,11 @@ pub fn config_space(device: &dyn BlockDevice, options: &VhostUserBlkOptions) -> 
 /// per-queue workers.
 struct BlkBackend {
     features: u64,
-    config: ConfigSpace,
+    /// The capacity changes when the volume grows (see [`BlkBackend::grow`]).
+    config: Mutex<ConfigSpace>,
+    /// The back-end channel, once the frontend gave one (`SET_BACKEND_REQ_FD`): how a
+    /// running VM is told that its disk grew.
+    frontend: Mutex<Option<FrontendChannel>>,
     num_queues: usize,
     poll: Duration,
     /// One executor per worker thread (= per queue); each thread only locks its own.
@@ -189,12 +194,32 @@ impl BlkBackend {
             .collect();
         BlkBackend {
             features: virtio_features(device.as_ref()),
-            config: config_space(device.as_ref(), options),
+            config: Mutex::new(config_space(device.as_ref(), options)),
+            frontend: Mutex::new(None),
             num_queues: options.num_queues as usize,
             poll: Duration::from_micros(u64::from(options.poll_us)),
             executors,
             mem,
         }
+    }
+
+    /// Serves `device`, the same volume grown, from now on: every queue's next request
+    /// is checked against the new size, the config space reports it, and the frontend
+    /// is told (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`), which makes it read the config
+    /// space again and interrupt the guest. False when the frontend gave no back-end
+    /// channel: the guest then sees the new size when it next connects.
+    fn grow(&self, device: &Arc<dyn BlockDevice>) -> io::Result<bool> {
+        for executor in &self.executors {
+            lock(executor).set_device(Arc::clone(device));
+        }
+        lock(&self.config).capacity = device.size() / SECTOR_SIZE;
+        let Some(frontend) = lock(&self.frontend).clone() else {
+            return Ok(false);
+        };
+        frontend
+            .handle_config_change()
+            .map_err(|e| io::Error::other(format!("telling the frontend of the new capacity: {e}")))?;
+        Ok(true)
     }
 
     /// Completes everything on `vring` and tells the guest. With EVENT_IDX the guest may
@@ -208,7 +233,7 @@ impl BlkBackend {
             .executors
             .get(thread)
             .ok_or_else(|| io::Error::other(format!("no executor for worker {thread}")))?;
-        let mut executor = executor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut executor = lock(executor);
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         loop {
@@ -256,6 +281,11 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, frontend: FrontendChannel) {
+        *lock(&self.frontend) = Some(frontend);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -264,7 +294,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config.read(offset, size)
+        lock(&self.config).read(offset, size)
     }
 
     fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
@@ -325,6 +355,9 @@ struct ExportState {
     stop_event: EventFd,
     /// Ends the current connection; set while a frontend is connected.
     current: Mutex<Option<ShutdownHandleDebug>>,
+    /// The current connection's backend, to grow its device; set while a frontend is
+    /// connected.
+    live: Mutex<Option<BackendDebug>>,
     /// What the next frontend is served (see [`VhostUserBlkExport::set_device`]).
     device: Mutex<DeviceDebug>,
 }
@@ -335,6 +368,15 @@ struct DeviceDebug(Arc<dyn BlockDevice>);
 impl std::fmt::Debug for DeviceDebug {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BlockDevice of {} bytes", self.0.size())
+    }
+}
+
+/// A connection's backend, wrapped so the state can derive `Debug`.
+struct BackendDebug(Arc<BlkBackend>);
+
+impl std::fmt::Debug for BackendDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlkBackend")
     }
 }
 
@@ -384,6 +426,7 @@ impl VhostUserBlkExport {
             connections: AtomicU64::new(0),
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             current: Mutex::new(None),
+            live: Mutex::new(None),
             device: Mutex::new(DeviceDebug(device)),
         });
         let name = format!("vhost-user-blk:{}", socket_path.display());
@@ -408,12 +451,18 @@ impl VhostUserBlkExport {
         self.state.connected.load(Ordering::Acquire)
     }
 
-    /// Serves `device` (the same volume, re-opened after it grew) to the frontends that
-    /// connect from now on: a VM started after a resize sees the new capacity. The
-    /// frontend connected now keeps the device and size it was given (the vhost-user
-    /// crate has no way to send it a config-change message).
-    pub fn set_device(&self, device: Arc<dyn BlockDevice>) {
-        self.state.device.lock().unwrap_or_else(|e| e.into_inner()).0 = device;
+    /// Serves `device`, the same volume re-opened after it grew, from now on: to the
+    /// frontend connected now, which is told of the new capacity (its guest sees it at
+    /// once), and to those that connect later. Returns whether a connected frontend was
+    /// told: false when none is connected, or when it gave no back-end channel (its
+    /// guest then sees the new size when the VM next starts).
+    pub fn set_device(&self, device: Arc<dyn BlockDevice>) -> io::Result<bool> {
+        lock(&self.state.device).0 = Arc::clone(&device);
+        let live = lock(&self.state.live).as_ref().map(|b| Arc::clone(&b.0));
+        match live {
+            Some(backend) => backend.grow(&device),
+            None => Ok(false),
+        }
     }
 
     /// How many frontends have connected since the start.
@@ -434,7 +483,7 @@ impl VhostUserBlkExport {
         };
         self.state.stopping.store(true, Ordering::Release);
         self.state.stop_event.write(1)?;
-        if let Some(current) = self.state.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(current) = lock(&self.state.current).as_ref() {
             current.0.shutdown();
         }
         thread
@@ -483,7 +532,7 @@ fn accept_loop(name: String, mut listener: Listener, options: VhostUserBlkOption
         if events.iter().any(|e| e.data() == STOP_TOKEN) {
             return;
         }
-        let device = state.device.lock().unwrap_or_else(|e| e.into_inner()).0.clone();
+        let device = lock(&state.device).0.clone();
         match serve_connection(&name, &mut listener, &device, &options, &state) {
             Ok(()) => tracing::info!("{name}: frontend disconnected"),
             Err(e) => tracing::warn!("{name}: connection ended: {e}"),
@@ -516,11 +565,20 @@ fn serve_connection(
 ) -> Result<(), DaemonError> {
     let mem = GuestMemoryAtomic::new(GuestMem::new());
     let backend = Arc::new(BlkBackend::new(device, options, mem.clone()));
-    let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)?;
+    let mut daemon = VhostUserDaemon::new(name.to_string(), Arc::clone(&backend), mem)?;
     daemon.start(listener)?;
     state.connections.fetch_add(1, Ordering::AcqRel);
     if let Some(handle) = daemon.shutdown_handle() {
-        *state.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(ShutdownHandleDebug(handle));
+        *lock(&state.current) = Some(ShutdownHandleDebug(handle));
+    }
+    *lock(&state.live) = Some(BackendDebug(Arc::clone(&backend)));
+    // Grown between `accept_loop` taking the device and `live` being set (so
+    // `set_device` found no live backend): grown now, as a resize would.
+    let latest = lock(&state.device).0.clone();
+    if latest.size() != device.size() {
+        if let Err(e) = backend.grow(&latest) {
+            tracing::warn!("{name}: {e}");
+        }
     }
     state.connected.store(true, Ordering::Release);
     tracing::info!("{name}: frontend connected");
@@ -529,7 +587,8 @@ fn serve_connection(
         daemon.request_shutdown();
     }
     let result = daemon.wait();
-    state.current.lock().unwrap_or_else(|e| e.into_inner()).take();
+    lock(&state.current).take();
+    lock(&state.live).take();
     state.connected.store(false, Ordering::Release);
     // Dropping the daemon drops the connection's handler, which stops and joins the
     // queue workers before the next frontend is accepted.
@@ -576,6 +635,44 @@ mod tests {
         assert_eq!(c.capacity, 2048);
         assert_eq!(c.num_queues, 3);
         assert_eq!(c.discard_sector_alignment, 8);
+    }
+
+    #[test]
+    fn a_grown_device_reaches_the_config_space_and_the_frontend() {
+        use std::io::Read;
+        let capacity = |b: &BlkBackend| u64::from_le_bytes(b.get_config(0, 8).try_into().expect("8 bytes"));
+        let device = |size| -> Arc<dyn BlockDevice> { Arc::new(MemoryDevice::new(size)) };
+        let backend = BlkBackend::new(
+            &device(1 << 20),
+            &VhostUserBlkOptions::default(),
+            GuestMemoryAtomic::new(GuestMem::new()),
+        );
+        assert!(backend
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ));
+        assert_eq!(capacity(&backend), 2048);
+        // No back-end channel yet: the config space grows, nobody is told.
+        assert!(!backend.grow(&device(4 << 20)).expect("grow"));
+        assert_eq!(capacity(&backend), 8192);
+
+        let (ours, mut frontend) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        backend.set_backend_req_fd(FrontendChannel::from_stream(ours));
+        assert!(backend.grow(&device(8 << 20)).expect("grow"));
+        assert_eq!(capacity(&backend), 16384);
+        // What the frontend receives: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2), version 1
+        // in the flags, no body.
+        let mut header = [0u8; 12];
+        frontend
+            .read_exact(&mut header)
+            .expect("a message on the back-end channel");
+        let word = |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        assert_eq!((word(0), word(1) & 0x3, word(2)), (2, 1, 0), "{header:?}");
+
+        // A frontend that went away: the grow still happens, the error says why.
+        drop(frontend);
+        let err = backend.grow(&device(16 << 20)).expect_err("nobody to tell");
+        assert!(err.to_string().contains("new capacity"), "{err}");
+        assert_eq!(capacity(&backend), 32768);
     }
 
     #[test]

@@ -43,7 +43,9 @@ use std::io::{self, BufRead, BufReader, Cursor, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+pub(crate) use crate::lock;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -228,11 +230,6 @@ pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settin
         conn.socket.close();
     }
     rx
-}
-
-/// Locks `m`, also after a thread panicked holding it (the data stays usable).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A request read off the socket, with its data if it is a write.

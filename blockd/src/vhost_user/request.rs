@@ -98,6 +98,11 @@ impl RequestExecutor {
         }
     }
 
+    /// Serves `device` from the next request on: the same volume, re-opened after it grew.
+    pub fn set_device(&mut self, device: Arc<dyn BlockDevice>) {
+        self.device = device;
+    }
+
     /// Completes every request available on `queue`: runs it, writes its status and
     /// puts it on the used ring. Returns whether any request was completed. Errors are
     /// those of the rings themselves (a used ring outside guest memory), not of

@@ -105,7 +105,7 @@ pub trait Hypervisor: Send + Sync {
 /// The refusal to resize a vhost-user-blk disk through the VMM.
 pub fn vhost_user_resize_unsupported(disk: &str) -> VmmError {
     VmmError::Unsupported(format!(
-        "disk {disk:?} is a vhost-user-blk device: its size comes from the backend, and the guest sees a new size at the VM's next start"
+        "disk {disk:?} is a vhost-user-blk device: its size comes from the backend, which tells the VM itself (blockd sends a config-change message when it grows a volume)"
     ))
 }
 
