@@ -11,7 +11,12 @@ use common::{create_body, in_private_netns, patience, Stack};
 use serde_json::{json, Value};
 
 async fn create_vm(stack: &Stack, name: &str, volumes: Value) -> Value {
+    create_vm_from(stack, name, "tiny", volumes).await
+}
+
+async fn create_vm_from(stack: &Stack, name: &str, image: &str, volumes: Value) -> Value {
     let mut body = create_body(name, "qemu");
+    body["image"] = json!(image);
     body["nics"] = json!([]);
     body["volumes"] = volumes;
     let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
@@ -35,13 +40,10 @@ async fn guest_write(stack: &Stack, vm: &str, dev: &str, sector: u32, text: &str
     let out = stack
         .console_run(
             vm,
-            &format!("printf '{text}' | dd of={dev} bs=512 seek={sector} conv=fsync 2>&1; sync"),
+            &format!("printf '{text}' | dd of={dev} bs=512 seek={sector} conv=fsync 2>&1; echo rc=$?; sync"),
         )
         .await;
-    assert!(
-        !out.contains("can't open") && !out.contains("No such"),
-        "write to {dev} failed: {out}"
-    );
+    assert!(out.contains("rc=0"), "write to {dev} failed: {out}");
 }
 
 /// Reads `len` bytes at sector `sector` of the guest's `dev`.
@@ -101,21 +103,21 @@ async fn volume(stack: &Stack, name: &str) -> Value {
     v
 }
 
-/// The VM writes 4 MiB at 16 MiB of its /dev/vda (the volume), then discards them: the
+/// The VM writes 4 MiB at 16 MiB of its `dev` (the volume), then discards them: the
 /// volume's `allocated_bytes` grows by them, then drops by at least 3 MiB. Returns both
 /// figures.
-async fn discard_gives_space_back(stack: &Stack, vm: &str, name: &str) -> (u64, u64) {
+async fn discard_gives_space_back(stack: &Stack, vm: &str, dev: &str, name: &str) -> (u64, u64) {
     let out = stack
         .console_run(
             vm,
-            "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?",
+            &format!("dd if=/dev/urandom of={dev} bs=1M seek=16 count=4 conv=fsync 2>&1; echo rc=$?"),
         )
         .await;
     assert!(out.contains("rc=0"), "{out}");
     let written = allocated(stack, name).await;
     assert!(written >= 4 << 20, "4 MiB written, {written} bytes allocated");
     let out = stack
-        .console_run(vm, "blkdiscard -o 16777216 -l 4194304 /dev/vda; echo rc=$?")
+        .console_run(vm, &format!("blkdiscard -o 16777216 -l 4194304 {dev}; echo rc=$?"))
         .await;
     assert!(out.contains("rc=0"), "{out}");
     let trimmed = allocated(stack, name).await;
@@ -209,7 +211,7 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         assert_eq!(status, 409, "deleting an attached volume: {e}");
         guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
         // The guest's discards reach the pool: 4 MiB written, then discarded, come back.
-        discard_gives_space_back(&stack, "writer", "data").await;
+        discard_gives_space_back(&stack, "writer", "/dev/vda", "data").await;
         // Grown while the VM runs: the guest sees the new size at once.
         let (status, v) = stack
             .call("POST", "/v1/volumes/data/resize", Some(json!({"size": "96M"})))
@@ -323,12 +325,8 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             "the write reached the other host's file"
         );
 
-        // Hot-unplug, then clean up in dependency order.
-        let (status, v) = stack.call("POST", "/v1/volumes/far/detach", None).await;
-        assert_eq!(status, 200, "hot-unplug: {v}");
-        assert!(v["attached_to"].is_null());
-        // Its owner grows it by asking for it again with a larger size: the next NBD
-        // client is offered the new size.
+        // Its owner grows it by asking for it again with a larger size, which re-adds the
+        // export: the next NBD client is offered the new size...
         let grown = blockd::service::VolumeSpec {
             size_bytes: Some(48 << 20),
             source: None,
@@ -343,6 +341,34 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             .expect("connect to the export");
         assert_eq!(nbd.size(), 48 << 20, "the export after a PUT that grew the volume");
         drop(nbd);
+        // ... and the VM here, whose NBD connection that ended, keeps its data and sees
+        // the new size once its next I/O has reconnected.
+        let deadline = std::time::Instant::now() + patience(Duration::from_secs(30));
+        loop {
+            let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
+            assert!(read.contains("HEARTH-FROM-AFAR!"), "read after the growth: {read:?}");
+            let sectors = guest_sectors(&stack, "reader", "vdb").await;
+            if sectors == (48 << 20) / 512 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the VM's remote disk still has {sectors} sectors after the export grew to 48 MiB"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        guest_write(&stack, "reader", "/dev/vdb", (40 << 20) / 512, "PAST-THE-OLD-END").await;
+        let bytes = std::fs::read(far.path.as_ref().expect("path")).expect("remote file");
+        assert_eq!(
+            &bytes[40 << 20..(40 << 20) + 16],
+            b"PAST-THE-OLD-END",
+            "a write past the old end reached the other host's file"
+        );
+
+        // Hot-unplug, then clean up in dependency order.
+        let (status, v) = stack.call("POST", "/v1/volumes/far/detach", None).await;
+        assert_eq!(status, 200, "hot-unplug: {v}");
+        assert!(v["attached_to"].is_null());
         delete_vm(&stack, "reader").await;
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");
@@ -511,10 +537,61 @@ fn volumes_on_an_lvm_thin_pool() {
         assert_eq!(status, 201, "{v}\n{}", stack.log());
         assert_eq!(v["backend"], "lvm", "{v}");
         assert_eq!(v["size_bytes"], 64 << 20);
+
+        // An image with a disk: its base volume is made in the thin pool once, and each
+        // VM's root disk is a thin snapshot of it.
+        let work = tempfile::tempdir().expect("tmp");
+        let disk = work.path().join("rooted.raw");
+        let mut bytes = vec![0u8; 16 << 20];
+        bytes[50 * 512..50 * 512 + 17].copy_from_slice(b"HEARTH-IMAGE-ROOT");
+        std::fs::write(&disk, &bytes).expect("image disk");
+        let tiny = common::images_dir().join("tiny");
+        let path = |f: &str| tiny.join(f).display().to_string();
+        let body = json!({
+            "name": "rooted",
+            "path": disk.display().to_string(),
+            // Bytes with no partition table: imaged asks to be told it is a raw disk.
+            "format": "raw",
+            "kernel": path("vmlinuz"),
+            "initramfs": path("initrd.img"),
+            "cmdline": std::fs::read_to_string(tiny.join("cmdline")).expect("cmdline").trim(),
+        });
+        let (status, accepted) = stack.call("POST", "/v1/images", Some(body)).await;
+        assert_eq!(status, 202, "{accepted}");
+        let op = stack.wait_op(&accepted).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+
         let started = std::time::Instant::now();
-        create_vm(&stack, "lv", json!(["data"])).await;
-        eprintln!("the VM on the thin volume booted in {:?}", started.elapsed());
-        // QEMU opened the thin volume's device node as a block device.
+        let vm = create_vm_from(&stack, "lv", "rooted", json!(["data"])).await;
+        eprintln!("the VM on the thin volumes booted in {:?}", started.elapsed());
+        let root = format!("hv-vm-{}-root", vm["id"].as_str().expect("id"));
+        let origins = testkit::run("lvs", &["--noheadings", "-o", "lv_name,origin", &vg.name]);
+        let origin = origins
+            .lines()
+            .map(str::split_whitespace)
+            .find_map(|mut f| (f.next() == Some(root.as_str())).then(|| f.next().unwrap_or("").to_string()))
+            .unwrap_or_else(|| panic!("no {root} in the volume group: {origins}"));
+        // (The clone's origin is the base volume's snapshot `base`: hs-image-…+base.)
+        let base_lv = match origin.strip_prefix("hs-image-").and_then(|o| o.strip_suffix("+base")) {
+            Some(digest) => format!("hv-image-{digest}"),
+            None => panic!("the root disk is not a thin snapshot of the image's base volume: {origins}"),
+        };
+        // The guest reads the image's bytes on its root disk and writes its own; the
+        // image's base volume keeps the image's.
+        let read = guest_read(&stack, "lv", "/dev/vda", 50, 17).await;
+        assert!(read.contains("HEARTH-IMAGE-ROOT"), "the root disk: {read:?}");
+        guest_write(&stack, "lv", "/dev/vda", 50, "HEARTH-VM-WROTE-IT").await;
+        let base = std::fs::read(format!("/dev/{}/{base_lv}", vg.name)).expect("read the base volume");
+        assert_eq!(
+            &base[50 * 512..50 * 512 + 17],
+            b"HEARTH-IMAGE-ROOT",
+            "the image's base volume changed"
+        );
+
+        // The root disk is vda, the image's cloud-init seed vdb, the data volume vdc.
+        assert_eq!(guest_sectors(&stack, "lv", "vdc").await, (64 << 20) / 512);
+
+        // QEMU opened the thin volumes' device nodes as block devices.
         let lv = format!("/dev/{}/hv-data", vg.name);
         let qemu = stack
             .vmm_processes()
@@ -523,12 +600,12 @@ fn volumes_on_an_lvm_thin_pool() {
             .find(|cmd| cmd.contains("qemu"))
             .expect("the VM's QEMU");
         assert!(
-            qemu.contains(&lv) && qemu.contains("host_device"),
-            "QEMU does not open {lv} as a host_device: {qemu}"
+            qemu.contains(&lv) && qemu.contains(&root) && qemu.contains("host_device"),
+            "QEMU does not open {lv} and {root} as host_device: {qemu}"
         );
 
-        guest_write(&stack, "lv", "/dev/vda", 100, "HEARTH-LVM-ONE").await;
-        let (written, trimmed) = discard_gives_space_back(&stack, "lv", "data").await;
+        guest_write(&stack, "lv", "/dev/vdc", 100, "HEARTH-LVM-ONE").await;
+        let (written, trimmed) = discard_gives_space_back(&stack, "lv", "/dev/vdc", "data").await;
         eprintln!("allocated in the thin pool: {written} bytes after the write, {trimmed} after the discard");
 
         // 98M is not a whole number of 4 MiB extents: the volume gets 100M, and the
@@ -538,14 +615,14 @@ fn volumes_on_an_lvm_thin_pool() {
             .await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["size_bytes"], 100 << 20);
-        wait_for_sectors(&stack, "lv", "vda", (100 << 20) / 512).await;
+        wait_for_sectors(&stack, "lv", "vdc", (100 << 20) / 512).await;
 
         // A thin snapshot keeps the old content; its clone is a volume of its own.
         let (status, s) = stack
             .call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"})))
             .await;
         assert_eq!(status, 201, "{s}");
-        guest_write(&stack, "lv", "/dev/vda", 100, "HEARTH-LVM-TWO").await;
+        guest_write(&stack, "lv", "/dev/vdc", 100, "HEARTH-LVM-TWO").await;
         let (status, c) = stack
             .call(
                 "POST",
@@ -559,11 +636,11 @@ fn volumes_on_an_lvm_thin_pool() {
             .call("POST", "/v1/volumes/copy/attach", Some(json!({"vm": "lv"})))
             .await;
         assert_eq!(status, 200, "hot-plug the clone: {v}");
-        wait_for_device(&stack, "lv", "/dev/vdb").await;
-        let read = guest_read(&stack, "lv", "/dev/vdb", 100, 14).await;
+        wait_for_device(&stack, "lv", "/dev/vdd").await;
+        let read = guest_read(&stack, "lv", "/dev/vdd", 100, 14).await;
         assert!(read.contains("HEARTH-LVM-ONE"), "the clone of the snapshot: {read:?}");
-        guest_write(&stack, "lv", "/dev/vdb", 100, "HEARTH-LVM-TRI").await;
-        let read = guest_read(&stack, "lv", "/dev/vda", 100, 14).await;
+        guest_write(&stack, "lv", "/dev/vdd", 100, "HEARTH-LVM-TRI").await;
+        let read = guest_read(&stack, "lv", "/dev/vdc", 100, 14).await;
         assert!(
             read.contains("HEARTH-LVM-TWO"),
             "the volume after its clone was written: {read:?}"
@@ -578,9 +655,17 @@ fn volumes_on_an_lvm_thin_pool() {
             let (status, e) = stack.call("DELETE", &format!("/v1/volumes/{v}"), None).await;
             assert_eq!(status, 204, "{v}: {e}");
         }
+        let lvs = testkit::run("lvs", &["--noheadings", "-o", "lv_name", &vg.name]);
+        assert!(!lvs.contains(&root), "the VM's delete left its root disk: {lvs}");
+        assert!(lvs.contains(&base_lv), "the image's base went before the image: {lvs}");
+        let (status, report) = stack.call("DELETE", "/v1/images/rooted", None).await;
+        assert_eq!(status, 200, "{report}");
         eprintln!("the test's steps took {:?} in all", started.elapsed());
         let lvs = testkit::run("lvs", &["--noheadings", "-o", "lv_name", &vg.name]);
-        assert!(!lvs.contains("hv-"), "volumes left in the volume group: {lvs}");
+        assert!(
+            !lvs.contains("hv-") && !lvs.contains("hs-"),
+            "volumes or snapshots left in the volume group: {lvs}"
+        );
     });
 }
 

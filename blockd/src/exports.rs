@@ -590,18 +590,25 @@ impl Exports {
         let socket = self.vhost_socket("remote", name);
         let (export, read_only) = (spec.export.clone(), spec.read_only);
         let started = tokio::task::spawn_blocking(move || -> Result<VhostUserBlkExport> {
-            let dev = NbdDevice::connect_with(address.clone(), &export, tls, ReconnectPolicy::default())
+            let nbd = NbdDevice::connect_with(address.clone(), &export, tls, ReconnectPolicy::default())
                 .map_err(|e| VolumeError::NotFound(format!("cannot reach NBD export {export:?} at {address}: {e}")))?;
+            let nbd = Arc::new(nbd);
             let dev: Arc<dyn BlockDevice> = if read_only {
-                Arc::new(ReadOnly(dev))
+                Arc::new(ReadOnly(Arc::clone(&nbd)))
             } else {
-                Arc::new(dev)
+                Arc::clone(&nbd) as Arc<dyn BlockDevice>
             };
             let options = VhostUserBlkOptions {
                 serial: export.chars().take(20).collect(),
                 ..Default::default()
             };
-            VhostUserBlkExport::start(&socket, dev, options).map_err(internal("starting the vhost-user-blk socket"))
+            let started = VhostUserBlkExport::start(&socket, dev, options)
+                .map_err(internal("starting the vhost-user-blk socket"))?;
+            // Grown on its own host: the VM here is told when the NBD client next
+            // reconnects (the owner's resize ends its connections), at its next I/O.
+            let notify = started.growth_notifier();
+            nbd.on_grow(move |_| notify());
+            Ok(started)
         })
         .await
         .map_err(|e| VolumeError::Backend(e.to_string()))??;

@@ -362,6 +362,18 @@ struct ExportState {
     device: Mutex<DeviceDebug>,
 }
 
+impl ExportState {
+    /// See [`VhostUserBlkExport::set_device`].
+    fn serve(&self, device: Arc<dyn BlockDevice>) -> io::Result<bool> {
+        lock(&self.device).0 = Arc::clone(&device);
+        let live = lock(&self.live).as_ref().map(|b| Arc::clone(&b.0));
+        match live {
+            Some(backend) => backend.grow(&device),
+            None => Ok(false),
+        }
+    }
+}
+
 /// The served device, wrapped so the state can derive `Debug`.
 struct DeviceDebug(Arc<dyn BlockDevice>);
 
@@ -457,11 +469,32 @@ impl VhostUserBlkExport {
     /// told: false when none is connected, or when it gave no back-end channel (its
     /// guest then sees the new size when the VM next starts).
     pub fn set_device(&self, device: Arc<dyn BlockDevice>) -> io::Result<bool> {
-        lock(&self.state.device).0 = Arc::clone(&device);
-        let live = lock(&self.state.live).as_ref().map(|b| Arc::clone(&b.0));
-        match live {
-            Some(backend) => backend.grow(&device),
-            None => Ok(false),
+        self.state.serve(device)
+    }
+
+    /// What to call when the served device grew by itself (an NBD export whose owner
+    /// grew it, noticed at a reconnection): the connected frontend is told, as by
+    /// [`VhostUserBlkExport::set_device`], from a thread of its own, since the growth
+    /// is noticed while a queue's request runs (which holds that queue). Does nothing
+    /// once the export is gone.
+    pub fn growth_notifier(&self) -> impl Fn() + Send + Sync + 'static {
+        let state = Arc::downgrade(&self.state);
+        move || {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let spawned = std::thread::Builder::new()
+                .name("vhost-user-grow".to_string())
+                .spawn(move || {
+                    let device = lock(&state.device).0.clone();
+                    match state.serve(device) {
+                        Ok(told) => tracing::info!(told, "vhost-user-blk: the device grew"),
+                        Err(e) => tracing::warn!("vhost-user-blk: the device grew: {e}"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("vhost-user-blk: cannot start a thread to report a grown device: {e}");
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockd::device::{BlockDevice, FileDevice, MemoryDevice};
@@ -645,6 +645,60 @@ fn nbd_device_survives_a_server_restart() {
         "gave up too late: {:?}",
         started.elapsed()
     );
+}
+
+/// An export that grew between two connections (its owner resized the volume) is
+/// followed: the device takes the new size and says so; one that shrank is refused.
+#[test]
+fn nbd_device_follows_an_export_that_grew_and_refuses_one_that_shrank() {
+    let dir = scratch_dir();
+    let file = dir.path().join("vol.raw");
+    sparse_file(&file, 16 * MIB);
+    let socket = dir.path().join("serve.sock");
+    let server = ServeProcess::start(&file, &socket);
+    let policy = ReconnectPolicy {
+        give_up_after: Duration::from_secs(5),
+        ..ReconnectPolicy::default()
+    };
+    let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let log = told.clone();
+    dev.on_grow(move |size| log.lock().expect("log").push(size));
+    dev.write_at(&[0x5a; 4096], 4096).expect("write");
+    dev.flush().expect("flush");
+    server.stop();
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(32 * MIB))
+        .expect("grow the file");
+    let server = ServeProcess::start(&file, &socket);
+    let mut back = [0u8; 4096];
+    dev.read_at(&mut back, 4096).expect("read after the growth");
+    assert_eq!(back, [0x5a; 4096], "the data stays where it was");
+    assert_eq!(dev.size(), 32 * MIB, "the device took the new size");
+    assert_eq!(
+        *told.lock().expect("log"),
+        vec![32 * MIB],
+        "on_grow was called once, with the new size"
+    );
+    dev.write_at(&[0x6b; 4096], 30 * MIB).expect("a write past the old end");
+    server.stop();
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_len(8 * MIB))
+        .expect("shrink the file");
+    let server = ServeProcess::start(&file, &socket);
+    let err = dev
+        .read_at(&mut back, 0)
+        .expect_err("an export that shrank must not be served");
+    assert!(err.to_string().contains("shrank from"), "{err}");
+    assert_eq!(dev.size(), 32 * MIB);
+    drop(dev);
+    server.stop();
 }
 
 #[test]

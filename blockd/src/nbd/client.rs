@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -61,8 +61,8 @@ pub enum ClientError {
     Closed,
     #[error("the export is read-only")]
     ReadOnly,
-    #[error("the export changed size from {was} to {now} bytes while reconnecting")]
-    SizeChanged { was: u64, now: u64 },
+    #[error("the export shrank from {was} to {now} bytes while reconnecting")]
+    Shrunk { was: u64, now: u64 },
 }
 
 impl ClientError {
@@ -694,7 +694,10 @@ pub struct NbdDevice {
     tls: Option<ClientTls>,
     policy: ReconnectPolicy,
     client: Mutex<Option<Arc<NbdClient>>>,
-    size: u64,
+    /// What the server offered; larger after a reconnection found the export grown.
+    size: AtomicU64,
+    /// Called with the new size when a reconnection finds the export grown.
+    on_grow: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     read_only: bool,
     reconnects: AtomicU64,
 }
@@ -704,7 +707,7 @@ impl std::fmt::Debug for NbdDevice {
         f.debug_struct("NbdDevice")
             .field("address", &self.address)
             .field("export", &self.export)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -752,7 +755,8 @@ impl NbdDevice {
             connect()?
         };
         Ok(NbdDevice {
-            size: client.size(),
+            size: AtomicU64::new(client.size()),
+            on_grow: OnceLock::new(),
             read_only: client.read_only(),
             runtime: Some(runtime),
             address,
@@ -762,6 +766,14 @@ impl NbdDevice {
             client: Mutex::new(Some(Arc::new(client))),
             reconnects: AtomicU64::new(0),
         })
+    }
+
+    /// Calls `f` with the new size whenever a reconnection finds the export grown (its
+    /// owner resized the volume, which re-adds the export and so ends this
+    /// connection). `f` runs on the thread whose request noticed: it must not wait for
+    /// other requests on this device. Set once; later calls are ignored.
+    pub fn on_grow(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.on_grow.set(Box::new(f));
     }
 
     /// How many times the connection was re-established.
@@ -812,12 +824,21 @@ impl NbdDevice {
                 let attempt = match self.current() {
                     Some(c) => op(c).await,
                     None => match NbdClient::connect_with(&self.address, &self.export, self.tls.as_ref()).await {
-                        Ok(c) if c.size() != self.size => Err(ClientError::SizeChanged {
-                            was: self.size,
+                        // Grown is fine (the bytes so far are where they were); shrunk
+                        // would lose some the guest may hold.
+                        Ok(c) if c.size() < self.size() => Err(ClientError::Shrunk {
+                            was: self.size(),
                             now: c.size(),
                         }),
                         Ok(c) => {
                             tracing::info!(address = %self.address, export = %self.export, "NBD connection re-established");
+                            let was = self.size.fetch_max(c.size(), Ordering::AcqRel);
+                            if c.size() > was {
+                                tracing::info!(address = %self.address, export = %self.export, was, now = c.size(), "the NBD export grew");
+                                if let Some(f) = self.on_grow.get() {
+                                    f(c.size());
+                                }
+                            }
                             self.reconnects.fetch_add(1, Ordering::Relaxed);
                             let c = Arc::new(c);
                             *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
@@ -847,13 +868,13 @@ impl NbdDevice {
 
 impl BlockDevice for NbdDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         let len = buf.len();
         let data = self
             .with_client(|c| async move { c.read(offset, len).await })
@@ -865,7 +886,7 @@ impl BlockDevice for NbdDevice {
         if self.read_only {
             return Err(ClientError::ReadOnly.to_io());
         }
-        check_range(self.size, offset, buf.len() as u64)?;
+        check_range(self.size(), offset, buf.len() as u64)?;
         self.with_client(|c| async move { c.write(offset, buf, false).await })
             .map_err(|e| e.to_io())
     }
@@ -880,7 +901,7 @@ impl BlockDevice for NbdDevice {
         if self.read_only {
             return Err(ClientError::ReadOnly.to_io());
         }
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         self.with_client(|c| async move { c.trim(offset, len).await })
             .map_err(|e| e.to_io())
     }
@@ -888,7 +909,7 @@ impl BlockDevice for NbdDevice {
         if self.read_only {
             return Err(ClientError::ReadOnly.to_io());
         }
-        check_range(self.size, offset, len)?;
+        check_range(self.size(), offset, len)?;
         self.with_client(|c| async move { c.write_zeroes(offset, len, may_trim).await })
             .map_err(|e| e.to_io())
     }
