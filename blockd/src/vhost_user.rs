@@ -42,7 +42,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use request::{ConfigSpace, RequestExecutor, SegmentLimits, CONFIG_SPACE_LEN};
+pub use request::{ConfigSpace, RequestExecutor, SegmentLimits, SharedDevice, CONFIG_SPACE_LEN};
 use request::{GuestMem, SECTOR_SIZE};
 
 use crate::device::BlockDevice;
@@ -164,7 +164,9 @@ pub fn config_space(device: &dyn BlockDevice, options: &VhostUserBlkOptions) -> 
 /// per-queue workers.
 struct BlkBackend {
     features: u64,
-    /// The capacity changes when the volume grows (see [`BlkBackend::grow`]).
+    /// What the queues serve, replaced when the volume grows (see [`BlkBackend::grow`]).
+    device: Arc<SharedDevice>,
+    /// The capacity changes when the volume grows.
     config: Mutex<ConfigSpace>,
     /// The back-end channel, once the frontend gave one (`SET_BACKEND_REQ_FD`): how a
     /// running VM is told that its disk grew.
@@ -182,10 +184,11 @@ impl BlkBackend {
         options: &VhostUserBlkOptions,
         mem: GuestMemoryAtomic<GuestMem>,
     ) -> BlkBackend {
+        let shared = Arc::new(SharedDevice::new(Arc::clone(device)));
         let executors = (0..options.num_queues)
             .map(|_| {
-                Mutex::new(RequestExecutor::new(
-                    Arc::clone(device),
+                Mutex::new(RequestExecutor::on_shared(
+                    Arc::clone(&shared),
                     &options.serial,
                     options.discard,
                     options.write_zeroes,
@@ -194,6 +197,7 @@ impl BlkBackend {
             .collect();
         BlkBackend {
             features: virtio_features(device.as_ref()),
+            device: shared,
             config: Mutex::new(config_space(device.as_ref(), options)),
             frontend: Mutex::new(None),
             num_queues: options.num_queues as usize,
@@ -204,14 +208,13 @@ impl BlkBackend {
     }
 
     /// Serves `device`, the same volume grown, from now on: every queue's next request
-    /// is checked against the new size, the config space reports it, and the frontend
-    /// is told (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`), which makes it read the config
-    /// space again and interrupt the guest. False when the frontend gave no back-end
-    /// channel: the guest then sees the new size when it next connects.
+    /// is checked against the new size (no queue is stopped for it), the config space
+    /// reports it, and the frontend is told (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`),
+    /// which makes it read the config space again and interrupt the guest. False when
+    /// the frontend gave no back-end channel: the guest then sees the new size when it
+    /// next connects.
     fn grow(&self, device: &Arc<dyn BlockDevice>) -> io::Result<bool> {
-        for executor in &self.executors {
-            lock(executor).set_device(Arc::clone(device));
-        }
+        self.device.replace(Arc::clone(device));
         lock(&self.config).capacity = device.size() / SECTOR_SIZE;
         let Some(frontend) = lock(&self.frontend).clone() else {
             return Ok(false);
@@ -474,26 +477,19 @@ impl VhostUserBlkExport {
 
     /// What to call when the served device grew by itself (an NBD export whose owner
     /// grew it, noticed at a reconnection): the connected frontend is told, as by
-    /// [`VhostUserBlkExport::set_device`], from a thread of its own, since the growth
-    /// is noticed while a queue's request runs (which holds that queue). Does nothing
-    /// once the export is gone.
+    /// [`VhostUserBlkExport::set_device`]. It may run inside a queue's request (the
+    /// one that reconnected): telling waits for no queue. Does nothing once the export
+    /// is gone.
     pub fn growth_notifier(&self) -> impl Fn() + Send + Sync + 'static {
         let state = Arc::downgrade(&self.state);
         move || {
             let Some(state) = state.upgrade() else {
                 return;
             };
-            let spawned = std::thread::Builder::new()
-                .name("vhost-user-grow".to_string())
-                .spawn(move || {
-                    let device = lock(&state.device).0.clone();
-                    match state.serve(device) {
-                        Ok(told) => tracing::info!(told, "vhost-user-blk: the device grew"),
-                        Err(e) => tracing::warn!("vhost-user-blk: the device grew: {e}"),
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("vhost-user-blk: cannot start a thread to report a grown device: {e}");
+            let device = lock(&state.device).0.clone();
+            match state.serve(device) {
+                Ok(told) => tracing::info!(told, "vhost-user-blk: the device grew"),
+                Err(e) => tracing::warn!("vhost-user-blk: the device grew: {e}"),
             }
         }
     }

@@ -44,14 +44,13 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-pub(crate) use crate::lock;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use super::proto::{self, *};
 use crate::device::BlockDevice;
+pub(crate) use crate::lock;
 
 /// A connected socket served with blocking calls from several threads at once.
 pub(crate) trait BlockingSocket: Send + Sync + 'static {

@@ -14,7 +14,8 @@
 
 use std::io::{self, Read, Write};
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -67,11 +68,42 @@ fn invalid(msg: String) -> Failure {
     Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, msg))
 }
 
+/// The device a connection's queues serve, replaced when the volume grows: each
+/// executor checks the generation before every request (one atomic load) and takes
+/// the new device when it changed, so no queue needs to be stopped or locked.
+#[derive(Debug)]
+pub struct SharedDevice {
+    generation: AtomicU64,
+    device: Mutex<Arc<dyn BlockDevice>>,
+}
+
+impl SharedDevice {
+    pub fn new(device: Arc<dyn BlockDevice>) -> SharedDevice {
+        SharedDevice {
+            generation: AtomicU64::new(0),
+            device: Mutex::new(device),
+        }
+    }
+
+    /// Every executor's next request is served by `device`.
+    pub fn replace(&self, device: Arc<dyn BlockDevice>) {
+        *crate::lock(&self.device) = device;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn current(&self) -> Arc<dyn BlockDevice> {
+        crate::lock(&self.device).clone()
+    }
+}
+
 /// Runs the requests of one virtqueue on a device. One per worker thread: it owns the
 /// bounce buffer, so it is used by one thread at a time.
 #[derive(Debug)]
 pub struct RequestExecutor {
+    shared: Arc<SharedDevice>,
+    /// `shared`'s device as of `generation`.
     device: Arc<dyn BlockDevice>,
+    generation: u64,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     discard: SegmentLimits,
     write_zeroes: SegmentLimits,
@@ -86,11 +118,24 @@ impl RequestExecutor {
         discard: SegmentLimits,
         write_zeroes: SegmentLimits,
     ) -> RequestExecutor {
+        Self::on_shared(Arc::new(SharedDevice::new(device)), serial, discard, write_zeroes)
+    }
+
+    /// An executor for whatever device `shared` holds at each request.
+    pub fn on_shared(
+        shared: Arc<SharedDevice>,
+        serial: &str,
+        discard: SegmentLimits,
+        write_zeroes: SegmentLimits,
+    ) -> RequestExecutor {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let generation = shared.generation.load(Ordering::Acquire);
         RequestExecutor {
-            device,
+            device: shared.current(),
+            generation,
+            shared,
             serial: id,
             discard,
             write_zeroes,
@@ -98,9 +143,13 @@ impl RequestExecutor {
         }
     }
 
-    /// Serves `device` from the next request on: the same volume, re-opened after it grew.
-    pub fn set_device(&mut self, device: Arc<dyn BlockDevice>) {
-        self.device = device;
+    /// Takes the shared device if it was replaced since the last request.
+    fn refresh(&mut self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.device = self.shared.current();
+            self.generation = generation;
+        }
     }
 
     /// Completes every request available on `queue`: runs it, writes its status and
@@ -125,6 +174,7 @@ impl RequestExecutor {
     where
         M: Deref<Target = GuestMem> + Clone,
     {
+        self.refresh();
         let mem = chain.memory();
         let Ok(mut data_out) = chain.clone().writer(mem) else {
             tracing::debug!("virtio-blk request with writable descriptors outside guest memory");
@@ -400,6 +450,12 @@ mod tests {
         /// Puts one chain on a fresh queue, runs the queue on `device`, and returns
         /// (status byte, used length).
         fn submit(&self, device: Arc<dyn BlockDevice>, descs: &[Desc]) -> (u8, u32) {
+            let mut exec = RequestExecutor::new(device, "hearth-test-serial-0123456789", LIMITS, LIMITS);
+            self.submit_to(&mut exec, descs)
+        }
+
+        /// As `submit`, on an executor of the caller's.
+        fn submit_to(&self, exec: &mut RequestExecutor, descs: &[Desc]) -> (u8, u32) {
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
             let mock = MockSplitQueue::new(&self.mem, QUEUE_SIZE);
             // Each submit starts from empty rings on the same memory.
@@ -419,7 +475,6 @@ mod tests {
                 .collect();
             mock.add_desc_chains(&raw, 0).expect("chain");
             let mut queue: Queue = mock.create_queue().expect("queue");
-            let mut exec = RequestExecutor::new(device, "hearth-test-serial-0123456789", LIMITS, LIMITS);
             assert!(exec.process_queue(&mut queue, &self.mem).expect("process"));
             let used = mock.used();
             assert_eq!(used.idx().load(), 1, "one request completed");
@@ -437,6 +492,23 @@ mod tests {
     const OK: u8 = VIRTIO_BLK_S_OK as u8;
     const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
     const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    #[test]
+    fn an_executor_follows_its_shared_device_when_it_is_replaced() {
+        let rig = Rig::new();
+        let shared = Arc::new(SharedDevice::new(rig.dev()));
+        let mut exec = RequestExecutor::on_shared(Arc::clone(&shared), "grown", LIMITS, LIMITS);
+        // The first sector past the end of the 1 MiB device.
+        rig.header(VIRTIO_BLK_T_IN, DEV_SIZE / 512);
+        let d = [(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+        assert_eq!(rig.submit_to(&mut exec, &d).0, IOERR);
+        shared.replace(Arc::new(MemoryDevice::new(2 * DEV_SIZE)));
+        assert_eq!(
+            rig.submit_to(&mut exec, &d).0,
+            OK,
+            "the same executor, the grown device"
+        );
+    }
 
     #[test]
     fn write_then_read_across_descriptors() {
