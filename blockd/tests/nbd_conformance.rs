@@ -588,21 +588,28 @@ impl Drop for ServeProcess {
     }
 }
 
-#[test]
-fn nbd_device_survives_a_server_restart() {
+/// A 16 MiB file `nbd_serve` serves on a Unix socket, and an `NbdDevice` on it (giving
+/// up after `give_up_after`) that wrote 4 KiB of 0x5a at 4096 and flushed. Returns the
+/// scratch directory, the file, the socket, the server and the device.
+fn served_file(give_up_after: Duration) -> (tempfile::TempDir, PathBuf, PathBuf, ServeProcess, NbdDevice) {
     let dir = scratch_dir();
     let file = dir.path().join("vol.raw");
     sparse_file(&file, 16 * MIB);
     let socket = dir.path().join("serve.sock");
     let server = ServeProcess::start(&file, &socket);
     let policy = ReconnectPolicy {
-        give_up_after: Duration::from_secs(20),
+        give_up_after,
         ..ReconnectPolicy::default()
     };
     let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
     dev.write_at(&[0x5a; 4096], 4096).expect("write");
     dev.flush().expect("flush");
+    (dir, file, socket, server, dev)
+}
 
+#[test]
+fn nbd_device_survives_a_server_restart() {
+    let (_dir, file, socket, server, dev) = served_file(Duration::from_secs(20));
     server.stop();
     // The server comes back a moment later; meanwhile the device keeps retrying.
     let (file2, socket2) = (file.clone(), socket.clone());
@@ -651,29 +658,21 @@ fn nbd_device_survives_a_server_restart() {
 /// followed: the device takes the new size and says so; one that shrank is refused.
 #[test]
 fn nbd_device_follows_an_export_that_grew_and_refuses_one_that_shrank() {
-    let dir = scratch_dir();
-    let file = dir.path().join("vol.raw");
-    sparse_file(&file, 16 * MIB);
-    let socket = dir.path().join("serve.sock");
-    let server = ServeProcess::start(&file, &socket);
-    let policy = ReconnectPolicy {
-        give_up_after: Duration::from_secs(5),
-        ..ReconnectPolicy::default()
-    };
-    let dev = NbdDevice::connect(NbdAddress::Unix(socket.clone()), "vol", policy).expect("connect");
+    let (_dir, file, socket, server, dev) = served_file(Duration::from_secs(5));
     let told = Arc::new(Mutex::new(Vec::new()));
     let log = told.clone();
     dev.on_grow(move |size| log.lock().expect("log").push(size));
-    dev.write_at(&[0x5a; 4096], 4096).expect("write");
-    dev.flush().expect("flush");
     server.stop();
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .and_then(|f| f.set_len(32 * MIB))
-        .expect("grow the file");
-    let server = ServeProcess::start(&file, &socket);
+    let restart_at = |len: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len(len))
+            .expect("resize the file");
+        ServeProcess::start(&file, &socket)
+    };
+    let server = restart_at(32 * MIB);
     let mut back = [0u8; 4096];
     dev.read_at(&mut back, 4096).expect("read after the growth");
     assert_eq!(back, [0x5a; 4096], "the data stays where it was");
@@ -686,12 +685,7 @@ fn nbd_device_follows_an_export_that_grew_and_refuses_one_that_shrank() {
     dev.write_at(&[0x6b; 4096], 30 * MIB).expect("a write past the old end");
     server.stop();
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .and_then(|f| f.set_len(8 * MIB))
-        .expect("shrink the file");
-    let server = ServeProcess::start(&file, &socket);
+    let server = restart_at(8 * MIB);
     let err = dev
         .read_at(&mut back, 0)
         .expect_err("an export that shrank must not be served");
