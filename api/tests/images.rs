@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,19 +18,7 @@ use axum::response::Response;
 use axum::routing::get;
 use common::{images_dir, in_private_netns, Stack, LISTEN};
 use serde_json::{json, Value};
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use testkit::run;
 
 /// A raw disk holding an ext4 file system with `/marker` in it, made by mkfs.ext4
 /// from a folder (sparse: a 10 GiB one takes a few MiB).

@@ -97,6 +97,40 @@ async fn wait_for_sectors(stack: &Stack, vm: &str, dev: &str, want: u64) {
     }
 }
 
+/// Takes snapshot `snap` of `vol` (201).
+async fn snapshot(stack: &Stack, vol: &str, snap: &str) {
+    let (status, s) = stack
+        .call(
+            "POST",
+            &format!("/v1/volumes/{vol}/snapshots"),
+            Some(json!({"name": snap})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+}
+
+/// Clones `vol@snap` into a new volume `name` (201, its origin named).
+async fn clone_snapshot(stack: &Stack, vol: &str, snap: &str, name: &str) {
+    let (status, c) = stack
+        .call(
+            "POST",
+            &format!("/v1/volumes/{vol}/clone"),
+            Some(json!({"name": name, "snapshot": snap})),
+        )
+        .await;
+    assert_eq!(status, 201, "{c}");
+    assert_eq!(c["origin"], format!("{vol}@{snap}"));
+}
+
+/// Attaches `vol` to the running `vm` and waits for the guest to see it as `dev`.
+async fn hot_plug(stack: &Stack, vol: &str, vm: &str, dev: &str) {
+    let (status, v) = stack
+        .call("POST", &format!("/v1/volumes/{vol}/attach"), Some(json!({"vm": vm})))
+        .await;
+    assert_eq!(status, 200, "hot-plug {vol}: {v}");
+    wait_for_device(stack, vm, dev).await;
+}
+
 async fn volume(stack: &Stack, name: &str) -> Value {
     let (status, v) = stack.call("GET", &format!("/v1/volumes/{name}"), None).await;
     assert_eq!(status, 200, "{v}");
@@ -254,19 +288,8 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         assert!(read.contains("HEARTH-PATTERN-TWO"), "after the restart: {read:?}");
 
         // A snapshot keeps the old content; a clone is independent.
-        let (status, s) = stack
-            .call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"})))
-            .await;
-        assert_eq!(status, 201, "{s}");
-        let (status, c) = stack
-            .call(
-                "POST",
-                "/v1/volumes/data/clone",
-                Some(json!({"name": "copy", "snapshot": "s1"})),
-            )
-            .await;
-        assert_eq!(status, 201, "{c}");
-        assert_eq!(c["origin"], "data@s1");
+        snapshot(&stack, "data", "s1").await;
+        clone_snapshot(&stack, "data", "s1", "copy").await;
 
         // blockd restarts (the api with it) while the VM uses the volume over vhost-user:
         // the socket comes back and the guest keeps reading and writing.
@@ -310,11 +333,7 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let (status, v) = stack.call("POST", "/v1/volumes", Some(body)).await;
         assert_eq!(status, 201, "{v}");
         assert_eq!(v["location"], "remote");
-        let (status, v) = stack
-            .call("POST", "/v1/volumes/far/attach", Some(json!({"vm": "reader"})))
-            .await;
-        assert_eq!(status, 200, "hot-plug: {v}");
-        wait_for_device(&stack, "reader", "/dev/vdb").await;
+        hot_plug(&stack, "far", "reader", "/dev/vdb").await;
         let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
         assert!(read.contains("HEARTH-FROM-AFAR!"), "read over NBD: {read:?}");
         guest_write(&stack, "reader", "/dev/vdb", 9, "WRITTEN-FROM-VM").await;
@@ -618,25 +637,10 @@ fn volumes_on_an_lvm_thin_pool() {
         wait_for_sectors(&stack, "lv", "vdc", (100 << 20) / 512).await;
 
         // A thin snapshot keeps the old content; its clone is a volume of its own.
-        let (status, s) = stack
-            .call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "s1"})))
-            .await;
-        assert_eq!(status, 201, "{s}");
+        snapshot(&stack, "data", "s1").await;
         guest_write(&stack, "lv", "/dev/vdc", 100, "HEARTH-LVM-TWO").await;
-        let (status, c) = stack
-            .call(
-                "POST",
-                "/v1/volumes/data/clone",
-                Some(json!({"name": "copy", "snapshot": "s1"})),
-            )
-            .await;
-        assert_eq!(status, 201, "{c}");
-        assert_eq!(c["origin"], "data@s1");
-        let (status, v) = stack
-            .call("POST", "/v1/volumes/copy/attach", Some(json!({"vm": "lv"})))
-            .await;
-        assert_eq!(status, 200, "hot-plug the clone: {v}");
-        wait_for_device(&stack, "lv", "/dev/vdd").await;
+        clone_snapshot(&stack, "data", "s1", "copy").await;
+        hot_plug(&stack, "copy", "lv", "/dev/vdd").await;
         let read = guest_read(&stack, "lv", "/dev/vdd", 100, 14).await;
         assert!(read.contains("HEARTH-LVM-ONE"), "the clone of the snapshot: {read:?}");
         guest_write(&stack, "lv", "/dev/vdd", 100, "HEARTH-LVM-TRI").await;

@@ -164,10 +164,10 @@ pub fn config_space(device: &dyn BlockDevice, options: &VhostUserBlkOptions) -> 
 /// per-queue workers.
 struct BlkBackend {
     features: u64,
-    /// What the queues serve, replaced when the volume grows (see [`BlkBackend::grow`]).
+    /// What the queues serve: the export's device, replaced when the volume grows.
     device: Arc<SharedDevice>,
-    /// The capacity changes when the volume grows.
-    config: Mutex<ConfigSpace>,
+    /// The config space but for the capacity, which is the device's at each read.
+    config: ConfigSpace,
     /// The back-end channel, once the frontend gave one (`SET_BACKEND_REQ_FD`): how a
     /// running VM is told that its disk grew.
     frontend: Mutex<Option<FrontendChannel>>,
@@ -179,16 +179,12 @@ struct BlkBackend {
 }
 
 impl BlkBackend {
-    fn new(
-        device: &Arc<dyn BlockDevice>,
-        options: &VhostUserBlkOptions,
-        mem: GuestMemoryAtomic<GuestMem>,
-    ) -> BlkBackend {
-        let shared = Arc::new(SharedDevice::new(Arc::clone(device)));
+    fn new(device: &Arc<SharedDevice>, options: &VhostUserBlkOptions, mem: GuestMemoryAtomic<GuestMem>) -> BlkBackend {
+        let current = device.current();
         let executors = (0..options.num_queues)
             .map(|_| {
                 Mutex::new(RequestExecutor::on_shared(
-                    Arc::clone(&shared),
+                    Arc::clone(device),
                     &options.serial,
                     options.discard,
                     options.write_zeroes,
@@ -196,9 +192,9 @@ impl BlkBackend {
             })
             .collect();
         BlkBackend {
-            features: virtio_features(device.as_ref()),
-            device: shared,
-            config: Mutex::new(config_space(device.as_ref(), options)),
+            features: virtio_features(current.as_ref()),
+            device: Arc::clone(device),
+            config: config_space(current.as_ref(), options),
             frontend: Mutex::new(None),
             num_queues: options.num_queues as usize,
             poll: Duration::from_micros(u64::from(options.poll_us)),
@@ -207,15 +203,11 @@ impl BlkBackend {
         }
     }
 
-    /// Serves `device`, the same volume grown, from now on: every queue's next request
-    /// is checked against the new size (no queue is stopped for it), the config space
-    /// reports it, and the frontend is told (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`),
+    /// Tells the frontend that the device grew (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`),
     /// which makes it read the config space again and interrupt the guest. False when
     /// the frontend gave no back-end channel: the guest then sees the new size when it
     /// next connects.
-    fn grow(&self, device: &Arc<dyn BlockDevice>) -> io::Result<bool> {
-        self.device.replace(Arc::clone(device));
-        lock(&self.config).capacity = device.size() / SECTOR_SIZE;
+    fn tell_frontend(&self) -> io::Result<bool> {
         let Some(frontend) = lock(&self.frontend).clone() else {
             return Ok(false);
         };
@@ -297,7 +289,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        lock(&self.config).read(offset, size)
+        let config = ConfigSpace {
+            capacity: self.device.current().size() / SECTOR_SIZE,
+            ..self.config.clone()
+        };
+        config.read(offset, size)
     }
 
     fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
@@ -358,31 +354,22 @@ struct ExportState {
     stop_event: EventFd,
     /// Ends the current connection; set while a frontend is connected.
     current: Mutex<Option<ShutdownHandleDebug>>,
-    /// The current connection's backend, to grow its device; set while a frontend is
-    /// connected.
+    /// The current connection's backend, to tell its frontend the device grew; set
+    /// while a frontend is connected.
     live: Mutex<Option<BackendDebug>>,
-    /// What the next frontend is served (see [`VhostUserBlkExport::set_device`]).
-    device: Mutex<DeviceDebug>,
+    /// What every connection serves (see [`VhostUserBlkExport::set_device`]).
+    device: Arc<SharedDevice>,
 }
 
 impl ExportState {
-    /// See [`VhostUserBlkExport::set_device`].
-    fn serve(&self, device: Arc<dyn BlockDevice>) -> io::Result<bool> {
-        lock(&self.device).0 = Arc::clone(&device);
+    /// Tells the connected frontend, if any, that the device grew. See
+    /// [`VhostUserBlkExport::set_device`].
+    fn tell_frontend(&self) -> io::Result<bool> {
         let live = lock(&self.live).as_ref().map(|b| Arc::clone(&b.0));
         match live {
-            Some(backend) => backend.grow(&device),
+            Some(backend) => backend.tell_frontend(),
             None => Ok(false),
         }
-    }
-}
-
-/// The served device, wrapped so the state can derive `Debug`.
-struct DeviceDebug(Arc<dyn BlockDevice>);
-
-impl std::fmt::Debug for DeviceDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockDevice of {} bytes", self.0.size())
     }
 }
 
@@ -442,7 +429,7 @@ impl VhostUserBlkExport {
             stop_event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             current: Mutex::new(None),
             live: Mutex::new(None),
-            device: Mutex::new(DeviceDebug(device)),
+            device: Arc::new(SharedDevice::new(device)),
         });
         let name = format!("vhost-user-blk:{}", socket_path.display());
         let thread_state = Arc::clone(&state);
@@ -472,7 +459,8 @@ impl VhostUserBlkExport {
     /// told: false when none is connected, or when it gave no back-end channel (its
     /// guest then sees the new size when the VM next starts).
     pub fn set_device(&self, device: Arc<dyn BlockDevice>) -> io::Result<bool> {
-        self.state.serve(device)
+        self.state.device.replace(device);
+        self.state.tell_frontend()
     }
 
     /// What to call when the served device grew by itself (an NBD export whose owner
@@ -486,8 +474,8 @@ impl VhostUserBlkExport {
             let Some(state) = state.upgrade() else {
                 return;
             };
-            let device = lock(&state.device).0.clone();
-            match state.serve(device) {
+            // The device is the same; its size is what changed.
+            match state.tell_frontend() {
                 Ok(told) => tracing::info!(told, "vhost-user-blk: the device grew"),
                 Err(e) => tracing::warn!("vhost-user-blk: the device grew: {e}"),
             }
@@ -561,8 +549,7 @@ fn accept_loop(name: String, mut listener: Listener, options: VhostUserBlkOption
         if events.iter().any(|e| e.data() == STOP_TOKEN) {
             return;
         }
-        let device = lock(&state.device).0.clone();
-        match serve_connection(&name, &mut listener, &device, &options, &state) {
+        match serve_connection(&name, &mut listener, &options, &state) {
             Ok(()) => tracing::info!("{name}: frontend disconnected"),
             Err(e) => tracing::warn!("{name}: connection ended: {e}"),
         }
@@ -588,12 +575,12 @@ fn wait_set(listener: &Listener, stop: &EventFd) -> io::Result<Epoll> {
 fn serve_connection(
     name: &str,
     listener: &mut Listener,
-    device: &Arc<dyn BlockDevice>,
     options: &VhostUserBlkOptions,
     state: &ExportState,
 ) -> Result<(), DaemonError> {
     let mem = GuestMemoryAtomic::new(GuestMem::new());
-    let backend = Arc::new(BlkBackend::new(device, options, mem.clone()));
+    let generation = state.device.generation();
+    let backend = Arc::new(BlkBackend::new(&state.device, options, mem.clone()));
     let mut daemon = VhostUserDaemon::new(name.to_string(), Arc::clone(&backend), mem)?;
     daemon.start(listener)?;
     state.connections.fetch_add(1, Ordering::AcqRel);
@@ -601,11 +588,10 @@ fn serve_connection(
         *lock(&state.current) = Some(ShutdownHandleDebug(handle));
     }
     *lock(&state.live) = Some(BackendDebug(Arc::clone(&backend)));
-    // Grown between `accept_loop` taking the device and `live` being set (so
-    // `set_device` found no live backend): grown now, as a resize would.
-    let latest = lock(&state.device).0.clone();
-    if latest.size() != device.size() {
-        if let Err(e) = backend.grow(&latest) {
+    // Grown before `live` was set (so `set_device` told nobody), perhaps after the
+    // frontend read the config space: told now, as a resize would.
+    if state.device.generation() != generation {
+        if let Err(e) = backend.tell_frontend() {
             tracing::warn!("{name}: {e}");
         }
     }
@@ -671,8 +657,9 @@ mod tests {
         use std::io::Read;
         let capacity = |b: &BlkBackend| u64::from_le_bytes(b.get_config(0, 8).try_into().expect("8 bytes"));
         let device = |size| -> Arc<dyn BlockDevice> { Arc::new(MemoryDevice::new(size)) };
+        let shared = Arc::new(SharedDevice::new(device(1 << 20)));
         let backend = BlkBackend::new(
-            &device(1 << 20),
+            &shared,
             &VhostUserBlkOptions::default(),
             GuestMemoryAtomic::new(GuestMem::new()),
         );
@@ -681,12 +668,14 @@ mod tests {
             .contains(VhostUserProtocolFeatures::BACKEND_REQ));
         assert_eq!(capacity(&backend), 2048);
         // No back-end channel yet: the config space grows, nobody is told.
-        assert!(!backend.grow(&device(4 << 20)).expect("grow"));
+        shared.replace(device(4 << 20));
+        assert!(!backend.tell_frontend().expect("tell"));
         assert_eq!(capacity(&backend), 8192);
 
         let (ours, mut frontend) = std::os::unix::net::UnixStream::pair().expect("socket pair");
         backend.set_backend_req_fd(FrontendChannel::from_stream(ours));
-        assert!(backend.grow(&device(8 << 20)).expect("grow"));
+        shared.replace(device(8 << 20));
+        assert!(backend.tell_frontend().expect("tell"));
         assert_eq!(capacity(&backend), 16384);
         // What the frontend receives: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2), version 1
         // in the flags, no body.
@@ -697,9 +686,10 @@ mod tests {
         let word = |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
         assert_eq!((word(0), word(1) & 0x3, word(2)), (2, 1, 0), "{header:?}");
 
-        // A frontend that went away: the grow still happens, the error says why.
+        // A frontend that went away: the device still grows, the error says why.
         drop(frontend);
-        let err = backend.grow(&device(16 << 20)).expect_err("nobody to tell");
+        shared.replace(device(16 << 20));
+        let err = backend.tell_frontend().expect_err("nobody to tell");
         assert!(err.to_string().contains("new capacity"), "{err}");
         assert_eq!(capacity(&backend), 32768);
     }

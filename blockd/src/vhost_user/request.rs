@@ -94,6 +94,11 @@ impl SharedDevice {
     pub fn current(&self) -> Arc<dyn BlockDevice> {
         crate::lock(&self.device).clone()
     }
+
+    /// How many times the device was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 /// Runs the requests of one virtqueue on a device. One per worker thread: it owns the
@@ -131,7 +136,7 @@ impl RequestExecutor {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        let generation = shared.generation.load(Ordering::Acquire);
+        let generation = shared.generation();
         RequestExecutor {
             device: shared.current(),
             generation,
@@ -145,7 +150,7 @@ impl RequestExecutor {
 
     /// Takes the shared device if it was replaced since the last request.
     fn refresh(&mut self) {
-        let generation = self.shared.generation.load(Ordering::Acquire);
+        let generation = self.shared.generation();
         if generation != self.generation {
             self.device = self.shared.current();
             self.generation = generation;

@@ -60,27 +60,13 @@ pub struct LoopDevice(pub String);
 
 impl LoopDevice {
     pub fn attach(file: &Path) -> LoopDevice {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup --find --show {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let file = file.to_str().expect("utf-8 path");
+        LoopDevice(testkit::run("losetup", &["--find", "--show", file]).trim().to_string())
     }
 
     /// Makes the device take its backing file's new size (`losetup --set-capacity`).
     pub fn set_capacity(&self) {
-        let status = Command::new("losetup")
-            .args(["--set-capacity", &self.0])
-            .status()
-            .expect("run losetup");
-        assert!(status.success(), "losetup --set-capacity {}", self.0);
+        testkit::run("losetup", &["--set-capacity", &self.0]);
     }
 
     pub fn path(&self) -> PathBuf {
