@@ -604,8 +604,8 @@ impl Exports {
             };
             let started = VhostUserBlkExport::start(&socket, dev, options)
                 .map_err(internal("starting the vhost-user-blk socket"))?;
-            // Grown on its own host: the VM here is told when the NBD client next
-            // reconnects (the owner's resize ends its connections), at its next I/O.
+            // Grown on its own host: the VM here is told when the NBD client
+            // reconnects, which it does as soon as the owner's resize ends its connection.
             let notify = started.growth_notifier();
             nbd.on_grow(move |_| notify());
             Ok(started)

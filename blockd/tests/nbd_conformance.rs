@@ -655,7 +655,8 @@ fn nbd_device_survives_a_server_restart() {
 }
 
 /// An export that grew between two connections (its owner resized the volume) is
-/// followed: the device takes the new size and says so; one that shrank is refused.
+/// followed: the device reconnects by itself, without waiting for a request, takes the
+/// new size and says so; one that shrank is refused.
 #[test]
 fn nbd_device_follows_an_export_that_grew_and_refuses_one_that_shrank() {
     let (_dir, file, socket, server, dev) = served_file(Duration::from_secs(5));
@@ -673,14 +674,25 @@ fn nbd_device_follows_an_export_that_grew_and_refuses_one_that_shrank() {
         ServeProcess::start(&file, &socket)
     };
     let server = restart_at(32 * MIB);
-    let mut back = [0u8; 4096];
-    dev.read_at(&mut back, 4096).expect("read after the growth");
-    assert_eq!(back, [0x5a; 4096], "the data stays where it was");
-    assert_eq!(dev.size(), 32 * MIB, "the device took the new size");
+    // No request: the device notices on its own (an idle VM's disk grows too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while told.lock().expect("log").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dev.size(), 32 * MIB, "the idle device took the new size");
     assert_eq!(
         *told.lock().expect("log"),
         vec![32 * MIB],
-        "on_grow was called once, with the new size"
+        "on_grow was called once, with the new size, before any request"
+    );
+    assert_eq!(dev.reconnects(), 1, "one reconnection, by the device itself");
+    let mut back = [0u8; 4096];
+    dev.read_at(&mut back, 4096).expect("read after the growth");
+    assert_eq!(back, [0x5a; 4096], "the data stays where it was");
+    assert_eq!(
+        told.lock().expect("log").len(),
+        1,
+        "the read did not report the growth again"
     );
     dev.write_at(&[0x6b; 4096], 30 * MIB).expect("a write past the old end");
     server.stop();

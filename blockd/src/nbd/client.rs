@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use super::proto::*;
 use super::tls::ClientTls;
 use crate::device::{check_range, BlockDevice};
+use crate::lock;
 
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +124,8 @@ struct Connection {
     writer: tokio::sync::Mutex<Writer>,
     pending: Mutex<HashMap<u64, Pending>>,
     closed: AtomicBool,
+    /// Woken when `closed` is set.
+    ended: tokio::sync::Notify,
     next_cookie: AtomicU64,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -131,6 +134,7 @@ impl Connection {
     /// Fails every request still waiting; the connection is unusable from now on.
     fn fail_all(&self, error: ClientError) {
         self.closed.store(true, Ordering::SeqCst);
+        self.ended.notify_waiters();
         let pending: Vec<Pending> = self
             .pending
             .lock()
@@ -359,6 +363,7 @@ impl NbdClient {
             writer: tokio::sync::Mutex::new(w),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
             next_cookie: AtomicU64::new(1),
             reader: Mutex::new(None),
         });
@@ -386,6 +391,16 @@ impl NbdClient {
     /// True once the connection has failed or closed.
     pub fn is_closed(&self) -> bool {
         self.conn.closed.load(Ordering::SeqCst)
+    }
+    /// Returns once the connection has failed or closed.
+    pub async fn closed(&self) {
+        let ended = self.conn.ended.notified();
+        tokio::pin!(ended);
+        // Registered before the check, so a close between the two still wakes us.
+        ended.as_mut().enable();
+        if !self.is_closed() {
+            ended.await;
+        }
     }
 
     async fn request(
@@ -679,16 +694,30 @@ impl Default for ReconnectPolicy {
     }
 }
 
+/// How long one connection attempt (connect, TLS, handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A remote NBD export as a synchronous [`BlockDevice`].
 ///
 /// It runs its own small tokio runtime, so it can be called from plain threads (the
 /// vhost-user workers). It must not be called from inside a tokio runtime: use
-/// `spawn_blocking` there. When the connection drops it reconnects with backoff and
-/// retries the request, for up to `ReconnectPolicy::give_up_after`; a write that was
+/// `spawn_blocking` there. When the connection drops a request reconnects with
+/// backoff and retries, for up to `ReconnectPolicy::give_up_after`; a write that was
 /// in flight when the connection dropped is sent again, which is safe because NBD
-/// writes are idempotent.
+/// writes are idempotent. A task of the device's own reconnects as soon as the
+/// connection ends, not at the next request, and keeps trying for as long as the
+/// device lives: an export that grew (its owner resized the volume, which ends the
+/// connections) is noticed while the device is idle, and the first request after a
+/// server restart finds a connection waiting.
 pub struct NbdDevice {
     runtime: Option<tokio::runtime::Runtime>,
+    link: Arc<Link>,
+    read_only: bool,
+}
+
+/// The connection an [`NbdDevice`] uses and what it takes to make a new one, shared
+/// between the requests and the task that keeps it connected.
+struct Link {
     address: NbdAddress,
     export: String,
     tls: Option<ClientTls>,
@@ -698,15 +727,14 @@ pub struct NbdDevice {
     size: AtomicU64,
     /// Called with the new size when a reconnection finds the export grown.
     on_grow: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
-    read_only: bool,
     reconnects: AtomicU64,
 }
 
 impl std::fmt::Debug for NbdDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdDevice")
-            .field("address", &self.address)
-            .field("export", &self.export)
+            .field("address", &self.link.address)
+            .field("export", &self.link.export)
             .field("size", &self.size())
             .finish()
     }
@@ -715,8 +743,8 @@ impl std::fmt::Debug for NbdDevice {
 impl Drop for NbdDevice {
     fn drop(&mut self) {
         // Drop the connection inside the runtime, then let the runtime go without
-        // blocking (this may run on a runtime thread).
-        self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // blocking (this may run on a runtime thread); that ends the reconnecting task.
+        lock(&self.link.client).take();
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -754,39 +782,37 @@ impl NbdDevice {
         } else {
             connect()?
         };
-        Ok(NbdDevice {
+        let read_only = client.read_only();
+        let link = Arc::new(Link {
             size: AtomicU64::new(client.size()),
             on_grow: OnceLock::new(),
-            read_only: client.read_only(),
-            runtime: Some(runtime),
             address,
             export: export.to_string(),
             tls,
             policy,
             client: Mutex::new(Some(Arc::new(client))),
             reconnects: AtomicU64::new(0),
+        });
+        runtime.spawn(keep_connected(Arc::downgrade(&link)));
+        Ok(NbdDevice {
+            runtime: Some(runtime),
+            link,
+            read_only,
         })
     }
 
     /// Calls `f` with the new size whenever a reconnection finds the export grown (its
     /// owner resized the volume, which re-adds the export and so ends this
-    /// connection). `f` runs on the thread whose request noticed: it must not wait for
-    /// other requests on this device. Set once; later calls are ignored.
+    /// connection). `f` runs on the thread of the request that noticed, or on one of
+    /// the device's own: it must not wait for other requests on this device. Set once;
+    /// later calls are ignored.
     pub fn on_grow(&self, f: impl Fn(u64) + Send + Sync + 'static) {
-        let _ = self.on_grow.set(Box::new(f));
+        let _ = self.link.on_grow.set(Box::new(f));
     }
 
     /// How many times the connection was re-established.
     pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    fn current(&self) -> Option<Arc<NbdClient>> {
-        self.client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|c| !c.is_closed())
+        self.link.reconnects.load(Ordering::Relaxed)
     }
 
     /// Runs `op` on a live connection, reconnecting and retrying on connection errors.
@@ -804,12 +830,59 @@ impl NbdDevice {
             // inline): blocking on another runtime here would panic, so wait on a
             // plain thread instead.
             return std::thread::scope(|s| {
-                s.spawn(|| runtime.block_on(self.retrying(op)))
+                s.spawn(|| runtime.block_on(self.link.retrying(op)))
                     .join()
                     .unwrap_or_else(|_| Err(ClientError::Io("NBD request thread panicked".into())))
             });
         }
-        runtime.block_on(self.retrying(op))
+        runtime.block_on(self.link.retrying(op))
+    }
+}
+
+impl Link {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn current(&self) -> Option<Arc<NbdClient>> {
+        lock(&self.client).clone().filter(|c| !c.is_closed())
+    }
+
+    /// Makes a new connection and puts it in place, unless a live one got there first
+    /// (a request and the reconnecting task may both try): that one is returned and
+    /// the new one closed. The size it reports when this connection raised it.
+    async fn reconnect(&self) -> Result<(Arc<NbdClient>, Option<u64>), ClientError> {
+        let connect = NbdClient::connect_with(&self.address, &self.export, self.tls.as_ref());
+        let c = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ClientError::Connect {
+                address: self.address.to_string(),
+                message: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            })??;
+        // Grown is fine (the bytes so far are where they were); shrunk would lose some
+        // the guest may hold.
+        let was = self.size();
+        if c.size() < was {
+            return Err(ClientError::Shrunk { was, now: c.size() });
+        }
+        let grown = (self.size.fetch_max(c.size(), Ordering::AcqRel) < c.size()).then_some(c.size());
+        let mut slot = lock(&self.client);
+        if let Some(live) = slot.as_ref().filter(|l| !l.is_closed()) {
+            return Ok((live.clone(), grown));
+        }
+        tracing::info!(address = %self.address, export = %self.export, "NBD connection re-established");
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        let c = Arc::new(c);
+        *slot = Some(c.clone());
+        Ok((c, grown))
+    }
+
+    /// Says that the export grew to `size`, and tells whoever asked to know.
+    fn grew(&self, size: u64) {
+        tracing::info!(address = %self.address, export = %self.export, now = size, "the NBD export grew");
+        if let Some(f) = self.on_grow.get() {
+            f(size);
+        }
     }
 
     async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
@@ -817,58 +890,110 @@ impl NbdDevice {
         F: Fn(Arc<NbdClient>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        {
-            let mut first_failure: Option<Instant> = None;
-            let mut delay = self.policy.first_delay;
-            loop {
-                let attempt = match self.current() {
-                    Some(c) => op(c).await,
-                    None => match NbdClient::connect_with(&self.address, &self.export, self.tls.as_ref()).await {
-                        // Grown is fine (the bytes so far are where they were); shrunk
-                        // would lose some the guest may hold.
-                        Ok(c) if c.size() < self.size() => Err(ClientError::Shrunk {
-                            was: self.size(),
-                            now: c.size(),
-                        }),
-                        Ok(c) => {
-                            tracing::info!(address = %self.address, export = %self.export, "NBD connection re-established");
-                            let was = self.size.fetch_max(c.size(), Ordering::AcqRel);
-                            if c.size() > was {
-                                tracing::info!(address = %self.address, export = %self.export, was, now = c.size(), "the NBD export grew");
-                                if let Some(f) = self.on_grow.get() {
-                                    f(c.size());
-                                }
-                            }
-                            self.reconnects.fetch_add(1, Ordering::Relaxed);
-                            let c = Arc::new(c);
-                            *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
-                            op(c).await
+        let mut first_failure: Option<Instant> = None;
+        let mut delay = self.policy.first_delay;
+        loop {
+            let attempt = match self.current() {
+                Some(c) => op(c).await,
+                None => match self.reconnect().await {
+                    Ok((c, grown)) => {
+                        if let Some(size) = grown {
+                            self.grew(size);
                         }
-                        Err(e) => Err(e),
-                    },
-                };
-                match attempt {
-                    Ok(v) => return Ok(v),
-                    Err(e) if e.is_connection_error() => {
-                        let since = *first_failure.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.policy.give_up_after {
-                            return Err(e);
-                        }
-                        tracing::warn!(address = %self.address, error = %e, "NBD connection lost; retrying");
-                        self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(self.policy.max_delay);
+                        op(c).await
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => Err(e),
+                },
+            };
+            match attempt {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_connection_error() => {
+                    let since = *first_failure.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.policy.give_up_after {
+                        return Err(e);
+                    }
+                    tracing::warn!(address = %self.address, error = %e, "NBD connection lost; retrying");
+                    lock(&self.client).take_if(|c| c.is_closed());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.policy.max_delay);
                 }
+                Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// The device's own task: waits for its connection to end and makes a new one, with
+/// backoff, for as long as the device lives (`link` gone: the device was dropped).
+async fn keep_connected(link: Weak<Link>) {
+    let Some(policy) = link.upgrade().map(|l| l.policy.clone()) else {
+        return;
+    };
+    let mut delay = policy.first_delay;
+    loop {
+        let Some(current) = link.upgrade().and_then(|l| lock(&l.client).clone()) else {
+            if link.strong_count() == 0 {
+                return;
+            }
+            // No connection at all: a request dropped a dead one and is reconnecting;
+            // try too, after a while.
+            tokio::time::sleep(delay).await;
+            if reconnect_once(&link, &mut delay, &policy).await.is_none() {
+                return;
+            }
+            continue;
+        };
+        let lived = Instant::now();
+        current.closed().await;
+        drop(current);
+        if lived.elapsed() >= policy.max_delay {
+            // It served a while and ended as connections do (a restart, the owner's
+            // resize): try again soon. One that ends at once backs off further.
+            delay = policy.first_delay;
+        }
+        tokio::time::sleep(delay).await;
+        loop {
+            match reconnect_once(&link, &mut delay, &policy).await {
+                None => return,
+                Some(true) => break,
+                Some(false) => tokio::time::sleep(delay).await,
+            }
+        }
+    }
+}
+
+/// One attempt of [`keep_connected`]: true when a live connection is in place
+/// (made here or by a request), false after a failure (`delay` doubled), `None` when
+/// the device is gone.
+async fn reconnect_once(link: &Weak<Link>, delay: &mut Duration, policy: &ReconnectPolicy) -> Option<bool> {
+    let l = link.upgrade()?;
+    if l.current().is_some() {
+        return Some(true);
+    }
+    match l.reconnect().await {
+        Ok((_, grown)) => {
+            if let Some(size) = grown {
+                // Telling may wait on the VM's hypervisor: not on this runtime's thread.
+                let told = l.clone();
+                tokio::task::spawn_blocking(move || told.grew(size));
+            }
+            Some(true)
+        }
+        Err(e) => {
+            if *delay == policy.first_delay {
+                tracing::warn!(address = %l.address, export = %l.export, error = %e, "NBD connection lost; reconnecting");
+            } else {
+                tracing::debug!(address = %l.address, export = %l.export, error = %e, "NBD reconnection failed");
+            }
+            *delay = (*delay * 2).min(policy.max_delay);
+            Some(false)
         }
     }
 }
 
 impl BlockDevice for NbdDevice {
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.link.size()
     }
     fn read_only(&self) -> bool {
         self.read_only

@@ -481,6 +481,12 @@ impl NbdServer {
             .accept(plain.into_inner())
             .await
             .map_err(ConnectionError::Tls)?;
+        let (_, session) = stream.get_ref();
+        tracing::debug!(
+            version = ?session.protocol_version(),
+            suite = ?session.negotiated_cipher_suite().map(|s| s.suite()),
+            "NBD TLS session established"
+        );
         let mut secure = BufReader::with_capacity(64 << 10, stream);
         match self.options(&mut secure, no_zeroes, TlsPhase::Done).await? {
             Negotiated::Session(s) => Ok(Some((s, Transport::Tls(Box::new(secure))))),
