@@ -69,6 +69,10 @@ pub struct VolumeRecord {
     /// Set for a volume another host exports over NBD.
     #[serde(default)]
     pub remote: Option<RemoteDiskSpec>,
+    /// A remote volume's size when it was created (its owner may grow it; while it is
+    /// attached the size shown is the one the NBD client sees now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
     pub created_at_ms: u64,
 }
 
@@ -229,6 +233,14 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
         remote: rec.remote.clone(),
         created_at_ms: rec.created_at_ms,
     };
+    if rec.remote.is_some() {
+        // Attached, blockd's NBD client knows the size now; otherwise the one recorded.
+        v.size_bytes = exports
+            .iter()
+            .find(|e| e.volume == host && e.remote.is_some())
+            .and_then(|e| e.size_bytes)
+            .or(rec.size_bytes);
+    }
     if rec.remote.is_none() {
         let b = state.blockd.volume(&host).await.map_err(blockd_error)?;
         v.size_bytes = Some(b.size_bytes);
@@ -316,6 +328,7 @@ pub async fn create(
         name: req.name.clone(),
         project: project.into(),
         remote: req.remote.clone(),
+        size_bytes: None,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     let name = req.name.clone();
@@ -323,8 +336,8 @@ pub async fn create(
     if state.store.get(&record_key(project, &req.name)).await?.is_some() {
         return Err(conflict());
     }
-    let (st, p, r, name) = (state.clone(), project.to_string(), rec.clone(), req.name.clone());
-    crate::intents::run(
+    let (st, p, r, name) = (state.clone(), project.to_string(), rec, req.name.clone());
+    let rec = crate::intents::run(
         &state,
         crate::intents::Kind::Volume,
         project,
@@ -332,15 +345,30 @@ pub async fn create(
         "create",
         async move {
             let s = st.store.as_ref();
-            s.compare_and_swap(&record_key(&p, &req.name), None, store::encode(&r))
+            let key = record_key(&p, &req.name);
+            let revision = s
+                .compare_and_swap(&key, None, store::encode(&r))
                 .await
                 .map_err(|e| match e {
                     store::StoreError::Conflict { .. } => conflict(),
                     other => other.into(),
                 })?;
-            let made = make_volume(&st, &p, &host, &req, size).await;
+            let made = match make_volume(&st, &p, &host, &req, size).await {
+                Ok(Some(remote_size)) => {
+                    let r = VolumeRecord {
+                        size_bytes: Some(remote_size),
+                        ..r
+                    };
+                    match s.compare_and_swap(&key, Some(revision), store::encode(&r)).await {
+                        Ok(_) => Ok(r),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Ok(None) => Ok(r),
+                Err(e) => Err(e),
+            };
             if made.is_err() {
-                let _ = s.delete(&record_key(&p, &req.name)).await;
+                let _ = s.delete(&key).await;
             }
             made
         },
@@ -351,20 +379,20 @@ pub async fn create(
 }
 
 /// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export
-/// answers).
+/// answers, and returns its size).
 async fn make_volume(
     state: &AppState,
     project: &str,
     host: &str,
     req: &CreateVolume,
     size: Option<u64>,
-) -> Result<(), ApiError> {
+) -> Result<Option<u64>, ApiError> {
     if let Some(remote) = &req.remote {
         // Check now that the export is there, so a typo fails here, not at attach.
         let probe = format!("probe-{host}");
-        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        let found = state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
         state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
-        return Ok(());
+        return Ok(found.size_bytes);
     }
     let source = match &req.source {
         Some(SourceRequest::Snapshot(snap)) => {
@@ -390,7 +418,7 @@ async fn make_volume(
         )
         .await
         .map_err(blockd_error)
-        .map(|_| ())
+        .map(|_| None)
 }
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),

@@ -333,6 +333,7 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let (status, v) = stack.call("POST", "/v1/volumes", Some(body)).await;
         assert_eq!(status, 201, "{v}");
         assert_eq!(v["location"], "remote");
+        assert_eq!(v["size_bytes"], 32 << 20, "the size the export offered: {v}");
         hot_plug(&stack, "far", "reader", "/dev/vdb").await;
         let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
         assert!(read.contains("HEARTH-FROM-AFAR!"), "read over NBD: {read:?}");
@@ -364,6 +365,8 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         // no I/O of its own (blockd's NBD client reconnects as soon as the connection
         // ends, and tells the VM), and keeps its data.
         wait_for_sectors(&stack, "reader", "vdb", (48 << 20) / 512).await;
+        let (_, v) = stack.call("GET", "/v1/volumes/far", None).await;
+        assert_eq!(v["size_bytes"], 48 << 20, "the api shows the grown remote volume: {v}");
         let read = guest_read(&stack, "reader", "/dev/vdb", 7, 17).await;
         assert!(read.contains("HEARTH-FROM-AFAR!"), "read after the growth: {read:?}");
         guest_write(&stack, "reader", "/dev/vdb", (40 << 20) / 512, "PAST-THE-OLD-END").await;
@@ -379,7 +382,13 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         // left, and none is made again (while attached it reconnects by itself).
         let connected = || {
             let out = std::process::Command::new("ss")
-                .args(["-Htn", "state", "established", "dst", &format!("127.0.0.1:{}", remote.port)])
+                .args([
+                    "-Htn",
+                    "state",
+                    "established",
+                    "dst",
+                    &format!("127.0.0.1:{}", remote.port),
+                ])
                 .output()
                 .expect("ss");
             String::from_utf8_lossy(&out.stdout).trim().to_string()

@@ -103,6 +103,10 @@ pub struct Export {
     /// For remote disks: where the blocks really are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteDiskSpec>,
+    /// For remote disks: the export's size as last offered (larger once its owner grew
+    /// it; the NBD client follows by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 /// Settings of the NBD server blockd runs.
@@ -387,6 +391,7 @@ impl Exports {
                 uris,
             }),
             remote: None,
+            size_bytes: None,
         }
     }
 
@@ -399,6 +404,21 @@ impl Exports {
             connected: Some(e.is_connected()),
             nbd: None,
             remote: None,
+            size_bytes: None,
+        }
+    }
+
+    fn describe_remote(name: &str, spec: &RemoteDiskSpec, e: &VhostUserBlkExport) -> Export {
+        Export {
+            remote: Some(spec.clone()),
+            size_bytes: Some(e.device_size()),
+            ..Self::describe_vhost(
+                name,
+                &ExportSpec {
+                    read_only: spec.read_only,
+                },
+                e,
+            )
         }
     }
 
@@ -406,11 +426,7 @@ impl Exports {
         let t = self.table.lock().await;
         let mut out: Vec<Export> = t.nbd.iter().map(|(n, s)| self.describe_nbd(n, s)).collect();
         out.extend(t.vhost.iter().map(|(n, (s, e))| Self::describe_vhost(n, s, e)));
-        out.extend(t.remote.iter().map(|(n, (s, e))| {
-            let mut x = Self::describe_vhost(n, &ExportSpec { read_only: s.read_only }, e);
-            x.remote = Some(s.clone());
-            x
-        }));
+        out.extend(t.remote.iter().map(|(n, (s, e))| Self::describe_remote(n, s, e)));
         out
     }
 
@@ -574,9 +590,7 @@ impl Exports {
                     "remote disk {name:?} exists with other settings; delete it first"
                 )));
             }
-            let mut x = Self::describe_vhost(name, &ExportSpec { read_only: s.read_only }, e);
-            x.remote = Some(s.clone());
-            return Ok((x, false));
+            return Ok((Self::describe_remote(name, s, e), false));
         }
         let tls = match (spec.tls, &self.client_tls) {
             (false, _) => None,
@@ -620,9 +634,7 @@ impl Exports {
             return Err(e);
         }
         let (s, e) = &t.remote[name];
-        let mut x = Self::describe_vhost(name, &ExportSpec { read_only: s.read_only }, e);
-        x.remote = Some(s.clone());
-        Ok((x, true))
+        Ok((Self::describe_remote(name, s, e), true))
     }
 
     pub async fn delete_remote_disk(&self, name: &str) -> Result<()> {

@@ -448,6 +448,11 @@ impl VhostUserBlkExport {
         &self.socket_path
     }
 
+    /// The size of the device served now, in bytes.
+    pub fn device_size(&self) -> u64 {
+        self.state.device.current().size()
+    }
+
     /// True while a frontend is connected.
     pub fn is_connected(&self) -> bool {
         self.state.connected.load(Ordering::Acquire)
