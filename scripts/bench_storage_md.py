@@ -11,12 +11,14 @@ now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
 pin = nbd.get("pinned")
 pinned = (f"\nClients pinned to CPUs {pin['clients']}, servers to CPUs {pin['servers']} (PIN=1)."
           if pin else "")
+repeat = (f" (a sample is {nbd['nbdcopy_repeat']} copies of the file back to back)"
+          if nbd.get("nbdcopy_repeat", 1) > 1 else "")
 out = [f"""
 ## NBD servers: blockd against qemu-nbd and nbdkit
 
 {nbd['file']}, the same file for every server; {nbd['rounds']} rounds, servers interleaved
 (order rotated every round), fio {nbd['fio_runtime_s']} s per job; medians. nbdcopy for
-sequential transfers, fio's `nbd` engine for 4k random I/O. Run {now} UTC.{pinned}
+sequential transfers{repeat}, fio's `nbd` engine for 4k random I/O. Run {now} UTC.{pinned}
 Goal: at least nbdkit and at least 1.3x qemu-nbd on every row; tls rows are TCP with
 TLS required, the same certificates for all three servers.
 
