@@ -240,8 +240,7 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
             .find(|e| e.volume == host && e.remote.is_some())
             .and_then(|e| e.size_bytes)
             .or(rec.size_bytes);
-    }
-    if rec.remote.is_none() {
+    } else {
         let b = state.blockd.volume(&host).await.map_err(blockd_error)?;
         v.size_bytes = Some(b.size_bytes);
         v.allocated_bytes = Some(b.allocated_bytes);
@@ -353,20 +352,18 @@ pub async fn create(
                     store::StoreError::Conflict { .. } => conflict(),
                     other => other.into(),
                 })?;
-            let made = match make_volume(&st, &p, &host, &req, size).await {
-                Ok(Some(remote_size)) => {
-                    let r = VolumeRecord {
-                        size_bytes: Some(remote_size),
-                        ..r
-                    };
-                    match s.compare_and_swap(&key, Some(revision), store::encode(&r)).await {
-                        Ok(_) => Ok(r),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                Ok(None) => Ok(r),
-                Err(e) => Err(e),
-            };
+            let made = async {
+                let Some(remote_size) = make_volume(&st, &p, &host, &req, size).await? else {
+                    return Ok(r);
+                };
+                let r = VolumeRecord {
+                    size_bytes: Some(remote_size),
+                    ..r
+                };
+                s.compare_and_swap(&key, Some(revision), store::encode(&r)).await?;
+                Ok(r)
+            }
+            .await;
             if made.is_err() {
                 let _ = s.delete(&key).await;
             }

@@ -925,38 +925,25 @@ impl Link {
 
 /// The device's own task: waits for its connection to end and makes a new one, with
 /// backoff, for as long as the device lives (`link` gone: the device was dropped).
-async fn keep_connected(link: Weak<Link>) {
-    let Some(policy) = link.upgrade().map(|l| l.policy.clone()) else {
-        return;
-    };
+async fn keep_connected(link: Weak<Link>) -> Option<()> {
+    let policy = link.upgrade()?.policy.clone();
     let mut delay = policy.first_delay;
     loop {
-        let Some(current) = link.upgrade().and_then(|l| lock(&l.client).clone()) else {
-            if link.strong_count() == 0 {
-                return;
+        // None: a request dropped a dead connection and is reconnecting; try too.
+        let current = lock(&link.upgrade()?.client).clone();
+        if let Some(current) = current {
+            let lived = Instant::now();
+            current.closed().await;
+            if lived.elapsed() >= policy.max_delay {
+                // It served a while and ended as connections do (a restart, the owner's
+                // resize): try again soon. One that ends at once backs off further.
+                delay = policy.first_delay;
             }
-            // No connection at all: a request dropped a dead one and is reconnecting;
-            // try too, after a while.
-            tokio::time::sleep(delay).await;
-            if reconnect_once(&link, &mut delay, &policy).await.is_none() {
-                return;
-            }
-            continue;
-        };
-        let lived = Instant::now();
-        current.closed().await;
-        drop(current);
-        if lived.elapsed() >= policy.max_delay {
-            // It served a while and ended as connections do (a restart, the owner's
-            // resize): try again soon. One that ends at once backs off further.
-            delay = policy.first_delay;
         }
-        tokio::time::sleep(delay).await;
         loop {
-            match reconnect_once(&link, &mut delay, &policy).await {
-                None => return,
-                Some(true) => break,
-                Some(false) => tokio::time::sleep(delay).await,
+            tokio::time::sleep(delay).await;
+            if reconnect_once(&link, &mut delay, &policy).await? {
+                break;
             }
         }
     }
