@@ -8,7 +8,8 @@
 //!   exported or holding snapshots with clones)
 //! - `POST /v1/volumes/{name}/resize` `{size_bytes | size}` (grow only; a running VM
 //!   the volume is attached to sees the new size at once: as a file through its
-//!   hypervisor's resize, over vhost-user through blockd's config-change message)
+//!   hypervisor's resize, over vhost-user through blockd's config-change message). A
+//!   volume on another host grows there through its NBD server (`NBD_CMD_RESIZE`)
 //! - `POST /v1/volumes/{name}/snapshots` `{name}`, `DELETE /v1/volumes/{name}/snapshots/{snapshot}`
 //! - `POST /v1/volumes/{name}/clone` `{name, snapshot?}` (without a snapshot, one named
 //!   after the clone is taken first)
@@ -474,24 +475,76 @@ async fn local_record(state: &AppState, project: &str, name: &str) -> Result<Vol
     let rec = find_record(state, project, name).await?;
     if rec.remote.is_some() {
         return Err(ApiError::conflict(format!(
-            "volume {name:?} lives on another host; resize, snapshot and clone it there"
+            "volume {name:?} lives on another host; snapshot and clone it there"
         )));
     }
     Ok(rec)
 }
 
+/// Grows a volume another host exports, through that host's NBD server
+/// (`NBD_CMD_RESIZE`, which blockd's writable exports offer): while blockd serves it
+/// to a VM here, through that remote disk, which then tells the VM; otherwise through
+/// a remote disk made for the purpose and removed again. The new size is kept in the
+/// volume's record.
+async fn resize_remote(
+    state: &AppState,
+    rec: &VolumeRecord,
+    remote: &RemoteDiskSpec,
+    size: u64,
+) -> Result<(), ApiError> {
+    let host = bname(rec);
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    let grown = if exports.iter().any(|e| e.volume == host && e.remote.is_some()) {
+        state.blockd.resize_remote_disk(&host, size).await
+    } else {
+        let probe = format!("probe-{host}");
+        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        let grown = state.blockd.resize_remote_disk(&probe, size).await;
+        if let Err(e) = state.blockd.delete_remote_disk(&probe).await {
+            tracing::warn!(volume = rec.name, "removing the remote disk used to resize: {e}");
+        }
+        grown
+    }
+    .map_err(blockd_error)?;
+    let Some(size_bytes) = grown.size_bytes else {
+        return Ok(());
+    };
+    let key = record_key(&rec.project, &rec.name);
+    for _ in 0..3 {
+        let Some((mut r, revision)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &key).await? else {
+            return Ok(());
+        };
+        r.size_bytes = r.size_bytes.max(Some(size_bytes));
+        match state
+            .store
+            .compare_and_swap(&key, Some(revision), store::encode(&r))
+            .await
+        {
+            Err(store::StoreError::Conflict { .. }) => continue,
+            other => return other.map(drop).map_err(Into::into),
+        }
+    }
+    Ok(())
+}
+
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = SizeRequest,
-    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "A volume on another host, or the VM it is attached to is between states: the volume grew, the VM was not told", body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 502, description = "The volume grew; its running VM's hypervisor refused the new size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
+    responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "A volume on another host whose NBD server does not offer resizing (or exports it read-only), or the VM it is attached to is between states: the volume grew, the VM was not told", body = crate::openapi::ErrorResponse), (status = 422, description = "Shrinking or a bad size", body = crate::openapi::ErrorResponse), (status = 502, description = "The volume grew; its running VM's hypervisor refused the new size", body = crate::openapi::ErrorResponse), (status = 507, body = crate::openapi::ErrorResponse)))]
 pub async fn resize(
     State(state): AppS,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     JsonBody(req): JsonBody<SizeRequest>,
 ) -> Result<Json<Volume>, ApiError> {
-    let rec = local_record(&state, &caller.project, &name).await?;
+    let rec = find_record(&state, &caller.project, &name).await?;
     let size = req
         .bytes()?
         .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
+    if let Some(remote) = &rec.remote {
+        resize_remote(&state, &rec, remote, size).await?;
+        let rec = find_record(&state, &caller.project, &name).await?;
+        let exports = state.blockd.exports().await.map_err(blockd_error)?;
+        return Ok(Json(view(&state, &rec, &exports).await?));
+    }
     let grown = state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
     if let Some(a) = attachment(&state, &caller.project, &name).await? {
         // A disk QEMU or Cloud Hypervisor opens as a file: the running guest is told

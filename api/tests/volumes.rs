@@ -171,10 +171,10 @@ async fn allocated(stack: &Stack, name: &str) -> u64 {
 /// A second blockd (another "host"): the same library the daemon runs, in this test
 /// process, serving NBD on loopback.
 struct RemoteBlockd {
+    // Stopped before its directory goes.
+    _running: blockd::InProcess,
     dir: tempfile::TempDir,
     port: u16,
-    blockd: std::sync::Arc<blockd::Blockd>,
-    server: tokio::task::JoinHandle<()>,
 }
 
 impl RemoteBlockd {
@@ -193,38 +193,18 @@ impl RemoteBlockd {
                 tls: None,
             },
         };
-        let blockd = blockd::Blockd::open(config).await.expect("second blockd");
-        let listener = socket_http::server::bind_unix(&d.join("blockd.sock"))
+        let running = blockd::InProcess::start(config, &d.join("blockd.sock"))
             .await
-            .expect("bind");
-        let router = blockd::router(blockd.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
+            .expect("second blockd");
         RemoteBlockd {
+            _running: running,
             dir,
             port,
-            blockd,
-            server,
         }
     }
 
     fn client(&self) -> blockd::http::client::BlockdClient {
         blockd::http::client::BlockdClient::new(self.dir.path().join("blockd.sock"))
-    }
-}
-
-impl Drop for RemoteBlockd {
-    fn drop(&mut self) {
-        self.server.abort();
-        let b = self.blockd.clone();
-        // Stop its NBD listeners and sockets; the runtime may be ending.
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                rt.block_on(b.exports.shutdown());
-            }
-        })
-        .join();
     }
 }
 
@@ -377,6 +357,30 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             "a write past the old end reached the other host's file"
         );
 
+        // The api grows it too: on its owner, through the NBD connection the VM's disk
+        // uses (NBD_CMD_RESIZE). The owner's file, the api and the idle guest see 64 MiB.
+        let far_file = far.path.clone().expect("path");
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/far/resize", Some(json!({"size": "64M"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["size_bytes"], 64 << 20, "{v}");
+        assert_eq!(
+            std::fs::metadata(&far_file).expect("file").len(),
+            64 << 20,
+            "the owner's file"
+        );
+        wait_for_sectors(&stack, "reader", "vdb", (64 << 20) / 512).await;
+        let (status, e) = stack
+            .call("POST", "/v1/volumes/far/resize", Some(json!({"size": "32M"})))
+            .await;
+        assert_eq!(status, 422, "shrinking a remote volume: {e}");
+        let read = guest_read(&stack, "reader", "/dev/vdb", (40 << 20) / 512, 16).await;
+        assert!(
+            read.contains("PAST-THE-OLD-END"),
+            "read after the api's resize: {read:?}"
+        );
+
         // Hot-unplug, then clean up in dependency order.
         // The NBD client goes with the attachment: no connection to the other host is
         // left, and none is made again (while attached it reconnects by itself).
@@ -403,6 +407,20 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(connected(), "", "NBD connections left after the hot-unplug");
+        // Detached, the api grows it through a connection of its own, which it closes.
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/far/resize", Some(json!({"size": "80M"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["size_bytes"], 80 << 20, "{v}");
+        assert_eq!(std::fs::metadata(&far_file).expect("file").len(), 80 << 20);
+        let (_, v) = stack.call("GET", "/v1/volumes/far", None).await;
+        assert_eq!(v["size_bytes"], 80 << 20, "the size is kept in the record: {v}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !connected().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(connected(), "", "NBD connections left after the detached resize");
         delete_vm(&stack, "reader").await;
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");

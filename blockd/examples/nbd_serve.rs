@@ -97,6 +97,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let options = ExportOptions {
         read_only: args.read_only,
         description: args.description.clone(),
+        ..Default::default()
     };
     server.add_export(&args.name, Arc::new(device), options)?;
     for addr in &args.tcp {

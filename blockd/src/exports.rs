@@ -11,14 +11,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::device::{BlockDevice, ReadOnly};
-use crate::nbd::client::{NbdAddress, NbdDevice, ReconnectPolicy};
-use crate::nbd::server::{ExportOptions, NbdServer};
+use crate::nbd::client::{ClientError, NbdAddress, NbdDevice, ReconnectPolicy};
+use crate::nbd::proto::{EINVAL, EIO, ENOSPC, EPERM};
+use crate::nbd::server::{ExportOptions, NbdServer, ResizeRefused, Resizer};
 use crate::nbd::tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles, TlsError};
 use crate::service::VolumeService;
 use crate::vhost_user::{VhostUserBlkExport, VhostUserBlkOptions};
@@ -232,7 +233,7 @@ struct Saved {
 struct Table {
     nbd: BTreeMap<String, ExportSpec>,
     vhost: BTreeMap<String, (ExportSpec, VhostUserBlkExport)>,
-    remote: BTreeMap<String, (RemoteDiskSpec, VhostUserBlkExport)>,
+    remote: BTreeMap<String, (RemoteDiskSpec, VhostUserBlkExport, Arc<NbdDevice>)>,
 }
 
 /// The exports of one blockd.
@@ -247,6 +248,73 @@ pub struct Exports {
     table: Mutex<Table>,
     /// Exported volume names, readable from the synchronous busy check.
     exported: Arc<StdMutex<BTreeSet<String>>>,
+    /// The blockd these exports belong to, which grows a volume when a client of its
+    /// NBD export asks (unset: NBD exports do not offer resizing).
+    owner: OnceLock<(Weak<crate::Blockd>, tokio::runtime::Handle)>,
+}
+
+/// Grows a volume when a client of its NBD export asks (`NBD_CMD_RESIZE`), as
+/// `POST /volumes/{name}/resize` on the volume's own host does: the volume grows, its
+/// vhost-user-blk socket tells its VM, and the NBD export is offered anew at the new
+/// size (which ends the connections told the old one; NBD clients reconnect).
+#[derive(Debug)]
+struct VolumeResizer {
+    blockd: Weak<crate::Blockd>,
+    runtime: tokio::runtime::Handle,
+    volume: String,
+}
+
+impl Resizer for VolumeResizer {
+    fn resize(&self, size: u64) -> std::result::Result<(), ResizeRefused> {
+        let Some(b) = self.blockd.upgrade() else {
+            return Err(ResizeRefused {
+                errno: EIO,
+                message: "blockd is stopping".into(),
+            });
+        };
+        let grow = || {
+            self.runtime.block_on(async {
+                b.volumes.resize(&self.volume, size).await?;
+                b.exports.resized(&b.volumes, &self.volume).await;
+                Ok::<_, VolumeError>(())
+            })
+        };
+        // The NBD server calls this on a connection's own thread; should that ever be
+        // a runtime's, blocking on one there would panic.
+        let grown = if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| s.spawn(grow).join())
+                .unwrap_or_else(|_| Err(VolumeError::Backend("the resize thread panicked".into())))
+        } else {
+            grow()
+        };
+        grown.map_err(|e| ResizeRefused {
+            errno: match e {
+                VolumeError::Invalid(_) => EINVAL,
+                VolumeError::NoSpace(_) => ENOSPC,
+                _ => EIO,
+            },
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Why a remote disk's export did not grow, as a blockd error.
+fn resize_error(name: &str, e: ClientError) -> VolumeError {
+    match e {
+        ClientError::Request {
+            errno: EINVAL, message, ..
+        } => VolumeError::Invalid(message),
+        ClientError::Request {
+            errno: ENOSPC, message, ..
+        } => VolumeError::NoSpace(message),
+        ClientError::Request { errno: EPERM, .. } | ClientError::ReadOnly => {
+            VolumeError::Conflict(format!("remote disk {name:?} is read-only"))
+        }
+        ClientError::ResizeUnsupported => VolumeError::Unsupported(format!(
+            "the NBD server of remote disk {name:?} does not offer resizing; grow the volume on its own host"
+        )),
+        e => VolumeError::Backend(format!("remote disk {name:?} did not grow: {e}")),
+    }
 }
 
 fn internal(context: &str) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
@@ -305,7 +373,31 @@ impl Exports {
             client_tls,
             table: Mutex::new(Table::default()),
             exported: Arc::default(),
+            owner: OnceLock::new(),
         })
+    }
+
+    /// Lets clients of NBD exports added from now on grow their volumes through
+    /// `blockd` (which holds these exports).
+    pub fn set_owner(&self, blockd: &Arc<crate::Blockd>) {
+        let _ = self
+            .owner
+            .set((Arc::downgrade(blockd), tokio::runtime::Handle::current()));
+    }
+
+    fn nbd_options(&self, name: &str, spec: &ExportSpec) -> ExportOptions {
+        let resizer = self.owner.get().filter(|_| !spec.read_only).map(|(blockd, runtime)| {
+            Arc::new(VolumeResizer {
+                blockd: blockd.clone(),
+                runtime: runtime.clone(),
+                volume: name.to_string(),
+            }) as Arc<dyn Resizer>
+        });
+        ExportOptions {
+            read_only: spec.read_only,
+            description: format!("hearth volume {name}"),
+            resizer,
+        }
     }
 
     /// The check `VolumeService` runs before deleting a volume.
@@ -353,7 +445,7 @@ impl Exports {
         for (n, (s, _)) in &t.vhost {
             saved.volumes.push((n.clone(), ExportKind::VhostUser, s.clone()));
         }
-        for (n, (s, _)) in &t.remote {
+        for (n, (s, _, _)) in &t.remote {
             saved.remote.push((n.clone(), s.clone()));
         }
         let bytes = serde_json::to_vec_pretty(&saved).map_err(|e| VolumeError::Backend(e.to_string()))?;
@@ -426,7 +518,7 @@ impl Exports {
         let t = self.table.lock().await;
         let mut out: Vec<Export> = t.nbd.iter().map(|(n, s)| self.describe_nbd(n, s)).collect();
         out.extend(t.vhost.iter().map(|(n, (s, e))| Self::describe_vhost(n, s, e)));
-        out.extend(t.remote.iter().map(|(n, (s, e))| Self::describe_remote(n, s, e)));
+        out.extend(t.remote.iter().map(|(n, (s, e, _))| Self::describe_remote(n, s, e)));
         out
     }
 
@@ -483,12 +575,8 @@ impl Exports {
                         "this blockd runs no NBD listener; start it with --nbd-tcp or --nbd-unix".into(),
                     ));
                 }
-                let options = ExportOptions {
-                    read_only: spec.read_only,
-                    description: format!("hearth volume {name}"),
-                };
                 self.nbd
-                    .add_export(name, dev, options)
+                    .add_export(name, dev, self.nbd_options(name, &spec))
                     .map_err(|e| VolumeError::Backend(format!("cannot export {name:?}: {e}")))?;
                 t.nbd.insert(name.to_string(), spec.clone());
             }
@@ -566,11 +654,7 @@ impl Exports {
             match Self::open(volumes, name, spec.read_only).await {
                 Ok(dev) => {
                     self.nbd.remove_export(name);
-                    let options = ExportOptions {
-                        read_only: spec.read_only,
-                        description: format!("hearth volume {name}"),
-                    };
-                    if let Err(e) = self.nbd.add_export(name, dev, options) {
+                    if let Err(e) = self.nbd.add_export(name, dev, self.nbd_options(name, spec)) {
                         tracing::error!(volume = name, "re-exporting after resize: {e}");
                     }
                 }
@@ -584,7 +668,7 @@ impl Exports {
         validate_name("remote disk", name)?;
         let address = spec.address()?;
         let mut t = self.table.lock().await;
-        if let Some((s, e)) = t.remote.get(name) {
+        if let Some((s, e, _)) = t.remote.get(name) {
             if *s != spec {
                 return Err(VolumeError::Conflict(format!(
                     "remote disk {name:?} exists with other settings; delete it first"
@@ -603,7 +687,7 @@ impl Exports {
         };
         let socket = self.vhost_socket("remote", name);
         let (export, read_only) = (spec.export.clone(), spec.read_only);
-        let started = tokio::task::spawn_blocking(move || -> Result<VhostUserBlkExport> {
+        let started = tokio::task::spawn_blocking(move || -> Result<(VhostUserBlkExport, Arc<NbdDevice>)> {
             let nbd = NbdDevice::connect_with(address.clone(), &export, tls, ReconnectPolicy::default())
                 .map_err(|e| VolumeError::NotFound(format!("cannot reach NBD export {export:?} at {address}: {e}")))?;
             let nbd = Arc::new(nbd);
@@ -622,25 +706,64 @@ impl Exports {
             // reconnects, which it does as soon as the owner's resize ends its connection.
             let notify = started.growth_notifier();
             nbd.on_grow(move |_| notify());
-            Ok(started)
+            Ok((started, nbd))
         })
         .await
         .map_err(|e| VolumeError::Backend(e.to_string()))??;
-        t.remote.insert(name.to_string(), (spec.clone(), started));
+        let (started, nbd) = started;
+        t.remote.insert(name.to_string(), (spec.clone(), started, nbd));
         if let Err(e) = self.save(&t) {
-            if let Some((_, e)) = t.remote.remove(name) {
+            if let Some((_, e, _)) = t.remote.remove(name) {
                 let _ = e.stop();
             }
             return Err(e);
         }
-        let (s, e) = &t.remote[name];
+        let (s, e, _) = &t.remote[name];
         Ok((Self::describe_remote(name, s, e), true))
+    }
+
+    /// Grows the volume behind a remote disk through its NBD server (`NBD_CMD_RESIZE`,
+    /// which blockd's own NBD exports offer when writable), and tells the VM on the
+    /// disk's socket. Shrinking is refused (422), as is a size the remote pool cannot
+    /// hold (507) or a server that does not offer resizing (409).
+    pub async fn resize_remote_disk(&self, name: &str, size_bytes: u64) -> Result<Export> {
+        validate_name("remote disk", name)?;
+        crate::volume::validate_size(size_bytes)?;
+        let nbd = {
+            let t = self.table.lock().await;
+            let (spec, _, nbd) = t
+                .remote
+                .get(name)
+                .ok_or_else(|| VolumeError::NotFound(format!("no remote disk {name:?}")))?;
+            if spec.read_only {
+                return Err(VolumeError::Conflict(format!(
+                    "remote disk {name:?} is read-only here; it is not grown from here"
+                )));
+            }
+            nbd.clone()
+        };
+        let was = nbd.size();
+        if size_bytes < was {
+            return Err(VolumeError::Invalid(format!(
+                "remote disk {name:?} has {was} bytes; shrinking to {size_bytes} would destroy data and is refused"
+            )));
+        }
+        tokio::task::spawn_blocking(move || nbd.resize(size_bytes))
+            .await
+            .map_err(|e| VolumeError::Backend(e.to_string()))?
+            .map_err(|e| resize_error(name, e))?;
+        let t = self.table.lock().await;
+        let (s, e, _) = t
+            .remote
+            .get(name)
+            .ok_or_else(|| VolumeError::NotFound(format!("remote disk {name:?} was deleted meanwhile")))?;
+        Ok(Self::describe_remote(name, s, e))
     }
 
     pub async fn delete_remote_disk(&self, name: &str) -> Result<()> {
         validate_name("remote disk", name)?;
         let mut t = self.table.lock().await;
-        if let Some((_, e)) = t.remote.remove(name) {
+        if let Some((_, e, _)) = t.remote.remove(name) {
             if let Err(err) = e.stop() {
                 tracing::warn!(disk = name, "stopping vhost-user-blk export: {err}");
             }
@@ -655,7 +778,7 @@ impl Exports {
         for (_, (_, e)) in std::mem::take(&mut t.vhost) {
             let _ = e.stop();
         }
-        for (_, (_, e)) in std::mem::take(&mut t.remote) {
+        for (_, (_, e, _)) in std::mem::take(&mut t.remote) {
             let _ = e.stop();
         }
         self.nbd.shutdown();

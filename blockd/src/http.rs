@@ -11,6 +11,8 @@
 //!   `ExportSpec`): serve a volume over NBD or to a VM over a vhost-user-blk socket
 //! - `PUT|DELETE /remote-disks/{name}` (body: `RemoteDiskSpec`): a vhost-user-blk socket
 //!   for a volume that another host exports over NBD
+//! - `POST /remote-disks/{name}/resize` (body: `{"size_bytes": N}`): grow that volume
+//!   through its NBD server (`NBD_CMD_RESIZE`, which blockd's writable exports offer)
 
 use std::sync::Arc;
 
@@ -41,6 +43,7 @@ pub fn router(svc: Arc<Blockd>) -> Router {
         .route("/exports", get(exports))
         .route("/volumes/{name}/exports/{kind}", put(export).delete(unexport))
         .route("/remote-disks/{name}", put(remote_disk).delete(delete_remote_disk))
+        .route("/remote-disks/{name}/resize", post(resize_remote_disk))
         .with_state(svc)
         .merge(socket_http::server::health_router("blockd"))
 }
@@ -153,6 +156,15 @@ async fn remote_disk(
     Ok(created(made, e))
 }
 
+async fn resize_remote_disk(
+    State(svc): Svc,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Export>, ApiError> {
+    let r: Resize = parse(&body)?;
+    Ok(Json(svc.exports.resize_remote_disk(&name, r.size_bytes).await?))
+}
+
 async fn delete_remote_disk(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     svc.exports.delete_remote_disk(&name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -239,6 +251,13 @@ pub mod client {
         pub async fn remote_disk(&self, name: &str, spec: &RemoteDiskSpec) -> Result<Export, ClientError> {
             self.http
                 .call(Method::PUT, &format!("/remote-disks/{name}"), Some(spec))
+                .await
+        }
+        /// Grows the volume behind a remote disk through its NBD server.
+        pub async fn resize_remote_disk(&self, name: &str, size_bytes: u64) -> Result<Export, ClientError> {
+            let body = serde_json::json!({ "size_bytes": size_bytes });
+            self.http
+                .call(Method::POST, &format!("/remote-disks/{name}/resize"), Some(&body))
                 .await
         }
         pub async fn delete_remote_disk(&self, name: &str) -> Result<(), ClientError> {

@@ -147,8 +147,47 @@ impl Blockd {
         let exports = Exports::new(&config.state_dir, &config.socket_dir, config.nbd.clone()).await?;
         let mut volumes = VolumeService::new(backend);
         volumes.set_busy_check(exports.busy_check());
-        exports.restore(&volumes).await;
-        Ok(Arc::new(Blockd { volumes, exports }))
+        let blockd = Arc::new(Blockd { volumes, exports });
+        blockd.exports.set_owner(&blockd);
+        blockd.exports.restore(&blockd.volumes).await;
+        Ok(blockd)
+    }
+}
+
+/// blockd serving its HTTP API on a Unix socket from a task of this process (another
+/// "host" in a test) until dropped. Dropping it stops the API and the exports: NBD
+/// listeners and connections, vhost-user-blk sockets.
+#[derive(Debug)]
+pub struct InProcess {
+    pub blockd: Arc<Blockd>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    pub async fn start(config: BlockdConfig, socket: &std::path::Path) -> Result<InProcess, VolumeError> {
+        let blockd = Blockd::open(config).await?;
+        let listener = socket_http::server::bind_unix(socket)
+            .await
+            .map_err(|e| VolumeError::Backend(format!("cannot listen on {}: {e}", socket.display())))?;
+        let router = router(blockd.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(InProcess { blockd, server })
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.server.abort();
+        let b = self.blockd.clone();
+        // On a runtime of its own: the caller's may be ending, or be this thread's.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(b.exports.shutdown());
+            }
+        })
+        .join();
     }
 }
 

@@ -142,6 +142,7 @@ impl Fixture {
         let options = ExportOptions {
             read_only,
             description: format!("the {name} export"),
+            ..Default::default()
         };
         self.server
             .add_export(name, Arc::new(device), options)
@@ -969,6 +970,7 @@ fn block_device_exports_trim_zero_and_splice_through_the_device_node() {
         let options = ExportOptions {
             read_only,
             description: format!("{name} on {}", dev.device),
+            ..Default::default()
         };
         f.server
             .add_export(name, Arc::new(device), options)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use blockd::device::{BlockDevice, MemoryDevice};
 use blockd::nbd::proto::*;
-use blockd::nbd::{ExportOptions, NbdClient, NbdServer, ServerConfig};
+use blockd::nbd::{ClientError, ExportOptions, NbdClient, NbdServer, ResizeRefused, Resizer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -509,6 +509,124 @@ async fn our_client_over_a_socket_pair() {
     assert!(NbdClient::connect_stream(gone, "x").await.is_err());
 }
 
+/// A resizer that records the sizes it is asked for and refuses more than `limit`.
+#[derive(Debug)]
+struct Recorder {
+    asked: Mutex<Vec<u64>>,
+    limit: u64,
+}
+
+impl Resizer for Recorder {
+    fn resize(&self, size: u64) -> Result<(), ResizeRefused> {
+        self.asked.lock().expect("asked").push(size);
+        if size > self.limit {
+            return Err(ResizeRefused {
+                errno: ENOSPC,
+                message: format!("only {} bytes fit", self.limit),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads a structured reply that must be an error; returns its value and message.
+async fn structured_error(c: &mut UnixStream, want_cookie: u64) -> (u32, String) {
+    let mut h = [0u8; STRUCTURED_HEADER_LEN];
+    c.read_exact(&mut h).await.expect("chunk");
+    let Ok(ReplyHeader::Structured {
+        chunk_type,
+        cookie,
+        len,
+        ..
+    }) = parse_reply_header(&h)
+    else {
+        panic!("expected a structured reply")
+    };
+    assert_eq!((chunk_type, cookie), (REPLY_TYPE_ERROR, want_cookie));
+    let mut p = vec![0; len as usize];
+    c.read_exact(&mut p).await.expect("payload");
+    parse_structured_error(&p).expect("error chunk")
+}
+
+#[tokio::test]
+async fn resize_requests_are_checked_before_the_resizer_sees_them() {
+    let server = server(ServerConfig::default());
+    let resizer = Arc::new(Recorder {
+        asked: Mutex::default(),
+        limit: 4 * SIZE,
+    });
+    let options = |read_only| ExportOptions {
+        read_only,
+        resizer: Some(resizer.clone() as Arc<dyn Resizer>),
+        ..Default::default()
+    };
+    let device = || Arc::new(MemoryDevice::new(SIZE));
+    server.add_export("grow", device(), options(false)).expect("add");
+    server.add_export("ro-grow", device(), options(true)).expect("add");
+
+    // Without a resizer an export does not offer resizing and refuses it; a read-only
+    // one neither, and refuses it as it refuses writes.
+    for (export, refusal) in [("disk", EINVAL), ("ro-grow", EPERM)] {
+        let (mut c, _t) = connect(&server);
+        assert_eq!(go(&mut c, export, false).await & TFLAG_SEND_RESIZE, 0, "{export}");
+        send(&mut c, CMD_RESIZE, 0, 1, 2 * SIZE, 0).await;
+        assert_eq!(simple_reply(&mut c, 0).await.0, refusal, "{export}");
+    }
+
+    let (mut c, _t) = connect(&server);
+    assert_ne!(go(&mut c, "grow", false).await & TFLAG_SEND_RESIZE, 0);
+    send(&mut c, CMD_RESIZE, 0, 1, 2 * SIZE, 512).await;
+    assert_eq!(simple_reply(&mut c, 0).await.0, EINVAL, "a length with the new size");
+    send(&mut c, CMD_RESIZE, CMD_FLAG_FUA, 2, 2 * SIZE, 0).await;
+    assert_eq!(simple_reply(&mut c, 0).await.0, EINVAL, "a flag");
+    send(&mut c, CMD_RESIZE, 0, 3, SIZE / 2, 0).await;
+    assert_eq!(simple_reply(&mut c, 0).await.0, EINVAL, "shrinking");
+    send(&mut c, CMD_RESIZE, 0, 4, SIZE, 0).await;
+    assert_eq!(simple_reply(&mut c, 0).await.0, 0, "the size it has");
+    assert!(
+        resizer.asked.lock().expect("asked").is_empty(),
+        "none of those reached the resizer"
+    );
+    send(&mut c, CMD_RESIZE, 0, 5, 2 * SIZE, 0).await;
+    assert_eq!(simple_reply(&mut c, 0).await, (0, 5, vec![]));
+    send(&mut c, CMD_RESIZE, 0, 6, 8 * SIZE, 0).await;
+    assert_eq!(simple_reply(&mut c, 0).await.0, ENOSPC, "the resizer's refusal");
+    assert_eq!(*resizer.asked.lock().expect("asked"), [2 * SIZE, 8 * SIZE]);
+    send(&mut c, CMD_READ, 0, 7, 0, 512).await;
+    assert_eq!(simple_reply(&mut c, 512).await.0, 0, "still usable");
+
+    // With structured replies the refusals carry their reasons.
+    let (mut c, _t) = connect(&server);
+    go(&mut c, "grow", true).await;
+    send(&mut c, CMD_RESIZE, 0, 1, 8 * SIZE, 0).await;
+    let (errno, message) = structured_error(&mut c, 1).await;
+    assert_eq!(errno, ENOSPC);
+    assert_eq!(message, format!("only {} bytes fit", 4 * SIZE));
+    send(&mut c, CMD_RESIZE, 0, 2, SIZE / 2, 0).await;
+    let (errno, message) = structured_error(&mut c, 2).await;
+    assert_eq!(errno, EINVAL);
+    assert!(message.contains("never shrunk"), "{message}");
+
+    // Our client: it asks only exports that offer resizing, and shows the reason.
+    for (export, want) in [("disk", None), ("grow", Some(ENOSPC))] {
+        let (client_end, server_end) = UnixStream::pair().expect("socket pair");
+        let s = server.clone();
+        tokio::spawn(async move { s.serve_connection(server_end).await });
+        let client = NbdClient::connect_stream(client_end, export).await.expect("connect");
+        let err = client.resize(8 * SIZE).await.expect_err("refused");
+        match want {
+            None => assert!(matches!(err, ClientError::ResizeUnsupported), "{err}"),
+            Some(errno) => {
+                assert!(
+                    matches!(&err, ClientError::Request { errno: e, message, .. } if *e == errno && message.contains("fit")),
+                    "{err}"
+                )
+            }
+        }
+    }
+    assert_eq!(resizer.asked.lock().expect("asked").len(), 4);
+}
+
 /// A deterministic xorshift generator: the test needs no dependency and a failure
 /// can be replayed from the seed in its message.
 struct Rng(u64);
@@ -534,7 +652,7 @@ fn valid_session(rng: &mut Rng) -> Vec<u8> {
     if rng.below(3) == 0 {
         encode_option(&mut out, OPT_LIST, &[]);
     }
-    let export = ["disk", "ro", ""][rng.below(3)];
+    let export = ["disk", "ro", "", "grow"][rng.below(4)];
     if rng.below(4) == 0 {
         encode_option(&mut out, OPT_EXPORT_NAME, export.as_bytes());
     } else {
@@ -545,9 +663,17 @@ fn valid_session(rng: &mut Rng) -> Vec<u8> {
         );
     }
     for cookie in 0..rng.below(12) as u64 {
-        let command = [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_DISC][rng.below(6)];
+        let command = [
+            CMD_READ,
+            CMD_WRITE,
+            CMD_FLUSH,
+            CMD_TRIM,
+            CMD_WRITE_ZEROES,
+            CMD_RESIZE,
+            CMD_DISC,
+        ][rng.below(7)];
         let len = [0, 1, 512, 4096, 65536][rng.below(5)];
-        let offset = [0, 4096, SIZE - 512, SIZE][rng.below(4)];
+        let offset = [0, 4096, SIZE - 512, SIZE, 2 * SIZE, 8 * SIZE][rng.below(6)];
         let flags = [0, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF][rng.below(4)];
         out.extend_from_slice(&encode_request(&Request {
             flags,
@@ -609,6 +735,17 @@ fn random_and_mutated_streams_never_panic_and_always_end() {
             handshake_timeout: Duration::from_secs(2),
             ..ServerConfig::default()
         });
+        let resizer = Arc::new(Recorder {
+            asked: Mutex::default(),
+            limit: 4 * SIZE,
+        });
+        let options = ExportOptions {
+            resizer: Some(resizer.clone() as Arc<dyn Resizer>),
+            ..Default::default()
+        };
+        server
+            .add_export("grow", Arc::new(MemoryDevice::new(SIZE)), options)
+            .expect("add");
         for i in 0..3000 {
             let mut input = match i % 3 {
                 0 => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use blockd::device::MemoryDevice;
-use blockd::nbd::{ExportOptions, NbdServer, ServerConfig};
+use blockd::nbd::{ExportOptions, NbdServer, ResizeRefused, Resizer, ServerConfig};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,11 +34,35 @@ fn server() -> &'static NbdServer {
         let ro = ExportOptions {
             read_only: true,
             description: "ro".into(),
+            ..Default::default()
         };
         s.add_export("ro", Arc::new(MemoryDevice::new(64 << 10)), ro)
             .expect("add");
+        let grow = ExportOptions {
+            resizer: Some(Arc::new(Refuses)),
+            ..Default::default()
+        };
+        s.add_export("grow", Arc::new(MemoryDevice::new(64 << 10)), grow)
+            .expect("add");
         s
     })
+}
+
+/// Says yes to growth up to 1 MiB (without growing anything: the protocol is what is
+/// fuzzed), no beyond.
+#[derive(Debug)]
+struct Refuses;
+
+impl Resizer for Refuses {
+    fn resize(&self, size: u64) -> Result<(), ResizeRefused> {
+        if size > 1 << 20 {
+            return Err(ResizeRefused {
+                errno: 28,
+                message: "too large".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -64,6 +64,8 @@ pub enum ClientError {
     ReadOnly,
     #[error("the export shrank from {was} to {now} bytes while reconnecting")]
     Shrunk { was: u64, now: u64 },
+    #[error("the NBD server does not offer resizing this export (no NBD_FLAG_SEND_RESIZE)")]
+    ResizeUnsupported,
 }
 
 impl ClientError {
@@ -388,6 +390,10 @@ impl NbdClient {
     pub fn read_only(&self) -> bool {
         self.info.flags & TFLAG_READ_ONLY != 0
     }
+    /// Whether the server lets this export be grown (`NBD_FLAG_SEND_RESIZE`).
+    pub fn can_resize(&self) -> bool {
+        self.info.flags & TFLAG_SEND_RESIZE != 0
+    }
     /// True once the connection has failed or closed.
     pub fn is_closed(&self) -> bool {
         self.conn.closed.load(Ordering::SeqCst)
@@ -512,6 +518,24 @@ impl NbdClient {
             done += n;
         }
         Ok(())
+    }
+
+    /// Asks the server to grow the export to `size` bytes (`NBD_CMD_RESIZE`, the
+    /// protocol's experimental `RESIZE` extension). This connection keeps the size it
+    /// was given (a server may end it); the next connection is told the new one.
+    pub async fn resize(&self, size: u64) -> Result<(), ClientError> {
+        if !self.can_resize() {
+            return Err(ClientError::ResizeUnsupported);
+        }
+        self.request(CMD_RESIZE, 0, size, 0, None).await.map(drop)
+    }
+
+    /// Closes the connection at once: requests in flight fail as on a lost connection.
+    pub fn close(&self) {
+        self.conn.fail_all(ClientError::Closed);
+        if let Some(reader) = self.conn.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            reader.abort();
+        }
     }
 
     /// Sends `NBD_CMD_DISC` after the requests in flight, and closes.
@@ -808,6 +832,33 @@ impl NbdDevice {
     /// later calls are ignored.
     pub fn on_grow(&self, f: impl Fn(u64) + Send + Sync + 'static) {
         let _ = self.link.on_grow.set(Box::new(f));
+    }
+
+    /// Grows the export to `size` bytes through its server (`NBD_CMD_RESIZE`) and
+    /// returns the size a new connection was then told, which the device now has (a
+    /// server may round up). `on_grow` is called as on any growth. The connection that
+    /// asked is closed: it was told the old size, and requests past it would fail.
+    pub fn resize(&self, size: u64) -> Result<u64, ClientError> {
+        if self.read_only {
+            return Err(ClientError::ReadOnly);
+        }
+        if size == self.size() {
+            return Ok(size);
+        }
+        self.with_client(|c| async move {
+            c.resize(size).await?;
+            c.close();
+            Ok(())
+        })?;
+        // Connect now (unless the reconnecting task already has), so the new size is
+        // known when this returns.
+        let now = self.with_client(|c| async move { Ok(c.size()) })?;
+        if now < size {
+            return Err(ClientError::Protocol(format!(
+                "the server grew the export to {size} bytes but offers {now}"
+            )));
+        }
+        Ok(self.size())
     }
 
     /// How many times the connection was re-established.

@@ -39,5 +39,5 @@ mod tls_socket;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdAddress, NbdClient, NbdDevice, ReconnectPolicy};
-pub use server::{ExportOptions, NbdServer, ServerConfig, ServerError, ShutdownHandle};
+pub use server::{ExportOptions, NbdServer, ResizeRefused, Resizer, ServerConfig, ServerError, ShutdownHandle};
 pub use tls::{ClientTls, ClientTlsFiles, ServerTls, ServerTlsFiles, TlsError};

@@ -71,6 +71,9 @@ pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// The export can be grown with `NBD_CMD_RESIZE` (the protocol's experimental `RESIZE`
+/// extension).
+pub const TFLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Command flags.
@@ -89,6 +92,9 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+/// Experimental `RESIZE` extension: the new size in bytes is the request's offset, its
+/// length is 0. Sent only to exports that offer `NBD_FLAG_SEND_RESIZE`.
+pub const CMD_RESIZE: u16 = 8;
 
 /// Structured reply flags and chunk types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -684,6 +690,7 @@ pub fn command_name(command: u16) -> &'static str {
         CMD_CACHE => "cache",
         CMD_WRITE_ZEROES => "write-zeroes",
         CMD_BLOCK_STATUS => "block-status",
+        CMD_RESIZE => "resize",
         _ => "unknown command",
     }
 }

@@ -33,6 +33,29 @@ pub struct ExportOptions {
     pub read_only: bool,
     /// Shown by `nbdinfo --list` and sent as `NBD_INFO_DESCRIPTION`.
     pub description: String,
+    /// Grows the export when a client sends `NBD_CMD_RESIZE`; the export offers
+    /// `NBD_FLAG_SEND_RESIZE` when it is set and the export is writable.
+    pub resizer: Option<Arc<dyn Resizer>>,
+}
+
+/// Grows an export at a client's request (`NBD_CMD_RESIZE`, the protocol's
+/// experimental `RESIZE` extension: the new size in the request's offset field).
+pub trait Resizer: Send + Sync + std::fmt::Debug {
+    /// Grows the export's storage to at least `size` bytes (larger than the size the
+    /// asking connection was given) and offers the export at its new size, so that the
+    /// connection a client makes next is told it. Connections open now keep the size
+    /// they were given: offering the export anew ends them once their requests are
+    /// answered (the answer to this request included), and clients reconnect. Runs on
+    /// the asking connection's thread and may block.
+    fn resize(&self, size: u64) -> Result<(), ResizeRefused>;
+}
+
+/// Why a resize did not happen: an NBD error value (`EINVAL` for a size refused,
+/// `ENOSPC` for one that does not fit, `EIO` otherwise) and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeRefused {
+    pub errno: u32,
+    pub message: String,
 }
 
 /// Server-wide settings.
@@ -114,6 +137,8 @@ struct Export {
     device: Arc<dyn BlockDevice>,
     read_only: bool,
     description: String,
+    /// `None` for read-only exports.
+    resizer: Option<Arc<dyn Resizer>>,
     /// Set to true when the export is removed; its connections watch it.
     removed: watch::Sender<bool>,
 }
@@ -125,6 +150,9 @@ impl Export {
             flags |= TFLAG_READ_ONLY;
         } else {
             flags |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+        }
+        if self.resizer.is_some() {
+            flags |= TFLAG_SEND_RESIZE;
         }
         if structured {
             // Reads are always answered with one data chunk, so DF is honoured for free.
@@ -210,6 +238,7 @@ impl NbdServer {
             device,
             read_only,
             description,
+            resizer: options.resizer.filter(|_| !read_only),
             removed: watch::channel(false).0,
         };
         exports.insert(name.into(), Arc::new(export));
@@ -440,6 +469,7 @@ impl NbdServer {
         let settings = transmission::Settings {
             device: session.export.device.clone(),
             read_only: session.export.read_only,
+            resizer: session.export.resizer.clone(),
             structured: session.structured,
             max_threads: self.inner.config.threads_per_connection,
             busy_poll: self.inner.config.busy_poll,

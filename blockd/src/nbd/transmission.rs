@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::proto::{self, *};
+use super::server::{ResizeRefused, Resizer};
 use crate::device::BlockDevice;
 pub(crate) use crate::lock;
 
@@ -131,6 +132,8 @@ blocking_socket!(std::os::unix::net::UnixStream);
 pub(crate) struct Settings {
     pub device: Arc<dyn BlockDevice>,
     pub read_only: bool,
+    /// Set when the export may be grown (`NBD_CMD_RESIZE`).
+    pub resizer: Option<Arc<dyn Resizer>>,
     pub structured: bool,
     pub max_threads: usize,
     pub busy_poll: Duration,
@@ -326,12 +329,20 @@ impl<S: BlockingSocket> Connection<S> {
                 // is handed from one thread to another.)
                 self.add_thread();
             }
+            let mut said = None;
             let error = match (pending.refusal, pending.written) {
                 (Some(e), _) => e,
                 (None, Some(spliced)) => self.finish_spliced(&pending.request, spliced, &mut pipe),
+                (None, None) if pending.request.command == CMD_RESIZE => match self.resize(&pending.request) {
+                    Ok(()) => 0,
+                    Err(refused) => {
+                        said = Some(refused.message);
+                        refused.errno
+                    }
+                },
                 (None, None) => self.execute(&pending.request, &mut data),
             };
-            let sent = self.send_reply(&pending.request, error, &data, &mut head);
+            let sent = self.send_reply(&pending.request, error, said.as_deref(), &data, &mut head);
             self.serving.fetch_sub(1, Ordering::AcqRel);
             if let Err(e) = sent {
                 self.abort(&e);
@@ -493,6 +504,7 @@ impl<S: BlockingSocket> Connection<S> {
             CMD_READ => CMD_FLAG_FUA | if structured { CMD_FLAG_DF } else { 0 },
             CMD_WRITE | CMD_TRIM | CMD_FLUSH => CMD_FLAG_FUA,
             CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_RESIZE => 0,
             _ => return Some(EINVAL),
         };
         if r.flags & !allowed_flags != 0 {
@@ -510,6 +522,10 @@ impl<S: BlockingSocket> Connection<S> {
         }
         if r.command != CMD_READ && self.settings.read_only {
             return Some(EPERM);
+        }
+        if r.command == CMD_RESIZE {
+            // Offered only with a resizer; the new size travels in the offset.
+            return (self.settings.resizer.is_none() || r.len != 0).then_some(EINVAL);
         }
         match r.offset.checked_add(u64::from(r.len)) {
             Some(end) if end <= self.size => None,
@@ -549,17 +565,49 @@ impl<S: BlockingSocket> Connection<S> {
         }
     }
 
-    /// Writes the reply to `r` (with the read data when `error` is 0) in one go.
-    fn send_reply(&self, r: &Request, error: u32, data: &[u8], head: &mut Vec<u8>) -> io::Result<()> {
+    /// Grows the export to the size in `r.offset` (a size this connection already has
+    /// is done; a smaller one is refused).
+    fn resize(&self, r: &Request) -> Result<(), ResizeRefused> {
+        let refused = |errno, message| Err(ResizeRefused { errno, message });
+        let Some(resizer) = &self.settings.resizer else {
+            return refused(EINVAL, "this export cannot be resized".into());
+        };
+        match r.offset.cmp(&self.size) {
+            std::cmp::Ordering::Less => refused(
+                EINVAL,
+                format!(
+                    "the export has {} bytes; it is never shrunk (asked: {})",
+                    self.size, r.offset
+                ),
+            ),
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Greater => {
+                tracing::info!(peer = %self.settings.peer, from = self.size, to = r.offset, "NBD client grows the export");
+                resizer.resize(r.offset)
+            }
+        }
+    }
+
+    /// Writes the reply to `r` (with the read data when `error` is 0) in one go. A
+    /// message of the request's own (`said`) travels in a structured error reply when
+    /// the client negotiated those.
+    fn send_reply(
+        &self,
+        r: &Request,
+        error: u32,
+        said: Option<&str>,
+        data: &[u8],
+        head: &mut Vec<u8>,
+    ) -> io::Result<()> {
         head.clear();
-        let structured = self.settings.structured && r.command == CMD_READ;
+        let structured = self.settings.structured && (r.command == CMD_READ || (error != 0 && said.is_some()));
         let data = if r.command == CMD_READ && error == 0 { data } else { &[] };
         match (error, structured) {
             (0, true) if data.is_empty() => {
                 head.extend_from_slice(&encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.cookie, 0))
             }
             (0, true) => head.extend_from_slice(&encode_read_data_header(r.cookie, r.offset, data.len() as u32)),
-            (_, true) => encode_structured_error(head, r.cookie, error, error_message(error)),
+            (_, true) => encode_structured_error(head, r.cookie, error, said.unwrap_or(error_message(error))),
             (_, false) => head.extend_from_slice(&encode_simple_reply(error, r.cookie)),
         }
         let mut slices = [IoSlice::new(head), IoSlice::new(data)];
@@ -571,7 +619,7 @@ impl<S: BlockingSocket> Connection<S> {
 /// Requests that may hold their thread long enough for later ones to queue behind:
 /// flushes, forced unit access, and large transfers.
 fn may_take_long(r: &Request) -> bool {
-    r.command == CMD_FLUSH || r.flags & CMD_FLAG_FUA != 0 || r.len >= 1 << 20
+    r.command == CMD_FLUSH || r.command == CMD_RESIZE || r.flags & CMD_FLAG_FUA != 0 || r.len >= 1 << 20
 }
 
 pub(crate) fn send_all<S: BlockingSocket>(socket: &S, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
