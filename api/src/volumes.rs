@@ -376,6 +376,18 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
 }
 
+/// The name of a remote disk made for a moment (to check or grow a remote volume's
+/// export): unique, so two requests never share one, and within blockd's 63
+/// characters whatever the volume's name.
+fn probe_name(host: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = format!("probe{:x}.{n:x}-{host}", std::process::id());
+    // Volume names are ASCII, so this cuts between characters.
+    name.truncate(63);
+    name
+}
+
 /// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export
 /// answers, and returns its size).
 async fn make_volume(
@@ -387,7 +399,7 @@ async fn make_volume(
 ) -> Result<Option<u64>, ApiError> {
     if let Some(remote) = &req.remote {
         // Check now that the export is there, so a typo fails here, not at attach.
-        let probe = format!("probe-{host}");
+        let probe = probe_name(host);
         let found = state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
         state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
         return Ok(found.size_bytes);
@@ -497,7 +509,7 @@ async fn resize_remote(
     let grown = if exports.iter().any(|e| e.volume == host && e.remote.is_some()) {
         state.blockd.resize_remote_disk(&host, size).await
     } else {
-        let probe = format!("probe-{host}");
+        let probe = probe_name(&host);
         state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
         let grown = state.blockd.resize_remote_disk(&probe, size).await;
         if let Err(e) = state.blockd.delete_remote_disk(&probe).await {

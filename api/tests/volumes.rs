@@ -421,6 +421,25 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(connected(), "", "NBD connections left after the detached resize");
+        // A remote volume with a name as long as the api allows is checked and grown
+        // the same way (through remote disks whose names must fit in blockd's 63
+        // characters too).
+        let long = format!("far-{}", "x".repeat(58));
+        let body = json!({"name": long, "remote": {"tcp": format!("127.0.0.1:{}", remote.port), "export": "far"}});
+        let (status, v) = stack.call("POST", "/v1/volumes", Some(body)).await;
+        assert_eq!(status, 201, "{v}");
+        assert_eq!(v["size_bytes"], 80 << 20, "{v}");
+        let (status, v) = stack
+            .call(
+                "POST",
+                &format!("/v1/volumes/{long}/resize"),
+                Some(json!({"size": "96M"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(std::fs::metadata(&far_file).expect("file").len(), 96 << 20);
+        let (status, e) = stack.call("DELETE", &format!("/v1/volumes/{long}"), None).await;
+        assert_eq!(status, 204, "{e}");
         delete_vm(&stack, "reader").await;
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");

@@ -298,6 +298,27 @@ impl Resizer for VolumeResizer {
     }
 }
 
+/// The longest path a Unix socket can have (`sun_path` holds 108 bytes with a NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// `<dir>/<prefix>-<name>.sock`, or, where that is longer than a Unix socket's path
+/// may be (a long name in a deep directory), the name cut short and followed by a
+/// hash of all of it: the same every time, and different for different names.
+fn socket_path(dir: &Path, prefix: &str, name: &str) -> PathBuf {
+    let path = dir.join(format!("{prefix}-{name}.sock"));
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return path;
+    }
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let fixed = dir.as_os_str().len() + format!("/{prefix}--{hash:016x}.sock").len();
+    // Names are ASCII (validated), so any cut is between characters.
+    let keep = MAX_SOCKET_PATH.saturating_sub(fixed).min(name.len());
+    dir.join(format!("{prefix}-{}-{hash:016x}.sock", &name[..keep]))
+}
+
 /// Why a remote disk's export did not grow, as a blockd error.
 fn resize_error(name: &str, e: ClientError) -> VolumeError {
     match e {
@@ -460,7 +481,7 @@ impl Exports {
     }
 
     fn vhost_socket(&self, prefix: &str, name: &str) -> PathBuf {
-        self.socket_dir.join(format!("{prefix}-{name}.sock"))
+        socket_path(&self.socket_dir, prefix, name)
     }
 
     fn describe_nbd(&self, name: &str, spec: &ExportSpec) -> Export {
@@ -782,5 +803,36 @@ impl Exports {
             let _ = e.stop();
         }
         self.nbd.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_fit_a_unix_socket_and_stay_distinct() {
+        let short = socket_path(Path::new("/run/hearth/blockd"), "remote", "data");
+        assert_eq!(short, Path::new("/run/hearth/blockd/remote-data.sock"));
+        let deep = Path::new("/tmp/hearth-test-AbCdEf/run/blockd");
+        let a = format!("far-{}", "x".repeat(59));
+        let b = format!("far-{}y", "x".repeat(58));
+        let (pa, pb) = (socket_path(deep, "remote", &a), socket_path(deep, "remote", &b));
+        for p in [&pa, &pb] {
+            assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{}", p.display());
+            assert!(
+                p.starts_with(deep) && p.to_string_lossy().contains("/remote-far-xxx"),
+                "{}",
+                p.display()
+            );
+        }
+        assert_ne!(pa, pb, "names that differ only past the cut");
+        assert_eq!(pa, socket_path(deep, "remote", &a), "the same name gives the same path");
+        // Even UnixListener takes it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let long_dir = dir.path().join("d".repeat(40));
+        std::fs::create_dir(&long_dir).expect("mkdir");
+        let p = socket_path(&long_dir, "vol", &a);
+        std::os::unix::net::UnixListener::bind(&p).expect("bind");
     }
 }
