@@ -9,7 +9,9 @@
 //! volume that is gone is reported, never made anew. Then whatever the daemons hold
 //! for VMs the store does not know is
 //! removed: VMM definitions, ports named `<vm id>-<n>`, root disks `vm-<id>-root`, their
-//! cloud-init seeds and image leases, and volume claims of VMs that are gone. Ports and
+//! cloud-init seeds and image leases, and volume claims of VMs that are gone; so are
+//! remote disks `probe<token>.<n>-…` an earlier api process made for a moment (checking
+//! or growing a remote volume) and left. Ports and
 //! volumes are touched only under names hearth derives from a VM id, so one someone
 //! made by hand under another name stays; every VMM definition belongs to a VM.
 //!
@@ -42,6 +44,9 @@ pub struct Report {
     /// Base volumes of images that no longer exist (LVM and memory pools).
     pub orphan_image_bases: Vec<String>,
     pub orphan_claims: Vec<String>,
+    /// Remote disks an earlier api process made for a moment (to check or grow a
+    /// remote volume) and left when it ended.
+    pub orphan_remote_disks: Vec<String>,
     /// VMs vmm-manager had lost, defined again (and started when wanted running).
     pub redefined: Vec<String>,
     pub restarted: Vec<String>,
@@ -85,6 +90,7 @@ impl Report {
             + self.orphan_root_disks.len()
             + self.orphan_image_bases.len()
             + self.orphan_claims.len()
+            + self.orphan_remote_disks.len()
             + self.redefined.len()
             + self.networks_removed.len()
             + self.volumes_removed.len()
@@ -100,6 +106,7 @@ impl Report {
             && self.orphan_root_disks.is_empty()
             && self.orphan_image_bases.is_empty()
             && self.orphan_claims.is_empty()
+            && self.orphan_remote_disks.is_empty()
             && self.redefined.is_empty()
             && self.not_redefined.is_empty()
             && self.networks_removed.is_empty()
@@ -387,7 +394,26 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     }
     recreate_networks(state, &held, &mut report).await?;
     remove_orphans(state, &known, held, &mut report).await;
+    remove_stale_probes(state, &mut report).await;
     Ok(report)
+}
+
+/// Removes the remote disks an earlier api process made for a moment and left.
+async fn remove_stale_probes(state: &AppState, report: &mut Report) {
+    let stale = match crate::volumes::stale_probes(state).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("reconcile: cannot look for left remote disks: {}", e.body.message);
+            return;
+        }
+    };
+    for name in stale {
+        report.examined += 1;
+        match state.blockd.delete_remote_disk(&name).await {
+            Ok(()) => report.orphan_remote_disks.push(name),
+            Err(e) => tracing::warn!(disk = %name, "cannot remove a left remote disk: {e}"),
+        }
+    }
 }
 
 /// The periodic pass, while the api serves: markers of changes cut short (by a crash,
@@ -411,6 +437,7 @@ pub async fn live(state: &AppState) -> Result<Report, ApiError> {
     let known: BTreeSet<String> = records.into_iter().map(|(r, _)| r.id).collect();
     recreate_networks(state, &held, &mut report).await?;
     remove_orphans(state, &known, held, &mut report).await;
+    remove_stale_probes(state, &mut report).await;
     Ok(report)
 }
 

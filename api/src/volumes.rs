@@ -378,14 +378,38 @@ pub async fn create(
 
 /// The name of a remote disk made for a moment (to check or grow a remote volume's
 /// export): unique, so two requests never share one, and within blockd's 63
-/// characters whatever the volume's name.
+/// characters whatever the volume's name. It names this process, so that one a crash
+/// left behind can be told from one in use ([`stale_probes`]).
 fn probe_name(host: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut name = format!("probe{:x}.{n:x}-{host}", std::process::id());
+    let mut name = format!("{}{n:x}-{host}", own_probe_prefix());
     // Volume names are ASCII, so this cuts between characters.
     name.truncate(63);
     name
+}
+
+/// `probe<token>.`, with a token drawn once per process: random rather than the PID,
+/// which a container or a reboot may give the next api process again.
+fn own_probe_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| format!("probe{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+}
+
+/// Remote disks blockd holds that an earlier api process made for a moment and left
+/// (it ended between making and removing one): named like [`probe_name`]'s but not by
+/// this process, and no remote volume's own.
+pub async fn stale_probes(state: &AppState) -> Result<Vec<String>, ApiError> {
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    let records = store::list_json::<VolumeRecord>(state.store.as_ref(), "volumes/").await?;
+    let volumes: std::collections::BTreeSet<String> = records.iter().map(|(r, _)| bname(r)).collect();
+    let own = own_probe_prefix();
+    Ok(exports
+        .into_iter()
+        .filter(|e| e.remote.is_some())
+        .map(|e| e.volume)
+        .filter(|n| n.starts_with("probe") && !n.starts_with(own) && !volumes.contains(n))
+        .collect())
 }
 
 /// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export

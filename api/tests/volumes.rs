@@ -440,6 +440,39 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         assert_eq!(std::fs::metadata(&far_file).expect("file").len(), 96 << 20);
         let (status, e) = stack.call("DELETE", &format!("/v1/volumes/{long}"), None).await;
         assert_eq!(status, 204, "{e}");
+        // A remote disk an earlier api process made for a moment and left (it ended
+        // between making and removing one) is removed by the pass at the next start.
+        let blockd_here = blockd::http::client::BlockdClient::new(stack.data_dir().join("run/blockd.sock"));
+        let left = blockd::exports::RemoteDiskSpec {
+            tcp: Some(format!("127.0.0.1:{}", remote.port)),
+            unix: None,
+            export: "far".into(),
+            read_only: false,
+            tls: false,
+        };
+        blockd_here
+            .remote_disk("probe1.0-far", &left)
+            .await
+            .expect("a remote disk left by an api that ended");
+        assert!(!connected().is_empty(), "it holds a connection");
+        stack.restart(libc::SIGTERM).await;
+        let remote_disks: Vec<String> = blockd_here
+            .exports()
+            .await
+            .expect("exports")
+            .into_iter()
+            .filter(|e| e.remote.is_some())
+            .map(|e| e.volume)
+            .collect();
+        assert!(
+            remote_disks.is_empty(),
+            "remote disks after the restart: {remote_disks:?}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !connected().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(connected(), "", "the left remote disk's connection");
         delete_vm(&stack, "reader").await;
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "a volume whose snapshot has a clone: {e}");
