@@ -429,25 +429,16 @@ async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
 /// Records whether the user wants VM `id` running (compare-and-swap, retried when
 /// another writer changed the record meanwhile).
 pub async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
-    for _ in 0..8 {
-        let Some((mut rec, rev)) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key(id)).await? else {
-            return Ok(());
-        };
-        if rec.desired_running == Some(running) {
-            return Ok(());
-        }
-        rec.desired_running = Some(running);
-        match state
-            .store
-            .compare_and_swap(&vm_key(id), Some(rev), store::encode(&rec))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(store::StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
+    let changed = store::update_json(state.store.as_ref(), &vm_key(id), |rec: &mut VmRecord| {
+        let was = rec.desired_running.replace(running);
+        was != Some(running)
+    })
+    .await;
+    match changed {
+        Ok(_) => Ok(()),
+        Err(store::StoreError::Conflict { .. }) => Err(ApiError::conflict("the VM's record kept changing; retry")),
+        Err(e) => Err(e.into()),
     }
-    Err(ApiError::conflict("the VM's record kept changing; retry"))
 }
 
 /// Defines a VM in vmm-manager again from its record, when vmm-manager lost it (its

@@ -546,20 +546,14 @@ async fn resize_remote(
         return Ok(());
     };
     let key = record_key(&rec.project, &rec.name);
-    for _ in 0..3 {
-        let Some((mut r, revision)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &key).await? else {
-            return Ok(());
-        };
-        r.size_bytes = r.size_bytes.max(Some(size_bytes));
-        match state
-            .store
-            .compare_and_swap(&key, Some(revision), store::encode(&r))
-            .await
-        {
-            Err(store::StoreError::Conflict { .. }) => continue,
-            other => return other.map(drop).map_err(Into::into),
+    store::update_json(state.store.as_ref(), &key, |r: &mut VolumeRecord| {
+        let larger = r.size_bytes < Some(size_bytes);
+        if larger {
+            r.size_bytes = Some(size_bytes);
         }
-    }
+        larger
+    })
+    .await?;
     Ok(())
 }
 

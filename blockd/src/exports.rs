@@ -272,21 +272,12 @@ impl Resizer for VolumeResizer {
                 message: "blockd is stopping".into(),
             });
         };
-        let grow = || {
-            self.runtime.block_on(async {
-                b.volumes.resize(&self.volume, size).await?;
-                b.exports.resized(&b.volumes, &self.volume).await;
-                Ok::<_, VolumeError>(())
-            })
-        };
-        // The NBD server calls this on a connection's own thread; should that ever be
-        // a runtime's, blocking on one there would panic.
-        let grown = if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| s.spawn(grow).join())
-                .unwrap_or_else(|_| Err(VolumeError::Backend("the resize thread panicked".into())))
-        } else {
-            grow()
-        };
+        // The NBD server calls this on a connection's own thread, never a runtime's.
+        let grown = self.runtime.block_on(async {
+            b.volumes.resize(&self.volume, size).await?;
+            b.exports.resized(&b.volumes, &self.volume).await;
+            Ok::<_, VolumeError>(())
+        });
         grown.map_err(|e| ResizeRefused {
             errno: match e {
                 VolumeError::Invalid(_) => EINVAL,
@@ -763,12 +754,7 @@ impl Exports {
             }
             nbd.clone()
         };
-        let was = nbd.size();
-        if size_bytes < was {
-            return Err(VolumeError::Invalid(format!(
-                "remote disk {name:?} has {was} bytes; shrinking to {size_bytes} would destroy data and is refused"
-            )));
-        }
+        // Shrinking is refused by the server, with its reason.
         tokio::task::spawn_blocking(move || nbd.resize(size_bytes))
             .await
             .map_err(|e| VolumeError::Backend(e.to_string()))?

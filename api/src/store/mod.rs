@@ -135,6 +135,33 @@ pub async fn get_json<T: DeserializeOwned>(store: &dyn StateStore, key: &str) ->
     }
 }
 
+/// Changes the record under `key` with `change` and writes it back unless another
+/// writer got there first, in which case it reads and tries again (8 times at most,
+/// then the last conflict is the error). `change` says whether it changed anything;
+/// nothing is written when it did not, nor when the key is absent. Returns whether it
+/// wrote.
+pub async fn update_json<T: Serialize + DeserializeOwned>(
+    store: &dyn StateStore,
+    key: &str,
+    mut change: impl FnMut(&mut T) -> bool,
+) -> Result<bool, StoreError> {
+    let mut last = None;
+    for _ in 0..8 {
+        let Some((mut value, revision)) = get_json::<T>(store, key).await? else {
+            return Ok(false);
+        };
+        if !change(&mut value) {
+            return Ok(false);
+        }
+        match store.compare_and_swap(key, Some(revision), encode(&value)).await {
+            Ok(_) => return Ok(true),
+            Err(e @ StoreError::Conflict { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| StoreError::Unavailable(format!("{key} could not be updated"))))
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Our record types contain no maps with non-string keys, so encoding cannot fail.
     serde_json::to_vec(value).unwrap_or_default()

@@ -175,9 +175,7 @@ impl std::fmt::Debug for NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        if let Some(reader) = self.conn.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            reader.abort();
-        }
+        self.close();
     }
 }
 

@@ -524,8 +524,8 @@ impl<S: BlockingSocket> Connection<S> {
             return Some(EPERM);
         }
         if r.command == CMD_RESIZE {
-            // Offered only with a resizer; the new size travels in the offset.
-            return (self.settings.resizer.is_none() || r.len != 0).then_some(EINVAL);
+            // The new size travels in the offset; `resize` checks it.
+            return (r.len != 0).then_some(EINVAL);
         }
         match r.offset.checked_add(u64::from(r.len)) {
             Some(end) if end <= self.size => None,
@@ -566,7 +566,7 @@ impl<S: BlockingSocket> Connection<S> {
     }
 
     /// Grows the export to the size in `r.offset` (a size this connection already has
-    /// is done; a smaller one is refused).
+    /// is done; a smaller one is refused, as is any on an export without a resizer).
     fn resize(&self, r: &Request) -> Result<(), ResizeRefused> {
         let refused = |errno, message| Err(ResizeRefused { errno, message });
         let Some(resizer) = &self.settings.resizer else {
