@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 /// A fixed-size array of bytes that can be read, written, flushed and discarded.
@@ -24,6 +25,13 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     }
     /// Fills `buf` from `offset`. Reads past the end are an error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads as [`BlockDevice::read_at`] does when that needs no waiting for a disk
+    /// (the data is in memory). `None`: it would wait, and the caller reads with
+    /// `read_at` (having made sure it does not hold up other work meanwhile). Devices
+    /// that cannot tell just read.
+    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        Some(self.read_at(buf, offset))
+    }
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
@@ -60,6 +68,9 @@ pub struct FileDevice {
     read_only: bool,
     /// Block device nodes cannot punch holes; they get BLKZEROOUT/BLKDISCARD instead.
     is_block_device: bool,
+    /// Whether reads with `RWF_NOWAIT` work here (tmpfs refuses them; it never waits
+    /// for a disk anyway).
+    nowait_reads: AtomicBool,
 }
 
 impl FileDevice {
@@ -81,6 +92,7 @@ impl FileDevice {
             size,
             read_only,
             is_block_device,
+            nowait_reads: AtomicBool::new(true),
         })
     }
 
@@ -141,6 +153,38 @@ impl BlockDevice for FileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
+    }
+    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = check_range(self.size, offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        let mut done = 0;
+        while done < buf.len() && self.nowait_reads.load(Ordering::Relaxed) {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let at = (offset + done as u64) as libc::off_t;
+            // SAFETY: one iovec over a live, writable buffer of its own length, on a
+            // file descriptor this struct owns.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            match n {
+                // Shorter than the size it had when opened: as `read_exact_at` says.
+                0 => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                n if n > 0 => done += n as usize,
+                _ => match io::Error::last_os_error() {
+                    // The rest is not in memory (a short read before this said so).
+                    e if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    e if e.kind() == io::ErrorKind::Interrupted => {}
+                    e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        self.nowait_reads.store(false, Ordering::Relaxed);
+                    }
+                    e => return Some(Err(e)),
+                },
+            }
+        }
+        Some(self.file.read_exact_at(&mut buf[done..], offset + done as u64))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.refuse_if_read_only()?;
@@ -265,6 +309,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
     }
+    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        (**self).read_at_if_cached(buf, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
@@ -295,6 +342,9 @@ impl<D: BlockDevice> BlockDevice for ReadOnly<D> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_at(buf, offset)
+    }
+    fn read_at_if_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        self.0.read_at_if_cached(buf, offset)
     }
     fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
         Err(read_only_error())
@@ -344,6 +394,52 @@ mod tests {
         File::create(&path).and_then(|f| f.set_len(1 << 20)).expect("create");
         exercise(&FileDevice::open(&path, false).expect("open"));
         exercise(&MemoryDevice::new(1 << 20));
+    }
+
+    #[test]
+    fn reads_that_would_wait_for_the_disk_are_told_apart() {
+        // Under the temporary directory (a disk file system on these machines) data
+        // dropped from the page cache is not read without waiting; on tmpfs, which
+        // refuses RWF_NOWAIT and never waits for a disk, every read just reads.
+        for dir in [tempfile::tempdir(), tempfile::tempdir_in("/dev/shm")] {
+            let dir = dir.expect("tempdir");
+            let path = dir.path().join("v.raw");
+            let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i / 4096) as u8).collect();
+            let file = File::create(&path).expect("create");
+            file.write_all_at(&pattern, 0).expect("write");
+            file.sync_all().expect("sync");
+            // SAFETY: posix_fadvise on a file descriptor we own, plain integers.
+            let dropped = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(dropped, 0);
+            let on_tmpfs = {
+                // SAFETY: a plain C struct, all zeroes is a valid value.
+                let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+                // SAFETY: fstatfs into a live local of the right type.
+                assert_eq!(unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) }, 0);
+                st.f_type == libc::TMPFS_MAGIC
+            };
+            let dev = FileDevice::open(&path, false).expect("open");
+            let mut buf = vec![0u8; 8192];
+            let first = dev.read_at_if_cached(&mut buf, 0);
+            if on_tmpfs {
+                first.expect("tmpfs reads just read").expect("read");
+                assert_eq!(buf, pattern[..8192]);
+                assert!(!dev.nowait_reads.load(Ordering::Relaxed), "tmpfs refuses RWF_NOWAIT");
+                continue;
+            }
+            assert!(first.is_none(), "data not in the page cache would wait");
+            // (The attempt started the disk read; a read that waits takes it in.)
+            dev.read_at(&mut buf, 0).expect("read");
+            buf.fill(0);
+            dev.read_at_if_cached(&mut buf, 0)
+                .expect("now in memory")
+                .expect("read");
+            assert_eq!(buf, pattern[..8192]);
+            let past_end = dev
+                .read_at_if_cached(&mut buf, (1 << 20) - 4096)
+                .expect("refused at once");
+            assert!(past_end.is_err(), "reads past the end are refused");
+        }
     }
 
     #[test]

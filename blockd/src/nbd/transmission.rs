@@ -8,9 +8,16 @@
 //! queue depth 1 nothing is handed from thread to thread and a request costs one
 //! receive, the device call and one send: the earlier design (a reader task, the
 //! blocking pool, a writer task) paid two wake-ups per request and reached half of
-//! nbdkit's queue-depth-1 rate. Threads are added when every thread is busy, up to
-//! the configured number; requests beyond that wait in the socket, which also bounds
-//! the memory one connection can make the server hold (threads x 32 MiB).
+//! nbdkit's queue-depth-1 rate. Threads are added, up to the configured number, only
+//! when every thread is busy and waiting for the one serving would cost more than
+//! handing a request over: the request may take long (a flush, FUA, a large
+//! transfer), a read would wait for the disk (its data is not in the page cache,
+//! which a `RWF_NOWAIT` read tells), or requests have recently taken long from read
+//! to reply (`WORTH_A_THREAD`) while more are waiting. Quick requests, even many in
+//! flight, are served by one thread: a handover costs a futex wake, a context switch
+//! and contention for the socket's lock, as much as a 4k write to the page cache.
+//! Requests beyond the limit wait in the socket, which also bounds the memory one
+//! connection can make the server hold (threads x 32 MiB).
 //!
 //! At queue depth 1 what decides the rate is how fast a sleeping thread wakes when
 //! the next request arrives, and on a small machine where the client runs too that
@@ -42,7 +49,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,6 +157,15 @@ struct SocketReader<S> {
     small: Arc<AtomicBool>,
 }
 
+/// Requests served faster than this on average (read to reply) are served one after
+/// the other by one thread even when the client sends many at once: handing the next
+/// request to a second thread costs a futex wake and a context switch, and the two
+/// threads contend for the socket's lock, about as much as such a request itself. 4k
+/// writes to a file in the page cache take 2-3 us, and over TCP from fio at queue
+/// depth 32, with the server on a CPU of its own, one thread served 107k a second
+/// where the threads added at once served 78k (nbdkit 104k).
+const WORTH_A_THREAD: Duration = Duration::from_micros(20);
+
 /// Requests larger than this are not followed by busy polling.
 const POLL_AFTER_AT_MOST: u32 = 64 << 10;
 
@@ -188,6 +204,9 @@ struct Connection<S> {
     serving: Arc<AtomicUsize>,
     /// See [`SocketReader::small`].
     small: Arc<AtomicBool>,
+    /// How long recent requests took from being read to being answered, in
+    /// nanoseconds (a moving average): see [`WORTH_A_THREAD`].
+    service_ns: AtomicU64,
     /// Threads not yet ended, at most `max_threads`; the last one out closes the
     /// socket and reports.
     live: AtomicUsize,
@@ -225,6 +244,7 @@ pub(crate) fn start<S: BlockingSocket>(socket: Arc<S>, leftover: Vec<u8>, settin
         closing: AtomicBool::new(false),
         serving,
         small,
+        service_ns: AtomicU64::new(0),
         live: AtomicUsize::new(0),
         ended: Mutex::new(Some(tx)),
     });
@@ -320,13 +340,15 @@ impl<S: BlockingSocket> Connection<S> {
                     break;
                 }
             };
+            let started = Instant::now();
             let serving = self.serving.fetch_add(1, Ordering::AcqRel) + 1;
             let all_busy = serving >= self.live.load(Ordering::Acquire);
-            if all_busy && (pending.queued || may_take_long(&pending.request)) {
-                // Every thread is busy and the client has more requests waiting, or this
-                // one may keep its thread a while: another thread reads meanwhile. (At
-                // queue depth 1 with quick requests one thread does all, and no request
-                // is handed from one thread to another.)
+            if all_busy && (may_take_long(&pending.request) || (pending.queued && self.requests_are_slow())) {
+                // Every thread is busy and this request may keep its thread a while, or
+                // the client has more waiting and requests take long enough here that
+                // a second thread gains more than handing requests over costs: another
+                // thread reads meanwhile. (Quick requests, at any queue depth, are all
+                // read, served and answered by one thread.)
                 self.add_thread();
             }
             let mut said = None;
@@ -344,6 +366,7 @@ impl<S: BlockingSocket> Connection<S> {
             };
             let sent = self.send_reply(&pending.request, error, said.as_deref(), &data, &mut head);
             self.serving.fetch_sub(1, Ordering::AcqRel);
+            self.served_in(started.elapsed());
             if let Err(e) = sent {
                 self.abort(&e);
                 break;
@@ -352,6 +375,20 @@ impl<S: BlockingSocket> Connection<S> {
                 data = Vec::new();
             }
         }
+    }
+
+    /// Counts one request's time from being read to being answered into the average.
+    fn served_in(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // An update lost to a race only makes the average a little older.
+        let average = self.service_ns.load(Ordering::Relaxed);
+        let average = average - average / 8 + took / 8;
+        self.service_ns.store(average, Ordering::Relaxed);
+    }
+
+    /// Whether recent requests took long enough to be worth serving side by side.
+    fn requests_are_slow(&self) -> bool {
+        self.service_ns.load(Ordering::Relaxed) > WORTH_A_THREAD.as_nanos() as u64
     }
 
     /// Reads the next request (under the read lock). `None` at a disconnect.
@@ -537,13 +574,19 @@ impl<S: BlockingSocket> Connection<S> {
 
     /// Runs an accepted request on the device; returns the NBD error value (0: done).
     /// A read leaves its data in `data`.
-    fn execute(&self, r: &Request, data: &mut Vec<u8>) -> u32 {
+    fn execute(self: &Arc<Self>, r: &Request, data: &mut Vec<u8>) -> u32 {
         let device = &*self.settings.device;
         let fua = r.flags & CMD_FLAG_FUA != 0;
         let result = match r.command {
             CMD_READ => {
                 data.resize(r.len as usize, 0);
-                device.read_at(data, r.offset)
+                device.read_at_if_cached(data, r.offset).unwrap_or_else(|| {
+                    // The read waits for a disk: requests behind it go to another thread.
+                    if self.serving.load(Ordering::Acquire) >= self.live.load(Ordering::Acquire) {
+                        self.add_thread();
+                    }
+                    device.read_at(data, r.offset)
+                })
             }
             CMD_WRITE => device.write_at(data, r.offset),
             CMD_FLUSH => device.flush(),
