@@ -305,16 +305,19 @@ impl<S: BlockingSocket> Connection<S> {
     fn work(self: Arc<Self>) {
         /// Ends the thread's share of the connection however the thread ends: a panic
         /// (a device bug) cuts the connection rather than leaving the client hanging.
-        struct Ended<'a, S: BlockingSocket>(&'a Connection<S>);
+        /// `.1`: the thread was already counted out (it retired).
+        struct Ended<'a, S: BlockingSocket>(&'a Connection<S>, bool);
         impl<S: BlockingSocket> Drop for Ended<'_, S> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
                     self.0.abort(&"a connection thread panicked");
                 }
-                self.0.thread_ended();
+                if !self.1 {
+                    self.0.thread_ended();
+                }
             }
         }
-        let _ended = Ended(&self);
+        let mut ended = Ended(&self, false);
         let mut data: Vec<u8> = Vec::new();
         let mut head: Vec<u8> = Vec::with_capacity(512);
         let mut pipe = ThreadPipe::Untried;
@@ -374,12 +377,35 @@ impl<S: BlockingSocket> Connection<S> {
             if data.capacity() > KEEP_CAPACITY {
                 data = Vec::new();
             }
+            if self.retire() {
+                ended.1 = true;
+                break;
+            }
         }
+    }
+
+    /// Counts this thread out, after it answered its request, if the connection no
+    /// longer needs it: recent requests were quick (half of [`WORTH_A_THREAD`], so
+    /// threads are not started and ended over and over around it) and another thread
+    /// is free to read (it waits for the read lock). Threads added for a burst of slow
+    /// requests would otherwise stay and hand quick requests to each other.
+    fn retire(&self) -> bool {
+        if self.service_ns.load(Ordering::Relaxed) > WORTH_A_THREAD.as_nanos() as u64 / 2 {
+            return false;
+        }
+        let serving = self.serving.load(Ordering::Acquire);
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n >= serving + 2).then(|| n - 1)
+            })
+            .is_ok()
     }
 
     /// Counts one request's time from being read to being answered into the average.
     fn served_in(&self, took: Duration) {
-        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // Capped: one request that took long because its thread was preempted (or the
+        // page cache made room) must not start threads; several in a row do.
+        let took = took.min(2 * WORTH_A_THREAD).as_nanos() as u64;
         // An update lost to a race only makes the average a little older.
         let average = self.service_ns.load(Ordering::Relaxed);
         let average = average - average / 8 + took / 8;
