@@ -45,6 +45,28 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
 	cargo test --workspace --locked --no-fail-fast
 fi
+# The host's own settings must not decide a test: a new network namespace inherits the
+# host's IPv4 settings (net.core.devconf_inherit_init_net = 0), so a host that forwards
+# (a router, a Docker host, the quickstart's stack still running) starts every test
+# namespace forwarding. The tests that read namespace settings run again with the host
+# in the opposite state: forwarding flipped, strict reverse-path filtering.
+echo "==> netd and the namespace tests again, on a host with forwarding flipped and strict rp_filter"
+host_sysctls=(net.ipv4.ip_forward net.ipv4.conf.all.rp_filter net.ipv4.conf.default.rp_filter)
+saved_sysctls=()
+for k in "${host_sysctls[@]}"; do saved_sysctls+=("$k=$(sysctl -n "$k")"); done
+restore_sysctls() { sysctl -qw "${saved_sysctls[@]}" >/dev/null || true; }
+trap restore_sysctls EXIT
+sysctl -qw "net.ipv4.ip_forward=$((1 - $(sysctl -n net.ipv4.ip_forward)))" \
+	net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1
+flipped_tests=(-p netd -p api --test networking --test doctor --test netd_ports --test overlay_nat)
+if cargo nextest --version >/dev/null 2>&1; then
+	cargo nextest run --locked --no-fail-fast "${flipped_tests[@]}"
+else
+	cargo test --locked --no-fail-fast "${flipped_tests[@]}"
+fi
+restore_sysctls
+trap - EXIT
+
 echo "==> schemathesis against the served OpenAPI document"
 MAX_TIME="${SCHEMATHESIS_MAX_TIME:-90}" scripts/schemathesis.sh "$CARGO_TARGET_DIR/debug/hearth-api"
 echo "==> all tests passed in $(( $(date +%s) - start )) s"

@@ -1541,21 +1541,55 @@ mod tests {
             });
         }
 
+        /// Writes the calling thread's namespace's forwarding setting directly.
+        fn set_ip_forward(on: bool) {
+            std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" }).expect("write ip_forward");
+        }
+
+        fn read_ip_forward() -> bool {
+            std::fs::read_to_string(IP_FORWARD).expect("read ip_forward").trim() != "0"
+        }
+
+        /// A new namespace inherits the host's IPv4 settings (with the kernel's default
+        /// `net.core.devconf_inherit_init_net = 0`), so it starts forwarding on a router,
+        /// a Docker host or a host running hearth: each namespace's starting value is set
+        /// here, never assumed. Both directions are checked against a neighbour that holds
+        /// the value being switched away from, so a change that leaked out of the caller's
+        /// namespace would show whatever the host's own setting is.
         #[test]
         fn ip_forward_is_switched_in_the_callers_namespace_only() {
             let read_host = || std::fs::read_to_string(IP_FORWARD).expect("host ip_forward");
             let host_before = read_host();
-            in_private_netns(|| {
-                assert!(
-                    !ensure_ip_forward(true).expect("enable"),
-                    "a new namespace starts without forwarding"
-                );
-                assert_eq!(run(&["busybox", "sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "1");
-                assert!(ensure_ip_forward(true).expect("enable again"));
-                assert!(ensure_ip_forward(false).expect("disable"));
-                assert_eq!(run(&["busybox", "sysctl", "-n", "net.ipv4.ip_forward"]).trim(), "0");
-            });
-            assert_eq!(read_host(), host_before);
+            for start in [false, true] {
+                // The neighbour: a namespace of its own holding `start`; the namespace
+                // netd runs in is made from it and switched to `!start` and back.
+                in_private_netns(move || {
+                    set_ip_forward(start);
+                    in_private_netns(move || {
+                        set_ip_forward(start);
+                        assert_eq!(
+                            ensure_ip_forward(!start).expect("switch"),
+                            start,
+                            "reports the value it found"
+                        );
+                        let want = if start { "0" } else { "1" };
+                        assert_eq!(run(&["busybox", "sysctl", "-n", "net.ipv4.ip_forward"]).trim(), want);
+                        assert_eq!(ensure_ip_forward(!start).expect("again"), !start, "already switched");
+                        let seen = std::thread::spawn(read_ip_forward).join().expect("reader");
+                        assert_eq!(seen, !start, "threads of the namespace see the change");
+                        assert_eq!(ensure_ip_forward(start).expect("back"), !start);
+                        assert_eq!(read_ip_forward(), start);
+                        ensure_ip_forward(!start).expect("switch for the neighbour's check");
+                    });
+                    assert_eq!(
+                        read_ip_forward(),
+                        start,
+                        "switching to {} in another namespace left this one alone",
+                        !start
+                    );
+                });
+            }
+            assert_eq!(read_host(), host_before, "the host's own setting is untouched");
         }
 
         /// A named network namespace holding one "VM": the far end of a veth whose near
