@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use socket_http::ApiError;
 
+use crate::permissions::{Permission, RouteTable};
 use crate::server::AppState;
 use crate::store::{self, StateStore};
 
@@ -279,47 +280,6 @@ pub async fn verify(store: &dyn StateStore, key: &str) -> Result<ApiKeyRecord, A
     Ok(rec)
 }
 
-/// What a route needs.
-#[derive(Debug, Clone, PartialEq)]
-enum Need {
-    /// No key at all.
-    Public,
-    /// Any valid key; the handler decides (own API keys, projects one belongs to).
-    Authenticated,
-    /// A role in the request's project: `resource.read` or `resource.write`.
-    Project(String, bool),
-    /// A hearth administrator.
-    HostAdmin(String),
-}
-
-/// The permission `method` on the route template `route` needs.
-fn need(method: &Method, route: &str) -> Need {
-    let read = matches!(*method, Method::GET | Method::HEAD);
-    let verb = if read { "read" } else { "write" };
-    let seg = route.trim_start_matches("/v1/").split('/').next().unwrap_or_default();
-    match route {
-        "/" | "/openapi.json" => return Need::Public,
-        r if r.starts_with("/health/") || r.starts_with("/assets/") => return Need::Public,
-        "/metrics" => return Need::HostAdmin("metrics.read".into()),
-        _ => {}
-    }
-    match seg {
-        "vms" if route.ends_with("/console") || route.ends_with("/vnc") || route.contains("/console/") => {
-            // Opening a console to watch is a read; typing is checked by the handler.
-            Need::Project("consoles.read".into(), true)
-        }
-        "vms" | "volumes" | "networks" => Need::Project(format!("{seg}.{verb}"), read),
-        "operations" | "events" => Need::Project(format!("{seg}.read"), true),
-        "images" if read => Need::Project("images.read".into(), true),
-        "images" => Need::HostAdmin("images.write".into()),
-        "users" => Need::HostAdmin(format!("users.{verb}")),
-        "projects" if read || route.contains("/members") => Need::Authenticated,
-        "projects" => Need::HostAdmin("projects.write".into()),
-        "api-keys" => Need::Authenticated,
-        _ => Need::Authenticated,
-    }
-}
-
 /// The project a request names (`?project=`), or `default`.
 fn requested_project(req: &Request) -> Result<String, ApiError> {
     #[derive(Deserialize)]
@@ -377,8 +337,12 @@ impl AuthFailures {
 
 /// Middleware: authenticates the key, works out the project and the caller's role in
 /// it, and refuses what the role does not allow, before any handler runs.
-pub async fn require_key(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    match authorize(&state, &mut req).await {
+pub async fn require_key(
+    State((state, routes)): State<(Arc<AppState>, Arc<RouteTable>)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, &routes, &mut req).await {
         Ok(None) => next.run(req).await,
         Ok(Some(caller)) => {
             let method = req.method().clone();
@@ -425,24 +389,25 @@ pub async fn require_key(State(state): State<Arc<AppState>>, mut req: Request, n
 
 /// `Ok(None)`: a public route (or a console opened with a ticket, which its handler
 /// checks). `Ok(Some(caller))`: allowed.
-async fn authorize(state: &AppState, req: &mut Request) -> Result<Option<Caller>, ApiError> {
+async fn authorize(state: &AppState, routes: &RouteTable, req: &mut Request) -> Result<Option<Caller>, ApiError> {
     let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| path.clone());
-    let need = need(req.method(), &route);
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    let need = routes.need(req.method(), route.as_deref());
     // Browsers cannot set headers on WebSockets: those carry a ticket, which the
     // handler checks (see crate::console).
     let ticketed = req.headers().get(axum::http::header::AUTHORIZATION).is_none()
-        && path.starts_with("/v1/vms/")
-        && (path.ends_with("/console") || path.ends_with("/vnc"))
+        && matches!(route.as_deref(), Some("/v1/vms/{id}/console" | "/v1/vms/{id}/vnc"))
         && req
             .uri()
             .query()
             .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("ticket=")));
-    if need == Need::Public || ticketed {
+    if need == Permission::Undeclared {
+        return Err(ApiError::forbidden(format!(
+            "{} {path} declares no permission, so it is refused to every key",
+            req.method()
+        )));
+    }
+    if need == Permission::Public || ticketed {
         return Ok(None);
     }
     let addr = req
@@ -504,8 +469,8 @@ async fn authorize(state: &AppState, req: &mut Request) -> Result<Option<Caller>
         role: role.clone(),
     };
     match need {
-        Need::Public | Need::Authenticated => {}
-        Need::HostAdmin(perm) => {
+        Permission::Public | Permission::SignedIn(_) | Permission::Undeclared => {}
+        Permission::Admin(perm) => {
             if !user.admin {
                 return Err(ApiError::forbidden(format!(
                     "permission {perm} denied: only hearth administrators have it, and user {} is not one",
@@ -514,7 +479,7 @@ async fn authorize(state: &AppState, req: &mut Request) -> Result<Option<Caller>
                 .with_details(serde_json::json!({"permission": perm})));
             }
         }
-        Need::Project(perm, read) => {
+        Permission::Project { name: perm, write } => {
             if user.admin
                 && store::get_json::<Project>(state.store.as_ref(), &project_key(&project))
                     .await?
@@ -529,7 +494,7 @@ async fn authorize(state: &AppState, req: &mut Request) -> Result<Option<Caller>
                 ))
                 .with_details(serde_json::json!({"permission": perm, "project": project})));
             };
-            if !read && role == "viewer" {
+            if write && role == "viewer" {
                 return Err(ApiError::forbidden(format!(
                     "permission {perm} denied: user {} has role viewer in project {project}, which only reads",
                     user.name
@@ -596,25 +561,5 @@ mod tests {
             .expect("get")
             .expect("binding");
         assert_eq!(b.role, "viewer");
-    }
-
-    #[test]
-    fn routes_need_what_their_method_and_resource_say() {
-        let g = Method::GET;
-        let p = Method::POST;
-        assert_eq!(need(&g, "/health/live"), Need::Public);
-        assert_eq!(need(&g, "/v1/vms"), Need::Project("vms.read".into(), true));
-        assert_eq!(
-            need(&p, "/v1/vms/{id}/{action}"),
-            Need::Project("vms.write".into(), false)
-        );
-        assert_eq!(
-            need(&Method::DELETE, "/v1/volumes/{name}"),
-            Need::Project("volumes.write".into(), false)
-        );
-        assert_eq!(need(&p, "/v1/images"), Need::HostAdmin("images.write".into()));
-        assert_eq!(need(&g, "/metrics"), Need::HostAdmin("metrics.read".into()));
-        assert_eq!(need(&p, "/v1/users"), Need::HostAdmin("users.write".into()));
-        assert_eq!(need(&p, "/v1/api-keys"), Need::Authenticated);
     }
 }

@@ -8,7 +8,7 @@
 //! - [`images`]: the `/v1/images` endpoints
 //! - [`operations`]: long-running operations
 //! - [`events`]: server-sent events at `/v1/events`
-//! - [`auth`]: API keys
+//! - [`auth`]: API keys; [`permissions`]: what each route needs, declared in the router table
 //! - [`cli`]: the `hearth` command
 
 pub mod auth;
@@ -25,6 +25,7 @@ pub mod model;
 pub mod networks;
 pub mod openapi;
 pub mod operations;
+pub mod permissions;
 pub mod reconcile;
 pub mod server;
 pub mod store;

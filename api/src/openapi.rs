@@ -34,7 +34,8 @@ pub struct IdempotencyKey(#[allow(dead_code)] Option<String>);
     info(
         title = "hearth",
         description = "hearth's REST API: VMs, networks, volumes and images on your own machines. \
-            Every route but /health/* needs `Authorization: Bearer <API key>`. Long mutations answer \
+            Every route but /health/* needs `Authorization: Bearer <API key>`; each operation's security \
+            scope names the permission it needs (`vms.read`, `volumes.write`, …). Long mutations answer \
             202 with an Operation to follow at /v1/operations/{id}.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
@@ -63,7 +64,7 @@ impl Modify for Common {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
-            "api_key",
+            crate::permissions::SCHEME,
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
@@ -72,7 +73,7 @@ impl Modify for Common {
             ),
         );
         openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
-            "api_key",
+            crate::permissions::SCHEME,
             Vec::<String>::new(),
         )]);
         let error = |description: &str| {
@@ -86,8 +87,7 @@ impl Modify for Common {
                 )
                 .build()
         };
-        for (path, item) in openapi.paths.paths.iter_mut() {
-            let public = path.starts_with("/health/") || path == "/openapi.json";
+        for item in openapi.paths.paths.values_mut() {
             for op in [
                 &mut item.get,
                 &mut item.post,
@@ -98,8 +98,7 @@ impl Modify for Common {
             .into_iter()
             .flatten()
             {
-                if public {
-                    op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::default()]);
+                if crate::permissions::declared(op) == Ok(Some(crate::permissions::Permission::Public)) {
                     continue;
                 }
                 let r = &mut op.responses.responses;

@@ -520,7 +520,7 @@ async fn finish_create(state: &AppState, id: &str) -> Result<(), ApiError> {
         if matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
             let started = state
                 .vmm
-                .action(id, "start", false)
+                .action(id, vmm_manager::VmAction::Start, false)
                 .await
                 .map_err(crate::vms::upstream)?;
             state.live.observe(&started);

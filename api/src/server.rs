@@ -19,6 +19,7 @@ use vmm_manager::client::VmmClient;
 use vmm_manager::HypervisorKind;
 
 use crate::operations::Operations;
+use crate::permissions::{self, RouteTable};
 use crate::store::StateStore;
 use crate::{auth, console, identity, images, networks, store, vms, volumes};
 
@@ -90,6 +91,11 @@ pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
 
 pub fn router(state: Arc<AppState>) -> Router {
     let (router, doc) = api_router().split_for_parts();
+    let mut routes = RouteTable::from_document(&doc);
+    // Routes outside the document: the document itself and the web console's files.
+    for path in ["/openapi.json", "/", "/assets/{*file}"] {
+        routes.insert(http::Method::GET, path, permissions::Permission::Public);
+    }
     let doc = Arc::new(crate::openapi::document_json(&doc));
     router
         .route(
@@ -107,51 +113,70 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             crate::idempotency::layer,
         ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Arc::new(routes)),
+            auth::require_key,
+        ))
         .with_state(state)
 }
 
-/// Every documented route, and the document they make.
+/// Every documented route with the permission it needs (see [`permissions`]), and the
+/// document they make.
 fn api_router() -> OpenApiRouter<Arc<AppState>> {
+    use permissions::*;
     OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
-        .routes(routes!(live))
-        .routes(routes!(ready))
-        .routes(routes!(crate::metrics::metrics))
-        .routes(routes!(vms::list, vms::create))
-        .routes(routes!(vms::show, vms::delete))
-        .routes(routes!(vms::action))
-        .routes(routes!(vms::console_log))
-        .routes(routes!(console::console))
-        .routes(routes!(console::ticket))
-        .routes(routes!(console::vnc))
-        .routes(routes!(images::list, images::import))
-        .routes(routes!(images::show, images::delete))
-        .routes(routes!(identity::list_projects, identity::create_project))
-        .routes(routes!(identity::show_project, identity::delete_project))
-        .routes(routes!(identity::list_members))
-        .routes(routes!(identity::set_member, identity::remove_member))
-        .routes(routes!(identity::list_users, identity::create_user))
-        .routes(routes!(identity::delete_user))
-        .routes(routes!(identity::list_keys, identity::create_key))
-        .routes(routes!(identity::revoke_key))
-        .routes(routes!(networks::list, networks::create))
-        .routes(routes!(networks::show, networks::delete))
-        .routes(routes!(volumes::list, volumes::create))
-        .routes(routes!(volumes::show, volumes::delete))
-        .routes(routes!(volumes::resize))
-        .routes(routes!(volumes::snapshot))
-        .routes(routes!(volumes::delete_snapshot))
-        .routes(routes!(volumes::clone))
-        .routes(routes!(volumes::attach))
-        .routes(routes!(volumes::detach))
-        .routes(routes!(volumes::export, volumes::unexport))
-        .routes(routes!(crate::events::stream))
-        .routes(routes!(vms::operations))
-        .routes(routes!(vms::operation))
+        .routes(permit(Permission::Public, routes!(live)))
+        .routes(permit(Permission::Public, routes!(ready)))
+        .routes(permit(METRICS_READ, routes!(crate::metrics::metrics)))
+        .routes(permit(VMS_READ, routes!(vms::list)))
+        .routes(permit(VMS_WRITE, routes!(vms::create)))
+        .routes(permit(VMS_READ, routes!(vms::show)))
+        .routes(permit(VMS_WRITE, routes!(vms::delete)))
+        .routes(permit(VMS_WRITE, routes!(vms::action)))
+        .routes(permit(CONSOLES_READ, routes!(vms::console_log)))
+        .routes(permit(CONSOLES_READ, routes!(console::console)))
+        .routes(permit(CONSOLES_READ, routes!(console::ticket)))
+        .routes(permit(CONSOLES_READ, routes!(console::vnc)))
+        .routes(permit(IMAGES_READ, routes!(images::list)))
+        .routes(permit(IMAGES_WRITE, routes!(images::import)))
+        .routes(permit(IMAGES_READ, routes!(images::show)))
+        .routes(permit(IMAGES_WRITE, routes!(images::delete)))
+        .routes(permit(PROJECTS_READ, routes!(identity::list_projects)))
+        .routes(permit(PROJECTS_WRITE, routes!(identity::create_project)))
+        .routes(permit(PROJECTS_READ, routes!(identity::show_project)))
+        .routes(permit(PROJECTS_WRITE, routes!(identity::delete_project)))
+        .routes(permit(MEMBERS_READ, routes!(identity::list_members)))
+        .routes(permit(MEMBERS_WRITE, routes!(identity::set_member)))
+        .routes(permit(MEMBERS_WRITE, routes!(identity::remove_member)))
+        .routes(permit(USERS_READ, routes!(identity::list_users)))
+        .routes(permit(USERS_WRITE, routes!(identity::create_user)))
+        .routes(permit(USERS_WRITE, routes!(identity::delete_user)))
+        .routes(permit(API_KEYS, routes!(identity::list_keys)))
+        .routes(permit(API_KEYS, routes!(identity::create_key)))
+        .routes(permit(API_KEYS, routes!(identity::revoke_key)))
+        .routes(permit(NETWORKS_READ, routes!(networks::list)))
+        .routes(permit(NETWORKS_WRITE, routes!(networks::create)))
+        .routes(permit(NETWORKS_READ, routes!(networks::show)))
+        .routes(permit(NETWORKS_WRITE, routes!(networks::delete)))
+        .routes(permit(VOLUMES_READ, routes!(volumes::list)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::create)))
+        .routes(permit(VOLUMES_READ, routes!(volumes::show)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::delete)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::resize)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::snapshot)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::delete_snapshot)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::clone)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::attach)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::detach)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::export)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::unexport)))
+        .routes(permit(EVENTS_READ, routes!(crate::events::stream)))
+        .routes(permit(OPERATIONS_READ, routes!(vms::operations)))
+        .routes(permit(OPERATIONS_READ, routes!(vms::operation)))
 }
 
 /// The OpenAPI document (the route itself is served from `router`, which holds it).
-#[utoipa::path(get, path = "/openapi.json", tag = "system",
+#[utoipa::path(get, path = "/openapi.json", tag = "system", security(()),
     responses((status = 200, description = "This API's OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
 #[allow(dead_code)]
 pub(crate) async fn openapi_json() {}
@@ -366,4 +391,46 @@ pub async fn run(
     .await;
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_operation_declares_a_known_permission() {
+        let doc = api_router().into_openapi();
+        let table = RouteTable::from_document(&doc);
+        let operations: usize = doc
+            .paths
+            .paths
+            .values()
+            .map(|i| {
+                [&i.get, &i.post, &i.put, &i.delete, &i.patch]
+                    .iter()
+                    .filter(|o| o.is_some())
+                    .count()
+            })
+            .sum();
+        assert_eq!(table.len(), operations);
+        assert_eq!(
+            table.need(&http::Method::POST, Some("/v1/vms/{id}/{action}")),
+            permissions::VMS_WRITE
+        );
+        assert_eq!(
+            table.need(&http::Method::GET, Some("/health/live")),
+            permissions::Permission::Public
+        );
+    }
+
+    /// A handler for the test below.
+    #[utoipa::path(get, path = "/v1/forgotten", responses((status = 200)))]
+    async fn forgotten() {}
+
+    #[test]
+    #[should_panic(expected = "GET /v1/forgotten declares no permission")]
+    fn a_route_registered_without_a_permission_cannot_be_served() {
+        let doc = api_router().routes(routes!(forgotten)).into_openapi();
+        RouteTable::from_document(&doc);
+    }
 }

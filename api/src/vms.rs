@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use socket_http::{ApiError, ClientError};
-use vmm_manager::spec::{HypervisorKind, QemuMachine, QemuOptions, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
+use vmm_manager::spec::{HypervisorKind, QemuMachine, QemuOptions, VmAction, VmSpec, MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::auth::Caller;
 use crate::json::{JsonBody, Query};
@@ -490,7 +490,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
     }
     // Defined is defined: a start that fails leaves the VM stopped (or failed, with the
     // reason), and the pass goes on.
-    match state.vmm.action(&rec.id, "start", false).await {
+    match state.vmm.action(&rec.id, VmAction::Start, false).await {
         Ok(started) => {
             state.live.observe(&started);
             Ok(true)
@@ -718,7 +718,11 @@ async fn create_task(state: Arc<AppState>, rec: VmRecord, image: imaged::ImageIn
         state.store.put(&vm_key(&rec.id), store::encode(&ready)).await?;
         if start {
             state.ops.progress(&op_id, "starting the VMM").await;
-            let started = state.vmm.action(&rec.id, "start", false).await.map_err(upstream)?;
+            let started = state
+                .vmm
+                .action(&rec.id, VmAction::Start, false)
+                .await
+                .map_err(upstream)?;
             state.live.observe(&started);
         }
         Ok::<_, ApiError>(())
@@ -771,17 +775,6 @@ pub async fn delete(
     Ok(accepted(op, Some(vm)))
 }
 
-/// What `POST /v1/vms/{id}/{action}` can do.
-#[derive(Debug, utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum VmAction {
-    Start,
-    Stop,
-    Reboot,
-    Pause,
-    Resume,
-}
-
 #[derive(Deserialize)]
 pub struct ActionQuery {
     #[serde(default)]
@@ -798,11 +791,7 @@ pub async fn action(
     Path((id, action)): Path<(String, String)>,
     Query(q): Query<ActionQuery>,
 ) -> Result<Response, ApiError> {
-    if !matches!(action.as_str(), "start" | "stop" | "reboot" | "pause" | "resume") {
-        return Err(ApiError::not_found(format!(
-            "unknown VM action {action:?}: use start, stop, reboot, pause or resume"
-        )));
-    }
+    let action: VmAction = action.parse().map_err(ApiError::not_found)?;
     let (rec, _) = resolve(&state, &caller.project, &id).await?;
     if rec.phase != Phase::Ready {
         return Err(ApiError::conflict(format!(
@@ -813,13 +802,7 @@ pub async fn action(
     // Refuse what cannot work now, synchronously, so the caller gets a 409 at once.
     let live = state.vmm.get(&rec.id).await.map_err(upstream)?;
     let st = live.status.state;
-    use vmm_manager::VmState;
-    let ok = match action.as_str() {
-        "reboot" | "pause" => st == VmState::Running,
-        "resume" => st == VmState::Paused,
-        // start and stop are idempotent.
-        _ => true,
-    };
+    let ok = action.allowed_in(st);
     if !ok {
         return Err(ApiError::conflict(format!(
             "VM {} is {}: cannot {action}",
@@ -828,10 +811,8 @@ pub async fn action(
         )));
     }
     // Intent first: what the reconciler restores if the VMM definition is lost.
-    match action.as_str() {
-        "start" | "reboot" | "resume" => set_desired_running(&state, &rec.id, true).await?,
-        "stop" => set_desired_running(&state, &rec.id, false).await?,
-        _ => {}
+    if let Some(running) = action.desired_running() {
+        set_desired_running(&state, &rec.id, running).await?;
     }
     let op = state
         .ops
@@ -840,7 +821,7 @@ pub async fn action(
     let (task_state, op_id, vm_id, force) = (state.clone(), op.id.clone(), rec.id.clone(), q.force);
     tokio::spawn(async move {
         task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
-        match task_state.vmm.action(&vm_id, &action, force).await {
+        match task_state.vmm.action(&vm_id, action, force).await {
             Ok(info) => {
                 task_state.live.observe(&info);
                 task_state.ops.succeed(&op_id).await

@@ -7,7 +7,7 @@ use socket_http::{ClientError, UnixClient};
 use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::spec::{VmEvent, VmInfo, VmSpec};
+use crate::spec::{VmAction, VmEvent, VmInfo, VmSpec};
 
 /// Typed calls to vmm-manager.
 #[derive(Debug, Clone)]
@@ -82,12 +82,10 @@ impl VmmClient {
             .await
     }
 
-    pub async fn action(&self, id: &str, action: &str, force: bool) -> Result<VmInfo, ClientError> {
+    pub async fn action(&self, id: &str, action: VmAction, force: bool) -> Result<VmInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
         let path = format!("/vms/{id}/{action}{q}");
-        // Starting a VM that runs, or stopping one that is stopped, changes nothing:
-        // those two may be sent again when vmm-manager died before answering.
-        if matches!(action, "start" | "stop") {
+        if action.is_idempotent() {
             self.http.call_repeatable::<(), VmInfo>(Method::POST, &path, None).await
         } else {
             self.http.call::<(), VmInfo>(Method::POST, &path, None).await

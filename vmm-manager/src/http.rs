@@ -34,7 +34,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::console::{ConsoleWriter, SerialConsole};
 use crate::service::VmService;
-use crate::spec::{VmInfo, VmSpec};
+use crate::spec::{VmAction, VmInfo, VmSpec};
 
 type Svc = State<Arc<VmService>>;
 
@@ -99,13 +99,13 @@ async fn action(
     Path((id, action)): Path<(String, String)>,
     Query(q): Query<ActionQuery>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    let info = match action.as_str() {
-        "start" => svc.start(&id).await?,
-        "stop" => svc.stop(&id, q.force).await?,
-        "reboot" => svc.reboot(&id).await?,
-        "pause" => svc.pause(&id).await?,
-        "resume" => svc.resume(&id).await?,
-        other => return Err(ApiError::not_found(format!("unknown VM action {other:?}"))),
+    let action: VmAction = action.parse().map_err(ApiError::not_found)?;
+    let info = match action {
+        VmAction::Start => svc.start(&id).await?,
+        VmAction::Stop => svc.stop(&id, q.force).await?,
+        VmAction::Reboot => svc.reboot(&id).await?,
+        VmAction::Pause => svc.pause(&id).await?,
+        VmAction::Resume => svc.resume(&id).await?,
     };
     Ok(Json(info))
 }

@@ -18,4 +18,4 @@ pub mod vm_dir;
 
 pub use hypervisor::qemu::Accel;
 pub use service::{VmService, VmmConfig};
-pub use spec::{HypervisorKind, VmInfo, VmSpec, VmState};
+pub use spec::{HypervisorKind, VmAction, VmInfo, VmSpec, VmState};

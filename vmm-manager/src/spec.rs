@@ -277,6 +277,80 @@ impl VmState {
     }
 }
 
+// One enum from the CLI through the public API (`POST /v1/vms/{id}/{action}`) to
+// vmm-manager's route and its driver.
+/// What can be done to a VM that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmAction {
+    Start,
+    /// ACPI power button, forced after the stop timeout (or at once with `force`).
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
+impl VmAction {
+    pub const ALL: [VmAction; 5] = [
+        VmAction::Start,
+        VmAction::Stop,
+        VmAction::Reboot,
+        VmAction::Pause,
+        VmAction::Resume,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmAction::Start => "start",
+            VmAction::Stop => "stop",
+            VmAction::Reboot => "reboot",
+            VmAction::Pause => "pause",
+            VmAction::Resume => "resume",
+        }
+    }
+
+    /// Starting a VM that runs, or stopping one that is stopped, changes nothing: these
+    /// may be sent again when the daemon died before answering.
+    pub fn is_idempotent(self) -> bool {
+        matches!(self, VmAction::Start | VmAction::Stop)
+    }
+
+    /// Whether the VM is meant to run after the action (`None`: unchanged).
+    pub fn desired_running(self) -> Option<bool> {
+        match self {
+            VmAction::Start | VmAction::Reboot | VmAction::Resume => Some(true),
+            VmAction::Stop => Some(false),
+            VmAction::Pause => None,
+        }
+    }
+
+    /// Whether the action can run on a VM in `state` (start and stop always can).
+    pub fn allowed_in(self, state: VmState) -> bool {
+        match self {
+            VmAction::Reboot | VmAction::Pause => state == VmState::Running,
+            VmAction::Resume => state == VmState::Paused,
+            VmAction::Start | VmAction::Stop => true,
+        }
+    }
+}
+
+impl std::fmt::Display for VmAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown VM action {s:?}: use start, stop, reboot, pause or resume"))
+    }
+}
+
 /// A VM's runtime status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmStatus {

@@ -108,7 +108,10 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         Some(409)
     );
 
-    let info = client.action("standalone-1", "start", false).await.expect("start");
+    let info = client
+        .action("standalone-1", vmm_manager::VmAction::Start, false)
+        .await
+        .expect("start");
     let pid = info.status.pid.expect("pid");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -216,7 +219,10 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         "scrollback kept"
     );
 
-    let info = client.action("standalone-1", "stop", false).await.expect("stop");
+    let info = client
+        .action("standalone-1", vmm_manager::VmAction::Stop, false)
+        .await
+        .expect("stop");
     assert_eq!(info.status.state, VmState::Stopped);
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists()

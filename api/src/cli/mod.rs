@@ -16,6 +16,7 @@ mod volume;
 
 use std::path::PathBuf;
 use std::time::Duration;
+use vmm_manager::VmAction;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -397,13 +398,14 @@ async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> 
             print_value(out, &v, print_vm_details);
             Ok(())
         }
-        VmCommand::Start { vm, no_wait } => action(api, out, &vm, "start", "", no_wait).await,
+        VmCommand::Start { vm, no_wait } => action(api, out, &vm, VmAction::Start, "", no_wait).await,
         VmCommand::Stop { vm, force, no_wait } => {
-            action(api, out, &vm, "stop", if force { "?force=true" } else { "" }, no_wait).await
+            let query = if force { "?force=true" } else { "" };
+            action(api, out, &vm, VmAction::Stop, query, no_wait).await
         }
-        VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, "reboot", "", no_wait).await,
-        VmCommand::Pause { vm, no_wait } => action(api, out, &vm, "pause", "", no_wait).await,
-        VmCommand::Resume { vm, no_wait } => action(api, out, &vm, "resume", "", no_wait).await,
+        VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, VmAction::Reboot, "", no_wait).await,
+        VmCommand::Pause { vm, no_wait } => action(api, out, &vm, VmAction::Pause, "", no_wait).await,
+        VmCommand::Resume { vm, no_wait } => action(api, out, &vm, VmAction::Resume, "", no_wait).await,
         VmCommand::Delete { vm, no_wait } => {
             let accepted = api.delete(&format!("/v1/vms/{vm}")).await?;
             finish(api, out, accepted, no_wait, &vm).await
@@ -545,7 +547,7 @@ async fn action(
     api: &ApiClient,
     out: Output,
     vm: &str,
-    action: &str,
+    action: VmAction,
     query: &str,
     no_wait: bool,
 ) -> anyhow::Result<()> {
