@@ -2,12 +2,37 @@
 # Installs what the tests need, builds the guest images, and runs the whole test
 # suite: lints, unit tests, the fake Cloud Hypervisor's self-test, and the end-to-end
 # tests that boot real VMs under QEMU/TCG inside private network namespaces.
-# Needs root (network namespaces, /dev/kvm probing). Usage: scripts/test.sh
+# Needs root (network namespaces, /dev/kvm probing). Usage: scripts/test.sh [--quick]
+#
+# --quick: formatting, clippy and the tests that need neither root nor a VM (unit tests,
+# the layout and OpenAPI checks, the embedded store's suite); a couple of minutes on a
+# warm target directory. CI runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
 start=$(date +%s)
+if [ "${1:-}" = "--quick" ]; then
+	ensure_packages "${HEARTH_BUILD_PACKAGES[@]}"
+	mkdir -p "$CARGO_TARGET_DIR"
+	echo "==> lints"
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	echo "==> tests that need neither root nor a VM"
+	# netd's namespace, link and TAP tests need root; everything else here does not.
+	quick='(kind(lib) | kind(bin)) - (package(netd) & (test(/^firewall::tests::in_netns::/) | test(/^link::tests::/) | test(/^tap::tests::/)))'
+	quick+=' | (package(api) & binary(layout))'
+	quick+=' | (package(api) & binary(openapi) & test(checked_in_document_is_current))'
+	quick+=' | (package(hearth-store) & test(embedded))'
+	if cargo nextest --version >/dev/null 2>&1; then
+		cargo nextest run --workspace --locked -E "$quick"
+	else
+		cargo test --workspace --locked --lib --bins
+		cargo test --locked -p api --test layout
+	fi
+	echo "==> quick tests passed in $(( $(date +%s) - start )) s"
+	exit 0
+fi
 ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
 mkdir -p "$CARGO_TARGET_DIR"
 

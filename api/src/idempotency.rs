@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use socket_http::ApiError;
 
-use crate::auth::Caller;
-use crate::server::AppState;
+use crate::auth::keys::Caller;
+use crate::state::AppState;
 use crate::store;
 
 pub const HEADER: &str = "idempotency-key";

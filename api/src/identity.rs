@@ -10,13 +10,13 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 
-use crate::auth::{
+use crate::auth::keys::{
     binding_key, issue_key, key_key, project_key, user_key, ApiKeyRecord, Binding, Caller, Project, User,
     DEFAULT_PROJECT, ROLES,
 };
 use crate::json::JsonBody;
 use crate::model::validate_name;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store;
 
 type AppS = State<Arc<AppState>>;

@@ -14,10 +14,10 @@ use imaged::import::{ImportRequest, ImportState};
 use serde::Serialize;
 use socket_http::ApiError;
 
+use crate::daemons::upstream;
 use crate::json::JsonBody;
 use crate::model::{Operation, ProgressDetail};
-use crate::server::AppState;
-use crate::vms::upstream;
+use crate::state::AppState;
 
 type AppS = State<Arc<AppState>>;
 
@@ -74,7 +74,7 @@ pub async fn remove_image_bases(state: &AppState, digests: &[String]) {
     responses((status = 202, description = "Accepted: the import operation", body = ImportAccepted), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn import(
     State(state): AppS,
-    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::keys::Caller>,
     JsonBody(req): JsonBody<ImportRequest>,
 ) -> Result<Response, ApiError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.

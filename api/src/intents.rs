@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use socket_http::ApiError;
 
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store::{self, StateStore, StoreError};
 
 /// What a marker is about.

@@ -1,19 +1,24 @@
-//! hearth's public REST API: the state store, operations, authentication, the VM
-//! endpoints and the console proxy, plus the `hearth` CLI's client code.
+//! hearth's public REST API and the wiring that runs it (`--all-in-one` runs the four
+//! daemons in the same process). The layout, bottom to top (docs/architecture.md has
+//! the rules; `api/tests/layout.rs` holds the code to them):
 //!
-//! - [`server`]: wiring, `--all-in-one`
-//! - [`store`]: the state store trait and its embedded implementation
-//! - [`vms`], [`console`]: `/v1/vms` and its console; [`vm_list`]: the cached listing
-//! - [`volumes`]: the `/v1/volumes` endpoints
-//! - [`images`]: the `/v1/images` endpoints
-//! - [`operations`]: long-running operations
-//! - [`events`]: server-sent events at `/v1/events`
-//! - [`auth`]: API keys; [`permissions`]: what each route needs, declared in the router table
-//! - [`cli`]: the `hearth` command
+//! - [`store`]: the state store (the `hearth-store` crate, re-exported); [`model`]: records and view
+//!   types; [`permissions`], [`openapi`], [`json`]: what routes declare and parse
+//! - [`state`]: what every handler and task reaches; [`daemons`]: the daemons' health
+//!   and errors
+//! - [`auth`]: keys and the middleware; [`events`], [`operations`]: the event bus and
+//!   long-running operations; [`intents`], [`idempotency`]
+//! - one folder or file per resource, each with its HTTP edge: [`vms`], [`volumes`],
+//!   [`networks`], [`images`], [`identity`], [`console`], [`metrics`]
+//! - [`reconcile`]: repairs after crashes and drift; [`server`]: the router and `run`
+//!
+//! The `hearth` CLI is the `hearth-cli` crate.
+
+pub use hearth_store as store;
 
 pub mod auth;
-pub mod cli;
 pub mod console;
+pub mod daemons;
 pub mod events;
 pub mod idempotency;
 pub mod identity;
@@ -28,8 +33,7 @@ pub mod operations;
 pub mod permissions;
 pub mod reconcile;
 pub mod server;
-pub mod store;
-pub mod vm_list;
+pub mod state;
 pub mod vms;
 pub mod volumes;
 pub mod web;

@@ -19,47 +19,12 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use socket_http::ApiError;
 
-use crate::server::{daemon_health, AppState};
-
-type Labels = Vec<(String, String)>;
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-/// What the api counts as it runs.
-pub struct OperationMetrics {
-    finished: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram>,
-}
-
-impl Default for OperationMetrics {
-    fn default() -> Self {
-        OperationMetrics {
-            finished: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                // 10 ms … ~80 s: VM actions take seconds under TCG, imports minutes.
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.01, 2.0, 14,
-                ))
-            }),
-        }
-    }
-}
-
-impl OperationMetrics {
-    /// Records a finished operation.
-    pub fn finished(&self, kind: &str, status: &str, seconds: f64) {
-        self.finished
-            .get_or_create(&labels(&[("kind", kind), ("status", status)]))
-            .inc();
-        self.duration.get_or_create(&labels(&[("kind", kind)])).observe(seconds);
-    }
-}
+use crate::daemons::daemon_health;
+use crate::operations::record::{labels, Labels};
+use crate::state::AppState;
 
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "OpenMetrics text format (Prometheus scrapes it)", content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
@@ -76,7 +41,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     );
 
     let vms = Family::<Labels, Gauge>::default();
-    let listed = crate::vm_list::views(&state, None)
+    let listed = crate::vms::list::views(state.vm_sources(), None)
         .await
         .map(|(vms, _)| vms)
         .unwrap_or_default();

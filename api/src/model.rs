@@ -130,7 +130,7 @@ pub struct Nic {
 }
 
 fn default_project() -> String {
-    crate::auth::DEFAULT_PROJECT.into()
+    crate::auth::keys::DEFAULT_PROJECT.into()
 }
 
 fn default_vcpus() -> u32 {
@@ -326,7 +326,7 @@ pub struct Accepted {
 /// `<project>.<name>` elsewhere (project and resource names cannot contain '.', so
 /// these never collide). The daemons know no projects.
 pub fn host_name(project: &str, name: &str) -> String {
-    if project == crate::auth::DEFAULT_PROJECT {
+    if project == crate::auth::keys::DEFAULT_PROJECT {
         name.to_string()
     } else {
         format!("{project}.{name}")

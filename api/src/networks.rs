@@ -12,13 +12,13 @@ use netd::network::{IpRange, NetworkSpec, NetworkStatus, VxlanSpec};
 use serde::Deserialize;
 use socket_http::ApiError;
 
-use crate::auth::Caller;
+use crate::auth::keys::Caller;
+use crate::daemons::upstream;
 use crate::intents;
 use crate::json::JsonBody;
 use crate::model::{host_name, name_in_project, VmRecord};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::store;
-use crate::vms::upstream;
 
 type AppS = State<Arc<AppState>>;
 
@@ -82,7 +82,7 @@ pub async fn migrate(state: &AppState) -> Result<(), ApiError> {
         if !rest.contains('/') {
             state
                 .store
-                .put(&key(crate::auth::DEFAULT_PROJECT, rest), v.value)
+                .put(&key(crate::auth::keys::DEFAULT_PROJECT, rest), v.value)
                 .await?;
             state.store.delete(&k).await?;
         }
@@ -101,7 +101,10 @@ pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
     state.netd.ensure_network(&spec).await.map_err(upstream)?;
     state
         .store
-        .put(&key(crate::auth::DEFAULT_PROJECT, &spec.name), store::encode(&spec))
+        .put(
+            &key(crate::auth::keys::DEFAULT_PROJECT, &spec.name),
+            store::encode(&spec),
+        )
         .await?;
     state.store.put(marker, b"true".to_vec()).await?;
     tracing::info!("created the default network {}", spec.subnet);
@@ -187,7 +190,7 @@ pub async fn list(
 async fn owned(state: &AppState, project: &str, name: &str) -> Result<bool, ApiError> {
     crate::model::validate_name("network", name)?;
     Ok(state.store.get(&key(project, name)).await?.is_some()
-        || (project == crate::auth::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
+        || (project == crate::auth::keys::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
 }
 
 #[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", params(("name" = String, Path), crate::openapi::ProjectParam),

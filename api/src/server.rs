@@ -3,91 +3,21 @@
 //! socket, exactly as on a host where each daemon is its own systemd unit, so there is
 //! one code path to test.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
-use socket_http::{ApiError, UnixClient};
+use socket_http::ApiError;
 use tokio::sync::watch;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vmm_manager::client::VmmClient;
-use vmm_manager::HypervisorKind;
 
-use crate::operations::Operations;
+use crate::daemons::daemon_health;
 use crate::permissions::{self, RouteTable};
-use crate::store::StateStore;
-use crate::{auth, console, identity, images, networks, store, vms, volumes};
-
-/// The api's settings.
-#[derive(Debug, Clone)]
-pub struct ApiConfig {
-    /// Holds the store, `admin.key`, and (all-in-one) the daemons' state.
-    pub data_dir: PathBuf,
-    pub listen: SocketAddr,
-    /// Where the daemons' sockets are.
-    pub socket_dir: PathBuf,
-    pub default_hypervisor: HypervisorKind,
-    /// Where the desired state lives.
-    pub store: store::StoreLocation,
-    /// Failed authentications per minute from one address before it gets 429s (0: no limit).
-    pub auth_failures_per_minute: u32,
-    /// How often the reconciler looks for drift while the api serves (zero: only at start).
-    pub reconcile_interval: Duration,
-    /// How long a call waits for a daemon to come back ([`DAEMON_RESTART`] when the
-    /// daemons run on their own; zero when they run in this process, where they cannot
-    /// restart alone and a stopping daemon must fail calls at once).
-    pub daemon_retry: Duration,
-}
-
-impl ApiConfig {
-    pub fn socket(&self, daemon: &str) -> PathBuf {
-        self.socket_dir.join(format!("{daemon}.sock"))
-    }
-}
-
-/// Settings of the daemons `--all-in-one` runs in-process.
-#[derive(Debug, Clone)]
-pub struct AllInOne {
-    pub vmm: vmm_manager::VmmConfig,
-    pub netd: netd::network::NetdConfig,
-    pub blockd: blockd::BlockdConfig,
-    /// Recipe outputs imaged imports on first use (`<dir>/<name>/image.json`).
-    pub images_dir: PathBuf,
-}
-
-/// What every handler can reach.
-pub struct AppState {
-    pub config: ApiConfig,
-    pub store: Arc<dyn StateStore>,
-    pub ops: Operations,
-    pub vmm: VmmClient,
-    pub images: imaged::client::ImagedClient,
-    pub netd: netd::http::client::NetdClient,
-    pub blockd: blockd::http::client::BlockdClient,
-    pub tickets: crate::console::Tickets,
-    pub events: Arc<crate::events::Events>,
-    pub auth_failures: auth::AuthFailures,
-    /// vmm-manager's state of every VM, followed by [`crate::vm_list::follow`].
-    pub live: Arc<crate::vm_list::LiveVms>,
-    /// Rendered `GET /v1/vms` listings.
-    pub vm_list: crate::vm_list::ListCache,
-    /// The reconcile pass at start, once it ran.
-    pub reconciled: std::sync::Mutex<Option<crate::reconcile::Pass>>,
-    /// This process's identity (random per start): marks the Idempotency-Keys it runs.
-    pub instance: String,
-    /// Operations the previous api process left running, until the start-time
-    /// reconcile pass settles them.
-    pub interrupted: std::sync::Mutex<Vec<crate::model::Operation>>,
-    /// Totals of the periodic reconcile passes.
-    pub drift: crate::reconcile::Totals,
-}
-
-pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
+use crate::state::{open_state, AllInOne, ApiConfig, AppState};
+use crate::{auth, console, identity, images, networks, vms, volumes};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let (router, doc) = api_router().split_for_parts();
@@ -115,7 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             (state.clone(), Arc::new(routes)),
-            auth::require_key,
+            auth::middleware::require_key,
         ))
         .with_state(state)
 }
@@ -128,15 +58,15 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(Permission::Public, routes!(live)))
         .routes(permit(Permission::Public, routes!(ready)))
         .routes(permit(METRICS_READ, routes!(crate::metrics::metrics)))
-        .routes(permit(VMS_READ, routes!(vms::list)))
-        .routes(permit(VMS_WRITE, routes!(vms::create)))
-        .routes(permit(VMS_READ, routes!(vms::show)))
-        .routes(permit(VMS_WRITE, routes!(vms::delete)))
-        .routes(permit(VMS_WRITE, routes!(vms::action)))
-        .routes(permit(CONSOLES_READ, routes!(vms::console_log)))
-        .routes(permit(CONSOLES_READ, routes!(console::console)))
-        .routes(permit(CONSOLES_READ, routes!(console::ticket)))
-        .routes(permit(CONSOLES_READ, routes!(console::vnc)))
+        .routes(permit(VMS_READ, routes!(vms::http::list)))
+        .routes(permit(VMS_WRITE, routes!(vms::http::create)))
+        .routes(permit(VMS_READ, routes!(vms::http::show)))
+        .routes(permit(VMS_WRITE, routes!(vms::http::delete)))
+        .routes(permit(VMS_WRITE, routes!(vms::http::action)))
+        .routes(permit(CONSOLES_READ, routes!(vms::http::console_log)))
+        .routes(permit(CONSOLES_READ, routes!(console::http::console)))
+        .routes(permit(CONSOLES_READ, routes!(console::http::ticket)))
+        .routes(permit(CONSOLES_READ, routes!(console::http::vnc)))
         .routes(permit(IMAGES_READ, routes!(images::list)))
         .routes(permit(IMAGES_WRITE, routes!(images::import)))
         .routes(permit(IMAGES_READ, routes!(images::show)))
@@ -158,28 +88,22 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(NETWORKS_WRITE, routes!(networks::create)))
         .routes(permit(NETWORKS_READ, routes!(networks::show)))
         .routes(permit(NETWORKS_WRITE, routes!(networks::delete)))
-        .routes(permit(VOLUMES_READ, routes!(volumes::list)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::create)))
-        .routes(permit(VOLUMES_READ, routes!(volumes::show)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::delete)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::resize)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::snapshot)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::delete_snapshot)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::clone)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::attach)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::detach)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::export)))
-        .routes(permit(VOLUMES_WRITE, routes!(volumes::unexport)))
-        .routes(permit(EVENTS_READ, routes!(crate::events::stream)))
-        .routes(permit(OPERATIONS_READ, routes!(vms::operations)))
-        .routes(permit(OPERATIONS_READ, routes!(vms::operation)))
+        .routes(permit(VOLUMES_READ, routes!(volumes::http::list)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::create)))
+        .routes(permit(VOLUMES_READ, routes!(volumes::http::show)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::delete)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::resize)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::snapshot)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::delete_snapshot)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::clone)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::attach)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::detach)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::export)))
+        .routes(permit(VOLUMES_WRITE, routes!(volumes::http::unexport)))
+        .routes(permit(EVENTS_READ, routes!(crate::events::http::stream)))
+        .routes(permit(OPERATIONS_READ, routes!(crate::operations::http::operations)))
+        .routes(permit(OPERATIONS_READ, routes!(crate::operations::http::operation)))
 }
-
-/// The OpenAPI document (the route itself is served from `router`, which holds it).
-#[utoipa::path(get, path = "/openapi.json", tag = "system", security(()),
-    responses((status = 200, description = "This API's OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
-#[allow(dead_code)]
-pub(crate) async fn openapi_json() {}
 
 /// The OpenAPI document, as `GET /openapi.json` serves it.
 pub fn openapi_document() -> String {
@@ -196,16 +120,6 @@ struct Live {
 #[utoipa::path(get, path = "/health/live", tag = "system", responses((status = 200, body = Live)))]
 async fn live() -> Json<Live> {
     Json(Live { status: "ok".into() })
-}
-
-/// Whether each daemon answers its health endpoint (within 2 s).
-pub async fn daemon_health(state: &AppState) -> Vec<(&'static str, bool)> {
-    let mut out = Vec::new();
-    for d in DAEMONS {
-        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
-        out.push((d, client.get::<serde_json::Value>("/health").await.is_ok()));
-    }
-    out
 }
 
 /// Every daemon's health, as `GET /health/ready` reports it.
@@ -234,47 +148,6 @@ async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>)
     } else {
         Err(ApiError::unavailable("some daemons are unreachable").with_details(serde_json::json!(daemons)))
     }
-}
-
-/// How long a call to a daemon waits for it to come back (systemd restarts a daemon
-/// that died after 2 s) before the operation fails with 503.
-pub const DAEMON_RESTART: Duration = Duration::from_secs(20);
-
-/// Opens the store, makes the admin key, and collects the operations a previous run
-/// left running (settled after the start-time reconcile pass).
-pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = store::open(&config.store, &config.data_dir).await?;
-    auth::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
-    let events = Arc::new(crate::events::Events::default());
-    let ops = Operations::new(store.clone(), events.clone());
-    // Operations the previous process was running: the reconciler finishes or undoes
-    // their work, then settles them (before the api serves).
-    let interrupted = ops
-        .list()
-        .await?
-        .into_iter()
-        .filter(|op| op.status == crate::model::OperationStatus::Running)
-        .collect();
-    let auth_limit = config.auth_failures_per_minute;
-    Ok(Arc::new(AppState {
-        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(config.daemon_retry),
-        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(config.daemon_retry),
-        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(config.daemon_retry),
-        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(config.daemon_retry),
-        tickets: Default::default(),
-        events,
-        config,
-        store,
-        ops,
-        auth_failures: auth::AuthFailures::new(auth_limit),
-        live: Default::default(),
-        vm_list: Default::default(),
-        reconciled: Default::default(),
-        instance: uuid::Uuid::new_v4().to_string(),
-        interrupted: std::sync::Mutex::new(interrupted),
-        drift: Default::default(),
-    }))
 }
 
 /// Runs the api (and with `all_in_one`, the daemons) until `shutdown` flips to true.
@@ -338,15 +211,15 @@ pub async fn run(
         }
     }
     let state = open_state(config.clone()).await?;
-    let following = tokio::spawn(crate::vm_list::follow(state.vmm.clone(), state.live.clone()));
+    let following = tokio::spawn(crate::vms::live::follow(state.vmm.clone(), state.live.clone()));
     networks::migrate(&state).await?;
     // Before serving: repair what a crash of the previous process left half done.
     let started = std::time::Instant::now();
-    let reconciled = crate::reconcile::reconcile(&state).await;
-    crate::reconcile::settle_interrupted(&state, reconciled.as_ref().ok()).await;
+    let reconciled = crate::reconcile::pass::reconcile(&state).await;
+    crate::reconcile::pass::settle_interrupted(&state, reconciled.as_ref().ok()).await;
     match reconciled {
         Ok(r) => {
-            let pass = crate::reconcile::Pass {
+            let pass = crate::reconcile::report::Pass {
                 seconds: started.elapsed().as_secs_f64(),
                 examined: r.examined,
                 repairs: r.repairs(),
@@ -367,8 +240,12 @@ pub async fn run(
     if let Err(e) = networks::ensure_default(&state).await {
         tracing::error!("cannot create the default network: {e}");
     }
-    let periodic = (!config.reconcile_interval.is_zero())
-        .then(|| tokio::spawn(crate::reconcile::periodically(state.clone(), config.reconcile_interval)));
+    let periodic = (!config.reconcile_interval.is_zero()).then(|| {
+        tokio::spawn(crate::reconcile::pass::periodically(
+            state.clone(),
+            config.reconcile_interval,
+        ))
+    });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "hearth-api serving");
     // A request the api accepted runs to its end even if its client hangs up.

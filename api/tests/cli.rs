@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{in_private_netns, Stack};
 
 fn hearth(stack: &Stack, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
+    Command::new(common::hearth_cli())
         .args(args)
         .env("HEARTH_URL", stack.url())
         .env("HEARTH_API_KEY", &stack.key)
@@ -83,7 +83,7 @@ fn cli_manages_vms_and_attaches_to_the_console() {
 
         // hearth console through a pseudo-terminal.
         let (master, slave) = openpty();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        let mut child = Command::new(common::hearth_cli())
             .args(["console", "cli1"])
             .env("HEARTH_URL", stack.url())
             .env("HEARTH_API_KEY", &stack.key)
@@ -142,7 +142,7 @@ fn cli_manages_vms_and_attaches_to_the_console() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        let out = Command::new(common::hearth_cli())
             .args(["vm", "list"])
             .env("HEARTH_URL", stack.url())
             .env("HEARTH_API_KEY", "hth_bad_key")
@@ -227,7 +227,7 @@ fn identity_commands_and_config_file() {
         )
         .expect("config");
         let carol = |args: &[&str]| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            std::process::Command::new(common::hearth_cli())
                 .args(args)
                 .env_clear()
                 .env("HEARTH_CLI_CONFIG", &config)

@@ -13,7 +13,7 @@ use serde_json::Value;
 /// Runs the doctor; only the first call boots the KVM probe (up to 8 s).
 fn doctor(path: Option<&str>) -> (bool, Vec<Value>) {
     static PROBED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    let mut cmd = Command::new(common::hearth_cli());
     cmd.args(["doctor", "-o", "json", "--images-dir"]).arg(images_dir());
     if PROBED.swap(true, std::sync::atomic::Ordering::SeqCst) {
         cmd.arg("--no-kvm-probe");
@@ -103,7 +103,7 @@ fn doctor_reports_what_the_host_really_has() {
         // A required tool missing: the check fails, names it, and the exit status says so.
         let bin = tempfile::tempdir().expect("tmp");
         for tool in ["qemu-system-x86_64", "dnsmasq", "nft", "sh"] {
-            if let Some(p) = hearth_api::cli::doctor::in_path(tool) {
+            if let Some(p) = hearth_cli::doctor::in_path(tool) {
                 std::os::unix::fs::symlink(p, bin.path().join(tool)).expect("symlink");
             }
         }

@@ -102,7 +102,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 /// Runs the CLI without blocking the runtime (the test's HTTP server runs on it).
 async fn cli(stack: &Stack, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+    tokio::process::Command::new(common::hearth_cli())
         .args(args)
         .env("HEARTH_URL", format!("http://{LISTEN}"))
         .env("HEARTH_API_KEY", &stack.key)

@@ -230,7 +230,7 @@ fn netd_repairs_the_host_and_restarts_keep_traffic_flowing() {
         assert!(host_ping(&ip));
 
         // The CLI lists it.
-        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        let out = Command::new(common::hearth_cli())
             .args(["network", "list"])
             .env("HEARTH_URL", stack.url())
             .env("HEARTH_API_KEY", &stack.key)

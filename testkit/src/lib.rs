@@ -8,6 +8,8 @@
 //! The tests use it for what these hosts cannot do: a real device-mapper (Debian's
 //! cloud kernel has dm-thin-pool; the hosts have no device-mapper at all).
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use hearth_api::server::{self, AllInOne, ApiConfig};
+use hearth_api::server;
+use hearth_api::state::{AllInOne, ApiConfig};
 use vmm_manager::{Accel, HypervisorKind, VmmConfig};
 
 #[derive(Parser, Debug)]
@@ -32,7 +33,7 @@ struct Args {
     store: hearth_api::store::StoreLocation,
     /// Failed authentications per minute from one address before it is refused (429)
     /// for the rest of the minute; 0 turns the limit off.
-    #[arg(long, default_value_t = hearth_api::auth::FAILURE_LIMIT)]
+    #[arg(long, default_value_t = hearth_api::auth::limit::FAILURE_LIMIT)]
     auth_failures_per_minute: u32,
     /// Seconds between the reconciler's passes while the api serves (orphans, and
     /// changes a crash cut short); 0 runs it only at start.
@@ -96,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
         daemon_retry: if a.all_in_one {
             Duration::ZERO
         } else {
-            server::DAEMON_RESTART
+            hearth_api::state::DAEMON_RESTART
         },
     };
     let nbd_tls = a.nbd_tls.settings().map_err(anyhow::Error::msg)?;

@@ -1,70 +1,16 @@
-//! `GET /v1/events`: server-sent events. Three kinds:
-//! - `operation`: an operation started, made progress, succeeded or failed;
-//! - `vm`: a VM was created, deleted, started, stopped, rebooted, paused or resumed
-//!   (when the operation doing it succeeds);
-//! - `audit`: a request that changes something (POST, PUT, PATCH, DELETE) with who made
-//!   it and its status, and every refused authentication.
-//!
-//! `?kinds=vm,operation` and `?project=NAME` filter. Events are not stored: a client
-//! sees what happens while it is connected (a slow one is told how many it missed).
+//! `GET /v1/events`: the bus as server-sent events, filtered by kind and project.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-
-use crate::json::Query;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use crate::server::AppState;
-
-/// One event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct Event {
-    /// Increases by one per event of this api process.
-    pub seq: u64,
-    pub at_ms: u64,
-    /// `operation`, `vm` or `audit`.
-    pub kind: String,
-    pub project: String,
-    pub data: serde_json::Value,
-}
-
-/// The api's event bus.
-pub struct Events {
-    tx: broadcast::Sender<Event>,
-    seq: AtomicU64,
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Events {
-            tx: broadcast::channel(4096).0,
-            seq: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Events {
-    pub fn emit(&self, kind: &str, project: &str, data: serde_json::Value) {
-        let ev = Event {
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            at_ms: vmm_manager::spec::now_ms(),
-            kind: kind.to_string(),
-            project: project.to_string(),
-            data,
-        };
-        // No subscriber is fine: events are for whoever listens now.
-        let _ = self.tx.send(ev);
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.tx.subscribe()
-    }
-}
+use crate::events::bus::Event;
+use crate::json::Query;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -80,7 +26,7 @@ pub struct EventsQuery {
     responses((status = 200, description = "Server-sent events, one JSON Event per message", content_type = "text/event-stream", body = Event), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
-    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::keys::Caller>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>>>, socket_http::ApiError> {
     let kinds: Option<Vec<String>> = q.kinds.map(|k| {

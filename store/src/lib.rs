@@ -3,7 +3,8 @@
 //! as etcd does, and each key remembers the revision of its last change.
 //!
 //! [`embedded::EmbeddedStore`] keeps everything in one redb file in the data directory;
-//! [`etcd::EtcdStore`] keeps it in etcd, for several hosts.
+//! [`etcd::EtcdStore`] keeps it in etcd, for several hosts. Both pass one conformance
+//! suite (`store/tests/conformance`).
 
 pub mod embedded;
 pub mod etcd;
@@ -181,88 +182,4 @@ pub async fn list_json<T: DeserializeOwned>(store: &dyn StateStore, prefix: &str
                 })
         })
         .collect()
-}
-
-/// The suite every store implementation must pass (it panics on the first failure);
-/// `api/tests/store.rs` runs it against the embedded store and a real etcd.
-pub async fn conformance(store: &dyn StateStore) {
-    assert_eq!(store.get("a/1").await.ok().flatten(), None);
-    let mut watch = store.watch();
-    let r1 = store.put("a/1", b"one".to_vec()).await.expect("put");
-    let got = store.get("a/1").await.expect("get").expect("present");
-    assert_eq!(
-        got,
-        Versioned {
-            value: b"one".to_vec(),
-            revision: r1
-        }
-    );
-    let ev = watch.recv().await.expect("watch event");
-    assert_eq!(
-        (ev.key.as_str(), ev.value.as_deref(), ev.revision),
-        ("a/1", Some(&b"one"[..]), r1)
-    );
-
-    // Create-only CAS refuses an existing key; CAS with a stale revision refuses too.
-    assert!(matches!(
-        store.compare_and_swap("a/1", None, b"x".to_vec()).await,
-        Err(StoreError::Conflict { .. })
-    ));
-    let r2 = store
-        .compare_and_swap("a/1", Some(r1), b"two".to_vec())
-        .await
-        .expect("cas");
-    assert!(r2 > r1, "revisions grow");
-    assert!(matches!(
-        store.compare_and_swap("a/1", Some(r1), b"three".to_vec()).await,
-        Err(StoreError::Conflict { .. })
-    ));
-    let v1 = store.prefix_version("a/").await.expect("prefix version");
-    assert_eq!(
-        store.prefix_version("a/").await.expect("prefix version"),
-        v1,
-        "stable without writes"
-    );
-    let r3 = store
-        .compare_and_swap("a/2", None, b"new".to_vec())
-        .await
-        .expect("create");
-    let v2 = store.prefix_version("a/").await.expect("prefix version");
-    assert_ne!(v2, v1, "a create under the prefix changes its version");
-    store.put("b/1", b"other".to_vec()).await.expect("put");
-
-    let listed: Vec<_> = store
-        .list("a/")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|(k, v)| (k, v.value, v.revision))
-        .collect();
-    assert_eq!(
-        listed,
-        vec![
-            ("a/1".to_string(), b"two".to_vec(), r2),
-            ("a/2".to_string(), b"new".to_vec(), r3)
-        ]
-    );
-
-    assert!(store.delete("a/1").await.expect("delete"));
-    assert!(
-        !store.delete("a/1").await.expect("delete missing"),
-        "deleting a missing key succeeds and says so"
-    );
-    assert_eq!(store.get("a/1").await.expect("get"), None);
-    assert_eq!(store.list("a/").await.expect("list").len(), 1);
-    let v3 = store.prefix_version("a/").await.expect("prefix version");
-    assert!(v3 != v2 && v3 != v1, "a delete under the prefix changes its version");
-    store.put("a/2", b"newer".to_vec()).await.expect("put");
-    assert_ne!(
-        store.prefix_version("a/").await.expect("prefix version"),
-        v3,
-        "an overwrite changes it"
-    );
-
-    // Concurrent create-only CAS: exactly one wins.
-    let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
 }

@@ -1,27 +1,10 @@
-//! Consoles over WebSockets, proxied to vmm-manager:
-//!
-//! - `GET /v1/vms/{id}/console`: the serial console (binary frames both ways,
-//!   xterm.js-compatible). The first frame carries the scrollback, then live output
-//!   follows; with `write=true` (the default) the client's frames are typed into the
-//!   guest, one writer at a time, and `takeover=true` takes the keyboard from the client
-//!   that has it.
-//! - `GET /v1/vms/{id}/vnc`: RFB for noVNC, for QEMU VMs with a display.
-//! - `POST /v1/vms/{id}/console/ticket`: browsers cannot set headers on WebSockets, so they
-//!   present a ticket (`?ticket=`) instead: bound to one VM, one key and one kind, valid for
-//!   [`TICKET_TTL`], good for one connection.
-//!
-//! A WebSocket upgrade that carries an `Origin` (every browser's does) must come from this
-//! server's own origin, so another site cannot open a console with a visitor's ticket.
-//! A key with role `viewer` may watch a console but never type.
+//! The console routes: tickets, the serial console and VNC, proxied to vmm-manager.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-
-use crate::json::Query;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
@@ -30,70 +13,13 @@ use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 use tokio_tungstenite::tungstenite::Message as UpMessage;
 
-use crate::auth::Caller;
+use crate::auth::keys::Caller;
+use crate::console::tickets::{Ticket, TicketKind};
+use crate::daemons::upstream;
+use crate::json::Query;
 use crate::model::VmRecord;
-use crate::server::AppState;
-use crate::vms::{resolve, upstream};
-
-/// How long a console ticket stays valid (`HEARTH_CONSOLE_TICKET_TTL_MS` shortens it for
-/// tests; it is never longer).
-pub const TICKET_TTL: Duration = Duration::from_secs(30);
-
-/// What a ticket opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum TicketKind {
-    #[default]
-    Serial,
-    Vnc,
-}
-
-#[derive(Debug, Clone)]
-struct Ticket {
-    vm: String,
-    kind: TicketKind,
-    write: bool,
-    key_id: String,
-    project: String,
-    expires: Instant,
-}
-
-/// Outstanding console tickets, in memory: they live for seconds, and a restart of the
-/// api simply makes clients ask again.
-pub struct Tickets {
-    open: Mutex<HashMap<String, Ticket>>,
-    ttl: Duration,
-}
-
-impl Default for Tickets {
-    fn default() -> Self {
-        let ttl = std::env::var("HEARTH_CONSOLE_TICKET_TTL_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .map_or(TICKET_TTL, |t| t.min(TICKET_TTL));
-        Self {
-            open: Mutex::default(),
-            ttl,
-        }
-    }
-}
-
-impl Tickets {
-    fn issue(&self, ticket: Ticket) -> String {
-        let token = crate::auth::new_token();
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        open.retain(|_, t| t.expires > now);
-        open.insert(token.clone(), ticket);
-        token
-    }
-
-    /// Takes a ticket out (it works once, whatever happens next).
-    fn redeem(&self, token: &str) -> Option<Ticket> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(token)
-    }
-}
+use crate::state::AppState;
+use crate::vms::records::resolve;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -1,10 +1,14 @@
 //! Long-running operations: recorded in the store before work starts, updated as it
 //! goes, and long-polled by clients (`?wait=SECONDS`).
+//! Their counters and durations for `/metrics` are kept here too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use socket_http::{ApiError, ErrorBody};
 use tokio::sync::watch;
 
@@ -15,8 +19,8 @@ use crate::store::{self, StateStore};
 pub struct Operations {
     store: Arc<dyn StateStore>,
     waiters: Mutex<HashMap<String, watch::Sender<()>>>,
-    events: Arc<crate::events::Events>,
-    metrics: crate::metrics::OperationMetrics,
+    events: Arc<crate::events::bus::Events>,
+    metrics: crate::operations::record::OperationMetrics,
 }
 
 /// What a VM operation's success means for the VM, as a `vm` event says it.
@@ -38,7 +42,7 @@ fn key(id: &str) -> String {
 }
 
 impl Operations {
-    pub fn new(store: Arc<dyn StateStore>, events: Arc<crate::events::Events>) -> Self {
+    pub fn new(store: Arc<dyn StateStore>, events: Arc<crate::events::bus::Events>) -> Self {
         Self {
             store,
             waiters: Mutex::new(HashMap::new()),
@@ -47,7 +51,7 @@ impl Operations {
         }
     }
 
-    pub fn metrics(&self) -> &crate::metrics::OperationMetrics {
+    pub fn metrics(&self) -> &crate::operations::record::OperationMetrics {
         &self.metrics
     }
 
@@ -195,5 +199,41 @@ impl Operations {
             .collect();
         ops.sort_by_key(|o| std::cmp::Reverse(o.created_at_ms));
         Ok(ops)
+    }
+}
+
+pub(crate) type Labels = Vec<(String, String)>;
+
+pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// What the api counts as it runs.
+pub struct OperationMetrics {
+    pub(crate) finished: Family<Labels, Counter>,
+    pub(crate) duration: Family<Labels, Histogram>,
+}
+
+impl Default for OperationMetrics {
+    fn default() -> Self {
+        OperationMetrics {
+            finished: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 10 ms … ~80 s: VM actions take seconds under TCG, imports minutes.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.01, 2.0, 14,
+                ))
+            }),
+        }
+    }
+}
+
+impl OperationMetrics {
+    /// Records a finished operation.
+    pub fn finished(&self, kind: &str, status: &str, seconds: f64) {
+        self.finished
+            .get_or_create(&labels(&[("kind", kind), ("status", status)]))
+            .inc();
+        self.duration.get_or_create(&labels(&[("kind", kind)])).observe(seconds);
     }
 }

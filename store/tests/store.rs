@@ -3,19 +3,19 @@
 //! clear "unavailable" within seconds, and everything (writes, the watch) back once etcd
 //! returns.
 
-mod common;
+mod conformance;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, Etcd};
-use hearth_api::store::etcd::{EtcdStore, EtcdTarget};
-use hearth_api::store::{self, StateStore, StoreError, StoreLocation};
+use hearth_store::etcd::{EtcdStore, EtcdTarget};
+use hearth_store::{self as store, StateStore, StoreError, StoreLocation};
+use testkit::etcd::{free_port, Etcd};
 
 #[tokio::test]
 async fn embedded_store_passes_the_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("open");
-    store::conformance(s.as_ref()).await;
+    conformance::conformance(s.as_ref()).await;
     assert!(dir.path().join("store.redb").exists());
 }
 
@@ -25,7 +25,7 @@ async fn etcd_store_passes_the_suite_and_survives_an_outage() {
     let location: StoreLocation = etcd.store_url().parse().expect("store url");
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store::open(&location, dir.path()).await.expect("connect");
-    store::conformance(s.as_ref()).await;
+    conformance::conformance(s.as_ref()).await;
 
     // Two prefixes in one etcd are two stores that do not see each other.
     let other = EtcdStore::connect(

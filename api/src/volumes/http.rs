@@ -18,74 +18,27 @@
 //! - `POST /v1/volumes/{name}/export` `{read_only?}`, `DELETE /v1/volumes/{name}/export`:
 //!   NBD, so another host (or qemu-img, nbdcopy) reaches it
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use blockd::exports::{Export, ExportSpec, RemoteDiskSpec};
-use blockd::service::{VolumeSource, VolumeSpec};
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
-use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
 
-use crate::auth::Caller;
+use crate::auth::keys::Caller;
+use crate::daemons::upstream;
 use crate::json::JsonBody;
-use crate::model::{host_name, name_in_project, validate_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
-use crate::server::AppState;
+use crate::model::{host_name, name_in_project, validate_name, AttachVia, AttachVolume, AttachedVolume};
+use crate::state::AppState;
 use crate::store;
-use crate::vms::upstream;
+use crate::volumes::records::{
+    attachment, blockd_error, bname, find_record, local_record, record_key, validate_new_name, Attachment,
+    CreateVolume, SizeRequest, SourceRequest, VolumeRecord,
+};
+use crate::volumes::work::{claim, disk_spec, make_volume, release, remove, resize_remote};
 
-type AppS = State<Arc<AppState>>;
-
-fn record_key(project: &str, name: &str) -> String {
-    format!("volumes/{project}/{name}")
-}
-fn claim_key(project: &str, name: &str) -> String {
-    format!("volume-attachments/{project}/{name}")
-}
-/// A name for a new volume: valid, and not one of the names hearth gives volumes of
-/// its own (an image's base volume, which the reconciler removes with the image).
-fn validate_new_name(name: &str) -> Result<(), ApiError> {
-    validate_name("volume", name)?;
-    if blockd::volume::is_image_base_name(name) {
-        return Err(ApiError::unprocessable(format!(
-            "volume name {name:?} is kept for hearth's image base volumes: choose another"
-        )));
-    }
-    Ok(())
-}
-
-/// What blockd calls a project's volume (see [`host_name`]).
-fn bname(rec: &VolumeRecord) -> String {
-    host_name(&rec.project, &rec.name)
-}
-
-/// What the api stores per volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VolumeRecord {
-    pub name: String,
-    pub project: String,
-    /// Set for a volume another host exports over NBD.
-    #[serde(default)]
-    pub remote: Option<RemoteDiskSpec>,
-    /// A remote volume's size when it was created (its owner may grow it; while it is
-    /// attached the size shown is the one the NBD client sees now).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size_bytes: Option<u64>,
-    pub created_at_ms: u64,
-}
-
-/// Which VM holds a volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Attachment {
-    pub vm: String,
-    pub vm_name: String,
-    pub disk: String,
-    pub via: AttachVia,
-    pub read_only: bool,
-}
+type AppS = State<std::sync::Arc<crate::state::AppState>>;
 
 /// A volume as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -114,98 +67,6 @@ pub struct Volume {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteDiskSpec>,
     pub created_at_ms: u64,
-}
-
-/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024), in whole 512-byte
-/// sectors. The volume gets the size rounded up to what its pool allocates in: an
-/// extent (4 MiB by default) in an LVM thin pool, so asking again for the same size
-/// changes nothing.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SizeRequest {
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default)]
-    pub size: Option<String>,
-}
-
-impl SizeRequest {
-    pub fn bytes(&self) -> Result<Option<u64>, ApiError> {
-        match (&self.size_bytes, &self.size) {
-            (Some(_), Some(_)) => Err(ApiError::unprocessable("give size_bytes or size, not both")),
-            (Some(b), None) => Ok(Some(*b)),
-            (None, Some(s)) => parse_size(s).map(Some),
-            (None, None) => Ok(None),
-        }
-    }
-}
-
-/// `10G` → 10 GiB. Plain numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64, ApiError> {
-    let t = s.trim();
-    let bad = || {
-        ApiError::unprocessable(format!(
-            "size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"
-        ))
-    };
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(mult).ok_or_else(bad)
-}
-
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum SourceRequest {
-    /// `volume@snapshot`.
-    Snapshot(String),
-}
-
-/// `POST /v1/volumes` body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    pub name: String,
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default)]
-    pub size: Option<String>,
-    #[serde(default)]
-    pub source: Option<SourceRequest>,
-    /// A volume exported over NBD by another host's blockd.
-    #[serde(default)]
-    pub remote: Option<RemoteDiskSpec>,
-}
-
-fn blockd_error(e: socket_http::ClientError) -> ApiError {
-    upstream(e)
-}
-
-async fn find_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
-    validate_name("volume", name)?;
-    store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name))
-        .await?
-        .map(|(r, _)| r)
-        .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))
-}
-
-async fn attachment(state: &AppState, project: &str, name: &str) -> Result<Option<Attachment>, ApiError> {
-    Ok(
-        store::get_json::<Attachment>(state.store.as_ref(), &claim_key(project, name))
-            .await?
-            .map(|(a, _)| a),
-    )
 }
 
 async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Result<Volume, ApiError> {
@@ -376,85 +237,6 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
 }
 
-/// The name of a remote disk made for a moment (to check or grow a remote volume's
-/// export): unique, so two requests never share one, and within blockd's 63
-/// characters whatever the volume's name. It names this process, so that one a crash
-/// left behind can be told from one in use ([`stale_probes`]).
-fn probe_name(host: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut name = format!("{}{n:x}-{host}", own_probe_prefix());
-    // Volume names are ASCII, so this cuts between characters.
-    name.truncate(63);
-    name
-}
-
-/// `probe<token>.`, with a token drawn once per process: random rather than the PID,
-/// which a container or a reboot may give the next api process again.
-fn own_probe_prefix() -> &'static str {
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PREFIX.get_or_init(|| format!("probe{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]))
-}
-
-/// Remote disks blockd holds that an earlier api process made for a moment and left
-/// (it ended between making and removing one): named like [`probe_name`]'s but not by
-/// this process, and no remote volume's own.
-pub async fn stale_probes(state: &AppState) -> Result<Vec<String>, ApiError> {
-    let exports = state.blockd.exports().await.map_err(blockd_error)?;
-    let records = store::list_json::<VolumeRecord>(state.store.as_ref(), "volumes/").await?;
-    let volumes: std::collections::BTreeSet<String> = records.iter().map(|(r, _)| bname(r)).collect();
-    let own = own_probe_prefix();
-    Ok(exports
-        .into_iter()
-        .filter(|e| e.remote.is_some())
-        .map(|e| e.volume)
-        .filter(|n| n.starts_with("probe") && !n.starts_with(own) && !volumes.contains(n))
-        .collect())
-}
-
-/// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export
-/// answers, and returns its size).
-async fn make_volume(
-    state: &AppState,
-    project: &str,
-    host: &str,
-    req: &CreateVolume,
-    size: Option<u64>,
-) -> Result<Option<u64>, ApiError> {
-    if let Some(remote) = &req.remote {
-        // Check now that the export is there, so a typo fails here, not at attach.
-        let probe = probe_name(host);
-        let found = state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
-        state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
-        return Ok(found.size_bytes);
-    }
-    let source = match &req.source {
-        Some(SourceRequest::Snapshot(snap)) => {
-            let (vol, _) = snap.split_once('@').ok_or_else(|| {
-                ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
-            })?;
-            let from = find_record(state, project, vol)
-                .await
-                .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
-            let (_, snap_name) = snap.split_once('@').unwrap_or_default();
-            Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
-        }
-        None => None,
-    };
-    state
-        .blockd
-        .ensure_volume(
-            host,
-            &VolumeSpec {
-                size_bytes: size,
-                source,
-            },
-        )
-        .await
-        .map_err(blockd_error)
-        .map(|_| None)
-}
-
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),
     responses((status = 204, description = "Deleted, or did not exist"), (status = 409, description = "Attached, or has snapshots with clones", body = crate::openapi::ErrorResponse)))]
 pub async fn delete(
@@ -479,82 +261,6 @@ pub async fn delete(
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Removes a volume completely, from blockd (unless it lives on another host) and the
-/// store. Also what the reconciler does with a create or delete a crash cut short.
-pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
-    if let Some(a) = attachment(state, project, name).await? {
-        return Err(ApiError::conflict(format!(
-            "volume {name:?} is attached to VM {} as {}; detach it first",
-            a.vm_name, a.disk
-        )));
-    }
-    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name)).await?
-    else {
-        // The record comes before the volume: without it, hearth made nothing (a volume
-        // of that name in blockd is someone else's).
-        return Ok(());
-    };
-    if rec.remote.is_none() {
-        match state.blockd.delete_volume(&bname(&rec)).await {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(blockd_error(e)),
-        }
-    }
-    state.store.delete(&record_key(project, name)).await?;
-    Ok(())
-}
-
-async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
-    let rec = find_record(state, project, name).await?;
-    if rec.remote.is_some() {
-        return Err(ApiError::conflict(format!(
-            "volume {name:?} lives on another host; snapshot and clone it there"
-        )));
-    }
-    Ok(rec)
-}
-
-/// Grows a volume another host exports, through that host's NBD server
-/// (`NBD_CMD_RESIZE`, which blockd's writable exports offer): while blockd serves it
-/// to a VM here, through that remote disk, which then tells the VM; otherwise through
-/// a remote disk made for the purpose and removed again. The new size is kept in the
-/// volume's record.
-async fn resize_remote(
-    state: &AppState,
-    rec: &VolumeRecord,
-    remote: &RemoteDiskSpec,
-    size: u64,
-) -> Result<(), ApiError> {
-    let host = bname(rec);
-    let exports = state.blockd.exports().await.map_err(blockd_error)?;
-    let grown = if exports.iter().any(|e| e.volume == host && e.remote.is_some()) {
-        state.blockd.resize_remote_disk(&host, size).await
-    } else {
-        let probe = probe_name(&host);
-        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
-        let grown = state.blockd.resize_remote_disk(&probe, size).await;
-        if let Err(e) = state.blockd.delete_remote_disk(&probe).await {
-            tracing::warn!(volume = rec.name, "removing the remote disk used to resize: {e}");
-        }
-        grown
-    }
-    .map_err(blockd_error)?;
-    let Some(size_bytes) = grown.size_bytes else {
-        return Ok(());
-    };
-    let key = record_key(&rec.project, &rec.name);
-    store::update_json(state.store.as_ref(), &key, |r: &mut VolumeRecord| {
-        let larger = r.size_bytes < Some(size_bytes);
-        if larger {
-            r.size_bytes = Some(size_bytes);
-        }
-        larger
-    })
-    .await?;
-    Ok(())
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = SizeRequest,
@@ -697,137 +403,6 @@ pub struct AttachRequest {
     pub read_only: bool,
 }
 
-/// Claims a volume for a VM and picks its disk id. Nothing is attached yet.
-pub async fn claim(
-    state: &AppState,
-    rec: &VmRecord,
-    req: &AttachVolume,
-    taken: &[AttachedVolume],
-) -> Result<AttachedVolume, ApiError> {
-    // Checked before the record: a volume whose create or delete is in progress, or
-    // was cut short by a crash and is about to be removed, is not attached. (Its
-    // marker goes only after the removal is complete, so the record is gone then.)
-    if crate::intents::pending(
-        state.store.as_ref(),
-        crate::intents::Kind::Volume,
-        &rec.project,
-        &req.volume,
-    )
-    .await?
-    {
-        return Err(ApiError::conflict(format!(
-            "volume {:?} is being created or deleted; retry when that is done",
-            req.volume
-        )));
-    }
-    let vol = find_record(state, &rec.project, &req.volume).await.map_err(|e| {
-        if e.status == StatusCode::NOT_FOUND {
-            ApiError::unprocessable(e.message().to_string())
-        } else {
-            e
-        }
-    })?;
-    let via = match (req.via, &vol.remote) {
-        (Some(AttachVia::File), Some(_)) => {
-            return Err(ApiError::unprocessable(format!(
-                "volume {:?} is on another host: attach it via vhost-user",
-                req.volume
-            )))
-        }
-        (Some(v), _) => v,
-        (None, Some(_)) => AttachVia::VhostUser,
-        (None, None) => AttachVia::File,
-    };
-    let disk = (0..)
-        .map(|i| format!("vol{i}"))
-        .find(|d| !taken.iter().any(|t| &t.disk == d))
-        .unwrap_or_else(|| "vol".into());
-    let claim = Attachment {
-        vm: rec.id.clone(),
-        vm_name: rec.name.clone(),
-        disk: disk.clone(),
-        via,
-        read_only: req.read_only,
-    };
-    state
-        .store
-        .compare_and_swap(&claim_key(&rec.project, &req.volume), None, store::encode(&claim))
-        .await
-        .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => {
-                ApiError::conflict(format!("volume {:?} is already attached to a VM", req.volume))
-            }
-            other => other.into(),
-        })?;
-    Ok(AttachedVolume {
-        volume: req.volume.clone(),
-        disk,
-        via,
-        read_only: req.read_only,
-    })
-}
-
-/// Makes the volume reachable the way the attachment says and returns the disk the VM
-/// gets (a file or a vhost-user-blk socket).
-pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
-    let rec = find_record(state, project, &a.volume).await?;
-    let host = bname(&rec);
-    let source = match (&rec.remote, a.via) {
-        (Some(remote), _) => {
-            let e = state.blockd.remote_disk(&host, remote).await.map_err(blockd_error)?;
-            DiskSource::VhostUser {
-                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
-            }
-        }
-        (None, AttachVia::VhostUser) => {
-            let e = state
-                .blockd
-                .export(&host, "vhost-user", &ExportSpec { read_only: a.read_only })
-                .await
-                .map_err(blockd_error)?;
-            DiskSource::VhostUser {
-                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
-            }
-        }
-        (None, AttachVia::File) => {
-            let v = state.blockd.volume(&host).await.map_err(blockd_error)?;
-            let path = v.path.ok_or_else(|| {
-                ApiError::conflict(format!(
-                    "volume {:?} has no file or device (a memory pool); attach it via vhost-user",
-                    a.volume
-                ))
-            })?;
-            let format = match v.format {
-                blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
-                blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
-            };
-            DiskSource::File { path, format }
-        }
-    };
-    Ok(DiskSpec {
-        id: a.disk.clone(),
-        source,
-        readonly: a.read_only,
-    })
-}
-
-/// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
-pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
-    let remote = find_record(state, project, &a.volume).await.ok().and_then(|r| r.remote);
-    let host = host_name(project, &a.volume);
-    let undone = match (remote, a.via) {
-        (Some(_), _) => state.blockd.delete_remote_disk(&host).await,
-        (None, AttachVia::VhostUser) => state.blockd.unexport(&host, "vhost-user").await,
-        (None, AttachVia::File) => Ok(()),
-    };
-    if let Err(e) = undone {
-        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
-    }
-    if let Err(e) = state.store.delete(&claim_key(project, &a.volume)).await {
-        tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");
-    }
-}
-
 #[utoipa::path(post, path = "/v1/volumes/{name}/attach", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = AttachRequest,
     responses((status = 200, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "Attached elsewhere", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn attach(
@@ -838,7 +413,7 @@ pub async fn attach(
 ) -> Result<Json<Volume>, ApiError> {
     let project = caller.project.as_str();
     find_record(&state, project, &name).await?;
-    let (mut vm, rev) = crate::vms::resolve(&state, project, &req.vm).await?;
+    let (mut vm, rev) = crate::vms::records::resolve(&state, project, &req.vm).await?;
     if vm.phase != crate::model::Phase::Ready {
         return Err(ApiError::conflict(format!(
             "VM {} is being created or deleted",
@@ -889,7 +464,7 @@ pub async fn detach(
     let project = caller.project.as_str();
     let rec = find_record(&state, project, &name).await?;
     if let Some(a) = attachment(&state, project, &name).await? {
-        match crate::vms::resolve(&state, project, &a.vm).await {
+        match crate::vms::records::resolve(&state, project, &a.vm).await {
             Ok((mut vm, rev)) => {
                 state.vmm.detach_disk(&vm.id, &a.disk).await.map_err(upstream)?;
                 let att = vm.volumes.iter().find(|v| v.volume == name).cloned();

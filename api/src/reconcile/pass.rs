@@ -30,91 +30,9 @@ use std::collections::BTreeSet;
 use socket_http::ApiError;
 
 use crate::model::{Phase, VmRecord};
-use crate::server::AppState;
+use crate::reconcile::report::Report;
+use crate::state::AppState;
 use crate::store;
-
-/// What one pass did.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Report {
-    pub creates_undone: Vec<String>,
-    pub deletes_finished: Vec<String>,
-    pub orphan_vmms: Vec<String>,
-    pub orphan_ports: Vec<String>,
-    pub orphan_root_disks: Vec<String>,
-    /// Base volumes of images that no longer exist (LVM and memory pools).
-    pub orphan_image_bases: Vec<String>,
-    pub orphan_claims: Vec<String>,
-    /// Remote disks an earlier api process made for a moment (to check or grow a
-    /// remote volume) and left when it ended.
-    pub orphan_remote_disks: Vec<String>,
-    /// VMs vmm-manager had lost, defined again (and started when wanted running).
-    pub redefined: Vec<String>,
-    pub restarted: Vec<String>,
-    /// VMs vmm-manager had lost that could not be defined again, with why.
-    pub not_redefined: Vec<String>,
-    /// Networks and volumes (`<project>/<name>`) whose create or delete a crash cut
-    /// short, removed completely.
-    pub networks_removed: Vec<String>,
-    pub volumes_removed: Vec<String>,
-    /// Networks (`<project>/<name>`) netd had lost, made again from their records.
-    pub networks_recreated: Vec<String>,
-    /// VM names (`<project>/<name>`) a crash left claimed by no VM, freed.
-    pub names_freed: Vec<String>,
-    /// How many records and daemon objects the pass looked at.
-    #[serde(skip)]
-    pub examined: usize,
-}
-
-/// Totals of the periodic passes, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Totals {
-    pub passes: std::sync::atomic::AtomicU64,
-    pub repairs: std::sync::atomic::AtomicU64,
-}
-
-/// The figures of the pass at start, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Pass {
-    pub seconds: f64,
-    pub examined: usize,
-    pub repairs: usize,
-}
-
-impl Report {
-    /// How many things the pass changed.
-    pub fn repairs(&self) -> usize {
-        self.creates_undone.len()
-            + self.deletes_finished.len()
-            + self.orphan_vmms.len()
-            + self.orphan_ports.len()
-            + self.orphan_root_disks.len()
-            + self.orphan_image_bases.len()
-            + self.orphan_claims.len()
-            + self.orphan_remote_disks.len()
-            + self.redefined.len()
-            + self.networks_removed.len()
-            + self.volumes_removed.len()
-            + self.names_freed.len()
-            + self.networks_recreated.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.creates_undone.is_empty()
-            && self.deletes_finished.is_empty()
-            && self.orphan_vmms.is_empty()
-            && self.orphan_ports.is_empty()
-            && self.orphan_root_disks.is_empty()
-            && self.orphan_image_bases.is_empty()
-            && self.orphan_claims.is_empty()
-            && self.orphan_remote_disks.is_empty()
-            && self.redefined.is_empty()
-            && self.not_redefined.is_empty()
-            && self.networks_removed.is_empty()
-            && self.volumes_removed.is_empty()
-            && self.names_freed.is_empty()
-            && self.networks_recreated.is_empty()
-    }
-}
 
 /// The VM id a name made by hearth carries: `<uuid>-<n>` (ports) or `vm-<uuid>-root`
 /// (root disks).
@@ -145,7 +63,7 @@ async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), A
                 &mut report.networks_removed,
             ),
             crate::intents::Kind::Volume => (
-                crate::volumes::remove(state, &project, &name).await,
+                crate::volumes::work::remove(state, &project, &name).await,
                 &mut report.volumes_removed,
             ),
         };
@@ -234,7 +152,7 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
                 continue;
             }
             // A user's volume of that name from before such names were kept for hearth.
-            let user_key = format!("volumes/{}/{}", crate::auth::DEFAULT_PROJECT, v.name);
+            let user_key = format!("volumes/{}/{}", crate::auth::keys::DEFAULT_PROJECT, v.name);
             if !matches!(state.store.get(&user_key).await, Ok(None)) {
                 continue;
             }
@@ -262,7 +180,7 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
         let _ = state.images.release(&id).await;
     }
     for (key, v) in held.claims {
-        let Ok(claim) = serde_json::from_slice::<crate::volumes::Attachment>(&v.value) else {
+        let Ok(claim) = serde_json::from_slice::<crate::volumes::records::Attachment>(&v.value) else {
             continue;
         };
         if known.contains(&claim.vm) {
@@ -279,7 +197,7 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
             via: claim.via,
             read_only: claim.read_only,
         };
-        crate::volumes::release(state, project, &att).await;
+        crate::volumes::work::release(state, project, &att).await;
         report.orphan_claims.push(format!("{project}/{volume}"));
     }
 }
@@ -307,7 +225,11 @@ async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -
         let made = crate::intents::hold(state, crate::intents::Kind::Network, project, name, RECREATE, async {
             match state.store.get(&key).await? {
                 Some(now) if now.revision == v.revision => {
-                    state.netd.ensure_network(&spec).await.map_err(crate::vms::upstream)?;
+                    state
+                        .netd
+                        .ensure_network(&spec)
+                        .await
+                        .map_err(crate::daemons::upstream)?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -354,10 +276,10 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
                 ready.push(rec);
             }
             Phase::Creating => {
-                crate::vms::undo_create(state, &rec).await;
+                crate::vms::define::undo_create(state, &rec).await;
                 report.creates_undone.push(rec.id.clone());
             }
-            Phase::Deleting => match crate::vms::finish_delete(state, &rec).await {
+            Phase::Deleting => match crate::vms::define::finish_delete(state, &rec).await {
                 Ok(()) => report.deletes_finished.push(rec.id.clone()),
                 Err(e) => tracing::warn!(vm = %rec.id, "cannot finish deleting: {}", e.body.message),
             },
@@ -371,14 +293,14 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
             if let Some(vm) = vms.iter().find(|v| v.spec.id == rec.id) {
                 use vmm_manager::VmState;
                 let running = matches!(vm.status.state, VmState::Starting | VmState::Running | VmState::Paused);
-                if let Err(e) = crate::vms::set_desired_running(state, &rec.id, running).await {
+                if let Err(e) = crate::vms::records::set_desired_running(state, &rec.id, running).await {
                     tracing::warn!(vm = %rec.id, "cannot record whether it should run: {}", e.body.message);
                 }
             }
         }
         let defined: BTreeSet<&str> = vms.iter().map(|v| v.spec.id.as_str()).collect();
         for rec in ready.iter().filter(|r| !defined.contains(r.id.as_str())) {
-            match crate::vms::redefine(state, rec).await {
+            match crate::vms::define::redefine(state, rec).await {
                 Ok(started) => {
                     report.redefined.push(rec.id.clone());
                     if started {
@@ -400,7 +322,7 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
 
 /// Removes the remote disks an earlier api process made for a moment and left.
 async fn remove_stale_probes(state: &AppState, report: &mut Report) {
-    let stale = match crate::volumes::stale_probes(state).await {
+    let stale = match crate::volumes::work::stale_probes(state).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!("reconcile: cannot look for left remote disks: {}", e.body.message);
@@ -504,7 +426,8 @@ pub async fn settle_interrupted(state: &AppState, report: Option<&Report>) {
 
 /// A create cut short after its VM was recorded whole: started when it was to be.
 async fn finish_create(state: &AppState, id: &str) -> Result<(), ApiError> {
-    let Some((rec, _)) = store::get_json::<VmRecord>(state.store.as_ref(), &crate::vms::vm_key(id)).await? else {
+    let Some((rec, _)) = store::get_json::<VmRecord>(state.store.as_ref(), &crate::vms::records::vm_key(id)).await?
+    else {
         return Err(ApiError::unavailable(
             "the api restarted while the VM was made and it is gone; retry the create",
         ));
@@ -515,14 +438,14 @@ async fn finish_create(state: &AppState, id: &str) -> Result<(), ApiError> {
         ));
     }
     if rec.desired_running == Some(true) {
-        let vm = state.vmm.get(id).await.map_err(crate::vms::upstream)?;
+        let vm = state.vmm.get(id).await.map_err(crate::daemons::upstream)?;
         use vmm_manager::VmState;
         if matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
             let started = state
                 .vmm
                 .action(id, vmm_manager::VmAction::Start, false)
                 .await
-                .map_err(crate::vms::upstream)?;
+                .map_err(crate::daemons::upstream)?;
             state.live.observe(&started);
         }
     }

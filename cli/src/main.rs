@@ -4,8 +4,8 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
-    let cli = hearth_api::cli::Cli::parse();
-    if let Err(e) = hearth_api::cli::run(cli).await {
+    let cli = hearth_cli::Cli::parse();
+    if let Err(e) = hearth_cli::run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

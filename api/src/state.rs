@@ -1,0 +1,132 @@
+//! What every handler and background task can reach: the api's settings, its state
+//! store, the daemons' clients and the caches and counters shared between requests.
+//! It sits at the bottom of the api's import graph: it names the types it holds and
+//! nothing that serves a route.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_manager::client::VmmClient;
+use vmm_manager::HypervisorKind;
+
+use crate::operations::record::Operations;
+use crate::store;
+use crate::store::StateStore;
+
+/// The api's settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Holds the store, `admin.key`, and (all-in-one) the daemons' state.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Where the daemons' sockets are.
+    pub socket_dir: PathBuf,
+    pub default_hypervisor: HypervisorKind,
+    /// Where the desired state lives.
+    pub store: store::StoreLocation,
+    /// Failed authentications per minute from one address before it gets 429s (0: no limit).
+    pub auth_failures_per_minute: u32,
+    /// How often the reconciler looks for drift while the api serves (zero: only at start).
+    pub reconcile_interval: Duration,
+    /// How long a call waits for a daemon to come back ([`DAEMON_RESTART`] when the
+    /// daemons run on their own; zero when they run in this process, where they cannot
+    /// restart alone and a stopping daemon must fail calls at once).
+    pub daemon_retry: Duration,
+}
+
+impl ApiConfig {
+    pub fn socket(&self, daemon: &str) -> PathBuf {
+        self.socket_dir.join(format!("{daemon}.sock"))
+    }
+}
+
+/// Settings of the daemons `--all-in-one` runs in-process.
+#[derive(Debug, Clone)]
+pub struct AllInOne {
+    pub vmm: vmm_manager::VmmConfig,
+    pub netd: netd::network::NetdConfig,
+    pub blockd: blockd::BlockdConfig,
+    /// Recipe outputs imaged imports on first use (`<dir>/<name>/image.json`).
+    pub images_dir: PathBuf,
+}
+
+/// What every handler can reach.
+pub struct AppState {
+    pub config: ApiConfig,
+    pub store: Arc<dyn StateStore>,
+    pub ops: Operations,
+    pub vmm: VmmClient,
+    pub images: imaged::client::ImagedClient,
+    pub netd: netd::http::client::NetdClient,
+    pub blockd: blockd::http::client::BlockdClient,
+    pub tickets: crate::console::tickets::Tickets,
+    pub events: Arc<crate::events::bus::Events>,
+    pub auth_failures: crate::auth::limit::AuthFailures,
+    /// vmm-manager's state of every VM, followed by [`crate::vms::live::follow`].
+    pub live: Arc<crate::vms::live::LiveVms>,
+    /// Rendered `GET /v1/vms` listings.
+    pub vm_list: crate::vms::list::ListCache,
+    /// The reconcile pass at start, once it ran.
+    pub reconciled: std::sync::Mutex<Option<crate::reconcile::report::Pass>>,
+    /// This process's identity (random per start): marks the Idempotency-Keys it runs.
+    pub instance: String,
+    /// Operations the previous api process left running, until the start-time
+    /// reconcile pass settles them.
+    pub interrupted: std::sync::Mutex<Vec<crate::model::Operation>>,
+    /// Totals of the periodic reconcile passes.
+    pub drift: crate::reconcile::report::Totals,
+}
+
+impl AppState {
+    /// What a VM listing reads.
+    pub fn vm_sources(&self) -> crate::vms::list::Sources<'_> {
+        crate::vms::list::Sources {
+            store: self.store.as_ref(),
+            live: &self.live,
+            vmm: &self.vmm,
+        }
+    }
+}
+
+/// How long a call to a daemon waits for it to come back (systemd restarts a daemon
+/// that died after 2 s) before the operation fails with 503.
+pub const DAEMON_RESTART: Duration = Duration::from_secs(20);
+
+/// Opens the store, makes the admin key, and collects the operations a previous run
+/// left running (settled after the start-time reconcile pass).
+pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = store::open(&config.store, &config.data_dir).await?;
+    crate::auth::keys::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
+    let events = Arc::new(crate::events::bus::Events::default());
+    let ops = Operations::new(store.clone(), events.clone());
+    // Operations the previous process was running: the reconciler finishes or undoes
+    // their work, then settles them (before the api serves).
+    let interrupted = ops
+        .list()
+        .await?
+        .into_iter()
+        .filter(|op| op.status == crate::model::OperationStatus::Running)
+        .collect();
+    let auth_limit = config.auth_failures_per_minute;
+    Ok(Arc::new(AppState {
+        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(config.daemon_retry),
+        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(config.daemon_retry),
+        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(config.daemon_retry),
+        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(config.daemon_retry),
+        tickets: Default::default(),
+        events,
+        config,
+        store,
+        ops,
+        auth_failures: crate::auth::limit::AuthFailures::new(auth_limit),
+        live: Default::default(),
+        vm_list: Default::default(),
+        reconciled: Default::default(),
+        instance: uuid::Uuid::new_v4().to_string(),
+        interrupted: std::sync::Mutex::new(interrupted),
+        drift: Default::default(),
+    }))
+}

@@ -1,0 +1,297 @@
+//! A VM's definition in vmm-manager from its record (spec, root disk, seed, volumes),
+//! defining it again after vmm-manager lost it, and removing everything a VM owns.
+
+use socket_http::ApiError;
+use vmm_manager::spec::HypervisorKind;
+use vmm_manager::spec::{QemuOptions, VmAction, VmSpec};
+
+use crate::daemons::upstream;
+use crate::model::VmRecord;
+use crate::state::AppState;
+use crate::vms::records::{name_key, vm_key};
+
+/// Defines a VM in vmm-manager again from its record, when vmm-manager lost it (its
+/// state directory under /run is gone after a host reboot, or was removed by hand).
+/// Everything holding data must still exist: a missing root disk or volume is an error,
+/// never made anew empty. Ports netd lost are made again with the same MAC and address,
+/// and the cloud-init seed is written again. Starts the VM when the user last wanted
+/// it running; returns whether it did.
+pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError> {
+    for nic in &rec.nics {
+        let spec = netd::network::PortSpec {
+            network: crate::model::host_name(&rec.project, &nic.network),
+            mac: Some(nic.mac.clone()),
+            ip: Some(nic.ip),
+            queues: 1,
+        };
+        let port = state.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
+        if port.tap != nic.tap {
+            return Err(ApiError::conflict(format!(
+                "port {} came back as TAP {}, the VM was defined with {}",
+                nic.port, port.tap, nic.tap
+            )));
+        }
+    }
+    let image = state
+        .images
+        .get(if rec.image_digest.is_empty() {
+            &rec.image
+        } else {
+            &rec.image_digest
+        })
+        .await
+        .map_err(upstream)?;
+    if let Some(root) = &rec.root_disk {
+        state.blockd.volume(&root.volume).await.map_err(|e| {
+            if e.is_not_found() {
+                ApiError::conflict(format!(
+                    "the root disk {} is gone; the VM cannot be defined again",
+                    root.volume
+                ))
+            } else {
+                upstream(e)
+            }
+        })?;
+    }
+    define(state, rec, &image, None).await?;
+    if rec.desired_running != Some(true) {
+        return Ok(false);
+    }
+    // Defined is defined: a start that fails leaves the VM stopped (or failed, with the
+    // reason), and the pass goes on.
+    match state.vmm.action(&rec.id, VmAction::Start, false).await {
+        Ok(started) => {
+            state.live.observe(&started);
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::error!(vm = %rec.id, name = %rec.name, "defined again, but it does not start: {e}");
+            Ok(false)
+        }
+    }
+}
+
+/// Builds the spec vmm-manager gets from the record and its image.
+fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError> {
+    let kernel = kernel_for(image, rec.hypervisor)?;
+    let mut cmdline = format!("{} hearth.hostname={}", image.boot.cmdline, rec.name);
+    // Guests on networks without DHCP learn their address from the kernel command line
+    // (the tiny image reads hearth.ip/hearth.gw).
+    if let Some(nic) = rec.nics.first().filter(|n| !n.dhcp) {
+        cmdline.push_str(&format!(
+            " hearth.ip={}/{} hearth.gw={}",
+            nic.ip, nic.prefix, nic.gateway
+        ));
+    }
+    if let Some(extra) = &rec.cmdline_append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    Ok(VmSpec {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        hypervisor: rec.hypervisor,
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        kernel,
+        initramfs: image.boot.initramfs.clone(),
+        cmdline,
+        disks: vec![],
+        nics: rec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| vmm_manager::spec::NicSpec {
+                id: format!("net{i}"),
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+                queue_pairs: 1,
+            })
+            .collect(),
+        qemu: QemuOptions {
+            machine: rec.machine,
+            vnc: rec.vnc,
+        },
+    })
+}
+
+/// The host's resolvers (not loopback ones, which mean nothing inside a VM).
+fn host_resolvers() -> Vec<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(3)
+        .collect()
+}
+
+/// What imaged writes into the VM's cloud-init seed.
+fn seed_request(rec: &VmRecord) -> imaged::cloudinit::SeedRequest {
+    let dns = host_resolvers();
+    imaged::cloudinit::SeedRequest {
+        instance_id: rec.id.clone(),
+        hostname: rec.name.clone(),
+        ssh_keys: rec.ssh_keys.clone(),
+        user_data: rec.user_data.clone(),
+        nics: rec
+            .nics
+            .iter()
+            .map(|n| imaged::cloudinit::SeedNic {
+                mac: n.mac.clone(),
+                ip: n.ip.into(),
+                prefix: n.prefix,
+                gateway: Some(n.gateway.into()),
+                dns: dns.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The root disk (a copy-on-write clone of the image, made by blockd) and the
+/// cloud-init seed, in that order: the guest sees them as vda and vdb.
+async fn boot_disks(
+    state: &AppState,
+    rec: &VmRecord,
+    image: &imaged::ImageInfo,
+    op_id: Option<&str>,
+) -> Result<Vec<vmm_manager::spec::DiskSpec>, ApiError> {
+    use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
+    let mut disks = Vec::new();
+    if let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) {
+        if let Some(op) = op_id {
+            state.ops.progress(op, "cloning the root disk from the image").await;
+        }
+        let spec = blockd::service::VolumeSpec {
+            size_bytes: root.size_bytes,
+            source: Some(blockd::service::VolumeSource::ImageClone {
+                path: disk.path.clone(),
+                key: image.digest.clone(),
+            }),
+        };
+        let v = state
+            .blockd
+            .ensure_volume(&root.volume, &spec)
+            .await
+            .map_err(upstream)?;
+        let path = v.path.ok_or_else(|| {
+            ApiError::conflict("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")
+        })?;
+        let format = match v.format {
+            blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
+            blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
+        };
+        disks.push(DiskSpec {
+            id: "root".into(),
+            source: DiskSource::File { path, format },
+            readonly: false,
+        });
+    }
+    if rec.seed {
+        if let Some(op) = op_id {
+            state.ops.progress(op, "writing the cloud-init seed").await;
+        }
+        let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
+        disks.push(DiskSpec {
+            id: "seed".into(),
+            source: DiskSource::File {
+                path: seed.path,
+                format: DiskFormat::Raw,
+            },
+            readonly: true,
+        });
+    }
+    Ok(disks)
+}
+
+/// Removes what a VM owns on the host, in dependency order: the VMM, its ports, its
+/// root disk and seed, its volume attachments, its image lease. Each step is
+/// idempotent; errors are logged and the rest still runs.
+async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    let mut first_error = None;
+    let mut note = |what: &str, e: ApiError| {
+        tracing::error!(vm = %rec.id, "cannot remove the {what}: {}", e.body.message);
+        first_error.get_or_insert(e);
+    };
+    if let Err(e) = state.vmm.delete(&rec.id).await {
+        note("VMM", upstream(e));
+    }
+    for nic in &rec.nics {
+        if let Err(e) = state.netd.delete_port(&nic.port).await {
+            note("port", upstream(e));
+        }
+    }
+    if let Some(root) = &rec.root_disk {
+        match state.blockd.delete_volume(&root.volume).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => note("root disk", upstream(e)),
+        }
+    }
+    if rec.seed {
+        if let Err(e) = state.images.delete_seed(&rec.id).await {
+            note("cloud-init seed", upstream(e));
+        }
+    }
+    // Volumes outlive the VM: only the attachment goes.
+    for v in &rec.volumes {
+        crate::volumes::work::release(state, &rec.project, v).await;
+    }
+    if let Err(e) = state.images.release(&rec.id).await {
+        note("image lease", upstream(e));
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Finishes a delete: everything on the host, then the records.
+pub(crate) async fn finish_delete(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    remove_vm_parts(state, rec).await?;
+    state.store.delete(&vm_key(&rec.id)).await?;
+    state.store.delete(&name_key(&rec.project, &rec.name)).await?;
+    Ok(())
+}
+
+/// Undoes a create that failed: everything on the host and the records.
+pub(crate) async fn undo_create(state: &AppState, rec: &VmRecord) {
+    let _ = remove_vm_parts(state, rec).await;
+    let _ = state.store.delete(&vm_key(&rec.id)).await;
+    let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
+}
+
+/// Gives vmm-manager the VM as its record describes it: root disk and seed, data
+/// volumes, NICs. Progress goes to operation `op_id` when there is one.
+pub(crate) async fn define(
+    state: &AppState,
+    rec: &VmRecord,
+    image: &imaged::ImageInfo,
+    op_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let mut spec = vm_spec(rec, image)?;
+    spec.disks = boot_disks(state, rec, image, op_id).await?;
+    for v in &rec.volumes {
+        spec.disks
+            .push(crate::volumes::work::disk_spec(state, &rec.project, v).await?);
+    }
+    let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
+    state.live.observe(&defined);
+    Ok(())
+}
+
+pub(crate) fn kernel_for(
+    image: &imaged::ImageInfo,
+    hypervisor: HypervisorKind,
+) -> Result<std::path::PathBuf, ApiError> {
+    let boot = &image.boot;
+    let kernel = match hypervisor {
+        // Cloud Hypervisor boots only the uncompressed PVH ELF.
+        HypervisorKind::CloudHypervisor => boot.kernel_elf.clone(),
+        HypervisorKind::Qemu => boot.kernel_bzimage.clone().or_else(|| boot.kernel_elf.clone()),
+    };
+    kernel.ok_or_else(|| {
+        ApiError::unprocessable(format!(
+            "image {:?} has no kernel that {hypervisor} can boot",
+            image.name
+        ))
+    })
+}

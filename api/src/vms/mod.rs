@@ -1,0 +1,18 @@
+//! `/v1/vms`: create, list, show, delete and lifecycle actions.
+//!
+//! Mutations record intent in the store first (the VM record, the name claim, the
+//! operation), answer `202 Accepted`, and do the work in a task that drives
+//! vmm-manager through its idempotent endpoints.
+//!
+//! - [`http`]: the routes (parse, call, map errors)
+//! - [`create`]: checks and claims before the `202`, then the task that defines and starts
+//! - [`define`]: a VM's definition from its record; removing what a VM owns
+//! - [`records`]: VM records in the store
+//! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
+
+pub mod create;
+pub mod define;
+pub mod http;
+pub mod list;
+pub mod live;
+pub mod records;

@@ -1,0 +1,162 @@
+//! Volume records and attachment claims in the store, sizes as users write them.
+
+use blockd::exports::RemoteDiskSpec;
+use serde::{Deserialize, Serialize};
+use socket_http::ApiError;
+
+use crate::daemons::upstream;
+use crate::model::{host_name, validate_name, AttachVia};
+use crate::state::AppState;
+use crate::store;
+
+pub(crate) fn record_key(project: &str, name: &str) -> String {
+    format!("volumes/{project}/{name}")
+}
+
+pub(crate) fn claim_key(project: &str, name: &str) -> String {
+    format!("volume-attachments/{project}/{name}")
+}
+
+/// A name for a new volume: valid, and not one of the names hearth gives volumes of
+/// its own (an image's base volume, which the reconciler removes with the image).
+pub(crate) fn validate_new_name(name: &str) -> Result<(), ApiError> {
+    validate_name("volume", name)?;
+    if blockd::volume::is_image_base_name(name) {
+        return Err(ApiError::unprocessable(format!(
+            "volume name {name:?} is kept for hearth's image base volumes: choose another"
+        )));
+    }
+    Ok(())
+}
+
+/// What blockd calls a project's volume (see [`host_name`]).
+pub(crate) fn bname(rec: &VolumeRecord) -> String {
+    host_name(&rec.project, &rec.name)
+}
+
+/// What the api stores per volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub project: String,
+    /// Set for a volume another host exports over NBD.
+    #[serde(default)]
+    pub remote: Option<RemoteDiskSpec>,
+    /// A remote volume's size when it was created (its owner may grow it; while it is
+    /// attached the size shown is the one the NBD client sees now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    pub created_at_ms: u64,
+}
+
+/// Which VM holds a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Attachment {
+    pub vm: String,
+    pub vm_name: String,
+    pub disk: String,
+    pub via: AttachVia,
+    pub read_only: bool,
+}
+
+/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024), in whole 512-byte
+/// sectors. The volume gets the size rounded up to what its pool allocates in: an
+/// extent (4 MiB by default) in an LVM thin pool, so asking again for the same size
+/// changes nothing.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SizeRequest {
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub size: Option<String>,
+}
+
+impl SizeRequest {
+    pub fn bytes(&self) -> Result<Option<u64>, ApiError> {
+        match (&self.size_bytes, &self.size) {
+            (Some(_), Some(_)) => Err(ApiError::unprocessable("give size_bytes or size, not both")),
+            (Some(b), None) => Ok(Some(*b)),
+            (None, Some(s)) => parse_size(s).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `10G` → 10 GiB. Plain numbers are bytes.
+pub fn parse_size(s: &str) -> Result<u64, ApiError> {
+    let t = s.trim();
+    let bad = || {
+        ApiError::unprocessable(format!(
+            "size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"
+        ))
+    };
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+pub(crate) fn blockd_error(e: socket_http::ClientError) -> ApiError {
+    upstream(e)
+}
+
+pub(crate) async fn find_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
+    validate_name("volume", name)?;
+    store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name))
+        .await?
+        .map(|(r, _)| r)
+        .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))
+}
+
+pub(crate) async fn attachment(state: &AppState, project: &str, name: &str) -> Result<Option<Attachment>, ApiError> {
+    Ok(
+        store::get_json::<Attachment>(state.store.as_ref(), &claim_key(project, name))
+            .await?
+            .map(|(a, _)| a),
+    )
+}
+
+pub(crate) async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
+    let rec = find_record(state, project, name).await?;
+    if rec.remote.is_some() {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} lives on another host; snapshot and clone it there"
+        )));
+    }
+    Ok(rec)
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SourceRequest {
+    /// `volume@snapshot`.
+    Snapshot(String),
+}
+
+/// `POST /v1/volumes` body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub source: Option<SourceRequest>,
+    /// A volume exported over NBD by another host's blockd.
+    #[serde(default)]
+    pub remote: Option<RemoteDiskSpec>,
+}

@@ -1,0 +1,293 @@
+//! The work behind `/v1/volumes`: making and removing volumes in blockd (locally or
+//! through a remote disk), growing remote ones, and claiming, describing and releasing
+//! a VM's attachments.
+
+use axum::http::StatusCode;
+use blockd::exports::{ExportSpec, RemoteDiskSpec};
+use blockd::service::{VolumeSource, VolumeSpec};
+use socket_http::ApiError;
+use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
+
+use crate::model::{host_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
+use crate::state::AppState;
+use crate::store;
+use crate::volumes::records::{
+    attachment, blockd_error, bname, claim_key, find_record, record_key, Attachment, CreateVolume, SourceRequest,
+    VolumeRecord,
+};
+
+/// The name of a remote disk made for a moment (to check or grow a remote volume's
+/// export): unique, so two requests never share one, and within blockd's 63
+/// characters whatever the volume's name. It names this process, so that one a crash
+/// left behind can be told from one in use ([`stale_probes`]).
+fn probe_name(host: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = format!("{}{n:x}-{host}", own_probe_prefix());
+    // Volume names are ASCII, so this cuts between characters.
+    name.truncate(63);
+    name
+}
+
+/// `probe<token>.`, with a token drawn once per process: random rather than the PID,
+/// which a container or a reboot may give the next api process again.
+fn own_probe_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| format!("probe{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+}
+
+/// Remote disks blockd holds that an earlier api process made for a moment and left
+/// (it ended between making and removing one): named like [`probe_name`]'s but not by
+/// this process, and no remote volume's own.
+pub async fn stale_probes(state: &AppState) -> Result<Vec<String>, ApiError> {
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    let records = store::list_json::<VolumeRecord>(state.store.as_ref(), "volumes/").await?;
+    let volumes: std::collections::BTreeSet<String> = records.iter().map(|(r, _)| bname(r)).collect();
+    let own = own_probe_prefix();
+    Ok(exports
+        .into_iter()
+        .filter(|e| e.remote.is_some())
+        .map(|e| e.volume)
+        .filter(|n| n.starts_with("probe") && !n.starts_with(own) && !volumes.contains(n))
+        .collect())
+}
+
+/// Makes a new volume's bytes in blockd (or, for a remote one, checks that its export
+/// answers, and returns its size).
+pub(crate) async fn make_volume(
+    state: &AppState,
+    project: &str,
+    host: &str,
+    req: &CreateVolume,
+    size: Option<u64>,
+) -> Result<Option<u64>, ApiError> {
+    if let Some(remote) = &req.remote {
+        // Check now that the export is there, so a typo fails here, not at attach.
+        let probe = probe_name(host);
+        let found = state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
+        return Ok(found.size_bytes);
+    }
+    let source = match &req.source {
+        Some(SourceRequest::Snapshot(snap)) => {
+            let (vol, _) = snap.split_once('@').ok_or_else(|| {
+                ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
+            })?;
+            let from = find_record(state, project, vol)
+                .await
+                .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
+            let (_, snap_name) = snap.split_once('@').unwrap_or_default();
+            Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
+        }
+        None => None,
+    };
+    state
+        .blockd
+        .ensure_volume(
+            host,
+            &VolumeSpec {
+                size_bytes: size,
+                source,
+            },
+        )
+        .await
+        .map_err(blockd_error)
+        .map(|_| None)
+}
+
+/// Removes a volume completely, from blockd (unless it lives on another host) and the
+/// store. Also what the reconciler does with a create or delete a crash cut short.
+pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+    if let Some(a) = attachment(state, project, name).await? {
+        return Err(ApiError::conflict(format!(
+            "volume {name:?} is attached to VM {} as {}; detach it first",
+            a.vm_name, a.disk
+        )));
+    }
+    let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name)).await?
+    else {
+        // The record comes before the volume: without it, hearth made nothing (a volume
+        // of that name in blockd is someone else's).
+        return Ok(());
+    };
+    if rec.remote.is_none() {
+        match state.blockd.delete_volume(&bname(&rec)).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(blockd_error(e)),
+        }
+    }
+    state.store.delete(&record_key(project, name)).await?;
+    Ok(())
+}
+
+/// Grows a volume another host exports, through that host's NBD server
+/// (`NBD_CMD_RESIZE`, which blockd's writable exports offer): while blockd serves it
+/// to a VM here, through that remote disk, which then tells the VM; otherwise through
+/// a remote disk made for the purpose and removed again. The new size is kept in the
+/// volume's record.
+pub(crate) async fn resize_remote(
+    state: &AppState,
+    rec: &VolumeRecord,
+    remote: &RemoteDiskSpec,
+    size: u64,
+) -> Result<(), ApiError> {
+    let host = bname(rec);
+    let exports = state.blockd.exports().await.map_err(blockd_error)?;
+    let grown = if exports.iter().any(|e| e.volume == host && e.remote.is_some()) {
+        state.blockd.resize_remote_disk(&host, size).await
+    } else {
+        let probe = probe_name(&host);
+        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        let grown = state.blockd.resize_remote_disk(&probe, size).await;
+        if let Err(e) = state.blockd.delete_remote_disk(&probe).await {
+            tracing::warn!(volume = rec.name, "removing the remote disk used to resize: {e}");
+        }
+        grown
+    }
+    .map_err(blockd_error)?;
+    let Some(size_bytes) = grown.size_bytes else {
+        return Ok(());
+    };
+    let key = record_key(&rec.project, &rec.name);
+    store::update_json(state.store.as_ref(), &key, |r: &mut VolumeRecord| {
+        let larger = r.size_bytes < Some(size_bytes);
+        if larger {
+            r.size_bytes = Some(size_bytes);
+        }
+        larger
+    })
+    .await?;
+    Ok(())
+}
+
+/// Claims a volume for a VM and picks its disk id. Nothing is attached yet.
+pub async fn claim(
+    state: &AppState,
+    rec: &VmRecord,
+    req: &AttachVolume,
+    taken: &[AttachedVolume],
+) -> Result<AttachedVolume, ApiError> {
+    // Checked before the record: a volume whose create or delete is in progress, or
+    // was cut short by a crash and is about to be removed, is not attached. (Its
+    // marker goes only after the removal is complete, so the record is gone then.)
+    if crate::intents::pending(
+        state.store.as_ref(),
+        crate::intents::Kind::Volume,
+        &rec.project,
+        &req.volume,
+    )
+    .await?
+    {
+        return Err(ApiError::conflict(format!(
+            "volume {:?} is being created or deleted; retry when that is done",
+            req.volume
+        )));
+    }
+    let vol = find_record(state, &rec.project, &req.volume).await.map_err(|e| {
+        if e.status == StatusCode::NOT_FOUND {
+            ApiError::unprocessable(e.message().to_string())
+        } else {
+            e
+        }
+    })?;
+    let via = match (req.via, &vol.remote) {
+        (Some(AttachVia::File), Some(_)) => {
+            return Err(ApiError::unprocessable(format!(
+                "volume {:?} is on another host: attach it via vhost-user",
+                req.volume
+            )))
+        }
+        (Some(v), _) => v,
+        (None, Some(_)) => AttachVia::VhostUser,
+        (None, None) => AttachVia::File,
+    };
+    let disk = (0..)
+        .map(|i| format!("vol{i}"))
+        .find(|d| !taken.iter().any(|t| &t.disk == d))
+        .unwrap_or_else(|| "vol".into());
+    let claim = Attachment {
+        vm: rec.id.clone(),
+        vm_name: rec.name.clone(),
+        disk: disk.clone(),
+        via,
+        read_only: req.read_only,
+    };
+    state
+        .store
+        .compare_and_swap(&claim_key(&rec.project, &req.volume), None, store::encode(&claim))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => {
+                ApiError::conflict(format!("volume {:?} is already attached to a VM", req.volume))
+            }
+            other => other.into(),
+        })?;
+    Ok(AttachedVolume {
+        volume: req.volume.clone(),
+        disk,
+        via,
+        read_only: req.read_only,
+    })
+}
+
+/// Makes the volume reachable the way the attachment says and returns the disk the VM
+/// gets (a file or a vhost-user-blk socket).
+pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
+    let rec = find_record(state, project, &a.volume).await?;
+    let host = bname(&rec);
+    let source = match (&rec.remote, a.via) {
+        (Some(remote), _) => {
+            let e = state.blockd.remote_disk(&host, remote).await.map_err(blockd_error)?;
+            DiskSource::VhostUser {
+                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+            }
+        }
+        (None, AttachVia::VhostUser) => {
+            let e = state
+                .blockd
+                .export(&host, "vhost-user", &ExportSpec { read_only: a.read_only })
+                .await
+                .map_err(blockd_error)?;
+            DiskSource::VhostUser {
+                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+            }
+        }
+        (None, AttachVia::File) => {
+            let v = state.blockd.volume(&host).await.map_err(blockd_error)?;
+            let path = v.path.ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "volume {:?} has no file or device (a memory pool); attach it via vhost-user",
+                    a.volume
+                ))
+            })?;
+            let format = match v.format {
+                blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
+                blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
+            };
+            DiskSource::File { path, format }
+        }
+    };
+    Ok(DiskSpec {
+        id: a.disk.clone(),
+        source,
+        readonly: a.read_only,
+    })
+}
+
+/// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
+pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
+    let remote = find_record(state, project, &a.volume).await.ok().and_then(|r| r.remote);
+    let host = host_name(project, &a.volume);
+    let undone = match (remote, a.via) {
+        (Some(_), _) => state.blockd.delete_remote_disk(&host).await,
+        (None, AttachVia::VhostUser) => state.blockd.unexport(&host, "vhost-user").await,
+        (None, AttachVia::File) => Ok(()),
+    };
+    if let Err(e) = undone {
+        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
+    }
+    if let Err(e) = state.store.delete(&claim_key(project, &a.volume)).await {
+        tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");
+    }
+}

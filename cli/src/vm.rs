@@ -1,0 +1,325 @@
+//! `hearth vm …`: create, list, show, the lifecycle actions, delete and the console log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use serde_json::{json, Value};
+use vmm_manager::VmAction;
+
+use crate::{print_value, s, table, ApiClient, Output};
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create (and by default start) a VM.
+    Create {
+        name: String,
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u64,
+        /// cloud-hypervisor or qemu (default: the server's choice).
+        #[arg(long)]
+        hypervisor: Option<String>,
+        /// Extra kernel command line arguments.
+        #[arg(long)]
+        cmdline_append: Option<String>,
+        /// Give the VM a VNC display (QEMU only).
+        #[arg(long)]
+        vnc: bool,
+        /// QEMU machine type: q35 (default) or microvm.
+        #[arg(long)]
+        machine: Option<String>,
+        /// Attach this volume (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// Root disk size for images with a disk, e.g. 20G (default: the image's).
+        #[arg(long)]
+        disk_size: Option<String>,
+        /// OpenSSH public key file for the image's default user (repeatable).
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+        /// cloud-init user-data file (#cloud-config or a script).
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+        /// Define the VM without starting it.
+        #[arg(long)]
+        no_start: bool,
+        /// Return once the request is accepted instead of waiting for the operation.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { vm: String },
+    /// Boot a VM.
+    Start {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop a VM (ACPI power button, forced after a timeout).
+    Stop {
+        vm: String,
+        /// Skip the power button.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Reset a VM.
+    Reboot {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Freeze a VM's vCPUs.
+    Pause {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Unfreeze a paused VM.
+    Resume {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a VM (stopping it first).
+    Delete {
+        vm: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print what the VM printed on its serial console.
+    Log {
+        vm: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: usize,
+    },
+}
+
+pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::Result<()> {
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            vcpus,
+            memory,
+            hypervisor,
+            cmdline_append,
+            vnc,
+            machine,
+            volumes,
+            disk_size,
+            ssh_keys,
+            user_data,
+            no_start,
+            no_wait,
+        } => {
+            let mut body = json!({"name": name, "image": image, "vcpus": vcpus, "memory_mib": memory, "vnc": vnc, "start": !no_start, "volumes": volumes});
+            let mut keys = Vec::new();
+            for f in &ssh_keys {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                );
+            }
+            if !keys.is_empty() {
+                body["ssh_keys"] = json!(keys);
+            }
+            if let Some(f) = user_data {
+                body["user_data"] =
+                    json!(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
+            }
+            if let Some(d) = disk_size {
+                body["disk_size"] = json!(d);
+            }
+            if let Some(h) = hypervisor {
+                body["hypervisor"] = json!(h);
+            }
+            if let Some(m) = machine {
+                body["machine"] = json!(m);
+            }
+            if let Some(c) = cmdline_append {
+                body["cmdline_append"] = json!(c);
+            }
+            let accepted = api.post("/v1/vms", Some(body)).await?;
+            finish(api, out, accepted, no_wait, &name).await
+        }
+        VmCommand::List => {
+            let vms = api.get("/v1/vms").await?;
+            print_value(out, &vms, |v| {
+                print_vm_table(v.as_array().map(Vec::as_slice).unwrap_or_default())
+            });
+            Ok(())
+        }
+        VmCommand::Show { vm } => {
+            let v = api.get(&format!("/v1/vms/{vm}")).await?;
+            print_value(out, &v, print_vm_details);
+            Ok(())
+        }
+        VmCommand::Start { vm, no_wait } => action(api, out, &vm, VmAction::Start, "", no_wait).await,
+        VmCommand::Stop { vm, force, no_wait } => {
+            let query = if force { "?force=true" } else { "" };
+            action(api, out, &vm, VmAction::Stop, query, no_wait).await
+        }
+        VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, VmAction::Reboot, "", no_wait).await,
+        VmCommand::Pause { vm, no_wait } => action(api, out, &vm, VmAction::Pause, "", no_wait).await,
+        VmCommand::Resume { vm, no_wait } => action(api, out, &vm, VmAction::Resume, "", no_wait).await,
+        VmCommand::Delete { vm, no_wait } => {
+            let accepted = api.delete(&format!("/v1/vms/{vm}")).await?;
+            finish(api, out, accepted, no_wait, &vm).await
+        }
+        VmCommand::Log { vm, bytes } => {
+            let log = api
+                .get_bytes(&format!("/v1/vms/{vm}/console/log?bytes={bytes}"))
+                .await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&log)?;
+            Ok(())
+        }
+    }
+}
+
+async fn action(
+    api: &ApiClient,
+    out: Output,
+    vm: &str,
+    action: VmAction,
+    query: &str,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let accepted = api.post(&format!("/v1/vms/{vm}/{action}{query}"), None).await?;
+    finish(api, out, accepted, no_wait, vm).await
+}
+
+/// Waits for the operation in a `202 Accepted` body, showing its progress on stderr,
+/// then prints the VM.
+async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm: &str) -> anyhow::Result<()> {
+    let op_id = accepted["operation"]["id"].as_str().unwrap_or_default().to_string();
+    if no_wait {
+        print_value(out, &accepted, |a| println!("{}", op_line(&a["operation"])));
+        return Ok(());
+    }
+    let mut last = String::new();
+    let op = loop {
+        let op = api.get(&format!("/v1/operations/{op_id}?wait=10")).await?;
+        let progress = op["progress"].as_str().unwrap_or_default().to_string();
+        if progress != last && out == Output::Table {
+            eprintln!("  {} … {progress}", op["kind"].as_str().unwrap_or("operation"));
+            last = progress;
+        }
+        if op["status"] != "running" {
+            break op;
+        }
+    };
+    if op["status"] == "failed" {
+        bail!(
+            "{} failed: {}",
+            op["kind"].as_str().unwrap_or("operation"),
+            op["error"]["message"].as_str().unwrap_or("unknown error")
+        );
+    }
+    if op["kind"] == "vm.delete" {
+        if out == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&op)?);
+        } else {
+            println!("deleted {vm}");
+        }
+        return Ok(());
+    }
+    let id = op["target_id"].as_str().unwrap_or(vm);
+    // Give vmm-manager's state a moment to settle on the final value.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let v = api.get(&format!("/v1/vms/{id}")).await?;
+    print_value(out, &v, print_vm_details);
+    Ok(())
+}
+
+pub(crate) fn op_line(op: &Value) -> String {
+    let mut s = format!(
+        "operation {} {} {}",
+        op["id"].as_str().unwrap_or("?"),
+        op["kind"].as_str().unwrap_or("?"),
+        op["status"].as_str().unwrap_or("?")
+    );
+    if let Some(m) = op["error"]["message"].as_str() {
+        s.push_str(&format!(": {m}"));
+    }
+    s
+}
+
+fn print_vm_table(vms: &[Value]) {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                s(&v["name"]),
+                s(&v["state"]),
+                s(&v["hypervisor"]),
+                s(&v["vcpus"]),
+                format!("{} MiB", s(&v["memory_mib"])),
+                s(&v["image"]),
+                v["id"]
+                    .as_str()
+                    .map(|i| i.chars().take(8).collect())
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no VMs");
+    } else {
+        println!(
+            "{}",
+            table(
+                &["NAME", "STATE", "HYPERVISOR", "VCPUS", "MEMORY", "IMAGE", "ID"],
+                &rows
+            )
+        );
+    }
+}
+
+fn print_vm_details(v: &Value) {
+    let mut rows = vec![
+        ("Name", s(&v["name"])),
+        ("ID", s(&v["id"])),
+        ("State", s(&v["state"])),
+        ("Hypervisor", s(&v["hypervisor"])),
+        ("vCPUs", s(&v["vcpus"])),
+        ("Memory", format!("{} MiB", s(&v["memory_mib"]))),
+        ("Image", s(&v["image"])),
+    ];
+    for nic in v["nics"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        rows.push((
+            "NIC",
+            format!(
+                "{} {}/{} on {} ({})",
+                s(&nic["mac"]),
+                s(&nic["ip"]),
+                s(&nic["prefix"]),
+                s(&nic["network"]),
+                s(&nic["tap"])
+            ),
+        ));
+    }
+    if let Some(r) = v["reason"].as_str() {
+        rows.push(("Reason", r.to_string()));
+    }
+    if let Some(p) = v["pid"].as_u64() {
+        rows.push(("VMM PID", p.to_string()));
+    }
+    for (k, val) in rows {
+        println!("{k:<11} {val}");
+    }
+}
