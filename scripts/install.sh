@@ -66,7 +66,7 @@ if [ "$PACKAGES" = 1 ]; then
 fi
 if [ -z "$BIN_DIR" ]; then
 	echo "==> building the release binaries"
-	cargo build --release --locked -p api -p vmm-manager -p netd -p blockd -p imaged
+	cargo build --release --locked -p api -p hearth-cli -p vmm-manager -p netd -p blockd -p imaged
 	BIN_DIR="$CARGO_TARGET_DIR/release"
 fi
 for b in "${BINS[@]}"; do

@@ -18,7 +18,7 @@ echo "==> building the web console"
 scripts/build-web.sh
 
 echo "==> building hearth (release)"
-cargo build --release --locked -p api -p vmm-manager -p netd -p blockd -p imaged
+cargo build --release --locked -p api -p hearth-cli -p vmm-manager -p netd -p blockd -p imaged
 bin="$CARGO_TARGET_DIR/release"
 echo "==> building the tiny guest image"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"

@@ -83,11 +83,13 @@ restore_sysctls() { sysctl -qw "${saved_sysctls[@]}" >/dev/null || true; }
 trap restore_sysctls EXIT
 sysctl -qw "net.ipv4.ip_forward=$((1 - $(sysctl -n net.ipv4.ip_forward)))" \
 	net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1
-flipped_tests=(-p netd -p api --test networking --test doctor --test netd_ports --test overlay_nat)
+flipped_api_tests=(--test networking --test doctor --test netd_ports --test overlay_nat)
 if cargo nextest --version >/dev/null 2>&1; then
-	cargo nextest run --locked --no-fail-fast "${flipped_tests[@]}"
+	cargo nextest run --locked --no-fail-fast -p netd
+	cargo nextest run --locked --no-fail-fast -p api "${flipped_api_tests[@]}"
 else
-	cargo test --locked --no-fail-fast "${flipped_tests[@]}"
+	cargo test --locked --no-fail-fast -p netd
+	cargo test --locked --no-fail-fast -p api "${flipped_api_tests[@]}"
 fi
 restore_sysctls
 trap - EXIT

@@ -1,4 +1,4 @@
-//! `GET /v1/vms` is served from a cache (api/src/vm_list.rs). What a user must never
+//! `GET /v1/vms` is served from a cache (api/src/vms/list.rs). What a user must never
 //! notice: a listing that is stale. The cache follows vmm-manager's events, so a change
 //! nobody asked the api for (a VMM killed behind its back) shows in the listing without
 //! anyone asking for that VM alone; conditional requests and gzip give the same content.
