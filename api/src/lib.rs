@@ -7,7 +7,8 @@
 //! - [`state`]: what every handler and task reaches; [`daemons`]: the daemons' health
 //!   and errors
 //! - [`auth`]: keys and the middleware; [`events`], [`operations`]: the event bus and
-//!   long-running operations; [`intents`], [`idempotency`]
+//!   long-running operations; [`saga`]: composite changes as recorded steps;
+//!   [`intents`], [`idempotency`]
 //! - one folder or file per resource, each with its HTTP edge: [`vms`], [`volumes`],
 //!   [`networks`], [`images`], [`identity`], [`console`], [`metrics`]
 //! - [`reconcile`]: repairs after crashes and drift; [`server`]: the router and `run`
@@ -32,6 +33,7 @@ pub mod openapi;
 pub mod operations;
 pub mod permissions;
 pub mod reconcile;
+pub mod saga;
 pub mod server;
 pub mod state;
 pub mod vms;

@@ -80,7 +80,7 @@ pub enum AttachVia {
 }
 
 /// One volume to attach.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachVolume {
     pub volume: String,
@@ -103,7 +103,7 @@ pub struct AttachedVolume {
 }
 
 /// One NIC of `POST /v1/vms`.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NicRequest {
     pub network: String,
@@ -297,8 +297,34 @@ pub struct Operation {
     pub progress_detail: Option<ProgressDetail>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<socket_http::ErrorBody>,
+    /// The steps of a composite change (VM create, delete) and how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saga: Option<SagaProgress>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+}
+
+/// Where a saga is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaState {
+    Running,
+    Unwinding,
+    Succeeded,
+    Undone,
+}
+
+/// What an operation shows of its saga.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SagaProgress {
+    /// The steps, in order.
+    pub steps: Vec<String>,
+    /// How many have finished (while undoing: how many are still to undo).
+    pub done: usize,
+    pub state: SagaState,
+    /// The step that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
 }
 
 /// How far an operation that moves data is.

@@ -77,9 +77,22 @@ impl Operations {
         target_kind: &str,
         target_id: &str,
     ) -> Result<Operation, ApiError> {
+        self.start_as(&uuid::Uuid::new_v4().to_string(), project, kind, target_kind, target_id)
+            .await
+    }
+
+    /// Records a new running operation under `id` (a saga's: one id for both).
+    pub async fn start_as(
+        &self,
+        id: &str,
+        project: &str,
+        kind: &str,
+        target_kind: &str,
+        target_id: &str,
+    ) -> Result<Operation, ApiError> {
         let now = vmm_manager::spec::now_ms();
         let op = Operation {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: id.to_string(),
             project: project.to_string(),
             kind: kind.to_string(),
             target_kind: target_kind.to_string(),
@@ -88,6 +101,7 @@ impl Operations {
             progress: "accepted".into(),
             progress_detail: None,
             error: None,
+            saga: None,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -131,6 +145,15 @@ impl Operations {
 
     pub async fn progress(&self, id: &str, step: &str) {
         self.update(id, |op| op.progress = step.to_string()).await;
+    }
+
+    /// Progress of a saga: the step it is at and how far it got.
+    pub async fn progress_saga(&self, id: &str, step: &str, saga: crate::model::SagaProgress) {
+        self.update(id, |op| {
+            op.progress = step.to_string();
+            op.saga = Some(saga);
+        })
+        .await;
     }
 
     /// Progress with byte counts (imports).

@@ -22,7 +22,9 @@
 //! their work, failed with a message otherwise.
 //!
 //! It runs at start, before the api serves, and then every `--reconcile-interval`
-//! ([`live`]: cut-short changes, networks netd lost, orphans). It assumes one api
+//! ([`live`]: sagas no process runs, cut-short changes, networks netd lost, orphans).
+//! Sagas (see [`crate::saga`]) an earlier process left are settled first: a VM create
+//! undone or, past its pivot, finished; a VM delete finished. It assumes one api
 //! process per store.
 
 use std::collections::BTreeSet;
@@ -253,6 +255,7 @@ const RECREATE: &str = "recreate";
 /// tries again.
 pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     let mut report = Report::default();
+    recover_sagas(state, &mut report).await?;
     remove_cut_short(state, &mut report).await?;
     let mut known = BTreeSet::new();
     let mut ready = Vec::new();
@@ -320,6 +323,30 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
     Ok(report)
 }
 
+/// Resumes or undoes the sagas an earlier api process left (see [`crate::saga`]); one
+/// that cannot be settled now stays for the next pass.
+async fn recover_sagas(state: &AppState, report: &mut Report) -> Result<(), ApiError> {
+    use crate::saga::{recover, Recovered};
+    for record in crate::saga::left_over(state).await? {
+        report.examined += 1;
+        let id = record.id.clone();
+        let outcome = match record.kind.as_str() {
+            "vm.create" => recover(state, &crate::vms::create::VM_CREATE, record).await,
+            "vm.delete" => recover(state, &crate::vms::delete::VM_DELETE, record).await,
+            other => Recovered::Stuck(format!("no saga of kind {other} is known to this api")),
+        };
+        match outcome {
+            Recovered::Finished => report.sagas_finished.push(id),
+            Recovered::Undone => report.sagas_undone.push(id),
+            Recovered::Stuck(why) => {
+                tracing::warn!(saga = %id, "cannot settle the saga now: {why}");
+                report.sagas_stuck.push(format!("{id}: {why}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Removes the remote disks an earlier api process made for a moment and left.
 async fn remove_stale_probes(state: &AppState, report: &mut Report) {
     let stale = match crate::volumes::work::stale_probes(state).await {
@@ -348,6 +375,7 @@ async fn remove_stale_probes(state: &AppState, report: &mut Report) {
 /// again only at start.
 pub async fn live(state: &AppState) -> Result<Report, ApiError> {
     let mut report = Report::default();
+    recover_sagas(state, &mut report).await?;
     remove_cut_short(state, &mut report).await?;
     let mut held = Held::read(state).await?;
     // Claims are keyed by volume, not by VM: one read now may belong to a VM deleted
@@ -402,7 +430,13 @@ pub async fn settle_interrupted(state: &AppState, report: Option<&Report>) {
     }
     for op in interrupted {
         let finished = report.is_some_and(|r| r.deletes_finished.contains(&op.target_id));
+        let saga_finished = report.is_some_and(|r| r.sagas_finished.contains(&op.id));
+        let saga_undone = report.is_some_and(|r| r.sagas_undone.contains(&op.id));
         let outcome = match op.kind.as_str() {
+            "vm.create" | "vm.delete" if saga_finished => Ok(()),
+            "vm.create" if saga_undone => Err(ApiError::unavailable(
+                "the api restarted before the VM was made; nothing of it was kept; retry the create",
+            )),
             "vm.delete" if finished => Ok(()),
             "vm.create" if !report.is_some_and(|r| r.creates_undone.contains(&op.target_id)) => {
                 finish_create(state, &op.target_id).await

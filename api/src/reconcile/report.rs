@@ -27,6 +27,11 @@ pub struct Report {
     pub networks_recreated: Vec<String>,
     /// VM names (`<project>/<name>`) a crash left claimed by no VM, freed.
     pub names_freed: Vec<String>,
+    /// Sagas (by operation id) an earlier api process left: finished (resumed past their
+    /// pivot), undone, or not settled yet (with why).
+    pub sagas_finished: Vec<String>,
+    pub sagas_undone: Vec<String>,
+    pub sagas_stuck: Vec<String>,
     /// How many records and daemon objects the pass looked at.
     #[serde(skip)]
     pub examined: usize,
@@ -63,6 +68,8 @@ impl Report {
             + self.volumes_removed.len()
             + self.names_freed.len()
             + self.networks_recreated.len()
+            + self.sagas_finished.len()
+            + self.sagas_undone.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -80,5 +87,8 @@ impl Report {
             && self.volumes_removed.is_empty()
             && self.names_freed.is_empty()
             && self.networks_recreated.is_empty()
+            && self.sagas_finished.is_empty()
+            && self.sagas_undone.is_empty()
+            && self.sagas_stuck.is_empty()
     }
 }

@@ -1,19 +1,25 @@
-//! Creating a VM: checks that need the daemons (hypervisor, image, networks, volumes),
-//! the records and claims made before the `202`, and the task that defines and starts
-//! it. A create that fails removes everything it made: the VMM, its state directory,
-//! ports, disks and the records.
+//! Creating a VM: the checks of the request, and the saga [`VM_CREATE`] whose steps
+//! claim the name, record the VM, make its ports, claim its volumes, lease its image
+//! (all before the `202`, so a taken name or address is refused at once), then clone
+//! its root disk, write its seed, define and start it. A create that fails is undone
+//! step by step: nothing of it is left in the store or any daemon.
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
-use vmm_manager::spec::{HypervisorKind, VmAction};
+use vmm_manager::spec::{DiskSpec, HypervisorKind, QemuMachine, VmAction, VmState, MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::daemons::upstream;
-use crate::model::{Phase, VmRecord};
+use crate::model::{
+    host_name, validate_name, AttachVolume, CreateVm, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord,
+};
+use crate::networks::DEFAULT_NETWORK;
+use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
 use crate::store;
-use crate::vms::define::{define, undo_create};
-use crate::vms::records::vm_key;
+use crate::vms::define::{define_with, kernel_for, root_disk, seed_disk};
+use crate::vms::records::{name_key, vm_key};
 
 /// Chooses the hypervisor: the request's, else the configured default, falling back to
 /// QEMU where Cloud Hypervisor is not installed.
@@ -143,37 +149,377 @@ pub(crate) async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
     }
 }
 
-pub(crate) async fn create_task(
-    state: Arc<AppState>,
-    rec: VmRecord,
-    image: imaged::ImageInfo,
-    op_id: String,
-    start: bool,
-) {
-    let result = async {
-        state.ops.progress(&op_id, "defining the VM").await;
-        define(&state, &rec, &image, Some(&op_id)).await?;
-        let mut ready = rec.clone();
-        ready.phase = Phase::Ready;
-        state.store.put(&vm_key(&rec.id), store::encode(&ready)).await?;
-        if start {
-            state.ops.progress(&op_id, "starting the VMM").await;
-            let started = state
-                .vmm
-                .action(&rec.id, VmAction::Start, false)
-                .await
-                .map_err(upstream)?;
-            state.live.observe(&started);
-        }
-        Ok::<_, ApiError>(())
+/// What a VM create's saga carries from step to step (recorded with its progress).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmCreate {
+    /// The VM as it will be recorded; `nics` and `volumes` fill in as they are made.
+    pub rec: VmRecord,
+    pub image: imaged::ImageInfo,
+    pub nic_requests: Vec<NicRequest>,
+    pub volume_requests: Vec<AttachVolume>,
+    /// The root disk and seed, once made.
+    #[serde(default)]
+    pub boot: Vec<DiskSpec>,
+    pub start: bool,
+}
+
+/// Checks a create request, then runs the saga's first steps (the name, the record,
+/// ports, volume claims, the image lease: what can refuse the request with a 409 or
+/// 422) before answering, and the rest (disks, definition, start) in a task.
+pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Result<(Operation, Vm), ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
+    validate_name("VM", &name)?;
+    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+        return Err(ApiError::unprocessable(format!(
+            "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+            req.vcpus
+        )));
     }
-    .await;
-    match result {
-        Ok(()) => state.ops.succeed(&op_id).await,
+    let host_mib = vmm_manager::spec::host_memory_mib();
+    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
+        return Err(ApiError::unprocessable(format!(
+            "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
+            req.memory_mib
+        )));
+    }
+    if let Some(extra) = &req.cmdline_append {
+        if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
+            return Err(ApiError::unprocessable(
+                "cmdline_append must be at most 1024 printable characters",
+            ));
+        }
+    }
+    let hypervisor = choose_hypervisor(state, req.hypervisor.as_deref()).await?;
+    if req.vnc && hypervisor != HypervisorKind::Qemu {
+        return Err(ApiError::unprocessable(
+            "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
+        ));
+    }
+    if req.machine.is_some() && hypervisor != HypervisorKind::Qemu {
+        return Err(ApiError::unprocessable(
+            "machine is a QEMU option; Cloud Hypervisor has one machine type",
+        ));
+    }
+    let machine = req.machine.unwrap_or_default();
+    if req.vnc && machine == QemuMachine::Microvm {
+        return Err(ApiError::unprocessable(
+            "vnc needs machine q35: microvm has no display device",
+        ));
+    }
+    let image = find_image(state, &req.image).await?;
+    kernel_for(&image, hypervisor)?;
+    let disk_size = match (&req.disk_size, &image.disk) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(ApiError::unprocessable(format!(
+                "image {:?} has no root disk; disk_size applies to images that have one",
+                req.image
+            )))
+        }
+        (Some(s), Some(d)) => {
+            let bytes = crate::volumes::records::parse_size(s)?;
+            if bytes < d.virtual_size {
+                return Err(ApiError::unprocessable(format!(
+                    "disk_size {s} is smaller than image {:?} ({} bytes)",
+                    req.image, d.virtual_size
+                )));
+            }
+            Some(bytes)
+        }
+    };
+    // Images with a root disk are cloud images: they get a cloud-init seed, as does any
+    // VM given keys or user-data. Bad keys or user-data are refused now.
+    let seed = image.disk.is_some() || req.user_data.is_some() || !req.ssh_keys.is_empty();
+    if seed {
+        let preview = imaged::cloudinit::SeedRequest {
+            instance_id: id.clone(),
+            hostname: name.clone(),
+            ssh_keys: req.ssh_keys.clone(),
+            user_data: req.user_data.clone(),
+            nics: vec![],
+        };
+        imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
+    }
+
+    let nic_requests = match req.nics.clone() {
+        Some(n) => n,
+        None if state.netd.network(&host_name(project, DEFAULT_NETWORK)).await.is_ok() => {
+            vec![NicRequest {
+                network: DEFAULT_NETWORK.into(),
+                ip: None,
+            }]
+        }
+        None => vec![],
+    };
+    let rec = VmRecord {
+        id: id.clone(),
+        name: name.clone(),
+        project: project.into(),
+        image: req.image.clone(),
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        hypervisor,
+        cmdline_append: req.cmdline_append.clone(),
+        vnc: req.vnc,
+        machine,
+        nics: vec![],
+        volumes: vec![],
+        image_digest: image.digest.clone(),
+        root_disk: image.disk.as_ref().map(|_| RootDisk {
+            volume: format!("vm-{id}-root"),
+            size_bytes: disk_size,
+        }),
+        seed,
+        ssh_keys: req.ssh_keys.clone(),
+        user_data: req.user_data.clone(),
+        phase: Phase::Creating,
+        created_at_ms: vmm_manager::spec::now_ms(),
+        desired_running: Some(req.start),
+    };
+    let context = VmCreate {
+        rec,
+        image,
+        nic_requests,
+        volume_requests: req.volumes.into_iter().map(|v| v.into_attach()).collect(),
+        boot: vec![],
+        start: req.start,
+    };
+    let mut saga = Saga::begin(state, &VM_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
+    saga.run_until(state, Some(ROOT_DISK)).await?;
+    let op = match state.ops.start_as(saga.id(), project, "vm.create", "vm", &id).await {
+        Ok(op) => op,
         Err(e) => {
-            // Leave nothing behind: no VMM, state directory, disk, seed or records.
-            undo_create(&state, &rec).await;
-            state.ops.fail(&op_id, &e).await;
+            // Not accepted: undone now, as a failed step would be.
+            saga.abandon(state, &e).await;
+            return Err(e);
+        }
+    };
+    saga.show_in_operation(state).await;
+    let vm = Vm::from_record(&saga.context.rec, None, true);
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let op_id = saga.id().to_string();
+        match saga.finish(&task_state).await {
+            Ok(_) => task_state.ops.succeed(&op_id).await,
+            Err(e) => task_state.ops.fail(&op_id, &e).await,
+        }
+    });
+    Ok((op, vm))
+}
+
+const ROOT_DISK: &str = "root-disk";
+
+/// Creating a VM, step by step. Everything up to `recorded` runs before the `202`;
+/// once `ready` has run, the VM is whole and a crash resumes the create (it is
+/// started if it was to be) instead of undoing it.
+pub static VM_CREATE: SagaDef<VmCreate> = SagaDef {
+    kind: "vm.create",
+    pivot: 10,
+    steps: &[
+        Step {
+            name: "name",
+            doing: "claiming the name",
+            run: |state, c| Box::pin(claim_name(state, c)),
+            undo: |state, c| Box::pin(free_name(state, c)),
+        },
+        Step {
+            name: "record",
+            doing: "recording the VM",
+            run: |state, c| Box::pin(put_record(state, &c.rec)),
+            undo: |state, c| Box::pin(delete_record(state, c)),
+        },
+        Step {
+            name: "ports",
+            doing: "making its ports",
+            run: |state, c| Box::pin(make_ports(state, c)),
+            undo: |state, c| Box::pin(remove_ports(state, c)),
+        },
+        Step {
+            name: "volumes",
+            doing: "claiming its volumes",
+            run: |state, c| Box::pin(claim_volumes(state, c)),
+            undo: |state, c| Box::pin(release_volumes(state, c)),
+        },
+        Step {
+            name: "image-lease",
+            doing: "leasing the image",
+            run: |state, c| Box::pin(lease_image(state, c)),
+            undo: |state, c| Box::pin(release_image(state, c)),
+        },
+        Step {
+            name: "recorded",
+            doing: "recording its ports and volumes",
+            run: |state, c| Box::pin(put_record(state, &c.rec)),
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+        Step {
+            name: ROOT_DISK,
+            doing: "cloning the root disk from the image",
+            run: |state, c| Box::pin(make_root_disk(state, c)),
+            undo: |state, c| Box::pin(remove_root_disk(state, c)),
+        },
+        Step {
+            name: "seed",
+            doing: "writing the cloud-init seed",
+            run: |state, c| Box::pin(make_seed(state, c)),
+            undo: |state, c| Box::pin(remove_seed(state, c)),
+        },
+        Step {
+            name: "define",
+            doing: "defining the VM",
+            run: |state, c| Box::pin(define_vm(state, c)),
+            undo: |state, c| Box::pin(undefine_vm(state, c)),
+        },
+        Step {
+            name: "ready",
+            doing: "recording the VM ready",
+            run: |state, c| Box::pin(mark_ready(state, c)),
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+        Step {
+            name: "start",
+            doing: "starting the VMM",
+            run: |state, c| Box::pin(start_vm(state, c)),
+            // Its VMM goes with the definition.
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+    ],
+};
+
+async fn claim_name(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    let (project, name) = (&c.rec.project, &c.rec.name);
+    state
+        .store
+        .compare_and_swap(&name_key(project, name), None, store::encode(&c.rec.id))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => ApiError::conflict(format!("a VM named {name:?} already exists")),
+            other => other.into(),
+        })?;
+    Ok(())
+}
+
+/// Frees the name only when this VM holds it (the step fails when another VM does).
+async fn free_name(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    let key = name_key(&c.rec.project, &c.rec.name);
+    if let Some((holder, rev)) = store::get_json::<String>(state.store.as_ref(), &key).await? {
+        if holder == c.rec.id {
+            // A compare-and-delete would be exact; the holder cannot change meanwhile,
+            // as only this VM's saga frees its claim.
+            let _ = rev;
+            state.store.delete(&key).await?;
         }
     }
+    Ok(())
+}
+
+async fn put_record(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    state.store.put(&vm_key(&rec.id), store::encode(rec)).await?;
+    Ok(())
+}
+
+async fn delete_record(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    state.store.delete(&vm_key(&c.rec.id)).await?;
+    Ok(())
+}
+
+async fn make_ports(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    c.rec.nics = attach_nics(state, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
+    Ok(())
+}
+
+/// Every port this VM may have made, by the names derived from its id (a crash may
+/// have cut the step short before its ports were recorded).
+async fn remove_ports(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    for i in 0..c.nic_requests.len() {
+        state.netd.delete_port(&port_id(&c.rec.id, i)).await.map_err(upstream)?;
+    }
+    Ok(())
+}
+
+async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    for v in &c.volume_requests {
+        let a = crate::volumes::work::claim(state, &c.rec, v, &c.rec.volumes).await?;
+        c.rec.volumes.push(a);
+    }
+    Ok(())
+}
+
+/// The claims it recorded (one a crash cut short before recording it is swept at the
+/// next start, as a claim of a VM that does not exist).
+async fn release_volumes(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    for a in &c.rec.volumes {
+        crate::volumes::work::release(state, &c.rec.project, a).await;
+    }
+    Ok(())
+}
+
+async fn lease_image(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    state.images.lease(&c.image.digest, &c.rec.id).await.map_err(upstream)?;
+    Ok(())
+}
+
+async fn release_image(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    state.images.release(&c.rec.id).await.map_err(upstream)?;
+    Ok(())
+}
+
+async fn make_root_disk(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    c.boot.extend(root_disk(state, &c.rec, &c.image).await?);
+    Ok(())
+}
+
+async fn remove_root_disk(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    if let Some(root) = &c.rec.root_disk {
+        match state.blockd.delete_volume(&root.volume).await {
+            Err(e) if !e.is_not_found() => return Err(upstream(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn make_seed(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    c.boot.extend(seed_disk(state, &c.rec).await?);
+    Ok(())
+}
+
+async fn remove_seed(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    if c.rec.seed {
+        state.images.delete_seed(&c.rec.id).await.map_err(upstream)?;
+    }
+    Ok(())
+}
+
+async fn define_vm(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    define_with(state, &c.rec, &c.image, c.boot.clone()).await
+}
+
+async fn undefine_vm(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+    state.vmm.delete(&c.rec.id).await.map_err(upstream)?;
+    Ok(())
+}
+
+async fn mark_ready(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    c.rec.phase = Phase::Ready;
+    put_record(state, &c.rec).await
+}
+
+async fn start_vm(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+    if !c.start {
+        return Ok(());
+    }
+    let vm = state.vmm.get(&c.rec.id).await.map_err(upstream)?;
+    // Resumed after a crash, the VMM may already run.
+    if !matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
+        return Ok(());
+    }
+    let started = state
+        .vmm
+        .action(&c.rec.id, VmAction::Start, false)
+        .await
+        .map_err(upstream)?;
+    state.live.observe(&started);
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! defining it again after vmm-manager lost it, and removing everything a VM owns.
 
 use socket_http::ApiError;
-use vmm_manager::spec::HypervisorKind;
+use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind};
 use vmm_manager::spec::{QemuOptions, VmAction, VmSpec};
 
 use crate::daemons::upstream;
@@ -53,7 +53,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
             }
         })?;
     }
-    define(state, rec, &image, None).await?;
+    define(state, rec, &image).await?;
     if rec.desired_running != Some(true) {
         return Ok(false);
     }
@@ -149,60 +149,57 @@ fn seed_request(rec: &VmRecord) -> imaged::cloudinit::SeedRequest {
     }
 }
 
-/// The root disk (a copy-on-write clone of the image, made by blockd) and the
-/// cloud-init seed, in that order: the guest sees them as vda and vdb.
-async fn boot_disks(
+/// The root disk: a copy-on-write clone of the image, made by blockd (`None` for an
+/// image without a disk). The guest sees it as vda.
+pub(crate) async fn root_disk(
     state: &AppState,
     rec: &VmRecord,
     image: &imaged::ImageInfo,
-    op_id: Option<&str>,
-) -> Result<Vec<vmm_manager::spec::DiskSpec>, ApiError> {
-    use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
-    let mut disks = Vec::new();
-    if let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) {
-        if let Some(op) = op_id {
-            state.ops.progress(op, "cloning the root disk from the image").await;
-        }
-        let spec = blockd::service::VolumeSpec {
-            size_bytes: root.size_bytes,
-            source: Some(blockd::service::VolumeSource::ImageClone {
-                path: disk.path.clone(),
-                key: image.digest.clone(),
-            }),
-        };
-        let v = state
-            .blockd
-            .ensure_volume(&root.volume, &spec)
-            .await
-            .map_err(upstream)?;
-        let path = v.path.ok_or_else(|| {
-            ApiError::conflict("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")
-        })?;
-        let format = match v.format {
-            blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
-            blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
-        };
-        disks.push(DiskSpec {
-            id: "root".into(),
-            source: DiskSource::File { path, format },
-            readonly: false,
-        });
+) -> Result<Option<DiskSpec>, ApiError> {
+    let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) else {
+        return Ok(None);
+    };
+    let spec = blockd::service::VolumeSpec {
+        size_bytes: root.size_bytes,
+        source: Some(blockd::service::VolumeSource::ImageClone {
+            path: disk.path.clone(),
+            key: image.digest.clone(),
+        }),
+    };
+    let v = state
+        .blockd
+        .ensure_volume(&root.volume, &spec)
+        .await
+        .map_err(upstream)?;
+    let path = v.path.ok_or_else(|| {
+        ApiError::conflict("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")
+    })?;
+    let format = match v.format {
+        blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
+        blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
+    };
+    Ok(Some(DiskSpec {
+        id: "root".into(),
+        source: DiskSource::File { path, format },
+        readonly: false,
+    }))
+}
+
+/// The cloud-init seed imaged writes (`None` for a VM without one); after the root disk,
+/// so the guest sees it as vdb.
+pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option<DiskSpec>, ApiError> {
+    if !rec.seed {
+        return Ok(None);
     }
-    if rec.seed {
-        if let Some(op) = op_id {
-            state.ops.progress(op, "writing the cloud-init seed").await;
-        }
-        let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
-        disks.push(DiskSpec {
-            id: "seed".into(),
-            source: DiskSource::File {
-                path: seed.path,
-                format: DiskFormat::Raw,
-            },
-            readonly: true,
-        });
-    }
-    Ok(disks)
+    let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
+    Ok(Some(DiskSpec {
+        id: "seed".into(),
+        source: DiskSource::File {
+            path: seed.path,
+            format: DiskFormat::Raw,
+        },
+        readonly: true,
+    }))
 }
 
 /// Removes what a VM owns on the host, in dependency order: the VMM, its ports, its
@@ -259,16 +256,24 @@ pub(crate) async fn undo_create(state: &AppState, rec: &VmRecord) {
     let _ = state.store.delete(&name_key(&rec.project, &rec.name)).await;
 }
 
-/// Gives vmm-manager the VM as its record describes it: root disk and seed, data
-/// volumes, NICs. Progress goes to operation `op_id` when there is one.
-pub(crate) async fn define(
+/// Gives vmm-manager the VM as its record describes it: root disk and seed (made or
+/// found again), data volumes, NICs.
+pub(crate) async fn define(state: &AppState, rec: &VmRecord, image: &imaged::ImageInfo) -> Result<(), ApiError> {
+    let mut boot = Vec::new();
+    boot.extend(root_disk(state, rec, image).await?);
+    boot.extend(seed_disk(state, rec).await?);
+    define_with(state, rec, image, boot).await
+}
+
+/// [`define`] with the boot disks already made.
+pub(crate) async fn define_with(
     state: &AppState,
     rec: &VmRecord,
     image: &imaged::ImageInfo,
-    op_id: Option<&str>,
+    boot: Vec<DiskSpec>,
 ) -> Result<(), ApiError> {
     let mut spec = vm_spec(rec, image)?;
-    spec.disks = boot_disks(state, rec, image, op_id).await?;
+    spec.disks = boot;
     for v in &rec.volumes {
         spec.disks
             .push(crate::volumes::work::disk_spec(state, &rec.project, v).await?);

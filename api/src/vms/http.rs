@@ -8,17 +8,14 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use socket_http::ApiError;
-use vmm_manager::spec::{HypervisorKind, QemuMachine, VmAction, MAX_VCPUS, MIN_MEMORY_MIB};
+use vmm_manager::spec::VmAction;
 
 use crate::auth::keys::Caller;
 use crate::daemons::upstream;
 use crate::json::{JsonBody, Query};
-use crate::model::{validate_name, Accepted, CreateVm, Phase, RootDisk, Vm, VmRecord};
+use crate::model::{Accepted, CreateVm, Phase, Vm, VmRecord};
 use crate::state::AppState;
-use crate::store;
-use crate::vms::create::{attach_nics, choose_hypervisor, create_task, detach_nics, find_image};
-use crate::vms::define::{finish_delete, kernel_for, undo_create};
-use crate::vms::records::{name_key, resolve, set_desired_running, vm_key};
+use crate::vms::records::{resolve, set_desired_running};
 
 type AppS = State<Arc<AppState>>;
 
@@ -68,174 +65,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<CreateVm>,
 ) -> Result<Response, ApiError> {
-    let project = caller.project.as_str();
-    let id = uuid::Uuid::new_v4().to_string();
-    let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
-    validate_name("VM", &name)?;
-    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(ApiError::unprocessable(format!(
-            "vcpus must be between 1 and {MAX_VCPUS}, got {}",
-            req.vcpus
-        )));
-    }
-    let host_mib = vmm_manager::spec::host_memory_mib();
-    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
-        return Err(ApiError::unprocessable(format!(
-            "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
-            req.memory_mib
-        )));
-    }
-    if let Some(extra) = &req.cmdline_append {
-        if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
-            return Err(ApiError::unprocessable(
-                "cmdline_append must be at most 1024 printable characters",
-            ));
-        }
-    }
-    let hypervisor = choose_hypervisor(&state, req.hypervisor.as_deref()).await?;
-    if req.vnc && hypervisor != HypervisorKind::Qemu {
-        return Err(ApiError::unprocessable(
-            "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
-        ));
-    }
-    if req.machine.is_some() && hypervisor != HypervisorKind::Qemu {
-        return Err(ApiError::unprocessable(
-            "machine is a QEMU option; Cloud Hypervisor has one machine type",
-        ));
-    }
-    let machine = req.machine.unwrap_or_default();
-    if req.vnc && machine == QemuMachine::Microvm {
-        return Err(ApiError::unprocessable(
-            "vnc needs machine q35: microvm has no display device",
-        ));
-    }
-    let image = find_image(&state, &req.image).await?;
-    kernel_for(&image, hypervisor)?;
-    let disk_size = match (&req.disk_size, &image.disk) {
-        (None, _) => None,
-        (Some(_), None) => {
-            return Err(ApiError::unprocessable(format!(
-                "image {:?} has no root disk; disk_size applies to images that have one",
-                req.image
-            )))
-        }
-        (Some(s), Some(d)) => {
-            let bytes = crate::volumes::records::parse_size(s)?;
-            if bytes < d.virtual_size {
-                return Err(ApiError::unprocessable(format!(
-                    "disk_size {s} is smaller than image {:?} ({} bytes)",
-                    req.image, d.virtual_size
-                )));
-            }
-            Some(bytes)
-        }
-    };
-    // Images with a root disk are cloud images: they get a cloud-init seed, as does any
-    // VM given keys or user-data. Bad keys or user-data are refused now.
-    let seed = image.disk.is_some() || req.user_data.is_some() || !req.ssh_keys.is_empty();
-    if seed {
-        let preview = imaged::cloudinit::SeedRequest {
-            instance_id: id.clone(),
-            hostname: name.clone(),
-            ssh_keys: req.ssh_keys.clone(),
-            user_data: req.user_data.clone(),
-            nics: vec![],
-        };
-        imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
-    }
-
-    // Intent first: claim the name, then record the VM, then the operation.
-    let s = state.store.as_ref();
-    s.compare_and_swap(&name_key(project, &name), None, store::encode(&id))
-        .await
-        .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => ApiError::conflict(format!("a VM named {name:?} already exists")),
-            other => other.into(),
-        })?;
-    let rec = VmRecord {
-        id: id.clone(),
-        name: name.clone(),
-        project: project.into(),
-        image: req.image.clone(),
-        vcpus: req.vcpus,
-        memory_mib: req.memory_mib,
-        hypervisor,
-        cmdline_append: req.cmdline_append.clone(),
-        vnc: req.vnc,
-        machine,
-        nics: vec![],
-        volumes: vec![],
-        image_digest: image.digest.clone(),
-        root_disk: image.disk.as_ref().map(|_| RootDisk {
-            volume: format!("vm-{id}-root"),
-            size_bytes: disk_size,
-        }),
-        seed,
-        ssh_keys: req.ssh_keys.clone(),
-        user_data: req.user_data.clone(),
-        phase: Phase::Creating,
-        created_at_ms: vmm_manager::spec::now_ms(),
-        desired_running: Some(req.start),
-    };
-    if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
-        let _ = s.delete(&name_key(project, &name)).await;
-        return Err(e.into());
-    }
-    // NICs: a port (TAP + IPAM address) per NIC, made now so a taken or foreign address
-    // is refused at once.
-    let nic_requests = match req.nics.clone() {
-        Some(n) => n,
-        None if state
-            .netd
-            .network(&crate::model::host_name(project, crate::networks::DEFAULT_NETWORK))
-            .await
-            .is_ok() =>
-        {
-            vec![crate::model::NicRequest {
-                network: crate::networks::DEFAULT_NETWORK.into(),
-                ip: None,
-            }]
-        }
-        None => vec![],
-    };
-    let mut rec = rec;
-    match attach_nics(&state, project, &id, &nic_requests).await {
-        Ok(nics) => rec.nics = nics,
-        Err(e) => {
-            let _ = s.delete(&vm_key(&id)).await;
-            let _ = s.delete(&name_key(project, &name)).await;
-            return Err(e);
-        }
-    }
-    // Volumes: claimed now, so one already attached elsewhere is refused at once.
-    for v in req.volumes.clone() {
-        match crate::volumes::work::claim(&state, &rec, &v.into_attach(), &rec.volumes).await {
-            Ok(a) => rec.volumes.push(a),
-            Err(e) => {
-                for a in &rec.volumes {
-                    crate::volumes::work::release(&state, &rec.project, a).await;
-                }
-                detach_nics(&state, &rec.nics).await;
-                let _ = s.delete(&vm_key(&id)).await;
-                let _ = s.delete(&name_key(project, &name)).await;
-                return Err(e);
-            }
-        }
-    }
-    // The image cannot be deleted while this VM exists.
-    if let Err(e) = state.images.lease(&image.digest, &id).await {
-        undo_create(&state, &rec).await;
-        return Err(upstream(e));
-    }
-    if let Err(e) = s.put(&vm_key(&id), store::encode(&rec)).await {
-        undo_create(&state, &rec).await;
-        return Err(e.into());
-    }
-    let op = state.ops.start(project, "vm.create", "vm", &id).await?;
-    let task_state = state.clone();
-    let (op_id, start) = (op.id.clone(), req.start);
-    let vm = Vm::from_record(&rec, None, true);
-    tokio::spawn(async move { create_task(task_state, rec, image, op_id, start).await });
+    let (op, vm) = crate::vms::create::begin(&state, &caller.project, req).await?;
     Ok(accepted(op, Some(vm)))
 }
 
@@ -247,32 +77,14 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (mut rec, rev) = resolve(&state, &caller.project, &id).await?;
+    let (rec, rev) = resolve(&state, &caller.project, &id).await?;
     if rec.phase == Phase::Creating {
         return Err(ApiError::conflict(format!(
             "VM {} is still being created; retry when its create operation finishes",
             rec.name
         )));
     }
-    rec.phase = Phase::Deleting;
-    state
-        .store
-        .compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec))
-        .await?;
-    let op = state.ops.start(&rec.project, "vm.delete", "vm", &rec.id).await?;
-    let vm = Vm::from_record(&rec, None, true);
-    let (task_state, op_id) = (state.clone(), op.id.clone());
-    tokio::spawn(async move {
-        let result = async {
-            task_state.ops.progress(&op_id, "stopping and removing the VMM").await;
-            finish_delete(&task_state, &rec).await
-        }
-        .await;
-        match result {
-            Ok(()) => task_state.ops.succeed(&op_id).await,
-            Err(e) => task_state.ops.fail(&op_id, &e).await,
-        }
-    });
+    let (op, vm) = crate::vms::delete::begin(&state, rec, rev).await?;
     Ok(accepted(op, Some(vm)))
 }
 

@@ -5,13 +5,14 @@
 //! vmm-manager through its idempotent endpoints.
 //!
 //! - [`http`]: the routes (parse, call, map errors)
-//! - [`create`]: checks and claims before the `202`, then the task that defines and starts
+//! - [`create`], [`delete`]: the sagas that make and remove a VM
 //! - [`define`]: a VM's definition from its record; removing what a VM owns
 //! - [`records`]: VM records in the store
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
 
 pub mod create;
 pub mod define;
+pub mod delete;
 pub mod http;
 pub mod list;
 pub mod live;

@@ -151,6 +151,8 @@ pub struct Stack {
     pub args: Vec<String>,
     /// The daemons' own processes, when they do not run inside the api.
     pub daemons: Option<Daemons>,
+    /// Environment the api process gets besides the test's own (set before `spawn`).
+    pub env: Vec<(String, String)>,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
@@ -166,6 +168,7 @@ impl Stack {
             key: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             daemons: None,
+            env: Vec::new(),
             http: Client::builder(TokioExecutor::new()).build_http(),
         };
         stack.spawn().await;
@@ -190,6 +193,7 @@ impl Stack {
             key: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             daemons: Some(daemons),
+            env: Vec::new(),
             http: Client::builder(TokioExecutor::new()).build_http(),
         };
         stack.spawn().await;
@@ -231,6 +235,7 @@ impl Stack {
             .arg(self.dir.path())
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));

@@ -195,6 +195,12 @@ impl ShutdownHandle {
     }
 }
 
+/// A file's device and inode: which file a path names now.
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
 impl NbdServer {
     pub fn new(config: ServerConfig) -> NbdServer {
         let connections = Arc::new(Semaphore::new(config.max_connections));
@@ -321,9 +327,12 @@ impl NbdServer {
             }
         }
         let listener = UnixListener::bind(path).map_err(listen_error)?;
+        // Which file is ours: a server started on the same path after this one stopped
+        // (a restart) must not lose its socket when this one's task ends later.
+        let bound = std::fs::symlink_metadata(path).map_err(listen_error)?;
         let server = self.clone();
         let path = path.to_path_buf();
-        tokio::spawn(async move { server.accept_unix(listener, path).await });
+        tokio::spawn(async move { server.accept_unix(listener, path, file_id(&bound)).await });
         Ok(())
     }
 
@@ -353,7 +362,7 @@ impl NbdServer {
         }
     }
 
-    async fn accept_unix(self, listener: UnixListener, path: PathBuf) {
+    async fn accept_unix(self, listener: UnixListener, path: PathBuf, ours: (u64, u64)) {
         let mut shutdown = self.inner.shutdown.subscribe();
         loop {
             let accepted = tokio::select! {
@@ -371,7 +380,9 @@ impl NbdServer {
                 }
             }
         }
-        let _ = std::fs::remove_file(&path);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| file_id(&m) == ours) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     fn peer_allowed(&self, ip: IpAddr) -> bool {

@@ -1,0 +1,373 @@
+//! Sagas: a composite change (a VM create or delete, next a database or a cluster) as a
+//! list of named steps, each with its undo, whose progress is recorded in the store
+//! before each step runs (Oxide's steno has the same shape).
+//!
+//! ```text
+//!  begin ──▶ record {steps, done: 0, running} ──▶ step 0 ─▶ record {done: 1} ─▶ step 1 ─▶ …
+//!                                                   │ fails                        ─▶ record {succeeded}
+//!                                                   ▼
+//!            record {unwinding, failed_step} ─▶ undo of the failed step, then of every
+//!            earlier one, last first ─▶ record {undone}
+//! ```
+//!
+//! A step's data lives in the saga's context (`C`, serialized into the record with the
+//! progress), so a saga can be resumed or undone by another process from the store
+//! alone. Undos must be idempotent and must tolerate a step that ran only in part (the
+//! failed step's own undo runs too, and after a crash the step in flight may have done
+//! anything from nothing to all of its work).
+//!
+//! After a crash ([`recover`]) a saga is undone, unless it had passed its definition's
+//! `pivot`: from there on the change is whole and the remaining steps run forwards (a
+//! VM create whose VM is recorded ready is started, not removed; a delete is finished).
+//! A saga whose undo failed, or a forward-only one whose step failed, is left owned by
+//! no process; the reconciler takes it up again at its next pass.
+//!
+//! Tests inject faults with `HEARTH_SAGA_FAULT=<saga>/<step>=fail|crash`: after that
+//! step ran and was recorded, `fail` makes it fail (the saga unwinds) and `crash` ends
+//! the process at once (as kill -9 would). Nothing else reads it.
+
+use std::sync::OnceLock;
+
+use futures_util::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use socket_http::ApiError;
+
+use crate::model::{SagaProgress, SagaState};
+use crate::state::AppState;
+use crate::store;
+
+/// One step of a saga.
+pub struct Step<C> {
+    pub name: &'static str,
+    /// What the operation says while it runs ("cloning the root disk").
+    pub doing: &'static str,
+    /// Does the step's work; may change the context (what later steps and undos read).
+    pub run: for<'a> fn(&'a AppState, &'a mut C) -> BoxFuture<'a, Result<(), ApiError>>,
+    /// Undoes it; must succeed when there is nothing to undo.
+    pub undo: for<'a> fn(&'a AppState, &'a C) -> BoxFuture<'a, Result<(), ApiError>>,
+}
+
+/// A kind of saga: its steps, in order.
+pub struct SagaDef<C: 'static> {
+    /// The operation kind it carries out, e.g. `vm.create`.
+    pub kind: &'static str,
+    pub steps: &'static [Step<C>],
+    /// After a crash, a saga that had finished this many steps (or more) is resumed
+    /// forwards instead of undone. `steps.len()`: always undone. 0: a forward-only
+    /// saga (a delete), always resumed, and a step that fails leaves it recorded for the
+    /// reconciler to resume rather than undoing anything.
+    pub pivot: usize,
+}
+
+/// A saga as the store keeps it (`sagas/<operation id>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SagaRecord {
+    pub id: String,
+    pub kind: String,
+    /// The api process running it (see [`AppState::instance`]).
+    pub owner: String,
+    pub steps: Vec<String>,
+    /// Steps finished (while unwinding: steps still to undo).
+    pub done: usize,
+    pub state: SagaState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub context: serde_json::Value,
+}
+
+impl SagaRecord {
+    pub fn progress(&self) -> SagaProgress {
+        SagaProgress {
+            steps: self.steps.clone(),
+            done: self.done,
+            state: self.state,
+            failed_step: self.failed_step.clone(),
+        }
+    }
+}
+
+pub fn key(id: &str) -> String {
+    format!("sagas/{id}")
+}
+
+/// A fault a test asked for after one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Fail,
+    Crash,
+}
+
+fn fault_after(kind: &str, step: &str) -> Option<Fault> {
+    static FAULT: OnceLock<Option<(String, String, Fault)>> = OnceLock::new();
+    let parsed = FAULT.get_or_init(|| {
+        let v = std::env::var("HEARTH_SAGA_FAULT").ok()?;
+        let (at, what) = v.split_once('=')?;
+        let (saga, step) = at.split_once('/')?;
+        let fault = match what {
+            "fail" => Fault::Fail,
+            "crash" => Fault::Crash,
+            _ => return None,
+        };
+        tracing::warn!(
+            saga,
+            step,
+            ?fault,
+            "HEARTH_SAGA_FAULT: a fault will be injected (tests only)"
+        );
+        Some((saga.to_string(), step.to_string(), fault))
+    });
+    parsed
+        .as_ref()
+        .filter(|(s, t, _)| s == kind && t == step)
+        .map(|(_, _, f)| *f)
+}
+
+/// A saga being run by this process.
+pub struct Saga<C: 'static> {
+    def: &'static SagaDef<C>,
+    record: SagaRecord,
+    pub context: C,
+    /// The operation that shows its progress, once there is one.
+    operation: Option<String>,
+}
+
+impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
+    /// Records a new saga (nothing has run yet).
+    pub async fn begin(state: &AppState, def: &'static SagaDef<C>, id: &str, context: C) -> Result<Self, ApiError> {
+        let record = SagaRecord {
+            id: id.to_string(),
+            kind: def.kind.to_string(),
+            owner: state.instance.clone(),
+            steps: def.steps.iter().map(|s| s.name.to_string()).collect(),
+            done: 0,
+            state: SagaState::Running,
+            failed_step: None,
+            error: None,
+            context: serde_json::to_value(&context).map_err(|e| ApiError::internal(e.to_string()))?,
+        };
+        let saga = Self {
+            def,
+            record,
+            context,
+            operation: None,
+        };
+        saga.save(state).await?;
+        Ok(saga)
+    }
+
+    /// Takes over a saga another process left (see [`recover`]).
+    fn adopt(state: &AppState, def: &'static SagaDef<C>, mut record: SagaRecord) -> Result<Self, ApiError> {
+        let context = serde_json::from_value(record.context.clone())
+            .map_err(|e| ApiError::internal(format!("saga {} has a context this api cannot read: {e}", record.id)))?;
+        record.owner = state.instance.clone();
+        Ok(Self {
+            def,
+            operation: Some(record.id.clone()),
+            record,
+            context,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// From now on its progress shows in operation `id` (the saga's own id).
+    pub async fn show_in_operation(&mut self, state: &AppState) {
+        self.operation = Some(self.record.id.clone());
+        self.show(state, "accepted").await;
+    }
+
+    async fn show(&self, state: &AppState, message: &str) {
+        if let Some(op) = &self.operation {
+            state.ops.progress_saga(op, message, self.record.progress()).await;
+        }
+    }
+
+    async fn save(&self, state: &AppState) -> Result<(), ApiError> {
+        let mut record = self.record.clone();
+        record.context = serde_json::to_value(&self.context).map_err(|e| ApiError::internal(e.to_string()))?;
+        state.store.put(&key(&record.id), store::encode(&record)).await?;
+        Ok(())
+    }
+
+    /// Runs the steps up to (not including) the one named `stop`, or all of them. On a
+    /// failure every step so far is undone, the last first, and the step's error is
+    /// returned.
+    pub async fn run_until(&mut self, state: &AppState, stop: Option<&str>) -> Result<(), ApiError> {
+        while self.record.done < self.def.steps.len() {
+            let step = &self.def.steps[self.record.done];
+            if stop == Some(step.name) {
+                return Ok(());
+            }
+            self.show(state, step.doing).await;
+            let mut result = (step.run)(state, &mut self.context).await;
+            if result.is_ok() {
+                self.record.done += 1;
+                if let Err(e) = self.save(state).await {
+                    // Not recorded: undone with the rest, as if it had failed.
+                    self.record.done -= 1;
+                    result = Err(e);
+                }
+            }
+            if result.is_ok() {
+                match fault_after(self.def.kind, step.name) {
+                    Some(Fault::Crash) => {
+                        tracing::error!(saga = %self.record.id, step = step.name, "HEARTH_SAGA_FAULT: crashing");
+                        std::process::abort();
+                    }
+                    Some(Fault::Fail) => {
+                        // Recorded as done: its own undo runs with the earlier ones.
+                        self.record.done -= 1;
+                        result = Err(ApiError::internal(format!("injected failure after step {}", step.name)));
+                    }
+                    None => {}
+                }
+            }
+            if let Err(e) = result {
+                self.record.failed_step = Some(step.name.to_string());
+                self.record.error = Some(e.body.message.clone());
+                if self.def.pivot == 0 {
+                    // Forward-only (a delete): nothing to undo; the record stays, owned
+                    // by no process, for the reconciler's next pass to take up again.
+                    self.record.owner.clear();
+                    let _ = self.save(state).await;
+                    self.show(state, &format!("{} failed", step.name)).await;
+                } else {
+                    self.unwind(state).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes every step that ran, when the change cannot go on for a reason outside
+    /// the steps (its operation could not be recorded).
+    pub async fn abandon(&mut self, state: &AppState, error: &ApiError) {
+        self.record.error = Some(error.body.message.clone());
+        // Nothing is in flight: unwind() would undo one step more than ran.
+        if self.record.done == 0 {
+            self.record.state = SagaState::Undone;
+            let _ = state.store.delete(&key(&self.record.id)).await;
+            return;
+        }
+        self.record.done -= 1;
+        self.unwind(state).await;
+    }
+
+    /// Runs the remaining steps and marks the saga succeeded (its record is removed; the
+    /// operation keeps what it showed).
+    pub async fn finish(mut self, state: &AppState) -> Result<C, ApiError> {
+        self.run_until(state, None).await?;
+        self.record.state = SagaState::Succeeded;
+        self.show(state, "done").await;
+        if let Err(e) = state.store.delete(&key(&self.record.id)).await {
+            tracing::warn!(saga = %self.record.id, "cannot remove the finished saga's record: {e}");
+        }
+        Ok(self.context)
+    }
+
+    /// Undoes the step in flight (it may have run in part) and every earlier one, last
+    /// first. An undo that fails does not stop the others (each is idempotent and the
+    /// reconciler's sweep takes what is named after the resource); the saga is then left
+    /// `unwinding`, owned by no process, for the reconciler to undo again whole.
+    async fn unwind(&mut self, state: &AppState) {
+        self.record.state = SagaState::Unwinding;
+        // The step in flight (or the failed one) is undone too.
+        let mut left = (self.record.done + 1).min(self.def.steps.len());
+        let to_undo = left;
+        self.record.done = left;
+        let _ = self.save(state).await;
+        let mut failed = Vec::new();
+        while left > 0 {
+            let step = &self.def.steps[left - 1];
+            self.show(state, &format!("undoing {}", step.name)).await;
+            if let Err(e) = (step.undo)(state, &self.context).await {
+                tracing::error!(saga = %self.record.id, step = step.name, "cannot undo: {}", e.body.message);
+                failed.push(format!("undoing {} failed: {}", step.name, e.body.message));
+            }
+            left -= 1;
+            if failed.is_empty() {
+                self.record.done = left;
+                let _ = self.save(state).await;
+            }
+        }
+        if !failed.is_empty() {
+            self.record.error = Some(format!(
+                "{}; {}",
+                self.record.error.clone().unwrap_or_default(),
+                failed.join("; ")
+            ));
+            self.record.done = to_undo;
+            // Left to the reconciler's next pass (no process runs it any more).
+            self.record.owner.clear();
+            let _ = self.save(state).await;
+            self.show(state, "some steps could not be undone yet").await;
+            return;
+        }
+        self.record.state = SagaState::Undone;
+        self.show(state, "undone").await;
+        let _ = state.store.delete(&key(&self.record.id)).await;
+    }
+}
+
+/// What happened to a saga another process left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovered {
+    /// Its remaining steps ran: the change is whole.
+    Finished,
+    /// Every step it had made was undone.
+    Undone,
+    /// It could not be settled now (a daemon refused an undo); the next pass tries again.
+    Stuck(String),
+}
+
+/// Resumes or undoes a saga left by a process that is gone, per its definition's pivot.
+pub async fn recover<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
+    state: &AppState,
+    def: &'static SagaDef<C>,
+    record: SagaRecord,
+) -> Recovered {
+    let forwards = record.state == SagaState::Running && record.done >= def.pivot;
+    let mut saga = match Saga::adopt(state, def, record) {
+        Ok(s) => s,
+        Err(e) => return Recovered::Stuck(e.body.message),
+    };
+    if forwards {
+        tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "resuming a saga past its pivot");
+        return match saga.finish(state).await {
+            Ok(_) => Recovered::Finished,
+            Err(e) => Recovered::Stuck(e.body.message),
+        };
+    }
+    tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "undoing a saga cut short");
+    if saga.record.state == SagaState::Running {
+        saga.record.failed_step = saga.record.steps.get(saga.record.done).cloned();
+        saga.record.error = Some("the api stopped while the saga ran".into());
+    } else {
+        // Already unwinding: `done` counts the steps still to undo, the one in flight
+        // included; unwind() adds that one again.
+        saga.record.done = saga.record.done.saturating_sub(1);
+    }
+    saga.unwind(state).await;
+    match saga.record.state {
+        SagaState::Undone => Recovered::Undone,
+        _ => Recovered::Stuck(saga.record.error.clone().unwrap_or_default()),
+    }
+}
+
+/// Sagas in the store that no live process of this api runs: those of earlier
+/// processes (at start every saga is one), and those this one gave up on (an undo that
+/// failed, a forward-only step that failed), which no process owns.
+pub async fn left_over(state: &AppState) -> Result<Vec<SagaRecord>, ApiError> {
+    Ok(store::list_json::<SagaRecord>(state.store.as_ref(), "sagas/")
+        .await?
+        .into_iter()
+        .map(|(r, _)| r)
+        .filter(|r| r.owner != state.instance && matches!(r.state, SagaState::Running | SagaState::Unwinding))
+        .collect())
+}

@@ -1,0 +1,156 @@
+//! Deleting a VM: the saga [`VM_DELETE`], forward-only. The record is marked `deleting`
+//! first (so nothing else starts on the VM), then its VMM, ports, root disk, seed,
+//! volume attachments and image lease go, and the records last. A step that fails, or
+//! a crash, leaves the saga for the reconciler to finish; nothing is ever put back.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use socket_http::ApiError;
+
+use crate::daemons::upstream;
+use crate::model::{Operation, Phase, Vm, VmRecord};
+use crate::saga::{Saga, SagaDef, Step};
+use crate::state::AppState;
+use crate::store;
+use crate::vms::records::{name_key, vm_key};
+
+/// What a VM delete's saga carries: the record as it was when the delete began.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmDelete {
+    pub rec: VmRecord,
+}
+
+/// Marks the VM `deleting` (compare-and-swap at `rev`, so a concurrent change wins or
+/// loses whole) and runs the saga in a task.
+pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result<(Operation, Vm), ApiError> {
+    rec.phase = Phase::Deleting;
+    state
+        .store
+        .compare_and_swap(&vm_key(&rec.id), Some(rev), store::encode(&rec))
+        .await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let vm = Vm::from_record(&rec, None, true);
+    let mut saga = Saga::begin(state, &VM_DELETE, &id, VmDelete { rec }).await?;
+    let op = state
+        .ops
+        .start_as(&id, &saga.context.rec.project, "vm.delete", "vm", &saga.context.rec.id)
+        .await?;
+    saga.show_in_operation(state).await;
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        match saga.finish(&task_state).await {
+            Ok(_) => task_state.ops.succeed(&id).await,
+            Err(e) => task_state.ops.fail(&id, &e).await,
+        }
+    });
+    Ok((op, vm))
+}
+
+fn nothing_to_undo<'a>(_: &'a AppState, _: &'a VmDelete) -> futures_util::future::BoxFuture<'a, Result<(), ApiError>> {
+    Box::pin(async { Ok(()) })
+}
+
+/// Deleting a VM, step by step (each idempotent: a resumed step that already ran
+/// finds nothing to remove).
+pub static VM_DELETE: SagaDef<VmDelete> = SagaDef {
+    kind: "vm.delete",
+    pivot: 0,
+    steps: &[
+        Step {
+            name: "vmm",
+            doing: "stopping and removing the VMM",
+            run: |state, c| Box::pin(remove_vmm(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "ports",
+            doing: "removing its ports",
+            run: |state, c| Box::pin(remove_ports(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "root-disk",
+            doing: "removing its root disk",
+            run: |state, c| Box::pin(remove_root_disk(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "seed",
+            doing: "removing its cloud-init seed",
+            run: |state, c| Box::pin(remove_seed(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "volumes",
+            doing: "detaching its volumes",
+            run: |state, c| Box::pin(release_volumes(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "image-lease",
+            doing: "releasing the image",
+            run: |state, c| Box::pin(release_image(state, c)),
+            undo: nothing_to_undo,
+        },
+        Step {
+            name: "records",
+            doing: "removing its records",
+            run: |state, c| Box::pin(remove_records(state, c)),
+            undo: nothing_to_undo,
+        },
+    ],
+};
+
+async fn remove_vmm(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    state.vmm.delete(&c.rec.id).await.map_err(upstream)
+}
+
+async fn remove_ports(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    for nic in &c.rec.nics {
+        state.netd.delete_port(&nic.port).await.map_err(upstream)?;
+    }
+    Ok(())
+}
+
+async fn remove_root_disk(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    if let Some(root) = &c.rec.root_disk {
+        match state.blockd.delete_volume(&root.volume).await {
+            Err(e) if !e.is_not_found() => return Err(upstream(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn remove_seed(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    if c.rec.seed {
+        state.images.delete_seed(&c.rec.id).await.map_err(upstream)?;
+    }
+    Ok(())
+}
+
+/// Volumes outlive the VM: only the attachments go.
+async fn release_volumes(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    for v in &c.rec.volumes {
+        crate::volumes::work::release(state, &c.rec.project, v).await;
+    }
+    Ok(())
+}
+
+async fn release_image(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    state.images.release(&c.rec.id).await.map_err(upstream)
+}
+
+async fn remove_records(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+    state.store.delete(&vm_key(&c.rec.id)).await?;
+    // The name only when it is still this VM's (a delete resumed late must not free a
+    // name a new VM took meanwhile).
+    let key = name_key(&c.rec.project, &c.rec.name);
+    if let Some((holder, _)) = store::get_json::<String>(state.store.as_ref(), &key).await? {
+        if holder == c.rec.id {
+            state.store.delete(&key).await?;
+        }
+    }
+    Ok(())
+}
