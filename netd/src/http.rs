@@ -5,6 +5,7 @@
 //! - `GET /ports`, `GET|PUT|DELETE /ports/{id}` (body: `PortSpec`)
 //! - `PUT /ports` (body: `{id: PortSpec, ...}`): many ports at once, all or nothing; the
 //!   answer is `{id: Port, ...}`
+//! - `GET /host`: this host's network facts (the resolvers guests are given)
 
 use std::sync::Arc;
 
@@ -27,8 +28,43 @@ pub fn router(svc: Arc<NetworkService>) -> Router {
         )
         .route("/ports", get(list_ports).put(ensure_ports))
         .route("/ports/{id}", get(show_port).put(ensure_port).delete(delete_port))
+        .route("/host", get(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("netd"))
+}
+
+/// What `GET /host` reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostNetwork {
+    /// The host's DNS resolvers from `/etc/resolv.conf`, loopback ones left out (they
+    /// mean nothing inside a VM), at most three.
+    pub resolvers: Vec<std::net::IpAddr>,
+    /// netd's version.
+    pub version: String,
+}
+
+impl HostNetwork {
+    pub fn read() -> Self {
+        Self {
+            resolvers: resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// The `nameserver` lines of a resolv.conf that a VM can use.
+pub fn resolvers(resolv_conf: &str) -> Vec<std::net::IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(3)
+        .collect()
+}
+
+async fn host() -> Json<HostNetwork> {
+    Json(HostNetwork::read())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -134,6 +170,10 @@ pub mod client {
                 .await
                 .map(|_| ())
         }
+        /// The host's network facts (its resolvers).
+        pub async fn host(&self) -> Result<super::HostNetwork, ClientError> {
+            self.http.get("/host").await
+        }
         pub async fn ports(&self) -> Result<Vec<Port>, ClientError> {
             self.http.get("/ports").await
         }
@@ -153,5 +193,22 @@ pub mod client {
                 .await
                 .map(|_| ())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolvers_a_vm_can_use_are_taken_from_resolv_conf() {
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.1\nsearch lan\n  nameserver 2001:db8::1\nnameserver bogus\nnameserver 192.0.2.2\nnameserver 192.0.2.3\n";
+        let got: Vec<String> = resolvers(conf).iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            got,
+            ["192.0.2.1", "2001:db8::1", "192.0.2.2"],
+            "loopback and bad lines skipped, three at most"
+        );
+        assert!(resolvers("").is_empty());
     }
 }

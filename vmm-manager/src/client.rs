@@ -104,6 +104,11 @@ impl VmmClient {
         }
     }
 
+    /// The host's CPUs, memory, hypervisors and vmm-manager's version.
+    pub async fn host(&self) -> Result<crate::spec::HostFacts, ClientError> {
+        self.http.get("/host").await
+    }
+
     pub async fn hypervisors(&self) -> Result<Vec<crate::service::HypervisorAvailability>, ClientError> {
         self.http.get("/hypervisors").await
     }

@@ -16,6 +16,7 @@
 //!   or device grew; a running guest is told its new capacity
 //! - `GET /events`: server-sent events of VM state changes
 //! - `GET /hypervisors`: which hypervisors can run VMs on this host
+//! - `GET /host`: this host's CPUs, memory (total and available), hypervisors, version
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -53,8 +54,13 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/vms/{id}/vnc", get(vnc))
         .route("/events", get(events))
         .route("/hypervisors", get(hypervisors))
+        .route("/host", get(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("vmm-manager"))
+}
+
+async fn host(State(svc): Svc) -> Json<crate::spec::HostFacts> {
+    Json(svc.host())
 }
 
 async fn hypervisors(State(svc): Svc) -> Json<Vec<crate::service::HypervisorAvailability>> {

@@ -203,6 +203,17 @@ impl VmService {
         }
     }
 
+    /// This host's CPUs, memory and hypervisors (`GET /host`).
+    pub fn host(&self) -> crate::spec::HostFacts {
+        crate::spec::HostFacts {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_mib: crate::spec::host_memory_mib(),
+            available_memory_mib: crate::spec::host_available_memory_mib(),
+            hypervisors: self.hypervisors(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
     /// Which hypervisors can run VMs on this host.
     pub fn hypervisors(&self) -> Vec<HypervisorAvailability> {
         [HypervisorKind::CloudHypervisor, HypervisorKind::Qemu]

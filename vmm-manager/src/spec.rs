@@ -231,16 +231,40 @@ fn require_file(what: &'static str, path: &Path) -> Result<(), SpecError> {
 
 /// The host's total memory in MiB, from /proc/meminfo.
 pub fn host_memory_mib() -> u64 {
+    meminfo_mib("MemTotal:")
+}
+
+/// Memory the host can still give (`MemAvailable`), in MiB.
+pub fn host_available_memory_mib() -> u64 {
+    meminfo_mib("MemAvailable:")
+}
+
+fn meminfo_mib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map(|kb| kb / 1024)
         .unwrap_or(0)
+}
+
+/// What `GET /host` reports: the facts about this host a caller on another machine
+/// cannot read itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// Online CPUs.
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// `MemAvailable` when asked.
+    pub available_memory_mib: u64,
+    /// Which hypervisors can run VMs here.
+    pub hypervisors: Vec<crate::service::HypervisorAvailability>,
+    /// vmm-manager's version.
+    pub version: String,
 }
 
 /// Lifecycle states a VM can be in.

@@ -23,12 +23,15 @@ use crate::vms::records::{name_key, vm_key};
 
 /// Chooses the hypervisor: the request's, else the configured default, falling back to
 /// QEMU where Cloud Hypervisor is not installed.
-pub(crate) async fn choose_hypervisor(state: &AppState, requested: Option<&str>) -> Result<HypervisorKind, ApiError> {
+pub(crate) fn choose_hypervisor(
+    state: &AppState,
+    hypervisors: &[vmm_manager::service::HypervisorAvailability],
+    requested: Option<&str>,
+) -> Result<HypervisorKind, ApiError> {
     let requested = match requested {
         Some(h) => Some(h.parse::<HypervisorKind>().map_err(ApiError::unprocessable)?),
         None => None,
     };
-    let hypervisors = state.vmm.hypervisors().await.map_err(upstream)?;
     let available = |k: HypervisorKind| {
         hypervisors
             .iter()
@@ -176,7 +179,9 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
             req.vcpus
         )));
     }
-    let host_mib = vmm_manager::spec::host_memory_mib();
+    // The host's facts from its vmm-manager, not from the machine the api runs on.
+    let host = state.vmm.host().await.map_err(upstream)?;
+    let host_mib = host.memory_mib;
     if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
         return Err(ApiError::unprocessable(format!(
             "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
@@ -190,7 +195,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
             ));
         }
     }
-    let hypervisor = choose_hypervisor(state, req.hypervisor.as_deref()).await?;
+    let hypervisor = choose_hypervisor(state, &host.hypervisors, req.hypervisor.as_deref())?;
     if req.vnc && hypervisor != HypervisorKind::Qemu {
         return Err(ApiError::unprocessable(
             "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",

@@ -115,21 +115,8 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError
     })
 }
 
-/// The host's resolvers (not loopback ones, which mean nothing inside a VM).
-fn host_resolvers() -> Vec<std::net::IpAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
-        .filter(|a| !a.is_loopback())
-        .take(3)
-        .collect()
-}
-
 /// What imaged writes into the VM's cloud-init seed.
-fn seed_request(rec: &VmRecord) -> imaged::cloudinit::SeedRequest {
-    let dns = host_resolvers();
+fn seed_request(rec: &VmRecord, dns: Vec<std::net::IpAddr>) -> imaged::cloudinit::SeedRequest {
     imaged::cloudinit::SeedRequest {
         instance_id: rec.id.clone(),
         hostname: rec.name.clone(),
@@ -191,7 +178,13 @@ pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option
     if !rec.seed {
         return Ok(None);
     }
-    let seed = state.images.seed(&rec.id, &seed_request(rec)).await.map_err(upstream)?;
+    // The resolvers of the host the VM runs on, as its netd sees them.
+    let dns = state.netd.host().await.map_err(upstream)?.resolvers;
+    let seed = state
+        .images
+        .seed(&rec.id, &seed_request(rec, dns))
+        .await
+        .map_err(upstream)?;
     Ok(Some(DiskSpec {
         id: "seed".into(),
         source: DiskSource::File {
