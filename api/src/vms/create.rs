@@ -8,16 +8,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
-use vmm_manager::spec::{DiskSpec, HypervisorKind, QemuMachine, VmAction, VmState, MAX_VCPUS, MIN_MEMORY_MIB};
+use vmm_manager::spec::{DiskSpec, HypervisorKind, VmAction, VmState, MIN_MEMORY_MIB};
 
 use crate::daemons::upstream;
-use crate::model::{
-    host_name, validate_name, AttachVolume, CreateVm, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord,
-};
+use crate::model::{host_name, AttachVolume, CreateVm, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord};
 use crate::networks::DEFAULT_NETWORK;
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
 use crate::store;
+use crate::vms::command::CreateVmCommand;
 use crate::vms::define::{define_with, kernel_for, root_disk, seed_disk};
 use crate::vms::records::{name_key, vm_key};
 
@@ -26,12 +25,8 @@ use crate::vms::records::{name_key, vm_key};
 pub(crate) fn choose_hypervisor(
     state: &AppState,
     hypervisors: &[vmm_manager::service::HypervisorAvailability],
-    requested: Option<&str>,
+    requested: Option<HypervisorKind>,
 ) -> Result<HypervisorKind, ApiError> {
-    let requested = match requested {
-        Some(h) => Some(h.parse::<HypervisorKind>().map_err(ApiError::unprocessable)?),
-        None => None,
-    };
     let available = |k: HypervisorKind| {
         hypervisors
             .iter()
@@ -170,32 +165,18 @@ pub struct VmCreate {
 /// ports, volume claims, the image lease: what can refuse the request with a 409 or
 /// 422) before answering, and the rest (disks, definition, start) in a task.
 pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Result<(Operation, Vm), ApiError> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let name = req.name.clone().unwrap_or_else(|| format!("vm-{}", &id[..8]));
-    validate_name("VM", &name)?;
-    if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-        return Err(ApiError::unprocessable(format!(
-            "vcpus must be between 1 and {MAX_VCPUS}, got {}",
-            req.vcpus
-        )));
-    }
+    let req = CreateVmCommand::try_from(req)?;
+    let (id, name) = (req.id.clone(), req.name.clone());
     // The host's facts from its vmm-manager, not from the machine the api runs on.
     let host = state.vmm.host().await.map_err(upstream)?;
     let host_mib = host.memory_mib;
-    if req.memory_mib < MIN_MEMORY_MIB || req.memory_mib > host_mib {
+    if req.memory_mib > host_mib {
         return Err(ApiError::unprocessable(format!(
             "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
             req.memory_mib
         )));
     }
-    if let Some(extra) = &req.cmdline_append {
-        if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
-            return Err(ApiError::unprocessable(
-                "cmdline_append must be at most 1024 printable characters",
-            ));
-        }
-    }
-    let hypervisor = choose_hypervisor(state, &host.hypervisors, req.hypervisor.as_deref())?;
+    let hypervisor = choose_hypervisor(state, &host.hypervisors, req.hypervisor)?;
     if req.vnc && hypervisor != HypervisorKind::Qemu {
         return Err(ApiError::unprocessable(
             "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
@@ -207,11 +188,6 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         ));
     }
     let machine = req.machine.unwrap_or_default();
-    if req.vnc && machine == QemuMachine::Microvm {
-        return Err(ApiError::unprocessable(
-            "vnc needs machine q35: microvm has no display device",
-        ));
-    }
     let image = find_image(state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
     let disk_size = match (&req.disk_size, &image.disk) {
@@ -222,30 +198,19 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
                 req.image
             )))
         }
-        (Some(s), Some(d)) => {
-            let bytes = crate::volumes::records::parse_size(s)?;
-            if bytes < d.virtual_size {
+        (Some((s, bytes)), Some(d)) => {
+            if *bytes < d.virtual_size {
                 return Err(ApiError::unprocessable(format!(
                     "disk_size {s} is smaller than image {:?} ({} bytes)",
                     req.image, d.virtual_size
                 )));
             }
-            Some(bytes)
+            Some(*bytes)
         }
     };
     // Images with a root disk are cloud images: they get a cloud-init seed, as does any
-    // VM given keys or user-data. Bad keys or user-data are refused now.
+    // VM given keys or user-data (checked by the command).
     let seed = image.disk.is_some() || req.user_data.is_some() || !req.ssh_keys.is_empty();
-    if seed {
-        let preview = imaged::cloudinit::SeedRequest {
-            instance_id: id.clone(),
-            hostname: name.clone(),
-            ssh_keys: req.ssh_keys.clone(),
-            user_data: req.user_data.clone(),
-            nics: vec![],
-        };
-        imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
-    }
 
     let nic_requests = match req.nics.clone() {
         Some(n) => n,
@@ -286,7 +251,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         rec,
         image,
         nic_requests,
-        volume_requests: req.volumes.into_iter().map(|v| v.into_attach()).collect(),
+        volume_requests: req.volumes,
         boot: vec![],
         start: req.start,
     };

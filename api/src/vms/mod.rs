@@ -5,11 +5,13 @@
 //! vmm-manager through its idempotent endpoints.
 //!
 //! - [`http`]: the routes (parse, call, map errors)
+//! - [`command`]: a create request checked without the daemons
 //! - [`create`], [`delete`]: the sagas that make and remove a VM
 //! - [`define`]: a VM's definition from its record; removing what a VM owns
 //! - [`records`]: VM records in the store
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
 
+pub mod command;
 pub mod create;
 pub mod define;
 pub mod delete;

@@ -1,0 +1,203 @@
+//! `POST /v1/vms` as a typed command: every check of the request that needs no daemon
+//! lives here and is unit-tested without a running stack. What needs the host (memory
+//! against its size, which hypervisors work, the image and its kernel) follows in
+//! [`crate::vms::create::begin`].
+
+use socket_http::ApiError;
+use vmm_manager::spec::{HypervisorKind, QemuMachine, MAX_VCPUS, MIN_MEMORY_MIB};
+
+use crate::model::{validate_name, AttachVolume, CreateVm, NicRequest};
+use crate::volumes::records::parse_size;
+
+/// A VM create request that passed every check the request alone allows.
+#[derive(Debug, Clone)]
+pub struct CreateVmCommand {
+    /// The new VM's id.
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The hypervisor asked for (`None`: the configured default, or QEMU).
+    pub hypervisor: Option<HypervisorKind>,
+    pub cmdline_append: Option<String>,
+    pub vnc: bool,
+    pub machine: Option<QemuMachine>,
+    pub nics: Option<Vec<NicRequest>>,
+    pub start: bool,
+    pub volumes: Vec<AttachVolume>,
+    /// The root disk's size as written and in bytes.
+    pub disk_size: Option<(String, u64)>,
+    pub ssh_keys: Vec<String>,
+    pub user_data: Option<String>,
+}
+
+impl TryFrom<CreateVm> for CreateVmCommand {
+    type Error = ApiError;
+
+    fn try_from(req: CreateVm) -> Result<Self, ApiError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let name = req.name.unwrap_or_else(|| format!("vm-{}", &id[..8]));
+        validate_name("VM", &name)?;
+        if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
+            return Err(ApiError::unprocessable(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+                req.vcpus
+            )));
+        }
+        if req.memory_mib < MIN_MEMORY_MIB {
+            return Err(ApiError::unprocessable(format!(
+                "memory_mib must be at least {MIN_MEMORY_MIB}, got {}",
+                req.memory_mib
+            )));
+        }
+        if let Some(extra) = &req.cmdline_append {
+            if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
+                return Err(ApiError::unprocessable(
+                    "cmdline_append must be at most 1024 printable characters",
+                ));
+            }
+        }
+        let hypervisor = req
+            .hypervisor
+            .as_deref()
+            .map(str::parse::<HypervisorKind>)
+            .transpose()
+            .map_err(ApiError::unprocessable)?;
+        if hypervisor == Some(HypervisorKind::CloudHypervisor) {
+            if req.vnc {
+                return Err(ApiError::unprocessable(
+                    "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
+                ));
+            }
+            if req.machine.is_some() {
+                return Err(ApiError::unprocessable(
+                    "machine is a QEMU option; Cloud Hypervisor has one machine type",
+                ));
+            }
+        }
+        if req.vnc && req.machine == Some(QemuMachine::Microvm) {
+            return Err(ApiError::unprocessable(
+                "vnc needs machine q35: microvm has no display device",
+            ));
+        }
+        let disk_size = req
+            .disk_size
+            .map(|s| parse_size(&s).map(|bytes| (s, bytes)))
+            .transpose()?;
+        // Bad keys or user-data are refused now, not when the seed is written.
+        if !req.ssh_keys.is_empty() || req.user_data.is_some() {
+            let preview = imaged::cloudinit::SeedRequest {
+                instance_id: id.clone(),
+                hostname: name.clone(),
+                ssh_keys: req.ssh_keys.clone(),
+                user_data: req.user_data.clone(),
+                nics: vec![],
+            };
+            imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
+        }
+        Ok(CreateVmCommand {
+            id,
+            name,
+            image: req.image,
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            hypervisor,
+            cmdline_append: req.cmdline_append,
+            vnc: req.vnc,
+            machine: req.machine,
+            nics: req.nics,
+            start: req.start,
+            volumes: req.volumes.into_iter().map(|v| v.into_attach()).collect(),
+            disk_size,
+            ssh_keys: req.ssh_keys,
+            user_data: req.user_data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(body: &str) -> Result<CreateVmCommand, (u16, String)> {
+        let req: CreateVm = serde_json::from_str(body).map_err(|e| (400, e.to_string()))?;
+        CreateVmCommand::try_from(req).map_err(|e| (e.status.as_u16(), e.message().to_string()))
+    }
+
+    #[test]
+    fn requests_are_checked_without_a_stack() {
+        // (body, expected status, a piece of the message)
+        let refused: &[(&str, u16, &str)] = &[
+            (r#"{"image": "tiny", "name": "Bad_Name"}"#, 422, "VM name"),
+            (r#"{"image": "tiny", "vcpus": 0}"#, 422, "vcpus must be between 1"),
+            (r#"{"image": "tiny", "vcpus": 100000}"#, 422, "vcpus must be between 1"),
+            (
+                r#"{"image": "tiny", "memory_mib": 1}"#,
+                422,
+                "memory_mib must be at least",
+            ),
+            (r#"{"image": "tiny", "hypervisor": "xen"}"#, 422, "xen"),
+            (
+                r#"{"image": "tiny", "hypervisor": "cloud-hypervisor", "vnc": true}"#,
+                422,
+                "vnc needs the qemu hypervisor",
+            ),
+            (
+                r#"{"image": "tiny", "hypervisor": "cloud-hypervisor", "machine": "microvm"}"#,
+                422,
+                "machine is a QEMU option",
+            ),
+            (
+                r#"{"image": "tiny", "vnc": true, "machine": "microvm"}"#,
+                422,
+                "vnc needs machine q35",
+            ),
+            (r#"{"image": "tiny", "cmdline_append": "a\nb"}"#, 422, "cmdline_append"),
+            (
+                r#"{"image": "tiny", "disk_size": "ten gigs"}"#,
+                422,
+                "size \"ten gigs\"",
+            ),
+            (r#"{"image": "tiny", "ssh_keys": ["not a key"]}"#, 422, "key"),
+            (
+                r##"{"image": "tiny", "user_data": "#cloud-config\n: ["}"##,
+                422,
+                "user_data",
+            ),
+            // Malformed or of the wrong shape: refused by the parser before any check.
+            (r#"{"image": "tiny", "vcpus": "two"}"#, 400, "invalid type"),
+            (r#"{"image": "tiny", "colour": "blue"}"#, 400, "unknown field"),
+            (r#"{"vcpus": 1}"#, 400, "missing field `image`"),
+            (r#"{"image": "tiny""#, 400, "EOF"),
+        ];
+        for (body, status, needle) in refused {
+            match command(body) {
+                Ok(c) => panic!("{body} was accepted: {c:?}"),
+                Err((got, message)) => {
+                    assert_eq!(got, *status, "{body}: {message}");
+                    assert!(message.contains(needle), "{body}: {message:?} lacks {needle:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accepted_requests_carry_what_they_asked_for() {
+        let c = command(
+            r#"{"image": "debian", "name": "web", "vcpus": 2, "memory_mib": 512, "hypervisor": "qemu",
+                "vnc": true, "disk_size": "10G", "volumes": ["data", {"volume": "x", "via": "vhost-user"}],
+                "start": false}"#,
+        )
+        .expect("accepted");
+        assert_eq!((c.name.as_str(), c.vcpus, c.memory_mib), ("web", 2, 512));
+        assert_eq!(c.hypervisor, Some(HypervisorKind::Qemu));
+        assert_eq!(c.disk_size, Some(("10G".to_string(), 10 << 30)));
+        assert_eq!(c.volumes.len(), 2);
+        assert!(!c.start && c.vnc);
+        let defaults = command(r#"{"image": "tiny"}"#).expect("accepted");
+        assert!(defaults.name.starts_with("vm-") && defaults.start, "{defaults:?}");
+        assert_eq!(defaults.hypervisor, None, "the server's choice");
+        assert_ne!(defaults.id, command(r#"{"image": "tiny"}"#).expect("accepted").id);
+    }
+}
