@@ -327,6 +327,42 @@ pub struct SagaProgress {
     pub failed_step: Option<String>,
 }
 
+/// A saga as the store keeps it (`sagas/<operation id>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SagaRecord {
+    pub id: String,
+    pub kind: String,
+    /// The api process running it (see [`AppState::instance`]).
+    pub owner: String,
+    pub steps: Vec<String>,
+    /// Steps finished (while unwinding: steps still to undo).
+    pub done: usize,
+    pub state: SagaState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What it is doing now ("cloning the root disk"): its operation's progress.
+    #[serde(default)]
+    pub doing: String,
+    pub context: serde_json::Value,
+}
+
+impl SagaRecord {
+    pub fn progress(&self) -> SagaProgress {
+        SagaProgress {
+            steps: self.steps.clone(),
+            done: self.done,
+            state: self.state,
+            failed_step: self.failed_step.clone(),
+        }
+    }
+}
+
+pub fn saga_key(id: &str) -> String {
+    format!("sagas/{id}")
+}
+
 /// How far an operation that moves data is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgressDetail {

@@ -30,10 +30,11 @@ use std::sync::OnceLock;
 
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use socket_http::ApiError;
 
-use crate::model::{SagaProgress, SagaState};
+use crate::model::Operation;
+use crate::model::{saga_key as key, SagaRecord, SagaState};
 use crate::state::AppState;
 use crate::store;
 
@@ -58,39 +59,6 @@ pub struct SagaDef<C: 'static> {
     /// saga (a delete), always resumed, and a step that fails leaves it recorded for the
     /// reconciler to resume rather than undoing anything.
     pub pivot: usize,
-}
-
-/// A saga as the store keeps it (`sagas/<operation id>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SagaRecord {
-    pub id: String,
-    pub kind: String,
-    /// The api process running it (see [`AppState::instance`]).
-    pub owner: String,
-    pub steps: Vec<String>,
-    /// Steps finished (while unwinding: steps still to undo).
-    pub done: usize,
-    pub state: SagaState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_step: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub context: serde_json::Value,
-}
-
-impl SagaRecord {
-    pub fn progress(&self) -> SagaProgress {
-        SagaProgress {
-            steps: self.steps.clone(),
-            done: self.done,
-            state: self.state,
-            failed_step: self.failed_step.clone(),
-        }
-    }
-}
-
-pub fn key(id: &str) -> String {
-    format!("sagas/{id}")
 }
 
 /// A fault a test asked for after one step.
@@ -146,6 +114,7 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
             state: SagaState::Running,
             failed_step: None,
             error: None,
+            doing: def.steps.first().map_or("", |s| s.doing).to_string(),
             context: serde_json::to_value(&context).map_err(|e| ApiError::internal(e.to_string()))?,
         };
         let saga = Self {
@@ -175,22 +144,45 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
         &self.record.id
     }
 
-    /// From now on its progress shows in operation `id` (the saga's own id).
-    pub async fn show_in_operation(&mut self, state: &AppState) {
+    /// Records its operation (under the saga's own id), showing its steps; from then on
+    /// the operation reads its progress from the saga's record (see
+    /// [`crate::operations::record::Operations::get`]) and gets its end from
+    /// [`finish`](Self::finish).
+    pub async fn start_operation(
+        &mut self,
+        state: &AppState,
+        project: &str,
+        target_kind: &str,
+        target_id: &str,
+    ) -> Result<Operation, ApiError> {
+        let op = state
+            .ops
+            .start_saga(
+                &self.record.id,
+                project,
+                self.def.kind,
+                target_kind,
+                target_id,
+                self.record.progress(),
+            )
+            .await?;
         self.operation = Some(self.record.id.clone());
-        self.show(state, "accepted").await;
+        Ok(op)
     }
 
-    async fn show(&self, state: &AppState, message: &str) {
-        if let Some(op) = &self.operation {
-            state.ops.progress_saga(op, message, self.record.progress()).await;
-        }
+    /// What it is doing now; written with the next record.
+    fn show(&mut self, doing: &str) {
+        self.record.doing = doing.to_string();
     }
 
     async fn save(&self, state: &AppState) -> Result<(), ApiError> {
         let mut record = self.record.clone();
         record.context = serde_json::to_value(&self.context).map_err(|e| ApiError::internal(e.to_string()))?;
-        state.store.put(&key(&record.id), store::encode(&record)).await?;
+        // Written after every step: the relaxed kind (see StateStore::put_relaxed).
+        state
+            .store
+            .put_relaxed(&key(&record.id), store::encode(&record))
+            .await?;
         Ok(())
     }
 
@@ -203,10 +195,11 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
             if stop == Some(step.name) {
                 return Ok(());
             }
-            self.show(state, step.doing).await;
             let mut result = (step.run)(state, &mut self.context).await;
             if result.is_ok() {
                 self.record.done += 1;
+                let next = self.def.steps.get(self.record.done);
+                self.show(next.map_or("finishing", |s| s.doing));
                 if let Err(e) = self.save(state).await {
                     // Not recorded: undone with the rest, as if it had failed.
                     self.record.done -= 1;
@@ -234,8 +227,8 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
                     // Forward-only (a delete): nothing to undo; the record stays, owned
                     // by no process, for the reconciler's next pass to take up again.
                     self.record.owner.clear();
+                    self.show(&format!("{} failed", step.name));
                     let _ = self.save(state).await;
-                    self.show(state, &format!("{} failed", step.name)).await;
                 } else {
                     self.unwind(state).await;
                 }
@@ -262,9 +255,17 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
     /// Runs the remaining steps and marks the saga succeeded (its record is removed; the
     /// operation keeps what it showed).
     pub async fn finish(mut self, state: &AppState) -> Result<C, ApiError> {
-        self.run_until(state, None).await?;
+        if let Err(e) = self.run_until(state, None).await {
+            if let Some(op) = &self.operation {
+                state.ops.end_saga(op, Some(&e), self.record.progress()).await;
+            }
+            return Err(e);
+        }
         self.record.state = SagaState::Succeeded;
-        self.show(state, "done").await;
+        self.show("done");
+        if let Some(op) = &self.operation {
+            state.ops.end_saga(op, None, self.record.progress()).await;
+        }
         if let Err(e) = state.store.delete(&key(&self.record.id)).await {
             tracing::warn!(saga = %self.record.id, "cannot remove the finished saga's record: {e}");
         }
@@ -285,7 +286,7 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
         let mut failed = Vec::new();
         while left > 0 {
             let step = &self.def.steps[left - 1];
-            self.show(state, &format!("undoing {}", step.name)).await;
+            self.show(&format!("undoing {}", step.name));
             if let Err(e) = (step.undo)(state, &self.context).await {
                 tracing::error!(saga = %self.record.id, step = step.name, "cannot undo: {}", e.body.message);
                 failed.push(format!("undoing {} failed: {}", step.name, e.body.message));
@@ -306,11 +307,10 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
             // Left to the reconciler's next pass (no process runs it any more).
             self.record.owner.clear();
             let _ = self.save(state).await;
-            self.show(state, "some steps could not be undone yet").await;
             return;
         }
         self.record.state = SagaState::Undone;
-        self.show(state, "undone").await;
+        self.show("undone");
         let _ = state.store.delete(&key(&self.record.id)).await;
     }
 }

@@ -1,4 +1,5 @@
-//! The embedded store: one redb file in the data directory, durable on every commit.
+//! The embedded store: one redb file in the data directory, durable on every commit but
+//! `put_relaxed`'s (committed without waiting for the disk).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +80,7 @@ impl EmbeddedStore {
     /// and, when it changed something, the watch event.
     async fn write<T: Send + 'static>(
         &self,
+        durability: redb::Durability,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>, u64) -> Result<(T, Option<WatchEvent>), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (db, changed, events) = (self.db.clone(), self.changed.clone(), self.events.clone());
@@ -86,7 +88,8 @@ impl EmbeddedStore {
         // that goes away mid-write (a client hanging up) cannot leave a committed change
         // unannounced.
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(unavailable)?;
+            let mut tx = db.begin_write().map_err(unavailable)?;
+            tx.set_durability(durability);
             let (out, event) = {
                 let mut meta = tx.open_table(META).map_err(unavailable)?;
                 let next = meta
@@ -162,7 +165,14 @@ impl StateStore for EmbeddedStore {
 
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = key.to_string();
-        Box::pin(self.write(move |kv, rev| stored(kv, key, rev, value)))
+        Box::pin(self.write(redb::Durability::Immediate, move |kv, rev| stored(kv, key, rev, value)))
+    }
+
+    /// Committed without waiting for the disk: a crash of this process loses nothing
+    /// (the kernel has the pages), a crash of the host may lose the last such writes.
+    fn put_relaxed<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let key = key.to_string();
+        Box::pin(self.write(redb::Durability::Eventual, move |kv, rev| stored(kv, key, rev, value)))
     }
 
     fn compare_and_swap<'a>(
@@ -172,7 +182,7 @@ impl StateStore for EmbeddedStore {
         value: Vec<u8>,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         let key = key.to_string();
-        Box::pin(self.write(move |kv, rev| {
+        Box::pin(self.write(redb::Durability::Immediate, move |kv, rev| {
             let found = match kv.get(key.as_str()).map_err(unavailable)? {
                 Some(raw) => Some(decode(&key, raw.value())?.revision),
                 None => None,
@@ -186,7 +196,7 @@ impl StateStore for EmbeddedStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         let key = key.to_string();
-        Box::pin(self.write(move |kv, rev| {
+        Box::pin(self.write(redb::Durability::Immediate, move |kv, rev| {
             let existed = kv.remove(key.as_str()).map_err(unavailable)?.is_some();
             let event = existed.then_some(WatchEvent {
                 key,

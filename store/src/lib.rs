@@ -97,6 +97,14 @@ pub trait StateStore: Send + Sync {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>>;
     /// Writes unconditionally; returns the new revision.
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// [`put`](Self::put) for progress records written often (a saga's after each
+    /// step): it must survive a crash of the process, but may be lost when the whole
+    /// host goes down (then the processes whose progress it records are gone too). The
+    /// embedded store commits it without waiting for the disk; etcd has only one kind of
+    /// write.
+    fn put_relaxed<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.put(key, value)
+    }
     /// Writes only when the key's revision is `expected` (`None`: the key must not exist).
     fn compare_and_swap<'a>(
         &'a self,

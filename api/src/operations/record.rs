@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use socket_http::{ApiError, ErrorBody};
 use tokio::sync::watch;
 
-use crate::model::{Operation, OperationStatus};
+use crate::model::{saga_key, Operation, OperationStatus, SagaProgress, SagaRecord};
 use crate::store::{self, StateStore};
 
 /// Creates, updates and waits for operations.
@@ -77,18 +77,69 @@ impl Operations {
         target_kind: &str,
         target_id: &str,
     ) -> Result<Operation, ApiError> {
-        self.start_as(&uuid::Uuid::new_v4().to_string(), project, kind, target_kind, target_id)
-            .await
+        self.start_with(
+            &uuid::Uuid::new_v4().to_string(),
+            project,
+            kind,
+            target_kind,
+            target_id,
+            None,
+        )
+        .await
     }
 
-    /// Records a new running operation under `id` (a saga's: one id for both).
-    pub async fn start_as(
+    /// Records the operation a saga carries out (one id for both). While it runs, its
+    /// progress is read from the saga's record ([`get`](Self::get)), so the saga's steps
+    /// cost no write of the operation; [`end_saga`](Self::end_saga) records its end.
+    pub async fn start_saga(
         &self,
         id: &str,
         project: &str,
         kind: &str,
         target_kind: &str,
         target_id: &str,
+        saga: SagaProgress,
+    ) -> Result<Operation, ApiError> {
+        self.start_with(id, project, kind, target_kind, target_id, Some(saga))
+            .await
+    }
+
+    /// The end of a saga's operation: succeeded, or failed with `error` (an operation
+    /// that ended already is left alone).
+    pub async fn end_saga(&self, id: &str, error: Option<&ApiError>, saga: SagaProgress) {
+        if let Some(e) = error {
+            tracing::warn!(operation = id, "operation failed: {}", e.body.message);
+        }
+        // An operation that already ended stays as it ended (a delete that failed and
+        // that the reconciler finished later).
+        if self.get(id).await.is_ok_and(|op| op.status != OperationStatus::Running) {
+            return;
+        }
+        self.update(id, |op| {
+            op.saga = Some(saga);
+            match error {
+                None => {
+                    op.status = OperationStatus::Succeeded;
+                    op.progress = "done".into();
+                }
+                Some(e) => {
+                    op.status = OperationStatus::Failed;
+                    op.progress = "failed".into();
+                    op.error = Some(e.body.clone());
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn start_with(
+        &self,
+        id: &str,
+        project: &str,
+        kind: &str,
+        target_kind: &str,
+        target_id: &str,
+        saga: Option<SagaProgress>,
     ) -> Result<Operation, ApiError> {
         let now = vmm_manager::spec::now_ms();
         let op = Operation {
@@ -101,7 +152,7 @@ impl Operations {
             progress: "accepted".into(),
             progress_detail: None,
             error: None,
-            saga: None,
+            saga,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -147,15 +198,6 @@ impl Operations {
         self.update(id, |op| op.progress = step.to_string()).await;
     }
 
-    /// Progress of a saga: the step it is at and how far it got.
-    pub async fn progress_saga(&self, id: &str, step: &str, saga: crate::model::SagaProgress) {
-        self.update(id, |op| {
-            op.progress = step.to_string();
-            op.saga = Some(saga);
-        })
-        .await;
-    }
-
     /// Progress with byte counts (imports).
     pub async fn progress_detail(&self, id: &str, step: &str, detail: crate::model::ProgressDetail) {
         self.update(id, |op| {
@@ -185,10 +227,22 @@ impl Operations {
     }
 
     pub async fn get(&self, id: &str) -> Result<Operation, ApiError> {
-        store::get_json::<Operation>(self.store.as_ref(), &key(id))
+        let op = store::get_json::<Operation>(self.store.as_ref(), &key(id))
             .await?
             .map(|(op, _)| op)
-            .ok_or_else(|| ApiError::not_found(format!("operation {id} does not exist")))
+            .ok_or_else(|| ApiError::not_found(format!("operation {id} does not exist")))?;
+        self.with_saga_progress(op).await
+    }
+
+    /// A running saga's operation shows what its record says now.
+    async fn with_saga_progress(&self, mut op: Operation) -> Result<Operation, ApiError> {
+        if op.status == OperationStatus::Running && op.saga.is_some() {
+            if let Some((saga, _)) = store::get_json::<SagaRecord>(self.store.as_ref(), &saga_key(&op.id)).await? {
+                op.progress = saga.doing.clone();
+                op.saga = Some(saga.progress());
+            }
+        }
+        Ok(op)
     }
 
     /// Returns the operation once it has finished, or after `wait`, whichever is first.
@@ -220,6 +274,9 @@ impl Operations {
             .into_iter()
             .map(|(o, _)| o)
             .collect();
+        for op in ops.iter_mut().filter(|o| o.status == OperationStatus::Running) {
+            *op = self.with_saga_progress(op.clone()).await?;
+        }
         ops.sort_by_key(|o| std::cmp::Reverse(o.created_at_ms));
         Ok(ops)
     }

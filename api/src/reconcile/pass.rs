@@ -429,6 +429,15 @@ pub async fn settle_interrupted(state: &AppState, report: Option<&Report>) {
         );
     }
     for op in interrupted {
+        // A saga the pass resumed ended its operation itself.
+        if state
+            .ops
+            .get(&op.id)
+            .await
+            .is_ok_and(|o| o.status != crate::model::OperationStatus::Running)
+        {
+            continue;
+        }
         let finished = report.is_some_and(|r| r.deletes_finished.contains(&op.target_id));
         let saga_finished = report.is_some_and(|r| r.sagas_finished.contains(&op.id));
         let saga_undone = report.is_some_and(|r| r.sagas_undone.contains(&op.id));

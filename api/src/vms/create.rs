@@ -257,7 +257,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
     };
     let mut saga = Saga::begin(state, &VM_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
     saga.run_until(state, Some(ROOT_DISK)).await?;
-    let op = match state.ops.start_as(saga.id(), project, "vm.create", "vm", &id).await {
+    let op = match saga.start_operation(state, project, "vm", &id).await {
         Ok(op) => op,
         Err(e) => {
             // Not accepted: undone now, as a failed step would be.
@@ -265,15 +265,11 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
             return Err(e);
         }
     };
-    saga.show_in_operation(state).await;
     let vm = Vm::from_record(&saga.context.rec, None, true);
     let task_state = state.clone();
+    // The saga records its operation's end itself.
     tokio::spawn(async move {
-        let op_id = saga.id().to_string();
-        match saga.finish(&task_state).await {
-            Ok(_) => task_state.ops.succeed(&op_id).await,
-            Err(e) => task_state.ops.fail(&op_id, &e).await,
-        }
+        let _ = saga.finish(&task_state).await;
     });
     Ok((op, vm))
 }

@@ -32,17 +32,12 @@ pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result
     let id = uuid::Uuid::new_v4().to_string();
     let vm = Vm::from_record(&rec, None, true);
     let mut saga = Saga::begin(state, &VM_DELETE, &id, VmDelete { rec }).await?;
-    let op = state
-        .ops
-        .start_as(&id, &saga.context.rec.project, "vm.delete", "vm", &saga.context.rec.id)
-        .await?;
-    saga.show_in_operation(state).await;
+    let (project, vm_id) = (saga.context.rec.project.clone(), saga.context.rec.id.clone());
+    let op = saga.start_operation(state, &project, "vm", &vm_id).await?;
     let task_state = state.clone();
+    // The saga records its operation's end itself.
     tokio::spawn(async move {
-        match saga.finish(&task_state).await {
-            Ok(_) => task_state.ops.succeed(&id).await,
-            Err(e) => task_state.ops.fail(&id, &e).await,
-        }
+        let _ = saga.finish(&task_state).await;
     });
     Ok((op, vm))
 }

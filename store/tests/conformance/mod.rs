@@ -82,6 +82,28 @@ pub async fn conformance(store: &dyn StateStore) {
         "an overwrite changes it"
     );
 
+    // A relaxed put is a put: seen at once, with a larger revision, by a watcher too.
+    let mut watch = store.watch();
+    let r4 = store
+        .put_relaxed("a/3", b"progress".to_vec())
+        .await
+        .expect("put_relaxed");
+    let got = store.get("a/3").await.expect("get").expect("present");
+    assert_eq!(
+        got,
+        Versioned {
+            value: b"progress".to_vec(),
+            revision: r4
+        }
+    );
+    let ev = loop {
+        let ev = watch.recv().await.expect("watch event");
+        if ev.key == "a/3" {
+            break ev;
+        }
+    };
+    assert_eq!((ev.value.as_deref(), ev.revision), (Some(&b"progress"[..]), r4));
+
     // Concurrent create-only CAS: exactly one wins.
     let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
