@@ -7,6 +7,8 @@
 #   qemu-storage-daemon (scripts/bench_nbd.sh, scripts/bench_vhost_user.sh).
 #   Images: a root disk from a 10 GiB image by clone (ext4: qcow2 overlay; XFS loop
 #   mount: reflink) vs a full copy; qcow2 import vs qemu-img convert (image_bench).
+#   VM create path (BASELINE=<commit> only): this tree's api against that commit's,
+#   POST /v1/vms until its operation succeeded, interleaved (bench_create_ab.py).
 #   REST API: GET /v1/vms with 1,000 VMs under wrk, embedded store and etcd, and the
 #   restart to serving them again (scripts/bench_api.py, which also runs on its own).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
@@ -52,6 +54,22 @@ echo "==> VM boot: REST path vs QEMU by hand (${ROUNDS:-5} interleaved rounds, p
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && exec python3 scripts/bench_vm_boot.py "$0" "$1"' \
 	"$api_bin" "$HEARTH_IMAGE_CACHE" >"$out"
 cat "$out"
+if [ -n "${BASELINE:-}" ]; then
+	# The VM create path against another commit (e.g. BASELINE=HEAD~1), built in a
+	# worktree with a target directory of its own: path dependencies of two checkouts
+	# would otherwise overwrite each other's artifacts in a shared one.
+	echo "==> VM create path: this tree against $BASELINE (interleaved, private network namespace)"
+	base_wt=$(mktemp -d /var/tmp/hearth-baseline.XXXXXX)
+	git worktree add -q --detach "$base_wt" "$BASELINE"
+	CARGO_TARGET_DIR="${CARGO_TARGET_DIR}-baseline" cargo build --release --locked -p api --bin hearth-api \
+		--manifest-path "$base_wt/Cargo.toml"
+	cp "${CARGO_TARGET_DIR}-baseline/release/hearth-api" "$base_wt/hearth-api-baseline"
+	for start in 0 1; do
+		unshare --net bash -c 'ip link set lo up && START="$3" exec python3 scripts/bench_create_ab.py "$0" "$1" "$2"' \
+			"$base_wt/hearth-api-baseline" "$api_bin" "$HEARTH_IMAGE_CACHE" "$start"
+	done
+	git worktree remove --force "$base_wt"
+fi
 echo "==> REST API: GET /v1/vms with ${VMS:-1000} VMs under wrk, embedded store and etcd; restart time"
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && HEARTH_BENCH_NETNS=1 exec python3 scripts/bench_api.py "$0" "$1"' \
 	"$api_bin" "$HEARTH_IMAGE_CACHE" >"$api_out"
