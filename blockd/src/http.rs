@@ -29,21 +29,30 @@ use crate::volume::{Snapshot, Volume};
 use crate::Blockd;
 
 type Svc = State<Arc<Blockd>>;
+/// Every route of blockd's API, named once for the router and the client.
+pub mod routes {
+    pub const POOL: &str = "/pool";
+    pub const VOLUMES: &str = "/volumes";
+    pub const VOLUME: &str = "/volumes/{name}";
+    pub const VOLUME_RESIZE: &str = "/volumes/{name}/resize";
+    pub const SNAPSHOT: &str = "/volumes/{name}/snapshots/{snapshot}";
+    pub const EXPORTS: &str = "/exports";
+    pub const EXPORT: &str = "/volumes/{name}/exports/{kind}";
+    pub const REMOTE_DISK: &str = "/remote-disks/{name}";
+    pub const REMOTE_DISK_RESIZE: &str = "/remote-disks/{name}/resize";
+}
 
 pub fn router(svc: Arc<Blockd>) -> Router {
     Router::new()
-        .route("/pool", get(pool))
-        .route("/volumes", get(list))
-        .route("/volumes/{name}", get(show).put(ensure).delete(delete))
-        .route("/volumes/{name}/resize", post(resize))
-        .route(
-            "/volumes/{name}/snapshots/{snapshot}",
-            put(snapshot).delete(delete_snapshot),
-        )
-        .route("/exports", get(exports))
-        .route("/volumes/{name}/exports/{kind}", put(export).delete(unexport))
-        .route("/remote-disks/{name}", put(remote_disk).delete(delete_remote_disk))
-        .route("/remote-disks/{name}/resize", post(resize_remote_disk))
+        .route(routes::POOL, get(pool))
+        .route(routes::VOLUMES, get(list))
+        .route(routes::VOLUME, get(show).put(ensure).delete(delete))
+        .route(routes::VOLUME_RESIZE, post(resize))
+        .route(routes::SNAPSHOT, put(snapshot).delete(delete_snapshot))
+        .route(routes::EXPORTS, get(exports))
+        .route(routes::EXPORT, put(export).delete(unexport))
+        .route(routes::REMOTE_DISK, put(remote_disk).delete(delete_remote_disk))
+        .route(routes::REMOTE_DISK_RESIZE, post(resize_remote_disk))
         .with_state(svc)
         .merge(socket_http::server::health_router("blockd"))
 }
@@ -173,7 +182,10 @@ async fn delete_remote_disk(State(svc): Svc, Path(name): Path<String>) -> Result
 /// The client for blockd's API, used by the api.
 pub mod client {
     use http::Method;
+    use socket_http::route::fill;
     use socket_http::{ClientError, UnixClient};
+
+    use super::routes;
 
     use crate::exports::{Export, ExportSpec, RemoteDiskSpec};
     use crate::service::{PoolStatus, VolumeSpec};
@@ -201,67 +213,62 @@ pub mod client {
             self
         }
         pub async fn pool(&self) -> Result<PoolStatus, ClientError> {
-            self.http.get("/pool").await
+            self.http.get(routes::POOL).await
         }
         pub async fn volumes(&self) -> Result<Vec<Volume>, ClientError> {
-            self.http.get("/volumes").await
+            self.http.get(routes::VOLUMES).await
         }
         pub async fn volume(&self, name: &str) -> Result<Volume, ClientError> {
-            self.http.get(&format!("/volumes/{name}")).await
+            self.http.get(&fill(routes::VOLUME, &[name])).await
         }
         pub async fn ensure_volume(&self, name: &str, spec: &VolumeSpec) -> Result<Volume, ClientError> {
             self.http
-                .call(Method::PUT, &format!("/volumes/{name}"), Some(spec))
+                .call(Method::PUT, &fill(routes::VOLUME, &[name]), Some(spec))
                 .await
         }
         pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}")).await
+            no_body(&self.http, Method::DELETE, &fill(routes::VOLUME, &[name])).await
         }
         pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume, ClientError> {
             let body = serde_json::json!({ "size_bytes": size_bytes });
             self.http
-                .call(Method::POST, &format!("/volumes/{name}/resize"), Some(&body))
+                .call(Method::POST, &fill(routes::VOLUME_RESIZE, &[name]), Some(&body))
                 .await
         }
         pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Snapshot, ClientError> {
             self.http
-                .call::<(), Snapshot>(Method::PUT, &format!("/volumes/{name}/snapshots/{snapshot}"), None)
+                .call::<(), Snapshot>(Method::PUT, &fill(routes::SNAPSHOT, &[name, snapshot]), None)
                 .await
         }
         pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), ClientError> {
-            no_body(
-                &self.http,
-                Method::DELETE,
-                &format!("/volumes/{name}/snapshots/{snapshot}"),
-            )
-            .await
+            no_body(&self.http, Method::DELETE, &fill(routes::SNAPSHOT, &[name, snapshot])).await
         }
         pub async fn exports(&self) -> Result<Vec<Export>, ClientError> {
-            self.http.get("/exports").await
+            self.http.get(routes::EXPORTS).await
         }
         /// `kind` is `nbd` or `vhost-user`.
         pub async fn export(&self, name: &str, kind: &str, spec: &ExportSpec) -> Result<Export, ClientError> {
             self.http
-                .call(Method::PUT, &format!("/volumes/{name}/exports/{kind}"), Some(spec))
+                .call(Method::PUT, &fill(routes::EXPORT, &[name, kind]), Some(spec))
                 .await
         }
         pub async fn unexport(&self, name: &str, kind: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &format!("/volumes/{name}/exports/{kind}")).await
+            no_body(&self.http, Method::DELETE, &fill(routes::EXPORT, &[name, kind])).await
         }
         pub async fn remote_disk(&self, name: &str, spec: &RemoteDiskSpec) -> Result<Export, ClientError> {
             self.http
-                .call(Method::PUT, &format!("/remote-disks/{name}"), Some(spec))
+                .call(Method::PUT, &fill(routes::REMOTE_DISK, &[name]), Some(spec))
                 .await
         }
         /// Grows the volume behind a remote disk through its NBD server.
         pub async fn resize_remote_disk(&self, name: &str, size_bytes: u64) -> Result<Export, ClientError> {
             let body = serde_json::json!({ "size_bytes": size_bytes });
             self.http
-                .call(Method::POST, &format!("/remote-disks/{name}/resize"), Some(&body))
+                .call(Method::POST, &fill(routes::REMOTE_DISK_RESIZE, &[name]), Some(&body))
                 .await
         }
         pub async fn delete_remote_disk(&self, name: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &format!("/remote-disks/{name}")).await
+            no_body(&self.http, Method::DELETE, &fill(routes::REMOTE_DISK, &[name])).await
         }
     }
 }

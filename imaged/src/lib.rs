@@ -268,17 +268,29 @@ pub struct Seed {
     pub files: cloudinit::SeedFiles,
 }
 
+/// Every route of imaged's API, named once for the router and the client.
+pub mod routes {
+    pub const IMAGES: &str = "/images";
+    pub const IMAGE: &str = "/images/{image}";
+    pub const IMAGE_LEASE: &str = "/images/{image}/leases/{holder}";
+    pub const LEASES: &str = "/leases/{holder}";
+    pub const IMPORTS: &str = "/imports";
+    pub const IMPORT: &str = "/imports/{id}";
+    pub const GC: &str = "/gc";
+    pub const SEED: &str = "/seeds/{id}";
+}
+
 /// The HTTP routes imaged serves on its Unix socket.
 pub fn router(imaged: Arc<Imaged>) -> Router {
     Router::new()
-        .route("/images", get(list_images))
-        .route("/images/{image}", get(get_image).delete(delete_image))
-        .route("/images/{image}/leases/{holder}", put(lease))
-        .route("/leases/{holder}", axum::routing::delete(release))
-        .route("/imports", post(start_import).get(list_imports))
-        .route("/imports/{id}", get(import_status))
-        .route("/gc", post(gc))
-        .route("/seeds/{id}", put(put_seed).delete(delete_seed))
+        .route(routes::IMAGES, get(list_images))
+        .route(routes::IMAGE, get(get_image).delete(delete_image))
+        .route(routes::IMAGE_LEASE, put(lease))
+        .route(routes::LEASES, axum::routing::delete(release))
+        .route(routes::IMPORTS, post(start_import).get(list_imports))
+        .route(routes::IMPORT, get(import_status))
+        .route(routes::GC, post(gc))
+        .route(routes::SEED, put(put_seed).delete(delete_seed))
         .with_state(imaged)
         .merge(socket_http::server::health_router("imaged"))
 }
@@ -417,7 +429,10 @@ pub mod client {
     use super::{cloudinit::SeedRequest, GcReport, ImageInfo, Seed};
     use crate::import::{ImportRequest, ImportStatus};
     use http::Method;
+    use socket_http::route::fill;
     use socket_http::{ClientError, UnixClient};
+
+    use super::routes;
 
     #[derive(Debug, Clone)]
     pub struct ImagedClient {
@@ -442,17 +457,17 @@ pub mod client {
             self.http
                 .clone()
                 .with_timeout(Duration::from_secs(600))
-                .get(&format!("/images/{name}"))
+                .get(&fill(routes::IMAGE, &[name]))
                 .await
         }
 
         pub async fn list(&self) -> Result<Vec<ImageInfo>, ClientError> {
-            self.http.get("/images").await
+            self.http.get(routes::IMAGES).await
         }
 
         pub async fn delete(&self, name: &str) -> Result<GcReport, ClientError> {
             self.http
-                .call::<(), _>(Method::DELETE, &format!("/images/{name}"), None)
+                .call::<(), _>(Method::DELETE, &fill(routes::IMAGE, &[name]), None)
                 .await
         }
 
@@ -460,35 +475,35 @@ pub mod client {
             self.http
                 .clone()
                 .with_timeout(Duration::from_secs(600))
-                .call::<(), _>(Method::PUT, &format!("/images/{name}/leases/{holder}"), None)
+                .call::<(), _>(Method::PUT, &fill(routes::IMAGE_LEASE, &[name, holder]), None)
                 .await
         }
 
         pub async fn release(&self, holder: &str) -> Result<(), ClientError> {
             self.http
-                .call::<(), ()>(Method::DELETE, &format!("/leases/{holder}"), None)
+                .call::<(), ()>(Method::DELETE, &fill(routes::LEASES, &[holder]), None)
                 .await
         }
 
         pub async fn import(&self, req: &ImportRequest) -> Result<ImportStatus, ClientError> {
-            self.http.call(Method::POST, "/imports", Some(req)).await
+            self.http.call(Method::POST, routes::IMPORTS, Some(req)).await
         }
 
         pub async fn import_status(&self, id: &str, wait_secs: f64) -> Result<ImportStatus, ClientError> {
             self.http
                 .clone()
                 .with_timeout(Duration::from_secs_f64(wait_secs + 30.0))
-                .get(&format!("/imports/{id}?wait={wait_secs}"))
+                .get(&format!("{}?wait={wait_secs}", fill(routes::IMPORT, &[id])))
                 .await
         }
 
         pub async fn seed(&self, id: &str, req: &SeedRequest) -> Result<Seed, ClientError> {
-            self.http.call(Method::PUT, &format!("/seeds/{id}"), Some(req)).await
+            self.http.call(Method::PUT, &fill(routes::SEED, &[id]), Some(req)).await
         }
 
         pub async fn delete_seed(&self, id: &str) -> Result<(), ClientError> {
             self.http
-                .call::<(), ()>(Method::DELETE, &format!("/seeds/{id}"), None)
+                .call::<(), ()>(Method::DELETE, &fill(routes::SEED, &[id]), None)
                 .await
         }
     }

@@ -19,16 +19,25 @@ use crate::network::{NetworkService, NetworkSpec, NetworkStatus, Port, PortSpec}
 
 type Svc = State<Arc<NetworkService>>;
 
+/// Every route of netd's API, named once for the router and the client.
+pub mod routes {
+    pub const NETWORKS: &str = "/networks";
+    pub const NETWORK: &str = "/networks/{name}";
+    pub const PORTS: &str = "/ports";
+    pub const PORT: &str = "/ports/{id}";
+    pub const HOST: &str = "/host";
+}
+
 pub fn router(svc: Arc<NetworkService>) -> Router {
     Router::new()
-        .route("/networks", get(list_networks))
+        .route(routes::NETWORKS, get(list_networks))
         .route(
-            "/networks/{name}",
+            routes::NETWORK,
             get(show_network).put(ensure_network).delete(delete_network),
         )
-        .route("/ports", get(list_ports).put(ensure_ports))
-        .route("/ports/{id}", get(show_port).put(ensure_port).delete(delete_port))
-        .route("/host", get(host))
+        .route(routes::PORTS, get(list_ports).put(ensure_ports))
+        .route(routes::PORT, get(show_port).put(ensure_port).delete(delete_port))
+        .route(routes::HOST, get(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("netd"))
 }
@@ -132,7 +141,10 @@ async fn delete_port(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCo
 /// The client for netd's API, used by the api.
 pub mod client {
     use http::Method;
+    use socket_http::route::fill;
     use socket_http::{ClientError, UnixClient};
+
+    use super::routes;
 
     use crate::network::{NetworkSpec, NetworkStatus, Port, PortSpec};
 
@@ -154,42 +166,44 @@ pub mod client {
             self
         }
         pub async fn networks(&self) -> Result<Vec<NetworkStatus>, ClientError> {
-            self.http.get("/networks").await
+            self.http.get(routes::NETWORKS).await
         }
         pub async fn network(&self, name: &str) -> Result<NetworkStatus, ClientError> {
-            self.http.get(&format!("/networks/{name}")).await
+            self.http.get(&fill(routes::NETWORK, &[name])).await
         }
         pub async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkStatus, ClientError> {
             self.http
-                .call(Method::PUT, &format!("/networks/{}", spec.name), Some(spec))
+                .call(Method::PUT, &fill(routes::NETWORK, &[&spec.name]), Some(spec))
                 .await
         }
         pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
             self.http
-                .call::<(), serde_json::Value>(Method::DELETE, &format!("/networks/{name}"), None)
+                .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::NETWORK, &[name]), None)
                 .await
                 .map(|_| ())
         }
         /// The host's network facts (its resolvers).
         pub async fn host(&self) -> Result<super::HostNetwork, ClientError> {
-            self.http.get("/host").await
+            self.http.get(routes::HOST).await
         }
         pub async fn ports(&self) -> Result<Vec<Port>, ClientError> {
-            self.http.get("/ports").await
+            self.http.get(routes::PORTS).await
         }
         pub async fn ensure_port(&self, id: &str, spec: &PortSpec) -> Result<Port, ClientError> {
-            self.http.call(Method::PUT, &format!("/ports/{id}"), Some(spec)).await
+            self.http
+                .call(Method::PUT, &fill(routes::PORT, &[id]), Some(spec))
+                .await
         }
         /// Many ports at once, all or nothing.
         pub async fn ensure_ports(
             &self,
             specs: &std::collections::BTreeMap<String, PortSpec>,
         ) -> Result<std::collections::BTreeMap<String, Port>, ClientError> {
-            self.http.call(Method::PUT, "/ports", Some(specs)).await
+            self.http.call(Method::PUT, routes::PORTS, Some(specs)).await
         }
         pub async fn delete_port(&self, id: &str) -> Result<(), ClientError> {
             self.http
-                .call::<(), serde_json::Value>(Method::DELETE, &format!("/ports/{id}"), None)
+                .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::PORT, &[id]), None)
                 .await
                 .map(|_| ())
         }

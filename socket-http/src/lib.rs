@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod route;
 pub mod server;
 
 pub use client::{ClientError, Streaming, UnixClient};

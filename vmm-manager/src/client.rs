@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use http::Method;
+use socket_http::route::fill;
 use socket_http::{ClientError, UnixClient};
 use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::http::routes;
 use crate::spec::{VmAction, VmEvent, VmInfo, VmSpec};
 
 /// Typed calls to vmm-manager.
@@ -29,7 +31,7 @@ impl VmmClient {
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
-        self.http.get("/vms").await
+        self.http.get(routes::VMS).await
     }
 
     /// Follows vmm-manager's state changes (`GET /events`). Subscribed once this
@@ -37,25 +39,25 @@ impl VmmClient {
     /// ends (vmm-manager stopped, or this reader fell behind and must list again).
     pub async fn events(&self) -> Result<VmEvents, ClientError> {
         Ok(VmEvents {
-            body: self.http.stream("/events").await?,
+            body: self.http.stream(routes::EVENTS).await?,
             buf: Vec::new(),
             idle: None,
         })
     }
 
     pub async fn get(&self, id: &str) -> Result<VmInfo, ClientError> {
-        self.http.get(&format!("/vms/{id}")).await
+        self.http.get(&fill(routes::VM, &[id])).await
     }
 
     pub async fn ensure(&self, spec: &VmSpec) -> Result<VmInfo, ClientError> {
         self.http
-            .call(Method::PUT, &format!("/vms/{}", spec.id), Some(spec))
+            .call(Method::PUT, &fill(routes::VM, &[&spec.id]), Some(spec))
             .await
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
         self.http
-            .call::<(), serde_json::Value>(Method::DELETE, &format!("/vms/{id}"), None)
+            .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::VM, &[id]), None)
             .await
             .map(|_| ())
     }
@@ -64,13 +66,13 @@ impl VmmClient {
     /// Attaches a disk (hot-plugged if the VM runs).
     pub async fn attach_disk(&self, id: &str, disk: &crate::spec::DiskSpec) -> Result<VmInfo, ClientError> {
         self.http
-            .call(Method::PUT, &format!("/vms/{id}/disks/{}", disk.id), Some(disk))
+            .call(Method::PUT, &fill(routes::VM_DISK, &[id, &disk.id]), Some(disk))
             .await
     }
 
     pub async fn detach_disk(&self, id: &str, disk_id: &str) -> Result<VmInfo, ClientError> {
         self.http
-            .call::<(), VmInfo>(Method::DELETE, &format!("/vms/{id}/disks/{disk_id}"), None)
+            .call::<(), VmInfo>(Method::DELETE, &fill(routes::VM_DISK, &[id, disk_id]), None)
             .await
     }
 
@@ -78,13 +80,13 @@ impl VmmClient {
     pub async fn resize_disk(&self, id: &str, disk_id: &str, size_bytes: u64) -> Result<VmInfo, ClientError> {
         let body = crate::http::ResizeDisk { size_bytes };
         self.http
-            .call(Method::POST, &format!("/vms/{id}/disks/{disk_id}/resize"), Some(&body))
+            .call(Method::POST, &fill(routes::VM_DISK_RESIZE, &[id, disk_id]), Some(&body))
             .await
     }
 
     pub async fn action(&self, id: &str, action: VmAction, force: bool) -> Result<VmInfo, ClientError> {
         let q = if force { "?force=true" } else { "" };
-        let path = format!("/vms/{id}/{action}{q}");
+        let path = format!("{}{q}", fill(routes::VM_ACTION, &[id, action.as_str()]));
         if action.is_idempotent() {
             self.http.call_repeatable::<(), VmInfo>(Method::POST, &path, None).await
         } else {
@@ -95,7 +97,11 @@ impl VmmClient {
     pub async fn console_log(&self, id: &str, max_bytes: usize) -> Result<bytes::Bytes, ClientError> {
         let resp = self
             .http
-            .raw(Method::GET, &format!("/vms/{id}/console/log?bytes={max_bytes}"), None)
+            .raw(
+                Method::GET,
+                &format!("{}?bytes={max_bytes}", fill(routes::CONSOLE_LOG, &[id])),
+                None,
+            )
             .await?;
         if resp.status.is_success() {
             Ok(resp.body)
@@ -106,11 +112,11 @@ impl VmmClient {
 
     /// The host's CPUs, memory, hypervisors and vmm-manager's version.
     pub async fn host(&self) -> Result<crate::spec::HostFacts, ClientError> {
-        self.http.get("/host").await
+        self.http.get(routes::HOST).await
     }
 
     pub async fn hypervisors(&self) -> Result<Vec<crate::service::HypervisorAvailability>, ClientError> {
-        self.http.get("/hypervisors").await
+        self.http.get(routes::HYPERVISORS).await
     }
 
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
@@ -125,13 +131,16 @@ impl VmmClient {
         write: bool,
         takeover: bool,
     ) -> Result<WebSocketStream<UnixStream>, ClientError> {
-        self.websocket(&format!("/vms/{id}/console?write={write}&takeover={takeover}"))
-            .await
+        self.websocket(&format!(
+            "{}?write={write}&takeover={takeover}",
+            fill(routes::CONSOLE, &[id])
+        ))
+        .await
     }
 
     /// Opens the VNC (RFB over WebSocket) stream of a QEMU VM with a display.
     pub async fn vnc(&self, id: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {
-        self.websocket(&format!("/vms/{id}/vnc")).await
+        self.websocket(&fill(routes::VNC, &[id])).await
     }
 
     async fn websocket(&self, path: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {

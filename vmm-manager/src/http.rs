@@ -39,22 +39,35 @@ use crate::spec::{VmAction, VmInfo, VmSpec};
 
 type Svc = State<Arc<VmService>>;
 
+/// Every route of vmm-manager's API, named once for the router and the client.
+pub mod routes {
+    pub const VMS: &str = "/vms";
+    pub const VM: &str = "/vms/{id}";
+    /// `{action}` is a [`crate::spec::VmAction`].
+    pub const VM_ACTION: &str = "/vms/{id}/{action}";
+    pub const VM_DISK: &str = "/vms/{id}/disks/{disk}";
+    pub const VM_DISK_RESIZE: &str = "/vms/{id}/disks/{disk}/resize";
+    pub const CONSOLE_LOG: &str = "/vms/{id}/console/log";
+    pub const CONSOLE: &str = "/vms/{id}/console";
+    pub const VNC: &str = "/vms/{id}/vnc";
+    pub const EVENTS: &str = "/events";
+    pub const HYPERVISORS: &str = "/hypervisors";
+    pub const HOST: &str = "/host";
+}
+
 pub fn router(svc: Arc<VmService>) -> Router {
     Router::new()
-        .route("/vms", get(list))
-        .route("/vms/{id}", get(show).put(ensure).delete(remove))
-        .route("/vms/{id}/{action}", post(action))
-        .route(
-            "/vms/{id}/disks/{disk}",
-            axum::routing::put(attach_disk).delete(detach_disk),
-        )
-        .route("/vms/{id}/disks/{disk}/resize", post(resize_disk))
-        .route("/vms/{id}/console/log", get(console_log))
-        .route("/vms/{id}/console", get(console))
-        .route("/vms/{id}/vnc", get(vnc))
-        .route("/events", get(events))
-        .route("/hypervisors", get(hypervisors))
-        .route("/host", get(host))
+        .route(routes::VMS, get(list))
+        .route(routes::VM, get(show).put(ensure).delete(remove))
+        .route(routes::VM_ACTION, post(action))
+        .route(routes::VM_DISK, axum::routing::put(attach_disk).delete(detach_disk))
+        .route(routes::VM_DISK_RESIZE, post(resize_disk))
+        .route(routes::CONSOLE_LOG, get(console_log))
+        .route(routes::CONSOLE, get(console))
+        .route(routes::VNC, get(vnc))
+        .route(routes::EVENTS, get(events))
+        .route(routes::HYPERVISORS, get(hypervisors))
+        .route(routes::HOST, get(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("vmm-manager"))
 }
