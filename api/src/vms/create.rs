@@ -18,6 +18,7 @@ use crate::state::AppState;
 use crate::store;
 use crate::vms::command::CreateVmCommand;
 use crate::vms::define::{define_with, kernel_for, root_disk, seed_disk};
+use crate::vms::parts;
 use crate::vms::records::{name_key, vm_key};
 
 /// Chooses the hypervisor: the request's, else the configured default, falling back to
@@ -305,13 +306,13 @@ pub static VM_CREATE: SagaDef<VmCreate> = SagaDef {
             name: "volumes",
             doing: "claiming its volumes",
             run: |state, c| Box::pin(claim_volumes(state, c)),
-            undo: |state, c| Box::pin(release_volumes(state, c)),
+            undo: |state, c| Box::pin(parts::release_volumes(state, &c.rec)),
         },
         Step {
             name: "image-lease",
             doing: "leasing the image",
             run: |state, c| Box::pin(lease_image(state, c)),
-            undo: |state, c| Box::pin(release_image(state, c)),
+            undo: |state, c| Box::pin(parts::release_image(state, &c.rec)),
         },
         Step {
             name: "recorded",
@@ -323,19 +324,19 @@ pub static VM_CREATE: SagaDef<VmCreate> = SagaDef {
             name: ROOT_DISK,
             doing: "cloning the root disk from the image",
             run: |state, c| Box::pin(make_root_disk(state, c)),
-            undo: |state, c| Box::pin(remove_root_disk(state, c)),
+            undo: |state, c| Box::pin(parts::remove_root_disk(state, &c.rec)),
         },
         Step {
             name: "seed",
             doing: "writing the cloud-init seed",
             run: |state, c| Box::pin(make_seed(state, c)),
-            undo: |state, c| Box::pin(remove_seed(state, c)),
+            undo: |state, c| Box::pin(parts::remove_seed(state, &c.rec)),
         },
         Step {
             name: "define",
             doing: "defining the VM",
             run: |state, c| Box::pin(define_vm(state, c)),
-            undo: |state, c| Box::pin(undefine_vm(state, c)),
+            undo: |state, c| Box::pin(parts::remove_vmm(state, &c.rec)),
         },
         Step {
             name: "ready",
@@ -412,22 +413,8 @@ async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), ApiErro
     Ok(())
 }
 
-/// The claims it recorded (one a crash cut short before recording it is swept at the
-/// next start, as a claim of a VM that does not exist).
-async fn release_volumes(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
-    for a in &c.rec.volumes {
-        crate::volumes::work::release(state, &c.rec.project, a).await;
-    }
-    Ok(())
-}
-
 async fn lease_image(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
     state.images.lease(&c.image.digest, &c.rec.id).await.map_err(upstream)?;
-    Ok(())
-}
-
-async fn release_image(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
-    state.images.release(&c.rec.id).await.map_err(upstream)?;
     Ok(())
 }
 
@@ -436,35 +423,13 @@ async fn make_root_disk(state: &AppState, c: &mut VmCreate) -> Result<(), ApiErr
     Ok(())
 }
 
-async fn remove_root_disk(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
-    if let Some(root) = &c.rec.root_disk {
-        match state.blockd.delete_volume(&root.volume).await {
-            Err(e) if !e.is_not_found() => return Err(upstream(e)),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 async fn make_seed(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
     c.boot.extend(seed_disk(state, &c.rec).await?);
     Ok(())
 }
 
-async fn remove_seed(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
-    if c.rec.seed {
-        state.images.delete_seed(&c.rec.id).await.map_err(upstream)?;
-    }
-    Ok(())
-}
-
 async fn define_vm(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
     define_with(state, &c.rec, &c.image, c.boot.clone()).await
-}
-
-async fn undefine_vm(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
-    state.vmm.delete(&c.rec.id).await.map_err(upstream)?;
-    Ok(())
 }
 
 async fn mark_ready(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {

@@ -199,37 +199,21 @@ pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option
 /// root disk and seed, its volume attachments, its image lease. Each step is
 /// idempotent; errors are logged and the rest still runs.
 async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+    use crate::vms::parts;
+    let results = [
+        ("VMM", parts::remove_vmm(state, rec).await),
+        ("ports", parts::remove_ports(state, rec).await),
+        ("root disk", parts::remove_root_disk(state, rec).await),
+        ("cloud-init seed", parts::remove_seed(state, rec).await),
+        ("volume attachments", parts::release_volumes(state, rec).await),
+        ("image lease", parts::release_image(state, rec).await),
+    ];
     let mut first_error = None;
-    let mut note = |what: &str, e: ApiError| {
-        tracing::error!(vm = %rec.id, "cannot remove the {what}: {}", e.body.message);
-        first_error.get_or_insert(e);
-    };
-    if let Err(e) = state.vmm.delete(&rec.id).await {
-        note("VMM", upstream(e));
-    }
-    for nic in &rec.nics {
-        if let Err(e) = state.netd.delete_port(&nic.port).await {
-            note("port", upstream(e));
+    for (what, result) in results {
+        if let Err(e) = result {
+            tracing::error!(vm = %rec.id, "cannot remove the {what}: {}", e.body.message);
+            first_error.get_or_insert(e);
         }
-    }
-    if let Some(root) = &rec.root_disk {
-        match state.blockd.delete_volume(&root.volume).await {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => note("root disk", upstream(e)),
-        }
-    }
-    if rec.seed {
-        if let Err(e) = state.images.delete_seed(&rec.id).await {
-            note("cloud-init seed", upstream(e));
-        }
-    }
-    // Volumes outlive the VM: only the attachment goes.
-    for v in &rec.volumes {
-        crate::volumes::work::release(state, &rec.project, v).await;
-    }
-    if let Err(e) = state.images.release(&rec.id).await {
-        note("image lease", upstream(e));
     }
     first_error.map_or(Ok(()), Err)
 }

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 
-use crate::daemons::upstream;
 use crate::model::{Operation, Phase, Vm, VmRecord};
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
 use crate::store;
+use crate::vms::parts;
 use crate::vms::records::{name_key, vm_key};
 
 /// What a VM delete's saga carries: the record as it was when the delete began.
@@ -55,37 +55,37 @@ pub static VM_DELETE: SagaDef<VmDelete> = SagaDef {
         Step {
             name: "vmm",
             doing: "stopping and removing the VMM",
-            run: |state, c| Box::pin(remove_vmm(state, c)),
+            run: |state, c| Box::pin(parts::remove_vmm(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
             name: "ports",
             doing: "removing its ports",
-            run: |state, c| Box::pin(remove_ports(state, c)),
+            run: |state, c| Box::pin(parts::remove_ports(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
             name: "root-disk",
             doing: "removing its root disk",
-            run: |state, c| Box::pin(remove_root_disk(state, c)),
+            run: |state, c| Box::pin(parts::remove_root_disk(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
             name: "seed",
             doing: "removing its cloud-init seed",
-            run: |state, c| Box::pin(remove_seed(state, c)),
+            run: |state, c| Box::pin(parts::remove_seed(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
             name: "volumes",
             doing: "detaching its volumes",
-            run: |state, c| Box::pin(release_volumes(state, c)),
+            run: |state, c| Box::pin(parts::release_volumes(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
             name: "image-lease",
             doing: "releasing the image",
-            run: |state, c| Box::pin(release_image(state, c)),
+            run: |state, c| Box::pin(parts::release_image(state, &c.rec)),
             undo: nothing_to_undo,
         },
         Step {
@@ -96,46 +96,6 @@ pub static VM_DELETE: SagaDef<VmDelete> = SagaDef {
         },
     ],
 };
-
-async fn remove_vmm(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    state.vmm.delete(&c.rec.id).await.map_err(upstream)
-}
-
-async fn remove_ports(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    for nic in &c.rec.nics {
-        state.netd.delete_port(&nic.port).await.map_err(upstream)?;
-    }
-    Ok(())
-}
-
-async fn remove_root_disk(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    if let Some(root) = &c.rec.root_disk {
-        match state.blockd.delete_volume(&root.volume).await {
-            Err(e) if !e.is_not_found() => return Err(upstream(e)),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-async fn remove_seed(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    if c.rec.seed {
-        state.images.delete_seed(&c.rec.id).await.map_err(upstream)?;
-    }
-    Ok(())
-}
-
-/// Volumes outlive the VM: only the attachments go.
-async fn release_volumes(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    for v in &c.rec.volumes {
-        crate::volumes::work::release(state, &c.rec.project, v).await;
-    }
-    Ok(())
-}
-
-async fn release_image(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
-    state.images.release(&c.rec.id).await.map_err(upstream)
-}
 
 async fn remove_records(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
     state.store.delete(&vm_key(&c.rec.id)).await?;

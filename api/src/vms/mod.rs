@@ -7,7 +7,7 @@
 //! - [`http`]: the routes (parse, call, map errors)
 //! - [`command`]: a create request checked without the daemons
 //! - [`create`], [`delete`]: the sagas that make and remove a VM
-//! - [`define`]: a VM's definition from its record; removing what a VM owns
+//! - [`define`]: a VM's definition from its record; [`parts`]: removing what a VM owns
 //! - [`records`]: VM records in the store
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
 
@@ -18,4 +18,5 @@ pub mod delete;
 pub mod http;
 pub mod list;
 pub mod live;
+pub mod parts;
 pub mod records;
