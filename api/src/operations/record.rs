@@ -112,7 +112,9 @@ impl Operations {
         }
         // An operation that already ended stays as it ended (a delete that failed and
         // that the reconciler finished later).
-        if self.get(id).await.is_ok_and(|op| op.status != OperationStatus::Running) {
+        // (Read as stored: the saga's progress need not be merged in for this.)
+        let stored = store::get_json::<Operation>(self.store.as_ref(), &key(id)).await;
+        if stored.is_ok_and(|op| op.is_some_and(|(op, _)| op.status != OperationStatus::Running)) {
             return;
         }
         self.update(id, |op| {
