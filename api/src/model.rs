@@ -25,7 +25,7 @@ pub struct CreateVm {
     pub vnc: bool,
     /// QEMU only: the machine type, `q35` (default) or `microvm`.
     #[serde(default)]
-    pub machine: Option<vmm_manager::spec::QemuMachine>,
+    pub machine: Option<QemuMachine>,
     /// Network interfaces; when absent, one NIC on the `default` network (if it exists).
     #[serde(default)]
     pub nics: Option<Vec<NicRequest>>,
@@ -46,6 +46,63 @@ pub struct CreateVm {
     /// hostname, network and keys) or a script.
     #[serde(default)]
     pub user_data: Option<String>,
+}
+
+/// Which VMM runs a VM (the api's own: vmm-manager's enum stays behind the edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorKind {
+    CloudHypervisor,
+    Qemu,
+}
+
+impl From<HypervisorKind> for vmm_manager::HypervisorKind {
+    fn from(h: HypervisorKind) -> Self {
+        match h {
+            HypervisorKind::CloudHypervisor => Self::CloudHypervisor,
+            HypervisorKind::Qemu => Self::Qemu,
+        }
+    }
+}
+
+impl From<vmm_manager::HypervisorKind> for HypervisorKind {
+    fn from(h: vmm_manager::HypervisorKind) -> Self {
+        match h {
+            vmm_manager::HypervisorKind::CloudHypervisor => Self::CloudHypervisor,
+            vmm_manager::HypervisorKind::Qemu => Self::Qemu,
+        }
+    }
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse::<vmm_manager::HypervisorKind>().map(Into::into)
+    }
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(vmm_manager::HypervisorKind::from(*self).as_str())
+    }
+}
+
+/// QEMU machine types a VM can have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuMachine {
+    #[default]
+    Q35,
+    Microvm,
+}
+
+impl From<QemuMachine> for vmm_manager::spec::QemuMachine {
+    fn from(m: QemuMachine) -> Self {
+        match m {
+            QemuMachine::Q35 => Self::Q35,
+            QemuMachine::Microvm => Self::Microvm,
+        }
+    }
 }
 
 /// A volume named in `POST /v1/vms`.
@@ -161,13 +218,13 @@ pub struct VmRecord {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u64,
-    pub hypervisor: vmm_manager::HypervisorKind,
+    pub hypervisor: HypervisorKind,
     #[serde(default)]
     pub cmdline_append: Option<String>,
     #[serde(default)]
     pub vnc: bool,
     #[serde(default)]
-    pub machine: vmm_manager::spec::QemuMachine,
+    pub machine: QemuMachine,
     #[serde(default)]
     pub nics: Vec<Nic>,
     #[serde(default)]
@@ -212,7 +269,7 @@ pub struct Vm {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u64,
-    pub hypervisor: vmm_manager::HypervisorKind,
+    pub hypervisor: HypervisorKind,
     /// `creating`, `deleting`, a vmm-manager state (`stopped`, `starting`, `running`,
     /// `paused`, `stopping`, `failed`), or `unknown` when vmm-manager cannot be reached.
     pub state: String,

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::model::HypervisorKind;
 use vmm_manager::client::VmmClient;
-use vmm_manager::HypervisorKind;
 
 use crate::operations::record::Operations;
 use crate::store;

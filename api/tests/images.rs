@@ -166,7 +166,12 @@ fn images_are_imported_once_and_cloned_for_each_vm() {
         let (_, img) = stack.call("GET", "/v1/images/small", None).await;
         assert_eq!(img["disk"]["source_digest"], format!("sha256:{small_sum}"), "{img}");
         assert_eq!(img["disk"]["virtual_size"], 100 << 20);
-        let blob = PathBuf::from(img["disk"]["path"].as_str().expect("disk path"));
+        assert!(
+            img["disk"].get("path").is_none(),
+            "no host path in the public view: {img}"
+        );
+        let stored = in_imaged(&stack, "small").await;
+        let blob = PathBuf::from(stored["disk"]["path"].as_str().expect("disk path"));
         assert_eq!(sha256(&blob), small_sum, "the stored disk is the file");
 
         // From a path: the sparse 10 GiB image.
@@ -398,7 +403,18 @@ async fn wait_pool_used(stack: &Stack, want: f64, why: &str) {
 
 /// blockd's own API on its socket (the all-in-one api serves it in its data dir).
 async fn blockd(stack: &Stack, method: &str, path: &str, body: Option<Value>) -> Value {
-    let sock = stack.data_dir().join("run/blockd.sock");
+    daemon(stack, "blockd", method, path, body).await
+}
+
+/// An image as imaged itself knows it, with its files' paths in the store (the public
+/// API shows what an image can boot, not where its files are).
+async fn in_imaged(stack: &Stack, image: &str) -> Value {
+    daemon(stack, "imaged", "GET", &format!("/images/{image}"), None).await
+}
+
+/// A daemon's own API on its socket.
+async fn daemon(stack: &Stack, name: &str, method: &str, path: &str, body: Option<Value>) -> Value {
+    let sock = stack.data_dir().join(format!("run/{name}.sock"));
     let mut cmd = tokio::process::Command::new("curl");
     cmd.args(["-sS", "--fail-with-body", "--unix-socket"]).arg(&sock).args([
         "-X",
@@ -409,7 +425,7 @@ async fn blockd(stack: &Stack, method: &str, path: &str, body: Option<Value>) ->
     if let Some(b) = body {
         cmd.args(["-d", &b.to_string()]);
     }
-    let out = cmd.arg(format!("http://blockd{path}")).output().await.expect("curl");
+    let out = cmd.arg(format!("http://{name}{path}")).output().await.expect("curl");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -423,7 +439,7 @@ async fn blockd(stack: &Stack, method: &str, path: &str, body: Option<Value>) ->
 /// image's digest. On the memory pool (which holds no VM root disks) it is made
 /// through blockd's own API.
 async fn clone_of(stack: &Stack, image: &str, volume: &str) {
-    let (_, img) = stack.call("GET", &format!("/v1/images/{image}"), None).await;
+    let img = in_imaged(stack, image).await;
     let body = json!({"source": {"image_clone": {"path": img["disk"]["path"], "key": img["digest"]}}});
     blockd(stack, "PUT", &format!("/volumes/{volume}"), Some(body)).await;
 }

@@ -25,7 +25,7 @@ use crate::service::VolumeService;
 use crate::vhost_user::{VhostUserBlkExport, VhostUserBlkOptions};
 use crate::volume::{validate_name, Result, VolumeError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExportKind {
     Nbd,
@@ -33,7 +33,7 @@ pub enum ExportKind {
 }
 
 /// The body of `PUT /volumes/{name}/exports/{kind}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSpec {
     #[serde(default)]
@@ -41,7 +41,7 @@ pub struct ExportSpec {
 }
 
 /// A volume on another host, exported there over NBD. Exactly one of `tcp` and `unix`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteDiskSpec {
     /// `host:port` of the remote NBD server.
@@ -49,7 +49,6 @@ pub struct RemoteDiskSpec {
     pub tcp: Option<String>,
     /// Unix socket of the remote NBD server (same host, or a forwarded socket).
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
     pub unix: Option<PathBuf>,
     /// The export name (the volume's name on the remote blockd).
     pub export: String,
@@ -78,7 +77,7 @@ impl RemoteDiskSpec {
 }
 
 /// Where an NBD export can be reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NbdEndpoint {
     pub export: String,
     /// `nbd://…` and `nbd+unix://…` URIs, as qemu-img, nbdinfo and nbdcopy take them.
@@ -86,7 +85,7 @@ pub struct NbdEndpoint {
 }
 
 /// An export as it exists now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Export {
     /// The volume (or, for remote disks, the local name of the remote disk).
     pub volume: String,
@@ -94,7 +93,6 @@ pub struct Export {
     pub read_only: bool,
     /// The vhost-user-blk socket a VM attaches to.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
     pub socket: Option<PathBuf>,
     /// True while a VM is connected to the socket.
     #[serde(skip_serializing_if = "Option::is_none")]

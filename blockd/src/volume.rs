@@ -34,7 +34,7 @@ pub struct Volume {
 }
 
 /// A read-only point-in-time copy of a volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub name: String,
     pub volume: String,
@@ -45,7 +45,7 @@ pub struct Snapshot {
 }
 
 /// How a volume's bytes are laid out on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeFormat {
     Raw,

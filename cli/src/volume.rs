@@ -299,7 +299,14 @@ fn print_details(v: &Value) {
                     println!("export:      {}", s(uri));
                 }
             }
-            _ => println!("export:      vhost-user {}", s(&e["socket"])),
+            _ => println!(
+                "export:      vhost-user ({})",
+                if e["connected"] == true {
+                    "a VM is connected"
+                } else {
+                    "no VM connected"
+                }
+            ),
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use crate::ImageError;
 
 /// Formats imaged accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
     Raw,

@@ -22,7 +22,7 @@ use crate::{bootkit, qcow2};
 use crate::{ImageError, ImageInfo};
 
 /// The body of `POST /imports`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImportRequest {
     /// `name` or `name:tag`.
@@ -33,7 +33,6 @@ pub struct ImportRequest {
     /// An absolute path on this host: a disk image, or a folder a recipe in
     /// `guest-images/` built (disk.raw, vmlinuz, vmlinux, initrd.img, cmdline, image.json).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     /// Expected SHA-256 of the file, `sha256:<hex>` or `<hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

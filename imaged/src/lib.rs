@@ -36,24 +36,20 @@ use crate::import::{ImportRequest, ImportStatus, Importer};
 use crate::store::{GcReport, ImageRef, Store};
 
 /// What a VM needs to boot directly from an image: kernels and initramfs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BootKit {
     /// Compressed kernel (bzImage), booted by QEMU.
-    #[schema(value_type = Option<String>)]
     pub kernel_bzimage: Option<PathBuf>,
     /// Uncompressed ELF kernel with the PVH note, booted by Cloud Hypervisor.
-    #[schema(value_type = Option<String>)]
     pub kernel_elf: Option<PathBuf>,
-    #[schema(value_type = Option<String>)]
     pub initramfs: Option<PathBuf>,
     /// Default kernel command line.
     pub cmdline: String,
 }
 
 /// An image's root disk in the store: raw, never written (VMs get clones).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DiskImage {
-    #[schema(value_type = String)]
     pub path: PathBuf,
     /// Always `raw` in the store.
     pub format: String,
@@ -65,7 +61,7 @@ pub struct DiskImage {
 }
 
 /// An image in the store.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ImageInfo {
     pub name: String,
     #[serde(default)]

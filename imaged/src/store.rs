@@ -549,7 +549,7 @@ impl Store {
 }
 
 /// What a garbage collection removed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GcReport {
     pub images: Vec<String>,
     pub blobs: u64,

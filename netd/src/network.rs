@@ -48,15 +48,13 @@ impl NetdConfig {
 }
 
 /// A network as requested.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: String,
-    #[schema(value_type = String, example = "10.77.0.0/24")]
     pub subnet: Ipv4Net,
     /// Defaults to the subnet's first host address.
     #[serde(default)]
-    #[schema(value_type = Option<String>, format = Ipv4, example = "10.77.0.2")]
     pub gateway: Option<Ipv4Addr>,
     /// Addresses handed out, inclusive; defaults to the whole subnet.
     #[serde(default)]
@@ -69,29 +67,25 @@ pub struct NetworkSpec {
     pub vxlan: Option<VxlanSpec>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpRange {
-    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub start: Ipv4Addr,
-    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub end: Ipv4Addr,
 }
 
 /// Joins the network to the same network on other hosts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VxlanSpec {
     pub vni: u32,
     /// This host's underlay address.
-    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub local: Ipv4Addr,
     /// The underlay device (optional).
     #[serde(default)]
     pub device: Option<String>,
     /// Other hosts' underlay addresses.
     #[serde(default)]
-    #[schema(value_type = Vec<String>, format = Ipv4, example = "10.77.0.2")]
     pub peers: Vec<Ipv4Addr>,
     #[serde(default = "vxlan_port")]
     pub port: u16,
@@ -134,11 +128,10 @@ pub struct Port {
 }
 
 /// A network as it exists on the host.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkStatus {
     pub spec: NetworkSpec,
     pub bridge: String,
-    #[schema(value_type = String, format = Ipv4, example = "10.77.0.2")]
     pub gateway: Ipv4Addr,
     pub bridge_present: bool,
     pub vxlan_device: Option<String>,

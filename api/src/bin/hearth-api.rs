@@ -90,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: a.data_dir.clone(),
         listen: a.listen,
         socket_dir,
-        default_hypervisor: a.default_hypervisor,
+        default_hypervisor: a.default_hypervisor.into(),
         store: a.store.clone(),
         auth_failures_per_minute: a.auth_failures_per_minute,
         reconcile_interval: Duration::from_secs(a.reconcile_interval),

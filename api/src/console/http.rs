@@ -100,7 +100,7 @@ fn may_type(caller: &Caller) -> Result<(), ApiError> {
 }
 
 fn has_display(rec: &VmRecord) -> Result<(), ApiError> {
-    if rec.hypervisor != vmm_manager::HypervisorKind::Qemu {
+    if rec.hypervisor != crate::model::HypervisorKind::Qemu {
         return Err(ApiError::conflict(format!(
             "VM {} runs on Cloud Hypervisor, which has no framebuffer: use its serial console",
             rec.name

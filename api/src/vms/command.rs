@@ -4,7 +4,9 @@
 //! [`crate::vms::create::begin`].
 
 use socket_http::ApiError;
-use vmm_manager::spec::{HypervisorKind, QemuMachine, MAX_VCPUS, MIN_MEMORY_MIB};
+use vmm_manager::spec::{MAX_VCPUS, MIN_MEMORY_MIB};
+
+use crate::model::{HypervisorKind, QemuMachine};
 
 use crate::model::{validate_name, AttachVolume, CreateVm, NicRequest};
 use crate::volumes::records::parse_size;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
-use vmm_manager::spec::{DiskSpec, HypervisorKind, VmAction, VmState, MIN_MEMORY_MIB};
+use vmm_manager::spec::{DiskSpec, VmAction, VmState, MIN_MEMORY_MIB};
+
+use crate::model::HypervisorKind;
 
 use crate::daemons::upstream;
 use crate::model::{host_name, AttachVolume, CreateVm, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord};
@@ -31,14 +33,14 @@ pub(crate) fn choose_hypervisor(
     let available = |k: HypervisorKind| {
         hypervisors
             .iter()
-            .find(|h| h.kind == k)
+            .find(|h| HypervisorKind::from(h.kind) == k)
             .filter(|h| h.available)
             .is_some()
     };
     let reason = |k: HypervisorKind| {
         hypervisors
             .iter()
-            .find(|h| h.kind == k)
+            .find(|h| HypervisorKind::from(h.kind) == k)
             .and_then(|h| h.detail.clone())
             .unwrap_or_default()
     };

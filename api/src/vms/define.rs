@@ -2,7 +2,9 @@
 //! defining it again after vmm-manager lost it, and removing everything a VM owns.
 
 use socket_http::ApiError;
-use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind};
+use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
+
+use crate::model::HypervisorKind;
 use vmm_manager::spec::{QemuOptions, VmAction, VmSpec};
 
 use crate::daemons::upstream;
@@ -90,7 +92,7 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError
     Ok(VmSpec {
         id: rec.id.clone(),
         name: rec.name.clone(),
-        hypervisor: rec.hypervisor,
+        hypervisor: rec.hypervisor.into(),
         vcpus: rec.vcpus,
         memory_mib: rec.memory_mib,
         kernel,
@@ -109,7 +111,7 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError
             })
             .collect(),
         qemu: QemuOptions {
-            machine: rec.machine,
+            machine: rec.machine.into(),
             vnc: rec.vnc,
         },
     })

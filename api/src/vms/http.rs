@@ -88,6 +88,22 @@ pub async fn delete(
     Ok(accepted(op, Some(vm)))
 }
 
+/// The action's name in the path: how the public document spells
+/// [`VmAction`] (vmm-manager's enum, parsed from the path and carried to its driver;
+/// the daemon itself knows nothing of OpenAPI). A test holds the two to the same names.
+#[derive(utoipa::ToSchema)]
+#[schema(as = VmAction)]
+#[allow(dead_code)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionName {
+    Start,
+    /// ACPI power button, forced after the stop timeout (or at once with `force`).
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
 #[derive(Deserialize)]
 pub struct ActionQuery {
     #[serde(default)]
@@ -95,7 +111,7 @@ pub struct ActionQuery {
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/{action}", tag = "vms",
-    params(("id" = String, Path, description = "VM id or name"), ("action" = inline(VmAction), Path), ("force" = Option<bool>, Query, description = "stop: power off at once instead of asking the guest"), crate::openapi::ProjectParam),
+    params(("id" = String, Path, description = "VM id or name"), ("action" = inline(ActionName), Path), ("force" = Option<bool>, Query, description = "stop: power off at once instead of asking the guest"), crate::openapi::ProjectParam),
     responses((status = 202, body = Accepted), (status = 404, body = crate::openapi::ErrorResponse),
       (status = 409, description = "The VM is not in a state that allows the action", body = crate::openapi::ErrorResponse)))]
 pub async fn action(
@@ -166,4 +182,24 @@ pub async fn console_log(
         .await
         .map_err(upstream)?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema;
+
+    use super::*;
+
+    #[test]
+    fn the_documented_actions_are_vmm_managers() {
+        let schema = serde_json::to_value(ActionName::schema()).expect("schema");
+        let documented: Vec<&str> = schema["enum"]
+            .as_array()
+            .expect("an enum")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let real: Vec<&str> = VmAction::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(documented, real);
+    }
 }

@@ -22,8 +22,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use blockd::exports::{Export, ExportSpec, RemoteDiskSpec};
-use serde::{Deserialize, Serialize};
+use blockd::exports::ExportSpec;
+use serde::Deserialize;
 use socket_http::ApiError;
 
 use crate::auth::keys::Caller;
@@ -33,43 +33,15 @@ use crate::model::{host_name, name_in_project, validate_name, AttachVia, AttachV
 use crate::state::AppState;
 use crate::store;
 use crate::volumes::records::{
-    attachment, blockd_error, bname, find_record, local_record, record_key, validate_new_name, Attachment,
-    CreateVolume, SizeRequest, SourceRequest, VolumeRecord,
+    attachment, blockd_error, bname, find_record, local_record, record_key, validate_new_name, CreateVolume,
+    SizeRequest, SourceRequest, VolumeRecord,
 };
+use crate::volumes::view::{Export, Snapshot, Volume};
 use crate::volumes::work::{claim, disk_spec, make_volume, release, remove, resize_remote};
 
 type AppS = State<std::sync::Arc<crate::state::AppState>>;
 
-/// A volume as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Volume {
-    pub name: String,
-    pub project: String,
-    /// `local` (in this host's pool) or `remote` (an NBD export elsewhere).
-    pub location: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub size_bytes: Option<u64>,
-    /// Bytes the volume really takes in its pool (blocks written and not trimmed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allocated_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub format: Option<blockd::volume::VolumeFormat>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
-    #[serde(default)]
-    pub snapshots: Vec<blockd::volume::Snapshot>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attached_to: Option<Attachment>,
-    #[serde(default)]
-    pub exports: Vec<Export>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote: Option<RemoteDiskSpec>,
-    pub created_at_ms: u64,
-}
-
-async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Result<Volume, ApiError> {
+async fn view(state: &AppState, rec: &VolumeRecord, exports: &[blockd::exports::Export]) -> Result<Volume, ApiError> {
     let attached_to = attachment(state, &rec.project, &rec.name).await?;
     let host = bname(rec);
     let mut v = Volume {
@@ -87,10 +59,7 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
             .iter()
             .filter(|e| e.volume == host && e.remote.is_none())
             .cloned()
-            .map(|mut e| {
-                e.volume = rec.name.clone();
-                e
-            })
+            .map(|e| Export::of(&rec.name, e))
             .collect(),
         remote: rec.remote.clone(),
         created_at_ms: rec.created_at_ms,
@@ -107,17 +76,13 @@ async fn view(state: &AppState, rec: &VolumeRecord, exports: &[Export]) -> Resul
         v.size_bytes = Some(b.size_bytes);
         v.allocated_bytes = Some(b.allocated_bytes);
         v.backend = Some(b.backend);
-        v.format = Some(b.format);
+        v.format = Some(b.format.into());
         let own = |n: &str| name_in_project(&rec.project, n).to_string();
         v.origin = b.origin.as_deref().map(own);
         v.snapshots = b
             .snapshots
             .into_iter()
-            .map(|mut sn| {
-                sn.volume = own(&sn.volume);
-                sn.clones = sn.clones.iter().map(|c| own(c)).collect();
-                sn
-            })
+            .map(|sn| Snapshot::seen_in(&rec.project, sn))
             .collect();
     }
     Ok(v)
@@ -317,7 +282,7 @@ pub struct NameRequest {
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = NameRequest,
-    responses((status = 201, body = blockd::volume::Snapshot), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
+    responses((status = 201, body = Snapshot), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn snapshot(
     State(state): AppS,
     Extension(caller): Extension<Caller>,
@@ -326,11 +291,12 @@ pub async fn snapshot(
 ) -> Result<Response, ApiError> {
     let rec = local_record(&state, &caller.project, &name).await?;
     validate_name("snapshot", &req.name)?;
-    let mut snap = state
+    let snap = state
         .blockd
         .snapshot(&bname(&rec), &req.name)
         .await
         .map_err(blockd_error)?;
+    let mut snap = Snapshot::seen_in(&rec.project, snap);
     snap.volume = name;
     Ok((StatusCode::CREATED, Json(snap)).into_response())
 }
@@ -529,7 +495,7 @@ pub async fn export(
         )
         .await
         .map_err(blockd_error)?;
-    Ok(Json(e))
+    Ok(Json(Export::of(&name, e)))
 }
 
 #[utoipa::path(delete, path = "/v1/volumes/{name}/export", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam),

@@ -1,8 +1,9 @@
 //! `/v1/volumes`: data disks that outlive VMs.
 //!
 //! - [`http`]: the routes; [`work`]: what they do in blockd; [`records`]: records and
-//!   claims in the store
+//!   claims in the store; [`view`]: the public types, the api's own
 
 pub mod http;
 pub mod records;
+pub mod view;
 pub mod work;

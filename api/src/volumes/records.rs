@@ -1,11 +1,12 @@
 //! Volume records and attachment claims in the store, sizes as users write them.
 
-use blockd::exports::RemoteDiskSpec;
+pub use crate::volumes::view::Attachment;
+use crate::volumes::view::RemoteDiskSpec;
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 
 use crate::daemons::upstream;
-use crate::model::{host_name, validate_name, AttachVia};
+use crate::model::{host_name, validate_name};
 use crate::state::AppState;
 use crate::store;
 
@@ -47,16 +48,6 @@ pub struct VolumeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
     pub created_at_ms: u64,
-}
-
-/// Which VM holds a volume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Attachment {
-    pub vm: String,
-    pub vm_name: String,
-    pub disk: String,
-    pub via: AttachVia,
-    pub read_only: bool,
 }
 
 /// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024), in whole 512-byte

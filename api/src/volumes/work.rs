@@ -2,8 +2,9 @@
 //! through a remote disk), growing remote ones, and claiming, describing and releasing
 //! a VM's attachments.
 
+use crate::volumes::view::RemoteDiskSpec;
 use axum::http::StatusCode;
-use blockd::exports::{ExportSpec, RemoteDiskSpec};
+use blockd::exports::ExportSpec;
 use blockd::service::{VolumeSource, VolumeSpec};
 use socket_http::ApiError;
 use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
@@ -64,7 +65,11 @@ pub(crate) async fn make_volume(
     if let Some(remote) = &req.remote {
         // Check now that the export is there, so a typo fails here, not at attach.
         let probe = probe_name(host);
-        let found = state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        let found = state
+            .blockd
+            .remote_disk(&probe, &remote.into())
+            .await
+            .map_err(blockd_error)?;
         state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
         return Ok(found.size_bytes);
     }
@@ -138,7 +143,11 @@ pub(crate) async fn resize_remote(
         state.blockd.resize_remote_disk(&host, size).await
     } else {
         let probe = probe_name(&host);
-        state.blockd.remote_disk(&probe, remote).await.map_err(blockd_error)?;
+        state
+            .blockd
+            .remote_disk(&probe, &remote.into())
+            .await
+            .map_err(blockd_error)?;
         let grown = state.blockd.resize_remote_disk(&probe, size).await;
         if let Err(e) = state.blockd.delete_remote_disk(&probe).await {
             tracing::warn!(volume = rec.name, "removing the remote disk used to resize: {e}");
@@ -238,7 +247,11 @@ pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> R
     let host = bname(&rec);
     let source = match (&rec.remote, a.via) {
         (Some(remote), _) => {
-            let e = state.blockd.remote_disk(&host, remote).await.map_err(blockd_error)?;
+            let e = state
+                .blockd
+                .remote_disk(&host, &remote.into())
+                .await
+                .map_err(blockd_error)?;
             DiskSource::VhostUser {
                 socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
             }

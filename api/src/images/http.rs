@@ -1,7 +1,5 @@
-//! `/v1/images`: import (from a URL or a path on the host), list, show, delete.
-//!
-//! imaged does the work; an import here is an operation whose progress (bytes, rate,
-//! ETA) mirrors imaged's import job until it finishes.
+//! The `/v1/images` routes: parse, call, map errors; an import's operation follows
+//! imaged's job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imaged::import::{ImportRequest, ImportState};
+use imaged::import::ImportState;
 use serde::Serialize;
 use socket_http::ApiError;
 
@@ -18,6 +16,8 @@ use crate::daemons::upstream;
 use crate::json::JsonBody;
 use crate::model::{Operation, ProgressDetail};
 use crate::state::AppState;
+
+use super::view::{GcReport, Image, ImportRequest};
 
 type AppS = State<Arc<AppState>>;
 
@@ -34,26 +34,27 @@ fn valid_reference(name: &str) -> Result<(), ApiError> {
     imaged::validate_name(name).map_err(|e| ApiError::unprocessable(e.to_string()))
 }
 
-#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = Vec<imaged::ImageInfo>)))]
-pub async fn list(State(state): AppS) -> Result<Json<Vec<imaged::ImageInfo>>, ApiError> {
-    Ok(Json(state.images.list().await.map_err(upstream)?))
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = Vec<Image>)))]
+pub async fn list(State(state): AppS) -> Result<Json<Vec<Image>>, ApiError> {
+    let images = state.images.list().await.map_err(upstream)?;
+    Ok(Json(images.into_iter().map(Image::from).collect()))
 }
 
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path, description = "name, name:tag or sha256 digest")),
-    responses((status = 200, body = imaged::ImageInfo), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
-pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::ImageInfo>, ApiError> {
+    responses((status = 200, body = Image), (status = 404, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<Image>, ApiError> {
     valid_reference(&name)?;
-    Ok(Json(state.images.get(&name).await.map_err(upstream)?))
+    Ok(Json(state.images.get(&name).await.map_err(upstream)?.into()))
 }
 
 /// Deletes a name (or, by digest, the image). Refused (409) while VMs use the image.
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", params(("name" = String, Path, description = "name, name:tag or sha256 digest")),
-    responses((status = 200, description = "What garbage collection freed", body = imaged::store::GcReport), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "VMs use the image", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
-pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json<imaged::store::GcReport>, ApiError> {
+    responses((status = 200, description = "What garbage collection freed", body = GcReport), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, description = "VMs use the image", body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Json<GcReport>, ApiError> {
     valid_reference(&name)?;
     let report = state.images.delete(&name).await.map_err(upstream)?;
     remove_image_bases(&state, &report.images).await;
-    Ok(Json(report))
+    Ok(Json(report.into()))
 }
 
 /// Pools that clone a snapshot of one base volume per image (LVM, memory) keep that
@@ -78,7 +79,7 @@ pub async fn import(
     JsonBody(req): JsonBody<ImportRequest>,
 ) -> Result<Response, ApiError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.
-    let job = state.images.import(&req).await.map_err(upstream)?;
+    let job = state.images.import(&req.clone().into()).await.map_err(upstream)?;
     let op = state
         .ops
         .start(&caller.project, "image.import", "image", &req.name)

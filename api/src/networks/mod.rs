@@ -1,0 +1,15 @@
+//! `/v1/networks`: create, list, show, delete. netd does the work; the api records the
+//! network (so it knows which exist even while netd is down) and refuses to delete a
+//! network that VMs are attached to.
+//!
+//! - [`http`]: the routes (parse, call, map errors)
+//! - [`command`]: a create request checked without netd
+//! - [`view`]: the public types, the api's own (netd's wire types stay behind the edge)
+//! - [`work`]: records in the store, the default network, removal
+
+pub mod command;
+pub mod http;
+pub mod view;
+pub mod work;
+
+pub use work::{ensure_default, migrate, remove, DEFAULT_NETWORK};
