@@ -24,11 +24,13 @@ if [ "${1:-}" = "--quick" ]; then
 	quick+=' | (package(api) & binary(layout))'
 	quick+=' | (package(api) & binary(openapi) & test(checked_in_document_is_current))'
 	quick+=' | (package(hearth-store) & test(embedded))'
+	quick+=' | (package(socket-http) & binary(tls))'
 	if cargo nextest --version >/dev/null 2>&1; then
 		cargo nextest run --workspace --locked -E "$quick"
 	else
 		cargo test --workspace --locked --lib --bins
 		cargo test --locked -p api --test layout
+		cargo test --locked -p socket-http --test tls
 	fi
 	echo "==> quick tests passed in $(( $(date +%s) - start )) s"
 	exit 0

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use socket_http::{ApiError, ClientError, UnixClient};
+use socket_http::{ApiError, Client, ClientError};
 
 use crate::state::AppState;
 
@@ -14,7 +14,7 @@ pub const DAEMONS: [&str; 4] = ["vmm-manager", "netd", "blockd", "imaged"];
 pub async fn daemon_health(state: &AppState) -> Vec<(&'static str, bool)> {
     let mut out = Vec::new();
     for d in DAEMONS {
-        let client = UnixClient::new(state.config.socket(d)).with_timeout(Duration::from_secs(2));
+        let client = Client::to(state.config.endpoint(d)).with_timeout(Duration::from_secs(2));
         out.push((d, client.get::<serde_json::Value>("/health").await.is_ok()));
     }
     out
@@ -136,7 +136,7 @@ mod tests {
             Some(serde_json::json!({"free": 1}))
         );
         let gone = upstream(ClientError::Connect {
-            socket: "/run/hearth/netd.sock".into(),
+            endpoint: "/run/hearth/netd.sock".into(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
         assert_eq!(gone.status, StatusCode::SERVICE_UNAVAILABLE);

@@ -23,6 +23,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Where the daemons' sockets are.
     pub socket_dir: PathBuf,
+    /// Daemons reached over TCP with TLS instead (`--daemon NAME=https://…`).
+    pub endpoints: std::collections::BTreeMap<String, socket_http::Endpoint>,
     pub default_hypervisor: HypervisorKind,
     /// Where the desired state lives.
     pub store: store::StoreLocation,
@@ -39,6 +41,19 @@ pub struct ApiConfig {
 impl ApiConfig {
     pub fn socket(&self, daemon: &str) -> PathBuf {
         self.socket_dir.join(format!("{daemon}.sock"))
+    }
+
+    /// Where `daemon` is reached: its TLS endpoint when one was given, else its socket.
+    pub fn endpoint(&self, daemon: &str) -> socket_http::Endpoint {
+        self.endpoints
+            .get(daemon)
+            .cloned()
+            .unwrap_or_else(|| socket_http::Endpoint::Unix(self.socket(daemon)))
+    }
+
+    /// The client of `daemon`, riding out its restarts for [`ApiConfig::daemon_retry`].
+    pub fn client(&self, daemon: &str) -> socket_http::Client {
+        socket_http::Client::to(self.endpoint(daemon)).with_retry(self.daemon_retry)
     }
 }
 
@@ -112,10 +127,14 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         .collect();
     let auth_limit = config.auth_failures_per_minute;
     Ok(Arc::new(AppState {
-        vmm: VmmClient::new(config.socket("vmm-manager")).with_retry(config.daemon_retry),
-        images: imaged::client::ImagedClient::new(config.socket("imaged")).with_retry(config.daemon_retry),
-        netd: netd::http::client::NetdClient::new(config.socket("netd")).with_retry(config.daemon_retry),
-        blockd: blockd::http::client::BlockdClient::new(config.socket("blockd")).with_retry(config.daemon_retry),
+        vmm: VmmClient(config.client("vmm-manager")),
+        images: imaged::client::ImagedClient(config.client("imaged")),
+        netd: netd::http::client::NetdClient(config.client("netd")),
+        blockd: blockd::http::client::BlockdClient(
+            config
+                .client("blockd")
+                .with_timeout(std::time::Duration::from_secs(600)),
+        ),
         tickets: Default::default(),
         events,
         config,

@@ -18,9 +18,8 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
 
 use crate::exports::{Export, ExportKind, ExportSpec, RemoteDiskSpec};
@@ -29,30 +28,52 @@ use crate::volume::{Snapshot, Volume};
 use crate::Blockd;
 
 type Svc = State<Arc<Blockd>>;
-/// Every route of blockd's API, named once for the router and the client.
+/// Every route of blockd's API with what it takes and answers, named once for the
+/// router and its callers (`socket_http::Client::send`).
 pub mod routes {
-    pub const POOL: &str = "/pool";
-    pub const VOLUMES: &str = "/volumes";
-    pub const VOLUME: &str = "/volumes/{name}";
-    pub const VOLUME_RESIZE: &str = "/volumes/{name}/resize";
-    pub const SNAPSHOT: &str = "/volumes/{name}/snapshots/{snapshot}";
-    pub const EXPORTS: &str = "/exports";
-    pub const EXPORT: &str = "/volumes/{name}/exports/{kind}";
-    pub const REMOTE_DISK: &str = "/remote-disks/{name}";
-    pub const REMOTE_DISK_RESIZE: &str = "/remote-disks/{name}/resize";
+    use socket_http::route::{delete, get, post, put};
+    use socket_http::Route;
+
+    use super::Resize;
+    use crate::exports::{Export, ExportSpec, RemoteDiskSpec};
+    use crate::service::{PoolStatus, VolumeSpec};
+    use crate::volume::{Snapshot, Volume};
+
+    pub const POOL: Route<(), PoolStatus> = get("/pool");
+    pub const VOLUMES: Route<(), Vec<Volume>> = get("/volumes");
+    pub const VOLUME: Route<(), Volume> = get("/volumes/{name}");
+    /// 201 when it made the volume, 200 when it was there.
+    pub const PUT_VOLUME: Route<VolumeSpec, Volume> = put("/volumes/{name}");
+    pub const DELETE_VOLUME: Route<(), ()> = delete("/volumes/{name}");
+    pub const VOLUME_RESIZE: Route<Resize, Volume> = post("/volumes/{name}/resize");
+    pub const SNAPSHOT: Route<(), Snapshot> = put("/volumes/{name}/snapshots/{snapshot}");
+    pub const DELETE_SNAPSHOT: Route<(), ()> = delete("/volumes/{name}/snapshots/{snapshot}");
+    pub const EXPORTS: Route<(), Vec<Export>> = get("/exports");
+    /// `{kind}`: `nbd` or `vhost-user`.
+    pub const EXPORT: Route<ExportSpec, Export> = put("/volumes/{name}/exports/{kind}");
+    pub const UNEXPORT: Route<(), ()> = delete("/volumes/{name}/exports/{kind}");
+    pub const REMOTE_DISK: Route<RemoteDiskSpec, Export> = put("/remote-disks/{name}");
+    pub const DELETE_REMOTE_DISK: Route<(), ()> = delete("/remote-disks/{name}");
+    pub const REMOTE_DISK_RESIZE: Route<Resize, Export> = post("/remote-disks/{name}/resize");
 }
 
 pub fn router(svc: Arc<Blockd>) -> Router {
+    use routes::*;
     Router::new()
-        .route(routes::POOL, get(pool))
-        .route(routes::VOLUMES, get(list))
-        .route(routes::VOLUME, get(show).put(ensure).delete(delete))
-        .route(routes::VOLUME_RESIZE, post(resize))
-        .route(routes::SNAPSHOT, put(snapshot).delete(delete_snapshot))
-        .route(routes::EXPORTS, get(exports))
-        .route(routes::EXPORT, put(export).delete(unexport))
-        .route(routes::REMOTE_DISK, put(remote_disk).delete(delete_remote_disk))
-        .route(routes::REMOTE_DISK_RESIZE, post(resize_remote_disk))
+        .route(POOL.path, POOL.on(pool))
+        .route(VOLUMES.path, VOLUMES.on(list))
+        .route(VOLUME.path, VOLUME.on(show))
+        .route(PUT_VOLUME.path, PUT_VOLUME.on(ensure))
+        .route(DELETE_VOLUME.path, DELETE_VOLUME.on(delete))
+        .route(VOLUME_RESIZE.path, VOLUME_RESIZE.on(resize))
+        .route(SNAPSHOT.path, SNAPSHOT.on(snapshot))
+        .route(DELETE_SNAPSHOT.path, DELETE_SNAPSHOT.on(delete_snapshot))
+        .route(EXPORTS.path, EXPORTS.on(exports))
+        .route(EXPORT.path, EXPORT.on(export))
+        .route(UNEXPORT.path, UNEXPORT.on(unexport))
+        .route(REMOTE_DISK.path, REMOTE_DISK.on(remote_disk))
+        .route(DELETE_REMOTE_DISK.path, DELETE_REMOTE_DISK.on(delete_remote_disk))
+        .route(REMOTE_DISK_RESIZE.path, REMOTE_DISK_RESIZE.on(resize_remote_disk))
         .with_state(svc)
         .merge(socket_http::server::health_router("blockd"))
 }
@@ -100,10 +121,11 @@ async fn delete(State(svc): Svc, Path(name): Path<String>) -> Result<StatusCode,
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+/// The body of the resize routes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Resize {
-    size_bytes: u64,
+pub struct Resize {
+    pub size_bytes: u64,
 }
 
 async fn resize(State(svc): Svc, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Json<Volume>, ApiError> {
@@ -179,96 +201,75 @@ async fn delete_remote_disk(State(svc): Svc, Path(name): Path<String>) -> Result
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The client for blockd's API, used by the api.
+/// blockd's callers' view of it: the one client (`socket_http::Client`) and blockd's
+/// typed routes; these are shorthands for the calls made most.
 pub mod client {
-    use http::Method;
-    use socket_http::route::fill;
-    use socket_http::{ClientError, UnixClient};
+    use socket_http::{Client, ClientError};
 
-    use super::routes;
-
+    use super::{routes, Resize};
     use crate::exports::{Export, ExportSpec, RemoteDiskSpec};
     use crate::service::{PoolStatus, VolumeSpec};
     use crate::volume::{Snapshot, Volume};
 
+    /// blockd's client: any endpoint, Unix socket or TLS.
     #[derive(Debug, Clone)]
-    pub struct BlockdClient {
-        http: UnixClient,
-    }
-
-    async fn no_body(http: &UnixClient, method: Method, path: &str) -> Result<(), ClientError> {
-        http.call::<(), serde_json::Value>(method, path, None).await.map(|_| ())
-    }
+    pub struct BlockdClient(pub Client);
 
     impl BlockdClient {
         pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
-            Self {
-                http: UnixClient::new(socket).with_timeout(std::time::Duration::from_secs(600)),
-            }
+            Self(Client::new(socket).with_timeout(std::time::Duration::from_secs(600)))
         }
-
-        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
-        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
-            self.http = self.http.with_retry(window);
-            self
+        /// Rides out a restart of the daemon (see [`Client::with_retry`]).
+        pub fn with_retry(self, window: std::time::Duration) -> Self {
+            Self(self.0.with_retry(window))
         }
         pub async fn pool(&self) -> Result<PoolStatus, ClientError> {
-            self.http.get(routes::POOL).await
+            self.0.send(&routes::POOL, &[], None).await
         }
         pub async fn volumes(&self) -> Result<Vec<Volume>, ClientError> {
-            self.http.get(routes::VOLUMES).await
+            self.0.send(&routes::VOLUMES, &[], None).await
         }
         pub async fn volume(&self, name: &str) -> Result<Volume, ClientError> {
-            self.http.get(&fill(routes::VOLUME, &[name])).await
+            self.0.send(&routes::VOLUME, &[name], None).await
         }
         pub async fn ensure_volume(&self, name: &str, spec: &VolumeSpec) -> Result<Volume, ClientError> {
-            self.http
-                .call(Method::PUT, &fill(routes::VOLUME, &[name]), Some(spec))
-                .await
+            self.0.send(&routes::PUT_VOLUME, &[name], Some(spec)).await
         }
         pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &fill(routes::VOLUME, &[name])).await
+            self.0.send(&routes::DELETE_VOLUME, &[name], None).await
         }
         pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume, ClientError> {
-            let body = serde_json::json!({ "size_bytes": size_bytes });
-            self.http
-                .call(Method::POST, &fill(routes::VOLUME_RESIZE, &[name]), Some(&body))
+            self.0
+                .send(&routes::VOLUME_RESIZE, &[name], Some(&Resize { size_bytes }))
                 .await
         }
         pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Snapshot, ClientError> {
-            self.http
-                .call::<(), Snapshot>(Method::PUT, &fill(routes::SNAPSHOT, &[name, snapshot]), None)
-                .await
+            self.0.send(&routes::SNAPSHOT, &[name, snapshot], None).await
         }
         pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &fill(routes::SNAPSHOT, &[name, snapshot])).await
+            self.0.send(&routes::DELETE_SNAPSHOT, &[name, snapshot], None).await
         }
         pub async fn exports(&self) -> Result<Vec<Export>, ClientError> {
-            self.http.get(routes::EXPORTS).await
+            self.0.send(&routes::EXPORTS, &[], None).await
         }
         /// `kind` is `nbd` or `vhost-user`.
         pub async fn export(&self, name: &str, kind: &str, spec: &ExportSpec) -> Result<Export, ClientError> {
-            self.http
-                .call(Method::PUT, &fill(routes::EXPORT, &[name, kind]), Some(spec))
-                .await
+            self.0.send(&routes::EXPORT, &[name, kind], Some(spec)).await
         }
         pub async fn unexport(&self, name: &str, kind: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &fill(routes::EXPORT, &[name, kind])).await
+            self.0.send(&routes::UNEXPORT, &[name, kind], None).await
         }
         pub async fn remote_disk(&self, name: &str, spec: &RemoteDiskSpec) -> Result<Export, ClientError> {
-            self.http
-                .call(Method::PUT, &fill(routes::REMOTE_DISK, &[name]), Some(spec))
-                .await
+            self.0.send(&routes::REMOTE_DISK, &[name], Some(spec)).await
         }
         /// Grows the volume behind a remote disk through its NBD server.
         pub async fn resize_remote_disk(&self, name: &str, size_bytes: u64) -> Result<Export, ClientError> {
-            let body = serde_json::json!({ "size_bytes": size_bytes });
-            self.http
-                .call(Method::POST, &fill(routes::REMOTE_DISK_RESIZE, &[name]), Some(&body))
+            self.0
+                .send(&routes::REMOTE_DISK_RESIZE, &[name], Some(&Resize { size_bytes }))
                 .await
         }
         pub async fn delete_remote_disk(&self, name: &str) -> Result<(), ClientError> {
-            no_body(&self.http, Method::DELETE, &fill(routes::REMOTE_DISK, &[name])).await
+            self.0.send(&routes::DELETE_REMOTE_DISK, &[name], None).await
         }
     }
 }

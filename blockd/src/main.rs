@@ -1,4 +1,4 @@
-//! The `blockd` binary: serves blockd's API on a Unix socket.
+//! The `blockd` binary: serves blockd's API on a Unix socket (and, with `--listen-tls`, over TCP with TLS and a token).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +13,9 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/blockd.sock")]
     socket: PathBuf,
+    /// Also serve over TCP with TLS and a token (for an api on another host).
+    #[command(flatten)]
+    listen: socket_http::server::Listen,
     /// Where volumes live: file:/absolute/dir, lvm:VG[/THINPOOL] or memory:BYTES.
     #[arg(long, default_value = "file:/var/lib/hearth/volumes")]
     pool: PoolConfig,
@@ -53,8 +56,9 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let blockd = blockd::Blockd::open(config).await?;
-    socket_http::server::serve_unix(
+    socket_http::server::serve(
         a.socket,
+        a.listen.tls(),
         blockd::router(blockd.clone()),
         socket_http::server::shutdown_signal(),
     )

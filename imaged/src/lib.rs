@@ -26,7 +26,6 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use socket_http::ApiError;
@@ -264,29 +263,45 @@ pub struct Seed {
     pub files: cloudinit::SeedFiles,
 }
 
-/// Every route of imaged's API, named once for the router and the client.
+/// Every route of imaged's API with what it takes and answers, named once for the
+/// router and its callers (`socket_http::Client::send`).
 pub mod routes {
-    pub const IMAGES: &str = "/images";
-    pub const IMAGE: &str = "/images/{image}";
-    pub const IMAGE_LEASE: &str = "/images/{image}/leases/{holder}";
-    pub const LEASES: &str = "/leases/{holder}";
-    pub const IMPORTS: &str = "/imports";
-    pub const IMPORT: &str = "/imports/{id}";
-    pub const GC: &str = "/gc";
-    pub const SEED: &str = "/seeds/{id}";
+    use socket_http::route::{delete, get, post, put};
+    use socket_http::Route;
+
+    use super::{cloudinit::SeedRequest, GcReport, ImageInfo, Seed};
+    use crate::import::{ImportRequest, ImportStatus};
+
+    pub const IMAGES: Route<(), Vec<ImageInfo>> = get("/images");
+    /// A catalog recipe not imported yet is imported first.
+    pub const IMAGE: Route<(), ImageInfo> = get("/images/{image}");
+    pub const DELETE_IMAGE: Route<(), GcReport> = delete("/images/{image}");
+    pub const IMAGE_LEASE: Route<(), ImageInfo> = put("/images/{image}/leases/{holder}");
+    pub const LEASES: Route<(), ()> = delete("/leases/{holder}");
+    pub const IMPORTS: Route<(), Vec<ImportStatus>> = get("/imports");
+    pub const START_IMPORT: Route<ImportRequest, ImportStatus> = post("/imports");
+    /// `?wait=<seconds>` waits up to 60 s for a change.
+    pub const IMPORT: Route<(), ImportStatus> = get("/imports/{id}");
+    pub const GC: Route<(), GcReport> = post("/gc");
+    pub const SEED: Route<SeedRequest, Seed> = put("/seeds/{id}");
+    pub const DELETE_SEED: Route<(), ()> = delete("/seeds/{id}");
 }
 
 /// The HTTP routes imaged serves on its Unix socket.
 pub fn router(imaged: Arc<Imaged>) -> Router {
+    use routes::*;
     Router::new()
-        .route(routes::IMAGES, get(list_images))
-        .route(routes::IMAGE, get(get_image).delete(delete_image))
-        .route(routes::IMAGE_LEASE, put(lease))
-        .route(routes::LEASES, axum::routing::delete(release))
-        .route(routes::IMPORTS, post(start_import).get(list_imports))
-        .route(routes::IMPORT, get(import_status))
-        .route(routes::GC, post(gc))
-        .route(routes::SEED, put(put_seed).delete(delete_seed))
+        .route(IMAGES.path, IMAGES.on(list_images))
+        .route(IMAGE.path, IMAGE.on(get_image))
+        .route(DELETE_IMAGE.path, DELETE_IMAGE.on(delete_image))
+        .route(IMAGE_LEASE.path, IMAGE_LEASE.on(lease))
+        .route(LEASES.path, LEASES.on(release))
+        .route(IMPORTS.path, IMPORTS.on(list_imports))
+        .route(START_IMPORT.path, START_IMPORT.on(start_import))
+        .route(IMPORT.path, IMPORT.on(import_status))
+        .route(GC.path, GC.on(gc))
+        .route(SEED.path, SEED.on(put_seed))
+        .route(DELETE_SEED.path, DELETE_SEED.on(delete_seed))
         .with_state(imaged)
         .merge(socket_http::server::health_router("imaged"))
 }
@@ -418,89 +433,80 @@ mod tests {
     }
 }
 
-/// The client for imaged's Unix-socket API, used by the api.
+/// imaged's callers' view of it: the one client (`socket_http::Client`) and imaged's
+/// typed routes; these are shorthands for the calls made most.
 pub mod client {
     use std::time::Duration;
 
-    use super::{cloudinit::SeedRequest, GcReport, ImageInfo, Seed};
+    use socket_http::{Client, ClientError};
+
+    use super::{cloudinit::SeedRequest, routes, GcReport, ImageInfo, Seed};
     use crate::import::{ImportRequest, ImportStatus};
-    use http::Method;
-    use socket_http::route::fill;
-    use socket_http::{ClientError, UnixClient};
 
-    use super::routes;
-
+    /// imaged's client: any endpoint, Unix socket or TLS.
     #[derive(Debug, Clone)]
-    pub struct ImagedClient {
-        http: UnixClient,
-    }
+    pub struct ImagedClient(pub Client);
 
     impl ImagedClient {
         pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
-            Self {
-                http: UnixClient::new(socket),
-            }
+            Self(Client::new(socket))
         }
 
-        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
-        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
-            self.http = self.http.with_retry(window);
-            self
+        /// Rides out a restart of the daemon (see [`Client::with_retry`]).
+        pub fn with_retry(self, window: std::time::Duration) -> Self {
+            Self(self.0.with_retry(window))
+        }
+
+        /// Up to 10 minutes: an image a catalog recipe makes is imported first.
+        fn patient(&self) -> Client {
+            self.0.clone().with_timeout(Duration::from_secs(600))
         }
 
         /// Looks an image up (a catalog recipe is imported first, which takes a while).
         pub async fn get(&self, name: &str) -> Result<ImageInfo, ClientError> {
-            self.http
-                .clone()
-                .with_timeout(Duration::from_secs(600))
-                .get(&fill(routes::IMAGE, &[name]))
-                .await
+            self.patient().send(&routes::IMAGE, &[name], None).await
         }
 
         pub async fn list(&self) -> Result<Vec<ImageInfo>, ClientError> {
-            self.http.get(routes::IMAGES).await
+            self.0.send(&routes::IMAGES, &[], None).await
         }
 
         pub async fn delete(&self, name: &str) -> Result<GcReport, ClientError> {
-            self.http
-                .call::<(), _>(Method::DELETE, &fill(routes::IMAGE, &[name]), None)
-                .await
+            self.0.send(&routes::DELETE_IMAGE, &[name], None).await
         }
 
         pub async fn lease(&self, name: &str, holder: &str) -> Result<ImageInfo, ClientError> {
-            self.http
-                .clone()
-                .with_timeout(Duration::from_secs(600))
-                .call::<(), _>(Method::PUT, &fill(routes::IMAGE_LEASE, &[name, holder]), None)
-                .await
+            self.patient().send(&routes::IMAGE_LEASE, &[name, holder], None).await
         }
 
         pub async fn release(&self, holder: &str) -> Result<(), ClientError> {
-            self.http
-                .call::<(), ()>(Method::DELETE, &fill(routes::LEASES, &[holder]), None)
-                .await
+            self.0.send(&routes::LEASES, &[holder], None).await
         }
 
         pub async fn import(&self, req: &ImportRequest) -> Result<ImportStatus, ClientError> {
-            self.http.call(Method::POST, routes::IMPORTS, Some(req)).await
+            self.0.send(&routes::START_IMPORT, &[], Some(req)).await
         }
 
+        /// The import's status once it changed, or after `wait_secs`.
         pub async fn import_status(&self, id: &str, wait_secs: f64) -> Result<ImportStatus, ClientError> {
-            self.http
+            let route = &routes::IMPORT;
+            self.0
                 .clone()
                 .with_timeout(Duration::from_secs_f64(wait_secs + 30.0))
-                .get(&format!("{}?wait={wait_secs}", fill(routes::IMPORT, &[id])))
+                .call::<(), _>(
+                    route.method.clone(),
+                    &format!("{}?wait={wait_secs}", route.at(&[id])),
+                    None,
+                )
                 .await
         }
 
         pub async fn seed(&self, id: &str, req: &SeedRequest) -> Result<Seed, ClientError> {
-            self.http.call(Method::PUT, &fill(routes::SEED, &[id]), Some(req)).await
+            self.0.send(&routes::SEED, &[id], Some(req)).await
         }
 
         pub async fn delete_seed(&self, id: &str) -> Result<(), ClientError> {
-            self.http
-                .call::<(), ()>(Method::DELETE, &fill(routes::SEED, &[id]), None)
-                .await
+            self.0.send(&routes::DELETE_SEED, &[id], None).await
         }
     }
 }

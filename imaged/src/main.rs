@@ -10,6 +10,9 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/imaged.sock")]
     socket: PathBuf,
+    /// Also serve over TCP with TLS and a token (for an api on another host).
+    #[command(flatten)]
+    listen: socket_http::server::Listen,
     /// The content-addressed image store.
     #[arg(long, default_value = "/var/lib/hearth/imaged")]
     store_dir: PathBuf,
@@ -31,8 +34,9 @@ async fn main() -> anyhow::Result<()> {
         catalog_dir: args.catalog_dir,
         seeds_dir: args.seeds_dir,
     })?;
-    socket_http::server::serve_unix(
+    socket_http::server::serve(
         args.socket,
+        args.listen.tls(),
         imaged::router(imaged),
         socket_http::server::shutdown_signal(),
     )

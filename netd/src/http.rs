@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
 use axum::{Json, Router};
 use socket_http::ApiError;
 
@@ -19,25 +18,41 @@ use crate::network::{NetworkService, NetworkSpec, NetworkStatus, Port, PortSpec}
 
 type Svc = State<Arc<NetworkService>>;
 
-/// Every route of netd's API, named once for the router and the client.
+/// Every route of netd's API with what it takes and answers, named once for the
+/// router and its callers (`socket_http::Client::send`).
 pub mod routes {
-    pub const NETWORKS: &str = "/networks";
-    pub const NETWORK: &str = "/networks/{name}";
-    pub const PORTS: &str = "/ports";
-    pub const PORT: &str = "/ports/{id}";
-    pub const HOST: &str = "/host";
+    use std::collections::BTreeMap;
+
+    use socket_http::route::{delete, get, put};
+    use socket_http::Route;
+
+    use crate::network::{NetworkSpec, NetworkStatus, Port, PortSpec};
+
+    pub const NETWORKS: Route<(), Vec<NetworkStatus>> = get("/networks");
+    pub const NETWORK: Route<(), NetworkStatus> = get("/networks/{name}");
+    pub const PUT_NETWORK: Route<NetworkSpec, NetworkStatus> = put("/networks/{name}");
+    pub const DELETE_NETWORK: Route<(), ()> = delete("/networks/{name}");
+    pub const PORTS: Route<(), Vec<Port>> = get("/ports");
+    pub const PUT_PORTS: Route<BTreeMap<String, PortSpec>, BTreeMap<String, Port>> = put("/ports");
+    pub const PORT: Route<(), Port> = get("/ports/{id}");
+    pub const PUT_PORT: Route<PortSpec, Port> = put("/ports/{id}");
+    pub const DELETE_PORT: Route<(), ()> = delete("/ports/{id}");
+    pub const HOST: Route<(), super::HostNetwork> = get("/host");
 }
 
 pub fn router(svc: Arc<NetworkService>) -> Router {
+    use routes::*;
     Router::new()
-        .route(routes::NETWORKS, get(list_networks))
-        .route(
-            routes::NETWORK,
-            get(show_network).put(ensure_network).delete(delete_network),
-        )
-        .route(routes::PORTS, get(list_ports).put(ensure_ports))
-        .route(routes::PORT, get(show_port).put(ensure_port).delete(delete_port))
-        .route(routes::HOST, get(host))
+        .route(NETWORKS.path, NETWORKS.on(list_networks))
+        .route(NETWORK.path, NETWORK.on(show_network))
+        .route(PUT_NETWORK.path, PUT_NETWORK.on(ensure_network))
+        .route(DELETE_NETWORK.path, DELETE_NETWORK.on(delete_network))
+        .route(PORTS.path, PORTS.on(list_ports))
+        .route(PUT_PORTS.path, PUT_PORTS.on(ensure_ports))
+        .route(PORT.path, PORT.on(show_port))
+        .route(PUT_PORT.path, PUT_PORT.on(ensure_port))
+        .route(DELETE_PORT.path, DELETE_PORT.on(delete_port))
+        .route(HOST.path, HOST.on(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("netd"))
 }
@@ -138,74 +153,59 @@ async fn delete_port(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCo
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The client for netd's API, used by the api.
+/// netd's callers' view of it: the one client (`socket_http::Client`) and netd's
+/// typed routes; these are shorthands for the calls made most.
 pub mod client {
-    use http::Method;
-    use socket_http::route::fill;
-    use socket_http::{ClientError, UnixClient};
+    use std::collections::BTreeMap;
+
+    use socket_http::{Client, ClientError};
 
     use super::routes;
-
     use crate::network::{NetworkSpec, NetworkStatus, Port, PortSpec};
 
+    /// netd's client: any endpoint, Unix socket or TLS.
     #[derive(Debug, Clone)]
-    pub struct NetdClient {
-        http: UnixClient,
-    }
+    pub struct NetdClient(pub Client);
 
     impl NetdClient {
         pub fn new(socket: impl Into<std::path::PathBuf>) -> Self {
-            Self {
-                http: UnixClient::new(socket),
-            }
+            Self(Client::new(socket))
         }
-
-        /// Rides out a restart of the daemon (see [`UnixClient::with_retry`]).
-        pub fn with_retry(mut self, window: std::time::Duration) -> Self {
-            self.http = self.http.with_retry(window);
-            self
+        /// Rides out a restart of the daemon (see [`Client::with_retry`]).
+        pub fn with_retry(self, window: std::time::Duration) -> Self {
+            Self(self.0.with_retry(window))
         }
         pub async fn networks(&self) -> Result<Vec<NetworkStatus>, ClientError> {
-            self.http.get(routes::NETWORKS).await
+            self.0.send(&routes::NETWORKS, &[], None).await
         }
         pub async fn network(&self, name: &str) -> Result<NetworkStatus, ClientError> {
-            self.http.get(&fill(routes::NETWORK, &[name])).await
+            self.0.send(&routes::NETWORK, &[name], None).await
         }
         pub async fn ensure_network(&self, spec: &NetworkSpec) -> Result<NetworkStatus, ClientError> {
-            self.http
-                .call(Method::PUT, &fill(routes::NETWORK, &[&spec.name]), Some(spec))
-                .await
+            self.0.send(&routes::PUT_NETWORK, &[&spec.name], Some(spec)).await
         }
         pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
-            self.http
-                .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::NETWORK, &[name]), None)
-                .await
-                .map(|_| ())
+            self.0.send(&routes::DELETE_NETWORK, &[name], None).await
         }
         /// The host's network facts (its resolvers).
         pub async fn host(&self) -> Result<super::HostNetwork, ClientError> {
-            self.http.get(routes::HOST).await
+            self.0.send(&routes::HOST, &[], None).await
         }
         pub async fn ports(&self) -> Result<Vec<Port>, ClientError> {
-            self.http.get(routes::PORTS).await
+            self.0.send(&routes::PORTS, &[], None).await
         }
         pub async fn ensure_port(&self, id: &str, spec: &PortSpec) -> Result<Port, ClientError> {
-            self.http
-                .call(Method::PUT, &fill(routes::PORT, &[id]), Some(spec))
-                .await
+            self.0.send(&routes::PUT_PORT, &[id], Some(spec)).await
         }
         /// Many ports at once, all or nothing.
         pub async fn ensure_ports(
             &self,
-            specs: &std::collections::BTreeMap<String, PortSpec>,
-        ) -> Result<std::collections::BTreeMap<String, Port>, ClientError> {
-            self.http.call(Method::PUT, routes::PORTS, Some(specs)).await
+            specs: &BTreeMap<String, PortSpec>,
+        ) -> Result<BTreeMap<String, Port>, ClientError> {
+            self.0.send(&routes::PUT_PORTS, &[], Some(specs)).await
         }
         pub async fn delete_port(&self, id: &str) -> Result<(), ClientError> {
-            self.http
-                .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::PORT, &[id]), None)
-                .await
-                .map(|_| ())
+            self.0.send(&routes::DELETE_PORT, &[id], None).await
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The `netd` binary: serves netd's API on a Unix socket.
+//! The `netd` binary: serves netd's API on a Unix socket (and, with `--listen-tls`, over TCP with TLS and a token).
 
 use std::path::PathBuf;
 
@@ -11,6 +11,9 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/netd.sock")]
     socket: PathBuf,
+    /// Also serve over TCP with TLS and a token (for an api on another host).
+    #[command(flatten)]
+    listen: socket_http::server::Listen,
     /// Persistent state: networks, IPAM, ports.
     #[arg(long, default_value = "/var/lib/hearth/netd")]
     state_dir: PathBuf,
@@ -25,8 +28,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = NetdConfig::new(args.state_dir);
     config.dnsmasq_binary = args.dnsmasq_binary;
     let svc = NetworkService::open(config).await?;
-    socket_http::server::serve_unix(
+    socket_http::server::serve(
         args.socket,
+        args.listen.tls(),
         netd::http::router(svc),
         socket_http::server::shutdown_signal(),
     )

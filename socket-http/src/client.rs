@@ -1,8 +1,12 @@
 //! A small HTTP/1.1 client for JSON APIs on Unix sockets (hearth daemons, Cloud
-//! Hypervisor's `--api-socket`). One connection per request keeps it robust across
+//! Hypervisor's `--api-socket`) or, for a daemon on another host, over TCP with TLS
+//! and a token ([`crate::tls`]). One connection per request keeps it robust across
 //! daemon restarts; the cost is tens of microseconds on a local socket.
+//!
+//! [`Client::send`] calls a daemon's typed [`Route`]: the route's request and answer
+//! types are the ones its router serves, so a daemon's client is its routes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,16 +17,40 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{ErrorBody, ErrorEnvelope};
+use crate::route::Route;
+use crate::tls::TlsTarget;
+
+/// Where a daemon (or any JSON API) is reached.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A Unix socket on this host.
+    Unix(PathBuf),
+    /// TCP with TLS and a bearer token.
+    Tls(TlsTarget),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tls(t) => write!(f, "https://{}", t.addr),
+        }
+    }
+}
+
+/// A connection of either kind.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Why a call to a Unix-socket API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach {socket}: {source}")]
-    Connect { socket: PathBuf, source: std::io::Error },
-    #[error("HTTP exchange with {socket} failed: {message}")]
-    Transport { socket: PathBuf, message: String },
-    #[error("{socket} did not answer within {timeout:?}")]
-    Timeout { socket: PathBuf, timeout: Duration },
+    #[error("cannot reach {endpoint}: {source}")]
+    Connect { endpoint: String, source: std::io::Error },
+    #[error("HTTP exchange with {endpoint} failed: {message}")]
+    Transport { endpoint: String, message: String },
+    #[error("{endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
     #[error("{message}")]
     Api {
         status: StatusCode,
@@ -30,8 +58,8 @@ pub enum ClientError {
         message: String,
         details: Option<serde_json::Value>,
     },
-    #[error("unexpected response from {socket}: {message}")]
-    Decode { socket: PathBuf, message: String },
+    #[error("unexpected response from {endpoint}: {message}")]
+    Decode { endpoint: String, message: String },
 }
 
 impl ClientError {
@@ -72,10 +100,10 @@ pub struct RawResponse {
     pub body: Bytes,
 }
 
-/// Client for one Unix socket.
+/// The client of one endpoint.
 #[derive(Debug, Clone)]
-pub struct UnixClient {
-    socket: PathBuf,
+pub struct Client {
+    endpoint: Endpoint,
     timeout: Duration,
     retry_for: Duration,
 }
@@ -103,10 +131,19 @@ fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::PUT | Method::DELETE | Method::HEAD)
 }
 
-impl UnixClient {
+/// The name most callers know it by: most endpoints are Unix sockets.
+pub type UnixClient = Client;
+
+impl Client {
+    /// A client of the Unix socket at `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self::to(Endpoint::Unix(socket.into()))
+    }
+
+    /// A client of `endpoint`.
+    pub fn to(endpoint: Endpoint) -> Self {
         Self {
-            socket: socket.into(),
+            endpoint,
             timeout: Duration::from_secs(120),
             retry_for: Duration::ZERO,
         }
@@ -125,8 +162,56 @@ impl UnixClient {
         self
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn name(&self) -> String {
+        self.endpoint.to_string()
+    }
+
+    /// Opens a connection to the endpoint (TLS handshake done): what a WebSocket
+    /// rides on. A TLS endpoint needs [`Client::authorization`] on the request.
+    pub async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        let connect = |source| ClientError::Connect {
+            endpoint: self.name(),
+            source,
+        };
+        Ok(match &self.endpoint {
+            Endpoint::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect)?),
+            Endpoint::Tls(t) => Box::new(t.connect().await.map_err(connect)?),
+        })
+    }
+
+    /// The `Authorization` header a request to this endpoint carries, if any.
+    pub fn authorization(&self) -> Option<String> {
+        match &self.endpoint {
+            Endpoint::Unix(_) => None,
+            Endpoint::Tls(t) => Some(t.authorization()),
+        }
+    }
+
+    /// Calls `route` with its placeholders filled by `params`, in order: the request
+    /// and answer types are the route's, as the daemon's router serves it.
+    pub async fn send<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        route: &Route<Req, Resp>,
+        params: &[&str],
+        body: Option<&Req>,
+    ) -> Result<Resp, ClientError> {
+        self.call(route.method.clone(), &route.at(params), body).await
+    }
+
+    /// [`Client::send`] for a POST whose repetition has the effect of one request
+    /// (see [`Client::call_repeatable`]).
+    pub async fn send_repeatable<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        route: &Route<Req, Resp>,
+        params: &[&str],
+        body: Option<&Req>,
+    ) -> Result<Resp, ClientError> {
+        self.call_repeatable(route.method.clone(), &route.at(params), body)
+            .await
     }
 
     /// Sends one request and returns status and body, whatever the status.
@@ -149,13 +234,13 @@ impl UnixClient {
             let result = match tokio::time::timeout(self.timeout, fut).await {
                 Ok(r) => r,
                 Err(_) => Err(ClientError::Timeout {
-                    socket: self.socket.clone(),
+                    endpoint: self.name(),
                     timeout: self.timeout,
                 }),
             };
             match result {
                 Err(e) if may_retry(repeatable, &e) && started.elapsed() + pause <= self.retry_for => {
-                    tracing::debug!(socket = %self.socket.display(), %method, path, "retrying: {e}");
+                    tracing::debug!(endpoint = %self.endpoint, %method, path, "retrying: {e}");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
@@ -165,7 +250,7 @@ impl UnixClient {
     }
 
     async fn raw_inner(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<RawResponse, ClientError> {
-        let (resp, conn_task) = self.send(method, path, body).await?;
+        let (resp, conn_task) = self.open(method, path, body).await?;
         let status = resp.status();
         let body = resp
             .into_body()
@@ -179,25 +264,20 @@ impl UnixClient {
 
     fn transport(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
-            socket: self.socket.clone(),
+            endpoint: self.name(),
             message: e.to_string(),
         }
     }
 
     /// Opens a connection, sends one request and returns the response head with its
     /// still unread body, and the task driving the connection.
-    async fn send(
+    async fn open(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(http::Response<hyper::body::Incoming>, tokio::task::JoinHandle<()>), ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.transport(e))?;
@@ -208,6 +288,9 @@ impl UnixClient {
             .method(method)
             .uri(encode_path(path))
             .header(http::header::HOST, "localhost");
+        if let Some(auth) = self.authorization() {
+            req = req.header(http::header::AUTHORIZATION, auth);
+        }
         let payload = match body {
             Some(b) => {
                 req = req
@@ -231,11 +314,11 @@ impl UnixClient {
     /// (within the client's timeout) and returns the body to read as it arrives. The
     /// connection closes when the body is dropped. A non-success status is an error.
     pub async fn stream(&self, path: &str) -> Result<Streaming, ClientError> {
-        let (resp, conn_task) = match tokio::time::timeout(self.timeout, self.send(Method::GET, path, None)).await {
+        let (resp, conn_task) = match tokio::time::timeout(self.timeout, self.open(Method::GET, path, None)).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(ClientError::Timeout {
-                    socket: self.socket.clone(),
+                    endpoint: self.name(),
                     timeout: self.timeout,
                 })
             }
@@ -269,9 +352,9 @@ impl UnixClient {
         self.call_with(method, path, body, repeatable).await
     }
 
-    /// [`UnixClient::call`] for a POST whose repetition has the effect of one request
+    /// [`Client::call`] for a POST whose repetition has the effect of one request
     /// (an "ensure" such as starting a VM that may already run): with
-    /// [`UnixClient::with_retry`] it is sent again when the connection broke before the
+    /// [`Client::with_retry`] it is sent again when the connection broke before the
     /// answer.
     pub async fn call_repeatable<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -291,7 +374,7 @@ impl UnixClient {
     ) -> Result<T, ClientError> {
         let encoded = match body {
             Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::Decode {
-                socket: self.socket.clone(),
+                endpoint: self.name(),
                 message: format!("cannot encode request: {e}"),
             })?),
             None => None,
@@ -306,7 +389,7 @@ impl UnixClient {
             resp.body
         };
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            socket: self.socket.clone(),
+            endpoint: self.name(),
             message: format!("{e}"),
         })
     }
@@ -333,7 +416,7 @@ impl UnixClient {
                 code: "upstream".into(),
                 message: format!(
                     "{} answered {}: {}",
-                    self.socket.display(),
+                    self.endpoint,
                     resp.status,
                     String::from_utf8_lossy(&resp.body).trim()
                 ),
@@ -343,7 +426,7 @@ impl UnixClient {
     }
 }
 
-/// The body of a response read as it arrives ([`UnixClient::stream`]).
+/// The body of a response read as it arrives ([`Client::stream`]).
 pub struct Streaming {
     body: hyper::body::Incoming,
     conn_task: tokio::task::JoinHandle<()>,
@@ -361,7 +444,7 @@ impl Streaming {
                 }
                 Err(e) => {
                     return Some(Err(ClientError::Transport {
-                        socket: PathBuf::new(),
+                        endpoint: String::new(),
                         message: e.to_string(),
                     }))
                 }

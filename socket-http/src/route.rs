@@ -1,6 +1,69 @@
-//! Route templates a daemon's router and its client share, so the two cannot drift:
-//! each daemon names its routes once (`routes` in its http module), registers the
-//! templates with axum and fills them here for its client.
+//! Routes a daemon's router and its client share, so the two cannot drift: each
+//! daemon names its routes once (`routes` in its http module) as typed [`Route`]s
+//! (method, path template, request and answer types), registers them with axum
+//! ([`Route::on`]) and its client calls them ([`crate::Client::send`]).
+
+use std::marker::PhantomData;
+
+use axum::handler::Handler;
+use axum::routing::{MethodFilter, MethodRouter};
+use http::Method;
+
+/// One route of a daemon: `Req` is the JSON body it takes (`()`: none), `Resp` the
+/// JSON it answers with (`()`: an empty body).
+pub struct Route<Req, Resp> {
+    pub method: Method,
+    /// The path template, `{placeholders}` as axum writes them.
+    pub path: &'static str,
+    types: PhantomData<fn(&Req) -> Resp>,
+}
+
+impl<Req, Resp> Route<Req, Resp> {
+    pub const fn new(method: Method, path: &'static str) -> Self {
+        Self {
+            method,
+            path,
+            types: PhantomData,
+        }
+    }
+
+    /// The path with its placeholders filled by `values`, in order (see [`fill`]).
+    pub fn at(&self, values: &[&str]) -> String {
+        fill(self.path, values)
+    }
+
+    /// The route's method served by `handler`, for `Router::route(route.path, …)`.
+    pub fn on<H, T, S>(&self, handler: H) -> MethodRouter<S>
+    where
+        H: Handler<T, S>,
+        T: 'static,
+        S: Clone + Send + Sync + 'static,
+    {
+        let filter = MethodFilter::try_from(self.method.clone())
+            .unwrap_or_else(|_| panic!("route {} {}: a method axum cannot route", self.method, self.path));
+        axum::routing::on(filter, handler)
+    }
+}
+
+/// A `GET` answering `Resp`.
+pub const fn get<Resp>(path: &'static str) -> Route<(), Resp> {
+    Route::new(Method::GET, path)
+}
+
+/// A `PUT` of `Req` answering `Resp`.
+pub const fn put<Req, Resp>(path: &'static str) -> Route<Req, Resp> {
+    Route::new(Method::PUT, path)
+}
+
+/// A `POST` of `Req` answering `Resp`.
+pub const fn post<Req, Resp>(path: &'static str) -> Route<Req, Resp> {
+    Route::new(Method::POST, path)
+}
+
+/// A `DELETE` answering `Resp` (usually `()`: 204).
+pub const fn delete<Resp>(path: &'static str) -> Route<(), Resp> {
+    Route::new(Method::DELETE, path)
+}
 
 /// `template` with its `{placeholders}` replaced by `values`, in order.
 ///

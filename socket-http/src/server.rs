@@ -1,4 +1,5 @@
-//! Serving an axum router on a Unix socket.
+//! Serving a daemon's router: on its Unix socket, and with `--listen-tls` also over
+//! TCP with TLS and a token ([`crate::tls`]) for an api on another host.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -61,6 +62,73 @@ pub async fn serve_unix(
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Where a daemon serves, as its command line says (flattened into each daemon's
+/// arguments, so every daemon takes the same flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Listen {
+    /// Also serve over TCP with TLS on this address (e.g. `0.0.0.0:7443`), for an api
+    /// on another host; needs --tls-cert, --tls-key and --token-file.
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "token_file"])]
+    pub listen_tls: Option<std::net::SocketAddr>,
+    /// The daemon's TLS certificate chain (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// A file whose first line is the token TCP clients must send
+    /// (`Authorization: Bearer`), at least 16 characters.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Listen {
+    /// The TCP side, when asked for.
+    pub fn tls(&self) -> Option<crate::tls::TlsListen> {
+        Some(crate::tls::TlsListen {
+            addr: self.listen_tls?,
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            token_file: self.token_file.clone()?,
+        })
+    }
+}
+
+/// Serves `router` on the Unix socket `socket` and, when `tls` is given, on its TCP
+/// address behind TLS and the token, until `shutdown` resolves.
+pub async fn serve(
+    socket: PathBuf,
+    tls: Option<crate::tls::TlsListen>,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let Some(tls) = tls else {
+        return serve_unix(socket, router, shutdown).await;
+    };
+    let invalid = |e: crate::tls::TlsError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+    let token = crate::tls::read_token(&tls.token_file).map_err(invalid)?;
+    let listener = crate::tls::TlsListener::bind(&tls).await.map_err(invalid)?;
+    tracing::info!(addr = %tls.addr, "listening with TLS");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tcp_router = run_to_completion(crate::tls::with_token(router.clone(), token));
+    let mut rx = stop_rx.clone();
+    let tcp = tokio::spawn(async move {
+        axum::serve(listener, tcp_router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let result = serve_unix(socket, router, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    let _ = tcp.await;
+    drop(stop_rx);
     result
 }
 

@@ -1,37 +1,33 @@
-//! The client for vmm-manager's Unix-socket API, used by the api.
+//! vmm-manager's client: typed calls and its streams, over any endpoint.
 
 use std::path::PathBuf;
 
-use http::Method;
-use socket_http::route::fill;
-use socket_http::{ClientError, UnixClient};
-use tokio::net::UnixStream;
+use socket_http::client::Io;
+use socket_http::{Client, ClientError};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::http::routes;
-use crate::spec::{VmAction, VmEvent, VmInfo, VmSpec};
+use crate::spec::{DiskSpec, VmAction, VmEvent, VmInfo, VmSpec};
 
-/// Typed calls to vmm-manager.
+/// vmm-manager's callers' view of it: the one client (`socket_http::Client`, any
+/// endpoint, Unix socket or TLS) and vmm-manager's typed routes; these are shorthands
+/// for the calls made most, and the streams (events, console, VNC) JSON calls cannot
+/// carry.
 #[derive(Debug, Clone)]
-pub struct VmmClient {
-    http: UnixClient,
-}
+pub struct VmmClient(pub Client);
 
 impl VmmClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self {
-            http: UnixClient::new(socket),
-        }
+        Self(Client::new(socket))
     }
 
-    /// Rides out a restart of vmm-manager (see [`UnixClient::with_retry`]).
-    pub fn with_retry(mut self, window: std::time::Duration) -> Self {
-        self.http = self.http.with_retry(window);
-        self
+    /// Rides out a restart of vmm-manager (see [`Client::with_retry`]).
+    pub fn with_retry(self, window: std::time::Duration) -> Self {
+        Self(self.0.with_retry(window))
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>, ClientError> {
-        self.http.get(routes::VMS).await
+        self.0.send(&routes::VMS, &[], None).await
     }
 
     /// Follows vmm-manager's state changes (`GET /events`). Subscribed once this
@@ -39,133 +35,125 @@ impl VmmClient {
     /// ends (vmm-manager stopped, or this reader fell behind and must list again).
     pub async fn events(&self) -> Result<VmEvents, ClientError> {
         Ok(VmEvents {
-            body: self.http.stream(routes::EVENTS).await?,
+            body: self.0.stream(routes::EVENTS.path).await?,
             buf: Vec::new(),
             idle: None,
         })
     }
 
     pub async fn get(&self, id: &str) -> Result<VmInfo, ClientError> {
-        self.http.get(&fill(routes::VM, &[id])).await
+        self.0.send(&routes::VM, &[id], None).await
     }
 
     pub async fn ensure(&self, spec: &VmSpec) -> Result<VmInfo, ClientError> {
-        self.http
-            .call(Method::PUT, &fill(routes::VM, &[&spec.id]), Some(spec))
-            .await
+        self.0.send(&routes::PUT_VM, &[&spec.id], Some(spec)).await
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.http
-            .call::<(), serde_json::Value>(Method::DELETE, &fill(routes::VM, &[id]), None)
-            .await
-            .map(|_| ())
+        self.0.send(&routes::DELETE_VM, &[id], None).await
     }
 
-    /// `action` is one of start, stop, reboot, pause, resume.
     /// Attaches a disk (hot-plugged if the VM runs).
-    pub async fn attach_disk(&self, id: &str, disk: &crate::spec::DiskSpec) -> Result<VmInfo, ClientError> {
-        self.http
-            .call(Method::PUT, &fill(routes::VM_DISK, &[id, &disk.id]), Some(disk))
-            .await
+    pub async fn attach_disk(&self, id: &str, disk: &DiskSpec) -> Result<VmInfo, ClientError> {
+        self.0.send(&routes::VM_DISK, &[id, &disk.id], Some(disk)).await
     }
 
     pub async fn detach_disk(&self, id: &str, disk_id: &str) -> Result<VmInfo, ClientError> {
-        self.http
-            .call::<(), VmInfo>(Method::DELETE, &fill(routes::VM_DISK, &[id, disk_id]), None)
-            .await
+        self.0.send(&routes::DELETE_VM_DISK, &[id, disk_id], None).await
     }
 
     /// Tells a running VM that disk `disk_id` grew to `size_bytes`.
     pub async fn resize_disk(&self, id: &str, disk_id: &str, size_bytes: u64) -> Result<VmInfo, ClientError> {
         let body = crate::http::ResizeDisk { size_bytes };
-        self.http
-            .call(Method::POST, &fill(routes::VM_DISK_RESIZE, &[id, disk_id]), Some(&body))
-            .await
+        self.0.send(&routes::VM_DISK_RESIZE, &[id, disk_id], Some(&body)).await
     }
 
+    /// Start and stop may be sent again when vmm-manager died before answering.
     pub async fn action(&self, id: &str, action: VmAction, force: bool) -> Result<VmInfo, ClientError> {
+        let route = &routes::VM_ACTION;
         let q = if force { "?force=true" } else { "" };
-        let path = format!("{}{q}", fill(routes::VM_ACTION, &[id, action.as_str()]));
+        let path = format!("{}{q}", route.at(&[id, action.as_str()]));
         if action.is_idempotent() {
-            self.http.call_repeatable::<(), VmInfo>(Method::POST, &path, None).await
+            self.0
+                .call_repeatable::<(), VmInfo>(route.method.clone(), &path, None)
+                .await
         } else {
-            self.http.call::<(), VmInfo>(Method::POST, &path, None).await
+            self.0.call::<(), VmInfo>(route.method.clone(), &path, None).await
         }
     }
 
     pub async fn console_log(&self, id: &str, max_bytes: usize) -> Result<bytes::Bytes, ClientError> {
-        let resp = self
-            .http
-            .raw(
-                Method::GET,
-                &format!("{}?bytes={max_bytes}", fill(routes::CONSOLE_LOG, &[id])),
-                None,
-            )
-            .await?;
+        let route = &routes::CONSOLE_LOG;
+        let path = format!("{}?bytes={max_bytes}", route.at(&[id]));
+        let resp = self.0.raw(route.method.clone(), &path, None).await?;
         if resp.status.is_success() {
             Ok(resp.body)
         } else {
-            Err(self.http.api_error(&resp))
+            Err(self.0.api_error(&resp))
         }
     }
 
     /// The host's CPUs, memory, hypervisors and vmm-manager's version.
     pub async fn host(&self) -> Result<crate::spec::HostFacts, ClientError> {
-        self.http.get(routes::HOST).await
+        self.0.send(&routes::HOST, &[], None).await
     }
 
     pub async fn hypervisors(&self) -> Result<Vec<crate::service::HypervisorAvailability>, ClientError> {
-        self.http.get(routes::HYPERVISORS).await
+        self.0.send(&routes::HYPERVISORS, &[], None).await
     }
 
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
-        self.http.get("/health").await
+        self.0.get("/health").await
     }
 
-    /// Opens the console WebSocket over the Unix socket. With `takeover`, a writer takes
-    /// the keyboard from the client that has it.
+    /// Opens the console WebSocket. With `takeover`, a writer takes the keyboard from
+    /// the client that has it.
     pub async fn console(
         &self,
         id: &str,
         write: bool,
         takeover: bool,
-    ) -> Result<WebSocketStream<UnixStream>, ClientError> {
+    ) -> Result<WebSocketStream<Box<dyn Io>>, ClientError> {
         self.websocket(&format!(
             "{}?write={write}&takeover={takeover}",
-            fill(routes::CONSOLE, &[id])
+            routes::CONSOLE.at(&[id])
         ))
         .await
     }
 
     /// Opens the VNC (RFB over WebSocket) stream of a QEMU VM with a display.
-    pub async fn vnc(&self, id: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {
-        self.websocket(&fill(routes::VNC, &[id])).await
+    pub async fn vnc(&self, id: &str) -> Result<WebSocketStream<Box<dyn Io>>, ClientError> {
+        self.websocket(&routes::VNC.at(&[id])).await
     }
 
-    async fn websocket(&self, path: &str) -> Result<WebSocketStream<UnixStream>, ClientError> {
-        let socket = self.http.socket().to_path_buf();
-        let stream = UnixStream::connect(&socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                socket: socket.clone(),
-                source,
-            })?;
-        let url = format!("ws://localhost{path}");
-        match tokio_tungstenite::client_async(url, stream).await {
+    async fn websocket(&self, path: &str) -> Result<WebSocketStream<Box<dyn Io>>, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let stream = self.0.connect().await?;
+        let endpoint = self.0.endpoint().to_string();
+        let transport = |message: String| ClientError::Transport {
+            endpoint: endpoint.clone(),
+            message,
+        };
+        let mut request = format!("ws://localhost{path}")
+            .into_client_request()
+            .map_err(|e| transport(e.to_string()))?;
+        if let Some(auth) = self.0.authorization() {
+            let value = auth
+                .parse()
+                .map_err(|e: http::header::InvalidHeaderValue| transport(e.to_string()))?;
+            request.headers_mut().insert(http::header::AUTHORIZATION, value);
+        }
+        match tokio_tungstenite::client_async(request, stream).await {
             Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status();
                 let body = resp.body().clone().unwrap_or_default();
-                Err(self.http.api_error(&socket_http::client::RawResponse {
+                Err(self.0.api_error(&socket_http::client::RawResponse {
                     status,
                     body: body.into(),
                 }))
             }
-            Err(e) => Err(ClientError::Transport {
-                socket,
-                message: e.to_string(),
-            }),
+            Err(e) => Err(transport(e.to_string())),
         }
     }
 }
@@ -200,7 +188,7 @@ impl VmEvents {
                     Ok(c) => c?,
                     Err(_) => {
                         return Some(Err(ClientError::Timeout {
-                            socket: std::path::PathBuf::from("/events"),
+                            endpoint: "/events".into(),
                             timeout: idle,
                         }))
                     }
@@ -228,7 +216,7 @@ fn parse_sse_message(message: &[u8]) -> Option<Result<VmEvent, ClientError>> {
         return None;
     }
     Some(serde_json::from_str(&data.join("\n")).map_err(|e| ClientError::Decode {
-        socket: std::path::PathBuf::from("/events"),
+        endpoint: "/events".into(),
         message: e.to_string(),
     }))
 }

@@ -26,7 +26,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
@@ -41,33 +40,51 @@ type Svc = State<Arc<VmService>>;
 
 /// Every route of vmm-manager's API, named once for the router and the client.
 pub mod routes {
-    pub const VMS: &str = "/vms";
-    pub const VM: &str = "/vms/{id}";
-    /// `{action}` is a [`crate::spec::VmAction`].
-    pub const VM_ACTION: &str = "/vms/{id}/{action}";
-    pub const VM_DISK: &str = "/vms/{id}/disks/{disk}";
-    pub const VM_DISK_RESIZE: &str = "/vms/{id}/disks/{disk}/resize";
-    pub const CONSOLE_LOG: &str = "/vms/{id}/console/log";
-    pub const CONSOLE: &str = "/vms/{id}/console";
-    pub const VNC: &str = "/vms/{id}/vnc";
-    pub const EVENTS: &str = "/events";
-    pub const HYPERVISORS: &str = "/hypervisors";
-    pub const HOST: &str = "/host";
+    use socket_http::route::{delete, get, post, put};
+    use socket_http::Route;
+
+    use super::ResizeDisk;
+    use crate::service::HypervisorAvailability;
+    use crate::spec::{DiskSpec, HostFacts, VmInfo, VmSpec};
+
+    pub const VMS: Route<(), Vec<VmInfo>> = get("/vms");
+    pub const VM: Route<(), VmInfo> = get("/vms/{id}");
+    pub const PUT_VM: Route<VmSpec, VmInfo> = put("/vms/{id}");
+    pub const DELETE_VM: Route<(), ()> = delete("/vms/{id}");
+    /// `{action}` is a [`crate::spec::VmAction`]; `?force=true` stops at once.
+    pub const VM_ACTION: Route<(), VmInfo> = post("/vms/{id}/{action}");
+    pub const VM_DISK: Route<DiskSpec, VmInfo> = put("/vms/{id}/disks/{disk}");
+    pub const DELETE_VM_DISK: Route<(), VmInfo> = delete("/vms/{id}/disks/{disk}");
+    pub const VM_DISK_RESIZE: Route<ResizeDisk, VmInfo> = post("/vms/{id}/disks/{disk}/resize");
+    /// The serial log's last bytes (`?bytes=N`), as bytes, not JSON.
+    pub const CONSOLE_LOG: Route<(), ()> = get("/vms/{id}/console/log");
+    /// A WebSocket: the serial console.
+    pub const CONSOLE: Route<(), ()> = get("/vms/{id}/console");
+    /// A WebSocket: the VNC screen (RFB).
+    pub const VNC: Route<(), ()> = get("/vms/{id}/vnc");
+    /// Server-sent events, each a [`crate::spec::VmEvent`].
+    pub const EVENTS: Route<(), ()> = get("/events");
+    pub const HYPERVISORS: Route<(), Vec<HypervisorAvailability>> = get("/hypervisors");
+    pub const HOST: Route<(), HostFacts> = get("/host");
 }
 
 pub fn router(svc: Arc<VmService>) -> Router {
+    use routes::*;
     Router::new()
-        .route(routes::VMS, get(list))
-        .route(routes::VM, get(show).put(ensure).delete(remove))
-        .route(routes::VM_ACTION, post(action))
-        .route(routes::VM_DISK, axum::routing::put(attach_disk).delete(detach_disk))
-        .route(routes::VM_DISK_RESIZE, post(resize_disk))
-        .route(routes::CONSOLE_LOG, get(console_log))
-        .route(routes::CONSOLE, get(console))
-        .route(routes::VNC, get(vnc))
-        .route(routes::EVENTS, get(events))
-        .route(routes::HYPERVISORS, get(hypervisors))
-        .route(routes::HOST, get(host))
+        .route(VMS.path, VMS.on(list))
+        .route(VM.path, VM.on(show))
+        .route(PUT_VM.path, PUT_VM.on(ensure))
+        .route(DELETE_VM.path, DELETE_VM.on(remove))
+        .route(VM_ACTION.path, VM_ACTION.on(action))
+        .route(VM_DISK.path, VM_DISK.on(attach_disk))
+        .route(DELETE_VM_DISK.path, DELETE_VM_DISK.on(detach_disk))
+        .route(VM_DISK_RESIZE.path, VM_DISK_RESIZE.on(resize_disk))
+        .route(CONSOLE_LOG.path, CONSOLE_LOG.on(console_log))
+        .route(CONSOLE.path, CONSOLE.on(console))
+        .route(VNC.path, VNC.on(vnc))
+        .route(EVENTS.path, EVENTS.on(events))
+        .route(HYPERVISORS.path, HYPERVISORS.on(hypervisors))
+        .route(HOST.path, HOST.on(host))
         .with_state(svc)
         .merge(socket_http::server::health_router("vmm-manager"))
 }

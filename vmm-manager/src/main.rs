@@ -1,4 +1,4 @@
-//! The `vmm-manager` binary: serves vmm-manager's API on a Unix socket.
+//! The `vmm-manager` binary: serves vmm-manager's API on a Unix socket (and, with `--listen-tls`, over TCP with TLS and a token).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +12,9 @@ struct Args {
     /// Unix socket to serve the API on.
     #[arg(long, default_value = "/run/hearth/vmm-manager.sock")]
     socket: PathBuf,
+    /// Also serve over TCP with TLS and a token (for an api on another host).
+    #[command(flatten)]
+    listen: socket_http::server::Listen,
     /// Directory for VM state (`vms/<id>/`: spec, pid, sockets, logs).
     #[arg(long, default_value = "/run/hearth")]
     run_dir: PathBuf,
@@ -40,10 +43,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let svc = VmService::open(config).await?;
     let closing = svc.clone();
-    socket_http::server::serve_unix(args.socket, vmm_manager::http::router(svc), async move {
-        socket_http::server::shutdown_signal().await;
-        closing.close_streams();
-    })
+    socket_http::server::serve(
+        args.socket,
+        args.listen.tls(),
+        vmm_manager::http::router(svc),
+        async move {
+            socket_http::server::shutdown_signal().await;
+            closing.close_streams();
+        },
+    )
     .await?;
     Ok(())
 }

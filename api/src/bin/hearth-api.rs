@@ -27,6 +27,17 @@ struct Args {
     /// Directory of the daemons' sockets (default: /run/hearth, or <data dir>/run with --all-in-one).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
+    /// A daemon reached over TCP with TLS instead of its socket:
+    /// `NAME=https://host:port` (NAME: vmm-manager, netd, blockd or imaged; repeatable).
+    /// Needs --daemon-ca and --daemon-token-file.
+    #[arg(long = "daemon", value_name = "NAME=URL", requires_all = ["daemon_ca", "daemon_token_file"])]
+    daemons: Vec<String>,
+    /// The CA that signed the TLS certificates of the daemons given with --daemon.
+    #[arg(long)]
+    daemon_ca: Option<PathBuf>,
+    /// A file whose first line is the token the daemons given with --daemon accept.
+    #[arg(long)]
+    daemon_token_file: Option<PathBuf>,
     /// Where the desired state lives: `embedded` (<data dir>/store.redb) or
     /// etcd://host:port[,host:port…][/prefix] for several hosts.
     #[arg(long, default_value = "embedded")]
@@ -86,8 +97,30 @@ async fn main() -> anyhow::Result<()> {
             "/run/hearth".into()
         }
     });
+    let mut endpoints = std::collections::BTreeMap::new();
+    if let (Some(ca), Some(token_file)) = (&a.daemon_ca, &a.daemon_token_file) {
+        let token = socket_http::tls::read_token(token_file)?;
+        for d in &a.daemons {
+            let (name, url) = d
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--daemon {d:?}: use NAME=https://host:port"))?;
+            if !hearth_api::daemons::DAEMONS.contains(&name) {
+                anyhow::bail!(
+                    "--daemon {d:?}: no daemon {name:?}; use one of {}",
+                    hearth_api::daemons::DAEMONS.join(", ")
+                );
+            }
+            if a.all_in_one {
+                anyhow::bail!("--daemon {d:?}: --all-in-one runs every daemon in this process");
+            }
+            let target = socket_http::tls::TlsTarget::new(url, ca, token.clone())
+                .map_err(|e| anyhow::anyhow!("--daemon {d:?}: {e}"))?;
+            endpoints.insert(name.to_string(), socket_http::Endpoint::Tls(target));
+        }
+    }
     let config = ApiConfig {
         data_dir: a.data_dir.clone(),
+        endpoints,
         listen: a.listen,
         socket_dir,
         default_hypervisor: a.default_hypervisor.into(),

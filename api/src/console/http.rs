@@ -265,7 +265,7 @@ pub async fn vnc(
         .on_upgrade(move |client| proxy(client, upstream_ws)))
 }
 
-async fn proxy(client: WebSocket, upstream: tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>) {
+async fn proxy(client: WebSocket, upstream: tokio_tungstenite::WebSocketStream<Box<dyn socket_http::client::Io>>) {
     let (mut c_tx, mut c_rx) = client.split();
     let (mut u_tx, mut u_rx) = upstream.split();
     let down = async {

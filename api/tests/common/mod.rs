@@ -179,19 +179,30 @@ impl Stack {
     /// the way the systemd units start them (`<program> --config hearth.toml`), with
     /// every path of the file pointing into the test's data directory.
     pub async fn start_separate(extra: &[&str]) -> Stack {
+        Self::start_separate_tls(extra, &[]).await
+    }
+
+    /// [`Stack::start_separate`] with the daemons named in `over_tls` reached by the
+    /// api over TCP with TLS and a token only (see [`Daemons::new_with_tls`]).
+    pub async fn start_separate_tls(extra: &[&str], over_tls: &[&'static str]) -> Stack {
         let dir = tempfile::Builder::new()
             .prefix("hearth-test-")
             .tempdir()
             .expect("tempdir");
-        let mut daemons = Daemons::new(dir.path());
+        let (mut daemons, mut args) = if over_tls.is_empty() {
+            (Daemons::new(dir.path()), vec![])
+        } else {
+            Daemons::new_with_tls(dir.path(), over_tls)
+        };
         for name in DAEMONS {
             daemons.spawn(name).await;
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut stack = Stack {
             dir,
             child: None,
             key: String::new(),
-            args: extra.iter().map(|s| s.to_string()).collect(),
+            args,
             daemons: Some(daemons),
             env: Vec::new(),
             http: Client::builder(TokioExecutor::new()).build_http(),
@@ -605,6 +616,8 @@ pub struct Daemons {
     dir: PathBuf,
     pub config: PathBuf,
     children: Vec<(&'static str, Child)>,
+    /// Daemons that serve over TCP with TLS, and their ports.
+    tls: Vec<(&'static str, u16)>,
 }
 
 impl Daemons {
@@ -649,7 +662,65 @@ catalog_dir = "{images}"
             dir: dir.to_path_buf(),
             config,
             children: Vec::new(),
+            tls: Vec::new(),
         }
+    }
+
+    /// [`Daemons::new`], with `over_tls` serving over TCP with TLS and a token as on
+    /// another host: their sockets move to `<dir>/private/`, where the api does not
+    /// look, so it can reach them only over TCP. A CA, a certificate for 127.0.0.1 and
+    /// a token are made in `<dir>/pki/`. Returns the api's arguments to reach them.
+    pub fn new_with_tls(dir: &Path, over_tls: &[&'static str]) -> (Daemons, Vec<String>) {
+        let mut daemons = Daemons::new(dir);
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).expect("pki dir");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Subject names of their own: OpenSSL (curl) takes a certificate whose issuer
+        // is its own subject for a self-signed one.
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "hearth test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        leaf.distinguished_name.push(rcgen::DnType::CommonName, "hearth daemon");
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("certificate");
+        std::fs::write(pki.join("ca.pem"), ca_cert.pem()).expect("write");
+        std::fs::write(pki.join("cert.pem"), cert.pem()).expect("write");
+        std::fs::write(pki.join("key.pem"), key.serialize_pem()).expect("write");
+        let token = format!("{:032x}", rand_u128());
+        std::fs::write(pki.join("token"), format!("{token}\n")).expect("write");
+        let mut text = std::fs::read_to_string(&daemons.config).expect("config");
+        let mut args = vec![
+            "--daemon-ca".to_string(),
+            pki.join("ca.pem").display().to_string(),
+            "--daemon-token-file".to_string(),
+            pki.join("token").display().to_string(),
+        ];
+        for name in over_tls {
+            let port = free_tcp_port();
+            let section = format!("[{name}]\n");
+            let (old_socket, new_socket) = (
+                format!("socket = \"{}/run/{name}.sock\"", dir.display()),
+                format!("socket = \"{}/private/{name}.sock\"", dir.display()),
+            );
+            assert!(text.contains(&old_socket), "{name} has a socket line");
+            text = text.replace(&old_socket, &new_socket);
+            text = text.replace(
+                &section,
+                &format!(
+                    "{section}listen_tls = \"127.0.0.1:{port}\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\ntoken_file = \"{t}\"\n",
+                    c = pki.join("cert.pem").display(),
+                    k = pki.join("key.pem").display(),
+                    t = pki.join("token").display(),
+                ),
+            );
+            args.push("--daemon".into());
+            args.push(format!("{name}=https://127.0.0.1:{port}"));
+            daemons.tls.push((name, port));
+        }
+        std::fs::write(&daemons.config, text).expect("hearth.toml");
+        (daemons, args)
     }
 
     /// A daemon's binary: built next to `hearth-api` by `cargo build --workspace`
@@ -668,7 +739,11 @@ catalog_dir = "{images}"
     }
 
     pub fn socket(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("run/{name}.sock"))
+        if self.tls.iter().any(|(n, _)| *n == name) {
+            self.dir.join(format!("private/{name}.sock"))
+        } else {
+            self.dir.join(format!("run/{name}.sock"))
+        }
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -708,6 +783,11 @@ catalog_dir = "{images}"
         }
     }
 
+    /// The TCP port `name` serves TLS on, if it does.
+    pub fn tls_port(&self, name: &str) -> Option<u16> {
+        self.tls.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
+
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.children.iter().find(|(n, _)| *n == name).map(|(_, c)| c.id())
     }
@@ -729,6 +809,27 @@ impl Drop for Daemons {
             self.kill(name, libc::SIGKILL);
         }
     }
+}
+
+/// A TCP port nothing listens on now (on loopback, in the test's namespace).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn rand_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom_fill(&mut b);
+    u128::from_le_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(b))
+        .expect("/dev/urandom");
 }
 
 pub fn create_body(name: &str, hypervisor: &str) -> Value {
