@@ -115,9 +115,10 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
             failed_step: None,
             error: None,
             doing: def.steps.first().map_or("", |s| s.doing).to_string(),
-            context: serde_json::to_value(&context).map_err(|e| ApiError::internal(e.to_string()))?,
+            // Filled in by save().
+            context: serde_json::Value::Null,
         };
-        let saga = Self {
+        let mut saga = Self {
             def,
             record,
             context,
@@ -175,13 +176,12 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
         self.record.doing = doing.to_string();
     }
 
-    async fn save(&self, state: &AppState) -> Result<(), ApiError> {
-        let mut record = self.record.clone();
-        record.context = serde_json::to_value(&self.context).map_err(|e| ApiError::internal(e.to_string()))?;
+    async fn save(&mut self, state: &AppState) -> Result<(), ApiError> {
+        self.record.context = serde_json::to_value(&self.context).map_err(|e| ApiError::internal(e.to_string()))?;
         // Written after every step: the relaxed kind (see StateStore::put_relaxed).
         state
             .store
-            .put_relaxed(&key(&record.id), store::encode(&record))
+            .put_relaxed(&key(&self.record.id), store::encode(&self.record))
             .await?;
         Ok(())
     }

@@ -67,6 +67,41 @@ pub struct AllInOne {
     pub images_dir: PathBuf,
 }
 
+/// A daemon's answer kept for a few seconds ([`HOST_FACTS_TTL`]): host facts (memory,
+/// hypervisors, resolvers) change rarely, and asking for them on every VM create cost a
+/// round trip to a daemon each time.
+pub struct Cached<T> {
+    ttl: Duration,
+    slot: std::sync::Mutex<Option<(std::time::Instant, T)>>,
+}
+
+/// How long host facts are kept.
+pub const HOST_FACTS_TTL: Duration = Duration::from_secs(5);
+
+impl<T: Clone> Cached<T> {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            slot: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The kept answer while it is fresh, else `fetch`'s (kept when it succeeds).
+    pub async fn get_or<E, Fut>(&self, fetch: impl FnOnce() -> Fut) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        if let Some((at, v)) = self.slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(v.clone());
+            }
+        }
+        let v = fetch().await?;
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
+    }
+}
+
 /// What every handler can reach.
 pub struct AppState {
     pub config: ApiConfig,
@@ -92,6 +127,10 @@ pub struct AppState {
     pub interrupted: std::sync::Mutex<Vec<crate::model::Operation>>,
     /// Totals of the periodic reconcile passes.
     pub drift: crate::reconcile::report::Totals,
+    /// vmm-manager's host facts (CPUs, memory, hypervisors), kept briefly.
+    pub host_facts: Cached<vmm_manager::spec::HostFacts>,
+    /// netd's host facts (the resolvers guests get), kept briefly.
+    pub host_network: Cached<netd::http::HostNetwork>,
 }
 
 impl AppState {
@@ -147,5 +186,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         instance: uuid::Uuid::new_v4().to_string(),
         interrupted: std::sync::Mutex::new(interrupted),
         drift: Default::default(),
+        host_facts: Cached::new(HOST_FACTS_TTL),
+        host_network: Cached::new(HOST_FACTS_TTL),
     }))
 }

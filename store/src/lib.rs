@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod etcd;
+mod journal;
 
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;

@@ -19,6 +19,72 @@ async fn embedded_store_passes_the_suite() {
     assert!(dir.path().join("store.redb").exists());
 }
 
+/// What the embedded store's journal of relaxed writes holds comes back after a
+/// restart, each key at its last change (relaxed or not), with revisions that keep
+/// growing; then the journal starts empty.
+#[tokio::test]
+async fn relaxed_writes_survive_a_restart_of_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (last, kept, overwritten, deleted);
+    {
+        let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("open");
+        s.put("sagas/overwritten", b"old".to_vec()).await.expect("put");
+        s.put_relaxed("sagas/overwritten", b"relaxed".to_vec())
+            .await
+            .expect("put_relaxed");
+        kept = s
+            .put_relaxed("sagas/kept", b"step 3".to_vec())
+            .await
+            .expect("put_relaxed");
+        s.put_relaxed("sagas/deleted", b"x".to_vec())
+            .await
+            .expect("put_relaxed");
+        deleted = s.delete("sagas/deleted").await.expect("delete");
+        s.put_relaxed("sagas/settled", b"relaxed".to_vec())
+            .await
+            .expect("put_relaxed");
+        overwritten = s.put("sagas/settled", b"durable".to_vec()).await.expect("put");
+        last = s.put_relaxed("vms/1", b"v".to_vec()).await.expect("put_relaxed");
+        assert!(
+            std::fs::metadata(dir.path().join("store.journal"))
+                .expect("journal")
+                .len()
+                > 0,
+            "relaxed writes went to the journal"
+        );
+        // Dropped without any goodbye, as a killed process would be.
+    }
+    assert!(deleted);
+    let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("reopen");
+    let get = |k: &'static str| {
+        let s = &s;
+        async move { s.get(k).await.expect("get") }
+    };
+    assert_eq!(
+        get("sagas/kept").await.map(|v| (v.value, v.revision)),
+        Some((b"step 3".to_vec(), kept))
+    );
+    assert_eq!(
+        get("sagas/overwritten").await.map(|v| v.value),
+        Some(b"relaxed".to_vec())
+    );
+    assert_eq!(get("sagas/deleted").await, None);
+    assert_eq!(
+        get("sagas/settled").await.map(|v| (v.value, v.revision)),
+        Some((b"durable".to_vec(), overwritten)),
+        "a durable write after a relaxed one wins"
+    );
+    assert_eq!(get("vms/1").await.map(|v| v.revision), Some(last));
+    assert!(s.put("x", vec![]).await.expect("put") > last, "revisions keep growing");
+    assert_eq!(
+        std::fs::metadata(dir.path().join("store.journal"))
+            .expect("journal")
+            .len(),
+        0,
+        "the journal was folded into the file"
+    );
+}
+
 #[tokio::test]
 async fn etcd_store_passes_the_suite_and_survives_an_outage() {
     let mut etcd = Etcd::start(free_port(), free_port());

@@ -171,7 +171,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
     let req = CreateVmCommand::try_from(req)?;
     let (id, name) = (req.id.clone(), req.name.clone());
     // The host's facts from its vmm-manager, not from the machine the api runs on.
-    let host = state.vmm.host().await.map_err(upstream)?;
+    let host = state.host_facts.get_or(|| state.vmm.host()).await.map_err(upstream)?;
     let host_mib = host.memory_mib;
     if req.memory_mib > host_mib {
         return Err(ApiError::unprocessable(format!(

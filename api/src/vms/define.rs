@@ -181,7 +181,12 @@ pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option
         return Ok(None);
     }
     // The resolvers of the host the VM runs on, as its netd sees them.
-    let dns = state.netd.host().await.map_err(upstream)?.resolvers;
+    let dns = state
+        .host_network
+        .get_or(|| state.netd.host())
+        .await
+        .map_err(upstream)?
+        .resolvers;
     let seed = state
         .images
         .seed(&rec.id, &seed_request(rec, dns))

@@ -104,6 +104,53 @@ pub async fn conformance(store: &dyn StateStore) {
     };
     assert_eq!((ev.value.as_deref(), ev.revision), (Some(&b"progress"[..]), r4));
 
+    // A relaxed write and the writes after it: listed with the rest, overwritten,
+    // compared and swapped, deleted, each seen at once.
+    let v4 = store.prefix_version("a/").await.expect("prefix version");
+    let r5 = store.put_relaxed("a/4", b"step 1".to_vec()).await.expect("put_relaxed");
+    assert!(r5 > r4);
+    assert_ne!(store.prefix_version("a/").await.expect("prefix version"), v4);
+    let keys: Vec<String> = store
+        .list("a/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["a/2", "a/3", "a/4"]);
+    let r6 = store.put_relaxed("a/4", b"step 2".to_vec()).await.expect("put_relaxed");
+    assert!(matches!(
+        store.compare_and_swap("a/4", Some(r5), b"stale".to_vec()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    let r7 = store
+        .compare_and_swap("a/4", Some(r6), b"settled".to_vec())
+        .await
+        .expect("cas over a relaxed write");
+    assert_eq!(
+        store.get("a/4").await.expect("get"),
+        Some(Versioned {
+            value: b"settled".to_vec(),
+            revision: r7
+        })
+    );
+    let r8 = store.put_relaxed("a/4", b"again".to_vec()).await.expect("put_relaxed");
+    let r9 = store.put("a/4", b"plain".to_vec()).await.expect("put");
+    assert!(r9 > r8);
+    assert_eq!(
+        store.get("a/4").await.expect("get").map(|v| v.value),
+        Some(b"plain".to_vec())
+    );
+    store.put_relaxed("a/4", b"last".to_vec()).await.expect("put_relaxed");
+    assert!(store.delete("a/4").await.expect("delete"), "a relaxed key deletes");
+    assert!(!store.delete("a/4").await.expect("delete"), "and is gone");
+    assert_eq!(store.get("a/4").await.expect("get"), None);
+    assert!(!store.list("a/").await.expect("list").iter().any(|(k, _)| k == "a/4"));
+    assert!(matches!(
+        store.compare_and_swap("a/4", None, b"fresh".to_vec()).await,
+        Ok(r) if r > r9
+    ));
+
     // Concurrent create-only CAS: exactly one wins.
     let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
