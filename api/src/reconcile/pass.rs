@@ -333,6 +333,7 @@ async fn recover_sagas(state: &AppState, report: &mut Report) -> Result<(), ApiE
         let outcome = match record.kind.as_str() {
             "vm.create" => recover(state, &crate::vms::create::VM_CREATE, record).await,
             "vm.delete" => recover(state, &crate::vms::delete::VM_DELETE, record).await,
+            "volume.attach" => recover(state, &crate::volumes::attach::VOLUME_ATTACH, record).await,
             other => Recovered::Stuck(format!("no saga of kind {other} is known to this api")),
         };
         match outcome {

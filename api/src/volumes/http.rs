@@ -37,7 +37,7 @@ use crate::volumes::records::{
     SizeRequest, SourceRequest, VolumeRecord,
 };
 use crate::volumes::view::{Export, Snapshot, Volume};
-use crate::volumes::work::{claim, disk_spec, make_volume, release, remove, resize_remote};
+use crate::volumes::work::{make_volume, release, remove, resize_remote};
 
 type AppS = State<std::sync::Arc<crate::state::AppState>>;
 
@@ -379,7 +379,7 @@ pub async fn attach(
 ) -> Result<Json<Volume>, ApiError> {
     let project = caller.project.as_str();
     find_record(&state, project, &name).await?;
-    let (mut vm, rev) = crate::vms::records::resolve(&state, project, &req.vm).await?;
+    let (vm, rev) = crate::vms::records::resolve(&state, project, &req.vm).await?;
     if vm.phase != crate::model::Phase::Ready {
         return Err(ApiError::conflict(format!(
             "VM {} is being created or deleted",
@@ -398,23 +398,7 @@ pub async fn attach(
         via: req.via,
         read_only: req.read_only,
     };
-    let att = claim(&state, &vm, &request, &vm.volumes).await?;
-    let done = async {
-        let disk = disk_spec(&state, project, &att).await?;
-        state.vmm.attach_disk(&vm.id, &disk).await.map_err(upstream)?;
-        vm.volumes.push(att.clone());
-        state
-            .store
-            .compare_and_swap(&format!("vms/{}", vm.id), Some(rev), store::encode(&vm))
-            .await
-            .map_err(ApiError::from)
-    }
-    .await;
-    if let Err(e) = done {
-        let _ = state.vmm.detach_disk(&vm.id, &att.disk).await;
-        release(&state, project, &att).await;
-        return Err(e);
-    }
+    crate::volumes::attach::attach(&state, vm, rev, request).await?;
     let rec = find_record(&state, project, &name).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))

@@ -288,17 +288,22 @@ pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> R
     })
 }
 
-/// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
-pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
+/// Undoes `disk_spec`: the vhost-user socket (or the remote disk) goes.
+pub async fn unexport(state: &AppState, project: &str, a: &AttachedVolume) -> Result<(), ApiError> {
     let remote = find_record(state, project, &a.volume).await.ok().and_then(|r| r.remote);
     let host = host_name(project, &a.volume);
-    let undone = match (remote, a.via) {
+    match (remote, a.via) {
         (Some(_), _) => state.blockd.delete_remote_disk(&host).await,
         (None, AttachVia::VhostUser) => state.blockd.unexport(&host, "vhost-user").await,
         (None, AttachVia::File) => Ok(()),
-    };
-    if let Err(e) = undone {
-        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
+    }
+    .map_err(blockd_error)
+}
+
+/// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
+pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
+    if let Err(e) = unexport(state, project, a).await {
+        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {}", e.body.message);
     }
     if let Err(e) = state.store.delete(&claim_key(project, &a.volume)).await {
         tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");

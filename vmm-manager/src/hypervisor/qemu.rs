@@ -504,15 +504,40 @@ impl Hypervisor for QemuDriver {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            // Whatever backend the disk had; the ones it did not have answer with an error.
-            for (cmd, args) in [
+            // Whatever backend the disk had; the ones it did not have answer "not found".
+            // The device leaves query-pci before QEMU has let go of its backend: until
+            // then the backend is "busy" and is asked again (a chardev left behind would
+            // refuse the next disk of the same id).
+            let mut left = vec![
                 ("blockdev-del", json!({"node-name": disk_id})),
                 ("blockdev-del", json!({"node-name": format!("{disk_id}-file")})),
                 ("chardev-remove", json!({"id": format!("{disk_id}-chr")})),
-            ] {
-                let _ = qmp::execute(&qmp_socket, cmd, Some(args)).await;
+            ];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut busy = Vec::new();
+                for (cmd, args) in left {
+                    match qmp::execute(&qmp_socket, cmd, Some(args.clone())).await {
+                        Err(VmmError::Refused { message, .. })
+                            if message.contains("busy") || message.contains("in use") =>
+                        {
+                            busy.push((cmd, args))
+                        }
+                        _ => {}
+                    }
+                }
+                if busy.is_empty() {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(VmmError::Refused {
+                        action: busy[0].0.into(),
+                        message: format!("QEMU still holds the backend of disk {disk_id} after 10 s"),
+                    });
+                }
+                left = busy;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Ok(())
         })
     }
 
