@@ -324,6 +324,8 @@ pub enum Recovered {
     Undone,
     /// It could not be settled now (a daemon refused an undo); the next pass tries again.
     Stuck(String),
+    /// Taken over by this process and finishing in a task (see [`recover_in_background`]).
+    Resumed,
 }
 
 /// Resumes or undoes a saga left by a process that is gone, per its definition's pivot.
@@ -358,6 +360,34 @@ pub async fn recover<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
         SagaState::Undone => Recovered::Undone,
         _ => Recovered::Stuck(saga.record.error.clone().unwrap_or_default()),
     }
+}
+
+/// [`recover`] for a saga whose remaining steps may take long (an import following a
+/// download): one past its pivot is taken over (its record names this process from
+/// now on, so no later pass takes it up again) and finished in a task, so the api
+/// serves meanwhile; one before its pivot is undone now.
+pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
+    state: &std::sync::Arc<AppState>,
+    def: &'static SagaDef<C>,
+    record: SagaRecord,
+) -> Recovered {
+    let forwards = record.state == SagaState::Running && record.done >= def.pivot;
+    if !forwards {
+        return recover(state, def, record).await;
+    }
+    let mut saga = match Saga::adopt(state, def, record) {
+        Ok(s) => s,
+        Err(e) => return Recovered::Stuck(e.body.message),
+    };
+    if let Err(e) = saga.save(state).await {
+        return Recovered::Stuck(e.body.message);
+    }
+    tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "resuming a saga past its pivot in a task");
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let _ = saga.finish(&task_state).await;
+    });
+    Recovered::Resumed
 }
 
 /// Sagas in the store that no live process of this api runs: those of earlier

@@ -445,3 +445,60 @@ fn an_attach_that_fails_or_is_killed_after_any_step_is_whole_or_gone() {
         assert_attached(&stack, &id, true, "attach without a fault").await;
     });
 }
+
+const IMPORT_STEPS: [&str; 2] = ["start", "follow"];
+
+/// An import killed after its job started still ends: the api started again follows
+/// the same job (in a task, serving meanwhile) and its operation says how it ended,
+/// where it used to be failed with "the api restarted"; killed before its operation
+/// was recorded, the import still completes.
+#[test]
+fn an_import_killed_after_any_step_still_ends_its_operation() {
+    in_private_netns(|| async {
+        let mut stack = Stack::start(&[]).await;
+        let tiny = common::images_dir().join("tiny");
+        for step in IMPORT_STEPS {
+            let case = format!("import killed after {step}");
+            let name = format!("copy-{step}");
+            restart_with(&mut stack, Some(format!("image.import/{step}=crash")), None).await;
+            let key = stack.key.clone();
+            let body = json!({"name": name, "path": tiny.display().to_string()}).to_string();
+            let answer = stack
+                .request_as("POST", "/v1/images", Some(body.as_bytes()), Some(&key))
+                .await;
+            wait_for_crash(&mut stack, &case);
+            restart_with(&mut stack, None, None).await;
+            let (_, ops) = stack.call("GET", "/v1/operations", None).await;
+            let op = ops
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|o| o["kind"] == "image.import" && o["target_id"] == name.as_str())
+                .cloned();
+            match (step, op) {
+                // Killed before its operation was recorded (the client saw the
+                // connection break): the job still runs to its end.
+                ("start", None) => assert!(answer.as_ref().map_or(true, |(s, _)| *s != 202), "{case}: {answer:?}"),
+                (_, Some(op)) => {
+                    let op = stack.wait_op(&json!({ "operation": op })).await;
+                    assert_eq!(op["status"], "succeeded", "{case}: {op}");
+                }
+                (_, None) => panic!("{case}: no operation in {ops} (answered {answer:?})"),
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let (status, image) = stack.call("GET", &format!("/v1/images/{name}"), None).await;
+                if status == 200 {
+                    assert!(
+                        image["disk"].is_null() && image["boot"]["kernel_bzimage"] == true,
+                        "{case}: {image}"
+                    );
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{case}: {status} {image}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            assert_eq!(sagas_left(&mut stack).await, Vec::<String>::new(), "{case}");
+        }
+    });
+}

@@ -2,19 +2,17 @@
 //! imaged's job.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use imaged::import::ImportState;
 use serde::Serialize;
 use socket_http::ApiError;
 
 use crate::daemons::upstream;
 use crate::json::JsonBody;
-use crate::model::{Operation, ProgressDetail};
+use crate::model::Operation;
 use crate::state::AppState;
 
 use super::view::{GcReport, Image, ImportRequest};
@@ -79,69 +77,13 @@ pub async fn import(
     JsonBody(req): JsonBody<ImportRequest>,
 ) -> Result<Response, ApiError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.
-    let job = state.images.import(&req.clone().into()).await.map_err(upstream)?;
-    let op = state
-        .ops
-        .start(&caller.project, "image.import", "image", &req.name)
-        .await?;
-    let (task_state, op_id, job_id) = (state.clone(), op.id.clone(), job.id.clone());
-    tokio::spawn(async move { follow(task_state, op_id, job_id).await });
+    let (op, import_id) = super::import::begin(&state, &caller.project, req.into()).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(ImportAccepted {
             operation: op,
-            import_id: job.id,
+            import_id,
         }),
     )
         .into_response())
-}
-
-/// Mirrors imaged's job into the operation until it ends.
-async fn follow(state: Arc<AppState>, op_id: String, job_id: String) {
-    let mut failures = 0;
-    loop {
-        match state.images.import_status(&job_id, 1.0).await {
-            Ok(st) => {
-                failures = 0;
-                match st.state {
-                    ImportState::Running => {
-                        let detail = ProgressDetail {
-                            bytes_done: st.bytes_done,
-                            bytes_total: st.bytes_total,
-                            rate_bytes_per_second: st.rate_bytes_per_second,
-                            eta_seconds: st.eta_seconds,
-                        };
-                        state.ops.progress_detail(&op_id, &st.phase, detail).await;
-                    }
-                    ImportState::Succeeded => {
-                        state.ops.succeed(&op_id).await;
-                        return;
-                    }
-                    ImportState::Failed => {
-                        let body = st.error.unwrap_or_else(|| ApiError::internal("the import failed").body);
-                        let status = st
-                            .error_status
-                            .and_then(|s| StatusCode::from_u16(s).ok())
-                            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                        state.ops.fail(&op_id, &ApiError { status, body }).await;
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                if failures >= 5 {
-                    state
-                        .ops
-                        .fail(
-                            &op_id,
-                            &ApiError::unavailable(format!("lost track of the import in imaged: {e}")),
-                        )
-                        .await;
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
 }

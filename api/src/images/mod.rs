@@ -5,8 +5,10 @@
 //!
 //! - [`http`]: the routes (parse, call, map errors)
 //! - [`view`]: the public types, the api's own: no host path of the image store shows
+//! - [`import`]: the saga that starts an import in imaged and follows it to its end
 
 pub mod http;
+pub mod import;
 pub mod view;
 
 pub use http::remove_image_bases;

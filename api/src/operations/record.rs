@@ -240,7 +240,10 @@ impl Operations {
     async fn with_saga_progress(&self, mut op: Operation) -> Result<Operation, ApiError> {
         if op.status == OperationStatus::Running && op.saga.is_some() {
             if let Some((saga, _)) = store::get_json::<SagaRecord>(self.store.as_ref(), &saga_key(&op.id)).await? {
-                op.progress = saga.doing.clone();
+                // A step that moves data (an import) says its own phase with its bytes.
+                if op.progress_detail.is_none() {
+                    op.progress = saga.doing.clone();
+                }
                 op.saga = Some(saga.progress());
             }
         }

@@ -253,7 +253,7 @@ const RECREATE: &str = "recreate";
 /// The pass at start, before the api serves (nothing of this process runs yet).
 /// Daemons that do not answer are skipped (and said so in the log); the periodic pass
 /// tries again.
-pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
+pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiError> {
     let mut report = Report::default();
     recover_sagas(state, &mut report).await?;
     remove_cut_short(state, &mut report).await?;
@@ -325,8 +325,8 @@ pub async fn reconcile(state: &AppState) -> Result<Report, ApiError> {
 
 /// Resumes or undoes the sagas an earlier api process left (see [`crate::saga`]); one
 /// that cannot be settled now stays for the next pass.
-async fn recover_sagas(state: &AppState, report: &mut Report) -> Result<(), ApiError> {
-    use crate::saga::{recover, Recovered};
+async fn recover_sagas(state: &std::sync::Arc<AppState>, report: &mut Report) -> Result<(), ApiError> {
+    use crate::saga::{recover, recover_in_background, Recovered};
     for record in crate::saga::left_over(state).await? {
         report.examined += 1;
         let id = record.id.clone();
@@ -334,11 +334,13 @@ async fn recover_sagas(state: &AppState, report: &mut Report) -> Result<(), ApiE
             "vm.create" => recover(state, &crate::vms::create::VM_CREATE, record).await,
             "vm.delete" => recover(state, &crate::vms::delete::VM_DELETE, record).await,
             "volume.attach" => recover(state, &crate::volumes::attach::VOLUME_ATTACH, record).await,
+            "image.import" => recover_in_background(state, &crate::images::import::IMAGE_IMPORT, record).await,
             other => Recovered::Stuck(format!("no saga of kind {other} is known to this api")),
         };
         match outcome {
             Recovered::Finished => report.sagas_finished.push(id),
             Recovered::Undone => report.sagas_undone.push(id),
+            Recovered::Resumed => report.sagas_resumed.push(id),
             Recovered::Stuck(why) => {
                 tracing::warn!(saga = %id, "cannot settle the saga now: {why}");
                 report.sagas_stuck.push(format!("{id}: {why}"));
@@ -374,7 +376,7 @@ async fn remove_stale_probes(state: &AppState, report: &mut Report) {
 /// being made. Volume claims are left to the start pass. VMs being created or deleted
 /// are known (their operation runs in this process); VMs vmm-manager lost are defined
 /// again only at start.
-pub async fn live(state: &AppState) -> Result<Report, ApiError> {
+pub async fn live(state: &std::sync::Arc<AppState>) -> Result<Report, ApiError> {
     let mut report = Report::default();
     recover_sagas(state, &mut report).await?;
     remove_cut_short(state, &mut report).await?;
@@ -430,6 +432,10 @@ pub async fn settle_interrupted(state: &AppState, report: Option<&Report>) {
         );
     }
     for op in interrupted {
+        // A saga resumed in a task ends its operation itself, later.
+        if report.is_some_and(|r| r.sagas_resumed.contains(&op.id)) {
+            continue;
+        }
         // A saga the pass resumed ended its operation itself.
         if state
             .ops

@@ -28,9 +28,12 @@ pub struct Report {
     /// VM names (`<project>/<name>`) a crash left claimed by no VM, freed.
     pub names_freed: Vec<String>,
     /// Sagas (by operation id) an earlier api process left: finished (resumed past their
-    /// pivot), undone, or not settled yet (with why).
+    /// pivot), undone, resumed in a task (long ones: an import following its job), or
+    /// not settled yet (with why).
     pub sagas_finished: Vec<String>,
     pub sagas_undone: Vec<String>,
+    #[serde(default)]
+    pub sagas_resumed: Vec<String>,
     pub sagas_stuck: Vec<String>,
     /// How many records and daemon objects the pass looked at.
     #[serde(skip)]
@@ -70,6 +73,7 @@ impl Report {
             + self.networks_recreated.len()
             + self.sagas_finished.len()
             + self.sagas_undone.len()
+            + self.sagas_resumed.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -89,6 +93,7 @@ impl Report {
             && self.networks_recreated.is_empty()
             && self.sagas_finished.is_empty()
             && self.sagas_undone.is_empty()
+            && self.sagas_resumed.is_empty()
             && self.sagas_stuck.is_empty()
     }
 }
