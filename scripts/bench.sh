@@ -8,7 +8,8 @@
 #   Images: a root disk from a 10 GiB image by clone (ext4: qcow2 overlay; XFS loop
 #   mount: reflink) vs a full copy; qcow2 import vs qemu-img convert (image_bench).
 #   VM create path (BASELINE=<commit> only): this tree's api against that commit's,
-#   POST /v1/vms until its operation succeeded, interleaved (bench_create_ab.py).
+#   POST /v1/vms until its operation succeeded, interleaved (bench_create_ab.py); then
+#   GET /v1/vms with 1,000 VMs for both, runs alternated (bench_api.py, embedded store).
 #   REST API: GET /v1/vms with 1,000 VMs under wrk, embedded store and etcd, and the
 #   restart to serving them again (scripts/bench_api.py, which also runs on its own).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
@@ -67,6 +68,17 @@ if [ -n "${BASELINE:-}" ]; then
 	for start in 0 1; do
 		unshare --net bash -c 'ip link set lo up && START="$3" exec python3 scripts/bench_create_ab.py "$0" "$1" "$2"' \
 			"$base_wt/hearth-api-baseline" "$api_bin" "$HEARTH_IMAGE_CACHE" "$start"
+	done
+	echo "==> GET /v1/vms with ${VMS:-1000} VMs: this tree against $BASELINE, alternated (${AB_RUNS:-3} runs each, embedded store)"
+	for run in $(seq "${AB_RUNS:-3}"); do
+		for which in baseline this; do
+			bin=$api_bin
+			[ "$which" = baseline ] && bin="$base_wt/hearth-api-baseline"
+			STORES=embedded RESTARTS=1 DURATION="${AB_DURATION:-5}" unshare --net --mount --propagation private \
+				bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && HEARTH_BENCH_NETNS=1 exec python3 scripts/bench_api.py "$0" "$1"' \
+				"$bin" "$HEARTH_IMAGE_CACHE" 2>/dev/null |
+				python3 -c 'import json,sys; d=json.load(sys.stdin)["stores"]["embedded"]; print(sys.argv[1], "run", sys.argv[2], "create 1000: %.2f s" % d["create_s"], "GET /v1/vms: %.0f req/s" % d["list"]["rps"], "gzip: %.0f req/s" % d["list_gzip"]["rps"], "GET /v1/vms/{id}: %.0f req/s" % d["show"]["rps"])' "$which" "$run"
+		done
 	done
 	git worktree remove --force "$base_wt"
 fi
