@@ -9,7 +9,7 @@ use vmm_manager::spec::{MAX_VCPUS, MIN_MEMORY_MIB};
 use crate::model::{HypervisorKind, QemuMachine};
 
 use crate::model::{validate_name, AttachVolume, CreateVm, NicRequest};
-use crate::volumes::records::parse_size;
+use crate::volumes::command::parse_size;
 
 /// A VM create request that passed every check the request alone allows.
 #[derive(Debug, Clone)]

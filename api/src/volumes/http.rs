@@ -29,13 +29,14 @@ use socket_http::ApiError;
 use crate::auth::keys::Caller;
 use crate::daemons::upstream;
 use crate::json::JsonBody;
-use crate::model::{host_name, name_in_project, validate_name, AttachVia, AttachVolume, AttachedVolume};
+use crate::model::{name_in_project, validate_name, AttachVia, AttachVolume, AttachedVolume};
 use crate::state::AppState;
 use crate::store;
-use crate::volumes::records::{
-    attachment, blockd_error, bname, find_record, local_record, record_key, validate_new_name, CreateVolume,
-    SizeRequest, SourceRequest, VolumeRecord,
+use crate::volumes::command::{
+    CloneCommand, CloneRequest, CreateVolume, CreateVolumeCommand, NameRequest, ResizeCommand, SizeRequest,
+    SnapshotCommand, SourceRequest,
 };
+use crate::volumes::records::{attachment, blockd_error, bname, find_record, local_record, record_key, VolumeRecord};
 use crate::volumes::view::{Export, Snapshot, Volume};
 use crate::volumes::work::{make_volume, release, remove, resize_remote};
 
@@ -126,34 +127,13 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<CreateVolume>,
 ) -> Result<Response, ApiError> {
-    validate_new_name(&req.name)?;
+    let req = CreateVolumeCommand::try_from(req)?;
     let project = caller.project.as_str();
-    let host = host_name(project, &req.name);
-    if host.len() > 63 {
-        return Err(ApiError::unprocessable(format!(
-            "volume name {:?} is too long for project {project}: project and name together take at most 62 characters",
-            req.name
-        )));
-    }
-    let size = SizeRequest {
-        size_bytes: req.size_bytes,
-        size: req.size.clone(),
-    }
-    .bytes()?;
-    if req.remote.is_some() && (size.is_some() || req.source.is_some()) {
-        return Err(ApiError::unprocessable(
-            "a remote volume has the size its host gives it: no size or source",
-        ));
-    }
-    if req.remote.is_none() && size.is_none() && req.source.is_none() {
-        return Err(ApiError::unprocessable(
-            "give size_bytes or size (e.g. \"10G\") for a new volume",
-        ));
-    }
+    let host = req.host_name_in(project)?;
     let rec = VolumeRecord {
         name: req.name.clone(),
         project: project.into(),
-        remote: req.remote.clone(),
+        remote: req.remote().cloned(),
         size_bytes: None,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
@@ -180,7 +160,7 @@ pub async fn create(
                     other => other.into(),
                 })?;
             let made = async {
-                let Some(remote_size) = make_volume(&st, &p, &host, &req, size).await? else {
+                let Some(remote_size) = make_volume(&st, &p, &host, &req).await? else {
                     return Ok(r);
                 };
                 let r = VolumeRecord {
@@ -237,9 +217,7 @@ pub async fn resize(
     JsonBody(req): JsonBody<SizeRequest>,
 ) -> Result<Json<Volume>, ApiError> {
     let rec = find_record(&state, &caller.project, &name).await?;
-    let size = req
-        .bytes()?
-        .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
+    let size = ResizeCommand::try_from(req)?.size_bytes;
     if let Some(remote) = &rec.remote {
         resize_remote(&state, &rec, remote, size).await?;
         let rec = find_record(&state, &caller.project, &name).await?;
@@ -275,12 +253,6 @@ pub async fn resize(
     Ok(Json(view(&state, &rec, &exports).await?))
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NameRequest {
-    pub name: String,
-}
-
 #[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = NameRequest,
     responses((status = 201, body = Snapshot), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn snapshot(
@@ -290,7 +262,7 @@ pub async fn snapshot(
     JsonBody(req): JsonBody<NameRequest>,
 ) -> Result<Response, ApiError> {
     let rec = local_record(&state, &caller.project, &name).await?;
-    validate_name("snapshot", &req.name)?;
+    let req = SnapshotCommand::try_from(req)?;
     let snap = state
         .blockd
         .snapshot(&bname(&rec), &req.name)
@@ -318,16 +290,6 @@ pub async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CloneRequest {
-    pub name: String,
-    /// Clone this snapshot of the volume; without it, a snapshot named after the clone
-    /// is taken first.
-    #[serde(default)]
-    pub snapshot: Option<String>,
-}
-
 #[utoipa::path(post, path = "/v1/volumes/{name}/clone", tag = "volumes", params(("name" = String, Path), crate::openapi::ProjectParam), request_body = CloneRequest,
     responses((status = 201, body = Volume), (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn clone(
@@ -337,12 +299,9 @@ pub async fn clone(
     JsonBody(req): JsonBody<CloneRequest>,
 ) -> Result<Response, ApiError> {
     let rec = local_record(&state, &caller.project, &name).await?;
-    validate_new_name(&req.name)?;
+    let req = CloneCommand::try_from(req)?;
     let snap = match req.snapshot {
-        Some(s) => {
-            validate_name("snapshot", &s)?;
-            s
-        }
+        Some(s) => s,
         None => {
             let s = format!("clone-{}", req.name);
             state.blockd.snapshot(&bname(&rec), &s).await.map_err(blockd_error)?;

@@ -1,10 +1,12 @@
 //! `/v1/volumes`: data disks that outlive VMs.
 //!
-//! - [`http`]: the routes; [`work`]: what they do in blockd; [`records`]: records and
+//! - [`http`]: the routes; [`command`]: request bodies as typed commands, checked
+//!   without a stack; [`work`]: what they do in blockd; [`records`]: records and
 //!   claims in the store; [`view`]: the public types, the api's own; [`attach`]: the
 //!   saga that attaches a volume to a VM
 
 pub mod attach;
+pub mod command;
 pub mod http;
 pub mod records;
 pub mod view;

@@ -50,55 +50,6 @@ pub struct VolumeRecord {
     pub created_at_ms: u64,
 }
 
-/// Sizes as bytes or as `10G`, `512M`, `1T` (powers of 1024), in whole 512-byte
-/// sectors. The volume gets the size rounded up to what its pool allocates in: an
-/// extent (4 MiB by default) in an LVM thin pool, so asking again for the same size
-/// changes nothing.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SizeRequest {
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default)]
-    pub size: Option<String>,
-}
-
-impl SizeRequest {
-    pub fn bytes(&self) -> Result<Option<u64>, ApiError> {
-        match (&self.size_bytes, &self.size) {
-            (Some(_), Some(_)) => Err(ApiError::unprocessable("give size_bytes or size, not both")),
-            (Some(b), None) => Ok(Some(*b)),
-            (None, Some(s)) => parse_size(s).map(Some),
-            (None, None) => Ok(None),
-        }
-    }
-}
-
-/// `10G` → 10 GiB. Plain numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64, ApiError> {
-    let t = s.trim();
-    let bad = || {
-        ApiError::unprocessable(format!(
-            "size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"
-        ))
-    };
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(mult).ok_or_else(bad)
-}
-
 pub(crate) fn blockd_error(e: socket_http::ClientError) -> ApiError {
     upstream(e)
 }
@@ -127,27 +78,4 @@ pub(crate) async fn local_record(state: &AppState, project: &str, name: &str) ->
         )));
     }
     Ok(rec)
-}
-
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum SourceRequest {
-    /// `volume@snapshot`.
-    Snapshot(String),
-}
-
-/// `POST /v1/volumes` body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    pub name: String,
-    #[serde(default)]
-    pub size_bytes: Option<u64>,
-    #[serde(default)]
-    pub size: Option<String>,
-    #[serde(default)]
-    pub source: Option<SourceRequest>,
-    /// A volume exported over NBD by another host's blockd.
-    #[serde(default)]
-    pub remote: Option<RemoteDiskSpec>,
 }

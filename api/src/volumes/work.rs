@@ -2,6 +2,7 @@
 //! through a remote disk), growing remote ones, and claiming, describing and releasing
 //! a VM's attachments.
 
+use crate::volumes::command::{CreateVolumeCommand, Origin};
 use crate::volumes::view::RemoteDiskSpec;
 use axum::http::StatusCode;
 use blockd::exports::ExportSpec;
@@ -13,8 +14,7 @@ use crate::model::{host_name, AttachVia, AttachVolume, AttachedVolume, VmRecord}
 use crate::state::AppState;
 use crate::store;
 use crate::volumes::records::{
-    attachment, blockd_error, bname, claim_key, find_record, record_key, Attachment, CreateVolume, SourceRequest,
-    VolumeRecord,
+    attachment, blockd_error, bname, claim_key, find_record, record_key, Attachment, VolumeRecord,
 };
 
 /// The name of a remote disk made for a moment (to check or grow a remote volume's
@@ -59,42 +59,38 @@ pub(crate) async fn make_volume(
     state: &AppState,
     project: &str,
     host: &str,
-    req: &CreateVolume,
-    size: Option<u64>,
+    req: &CreateVolumeCommand,
 ) -> Result<Option<u64>, ApiError> {
-    if let Some(remote) = &req.remote {
-        // Check now that the export is there, so a typo fails here, not at attach.
-        let probe = probe_name(host);
-        let found = state
-            .blockd
-            .remote_disk(&probe, &remote.into())
-            .await
-            .map_err(blockd_error)?;
-        state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
-        return Ok(found.size_bytes);
-    }
-    let source = match &req.source {
-        Some(SourceRequest::Snapshot(snap)) => {
-            let (vol, _) = snap.split_once('@').ok_or_else(|| {
-                ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
-            })?;
-            let from = find_record(state, project, vol)
+    let (size_bytes, source) = match &req.origin {
+        Origin::Remote(remote) => {
+            // Check now that the export is there, so a typo fails here, not at attach.
+            let probe = probe_name(host);
+            let found = state
+                .blockd
+                .remote_disk(&probe, &remote.into())
                 .await
-                .map_err(|_| ApiError::not_found(format!("volume {vol:?} does not exist")))?;
-            let (_, snap_name) = snap.split_once('@').unwrap_or_default();
-            Some(VolumeSource::Snapshot(format!("{}@{snap_name}", bname(&from))))
+                .map_err(blockd_error)?;
+            state.blockd.delete_remote_disk(&probe).await.map_err(blockd_error)?;
+            return Ok(found.size_bytes);
         }
-        None => None,
+        Origin::Empty { size_bytes } => (Some(*size_bytes), None),
+        Origin::Snapshot {
+            volume,
+            snapshot,
+            size_bytes,
+        } => {
+            let from = find_record(state, project, volume)
+                .await
+                .map_err(|_| ApiError::not_found(format!("volume {volume:?} does not exist")))?;
+            (
+                *size_bytes,
+                Some(VolumeSource::Snapshot(format!("{}@{snapshot}", bname(&from)))),
+            )
+        }
     };
     state
         .blockd
-        .ensure_volume(
-            host,
-            &VolumeSpec {
-                size_bytes: size,
-                source,
-            },
-        )
+        .ensure_volume(host, &VolumeSpec { size_bytes, source })
         .await
         .map_err(blockd_error)
         .map(|_| None)
