@@ -1,7 +1,8 @@
 //! `hearth doctor` on this host, inside a private network namespace the test shapes:
 //! its verdicts follow what the host really has (forwarding off then on, a Docker-style
 //! forward chain with policy drop, a tool missing from PATH, device-mapper as the
-//! kernel reports it, KVM as a real boot probe finds it).
+//! kernel reports it, KVM as a real boot probe finds it, Cloud Hypervisor's version as
+//! the binary says it).
 
 mod common;
 
@@ -100,6 +101,35 @@ fn doctor_reports_what_the_host_really_has() {
         let (_, checks) = doctor(None);
         assert_eq!(find(&checks, "firewall")["verdict"], "ok");
 
+        // Cloud Hypervisor: the version the binary in PATH reports itself (the real v54
+        // binary beside this checkout when it is there, else the test's fake), or a
+        // warning that QEMU runs every VM.
+        let ch = common::real_cloud_hypervisor().unwrap_or_else(|| common::cloud_hypervisor_binary().into());
+        let said = Command::new(&ch).arg("--version").output().expect("--version");
+        let first = String::from_utf8_lossy(&said.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let version = first.strip_prefix("cloud-hypervisor ").expect("a version line");
+        let with_ch = tempfile::tempdir().expect("tmp");
+        std::os::unix::fs::symlink(&ch, with_ch.path().join("cloud-hypervisor")).expect("symlink");
+        let path = format!(
+            "{}:{}",
+            with_ch.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let (_, checks) = doctor(Some(&path));
+        let found = find(&checks, "cloud-hypervisor");
+        assert_eq!(found["verdict"], "ok", "{found}");
+        assert!(
+            found["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("cloud-hypervisor {version} at")),
+            "{found}"
+        );
+
         // A required tool missing: the check fails, names it, and the exit status says so.
         let bin = tempfile::tempdir().expect("tmp");
         for tool in ["qemu-system-x86_64", "dnsmasq", "nft", "sh"] {
@@ -111,6 +141,15 @@ fn doctor_reports_what_the_host_really_has() {
         assert!(!healthy, "a missing qemu-img is a failure");
         let tools = find(&checks, "tools");
         assert_eq!(tools["verdict"], "fail", "{tools}");
+        let no_ch = find(&checks, "cloud-hypervisor");
+        assert_eq!(no_ch["verdict"], "warn", "{no_ch}");
+        assert!(
+            no_ch["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("every VM runs under QEMU"),
+            "{no_ch}"
+        );
         assert!(
             tools["detail"].as_str().unwrap_or("").contains("qemu-img (qemu-utils"),
             "{tools}"

@@ -185,11 +185,6 @@ fn tools() -> Vec<Check> {
         ("dnsmasq", "dnsmasq-base", "serves DHCP on networks"),
     ];
     let optional = [
-        (
-            "cloud-hypervisor",
-            "the Cloud Hypervisor release binary",
-            "runs microVMs on KVM hosts",
-        ),
         ("lvcreate", "lvm2", "LVM thin pools"),
         ("mmdebstrap", "mmdebstrap", "builds the debian guest image"),
     ];
@@ -221,12 +216,7 @@ fn tools() -> Vec<Check> {
         .map(|(tool, pkg, why)| format!("{tool} ({pkg}: {why})"))
         .collect();
     out.push(if absent.is_empty() {
-        check(
-            "optional-tools",
-            Verdict::Ok,
-            "cloud-hypervisor, lvm2 and mmdebstrap are installed",
-            None,
-        )
+        check("optional-tools", Verdict::Ok, "lvm2 and mmdebstrap are installed", None)
     } else {
         check(
             "optional-tools",
@@ -323,6 +313,72 @@ fn firewall() -> Check {
     )
 }
 
+/// The Cloud Hypervisor that `hearth-api` would start (`cloud-hypervisor` in PATH, its
+/// default), and its version as the binary itself says it (`--version`).
+pub async fn cloud_hypervisor() -> Check {
+    let Some(bin) = in_path("cloud-hypervisor") else {
+        return check(
+            "cloud-hypervisor",
+            Verdict::Warn,
+            "cloud-hypervisor is not installed: every VM runs under QEMU",
+            Some("install a release binary from github.com/cloud-hypervisor/cloud-hypervisor as /usr/local/bin/cloud-hypervisor"),
+        );
+    };
+    let ran = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::process::Command::new(&bin).arg("--version").output(),
+    )
+    .await;
+    let out = match ran {
+        Ok(Ok(out)) if out.status.success() => out,
+        Ok(Ok(out)) => {
+            return check(
+                "cloud-hypervisor",
+                Verdict::Warn,
+                format!(
+                    "{} --version failed ({}): {}",
+                    bin.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Some("reinstall the release binary"),
+            )
+        }
+        Ok(Err(e)) => {
+            return check(
+                "cloud-hypervisor",
+                Verdict::Warn,
+                format!("{} cannot be run: {e}", bin.display()),
+                Some("reinstall the release binary"),
+            )
+        }
+        Err(_) => {
+            return check(
+                "cloud-hypervisor",
+                Verdict::Warn,
+                format!("{} --version did not answer within 5 s", bin.display()),
+                None,
+            )
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().strip_prefix("cloud-hypervisor "))
+        .unwrap_or("of an unknown version")
+        .to_string();
+    check(
+        "cloud-hypervisor",
+        Verdict::Ok,
+        format!(
+            "cloud-hypervisor {version} at {} (it runs guests only where KVM works: see the kvm check)",
+            bin.display()
+        ),
+        None,
+    )
+}
+
 /// Runs every check; prints a table (or JSON) and says whether none failed.
 pub async fn run(out: Output, probe: Option<Option<PathBuf>>, images_dir: PathBuf) -> anyhow::Result<bool> {
     let kvm_check = match &probe {
@@ -331,6 +387,7 @@ pub async fn run(out: Output, probe: Option<Option<PathBuf>>, images_dir: PathBu
     };
     let mut checks = vec![kvm_check, device_mapper()];
     checks.extend(tools());
+    checks.push(cloud_hypervisor().await);
     checks.push(ip_forwarding());
     checks.push(firewall());
     let healthy = !checks.iter().any(|c| c.verdict == Verdict::Fail);

@@ -132,6 +132,14 @@ pub fn images_dir() -> PathBuf {
     dir
 }
 
+/// The real Cloud Hypervisor kept for tests beside the checkout
+/// (`../shared/cloud-hypervisor/bin/cloud-hypervisor`), when it is there.
+pub fn real_cloud_hypervisor() -> Option<PathBuf> {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let bin = Path::new(&dir).join("../../shared/cloud-hypervisor/bin/cloud-hypervisor");
+    bin.is_file().then_some(bin)
+}
+
 /// The fake Cloud Hypervisor, or the real one when HEARTH_TEST_CH_BINARY names it.
 pub fn cloud_hypervisor_binary() -> String {
     std::env::var("HEARTH_TEST_CH_BINARY").unwrap_or_else(|_| {
