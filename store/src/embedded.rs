@@ -110,6 +110,8 @@ impl EmbeddedStore {
                 .map_err(unavailable)?
                 .map(|v| v.value())
                 .unwrap_or(0);
+            // Every revision handed out counts, applied or not.
+            revision = last.values().map(|e| e.revision).fold(revision, u64::max);
             for (key, e) in &last {
                 let current = match kv.get(key.as_str()).map_err(unavailable)? {
                     Some(raw) => Some(decode(key, raw.value())?.revision),
@@ -124,7 +126,6 @@ impl EmbeddedStore {
                         kv.remove(key.as_str()).map_err(unavailable)?;
                     }
                 }
-                revision = revision.max(e.revision);
             }
             meta.insert("revision", revision).map_err(unavailable)?;
             revision
@@ -178,8 +179,9 @@ impl EmbeddedStore {
                     w.revision = next;
                     // The file has the key's last change now: the journal's is older.
                     relaxed.write().unwrap_or_else(|p| p.into_inner()).remove(&ev.key);
-                    drop(w);
+                    // Under the writer lock: watchers see revisions in order.
                     announce(&changed, &events, ev);
+                    drop(w);
                 }
                 None => tx.abort().map_err(unavailable)?,
             }
@@ -261,12 +263,13 @@ impl EmbeddedStore {
                         })
                     })
                     .collect();
+                // The entry just made is among them: the highest revision survives.
                 if let Err(e) = w.journal.rewrite(live.iter()) {
                     tracing::warn!("cannot compact the store journal: {e}");
                 }
             }
             drop(map);
-            drop(w);
+            // Under the writer lock: watchers see revisions in order.
             announce(
                 changed,
                 events,
@@ -276,6 +279,7 @@ impl EmbeddedStore {
                     revision: next,
                 },
             );
+            drop(w);
             Ok(next)
         }
     }
@@ -321,7 +325,7 @@ impl EmbeddedStore {
             if held.is_some() {
                 relaxed.write().unwrap_or_else(|p| p.into_inner()).remove(&key);
             }
-            drop(w);
+            // Under the writer lock: watchers see revisions in order.
             announce(
                 &changed,
                 &events,
@@ -331,6 +335,7 @@ impl EmbeddedStore {
                     revision: next,
                 },
             );
+            drop(w);
             Ok(true)
         })
         .await
