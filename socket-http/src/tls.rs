@@ -29,34 +29,52 @@ pub enum TlsError {
     Config(String),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto every hearth TLS endpoint uses (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn file_error(path: &Path) -> impl Fn(String) -> TlsError + '_ {
-    move |message| TlsError::File {
+fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
         path: path.to_path_buf(),
-        message,
+        message: message.to_string(),
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// A PEM file's certificates (at least one).
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path)(e.to_string()))?
+        .map_err(|e| file_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path)(e.to_string()))?;
+        .map_err(|e| file_error(path, e))?;
     if certs.is_empty() {
-        return Err(file_error(path)("holds no PEM certificate".into()));
+        return Err(file_error(path, "no PEM certificate in the file"));
     }
     Ok(certs)
 }
 
+/// A PEM file's private key (PKCS#8, SEC1 or PKCS#1).
+pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable private key: {e}")))
+}
+
+/// The CA certificates of a PEM file, to verify peers against.
+pub fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
 /// Reads a token file: its first line, which must not be empty.
 pub fn read_token(path: &Path) -> Result<String, TlsError> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_error(path)(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
     let token = text.lines().next().unwrap_or_default().trim().to_string();
     if token.len() < 16 {
-        return Err(file_error(path)("the token must be at least 16 characters".into()));
+        return Err(file_error(path, "the token must be at least 16 characters"));
     }
     Ok(token)
 }
@@ -94,14 +112,10 @@ impl TlsTarget {
         };
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|e| TlsError::Config(format!("{host:?} is not a host name or address: {e}")))?;
-        let mut roots = RootCertStore::empty();
-        for c in certificates(ca)? {
-            roots.add(c).map_err(|e| file_error(ca)(e.to_string()))?;
-        }
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots(ca)?)
             .with_no_client_auth();
         Ok(Self {
             addr: addr.to_string(),
@@ -172,7 +186,7 @@ impl TlsListener {
     /// Binds `listen.addr` with the certificate and key of `listen`.
     pub async fn bind(listen: &TlsListen) -> Result<Self, TlsError> {
         let certs = certificates(&listen.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&listen.key).map_err(|e| file_error(&listen.key)(e.to_string()))?;
+        let key = private_key(&listen.key)?;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?

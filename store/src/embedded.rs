@@ -241,47 +241,45 @@ impl EmbeddedStore {
         key: String,
         value: Vec<u8>,
     ) -> Result<u64, StoreError> {
-        {
-            let next = w.revision + 1;
-            let entry = Entry {
-                key,
-                revision: next,
-                value: Some(value),
-            };
-            w.journal.append(&entry).map_err(unavailable)?;
-            w.revision = next;
-            let mut map = relaxed.write().unwrap_or_else(|p| p.into_inner());
-            map.insert(entry.key.clone(), (next, entry.value.clone()));
-            if w.journal.wants_compaction() {
-                let live: Vec<Entry> = map
-                    .iter()
-                    .filter_map(|(k, (rev, v))| {
-                        v.as_ref().map(|v| Entry {
-                            key: k.clone(),
-                            revision: *rev,
-                            value: Some(v.clone()),
-                        })
+        let next = w.revision + 1;
+        let entry = Entry {
+            key,
+            revision: next,
+            value: Some(value),
+        };
+        w.journal.append(&entry).map_err(unavailable)?;
+        w.revision = next;
+        let mut map = relaxed.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(entry.key.clone(), (next, entry.value.clone()));
+        if w.journal.wants_compaction() {
+            let live: Vec<Entry> = map
+                .iter()
+                .filter_map(|(k, (rev, v))| {
+                    v.as_ref().map(|v| Entry {
+                        key: k.clone(),
+                        revision: *rev,
+                        value: Some(v.clone()),
                     })
-                    .collect();
-                // The entry just made is among them: the highest revision survives.
-                if let Err(e) = w.journal.rewrite(live.iter()) {
-                    tracing::warn!("cannot compact the store journal: {e}");
-                }
+                })
+                .collect();
+            // The entry just made is among them: the highest revision survives.
+            if let Err(e) = w.journal.rewrite(live.iter()) {
+                tracing::warn!("cannot compact the store journal: {e}");
             }
-            drop(map);
-            // Under the writer lock: watchers see revisions in order.
-            announce(
-                changed,
-                events,
-                WatchEvent {
-                    key: entry.key,
-                    value: entry.value,
-                    revision: next,
-                },
-            );
-            drop(w);
-            Ok(next)
         }
+        drop(map);
+        // Under the writer lock: watchers see revisions in order.
+        announce(
+            changed,
+            events,
+            WatchEvent {
+                key: entry.key,
+                value: entry.value,
+                revision: next,
+            },
+        );
+        drop(w);
+        Ok(next)
     }
 
     /// Deletes a key wherever its last change is. One held in the journal gets a

@@ -696,7 +696,7 @@ catalog_dir = "{images}"
         std::fs::write(pki.join("ca.pem"), ca_cert.pem()).expect("write");
         std::fs::write(pki.join("cert.pem"), cert.pem()).expect("write");
         std::fs::write(pki.join("key.pem"), key.serialize_pem()).expect("write");
-        let token = format!("{:032x}", rand_u128());
+        let token = uuid::Uuid::new_v4().simple().to_string();
         std::fs::write(pki.join("token"), format!("{token}\n")).expect("write");
         let mut text = std::fs::read_to_string(&daemons.config).expect("config");
         let mut args = vec![
@@ -706,7 +706,7 @@ catalog_dir = "{images}"
             pki.join("token").display().to_string(),
         ];
         for name in over_tls {
-            let port = free_tcp_port();
+            let port = testkit::etcd::free_port();
             let section = format!("[{name}]\n");
             let (old_socket, new_socket) = (
                 format!("socket = \"{}/run/{name}.sock\"", dir.display()),
@@ -817,27 +817,6 @@ impl Drop for Daemons {
             self.kill(name, libc::SIGKILL);
         }
     }
-}
-
-/// A TCP port nothing listens on now (on loopback, in the test's namespace).
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn rand_u128() -> u128 {
-    let mut b = [0u8; 16];
-    getrandom_fill(&mut b);
-    u128::from_le_bytes(b)
-}
-
-fn getrandom_fill(b: &mut [u8]) {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(b))
-        .expect("/dev/urandom");
 }
 
 pub fn create_body(name: &str, hypervisor: &str) -> Value {

@@ -9,20 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{self, RootCertStore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-/// Why a TLS configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{}: {message}", path.display())]
-    File { path: PathBuf, message: String },
-    #[error("TLS configuration: {0}")]
-    Config(String),
-}
+pub use socket_http::tls::TlsError;
+use socket_http::tls::{certificates, private_key, provider, roots};
 
 /// Where the server's TLS material is, and whether plaintext clients are refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,40 +48,11 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
     TlsError::File {
         path: path.to_path_buf(),
         message: message.to_string(),
     }
-}
-
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no PEM certificate in the file"));
-    }
-    Ok(certs)
-}
-
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable private key: {e}")))
-}
-
-fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
-    }
-    Ok(roots)
 }
 
 fn config_error(e: rustls::Error) -> TlsError {
