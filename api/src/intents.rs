@@ -41,24 +41,33 @@ fn key(kind: Kind, project: &str, name: &str) -> String {
 }
 
 /// Runs `work` holding the marker for `action` on `kind` `name`, to completion in a
-/// task of its own even when the request that started it goes away. 409 when another
-/// change of it holds the marker.
-pub async fn run<T: Send + 'static>(
+/// task of its own even when the request that started it goes away. For the handlers:
+/// answers with the public error (`work`'s, converted), 409 when another change of it
+/// holds the marker.
+pub async fn run<T, E>(
     state: &Arc<AppState>,
     kind: Kind,
     project: &str,
     name: &str,
     action: &'static str,
-    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
+    work: impl Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+    ApiError: From<E>,
+{
     let (state, project, name) = (state.clone(), project.to_string(), name.to_string());
     tokio::spawn(async move {
-        hold(&state, kind, &project, &name, action, work).await?.ok_or_else(|| {
-            ApiError::conflict(format!(
-                "{} {name:?} is being created or deleted by another request; retry when it is done",
-                kind.as_str()
-            ))
-        })
+        hold(&state, kind, &project, &name, action, work)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "{} {name:?} is being created or deleted by another request; retry when it is done",
+                    kind.as_str()
+                ))
+            })
     })
     .await
     .map_err(|e| ApiError::internal(format!("the {} {action} did not finish: {e}", kind.as_str())))?
@@ -66,21 +75,21 @@ pub async fn run<T: Send + 'static>(
 
 /// Whether a change of `kind` `name` is in progress or was cut short (its marker is
 /// there): such a volume must not be attached meanwhile.
-pub async fn pending(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<bool, ApiError> {
+pub async fn pending(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<bool, StoreError> {
     Ok(store.get(&key(kind, project, name)).await?.is_some())
 }
 
 /// Runs `work` holding the marker (create-only: two changes of one name cannot
 /// overlap), in the caller's task, and removes the marker when `work` is done. `None`
 /// when another change holds the marker.
-pub async fn hold<T>(
+pub async fn hold<T, E: From<StoreError>>(
     state: &AppState,
     kind: Kind,
     project: &str,
     name: &str,
     action: &'static str,
-    work: impl Future<Output = Result<T, ApiError>>,
-) -> Result<Option<T>, ApiError> {
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<Option<T>, E> {
     let key = key(kind, project, name);
     let value = store::encode(&serde_json::json!({
         "action": action,
@@ -102,7 +111,7 @@ pub async fn hold<T>(
 pub async fn left_over(
     store: &dyn StateStore,
     instance: &str,
-) -> Result<Vec<(Kind, String, String, String)>, ApiError> {
+) -> Result<Vec<(Kind, String, String, String)>, StoreError> {
     Ok(store
         .list("intents/")
         .await?
@@ -125,7 +134,7 @@ pub async fn left_over(
 }
 
 /// Removes the marker of `kind` `name` once the reconciler dealt with it.
-pub async fn clear(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<(), ApiError> {
+pub async fn clear(store: &dyn StateStore, kind: Kind, project: &str, name: &str) -> Result<(), StoreError> {
     store.delete(&key(kind, project, name)).await?;
     Ok(())
 }

@@ -4,13 +4,17 @@
 //!
 //! - [`store`]: the state store (the `hearth-store` crate, re-exported); [`model`]: records and view
 //!   types; [`permissions`], [`openapi`], [`json`]: what routes declare and parse
-//! - [`state`]: what every handler and task reaches; [`daemons`]: the daemons' health
-//!   and errors
+//! - [`daemons`]: the daemons' names and what their errors mean; [`envelope`]: how the
+//!   resources' typed errors become the public error envelope
+//! - [`state`]: what every handler and task reaches, the daemons' health included
 //! - [`auth`]: keys and the middleware; [`events`], [`operations`]: the event bus and
-//!   long-running operations; [`saga`]: composite changes as recorded steps;
+//!   long-running operations; [`saga`]: composite changes as recorded steps (its
+//!   [`saga::error`] is the engine's own, below the state);
 //!   [`intents`], [`idempotency`]
 //! - one folder or file per resource, each with its HTTP edge: [`vms`], [`volumes`],
-//!   [`networks`], [`images`], [`identity`], [`console`], [`metrics`]
+//!   [`networks`], [`images`], [`identity`], [`console`], [`metrics`]; a resource folder's
+//!   errors are typed (its `error.rs`) and become the public envelope only in its
+//!   `http.rs`
 //! - [`reconcile`]: repairs after crashes and drift; [`server`]: the router and `run`
 //!
 //! The `hearth` CLI is the `hearth-cli` crate.
@@ -20,6 +24,7 @@ pub use hearth_store as store;
 pub mod auth;
 pub mod console;
 pub mod daemons;
+pub mod envelope;
 pub mod events;
 pub mod idempotency;
 pub mod identity;

@@ -22,7 +22,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use socket_http::ApiError;
 
-use crate::daemons::daemon_health;
 use crate::operations::record::{labels, Labels};
 use crate::state::AppState;
 
@@ -56,7 +55,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
     reg.register("vms", "VMs by state", vms);
 
     let up = Family::<Labels, Gauge>::default();
-    for (d, ok) in daemon_health(&state).await {
+    for (d, ok) in state.daemon_health().await {
         up.get_or_create(&labels(&[("daemon", d)])).set(i64::from(ok));
     }
     reg.register("daemon_up", "1 when the daemon answers its health endpoint", up);

@@ -459,7 +459,21 @@ pub fn name_in_project<'a>(project: &str, host: &'a str) -> &'a str {
         .unwrap_or(host)
 }
 
-pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError> {
+/// A name that breaks the rules names of projects, VMs, networks, volumes and the
+/// like follow (see [`validate_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+)]
+pub struct NameError {
+    /// What the name is of: `VM`, `volume`, `project`…
+    pub kind: &'static str,
+    pub name: String,
+}
+
+/// A name is 1-63 lowercase letters, digits and '-', starting and ending with a letter
+/// or digit (a DNS label: hosts name resources after it).
+pub fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63
@@ -470,11 +484,21 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), socket_http::ApiError
     if ok {
         Ok(())
     } else {
-        Err(socket_http::ApiError::unprocessable(format!(
-            "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
-        )))
+        Err(NameError {
+            kind,
+            name: name.to_string(),
+        })
     }
 }
+
+/// A bad name is the request's fault: 422 `invalid`.
+impl From<&NameError> for socket_http::ApiError {
+    fn from(e: &NameError) -> Self {
+        Self::unprocessable(e.to_string())
+    }
+}
+
+crate::envelope::by_value!(NameError);
 
 #[cfg(test)]
 mod tests {

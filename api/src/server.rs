@@ -14,7 +14,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::daemons::daemon_health;
 use crate::permissions::{self, RouteTable};
 use crate::state::{open_state, AllInOne, ApiConfig, AppState};
 use crate::{auth, console, identity, images, networks, vms, volumes};
@@ -71,19 +70,19 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(IMAGES_WRITE, routes!(images::http::import)))
         .routes(permit(IMAGES_READ, routes!(images::http::show)))
         .routes(permit(IMAGES_WRITE, routes!(images::http::delete)))
-        .routes(permit(PROJECTS_READ, routes!(identity::projects::list_projects)))
-        .routes(permit(PROJECTS_WRITE, routes!(identity::projects::create_project)))
-        .routes(permit(PROJECTS_READ, routes!(identity::projects::show_project)))
-        .routes(permit(PROJECTS_WRITE, routes!(identity::projects::delete_project)))
-        .routes(permit(MEMBERS_READ, routes!(identity::projects::list_members)))
-        .routes(permit(MEMBERS_WRITE, routes!(identity::projects::set_member)))
-        .routes(permit(MEMBERS_WRITE, routes!(identity::projects::remove_member)))
-        .routes(permit(USERS_READ, routes!(identity::users::list_users)))
-        .routes(permit(USERS_WRITE, routes!(identity::users::create_user)))
-        .routes(permit(USERS_WRITE, routes!(identity::users::delete_user)))
-        .routes(permit(API_KEYS, routes!(identity::keys::list_keys)))
-        .routes(permit(API_KEYS, routes!(identity::keys::create_key)))
-        .routes(permit(API_KEYS, routes!(identity::keys::revoke_key)))
+        .routes(permit(PROJECTS_READ, routes!(identity::http::list_projects)))
+        .routes(permit(PROJECTS_WRITE, routes!(identity::http::create_project)))
+        .routes(permit(PROJECTS_READ, routes!(identity::http::show_project)))
+        .routes(permit(PROJECTS_WRITE, routes!(identity::http::delete_project)))
+        .routes(permit(MEMBERS_READ, routes!(identity::http::list_members)))
+        .routes(permit(MEMBERS_WRITE, routes!(identity::http::set_member)))
+        .routes(permit(MEMBERS_WRITE, routes!(identity::http::remove_member)))
+        .routes(permit(USERS_READ, routes!(identity::http::list_users)))
+        .routes(permit(USERS_WRITE, routes!(identity::http::create_user)))
+        .routes(permit(USERS_WRITE, routes!(identity::http::delete_user)))
+        .routes(permit(API_KEYS, routes!(identity::http::list_keys)))
+        .routes(permit(API_KEYS, routes!(identity::http::create_key)))
+        .routes(permit(API_KEYS, routes!(identity::http::revoke_key)))
         .routes(permit(NETWORKS_READ, routes!(networks::http::list)))
         .routes(permit(NETWORKS_WRITE, routes!(networks::http::create)))
         .routes(permit(NETWORKS_READ, routes!(networks::http::show)))
@@ -136,7 +135,7 @@ struct Ready {
 async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
     let mut daemons = std::collections::BTreeMap::new();
     let mut all_ok = true;
-    for (d, ok) in daemon_health(&state).await {
+    for (d, ok) in state.daemon_health().await {
         all_ok &= ok;
         daemons.insert(d.to_string(), if ok { "ok" } else { "unreachable" }.to_string());
     }

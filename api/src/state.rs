@@ -1,5 +1,6 @@
 //! What every handler and background task can reach: the api's settings, its state
-//! store, the daemons' clients and the caches and counters shared between requests.
+//! store, the daemons' clients (and whether they answer) and the caches and counters
+//! shared between requests.
 //! It sits at the bottom of the api's import graph: it names the types it holds and
 //! nothing that serves a route.
 
@@ -134,6 +135,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whether each daemon answers its health endpoint (within 2 s).
+    pub async fn daemon_health(&self) -> Vec<(&'static str, bool)> {
+        let mut out = Vec::new();
+        for d in crate::daemons::DAEMONS {
+            let client = socket_http::Client::to(self.config.endpoint(d)).with_timeout(Duration::from_secs(2));
+            out.push((d, client.get::<serde_json::Value>("/health").await.is_ok()));
+        }
+        out
+    }
+
     /// What a VM listing reads.
     pub fn vm_sources(&self) -> crate::vms::list::Sources<'_> {
         crate::vms::list::Sources {

@@ -1,6 +1,10 @@
 //! The shape docs/architecture.md describes, held against the code:
 //! - the api's modules (one per file) import each other in no cycle;
 //! - no source file of the api is longer than 600 lines (tests aside);
+//! - in the resource folders (`vms/`, `volumes/`, `networks/`, `images/`, `identity/`)
+//!   domain errors are typed, and the public error envelope (`socket_http::ApiError`) is
+//!   named only at the edge: in the folder's `http.rs` (the handlers) and `error.rs`
+//!   (the one conversion of its error into the envelope); tests aside;
 //! - no daemon depends on another daemon, on the api, or on utoipa (so no daemon wire
 //!   type can appear in the public document), with dev-dependencies too (`cargo metadata`).
 
@@ -8,6 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const MAX_LINES: usize = 600;
+
+/// The folders of the public resources, whose errors are typed.
+const RESOURCE_FOLDERS: [&str; 5] = ["vms", "volumes", "networks", "images", "identity"];
+
+/// The files of a resource folder that may name the public error envelope.
+const EDGE_FILES: [&str; 2] = ["http.rs", "error.rs"];
 
 fn api_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
@@ -328,6 +338,61 @@ fn no_api_source_file_is_longer_than_600_lines() {
         })
         .collect();
     assert!(long.is_empty(), "split these: {long:?}");
+}
+
+/// Whether `code` names `ident` as a whole identifier, or imports everything of
+/// socket_http (which would name it unseen).
+fn names(code: &str, ident: &str) -> bool {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    code.match_indices(ident).any(|(i, _)| {
+        let before = code[..i].chars().last();
+        let after = code[i + ident.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    }) || code.contains("socket_http::*")
+}
+
+#[test]
+fn the_envelope_is_found_where_it_is_named() {
+    let code = code_of("use socket_http::{ApiError, Client};\n// ApiError in a comment\nlet m = \"ApiError\";");
+    assert!(names(&code, "ApiError"));
+    for clean in [
+        "// only ApiError in a comment\nlet m = \"an ApiError in a string\";",
+        "struct NotAnApiErrorAtAll; fn f() -> ApiErrors {}",
+        "fn f() {}\n#[cfg(test)]\nmod tests { use socket_http::ApiError; }",
+    ] {
+        assert!(!names(&code_of(clean), "ApiError"), "{clean}");
+    }
+    assert!(names(&code_of("use socket_http::*;"), "ApiError"));
+}
+
+#[test]
+fn resource_errors_become_the_envelope_only_at_the_edge() {
+    let mut checked = 0;
+    let mut named = Vec::new();
+    for folder in RESOURCE_FOLDERS {
+        let mut files = Vec::new();
+        rust_files(&api_src().join(folder), &mut files);
+        assert!(
+            files.iter().any(|f| f.ends_with("error.rs")),
+            "{folder}/ has no error.rs: its errors are typed there"
+        );
+        for f in files {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if EDGE_FILES.contains(&name) {
+                continue;
+            }
+            checked += 1;
+            if names(&code_of(&std::fs::read_to_string(&f).expect("read")), "ApiError") {
+                named.push(f.strip_prefix(api_src()).unwrap_or(&f).display().to_string());
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} files outside the edge?");
+    assert!(
+        named.is_empty(),
+        "these files name the public error envelope (ApiError) outside the edge: {named:?}\n\
+         (return the folder's own error, from its error.rs; it becomes an ApiError in http.rs through `?`)"
+    );
 }
 
 #[test]

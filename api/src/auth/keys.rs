@@ -135,7 +135,7 @@ pub async fn issue_key(
     user: &str,
     name: &str,
     expires_at_ms: Option<u64>,
-) -> Result<(ApiKeyRecord, String), ApiError> {
+) -> Result<(ApiKeyRecord, String), store::StoreError> {
     let id = random_token(8);
     let secret = random_token(40);
     let rec = ApiKeyRecord {

@@ -2,36 +2,39 @@
 //! records that must not exist yet.
 
 use serde::Serialize;
-use socket_http::ApiError;
 
 use crate::auth::keys::{binding_key, project_key, Binding, Caller, Project};
+use crate::identity::error::IdentityError;
 use crate::model::validate_name;
 use crate::state::AppState;
 use crate::store;
 
-/// Project names are short: hosts name project resources `<project>.<name>`.
-pub const MAX_PROJECT_NAME: usize = 24;
-
-pub(crate) fn not_found(kind: &str, name: &str) -> ApiError {
-    ApiError::not_found(format!("{kind} {name:?} does not exist"))
+pub(crate) fn not_found(kind: &'static str, name: &str) -> IdentityError {
+    IdentityError::NotFound {
+        kind,
+        name: name.to_string(),
+    }
 }
 
-/// Stores a new record; 409 when `key` exists already.
+/// Stores a new record; [`IdentityError::AlreadyExists`] when `key` exists already.
 pub(crate) async fn create_only<T: Serialize>(
     state: &AppState,
     key: &str,
     value: &T,
-    kind: &str,
+    kind: &'static str,
     name: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), IdentityError> {
     match state.store.compare_and_swap(key, None, store::encode(value)).await {
         Ok(_) => Ok(()),
-        Err(store::StoreError::Conflict { .. }) => Err(ApiError::conflict(format!("{kind} {name:?} already exists"))),
+        Err(store::StoreError::Conflict { .. }) => Err(IdentityError::AlreadyExists {
+            kind,
+            name: name.to_string(),
+        }),
         Err(e) => Err(e.into()),
     }
 }
 
-pub(crate) async fn role_in(state: &AppState, project: &str, user: &str) -> Result<Option<String>, ApiError> {
+pub(crate) async fn role_in(state: &AppState, project: &str, user: &str) -> Result<Option<String>, IdentityError> {
     Ok(
         store::get_json::<Binding>(state.store.as_ref(), &binding_key(project, user))
             .await?
@@ -40,8 +43,8 @@ pub(crate) async fn role_in(state: &AppState, project: &str, user: &str) -> Resu
 }
 
 /// The project at `name` if the caller may see it (members and administrators);
-/// otherwise 404, so projects one is not in stay invisible.
-pub(crate) async fn visible_project(state: &AppState, caller: &Caller, name: &str) -> Result<Project, ApiError> {
+/// otherwise not found, so projects one is not in stay invisible.
+pub(crate) async fn visible_project(state: &AppState, caller: &Caller, name: &str) -> Result<Project, IdentityError> {
     validate_name("project", name)?;
     let p = store::get_json::<Project>(state.store.as_ref(), &project_key(name))
         .await?
@@ -56,15 +59,14 @@ pub(crate) async fn visible_project(state: &AppState, caller: &Caller, name: &st
 
 /// Checks that the caller administers project `name` (hearth administrators and the
 /// project's own admins do).
-pub(crate) async fn administers(state: &AppState, caller: &Caller, name: &str) -> Result<(), ApiError> {
+pub(crate) async fn administers(state: &AppState, caller: &Caller, name: &str) -> Result<(), IdentityError> {
     visible_project(state, caller, name).await?;
     if caller.admin || role_in(state, name, &caller.user).await?.as_deref() == Some("admin") {
         Ok(())
     } else {
-        Err(ApiError::forbidden(format!(
-            "permission members.write denied: user {} is not an admin of project {name}",
-            caller.user
-        ))
-        .with_details(serde_json::json!({"permission": "members.write", "project": name})))
+        Err(IdentityError::NotProjectAdmin {
+            user: caller.user.clone(),
+            project: name.to_string(),
+        })
     }
 }

@@ -3,9 +3,9 @@
 //! the names exist are checked by the handlers.
 
 use serde::Deserialize;
-use socket_http::ApiError;
 
 use crate::auth::keys::ROLES;
+use crate::identity::error::IdentityError;
 use crate::model::validate_name;
 
 /// Project names are short: hosts name project resources `<project>.<name>`.
@@ -28,12 +28,12 @@ pub struct CreateProjectCommand {
 }
 
 impl TryFrom<CreateProject> for CreateProjectCommand {
-    type Error = ApiError;
+    type Error = IdentityError;
 
-    fn try_from(req: CreateProject) -> Result<Self, ApiError> {
+    fn try_from(req: CreateProject) -> Result<Self, IdentityError> {
         validate_name("project", &req.name)?;
         if req.name.len() > MAX_PROJECT_NAME {
-            return Err(ApiError::unprocessable(format!(
+            return Err(IdentityError::Invalid(format!(
                 "project names are at most {MAX_PROJECT_NAME} characters"
             )));
         }
@@ -58,11 +58,11 @@ pub struct RoleCommand {
 }
 
 impl TryFrom<RoleRequest> for RoleCommand {
-    type Error = ApiError;
+    type Error = IdentityError;
 
-    fn try_from(req: RoleRequest) -> Result<Self, ApiError> {
+    fn try_from(req: RoleRequest) -> Result<Self, IdentityError> {
         if !ROLES.contains(&req.role.as_str()) {
-            return Err(ApiError::unprocessable(format!(
+            return Err(IdentityError::Invalid(format!(
                 "role {:?} does not exist: use one of {}",
                 req.role,
                 ROLES.join(", ")
@@ -89,9 +89,9 @@ pub struct CreateUserCommand {
 }
 
 impl TryFrom<CreateUser> for CreateUserCommand {
-    type Error = ApiError;
+    type Error = IdentityError;
 
-    fn try_from(req: CreateUser) -> Result<Self, ApiError> {
+    fn try_from(req: CreateUser) -> Result<Self, IdentityError> {
         validate_name("user", &req.name)?;
         Ok(Self {
             name: req.name,
@@ -126,12 +126,12 @@ pub struct CreateApiKeyCommand {
 }
 
 impl TryFrom<CreateApiKey> for CreateApiKeyCommand {
-    type Error = ApiError;
+    type Error = IdentityError;
 
-    fn try_from(req: CreateApiKey) -> Result<Self, ApiError> {
+    fn try_from(req: CreateApiKey) -> Result<Self, IdentityError> {
         if req.name.trim().is_empty() || req.name.len() > 64 || req.name.chars().any(char::is_control) {
-            return Err(ApiError::unprocessable(
-                "a key needs a name of 1 to 64 printable characters",
+            return Err(IdentityError::Invalid(
+                "a key needs a name of 1 to 64 printable characters".into(),
             ));
         }
         if let Some(user) = &req.user {
@@ -140,7 +140,7 @@ impl TryFrom<CreateApiKey> for CreateApiKeyCommand {
         let lifetime_ms = match req.expires_in_days {
             None => None,
             Some(d @ 1..=3650) => Some(u64::from(d) * 86_400_000),
-            Some(d) => return Err(ApiError::unprocessable(format!("expires_in_days {d}: use 1 to 3650"))),
+            Some(d) => return Err(IdentityError::Invalid(format!("expires_in_days {d}: use 1 to 3650"))),
         };
         Ok(Self {
             name: req.name.trim().to_string(),
@@ -156,8 +156,8 @@ mod tests {
 
     use super::*;
 
-    fn refused<T: std::fmt::Debug>(r: Result<T, ApiError>, says: &str) {
-        let e = r.expect_err("refused");
+    fn refused<T: std::fmt::Debug>(r: Result<T, IdentityError>, says: &str) {
+        let e = socket_http::ApiError::from(r.expect_err("refused"));
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(e.body.message.contains(says), "{:?} lacks {says:?}", e.body.message);
     }

@@ -1,74 +1,44 @@
-//! `/v1/projects` and `/v1/projects/{name}/members`.
-
-use std::sync::Arc;
-
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::{Extension, Json};
-use socket_http::ApiError;
+//! Projects and their members: listing what the caller may see, creating, deleting an
+//! empty project, and setting or removing a user's role in one.
 
 use crate::auth::keys::{binding_key, project_key, user_key, Binding, Caller, Project, DEFAULT_PROJECT};
-use crate::json::JsonBody;
+use crate::identity::command::{CreateProjectCommand, RoleCommand, RoleRequest};
+use crate::identity::error::IdentityError;
 use crate::model::validate_name;
 use crate::state::AppState;
 use crate::store;
 
 use super::access::{administers, create_only, not_found, role_in, visible_project};
-use super::command::{CreateProject, CreateProjectCommand, RoleCommand, RoleRequest};
 
-type AppS = State<Arc<AppState>>;
-
-#[utoipa::path(get, path = "/v1/projects", tag = "identity",
-    responses((status = 200, description = "The projects the caller has a role in (all, for administrators)", body = Vec<Project>)))]
-pub async fn list_projects(
-    State(state): AppS,
-    Extension(caller): Extension<Caller>,
-) -> Result<Json<Vec<Project>>, ApiError> {
+/// The projects the caller has a role in (all, for administrators).
+pub async fn list(state: &AppState, caller: &Caller) -> Result<Vec<Project>, IdentityError> {
     let mut out = Vec::new();
     for (p, _) in store::list_json::<Project>(state.store.as_ref(), "projects/").await? {
-        if caller.admin || role_in(&state, &p.name, &caller.user).await?.is_some() {
+        if caller.admin || role_in(state, &p.name, &caller.user).await?.is_some() {
             out.push(p);
         }
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
-#[utoipa::path(post, path = "/v1/projects", tag = "identity", request_body = CreateProject,
-    responses((status = 201, body = Project), (status = 409, description = "The name is taken", body = crate::openapi::ErrorResponse)))]
-pub async fn create_project(
-    State(state): AppS,
-    JsonBody(req): JsonBody<CreateProject>,
-) -> Result<(StatusCode, Json<Project>), ApiError> {
-    let req = CreateProjectCommand::try_from(req)?;
+pub async fn create(state: &AppState, req: CreateProjectCommand) -> Result<Project, IdentityError> {
     let p = Project {
-        name: req.name.clone(),
+        name: req.name,
         description: req.description,
         created_at_ms: vmm_manager::spec::now_ms(),
     };
-    create_only(&state, &project_key(&p.name), &p, "project", &p.name).await?;
-    Ok((StatusCode::CREATED, Json(p)))
+    create_only(state, &project_key(&p.name), &p, "project", &p.name).await?;
+    Ok(p)
 }
 
-#[utoipa::path(get, path = "/v1/projects/{name}", tag = "identity", params(("name" = String, Path)),
-    responses((status = 200, body = Project), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn show_project(
-    State(state): AppS,
-    Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
-) -> Result<Json<Project>, ApiError> {
-    Ok(Json(visible_project(&state, &caller, &name).await?))
-}
-
-#[utoipa::path(delete, path = "/v1/projects/{name}", tag = "identity", params(("name" = String, Path)),
-    responses((status = 204, description = "Deleted, with its role bindings"), (status = 404, body = crate::openapi::ErrorResponse),
-      (status = 409, description = "It still holds resources, or it is `default`", body = crate::openapi::ErrorResponse)))]
-pub async fn delete_project(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    validate_name("project", &name)?;
+/// Deletes a project that holds nothing any more, with its role bindings.
+pub async fn delete(state: &AppState, name: &str) -> Result<(), IdentityError> {
+    validate_name("project", name)?;
     if name == DEFAULT_PROJECT {
-        return Err(ApiError::conflict("the default project cannot be deleted"));
+        return Err(IdentityError::DefaultProject);
     }
-    if state.store.get(&project_key(&name)).await?.is_none() {
-        return Err(not_found("project", &name));
+    if state.store.get(&project_key(name)).await?.is_none() {
+        return Err(not_found("project", name));
     }
     let s = state.store.as_ref();
     let vms = store::list_json::<crate::model::VmRecord>(s, "vms/")
@@ -79,69 +49,60 @@ pub async fn delete_project(State(state): AppS, Path(name): Path<String>) -> Res
     let volumes = s.list(&format!("volumes/{name}/")).await?.len();
     let networks = s.list(&format!("networks/{name}/")).await?.len();
     if vms + volumes + networks > 0 {
-        return Err(ApiError::conflict(format!(
-            "project {name:?} still holds {vms} VMs, {volumes} volumes and {networks} networks: delete them first"
-        ))
-        .with_details(serde_json::json!({"vms": vms, "volumes": volumes, "networks": networks})));
+        return Err(IdentityError::ProjectNotEmpty {
+            name: name.to_string(),
+            vms,
+            volumes,
+            networks,
+        });
     }
     for (k, _) in s.list(&format!("bindings/{name}/")).await? {
         s.delete(&k).await?;
     }
-    s.delete(&project_key(&name)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    s.delete(&project_key(name)).await?;
+    Ok(())
 }
 
-#[utoipa::path(get, path = "/v1/projects/{name}/members", tag = "identity", params(("name" = String, Path)),
-    responses((status = 200, body = Vec<Binding>), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn list_members(
-    State(state): AppS,
-    Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
-) -> Result<Json<Vec<Binding>>, ApiError> {
-    visible_project(&state, &caller, &name).await?;
-    Ok(Json(
+/// The role bindings of a project the caller may see.
+pub async fn members(state: &AppState, caller: &Caller, name: &str) -> Result<Vec<Binding>, IdentityError> {
+    visible_project(state, caller, name).await?;
+    Ok(
         store::list_json::<Binding>(state.store.as_ref(), &format!("bindings/{name}/"))
             .await?
             .into_iter()
             .map(|(b, _)| b)
             .collect(),
-    ))
+    )
 }
 
-#[utoipa::path(put, path = "/v1/projects/{name}/members/{user}", tag = "identity",
-    params(("name" = String, Path), ("user" = String, Path)), request_body = RoleRequest,
-    responses((status = 200, description = "The user's role in the project, set", body = Binding), (status = 404, body = crate::openapi::ErrorResponse)))]
+/// Gives `user` a role in project `name`; the caller must administer it (checked
+/// before the role itself).
 pub async fn set_member(
-    State(state): AppS,
-    Extension(caller): Extension<Caller>,
-    Path((name, user)): Path<(String, String)>,
-    JsonBody(req): JsonBody<RoleRequest>,
-) -> Result<Json<Binding>, ApiError> {
-    administers(&state, &caller, &name).await?;
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    user: &str,
+    req: RoleRequest,
+) -> Result<Binding, IdentityError> {
+    administers(state, caller, name).await?;
     let req = RoleCommand::try_from(req)?;
-    validate_name("user", &user)?;
-    if state.store.get(&user_key(&user)).await?.is_none() {
-        return Err(not_found("user", &user));
+    validate_name("user", user)?;
+    if state.store.get(&user_key(user)).await?.is_none() {
+        return Err(not_found("user", user));
     }
     let b = Binding {
-        project: name.clone(),
-        user: user.clone(),
+        project: name.to_string(),
+        user: user.to_string(),
         role: req.role,
     };
-    state.store.put(&binding_key(&name, &user), store::encode(&b)).await?;
-    Ok(Json(b))
+    state.store.put(&binding_key(name, user), store::encode(&b)).await?;
+    Ok(b)
 }
 
-#[utoipa::path(delete, path = "/v1/projects/{name}/members/{user}", tag = "identity",
-    params(("name" = String, Path), ("user" = String, Path)),
-    responses((status = 204, description = "The user has no role in the project any more"), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn remove_member(
-    State(state): AppS,
-    Extension(caller): Extension<Caller>,
-    Path((name, user)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    administers(&state, &caller, &name).await?;
-    validate_name("user", &user)?;
-    state.store.delete(&binding_key(&name, &user)).await?;
-    Ok(StatusCode::NO_CONTENT)
+/// Takes `user`'s role in project `name` away; the caller must administer it.
+pub async fn remove_member(state: &AppState, caller: &Caller, name: &str, user: &str) -> Result<(), IdentityError> {
+    administers(state, caller, name).await?;
+    validate_name("user", user)?;
+    state.store.delete(&binding_key(name, user)).await?;
+    Ok(())
 }

@@ -15,6 +15,7 @@ use crate::json::JsonBody;
 use crate::model::Operation;
 use crate::state::AppState;
 
+use super::error::ImageError;
 use super::view::{GcReport, Image, ImportRequest};
 
 type AppS = State<Arc<AppState>>;
@@ -28,8 +29,8 @@ pub struct ImportAccepted {
 }
 
 /// A name, `name:tag` or digest that imaged could hold; anything else is 422.
-fn valid_reference(name: &str) -> Result<(), ApiError> {
-    imaged::validate_name(name).map_err(|e| ApiError::unprocessable(e.to_string()))
+fn valid_reference(name: &str) -> Result<(), ImageError> {
+    imaged::validate_name(name).map_err(|e| ImageError::Invalid(e.to_string()))
 }
 
 #[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = Vec<Image>)))]

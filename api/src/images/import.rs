@@ -11,9 +11,9 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use imaged::import::{ImportRequest, ImportState};
 use serde::{Deserialize, Serialize};
-use socket_http::ApiError;
 
 use crate::daemons::upstream;
+use crate::images::error::ImageError;
 use crate::model::{Operation, ProgressDetail};
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
@@ -35,7 +35,7 @@ pub async fn begin(
     state: &Arc<AppState>,
     project: &str,
     request: ImportRequest,
-) -> Result<(Operation, String), ApiError> {
+) -> Result<(Operation, String), ImageError> {
     let id = uuid::Uuid::new_v4().to_string();
     let name = request.name.clone();
     let context = ImageImport {
@@ -49,7 +49,7 @@ pub async fn begin(
         Ok(op) => op,
         Err(e) => {
             saga.abandon(state, &e).await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     let job = saga.context.job.clone().unwrap_or_default();
@@ -65,7 +65,7 @@ const FOLLOW: &str = "follow";
 
 /// Importing an image: started, then followed to its end. Past the start (`pivot` 1) a
 /// crash resumes following; imaged removes what a failed import left itself.
-pub static IMAGE_IMPORT: SagaDef<ImageImport> = SagaDef {
+pub static IMAGE_IMPORT: SagaDef<ImageImport, ImageError> = SagaDef {
     kind: "image.import",
     pivot: 1,
     steps: &[
@@ -86,7 +86,7 @@ pub static IMAGE_IMPORT: SagaDef<ImageImport> = SagaDef {
     ],
 };
 
-async fn start(state: &AppState, c: &mut ImageImport) -> Result<(), ApiError> {
+async fn start(state: &AppState, c: &mut ImageImport) -> Result<(), ImageError> {
     // imaged checks the request at once: a bad name, URL or path is a 422 here.
     let job = state.images.import(&c.request).await.map_err(upstream)?;
     c.job = Some(job.id);
@@ -95,11 +95,8 @@ async fn start(state: &AppState, c: &mut ImageImport) -> Result<(), ApiError> {
 
 /// Mirrors imaged's job into the operation until it ends: its phase and byte counts
 /// while it runs, its error if it fails.
-async fn follow(state: &AppState, c: &mut ImageImport) -> Result<(), ApiError> {
-    let mut job = c
-        .job
-        .clone()
-        .ok_or_else(|| ApiError::internal("the import saga has no job"))?;
+async fn follow(state: &AppState, c: &mut ImageImport) -> Result<(), ImageError> {
+    let mut job = c.job.clone().ok_or(ImageError::NoJob)?;
     let (mut failures, mut restarts) = (0, 0);
     loop {
         match state.images.import_status(&job, 1.0).await {
@@ -117,12 +114,14 @@ async fn follow(state: &AppState, c: &mut ImageImport) -> Result<(), ApiError> {
                     }
                     ImportState::Succeeded => return Ok(()),
                     ImportState::Failed => {
-                        let body = st.error.unwrap_or_else(|| ApiError::internal("the import failed").body);
+                        let Some(body) = st.error else {
+                            return Err(ImageError::ImportFailedUnsaid);
+                        };
                         let status = st
                             .error_status
                             .and_then(|s| StatusCode::from_u16(s).ok())
                             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                        return Err(ApiError { status, body });
+                        return Err(ImageError::ImportFailed { status, body });
                     }
                 }
             }
@@ -138,9 +137,7 @@ async fn follow(state: &AppState, c: &mut ImageImport) -> Result<(), ApiError> {
             Err(e) => {
                 failures += 1;
                 if failures >= 5 {
-                    return Err(ApiError::unavailable(format!(
-                        "lost track of the import in imaged: {e}"
-                    )));
+                    return Err(ImageError::LostTrack(e.to_string()));
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -6,7 +6,9 @@
 //! - [`http`]: the routes (parse, call, map errors)
 //! - [`view`]: the public types, the api's own: no host path of the image store shows
 //! - [`import`]: the saga that starts an import in imaged and follows it to its end
+//! - [`error`]: what goes wrong, and its public form
 
+pub mod error;
 pub mod http;
 pub mod import;
 pub mod view;

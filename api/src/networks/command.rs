@@ -5,12 +5,11 @@
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
-use serde::Deserialize;
-use socket_http::ApiError;
-
 use super::view::{IpRange, VxlanSpec};
 use crate::model::{host_name, validate_name};
+use crate::networks::error::NetworkError;
+use ipnet::Ipv4Net;
+use serde::Deserialize;
 
 /// `POST /v1/networks` body.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -52,29 +51,29 @@ pub struct CreateNetworkCommand {
 }
 
 impl TryFrom<CreateNetwork> for CreateNetworkCommand {
-    type Error = ApiError;
+    type Error = NetworkError;
 
-    fn try_from(req: CreateNetwork) -> Result<Self, ApiError> {
+    fn try_from(req: CreateNetwork) -> Result<Self, NetworkError> {
         validate_name("network", &req.name)?;
         let subnet: Ipv4Net = req.subnet.parse().map_err(|e| {
-            ApiError::unprocessable(format!(
+            NetworkError::Invalid(format!(
                 "invalid subnet {:?}: {e} (use CIDR, e.g. 10.50.0.0/24)",
                 req.subnet
             ))
         })?;
         if subnet != subnet.trunc() {
-            return Err(ApiError::unprocessable(format!(
+            return Err(NetworkError::Invalid(format!(
                 "subnet {subnet} has host bits set: did you mean {}?",
                 subnet.trunc()
             )));
         }
         if subnet.prefix_len() < 8 {
-            return Err(ApiError::unprocessable(format!(
+            return Err(NetworkError::Invalid(format!(
                 "subnet {subnet} is too large: use a prefix of /8 or longer"
             )));
         }
         if subnet.prefix_len() > 30 {
-            return Err(ApiError::unprocessable(format!(
+            return Err(NetworkError::Invalid(format!(
                 "subnet {subnet} is too small for a network: it needs a gateway and at least one \
                  address for VMs besides its network and broadcast addresses; use a prefix of /30 or shorter"
             )));
@@ -82,7 +81,7 @@ impl TryFrom<CreateNetwork> for CreateNetworkCommand {
         let usable = |a: Ipv4Addr| subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast();
         if let Some(gw) = req.gateway {
             if !usable(gw) {
-                return Err(ApiError::unprocessable(format!(
+                return Err(NetworkError::Invalid(format!(
                     "gateway {gw} cannot be the gateway of subnet {subnet}: it must lie inside the subnet \
                      and be neither its network nor its broadcast address"
                 )));
@@ -97,7 +96,7 @@ impl TryFrom<CreateNetwork> for CreateNetworkCommand {
                 None
             };
             if let Some(reason) = why {
-                return Err(ApiError::unprocessable(format!(
+                return Err(NetworkError::Invalid(format!(
                     "address range {}-{} is not valid for subnet {subnet}: {reason}",
                     r.start, r.end
                 )));
@@ -105,20 +104,17 @@ impl TryFrom<CreateNetwork> for CreateNetworkCommand {
         }
         if let Some(vx) = &req.vxlan {
             if vx.vni == 0 || vx.vni > 16_777_215 {
-                return Err(ApiError::unprocessable(format!(
-                    "VNI {} is outside 1..16777215",
-                    vx.vni
-                )));
+                return Err(NetworkError::Invalid(format!("VNI {} is outside 1..16777215", vx.vni)));
             }
             if let Some(dev) = &vx.device {
                 if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ', '\0']) {
-                    return Err(ApiError::unprocessable(format!(
+                    return Err(NetworkError::Invalid(format!(
                         "underlay device name {dev:?} is not a Linux interface name"
                     )));
                 }
             }
             if vx.port == 0 {
-                return Err(ApiError::unprocessable("vxlan port must be between 1 and 65535"));
+                return Err(NetworkError::Invalid("vxlan port must be between 1 and 65535".into()));
             }
         }
         Ok(Self {
@@ -152,12 +148,12 @@ impl CreateNetworkCommand {
 mod tests {
     use super::*;
 
-    fn req(v: serde_json::Value) -> Result<CreateNetworkCommand, ApiError> {
+    fn req(v: serde_json::Value) -> Result<CreateNetworkCommand, NetworkError> {
         CreateNetworkCommand::try_from(serde_json::from_value::<CreateNetwork>(v).expect("shape"))
     }
 
     fn refused(v: serde_json::Value, says: &str) {
-        let e = req(v.clone()).expect_err(&format!("{v} must be refused"));
+        let e = socket_http::ApiError::from(req(v.clone()).expect_err(&format!("{v} must be refused")));
         assert_eq!(e.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY, "{v}");
         assert!(
             e.body.message.contains(says),

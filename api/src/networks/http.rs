@@ -17,6 +17,7 @@ use crate::state::AppState;
 use crate::store;
 
 use super::command::{CreateNetwork, CreateNetworkCommand};
+use super::error::NetworkError;
 use super::view::NetworkStatus;
 use super::work::{key, owned, remove};
 
@@ -33,7 +34,7 @@ pub async fn create(
     let req = CreateNetworkCommand::try_from(req)?;
     let spec = req.to_netd(project);
     if state.store.get(&key(project, &req.name)).await?.is_some() {
-        return Err(ApiError::conflict(format!("network {:?} already exists", req.name)));
+        return Err(NetworkError::AlreadyExists(req.name).into());
     }
     let (st, record) = (state.clone(), key(project, &req.name));
     let status = intents::run(
@@ -46,7 +47,7 @@ pub async fn create(
             let status = st.netd.ensure_network(&spec).await.map_err(upstream)?;
             if let Err(e) = st.store.put(&record, store::encode(&spec)).await {
                 let _ = st.netd.delete_network(&spec.name).await;
-                return Err(e.into());
+                return Err(NetworkError::from(e));
             }
             Ok(status)
         },
@@ -90,7 +91,7 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> Result<Json<NetworkStatus>, ApiError> {
     if !owned(&state, &caller.project, &name).await? {
-        return Err(ApiError::not_found(format!("network {name:?} does not exist")));
+        return Err(NetworkError::NotFound(name).into());
     }
     let status = state
         .netd
@@ -109,7 +110,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let project = caller.project.as_str();
     if !owned(&state, project, &name).await? {
-        return Err(ApiError::not_found(format!("network {name:?} does not exist")));
+        return Err(NetworkError::NotFound(name).into());
     }
     let vms: Vec<String> = store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
         .await?
@@ -118,10 +119,7 @@ pub async fn delete(
         .map(|(vm, _)| vm.name)
         .collect();
     if !vms.is_empty() {
-        return Err(
-            ApiError::conflict(format!("network {name:?} has VMs attached: {}", vms.join(", ")))
-                .with_details(serde_json::json!({"vms": vms})),
-        );
+        return Err(NetworkError::InUse { name, vms }.into());
     }
     let (st, p, n) = (state.clone(), project.to_string(), name.clone());
     intents::run(&state, intents::Kind::Network, project, &name, "delete", async move {

@@ -6,8 +6,10 @@
 //! - [`command`]: a create request checked without netd
 //! - [`view`]: the public types, the api's own (netd's wire types stay behind the edge)
 //! - [`work`]: records in the store, the default network, removal
+//! - [`error`]: what goes wrong, and its public form
 
 pub mod command;
+pub mod error;
 pub mod http;
 pub mod view;
 pub mod work;

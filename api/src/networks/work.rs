@@ -2,10 +2,10 @@
 //! reconciler's, for a create or delete a crash cut short).
 
 use netd::network::NetworkSpec;
-use socket_http::ApiError;
 
 use crate::daemons::upstream;
 use crate::model::host_name;
+use crate::networks::error::NetworkError;
 use crate::state::AppState;
 use crate::store;
 
@@ -31,7 +31,7 @@ pub(crate) fn key(project: &str, name: &str) -> String {
 }
 
 /// Records from before projects (`networks/<name>`) move to `networks/default/<name>`.
-pub async fn migrate(state: &AppState) -> Result<(), ApiError> {
+pub async fn migrate(state: &AppState) -> Result<(), NetworkError> {
     for (k, v) in state.store.list("networks/").await? {
         let rest = &k["networks/".len()..];
         if !rest.contains('/') {
@@ -47,7 +47,7 @@ pub async fn migrate(state: &AppState) -> Result<(), ApiError> {
 
 /// Creates the default network the first time the api starts (never again once the
 /// user deleted it).
-pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
+pub async fn ensure_default(state: &AppState) -> Result<(), NetworkError> {
     let marker = "meta/default-network-created";
     if state.store.get(marker).await?.is_some() {
         return Ok(());
@@ -68,7 +68,7 @@ pub async fn ensure_default(state: &AppState) -> Result<(), ApiError> {
 
 /// Whether the project has this network (the default project also owns networks netd
 /// has that predate the api's records).
-pub(crate) async fn owned(state: &AppState, project: &str, name: &str) -> Result<bool, ApiError> {
+pub(crate) async fn owned(state: &AppState, project: &str, name: &str) -> Result<bool, NetworkError> {
     crate::model::validate_name("network", name)?;
     Ok(state.store.get(&key(project, name)).await?.is_some()
         || (project == crate::auth::keys::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
@@ -76,7 +76,7 @@ pub(crate) async fn owned(state: &AppState, project: &str, name: &str) -> Result
 
 /// Removes a network completely, from netd and the store (the reconciler, for a
 /// create or delete a crash cut short).
-pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), NetworkError> {
     state
         .netd
         .delete_network(&host_name(project, name))

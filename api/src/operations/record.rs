@@ -13,7 +13,7 @@ use socket_http::{ApiError, ErrorBody};
 use tokio::sync::watch;
 
 use crate::model::{saga_key, Operation, OperationStatus, SagaProgress, SagaRecord};
-use crate::store::{self, StateStore};
+use crate::store::{self, StateStore, StoreError};
 
 /// Creates, updates and waits for operations.
 pub struct Operations {
@@ -76,7 +76,7 @@ impl Operations {
         kind: &str,
         target_kind: &str,
         target_id: &str,
-    ) -> Result<Operation, ApiError> {
+    ) -> Result<Operation, StoreError> {
         self.start_with(
             &uuid::Uuid::new_v4().to_string(),
             project,
@@ -99,7 +99,7 @@ impl Operations {
         target_kind: &str,
         target_id: &str,
         saga: SagaProgress,
-    ) -> Result<Operation, ApiError> {
+    ) -> Result<Operation, StoreError> {
         self.start_with(id, project, kind, target_kind, target_id, Some(saga))
             .await
     }
@@ -142,7 +142,7 @@ impl Operations {
         target_kind: &str,
         target_id: &str,
         saga: Option<SagaProgress>,
-    ) -> Result<Operation, ApiError> {
+    ) -> Result<Operation, StoreError> {
         let now = vmm_manager::spec::now_ms();
         let op = Operation {
             id: id.to_string(),

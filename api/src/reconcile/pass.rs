@@ -32,6 +32,7 @@ use std::collections::BTreeSet;
 use socket_http::ApiError;
 
 use crate::model::{Phase, VmRecord};
+use crate::networks::error::NetworkError;
 use crate::reconcile::report::Report;
 use crate::state::AppState;
 use crate::store;
@@ -61,11 +62,15 @@ async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), A
         }
         let (removed, list) = match kind {
             crate::intents::Kind::Network => (
-                crate::networks::remove(state, &project, &name).await,
+                crate::networks::remove(state, &project, &name)
+                    .await
+                    .map_err(|e| e.to_string()),
                 &mut report.networks_removed,
             ),
             crate::intents::Kind::Volume => (
-                crate::volumes::work::remove(state, &project, &name).await,
+                crate::volumes::work::remove(state, &project, &name)
+                    .await
+                    .map_err(|e| e.to_string()),
                 &mut report.volumes_removed,
             ),
         };
@@ -75,7 +80,7 @@ async fn remove_cut_short(state: &AppState, report: &mut Report) -> Result<(), A
                 list.push(format!("{project}/{name}"));
             }
             Err(e) => {
-                tracing::warn!(?kind, %project, %name, "cannot remove what a cut-short change left: {}", e.body.message)
+                tracing::warn!(?kind, %project, %name, "cannot remove what a cut-short change left: {e}")
             }
         }
     }
@@ -224,24 +229,25 @@ async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -
         }
         // Holding the network's marker, so no create or delete of it runs meanwhile,
         // and only if its record is still the one read (not deleted since).
-        let made = crate::intents::hold(state, crate::intents::Kind::Network, project, name, RECREATE, async {
-            match state.store.get(&key).await? {
-                Some(now) if now.revision == v.revision => {
-                    state
-                        .netd
-                        .ensure_network(&spec)
-                        .await
-                        .map_err(crate::daemons::upstream)?;
-                    Ok(true)
+        let made: Result<_, NetworkError> =
+            crate::intents::hold(state, crate::intents::Kind::Network, project, name, RECREATE, async {
+                match state.store.get(&key).await? {
+                    Some(now) if now.revision == v.revision => {
+                        state
+                            .netd
+                            .ensure_network(&spec)
+                            .await
+                            .map_err(crate::daemons::upstream)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
                 }
-                _ => Ok(false),
-            }
-        })
-        .await;
+            })
+            .await;
         match made {
             Ok(Some(true)) => report.networks_recreated.push(format!("{project}/{name}")),
             Ok(_) => {}
-            Err(e) => tracing::warn!(network = %spec.name, "cannot make a lost network again: {}", e.body.message),
+            Err(e) => tracing::warn!(network = %spec.name, "cannot make a lost network again: {e}"),
         }
     }
     Ok(())
@@ -284,7 +290,7 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
             }
             Phase::Deleting => match crate::vms::define::finish_delete(state, &rec).await {
                 Ok(()) => report.deletes_finished.push(rec.id.clone()),
-                Err(e) => tracing::warn!(vm = %rec.id, "cannot finish deleting: {}", e.body.message),
+                Err(e) => tracing::warn!(vm = %rec.id, "cannot finish deleting: {e}"),
             },
         }
     }
@@ -297,7 +303,7 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
                 use vmm_manager::VmState;
                 let running = matches!(vm.status.state, VmState::Starting | VmState::Running | VmState::Paused);
                 if let Err(e) = crate::vms::records::set_desired_running(state, &rec.id, running).await {
-                    tracing::warn!(vm = %rec.id, "cannot record whether it should run: {}", e.body.message);
+                    tracing::warn!(vm = %rec.id, "cannot record whether it should run: {e}");
                 }
             }
         }
@@ -311,8 +317,8 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
                     }
                 }
                 Err(e) => {
-                    tracing::error!(vm = %rec.id, name = %rec.name, "cannot define the lost VM again: {}", e.body.message);
-                    report.not_redefined.push(format!("{}: {}", rec.id, e.body.message));
+                    tracing::error!(vm = %rec.id, name = %rec.name, "cannot define the lost VM again: {e}");
+                    report.not_redefined.push(format!("{}: {e}", rec.id));
                 }
             }
         }
@@ -355,7 +361,7 @@ async fn remove_stale_probes(state: &AppState, report: &mut Report) {
     let stale = match crate::volumes::work::stale_probes(state).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!("reconcile: cannot look for left remote disks: {}", e.body.message);
+            tracing::warn!("reconcile: cannot look for left remote disks: {e}");
             return;
         }
     };

@@ -3,12 +3,12 @@
 //! against its size, which hypervisors work, the image and its kernel) follows in
 //! [`crate::vms::create::begin`].
 
-use socket_http::ApiError;
 use vmm_manager::spec::{MAX_VCPUS, MIN_MEMORY_MIB};
 
 use crate::model::{HypervisorKind, QemuMachine};
 
 use crate::model::{validate_name, AttachVolume, CreateVm, NicRequest};
+use crate::vms::error::VmError;
 use crate::volumes::command::parse_size;
 
 /// A VM create request that passed every check the request alone allows.
@@ -35,28 +35,28 @@ pub struct CreateVmCommand {
 }
 
 impl TryFrom<CreateVm> for CreateVmCommand {
-    type Error = ApiError;
+    type Error = VmError;
 
-    fn try_from(req: CreateVm) -> Result<Self, ApiError> {
+    fn try_from(req: CreateVm) -> Result<Self, VmError> {
         let id = uuid::Uuid::new_v4().to_string();
         let name = req.name.unwrap_or_else(|| format!("vm-{}", &id[..8]));
         validate_name("VM", &name)?;
         if req.vcpus == 0 || req.vcpus > MAX_VCPUS {
-            return Err(ApiError::unprocessable(format!(
+            return Err(VmError::Invalid(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, got {}",
                 req.vcpus
             )));
         }
         if req.memory_mib < MIN_MEMORY_MIB {
-            return Err(ApiError::unprocessable(format!(
+            return Err(VmError::Invalid(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, got {}",
                 req.memory_mib
             )));
         }
         if let Some(extra) = &req.cmdline_append {
             if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
-                return Err(ApiError::unprocessable(
-                    "cmdline_append must be at most 1024 printable characters",
+                return Err(VmError::Invalid(
+                    "cmdline_append must be at most 1024 printable characters".into(),
                 ));
             }
         }
@@ -65,23 +65,17 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             .as_deref()
             .map(str::parse::<HypervisorKind>)
             .transpose()
-            .map_err(ApiError::unprocessable)?;
+            .map_err(VmError::Invalid)?;
         if hypervisor == Some(HypervisorKind::CloudHypervisor) {
             if req.vnc {
-                return Err(ApiError::unprocessable(
-                    "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
-                ));
+                return Err(VmError::VncNeedsQemu);
             }
             if req.machine.is_some() {
-                return Err(ApiError::unprocessable(
-                    "machine is a QEMU option; Cloud Hypervisor has one machine type",
-                ));
+                return Err(VmError::MachineNeedsQemu);
             }
         }
         if req.vnc && req.machine == Some(QemuMachine::Microvm) {
-            return Err(ApiError::unprocessable(
-                "vnc needs machine q35: microvm has no display device",
-            ));
+            return Err(VmError::VncNeedsQ35);
         }
         let disk_size = req
             .disk_size
@@ -96,7 +90,10 @@ impl TryFrom<CreateVm> for CreateVmCommand {
                 user_data: req.user_data.clone(),
                 nics: vec![],
             };
-            imaged::cloudinit::compose(&preview).map_err(ApiError::from)?;
+            imaged::cloudinit::compose(&preview).map_err(|e| match e {
+                imaged::ImageError::Invalid(_) | imaged::ImageError::InvalidName(_) => VmError::Invalid(e.to_string()),
+                other => VmError::Seed(other.to_string()),
+            })?;
         }
         Ok(CreateVmCommand {
             id,
@@ -124,7 +121,10 @@ mod tests {
 
     fn command(body: &str) -> Result<CreateVmCommand, (u16, String)> {
         let req: CreateVm = serde_json::from_str(body).map_err(|e| (400, e.to_string()))?;
-        CreateVmCommand::try_from(req).map_err(|e| (e.status.as_u16(), e.message().to_string()))
+        CreateVmCommand::try_from(req).map_err(|e| {
+            let e = socket_http::ApiError::from(e);
+            (e.status.as_u16(), e.message().to_string())
+        })
     }
 
     #[test]

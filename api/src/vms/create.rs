@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use socket_http::ApiError;
-use vmm_manager::spec::{DiskSpec, VmAction, VmState, MIN_MEMORY_MIB};
+use vmm_manager::spec::{DiskSpec, VmAction, VmState};
 
 use crate::model::HypervisorKind;
 
@@ -20,6 +19,7 @@ use crate::state::AppState;
 use crate::store;
 use crate::vms::command::CreateVmCommand;
 use crate::vms::define::{define_with, kernel_for, root_disk, seed_disk};
+use crate::vms::error::VmError;
 use crate::vms::parts;
 use crate::vms::records::{name_key, vm_key};
 
@@ -29,7 +29,7 @@ pub(crate) fn choose_hypervisor(
     state: &AppState,
     hypervisors: &[vmm_manager::service::HypervisorAvailability],
     requested: Option<HypervisorKind>,
-) -> Result<HypervisorKind, ApiError> {
+) -> Result<HypervisorKind, VmError> {
     let available = |k: HypervisorKind| {
         hypervisors
             .iter()
@@ -46,10 +46,10 @@ pub(crate) fn choose_hypervisor(
     };
     match requested {
         Some(kind) if available(kind) => Ok(kind),
-        Some(kind) => Err(ApiError::unprocessable(format!(
-            "hypervisor {kind} cannot run VMs on this host: {}",
-            reason(kind)
-        ))),
+        Some(kind) => Err(VmError::HypervisorUnavailable {
+            kind,
+            reason: reason(kind),
+        }),
         None => {
             let kind = state.config.default_hypervisor;
             if available(kind) {
@@ -57,22 +57,23 @@ pub(crate) fn choose_hypervisor(
             } else if available(HypervisorKind::Qemu) {
                 Ok(HypervisorKind::Qemu)
             } else {
-                Err(ApiError::unprocessable(
-                    "no hypervisor is installed: install qemu-system-x86 or cloud-hypervisor",
-                ))
+                Err(VmError::NoHypervisor)
             }
         }
     }
 }
 
 /// Looks an image up in imaged; an unknown image is the request's fault (422).
-pub(crate) async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, ApiError> {
-    imaged::validate_name(name).map_err(|e| ApiError::unprocessable(e.to_string()))?;
+pub(crate) async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, VmError> {
+    imaged::validate_name(name).map_err(|e| VmError::Invalid(e.to_string()))?;
     state.images.get(name).await.map_err(|e| {
         if e.is_not_found() {
-            ApiError::unprocessable(format!("unknown image {name:?}: {e}"))
+            VmError::UnknownImage {
+                name: name.to_string(),
+                reason: e.to_string(),
+            }
         } else {
-            upstream(e)
+            upstream(e).into()
         }
     })
 }
@@ -87,21 +88,21 @@ pub(crate) async fn attach_nics(
     project: &str,
     vm_id: &str,
     requests: &[crate::model::NicRequest],
-) -> Result<Vec<crate::model::Nic>, ApiError> {
+) -> Result<Vec<crate::model::Nic>, VmError> {
     let mut nics = Vec::new();
     for (i, req) in requests.iter().enumerate() {
         let made = async {
             let host_network = crate::model::host_name(project, &req.network);
             let net = state.netd.network(&host_network).await.map_err(|e| {
                 if e.is_not_found() {
-                    ApiError::unprocessable(format!("unknown network {:?}", req.network))
+                    VmError::UnknownNetwork(req.network.clone())
                 } else {
-                    upstream(e)
+                    upstream(e).into()
                 }
             })?;
             if let Some(ip) = req.ip {
                 if !net.spec.subnet.contains(&ip) {
-                    return Err(ApiError::unprocessable(format!(
+                    return Err(VmError::Invalid(format!(
                         "address {ip} is outside network {}'s subnet {}",
                         req.network, net.spec.subnet
                     )));
@@ -167,28 +168,24 @@ pub struct VmCreate {
 /// Checks a create request, then runs the saga's first steps (the name, the record,
 /// ports, volume claims, the image lease: what can refuse the request with a 409 or
 /// 422) before answering, and the rest (disks, definition, start) in a task.
-pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Result<(Operation, Vm), ApiError> {
+pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Result<(Operation, Vm), VmError> {
     let req = CreateVmCommand::try_from(req)?;
     let (id, name) = (req.id.clone(), req.name.clone());
     // The host's facts from its vmm-manager, not from the machine the api runs on.
     let host = state.host_facts.get_or(|| state.vmm.host()).await.map_err(upstream)?;
     let host_mib = host.memory_mib;
     if req.memory_mib > host_mib {
-        return Err(ApiError::unprocessable(format!(
-            "memory_mib must be between {MIN_MEMORY_MIB} and the host's {host_mib} MiB, got {}",
-            req.memory_mib
-        )));
+        return Err(VmError::InsufficientMemory {
+            host_mib,
+            asked: req.memory_mib,
+        });
     }
     let hypervisor = choose_hypervisor(state, &host.hypervisors, req.hypervisor)?;
     if req.vnc && hypervisor != HypervisorKind::Qemu {
-        return Err(ApiError::unprocessable(
-            "vnc needs the qemu hypervisor: Cloud Hypervisor has no framebuffer",
-        ));
+        return Err(VmError::VncNeedsQemu);
     }
     if req.machine.is_some() && hypervisor != HypervisorKind::Qemu {
-        return Err(ApiError::unprocessable(
-            "machine is a QEMU option; Cloud Hypervisor has one machine type",
-        ));
+        return Err(VmError::MachineNeedsQemu);
     }
     let machine = req.machine.unwrap_or_default();
     let image = find_image(state, &req.image).await?;
@@ -196,14 +193,14 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
     let disk_size = match (&req.disk_size, &image.disk) {
         (None, _) => None,
         (Some(_), None) => {
-            return Err(ApiError::unprocessable(format!(
+            return Err(VmError::Invalid(format!(
                 "image {:?} has no root disk; disk_size applies to images that have one",
                 req.image
             )))
         }
         (Some((s, bytes)), Some(d)) => {
             if *bytes < d.virtual_size {
-                return Err(ApiError::unprocessable(format!(
+                return Err(VmError::Invalid(format!(
                     "disk_size {s} is smaller than image {:?} ({} bytes)",
                     req.image, d.virtual_size
                 )));
@@ -265,7 +262,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         Err(e) => {
             // Not accepted: undone now, as a failed step would be.
             saga.abandon(state, &e).await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     let vm = Vm::from_record(&saga.context.rec, None, true);
@@ -282,7 +279,7 @@ const ROOT_DISK: &str = "root-disk";
 /// Creating a VM, step by step. Everything up to `recorded` runs before the `202`;
 /// once `ready` has run, the VM is whole and a crash resumes the create (it is
 /// started if it was to be) instead of undoing it.
-pub static VM_CREATE: SagaDef<VmCreate> = SagaDef {
+pub static VM_CREATE: SagaDef<VmCreate, VmError> = SagaDef {
     kind: "vm.create",
     pivot: 10,
     steps: &[
@@ -356,21 +353,21 @@ pub static VM_CREATE: SagaDef<VmCreate> = SagaDef {
     ],
 };
 
-async fn claim_name(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn claim_name(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     let (project, name) = (&c.rec.project, &c.rec.name);
     state
         .store
         .compare_and_swap(&name_key(project, name), None, store::encode(&c.rec.id))
         .await
         .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => ApiError::conflict(format!("a VM named {name:?} already exists")),
+            store::StoreError::Conflict { .. } => VmError::NameTaken(name.clone()),
             other => other.into(),
         })?;
     Ok(())
 }
 
 /// Frees the name only when this VM holds it (the step fails when another VM does).
-async fn free_name(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+async fn free_name(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
     let key = name_key(&c.rec.project, &c.rec.name);
     if let Some((holder, rev)) = store::get_json::<String>(state.store.as_ref(), &key).await? {
         if holder == c.rec.id {
@@ -383,31 +380,31 @@ async fn free_name(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn put_record(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+async fn put_record(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     state.store.put(&vm_key(&rec.id), store::encode(rec)).await?;
     Ok(())
 }
 
-async fn delete_record(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+async fn delete_record(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
     state.store.delete(&vm_key(&c.rec.id)).await?;
     Ok(())
 }
 
-async fn make_ports(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn make_ports(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     c.rec.nics = attach_nics(state, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
     Ok(())
 }
 
 /// Every port this VM may have made, by the names derived from its id (a crash may
 /// have cut the step short before its ports were recorded).
-async fn remove_ports(state: &AppState, c: &VmCreate) -> Result<(), ApiError> {
+async fn remove_ports(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
     for i in 0..c.nic_requests.len() {
         state.netd.delete_port(&port_id(&c.rec.id, i)).await.map_err(upstream)?;
     }
     Ok(())
 }
 
-async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     for v in &c.volume_requests {
         let a = crate::volumes::work::claim(state, &c.rec, v, &c.rec.volumes).await?;
         c.rec.volumes.push(a);
@@ -415,31 +412,31 @@ async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), ApiErro
     Ok(())
 }
 
-async fn lease_image(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn lease_image(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     state.images.lease(&c.image.digest, &c.rec.id).await.map_err(upstream)?;
     Ok(())
 }
 
-async fn make_root_disk(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn make_root_disk(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     c.boot.extend(root_disk(state, &c.rec, &c.image).await?);
     Ok(())
 }
 
-async fn make_seed(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn make_seed(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     c.boot.extend(seed_disk(state, &c.rec).await?);
     Ok(())
 }
 
-async fn define_vm(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn define_vm(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     define_with(state, &c.rec, &c.image, c.boot.clone()).await
 }
 
-async fn mark_ready(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn mark_ready(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     c.rec.phase = Phase::Ready;
     put_record(state, &c.rec).await
 }
 
-async fn start_vm(state: &AppState, c: &mut VmCreate) -> Result<(), ApiError> {
+async fn start_vm(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     if !c.start {
         return Ok(());
     }

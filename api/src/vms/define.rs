@@ -1,7 +1,6 @@
 //! A VM's definition in vmm-manager from its record (spec, root disk, seed, volumes),
 //! defining it again after vmm-manager lost it, and removing everything a VM owns.
 
-use socket_http::ApiError;
 use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
 
 use crate::model::HypervisorKind;
@@ -10,6 +9,7 @@ use vmm_manager::spec::{QemuOptions, VmAction, VmSpec};
 use crate::daemons::upstream;
 use crate::model::VmRecord;
 use crate::state::AppState;
+use crate::vms::error::VmError;
 use crate::vms::records::{name_key, vm_key};
 
 /// Defines a VM in vmm-manager again from its record, when vmm-manager lost it (its
@@ -18,7 +18,7 @@ use crate::vms::records::{name_key, vm_key};
 /// never made anew empty. Ports netd lost are made again with the same MAC and address,
 /// and the cloud-init seed is written again. Starts the VM when the user last wanted
 /// it running; returns whether it did.
-pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError> {
+pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError> {
     for nic in &rec.nics {
         let spec = netd::network::PortSpec {
             network: crate::model::host_name(&rec.project, &nic.network),
@@ -28,10 +28,11 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
         };
         let port = state.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
         if port.tap != nic.tap {
-            return Err(ApiError::conflict(format!(
-                "port {} came back as TAP {}, the VM was defined with {}",
-                nic.port, port.tap, nic.tap
-            )));
+            return Err(VmError::PortMoved {
+                port: nic.port.clone(),
+                tap: port.tap,
+                defined: nic.tap.clone(),
+            });
         }
     }
     let image = state
@@ -46,12 +47,9 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
     if let Some(root) = &rec.root_disk {
         state.blockd.volume(&root.volume).await.map_err(|e| {
             if e.is_not_found() {
-                ApiError::conflict(format!(
-                    "the root disk {} is gone; the VM cannot be defined again",
-                    root.volume
-                ))
+                VmError::RootDiskGone(root.volume.clone())
             } else {
-                upstream(e)
+                upstream(e).into()
             }
         })?;
     }
@@ -74,7 +72,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, ApiError
 }
 
 /// Builds the spec vmm-manager gets from the record and its image.
-fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, ApiError> {
+fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, VmError> {
     let kernel = kernel_for(image, rec.hypervisor)?;
     let mut cmdline = format!("{} hearth.hostname={}", image.boot.cmdline, rec.name);
     // Guests on networks without DHCP learn their address from the kernel command line
@@ -144,7 +142,7 @@ pub(crate) async fn root_disk(
     state: &AppState,
     rec: &VmRecord,
     image: &imaged::ImageInfo,
-) -> Result<Option<DiskSpec>, ApiError> {
+) -> Result<Option<DiskSpec>, VmError> {
     let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) else {
         return Ok(None);
     };
@@ -160,9 +158,7 @@ pub(crate) async fn root_disk(
         .ensure_volume(&root.volume, &spec)
         .await
         .map_err(upstream)?;
-    let path = v.path.ok_or_else(|| {
-        ApiError::conflict("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")
-    })?;
+    let path = v.path.ok_or(VmError::PoolKeepsNoFiles)?;
     let format = match v.format {
         blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
         blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
@@ -176,7 +172,7 @@ pub(crate) async fn root_disk(
 
 /// The cloud-init seed imaged writes (`None` for a VM without one); after the root disk,
 /// so the guest sees it as vdb.
-pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option<DiskSpec>, ApiError> {
+pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option<DiskSpec>, VmError> {
     if !rec.seed {
         return Ok(None);
     }
@@ -205,7 +201,7 @@ pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option
 /// Removes what a VM owns on the host, in dependency order: the VMM, its ports, its
 /// root disk and seed, its volume attachments, its image lease. Each step is
 /// idempotent; errors are logged and the rest still runs.
-async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     use crate::vms::parts;
     let results = [
         ("VMM", parts::remove_vmm(state, rec).await),
@@ -218,7 +214,7 @@ async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiErro
     let mut first_error = None;
     for (what, result) in results {
         if let Err(e) = result {
-            tracing::error!(vm = %rec.id, "cannot remove the {what}: {}", e.body.message);
+            tracing::error!(vm = %rec.id, "cannot remove the {what}: {e}");
             first_error.get_or_insert(e);
         }
     }
@@ -226,7 +222,7 @@ async fn remove_vm_parts(state: &AppState, rec: &VmRecord) -> Result<(), ApiErro
 }
 
 /// Finishes a delete: everything on the host, then the records.
-pub(crate) async fn finish_delete(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+pub(crate) async fn finish_delete(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     remove_vm_parts(state, rec).await?;
     state.store.delete(&vm_key(&rec.id)).await?;
     state.store.delete(&name_key(&rec.project, &rec.name)).await?;
@@ -242,7 +238,7 @@ pub(crate) async fn undo_create(state: &AppState, rec: &VmRecord) {
 
 /// Gives vmm-manager the VM as its record describes it: root disk and seed (made or
 /// found again), data volumes, NICs.
-pub(crate) async fn define(state: &AppState, rec: &VmRecord, image: &imaged::ImageInfo) -> Result<(), ApiError> {
+pub(crate) async fn define(state: &AppState, rec: &VmRecord, image: &imaged::ImageInfo) -> Result<(), VmError> {
     let mut boot = Vec::new();
     boot.extend(root_disk(state, rec, image).await?);
     boot.extend(seed_disk(state, rec).await?);
@@ -255,7 +251,7 @@ pub(crate) async fn define_with(
     rec: &VmRecord,
     image: &imaged::ImageInfo,
     boot: Vec<DiskSpec>,
-) -> Result<(), ApiError> {
+) -> Result<(), VmError> {
     let mut spec = vm_spec(rec, image)?;
     spec.disks = boot;
     for v in &rec.volumes {
@@ -267,20 +263,15 @@ pub(crate) async fn define_with(
     Ok(())
 }
 
-pub(crate) fn kernel_for(
-    image: &imaged::ImageInfo,
-    hypervisor: HypervisorKind,
-) -> Result<std::path::PathBuf, ApiError> {
+pub(crate) fn kernel_for(image: &imaged::ImageInfo, hypervisor: HypervisorKind) -> Result<std::path::PathBuf, VmError> {
     let boot = &image.boot;
     let kernel = match hypervisor {
         // Cloud Hypervisor boots only the uncompressed PVH ELF.
         HypervisorKind::CloudHypervisor => boot.kernel_elf.clone(),
         HypervisorKind::Qemu => boot.kernel_bzimage.clone().or_else(|| boot.kernel_elf.clone()),
     };
-    kernel.ok_or_else(|| {
-        ApiError::unprocessable(format!(
-            "image {:?} has no kernel that {hypervisor} can boot",
-            image.name
-        ))
+    kernel.ok_or_else(|| VmError::NoKernel {
+        image: image.name.clone(),
+        hypervisor,
     })
 }

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use socket_http::ApiError;
 
 use crate::model::{Operation, Phase, Vm, VmRecord};
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
 use crate::store;
+use crate::vms::error::VmError;
 use crate::vms::parts;
 use crate::vms::records::{name_key, vm_key};
 
@@ -22,8 +22,11 @@ pub struct VmDelete {
 }
 
 /// Marks the VM `deleting` (compare-and-swap at `rev`, so a concurrent change wins or
-/// loses whole) and runs the saga in a task.
-pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result<(Operation, Vm), ApiError> {
+/// loses whole) and runs the saga in a task. A VM still being created is refused.
+pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result<(Operation, Vm), VmError> {
+    if rec.phase == Phase::Creating {
+        return Err(VmError::StillCreating(rec.name));
+    }
     rec.phase = Phase::Deleting;
     state
         .store
@@ -42,13 +45,13 @@ pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result
     Ok((op, vm))
 }
 
-fn nothing_to_undo<'a>(_: &'a AppState, _: &'a VmDelete) -> futures_util::future::BoxFuture<'a, Result<(), ApiError>> {
+fn nothing_to_undo<'a>(_: &'a AppState, _: &'a VmDelete) -> futures_util::future::BoxFuture<'a, Result<(), VmError>> {
     Box::pin(async { Ok(()) })
 }
 
 /// Deleting a VM, step by step (each idempotent: a resumed step that already ran
 /// finds nothing to remove).
-pub static VM_DELETE: SagaDef<VmDelete> = SagaDef {
+pub static VM_DELETE: SagaDef<VmDelete, VmError> = SagaDef {
     kind: "vm.delete",
     pivot: 0,
     steps: &[
@@ -97,7 +100,7 @@ pub static VM_DELETE: SagaDef<VmDelete> = SagaDef {
     ],
 };
 
-async fn remove_records(state: &AppState, c: &mut VmDelete) -> Result<(), ApiError> {
+async fn remove_records(state: &AppState, c: &mut VmDelete) -> Result<(), VmError> {
     state.store.delete(&vm_key(&c.rec.id)).await?;
     // The name only when it is still this VM's (a delete resumed late must not free a
     // name a new VM took meanwhile).

@@ -15,6 +15,7 @@ use crate::daemons::upstream;
 use crate::json::{JsonBody, Query};
 use crate::model::{Accepted, CreateVm, Phase, Vm, VmRecord};
 use crate::state::AppState;
+use crate::vms::error::VmError;
 use crate::vms::records::{resolve, set_desired_running};
 
 type AppS = State<Arc<AppState>>;
@@ -78,12 +79,6 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (rec, rev) = resolve(&state, &caller.project, &id).await?;
-    if rec.phase == Phase::Creating {
-        return Err(ApiError::conflict(format!(
-            "VM {} is still being created; retry when its create operation finishes",
-            rec.name
-        )));
-    }
     let (op, vm) = crate::vms::delete::begin(&state, rec, rev).await?;
     Ok(accepted(op, Some(vm)))
 }
@@ -123,21 +118,24 @@ pub async fn action(
     let action: VmAction = action.parse().map_err(ApiError::not_found)?;
     let (rec, _) = resolve(&state, &caller.project, &id).await?;
     if rec.phase != Phase::Ready {
-        return Err(ApiError::conflict(format!(
-            "VM {} is {:?}: cannot {action}",
-            rec.name, rec.phase
-        )));
+        return Err(VmError::ActionRefused {
+            vm: rec.name,
+            state: format!("{:?}", rec.phase),
+            action,
+        }
+        .into());
     }
     // Refuse what cannot work now, synchronously, so the caller gets a 409 at once.
     let live = state.vmm.get(&rec.id).await.map_err(upstream)?;
     let st = live.status.state;
     let ok = action.allowed_in(st);
     if !ok {
-        return Err(ApiError::conflict(format!(
-            "VM {} is {}: cannot {action}",
-            rec.name,
-            st.as_str()
-        )));
+        return Err(VmError::ActionRefused {
+            vm: rec.name,
+            state: st.as_str().to_string(),
+            action,
+        }
+        .into());
     }
     // Intent first: what the reconciler restores if the VMM definition is lost.
     if let Some(running) = action.desired_running() {
@@ -155,7 +153,7 @@ pub async fn action(
                 task_state.live.observe(&info);
                 task_state.ops.succeed(&op_id).await
             }
-            Err(e) => task_state.ops.fail(&op_id, &upstream(e)).await,
+            Err(e) => task_state.ops.fail(&op_id, &upstream(e).into()).await,
         }
     });
     Ok(accepted(op, Some(view(&state, &rec).await)))

@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
-use socket_http::ApiError;
 use vmm_manager::client::VmmClient;
 
 use crate::model::{Vm, VmRecord};
 use crate::store::StateStore;
 use crate::store::{self, PrefixVersion};
+use crate::vms::error::VmError;
 use crate::vms::live::LiveVms;
 
 /// The VMs of `project` (of every project with `None`) from the store's records and
@@ -44,7 +44,7 @@ pub struct Sources<'a> {
     pub vmm: &'a VmmClient,
 }
 
-pub async fn views(state: Sources<'_>, project: Option<&str>) -> Result<(Vec<Vm>, Option<u64>), ApiError> {
+pub async fn views(state: Sources<'_>, project: Option<&str>) -> Result<(Vec<Vm>, Option<u64>), VmError> {
     let records: Vec<VmRecord> = store::list_json(state.store, "vms/")
         .await?
         .into_iter()
@@ -94,7 +94,7 @@ impl Default for ListCache {
 impl ListCache {
     /// `project`'s listing, from the cache when neither the records nor the live
     /// state changed since it was rendered.
-    pub async fn get(&self, state: Sources<'_>, project: &str) -> Result<Arc<Rendered>, ApiError> {
+    pub async fn get(&self, state: Sources<'_>, project: &str) -> Result<Arc<Rendered>, VmError> {
         let version = state.store.prefix_version("vms/").await?;
         if let Some(generation) = state.live.generation() {
             let cached = self
@@ -109,7 +109,7 @@ impl ListCache {
             }
         }
         let (vms, generation) = views(state, Some(project)).await?;
-        let json = Bytes::from(serde_json::to_vec(&vms).map_err(|e| ApiError::internal(e.to_string()))?);
+        let json = Bytes::from(serde_json::to_vec(&vms).map_err(VmError::Render)?);
         let rendered = Arc::new(Rendered {
             version,
             generation: generation.unwrap_or(0),

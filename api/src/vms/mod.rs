@@ -10,11 +10,13 @@
 //! - [`define`]: a VM's definition from its record; [`parts`]: removing what a VM owns
 //! - [`records`]: VM records in the store
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
+//! - [`error`]: what goes wrong, and its public form
 
 pub mod command;
 pub mod create;
 pub mod define;
 pub mod delete;
+pub mod error;
 pub mod http;
 pub mod list;
 pub mod live;

@@ -2,36 +2,35 @@
 //! part already gone is fine), so the sagas' steps and undos and the reconciler's
 //! repairs can run them again after a crash.
 
-use socket_http::ApiError;
-
 use crate::daemons::upstream;
 use crate::model::VmRecord;
 use crate::state::AppState;
+use crate::vms::error::VmError;
 
 /// Its VMM and state directory in vmm-manager (a running VMM is killed).
-pub(crate) async fn remove_vmm(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
-    state.vmm.delete(&rec.id).await.map_err(upstream)
+pub(crate) async fn remove_vmm(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    Ok(state.vmm.delete(&rec.id).await.map_err(upstream)?)
 }
 
 /// The ports of the NICs it records.
-pub(crate) async fn remove_ports(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+pub(crate) async fn remove_ports(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     for nic in &rec.nics {
         state.netd.delete_port(&nic.port).await.map_err(upstream)?;
     }
     Ok(())
 }
 
-pub(crate) async fn remove_root_disk(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+pub(crate) async fn remove_root_disk(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     if let Some(root) = &rec.root_disk {
         match state.blockd.delete_volume(&root.volume).await {
-            Err(e) if !e.is_not_found() => return Err(upstream(e)),
+            Err(e) if !e.is_not_found() => return Err(upstream(e).into()),
             _ => {}
         }
     }
     Ok(())
 }
 
-pub(crate) async fn remove_seed(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+pub(crate) async fn remove_seed(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     if rec.seed {
         state.images.delete_seed(&rec.id).await.map_err(upstream)?;
     }
@@ -39,7 +38,7 @@ pub(crate) async fn remove_seed(state: &AppState, rec: &VmRecord) -> Result<(), 
 }
 
 /// Its volume attachments; the volumes outlive it.
-pub(crate) async fn release_volumes(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
+pub(crate) async fn release_volumes(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
     for v in &rec.volumes {
         crate::volumes::work::release(state, &rec.project, v).await;
     }
@@ -47,6 +46,6 @@ pub(crate) async fn release_volumes(state: &AppState, rec: &VmRecord) -> Result<
 }
 
 /// Its lease on its image.
-pub(crate) async fn release_image(state: &AppState, rec: &VmRecord) -> Result<(), ApiError> {
-    state.images.release(&rec.id).await.map_err(upstream)
+pub(crate) async fn release_image(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    Ok(state.images.release(&rec.id).await.map_err(upstream)?)
 }

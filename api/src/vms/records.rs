@@ -1,11 +1,10 @@
 //! The VM records in the store: their keys, finding one by id or name within a
 //! project, and the user's wish to have it running.
 
-use socket_http::ApiError;
-
 use crate::model::VmRecord;
 use crate::state::AppState;
 use crate::store;
+use crate::vms::error::VmError;
 
 pub(crate) fn vm_key(id: &str) -> String {
     format!("vms/{id}")
@@ -17,7 +16,7 @@ pub(crate) fn name_key(project: &str, name: &str) -> String {
 
 /// Finds a VM record by id or by name.
 /// VMs of other projects are not found.
-pub async fn resolve(state: &AppState, project: &str, id_or_name: &str) -> Result<(VmRecord, u64), ApiError> {
+pub async fn resolve(state: &AppState, project: &str, id_or_name: &str) -> Result<(VmRecord, u64), VmError> {
     let s = state.store.as_ref();
     if let Some(found) = store::get_json::<VmRecord>(s, &vm_key(id_or_name)).await? {
         if found.0.project == project {
@@ -29,12 +28,12 @@ pub async fn resolve(state: &AppState, project: &str, id_or_name: &str) -> Resul
             return Ok(found);
         }
     }
-    Err(ApiError::not_found(format!("VM {id_or_name:?} does not exist")))
+    Err(VmError::NotFound(id_or_name.to_string()))
 }
 
 /// Records whether the user wants VM `id` running (compare-and-swap, retried when
 /// another writer changed the record meanwhile).
-pub async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
+pub async fn set_desired_running(state: &AppState, id: &str, running: bool) -> Result<(), VmError> {
     let changed = store::update_json(state.store.as_ref(), &vm_key(id), |rec: &mut VmRecord| {
         let was = rec.desired_running.replace(running);
         was != Some(running)
@@ -42,7 +41,7 @@ pub async fn set_desired_running(state: &AppState, id: &str, running: bool) -> R
     .await;
     match changed {
         Ok(_) => Ok(()),
-        Err(store::StoreError::Conflict { .. }) => Err(ApiError::conflict("the VM's record kept changing; retry")),
+        Err(store::StoreError::Conflict { .. }) => Err(VmError::Contended),
         Err(e) => Err(e.into()),
     }
 }

@@ -5,13 +5,13 @@
 //! crash the reconciler undoes an attach cut short, or finishes one that was recorded.
 
 use serde::{Deserialize, Serialize};
-use socket_http::ApiError;
 
 use crate::daemons::upstream;
 use crate::model::{AttachVolume, AttachedVolume, VmRecord};
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
 use crate::store;
+use crate::volumes::error::VolumeError;
 use crate::volumes::records::{claim_key, Attachment};
 use crate::volumes::work::{claim, disk_spec, unexport};
 
@@ -30,7 +30,12 @@ pub struct VolumeAttach {
 
 /// Attaches a volume to a VM (hot-plugged while it runs); the saga ends before this
 /// returns.
-pub async fn attach(state: &AppState, vm: VmRecord, vm_revision: u64, request: AttachVolume) -> Result<(), ApiError> {
+pub async fn attach(
+    state: &AppState,
+    vm: VmRecord,
+    vm_revision: u64,
+    request: AttachVolume,
+) -> Result<(), VolumeError> {
     let context = VolumeAttach {
         vm,
         vm_revision,
@@ -43,7 +48,7 @@ pub async fn attach(state: &AppState, vm: VmRecord, vm_revision: u64, request: A
 
 /// Attaching a volume, step by step; once the VM's record has the volume the attach is
 /// whole, and a crash finishes it.
-pub static VOLUME_ATTACH: SagaDef<VolumeAttach> = SagaDef {
+pub static VOLUME_ATTACH: SagaDef<VolumeAttach, VolumeError> = SagaDef {
     kind: "volume.attach",
     pivot: 4,
     steps: &[
@@ -74,14 +79,14 @@ pub static VOLUME_ATTACH: SagaDef<VolumeAttach> = SagaDef {
     ],
 };
 
-async fn take_claim(state: &AppState, c: &mut VolumeAttach) -> Result<(), ApiError> {
+async fn take_claim(state: &AppState, c: &mut VolumeAttach) -> Result<(), VolumeError> {
     c.attached = Some(claim(state, &c.vm, &c.request, &c.vm.volumes).await?);
     Ok(())
 }
 
 /// The claim goes only if it is this VM's: a claim step that failed because another
 /// VM holds the volume must leave that VM's claim alone.
-async fn drop_claim(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> {
+async fn drop_claim(state: &AppState, c: &VolumeAttach) -> Result<(), VolumeError> {
     let key = claim_key(&c.vm.project, &c.request.volume);
     if let Some((held, _)) = store::get_json::<Attachment>(state.store.as_ref(), &key).await? {
         if held.vm == c.vm.id {
@@ -91,31 +96,29 @@ async fn drop_claim(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> 
     Ok(())
 }
 
-fn ours(c: &VolumeAttach) -> Result<&AttachedVolume, ApiError> {
-    c.attached
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("the attach saga has no claim"))
+fn ours(c: &VolumeAttach) -> Result<&AttachedVolume, VolumeError> {
+    c.attached.as_ref().ok_or(VolumeError::NoClaim)
 }
 
-async fn make_disk(state: &AppState, c: &mut VolumeAttach) -> Result<(), ApiError> {
+async fn make_disk(state: &AppState, c: &mut VolumeAttach) -> Result<(), VolumeError> {
     disk_spec(state, &c.vm.project, ours(c)?).await.map(|_| ())
 }
 
-async fn remove_disk(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> {
+async fn remove_disk(state: &AppState, c: &VolumeAttach) -> Result<(), VolumeError> {
     match &c.attached {
         Some(a) => unexport(state, &c.vm.project, a).await,
         None => Ok(()),
     }
 }
 
-async fn plug(state: &AppState, c: &mut VolumeAttach) -> Result<(), ApiError> {
+async fn plug(state: &AppState, c: &mut VolumeAttach) -> Result<(), VolumeError> {
     // Asked again (it is idempotent): the socket or file the VM gets.
     let disk = disk_spec(state, &c.vm.project, ours(c)?).await?;
     state.vmm.attach_disk(&c.vm.id, &disk).await.map_err(upstream)?;
     Ok(())
 }
 
-async fn unplug(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> {
+async fn unplug(state: &AppState, c: &VolumeAttach) -> Result<(), VolumeError> {
     let Some(a) = &c.attached else {
         return Ok(());
     };
@@ -123,11 +126,11 @@ async fn unplug(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> {
         Ok(_) => Ok(()),
         // No such VM or disk: nothing is plugged.
         Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(upstream(e)),
+        Err(e) => Err(upstream(e).into()),
     }
 }
 
-async fn record(state: &AppState, c: &mut VolumeAttach) -> Result<(), ApiError> {
+async fn record(state: &AppState, c: &mut VolumeAttach) -> Result<(), VolumeError> {
     let a = ours(c)?.clone();
     let mut vm = c.vm.clone();
     if !vm.volumes.iter().any(|v| v.volume == a.volume) {
@@ -140,7 +143,7 @@ async fn record(state: &AppState, c: &mut VolumeAttach) -> Result<(), ApiError> 
     Ok(())
 }
 
-async fn unrecord(state: &AppState, c: &VolumeAttach) -> Result<(), ApiError> {
+async fn unrecord(state: &AppState, c: &VolumeAttach) -> Result<(), VolumeError> {
     let Some(a) = &c.attached else {
         return Ok(());
     };

@@ -3,8 +3,8 @@
 //! address), unit-tested without a running stack. What needs the store or blockd (the
 //! source volume exists, the pool has room) is checked by the work that follows.
 
+use crate::volumes::error::VolumeError;
 use serde::Deserialize;
-use socket_http::ApiError;
 
 use crate::model::validate_name;
 use crate::volumes::records::validate_new_name;
@@ -24,9 +24,9 @@ pub struct SizeRequest {
 }
 
 impl SizeRequest {
-    pub fn bytes(&self) -> Result<Option<u64>, ApiError> {
+    pub fn bytes(&self) -> Result<Option<u64>, VolumeError> {
         match (&self.size_bytes, &self.size) {
-            (Some(_), Some(_)) => Err(ApiError::unprocessable("give size_bytes or size, not both")),
+            (Some(_), Some(_)) => Err(invalid("give size_bytes or size, not both")),
             (Some(b), None) => Ok(Some(*b)),
             (None, Some(s)) => parse_size(s).map(Some),
             (None, None) => Ok(None),
@@ -34,11 +34,15 @@ impl SizeRequest {
     }
 }
 
+fn invalid(why: impl Into<String>) -> VolumeError {
+    VolumeError::Invalid(why.into())
+}
+
 /// `10G` → 10 GiB. Plain numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64, ApiError> {
+pub fn parse_size(s: &str) -> Result<u64, VolumeError> {
     let t = s.trim();
     let bad = || {
-        ApiError::unprocessable(format!(
+        invalid(format!(
             "size {s:?}: write bytes or a number with K, M, G or T (powers of 1024)"
         ))
     };
@@ -105,9 +109,9 @@ pub struct CreateVolumeCommand {
 }
 
 impl TryFrom<CreateVolume> for CreateVolumeCommand {
-    type Error = ApiError;
+    type Error = VolumeError;
 
-    fn try_from(req: CreateVolume) -> Result<Self, ApiError> {
+    fn try_from(req: CreateVolume) -> Result<Self, VolumeError> {
         validate_new_name(&req.name)?;
         let size = SizeRequest {
             size_bytes: req.size_bytes,
@@ -116,7 +120,7 @@ impl TryFrom<CreateVolume> for CreateVolumeCommand {
         .bytes()?;
         let origin = match (req.remote, req.source, size) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-                return Err(ApiError::unprocessable(
+                return Err(invalid(
                     "a remote volume has the size its host gives it: no size or source",
                 ))
             }
@@ -124,28 +128,20 @@ impl TryFrom<CreateVolume> for CreateVolumeCommand {
                 match (&remote.tcp, &remote.unix) {
                     (Some(_), None) => {}
                     (None, Some(u)) if u.starts_with('/') => {}
-                    (None, Some(u)) => {
-                        return Err(ApiError::unprocessable(format!(
-                            "unix socket path {u} must be absolute"
-                        )))
-                    }
-                    _ => {
-                        return Err(ApiError::unprocessable(
-                            "give exactly one of tcp (host:port) and unix (socket path)",
-                        ))
-                    }
+                    (None, Some(u)) => return Err(invalid(format!("unix socket path {u} must be absolute"))),
+                    _ => return Err(invalid("give exactly one of tcp (host:port) and unix (socket path)")),
                 }
                 if remote.export.is_empty() || remote.export.len() > 4096 {
-                    return Err(ApiError::unprocessable(
+                    return Err(invalid(
                         "remote.export names the volume on the remote host: 1 to 4096 bytes",
                     ));
                 }
                 Origin::Remote(remote)
             }
             (None, Some(SourceRequest::Snapshot(snap)), size_bytes) => {
-                let (volume, snapshot) = snap.split_once('@').ok_or_else(|| {
-                    ApiError::unprocessable(format!("{snap:?} does not name a snapshot: write volume@snapshot"))
-                })?;
+                let (volume, snapshot) = snap
+                    .split_once('@')
+                    .ok_or_else(|| invalid(format!("{snap:?} does not name a snapshot: write volume@snapshot")))?;
                 validate_name("volume", volume)?;
                 validate_name("snapshot", snapshot)?;
                 Origin::Snapshot {
@@ -155,11 +151,7 @@ impl TryFrom<CreateVolume> for CreateVolumeCommand {
                 }
             }
             (None, None, Some(size_bytes)) => Origin::Empty { size_bytes },
-            (None, None, None) => {
-                return Err(ApiError::unprocessable(
-                    "give size_bytes or size (e.g. \"10G\") for a new volume",
-                ))
-            }
+            (None, None, None) => return Err(invalid("give size_bytes or size (e.g. \"10G\") for a new volume")),
         };
         Ok(Self { name: req.name, origin })
     }
@@ -168,13 +160,13 @@ impl TryFrom<CreateVolume> for CreateVolumeCommand {
 impl CreateVolumeCommand {
     /// The name blockd knows the volume by in `project` (see
     /// [`crate::model::host_name`]), which must fit blockd's 63 characters.
-    pub fn host_name_in(&self, project: &str) -> Result<String, ApiError> {
+    pub fn host_name_in(&self, project: &str) -> Result<String, VolumeError> {
         let host = crate::model::host_name(project, &self.name);
         if host.len() > 63 {
-            return Err(ApiError::unprocessable(format!(
-                "volume name {:?} is too long for project {project}: project and name together take at most 62 characters",
-                self.name
-            )));
+            return Err(VolumeError::NameTooLong {
+                name: self.name.clone(),
+                project: project.to_string(),
+            });
         }
         Ok(host)
     }
@@ -194,12 +186,10 @@ pub struct ResizeCommand {
 }
 
 impl TryFrom<SizeRequest> for ResizeCommand {
-    type Error = ApiError;
+    type Error = VolumeError;
 
-    fn try_from(req: SizeRequest) -> Result<Self, ApiError> {
-        let size_bytes = req
-            .bytes()?
-            .ok_or_else(|| ApiError::unprocessable("give size_bytes or size"))?;
+    fn try_from(req: SizeRequest) -> Result<Self, VolumeError> {
+        let size_bytes = req.bytes()?.ok_or_else(|| invalid("give size_bytes or size"))?;
         Ok(Self { size_bytes })
     }
 }
@@ -218,9 +208,9 @@ pub struct SnapshotCommand {
 }
 
 impl TryFrom<NameRequest> for SnapshotCommand {
-    type Error = ApiError;
+    type Error = VolumeError;
 
-    fn try_from(req: NameRequest) -> Result<Self, ApiError> {
+    fn try_from(req: NameRequest) -> Result<Self, VolumeError> {
         validate_name("snapshot", &req.name)?;
         Ok(Self { name: req.name })
     }
@@ -245,9 +235,9 @@ pub struct CloneCommand {
 }
 
 impl TryFrom<CloneRequest> for CloneCommand {
-    type Error = ApiError;
+    type Error = VolumeError;
 
-    fn try_from(req: CloneRequest) -> Result<Self, ApiError> {
+    fn try_from(req: CloneRequest) -> Result<Self, VolumeError> {
         validate_new_name(&req.name)?;
         if let Some(s) = &req.snapshot {
             validate_name("snapshot", s)?;
@@ -263,15 +253,16 @@ impl TryFrom<CloneRequest> for CloneCommand {
 mod tests {
     use axum::http::StatusCode;
     use serde_json::json;
+    use socket_http::ApiError;
 
     use super::*;
 
-    fn create(v: serde_json::Value) -> Result<CreateVolumeCommand, ApiError> {
+    fn create(v: serde_json::Value) -> Result<CreateVolumeCommand, VolumeError> {
         CreateVolumeCommand::try_from(serde_json::from_value::<CreateVolume>(v).expect("shape"))
     }
 
-    fn refused<T: std::fmt::Debug>(r: Result<T, ApiError>, says: &str) {
-        let e = r.expect_err("refused");
+    fn refused<T: std::fmt::Debug>(r: Result<T, VolumeError>, says: &str) {
+        let e = ApiError::from(r.expect_err("refused"));
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(e.body.message.contains(says), "{:?} lacks {says:?}", e.body.message);
     }

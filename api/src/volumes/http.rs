@@ -36,13 +36,18 @@ use crate::volumes::command::{
     CloneCommand, CloneRequest, CreateVolume, CreateVolumeCommand, NameRequest, ResizeCommand, SizeRequest,
     SnapshotCommand, SourceRequest,
 };
+use crate::volumes::error::VolumeError;
 use crate::volumes::records::{attachment, blockd_error, bname, find_record, local_record, record_key, VolumeRecord};
 use crate::volumes::view::{Export, Snapshot, Volume};
 use crate::volumes::work::{make_volume, release, remove, resize_remote};
 
 type AppS = State<std::sync::Arc<crate::state::AppState>>;
 
-async fn view(state: &AppState, rec: &VolumeRecord, exports: &[blockd::exports::Export]) -> Result<Volume, ApiError> {
+async fn view(
+    state: &AppState,
+    rec: &VolumeRecord,
+    exports: &[blockd::exports::Export],
+) -> Result<Volume, VolumeError> {
     let attached_to = attachment(state, &rec.project, &rec.name).await?;
     let host = bname(rec);
     let mut v = Volume {
@@ -101,7 +106,7 @@ pub async fn list(State(state): AppS, Extension(caller): Extension<Caller>) -> R
     for r in &recs {
         match view(&state, r, &exports).await {
             Ok(v) => out.push(v),
-            Err(e) => tracing::warn!(volume = %r.name, "volume listed but not in blockd: {}", e.message()),
+            Err(e) => tracing::warn!(volume = %r.name, "volume listed but not in blockd: {e}"),
         }
     }
     Ok(Json(out))
@@ -138,9 +143,9 @@ pub async fn create(
         created_at_ms: vmm_manager::spec::now_ms(),
     };
     let name = req.name.clone();
-    let conflict = move || ApiError::conflict(format!("a volume named {name:?} already exists"));
+    let conflict = move || VolumeError::AlreadyExists(name.clone());
     if state.store.get(&record_key(project, &req.name)).await?.is_some() {
-        return Err(conflict());
+        return Err(conflict().into());
     }
     let (st, p, r, name) = (state.clone(), project.to_string(), rec, req.name.clone());
     let rec = crate::intents::run(
@@ -159,7 +164,7 @@ pub async fn create(
                     store::StoreError::Conflict { .. } => conflict(),
                     other => other.into(),
                 })?;
-            let made = async {
+            let made: Result<VolumeRecord, VolumeError> = async {
                 let Some(remote_size) = make_volume(&st, &p, &host, &req).await? else {
                     return Ok(r);
                 };
@@ -234,18 +239,11 @@ pub async fn resize(
                 .vmm
                 .resize_disk(&a.vm, &a.disk, grown.size_bytes)
                 .await
-                .map_err(|e| {
-                    let e = upstream(e);
-                    ApiError::new(
-                        e.status,
-                        "resize_not_seen_by_vm",
-                        format!(
-                            "volume {name:?} grew to {} bytes, but VM {:?} could not be told: {}",
-                            grown.size_bytes,
-                            a.vm_name,
-                            e.message()
-                        ),
-                    )
+                .map_err(|e| VolumeError::NotSeenByVm {
+                    name: name.clone(),
+                    size_bytes: grown.size_bytes,
+                    vm: a.vm_name.clone(),
+                    source: Box::new(upstream(e)),
                 })?;
         }
     }
@@ -340,10 +338,7 @@ pub async fn attach(
     find_record(&state, project, &name).await?;
     let (vm, rev) = crate::vms::records::resolve(&state, project, &req.vm).await?;
     if vm.phase != crate::model::Phase::Ready {
-        return Err(ApiError::conflict(format!(
-            "VM {} is being created or deleted",
-            vm.name
-        )));
+        return Err(VolumeError::VmNotReady(vm.name).into());
     }
     if let Some(a) = attachment(&state, project, &name).await? {
         if a.vm == vm.id {

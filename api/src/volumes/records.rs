@@ -3,12 +3,12 @@
 pub use crate::volumes::view::Attachment;
 use crate::volumes::view::RemoteDiskSpec;
 use serde::{Deserialize, Serialize};
-use socket_http::ApiError;
 
-use crate::daemons::upstream;
+use crate::daemons::{upstream, DaemonError};
 use crate::model::{host_name, validate_name};
 use crate::state::AppState;
 use crate::store;
+use crate::volumes::error::VolumeError;
 
 pub(crate) fn record_key(project: &str, name: &str) -> String {
     format!("volumes/{project}/{name}")
@@ -20,12 +20,10 @@ pub(crate) fn claim_key(project: &str, name: &str) -> String {
 
 /// A name for a new volume: valid, and not one of the names hearth gives volumes of
 /// its own (an image's base volume, which the reconciler removes with the image).
-pub(crate) fn validate_new_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_new_name(name: &str) -> Result<(), VolumeError> {
     validate_name("volume", name)?;
     if blockd::volume::is_image_base_name(name) {
-        return Err(ApiError::unprocessable(format!(
-            "volume name {name:?} is kept for hearth's image base volumes: choose another"
-        )));
+        return Err(VolumeError::ReservedName(name.to_string()));
     }
     Ok(())
 }
@@ -50,19 +48,19 @@ pub struct VolumeRecord {
     pub created_at_ms: u64,
 }
 
-pub(crate) fn blockd_error(e: socket_http::ClientError) -> ApiError {
+pub(crate) fn blockd_error(e: socket_http::ClientError) -> DaemonError {
     upstream(e)
 }
 
-pub(crate) async fn find_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
+pub(crate) async fn find_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, VolumeError> {
     validate_name("volume", name)?;
     store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name))
         .await?
         .map(|(r, _)| r)
-        .ok_or_else(|| ApiError::not_found(format!("volume {name:?} does not exist")))
+        .ok_or_else(|| VolumeError::NotFound(name.to_string()))
 }
 
-pub(crate) async fn attachment(state: &AppState, project: &str, name: &str) -> Result<Option<Attachment>, ApiError> {
+pub(crate) async fn attachment(state: &AppState, project: &str, name: &str) -> Result<Option<Attachment>, VolumeError> {
     Ok(
         store::get_json::<Attachment>(state.store.as_ref(), &claim_key(project, name))
             .await?
@@ -70,12 +68,10 @@ pub(crate) async fn attachment(state: &AppState, project: &str, name: &str) -> R
     )
 }
 
-pub(crate) async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, ApiError> {
+pub(crate) async fn local_record(state: &AppState, project: &str, name: &str) -> Result<VolumeRecord, VolumeError> {
     let rec = find_record(state, project, name).await?;
     if rec.remote.is_some() {
-        return Err(ApiError::conflict(format!(
-            "volume {name:?} lives on another host; snapshot and clone it there"
-        )));
+        return Err(VolumeError::OnAnotherHost(name.to_string()));
     }
     Ok(rec)
 }

@@ -3,11 +3,10 @@
 //! a VM's attachments.
 
 use crate::volumes::command::{CreateVolumeCommand, Origin};
+use crate::volumes::error::VolumeError;
 use crate::volumes::view::RemoteDiskSpec;
-use axum::http::StatusCode;
 use blockd::exports::ExportSpec;
 use blockd::service::{VolumeSource, VolumeSpec};
-use socket_http::ApiError;
 use vmm_manager::spec::{DiskFormat, DiskSource, DiskSpec};
 
 use crate::model::{host_name, AttachVia, AttachVolume, AttachedVolume, VmRecord};
@@ -40,7 +39,7 @@ fn own_probe_prefix() -> &'static str {
 /// Remote disks blockd holds that an earlier api process made for a moment and left
 /// (it ended between making and removing one): named like [`probe_name`]'s but not by
 /// this process, and no remote volume's own.
-pub async fn stale_probes(state: &AppState) -> Result<Vec<String>, ApiError> {
+pub async fn stale_probes(state: &AppState) -> Result<Vec<String>, VolumeError> {
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     let records = store::list_json::<VolumeRecord>(state.store.as_ref(), "volumes/").await?;
     let volumes: std::collections::BTreeSet<String> = records.iter().map(|(r, _)| bname(r)).collect();
@@ -60,7 +59,7 @@ pub(crate) async fn make_volume(
     project: &str,
     host: &str,
     req: &CreateVolumeCommand,
-) -> Result<Option<u64>, ApiError> {
+) -> Result<Option<u64>, VolumeError> {
     let (size_bytes, source) = match &req.origin {
         Origin::Remote(remote) => {
             // Check now that the export is there, so a typo fails here, not at attach.
@@ -81,7 +80,7 @@ pub(crate) async fn make_volume(
         } => {
             let from = find_record(state, project, volume)
                 .await
-                .map_err(|_| ApiError::not_found(format!("volume {volume:?} does not exist")))?;
+                .map_err(|_| VolumeError::NotFound(volume.clone()))?;
             (
                 *size_bytes,
                 Some(VolumeSource::Snapshot(format!("{}@{snapshot}", bname(&from)))),
@@ -92,18 +91,19 @@ pub(crate) async fn make_volume(
         .blockd
         .ensure_volume(host, &VolumeSpec { size_bytes, source })
         .await
-        .map_err(blockd_error)
-        .map(|_| None)
+        .map_err(blockd_error)?;
+    Ok(None)
 }
 
 /// Removes a volume completely, from blockd (unless it lives on another host) and the
 /// store. Also what the reconciler does with a create or delete a crash cut short.
-pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), VolumeError> {
     if let Some(a) = attachment(state, project, name).await? {
-        return Err(ApiError::conflict(format!(
-            "volume {name:?} is attached to VM {} as {}; detach it first",
-            a.vm_name, a.disk
-        )));
+        return Err(VolumeError::Attached {
+            name: name.to_string(),
+            vm: a.vm_name,
+            disk: a.disk,
+        });
     }
     let Some((rec, _)) = store::get_json::<VolumeRecord>(state.store.as_ref(), &record_key(project, name)).await?
     else {
@@ -115,7 +115,7 @@ pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), A
         match state.blockd.delete_volume(&bname(&rec)).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(blockd_error(e)),
+            Err(e) => return Err(blockd_error(e).into()),
         }
     }
     state.store.delete(&record_key(project, name)).await?;
@@ -132,7 +132,7 @@ pub(crate) async fn resize_remote(
     rec: &VolumeRecord,
     remote: &RemoteDiskSpec,
     size: u64,
-) -> Result<(), ApiError> {
+) -> Result<(), VolumeError> {
     let host = bname(rec);
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     let grown = if exports.iter().any(|e| e.volume == host && e.remote.is_some()) {
@@ -172,7 +172,7 @@ pub async fn claim(
     rec: &VmRecord,
     req: &AttachVolume,
     taken: &[AttachedVolume],
-) -> Result<AttachedVolume, ApiError> {
+) -> Result<AttachedVolume, VolumeError> {
     // Checked before the record: a volume whose create or delete is in progress, or
     // was cut short by a crash and is about to be removed, is not attached. (Its
     // marker goes only after the removal is complete, so the record is gone then.)
@@ -184,25 +184,17 @@ pub async fn claim(
     )
     .await?
     {
-        return Err(ApiError::conflict(format!(
-            "volume {:?} is being created or deleted; retry when that is done",
-            req.volume
-        )));
+        return Err(VolumeError::Changing(req.volume.clone()));
     }
-    let vol = find_record(state, &rec.project, &req.volume).await.map_err(|e| {
-        if e.status == StatusCode::NOT_FOUND {
-            ApiError::unprocessable(e.message().to_string())
-        } else {
-            e
-        }
-    })?;
+    // A VM that names a volume that does not exist is a bad request.
+    let vol = find_record(state, &rec.project, &req.volume)
+        .await
+        .map_err(|e| match e {
+            VolumeError::NotFound(name) => VolumeError::Unknown(name),
+            other => other,
+        })?;
     let via = match (req.via, &vol.remote) {
-        (Some(AttachVia::File), Some(_)) => {
-            return Err(ApiError::unprocessable(format!(
-                "volume {:?} is on another host: attach it via vhost-user",
-                req.volume
-            )))
-        }
+        (Some(AttachVia::File), Some(_)) => return Err(VolumeError::RemoteNeedsVhostUser(req.volume.clone())),
         (Some(v), _) => v,
         (None, Some(_)) => AttachVia::VhostUser,
         (None, None) => AttachVia::File,
@@ -223,9 +215,7 @@ pub async fn claim(
         .compare_and_swap(&claim_key(&rec.project, &req.volume), None, store::encode(&claim))
         .await
         .map_err(|e| match e {
-            store::StoreError::Conflict { .. } => {
-                ApiError::conflict(format!("volume {:?} is already attached to a VM", req.volume))
-            }
+            store::StoreError::Conflict { .. } => VolumeError::AlreadyAttached(req.volume.clone()),
             other => other.into(),
         })?;
     Ok(AttachedVolume {
@@ -238,7 +228,7 @@ pub async fn claim(
 
 /// Makes the volume reachable the way the attachment says and returns the disk the VM
 /// gets (a file or a vhost-user-blk socket).
-pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> Result<DiskSpec, ApiError> {
+pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> Result<DiskSpec, VolumeError> {
     let rec = find_record(state, project, &a.volume).await?;
     let host = bname(&rec);
     let source = match (&rec.remote, a.via) {
@@ -249,7 +239,7 @@ pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> R
                 .await
                 .map_err(blockd_error)?;
             DiskSource::VhostUser {
-                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+                socket: e.socket.ok_or(VolumeError::NoSocket)?,
             }
         }
         (None, AttachVia::VhostUser) => {
@@ -259,17 +249,12 @@ pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> R
                 .await
                 .map_err(blockd_error)?;
             DiskSource::VhostUser {
-                socket: e.socket.ok_or_else(|| ApiError::internal("blockd gave no socket"))?,
+                socket: e.socket.ok_or(VolumeError::NoSocket)?,
             }
         }
         (None, AttachVia::File) => {
             let v = state.blockd.volume(&host).await.map_err(blockd_error)?;
-            let path = v.path.ok_or_else(|| {
-                ApiError::conflict(format!(
-                    "volume {:?} has no file or device (a memory pool); attach it via vhost-user",
-                    a.volume
-                ))
-            })?;
+            let path = v.path.ok_or_else(|| VolumeError::NoFile(a.volume.clone()))?;
             let format = match v.format {
                 blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
                 blockd::volume::VolumeFormat::Qcow2 => DiskFormat::Qcow2,
@@ -285,7 +270,7 @@ pub async fn disk_spec(state: &AppState, project: &str, a: &AttachedVolume) -> R
 }
 
 /// Undoes `disk_spec`: the vhost-user socket (or the remote disk) goes.
-pub async fn unexport(state: &AppState, project: &str, a: &AttachedVolume) -> Result<(), ApiError> {
+pub async fn unexport(state: &AppState, project: &str, a: &AttachedVolume) -> Result<(), VolumeError> {
     let remote = find_record(state, project, &a.volume).await.ok().and_then(|r| r.remote);
     let host = host_name(project, &a.volume);
     match (remote, a.via) {
@@ -293,13 +278,13 @@ pub async fn unexport(state: &AppState, project: &str, a: &AttachedVolume) -> Re
         (None, AttachVia::VhostUser) => state.blockd.unexport(&host, "vhost-user").await,
         (None, AttachVia::File) => Ok(()),
     }
-    .map_err(blockd_error)
+    .map_err(|e| blockd_error(e).into())
 }
 
 /// Undoes `disk_spec` and `claim`: the vhost-user socket goes, the claim is released.
 pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
     if let Err(e) = unexport(state, project, a).await {
-        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {}", e.body.message);
+        tracing::error!(volume = %a.volume, "cannot remove the volume's socket: {e}");
     }
     if let Err(e) = state.store.delete(&claim_key(project, &a.volume)).await {
         tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");

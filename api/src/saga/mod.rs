@@ -22,9 +22,16 @@
 //! A saga whose undo failed, or a forward-only one whose step failed, is left owned by
 //! no process; the reconciler takes it up again at its next pass.
 //!
+//! Steps fail with the error of the resource the saga changes (`E`: `VmError` for a VM's
+//! sagas); the engine's own failures ([`SagaError`]: its record could not be written)
+//! become one too. The saga's record keeps the error's message; its operation, the
+//! public error the resource's error converts into, as a handler would answer it.
+//!
 //! Tests inject faults with `HEARTH_SAGA_FAULT=<saga>/<step>=fail|crash`: after that
 //! step ran and was recorded, `fail` makes it fail (the saga unwinds) and `crash` ends
 //! the process at once (as kill -9 would). Nothing else reads it.
+
+pub mod error;
 
 use std::sync::OnceLock;
 
@@ -35,25 +42,44 @@ use socket_http::ApiError;
 
 use crate::model::Operation;
 use crate::model::{saga_key as key, SagaRecord, SagaState};
+use crate::saga::error::SagaError;
 use crate::state::AppState;
 use crate::store;
 
-/// One step of a saga.
-pub struct Step<C> {
+/// What a saga's steps fail with: the error of the resource it changes. The engine makes
+/// its own failures into one (`From<SagaError>`), and its operation records the public
+/// error the resource's one conversion (`From<&E> for ApiError`) makes of it.
+pub trait StepError: From<SagaError> + std::fmt::Display + Send + 'static {
+    /// The error as the saga's operation shows it.
+    fn public(&self) -> ApiError;
+}
+
+impl<E> StepError for E
+where
+    E: From<SagaError> + std::fmt::Display + Send + 'static,
+    for<'a> ApiError: From<&'a E>,
+{
+    fn public(&self) -> ApiError {
+        ApiError::from(self)
+    }
+}
+
+/// One step of a saga whose steps fail with `E`.
+pub struct Step<C, E> {
     pub name: &'static str,
     /// What the operation says while it runs ("cloning the root disk").
     pub doing: &'static str,
     /// Does the step's work; may change the context (what later steps and undos read).
-    pub run: for<'a> fn(&'a AppState, &'a mut C) -> BoxFuture<'a, Result<(), ApiError>>,
+    pub run: for<'a> fn(&'a AppState, &'a mut C) -> BoxFuture<'a, Result<(), E>>,
     /// Undoes it; must succeed when there is nothing to undo.
-    pub undo: for<'a> fn(&'a AppState, &'a C) -> BoxFuture<'a, Result<(), ApiError>>,
+    pub undo: for<'a> fn(&'a AppState, &'a C) -> BoxFuture<'a, Result<(), E>>,
 }
 
 /// A kind of saga: its steps, in order.
-pub struct SagaDef<C: 'static> {
+pub struct SagaDef<C: 'static, E: 'static> {
     /// The operation kind it carries out, e.g. `vm.create`.
     pub kind: &'static str,
-    pub steps: &'static [Step<C>],
+    pub steps: &'static [Step<C, E>],
     /// After a crash, a saga that had finished this many steps (or more) is resumed
     /// forwards instead of undone. `steps.len()`: always undone. 0: a forward-only
     /// saga (a delete), always resumed, and a step that fails leaves it recorded for the
@@ -94,17 +120,17 @@ fn fault_after(kind: &str, step: &str) -> Option<Fault> {
 }
 
 /// A saga being run by this process.
-pub struct Saga<C: 'static> {
-    def: &'static SagaDef<C>,
+pub struct Saga<C: 'static, E: 'static> {
+    def: &'static SagaDef<C, E>,
     record: SagaRecord,
     pub context: C,
     /// The operation that shows its progress, once there is one.
     operation: Option<String>,
 }
 
-impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
+impl<C: Serialize + DeserializeOwned + Send + Sync + 'static, E: StepError> Saga<C, E> {
     /// Records a new saga (nothing has run yet).
-    pub async fn begin(state: &AppState, def: &'static SagaDef<C>, id: &str, context: C) -> Result<Self, ApiError> {
+    pub async fn begin(state: &AppState, def: &'static SagaDef<C, E>, id: &str, context: C) -> Result<Self, SagaError> {
         let record = SagaRecord {
             id: id.to_string(),
             kind: def.kind.to_string(),
@@ -129,9 +155,11 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
     }
 
     /// Takes over a saga another process left (see [`recover`]).
-    fn adopt(state: &AppState, def: &'static SagaDef<C>, mut record: SagaRecord) -> Result<Self, ApiError> {
-        let context = serde_json::from_value(record.context.clone())
-            .map_err(|e| ApiError::internal(format!("saga {} has a context this api cannot read: {e}", record.id)))?;
+    fn adopt(state: &AppState, def: &'static SagaDef<C, E>, mut record: SagaRecord) -> Result<Self, SagaError> {
+        let context = serde_json::from_value(record.context.clone()).map_err(|source| SagaError::Unreadable {
+            id: record.id.clone(),
+            source,
+        })?;
         record.owner = state.instance.clone();
         Ok(Self {
             def,
@@ -155,7 +183,7 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
         project: &str,
         target_kind: &str,
         target_id: &str,
-    ) -> Result<Operation, ApiError> {
+    ) -> Result<Operation, SagaError> {
         let op = state
             .ops
             .start_saga(
@@ -176,8 +204,8 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
         self.record.doing = doing.to_string();
     }
 
-    async fn save(&mut self, state: &AppState) -> Result<(), ApiError> {
-        self.record.context = serde_json::to_value(&self.context).map_err(|e| ApiError::internal(e.to_string()))?;
+    async fn save(&mut self, state: &AppState) -> Result<(), SagaError> {
+        self.record.context = serde_json::to_value(&self.context).map_err(SagaError::Encode)?;
         // Written after every step: the relaxed kind (see StateStore::put_relaxed).
         state
             .store
@@ -189,7 +217,7 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
     /// Runs the steps up to (not including) the one named `stop`, or all of them. On a
     /// failure every step so far is undone, the last first, and the step's error is
     /// returned.
-    pub async fn run_until(&mut self, state: &AppState, stop: Option<&str>) -> Result<(), ApiError> {
+    pub async fn run_until(&mut self, state: &AppState, stop: Option<&str>) -> Result<(), E> {
         while self.record.done < self.def.steps.len() {
             let step = &self.def.steps[self.record.done];
             if stop == Some(step.name) {
@@ -203,7 +231,7 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
                 if let Err(e) = self.save(state).await {
                     // Not recorded: undone with the rest, as if it had failed.
                     self.record.done -= 1;
-                    result = Err(e);
+                    result = Err(e.into());
                 }
             }
             if result.is_ok() {
@@ -215,14 +243,14 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
                     Some(Fault::Fail) => {
                         // Recorded as done: its own undo runs with the earlier ones.
                         self.record.done -= 1;
-                        result = Err(ApiError::internal(format!("injected failure after step {}", step.name)));
+                        result = Err(SagaError::Injected(step.name).into());
                     }
                     None => {}
                 }
             }
             if let Err(e) = result {
                 self.record.failed_step = Some(step.name.to_string());
-                self.record.error = Some(e.body.message.clone());
+                self.record.error = Some(e.to_string());
                 if self.def.pivot == 0 {
                     // Forward-only (a delete): nothing to undo; the record stays, owned
                     // by no process, for the reconciler's next pass to take up again.
@@ -240,8 +268,8 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
 
     /// Undoes every step that ran, when the change cannot go on for a reason outside
     /// the steps (its operation could not be recorded).
-    pub async fn abandon(&mut self, state: &AppState, error: &ApiError) {
-        self.record.error = Some(error.body.message.clone());
+    pub async fn abandon(&mut self, state: &AppState, error: &impl std::fmt::Display) {
+        self.record.error = Some(error.to_string());
         // Nothing is in flight: unwind() would undo one step more than ran.
         if self.record.done == 0 {
             self.record.state = SagaState::Undone;
@@ -254,10 +282,10 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
 
     /// Runs the remaining steps and marks the saga succeeded (its record is removed; the
     /// operation keeps what it showed).
-    pub async fn finish(mut self, state: &AppState) -> Result<C, ApiError> {
+    pub async fn finish(mut self, state: &AppState) -> Result<C, E> {
         if let Err(e) = self.run_until(state, None).await {
             if let Some(op) = &self.operation {
-                state.ops.end_saga(op, Some(&e), self.record.progress()).await;
+                state.ops.end_saga(op, Some(&e.public()), self.record.progress()).await;
             }
             return Err(e);
         }
@@ -288,8 +316,8 @@ impl<C: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<C> {
             let step = &self.def.steps[left - 1];
             self.show(&format!("undoing {}", step.name));
             if let Err(e) = (step.undo)(state, &self.context).await {
-                tracing::error!(saga = %self.record.id, step = step.name, "cannot undo: {}", e.body.message);
-                failed.push(format!("undoing {} failed: {}", step.name, e.body.message));
+                tracing::error!(saga = %self.record.id, step = step.name, "cannot undo: {e}");
+                failed.push(format!("undoing {} failed: {e}", step.name));
             }
             left -= 1;
             if failed.is_empty() {
@@ -329,21 +357,21 @@ pub enum Recovered {
 }
 
 /// Resumes or undoes a saga left by a process that is gone, per its definition's pivot.
-pub async fn recover<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
+pub async fn recover<C: Serialize + DeserializeOwned + Send + Sync + 'static, E: StepError>(
     state: &AppState,
-    def: &'static SagaDef<C>,
+    def: &'static SagaDef<C, E>,
     record: SagaRecord,
 ) -> Recovered {
     let forwards = record.state == SagaState::Running && record.done >= def.pivot;
     let mut saga = match Saga::adopt(state, def, record) {
         Ok(s) => s,
-        Err(e) => return Recovered::Stuck(e.body.message),
+        Err(e) => return Recovered::Stuck(e.to_string()),
     };
     if forwards {
         tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "resuming a saga past its pivot");
         return match saga.finish(state).await {
             Ok(_) => Recovered::Finished,
-            Err(e) => Recovered::Stuck(e.body.message),
+            Err(e) => Recovered::Stuck(e.to_string()),
         };
     }
     tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "undoing a saga cut short");
@@ -366,9 +394,9 @@ pub async fn recover<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
 /// download): one past its pivot is taken over (its record names this process from
 /// now on, so no later pass takes it up again) and finished in a task, so the api
 /// serves meanwhile; one before its pivot is undone now.
-pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync + 'static>(
+pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync + 'static, E: StepError>(
     state: &std::sync::Arc<AppState>,
-    def: &'static SagaDef<C>,
+    def: &'static SagaDef<C, E>,
     record: SagaRecord,
 ) -> Recovered {
     let forwards = record.state == SagaState::Running && record.done >= def.pivot;
@@ -377,10 +405,10 @@ pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync
     }
     let mut saga = match Saga::adopt(state, def, record) {
         Ok(s) => s,
-        Err(e) => return Recovered::Stuck(e.body.message),
+        Err(e) => return Recovered::Stuck(e.to_string()),
     };
     if let Err(e) = saga.save(state).await {
-        return Recovered::Stuck(e.body.message);
+        return Recovered::Stuck(e.to_string());
     }
     tracing::info!(saga = %saga.record.id, kind = def.kind, done = saga.record.done, "resuming a saga past its pivot in a task");
     let task_state = state.clone();
@@ -393,7 +421,7 @@ pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync
 /// Sagas in the store that no live process of this api runs: those of earlier
 /// processes (at start every saga is one), and those this one gave up on (an undo that
 /// failed, a forward-only step that failed), which no process owns.
-pub async fn left_over(state: &AppState) -> Result<Vec<SagaRecord>, ApiError> {
+pub async fn left_over(state: &AppState) -> Result<Vec<SagaRecord>, store::StoreError> {
     Ok(store::list_json::<SagaRecord>(state.store.as_ref(), "sagas/")
         .await?
         .into_iter()
