@@ -33,7 +33,7 @@ HEARTH_RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 ca-c
 HEARTH_BUILD_PACKAGES=(protobuf-compiler libprotobuf-dev)
 
 # What the tests need on top: procps (sysctl) to set the host state a test pass needs; curl for the fake Cloud Hypervisor's self-test, python3
-# to run the fake.
+# to run the fake; binutils (as, ld) for the pvh-count guest the real Cloud Hypervisor boots.
 # chromium: the web console's browser test (Playwright drives Debian's Chromium).
 # lvm2, xfsprogs: the LVM backend against real lvm2, the file pool on XFS with reflink.
 # nbdkit, libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (nbdsh), fio: the NBD server
@@ -42,7 +42,7 @@ HEARTH_BUILD_PACKAGES=(protobuf-compiler libprotobuf-dev)
 # etcd-server, etcd-client: the etcd state store's tests start their own etcd.
 # wrk: the REST API load benchmark (scripts/bench_api.py).
 # openssl: the NBD TLS tests make their CA and certificates with it.
-HEARTH_TEST_PACKAGES=(procps curl python3 fdisk e2fsprogs chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client etcd-server etcd-client wrk openssl)
+HEARTH_TEST_PACKAGES=(procps binutils curl python3 fdisk e2fsprogs chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client etcd-server etcd-client wrk openssl)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"

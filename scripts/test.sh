@@ -41,6 +41,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 echo "==> building the guest images (tiny, debian; cached)"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 guest-images/debian/build.sh "$HEARTH_IMAGE_CACHE/debian"
+guest-images/pvh-count/build.sh "$HEARTH_IMAGE_CACHE/pvh-count"
 # The .debs that debian guests install to run on a real device-mapper (these hosts
 # have none): lvm2 and thin-provisioning-tools for blockd's thin-pool suite, and a
 # whole hearth host (QEMU, nftables, dnsmasq, lvm2) for the api on an LVM pool.
@@ -60,6 +61,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> fake Cloud Hypervisor self-test"
 vmm-manager/tests/fake-cloud-hypervisor/selftest.sh
+# The same checks against the real binary, so the fake cannot drift from it unnoticed.
+# HEARTH_TEST_CH_BINARY names one; else the v54 kept beside the checkout is used.
+real_ch=${HEARTH_TEST_CH_BINARY:-$(cd .. && pwd)/shared/cloud-hypervisor/bin/cloud-hypervisor}
+if [ -x "$real_ch" ]; then
+	echo "==> the fake's self-test against the real Cloud Hypervisor ($real_ch)"
+	vmm-manager/tests/fake-cloud-hypervisor/selftest.sh --against "$real_ch" "$HEARTH_IMAGE_CACHE/pvh-count/vmlinux"
+else
+	echo "==> NOT RUN: the fake's self-test against a real Cloud Hypervisor (none at $real_ch)"
+fi
 
 echo "==> tests"
 export HEARTH_TEST_IMAGES="$HEARTH_IMAGE_CACHE"

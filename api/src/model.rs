@@ -14,6 +14,14 @@ pub struct CreateVm {
     pub vcpus: u32,
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// Room to grow without a restart (`PATCH /v1/vms/{id}`): the most vCPUs the
+    /// running VM may be given. Default: the host's CPU count (at least `vcpus`).
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+    /// The most memory the running VM may be given: `memory_mib` plus a multiple of
+    /// 128 MiB. Default: as much as the host has.
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
     /// `cloud-hypervisor` or `qemu`; the configured default when absent.
     #[serde(default)]
     pub hypervisor: Option<String>,
@@ -218,6 +226,12 @@ pub struct VmRecord {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Room to grow while running; `None` in records from before resizing existed
+    /// (such a VM grows only with a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     pub hypervisor: HypervisorKind,
     #[serde(default)]
     pub cmdline_append: Option<String>,
@@ -269,6 +283,10 @@ pub struct Vm {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// The most vCPUs and memory the VM can be given while it runs (`PATCH`); more
+    /// needs a restart.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
     pub hypervisor: HypervisorKind,
     /// `creating`, `deleting`, a vmm-manager state (`stopped`, `starting`, `running`,
     /// `paused`, `stopping`, `failed`), or `unknown` when vmm-manager cannot be reached.
@@ -311,6 +329,8 @@ impl Vm {
             image: r.image.clone(),
             vcpus: r.vcpus,
             memory_mib: r.memory_mib,
+            max_vcpus: r.max_vcpus.unwrap_or(r.vcpus).max(r.vcpus),
+            max_memory_mib: r.max_memory_mib.unwrap_or(r.memory_mib).max(r.memory_mib),
             hypervisor: r.hypervisor,
             state,
             reason,
@@ -323,6 +343,20 @@ impl Vm {
             created_at_ms: r.created_at_ms,
         }
     }
+}
+
+/// `PATCH /v1/vms/{id}` body: the size the VM should have.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVm {
+    /// vCPUs: hot-plugged while it runs, up to `max_vcpus`.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB: hot-plugged while it runs in steps of 128 MiB, up to
+    /// `max_memory_mib`. A running VM does not give memory or vCPUs back: that needs
+    /// a restart.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
 }
 
 /// Status of a long-running operation.

@@ -61,6 +61,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(VMS_WRITE, routes!(vms::http::create)))
         .routes(permit(VMS_READ, routes!(vms::http::show)))
         .routes(permit(VMS_WRITE, routes!(vms::http::delete)))
+        .routes(permit(VMS_WRITE, routes!(vms::http::resize)))
         .routes(permit(VMS_WRITE, routes!(vms::http::action)))
         .routes(permit(CONSOLES_READ, routes!(vms::http::console_log)))
         .routes(permit(CONSOLES_READ, routes!(console::http::console)))

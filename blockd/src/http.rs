@@ -48,6 +48,8 @@ pub mod routes {
     pub const VOLUME_RESIZE: Route<Resize, Volume> = post("/volumes/{name}/resize");
     pub const SNAPSHOT: Route<(), Snapshot> = put("/volumes/{name}/snapshots/{snapshot}");
     pub const DELETE_SNAPSHOT: Route<(), ()> = delete("/volumes/{name}/snapshots/{snapshot}");
+    /// The volume back to what the snapshot holds.
+    pub const ROLLBACK: Route<(), Volume> = post("/volumes/{name}/snapshots/{snapshot}/rollback");
     pub const EXPORTS: Route<(), Vec<Export>> = get("/exports");
     /// `{kind}`: `nbd` or `vhost-user`.
     pub const EXPORT: Route<ExportSpec, Export> = put("/volumes/{name}/exports/{kind}");
@@ -68,6 +70,7 @@ pub fn router(svc: Arc<Blockd>) -> Router {
         .route(VOLUME_RESIZE.path, VOLUME_RESIZE.on(resize))
         .route(SNAPSHOT.path, SNAPSHOT.on(snapshot))
         .route(DELETE_SNAPSHOT.path, DELETE_SNAPSHOT.on(delete_snapshot))
+        .route(ROLLBACK.path, ROLLBACK.on(rollback))
         .route(EXPORTS.path, EXPORTS.on(exports))
         .route(EXPORT.path, EXPORT.on(export))
         .route(UNEXPORT.path, UNEXPORT.on(unexport))
@@ -141,6 +144,10 @@ async fn snapshot(
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
     let (s, made) = svc.volumes.snapshot(&name, &snap).await?;
     Ok(created(made, s))
+}
+
+async fn rollback(State(svc): Svc, Path((name, snap)): Path<(String, String)>) -> Result<Json<Volume>, ApiError> {
+    Ok(Json(svc.volumes.rollback(&name, &snap).await?))
 }
 
 async fn delete_snapshot(State(svc): Svc, Path((name, snap)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
@@ -245,6 +252,9 @@ pub mod client {
         }
         pub async fn snapshot(&self, name: &str, snapshot: &str) -> Result<Snapshot, ClientError> {
             self.0.send(&routes::SNAPSHOT, &[name, snapshot], None).await
+        }
+        pub async fn rollback(&self, name: &str, snapshot: &str) -> Result<Volume, ClientError> {
+            self.0.send(&routes::ROLLBACK, &[name, snapshot], None).await
         }
         pub async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<(), ClientError> {
             self.0.send(&routes::DELETE_SNAPSHOT, &[name, snapshot], None).await

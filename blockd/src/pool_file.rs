@@ -381,6 +381,35 @@ impl VolumeBackend for FilePool {
         Ok(())
     }
 
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        {
+            let _g = self.lock();
+            let (path, _) = self.require_volume(volume)?;
+            let (snap_path, _) = self
+                .snapshot_file(volume, snapshot)
+                .ok_or_else(|| VolumeError::NotFound(format!("snapshot {volume}@{snapshot} does not exist")))?;
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = self.tmp_path("volumes", &file_name);
+            // A copy of the snapshot (extents shared where the file system can) takes
+            // the volume's place in one rename: never half old, half new.
+            self.copy_file(&snap_path, &tmp)?;
+            let finish = fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .and_then(|_| File::open(&tmp).and_then(|f| f.sync_all()))
+                .and_then(|_| fs::rename(&tmp, &path));
+            if let Err(e) = finish {
+                let _ = fs::remove_file(&tmp);
+                return Err(VolumeError::Io {
+                    context: format!("rolling {volume:?} back to {snapshot:?}"),
+                    source: e,
+                });
+            }
+        }
+        self.get_volume(volume)
+    }
+
     fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<Volume> {
         let _g = self.lock();
         self.refuse_existing(name)?;

@@ -357,7 +357,13 @@ impl LvmPool {
     }
 
     pub fn clone_argv(&self, volume: &str, snapshot: &str, name: &str) -> Vec<String> {
-        vec![
+        let origin = format!("{ORIGIN_TAG}{volume}+{snapshot}");
+        self.writable_snapshot_argv(volume, snapshot, &format!("{VOLUME_PREFIX}{name}"), Some(&origin))
+    }
+
+    /// A writable thin snapshot `lv` of `volume@snapshot`, tagged as a volume.
+    fn writable_snapshot_argv(&self, volume: &str, snapshot: &str, lv: &str, origin: Option<&str>) -> Vec<String> {
+        let mut argv = vec![
             s("lvcreate"),
             s("--yes"),
             s("-s"),
@@ -367,13 +373,15 @@ impl LvmPool {
             s("--permission"),
             s("rw"),
             s("-n"),
-            format!("{VOLUME_PREFIX}{name}"),
+            lv.to_string(),
             s("--addtag"),
             s("hearth"),
-            s("--addtag"),
-            format!("{ORIGIN_TAG}{volume}+{snapshot}"),
-            self.vg_lv(&format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}")),
-        ]
+        ];
+        if let Some(tag) = origin {
+            argv.extend([s("--addtag"), tag.to_string()]);
+        }
+        argv.push(self.vg_lv(&format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}")));
+        argv
     }
 
     pub fn resize_argv(&self, name: &str, size_bytes: u64) -> Vec<String> {
@@ -383,6 +391,30 @@ impl LvmPool {
             format!("{size_bytes}b"),
             self.vg_lv(&format!("{VOLUME_PREFIX}{name}")),
         ]
+    }
+
+    /// Rolling `volume` back to `volume@snapshot`: a writable thin snapshot of the
+    /// snapshot takes the volume's name and the old volume goes (thin snapshots are
+    /// independent of their origin, so the volume's other snapshots stay). Leftovers of
+    /// a rollback cut short are removed first.
+    pub fn rollback_argvs(&self, volume: &str, snapshot: &str, rows: &[LvRow]) -> Vec<Vec<String>> {
+        let lv = format!("{VOLUME_PREFIX}{volume}");
+        let (fresh, old) = (format!("{lv}.rollback"), format!("{lv}.replaced"));
+        let mut out: Vec<Vec<String>> = [&fresh, &old]
+            .into_iter()
+            .filter(|n| rows.iter().any(|r| &r.lv_name == *n))
+            .map(|n| self.remove_argv(n))
+            .collect();
+        out.push(self.writable_snapshot_argv(volume, snapshot, &fresh, None));
+        out.push(vec![
+            s("lvrename"),
+            self.cfg.volume_group.clone(),
+            lv.clone(),
+            old.clone(),
+        ]);
+        out.push(vec![s("lvrename"), self.cfg.volume_group.clone(), fresh, lv]);
+        out.push(self.remove_argv(&old));
+        out
     }
 
     pub fn remove_argv(&self, lv: &str) -> Vec<String> {
@@ -562,6 +594,27 @@ impl VolumeBackend for LvmPool {
             self.lvm.run(&self.remove_argv(&lv))?;
         }
         Ok(())
+    }
+
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        let _g = self.lock();
+        let rows = self.lvs()?;
+        let lv = format!("{VOLUME_PREFIX}{volume}");
+        if !rows.iter().any(|r| r.lv_name == lv) {
+            return Err(VolumeError::NotFound(format!("volume {volume:?} does not exist")));
+        }
+        if !rows
+            .iter()
+            .any(|r| r.lv_name == format!("{SNAPSHOT_PREFIX}{volume}+{snapshot}"))
+        {
+            return Err(VolumeError::NotFound(format!(
+                "snapshot {volume}@{snapshot} does not exist"
+            )));
+        }
+        for argv in self.rollback_argvs(volume, snapshot, &rows) {
+            self.lvm.run(&argv)?;
+        }
+        self.find(volume)
     }
 
     fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<Volume> {

@@ -169,6 +169,17 @@ impl VolumeBackend for MemoryPool {
         Ok(())
     }
 
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        let mut vols = self.lock();
+        let v = vols.get_mut(volume).ok_or_else(|| missing(volume))?;
+        let snap = v
+            .snapshots
+            .get(snapshot)
+            .ok_or_else(|| VolumeError::NotFound(format!("snapshot {volume}@{snapshot} does not exist")))?;
+        v.device = Arc::new(MemoryDevice::from_bytes(snap.to_bytes()));
+        Ok(Self::describe(volume, &vols[volume], &vols))
+    }
+
     fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<Volume> {
         let mut vols = self.lock();
         if vols.contains_key(name) {

@@ -348,6 +348,24 @@ impl VolumeService {
         Ok((self.run(move |b| b.snapshot(&vn, &sn)).await?, true))
     }
 
+    /// Puts `volume` back to `volume@snapshot` (keeping the snapshot). Refused while the
+    /// volume is in use (exported, or open for a VM through blockd).
+    pub async fn rollback(&self, volume: &str, snapshot: &str) -> Result<Volume> {
+        validate_name("volume", volume)?;
+        validate_name("snapshot", snapshot)?;
+        let v = self.get(volume).await?;
+        if !v.snapshots.iter().any(|s| s.name == snapshot) {
+            return Err(VolumeError::NotFound(format!(
+                "snapshot {volume}@{snapshot} does not exist"
+            )));
+        }
+        if let Some(why) = (self.busy)(volume) {
+            return Err(VolumeError::Conflict(format!("volume {volume} is in use: {why}")));
+        }
+        let (vn, sn) = (volume.to_string(), snapshot.to_string());
+        self.run(move |b| b.rollback(&vn, &sn)).await
+    }
+
     pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         validate_name("volume", volume)?;
         validate_name("snapshot", snapshot)?;

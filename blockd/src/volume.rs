@@ -135,6 +135,9 @@ pub trait VolumeBackend: Send + Sync + std::fmt::Debug {
     fn resize(&self, name: &str, size_bytes: u64) -> Result<Volume>;
     fn snapshot(&self, volume: &str, snapshot: &str) -> Result<Snapshot>;
     fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
+    /// Puts `volume` back to what `volume@snapshot` holds (its size too), keeping the
+    /// snapshot. Nobody may have the volume open: the service checks.
+    fn rollback(&self, volume: &str, snapshot: &str) -> Result<Volume>;
     /// Creates `name` from `volume@snapshot`, sharing blocks where the backend can.
     fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<Volume>;
     /// Creates `name` as a copy-on-write clone of an immutable image file (imaged's

@@ -173,6 +173,26 @@ async fn suite(backend: Arc<dyn VolumeBackend>, scratch: &Path) {
         0xB2,
         "source untouched by the clone's write",
     );
+
+    // Rolled back: the volume holds the snapshot's content again, the snapshot stays,
+    // the clone is untouched; refused while the volume is in use.
+    let mut in_use = VolumeService::new(backend.clone());
+    in_use.set_busy_check(|n| (n == "data").then(|| "exported over vhost-user".to_string()));
+    let refused = in_use.rollback("data", "before").await.expect_err("in use");
+    assert!(refused.to_string().contains("in use"), "{kind}: {refused}");
+    assert!(
+        svc.rollback("data", "nope").await.is_err(),
+        "{kind}: an unknown snapshot"
+    );
+    let back = svc.rollback("data", "before").await.expect("rollback");
+    assert_eq!(back.size_bytes, 64 * MIB);
+    assert!(
+        back.snapshots.iter().any(|s| s.name == "before"),
+        "{kind}: the snapshot stays"
+    );
+    assert_all(&read(&backend, &back, 0, 4096), 0xA1, "volume after rollback");
+    assert_all(&read(&backend, &c, 0, 4096), 0xC3, "clone untouched by the rollback");
+    write_pattern(&backend, &back, 0, 1 << 20, 0xB2);
     write_pattern(&backend, &v, 4096, 4096, 0xD4);
     assert_all(
         &read(&backend, &c, 4096, 4096),

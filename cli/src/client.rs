@@ -102,6 +102,10 @@ impl ApiClient {
         self.json(http::Method::PUT, path, body).await
     }
 
+    pub async fn patch(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.json(http::Method::PATCH, path, Some(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.json(http::Method::DELETE, path, None).await
     }

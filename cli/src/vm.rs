@@ -1,4 +1,4 @@
-//! `hearth vm …`: create, list, show, the lifecycle actions, delete and the console log.
+//! `hearth vm …`: create, list, show, resize, the lifecycle actions, delete and the console log.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +10,8 @@ use vmm_manager::VmAction;
 
 use crate::{print_value, s, table, ApiClient, Output};
 
+// Parsed once per run: the size of the `create` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Create (and by default start) a VM.
@@ -22,6 +24,12 @@ pub enum VmCommand {
         /// Memory in MiB.
         #[arg(long, default_value_t = 256)]
         memory: u64,
+        /// The most vCPUs `vm resize` may give it while it runs (default: the host's CPUs).
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        /// The most memory in MiB it may be given while it runs (default: the host's).
+        #[arg(long)]
+        max_memory: Option<u64>,
         /// cloud-hypervisor or qemu (default: the server's choice).
         #[arg(long)]
         hypervisor: Option<String>,
@@ -90,6 +98,20 @@ pub enum VmCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Change a VM's vCPUs and memory: hot-plugged while it runs (within its room to
+    /// grow), or at its next start when stopped. What needs a restart is refused unless
+    /// --restart is given.
+    Resize {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB (a running VM grows in steps of 128 MiB).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Restart the VM if it cannot take the new size while it runs.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Delete a VM (stopping it first).
     Delete {
         vm: String,
@@ -112,6 +134,8 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             image,
             vcpus,
             memory,
+            max_vcpus,
+            max_memory,
             hypervisor,
             cmdline_append,
             vnc,
@@ -143,6 +167,12 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             }
             if let Some(d) = disk_size {
                 body["disk_size"] = json!(d);
+            }
+            if let Some(m) = max_vcpus {
+                body["max_vcpus"] = json!(m);
+            }
+            if let Some(m) = max_memory {
+                body["max_memory_mib"] = json!(m);
             }
             if let Some(h) = hypervisor {
                 body["hypervisor"] = json!(h);
@@ -176,6 +206,24 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
         VmCommand::Reboot { vm, no_wait } => action(api, out, &vm, VmAction::Reboot, "", no_wait).await,
         VmCommand::Pause { vm, no_wait } => action(api, out, &vm, VmAction::Pause, "", no_wait).await,
         VmCommand::Resume { vm, no_wait } => action(api, out, &vm, VmAction::Resume, "", no_wait).await,
+        VmCommand::Resize {
+            vm,
+            vcpus,
+            memory,
+            restart,
+        } => {
+            let mut body = json!({});
+            if let Some(v) = vcpus {
+                body["vcpus"] = json!(v);
+            }
+            if let Some(m) = memory {
+                body["memory_mib"] = json!(m);
+            }
+            let query = if restart { "?restart=true" } else { "" };
+            let v = api.patch(&format!("/v1/vms/{vm}{query}"), body).await?;
+            print_value(out, &v, print_vm_details);
+            Ok(())
+        }
         VmCommand::Delete { vm, no_wait } => {
             let accepted = api.delete(&format!("/v1/vms/{vm}")).await?;
             finish(api, out, accepted, no_wait, &vm).await
@@ -296,8 +344,11 @@ fn print_vm_details(v: &Value) {
         ("ID", s(&v["id"])),
         ("State", s(&v["state"])),
         ("Hypervisor", s(&v["hypervisor"])),
-        ("vCPUs", s(&v["vcpus"])),
-        ("Memory", format!("{} MiB", s(&v["memory_mib"]))),
+        ("vCPUs", format!("{} (room for {})", s(&v["vcpus"]), s(&v["max_vcpus"]))),
+        (
+            "Memory",
+            format!("{} MiB (room for {} MiB)", s(&v["memory_mib"]), s(&v["max_memory_mib"])),
+        ),
         ("Image", s(&v["image"])),
     ];
     for nic in v["nics"].as_array().map(Vec::as_slice).unwrap_or_default() {

@@ -197,7 +197,7 @@ grep -qx virtio_pci "$ROOT/etc/modules-load" ||
 
 # Init scripts and config from rootfs/
 cp -R "$HERE/rootfs/." "$ROOT/"
-for f in init etc/init.d/rcS etc/init.d/rcK etc/acpi/PWRF/00000080 etc/udhcpc/default.script; do
+for f in init etc/init.d/rcS etc/init.d/rcK etc/acpi/PWRF/00000080 etc/udhcpc/default.script sbin/hotplug; do
 	[ -f "$ROOT/$f" ] || die "rootfs/$f missing"
 	chmod 0755 "$ROOT/$f"
 done

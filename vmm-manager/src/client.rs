@@ -68,6 +68,30 @@ impl VmmClient {
         self.0.send(&routes::VM_DISK_RESIZE, &[id, disk_id], Some(&body)).await
     }
 
+    /// Gives a VM `vcpus` and `memory_mib`: hot-plugged while it runs, else at its next start.
+    pub async fn resize(&self, id: &str, vcpus: u32, memory_mib: u64) -> Result<VmInfo, ClientError> {
+        let body = crate::spec::Resize { vcpus, memory_mib };
+        self.0.send(&routes::VM_RESIZE, &[id], Some(&body)).await
+    }
+
+    /// Saves the paused VM's memory and devices as `name` (again: the same state).
+    pub async fn save_state(&self, id: &str, name: &str) -> Result<crate::service::SavedState, ClientError> {
+        self.0.send(&routes::SAVE_STATE, &[id, name], None).await
+    }
+
+    pub async fn states(&self, id: &str) -> Result<Vec<crate::service::SavedState>, ClientError> {
+        self.0.send(&routes::STATES, &[id], None).await
+    }
+
+    pub async fn delete_state(&self, id: &str, name: &str) -> Result<(), ClientError> {
+        self.0.send(&routes::DELETE_STATE, &[id, name], None).await
+    }
+
+    /// Takes the VM back to saved state `name` in a fresh VMM; it runs on from there.
+    pub async fn restore_state(&self, id: &str, name: &str) -> Result<VmInfo, ClientError> {
+        self.0.send(&routes::RESTORE_STATE, &[id, name], None).await
+    }
+
     /// Start and stop may be sent again when vmm-manager died before answering.
     pub async fn action(&self, id: &str, action: VmAction, force: bool) -> Result<VmInfo, ClientError> {
         let route = &routes::VM_ACTION;

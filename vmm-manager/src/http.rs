@@ -34,7 +34,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::console::{ConsoleWriter, SerialConsole};
 use crate::service::VmService;
-use crate::spec::{VmAction, VmInfo, VmSpec};
+use crate::spec::{Resize, VmAction, VmInfo, VmSpec};
 
 type Svc = State<Arc<VmService>>;
 
@@ -44,8 +44,8 @@ pub mod routes {
     use socket_http::Route;
 
     use super::ResizeDisk;
-    use crate::service::HypervisorAvailability;
-    use crate::spec::{DiskSpec, HostFacts, VmInfo, VmSpec};
+    use crate::service::{HypervisorAvailability, SavedState};
+    use crate::spec::{DiskSpec, HostFacts, Resize, VmInfo, VmSpec};
 
     pub const VMS: Route<(), Vec<VmInfo>> = get("/vms");
     pub const VM: Route<(), VmInfo> = get("/vms/{id}");
@@ -56,6 +56,13 @@ pub mod routes {
     pub const VM_DISK: Route<DiskSpec, VmInfo> = put("/vms/{id}/disks/{disk}");
     pub const DELETE_VM_DISK: Route<(), VmInfo> = delete("/vms/{id}/disks/{disk}");
     pub const VM_DISK_RESIZE: Route<ResizeDisk, VmInfo> = post("/vms/{id}/disks/{disk}/resize");
+    /// vCPUs and memory: hot-plugged into a running VM, or for the next start.
+    pub const VM_RESIZE: Route<Resize, VmInfo> = post("/vms/{id}/resize");
+    /// Saved states (memory and devices) of a paused VM.
+    pub const STATES: Route<(), Vec<SavedState>> = get("/vms/{id}/states");
+    pub const SAVE_STATE: Route<(), SavedState> = put("/vms/{id}/states/{name}");
+    pub const DELETE_STATE: Route<(), ()> = delete("/vms/{id}/states/{name}");
+    pub const RESTORE_STATE: Route<(), VmInfo> = post("/vms/{id}/states/{name}/restore");
     /// The serial log's last bytes (`?bytes=N`), as bytes, not JSON.
     pub const CONSOLE_LOG: Route<(), ()> = get("/vms/{id}/console/log");
     /// A WebSocket: the serial console.
@@ -79,6 +86,11 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route(VM_DISK.path, VM_DISK.on(attach_disk))
         .route(DELETE_VM_DISK.path, DELETE_VM_DISK.on(detach_disk))
         .route(VM_DISK_RESIZE.path, VM_DISK_RESIZE.on(resize_disk))
+        .route(VM_RESIZE.path, VM_RESIZE.on(resize))
+        .route(STATES.path, STATES.on(states))
+        .route(SAVE_STATE.path, SAVE_STATE.on(save_state))
+        .route(DELETE_STATE.path, DELETE_STATE.on(delete_state))
+        .route(RESTORE_STATE.path, RESTORE_STATE.on(restore_state))
         .route(CONSOLE_LOG.path, CONSOLE_LOG.on(console_log))
         .route(CONSOLE.path, CONSOLE.on(console))
         .route(VNC.path, VNC.on(vnc))
@@ -186,6 +198,32 @@ async fn resize_disk(
     let r: ResizeDisk =
         serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable(format!("invalid resize: {e}")))?;
     Ok(Json(svc.resize_disk(&id, &disk, r.size_bytes).await?))
+}
+
+async fn resize(State(svc): Svc, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<VmInfo>, ApiError> {
+    let r: Resize =
+        serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable(format!("invalid resize: {e}")))?;
+    Ok(Json(svc.resize(&id, r).await?))
+}
+
+async fn states(State(svc): Svc, Path(id): Path<String>) -> Result<Json<Vec<crate::service::SavedState>>, ApiError> {
+    Ok(Json(svc.saved_states(&id)?))
+}
+
+async fn save_state(
+    State(svc): Svc,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<crate::service::SavedState>, ApiError> {
+    Ok(Json(svc.save_state(&id, &name).await?))
+}
+
+async fn delete_state(State(svc): Svc, Path((id, name)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    svc.delete_state(&id, &name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restore_state(State(svc): Svc, Path((id, name)): Path<(String, String)>) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(svc.restore_state(&id, &name).await?))
 }
 
 async fn console_log(State(svc): Svc, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {

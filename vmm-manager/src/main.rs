@@ -18,6 +18,9 @@ struct Args {
     /// Directory for VM state (`vms/<id>/`: spec, pid, sockets, logs).
     #[arg(long, default_value = "/run/hearth")]
     run_dir: PathBuf,
+    /// Directory for saved VM states (memory snapshots): `<id>/<name>/`.
+    #[arg(long, default_value = "/var/lib/hearth/vmm")]
+    state_dir: PathBuf,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu_binary: String,
     #[arg(long, default_value = "cloud-hypervisor")]
@@ -36,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse_from(socket_http::config::args_with_config("vmm-manager")?);
     let config = VmmConfig {
         run_dir: args.run_dir,
+        state_dir: args.state_dir,
         qemu_binary: args.qemu_binary,
         cloud_hypervisor_binary: args.cloud_hypervisor_binary,
         accel: args.accel,

@@ -34,11 +34,17 @@ use crate::spec::{
 };
 use crate::vm_dir::VmDir;
 
+mod states;
+pub use states::SavedState;
+
 /// vmm-manager's settings.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
     /// Where VM state directories live (`<run dir>/vms/<id>/`).
     pub run_dir: PathBuf,
+    /// Where saved VM states (memory and devices) live, `<state dir>/<id>/<name>/`: on
+    /// a disk, not the tmpfs `/run` usually is.
+    pub state_dir: PathBuf,
     pub qemu_binary: String,
     pub cloud_hypervisor_binary: String,
     pub accel: Accel,
@@ -48,8 +54,10 @@ pub struct VmmConfig {
 
 impl VmmConfig {
     pub fn new(run_dir: impl Into<PathBuf>) -> Self {
+        let run_dir: PathBuf = run_dir.into();
         Self {
-            run_dir: run_dir.into(),
+            state_dir: run_dir.join("states"),
+            run_dir,
             qemu_binary: "qemu-system-x86_64".into(),
             cloud_hypervisor_binary: "cloud-hypervisor".into(),
             accel: Accel::Auto,
@@ -74,6 +82,8 @@ pub enum ServiceError {
     NotFound(String),
     #[error("VM {vm} has no disk {disk:?}")]
     NoDisk { vm: String, disk: String },
+    #[error("VM {vm} has no saved state {name:?}")]
+    NoState { vm: String, name: String },
     #[error("VM {id} already exists with a different spec")]
     Exists { id: String },
     #[error("invalid VM spec: {0}")]
@@ -100,7 +110,9 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
         match e {
-            ServiceError::NotFound(_) | ServiceError::NoDisk { .. } => ApiError::not_found(msg),
+            ServiceError::NotFound(_) | ServiceError::NoDisk { .. } | ServiceError::NoState { .. } => {
+                ApiError::not_found(msg)
+            }
             ServiceError::Exists { .. }
             | ServiceError::State { .. }
             | ServiceError::WriterBusy(_)
@@ -131,6 +143,8 @@ struct Vm {
     spec: VmSpec,
     /// The disks now: created ones plus attached, minus detached. Saved in the spec file.
     disks: Mutex<Vec<DiskSpec>>,
+    /// The vCPUs and memory now (after resizes). Saved in the spec file.
+    shape: Mutex<(u32, u64)>,
     dir: VmDir,
     driver: Arc<dyn Hypervisor>,
     status: Mutex<VmStatus>,
@@ -141,8 +155,11 @@ struct Vm {
 impl Vm {
     /// The spec with the disks the VM has now.
     fn current_spec(&self) -> VmSpec {
+        let (vcpus, memory_mib) = *lock(&self.shape);
         VmSpec {
             disks: lock(&self.disks).clone(),
+            vcpus,
+            memory_mib,
             ..self.spec.clone()
         }
     }
@@ -338,6 +355,7 @@ impl VmService {
         }
         let vm = Arc::new(Vm {
             disks: Mutex::new(spec.disks.clone()),
+            shape: Mutex::new((spec.vcpus, spec.memory_mib)),
             spec,
             dir,
             driver,
@@ -370,13 +388,7 @@ impl VmService {
         let spec = vm.current_spec();
         match vm.driver.launch(&vm.dir, &spec).await {
             Ok(pid) => {
-                VmDir::write_atomic(&vm.dir.pid(), pid.to_string().as_bytes())?;
-                if let Err(e) = self.attach(&vm, pid) {
-                    crate::hypervisor::qemu::kill_and_reap(pid).await;
-                    vm.dir.remove_runtime_files();
-                    self.set_status(&vm, VmState::Failed, Some(format!("cannot supervise the VMM: {e}")));
-                    return Err(e.into());
-                }
+                self.supervise(&vm, pid).await?;
                 // The watcher may already have seen a very quick exit.
                 if lock(&vm.status).state == VmState::Starting {
                     self.set_status(&vm, VmState::Running, None);
@@ -390,6 +402,19 @@ impl VmService {
         }
     }
 
+    /// Records a VMM just launched for `vm` and watches it; one that cannot be watched
+    /// is killed and the VM marked failed.
+    async fn supervise(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> Result<(), ServiceError> {
+        let watched = VmDir::write_atomic(&vm.dir.pid(), pid.to_string().as_bytes()).and_then(|_| self.attach(vm, pid));
+        if let Err(e) = watched {
+            crate::hypervisor::qemu::kill_and_reap(pid).await;
+            vm.dir.remove_runtime_files();
+            self.set_status(vm, VmState::Failed, Some(format!("cannot supervise the VMM: {e}")));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Watches a VMM process and serves its console.
     fn attach(self: &Arc<Self>, vm: &Arc<Vm>, pid: u32) -> std::io::Result<()> {
         let pidfd = process::pidfd_open(pid)?;
@@ -400,12 +425,16 @@ impl VmService {
         ));
         let stop_requested = Arc::new(AtomicBool::new(false));
         let (exited_tx, exited) = watch::channel(false);
+        let follower_exited = exited.clone();
         *lock(&vm.runtime) = Some(Runtime {
             pid,
             console,
             stop_requested: stop_requested.clone(),
             exited,
         });
+        if vm.driver.kind() == HypervisorKind::CloudHypervisor {
+            self.follow_ch_events(vm, follower_exited);
+        }
         let svc = Arc::downgrade(self);
         let vm = vm.clone();
         tokio::spawn(async move {
@@ -424,6 +453,50 @@ impl VmService {
             let _ = exited_tx.send(true);
         });
         Ok(())
+    }
+
+    /// Follows Cloud Hypervisor's event monitor while its VMM runs, from what it holds
+    /// now on: a pause, resume or reboot made outside hearth (the VMM's own API,
+    /// `ch-remote`, the guest) shows in the VM's state within a poll. Changes hearth
+    /// makes itself hold the VM's operation lock and set the state themselves.
+    fn follow_ch_events(self: &Arc<Self>, vm: &Arc<Vm>, mut exited: watch::Receiver<bool>) {
+        use crate::hypervisor::ch_events::{state_change, EventStream};
+        use std::io::{Read, Seek};
+        let path = vm.dir.events();
+        let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let svc = Arc::downgrade(self);
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let mut stream = EventStream::default();
+            loop {
+                tokio::select! {
+                    _ = exited.wait_for(|e| *e) => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                let mut bytes = Vec::new();
+                let read = std::fs::File::open(&path).and_then(|mut f| {
+                    f.seek(std::io::SeekFrom::Start(offset))?;
+                    f.read_to_end(&mut bytes)
+                });
+                let Ok(n) = read else { continue };
+                offset += n as u64;
+                for ev in stream.push(&bytes) {
+                    let Some((state, reason)) = state_change(&ev) else {
+                        continue;
+                    };
+                    let Some(svc) = svc.upgrade() else { return };
+                    let Ok(_op) = vm.op.try_lock() else {
+                        continue; // hearth's own action: it sets the state
+                    };
+                    let current = lock(&vm.status).state;
+                    if matches!(current, VmState::Running | VmState::Paused)
+                        && (current != state || ev.event == "rebooted")
+                    {
+                        svc.set_status(&vm, state, Some(reason.to_string()));
+                    }
+                }
+            }
+        });
     }
 
     fn runtime_handles(vm: &Vm) -> Option<(u32, Arc<AtomicBool>, watch::Receiver<bool>)> {
@@ -511,8 +584,67 @@ impl VmService {
         Ok(VmInfo { status, ..info })
     }
 
-    /// Deletes a VM: forces its VMM down and removes its state directory. Deleting a
-    /// missing VM succeeds.
+    /// Changes a VM's vCPUs and memory. A running VM grows by hot-plug within the room
+    /// its spec gave it (`max_vcpus`, `max_memory_mib`), memory in steps of
+    /// [`spec::MEMORY_STEP_MIB`]; what would need a restart is refused with the reason
+    /// (`Unsupported`) and changes nothing. A stopped VM takes the new size at its next
+    /// start. The size is kept in the spec file, so restarts keep it.
+    pub async fn resize(&self, id: &str, want: spec::Resize) -> Result<VmInfo, ServiceError> {
+        let vm = self.vm(id)?;
+        let _op = vm.op.lock().await;
+        let current = vm.current_spec();
+        if want.vcpus == 0 || want.vcpus > spec::MAX_VCPUS {
+            return Err(SpecError::Vcpus {
+                got: want.vcpus,
+                max: spec::MAX_VCPUS,
+            }
+            .into());
+        }
+        let host_mib = spec::host_memory_mib();
+        if want.memory_mib < spec::MIN_MEMORY_MIB || want.memory_mib > host_mib {
+            return Err(SpecError::Memory {
+                got: want.memory_mib,
+                host_mib,
+            }
+            .into());
+        }
+        if (want.vcpus, want.memory_mib) == (current.vcpus, current.memory_mib) {
+            return Ok(Self::info(&vm));
+        }
+        if Self::runtime_handles(&vm).is_some() {
+            let restart =
+                |what: String| ServiceError::Vmm(VmmError::Unsupported(format!("{what}: restart the VM to resize it")));
+            if want.vcpus > current.vcpu_limit() {
+                return Err(restart(format!(
+                    "the VM was started with room for {} vCPUs, {} asked",
+                    current.vcpu_limit(),
+                    want.vcpus
+                )));
+            }
+            if want.memory_mib > current.memory_limit_mib() {
+                return Err(restart(format!(
+                    "the VM was started with room for {} MiB of memory, {} asked",
+                    current.memory_limit_mib(),
+                    want.memory_mib
+                )));
+            }
+            if want.memory_mib.abs_diff(current.memory_mib) % spec::MEMORY_STEP_MIB != 0 {
+                return Err(SpecError::Device(format!(
+                    "a running VM's memory changes in steps of {} MiB: {} MiB now, {} asked",
+                    spec::MEMORY_STEP_MIB,
+                    current.memory_mib,
+                    want.memory_mib
+                ))
+                .into());
+            }
+            vm.driver.resize(&vm.dir, &current, want.vcpus, want.memory_mib).await?;
+        }
+        *lock(&vm.shape) = (want.vcpus, want.memory_mib);
+        vm.save_spec()?;
+        tracing::info!(vm = %vm.spec.id, vcpus = want.vcpus, memory_mib = want.memory_mib, "VM resized");
+        Ok(Self::info(&vm))
+    }
+
     /// Attaches a disk: hot-plugged into a running VM, or kept for the next start of a
     /// stopped one. The same disk again changes nothing; another disk with the same id
     /// is a conflict.
@@ -590,8 +722,12 @@ impl VmService {
         Ok(Self::info(&vm))
     }
 
+    /// Deletes a VM: forces its VMM down and removes its state directory. Deleting a
+    /// missing VM succeeds.
     pub async fn delete(&self, id: &str) -> Result<(), ServiceError> {
-        let Ok(vm) = self.vm(id) else { return Ok(()) };
+        let Ok(vm) = self.vm(id) else {
+            return self.delete_states(id);
+        };
         let _op = vm.op.lock().await;
         self.stop_locked(&vm, true).await?;
         self.vms.write().unwrap_or_else(|p| p.into_inner()).remove(id);
@@ -600,6 +736,7 @@ impl VmService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
+        self.delete_states(id)?;
         let _ = self.events.send(VmEvent {
             vm_id: vm.spec.id.clone(),
             name: vm.spec.name.clone(),
@@ -684,6 +821,7 @@ impl VmService {
             let vm = Arc::new(Vm {
                 driver: self.driver(spec.hypervisor),
                 disks: Mutex::new(spec.disks.clone()),
+                shape: Mutex::new((spec.vcpus, spec.memory_mib)),
                 spec,
                 dir,
                 status: Mutex::new(last.clone().unwrap_or(VmStatus {

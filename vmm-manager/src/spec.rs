@@ -54,6 +54,14 @@ pub struct VmSpec {
     pub hypervisor: HypervisorKind,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Room to grow while it runs: the most vCPUs it may be given without a restart
+    /// (`None`: `vcpus`, no hot-plug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// The most memory it may be given without a restart (`None`: `memory_mib`). The
+    /// headroom above `memory_mib` is hot-plugged in steps of [`MEMORY_STEP_MIB`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
     /// Kernel to boot directly: a bzImage or PVH ELF for QEMU, a PVH ELF for Cloud Hypervisor.
     pub kernel: PathBuf,
     #[serde(default)]
@@ -149,6 +157,9 @@ pub enum SpecError {
 
 /// Largest vCPU count accepted (Cloud Hypervisor's and QEMU q35's practical limit).
 pub const MAX_VCPUS: u32 = 254;
+/// Memory is hot-plugged in whole Linux memory blocks: Cloud Hypervisor refuses any
+/// other addition ("not a valid size"), and a guest can online only whole blocks.
+pub const MEMORY_STEP_MIB: u64 = 128;
 /// Smallest memory a guest is given.
 pub const MIN_MEMORY_MIB: u64 = 64;
 
@@ -167,6 +178,22 @@ impl VmSpec {
                 got: self.memory_mib,
                 host_mib: host_memory_mib,
             });
+        }
+        if let Some(max) = self.max_vcpus {
+            if max < self.vcpus || max > MAX_VCPUS {
+                return Err(SpecError::Device(format!(
+                    "max_vcpus must be between vcpus ({}) and {MAX_VCPUS}, got {max}",
+                    self.vcpus
+                )));
+            }
+        }
+        if let Some(max) = self.max_memory_mib {
+            if max < self.memory_mib || (max - self.memory_mib) % MEMORY_STEP_MIB != 0 {
+                return Err(SpecError::Device(format!(
+                    "max_memory_mib must be memory_mib ({}) plus a multiple of {MEMORY_STEP_MIB}, got {max}",
+                    self.memory_mib
+                )));
+            }
         }
         require_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initramfs {
@@ -193,6 +220,16 @@ impl VmSpec {
             }
         }
         Ok(())
+    }
+
+    /// The most vCPUs this VM can have without a restart.
+    pub fn vcpu_limit(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus).max(self.vcpus)
+    }
+
+    /// The most memory this VM can have without a restart.
+    pub fn memory_limit_mib(&self) -> u64 {
+        self.max_memory_mib.unwrap_or(self.memory_mib).max(self.memory_mib)
     }
 
     /// True when a disk needs guest memory shared with a vhost-user backend.
@@ -399,6 +436,14 @@ pub struct VmInfo {
     pub status: VmStatus,
 }
 
+/// The body of `POST /vms/{id}/resize`: the vCPUs and memory the VM should have.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
 /// A state change, published to subscribers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmEvent {
@@ -443,6 +488,8 @@ mod tests {
             hypervisor: HypervisorKind::Qemu,
             vcpus: 1,
             memory_mib: 128,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel: kernel.to_path_buf(),
             initramfs: None,
             cmdline: String::new(),
@@ -495,6 +542,22 @@ mod tests {
         let mut s = ok.clone();
         s.id = "../etc".into();
         assert!(matches!(s.validate(1024), Err(SpecError::Id(_))));
+        // Room to grow: at least what it has; memory in whole 128 MiB steps.
+        for (max_vcpus, max_memory_mib, good) in [
+            (Some(4), Some(128 + 256), true),
+            (Some(1), Some(128), true),
+            (Some(0), None, false),
+            (Some(MAX_VCPUS + 1), None, false),
+            (None, Some(64), false),
+            (None, Some(128 + 100), false),
+        ] {
+            let s = VmSpec {
+                max_vcpus,
+                max_memory_mib,
+                ..ok.clone()
+            };
+            assert_eq!(s.validate(1024).is_ok(), good, "{max_vcpus:?} {max_memory_mib:?}");
+        }
         let mut s = ok;
         s.nics.push(NicSpec {
             id: "n".into(),

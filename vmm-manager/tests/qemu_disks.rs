@@ -226,6 +226,8 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
         hypervisor: HypervisorKind::Qemu,
         vcpus: 1,
         memory_mib: 256,
+        max_vcpus: None,
+        max_memory_mib: None,
         kernel: image.join("vmlinuz"),
         initramfs: Some(image.join("initrd.img")),
         cmdline: cmdline.trim().into(),

@@ -86,6 +86,8 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         hypervisor: HypervisorKind::CloudHypervisor,
         vcpus: 1,
         memory_mib: 128,
+        max_vcpus: None,
+        max_memory_mib: None,
         kernel: kernel(),
         initramfs: None,
         cmdline: "console=ttyS0".into(),

@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
     let all_in_one = a.all_in_one.then(|| AllInOne {
         vmm: VmmConfig {
             run_dir: run_dir.clone(),
+            state_dir: a.data_dir.join("vmm"),
             qemu_binary: a.qemu_binary.clone(),
             cloud_hypervisor_binary: a.cloud_hypervisor_binary.clone(),
             accel: a.qemu_accel,

@@ -3,7 +3,7 @@
 //! against its size, which hypervisors work, the image and its kernel) follows in
 //! [`crate::vms::create::begin`].
 
-use vmm_manager::spec::{MAX_VCPUS, MIN_MEMORY_MIB};
+use vmm_manager::spec::{MAX_VCPUS, MEMORY_STEP_MIB, MIN_MEMORY_MIB};
 
 use crate::model::{HypervisorKind, QemuMachine};
 
@@ -20,6 +20,9 @@ pub struct CreateVmCommand {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Room to grow asked for (`None`: the host's defaults, decided with its facts).
+    pub max_vcpus: Option<u32>,
+    pub max_memory_mib: Option<u64>,
     /// The hypervisor asked for (`None`: the configured default, or QEMU).
     pub hypervisor: Option<HypervisorKind>,
     pub cmdline_append: Option<String>,
@@ -53,6 +56,7 @@ impl TryFrom<CreateVm> for CreateVmCommand {
                 req.memory_mib
             )));
         }
+        check_room(req.vcpus, req.memory_mib, req.max_vcpus, req.max_memory_mib)?;
         if let Some(extra) = &req.cmdline_append {
             if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
                 return Err(VmError::Invalid(
@@ -101,6 +105,8 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             image: req.image,
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
+            max_vcpus: req.max_vcpus,
+            max_memory_mib: req.max_memory_mib,
             hypervisor,
             cmdline_append: req.cmdline_append,
             vnc: req.vnc,
@@ -111,6 +117,68 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             disk_size,
             ssh_keys: req.ssh_keys,
             user_data: req.user_data,
+        })
+    }
+}
+
+/// Checks the room to grow a create asks for: at least what the VM starts with,
+/// vCPUs within the hypervisors' limit, memory in whole hot-plug steps.
+pub fn check_room(
+    vcpus: u32,
+    memory_mib: u64,
+    max_vcpus: Option<u32>,
+    max_memory_mib: Option<u64>,
+) -> Result<(), VmError> {
+    if let Some(max) = max_vcpus {
+        if max < vcpus || max > MAX_VCPUS {
+            return Err(VmError::Invalid(format!(
+                "max_vcpus must be between vcpus ({vcpus}) and {MAX_VCPUS}, got {max}"
+            )));
+        }
+    }
+    if let Some(max) = max_memory_mib {
+        if max < memory_mib || (max - memory_mib) % MEMORY_STEP_MIB != 0 {
+            return Err(VmError::Invalid(format!(
+                "max_memory_mib must be memory_mib ({memory_mib}) plus a multiple of {MEMORY_STEP_MIB}, got {max}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A `PATCH /v1/vms/{id}` request that passed every check the request alone allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResizeVmCommand {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+impl TryFrom<crate::model::UpdateVm> for ResizeVmCommand {
+    type Error = VmError;
+
+    fn try_from(req: crate::model::UpdateVm) -> Result<Self, VmError> {
+        if req.vcpus.is_none() && req.memory_mib.is_none() {
+            return Err(VmError::Invalid(
+                "nothing to change: give vcpus, memory_mib or both".into(),
+            ));
+        }
+        if let Some(v) = req.vcpus {
+            if v == 0 || v > MAX_VCPUS {
+                return Err(VmError::Invalid(format!(
+                    "vcpus must be between 1 and {MAX_VCPUS}, got {v}"
+                )));
+            }
+        }
+        if let Some(m) = req.memory_mib {
+            if m < MIN_MEMORY_MIB {
+                return Err(VmError::Invalid(format!(
+                    "memory_mib must be at least {MIN_MEMORY_MIB}, got {m}"
+                )));
+            }
+        }
+        Ok(ResizeVmCommand {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
         })
     }
 }
@@ -140,6 +208,21 @@ mod tests {
                 "memory_mib must be at least",
             ),
             (r#"{"image": "tiny", "hypervisor": "xen"}"#, 422, "xen"),
+            (
+                r#"{"image": "tiny", "vcpus": 2, "max_vcpus": 1}"#,
+                422,
+                "max_vcpus must be between vcpus (2)",
+            ),
+            (
+                r#"{"image": "tiny", "memory_mib": 256, "max_memory_mib": 128}"#,
+                422,
+                "max_memory_mib must be",
+            ),
+            (
+                r#"{"image": "tiny", "memory_mib": 256, "max_memory_mib": 300}"#,
+                422,
+                "multiple of 128",
+            ),
             (
                 r#"{"image": "tiny", "hypervisor": "cloud-hypervisor", "vnc": true}"#,
                 422,
@@ -182,6 +265,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn resize_requests_are_checked_without_a_stack() {
+        let resize = |body: &str| {
+            let req: crate::model::UpdateVm = serde_json::from_str(body).expect("shape");
+            ResizeVmCommand::try_from(req).map_err(|e| e.to_string())
+        };
+        assert!(resize("{}").expect_err("refused").contains("nothing to change"));
+        assert!(resize(r#"{"vcpus": 0}"#)
+            .expect_err("refused")
+            .contains("vcpus must be between 1"));
+        assert!(resize(r#"{"memory_mib": 8}"#)
+            .expect_err("refused")
+            .contains("at least"));
+        assert_eq!(
+            resize(r#"{"vcpus": 3, "memory_mib": 512}"#),
+            Ok(ResizeVmCommand {
+                vcpus: Some(3),
+                memory_mib: Some(512)
+            })
+        );
+        assert!(serde_json::from_str::<crate::model::UpdateVm>(r#"{"vcpus": 2, "colour": 1}"#).is_err());
     }
 
     #[test]

@@ -180,6 +180,21 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
             asked: req.memory_mib,
         });
     }
+    // Room to grow: by default as many vCPUs as the host has and all of its memory,
+    // which costs nothing until used (address space and hot-plug slots only).
+    let max_vcpus = req
+        .max_vcpus
+        .unwrap_or_else(|| host.cpus.clamp(req.vcpus, vmm_manager::spec::MAX_VCPUS));
+    let step = vmm_manager::spec::MEMORY_STEP_MIB;
+    let max_memory_mib = match req.max_memory_mib {
+        Some(m) if m > host_mib => {
+            return Err(VmError::Invalid(format!(
+                "max_memory_mib {m} is more than the host's {host_mib} MiB"
+            )))
+        }
+        Some(m) => m,
+        None => req.memory_mib + (host_mib - req.memory_mib) / step * step,
+    };
     let hypervisor = choose_hypervisor(state, &host.hypervisors, req.hypervisor)?;
     if req.vnc && hypervisor != HypervisorKind::Qemu {
         return Err(VmError::VncNeedsQemu);
@@ -229,6 +244,8 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         image: req.image.clone(),
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
+        max_vcpus: Some(max_vcpus),
+        max_memory_mib: Some(max_memory_mib),
         hypervisor,
         cmdline_append: req.cmdline_append.clone(),
         vnc: req.vnc,

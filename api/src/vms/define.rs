@@ -93,6 +93,8 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, VmError>
         hypervisor: rec.hypervisor.into(),
         vcpus: rec.vcpus,
         memory_mib: rec.memory_mib,
+        max_vcpus: rec.max_vcpus,
+        max_memory_mib: rec.max_memory_mib,
         kernel,
         initramfs: image.boot.initramfs.clone(),
         cmdline,

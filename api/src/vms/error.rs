@@ -68,6 +68,12 @@ pub enum VmError {
     RootDiskGone(String),
     #[error("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")]
     PoolKeepsNoFiles,
+    /// Being created or deleted: its size cannot change now.
+    #[error("VM {vm} is {phase}: it cannot be resized now")]
+    NotReady { vm: String, phase: String },
+    /// A running VM cannot take the new size while it runs, and no restart was asked.
+    #[error("{0}; ask again with ?restart=true to restart the VM with the new size")]
+    RestartRequired(String),
     /// The listing could not be written as JSON.
     #[error(transparent)]
     Render(serde_json::Error),
@@ -106,6 +112,8 @@ impl From<&VmError> for ApiError {
             | PortMoved { .. }
             | RootDiskGone(_)
             | PoolKeepsNoFiles => ApiError::conflict(message),
+            NotReady { .. } => ApiError::conflict(message),
+            RestartRequired(_) => ApiError::new(http::StatusCode::CONFLICT, "restart_required", message),
             Seed(_) | Render(_) => ApiError::internal(message),
             Volume(e) => ApiError::from(e),
             Daemon(e) => ApiError::from(e),
@@ -201,6 +209,19 @@ mod tests {
             ),
             (VmError::RootDiskGone(s("vm-1-root")), 409, "conflict"),
             (VmError::PoolKeepsNoFiles, 409, "conflict"),
+            (
+                VmError::RestartRequired(s("no room for 4 vCPUs")),
+                409,
+                "restart_required",
+            ),
+            (
+                VmError::NotReady {
+                    vm: s("web"),
+                    phase: s("creating"),
+                },
+                409,
+                "conflict",
+            ),
             (VmError::Render(bad_json), 500, "internal"),
             (VmError::Volume(VolumeError::Unknown(s("data"))), 422, "invalid"),
             (

@@ -13,8 +13,9 @@ use vmm_manager::spec::VmAction;
 use crate::auth::keys::Caller;
 use crate::daemons::upstream;
 use crate::json::{JsonBody, Query};
-use crate::model::{Accepted, CreateVm, Phase, Vm, VmRecord};
+use crate::model::{Accepted, CreateVm, Phase, UpdateVm, Vm, VmRecord};
 use crate::state::AppState;
+use crate::vms::command::ResizeVmCommand;
 use crate::vms::error::VmError;
 use crate::vms::records::{resolve, set_desired_running};
 
@@ -81,6 +82,32 @@ pub async fn delete(
     let (rec, rev) = resolve(&state, &caller.project, &id).await?;
     let (op, vm) = crate::vms::delete::begin(&state, rec, rev).await?;
     Ok(accepted(op, Some(vm)))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ResizeQuery {
+    /// Restart the VM when it cannot take the new size while it runs.
+    #[serde(default)]
+    restart: bool,
+}
+
+#[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), ResizeQuery, crate::openapi::ProjectParam),
+    request_body = UpdateVm,
+    responses((status = 200, description = "The VM with its new size (hot-plugged while it runs, or restarted when asked)", body = Vm),
+      (status = 404, body = crate::openapi::ErrorResponse),
+      (status = 409, description = "`restart_required`: the running VM cannot take the new size without a restart (nothing changed); or the VM is being created or deleted", body = crate::openapi::ErrorResponse),
+      (status = 422, description = "Invalid size", body = crate::openapi::ErrorResponse)))]
+pub async fn resize(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<ResizeQuery>,
+    JsonBody(req): JsonBody<UpdateVm>,
+) -> Result<Json<Vm>, ApiError> {
+    let cmd = ResizeVmCommand::try_from(req)?;
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    Ok(Json(crate::vms::resize::resize(&state, rec, cmd, q.restart).await?))
 }
 
 /// The action's name in the path: how the public document spells

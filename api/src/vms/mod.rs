@@ -1,4 +1,4 @@
-//! `/v1/vms`: create, list, show, delete and lifecycle actions.
+//! `/v1/vms`: create, list, show, resize, delete and lifecycle actions.
 //!
 //! Mutations record intent in the store first (the VM record, the name claim, the
 //! operation), answer `202 Accepted`, and do the work in a task that drives
@@ -9,6 +9,7 @@
 //! - [`create`], [`delete`]: the sagas that make and remove a VM
 //! - [`define`]: a VM's definition from its record; [`parts`]: removing what a VM owns
 //! - [`records`]: VM records in the store
+//! - [`resize`]: vCPUs and memory, hot-plugged or with a restart when asked
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
 //! - [`error`]: what goes wrong, and its public form
 
@@ -22,3 +23,4 @@ pub mod list;
 pub mod live;
 pub mod parts;
 pub mod records;
+pub mod resize;

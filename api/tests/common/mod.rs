@@ -140,6 +140,15 @@ pub fn real_cloud_hypervisor() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
+/// The real Cloud Hypervisor the tests that need one use: HEARTH_TEST_CH_BINARY when
+/// set, else the one kept beside the checkout ([`real_cloud_hypervisor`]). `None`
+/// when neither exists; such a test then says that it did not run.
+pub fn real_cloud_hypervisor_binary() -> Option<String> {
+    std::env::var("HEARTH_TEST_CH_BINARY")
+        .ok()
+        .or_else(|| real_cloud_hypervisor().map(|p| p.display().to_string()))
+}
+
 /// The fake Cloud Hypervisor, or the real one when HEARTH_TEST_CH_BINARY names it.
 pub fn cloud_hypervisor_binary() -> String {
     std::env::var("HEARTH_TEST_CH_BINARY").unwrap_or_else(|_| {
@@ -245,9 +254,10 @@ impl Stack {
             if !self.args.iter().any(|a| a == "--qemu-accel") {
                 cmd.args(["--qemu-accel", "tcg"]);
             }
-            cmd.args(["--all-in-one", "--stop-timeout", "20"])
-                .arg("--images-dir")
-                .arg(images_dir());
+            if !self.args.iter().any(|a| a == "--stop-timeout") {
+                cmd.args(["--stop-timeout", "20"]);
+            }
+            cmd.arg("--all-in-one").arg("--images-dir").arg(images_dir());
         }
         cmd.args(["--listen", LISTEN])
             .arg("--data-dir")
@@ -641,6 +651,7 @@ socket_dir = "{d}/run"
 [vmm-manager]
 socket = "{d}/run/vmm-manager.sock"
 run_dir = "{d}/run"
+state_dir = "{d}/vmm"
 accel = "tcg"
 stop_timeout = 20
 cloud_hypervisor_binary = "{ch}"

@@ -66,6 +66,19 @@ impl EventStream {
     }
 }
 
+/// What an event says about the VM's state, for a change made outside hearth (through
+/// the VMM's own API, `ch-remote`, or by the guest): `paused` and `resumed` change it;
+/// `rebooted` keeps it running and is reported with its reason.
+pub fn state_change(ev: &ChEvent) -> Option<(crate::spec::VmState, &'static str)> {
+    use crate::spec::VmState;
+    match (ev.source.as_str(), ev.event.as_str()) {
+        ("vm", "paused") => Some((VmState::Paused, "paused through Cloud Hypervisor's own API")),
+        ("vm", "resumed") => Some((VmState::Running, "resumed through Cloud Hypervisor's own API")),
+        ("vm", "rebooted") => Some((VmState::Running, "the VM rebooted")),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +97,28 @@ mod tests {
                 evs[1].properties.as_ref().and_then(|p| p.get("id")).map(String::as_str),
                 Some("x")
             );
+        }
+    }
+
+    #[test]
+    fn pause_resume_and_reboot_are_state_changes() {
+        use crate::spec::VmState;
+        let ev = |source: &str, event: &str| ChEvent {
+            timestamp: ChTimestamp { secs: 0, nanos: 0 },
+            source: source.into(),
+            event: event.into(),
+            properties: None,
+        };
+        assert_eq!(state_change(&ev("vm", "paused")).map(|c| c.0), Some(VmState::Paused));
+        assert_eq!(state_change(&ev("vm", "resumed")).map(|c| c.0), Some(VmState::Running));
+        assert_eq!(state_change(&ev("vm", "rebooted")).map(|c| c.0), Some(VmState::Running));
+        for (source, event) in [
+            ("vm", "pausing"),
+            ("vm", "booted"),
+            ("vmm", "shutdown"),
+            ("virtio-device", "activated"),
+        ] {
+            assert_eq!(state_change(&ev(source, event)), None, "{source}/{event}");
         }
     }
 

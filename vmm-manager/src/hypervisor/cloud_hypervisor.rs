@@ -43,6 +43,40 @@ impl CloudHypervisorDriver {
         Self { binary: binary.into() }
     }
 
+    /// Starts a `cloud-hypervisor` with its API socket, event monitor and log in the
+    /// VM's directory.
+    fn spawn(&self, dir: &VmDir) -> Result<u32, VmmError> {
+        let binary: PathBuf = find_binary(&self.binary)?;
+        dir.remove_runtime_files();
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--api-socket")
+            .arg(format!("path={}", dir.api_socket().display()))
+            .arg("--event-monitor")
+            .arg(format!("path={}", dir.events().display()))
+            .arg("--log-file")
+            .arg(dir.vmm_log())
+            .arg("-v")
+            .current_dir(&dir.dir);
+        Ok(process::spawn_detached(&mut cmd, &dir.vmm_output())?)
+    }
+
+    /// The VMM's PID when `started` succeeded; otherwise it is asked to exit, then
+    /// killed: a failed start leaves no process.
+    async fn unwind(&self, dir: &VmDir, pid: u32, started: Result<(), VmmError>) -> Result<u32, VmmError> {
+        match started {
+            Ok(()) => Ok(pid),
+            Err(e) => {
+                let _ = Self::put(dir, "vmm.shutdown", None).await;
+                kill_and_reap(pid).await;
+                dir.remove_runtime_files();
+                Err(match e {
+                    refused @ VmmError::Refused { .. } => refused,
+                    other => super::qemu::launch_error(other, &dir.vmm_output()),
+                })
+            }
+        }
+    }
+
     fn client(dir: &VmDir) -> UnixClient {
         UnixClient::new(dir.api_socket()).with_timeout(Duration::from_secs(30))
     }
@@ -127,12 +161,16 @@ pub fn vm_config(spec: &VmSpec, dir: &VmDir) -> Value {
         })
         .collect();
     let mut memory = json!({"size": spec.memory_mib * 1024 * 1024});
+    let headroom = spec.memory_limit_mib() - spec.memory_mib;
+    if headroom > 0 {
+        memory["hotplug_size"] = json!(headroom * 1024 * 1024);
+    }
     if spec.needs_shared_memory() {
         memory["shared"] = json!(true);
     }
     let mut config = json!({
         "payload": payload,
-        "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus},
+        "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpu_limit()},
         "memory": memory,
         "serial": {"mode": "Socket", "socket": dir.serial_socket()},
         "console": {"mode": "Off"},
@@ -161,18 +199,7 @@ impl Hypervisor for CloudHypervisorDriver {
 
     fn launch<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec) -> BoxFuture<'a, Result<u32, VmmError>> {
         Box::pin(async move {
-            let binary: PathBuf = find_binary(&self.binary)?;
-            dir.remove_runtime_files();
-            let mut cmd = Command::new(&binary);
-            cmd.arg("--api-socket")
-                .arg(format!("path={}", dir.api_socket().display()))
-                .arg("--event-monitor")
-                .arg(format!("path={}", dir.events().display()))
-                .arg("--log-file")
-                .arg(dir.vmm_log())
-                .arg("-v")
-                .current_dir(&dir.dir);
-            let pid = process::spawn_detached(&mut cmd, &dir.vmm_output())?;
+            let pid = self.spawn(dir)?;
             let booted = async {
                 wait_for_socket(&dir.api_socket(), pid, Duration::from_secs(10)).await?;
                 Self::put(dir, "vm.create", Some(&vm_config(spec, dir))).await?;
@@ -180,19 +207,7 @@ impl Hypervisor for CloudHypervisorDriver {
                 Ok::<_, VmmError>(())
             }
             .await;
-            match booted {
-                Ok(()) => Ok(pid),
-                Err(e) => {
-                    // Ask nicely, then make sure: a failed boot must leave no process.
-                    let _ = Self::put(dir, "vmm.shutdown", None).await;
-                    kill_and_reap(pid).await;
-                    dir.remove_runtime_files();
-                    Err(match e {
-                        refused @ VmmError::Refused { .. } => refused,
-                        other => super::qemu::launch_error(other, &dir.vmm_output()),
-                    })
-                }
-            }
+            self.unwind(dir, pid, booted).await
         })
     }
 
@@ -315,6 +330,53 @@ impl Hypervisor for CloudHypervisorDriver {
         })
     }
 
+    fn resize<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        _spec: &'a VmSpec,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            let body = json!({"desired_vcpus": vcpus, "desired_ram": memory_mib * 1024 * 1024});
+            Self::put(dir, "vm.resize", Some(&body)).await.map(|_| ())
+        })
+    }
+
+    fn save_state<'a>(&'a self, dir: &'a VmDir, dest: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(async move {
+            let url = format!("file://{}", dest.display());
+            Self::put(dir, "vm.snapshot", Some(&json!({ "destination_url": url })))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn launch_restore<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        _spec: &'a VmSpec,
+        src: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<u32, VmmError>> {
+        Box::pin(async move {
+            // The snapshot holds the VM's whole config (its sockets are this VM's own).
+            let pid = self.spawn(dir)?;
+            let restored = async {
+                wait_for_socket(&dir.api_socket(), pid, Duration::from_secs(10)).await?;
+                let url = format!("file://{}", src.display());
+                Self::put(
+                    dir,
+                    "vm.restore",
+                    Some(&json!({ "source_url": url, "prefault": false })),
+                )
+                .await?;
+                Ok::<_, VmmError>(())
+            }
+            .await;
+            self.unwind(dir, pid, restored).await
+        })
+    }
+
     fn writes_console_log(&self) -> bool {
         false
     }
@@ -333,6 +395,8 @@ mod tests {
             hypervisor: HypervisorKind::CloudHypervisor,
             vcpus: 2,
             memory_mib: 512,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel: "/img/vmlinux".into(),
             initramfs: Some("/img/initrd.img".into()),
             cmdline: "console=ttyS0 quiet".into(),
@@ -369,6 +433,20 @@ mod tests {
             }],
             qemu: QemuOptions::default(),
         }
+    }
+
+    #[test]
+    fn room_to_grow_is_max_vcpus_and_hotplug_memory() {
+        let dir = VmDir::new(Path::new("/run/hearth"), "x");
+        let grow = VmSpec {
+            max_vcpus: Some(4),
+            max_memory_mib: Some(512 + 256),
+            ..spec()
+        };
+        let c = vm_config(&grow, &dir);
+        assert_eq!(c["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 4}));
+        assert_eq!(c["memory"]["size"], 512u64 << 20);
+        assert_eq!(c["memory"]["hotplug_size"], 256u64 << 20);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 pub mod ch_events;
 pub mod cloud_hypervisor;
 pub mod qemu;
+pub mod qemu_resize;
+pub mod qemu_state;
 pub mod qmp;
 
 use futures_util::future::BoxFuture;
@@ -96,6 +98,32 @@ pub trait Hypervisor: Send + Sync {
         disk: &'a crate::spec::DiskSpec,
         size: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
+
+    /// Gives the running VM `vcpus` and `memory_mib` (both within the limits of the
+    /// spec it was started with). Growing is hot-plug; what the hypervisor cannot do
+    /// while the guest runs is `Unsupported`, with the reason.
+    fn resize<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+
+    /// Saves the paused VM's whole state (memory and devices) into the empty directory
+    /// `dest`; the VM stays paused.
+    fn save_state<'a>(&'a self, dir: &'a VmDir, dest: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmmError>>;
+
+    /// Starts a new VMM that loads the state [`Hypervisor::save_state`] wrote into
+    /// `src` for this VM (`spec`: its spec at that moment). Returns the VMM's PID once
+    /// the state is loaded; the VM is then paused, as it was saved. On failure nothing
+    /// is left running.
+    fn launch_restore<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        src: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<u32, VmmError>>;
 
     /// True when the VMM writes the console log itself (QEMU's `logfile=`), false when
     /// vmm-manager must.

@@ -188,8 +188,9 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     push(&["-machine", if microvm { "microvm" } else { "q35" }]);
     push(&["-accel", if kvm { "kvm" } else { "tcg" }]);
     push(&["-cpu", if kvm { "host" } else { "max" }]);
-    push(&["-smp", &spec.vcpus.to_string()]);
-    push(&["-m", &format!("{}M", spec.memory_mib)]);
+    let [smp, mem] = super::qemu_resize::smp_and_memory_args(spec);
+    push(&["-smp", &smp]);
+    push(&["-m", &mem]);
     if spec.needs_shared_memory() || !microvm {
         // vhost-user backends map guest memory: it must be a shareable memfd. q35 VMs
         // always get one, so a vhost-user disk can be hot-plugged later.
@@ -296,6 +297,31 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     a
 }
 
+/// Starts QEMU with `args` and returns its PID once its QMP socket answers and `ready`
+/// (what the caller waits for then) succeeded; on failure nothing is left running.
+async fn spawn_qemu(
+    binary: &Path,
+    args: &[String],
+    dir: &VmDir,
+    ready: impl std::future::Future<Output = Result<(), VmmError>>,
+) -> Result<u32, VmmError> {
+    dir.remove_runtime_files();
+    let pid = process::spawn_detached(Command::new(binary).args(args).current_dir(&dir.dir), &dir.vmm_output())?;
+    let started = async {
+        wait_for_socket(&dir.qmp_socket(), pid, Duration::from_secs(15)).await?;
+        ready.await
+    }
+    .await;
+    match started {
+        Ok(()) => Ok(pid),
+        Err(e) => {
+            kill_and_reap(pid).await;
+            dir.remove_runtime_files();
+            Err(launch_error(e, &dir.vmm_output()))
+        }
+    }
+}
+
 impl Hypervisor for QemuDriver {
     fn kind(&self) -> HypervisorKind {
         HypervisorKind::Qemu
@@ -310,25 +336,10 @@ impl Hypervisor for QemuDriver {
             let binary = find_binary(&self.binary)?;
             let kvm = self.use_kvm(&spec.kernel).await;
             let args = qemu_args(spec, dir, kvm, host_tsc_khz());
-            dir.remove_runtime_files();
-            let pid = process::spawn_detached(
-                Command::new(&binary).args(&args).current_dir(&dir.dir),
-                &dir.vmm_output(),
-            )?;
-            let started = async {
-                wait_for_socket(&dir.qmp_socket(), pid, Duration::from_secs(15)).await?;
-                qmp::execute(&dir.qmp_socket(), "query-status", None).await?;
-                Ok::<_, VmmError>(())
-            }
-            .await;
-            match started {
-                Ok(()) => Ok(pid),
-                Err(e) => {
-                    kill_and_reap(pid).await;
-                    dir.remove_runtime_files();
-                    Err(launch_error(e, &dir.vmm_output()))
-                }
-            }
+            spawn_qemu(&binary, &args, dir, async {
+                qmp::execute(&dir.qmp_socket(), "query-status", None).await.map(|_| ())
+            })
+            .await
         })
     }
 
@@ -541,6 +552,34 @@ impl Hypervisor for QemuDriver {
         })
     }
 
+    fn resize<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(super::qemu_resize::resize(dir, spec, vcpus, memory_mib))
+    }
+
+    fn save_state<'a>(&'a self, dir: &'a VmDir, dest: &'a Path) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(super::qemu_state::save(dir, dest))
+    }
+
+    fn launch_restore<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        spec: &'a VmSpec,
+        src: &'a Path,
+    ) -> BoxFuture<'a, Result<u32, VmmError>> {
+        Box::pin(async move {
+            let binary = find_binary(&self.binary)?;
+            let topology = super::qemu_state::read_topology(src)?;
+            let args = super::qemu_state::restore_args(spec, dir, &topology, host_tsc_khz(), src);
+            spawn_qemu(&binary, &args, dir, super::qemu_state::wait_loaded(dir)).await
+        })
+    }
+
     fn resize_disk<'a>(&'a self, dir: &'a VmDir, disk: &'a DiskSpec, size: u64) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(async move {
             match &disk.source {
@@ -639,6 +678,8 @@ mod tests {
             hypervisor: HypervisorKind::Qemu,
             vcpus: 2,
             memory_mib: 256,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel: "/img/vmlinuz".into(),
             initramfs: Some("/img/initrd.img".into()),
             cmdline: "console=ttyS0".into(),
