@@ -340,6 +340,7 @@ async fn recover_sagas(state: &std::sync::Arc<AppState>, report: &mut Report) ->
             "vm.create" => recover(state, &crate::vms::create::VM_CREATE, record).await,
             "vm.delete" => recover(state, &crate::vms::delete::VM_DELETE, record).await,
             "volume.attach" => recover(state, &crate::volumes::attach::VOLUME_ATTACH, record).await,
+            "vm.snapshot" => recover(state, &crate::vms::snapshot::VM_SNAPSHOT, record).await,
             "image.import" => recover_in_background(state, &crate::images::import::IMAGE_IMPORT, record).await,
             other => Recovered::Stuck(format!("no saga of kind {other} is known to this api")),
         };

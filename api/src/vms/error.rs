@@ -68,6 +68,15 @@ pub enum VmError {
     RootDiskGone(String),
     #[error("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")]
     PoolKeepsNoFiles,
+    #[error("VM {vm} already has a snapshot {name:?}")]
+    SnapshotExists { vm: String, name: String },
+    #[error("VM {vm} has no snapshot {name:?}")]
+    SnapshotNotFound { vm: String, name: String },
+    #[error("snapshot {name:?} of VM {vm} is still being taken")]
+    SnapshotNotReady { vm: String, name: String },
+    /// A restore needs the VM to have the disks the snapshot holds.
+    #[error("VM {vm}'s disks changed since snapshot {name:?} ({detail}): attach or detach volumes to match it first")]
+    DisksChanged { vm: String, name: String, detail: String },
     /// Being created or deleted: its size cannot change now.
     #[error("VM {vm} is {phase}: it cannot be resized now")]
     NotReady { vm: String, phase: String },
@@ -112,7 +121,10 @@ impl From<&VmError> for ApiError {
             | PortMoved { .. }
             | RootDiskGone(_)
             | PoolKeepsNoFiles => ApiError::conflict(message),
-            NotReady { .. } => ApiError::conflict(message),
+            NotReady { .. } | SnapshotExists { .. } | SnapshotNotReady { .. } | DisksChanged { .. } => {
+                ApiError::conflict(message)
+            }
+            SnapshotNotFound { .. } => ApiError::not_found(message),
             RestartRequired(_) => ApiError::new(http::StatusCode::CONFLICT, "restart_required", message),
             Seed(_) | Render(_) => ApiError::internal(message),
             Volume(e) => ApiError::from(e),

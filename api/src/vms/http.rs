@@ -18,6 +18,7 @@ use crate::state::AppState;
 use crate::vms::command::ResizeVmCommand;
 use crate::vms::error::VmError;
 use crate::vms::records::{resolve, set_desired_running};
+use crate::vms::snapshot::{CreateSnapshot, RestoreVm, VmSnapshot};
 
 type AppS = State<Arc<AppState>>;
 
@@ -108,6 +109,76 @@ pub async fn resize(
     let cmd = ResizeVmCommand::try_from(req)?;
     let (rec, _) = resolve(&state, &caller.project, &id).await?;
     Ok(Json(crate::vms::resize::resize(&state, rec, cmd, q.restart).await?))
+}
+
+/// `202 Accepted` for a snapshot: the operation that takes it, and the snapshot.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SnapshotAccepted {
+    pub operation: crate::model::Operation,
+    pub snapshot: VmSnapshot,
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshots", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
+    request_body = CreateSnapshot,
+    responses((status = 202, description = "Accepted: the operation that pauses the VM, snapshots its disks (and its memory), and resumes it", body = SnapshotAccepted),
+      (status = 404, body = crate::openapi::ErrorResponse),
+      (status = 409, description = "The name is taken, or a snapshot with memory of a VM that does not run", body = crate::openapi::ErrorResponse),
+      (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn create_snapshot(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<CreateSnapshot>,
+) -> Result<Response, ApiError> {
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    let (operation, snapshot) = crate::vms::snapshot::begin(&state, rec, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(SnapshotAccepted { operation, snapshot })).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}/snapshots", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
+    responses((status = 200, description = "The VM's snapshots, by name, with their size and whether they hold memory", body = Vec<VmSnapshot>),
+      (status = 404, body = crate::openapi::ErrorResponse)))]
+pub async fn snapshots(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<VmSnapshot>>, ApiError> {
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    Ok(Json(crate::vms::snapshot::list(&state, &rec).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{id}/snapshots/{name}", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), ("name" = String, Path, description = "Snapshot name"), crate::openapi::ProjectParam),
+    responses((status = 204, description = "Deleted: its disk snapshots and saved memory are gone"),
+      (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse)))]
+pub async fn delete_snapshot(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    crate::vms::snapshot::delete(&state, &rec, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/restore", tag = "vms",
+    params(("id" = String, Path, description = "VM id or name"), crate::openapi::ProjectParam),
+    request_body = RestoreVm,
+    responses((status = 202, description = "Accepted: the operation that takes the VM back to the snapshot (running from that instant with memory; stopped without)", body = Accepted),
+      (status = 404, description = "No such VM, or the VM has no such snapshot", body = crate::openapi::ErrorResponse),
+      (status = 409, description = "The snapshot is still being taken, or the VM's volumes changed since", body = crate::openapi::ErrorResponse),
+      (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn restore(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<RestoreVm>,
+) -> Result<Response, ApiError> {
+    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    let (op, vm) = crate::vms::restore::begin(&state, rec, req).await?;
+    Ok(accepted(op, Some(vm)))
 }
 
 /// The action's name in the path: how the public document spells

@@ -10,6 +10,7 @@
 //! - [`define`]: a VM's definition from its record; [`parts`]: removing what a VM owns
 //! - [`records`]: VM records in the store
 //! - [`resize`]: vCPUs and memory, hot-plugged or with a restart when asked
+//! - [`snapshot`], [`restore`]: snapshots of a VM's disks (and memory), and going back to one
 //! - [`live`], [`list`]: vmm-manager's live state and the cached `GET /v1/vms` listing
 //! - [`error`]: what goes wrong, and its public form
 
@@ -24,3 +25,5 @@ pub mod live;
 pub mod parts;
 pub mod records;
 pub mod resize;
+pub mod restore;
+pub mod snapshot;

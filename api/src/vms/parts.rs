@@ -39,6 +39,8 @@ pub(crate) async fn remove_seed(state: &AppState, rec: &VmRecord) -> Result<(), 
 
 /// Its volume attachments; the volumes outlive it.
 pub(crate) async fn release_volumes(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    // Its snapshots go first: their snapshots of the volumes that outlive it too.
+    crate::vms::snapshot::delete_all(state, rec).await?;
     for v in &rec.volumes {
         crate::volumes::work::release(state, &rec.project, v).await;
     }

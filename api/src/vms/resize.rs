@@ -70,7 +70,7 @@ async fn restart_with(
 
 /// Writes the new size into the VM's record (its room grows with it when a stopped
 /// VM was given more than its room).
-async fn record_size(state: &AppState, id: &str, vcpus: u32, memory_mib: u64) -> Result<VmRecord, VmError> {
+pub(crate) async fn record_size(state: &AppState, id: &str, vcpus: u32, memory_mib: u64) -> Result<VmRecord, VmError> {
     let step = vmm_manager::spec::MEMORY_STEP_MIB;
     let updated = store::update_json(state.store.as_ref(), &vm_key(id), |rec: &mut VmRecord| {
         rec.vcpus = vcpus;
