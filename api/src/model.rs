@@ -54,6 +54,12 @@ pub struct CreateVm {
     /// hostname, network and keys) or a script.
     #[serde(default)]
     pub user_data: Option<String>,
+    /// `VM@SNAPSHOT`: a new VM from another VM's snapshot (same image): its root disk
+    /// is a copy-on-write clone of the snapshot's. It boots afresh with its own MAC and
+    /// address. Data volumes are not cloned: clone their `vm-SNAPSHOT` snapshots with
+    /// `POST /v1/volumes/{name}/clone` and attach them.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// Which VMM runs a VM (the api's own: vmm-manager's enum stays behind the edge).
@@ -272,6 +278,10 @@ pub struct VmRecord {
 pub struct RootDisk {
     pub volume: String,
     pub size_bytes: Option<u64>,
+    /// Made from another VM's snapshot (`from_snapshot`): the disk snapshot it is a
+    /// copy-on-write clone of, `volume@snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A VM as the API shows it: the record plus what the host reports.

@@ -58,8 +58,16 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
             .call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "16M"})))
             .await;
         assert_eq!(status, 201, "{v}");
+        let (status, v) = stack
+            .call(
+                "POST",
+                "/v1/networks",
+                Some(json!({"name": "lab", "subnet": "10.91.0.0/24"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
         let body = json!({"name": "orig", "image": "tiny", "hypervisor": "qemu", "vcpus": 1, "memory_mib": 256,
-                          "volumes": ["data"]});
+                          "volumes": ["data"], "nics": [{"network": "lab"}]});
         let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
         assert_eq!(status, 202, "{accepted}");
         assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");
@@ -148,6 +156,58 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
             "the disk holds the snapshot's content"
         );
 
+        // Listed by the CLI.
+        let out = std::process::Command::new(common::hearth_cli())
+            .args(["vm", "snapshots", "orig"])
+            .env("HEARTH_URL", stack.url())
+            .env("HEARTH_API_KEY", &stack.key)
+            .output()
+            .expect("run hearth");
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            shown.contains("s1") && shown.contains("ready") && shown.contains("yes"),
+            "{shown}"
+        );
+
+        // A VM made from the snapshot runs beside the original, with its own MAC and
+        // address.
+        let body = json!({"name": "copy", "image": "tiny", "hypervisor": "qemu", "from_snapshot": "orig@s1",
+                          "nics": [{"network": "lab"}]});
+        let (status, accepted) = stack.call("POST", "/v1/vms", Some(body)).await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");
+        stack
+            .wait_console("copy", "HEARTH-GUEST-READY", 1, Duration::from_secs(60))
+            .await;
+        let (orig, copy) = (stack.vm("orig").await, stack.vm("copy").await);
+        assert_eq!(
+            (orig["state"].as_str(), copy["state"].as_str()),
+            (Some("running"), Some("running"))
+        );
+        assert_ne!(orig["nics"][0]["ip"], copy["nics"][0]["ip"], "{orig}\n{copy}");
+        assert_ne!(orig["nics"][0]["mac"], copy["nics"][0]["mac"]);
+        for (body, needle) in [
+            (
+                json!({"name": "c2", "image": "tiny", "from_snapshot": "orig@nope"}),
+                "no such snapshot",
+            ),
+            (
+                json!({"name": "c2", "image": "tiny", "from_snapshot": "nope@s1"}),
+                "no such VM",
+            ),
+            (
+                json!({"name": "c2", "image": "debian", "from_snapshot": "orig@s1"}),
+                "runs image \"tiny\"",
+            ),
+        ] {
+            let (status, e) = stack.call("POST", "/v1/vms", Some(body.clone())).await;
+            assert_eq!(status, 422, "{body}: {e}");
+            assert!(
+                e["error"]["message"].as_str().unwrap_or_default().contains(needle),
+                "{e}"
+            );
+        }
+
         // Bad requests: 4xx with a message, nothing changed.
         for (method, path, body, want) in [
             (
@@ -199,7 +259,7 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
         let (status, _) = stack.call("DELETE", "/v1/vms/orig/snapshots/s1", None).await;
         assert_eq!(status, 204);
         assert_eq!(stack.call("GET", "/v1/vms/orig/snapshots", None).await.1, json!([]));
-        for vm in ["orig", "other"] {
+        for vm in ["orig", "other", "copy"] {
             let (status, accepted) = stack.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
             assert_eq!(status, 202, "{accepted}");
             assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");

@@ -54,6 +54,9 @@ pub enum VmCommand {
         /// cloud-init user-data file (#cloud-config or a script).
         #[arg(long)]
         user_data: Option<PathBuf>,
+        /// Make it from another VM's snapshot, VM@SNAPSHOT (a clone of its root disk).
+        #[arg(long)]
+        from_snapshot: Option<String>,
         /// Define the VM without starting it.
         #[arg(long)]
         no_start: bool,
@@ -112,6 +115,27 @@ pub enum VmCommand {
         #[arg(long)]
         restart: bool,
     },
+    /// Snapshot a VM's disks (paused an instant), and with --memory its memory too.
+    Snapshot {
+        vm: String,
+        name: String,
+        /// Also the VM's memory and devices: a restore resumes the guest where it was.
+        #[arg(long)]
+        memory: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List a VM's snapshots.
+    Snapshots { vm: String },
+    /// Delete one of a VM's snapshots.
+    DeleteSnapshot { vm: String, name: String },
+    /// Take a VM back to one of its snapshots (what its disks held since is lost).
+    Restore {
+        vm: String,
+        snapshot: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete a VM (stopping it first).
     Delete {
         vm: String,
@@ -144,6 +168,7 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             disk_size,
             ssh_keys,
             user_data,
+            from_snapshot,
             no_start,
             no_wait,
         } => {
@@ -170,6 +195,9 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             }
             if let Some(m) = max_vcpus {
                 body["max_vcpus"] = json!(m);
+            }
+            if let Some(f) = from_snapshot {
+                body["from_snapshot"] = json!(f);
             }
             if let Some(m) = max_memory {
                 body["max_memory_mib"] = json!(m);
@@ -223,6 +251,56 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             let v = api.patch(&format!("/v1/vms/{vm}{query}"), body).await?;
             print_value(out, &v, print_vm_details);
             Ok(())
+        }
+        VmCommand::Snapshot {
+            vm,
+            name,
+            memory,
+            no_wait,
+        } => {
+            let accepted = api
+                .post(
+                    &format!("/v1/vms/{vm}/snapshots"),
+                    Some(json!({"name": name, "memory": memory})),
+                )
+                .await?;
+            finish(api, out, accepted, no_wait, &vm).await
+        }
+        VmCommand::Snapshots { vm } => {
+            let list = api.get(&format!("/v1/vms/{vm}/snapshots")).await?;
+            print_value(out, &list, |l| {
+                let rows: Vec<Vec<String>> = l
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|snap| {
+                        vec![
+                            s(&snap["name"]),
+                            s(&snap["state"]),
+                            if snap["memory"] == true {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
+                            format!("{} MiB", snap["size_bytes"].as_u64().unwrap_or(0) >> 20),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["NAME", "STATE", "MEMORY", "SIZE"], &rows));
+            });
+            Ok(())
+        }
+        VmCommand::DeleteSnapshot { vm, name } => {
+            api.delete_empty(&format!("/v1/vms/{vm}/snapshots/{name}")).await?;
+            println!("deleted snapshot {name} of {vm}");
+            Ok(())
+        }
+        VmCommand::Restore { vm, snapshot, no_wait } => {
+            let accepted = api
+                .post(&format!("/v1/vms/{vm}/restore"), Some(json!({"snapshot": snapshot})))
+                .await?;
+            finish(api, out, accepted, no_wait, &vm).await
         }
         VmCommand::Delete { vm, no_wait } => {
             let accepted = api.delete(&format!("/v1/vms/{vm}")).await?;

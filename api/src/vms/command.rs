@@ -35,6 +35,8 @@ pub struct CreateVmCommand {
     pub disk_size: Option<(String, u64)>,
     pub ssh_keys: Vec<String>,
     pub user_data: Option<String>,
+    /// `(VM, snapshot)` the VM is made from.
+    pub from_snapshot: Option<(String, String)>,
 }
 
 impl TryFrom<CreateVm> for CreateVmCommand {
@@ -57,6 +59,17 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             )));
         }
         check_room(req.vcpus, req.memory_mib, req.max_vcpus, req.max_memory_mib)?;
+        let from_snapshot = match &req.from_snapshot {
+            None => None,
+            Some(r) => match r.split_once('@') {
+                Some((vm, snap)) if !vm.is_empty() && !snap.is_empty() => Some((vm.to_string(), snap.to_string())),
+                _ => {
+                    return Err(VmError::Invalid(format!(
+                        "from_snapshot must be VM@SNAPSHOT, got {r:?}"
+                    )))
+                }
+            },
+        };
         if let Some(extra) = &req.cmdline_append {
             if extra.len() > 1024 || extra.chars().any(|c| c.is_control()) {
                 return Err(VmError::Invalid(
@@ -117,6 +130,7 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             disk_size,
             ssh_keys: req.ssh_keys,
             user_data: req.user_data,
+            from_snapshot,
         })
     }
 }
@@ -208,6 +222,8 @@ mod tests {
                 "memory_mib must be at least",
             ),
             (r#"{"image": "tiny", "hypervisor": "xen"}"#, 422, "xen"),
+            (r#"{"image": "tiny", "from_snapshot": "web"}"#, 422, "VM@SNAPSHOT"),
+            (r#"{"image": "tiny", "from_snapshot": "@s1"}"#, 422, "VM@SNAPSHOT"),
             (
                 r#"{"image": "tiny", "vcpus": 2, "max_vcpus": 1}"#,
                 422,

@@ -203,6 +203,10 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         return Err(VmError::MachineNeedsQemu);
     }
     let machine = req.machine.unwrap_or_default();
+    let origin = match &req.from_snapshot {
+        Some((vm, snap)) => crate::vms::snapshot::origin_for(state, project, vm, snap, &req.image).await?,
+        None => None,
+    };
     let image = find_image(state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
     let disk_size = match (&req.disk_size, &image.disk) {
@@ -256,6 +260,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         root_disk: image.disk.as_ref().map(|_| RootDisk {
             volume: format!("vm-{id}-root"),
             size_bytes: disk_size,
+            origin: origin.clone(),
         }),
         seed,
         ssh_keys: req.ssh_keys.clone(),

@@ -148,12 +148,17 @@ pub(crate) async fn root_disk(
     let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) else {
         return Ok(None);
     };
-    let spec = blockd::service::VolumeSpec {
-        size_bytes: root.size_bytes,
-        source: Some(blockd::service::VolumeSource::ImageClone {
+    let source = match &root.origin {
+        // From another VM's snapshot: a copy-on-write clone of its root disk then.
+        Some(origin) => blockd::service::VolumeSource::Snapshot(origin.clone()),
+        None => blockd::service::VolumeSource::ImageClone {
             path: disk.path.clone(),
             key: image.digest.clone(),
-        }),
+        },
+    };
+    let spec = blockd::service::VolumeSpec {
+        size_bytes: root.size_bytes,
+        source: Some(source),
     };
     let v = state
         .blockd

@@ -27,6 +27,14 @@ pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result
     if rec.phase == Phase::Creating {
         return Err(VmError::StillCreating(rec.name));
     }
+    // Its root disk's snapshots are the origin of VMs made from them.
+    let clones = crate::vms::snapshot::made_from(state, &rec).await?;
+    if !clones.is_empty() {
+        return Err(VmError::HasClones {
+            vm: rec.name,
+            clones: clones.join(", "),
+        });
+    }
     rec.phase = Phase::Deleting;
     state
         .store

@@ -68,6 +68,8 @@ pub enum VmError {
     RootDiskGone(String),
     #[error("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")]
     PoolKeepsNoFiles,
+    #[error("VM {vm} has snapshots that VMs were made from ({clones}): delete those first")]
+    HasClones { vm: String, clones: String },
     #[error("VM {vm} already has a snapshot {name:?}")]
     SnapshotExists { vm: String, name: String },
     #[error("VM {vm} has no snapshot {name:?}")]
@@ -121,9 +123,11 @@ impl From<&VmError> for ApiError {
             | PortMoved { .. }
             | RootDiskGone(_)
             | PoolKeepsNoFiles => ApiError::conflict(message),
-            NotReady { .. } | SnapshotExists { .. } | SnapshotNotReady { .. } | DisksChanged { .. } => {
-                ApiError::conflict(message)
-            }
+            NotReady { .. }
+            | HasClones { .. }
+            | SnapshotExists { .. }
+            | SnapshotNotReady { .. }
+            | DisksChanged { .. } => ApiError::conflict(message),
             SnapshotNotFound { .. } => ApiError::not_found(message),
             RestartRequired(_) => ApiError::new(http::StatusCode::CONFLICT, "restart_required", message),
             Seed(_) | Render(_) => ApiError::internal(message),

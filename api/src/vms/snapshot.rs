@@ -110,6 +110,56 @@ pub async fn find(state: &AppState, vm: &VmRecord, name: &str) -> Result<Snapsho
         })
 }
 
+/// What a VM made `from_snapshot` clones its root disk from (`volume@snapshot`), after
+/// checking the snapshot: of a VM of this project, ready, of the same image. `None`
+/// when that VM had no root disk (an image without one).
+pub async fn origin_for(
+    state: &AppState,
+    project: &str,
+    vm: &str,
+    snapshot: &str,
+    image: &str,
+) -> Result<Option<String>, VmError> {
+    let refused = |why: String| VmError::Invalid(format!("from_snapshot {vm}@{snapshot}: {why}"));
+    let source = match crate::vms::records::resolve(state, project, vm).await {
+        Ok((rec, _)) => rec,
+        Err(VmError::NotFound(_)) => return Err(refused("no such VM".into())),
+        Err(e) => return Err(e),
+    };
+    let snap = match find(state, &source, snapshot).await {
+        Ok(s) => s,
+        Err(VmError::SnapshotNotFound { .. }) => return Err(refused("the VM has no such snapshot".into())),
+        Err(e) => return Err(e),
+    };
+    if snap.view.state != SnapshotState::Ready {
+        return Err(refused("the snapshot is still being taken".into()));
+    }
+    if source.image != image {
+        return Err(refused(format!("its VM runs image {:?}, not {image:?}", source.image)));
+    }
+    Ok(source
+        .root_disk
+        .as_ref()
+        .map(|r| format!("{}@{}", r.volume, disk_snapshot(snapshot))))
+}
+
+/// The VMs made from one of `vm`'s snapshots (their root disks are its clones).
+pub async fn made_from(state: &AppState, vm: &VmRecord) -> Result<Vec<String>, VmError> {
+    let Some(root) = &vm.root_disk else { return Ok(vec![]) };
+    let prefix = format!("{}@", root.volume);
+    Ok(store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
+        .await?
+        .into_iter()
+        .filter(|(r, _)| {
+            r.root_disk
+                .as_ref()
+                .and_then(|d| d.origin.as_deref())
+                .is_some_and(|o| o.starts_with(&prefix))
+        })
+        .map(|(r, _)| r.name)
+        .collect())
+}
+
 /// The VM's snapshots, by name.
 pub async fn list(state: &AppState, vm: &VmRecord) -> Result<Vec<VmSnapshot>, VmError> {
     let prefix = format!("vm-snapshots/{}/", vm.id);
