@@ -38,6 +38,8 @@ fn request_for(method: &str, path: &str, op_id: &str) -> (String, Option<Value>)
         ("POST", p) if p.ends_with("/snapshots") => Some(json!({"name": "s2"})),
         ("POST", p) if p.ends_with("/clone") => Some(json!({"name": "intruder"})),
         ("POST", p) if p.ends_with("/attach") => Some(json!({"vm": "vm-a"})),
+        ("POST", p) if p.ends_with("/restore") => Some(json!({"snapshot": "s1"})),
+        ("PATCH", _) => Some(json!({"vcpus": 2})),
         ("POST", _) => Some(json!({})),
         _ => None,
     };

@@ -87,6 +87,7 @@ export async function api(method, path, body, opts = {}) {
 export const get = (path, opts) => api('GET', path, undefined, opts);
 export const post = (path, body, opts) => api('POST', path, body ?? {}, opts);
 export const del = (path, opts) => api('DELETE', path, undefined, opts);
+export const patch = (path, body, opts) => api('PATCH', path, body, opts);
 
 export const vmPath = (id) => `/v1/vms/${encodeURIComponent(id)}`;
 

@@ -376,6 +376,31 @@ async function main() {
       await shot('console-42.png');
     });
 
+    await step('grow the running VM and snapshot it with memory, from its page', async () => {
+      // Memory grows by hot-plug (the room defaults to the host's memory).
+      await page.locator('[data-testid="resize-memory"]').fill('384');
+      await page.locator('[data-testid="resize-submit"]').click();
+      await until(
+        async () => ((await text(page.locator('[data-testid="care-status"]'))) || '').includes('384 MiB') || { ok: false, status: await text(page.locator('[data-testid="care-status"]')) },
+        30_000,
+        'the page did not report the new size',
+      );
+      await page.locator('[data-testid="snapshot-name"]').fill('e2e-snap');
+      await page.locator('[data-testid="snapshot-memory"]').check();
+      await page.locator('[data-testid="snapshot-submit"]').click();
+      const row = page.locator('[data-testid="snapshot-row-e2e-snap"]');
+      await until(
+        async () => {
+          const t = (await row.count()) ? await row.innerText() : '';
+          return (t.includes('ready') && t.includes('yes')) || { ok: false, row: t, status: await text(page.locator('[data-testid="care-status"]')) };
+        },
+        60_000,
+        'the snapshot did not show as ready with memory',
+      );
+      log('resized to 384 MiB and took a snapshot with memory');
+      await shot('snapshot.png');
+    });
+
     await step('VNC screen matches QEMU screendump', async () => {
       await page.locator('[data-testid="tab-vnc"]').click();
       const vncBox = page.locator('[data-testid="vnc"]');

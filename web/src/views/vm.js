@@ -5,6 +5,7 @@ import { h, replace, setText, badge, updateBadge, every, fmtMemory, fmtTime, tab
 import { allowed, runAction } from '../actions.js';
 import { SerialConsole } from '../serial.js';
 import { VncScreen } from '../vnc.js';
+import { mountCare } from './vm-care.js';
 
 const NO_DISPLAY =
   'This VM has no display (Cloud Hypervisor VMs have none; QEMU VMs need vnc: true) — use the serial console.';
@@ -48,6 +49,7 @@ export function mountVm(root, id) {
 
   // Details.
   const dl = h('dl', { class: 'details' });
+  const careCard = h('section', { class: 'card', testid: 'vm-care' });
   const nicsBox = h('div');
 
   // Console tabs.
@@ -79,7 +81,9 @@ export function mountVm(root, id) {
       nicsBox,
     ),
     h('section', { class: 'card console-card' }, h('div', { class: 'tabs', role: 'tablist' }, tabSerial, tabVnc), serialPanel, vncPanel),
+    careCard,
   );
+  const care = mountCare(careCard, id, () => poller.now());
 
   serial = new SerialConsole(consoleEl, id, (st, msg) => {
     setText(serialStatus, msg);
@@ -139,10 +143,11 @@ export function mountVm(root, id) {
     updateBadge(state, vm.state);
     setText(reason, vm.reason || '');
     refreshButtons();
+    care.update(vm);
     const rows = [
       ['State', vm.state],
       ['Hypervisor', vm.hypervisor],
-      ['vCPUs', vm.vcpus],
+      ['vCPUs', `${vm.vcpus} (room for ${vm.max_vcpus ?? vm.vcpus})`],
       ['Memory', fmtMemory(vm.memory_mib)],
       ['Image', vm.image],
       ['Display', vm.hypervisor === 'qemu' && vm.vnc ? 'VNC' : 'none'],
