@@ -91,6 +91,28 @@ fn a_running_qemu_guest_sees_hot_added_vcpus_and_memory() {
         );
         eprintln!("guest: 1 vCPU, {mem} MiB -> {cpus} vCPUs, {mem_after} MiB");
 
+        // A snapshot with memory of the grown VM, restored: the fresh QEMU is built with
+        // the hot-plugged vCPUs and DIMM where they were, and the guest goes on with
+        // them, without a reboot.
+        let (status, accepted) = stack
+            .call("POST", "/v1/vms/grow/snapshots", Some(json!({"name": "grown", "memory": true})))
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
+        let (status, accepted) = stack
+            .call("POST", "/v1/vms/grow/restore", Some(json!({"snapshot": "grown"})))
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        let op = stack.wait_op(&accepted).await;
+        assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
+        let restored = stack.vm("grow").await;
+        assert_ne!(restored["pid"].as_u64(), pid, "a fresh QEMU: {restored}");
+        assert_eq!(guest_size(&stack, "grow").await, (cpus, mem_after), "the restored guest's size");
+        assert_eq!(stack.console_log("grow").await.matches("HEARTH-GUEST-READY").count(), 1, "no reboot");
+        let (status, _) = stack.call("DELETE", "/v1/vms/grow/snapshots/grown", None).await;
+        assert_eq!(status, 204);
+        let pid = restored["pid"].as_u64();
+
         // What would need a restart is refused, saying so, and changes nothing.
         for (body, needle) in [
             (json!({"vcpus": 5}), "room for 4 vCPUs"),

@@ -88,6 +88,24 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
             )
             .await;
         count_past(&stack, "orig", 2).await;
+        // A second volume hot-plugged while it runs (it lands in a PCIe root port, where
+        // the restore must put it again).
+        let (status, v) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "hot", "size": "16M"})))
+            .await;
+        assert_eq!(status, 201, "{v}");
+        let (status, v) = stack
+            .call("POST", "/v1/volumes/hot/attach", Some(json!({"vm": "orig"})))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        let start = Instant::now();
+        while !stack.console_run("orig", "ls /sys/block").await.contains("vdb") {
+            assert!(start.elapsed() < Duration::from_secs(30), "the guest did not see vdb");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        stack
+            .console_run("orig", "printf HOT-BEFORE | dd of=/dev/vdb conv=fsync 2>/dev/null")
+            .await;
 
         // Taken while it counts: the VM is paused for it and runs on after.
         let (status, accepted) = stack
@@ -155,6 +173,10 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
             disk_marker(&stack, "orig").await.contains("SNAPSHOT-BEFORE-"),
             "the disk holds the snapshot's content"
         );
+        let hot = stack
+            .console_run("orig", "dd if=/dev/vdb bs=16 count=1 2>/dev/null | tr -d '\\000'; echo")
+            .await;
+        assert!(hot.contains("HOT-BEFORE"), "the hot-plugged disk is back in its place: {hot}");
 
         // Listed by the CLI.
         let out = std::process::Command::new(common::hearth_cli())
