@@ -315,13 +315,21 @@ fn cloud_hypervisor_driver_snapshot_with_memory_and_restore_against_the_fake() {
         let before = stack.vm("web").await["pid"].as_u64();
 
         let (status, accepted) = stack
-            .call("POST", "/v1/vms/web/snapshots", Some(json!({"name": "s", "memory": true})))
+            .call(
+                "POST",
+                "/v1/vms/web/snapshots",
+                Some(json!({"name": "s", "memory": true})),
+            )
             .await;
         assert_eq!(status, 202, "{accepted}");
         let op = stack.wait_op(&accepted).await;
         assert_eq!(op["status"], "succeeded", "{op}");
         let (_, list) = stack.call("GET", "/v1/vms/web/snapshots", None).await;
-        assert_eq!((list[0]["memory"].as_bool(), list[0]["state"].as_str()), (Some(true), Some("ready")), "{list}");
+        assert_eq!(
+            (list[0]["memory"].as_bool(), list[0]["state"].as_str()),
+            (Some(true), Some("ready")),
+            "{list}"
+        );
         wait_state(&stack, "web", "running", Duration::from_secs(3)).await;
 
         let (status, accepted) = stack
@@ -332,7 +340,10 @@ fn cloud_hypervisor_driver_snapshot_with_memory_and_restore_against_the_fake() {
         assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
         let v = wait_state(&stack, "web", "running", Duration::from_secs(3)).await;
         assert_ne!(v["pid"].as_u64(), before, "a fresh VMM loaded the state: {v}");
-        assert!(v["reason"].as_str().unwrap_or_default().contains("restored from state"), "{v}");
+        assert!(
+            v["reason"].as_str().unwrap_or_default().contains("restored from state"),
+            "{v}"
+        );
         let out = stack.console_exchange("web", "echo $((6*7))\n", "42\r\n").await;
         assert!(out.contains("42"), "{out}");
 

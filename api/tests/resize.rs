@@ -95,7 +95,11 @@ fn a_running_qemu_guest_sees_hot_added_vcpus_and_memory() {
         // the hot-plugged vCPUs and DIMM where they were, and the guest goes on with
         // them, without a reboot.
         let (status, accepted) = stack
-            .call("POST", "/v1/vms/grow/snapshots", Some(json!({"name": "grown", "memory": true})))
+            .call(
+                "POST",
+                "/v1/vms/grow/snapshots",
+                Some(json!({"name": "grown", "memory": true})),
+            )
             .await;
         assert_eq!(status, 202, "{accepted}");
         assert_eq!(stack.wait_op(&accepted).await["status"], "succeeded");
@@ -107,8 +111,16 @@ fn a_running_qemu_guest_sees_hot_added_vcpus_and_memory() {
         assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
         let restored = stack.vm("grow").await;
         assert_ne!(restored["pid"].as_u64(), pid, "a fresh QEMU: {restored}");
-        assert_eq!(guest_size(&stack, "grow").await, (cpus, mem_after), "the restored guest's size");
-        assert_eq!(stack.console_log("grow").await.matches("HEARTH-GUEST-READY").count(), 1, "no reboot");
+        assert_eq!(
+            guest_size(&stack, "grow").await,
+            (cpus, mem_after),
+            "the restored guest's size"
+        );
+        assert_eq!(
+            stack.console_log("grow").await.matches("HEARTH-GUEST-READY").count(),
+            1,
+            "no reboot"
+        );
         let (status, _) = stack.call("DELETE", "/v1/vms/grow/snapshots/grown", None).await;
         assert_eq!(status, 204);
         let pid = restored["pid"].as_u64();

@@ -176,7 +176,10 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
         let hot = stack
             .console_run("orig", "dd if=/dev/vdb bs=16 count=1 2>/dev/null | tr -d '\\000'; echo")
             .await;
-        assert!(hot.contains("HOT-BEFORE"), "the hot-plugged disk is back in its place: {hot}");
+        assert!(
+            hot.contains("HOT-BEFORE"),
+            "the hot-plugged disk is back in its place: {hot}"
+        );
 
         // Listed by the CLI.
         let out = std::process::Command::new(common::hearth_cli())
