@@ -19,7 +19,9 @@ pub struct CreateVm {
     #[serde(default)]
     pub max_vcpus: Option<u32>,
     /// The most memory the running VM may be given: `memory_mib` plus a multiple of
-    /// 128 MiB. Default: as much as the host has.
+    /// 128 MiB. Default: as much as the host has under Cloud Hypervisor; none under
+    /// QEMU (its memory hot-plug slots slow every boot), so give it to grow a QEMU VM's
+    /// memory without a restart.
     #[serde(default)]
     pub max_memory_mib: Option<u64>,
     /// `cloud-hypervisor` or `qemu`; the configured default when absent.

@@ -27,7 +27,8 @@ pub enum VmCommand {
         /// The most vCPUs `vm resize` may give it while it runs (default: the host's CPUs).
         #[arg(long)]
         max_vcpus: Option<u32>,
-        /// The most memory in MiB it may be given while it runs (default: the host's).
+        /// The most memory in MiB it may be given while it runs (default: the host's
+        /// under Cloud Hypervisor, none under QEMU).
         #[arg(long)]
         max_memory: Option<u64>,
         /// cloud-hypervisor or qemu (default: the server's choice).

@@ -40,8 +40,12 @@ export function mountCare(card, id, onChange) {
           setText(status, `Now ${v.vcpus} vCPUs and ${fmtMemory(v.memory_mib)}.`);
           onChange();
         } catch (e) {
-          setText(status, e.message);
-          notify(`resize ${vm.name}: ${e.message}`, 'bad');
+          const msg =
+            e.code === 'restart_required'
+              ? `This needs a restart: tick “restart if it must” and resize again. (${e.message.replace(/; ask again with \?restart=true.*$/, '')})`
+              : e.message;
+          setText(status, msg);
+          notify(`resize ${vm.name}: ${msg}`, 'bad');
         } finally {
           resizeBtn.disabled = false;
         }
