@@ -28,18 +28,19 @@ async fn guest_size(stack: &Stack, vm: &str) -> (u32, u64) {
     (field("CPUS=") as u32, field("MEM=") / 1024)
 }
 
-/// Polls the guest until it has `cpus` vCPUs online (hot-plugged ones come online a
-/// moment after the ACPI event).
-async fn wait_guest_cpus(stack: &Stack, vm: &str, cpus: u32) -> (u32, u64) {
+/// Polls the guest until it has `cpus` vCPUs and at least `mem_mib` of memory online
+/// (hot-plugged CPUs and memory blocks come online a moment after the ACPI event, each
+/// on its own).
+async fn wait_guest_size(stack: &Stack, vm: &str, cpus: u32, mem_mib: u64) -> (u32, u64) {
     let start = Instant::now();
     loop {
         let size = guest_size(stack, vm).await;
-        if size.0 == cpus {
+        if size.0 == cpus && size.1 >= mem_mib {
             return size;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "{vm} sees {size:?}, not {cpus} vCPUs"
+            "{vm} sees {size:?}, not {cpus} vCPUs and {mem_mib} MiB"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -79,7 +80,7 @@ fn a_running_qemu_guest_sees_hot_added_vcpus_and_memory() {
             (Some(3), Some(512)),
             "{v}"
         );
-        let (cpus, mem_after) = wait_guest_cpus(&stack, "grow", 3).await;
+        let (cpus, mem_after) = wait_guest_size(&stack, "grow", 3, mem + 250).await;
         assert_eq!(cpus, 3);
         assert!(mem_after >= mem + 250, "MemTotal {mem} MiB -> {mem_after} MiB");
         let v = stack.vm("grow").await;

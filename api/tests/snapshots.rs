@@ -151,6 +151,10 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
             .call("POST", "/v1/vms/orig/restore", Some(json!({"snapshot": "s1"})))
             .await;
         assert_eq!(status, 202, "{accepted}");
+        assert_eq!(
+            accepted["vm"]["state"], "running",
+            "the VM as the restore began: {accepted}"
+        );
         let op = op_of(&stack, &accepted).await;
         assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
         let vm = stack.vm("orig").await;

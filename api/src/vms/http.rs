@@ -177,8 +177,10 @@ pub async fn restore(
     JsonBody(req): JsonBody<RestoreVm>,
 ) -> Result<Response, ApiError> {
     let (rec, _) = resolve(&state, &caller.project, &id).await?;
-    let (op, vm) = crate::vms::restore::begin(&state, rec, req).await?;
-    Ok(accepted(op, Some(vm)))
+    // The VM as the restore begins (its task starts stopping it at once).
+    let before = view(&state, &rec).await;
+    let op = crate::vms::restore::begin(&state, rec, req).await?;
+    Ok(accepted(op, Some(before)))
 }
 
 /// The action's name in the path: how the public document spells

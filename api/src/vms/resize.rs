@@ -7,7 +7,7 @@
 //! started again. A stopped VM takes the new size at its next start.
 
 use socket_http::ClientError;
-use vmm_manager::spec::{VmAction, VmState};
+use vmm_manager::spec::VmAction;
 
 use crate::daemons::upstream;
 use crate::model::{Phase, Vm, VmRecord};
@@ -49,21 +49,17 @@ pub async fn resize(state: &AppState, rec: VmRecord, cmd: ResizeVmCommand, resta
 }
 
 /// Stops the VM, gives it its new size, and starts it again (also when the resize
-/// fails, with the size it had).
+/// fails, with the size it had). Only a running VM gets here: a stopped one takes
+/// its new size without a restart.
 async fn restart_with(
     state: &AppState,
     id: &str,
     vcpus: u32,
     memory_mib: u64,
 ) -> Result<vmm_manager::spec::VmInfo, VmError> {
-    let stopped = state.vmm.action(id, VmAction::Stop, false).await.map_err(upstream)?;
-    let was_running = stopped.status.state == VmState::Stopped;
+    state.vmm.action(id, VmAction::Stop, false).await.map_err(upstream)?;
     let resized = state.vmm.resize(id, vcpus, memory_mib).await.map_err(upstream);
-    let started = if was_running {
-        state.vmm.action(id, VmAction::Start, false).await.map_err(upstream)
-    } else {
-        state.vmm.get(id).await.map_err(upstream)
-    };
+    let started = state.vmm.action(id, VmAction::Start, false).await.map_err(upstream);
     resized?;
     Ok(started?)
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use vmm_manager::spec::{VmAction, VmState};
 
 use crate::daemons::upstream;
-use crate::model::{Operation, Phase, Vm, VmRecord};
+use crate::model::{Operation, Phase, VmRecord};
 use crate::state::AppState;
 use crate::vms::error::VmError;
 use crate::vms::records::set_desired_running;
@@ -24,7 +24,7 @@ use crate::vms::snapshot::{
 };
 
 /// Checks the request and starts the restore; the operation ends when the VM is back.
-pub async fn begin(state: &Arc<AppState>, vm: VmRecord, req: RestoreVm) -> Result<(Operation, Vm), VmError> {
+pub async fn begin(state: &Arc<AppState>, vm: VmRecord, req: RestoreVm) -> Result<Operation, VmError> {
     if vm.phase != Phase::Ready {
         return Err(VmError::NotReady {
             vm: vm.name,
@@ -56,7 +56,6 @@ pub async fn begin(state: &Arc<AppState>, vm: VmRecord, req: RestoreVm) -> Resul
     }
     set_desired_running(state, &vm.id, snap.view.memory).await?;
     let op = state.ops.start(&vm.project, "vm.restore", "vm", &vm.id).await?;
-    let shown = Vm::from_record(&vm, None, true);
     let (task_state, op_id) = (state.clone(), op.id.clone());
     tokio::spawn(async move {
         match restore(&task_state, &op_id, &vm, &snap).await {
@@ -67,7 +66,7 @@ pub async fn begin(state: &Arc<AppState>, vm: VmRecord, req: RestoreVm) -> Resul
             }
         }
     });
-    Ok((op, shown))
+    Ok(op)
 }
 
 async fn restore(state: &AppState, op: &str, vm: &VmRecord, snap: &SnapshotRecord) -> Result<(), VmError> {

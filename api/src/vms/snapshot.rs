@@ -81,12 +81,6 @@ pub struct SnapshotRecord {
     pub blockd: Vec<String>,
 }
 
-impl SnapshotRecord {
-    pub fn public(&self) -> VmSnapshot {
-        self.view.clone()
-    }
-}
-
 pub(crate) fn snapshot_key(vm_id: &str, name: &str) -> String {
     format!("vm-snapshots/{vm_id}/{name}")
 }
@@ -160,16 +154,21 @@ pub async fn made_from(state: &AppState, vm: &VmRecord) -> Result<Vec<String>, V
         .collect())
 }
 
-/// The VM's snapshots, by name.
-pub async fn list(state: &AppState, vm: &VmRecord) -> Result<Vec<VmSnapshot>, VmError> {
+/// The VM's snapshot records, by name.
+async fn records(state: &AppState, vm: &VmRecord) -> Result<Vec<SnapshotRecord>, VmError> {
     let prefix = format!("vm-snapshots/{}/", vm.id);
-    let mut out: Vec<VmSnapshot> = store::list_json::<SnapshotRecord>(state.store.as_ref(), &prefix)
+    let mut out: Vec<SnapshotRecord> = store::list_json::<SnapshotRecord>(state.store.as_ref(), &prefix)
         .await?
         .into_iter()
-        .map(|(r, _)| r.public())
+        .map(|(r, _)| r)
         .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.sort_by(|a, b| a.view.name.cmp(&b.view.name));
     Ok(out)
+}
+
+/// The VM's snapshots, by name.
+pub async fn list(state: &AppState, vm: &VmRecord) -> Result<Vec<VmSnapshot>, VmError> {
+    Ok(records(state, vm).await?.into_iter().map(|r| r.view).collect())
 }
 
 /// The disks of `vm` a snapshot takes: its root disk and its volumes on this host's
@@ -261,7 +260,7 @@ pub async fn begin(
             return Err(e.into());
         }
     };
-    let shown = saga.context.record.public();
+    let shown = saga.context.record.view.clone();
     let task_state = state.clone();
     tokio::spawn(async move {
         let _ = saga.finish(&task_state).await;
@@ -440,15 +439,15 @@ pub async fn delete(state: &AppState, vm: &VmRecord, name: &str) -> Result<(), V
 /// own deletion where those are its own; a data volume keeps living, so its VM
 /// snapshots are removed here).
 pub async fn delete_all(state: &AppState, vm: &VmRecord) -> Result<(), VmError> {
-    for s in list(state, vm).await? {
-        let rec = find(state, vm, &s.name).await?;
+    for rec in records(state, vm).await? {
+        let name = rec.view.name.clone();
         let c = Snapshotting {
             vm: vm.clone(),
             record: rec,
             paused_it: false,
         };
         drop_disks(state, &c).await?;
-        state.store.delete(&snapshot_key(&vm.id, &s.name)).await?;
+        state.store.delete(&snapshot_key(&vm.id, &name)).await?;
     }
     Ok(())
 }
