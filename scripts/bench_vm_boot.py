@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark: the REST path against launching the identical QEMU command line by hand.
+"""Benchmark: the REST path against launching the identical QEMU command line by hand,
+and the REST path with the VMM jailed (the default) against jailing turned off.
 
 Runs inside a private network namespace (scripts/bench.sh arranges it). For each round,
 interleaved so machine noise hits both sides alike:
@@ -8,18 +9,21 @@ interleaved so machine noise hits both sides alike:
     console log.
   - by hand: the exact argv vmm-manager used (read from /proc/<pid>/cmdline), started
     with subprocess; the same two milestones.
+  - REST unjailed: the same through a second hearth-api started with
+    --insecure-no-jail (VMMs as root, no namespace, no cgroup).
 Prints a JSON summary on stdout.
 """
 import http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
-from procs import kill_processes_under
+from procs import kill_processes_under, remove_cgroups
 
 API = ("127.0.0.1", 18090)
+API_UNJAILED = ("127.0.0.1", 18091)
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 
 
-def call(method, path, key, body=None):
-    c = http.client.HTTPConnection(*API, timeout=120)
+def call(method, path, key, body=None, api=API):
+    c = http.client.HTTPConnection(*api, timeout=120)
     c.request(method, path, body=json.dumps(body) if body is not None else None,
               headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     r = c.getresponse()
@@ -59,53 +63,72 @@ def wait_text(path, text, deadline):
     raise TimeoutError(f"{text!r} not in {path}; it ends with:\n{tail}")
 
 
-def wait_op(op_id, key):
+def wait_op(op_id, key, api=API):
     while True:
-        _, op = call("GET", f"/v1/operations/{op_id}?wait=30", key)
+        _, op = call("GET", f"/v1/operations/{op_id}?wait=30", key, api=api)
         if op["status"] != "running":
             return op
 
 
-def main():
-    api_bin, images = sys.argv[1], sys.argv[2]
+def start_api(api_bin, images, addr, extra):
     data = tempfile.mkdtemp(prefix="hearth-bench-")
     log = open(os.path.join(data, "api.log"), "wb")
-    api = subprocess.Popen([api_bin, "--all-in-one", "--data-dir", data, "--listen", f"{API[0]}:{API[1]}",
-                            "--images-dir", images, "--qemu-accel", "tcg", "--stop-timeout", "10"],
-                           stdout=log, stderr=log)
-    rest, hand = {"vmm": [], "ready": []}, {"vmm": [], "ready": []}
+    proc = subprocess.Popen([api_bin, "--all-in-one", "--data-dir", data, "--listen", f"{addr[0]}:{addr[1]}",
+                             "--images-dir", images, "--qemu-accel", "tcg", "--stop-timeout", "10",
+                             "--cgroup-name", os.path.basename(data)] + extra,
+                            stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            c = http.client.HTTPConnection(*addr, timeout=1)
+            c.request("GET", "/health/ready")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("hearth-api not ready")
+        time.sleep(0.05)
+    key = open(os.path.join(data, "admin.key")).read().strip()
+    return proc, data, key
+
+
+def rest_round(name, key, data, api, into):
+    """One VM through the REST path: records its milestones in `into`, returns the
+    VMM's argv and its VM directory."""
+    t0 = time.monotonic()
+    status, acc = call("POST", "/v1/vms", key, {"name": name, "image": "tiny", "hypervisor": "qemu",
+                                                "vcpus": 1, "memory_mib": 256, "nics": []}, api=api)
+    assert status == 202, acc
+    vm_id = acc["vm"]["id"]
+    vm_dir = os.path.join(data, "run", "vms", vm_id)
+    t_vmm = wait_socket(os.path.join(vm_dir, "qmp.sock"), t0 + 30)
+    t_ready = wait_text(os.path.join(vm_dir, "console.log"), b"HEARTH-GUEST-READY", t0 + 90)
+    into["vmm"].append((t_vmm - t0) * 1000)
+    into["ready"].append((t_ready - t0) * 1000)
+    wait_op(acc["operation"]["id"], key, api=api)
+    _, vm = call("GET", f"/v1/vms/{vm_id}", key, api=api)
+    argv = open(f"/proc/{vm['pid']}/cmdline", "rb").read().split(b"\0")[:-1]
+    _, acc = call("DELETE", f"/v1/vms/{vm_id}", key, api=api)
+    wait_op(acc["operation"]["id"], key, api=api)
+    return argv, vm_dir
+
+
+def main():
+    api_bin, images = sys.argv[1], sys.argv[2]
+    api, data, key = start_api(api_bin, images, API, [])
+    api2, data2, key2 = start_api(api_bin, images, API_UNJAILED, ["--insecure-no-jail"])
+    rest, hand, unjailed = {"vmm": [], "ready": []}, {"vmm": [], "ready": []}, {"vmm": [], "ready": []}
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                c = http.client.HTTPConnection(*API, timeout=1)
-                c.request("GET", "/health/ready")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("hearth-api not ready")
-            time.sleep(0.05)
-        key = open(os.path.join(data, "admin.key")).read().strip()
         for i in range(ROUNDS):
-            # REST path.
-            name = f"bench{i}"
-            t0 = time.monotonic()
-            status, acc = call("POST", "/v1/vms", key, {"name": name, "image": "tiny", "hypervisor": "qemu",
-                                                        "vcpus": 1, "memory_mib": 256, "nics": []})
-            assert status == 202, acc
-            vm_id = acc["vm"]["id"]
-            vm_dir = os.path.join(data, "run", "vms", vm_id)
-            t_vmm = wait_socket(os.path.join(vm_dir, "qmp.sock"), t0 + 30)
-            t_ready = wait_text(os.path.join(vm_dir, "console.log"), b"HEARTH-GUEST-READY", t0 + 90)
-            rest["vmm"].append((t_vmm - t0) * 1000)
-            rest["ready"].append((t_ready - t0) * 1000)
-            wait_op(acc["operation"]["id"], key)
-            _, vm = call("GET", f"/v1/vms/{vm_id}", key)
-            argv = open(f"/proc/{vm['pid']}/cmdline", "rb").read().split(b"\0")[:-1]
-            _, acc = call("DELETE", f"/v1/vms/{vm_id}", key)
-            wait_op(acc["operation"]["id"], key)
+            # The REST path, jailed (the default) and not, in alternating order.
+            order = [(rest, key, data, API), (unjailed, key2, data2, API_UNJAILED)]
+            if i % 2:
+                order.reverse()
+            for into, k, d, a in order:
+                got = rest_round(f"bench{i}", k, d, a, into)
+                if into is rest:
+                    argv, vm_dir = got
 
             # The identical command line by hand, with its paths moved to a fresh directory.
             hand_dir = tempfile.mkdtemp(prefix="hearth-bench-hand-")
@@ -140,19 +163,22 @@ def main():
                 p.wait()
                 shutil.rmtree(hand_dir, ignore_errors=True)
     finally:
-        api.send_signal(signal.SIGTERM)
-        api.wait(timeout=30)
-        # Any VMM still using the data directory (a failed round) is ours: stop it by PID.
-        kill_processes_under(data)
-        if os.environ.get("KEEP") is None:
-            shutil.rmtree(data, ignore_errors=True)
-        else:
-            print("kept", data, file=sys.stderr)
+        for proc, d in [(api, data), (api2, data2)]:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            # Any VMM still using the data directory (a failed round) is ours: stop it by PID.
+            kill_processes_under(d)
+            remove_cgroups(os.path.basename(d))
+            if os.environ.get("KEEP") is None:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                print("kept", d, file=sys.stderr)
 
     def summary(xs):
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
     print(json.dumps({"rest": {k: summary(v) for k, v in rest.items()},
-                      "hand": {k: summary(v) for k, v in hand.items()}}))
+                      "hand": {k: summary(v) for k, v in hand.items()},
+                      "unjailed": {k: summary(v) for k, v in unjailed.items()}}))
 
 
 if __name__ == "__main__":

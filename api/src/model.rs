@@ -62,6 +62,16 @@ pub struct CreateVm {
     /// `POST /v1/volumes/{name}/clone` and attach them.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Relative CPU weight, 1..=10000 (default 100): under contention a VM with 300
+    /// gets three times the CPU time of one with 100 (its cgroup's `cpu.weight`).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// The most CPU time the VM may use, in CPUs (e.g. 1.5); no quota when absent.
+    #[serde(default)]
+    pub cpu_limit: Option<f64>,
+    /// Relative I/O weight, 1..=10000 (default 100), where the host's cgroups have one.
+    #[serde(default)]
+    pub io_weight: Option<u32>,
 }
 
 /// Which VMM runs a VM (the api's own: vmm-manager's enum stays behind the edge).
@@ -273,6 +283,9 @@ pub struct VmRecord {
     /// the VM's state when vmm-manager still knows the VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_running: Option<bool>,
+    /// CPU and I/O shares asked for at create.
+    #[serde(default, skip_serializing_if = "vmm_manager::spec::VmLimits::is_default")]
+    pub limits: vmm_manager::spec::VmLimits,
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.
@@ -319,6 +332,43 @@ pub struct Vm {
     #[serde(default)]
     pub vnc: bool,
     pub created_at_ms: u64,
+    /// The VMM's jail: its user, its cgroup and the limits in force (`GET` of one VM,
+    /// once it has started; absent where jailing is turned off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<VmJail>,
+}
+
+/// How a VM's VMM is confined and limited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmJail {
+    /// The unprivileged user and group the VMM runs as.
+    pub uid: u32,
+    pub gid: u32,
+    /// The VM's cgroup directories on the host.
+    pub cgroups: Vec<String>,
+    /// The cgroup's memory limit: the VM's most memory plus the VMM's overhead.
+    pub memory_limit_mib: Option<u64>,
+    pub memory_overhead_mib: u64,
+    pub cpu_weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Absent when the host has no I/O controller with weights.
+    pub io_weight: Option<u32>,
+}
+
+impl From<&vmm_manager::jail::JailInfo> for VmJail {
+    fn from(j: &vmm_manager::jail::JailInfo) -> Self {
+        Self {
+            uid: j.uid,
+            gid: j.gid,
+            cgroups: j.cgroups.iter().map(|p| p.display().to_string()).collect(),
+            memory_limit_mib: j.memory_limit_mib,
+            memory_overhead_mib: j.memory_overhead_mib,
+            cpu_weight: j.cpu_weight,
+            cpu_limit: j.cpu_limit,
+            io_weight: j.io_weight,
+        }
+    }
 }
 
 impl Vm {
@@ -353,6 +403,7 @@ impl Vm {
             image_digest: r.image_digest.clone(),
             vnc: r.vnc,
             created_at_ms: r.created_at_ms,
+            jail: None,
         }
     }
 }

@@ -132,6 +132,10 @@ struct Ready {
     status: String,
     /// `ok` or `unreachable`, per daemon.
     daemons: std::collections::BTreeMap<String, String>,
+    /// How VMMs are jailed: `on`, or a sentence starting `INSECURE` when jailing was
+    /// turned off (`--insecure-no-jail`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vmm_jail: Option<String>,
 }
 
 /// Ready when every daemon answers its health endpoint.
@@ -145,9 +149,20 @@ async fn ready(axum::extract::State(state): axum::extract::State<Arc<AppState>>)
         daemons.insert(d.to_string(), if ok { "ok" } else { "unreachable" }.to_string());
     }
     if all_ok {
+        let vmm_jail =
+            state.vmm.host().await.ok().and_then(|h| h.jail).map(
+                |j| {
+                    if j.enabled {
+                        "on".to_string()
+                    } else {
+                        j.summary
+                    }
+                },
+            );
         Ok(Json(Ready {
             status: "ok".into(),
             daemons,
+            vmm_jail,
         }))
     } else {
         Err(ApiError::unavailable("some daemons are unreachable").with_details(serde_json::json!(daemons)))

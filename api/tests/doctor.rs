@@ -51,6 +51,30 @@ fn doctor_reports_what_the_host_really_has() {
         assert_eq!(find(&checks, "firewall")["verdict"], "ok");
         assert_eq!(find(&checks, "tools")["verdict"], "ok");
 
+        // Jailing as the kernel allows: seccomp, landlock and cgroup controllers as
+        // /proc and the cgroup mounts say.
+        let jail = find(&checks, "jail");
+        let detail = jail["detail"].as_str().unwrap_or_default();
+        let landlock = vmm_manager::jail::landlock_abi() > 0;
+        assert!(detail.contains("seccomp: yes"), "{jail}");
+        assert_eq!(
+            detail.contains("landlock for Cloud Hypervisor: yes"),
+            landlock,
+            "{jail}"
+        );
+        let cgroups = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let has = |c: &str| {
+            cgroups
+                .lines()
+                .any(|l| l.contains(" - cgroup ") && l.split(',').any(|o| o.trim() == c))
+                || std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+                    .is_ok_and(|s| s.split_whitespace().any(|x| x == c))
+                || std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+                    .is_ok_and(|s| s.split_whitespace().any(|x| x == c))
+        };
+        let limited = has("memory") && has("cpu");
+        assert_eq!(jail["verdict"], if limited { "ok" } else { "warn" }, "{jail}");
+
         // Device-mapper as the kernel says.
         let dm = std::path::Path::new("/dev/mapper/control").exists()
             || std::fs::read_to_string("/proc/misc")

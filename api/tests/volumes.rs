@@ -695,18 +695,40 @@ fn volumes_on_an_lvm_thin_pool() {
         // The root disk is vda, the image's cloud-init seed vdb, the data volume vdc.
         assert_eq!(guest_sectors(&stack, "lv", "vdc").await, (64 << 20) / 512);
 
-        // QEMU opened the thin volumes' device nodes as block devices.
+        // QEMU opened the thin volumes' device nodes as block devices: in its jail,
+        // at <vm dir>/disks/<disk>, the very nodes of the logical volumes.
         let lv = format!("/dev/{}/hv-data", vg.name);
-        let qemu = stack
+        let (qemu_pid, qemu) = stack
             .vmm_processes()
             .into_iter()
-            .map(|(_, cmd)| cmd)
-            .find(|cmd| cmd.contains("qemu"))
+            .find(|(_, cmd)| cmd.contains("qemu"))
             .expect("the VM's QEMU");
         assert!(
-            qemu.contains(&lv) && qemu.contains(&root) && qemu.contains("host_device"),
-            "QEMU does not open {lv} and {root} as host_device: {qemu}"
+            qemu.contains("/disks/root") && qemu.contains("/disks/vol0") && qemu.contains("host_device"),
+            "QEMU does not open its disks as host_device: {qemu}"
         );
+        let vm_dir = stack.data_dir().join("run/vms").join(vm["id"].as_str().expect("id"));
+        let numbers = |path: &str, in_jail: bool| -> String {
+            let mut cmd = std::process::Command::new(if in_jail { "nsenter" } else { "stat" });
+            if in_jail {
+                cmd.args(["--target", &qemu_pid.to_string(), "--mount", "--", "stat"]);
+            }
+            let out = cmd.args(["-L", "-c", "%t:%T", path]).output().expect("stat");
+            assert!(
+                out.status.success(),
+                "stat {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        for (disk, host) in [("vol0", lv.clone()), ("root", format!("/dev/{}/{root}", vg.name))] {
+            let jailed = vm_dir.join("disks").join(disk).display().to_string();
+            assert_eq!(
+                numbers(&jailed, true),
+                numbers(&host, false),
+                "{disk} in the jail is {host}"
+            );
+        }
 
         guest_write(&stack, "lv", "/dev/vdc", 100, "HEARTH-LVM-ONE").await;
         let (written, trimmed) = discard_gives_space_back(&stack, "lv", "/dev/vdc", "data").await;

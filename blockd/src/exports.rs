@@ -290,11 +290,18 @@ impl Resizer for VolumeResizer {
 /// The longest path a Unix socket can have (`sun_path` holds 108 bytes with a NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// `<dir>/<prefix>-<name>.sock`, or, where that is longer than a Unix socket's path
-/// may be (a long name in a deep directory), the name cut short and followed by a
+/// `<dir>/<prefix>-<name>/vhost.sock`, or, where that is longer than a Unix socket's
+/// path may be (a long name in a deep directory), the name cut short and followed by a
 /// hash of all of it: the same every time, and different for different names.
+///
+/// Each socket has a directory of its own, which outlives blockd restarts: the one
+/// VM that may connect is the one its directory is handed to (vmm-manager gives it to
+/// the VM's jailed user and mounts it into that VMM's namespace), so the socket itself
+/// is open to whoever can reach it, and a socket blockd makes anew after a restart
+/// is reachable by the same VM and no other.
 fn socket_path(dir: &Path, prefix: &str, name: &str) -> PathBuf {
-    let path = dir.join(format!("{prefix}-{name}.sock"));
+    const FILE: &str = "vhost.sock";
+    let path = dir.join(format!("{prefix}-{name}")).join(FILE);
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return path;
     }
@@ -302,10 +309,36 @@ fn socket_path(dir: &Path, prefix: &str, name: &str) -> PathBuf {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
-    let fixed = dir.as_os_str().len() + format!("/{prefix}--{hash:016x}.sock").len();
+    let fixed = dir.as_os_str().len() + format!("/{prefix}--{hash:016x}/{FILE}").len();
     // Names are ASCII (validated), so any cut is between characters.
     let keep = MAX_SOCKET_PATH.saturating_sub(fixed).min(name.len());
-    dir.join(format!("{prefix}-{}-{hash:016x}.sock", &name[..keep]))
+    dir.join(format!("{prefix}-{}-{hash:016x}", &name[..keep])).join(FILE)
+}
+
+/// Starts a vhost-user-blk export on `socket` in its own directory (made root-only if
+/// new; a directory handed to a VM keeps its owner), connectable by whoever reaches it.
+fn start_vhost(
+    socket: &Path,
+    dev: Arc<dyn BlockDevice>,
+    options: VhostUserBlkOptions,
+) -> std::io::Result<VhostUserBlkExport> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = socket.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        }
+    }
+    let export = VhostUserBlkExport::start(socket, dev, options)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+    Ok(export)
+}
+
+/// Removes the directory of an export's socket once the export is gone for good.
+fn remove_socket_dir(socket: &Path) {
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// Why a remote disk's export did not grow, as a blockd error.
@@ -596,7 +629,7 @@ impl Exports {
                     serial: name.chars().take(20).collect(),
                     ..Default::default()
                 };
-                let started = tokio::task::spawn_blocking(move || VhostUserBlkExport::start(&socket, dev, options))
+                let started = tokio::task::spawn_blocking(move || start_vhost(&socket, dev, options))
                     .await
                     .map_err(|e| VolumeError::Backend(e.to_string()))?
                     .map_err(internal("starting the vhost-user-blk socket"))?;
@@ -628,6 +661,7 @@ impl Exports {
                     if let Err(err) = e.stop() {
                         tracing::warn!(volume = name, "stopping vhost-user-blk export: {err}");
                     }
+                    remove_socket_dir(&self.vhost_socket("vol", name));
                 }
             }
         }
@@ -710,8 +744,7 @@ impl Exports {
                 serial: export.chars().take(20).collect(),
                 ..Default::default()
             };
-            let started = VhostUserBlkExport::start(&socket, dev, options)
-                .map_err(internal("starting the vhost-user-blk socket"))?;
+            let started = start_vhost(&socket, dev, options).map_err(internal("starting the vhost-user-blk socket"))?;
             // Grown on its own host: the VM here is told when the NBD client
             // reconnects, which it does as soon as the owner's resize ends its connection.
             let notify = started.growth_notifier();
@@ -725,6 +758,7 @@ impl Exports {
         if let Err(e) = self.save(&t) {
             if let Some((_, e, _)) = t.remote.remove(name) {
                 let _ = e.stop();
+                remove_socket_dir(&self.vhost_socket("remote", name));
             }
             return Err(e);
         }
@@ -772,6 +806,7 @@ impl Exports {
             if let Err(err) = e.stop() {
                 tracing::warn!(disk = name, "stopping vhost-user-blk export: {err}");
             }
+            remove_socket_dir(&self.vhost_socket("remote", name));
         }
         self.save(&t)
     }
@@ -797,7 +832,7 @@ mod tests {
     #[test]
     fn socket_paths_fit_a_unix_socket_and_stay_distinct() {
         let short = socket_path(Path::new("/run/hearth/blockd"), "remote", "data");
-        assert_eq!(short, Path::new("/run/hearth/blockd/remote-data.sock"));
+        assert_eq!(short, Path::new("/run/hearth/blockd/remote-data/vhost.sock"));
         let deep = Path::new("/tmp/hearth-test-AbCdEf/run/blockd");
         let a = format!("far-{}", "x".repeat(59));
         let b = format!("far-{}y", "x".repeat(58));
@@ -817,6 +852,7 @@ mod tests {
         let long_dir = dir.path().join("d".repeat(40));
         std::fs::create_dir(&long_dir).expect("mkdir");
         let p = socket_path(&long_dir, "vol", &a);
+        std::fs::create_dir(p.parent().expect("its directory")).expect("mkdir");
         std::os::unix::net::UnixListener::bind(&p).expect("bind");
     }
 }

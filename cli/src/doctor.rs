@@ -313,6 +313,43 @@ fn firewall() -> Check {
     )
 }
 
+/// What the host offers for jailing VMMs (cgroup controllers, seccomp, landlock, user
+/// namespaces) and what vmm-manager will therefore do.
+fn jail() -> Check {
+    let (_, cgroups) = vmm_manager::jail::cgroup::detect("hearth-vms");
+    let s = vmm_manager::jail::support(true, &cgroups);
+    let v2 = s
+        .cgroups
+        .v2_controllers
+        .as_ref()
+        .map_or("none".to_string(), |c| c.join(" "));
+    let detail = format!(
+        "{}. cgroup v2 controllers: {v2}; v1: {}; user namespaces: {}",
+        s.summary,
+        s.cgroups.v1_controllers.join(" "),
+        if s.user_namespaces { "yes" } else { "no" }
+    );
+    let limited = s.cgroups.used.iter().any(|u| u.starts_with("memory v"))
+        && s.cgroups.used.iter().any(|u| u.starts_with("cpu v"));
+    if !s.seccomp {
+        check(
+            "jail",
+            Verdict::Fail,
+            detail,
+            Some("use a kernel with CONFIG_SECCOMP_FILTER"),
+        )
+    } else if !limited {
+        check(
+            "jail",
+            Verdict::Warn,
+            detail,
+            Some("VMs run without memory or CPU limits: enable the memory and cpu cgroup controllers"),
+        )
+    } else {
+        check("jail", Verdict::Ok, detail, None)
+    }
+}
+
 /// The Cloud Hypervisor that `hearth-api` would start (`cloud-hypervisor` in PATH, its
 /// default), and its version as the binary itself says it (`--version`).
 pub async fn cloud_hypervisor() -> Check {
@@ -388,6 +425,7 @@ pub async fn run(out: Output, probe: Option<Option<PathBuf>>, images_dir: PathBu
     let mut checks = vec![kvm_check, device_mapper()];
     checks.extend(tools());
     checks.push(cloud_hypervisor().await);
+    checks.push(jail());
     checks.push(ip_forwarding());
     checks.push(firewall());
     let healthy = !checks.iter().any(|c| c.verdict == Verdict::Fail);

@@ -324,3 +324,72 @@ fn tree_size(dir: &Path) -> u64 {
         })
         .sum()
 }
+
+/// Removes the cgroups a test's vmm-manager made under its own cgroup, in every
+/// hierarchy (`<own cgroup>/<name>/<vm>`), on drop: what a killed VMM left behind.
+pub struct CgroupCleanup(pub String);
+
+impl CgroupCleanup {
+    /// The directories named `name` under this process's cgroup in each hierarchy.
+    pub fn dirs(name: &str) -> Vec<std::path::PathBuf> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut out = Vec::new();
+        for line in mountinfo.lines() {
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let Some(point) = left.split(' ').nth(4) else { continue };
+            let mut r = right.split(' ');
+            let fstype = r.next().unwrap_or_default();
+            let opts = r.nth(1).unwrap_or_default();
+            let path = own.lines().find_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let (id, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+                let hit = match fstype {
+                    "cgroup2" => id == "0" && ctrls.is_empty(),
+                    "cgroup" => ctrls.split(',').any(|c| {
+                        !c.is_empty()
+                            && opts
+                                .split(',')
+                                .any(|o| o == c || o == format!("name={}", c.trim_start_matches("name=")))
+                    }),
+                    _ => false,
+                };
+                hit.then(|| path.to_string())
+            });
+            if let Some(path) = path {
+                out.push(
+                    std::path::Path::new(point)
+                        .join(path.trim_start_matches('/'))
+                        .join(name),
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        for dir in Self::dirs(&self.0) {
+            if !dir.exists() {
+                continue;
+            }
+            // A VMM killed a moment ago may still be leaving its cgroup.
+            for _ in 0..100 {
+                if let Ok(entries) = std::fs::read_dir(&dir) {
+                    for e in entries.flatten() {
+                        if e.path().is_dir() {
+                            let _ = std::fs::remove_dir(e.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod client;
 pub mod console;
 pub mod http;
 pub mod hypervisor;
+pub mod jail;
 pub mod process;
 pub mod service;
 pub mod spec;

@@ -31,10 +31,20 @@ struct Args {
     /// Seconds a guest gets to power off after the power button.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
+    #[command(flatten)]
+    jail: vmm_manager::jail::JailArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The jailer and its helpers run here, before any thread exists.
+    vmm_manager::jail::launch::dispatch();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     socket_http::logging::init();
     let args = Args::parse_from(socket_http::config::args_with_config("vmm-manager")?);
     let config = VmmConfig {
@@ -44,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         cloud_hypervisor_binary: args.cloud_hypervisor_binary,
         accel: args.accel,
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        jail: args.jail.config(),
     };
     let svc = VmService::open(config).await?;
     let closing = svc.clone();

@@ -28,6 +28,7 @@ use crate::console::SerialConsole;
 use crate::hypervisor::cloud_hypervisor::CloudHypervisorDriver;
 use crate::hypervisor::qemu::{Accel, QemuDriver};
 use crate::hypervisor::{Hypervisor, RuntimeState, VmmError};
+use crate::jail::{JailConfig, Jailer};
 use crate::process;
 use crate::spec::{
     self, now_micros, now_ms, DiskSpec, HypervisorKind, SpecError, VmEvent, VmInfo, VmSpec, VmState, VmStatus,
@@ -50,6 +51,8 @@ pub struct VmmConfig {
     pub accel: Accel,
     /// How long a guest gets to power off after the power button before it is forced.
     pub stop_timeout: Duration,
+    /// How VMMs are jailed (on unless explicitly turned off).
+    pub jail: JailConfig,
 }
 
 impl VmmConfig {
@@ -62,6 +65,7 @@ impl VmmConfig {
             cloud_hypervisor_binary: "cloud-hypervisor".into(),
             accel: Accel::Auto,
             stop_timeout: Duration::from_secs(30),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -179,6 +183,7 @@ pub struct VmService {
     config: VmmConfig,
     qemu: Arc<dyn Hypervisor>,
     cloud_hypervisor: Arc<dyn Hypervisor>,
+    jail: Arc<Jailer>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
     events: broadcast::Sender<VmEvent>,
     /// The source of [`VmStatus::seq`].
@@ -191,13 +196,20 @@ impl VmService {
     /// Opens the run directory and re-adopts every VM found in it.
     pub async fn open(config: VmmConfig) -> Result<Arc<Self>, ServiceError> {
         std::fs::create_dir_all(config.run_dir.join("vms"))?;
+        let jail = Arc::new(Jailer::new(config.jail.clone(), &config.run_dir, &config.state_dir));
         let svc = Arc::new(Self {
             qemu: Arc::new(QemuDriver::new(
                 config.qemu_binary.clone(),
                 config.accel,
                 config.run_dir.clone(),
+                jail.clone(),
             )),
-            cloud_hypervisor: Arc::new(CloudHypervisorDriver::new(config.cloud_hypervisor_binary.clone())),
+            cloud_hypervisor: Arc::new(CloudHypervisorDriver::new(
+                config.cloud_hypervisor_binary.clone(),
+                jail.clone(),
+                config.state_dir.clone(),
+            )),
+            jail,
             config,
             vms: RwLock::new(BTreeMap::new()),
             events: broadcast::channel(1024).0,
@@ -210,6 +222,16 @@ impl VmService {
 
     pub fn config(&self) -> &VmmConfig {
         &self.config
+    }
+
+    /// What the host offers for jailing VMMs and what vmm-manager does with it.
+    pub fn jail_support(&self) -> crate::jail::JailSupport {
+        self.jail.support()
+    }
+
+    /// The peak memory use of VM `id`'s cgroup, in bytes.
+    pub fn memory_peak(&self, id: &str) -> Option<u64> {
+        self.jail.memory_peak(id)
     }
 
     /// The driver for `kind`.
@@ -228,6 +250,7 @@ impl VmService {
             available_memory_mib: crate::spec::host_available_memory_mib(),
             hypervisors: self.hypervisors(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            jail: Some(self.jail.support()),
         }
     }
 
@@ -282,6 +305,7 @@ impl VmService {
         VmInfo {
             spec: vm.current_spec(),
             status: lock(&vm.status).clone(),
+            jail: Jailer::info_of(&vm.dir),
         }
     }
 
@@ -444,6 +468,10 @@ impl VmService {
                 .classify_exit(&vm.dir, exit, stop_requested.load(Ordering::SeqCst));
             tracing::info!(vm = %vm.spec.id, pid, %exit, "VMM exited");
             vm.dir.remove_runtime_files();
+            if let Some(svc) = svc.upgrade() {
+                let (jail, dir) = (svc.jail.clone(), vm.dir.clone());
+                let _ = tokio::task::spawn_blocking(move || jail.release(&dir)).await;
+            }
             // Drop the console only after the last output has been read.
             tokio::time::sleep(Duration::from_millis(20)).await;
             let _ = lock(&vm.runtime).take();
@@ -666,7 +694,17 @@ impl VmService {
         candidate.disks.push(disk.clone());
         candidate.validate(spec::host_memory_mib())?;
         if Self::has_vmm(&vm, id, "attach a disk")? {
-            vm.driver.add_disk(&vm.dir, &candidate, &disk).await?;
+            let pid = lock(&vm.runtime).as_ref().map(|r| r.pid).unwrap_or_default();
+            let seen = self
+                .jail
+                .attach_disk(&vm.dir, pid, &disk)
+                .await
+                .map_err(|e| ServiceError::Vmm(VmmError::Launch(e.to_string())))?;
+            let view = self.jail.view(&vm.dir, &candidate);
+            if let Err(e) = vm.driver.add_disk(&vm.dir, &view, &seen).await {
+                self.jail.detach_disk(&vm.dir, pid, &disk.id).await;
+                return Err(e.into());
+            }
         }
         lock(&vm.disks).push(disk);
         vm.save_spec()?;
@@ -683,6 +721,8 @@ impl VmService {
         }
         if Self::has_vmm(&vm, id, "detach a disk")? {
             vm.driver.remove_disk(&vm.dir, disk_id).await?;
+            let pid = lock(&vm.runtime).as_ref().map(|r| r.pid).unwrap_or_default();
+            self.jail.detach_disk(&vm.dir, pid, disk_id).await;
         }
         lock(&vm.disks).retain(|d| d.id != disk_id);
         vm.save_spec()?;
@@ -717,7 +757,9 @@ impl VmService {
                 disk: disk_id.to_string(),
             })?;
         if Self::has_vmm(&vm, id, "resize a disk")? {
-            vm.driver.resize_disk(&vm.dir, &disk, size).await?;
+            vm.driver
+                .resize_disk(&vm.dir, &self.jail.disk_view(&vm.dir, &disk), size)
+                .await?;
         }
         Ok(Self::info(&vm))
     }
@@ -892,11 +934,13 @@ impl VmService {
                 // It was running when vmm-manager went away and has exited since.
                 let verdict = vm.driver.classify_exit(&vm.dir, process::ExitInfo::Unknown, false);
                 vm.dir.remove_runtime_files();
+                self.jail.release(&vm.dir);
                 self.set_status(vm, verdict.state, Some(verdict.reason));
             }
             None => {
                 if last.map(|s| s.state.is_active()).unwrap_or(false) {
                     vm.dir.remove_runtime_files();
+                    self.jail.release(&vm.dir);
                     self.set_status(
                         vm,
                         VmState::Stopped,

@@ -74,6 +74,31 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     #[serde(default)]
     pub qemu: QemuOptions,
+    /// CPU and I/O shares of a jailed VM (its memory limit follows from its size).
+    #[serde(default, skip_serializing_if = "VmLimits::is_default")]
+    pub limits: VmLimits,
+}
+
+/// A VM's share of the host, enforced by its cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLimits {
+    /// Relative CPU weight, 1..=10000 (default 100): under contention, a VM with 300
+    /// gets three times the CPU time of one with 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// The most CPU time the VM may use, in CPUs (1.5: one and a half CPUs' worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Relative I/O weight, 1..=10000 (default 100), where the host's cgroups have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+}
+
+impl VmLimits {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A block device.
@@ -195,6 +220,34 @@ impl VmSpec {
                 )));
             }
         }
+        for (what, w) in [
+            ("cpu_weight", self.limits.cpu_weight),
+            ("io_weight", self.limits.io_weight),
+        ] {
+            if let Some(w) = w {
+                if !(1..=10_000).contains(&w) {
+                    return Err(SpecError::Device(format!(
+                        "{what} must be between 1 and 10000, got {w}"
+                    )));
+                }
+            }
+        }
+        if let Some(c) = self.limits.cpu_limit {
+            if !(c.is_finite() && c >= 0.01 && c <= f64::from(self.vcpu_limit())) {
+                return Err(SpecError::Device(format!(
+                    "cpu_limit must be between 0.01 and the VM's most vCPUs ({}), got {c}",
+                    self.vcpu_limit()
+                )));
+            }
+        }
+        for d in &self.disks {
+            if d.id.contains('/') || d.id.starts_with('.') {
+                return Err(SpecError::Device(format!(
+                    "disk id {:?} may not hold '/' or start with '.'",
+                    d.id
+                )));
+            }
+        }
         require_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initramfs {
             require_file("initramfs", initrd)?;
@@ -302,6 +355,9 @@ pub struct HostFacts {
     pub hypervisors: Vec<crate::service::HypervisorAvailability>,
     /// vmm-manager's version.
     pub version: String,
+    /// How VMMs are jailed here (absent from vmm-managers older than jailing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailSupport>,
 }
 
 /// Lifecycle states a VM can be in.
@@ -434,6 +490,9 @@ pub struct VmStatus {
 pub struct VmInfo {
     pub spec: VmSpec,
     pub status: VmStatus,
+    /// The VMM's jail: its user, cgroup and limits (absent with jailing off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailInfo>,
 }
 
 /// The body of `POST /vms/{id}/resize`: the vCPUs and memory the VM should have.
@@ -496,6 +555,7 @@ mod tests {
             disks: vec![],
             nics: vec![],
             qemu: QemuOptions::default(),
+            limits: Default::default(),
         }
     }
 

@@ -218,6 +218,11 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
     let mut config = VmmConfig::new(tmp.path().join("run"));
     config.accel = Accel::Tcg;
     config.stop_timeout = Duration::from_secs(30);
+    // Jailed, as by default: the jailer is the vmm-manager binary (this test's own
+    // binary is not one).
+    config.jail.exe = env!("CARGO_BIN_EXE_vmm-manager").into();
+    config.jail.cgroup_name = format!("hearth-test-{}", std::process::id());
+    let _cgroups = testkit::CgroupCleanup(config.jail.cgroup_name.clone());
     let svc = VmService::open(config).await.expect("open the service");
     let cmdline = std::fs::read_to_string(image.join("cmdline")).expect("cmdline");
     let spec = VmSpec {
@@ -234,6 +239,7 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
         disks: vec![block.spec("block"), sparse.spec("sparse")],
         nics: vec![],
         qemu: QemuOptions::default(),
+        limits: Default::default(),
     };
     svc.create(spec).await.expect("create the VM");
     svc.start("disks-1").await.unwrap_or_else(|e| {

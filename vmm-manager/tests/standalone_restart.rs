@@ -94,6 +94,7 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         disks: vec![],
         nics: vec![],
         qemu: QemuOptions::default(),
+        limits: Default::default(),
     };
     client.ensure(&spec).await.expect("create");
     // Ensuring the same spec again changes nothing; a different spec is a conflict.

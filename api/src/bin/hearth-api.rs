@@ -79,10 +79,21 @@ struct Args {
     /// All-in-one: seconds a guest gets to power off before it is forced.
     #[arg(long, default_value_t = 30)]
     stop_timeout: u64,
+    /// All-in-one: how VMMs are jailed.
+    #[command(flatten)]
+    jail: vmm_manager::jail::JailArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // All-in-one: the VMM jailer runs from this binary, before any thread exists.
+    vmm_manager::jail::launch::dispatch();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     socket_http::logging::init();
     let a = Args::parse_from(socket_http::config::args_with_config("api")?);
     if a.openapi {
@@ -142,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
             cloud_hypervisor_binary: a.cloud_hypervisor_binary.clone(),
             accel: a.qemu_accel,
             stop_timeout: Duration::from_secs(a.stop_timeout),
+            jail: a.jail.config(),
         },
         images_dir: a.images_dir.clone().unwrap_or_else(|| a.data_dir.join("images")),
         netd: netd::network::NetdConfig::new(a.data_dir.join("netd")),

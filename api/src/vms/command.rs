@@ -37,6 +37,8 @@ pub struct CreateVmCommand {
     pub user_data: Option<String>,
     /// `(VM, snapshot)` the VM is made from.
     pub from_snapshot: Option<(String, String)>,
+    /// CPU and I/O shares.
+    pub limits: vmm_manager::spec::VmLimits,
 }
 
 impl TryFrom<CreateVm> for CreateVmCommand {
@@ -59,6 +61,21 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             )));
         }
         check_room(req.vcpus, req.memory_mib, req.max_vcpus, req.max_memory_mib)?;
+        for (what, w) in [("cpu_weight", req.cpu_weight), ("io_weight", req.io_weight)] {
+            if let Some(w) = w {
+                if !(1..=10_000).contains(&w) {
+                    return Err(VmError::Invalid(format!("{what} must be between 1 and 10000, got {w}")));
+                }
+            }
+        }
+        if let Some(c) = req.cpu_limit {
+            let most = req.max_vcpus.unwrap_or(MAX_VCPUS).max(req.vcpus);
+            if !(c.is_finite() && (0.01..=f64::from(most)).contains(&c)) {
+                return Err(VmError::Invalid(format!(
+                    "cpu_limit must be between 0.01 and the VM's most vCPUs ({most}), got {c}"
+                )));
+            }
+        }
         let from_snapshot = match &req.from_snapshot {
             None => None,
             Some(r) => match r.split_once('@') {
@@ -131,6 +148,11 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             ssh_keys: req.ssh_keys,
             user_data: req.user_data,
             from_snapshot,
+            limits: vmm_manager::spec::VmLimits {
+                cpu_weight: req.cpu_weight,
+                cpu_limit: req.cpu_limit,
+                io_weight: req.io_weight,
+            },
         })
     }
 }

@@ -273,6 +273,7 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         phase: Phase::Creating,
         created_at_ms: vmm_manager::spec::now_ms(),
         desired_running: Some(req.start),
+        limits: req.limits.clone(),
     };
     let context = VmCreate {
         rec,

@@ -95,6 +95,7 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, VmError>
         memory_mib: rec.memory_mib,
         max_vcpus: rec.max_vcpus,
         max_memory_mib: rec.max_memory_mib,
+        limits: rec.limits.clone(),
         kernel,
         initramfs: image.boot.initramfs.clone(),
         cmdline,

@@ -26,7 +26,9 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
     match state.vmm.get(&rec.id).await {
         Ok(info) => {
             state.live.observe(&info);
-            Vm::from_record(rec, Some(&info.status), true)
+            let mut vm = Vm::from_record(rec, Some(&info.status), true);
+            vm.jail = info.jail.as_ref().map(Into::into);
+            vm
         }
         Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
         Err(_) => Vm::from_record(rec, None, false),

@@ -46,7 +46,14 @@ fn enter_private_netns() -> std::io::Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: mount with static C strings; makes our mounts private, then mounts sysfs.
+    // The cgroup file systems live under /sys: kept aside while the fresh sysfs is
+    // mounted, then moved back, so VMs' cgroups work in the namespace too.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let aside = std::ffi::CString::new(format!("/tmp/hearth-cgroup-aside-{}-{n}", std::process::id()))
+        .map_err(std::io::Error::other)?;
+    let _ = std::fs::create_dir(aside.to_str().unwrap_or_default());
+    // SAFETY: mount with NUL-terminated strings; makes our mounts private, then mounts sysfs.
     let rc = unsafe {
         let root = c"/".as_ptr();
         let private = libc::mount(
@@ -56,6 +63,13 @@ fn enter_private_netns() -> std::io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         );
+        let kept = libc::mount(
+            c"/sys/fs/cgroup".as_ptr(),
+            aside.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        );
         let sys = libc::mount(
             c"sysfs".as_ptr(),
             c"/sys".as_ptr(),
@@ -63,8 +77,20 @@ fn enter_private_netns() -> std::io::Result<()> {
             0,
             std::ptr::null(),
         );
-        private.min(sys)
+        let back = if kept == 0 {
+            libc::mount(
+                aside.as_ptr(),
+                c"/sys/fs/cgroup".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            )
+        } else {
+            0
+        };
+        private.min(sys).min(back)
     };
+    let _ = std::fs::remove_dir(aside.to_str().unwrap_or_default());
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -256,6 +282,9 @@ impl Stack {
             }
             if !self.args.iter().any(|a| a == "--stop-timeout") {
                 cmd.args(["--stop-timeout", "20"]);
+            }
+            if !self.args.iter().any(|a| a == "--cgroup-name") {
+                cmd.arg("--cgroup-name").arg(cgroup_name(self.dir.path()));
             }
             cmd.arg("--all-in-one").arg("--images-dir").arg(images_dir());
         }
@@ -576,7 +605,20 @@ impl Drop for Stack {
             // SAFETY: signals a process this stack started (identified by its data dir).
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        // The VMs' cgroups, once their killed VMMs are gone.
+        drop(testkit::CgroupCleanup(cgroup_name(self.dir.path())));
     }
+}
+
+/// The cgroup (under the test's own) that holds this stack's VMs' cgroups.
+pub fn cgroup_name(data_dir: &Path) -> String {
+    format!(
+        "hearth-{}",
+        data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    )
 }
 
 /// Requests to the stack's api, independent of the [`Stack`] value.
@@ -655,6 +697,7 @@ state_dir = "{d}/vmm"
 accel = "tcg"
 stop_timeout = 20
 cloud_hypervisor_binary = "{ch}"
+cgroup_name = "{cgroup}"
 
 [netd]
 socket = "{d}/run/netd.sock"
@@ -674,6 +717,7 @@ seeds_dir = "{d}/imaged/seeds"
 catalog_dir = "{images}"
 "#,
             ch = cloud_hypervisor_binary(),
+            cgroup = cgroup_name(dir),
             images = images_dir().display(),
         );
         std::fs::write(&config, text).expect("hearth.toml");

@@ -15,7 +15,7 @@
 //!    driver never waits for them.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -26,6 +26,7 @@ use socket_http::UnixClient;
 
 use super::qemu::kill_and_reap;
 use super::{find_binary, log_tail, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState, VmmError};
+use crate::jail::Jailer;
 use crate::process::{self, ExitInfo};
 use crate::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, VmSpec, VmState};
 use crate::vm_dir::VmDir;
@@ -36,28 +37,40 @@ pub const VCPU_ERROR: &str = "VCPU generated error";
 /// The Cloud Hypervisor driver.
 pub struct CloudHypervisorDriver {
     binary: String,
+    jail: Arc<Jailer>,
+    state_dir: PathBuf,
 }
 
 impl CloudHypervisorDriver {
-    pub fn new(binary: impl Into<String>) -> Self {
-        Self { binary: binary.into() }
+    pub fn new(binary: impl Into<String>, jail: Arc<Jailer>, state_dir: PathBuf) -> Self {
+        Self {
+            binary: binary.into(),
+            jail,
+            state_dir,
+        }
     }
 
-    /// Starts a `cloud-hypervisor` with its API socket, event monitor and log in the
-    /// VM's directory.
-    fn spawn(&self, dir: &VmDir) -> Result<u32, VmmError> {
+    /// Starts a `cloud-hypervisor` (jailed) with its API socket, event monitor and log
+    /// in the VM's directory. Returns its PID and the spec as it sees it.
+    fn spawn(&self, dir: &VmDir, spec: &VmSpec) -> Result<(u32, VmSpec), VmmError> {
         let binary: PathBuf = find_binary(&self.binary)?;
+        let view = self
+            .jail
+            .prepare(dir, spec, false)
+            .map_err(|e| VmmError::Launch(format!("cannot jail the VMM: {e}")))?;
         dir.remove_runtime_files();
-        let mut cmd = Command::new(&binary);
-        cmd.arg("--api-socket")
-            .arg(format!("path={}", dir.api_socket().display()))
-            .arg("--event-monitor")
-            .arg(format!("path={}", dir.events().display()))
-            .arg("--log-file")
-            .arg(dir.vmm_log())
-            .arg("-v")
-            .current_dir(&dir.dir);
-        Ok(process::spawn_detached(&mut cmd, &dir.vmm_output())?)
+        let args = vec![
+            "--api-socket".to_string(),
+            format!("path={}", dir.api_socket().display()),
+            "--event-monitor".to_string(),
+            format!("path={}", dir.events().display()),
+            "--log-file".to_string(),
+            dir.vmm_log().display().to_string(),
+            "-v".to_string(),
+        ];
+        let mut cmd = self.jail.command(dir, &binary, &args);
+        cmd.current_dir(&dir.dir);
+        Ok((process::spawn_detached(&mut cmd, &dir.vmm_output())?, view))
     }
 
     /// The VMM's PID when `started` succeeded; otherwise it is asked to exit, then
@@ -199,10 +212,21 @@ impl Hypervisor for CloudHypervisorDriver {
 
     fn launch<'a>(&'a self, dir: &'a VmDir, spec: &'a VmSpec) -> BoxFuture<'a, Result<u32, VmmError>> {
         Box::pin(async move {
-            let pid = self.spawn(dir)?;
+            let (pid, view) = self.spawn(dir, spec)?;
+            let mut config = vm_config(&view, dir);
+            if self.jail.enabled() && crate::jail::landlock_abi() > 0 {
+                // Its seccomp filter is on by default; landlock (applied at vm.create)
+                // limits it to the files of its config plus its own directory (where
+                // hot-plugged disks appear) and its saved states.
+                config["landlock_enable"] = json!(true);
+                config["landlock_rules"] = json!([dir.dir.clone(), self.state_dir.join(&spec.id)]
+                    .iter()
+                    .map(|p| json!({"path": p, "access": "rw"}))
+                    .collect::<Vec<_>>());
+            }
             let booted = async {
                 wait_for_socket(&dir.api_socket(), pid, Duration::from_secs(10)).await?;
-                Self::put(dir, "vm.create", Some(&vm_config(spec, dir))).await?;
+                Self::put(dir, "vm.create", Some(&config)).await?;
                 Self::put(dir, "vm.boot", None).await?;
                 Ok::<_, VmmError>(())
             }
@@ -355,12 +379,13 @@ impl Hypervisor for CloudHypervisorDriver {
     fn launch_restore<'a>(
         &'a self,
         dir: &'a VmDir,
-        _spec: &'a VmSpec,
+        spec: &'a VmSpec,
         src: &'a std::path::Path,
     ) -> BoxFuture<'a, Result<u32, VmmError>> {
         Box::pin(async move {
-            // The snapshot holds the VM's whole config (its sockets are this VM's own).
-            let pid = self.spawn(dir)?;
+            // The snapshot holds the VM's whole config (its sockets are this VM's own,
+            // its disks where the jail puts them).
+            let (pid, _) = self.spawn(dir, spec)?;
             let restored = async {
                 wait_for_socket(&dir.api_socket(), pid, Duration::from_secs(10)).await?;
                 let url = format!("file://{}", src.display());
@@ -432,6 +457,7 @@ mod tests {
                 queue_pairs: 1,
             }],
             qemu: QemuOptions::default(),
+            limits: Default::default(),
         }
     }
 
@@ -508,7 +534,7 @@ mod tests {
         let dir = VmDir {
             dir: tmp.path().to_path_buf(),
         };
-        let d = CloudHypervisorDriver::new("cloud-hypervisor");
+        let d = CloudHypervisorDriver::new("cloud-hypervisor", Jailer::off(), tmp.path().into());
         assert_eq!(d.classify_exit(&dir, ExitInfo::Code(0), false).state, VmState::Stopped);
         std::fs::write(
             dir.vmm_log(),

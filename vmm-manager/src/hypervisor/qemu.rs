@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -21,6 +22,7 @@ use super::{
     find_binary, log_tail, qmp, vhost_user_resize_unsupported, wait_for_socket, ExitVerdict, Hypervisor, RuntimeState,
     VmmError,
 };
+use crate::jail::Jailer;
 use crate::process::{self, ExitInfo};
 use crate::spec::{DiskFormat, DiskSource, DiskSpec, HypervisorKind, QemuMachine, VmSpec, VmState};
 use crate::vm_dir::VmDir;
@@ -54,19 +56,42 @@ pub struct QemuDriver {
     accel: Accel,
     probe_dir: PathBuf,
     kvm_verdict: OnceCell<bool>,
+    jail: Arc<Jailer>,
 }
 
 /// How long the KVM probe may take before KVM is declared unusable.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(8);
 
 impl QemuDriver {
-    pub fn new(binary: impl Into<String>, accel: Accel, probe_dir: PathBuf) -> Self {
+    pub fn new(binary: impl Into<String>, accel: Accel, probe_dir: PathBuf, jail: Arc<Jailer>) -> Self {
         Self {
             binary: binary.into(),
             accel,
             probe_dir,
             kvm_verdict: OnceCell::new(),
+            jail,
         }
+    }
+
+    /// Jails a QEMU about to start (its user, files, cgroup) and gives the spec as it
+    /// sees it, plus the seccomp sandbox options jailing adds to its command line.
+    fn jailed(&self, dir: &VmDir, spec: &VmSpec, kvm: bool) -> Result<(VmSpec, Vec<String>), VmmError> {
+        let view = self
+            .jail
+            .prepare(dir, spec, !kvm)
+            .map_err(|e| VmmError::Launch(format!("cannot jail the VMM: {e}")))?;
+        let sandbox = if self.jail.enabled() {
+            // Every deny option: nothing hearth uses needs the obsolete calls, set*id,
+            // fork/exec (states are saved to a file QEMU opens itself) or affinity and
+            // scheduler changes.
+            vec![
+                "-sandbox".to_string(),
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".to_string(),
+            ]
+        } else {
+            vec![]
+        };
+        Ok((view, sandbox))
     }
 
     /// Decides whether this VM runs under KVM.
@@ -186,7 +211,10 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
         &format!("guest={},debug-threads=on", spec.name.replace(',', "_")),
     ]);
     push(&["-machine", if microvm { "microvm" } else { "q35" }]);
-    push(&["-accel", if kvm { "kvm" } else { "tcg" }]);
+    // Under TCG the translation cache is capped, so the VMM's memory (and the cgroup
+    // limit sized from it) has a known ceiling.
+    let tcg = format!("tcg,tb-size={}", crate::jail::TCG_TB_MIB);
+    push(&["-accel", if kvm { "kvm" } else { &tcg }]);
     push(&["-cpu", if kvm { "host" } else { "max" }]);
     let [smp, mem] = super::qemu_resize::smp_and_memory_args(spec);
     push(&["-smp", &smp]);
@@ -300,13 +328,12 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
 /// Starts QEMU with `args` and returns its PID once its QMP socket answers and `ready`
 /// (what the caller waits for then) succeeded; on failure nothing is left running.
 async fn spawn_qemu(
-    binary: &Path,
-    args: &[String],
+    mut cmd: Command,
     dir: &VmDir,
     ready: impl std::future::Future<Output = Result<(), VmmError>>,
 ) -> Result<u32, VmmError> {
     dir.remove_runtime_files();
-    let pid = process::spawn_detached(Command::new(binary).args(args).current_dir(&dir.dir), &dir.vmm_output())?;
+    let pid = process::spawn_detached(cmd.current_dir(&dir.dir), &dir.vmm_output())?;
     let started = async {
         wait_for_socket(&dir.qmp_socket(), pid, Duration::from_secs(15)).await?;
         ready.await
@@ -335,8 +362,10 @@ impl Hypervisor for QemuDriver {
         Box::pin(async move {
             let binary = find_binary(&self.binary)?;
             let kvm = self.use_kvm(&spec.kernel).await;
-            let args = qemu_args(spec, dir, kvm, host_tsc_khz());
-            spawn_qemu(&binary, &args, dir, async {
+            let (view, sandbox) = self.jailed(dir, spec, kvm)?;
+            let mut args = qemu_args(&view, dir, kvm, host_tsc_khz());
+            args.extend(sandbox);
+            spawn_qemu(self.jail.command(dir, &binary, &args), dir, async {
                 qmp::execute(&dir.qmp_socket(), "query-status", None).await.map(|_| ())
             })
             .await
@@ -575,8 +604,15 @@ impl Hypervisor for QemuDriver {
         Box::pin(async move {
             let binary = find_binary(&self.binary)?;
             let topology = super::qemu_state::read_topology(src)?;
-            let args = super::qemu_state::restore_args(spec, dir, &topology, host_tsc_khz(), src);
-            spawn_qemu(&binary, &args, dir, super::qemu_state::wait_loaded(dir)).await
+            let (view, sandbox) = self.jailed(dir, spec, topology.kvm)?;
+            let mut args = super::qemu_state::restore_args(&view, dir, &topology, host_tsc_khz());
+            args.extend(sandbox);
+            spawn_qemu(
+                self.jail.command(dir, &binary, &args),
+                dir,
+                super::qemu_state::load(dir, src),
+            )
+            .await
         })
     }
 
@@ -707,6 +743,7 @@ mod tests {
                 queue_pairs: 2,
             }],
             qemu: QemuOptions::default(),
+            limits: Default::default(),
         }
     }
 
@@ -719,7 +756,7 @@ mod tests {
         let dir = VmDir::new(Path::new("/run/h"), "abc");
         let a = qemu_args(&spec(), &dir, false, Some(2_000_000));
         assert!(has(&a, ["-machine", "q35"]));
-        assert!(has(&a, ["-accel", "tcg"]));
+        assert!(has(&a, ["-accel", "tcg,tb-size=256"]));
         assert!(has(&a, ["-cpu", "max"]));
         assert!(has(&a, ["-m", "256M"]));
         assert!(has(&a, ["-name", "guest=web_1,debug-threads=on"]));
@@ -782,7 +819,7 @@ mod tests {
         let dir = VmDir {
             dir: tmp.path().to_path_buf(),
         };
-        let d = QemuDriver::new("qemu-system-x86_64", Accel::Tcg, tmp.path().into());
+        let d = QemuDriver::new("qemu-system-x86_64", Accel::Tcg, tmp.path().into(), Jailer::off());
         assert_eq!(d.classify_exit(&dir, ExitInfo::Code(0), false).state, VmState::Stopped);
         assert_eq!(d.classify_exit(&dir, ExitInfo::Signal(9), true).state, VmState::Stopped);
         std::fs::write(dir.vmm_output(), "qemu-system-x86_64: terminating on signal 9\n").expect("write");

@@ -120,6 +120,7 @@ mod tests {
             disks: vec![],
             nics: vec![],
             qemu: QemuOptions { machine, vnc: false },
+            limits: Default::default(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! A QEMU VM's whole state (memory and devices) saved to a file and loaded into a fresh
-//! QEMU: migration to a file (`migrate` to `exec:cat > memory`), then a new process
+//! QEMU: migration to a file vmm-manager opens and hands over (`getfd`, then `migrate` to `fd:`: a jailed QEMU may neither run a shell nor open the host's files), then a new process
 //! started with the same machine and `-incoming`.
 //!
 //! Migration needs the destination's devices to be the source's, in the same places.
@@ -40,9 +40,8 @@ pub struct Topology {
 const MEMORY_FILE: &str = "memory";
 const TOPOLOGY_FILE: &str = "topology.json";
 
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
+/// The name the state file's descriptor gets in QEMU (`getfd`).
+const STATE_FD: &str = "hearth-state";
 
 /// Device id -> (bus, slot) from `query-pci`: the root bus is `pcie.0`, a device
 /// behind a root port is on that port's id.
@@ -111,8 +110,15 @@ pub async fn save(dir: &VmDir, dest: &Path) -> Result<(), VmmError> {
     };
     let bytes = serde_json::to_vec_pretty(&topology).map_err(|e| VmmError::Control(e.to_string()))?;
     std::fs::write(dest.join(TOPOLOGY_FILE), bytes)?;
-    let uri = format!("exec:cat > {}", shell_quote(&dest.join(MEMORY_FILE)));
-    qmp::execute(&sock, "migrate", Some(json!({ "uri": uri }))).await?;
+    let file = std::fs::File::create(dest.join(MEMORY_FILE))?;
+    qmp::execute_with_fd(
+        &sock,
+        file.into(),
+        STATE_FD,
+        "migrate",
+        json!({ "uri": format!("fd:{STATE_FD}") }),
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
         let m = qmp::execute(&sock, "query-migrate", None).await?;
@@ -146,7 +152,7 @@ pub fn read_topology(src: &Path) -> Result<Topology, VmmError> {
 
 /// The command line that loads the state in `src` into a new QEMU: the spec's machine
 /// at its launch size, the hot-plugged vCPUs and DIMMs, every device at its place.
-pub fn restore_args(spec: &VmSpec, dir: &VmDir, t: &Topology, tsc_khz: Option<u64>, src: &Path) -> Vec<String> {
+pub fn restore_args(spec: &VmSpec, dir: &VmDir, t: &Topology, tsc_khz: Option<u64>) -> Vec<String> {
     let launched = VmSpec {
         vcpus: t.boot_vcpus,
         memory_mib: t.base_memory_mib,
@@ -184,9 +190,25 @@ pub fn restore_args(spec: &VmSpec, dir: &VmDir, t: &Topology, tsc_khz: Option<u6
     }
     args.extend([
         "-incoming".to_string(),
-        format!("exec:cat {}", shell_quote(&src.join(MEMORY_FILE))),
+        // The state arrives through a descriptor once QEMU runs (see [`load`]).
+        "defer".to_string(),
     ]);
     args
+}
+
+/// Hands the new QEMU (started with `-incoming defer`) the saved memory in `src`,
+/// then waits until it has loaded it.
+pub async fn load(dir: &VmDir, src: &Path) -> Result<(), VmmError> {
+    let file = std::fs::File::open(src.join(MEMORY_FILE))?;
+    qmp::execute_with_fd(
+        &dir.qmp_socket(),
+        file.into(),
+        STATE_FD,
+        "migrate-incoming",
+        json!({ "uri": format!("fd:{STATE_FD}") }),
+    )
+    .await?;
+    wait_loaded(dir).await
 }
 
 /// Waits until the new QEMU has loaded the state (it is then paused, as it was saved).
@@ -229,10 +251,5 @@ mod tests {
         assert_eq!(p.get("net0-dev"), Some(&("pcie.0".to_string(), 2)));
         assert_eq!(p.get("vol-data"), Some(&("hp0".to_string(), 0)));
         assert_eq!(p.len(), 3);
-    }
-
-    #[test]
-    fn shell_quoting_survives_quotes() {
-        assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
     }
 }

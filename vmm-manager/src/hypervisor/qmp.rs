@@ -65,3 +65,93 @@ async fn read_reply(
         }
     }
 }
+
+/// Runs `command` with a file descriptor handed to QEMU first (`getfd` named `fdname`,
+/// the descriptor passed with `SCM_RIGHTS`), on one connection: a jailed QEMU cannot
+/// open the host's files itself, and fd names live as long as their connection.
+pub async fn execute_with_fd(
+    socket: &Path,
+    fd: std::os::fd::OwnedFd,
+    fdname: &str,
+    command: &str,
+    arguments: Value,
+) -> Result<Value, VmmError> {
+    let (socket, fdname, command) = (socket.to_path_buf(), fdname.to_string(), command.to_string());
+    tokio::task::spawn_blocking(move || execute_with_fd_blocking(&socket, &fd, &fdname, &command, arguments))
+        .await
+        .map_err(|e| VmmError::Control(format!("QMP: {e}")))?
+}
+
+fn execute_with_fd_blocking(
+    socket: &Path,
+    fd: &std::os::fd::OwnedFd,
+    fdname: &str,
+    command: &str,
+    arguments: Value,
+) -> Result<Value, VmmError> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut lines = std::io::BufReader::new(stream.try_clone()?).lines();
+    let mut reply = |what: &str| -> Result<Value, VmmError> {
+        loop {
+            let line = lines
+                .next()
+                .ok_or_else(|| VmmError::Control(format!("QMP closed while waiting for {what}")))??;
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| VmmError::Control(format!("bad QMP message {line:?}: {e}")))?;
+            if v.get("event").is_none() {
+                if let Some(err) = v.get("error") {
+                    return Err(VmmError::Refused {
+                        action: what.to_string(),
+                        message: err
+                            .get("desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("unknown QMP error")
+                            .to_string(),
+                    });
+                }
+                return Ok(v.get("return").cloned().unwrap_or(Value::Null));
+            }
+        }
+    };
+    reply("greeting")?;
+    (&stream).write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    reply("qmp_capabilities")?;
+
+    let getfd = format!("{}\n", json!({"execute": "getfd", "arguments": {"fdname": fdname}}));
+    let mut iov = libc::iovec {
+        iov_base: getfd.as_ptr() as *mut libc::c_void,
+        iov_len: getfd.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call,
+    // and the control buffer is CMSG_SPACE bytes for one descriptor.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd.as_raw_fd());
+        libc::sendmsg(stream.as_raw_fd(), &msg, 0)
+    };
+    if sent < 0 || sent as usize != getfd.len() {
+        return Err(VmmError::Control(format!(
+            "passing a descriptor to QEMU: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    reply("getfd")?;
+    let line = format!("{}\n", json!({"execute": command, "arguments": arguments}));
+    (&stream).write_all(line.as_bytes())?;
+    reply(command)
+}

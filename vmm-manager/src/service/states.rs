@@ -75,6 +75,8 @@ impl VmService {
         }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("vmm"))?;
+        // A jailed VMM writes its state itself, as the VM's user.
+        self.jail.hand_over_state_dir(&vm.dir, &dir.join("vmm"))?;
         let saved = async {
             let spec = serde_json::to_vec_pretty(&vm.current_spec()).map_err(std::io::Error::other)?;
             std::fs::write(dir.join("spec.json"), spec)?;
