@@ -332,8 +332,8 @@ pub struct Vm {
     #[serde(default)]
     pub vnc: bool,
     pub created_at_ms: u64,
-    /// The VMM's jail: its user, its cgroup and the limits in force (`GET` of one VM,
-    /// once it has started; absent where jailing is turned off).
+    /// The running VMM's jail: its user, its cgroup and the limits in force (absent
+    /// while it does not run, and where jailing is turned off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<VmJail>,
 }
@@ -403,7 +403,10 @@ impl Vm {
             image_digest: r.image_digest.clone(),
             vnc: r.vnc,
             created_at_ms: r.created_at_ms,
-            jail: None,
+            jail: live
+                .filter(|_| r.phase == Phase::Ready)
+                .and_then(|s| s.jail.as_ref())
+                .map(Into::into),
         }
     }
 }

@@ -111,10 +111,9 @@ fn guest_poweroff_stops_and_vcpu_error_fails() {
         }
     });
     in_private_netns(|| async {
-        // The fake's failure injection: a vCPU error 1.5 s after boot, exit status 0.
-        std::env::set_var("FAKE_CH_VCPU_ERROR_AFTER_MS", "1500");
-        let stack = Stack::start(&[]).await;
-        std::env::remove_var("FAKE_CH_VCPU_ERROR_AFTER_MS");
+        // The fake's failure injection: a vCPU error 1.5 s after boot, exit status 0
+        // (VMMs start with a clean environment; --vmm-env gives them a variable).
+        let stack = Stack::start(&["--vmm-env", "FAKE_CH_VCPU_ERROR_AFTER_MS=1500"]).await;
         boot(&stack, "crasher", "cloud-hypervisor").await;
         let start = Instant::now();
         loop {

@@ -58,6 +58,15 @@ pub enum VmCommand {
         /// Make it from another VM's snapshot, VM@SNAPSHOT (a clone of its root disk).
         #[arg(long)]
         from_snapshot: Option<String>,
+        /// Relative CPU weight, 1-10000 (default 100).
+        #[arg(long)]
+        cpu_weight: Option<u32>,
+        /// The most CPU time it may use, in CPUs (e.g. 1.5).
+        #[arg(long)]
+        cpu_limit: Option<f64>,
+        /// Relative I/O weight, 1-10000 (default 100), where the host supports one.
+        #[arg(long)]
+        io_weight: Option<u32>,
         /// Define the VM without starting it.
         #[arg(long)]
         no_start: bool,
@@ -170,6 +179,9 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             ssh_keys,
             user_data,
             from_snapshot,
+            cpu_weight,
+            cpu_limit,
+            io_weight,
             no_start,
             no_wait,
         } => {
@@ -199,6 +211,15 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             }
             if let Some(f) = from_snapshot {
                 body["from_snapshot"] = json!(f);
+            }
+            if let Some(w) = cpu_weight {
+                body["cpu_weight"] = json!(w);
+            }
+            if let Some(c) = cpu_limit {
+                body["cpu_limit"] = json!(c);
+            }
+            if let Some(w) = io_weight {
+                body["io_weight"] = json!(w);
             }
             if let Some(m) = max_memory {
                 body["max_memory_mib"] = json!(m);
@@ -430,6 +451,27 @@ fn print_vm_details(v: &Value) {
         ),
         ("Image", s(&v["image"])),
     ];
+    let j = &v["jail"];
+    if j.is_object() {
+        let limit = |k: &str, unit: &str| match &j[k] {
+            Value::Null => "none on this host".to_string(),
+            x => format!("{}{unit}", s(x)),
+        };
+        rows.push((
+            "Jail",
+            format!(
+                "uid {}, memory limit {}, CPU weight {}{}, I/O weight {}",
+                s(&j["uid"]),
+                limit("memory_limit_mib", " MiB"),
+                limit("cpu_weight", ""),
+                j["cpu_limit"]
+                    .as_f64()
+                    .map(|c| format!(", at most {c} CPUs"))
+                    .unwrap_or_default(),
+                limit("io_weight", "")
+            ),
+        ));
+    }
     for nic in v["nics"].as_array().map(Vec::as_slice).unwrap_or_default() {
         rows.push((
             "NIC",

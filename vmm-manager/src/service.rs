@@ -305,7 +305,6 @@ impl VmService {
         VmInfo {
             spec: vm.current_spec(),
             status: lock(&vm.status).clone(),
-            jail: Jailer::info_of(&vm.dir),
         }
     }
 
@@ -338,6 +337,7 @@ impl VmService {
             pid: pid.filter(|_| state.is_active()),
             since_ms: now_ms(),
             seq: self.next_seq(),
+            jail: Jailer::info_of(&vm.dir).filter(|_| state.is_active()),
         };
         if let Ok(bytes) = serde_json::to_vec(&status) {
             let _ = VmDir::write_atomic(&vm.dir.status(), &bytes);
@@ -351,6 +351,7 @@ impl VmService {
             pid: status.pid,
             at_ms: status.since_ms,
             seq: status.seq,
+            jail: status.jail.clone(),
         });
         *current = status;
     }
@@ -389,6 +390,7 @@ impl VmService {
                 pid: None,
                 since_ms: now_ms(),
                 seq: 0,
+                jail: None,
             }),
             op: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
@@ -724,6 +726,9 @@ impl VmService {
             let pid = lock(&vm.runtime).as_ref().map(|r| r.pid).unwrap_or_default();
             self.jail.detach_disk(&vm.dir, pid, disk_id).await;
         }
+        if let Some(d) = lock(&vm.disks).iter().find(|d| d.id == disk_id) {
+            self.jail.give_back(d);
+        }
         lock(&vm.disks).retain(|d| d.id != disk_id);
         vm.save_spec()?;
         Ok(Self::info(&vm))
@@ -772,6 +777,9 @@ impl VmService {
         };
         let _op = vm.op.lock().await;
         self.stop_locked(&vm, true).await?;
+        for d in lock(&vm.disks).iter() {
+            self.jail.give_back(d);
+        }
         self.vms.write().unwrap_or_else(|p| p.into_inner()).remove(id);
         match std::fs::remove_dir_all(&vm.dir.dir) {
             Ok(()) => {}
@@ -787,6 +795,7 @@ impl VmService {
             pid: None,
             at_ms: now_ms(),
             seq: self.next_seq(),
+            jail: None,
         });
         Ok(())
     }
@@ -872,6 +881,7 @@ impl VmService {
                     pid: None,
                     since_ms: now_ms(),
                     seq: 0,
+                    jail: None,
                 })),
                 op: tokio::sync::Mutex::new(()),
                 runtime: Mutex::new(None),

@@ -483,6 +483,10 @@ pub struct VmStatus {
     /// it keeps growing across restarts. 0 in status files written before it existed.
     #[serde(default)]
     pub seq: u64,
+    /// The running VMM's jail: its user, cgroup and limits (absent while it is not
+    /// running, and with jailing off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailInfo>,
 }
 
 /// What `GET /vms/{id}` returns.
@@ -490,9 +494,6 @@ pub struct VmStatus {
 pub struct VmInfo {
     pub spec: VmSpec,
     pub status: VmStatus,
-    /// The VMM's jail: its user, cgroup and limits (absent with jailing off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jail: Option<crate::jail::JailInfo>,
 }
 
 /// The body of `POST /vms/{id}/resize`: the vCPUs and memory the VM should have.
@@ -519,6 +520,9 @@ pub struct VmEvent {
     /// The [`VmStatus::seq`] of this change (a delete takes the next one).
     #[serde(default)]
     pub seq: u64,
+    /// [`VmStatus::jail`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailInfo>,
 }
 
 /// Microseconds since the Unix epoch.

@@ -29,6 +29,7 @@ fn jailed(dir: &Path, script: &str) -> (bool, String) {
         devices: vec![],
         cgroup_procs: vec![],
         workdir: work,
+        env: vec!["HEARTH_JAILER_TEST=given".into()],
     };
     plan::system(&mut p);
     p.order();
@@ -69,6 +70,13 @@ fn a_jailed_process_has_no_privilege_and_sees_only_its_files() {
     assert_eq!(field("CapBnd"), "0000000000000000");
     assert_eq!(field("NoNewPrivs"), "1");
     assert_eq!(field("Seccomp"), "2");
+
+    // A clean environment: PATH, LANG, HOME and what the plan gives, nothing of ours.
+    let (ok, env) = jailed(tmp.path(), "env | sort");
+    assert!(ok, "{env}");
+    let mut names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    names.retain(|n| *n != "PWD" && *n != "SHLVL" && *n != "_");
+    assert_eq!(names, ["HEARTH_JAILER_TEST", "HOME", "LANG", "PATH"], "{env}");
 
     // The baseline filter refuses namespaces and tracing, which an unprivileged
     // process may otherwise use.

@@ -8,8 +8,8 @@
 // E2E_IMAGE (default tiny). Exit code 0 on success, 1 on failure.
 
 import net from 'node:net';
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
-import { resolve, join } from 'node:path';
+import { mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { resolve, join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const MARKER = 'HEARTH-GUEST-READY';
@@ -423,13 +423,15 @@ async function main() {
       log(`noVNC canvas ${info.width}x${info.height}, ${info.differingPercent}% of pixels differ from the most common colour`);
 
       const socketPath = QMP_TEMPLATE.replaceAll('{id}', vmId);
-      const pngPath = join(ARTIFACTS, 'qmp-screendump.png');
+      // QEMU runs jailed: it can write only inside its own VM directory.
+      const pngPath = join(dirname(socketPath), 'qmp-screendump.png');
       let best = null;
       for (let attempt = 1; attempt <= 5; attempt++) {
         await rm(pngPath, { force: true });
         await qmpScreendump(socketPath, pngPath);
         await until(async () => (await stat(pngPath)).size > 0, 5000, `QEMU did not write ${pngPath}`, 100);
         const png = await readFile(pngPath);
+        await writeFile(join(ARTIFACTS, 'qmp-screendump.png'), png);
         const r = await page.evaluate(compareWithPng, { pngBase64: png.toString('base64'), tol: 16 });
         if (r.error) throw new Error(r.error);
         log(`attempt ${attempt}: noVNC ${r.width}x${r.height}, QEMU ${r.pngWidth}x${r.pngHeight}, ${r.matchPercent}% of pixels match`);

@@ -26,9 +26,7 @@ async fn view(state: &AppState, rec: &VmRecord) -> Vm {
     match state.vmm.get(&rec.id).await {
         Ok(info) => {
             state.live.observe(&info);
-            let mut vm = Vm::from_record(rec, Some(&info.status), true);
-            vm.jail = info.jail.as_ref().map(Into::into);
-            vm
+            Vm::from_record(rec, Some(&info.status), true)
         }
         Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
         Err(_) => Vm::from_record(rec, None, false),

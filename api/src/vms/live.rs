@@ -79,6 +79,7 @@ impl LiveVms {
             pid: ev.pid,
             since_ms: ev.at_ms,
             seq: ev.seq,
+            jail: ev.jail,
         });
         self.apply(&ev.vm_id, ev.seq, status);
     }
@@ -146,6 +147,7 @@ mod tests {
             pid: None,
             since_ms: 0,
             seq,
+            jail: None,
         }
     }
 

@@ -286,6 +286,10 @@ impl Stack {
             if !self.args.iter().any(|a| a == "--cgroup-name") {
                 cmd.arg("--cgroup-name").arg(cgroup_name(self.dir.path()));
             }
+            if !self.args.iter().any(|a| a == "--jail-uid-base") {
+                cmd.arg("--jail-uid-base")
+                    .arg(jail_uid_base(self.dir.path()).to_string());
+            }
             cmd.arg("--all-in-one").arg("--images-dir").arg(images_dir());
         }
         cmd.args(["--listen", LISTEN])
@@ -610,6 +614,19 @@ impl Drop for Stack {
     }
 }
 
+/// VM users of their own for this stack: stacks run side by side in one test run,
+/// while a host has one vmm-manager (and so one range).
+pub fn jail_uid_base(data_dir: &Path) -> u32 {
+    let h = data_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    1_900_000_000 + (h % 100_000) as u32 * 1024
+}
+
 /// The cgroup (under the test's own) that holds this stack's VMs' cgroups.
 pub fn cgroup_name(data_dir: &Path) -> String {
     format!(
@@ -698,6 +715,7 @@ accel = "tcg"
 stop_timeout = 20
 cloud_hypervisor_binary = "{ch}"
 cgroup_name = "{cgroup}"
+jail_uid_base = {uid_base}
 
 [netd]
 socket = "{d}/run/netd.sock"
@@ -718,6 +736,7 @@ catalog_dir = "{images}"
 "#,
             ch = cloud_hypervisor_binary(),
             cgroup = cgroup_name(dir),
+            uid_base = jail_uid_base(dir),
             images = images_dir().display(),
         );
         std::fs::write(&config, text).expect("hearth.toml");

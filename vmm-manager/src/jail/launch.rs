@@ -303,14 +303,12 @@ fn jail(args: &[OsString]) -> io::Result<()> {
 
     drop_privileges(&plan)?;
 
-    let env: Vec<CString> = [
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "LANG=C.UTF-8",
-    ]
-    .iter()
-    .map(|s| CString::new(*s).map_err(io::Error::other))
-    .chain(std::iter::once(cstr(format!("HOME={}", plan.workdir.display()))))
-    .collect::<io::Result<_>>()?;
+    let env: Vec<CString> = super::base_env(&plan.workdir)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(plan.env.iter().cloned())
+        .map(cstr)
+        .collect::<io::Result<_>>()?;
     let bin_c = cstr(&binary)?;
     let argv: Vec<CString> = std::iter::once(Ok(bin_c.clone()))
         .chain(vmm_args.iter().map(cstr))

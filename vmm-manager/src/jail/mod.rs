@@ -48,6 +48,9 @@ pub struct JailConfig {
     /// The binary that serves the jailer (`__hearth-jail`): vmm-manager's own, or the
     /// all-in-one hearth-api's.
     pub exe: PathBuf,
+    /// The environment every VMM gets beyond `PATH`, `LANG` and `HOME` (a VMM starts
+    /// with a clean environment, jailed or not).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for JailConfig {
@@ -58,6 +61,7 @@ impl Default for JailConfig {
             uid_count: 1 << 20,
             cgroup_name: "hearth-vms".into(),
             exe: "/proc/self/exe".into(),
+            env: Vec::new(),
         }
     }
 }
@@ -425,6 +429,7 @@ impl Jailer {
                 .collect(),
             cgroup_procs: vec![],
             workdir: dir.dir.clone(),
+            env: self.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         };
         plan::system(&mut jp);
         for file in std::iter::once(&spec.kernel).chain(spec.initramfs.as_ref()) {
@@ -483,7 +488,10 @@ impl Jailer {
     pub fn command(&self, dir: &VmDir, binary: &Path, args: &[String]) -> Command {
         if !self.config.enabled {
             let mut c = Command::new(binary);
-            c.args(args);
+            c.args(args)
+                .env_clear()
+                .envs(base_env(&dir.dir))
+                .envs(self.config.env.iter().cloned());
             return c;
         }
         let mut c = Command::new(&self.config.exe);
@@ -567,6 +575,27 @@ impl Jailer {
         }
     }
 
+    /// A disk leaving the VM (detached, or the VM deleted) goes back to root, as
+    /// libvirt restores ownership: the next VM given this uid must not find it its own.
+    pub fn give_back(&self, disk: &DiskSpec) {
+        if !self.config.enabled {
+            return;
+        }
+        let path = match &disk.source {
+            DiskSource::File { path, .. } if !disk.readonly => path.clone(),
+            DiskSource::File { .. } => return,
+            DiskSource::VhostUser { socket } => match socket.parent() {
+                Some(d) => d.to_path_buf(),
+                None => return,
+            },
+        };
+        if let Ok(p) = std::fs::canonicalize(&path) {
+            if let Err(e) = chown(&p, 0, 0) {
+                tracing::warn!(disk = %disk.id, "{e}");
+            }
+        }
+    }
+
     /// After the VMM exited: removes its cgroup and the disks' mount points.
     pub fn release(&self, dir: &VmDir) {
         if let Some(r) = Self::read_record(dir) {
@@ -629,6 +658,18 @@ pub fn landlock_abi() -> i64 {
     v.max(0)
 }
 
+/// The environment a VMM starts with (plus [`JailConfig::env`]).
+pub fn base_env(home: &Path) -> Vec<(String, String)> {
+    vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("HOME".into(), home.display().to_string()),
+    ]
+}
+
 /// The jail's command-line settings, shared by vmm-manager and the all-in-one api.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JailArgs {
@@ -642,6 +683,17 @@ pub struct JailArgs {
     /// The directory under this daemon's own cgroup that holds the VMs' cgroups.
     #[arg(long, default_value = "hearth-vms")]
     pub cgroup_name: String,
+    /// An environment variable every VMM gets, KEY=VALUE (repeatable; VMMs otherwise
+    /// start with only PATH, LANG and HOME).
+    #[arg(long = "vmm-env", value_parser = parse_env)]
+    pub vmm_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 impl JailArgs {
@@ -650,6 +702,7 @@ impl JailArgs {
             enabled: !self.insecure_no_jail,
             uid_base: self.jail_uid_base,
             cgroup_name: self.cgroup_name.clone(),
+            env: self.vmm_env.clone(),
             ..JailConfig::default()
         }
     }

@@ -35,6 +35,9 @@ pub struct JailPlan {
     pub cgroup_procs: Vec<PathBuf>,
     /// The VMM's working directory (the VM's directory).
     pub workdir: PathBuf,
+    /// `KEY=VALUE` the VMM gets beyond PATH, LANG and HOME.
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 impl JailPlan {
@@ -182,6 +185,7 @@ mod tests {
             devices: vec![],
             cgroup_procs: vec![],
             workdir: "/run/vm".into(),
+            env: vec![],
         };
         plan.order();
         let order: Vec<_> = plan.binds.iter().map(|b| b.dst.display().to_string()).collect();
