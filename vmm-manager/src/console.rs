@@ -150,10 +150,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Keeps the serial socket connected and moves bytes both ways.
 async fn pump(socket: PathBuf, log: Option<PathBuf>, shared: Arc<Shared>, mut input: mpsc::Receiver<Bytes>) {
     let mut log_file = log.and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
+        crate::vm_dir::open_regular(&p, std::fs::OpenOptions::new().create(true).append(true))
             .map_err(|e| tracing::warn!(log = %p.display(), "cannot open console log: {e}"))
             .ok()
     });
@@ -198,7 +195,7 @@ async fn pump(socket: PathBuf, log: Option<PathBuf>, shared: Arc<Shared>, mut in
 
 /// The last `max` bytes of a file (all of it when shorter).
 pub fn read_tail(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = crate::vm_dir::open_regular(path, std::fs::OpenOptions::new().read(true))?;
     let len = f.metadata()?.len();
     let start = len.saturating_sub(max as u64);
     f.seek(SeekFrom::Start(start))?;

@@ -422,6 +422,7 @@ impl VmService {
                 Ok(Self::info(&vm))
             }
             Err(e) => {
+                self.jail.release(&vm.dir);
                 self.set_status(&vm, VmState::Failed, Some(format!("start failed: {e}")));
                 Err(e.into())
             }
@@ -504,10 +505,11 @@ impl VmService {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
                 let mut bytes = Vec::new();
-                let read = std::fs::File::open(&path).and_then(|mut f| {
-                    f.seek(std::io::SeekFrom::Start(offset))?;
-                    f.read_to_end(&mut bytes)
-                });
+                let read =
+                    crate::vm_dir::open_regular(&path, std::fs::OpenOptions::new().read(true)).and_then(|mut f| {
+                        f.seek(std::io::SeekFrom::Start(offset))?;
+                        f.read_to_end(&mut bytes)
+                    });
                 let Ok(n) = read else { continue };
                 offset += n as u64;
                 for ev in stream.push(&bytes) {
@@ -861,7 +863,7 @@ impl VmService {
                     continue;
                 }
             };
-            let last: Option<VmStatus> = std::fs::read(dir.status())
+            let last: Option<VmStatus> = crate::vm_dir::read_trusted(&dir.status())
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             // The counter starts at the wall clock; a clock that went back must not make

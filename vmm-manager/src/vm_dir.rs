@@ -68,20 +68,29 @@ impl VmDir {
     }
 
     pub fn read_spec(&self) -> std::io::Result<VmSpec> {
-        let bytes = std::fs::read(self.spec())?;
+        let bytes = read_trusted(&self.spec())?;
         serde_json::from_slice(&bytes).map_err(std::io::Error::other)
     }
 
     pub fn read_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.pid()).ok()?.trim().parse().ok()
+        String::from_utf8(read_trusted(&self.pid()).ok()?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
-    /// Writes `bytes` to `path` atomically (temp file + rename), so a crash never
-    /// leaves a torn spec or PID file.
+    /// Writes `bytes` to `path` atomically (a new temporary file under a random name,
+    /// then a rename), so a crash never leaves a torn spec or PID file, and a jailed
+    /// VMM, which may make files in its VM directory, cannot plant the temporary file.
     pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, path)
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new().prefix(".hearth-").tempfile_in(dir)?;
+        tmp.write_all(bytes)?;
+        std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
     }
 
     /// Removes the sockets and files a VMM leaves behind when it exits.
@@ -96,5 +105,74 @@ impl VmDir {
         ] {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Opens `path` without following a symbolic link and only if it is a regular file:
+/// a jailed VMM may put links, FIFOs or sockets in its VM directory, which vmm-manager
+/// (root) must never write through, read through or block on.
+pub fn open_regular(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Reads a file vmm-manager wrote itself: a regular file owned by this process's user.
+/// Anything else in its place (a VMM's planting) is refused.
+pub fn read_trusted(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut f = open_regular(path, std::fs::OpenOptions::new().read(true))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if f.metadata()?.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "{} is not vmm-manager's own file",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planted_links_and_foreign_files_are_refused() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let d = VmDir {
+            dir: tmp.path().to_path_buf(),
+        };
+        VmDir::write_atomic(&d.pid(), b"42")?;
+        assert_eq!(d.read_pid(), Some(42));
+        // A link where the pid file was: never followed.
+        std::fs::remove_file(d.pid())?;
+        std::fs::write(tmp.path().join("elsewhere"), b"7")?;
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), d.pid())?;
+        assert_eq!(d.read_pid(), None);
+        // The write replaces the link, and writes nothing through it.
+        VmDir::write_atomic(&d.pid(), b"43")?;
+        assert_eq!(std::fs::read(tmp.path().join("elsewhere"))?, b"7");
+        assert_eq!(d.read_pid(), Some(43));
+        // A file someone else owns is not vmm-manager's.
+        std::fs::write(d.spec(), b"{}")?;
+        std::os::unix::fs::chown(d.spec(), Some(1_900_000_123), None)?;
+        assert!(d.read_spec().is_err());
+        // A FIFO is refused at once instead of blocking.
+        let fifo = std::ffi::CString::new(tmp.path().join("fifo").as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert!(open_regular(&tmp.path().join("fifo"), std::fs::OpenOptions::new().read(true)).is_err());
+        Ok(())
     }
 }

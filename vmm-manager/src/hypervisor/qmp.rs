@@ -21,6 +21,7 @@ async fn execute_inner(socket: &Path, command: &str, arguments: Option<Value>) -
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))?;
+    check_peer(socket, &stream)?;
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
     // Greeting, then capabilities negotiation.
@@ -93,6 +94,7 @@ fn execute_with_fd_blocking(
     use std::os::fd::AsRawFd;
     let stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))?;
+    check_peer(socket, &stream)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut lines = std::io::BufReader::new(stream.try_clone()?).lines();
     let mut reply = |what: &str| -> Result<Value, VmmError> {
@@ -128,7 +130,8 @@ fn execute_with_fd_blocking(
     };
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut control = vec![0u8; space];
+    // u64s: aligned for a cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
     // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call,
     // and the control buffer is CMSG_SPACE bytes for one descriptor.
     let sent = unsafe {
@@ -154,4 +157,48 @@ fn execute_with_fd_blocking(
     let line = format!("{}\n", json!({"execute": command, "arguments": arguments}));
     (&stream).write_all(line.as_bytes())?;
     reply(command)
+}
+
+/// A jailed QEMU makes its QMP socket in a directory it may write: what answers there
+/// must be a process of the VM's own user (a link it put in the socket's place could
+/// point vmm-manager at another VM's QEMU). Without a jail record, anyone root trusts.
+fn check_peer(socket: &Path, stream: &impl std::os::fd::AsRawFd) -> Result<(), VmmError> {
+    let Some(dir) = socket.parent() else { return Ok(()) };
+    let vm = crate::vm_dir::VmDir { dir: dir.to_path_buf() };
+    let Some(jail) = crate::jail::Jailer::info_of(&vm) else {
+        return Ok(());
+    };
+    if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(VmmError::Control(format!(
+            "{} is a symbolic link, not the VMM's socket",
+            socket.display()
+        )));
+    }
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for getsockopt to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(VmmError::Control(format!(
+            "SO_PEERCRED: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if cred.uid != jail.uid {
+        return Err(VmmError::Control(format!(
+            "{} is served by uid {}, not the VM's user {}",
+            socket.display(),
+            cred.uid,
+            jail.uid
+        )));
+    }
+    Ok(())
 }

@@ -279,10 +279,15 @@ impl CgroupLayout {
         }
         if let Some(h) = &self.io {
             let d = h.parent().join(id);
-            match h {
-                Hierarchy::V2(_) => write(&d, "io.weight", &format!("default {}", limits.io_weight))?,
+            let written = match h {
+                Hierarchy::V2(_) => write(&d, "io.weight", &format!("default {}", limits.io_weight)),
                 // blkio.weight takes 10..=1000.
-                Hierarchy::V1(_) => write(&d, "blkio.weight", &limits.io_weight.clamp(10, 1000).to_string())?,
+                Hierarchy::V1(_) => write(&d, "blkio.weight", &limits.io_weight.clamp(10, 1000).to_string()),
+            };
+            // The controller is there, yet weights need the I/O scheduler's support
+            // (BFQ, or v2's iocost): without it the VM runs unweighted, not at all.
+            if let Err(e) = written {
+                tracing::warn!(vm = id, "no I/O weight: {e}");
             }
         }
         Ok(dirs.iter().map(|d| d.join("cgroup.procs")).collect())
@@ -302,7 +307,20 @@ pub fn remove(dirs: &[PathBuf]) {
             continue;
         }
         let mut removed = false;
-        for _ in 0..50 {
+        for attempt in 0..50 {
+            if attempt == 10 {
+                // What is left there is the VM's (a VMM that outlived its supervision):
+                // it must not live on under a uid the next VM in its slot gets.
+                for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                {
+                    if let Ok(pid) = pid.parse::<libc::pid_t>() {
+                        // SAFETY: kill takes integers.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
             match std::fs::remove_dir(d) {
                 Ok(()) => {
                     removed = true;

@@ -511,18 +511,63 @@ pub const DENIED_SYSCALLS: &[(&str, libc::c_long)] = &[
 
 /// Installs the jail's baseline filter (after `no_new_privs`, which lets an
 /// unprivileged process install one).
+/// The x32 ABI's number for an x86-64 system call (same arch in the filter's check).
+const X32: libc::c_long = 0x4000_0000;
+
 fn install_seccomp() -> io::Result<()> {
-    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-    let rules = DENIED_SYSCALLS.iter().map(|(_, nr)| (*nr, vec![])).collect();
-    let filter = SeccompFilter::new(
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+        TargetArch,
+    };
+    let build = |e: seccompiler::BackendError| io::Error::other(format!("building the seccomp filter: {e}"));
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = DENIED_SYSCALLS
+        .iter()
+        .flat_map(|(_, nr)| [(*nr, vec![]), (*nr | X32, vec![])])
+        .collect();
+    // clone with a namespace flag is unshare by another name.
+    let ns_flags = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ];
+    let clone_rules = ns_flags
+        .iter()
+        .map(|f| {
+            let flag = *f as u64;
+            SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
+                .and_then(|c| SeccompRule::new(vec![c]))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(build)?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    let denied = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         TargetArch::x86_64,
     )
-    .map_err(|e| io::Error::other(format!("building the seccomp filter: {e}")))?;
-    let program: BpfProgram = filter
-        .try_into()
-        .map_err(|e| io::Error::other(format!("compiling the seccomp filter: {e}")))?;
-    seccompiler::apply_filter(&program).map_err(|e| io::Error::other(format!("installing the seccomp filter: {e}")))
+    .map_err(build)?;
+    // clone3 hides its flags in memory a filter cannot read: ENOSYS, so the C
+    // library falls back to clone (as container runtimes do).
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, vec![]), (libc::SYS_clone3 | X32, vec![])]
+            .into_iter()
+            .collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    for filter in [denied, clone3] {
+        let program: BpfProgram = filter
+            .try_into()
+            .map_err(|e| io::Error::other(format!("compiling the seccomp filter: {e}")))?;
+        seccompiler::apply_filter(&program)
+            .map_err(|e| io::Error::other(format!("installing the seccomp filter: {e}")))?;
+    }
+    Ok(())
 }

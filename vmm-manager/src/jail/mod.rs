@@ -191,7 +191,7 @@ impl Jailer {
     }
 
     fn read_record(dir: &VmDir) -> Option<JailRecord> {
-        serde_json::from_slice(&std::fs::read(Self::record_path(dir)).ok()?).ok()
+        serde_json::from_slice(&crate::vm_dir::read_trusted(&Self::record_path(dir)).ok()?).ok()
     }
 
     /// The jail a VM had or has (`None` when jailing is off or the VM never started).
@@ -316,12 +316,33 @@ impl Jailer {
             dst: at,
             writable,
         }];
-        for b in plan::backing_chain(&src) {
-            binds.push(Bind {
-                src: std::fs::canonicalize(&b).unwrap_or_else(|_| b.clone()),
-                dst: b,
-                writable: false,
-            });
+        if matches!(
+            disk.source,
+            DiskSource::File {
+                format: crate::spec::DiskFormat::Qcow2,
+                ..
+            }
+        ) {
+            // The header of a writable image is the VMM's to rewrite: a backing file it
+            // names is mounted only if any local user may read it anyway (a world-
+            // readable regular file, not writable but by its owner), read-only.
+            for b in plan::backing_chain(&src) {
+                let Ok(real) = std::fs::canonicalize(&b) else { break };
+                let ok = std::fs::metadata(&real)
+                    .is_ok_and(|m| m.is_file() && m.mode() & 0o004 != 0 && m.mode() & 0o022 == 0);
+                if !ok {
+                    return Err(io::Error::other(format!(
+                        "disk {:?}: its backing file {} is not a world-readable, read-only file",
+                        disk.id,
+                        b.display()
+                    )));
+                }
+                binds.push(Bind {
+                    src: real,
+                    dst: b,
+                    writable: false,
+                });
+            }
         }
         Ok(binds)
     }
@@ -389,9 +410,17 @@ impl Jailer {
         // The VM's directory: root's, group the VM's, sticky.
         chown(&dir.dir, 0, gid)?;
         chmod(&dir.dir, 0o1770)?;
-        for f in [dir.console_log(), dir.vmm_log(), dir.events()] {
-            if f.exists() {
-                chown(&f, uid, gid)?;
+        // The files the VMM writes itself (never followed if the last VMM left a link
+        // in their place). Cloud Hypervisor's console log is vmm-manager's own.
+        let mut own = vec![dir.vmm_log(), dir.events()];
+        if spec.hypervisor == crate::spec::HypervisorKind::Qemu {
+            own.push(dir.console_log());
+        }
+        for f in own {
+            match std::fs::symlink_metadata(&f) {
+                Ok(m) if m.is_file() => std::os::unix::fs::lchown(&f, Some(uid), Some(gid))?,
+                Ok(_) => std::fs::remove_file(&f)?,
+                Err(_) => {}
             }
         }
         let root = dir.dir.join("root");
@@ -399,10 +428,12 @@ impl Jailer {
         let disks_dir = dir.dir.join("disks");
         std::fs::create_dir_all(&disks_dir)?;
         chmod(&disks_dir, 0o755)?;
+        // Saved states: root's (the VMM may read them; only a Cloud Hypervisor saving
+        // one gets that one's `vmm/` directory).
         let states = self.states_of(&spec.id);
         std::fs::create_dir_all(&states)?;
-        chown(&states, 0, gid)?;
-        chmod(&states, 0o1770)?;
+        chown(&states, 0, 0)?;
+        chmod(&states, 0o755)?;
 
         let mut jp = JailPlan {
             uid,
@@ -504,12 +535,16 @@ impl Jailer {
         c
     }
 
-    /// The cgroup and the VM's directory for a state it saves (`dest`, made by root).
-    pub fn hand_over_state_dir(&self, dir: &VmDir, dest: &Path) -> io::Result<()> {
+    /// The directory a Cloud Hypervisor writes a state it saves into (`dest`, just made
+    /// by root). QEMU gets a descriptor instead and is handed nothing.
+    pub fn hand_over_state_dir(&self, dir: &VmDir, kind: HypervisorKind, dest: &Path) -> io::Result<()> {
+        if kind != HypervisorKind::CloudHypervisor {
+            return Ok(());
+        }
         let Some(r) = self.enabled().then(|| Self::read_record(dir)).flatten() else {
             return Ok(());
         };
-        chown(dest, r.info.uid, r.info.gid)
+        std::os::unix::fs::lchown(dest, Some(r.info.uid), Some(r.info.gid))
     }
 
     /// Hot-plug: hands `disk` over and mounts it into the running VMM's namespace.

@@ -76,7 +76,8 @@ impl VmService {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("vmm"))?;
         // A jailed VMM writes its state itself, as the VM's user.
-        self.jail.hand_over_state_dir(&vm.dir, &dir.join("vmm"))?;
+        self.jail
+            .hand_over_state_dir(&vm.dir, vm.driver.kind(), &dir.join("vmm"))?;
         let saved = async {
             let spec = serde_json::to_vec_pretty(&vm.current_spec()).map_err(std::io::Error::other)?;
             std::fs::write(dir.join("spec.json"), spec)?;
@@ -137,7 +138,7 @@ impl VmService {
             name: name.to_string(),
         };
         read_saved(&dir, name).ok_or_else(missing)?;
-        let spec: VmSpec = std::fs::read(dir.join("spec.json"))
+        let spec: VmSpec = crate::vm_dir::read_trusted(&dir.join("spec.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(missing)?;
@@ -149,6 +150,7 @@ impl VmService {
         let pid = match vm.driver.launch_restore(&vm.dir, &spec, &dir.join("vmm")).await {
             Ok(pid) => pid,
             Err(e) => {
+                self.jail.release(&vm.dir);
                 self.set_status(
                     &vm,
                     VmState::Failed,
