@@ -17,10 +17,24 @@ pub async fn execute(socket: &Path, command: &str, arguments: Option<Value>) -> 
         .map_err(|_| VmmError::Control(format!("QMP {command} timed out")))?
 }
 
+/// QEMU serves one QMP client at a time and listens with a short backlog: while
+/// another client (a user's tool, a monitor) holds it, a connect can find the backlog
+/// full (EAGAIN). That is retried for a moment, not taken for a dead VMM.
+async fn connect(socket: &Path) -> Result<UnixStream, VmmError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(VmmError::Control(format!("{}: {e}", socket.display()))),
+        }
+    }
+}
+
 async fn execute_inner(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))?;
+    let stream = connect(socket).await?;
     check_peer(socket, &stream)?;
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
@@ -92,8 +106,16 @@ fn execute_with_fd_blocking(
 ) -> Result<Value, VmmError> {
     use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(VmmError::Control(format!("{}: {e}", socket.display()))),
+        }
+    };
     check_peer(socket, &stream)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut lines = std::io::BufReader::new(stream.try_clone()?).lines();
