@@ -36,11 +36,24 @@ fn start(run_dir: &Path) -> Daemon {
         .arg("--run-dir")
         .arg(run_dir)
         .args(["--cloud-hypervisor-binary", &ch, "--stop-timeout", "10"])
+        .arg("--cgroup-name")
+        .arg(cgroup_name(run_dir))
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn vmm-manager");
     Daemon(child)
+}
+
+/// The cgroup (under this test's own) that holds the VMs' cgroups: removed at the end.
+fn cgroup_name(run_dir: &Path) -> String {
+    format!(
+        "hearth-{}",
+        run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    )
 }
 
 async fn wait_healthy(client: &VmmClient) {
@@ -75,6 +88,8 @@ async fn console_says(client: &VmmClient, id: &str, input: &str, expect: &str) {
 #[tokio::test]
 async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // Dropped last: after the VMM is killed, its cgroup can go.
+    let _cgroups = testkit::CgroupCleanup(cgroup_name(tmp.path()));
     let _reaper = VmmReaper(tmp.path().to_path_buf());
     let client = VmmClient::new(tmp.path().join("vmm-manager.sock"));
     let mut daemon = start(tmp.path());
