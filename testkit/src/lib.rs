@@ -330,6 +330,17 @@ fn tree_size(dir: &Path) -> u64 {
 pub struct CgroupCleanup(pub String);
 
 impl CgroupCleanup {
+    /// The cgroup name (`--cgroup-name`) for the VMs of a test whose data or run
+    /// directory is `dir`: its own, so the test can remove it.
+    pub fn name_for(dir: &std::path::Path) -> String {
+        format!(
+            "hearth-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )
+    }
+
     /// The directories named `name` under this process's cgroup in each hierarchy.
     pub fn dirs(name: &str) -> Vec<std::path::PathBuf> {
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();

@@ -47,13 +47,7 @@ fn start(run_dir: &Path) -> Daemon {
 
 /// The cgroup (under this test's own) that holds the VMs' cgroups: removed at the end.
 fn cgroup_name(run_dir: &Path) -> String {
-    format!(
-        "hearth-{}",
-        run_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    )
+    testkit::CgroupCleanup::name_for(run_dir)
 }
 
 async fn wait_healthy(client: &VmmClient) {

@@ -629,13 +629,7 @@ pub fn jail_uid_base(data_dir: &Path) -> u32 {
 
 /// The cgroup (under the test's own) that holds this stack's VMs' cgroups.
 pub fn cgroup_name(data_dir: &Path) -> String {
-    format!(
-        "hearth-{}",
-        data_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    )
+    testkit::CgroupCleanup::name_for(data_dir)
 }
 
 /// Requests to the stack's api, independent of the [`Stack`] value.

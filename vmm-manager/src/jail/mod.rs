@@ -123,7 +123,8 @@ pub struct Jailer {
     run_dir: PathBuf,
     state_dir: PathBuf,
     layout: CgroupLayout,
-    support: CgroupSupport,
+    /// What the host offers, read once (`/health/ready` asks on every probe).
+    support: JailSupport,
     slots: Mutex<()>,
 }
 
@@ -150,7 +151,8 @@ fn socket_dir_in_jail(disk: &Path) -> PathBuf {
 
 impl Jailer {
     pub fn new(config: JailConfig, run_dir: &Path, state_dir: &Path) -> Self {
-        let (layout, support) = cgroup::detect(&config.cgroup_name);
+        let (layout, cgroups) = cgroup::detect(&config.cgroup_name);
+        let support = support(config.enabled, &cgroups);
         if !config.enabled {
             tracing::warn!("INSECURE: VMMs run as root, unconfined and unlimited (jailing is turned off)");
         }
@@ -179,7 +181,7 @@ impl Jailer {
     }
 
     pub fn support(&self) -> JailSupport {
-        support(self.config.enabled, &self.support)
+        self.support.clone()
     }
 
     fn record_path(dir: &VmDir) -> PathBuf {
@@ -556,21 +558,16 @@ impl Jailer {
         let r = Self::read_record(dir).ok_or_else(|| io::Error::other("the VM's jail record is missing"))?;
         let binds = self.hand_over_disk(dir, disk, r.info.uid, r.info.gid)?;
         for b in &binds {
-            let out = tokio::process::Command::new(&self.config.exe)
-                .arg(launch::BIND_ARG)
-                .arg(pid.to_string())
-                .arg(&b.src)
-                .arg(&b.dst)
-                .arg(if b.writable { "rw" } else { "ro" })
-                .output()
-                .await?;
-            if !out.status.success() {
-                return Err(io::Error::other(format!(
-                    "putting disk {:?} into the VM's jail: {}",
-                    disk.id,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
+            let mode = if b.writable { "rw" } else { "ro" };
+            let args = [
+                launch::BIND_ARG.as_ref(),
+                b.src.as_os_str(),
+                b.dst.as_os_str(),
+                mode.as_ref(),
+            ];
+            self.namespace_helper(pid, &args)
+                .await
+                .map_err(|e| io::Error::other(format!("putting disk {:?} into the VM's jail: {e}", disk.id)))?;
         }
         Ok(self.disk_view(dir, disk))
     }
@@ -581,32 +578,35 @@ impl Jailer {
             return;
         }
         let at = disk_in_jail(dir, disk_id);
-        let out = tokio::process::Command::new(&self.config.exe)
-            .arg(launch::UNBIND_ARG)
-            .arg(pid.to_string())
-            .arg(&at)
-            .output()
-            .await;
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => tracing::warn!(
-                disk = disk_id,
-                "cannot take the disk out of the VM's jail: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => tracing::warn!(disk = disk_id, "cannot take the disk out of the VM's jail: {e}"),
+        // A vhost-user disk has its socket's directory mounted at `<id>.d` instead.
+        let sockets = socket_dir_in_jail(&at);
+        let mounted = if sockets.exists() { &sockets } else { &at };
+        if let Err(e) = self
+            .namespace_helper(pid, &[launch::UNBIND_ARG.as_ref(), mounted.as_os_str()])
+            .await
+        {
+            tracing::warn!(disk = disk_id, "cannot take the disk out of the VM's jail: {e}");
         }
         let _ = std::fs::remove_file(&at);
-        let sockets = socket_dir_in_jail(&at);
-        if sockets.exists() {
-            // A vhost-user disk: its socket's directory was mounted there.
-            let _ = tokio::process::Command::new(&self.config.exe)
-                .arg(launch::UNBIND_ARG)
-                .arg(pid.to_string())
-                .arg(&sockets)
-                .output()
-                .await;
-            let _ = std::fs::remove_dir(&sockets);
+        let _ = std::fs::remove_dir(&sockets);
+    }
+
+    /// Runs the jailer binary's namespace helper (`args[0]` names it) on process
+    /// `pid`'s mount namespace; its error output becomes the error.
+    async fn namespace_helper(&self, pid: u32, args: &[&std::ffi::OsStr]) -> io::Result<()> {
+        let (helper, rest) = args.split_first().ok_or_else(|| io::Error::other("no helper named"))?;
+        let out = tokio::process::Command::new(&self.config.exe)
+            .arg(helper)
+            .arg(pid.to_string())
+            .args(rest)
+            .output()
+            .await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
         }
     }
 
