@@ -42,7 +42,8 @@ HEARTH_BUILD_PACKAGES=(protobuf-compiler libprotobuf-dev)
 # etcd-server, etcd-client: the etcd state store's tests start their own etcd.
 # wrk: the REST API load benchmark (scripts/bench_api.py).
 # openssl: the NBD TLS tests make their CA and certificates with it.
-HEARTH_TEST_PACKAGES=(procps binutils curl python3 fdisk e2fsprogs chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client etcd-server etcd-client wrk openssl)
+# postgresql-client: psql, the client of the managed databases' tests.
+HEARTH_TEST_PACKAGES=(procps binutils curl python3 fdisk e2fsprogs chromium lvm2 xfsprogs nbdkit libnbd-bin python3-libnbd fio openssh-client etcd-server etcd-client wrk openssl postgresql-client)
 
 # Shared cargo target directory, outside the clone, so CI and local runs reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/hearth/target}"

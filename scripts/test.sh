@@ -38,9 +38,10 @@ fi
 ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}" "${HEARTH_TEST_PACKAGES[@]}"
 mkdir -p "$CARGO_TARGET_DIR"
 
-echo "==> building the guest images (tiny, debian; cached)"
+echo "==> building the guest images (tiny, debian, postgres; cached)"
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
 guest-images/debian/build.sh "$HEARTH_IMAGE_CACHE/debian"
+guest-images/postgres/build.sh "$HEARTH_IMAGE_CACHE/postgres"
 guest-images/pvh-count/build.sh "$HEARTH_IMAGE_CACHE/pvh-count"
 # The .debs that debian guests install to run on a real device-mapper (these hosts
 # have none): lvm2 and thin-provisioning-tools for blockd's thin-pool suite, and a

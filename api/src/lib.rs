@@ -24,6 +24,7 @@ pub use hearth_store as store;
 pub mod auth;
 pub mod console;
 pub mod daemons;
+pub mod databases;
 pub mod envelope;
 pub mod events;
 pub mod idempotency;

@@ -75,6 +75,10 @@ pub struct CreateVm {
     /// Relative I/O weight, 1..=10000 (default 100), where the host's cgroups have one.
     #[serde(default)]
     pub io_weight: Option<u32>,
+    /// Set only by a managed service creating its VM; never read from a request.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub managed_by: Option<String>,
 }
 
 /// Which VMM runs a VM (the api's own: vmm-manager's enum stays behind the edge).
@@ -289,6 +293,10 @@ pub struct VmRecord {
     /// CPU and I/O shares asked for at create.
     #[serde(default, skip_serializing_if = "vmm_manager::spec::VmLimits::is_default")]
     pub limits: vmm_manager::spec::VmLimits,
+    /// The managed service the VM belongs to (`database/<name>`): it gets a guest
+    /// agent channel, and only that service deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.

@@ -47,6 +47,7 @@ pub struct IdempotencyKey(#[allow(dead_code)] Option<String>);
         (name = "networks", description = "Bridged networks with IP address management"),
         (name = "volumes", description = "Disks that outlive VMs: snapshots, clones, NBD exports"),
         (name = "images", description = "The content-addressed image cache"),
+        (name = "databases", description = "Managed PostgreSQL: a server in its own VM, its data on a volume, TLS and SCRAM only. Parameters a database may set: autovacuum, autovacuum_max_workers, autovacuum_naptime, autovacuum_vacuum_scale_factor, checkpoint_completion_target, checkpoint_timeout, default_statistics_target, effective_cache_size, effective_io_concurrency, idle_in_transaction_session_timeout, jit, lock_timeout, log_connections, log_disconnections, log_min_duration_statement, log_statement, maintenance_work_mem, max_connections, max_parallel_workers, max_parallel_workers_per_gather, max_wal_size, max_worker_processes, min_wal_size, random_page_cost, shared_buffers, statement_timeout, timezone, wal_compression, work_mem"),
         (name = "operations", description = "Long-running work"),
         (name = "events", description = "Server-sent events"),
         (name = "identity", description = "Users, projects, API keys and roles"),

@@ -48,6 +48,8 @@ pub const VMS_WRITE: Permission = write("vms.write");
 pub const CONSOLES_READ: Permission = read("consoles.read");
 pub const VOLUMES_READ: Permission = read("volumes.read");
 pub const VOLUMES_WRITE: Permission = write("volumes.write");
+pub const DATABASES_READ: Permission = read("databases.read");
+pub const DATABASES_WRITE: Permission = write("databases.write");
 pub const NETWORKS_READ: Permission = read("networks.read");
 pub const NETWORKS_WRITE: Permission = write("networks.write");
 pub const IMAGES_READ: Permission = read("images.read");
@@ -73,6 +75,8 @@ pub const ALL: &[Permission] = &[
     CONSOLES_READ,
     VOLUMES_READ,
     VOLUMES_WRITE,
+    DATABASES_READ,
+    DATABASES_WRITE,
     NETWORKS_READ,
     NETWORKS_WRITE,
     IMAGES_READ,

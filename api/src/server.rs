@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use crate::permissions::{self, RouteTable};
 use crate::state::{open_state, AllInOne, ApiConfig, AppState};
-use crate::{auth, console, identity, images, networks, vms, volumes};
+use crate::{auth, console, databases, identity, images, networks, vms, volumes};
 
 pub fn router(state: Arc<AppState>) -> Router {
     let (router, doc) = api_router().split_for_parts();
@@ -88,6 +88,15 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(API_KEYS, routes!(identity::http::list_keys)))
         .routes(permit(API_KEYS, routes!(identity::http::create_key)))
         .routes(permit(API_KEYS, routes!(identity::http::revoke_key)))
+        .routes(permit(DATABASES_READ, routes!(databases::http::list)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::create)))
+        .routes(permit(DATABASES_READ, routes!(databases::http::show)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::update)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::delete)))
+        .routes(permit(DATABASES_READ, routes!(databases::http::ca_pem)))
+        .routes(permit(DATABASES_READ, routes!(databases::http::logs)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::reset_password)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::action)))
         .routes(permit(NETWORKS_READ, routes!(networks::http::list)))
         .routes(permit(NETWORKS_WRITE, routes!(networks::http::create)))
         .routes(permit(NETWORKS_READ, routes!(networks::http::show)))

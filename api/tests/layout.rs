@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 const MAX_LINES: usize = 600;
 
 /// The folders of the public resources, whose errors are typed.
-const RESOURCE_FOLDERS: [&str; 5] = ["vms", "volumes", "networks", "images", "identity"];
+const RESOURCE_FOLDERS: [&str; 6] = ["vms", "volumes", "networks", "images", "identity", "databases"];
 
 /// The files of a resource folder that may name the public error envelope.
 const EDGE_FILES: [&str; 2] = ["http.rs", "error.rs"];

@@ -8,6 +8,7 @@
 //! the defaults `http://127.0.0.1:8080`, `/var/lib/hearth/admin.key` and `default`.
 
 mod client;
+mod database;
 pub mod doctor;
 mod identity;
 mod image;
@@ -74,6 +75,9 @@ pub enum Command {
     /// Manage networks.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Managed PostgreSQL databases.
+    #[command(subcommand)]
+    Db(database::DbCommand),
     /// Manage volumes: data disks that outlive VMs.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
@@ -145,6 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(cmd) => vm(&api, out, cmd).await,
         Command::Console { vm, read_only } => terminal::attach(&api, &vm, !read_only).await,
         Command::Network(cmd) => network(&api, out, cmd).await,
+        Command::Db(cmd) => database::run(&api, out, cmd).await,
         Command::Volume(cmd) => volume::run(&api, out, cmd).await,
         Command::Image(cmd) => image::run(&api, out, cmd).await,
         Command::Project(cmd) => identity::project(&api, out, cmd).await,

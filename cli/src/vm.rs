@@ -353,12 +353,8 @@ async fn action(
 
 /// Waits for the operation in a `202 Accepted` body, showing its progress on stderr,
 /// then prints the VM.
-async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm: &str) -> anyhow::Result<()> {
-    let op_id = accepted["operation"]["id"].as_str().unwrap_or_default().to_string();
-    if no_wait {
-        print_value(out, &accepted, |a| println!("{}", op_line(&a["operation"])));
-        return Ok(());
-    }
+/// Follows an operation to its end (its steps on stderr); an error if it failed.
+pub(crate) async fn wait_operation(api: &ApiClient, out: Output, op_id: &str) -> anyhow::Result<Value> {
     let mut last = String::new();
     let op = loop {
         let op = api.get(&format!("/v1/operations/{op_id}?wait=10")).await?;
@@ -378,6 +374,16 @@ async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm
             op["error"]["message"].as_str().unwrap_or("unknown error")
         );
     }
+    Ok(op)
+}
+
+async fn finish(api: &ApiClient, out: Output, accepted: Value, no_wait: bool, vm: &str) -> anyhow::Result<()> {
+    let op_id = accepted["operation"]["id"].as_str().unwrap_or_default().to_string();
+    if no_wait {
+        print_value(out, &accepted, |a| println!("{}", op_line(&a["operation"])));
+        return Ok(());
+    }
+    let op = wait_operation(api, out, &op_id).await?;
     if op["kind"] == "vm.delete" {
         if out == Output::Json {
             println!("{}", serde_json::to_string_pretty(&op)?);

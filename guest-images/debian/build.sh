@@ -30,7 +30,14 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 IMAGE_CACHE=${HEARTH_IMAGE_CACHE:-/var/cache/hearth/images}
-OUT_DIR=${1:-$IMAGE_CACHE/debian}
+# A recipe that builds on this one (guest-images/postgres) sets FLAVOUR_* and sources
+# this script: FLAVOUR_NAME, FLAVOUR_PACKAGES (instead of PACKAGES), FLAVOUR_MASK_UNITS
+# and FLAVOUR_ENABLE_UNITS (added), FLAVOUR_ROOTFS (a directory laid over rootfs/),
+# FLAVOUR_EXECUTABLES (its executable files), FLAVOUR_HASH (more recipe input),
+# FLAVOUR_CUSTOMIZE (a mmdebstrap customize hook body; the root tree is $1) and
+# FLAVOUR_NOTABLE_PACKAGES.
+IMAGE_NAME=${FLAVOUR_NAME:-debian}
+OUT_DIR=${1:-$IMAGE_CACHE/$IMAGE_NAME}
 DEB_CACHE=${HEARTH_DEB_CACHE:-/var/cache/hearth/debs}
 SUITE=bookworm
 MIRROR=${HEARTH_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -38,19 +45,19 @@ SECURITY_MIRROR=${HEARTH_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-se
 # lz4: the initramfs compressor (fastest to unpack under emulation). No
 # systemd-resolved: it and the D-Bus it needs cost ~10 s of a TCG boot;
 # hearth-resolv-conf (rootfs/) writes /etc/resolv.conf from networkd's state.
-PACKAGES="systemd-sysv udev cloud-init openssh-server linux-image-cloud-amd64
-initramfs-tools iproute2 netbase ca-certificates lz4"
+PACKAGES=${FLAVOUR_PACKAGES:-"systemd-sysv udev cloud-init openssh-server linux-image-cloud-amd64
+initramfs-tools iproute2 netbase ca-certificates lz4"}
 # Installed versions recorded in image.json (the full list is packages.txt).
-NOTABLE_PACKAGES="base-files cloud-init systemd openssh-server python3 libc6 initramfs-tools e2fsprogs"
+NOTABLE_PACKAGES="base-files cloud-init systemd openssh-server python3 libc6 initramfs-tools e2fsprogs ${FLAVOUR_NOTABLE_PACKAGES:-}"
 # Units a hearth guest never needs; each costs boot time under TCG (e2scrub_reap
 # alone ~30 s, networkd-wait-online ~14 s when a NIC has no carrier).
 # cloud-config.service: its modules run in cloud-final (rootfs/etc/cloud/cloud.cfg.d).
 MASK_UNITS="apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrade.service
 dpkg-db-backup.timer dpkg-db-backup.service e2scrub_all.timer e2scrub_all.service
 e2scrub_reap.service fstrim.timer fstrim.service systemd-networkd-wait-online.service
-cloud-config.service"
-ENABLE_UNITS="systemd-networkd.service hearth-guest-ready.service hearth-resolv-conf.path
-hearth-resolv-conf.service"
+cloud-config.service ${FLAVOUR_MASK_UNITS:-}"
+ENABLE_UNITS=${FLAVOUR_ENABLE_UNITS:-"systemd-networkd.service hearth-guest-ready.service hearth-resolv-conf.path
+hearth-resolv-conf.service"}
 DISK_SIZE=$((2 * 1024 * 1024 * 1024))
 # Fixed, so the same inputs give the same file system identity.
 FS_UUID=5f2d5a0c-8e1f-4b4a-9a57-68e6a1d0b5e1
@@ -66,7 +73,7 @@ OUT_FILES="disk.raw vmlinuz vmlinux initrd.img cmdline image.json packages.txt"
 
 export LC_ALL=C
 umask 022
-RECIPE=debian
+RECIPE=$IMAGE_NAME
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$HERE/../lib.sh"
 
@@ -85,7 +92,11 @@ hearth_traps
 recipe_hash() {
 	# build.sh, rootfs/, mke2fs.conf and the shared ../lib.sh (not README.md).
 	# Modes are set explicitly below, so only names, link targets and contents count.
-	hearth_hash_files "$HERE/.." debian/build.sh debian/rootfs debian/mke2fs.conf lib.sh
+	# A flavour's own inputs (its recipe, its files) are hashed in too.
+	{
+		hearth_hash_files "$HERE/.." debian/build.sh debian/rootfs debian/mke2fs.conf lib.sh
+		echo "${FLAVOUR_HASH:-}"
+	} | sha256sum | cut -d' ' -f1
 }
 
 # The packages and everything they depend on (all alternatives), as the host's apt
@@ -135,7 +146,7 @@ up_to_date() {
 }
 
 if up_to_date; then
-	echo "debian image up to date"
+	echo "$IMAGE_NAME image up to date"
 	exit 0
 fi
 
@@ -146,7 +157,7 @@ mkdir -p "$(dirname "$OUT_DIR")"
 exec 9>"$OUT_DIR.lock"
 flock 9
 if up_to_date; then
-	echo "debian image up to date"
+	echo "$IMAGE_NAME image up to date"
 	exit 0
 fi
 
@@ -165,6 +176,8 @@ START=$(date +%s)
 hearth_tmpdir WORK "$(dirname "$OUT_DIR")/.$(basename "$OUT_DIR").work.XXXXXX"
 hearth_tmpdir STAGE "$(dirname "$OUT_DIR")/.$(basename "$OUT_DIR").build.XXXXXX"
 ROOT=$WORK/root
+# A flavour prepares its files now (e.g. builds a binary into FLAVOUR_ROOTFS).
+if declare -F flavour_prepare >/dev/null; then flavour_prepare; fi
 
 # ---------------------------------------------------------------------------
 # Root tree with mmdebstrap
@@ -199,19 +212,22 @@ write_hook() {
 }
 # The recipe's files (rootfs/): root-owned, 0644, 0755 for these.
 EXECUTABLES="etc/initramfs-tools/hooks/hearth usr/local/sbin/hearth-guest-ready
-usr/local/sbin/hearth-resolv-conf"
+usr/local/sbin/hearth-resolv-conf ${FLAVOUR_EXECUTABLES:-}"
 write_hook setup '
 mkdir -p "$1/var/cache/apt/archives"
 link_debs "$ARCHIVE_CACHE" "$1/var/cache/apt/archives"'
-write_hook essential '
-cd "$HERE/rootfs"
+write_hook essential "
+for tree in $(printf %q "$HERE/rootfs") ${FLAVOUR_ROOTFS:+$(printf %q "$FLAVOUR_ROOTFS")}; do"'
+cd "$tree"
 find . -type f -print | sed "s|^\./||" | sort | while IFS= read -r f; do
 	mode=0644
 	case " $(echo $EXECUTABLES) " in *" $f "*) mode=0755 ;; esac
 	install -D -o root -g root -m "$mode" "$f" "$1/$f"
+done
 done'
 write_hook customize '
-link_debs "$1/var/cache/apt/archives" "$WORK/debs"'
+link_debs "$1/var/cache/apt/archives" "$WORK/debs"'"
+${FLAVOUR_CUSTOMIZE:-}"
 
 MMDEBSTRAP_ARGS=(
 	--mode=root --format=directory --variant=minbase
@@ -275,8 +291,8 @@ KPKG=linux-image-$KVER
 
 # Identity: host name, hosts, fstab; no resolv.conf from the build host (it is
 # written at boot by hearth-resolv-conf, which manages it while its header is there).
-echo debian >"$ROOT/etc/hostname"
-printf '127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n' >"$ROOT/etc/hosts"
+echo "$IMAGE_NAME" >"$ROOT/etc/hostname"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n' "$IMAGE_NAME" >"$ROOT/etc/hosts"
 rm -f "$ROOT/etc/resolv.conf"
 echo "# hearth-resolv-conf: from systemd-networkd's link state" >"$ROOT/etc/resolv.conf"
 printf '# hearth: the whole disk is the root file system (see guest-images/debian)\n/dev/vda\t/\text4\terrors=remount-ro\t0\t1\n' >"$ROOT/etc/fstab"
@@ -306,7 +322,10 @@ pkg_version() { awk -v p="$1" '$1 == p { print $2 }' "$STAGE/packages.txt"; }
 KPKG_VERSION=$(pkg_version "$KPKG")
 [ -n "$KPKG_VERSION" ] || die "$KPKG is not installed in the root tree"
 cloud_init_version=$(pkg_version cloud-init)
-[ -n "$cloud_init_version" ] || die "cloud-init is not installed in the root tree"
+case " $(echo $PACKAGES) " in
+*" cloud-init "*) [ -n "$cloud_init_version" ] || die "cloud-init is not installed in the root tree" ;;
+*) cloud_init_version=none ;;
+esac
 
 # Reproducible timestamps: what the build made (maintainer scripts, the
 # initramfs, .pyc files, this script) gets SOURCE_DATE_EPOCH. Files that dpkg
@@ -369,7 +388,7 @@ echo "$CMDLINE" >"$STAGE/cmdline"
 
 {
 	echo "{"
-	echo '  "name": "debian",'
+	printf '  "name": "%s",\n' "$IMAGE_NAME"
 	printf '  "kernel_version": "%s",\n' "$KVER"
 	printf '  "kernel_package": "%s",\n' "$KPKG"
 	printf '  "kernel_package_version": "%s",\n' "$KPKG_VERSION"

@@ -117,6 +117,17 @@ impl VmmClient {
         }
     }
 
+    /// One request to a VM's guest agent, and its answer.
+    pub async fn agent(
+        &self,
+        id: &str,
+        request: &serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("{}?timeout_s={}", routes::AGENT.at(&[id]), timeout.as_secs().max(1));
+        self.0.call(routes::AGENT.method.clone(), &path, Some(request)).await
+    }
+
     /// The host's CPUs, memory, hypervisors and vmm-manager's version.
     pub async fn host(&self) -> Result<crate::spec::HostFacts, ClientError> {
         self.0.send(&routes::HOST, &[], None).await

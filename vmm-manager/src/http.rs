@@ -73,6 +73,8 @@ pub mod routes {
     pub const EVENTS: Route<(), ()> = get("/events");
     pub const HYPERVISORS: Route<(), Vec<HypervisorAvailability>> = get("/hypervisors");
     pub const HOST: Route<(), HostFacts> = get("/host");
+    /// One request to the VM's guest agent; the agent's answer (`?timeout_s=`, default 60).
+    pub const AGENT: Route<serde_json::Value, serde_json::Value> = post("/vms/{id}/agent");
 }
 
 pub fn router(svc: Arc<VmService>) -> Router {
@@ -97,8 +99,27 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route(EVENTS.path, EVENTS.on(events))
         .route(HYPERVISORS.path, HYPERVISORS.on(hypervisors))
         .route(HOST.path, HOST.on(host))
+        .route(AGENT.path, AGENT.on(agent))
         .with_state(svc)
         .merge(socket_http::server::health_router("vmm-manager"))
+}
+
+#[derive(serde::Deserialize)]
+struct AgentQuery {
+    timeout_s: Option<u64>,
+}
+
+async fn agent(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    Query(q): Query<AgentQuery>,
+    Json(request): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !request.is_object() {
+        return Err(ApiError::unprocessable("a guest agent request is a JSON object"));
+    }
+    let timeout = std::time::Duration::from_secs(q.timeout_s.unwrap_or(60).clamp(1, 900));
+    Ok(Json(svc.agent(&id, request, timeout).await?))
 }
 
 async fn host(State(svc): Svc) -> Json<crate::spec::HostFacts> {

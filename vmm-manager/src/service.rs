@@ -35,6 +35,7 @@ use crate::spec::{
 };
 use crate::vm_dir::VmDir;
 
+mod agent;
 mod states;
 pub use states::SavedState;
 
@@ -108,6 +109,9 @@ pub enum ServiceError {
     DiskExists { vm: String, disk: String },
     #[error("I/O error on VM state: {0}")]
     Io(#[from] std::io::Error),
+    /// The guest agent could not be reached or did not answer.
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl From<ServiceError> for ApiError {
@@ -131,6 +135,7 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Vmm(_) => ApiError::new(http::StatusCode::BAD_GATEWAY, "vmm_error", msg),
             ServiceError::Io(_) => ApiError::internal(msg),
+            ServiceError::Agent(_) => ApiError::new(http::StatusCode::GATEWAY_TIMEOUT, "agent_unreachable", msg),
         }
     }
 }
@@ -153,6 +158,8 @@ struct Vm {
     driver: Arc<dyn Hypervisor>,
     status: Mutex<VmStatus>,
     op: tokio::sync::Mutex<()>,
+    /// Taken for each conversation with the guest agent.
+    agent: tokio::sync::Mutex<()>,
     runtime: Mutex<Option<Runtime>>,
 }
 
@@ -393,6 +400,7 @@ impl VmService {
                 jail: None,
             }),
             op: tokio::sync::Mutex::new(()),
+            agent: tokio::sync::Mutex::new(()),
             runtime: Mutex::new(None),
         });
         self.vms
@@ -886,6 +894,7 @@ impl VmService {
                     jail: None,
                 })),
                 op: tokio::sync::Mutex::new(()),
+                agent: tokio::sync::Mutex::new(()),
                 runtime: Mutex::new(None),
             });
             self.vms

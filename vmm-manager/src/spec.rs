@@ -77,6 +77,11 @@ pub struct VmSpec {
     /// CPU and I/O shares of a jailed VM (its memory limit follows from its size).
     #[serde(default, skip_serializing_if = "VmLimits::is_default")]
     pub limits: VmLimits,
+    /// A control channel to an agent in the guest (managed services): a virtio-serial
+    /// port under QEMU, vsock under Cloud Hypervisor, both reached through
+    /// `agent.sock` in the VM's directory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_channel: bool,
 }
 
 /// A VM's share of the host, enforced by its cgroup.
@@ -182,6 +187,11 @@ pub enum SpecError {
 
 /// Largest vCPU count accepted (Cloud Hypervisor's and QEMU q35's practical limit).
 pub const MAX_VCPUS: u32 = 254;
+
+/// The guest agent's virtio-serial port name (QEMU) and vsock port (Cloud Hypervisor);
+/// the guest agent's own constants are the same (checked by a test in the api).
+pub const AGENT_SERIAL_PORT: &str = "org.hearth.agent.0";
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Memory is hot-plugged in whole Linux memory blocks: Cloud Hypervisor refuses any
 /// other addition ("not a valid size"), and a guest can online only whole blocks.
 pub const MEMORY_STEP_MIB: u64 = 128;
@@ -560,6 +570,7 @@ mod tests {
             nics: vec![],
             qemu: QemuOptions::default(),
             limits: Default::default(),
+            agent_channel: false,
         }
     }
 

@@ -61,6 +61,11 @@ impl VmDir {
     pub fn vnc_socket(&self) -> PathBuf {
         self.dir.join("vnc.sock")
     }
+    /// The guest agent's control channel (QEMU: a virtio-serial port's chardev; Cloud
+    /// Hypervisor: its vsock device's socket).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
 
     /// Marker that identifies this VM's VMM among processes: the directory path.
     pub fn marker(&self) -> String {

@@ -240,6 +240,7 @@ async fn qemu_disks_on_block_devices_and_sparse_files() {
         nics: vec![],
         qemu: QemuOptions::default(),
         limits: Default::default(),
+        agent_channel: false,
     };
     svc.create(spec).await.expect("create the VM");
     svc.start("disks-1").await.unwrap_or_else(|e| {

@@ -104,6 +104,7 @@ async fn vm_outlives_a_killed_vmm_manager_and_is_readopted() {
         nics: vec![],
         qemu: QemuOptions::default(),
         limits: Default::default(),
+        agent_channel: false,
     };
     client.ensure(&spec).await.expect("create");
     // Ensuring the same spec again changes nothing; a different spec is a conflict.

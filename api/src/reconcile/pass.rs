@@ -333,7 +333,11 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
 /// that cannot be settled now stays for the next pass.
 async fn recover_sagas(state: &std::sync::Arc<AppState>, report: &mut Report) -> Result<(), ApiError> {
     use crate::saga::{recover, recover_in_background, Recovered};
-    for record in crate::saga::left_over(state).await? {
+    let mut records = crate::saga::left_over(state).await?;
+    // A database's saga creates or deletes a VM through the VM's own saga: the VMs'
+    // are settled first, so the database's finds its VM whole or gone.
+    records.sort_by_key(|r| !r.kind.starts_with("vm."));
+    for record in records {
         report.examined += 1;
         let id = record.id.clone();
         let outcome = match record.kind.as_str() {
@@ -341,6 +345,8 @@ async fn recover_sagas(state: &std::sync::Arc<AppState>, report: &mut Report) ->
             "vm.delete" => recover(state, &crate::vms::delete::VM_DELETE, record).await,
             "volume.attach" => recover(state, &crate::volumes::attach::VOLUME_ATTACH, record).await,
             "vm.snapshot" => recover(state, &crate::vms::snapshot::VM_SNAPSHOT, record).await,
+            "database.create" => recover(state, &crate::databases::create::DB_CREATE, record).await,
+            "database.delete" => recover(state, &crate::databases::delete::DB_DELETE, record).await,
             "image.import" => recover_in_background(state, &crate::images::import::IMAGE_IMPORT, record).await,
             other => Recovered::Stuck(format!("no saga of kind {other} is known to this api")),
         };

@@ -39,6 +39,8 @@ pub struct CreateVmCommand {
     pub from_snapshot: Option<(String, String)>,
     /// CPU and I/O shares.
     pub limits: vmm_manager::spec::VmLimits,
+    /// Set by a managed service (never by a request): see [`crate::model::VmRecord::managed_by`].
+    pub managed_by: Option<String>,
 }
 
 impl TryFrom<CreateVm> for CreateVmCommand {
@@ -153,6 +155,7 @@ impl TryFrom<CreateVm> for CreateVmCommand {
                 cpu_limit: req.cpu_limit,
                 io_weight: req.io_weight,
             },
+            managed_by: req.managed_by,
         })
     }
 }

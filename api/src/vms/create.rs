@@ -169,6 +169,42 @@ pub struct VmCreate {
 /// ports, volume claims, the image lease: what can refuse the request with a 409 or
 /// 422) before answering, and the rest (disks, definition, start) in a task.
 pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Result<(Operation, Vm), VmError> {
+    let context = prepare(state, project, req).await?;
+    let id = context.rec.id.clone();
+    let mut saga = Saga::begin(state, &VM_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
+    saga.run_until(state, Some(ROOT_DISK)).await?;
+    let op = match saga.start_operation(state, project, "vm", &id).await {
+        Ok(op) => op,
+        Err(e) => {
+            // Not accepted: undone now, as a failed step would be.
+            saga.abandon(state, &e).await;
+            return Err(e.into());
+        }
+    };
+    let vm = Vm::from_record(&saga.context.rec, None, true);
+    let task_state = state.clone();
+    // The saga records its operation's end itself.
+    tokio::spawn(async move {
+        let _ = saga.finish(&task_state).await;
+    });
+    Ok((op, vm))
+}
+
+/// Creates a VM to the end (a managed service's own VM, from within its saga): the
+/// whole create saga in this task, with its operation; the VM as recorded.
+pub async fn run(state: &AppState, project: &str, req: CreateVm) -> Result<VmRecord, VmError> {
+    let context = prepare(state, project, req).await?;
+    let id = context.rec.id.clone();
+    let mut saga = Saga::begin(state, &VM_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
+    if let Err(e) = saga.start_operation(state, project, "vm", &id).await {
+        saga.abandon(state, &e).await;
+        return Err(e.into());
+    }
+    Ok(saga.finish(state).await?.rec)
+}
+
+/// Checks a create request against the host and the image: the saga's context.
+async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCreate, VmError> {
     let req = CreateVmCommand::try_from(req)?;
     let (id, name) = (req.id.clone(), req.name.clone());
     // The host's facts from its vmm-manager, not from the machine the api runs on.
@@ -274,32 +310,16 @@ pub async fn begin(state: &Arc<AppState>, project: &str, req: CreateVm) -> Resul
         created_at_ms: vmm_manager::spec::now_ms(),
         desired_running: Some(req.start),
         limits: req.limits.clone(),
+        managed_by: req.managed_by.clone(),
     };
-    let context = VmCreate {
+    Ok(VmCreate {
         rec,
         image,
         nic_requests,
         volume_requests: req.volumes,
         boot: vec![],
         start: req.start,
-    };
-    let mut saga = Saga::begin(state, &VM_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
-    saga.run_until(state, Some(ROOT_DISK)).await?;
-    let op = match saga.start_operation(state, project, "vm", &id).await {
-        Ok(op) => op,
-        Err(e) => {
-            // Not accepted: undone now, as a failed step would be.
-            saga.abandon(state, &e).await;
-            return Err(e.into());
-        }
-    };
-    let vm = Vm::from_record(&saga.context.rec, None, true);
-    let task_state = state.clone();
-    // The saga records its operation's end itself.
-    tokio::spawn(async move {
-        let _ = saga.finish(&task_state).await;
-    });
-    Ok((op, vm))
+    })
 }
 
 const ROOT_DISK: &str = "root-disk";

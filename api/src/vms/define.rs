@@ -96,6 +96,7 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, VmError>
         max_vcpus: rec.max_vcpus,
         max_memory_mib: rec.max_memory_mib,
         limits: rec.limits.clone(),
+        agent_channel: rec.managed_by.is_some(),
         kernel,
         initramfs: image.boot.initramfs.clone(),
         cmdline,

@@ -23,7 +23,27 @@ pub struct VmDelete {
 
 /// Marks the VM `deleting` (compare-and-swap at `rev`, so a concurrent change wins or
 /// loses whole) and runs the saga in a task. A VM still being created is refused.
-pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result<(Operation, Vm), VmError> {
+pub async fn begin(state: &Arc<AppState>, rec: VmRecord, rev: u64) -> Result<(Operation, Vm), VmError> {
+    let (op, vm, saga) = start(state, rec, rev).await?;
+    let task_state = state.clone();
+    // The saga records its operation's end itself.
+    tokio::spawn(async move {
+        let _ = saga.finish(&task_state).await;
+    });
+    Ok((op, vm))
+}
+
+/// Deletes a VM to the end, in this task (a managed service removing its own VM).
+pub async fn run(state: &AppState, rec: VmRecord, rev: u64) -> Result<(), VmError> {
+    let (_, _, saga) = start(state, rec, rev).await?;
+    saga.finish(state).await.map(|_| ())
+}
+
+async fn start(
+    state: &AppState,
+    mut rec: VmRecord,
+    rev: u64,
+) -> Result<(Operation, Vm, Saga<VmDelete, VmError>), VmError> {
     if rec.phase == Phase::Creating {
         return Err(VmError::StillCreating(rec.name));
     }
@@ -45,12 +65,7 @@ pub async fn begin(state: &Arc<AppState>, mut rec: VmRecord, rev: u64) -> Result
     let mut saga = Saga::begin(state, &VM_DELETE, &id, VmDelete { rec }).await?;
     let (project, vm_id) = (saga.context.rec.project.clone(), saga.context.rec.id.clone());
     let op = saga.start_operation(state, &project, "vm", &vm_id).await?;
-    let task_state = state.clone();
-    // The saga records its operation's end itself.
-    tokio::spawn(async move {
-        let _ = saga.finish(&task_state).await;
-    });
-    Ok((op, vm))
+    Ok((op, vm, saga))
 }
 
 fn nothing_to_undo<'a>(_: &'a AppState, _: &'a VmDelete) -> futures_util::future::BoxFuture<'a, Result<(), VmError>> {

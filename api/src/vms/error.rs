@@ -50,6 +50,9 @@ pub enum VmError {
     /// Deleting a VM whose create is still running.
     #[error("VM {0} is still being created; retry when its create operation finishes")]
     StillCreating(String),
+    /// The VM belongs to a managed service, which alone deletes it.
+    #[error("VM {vm:?} belongs to {by}: delete that instead")]
+    Managed { vm: String, by: String },
     /// The VM's phase, or its state in vmm-manager, does not allow the action now.
     #[error("VM {vm} is {state}: cannot {action}")]
     ActionRefused {
@@ -118,6 +121,7 @@ impl From<&VmError> for ApiError {
             NotFound(_) => ApiError::not_found(message),
             NameTaken(_)
             | StillCreating(_)
+            | Managed { .. }
             | ActionRefused { .. }
             | Contended
             | PortMoved { .. }

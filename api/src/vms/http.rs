@@ -81,6 +81,9 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (rec, rev) = resolve(&state, &caller.project, &id).await?;
+    if let Some(by) = rec.managed_by.clone() {
+        return Err(VmError::Managed { vm: rec.name, by }.into());
+    }
     let (op, vm) = crate::vms::delete::begin(&state, rec, rev).await?;
     Ok(accepted(op, Some(vm)))
 }
@@ -216,7 +219,19 @@ pub async fn action(
     Query(q): Query<ActionQuery>,
 ) -> Result<Response, ApiError> {
     let action: VmAction = action.parse().map_err(ApiError::not_found)?;
-    let (rec, _) = resolve(&state, &caller.project, &id).await?;
+    act(&state, &caller.project, &id, action, q.force).await
+}
+
+/// Carries out a VM action (also for a managed service's VM): refused at once when it
+/// cannot work now, else `202` with the operation that does it.
+pub async fn act(
+    state: &Arc<AppState>,
+    project: &str,
+    id: &str,
+    action: VmAction,
+    force: bool,
+) -> Result<Response, ApiError> {
+    let (rec, _) = resolve(state, project, id).await?;
     if rec.phase != Phase::Ready {
         return Err(VmError::ActionRefused {
             vm: rec.name,
@@ -239,13 +254,13 @@ pub async fn action(
     }
     // Intent first: what the reconciler restores if the VMM definition is lost.
     if let Some(running) = action.desired_running() {
-        set_desired_running(&state, &rec.id, running).await?;
+        set_desired_running(state, &rec.id, running).await?;
     }
     let op = state
         .ops
         .start(&rec.project, &format!("vm.{action}"), "vm", &rec.id)
         .await?;
-    let (task_state, op_id, vm_id, force) = (state.clone(), op.id.clone(), rec.id.clone(), q.force);
+    let (task_state, op_id, vm_id) = (state.clone(), op.id.clone(), rec.id.clone());
     tokio::spawn(async move {
         task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
         match task_state.vmm.action(&vm_id, action, force).await {
@@ -256,7 +271,7 @@ pub async fn action(
             Err(e) => task_state.ops.fail(&op_id, &upstream(e).into()).await,
         }
     });
-    Ok(accepted(op, Some(view(&state, &rec).await)))
+    Ok(accepted(op, Some(view(state, &rec).await)))
 }
 
 #[derive(Deserialize)]

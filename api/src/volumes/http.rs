@@ -39,7 +39,7 @@ use crate::volumes::command::{
 use crate::volumes::error::VolumeError;
 use crate::volumes::records::{attachment, blockd_error, bname, find_record, local_record, record_key, VolumeRecord};
 use crate::volumes::view::{Export, Snapshot, Volume};
-use crate::volumes::work::{make_volume, release, remove, resize_remote};
+use crate::volumes::work::{release, remove, resize_remote};
 
 type AppS = State<std::sync::Arc<crate::state::AppState>>;
 
@@ -133,56 +133,7 @@ pub async fn create(
     JsonBody(req): JsonBody<CreateVolume>,
 ) -> Result<Response, ApiError> {
     let req = CreateVolumeCommand::try_from(req)?;
-    let project = caller.project.as_str();
-    let host = req.host_name_in(project)?;
-    let rec = VolumeRecord {
-        name: req.name.clone(),
-        project: project.into(),
-        remote: req.remote().cloned(),
-        size_bytes: None,
-        created_at_ms: vmm_manager::spec::now_ms(),
-    };
-    let name = req.name.clone();
-    let conflict = move || VolumeError::AlreadyExists(name.clone());
-    if state.store.get(&record_key(project, &req.name)).await?.is_some() {
-        return Err(conflict().into());
-    }
-    let (st, p, r, name) = (state.clone(), project.to_string(), rec, req.name.clone());
-    let rec = crate::intents::run(
-        &state,
-        crate::intents::Kind::Volume,
-        project,
-        &name,
-        "create",
-        async move {
-            let s = st.store.as_ref();
-            let key = record_key(&p, &req.name);
-            let revision = s
-                .compare_and_swap(&key, None, store::encode(&r))
-                .await
-                .map_err(|e| match e {
-                    store::StoreError::Conflict { .. } => conflict(),
-                    other => other.into(),
-                })?;
-            let made: Result<VolumeRecord, VolumeError> = async {
-                let Some(remote_size) = make_volume(&st, &p, &host, &req).await? else {
-                    return Ok(r);
-                };
-                let r = VolumeRecord {
-                    size_bytes: Some(remote_size),
-                    ..r
-                };
-                s.compare_and_swap(&key, Some(revision), store::encode(&r)).await?;
-                Ok(r)
-            }
-            .await;
-            if made.is_err() {
-                let _ = s.delete(&key).await;
-            }
-            made
-        },
-    )
-    .await?;
+    let rec = create_volume(&state, &caller.project, req).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok((StatusCode::CREATED, Json(view(&state, &rec, &exports).await?)).into_response())
 }
@@ -229,24 +180,7 @@ pub async fn resize(
         let exports = state.blockd.exports().await.map_err(blockd_error)?;
         return Ok(Json(view(&state, &rec, &exports).await?));
     }
-    let grown = state.blockd.resize(&bname(&rec), size).await.map_err(blockd_error)?;
-    if let Some(a) = attachment(&state, &caller.project, &name).await? {
-        // A disk QEMU or Cloud Hypervisor opens as a file: the running guest is told
-        // its new capacity. Over vhost-user blockd has already told the VM (the resize
-        // grew the device under its socket and sent a config-change message).
-        if a.via == AttachVia::File {
-            state
-                .vmm
-                .resize_disk(&a.vm, &a.disk, grown.size_bytes)
-                .await
-                .map_err(|e| VolumeError::NotSeenByVm {
-                    name: name.clone(),
-                    size_bytes: grown.size_bytes,
-                    vm: a.vm_name.clone(),
-                    source: Box::new(upstream(e)),
-                })?;
-        }
-    }
+    crate::volumes::work::resize_local(&state, &caller.project, &rec, size).await?;
     let exports = state.blockd.exports().await.map_err(blockd_error)?;
     Ok(Json(view(&state, &rec, &exports).await?))
 }
@@ -446,4 +380,25 @@ pub async fn unexport(
     let rec = local_record(&state, &caller.project, &name).await?;
     state.blockd.unexport(&bname(&rec), "nbd").await.map_err(blockd_error)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// [`create_now`] as an intent: it runs to its end even if the caller goes away.
+async fn create_volume(
+    state: &std::sync::Arc<AppState>,
+    project: &str,
+    req: crate::volumes::command::CreateVolumeCommand,
+) -> Result<VolumeRecord, socket_http::ApiError> {
+    if state.store.get(&record_key(project, &req.name)).await?.is_some() {
+        return Err(VolumeError::AlreadyExists(req.name.clone()).into());
+    }
+    let (st, p, name) = (state.clone(), project.to_string(), req.name.clone());
+    crate::intents::run(
+        state,
+        crate::intents::Kind::Volume,
+        project,
+        &name,
+        "create",
+        async move { crate::volumes::work::create_now(&st, &p, req).await },
+    )
+    .await
 }

@@ -290,3 +290,70 @@ pub async fn release(state: &AppState, project: &str, a: &AttachedVolume) {
         tracing::error!(volume = %a.volume, "cannot release the attachment: {e}");
     }
 }
+
+/// Creates a volume: its record first (compare-and-swap, so a taken name is refused
+/// whole), then the volume in blockd; a failure removes the record again. Runs in the
+/// caller's task (the HTTP edge runs it as an intent; a saga as a step).
+pub async fn create_now(
+    state: &AppState,
+    project: &str,
+    req: crate::volumes::command::CreateVolumeCommand,
+) -> Result<VolumeRecord, VolumeError> {
+    let host = req.host_name_in(project)?;
+    let r = VolumeRecord {
+        name: req.name.clone(),
+        project: project.into(),
+        remote: req.remote().cloned(),
+        size_bytes: None,
+        created_at_ms: vmm_manager::spec::now_ms(),
+    };
+    let s = state.store.as_ref();
+    let key = record_key(project, &req.name);
+    let revision = s
+        .compare_and_swap(&key, None, store::encode(&r))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => VolumeError::AlreadyExists(req.name.clone()),
+            other => other.into(),
+        })?;
+    let made: Result<VolumeRecord, VolumeError> = async {
+        let Some(remote_size) = make_volume(state, project, &host, &req).await? else {
+            return Ok(r);
+        };
+        let r = VolumeRecord {
+            size_bytes: Some(remote_size),
+            ..r
+        };
+        s.compare_and_swap(&key, Some(revision), store::encode(&r)).await?;
+        Ok(r)
+    }
+    .await;
+    if made.is_err() {
+        let _ = s.delete(&key).await;
+    }
+    made
+}
+
+/// Grows a local volume and tells the VM it is attached to, if any.
+pub async fn resize_local(state: &AppState, project: &str, rec: &VolumeRecord, size: u64) -> Result<(), VolumeError> {
+    let name = rec.name.clone();
+    let grown = state.blockd.resize(&bname(rec), size).await.map_err(blockd_error)?;
+    if let Some(a) = attachment(state, project, &name).await? {
+        // A disk QEMU or Cloud Hypervisor opens as a file: the running guest is told
+        // its new capacity. Over vhost-user blockd has already told the VM (the resize
+        // grew the device under its socket and sent a config-change message).
+        if a.via == AttachVia::File {
+            state
+                .vmm
+                .resize_disk(&a.vm, &a.disk, grown.size_bytes)
+                .await
+                .map_err(|e| VolumeError::NotSeenByVm {
+                    name: name.clone(),
+                    size_bytes: grown.size_bytes,
+                    vm: a.vm_name.clone(),
+                    source: Box::new(crate::daemons::upstream(e)),
+                })?;
+        }
+    }
+    Ok(())
+}

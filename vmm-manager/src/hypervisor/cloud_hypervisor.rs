@@ -189,6 +189,10 @@ pub fn vm_config(spec: &VmSpec, dir: &VmDir) -> Value {
         "console": {"mode": "Off"},
         "rng": {"src": "/dev/urandom"},
     });
+    if spec.agent_channel {
+        // The guest is CID 3; the host connects to the socket and says `CONNECT <port>`.
+        config["vsock"] = json!({"cid": 3, "socket": dir.agent_socket()});
+    }
     if uuid::Uuid::parse_str(&spec.id).is_ok() {
         config["platform"] = json!({"system_uuid": spec.id});
     }
@@ -458,6 +462,7 @@ mod tests {
             }],
             qemu: QemuOptions::default(),
             limits: Default::default(),
+            agent_channel: false,
         }
     }
 
@@ -473,6 +478,20 @@ mod tests {
         assert_eq!(c["cpus"], json!({"boot_vcpus": 2, "max_vcpus": 4}));
         assert_eq!(c["memory"]["size"], 512u64 << 20);
         assert_eq!(c["memory"]["hotplug_size"], 256u64 << 20);
+    }
+
+    #[test]
+    fn the_guest_agent_channel_is_vsock_on_the_agent_socket() {
+        let dir = VmDir::new(Path::new("/run/hearth"), "x");
+        assert!(vm_config(&spec(), &dir).get("vsock").is_none());
+        let with = VmSpec {
+            agent_channel: true,
+            ..spec()
+        };
+        assert_eq!(
+            vm_config(&with, &dir)["vsock"],
+            json!({"cid": 3, "socket": "/run/hearth/vms/x/agent.sock"})
+        );
     }
 
     #[test]

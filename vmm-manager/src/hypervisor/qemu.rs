@@ -265,6 +265,22 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
             "VGA",
         ]);
     }
+    if spec.agent_channel {
+        push(&[
+            "-device",
+            &format!("virtio-serial-{bus},id=agent-serial"),
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt_path(&dir.agent_socket())
+            ),
+            "-device",
+            &format!(
+                "virtserialport,bus=agent-serial.0,chardev=agent,name={}",
+                crate::spec::AGENT_SERIAL_PORT
+            ),
+        ]);
+    }
     if !microvm {
         // q35's root bus cannot hot-plug: disks attached later go into these ports.
         for i in 0..HOTPLUG_PORTS {
@@ -744,11 +760,39 @@ mod tests {
             }],
             qemu: QemuOptions::default(),
             limits: Default::default(),
+            agent_channel: false,
         }
     }
 
     fn has(args: &[String], pair: [&str; 2]) -> bool {
         args.windows(2).any(|w| w[0] == pair[0] && w[1] == pair[1])
+    }
+
+    #[test]
+    fn the_guest_agent_channel_is_a_named_virtio_serial_port() {
+        let dir = VmDir::new(Path::new("/run/h"), "abc");
+        let plain = qemu_args(&spec(), &dir, false, None);
+        assert!(!plain.iter().any(|a| a.contains("virtserialport")));
+        let with = VmSpec {
+            agent_channel: true,
+            ..spec()
+        };
+        let a = qemu_args(&with, &dir, false, None);
+        assert!(has(&a, ["-device", "virtio-serial-pci,id=agent-serial"]));
+        assert!(has(
+            &a,
+            [
+                "-chardev",
+                "socket,id=agent,path=/run/h/vms/abc/agent.sock,server=on,wait=off"
+            ]
+        ));
+        assert!(has(
+            &a,
+            [
+                "-device",
+                "virtserialport,bus=agent-serial.0,chardev=agent,name=org.hearth.agent.0"
+            ]
+        ));
     }
 
     #[test]

@@ -121,6 +121,7 @@ mod tests {
             nics: vec![],
             qemu: QemuOptions { machine, vnc: false },
             limits: Default::default(),
+            agent_channel: false,
         }
     }
 

@@ -1,0 +1,351 @@
+//! Creating a database: the saga [`DB_CREATE`]. Its steps claim the name (the record,
+//! `creating`), make the data volume, create the VM (its own VM-create saga, stopped,
+//! with the volume attached and a guest agent channel), write the seed the guest agent
+//! reads (the server's certificate for the VM's address, pg_hba's networks, settings,
+//! the password's SCRAM verifier), start the VM, and wait until a real query over TLS
+//! with the real password succeeds. A failure, or a crash before the database is
+//! ready, undoes every step: no VM, port, volume, seed or record is left.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{new_password, CreateDatabaseCommand};
+use super::error::DatabaseError;
+use super::record::{key, Database, DatabaseRecord, DbPhase};
+use super::{pki, probe};
+use crate::model::{CreateVm, Operation, VmRecord};
+use crate::networks::DEFAULT_NETWORK;
+use crate::saga::{Saga, SagaDef, Step};
+use crate::state::AppState;
+use crate::store;
+
+/// How long a new database may take to answer its first query (a TCG guest here takes
+/// ~20 s; a busy host much longer).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What the saga carries from step to step (recorded with its progress).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DbCreate {
+    pub rec: DatabaseRecord,
+    /// Kept in this process only, for the readiness query: never in the store. A
+    /// create resumed after a crash is undone (readiness comes before the pivot).
+    #[serde(skip)]
+    pub password: Option<String>,
+}
+
+/// Checks the request, claims the name (a taken one is refused at once with a 409)
+/// and runs the rest in a task. The answer carries the password, once.
+pub async fn begin(
+    state: &Arc<AppState>,
+    project: &str,
+    cmd: CreateDatabaseCommand,
+) -> Result<(Operation, Database), DatabaseError> {
+    let network = cmd.network.clone().unwrap_or_else(|| DEFAULT_NETWORK.to_string());
+    // What would fail later in the VM's create is refused now, with nothing made.
+    if let Err(e) = state.netd.network(&crate::model::host_name(project, &network)).await {
+        return Err(if e.is_not_found() {
+            DatabaseError::Invalid(format!("network {network:?} does not exist"))
+        } else {
+            crate::daemons::upstream(e).into()
+        });
+    }
+    crate::vms::create::find_image(state, "postgres")
+        .await
+        .map_err(|e| DatabaseError::Invalid(format!("the postgres image is not available: {e}")))?;
+    let password = cmd.password.clone().unwrap_or_else(new_password);
+    let rec = DatabaseRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: cmd.name.clone(),
+        project: project.to_string(),
+        version: cmd.version,
+        vcpus: cmd.vcpus,
+        memory_mib: cmd.memory_mib,
+        storage_bytes: cmd.storage_bytes,
+        network,
+        allowed_cidrs: cmd.allowed_cidrs.unwrap_or_default(),
+        extensions: cmd.extensions,
+        parameters: cmd.parameters,
+        hypervisor: cmd.hypervisor,
+        phase: DbPhase::Creating,
+        vm_name: format!("db-{}", cmd.name),
+        volume: format!("db-{}-data", cmd.name),
+        vm_id: None,
+        address: None,
+        gateway: None,
+        password_verifier: postgres_protocol::password::scram_sha_256(password.as_bytes()),
+        generation: 1,
+        created_at_ms: vmm_manager::spec::now_ms(),
+    };
+    let context = DbCreate {
+        rec,
+        password: Some(password.clone()),
+    };
+    let mut saga = Saga::begin(state, &DB_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
+    saga.run_until(state, Some("volume")).await?;
+    let name = saga.context.rec.name.clone();
+    let op = match saga.start_operation(state, project, "database", &name).await {
+        Ok(op) => op,
+        Err(e) => {
+            saga.abandon(state, &e).await;
+            return Err(e.into());
+        }
+    };
+    let mut db = Database::of(&saga.context.rec, None);
+    db.password = Some(password);
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        let _ = saga.finish(&task_state).await;
+    });
+    Ok((op, db))
+}
+
+/// Creating a database, step by step; once `ready` has run it is whole.
+pub static DB_CREATE: SagaDef<DbCreate, DatabaseError> = SagaDef {
+    kind: "database.create",
+    pivot: 6,
+    steps: &[
+        Step {
+            name: "name",
+            doing: "claiming the name",
+            run: |state, c| Box::pin(claim(state, c)),
+            undo: |state, c| Box::pin(unclaim(state, c)),
+        },
+        Step {
+            name: "volume",
+            doing: "making the data volume",
+            run: |state, c| Box::pin(make_volume(state, c)),
+            undo: |state, c| Box::pin(remove_volume(state, &c.rec)),
+        },
+        Step {
+            name: "vm",
+            doing: "creating the VM",
+            run: |state, c| Box::pin(make_vm(state, c)),
+            undo: |state, c| Box::pin(remove_vm(state, &c.rec)),
+        },
+        Step {
+            name: "seed",
+            doing: "writing the guest agent's seed",
+            run: |state, c| Box::pin(write_seed(state, c)),
+            // The seed goes with the VM.
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+        Step {
+            name: "start",
+            doing: "starting the VM",
+            run: |state, c| Box::pin(start_vm(state, c)),
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+        Step {
+            name: "ready",
+            doing: "waiting for PostgreSQL to answer over TLS",
+            run: |state, c| Box::pin(wait_ready(state, c)),
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+        Step {
+            name: "recorded",
+            doing: "recording the database ready",
+            run: |state, c| Box::pin(mark_ready(state, c)),
+            undo: |_, _| Box::pin(async { Ok(()) }),
+        },
+    ],
+};
+
+async fn claim(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let k = key(&c.rec.project, &c.rec.name);
+    state
+        .store
+        .compare_and_swap(&k, None, store::encode(&c.rec))
+        .await
+        .map_err(|e| match e {
+            store::StoreError::Conflict { .. } => DatabaseError::AlreadyExists(c.rec.name.clone()),
+            other => other.into(),
+        })?;
+    Ok(())
+}
+
+/// Removes the record only when it is this create's.
+async fn unclaim(state: &AppState, c: &DbCreate) -> Result<(), DatabaseError> {
+    let k = key(&c.rec.project, &c.rec.name);
+    if let Some((held, _)) = store::get_json::<DatabaseRecord>(state.store.as_ref(), &k).await? {
+        if held.id == c.rec.id {
+            state.store.delete(&k).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn put(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseError> {
+    state
+        .store
+        .put(&key(&rec.project, &rec.name), store::encode(rec))
+        .await?;
+    Ok(())
+}
+
+async fn make_volume(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let req = crate::volumes::command::CreateVolumeCommand {
+        name: c.rec.volume.clone(),
+        origin: crate::volumes::command::Origin::Empty {
+            size_bytes: c.rec.storage_bytes,
+        },
+    };
+    match crate::volumes::work::create_now(state, &c.rec.project, req).await {
+        Ok(_) => Ok(()),
+        // Resumed after a crash: this create made it.
+        Err(crate::volumes::error::VolumeError::AlreadyExists(_)) if c.rec.phase == DbPhase::Creating => {
+            Err(DatabaseError::Invalid(format!(
+                "a volume named {:?} already exists; a database keeps its data on a volume of its own",
+                c.rec.volume
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the data volume (a missing one is fine).
+pub(crate) async fn remove_volume(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseError> {
+    match crate::volumes::work::remove(state, &rec.project, &rec.volume).await {
+        Ok(()) | Err(crate::volumes::error::VolumeError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn make_vm(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let mut req: CreateVm = serde_json::from_value(serde_json::json!({
+        "name": c.rec.vm_name,
+        "image": "postgres",
+        "vcpus": c.rec.vcpus,
+        "memory_mib": c.rec.memory_mib,
+        "hypervisor": c.rec.hypervisor.clone().unwrap_or_else(|| "qemu".into()),
+        "nics": [{"network": c.rec.network}],
+        "volumes": [c.rec.volume],
+        "start": false,
+    }))
+    .map_err(|e| DatabaseError::Invalid(e.to_string()))?;
+    req.managed_by = Some(c.rec.managed_by());
+    let vm = crate::vms::create::run(state, &c.rec.project, req).await?;
+    let nic = vm
+        .nics
+        .first()
+        .ok_or_else(|| DatabaseError::Invalid("the database VM has no NIC".into()))?;
+    c.rec.vm_id = Some(vm.id.clone());
+    c.rec.address = Some(nic.ip);
+    c.rec.gateway = Some(nic.gateway);
+    if c.rec.allowed_cidrs.is_empty() {
+        let subnet = ipnet::Ipv4Net::new(nic.ip, nic.prefix).map_err(|e| DatabaseError::Invalid(e.to_string()))?;
+        c.rec.allowed_cidrs = vec![subnet.trunc().to_string()];
+    }
+    put(state, &c.rec).await
+}
+
+/// Deletes the database's VM, if there is one and it is the database's.
+pub(crate) async fn remove_vm(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseError> {
+    let (vm, rev) = match crate::vms::records::resolve(state, &rec.project, &rec.vm_name).await {
+        Ok(found) => found,
+        Err(crate::vms::error::VmError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if vm.managed_by.as_deref() != Some(rec.managed_by().as_str()) {
+        return Ok(());
+    }
+    crate::vms::delete::run(state, vm, rev).await?;
+    Ok(())
+}
+
+/// The guest agent's part of the seed: everything it needs to configure the server.
+pub(crate) fn seed_user_data(rec: &DatabaseRecord, tls: guest_agent::TlsFiles) -> Result<String, DatabaseError> {
+    let seed = guest_agent::PostgresSeed {
+        generation: rec.generation,
+        version: rec.version.clone(),
+        password_verifier: rec.password_verifier.clone(),
+        allowed_cidrs: rec.hba_cidrs(),
+        parameters: rec.parameters.clone(),
+        extensions: rec.extensions.clone(),
+        tls,
+    };
+    let doc = serde_json::json!({ guest_agent::SEED_KEY: seed });
+    Ok(format!("#cloud-config\n{doc}\n"))
+}
+
+async fn write_seed(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let address = c
+        .rec
+        .address
+        .ok_or_else(|| DatabaseError::Invalid("the database VM has no address".into()))?;
+    let ca = pki::ca(state).await?;
+    let (cert_pem, key_pem) = pki::server_cert(
+        &ca,
+        address.into(),
+        &format!("{}.{}.db.hearth", c.rec.name, c.rec.project),
+    )?;
+    let user_data = seed_user_data(
+        &c.rec,
+        guest_agent::TlsFiles {
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem,
+            key_pem,
+        },
+    )?;
+    let vm_id = c.rec.vm_id.clone().unwrap_or_default();
+    let vm_key = format!("vms/{vm_id}");
+    store::update_json(state.store.as_ref(), &vm_key, |vm: &mut VmRecord| {
+        vm.user_data = Some(user_data.clone());
+        true
+    })
+    .await?;
+    let (rec, _) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key)
+        .await?
+        .ok_or_else(|| DatabaseError::Invalid("the database VM's record vanished".into()))?;
+    crate::vms::define::seed_disk(state, &rec).await?;
+    Ok(())
+}
+
+async fn start_vm(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let id = c.rec.vm_id.clone().unwrap_or_default();
+    crate::vms::records::set_desired_running(state, &id, true).await?;
+    let vm = state.vmm.get(&id).await.map_err(crate::daemons::upstream)?;
+    if matches!(
+        vm.status.state,
+        vmm_manager::spec::VmState::Stopped | vmm_manager::spec::VmState::Failed
+    ) {
+        let started = state
+            .vmm
+            .action(&id, vmm_manager::spec::VmAction::Start, false)
+            .await
+            .map_err(crate::daemons::upstream)?;
+        state.live.observe(&started);
+    }
+    Ok(())
+}
+
+async fn wait_ready(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let password = c.password.clone().ok_or_else(|| DatabaseError::NotReady {
+        name: c.rec.name.clone(),
+        reason: "resumed after a restart: the password is no longer known".into(),
+    })?;
+    ready(state, &c.rec, &password).await
+}
+
+async fn mark_ready(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    c.rec.phase = DbPhase::Ready;
+    put(state, &c.rec).await
+}
+
+/// Readiness with a CA read from the store.
+pub(crate) async fn ready(state: &AppState, rec: &DatabaseRecord, password: &str) -> Result<(), DatabaseError> {
+    let address = rec.address.ok_or_else(|| DatabaseError::Invalid("no address".into()))?;
+    let ca = pki::ca(state).await?;
+    probe::until_ready(
+        std::net::SocketAddr::new(address.into(), guest_agent::PG_PORT),
+        &ca.cert_pem,
+        password,
+        READY_TIMEOUT,
+    )
+    .await
+    .map_err(|reason| DatabaseError::NotReady {
+        name: rec.name.clone(),
+        reason,
+    })
+}

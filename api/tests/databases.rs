@@ -1,0 +1,380 @@
+//! Managed PostgreSQL, the way a user gets one: `POST /v1/databases`, then real `psql`
+//! from the host with the URI the API gives (`sslmode=verify-full`, the CA from
+//! `GET …/ca.pem`). The `postgres` image (guest-images/postgres) boots under QEMU/TCG;
+//! its guest agent configures the server from the seed and answers the host's control
+//! channel. Everything runs in the test's own network namespace.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{images_dir, in_private_netns, Stack};
+use serde_json::{json, Value};
+
+struct Psql {
+    uri: String,
+    ca: std::path::PathBuf,
+}
+
+impl Psql {
+    /// Runs `sql` with `password`, `sslmode` as given; (success, output).
+    fn run_as(&self, password: &str, sslmode: &str, sql: &str, netns: Option<&str>) -> (bool, String) {
+        let uri = self.uri.replace("sslmode=verify-full", &format!("sslmode={sslmode}"));
+        let uri = format!("{uri}&sslrootcert={}&connect_timeout=10", self.ca.display());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "psql"]);
+                c
+            }
+            None => Command::new("psql"),
+        };
+        let out = cmd
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", &uri, "-c", sql])
+            .env("PGPASSWORD", password)
+            .output()
+            .expect("psql");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text.trim().to_string())
+    }
+
+    fn ok(&self, password: &str, sql: &str) -> String {
+        let (ok, out) = self.run_as(password, "verify-full", sql, None);
+        assert!(ok, "psql {sql:?}: {out}");
+        out
+    }
+}
+
+/// A client in a network namespace of its own, on the database's bridge (a veth), at
+/// an address the test picks: a machine on the LAN other than the host.
+struct Outsider {
+    ns: String,
+}
+
+impl Outsider {
+    fn new(bridge: &str, address: &str) -> Outsider {
+        let ns = format!("hearth-dbt-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let outsider = Outsider { ns: ns.clone() };
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", "hdbt0", "type", "veth", "peer", "name", "hdbt1", "netns", &ns,
+        ]);
+        ip(&["link", "set", "hdbt0", "master", bridge, "up"]);
+        ip(&["-n", &ns, "addr", "add", address, "dev", "hdbt1"]);
+        ip(&["-n", &ns, "link", "set", "hdbt1", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        outsider
+    }
+}
+
+impl Drop for Outsider {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+async fn wait_state(stack: &Stack, name: &str, want: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..600 {
+        let (status, db) = stack.call("GET", &format!("/v1/databases/{name}"), None).await;
+        assert_eq!(status, 200, "{db}");
+        if db["state"] == want {
+            return db;
+        }
+        last = db;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("database {name} never became {want}: {last}");
+}
+
+#[test]
+fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
+    assert!(
+        images_dir().join("postgres/image.json").is_file(),
+        "the postgres image is missing: run guest-images/postgres/build.sh (scripts/test.sh does)"
+    );
+    in_private_netns(|| async {
+        let mut stack = Stack::start(&[]).await;
+        let (status, net) = stack
+            .call(
+                "POST",
+                "/v1/networks",
+                Some(json!({"name": "lan", "subnet": "10.89.0.0/24", "dhcp": false})),
+            )
+            .await;
+        assert_eq!(status, 201, "{net}");
+        let bridge = net["bridge"].as_str().expect("bridge").to_string();
+
+        // Create: the answer has the password, once; the operation ends when a real
+        // query over TLS with that password has succeeded.
+        let t = Instant::now();
+        let (status, accepted) = stack
+            .call(
+                "POST",
+                "/v1/databases",
+                Some(
+                    json!({"name": "app", "network": "lan", "storage": "1G", "memory_mib": 1024,
+                            "extensions": ["postgis"], "allowed_cidrs": ["10.89.0.0/25"]}),
+                ),
+            )
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        let password = accepted["database"]["password"]
+            .as_str()
+            .expect("password once")
+            .to_string();
+        let op = stack.wait_op(&accepted).await;
+        assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
+        eprintln!(
+            "database: create -> ready (TLS query) in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+
+        // The same name again: 409, and nothing of it is made.
+        let (status, dup) = stack
+            .call(
+                "POST",
+                "/v1/databases",
+                Some(json!({"name": "app", "network": "lan", "storage": "1G"})),
+            )
+            .await;
+        assert_eq!(status, 409, "{dup}");
+
+        let db = wait_state(&stack, "app", "running").await;
+        assert!(db.get("password").is_none(), "the password is shown only once: {db}");
+        let uri = db["uri"].as_str().expect("uri").to_string();
+        assert!(uri.ends_with("sslmode=verify-full"), "{uri}");
+        let (status, ca) = stack.call("GET", "/v1/databases/app/ca.pem", None).await;
+        assert_eq!(status, 200);
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.as_str().unwrap_or_default()).expect("ca");
+        let psql = Psql { uri, ca: ca_path };
+        // The store and the seed hold a verifier, never the password.
+        let dump = std::fs::read(stack.data_dir().join("store.redb")).unwrap_or_default();
+        assert!(
+            !dump.windows(password.len()).any(|w| w == password.as_bytes()),
+            "the password is in the store in plain text"
+        );
+
+        psql.ok(&password, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+        psql.ok(
+            &password,
+            "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 100000) g",
+        );
+        assert_eq!(psql.ok(&password, "SELECT count(*) FROM t"), "100000");
+        assert!(psql.ok(&password, "SELECT postgis_version()").starts_with("3."));
+
+        // Refused: a wrong password, a connection without TLS.
+        let (ok, out) = psql.run_as("not-the-password", "verify-full", "SELECT 1", None);
+        assert!(!ok && out.contains("password authentication failed"), "{out}");
+        let (ok, out) = psql.run_as(&password, "disable", "SELECT 1", None);
+        assert!(!ok && out.contains("no encryption"), "{out}");
+
+        // A machine on the LAN outside allowed_cidrs (10.89.0.0/25) is refused; allowing
+        // its network lets it in, without a restart.
+        let outsider = Outsider::new(&bridge, "10.89.0.200/24");
+        let (ok, out) = psql.run_as(&password, "verify-full", "SELECT 1", Some(&outsider.ns));
+        assert!(!ok && out.contains("no pg_hba.conf entry"), "{out}");
+        let started = psql.ok(&password, "SELECT pg_postmaster_start_time()");
+        let (status, changed) = stack
+            .call(
+                "PATCH",
+                "/v1/databases/app",
+                Some(json!({"allowed_cidrs": ["10.89.0.0/24"]})),
+            )
+            .await;
+        assert_eq!(status, 200, "{changed}");
+        let (ok, out) = psql.run_as(&password, "verify-full", "SELECT count(*) FROM t", Some(&outsider.ns));
+        assert!(ok && out == "100000", "{out}");
+        drop(outsider);
+
+        // Storage grows online: the volume, then the file system; no restart.
+        let df = "CREATE TEMP TABLE df (l text); COPY df FROM PROGRAM 'df -B1 --output=size /var/lib/postgresql | tail -1'; SELECT trim(l) FROM df";
+        let before: u64 = psql.ok(&password, df).parse().expect("df");
+        assert!(before < 1 << 30, "{before}");
+        let (status, grown) = stack
+            .call("PATCH", "/v1/databases/app", Some(json!({"storage": "2G"})))
+            .await;
+        assert_eq!(status, 200, "{grown}");
+        assert_eq!(grown["storage_bytes"], 2u64 << 30);
+        let after: u64 = psql.ok(&password, df).parse().expect("df");
+        assert!(
+            after > (1 << 30) + (900 << 20),
+            "the file system grew to the 2G volume: {after}"
+        );
+        let size: u64 = psql
+            .ok(&password, "SELECT pg_database_size('postgres')")
+            .parse()
+            .expect("size");
+        assert!(
+            size > 5 << 20 && size < after,
+            "pg_database_size {size}, file system {after}"
+        );
+        assert_eq!(
+            psql.ok(&password, "SELECT pg_postmaster_start_time()"),
+            started,
+            "no restart"
+        );
+
+        // The server's log, through the API.
+        let (status, log) = stack.call("GET", "/v1/databases/app/logs?lines=500", None).await;
+        assert_eq!(status, 200, "{log}");
+        assert!(
+            log.as_str()
+                .unwrap_or_default()
+                .contains("password authentication failed"),
+            "{log}"
+        );
+
+        // A new password: the old one stops working.
+        let (status, reset) = stack
+            .call("POST", "/v1/databases/app/reset-password", Some(json!({})))
+            .await;
+        assert_eq!(status, 200, "{reset}");
+        let new_password = reset["password"].as_str().expect("new password").to_string();
+        assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
+        let (ok, _) = psql.run_as(&password, "verify-full", "SELECT 1", None);
+        assert!(!ok, "the old password still works");
+
+        // The CLI: list, and psql with the URI and the CA.
+        let cli = |args: &[&str], password: &str| {
+            let out = Command::new(common::hearth_cli())
+                .args(args)
+                .env("HEARTH_URL", stack.url())
+                .env("HEARTH_API_KEY", &stack.key)
+                .env("PGPASSWORD", password)
+                .output()
+                .expect("hearth");
+            assert!(
+                out.status.success(),
+                "hearth {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let listed = cli(&["db", "list"], "");
+        assert!(
+            listed.lines().any(|l| l.starts_with("app") && l.contains("running")),
+            "{listed}"
+        );
+        let counted = cli(
+            &["db", "psql", "app", "--", "-Atc", "SELECT count(*) FROM t"],
+            &new_password,
+        );
+        assert_eq!(counted.trim(), "100000");
+
+        // The rows survive a restart of the database's VM; the power button shuts it
+        // down cleanly, well within the stop timeout (30 s) after which it is forced.
+        let t = Instant::now();
+        let (status, acc) = stack.call("POST", "/v1/databases/app/stop", None).await;
+        assert_eq!(status, 202, "{acc}");
+        assert_eq!(stack.wait_op(&acc).await["status"], "succeeded");
+        let stopped_in = t.elapsed();
+        assert!(
+            stopped_in < Duration::from_secs(25),
+            "stop took {stopped_in:?}: forced, not clean"
+        );
+        wait_state(&stack, "app", "stopped").await;
+        let (status, acc) = stack.call("POST", "/v1/databases/app/start", None).await;
+        assert_eq!(status, 202, "{acc}");
+        assert_eq!(stack.wait_op(&acc).await["status"], "succeeded");
+        let back = Instant::now();
+        let count = loop {
+            let (ok, out) = psql.run_as(&new_password, "verify-full", "SELECT count(*) FROM t", None);
+            if ok {
+                break out;
+            }
+            if back.elapsed() > Duration::from_secs(300) {
+                panic!("not back after a restart: {out}\n{}", stack.console_log("db-app").await);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert_eq!(count, "100000");
+        let (_, log) = stack.call("GET", "/v1/databases/app/logs?lines=2000", None).await;
+        let last_start = log
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .rfind(|l| l.contains("database system was"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            last_start.contains("was shut down at"),
+            "not a clean shutdown: {last_start}"
+        );
+        // …and the api and every daemon killed with SIGKILL and started again.
+        stack.restart(libc::SIGKILL).await;
+        wait_state(&stack, "app", "running").await;
+        assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
+        // The settings changed over the API outlived the reboot (a newer generation
+        // than the seed's first one).
+        assert_eq!(
+            psql.ok(
+                &new_password,
+                "SELECT count(*) FROM pg_hba_file_rules WHERE address = '10.89.0.0'"
+            ),
+            "1"
+        );
+
+        // The VM belongs to the database.
+        let (status, refused) = stack.call("DELETE", "/v1/vms/db-app", None).await;
+        assert_eq!(status, 409, "{refused}");
+
+        // Delete: VM, port, seed, volume and record all go.
+        let (status, acc) = stack.call("DELETE", "/v1/databases/app", None).await;
+        assert_eq!(status, 202, "{acc}");
+        assert_eq!(stack.wait_op(&acc).await["status"], "succeeded");
+        let (status, _) = stack.call("GET", "/v1/databases/app", None).await;
+        assert_eq!(status, 404);
+        let (_, vms) = stack.call("GET", "/v1/vms", None).await;
+        assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
+        let (_, vols) = stack.call("GET", "/v1/volumes", None).await;
+        assert_eq!(vols.as_array().map(Vec::len), Some(0), "{vols}");
+        assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
+    });
+}
+
+#[test]
+fn bad_database_requests_are_refused_and_leave_nothing() {
+    in_private_netns(|| async {
+        let stack = Stack::start(&[]).await;
+        for (body, status, words) in [
+            (
+                json!({"name": "a", "version": "9.6"}),
+                422,
+                "unknown PostgreSQL version",
+            ),
+            (json!({"name": "a", "memory_mib": 256}), 422, "too little"),
+            (json!({"name": "a", "storage": "0"}), 422, "storage"),
+            (json!({"name": "a", "parameters": {"ssl": "off"}}), 422, "cannot be set"),
+            (json!({"name": "a", "extensions": ["nope"]}), 422, "not available"),
+            (json!({"name": "a", "network": "missing"}), 422, "missing"),
+        ] {
+            let (got, err) = stack.call("POST", "/v1/databases", Some(body.clone())).await;
+            assert_eq!(got, status, "{body}: {err}");
+            let message = err["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains(words), "{body}: {message}");
+        }
+        let (_, dbs) = stack.call("GET", "/v1/databases", None).await;
+        assert_eq!(dbs, json!([]));
+        let (_, vols) = stack.call("GET", "/v1/volumes", None).await;
+        assert_eq!(vols, json!([]));
+        let (_, vms) = stack.call("GET", "/v1/vms", None).await;
+        assert_eq!(vms, json!([]));
+    });
+}
