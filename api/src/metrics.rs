@@ -5,7 +5,11 @@
 //! - `hearth_daemon_up{daemon}`: whether each daemon answers its health endpoint;
 //! - `hearth_ipam_addresses{network,state}`: allocated and usable addresses;
 //! - `hearth_volume_pool_bytes{state}`: the volume pool's size and use;
-//! - `hearth_images`, `hearth_image_store_bytes`: the image cache.
+//! - `hearth_images`, `hearth_image_store_bytes`: the image cache;
+//! - `hearth_database_up`, `_connections`, `_size_bytes`, `_transactions_committed`,
+//!   `_transactions_rolled_back`, `_volume_used_bytes` `{project,database}`: each managed
+//!   database, as its guest agent reports it at the scrape (0 and `up` 0 when it does
+//!   not answer within 5 s).
 //!
 //! Counters and histograms live as long as the api process; gauges are read from the
 //! store and the daemons at each scrape.
@@ -139,6 +143,46 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         "What the periodic reconcile passes changed (orphans removed, cut-short changes undone)",
         repairs,
     );
+
+    let dbs = crate::databases::agent::scrape(&state).await;
+    let per_db = |help: &'static str, name: &'static str, value: &dyn Fn(&serde_json::Value) -> i64| {
+        let fam = Family::<Labels, Gauge>::default();
+        for d in &dbs {
+            let l = labels(&[("project", &d.rec.project), ("database", &d.rec.name)]);
+            fam.get_or_create(&l).set(d.stats.as_ref().map_or(0, value));
+        }
+        (name, help, fam)
+    };
+    for (name, help, fam) in [
+        per_db(
+            "1 when the database's guest agent answers and PostgreSQL runs queries",
+            "database_up",
+            &|_| 1,
+        ),
+        per_db("Client connections", "database_connections", &|s| {
+            s["connections"].as_i64().unwrap_or(0)
+        }),
+        per_db(
+            "Bytes its databases take (pg_database_size)",
+            "database_size_bytes",
+            &|s| s["database_size_bytes"].as_i64().unwrap_or(0),
+        ),
+        per_db(
+            "Transactions committed since the server's statistics began",
+            "database_transactions_committed",
+            &|s| s["xact_commit"].as_i64().unwrap_or(0),
+        ),
+        per_db("Transactions rolled back", "database_transactions_rolled_back", &|s| {
+            s["xact_rollback"].as_i64().unwrap_or(0)
+        }),
+        per_db(
+            "Bytes used on the data volume's file system",
+            "database_volume_used_bytes",
+            &|s| s["data"]["used_bytes"].as_i64().unwrap_or(0),
+        ),
+    ] {
+        reg.register(name, help, fam);
+    }
 
     let mut body = String::new();
     encode(&mut body, &reg).map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;

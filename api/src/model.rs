@@ -1,7 +1,9 @@
 //! The public API's resource types (one serde type per resource, strict on input).
 
 mod jail;
+mod nic;
 pub use jail::VmJail;
+pub use nic::NicIngress;
 
 use serde::{Deserialize, Serialize};
 
@@ -201,6 +203,10 @@ pub struct NicRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>, format = Ipv4, example = "10.77.0.2")]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Set only by a managed service (a database's `allowed_cidrs`); never read from a request.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub ingress: Option<NicIngress>,
 }
 
 /// A VM NIC as recorded and shown.
@@ -217,6 +223,9 @@ pub struct Nic {
     pub gateway: std::net::Ipv4Addr,
     /// The guest configures itself by DHCP (else from kernel arguments).
     pub dhcp: bool,
+    /// What may reach it, where a managed service limits that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<NicIngress>,
 }
 
 fn default_project() -> String {

@@ -87,6 +87,24 @@ impl Drop for Outsider {
     }
 }
 
+/// Packets netd's allow-list dropped at `tap` (`bridge hearth_ingress`, set `refused`).
+fn ingress_drops(tap: &str) -> u64 {
+    let out = Command::new("nft")
+        .args(["-j", "list", "set", "bridge", "hearth_ingress", "refused"])
+        .output()
+        .expect("nft");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("set"))
+        .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["elem"]["val"] == tap)
+        .and_then(|e| e["elem"]["counter"]["packets"].as_u64())
+        .unwrap_or(0)
+}
+
 async fn wait_state(stack: &Stack, name: &str, want: &str) -> Value {
     let mut last = Value::Null;
     for _ in 0..600 {
@@ -179,17 +197,38 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
         assert_eq!(psql.ok(&password, "SELECT count(*) FROM t"), "100000");
         assert!(psql.ok(&password, "SELECT postgis_version()").starts_with("3."));
 
+        // /metrics: up, its size, the rows' transactions, from the guest agent.
+        let (status, metrics) = stack.call("GET", "/metrics", None).await;
+        assert_eq!(status, 200);
+        let text = metrics.as_str().unwrap_or_default().to_string();
+        let metric = |name: &str| -> i64 {
+            text.lines()
+                .find(|l| l.starts_with(&format!("hearth_{name}{{")) && l.contains("database=\"app\""))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} for app in:\n{text}"))
+        };
+        assert_eq!(metric("database_up"), 1);
+        assert!(metric("database_size_bytes") > 10 << 20, "{text}");
+        assert!(metric("database_transactions_committed") > 0, "{text}");
+
         // Refused: a wrong password, a connection without TLS.
         let (ok, out) = psql.run_as("not-the-password", "verify-full", "SELECT 1", None);
         assert!(!ok && out.contains("password authentication failed"), "{out}");
         let (ok, out) = psql.run_as(&password, "disable", "SELECT 1", None);
         assert!(!ok && out.contains("no encryption"), "{out}");
 
-        // A machine on the LAN outside allowed_cidrs (10.89.0.0/25) is refused; allowing
+        // A machine on the LAN outside allowed_cidrs (10.89.0.0/25) is refused: netd drops
+        // its packets at the VM's TAP, counted (pg_hba.conf would refuse it too); allowing
         // its network lets it in, without a restart.
         let outsider = Outsider::new(&bridge, "10.89.0.200/24");
         let (ok, out) = psql.run_as(&password, "verify-full", "SELECT 1", Some(&outsider.ns));
-        assert!(!ok && out.contains("no pg_hba.conf entry"), "{out}");
+        assert!(!ok && out.contains("timeout expired"), "{out}");
+        let tap = stack.vm("db-app").await["nics"][0]["tap"]
+            .as_str()
+            .expect("tap")
+            .to_string();
+        let dropped = ingress_drops(&tap);
+        assert!(dropped > 0, "netd counted no dropped packet for {tap}");
         let started = psql.ok(&password, "SELECT pg_postmaster_start_time()");
         let (status, changed) = stack
             .call(

@@ -15,6 +15,7 @@ fn spec(network: &str, ip: Option<&str>) -> PortSpec {
         mac: None,
         ip: ip.map(|a| a.parse().expect("address")),
         queues: 1,
+        ingress: None,
     }
 }
 

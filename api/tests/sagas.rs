@@ -171,24 +171,7 @@ async fn restart_with(stack: &mut Stack, fault: Option<String>, store_must_be_em
         let keys = store_keys(stack.data_dir()).await;
         assert!(keys.is_empty(), "{case}: left in the store: {keys:?}");
     }
-    stack.env = fault
-        .map(|f| vec![("HEARTH_SAGA_FAULT".to_string(), f)])
-        .unwrap_or_default();
-    stack.spawn().await;
-}
-
-/// Waits for the api process to end by itself (an injected crash).
-fn wait_for_crash(stack: &mut Stack, case: &str) {
-    let mut child = stack.child.take().expect("the api runs");
-    let deadline = std::time::Instant::now() + common::patience(std::time::Duration::from_secs(60));
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(!status.success(), "{case}: the api exited cleanly");
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{case}: the api did not crash");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    stack.spawn_with_fault(fault).await;
 }
 
 async fn setup() -> Stack {
@@ -255,7 +238,7 @@ fn a_create_killed_after_any_step_is_undone_or_finished() {
             let before = stack
                 .request_as("POST", "/v1/vms", Some(body.as_bytes()), Some(&key))
                 .await;
-            wait_for_crash(&mut stack, &case);
+            stack.wait_for_crash(&case, std::time::Duration::from_secs(60));
             // The answer may or may not have left before the crash once the saga runs
             // in its task; before that it cannot have.
             let accepted = before.ok().filter(|(s, _)| *s == 202).map(|(_, b)| b);
@@ -302,7 +285,7 @@ fn a_delete_that_fails_or_is_killed_after_any_step_is_finished() {
                 let (status, accepted) = stack.call("DELETE", "/v1/vms/v", None).await;
                 assert_eq!(status, 202, "{case}: {accepted}");
                 if fault == "crash" {
-                    wait_for_crash(&mut stack, &case);
+                    stack.wait_for_crash(&case, std::time::Duration::from_secs(60));
                 } else {
                     let op = stack.wait_op(&accepted).await;
                     assert_eq!(op["status"], "failed", "{case}: {op}");
@@ -426,7 +409,7 @@ fn an_attach_that_fails_or_is_killed_after_any_step_is_whole_or_gone() {
             let _ = stack
                 .request_as("POST", "/v1/volumes/data/attach", Some(body.as_bytes()), Some(&key))
                 .await;
-            wait_for_crash(&mut stack, &case);
+            stack.wait_for_crash(&case, std::time::Duration::from_secs(60));
             restart_with(&mut stack, None, None).await;
             let whole = i + 1 >= ATTACH_PIVOT;
             assert_attached(&stack, &id, whole, &case).await;
@@ -466,7 +449,7 @@ fn an_import_killed_after_any_step_still_ends_its_operation() {
             let answer = stack
                 .request_as("POST", "/v1/images", Some(body.as_bytes()), Some(&key))
                 .await;
-            wait_for_crash(&mut stack, &case);
+            stack.wait_for_crash(&case, std::time::Duration::from_secs(60));
             restart_with(&mut stack, None, None).await;
             let (_, ops) = stack.call("GET", "/v1/operations", None).await;
             let op = ops

@@ -322,6 +322,7 @@ pub fn remove() -> Result<(), FirewallError> {
     for family in ["inet", "bridge", "netdev"] {
         commands.push_str(&format!("add table {family} hearth\ndelete table {family} hearth\n"));
     }
+    commands.push_str("add table bridge hearth_ingress\ndelete table bridge hearth_ingress\n");
     nft::run("delete the hearth tables", &commands)?;
     Ok(())
 }
@@ -339,6 +340,7 @@ pub fn counters() -> Result<BTreeMap<String, CounterValue>, FirewallError> {
             counters.insert(spoof_counter(&tap), value);
         }
     }
+    counters.extend(crate::ingress::counters());
     Ok(counters)
 }
 

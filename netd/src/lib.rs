@@ -12,6 +12,7 @@
 pub mod dhcp;
 pub mod firewall;
 pub mod http;
+pub mod ingress;
 pub mod ipam;
 pub mod link;
 pub mod network;

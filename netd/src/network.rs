@@ -108,6 +108,10 @@ pub struct PortSpec {
     pub ip: Option<Ipv4Addr>,
     #[serde(default = "one")]
     pub queues: u32,
+    /// TCP to these ports of the VM only from these networks (see [`crate::ingress`]);
+    /// changed in place by ensuring the port again with another list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<crate::ingress::PortIngress>,
 }
 
 fn one() -> u32 {
@@ -125,6 +129,8 @@ pub struct Port {
     pub prefix: u8,
     pub gateway: Ipv4Addr,
     pub queues: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<crate::ingress::PortIngress>,
 }
 
 /// A network as it exists on the host.
@@ -526,6 +532,7 @@ impl NetworkService {
             for port in &made {
                 let _ = tap::delete_tap(&port.tap);
                 let _ = firewall::remove_port(&port_rules(port));
+                let _ = crate::ingress::set(&port.tap, port.ingress.as_ref(), None);
                 let _ = std::fs::remove_file(self.port_file(&port.id));
                 st.ports.remove(&port.id);
                 if let Some(net) = st.networks.get_mut(&port.network) {
@@ -560,6 +567,16 @@ impl NetworkService {
                         existing.network
                     )));
                 }
+                if existing.ingress != spec.ingress {
+                    crate::ingress::set(&existing.tap, existing.ingress.as_ref(), spec.ingress.as_ref())
+                        .map_err(host_error)?;
+                    let mut changed = existing.clone();
+                    changed.ingress = spec.ingress.clone();
+                    write_json(&self.port_file(&id), &changed)?;
+                    st.ports.insert(id.clone(), changed.clone());
+                    ports.push(changed);
+                    continue;
+                }
                 ports.push(existing.clone());
                 continue;
             }
@@ -588,6 +605,7 @@ impl NetworkService {
                 prefix: net.spec.subnet.prefix_len(),
                 gateway: net.gateway,
                 queues: spec.queues,
+                ingress: spec.ingress.clone(),
             };
             // Recorded at once, so that a failure further on takes it back.
             st.ports.insert(id, port.clone());
@@ -599,6 +617,9 @@ impl NetworkService {
         // exists: the anti-spoofing elements go in first, in one transaction.
         let rules: Vec<_> = new.iter().map(port_rules).collect();
         firewall::add_ports(&rules).map_err(host_error)?;
+        for port in new.iter().filter(|p| p.ingress.is_some()) {
+            crate::ingress::set(&port.tap, None, port.ingress.as_ref()).map_err(host_error)?;
+        }
         let mut bridges = BTreeMap::new();
         for port in &ports {
             let bridge = match bridges.get(&port.network) {
@@ -640,6 +661,9 @@ impl NetworkService {
             return Err(host_error(e));
         }
         firewall::remove_port(&port_rules(&port)).map_err(host_error)?;
+        if port.ingress.is_some() {
+            crate::ingress::set(&port.tap, port.ingress.as_ref(), None).map_err(host_error)?;
+        }
         if let Some(net) = st.networks.get_mut(&port.network) {
             net.ipam.release(id)?;
         }
@@ -810,7 +834,17 @@ impl NetworkService {
                 *a = Some(fingerprint);
             }
         }
-        firewall::sync_ports(&spec).map_err(host_error)
+        firewall::sync_ports(&spec).map_err(host_error)?;
+        // The allow-lists: made again whole when the table is gone (flushed by hand).
+        if !crate::ingress::present() {
+            let guarded: Vec<_> = st
+                .ports
+                .values()
+                .filter_map(|p| Some((p.tap.clone(), p.ingress.clone()?)))
+                .collect();
+            crate::ingress::rebuild(&guarded).map_err(host_error)?;
+        }
+        Ok(())
     }
 }
 

@@ -89,6 +89,23 @@ export const post = (path, body, opts) => api('POST', path, body ?? {}, opts);
 export const del = (path, opts) => api('DELETE', path, undefined, opts);
 export const patch = (path, body, opts) => api('PATCH', path, body, opts);
 
+/** A text answer (a log, a PEM file). */
+export async function getText(path) {
+  const key = currentKey();
+  const res = await fetch(path, { headers: key ? { Authorization: `Bearer ${key}` } : {}, cache: 'no-store' });
+  const text = await res.text();
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText || 'request failed'}`;
+    try {
+      message = JSON.parse(text).error?.message || message;
+    } catch {
+      // not JSON
+    }
+    throw new ApiError(res.status, `http_${res.status}`, message);
+  }
+  return text;
+}
+
 export const vmPath = (id) => `/v1/vms/${encodeURIComponent(id)}`;
 
 /** A fresh single-use ticket for a console WebSocket, and the URL to open with it. */

@@ -8,10 +8,12 @@ import { mountVms } from './views/vms.js';
 import { mountVm } from './views/vm.js';
 import { mountNetworks } from './views/networks.js';
 import { mountImages } from './views/images.js';
+import { mountDatabases } from './views/databases.js';
 import { mountOperations } from './views/operations.js';
 
 const ROUTES = [
   ['vms', 'VMs'],
+  ['databases', 'Databases'],
   ['networks', 'Networks'],
   ['images', 'Images'],
   ['operations', 'Operations'],
@@ -61,6 +63,9 @@ function route(notice = '') {
       break;
     case 'networks':
       cleanup = mountNetworks(main);
+      break;
+    case 'databases':
+      cleanup = mountDatabases(main);
       break;
     case 'images':
       cleanup = mountImages(main);

@@ -447,6 +447,21 @@ async function main() {
       log(`VNC matches QEMU's screendump: ${best.matchPercent}% of pixels`);
     });
 
+    await step('the databases page lists none and shows a refused create with its reason', async () => {
+      await page.locator('[data-testid="nav-databases"]').click();
+      await page.locator('[data-testid="db-create-form"]').waitFor();
+      await until(async () => page.getByText('No databases.').isVisible(), 15_000, 'the empty list was not shown');
+      await page.locator('[data-testid="db-create-name"]').fill('e2e-db');
+      await page.locator('[data-testid="db-create-storage"]').fill('0');
+      await page.locator('[data-testid="db-create-submit"]').click();
+      const status = page.locator('[data-testid="db-create-status"]');
+      await until(async () => /storage/.test((await status.textContent()) || '') || { ok: false, status: await status.textContent() }, 15_000, 'the refusal was not shown');
+      log(`refused as it should be: ${await status.textContent()}`);
+      // Back to the VM's page, where the next step stops it.
+      await page.evaluate((id) => { location.hash = `#/vms/${encodeURIComponent(id)}`; }, vmId);
+      await page.locator('[data-testid="vm-stop"]').waitFor();
+    });
+
     await step(`stop and delete ${NAME}`, async () => {
       await page.locator('[data-testid="vm-stop"]').click();
       await until(async () => (await pageState()) === 'stopped' || { ok: false, state: await pageState() }, 120_000, `${NAME} did not reach "stopped"`);

@@ -41,6 +41,30 @@ pub async fn call(
     }
 }
 
+/// What `/metrics` shows of one database: its agent's `stats`, or why there are none.
+pub struct Scraped {
+    pub rec: DatabaseRecord,
+    /// `None`: the agent did not answer (or the database is not running).
+    pub stats: Option<serde_json::Value>,
+}
+
+/// Every ready database's statistics, asked of the agents at once (5 s each at most).
+pub async fn scrape(state: &AppState) -> Vec<Scraped> {
+    let records: Vec<DatabaseRecord> = crate::store::list_json::<DatabaseRecord>(state.store.as_ref(), "databases/")
+        .await
+        .map(|v| v.into_iter().map(|(r, _)| r).collect())
+        .unwrap_or_default();
+    let asks = records.into_iter().map(|rec| async move {
+        let stats = if rec.phase == super::record::DbPhase::Ready {
+            call(state, &rec, &Request::Stats, Duration::from_secs(5)).await.ok()
+        } else {
+            None
+        };
+        Scraped { rec, stats }
+    });
+    futures_util::future::join_all(asks).await
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

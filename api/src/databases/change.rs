@@ -68,6 +68,35 @@ async fn reseed(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseEr
     Ok(())
 }
 
+/// netd's allow-list at the database's port: the new networks, in place (no restart).
+async fn allow(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseError> {
+    let (vm, _) = vm_record(state, rec).await?;
+    let Some(nic) = vm.nics.first() else {
+        return Ok(());
+    };
+    let ingress = super::create::ingress_of(rec);
+    let spec = netd::network::PortSpec {
+        network: crate::model::host_name(&vm.project, &nic.network),
+        mac: Some(nic.mac.clone()),
+        ip: Some(nic.ip),
+        queues: 1,
+        ingress: Some(ingress.to_netd()),
+    };
+    state
+        .netd
+        .ensure_port(&nic.port, &spec)
+        .await
+        .map_err(crate::daemons::upstream)?;
+    store::update_json(state.store.as_ref(), &format!("vms/{}", vm.id), |v: &mut VmRecord| {
+        if let Some(n) = v.nics.first_mut() {
+            n.ingress = Some(ingress.clone());
+        }
+        true
+    })
+    .await?;
+    Ok(())
+}
+
 async fn save(state: &AppState, rec: &DatabaseRecord, rev: u64) -> Result<(), DatabaseError> {
     state
         .store
@@ -138,6 +167,7 @@ pub async fn update(
         save(state, &rec, rev).await?;
         rev = super::record::find(state, &rec.project, &rec.name).await?.1;
         reseed(state, &rec).await?;
+        allow(state, &rec).await?;
         if running {
             let configure = Request::Configure {
                 allowed_cidrs: rec.hba_cidrs(),
@@ -158,6 +188,7 @@ pub async fn update(
         rec.memory_mib = vm.memory_mib;
         save(state, &rec, rev).await?;
     }
+    super::create::event(state, &rec, "changed");
     let vm_state = vm_state(state, &rec).await;
     Ok(Database::of(&rec, vm_state.as_deref()))
 }
@@ -186,6 +217,7 @@ pub async fn reset_password(
     }
     save(state, &rec, rev).await?;
     reseed(state, &rec).await?;
+    super::create::event(state, &rec, "password_reset");
     let vm_state = vm_state(state, &rec).await;
     let mut db = Database::of(&rec, vm_state.as_deref());
     db.password = Some(password);

@@ -44,13 +44,13 @@ pub async fn begin(
 ) -> Result<(Operation, Database), DatabaseError> {
     let network = cmd.network.clone().unwrap_or_else(|| DEFAULT_NETWORK.to_string());
     // What would fail later in the VM's create is refused now, with nothing made.
-    if let Err(e) = state.netd.network(&crate::model::host_name(project, &network)).await {
-        return Err(if e.is_not_found() {
-            DatabaseError::Invalid(format!("network {network:?} does not exist"))
-        } else {
-            crate::daemons::upstream(e).into()
-        });
-    }
+    let net = match state.netd.network(&crate::model::host_name(project, &network)).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => {
+            return Err(DatabaseError::Invalid(format!("network {network:?} does not exist")))
+        }
+        Err(e) => return Err(crate::daemons::upstream(e).into()),
+    };
     crate::vms::create::find_image(state, "postgres")
         .await
         .map_err(|e| DatabaseError::Invalid(format!("the postgres image is not available: {e}")))?;
@@ -64,7 +64,10 @@ pub async fn begin(
         memory_mib: cmd.memory_mib,
         storage_bytes: cmd.storage_bytes,
         network,
-        allowed_cidrs: cmd.allowed_cidrs.unwrap_or_default(),
+        // By default, the database's own network.
+        allowed_cidrs: cmd
+            .allowed_cidrs
+            .unwrap_or_else(|| vec![net.spec.subnet.trunc().to_string()]),
         extensions: cmd.extensions,
         parameters: cmd.parameters,
         hypervisor: cmd.hypervisor,
@@ -73,7 +76,7 @@ pub async fn begin(
         volume: format!("db-{}-data", cmd.name),
         vm_id: None,
         address: None,
-        gateway: None,
+        gateway: Some(net.gateway),
         password_verifier: postgres_protocol::password::scram_sha_256(password.as_bytes()),
         generation: 1,
         created_at_ms: vmm_manager::spec::now_ms(),
@@ -83,7 +86,7 @@ pub async fn begin(
         password: Some(password.clone()),
     };
     let mut saga = Saga::begin(state, &DB_CREATE, &uuid::Uuid::new_v4().to_string(), context).await?;
-    saga.run_until(state, Some("volume")).await?;
+    saga.run_until(state, Some("vm")).await?;
     let name = saga.context.rec.name.clone();
     let op = match saga.start_operation(state, project, "database", &name).await {
         Ok(op) => op,
@@ -225,6 +228,9 @@ async fn make_vm(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError
     }))
     .map_err(|e| DatabaseError::Invalid(e.to_string()))?;
     req.managed_by = Some(c.rec.managed_by());
+    if let Some(nic) = req.nics.as_mut().and_then(|n| n.first_mut()) {
+        nic.ingress = Some(ingress_of(&c.rec));
+    }
     let vm = crate::vms::create::run(state, &c.rec.project, req).await?;
     let nic = vm
         .nics
@@ -233,11 +239,27 @@ async fn make_vm(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError
     c.rec.vm_id = Some(vm.id.clone());
     c.rec.address = Some(nic.ip);
     c.rec.gateway = Some(nic.gateway);
-    if c.rec.allowed_cidrs.is_empty() {
-        let subnet = ipnet::Ipv4Net::new(nic.ip, nic.prefix).map_err(|e| DatabaseError::Invalid(e.to_string()))?;
-        c.rec.allowed_cidrs = vec![subnet.trunc().to_string()];
-    }
     put(state, &c.rec).await
+}
+
+/// netd's allow-list for the database's port: PostgreSQL's port only from the allowed
+/// IPv4 networks and the host (IPv6 never reaches a VM: netd drops it at the TAP).
+pub(crate) fn ingress_of(rec: &DatabaseRecord) -> crate::model::NicIngress {
+    crate::model::NicIngress {
+        tcp_ports: vec![guest_agent::PG_PORT],
+        from: rec
+            .hba_cidrs()
+            .iter()
+            .filter_map(|c| {
+                if c.contains('/') {
+                    c.parse::<ipnet::Ipv4Net>().ok()
+                } else {
+                    c.parse::<std::net::Ipv4Addr>().ok().map(ipnet::Ipv4Net::from)
+                }
+            })
+            .map(|n| n.trunc())
+            .collect(),
+    }
 }
 
 /// Deletes the database's VM, if there is one and it is the database's.
@@ -330,7 +352,18 @@ async fn wait_ready(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseEr
 
 async fn mark_ready(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
     c.rec.phase = DbPhase::Ready;
-    put(state, &c.rec).await
+    put(state, &c.rec).await?;
+    event(state, &c.rec, "ready");
+    Ok(())
+}
+
+/// A `database` event on the bus (`GET /v1/events?kinds=database`).
+pub(crate) fn event(state: &AppState, rec: &DatabaseRecord, what: &str) {
+    state.events.emit(
+        "database",
+        &rec.project,
+        serde_json::json!({"name": rec.name, "event": what, "generation": rec.generation}),
+    );
 }
 
 /// Readiness with a CA read from the store.

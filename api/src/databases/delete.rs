@@ -40,6 +40,7 @@ pub async fn begin(
         .compare_and_swap(&key(&rec.project, &rec.name), Some(rev), store::encode(&rec))
         .await?;
     let db = Database::of(&rec, None);
+    super::create::event(state, &rec, "deleting");
     let (project, name) = (rec.project.clone(), rec.name.clone());
     let mut saga = Saga::begin(
         state,
@@ -90,6 +91,7 @@ pub static DB_DELETE: SagaDef<DbDelete, DatabaseError> = SagaDef {
             run: |state, c| {
                 Box::pin(async move {
                     state.store.delete(&key(&c.rec.project, &c.rec.name)).await?;
+                    super::create::event(state, &c.rec, "deleted");
                     Ok(())
                 })
             },

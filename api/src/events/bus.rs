@@ -11,7 +11,7 @@ pub struct Event {
     /// Increases by one per event of this api process.
     pub seq: u64,
     pub at_ms: u64,
-    /// `operation`, `vm` or `audit`.
+    /// `operation`, `vm`, `database` or `audit`.
     pub kind: String,
     pub project: String,
     pub data: serde_json::Value,

@@ -22,7 +22,7 @@ pub struct EventsQuery {
 }
 
 #[utoipa::path(get, path = "/v1/events", tag = "events",
-    params(("kinds" = Option<String>, Query, description = "Comma-separated: operation, vm, audit"), ("project" = Option<String>, Query)),
+    params(("kinds" = Option<String>, Query, description = "Comma-separated: operation, vm, database, audit"), ("project" = Option<String>, Query)),
     responses((status = 200, description = "Server-sent events, one JSON Event per message", content_type = "text/event-stream", body = Event), (status = 422, body = crate::openapi::ErrorResponse)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
@@ -36,9 +36,12 @@ pub async fn stream(
             .collect()
     });
     if let Some(k) = &kinds {
-        if let Some(bad) = k.iter().find(|k| !matches!(k.as_str(), "operation" | "vm" | "audit")) {
+        if let Some(bad) = k
+            .iter()
+            .find(|k| !matches!(k.as_str(), "operation" | "vm" | "database" | "audit"))
+        {
             return Err(socket_http::ApiError::unprocessable(format!(
-                "unknown event kind {bad:?}: use operation, vm or audit"
+                "unknown event kind {bad:?}: use operation, vm, database or audit"
             )));
         }
     }

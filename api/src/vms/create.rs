@@ -12,7 +12,9 @@ use vmm_manager::spec::{DiskSpec, VmAction, VmState};
 use crate::model::HypervisorKind;
 
 use crate::daemons::upstream;
-use crate::model::{host_name, AttachVolume, CreateVm, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord};
+use crate::model::{
+    host_name, AttachVolume, CreateVm, NicIngress, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord,
+};
 use crate::networks::DEFAULT_NETWORK;
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
@@ -113,6 +115,7 @@ pub(crate) async fn attach_nics(
                 mac: None,
                 ip: req.ip,
                 queues: 1,
+                ingress: req.ingress.as_ref().map(NicIngress::to_netd),
             };
             let port = state
                 .netd
@@ -128,6 +131,7 @@ pub(crate) async fn attach_nics(
                 prefix: port.prefix,
                 gateway: port.gateway,
                 dhcp: net.spec.dhcp,
+                ingress: req.ingress.clone(),
             })
         }
         .await;
@@ -278,6 +282,7 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
             vec![NicRequest {
                 network: DEFAULT_NETWORK.into(),
                 ip: None,
+                ingress: None,
             }]
         }
         None => vec![],

@@ -25,6 +25,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError>
             mac: Some(nic.mac.clone()),
             ip: Some(nic.ip),
             queues: 1,
+            ingress: nic.ingress.as_ref().map(crate::model::NicIngress::to_netd),
         };
         let port = state.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
         if port.tap != nic.tap {

@@ -338,6 +338,29 @@ impl Stack {
         self.child.as_ref().map(|c| c.id()).expect("the api runs")
     }
 
+    /// Starts the api again (after [`Stack::stop_api`]) with a saga fault injected
+    /// (`HEARTH_SAGA_FAULT`, see the api's `saga` module) or none.
+    pub async fn spawn_with_fault(&mut self, fault: Option<String>) {
+        self.env = fault
+            .map(|f| vec![("HEARTH_SAGA_FAULT".to_string(), f)])
+            .unwrap_or_default();
+        self.spawn().await;
+    }
+
+    /// Waits for the api process to end by itself (an injected crash) within `within`.
+    pub fn wait_for_crash(&mut self, case: &str, within: Duration) {
+        let mut child = self.child.take().expect("the api runs");
+        let deadline = std::time::Instant::now() + patience(within);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(!status.success(), "{case}: the api exited cleanly");
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{case}: the api did not crash");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stop_api(&mut self, signal: i32) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signals only the api process this harness started.
