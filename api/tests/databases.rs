@@ -290,6 +290,34 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
         let (ok, _) = psql.run_as(&password, "verify-full", "SELECT 1", None);
         assert!(!ok, "the old password still works");
 
+        // More memory: the VM restarts, and the server's memory settings follow it.
+        // shared_buffers is a quarter of what the guest sees (the kernel keeps a little).
+        let mb = |s: String| -> u64 { s.trim_end_matches("MB").parse().expect("MB") };
+        let before = mb(psql.ok(&new_password, "SHOW shared_buffers"));
+        assert!((220..=256).contains(&before), "shared_buffers {before} MB in 1024 MiB");
+        let (status, resized) = stack
+            .call("PATCH", "/v1/databases/app", Some(json!({"memory_mib": 1536})))
+            .await;
+        assert_eq!(status, 200, "{resized}");
+        assert_eq!(resized["memory_mib"], 1536);
+        let back = Instant::now();
+        let buffers = loop {
+            let (ok, out) = psql.run_as(&new_password, "verify-full", "SHOW shared_buffers", None);
+            if ok {
+                break out;
+            }
+            if back.elapsed() > Duration::from_secs(300) {
+                panic!("not back after a resize: {out}\n{}", stack.console_log("db-app").await);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let after = mb(buffers);
+        assert!(
+            (340..=384).contains(&after),
+            "shared_buffers {after} MB after growing to 1536 MiB"
+        );
+        assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
+
         // The CLI: list, and psql with the URI and the CA.
         let cli = |args: &[&str], password: &str| {
             let out = Command::new(common::hearth_cli())

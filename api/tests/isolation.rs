@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 fn request_for(method: &str, path: &str, op_id: &str) -> (String, Option<Value>) {
     let concrete = path
         .replace("/v1/vms/{id}/{action}", "/v1/vms/vm-a/stop")
+        .replace("/v1/databases/{name}/{action}", "/v1/databases/db-a/restart")
+        .replace("/v1/databases/{name}", "/v1/databases/db-a")
         .replace("/v1/operations/{id}", &format!("/v1/operations/{op_id}"))
         .replace("/v1/api-keys/{id}", "/v1/api-keys/KEYID")
         .replace("{id}", "vm-a")
@@ -29,6 +31,7 @@ fn request_for(method: &str, path: &str, op_id: &str) -> (String, Option<Value>)
         ("POST", "/v1/vms") => Some(json!({"name": "intruder", "image": "tiny", "start": false, "nics": []})),
         ("POST", "/v1/volumes") => Some(json!({"name": "intruder", "size": "1M"})),
         ("POST", "/v1/networks") => Some(json!({"name": "intruder", "subnet": "10.99.0.0/24"})),
+        ("POST", "/v1/databases") => Some(json!({"name": "intruder", "storage": "1G"})),
         ("POST", "/v1/images") => Some(json!({"name": "intruder", "path": "/nonexistent.raw"})),
         ("POST", "/v1/projects") => Some(json!({"name": "intruder"})),
         ("POST", "/v1/users") => Some(json!({"name": "intruder"})),
@@ -127,9 +130,43 @@ fn projects_are_isolated_on_every_route() {
                 break;
             }
         }
+        // A database in alpha (a VM of the postgres image): its routes are checked too.
+        let (s, accepted) = send(
+            &stack,
+            &alice,
+            "POST",
+            "/v1/databases",
+            "alpha",
+            Some(&json!({"name": "db-a", "network": "net-a", "storage": "1G", "memory_mib": 512})),
+        )
+        .await;
+        assert_eq!(s, 202, "{accepted}");
+        let db_op = accepted["operation"]["id"].as_str().expect("op").to_string();
+        loop {
+            let (s, op) = send(
+                &stack,
+                &alice,
+                "GET",
+                &format!("/v1/operations/{db_op}?wait=10"),
+                "alpha",
+                None,
+            )
+            .await;
+            assert_eq!(s, 200, "{op}");
+            if op["status"] != "running" {
+                assert_eq!(op["status"], "succeeded", "{op}");
+                break;
+            }
+        }
         let before = snapshot_of_alpha(&stack, &alice).await;
 
-        for list in ["/v1/vms", "/v1/volumes", "/v1/networks", "/v1/operations"] {
+        for list in [
+            "/v1/vms",
+            "/v1/volumes",
+            "/v1/networks",
+            "/v1/operations",
+            "/v1/databases",
+        ] {
             let (s, b) = send(&stack, &bob, "GET", list, "beta", None).await;
             assert_eq!(s, 200, "{b}");
             let text = b.to_string();
@@ -137,6 +174,7 @@ fn projects_are_isolated_on_every_route() {
                 !text.contains("vm-a")
                     && !text.contains("net-a")
                     && !text.contains(&op_id)
+                    && !text.contains("db-a")
                     && !text.contains("\"alpha\""),
                 "beta's {list} shows alpha's resources: {text}"
             );
@@ -339,6 +377,7 @@ async fn snapshot_of_alpha(stack: &Stack, alice: &str) -> Value {
         "/v1/vms/vm-a",
         "/v1/networks/net-a",
         "/v1/volumes/vol-a",
+        "/v1/databases/db-a",
         "/v1/projects/alpha/members",
     ] {
         let (s, mut b) = send(stack, alice, "GET", path, "alpha", None).await;

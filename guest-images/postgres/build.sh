@@ -33,7 +33,7 @@ FLAVOUR_NOTABLE_PACKAGES="postgresql-$PG_MAJOR postgresql-$PG_MAJOR-postgis-3 pg
 # The agent's inputs: its sources and the exact crates it is built from.
 agent_inputs() {
 	hearth_hash_files "$REPO" guest-agent/src guest-agent/Cargo.toml
-	(cd "$REPO" && cargo tree --locked --offline -q -p hearth-guest-agent -e normal --prefix none 2>/dev/null ||
+	(cd "$REPO" && cargo tree --locked -q -p hearth-guest-agent -e normal --prefix none 2>/dev/null ||
 		sha256sum Cargo.lock)
 }
 FLAVOUR_HASH=$({
