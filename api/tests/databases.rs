@@ -398,9 +398,23 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
             "1"
         );
 
-        // The VM belongs to the database.
+        // The VM and the volume belong to the database.
         let (status, refused) = stack.call("DELETE", "/v1/vms/db-app", None).await;
         assert_eq!(status, 409, "{refused}");
+        for (path, body) in [
+            ("/v1/volumes/db-app-data/detach", json!({})),
+            ("/v1/volumes/db-app-data/resize", json!({"size": "3G"})),
+        ] {
+            let (status, refused) = stack.call("POST", path, Some(body)).await;
+            assert_eq!(status, 409, "{path}: {refused}");
+            assert!(
+                refused["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("database/app"),
+                "{refused}"
+            );
+        }
 
         // Delete: VM, port, seed, volume and record all go.
         let (status, acc) = stack.call("DELETE", "/v1/databases/app", None).await;

@@ -224,6 +224,18 @@ fn volumes_outlive_vms_and_travel_between_hosts() {
         let (status, e) = stack.call("DELETE", "/v1/volumes/data", None).await;
         assert_eq!(status, 409, "deleting an attached volume: {e}");
         guest_write(&stack, "writer", "/dev/vda", 100, "HEARTH-PATTERN-ONE").await;
+        // Attached at create, the disk sits on q35's root bus: QEMU cannot unplug it from
+        // the running VM. A 409 that says what to do, and nothing changed.
+        let (status, e) = stack.call("POST", "/v1/volumes/data/detach", None).await;
+        assert_eq!(status, 409, "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("stop the VM"),
+            "{e}"
+        );
+        assert_eq!(volume(&stack, "data").await["attached_to"]["vm_name"], "writer");
         // The guest's discards reach the pool: 4 MiB written, then discarded, come back.
         discard_gives_space_back(&stack, "writer", "/dev/vda", "data").await;
         // Grown while the VM runs: the guest sees the new size at once.

@@ -34,6 +34,10 @@ pub enum VolumeError {
     /// Attached to a VM, so it cannot go.
     #[error("volume {name:?} is attached to VM {vm} as {disk}; detach it first")]
     Attached { name: String, vm: String, disk: String },
+    /// It holds a managed service's data (a database's volume): only that service
+    /// detaches it.
+    #[error("volume {name:?} belongs to {by}; it stays attached to that service's VM")]
+    Managed { name: String, by: String },
     /// The VM to attach it to is being created or deleted.
     #[error("VM {0} is being created or deleted")]
     VmNotReady(String),
@@ -87,6 +91,7 @@ impl From<&VolumeError> for ApiError {
             NotFound(_) => ApiError::not_found(message),
             AlreadyExists(_)
             | Attached { .. }
+            | Managed { .. }
             | VmNotReady(_)
             | AlreadyAttached(_)
             | Changing(_)
@@ -125,6 +130,14 @@ mod tests {
                 "invalid",
             ),
             (VolumeError::ReservedName(s("hearth-image-x")), 422, "invalid"),
+            (
+                VolumeError::Managed {
+                    name: s("db-app-data"),
+                    by: s("database/app"),
+                },
+                409,
+                "conflict",
+            ),
             (
                 VolumeError::NameTooLong {
                     name: s("data"),

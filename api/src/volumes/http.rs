@@ -174,6 +174,7 @@ pub async fn resize(
 ) -> Result<Json<Volume>, ApiError> {
     let rec = find_record(&state, &caller.project, &name).await?;
     let size = ResizeCommand::try_from(req)?.size_bytes;
+    refuse_managed(&state, &caller.project, &name).await?;
     if let Some(remote) = &rec.remote {
         resize_remote(&state, &rec, remote, size).await?;
         let rec = find_record(&state, &caller.project, &name).await?;
@@ -303,6 +304,13 @@ pub async fn detach(
     let rec = find_record(&state, project, &name).await?;
     if let Some(a) = attachment(&state, project, &name).await? {
         match crate::vms::records::resolve(&state, project, &a.vm).await {
+            Ok((vm, _)) if vm.managed_by.is_some() => {
+                return Err(VolumeError::Managed {
+                    name,
+                    by: vm.managed_by.unwrap_or_default(),
+                }
+                .into());
+            }
             Ok((mut vm, rev)) => {
                 state.vmm.detach_disk(&vm.id, &a.disk).await.map_err(upstream)?;
                 let att = vm.volumes.iter().find(|v| v.volume == name).cloned();
@@ -401,4 +409,19 @@ async fn create_volume(
         async move { crate::volumes::work::create_now(&st, &p, req).await },
     )
     .await
+}
+
+/// A managed service's volume (a database's data) is changed through that service only.
+async fn refuse_managed(state: &AppState, project: &str, name: &str) -> Result<(), VolumeError> {
+    if let Some(a) = attachment(state, project, name).await? {
+        if let Ok((vm, _)) = crate::vms::records::resolve(state, project, &a.vm).await {
+            if let Some(by) = vm.managed_by {
+                return Err(VolumeError::Managed {
+                    name: name.to_string(),
+                    by,
+                });
+            }
+        }
+    }
+    Ok(())
 }

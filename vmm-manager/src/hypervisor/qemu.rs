@@ -543,7 +543,18 @@ impl Hypervisor for QemuDriver {
             let qmp_socket = dir.qmp_socket();
             let pci = qmp::execute(&qmp_socket, "query-pci", None).await?;
             if pci_has_device(&pci, disk_id) {
-                qmp::execute(&qmp_socket, "device_del", Some(json!({"id": disk_id}))).await?;
+                match qmp::execute(&qmp_socket, "device_del", Some(json!({"id": disk_id}))).await {
+                    Ok(_) => {}
+                    // A disk the VM was started with sits on q35's root bus, which has no
+                    // hot-plug: the request conflicts with the running VM (a 409, not a
+                    // VMM fault). Detached while the VM is stopped, it goes.
+                    Err(VmmError::Refused { message, .. }) if message.contains("does not support hotplugging") => {
+                        return Err(VmmError::Unsupported(format!(
+                            "disk {disk_id} was attached when the VM started and QEMU cannot unplug it from a running VM ({message}); stop the VM, then detach it"
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
                 // The device goes once the guest acknowledges the unplug.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
                 loop {
