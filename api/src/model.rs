@@ -356,6 +356,10 @@ pub struct Vm {
     /// while it does not run, and where jailing is turned off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<VmJail>,
+    /// The managed service the VM belongs to (`database/<name>`); only that service
+    /// changes or deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 impl Vm {
@@ -394,6 +398,7 @@ impl Vm {
                 .filter(|_| r.phase == Phase::Ready)
                 .and_then(|s| s.jail.as_ref())
                 .map(Into::into),
+            managed_by: r.managed_by.clone(),
         }
     }
 }

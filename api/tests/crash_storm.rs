@@ -1,15 +1,19 @@
 //! The crash storm: the api and each daemon run as processes of their own (as the
-//! systemd units run them). 50 VM, network and volume creates and deletes run at once
+//! systemd units run them). 50 VM, network, volume and database creates and deletes
+//! run at once
 //! while the api, vmm-manager, netd, blockd and imaged are each killed (-9) twice, at
 //! random moments, and started again. The clients behave as a careful client would:
 //! POSTs carry an Idempotency-Key, a request the api could not answer (it was down,
-//! or said 5xx) is sent again, an accepted operation is followed to its end.
+//! or said 5xx) is sent again, an accepted operation is followed to its end, and one
+//! the api undid because it restarted ("retry it") is made again.
 //!
 //! Afterwards every operation has finished (succeeded, or failed with a message), and
 //! what the api shows is exactly what the daemons and the host hold: every VM has its
 //! VMM definition, port and root disk and nothing else has any; every QEMU process is
 //! a running VM's; every TAP is a port's, every bridge a network's, every address a
-//! port's; every volume file is a volume's. Each request's answer agrees with the end
+//! port's; every volume file is a volume's; every database is whole (ready, its VM
+//! running with its data volume attached, answering a query over TLS with its password)
+//! and every database VM and volume is a database's. Each request's answer agrees with the end
 //! state (a succeeded create is there, a succeeded delete is gone). Deleting
 //! everything then leaves no process, TAP, bridge, address or file. The schedule is
 //! random; `HEARTH_STORM_SEED` repeats one (the seed is printed).
@@ -50,6 +54,8 @@ enum Change {
     DeleteNetwork(String),
     CreateVolume(String),
     DeleteVolume(String),
+    CreateDatabase(String),
+    DeleteDatabase(String),
 }
 
 impl Change {
@@ -76,6 +82,12 @@ impl Change {
                 Some(json!({"name": name, "size_bytes": 4 << 20})),
             ),
             Change::DeleteVolume(name) => ("DELETE", format!("/v1/volumes/{name}"), None),
+            Change::CreateDatabase(name) => (
+                "POST",
+                "/v1/databases".into(),
+                Some(json!({"name": name, "storage": "1G", "memory_mib": 768, "vcpus": 1})),
+            ),
+            Change::DeleteDatabase(name) => ("DELETE", format!("/v1/databases/{name}"), None),
         }
     }
 }
@@ -107,16 +119,16 @@ impl Outcome {
 async fn send(client: ApiClient, change: Change, deadline: Instant) -> Outcome {
     let (method, path, body) = change.request();
     let bytes = body.map(|b| b.to_string().into_bytes());
-    let idempotency = uuid::Uuid::new_v4().to_string();
-    let headers: Vec<(&str, &str)> = if method == "POST" {
-        vec![("idempotency-key", idempotency.as_str())]
-    } else {
-        Vec::new()
-    };
+    let mut idempotency = uuid::Uuid::new_v4().to_string();
     let mut attempts = 0;
     loop {
         assert!(Instant::now() < deadline, "{change:?}: no final answer in time");
         attempts += 1;
+        let headers: Vec<(&str, &str)> = if method == "POST" {
+            vec![("idempotency-key", idempotency.as_str())]
+        } else {
+            Vec::new()
+        };
         let answer = client
             .request_with(method, &path, bytes.as_deref(), Some(&client.key), &headers)
             .await;
@@ -141,6 +153,15 @@ async fn send(client: ApiClient, change: Change, deadline: Instant) -> Outcome {
             202 => Some(follow(&client, &body, deadline).await),
             _ => None,
         };
+        let undone_by_restart = operation.as_ref().is_some_and(|op| {
+            op["status"] == "failed" && op["error"]["message"].as_str().is_some_and(|m| m.contains("retry it"))
+        });
+        if undone_by_restart {
+            // The api said so: the work was undone, the request may be made again (a
+            // new request, so a new key).
+            idempotency = uuid::Uuid::new_v4().to_string();
+            continue;
+        }
         return Outcome {
             change,
             status,
@@ -380,6 +401,39 @@ async fn check_consistent(stack: &Stack, addresses_per_empty_network: usize) -> 
             (a, h) => panic!("volume {name}: attached_to {a:?}, named by {h:?}"),
         }
     }
+    // Databases: each whole (ready, its VM running, its data volume attached to that
+    // VM), and every database VM and data volume a listed database's.
+    let dbs = list(stack, "/v1/databases").await;
+    for db in &dbs {
+        assert_eq!(db["state"], "running", "a database is whole or gone: {db}");
+        let vm = vms
+            .iter()
+            .find(|v| v["name"] == db["vm"])
+            .unwrap_or_else(|| panic!("database without its VM: {db}"));
+        assert_eq!(vm["state"], "running", "{db}: {vm}");
+        let volume = api_volumes
+            .iter()
+            .find(|v| v["name"] == db["volume"])
+            .unwrap_or_else(|| panic!("database without its volume: {db}"));
+        assert_eq!(volume["attached_to"]["vm"], vm["id"], "{db}: {volume}");
+    }
+    let managed: BTreeSet<String> = vms
+        .iter()
+        .filter_map(|v| v["managed_by"].as_str().map(str::to_string))
+        .collect();
+    let db_names = names(&dbs, "name");
+    let owners: BTreeSet<String> = db_names.iter().map(|n| format!("database/{n}")).collect();
+    assert_eq!(managed, owners, "every database VM is a listed database's");
+    let data_volumes: BTreeSet<String> = names(&api_volumes, "name")
+        .into_iter()
+        .filter(|v| v.starts_with("db-") && v.ends_with("-data"))
+        .collect();
+    let wanted_data: BTreeSet<String> = dbs
+        .iter()
+        .map(|d| d["volume"].as_str().expect("volume").to_string())
+        .collect();
+    assert_eq!(data_volumes, wanted_data, "every data volume is a listed database's");
+
     // Every dnsmasq is a network's DHCP server (none left by a netd that was killed).
     let dhcp: BTreeSet<u64> = nets.iter().filter_map(|n| n["dhcp_pid"].as_u64()).collect();
     for (pid, cmd) in stack.processes_using_data_dir() {
@@ -402,6 +456,10 @@ async fn storm(etcd: Option<Etcd>) {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let args: Vec<&str> = store.as_deref().map(|u| vec!["--store", u]).unwrap_or_default();
+    assert!(
+        common::images_dir().join("postgres/image.json").is_file(),
+        "the postgres image is missing: run guest-images/postgres/build.sh (scripts/test.sh does)"
+    );
     let mut stack = Stack::start_separate(&args).await;
 
     // The default network with no port yet: how many addresses a network takes for
@@ -410,13 +468,13 @@ async fn storm(etcd: Option<Etcd>) {
     let default: Value = netd_client.get("/networks/default").await.expect("default network");
     let per_network = default["allocated"].as_u64().expect("allocated") as usize;
 
-    // What the storm deletes: 8 VMs (3 running), 6 networks, 4 volumes.
+    // What the storm deletes: 8 VMs (3 running), 6 networks, 4 volumes, a database.
     let mut setup = Vec::new();
     // Volumes attached to VMs of the setup and of the storm.
     for i in 0..8 {
         setup.push(Change::CreateVolume(format!("att{i}")));
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(420);
     let client = stack.client();
     all_succeed(&client, setup.drain(..), deadline, "setup").await;
     for i in 0..8 {
@@ -436,10 +494,13 @@ async fn storm(etcd: Option<Etcd>) {
         setup.push(Change::CreateVolume(format!("oldvol{i}")));
     }
     all_succeed(&client, setup, deadline, "setup").await;
+    // A database the storm deletes (its first boot takes a while under TCG).
+    let olddb = send(client.clone(), Change::CreateDatabase("olddb".into()), deadline).await;
+    assert!(olddb.succeeded(), "setup: {olddb:?}");
 
     // The storm: 50 changes at once.
     let mut changes = Vec::new();
-    for i in 0..16 {
+    for i in 0..14 {
         changes.push(Change::CreateVm {
             name: format!("vm{i}"),
             start: i % 3 == 0,
@@ -458,12 +519,16 @@ async fn storm(etcd: Option<Etcd>) {
     for i in 0..6 {
         changes.push(Change::DeleteNetwork(format!("oldnet{i}")));
     }
-    for i in 0..6 {
+    for i in 0..5 {
         changes.push(Change::CreateVolume(format!("vol{i}")));
     }
     for i in 0..4 {
         changes.push(Change::DeleteVolume(format!("oldvol{i}")));
     }
+    for i in 0..2 {
+        changes.push(Change::CreateDatabase(format!("db{i}")));
+    }
+    changes.push(Change::DeleteDatabase("olddb".into()));
     assert_eq!(changes.len(), 50);
     let mut victims: Vec<&str> = ["api"].into_iter().chain(DAEMONS).collect();
     victims.extend(victims.clone());
@@ -535,6 +600,7 @@ async fn storm(etcd: Option<Etcd>) {
     let vm_names = names(&vms, "name");
     let net_names = network_names(&list(&stack, "/v1/networks").await);
     let vol_names = names(&list(&stack, "/v1/volumes").await, "name");
+    let db_names = names(&list(&stack, "/v1/databases").await, "name");
     for o in &outcomes {
         let what = format!("{o:?}");
         match &o.change {
@@ -575,14 +641,45 @@ async fn storm(etcd: Option<Etcd>) {
                 assert!([204, 404].contains(&o.status), "{what}");
                 assert!(!vol_names.contains(name), "{what}");
             }
+            Change::CreateDatabase(name) => {
+                assert!([202, 409].contains(&o.status), "{what}");
+                if o.succeeded() {
+                    assert!(
+                        db_names.contains(name),
+                        "a database whose create succeeded is there: {what}"
+                    );
+                    let password = o.body["database"]["password"].as_str().expect("the password, once");
+                    assert_answers(&stack, name, password).await;
+                } else if o.status == 409 {
+                    assert!(already_exists(o), "{what}");
+                    assert!(db_names.contains(name), "{what}");
+                } else {
+                    // Failed and undone: check_consistent found no VM or volume of it.
+                    assert!(!db_names.contains(name), "a failed create leaves nothing: {what}");
+                }
+            }
+            Change::DeleteDatabase(name) => {
+                assert!([202, 404].contains(&o.status), "{what}");
+                if o.succeeded() || o.status == 404 {
+                    assert!(!db_names.contains(name), "a deleted database is gone: {what}");
+                }
+            }
         }
     }
 
-    // Everything deleted leaves nothing behind: the VMs, then what they used.
+    // Everything deleted leaves nothing behind: the databases and VMs, then what they
+    // used. A database's VM goes with the database.
     let deadline = Instant::now() + Duration::from_secs(180);
+    let db_vms: BTreeSet<String> = db_names.iter().map(|n| format!("db-{n}")).collect();
     all_succeed(
         &client,
-        vm_names.iter().cloned().map(Change::DeleteVm),
+        db_names.iter().cloned().map(Change::DeleteDatabase).chain(
+            vm_names
+                .iter()
+                .filter(|n| !db_vms.contains(*n))
+                .cloned()
+                .map(Change::DeleteVm),
+        ),
         deadline,
         "teardown",
     )
@@ -592,7 +689,12 @@ async fn storm(etcd: Option<Etcd>) {
         .filter(|n| *n != "default")
         .cloned()
         .map(Change::DeleteNetwork);
-    let volumes = vol_names.iter().cloned().map(Change::DeleteVolume);
+    // A database's data volume went with it.
+    let volumes = vol_names
+        .iter()
+        .filter(|v| !db_names.iter().any(|n| **v == format!("db-{n}-data")))
+        .cloned()
+        .map(Change::DeleteVolume);
     all_succeed(&client, networks.chain(volumes), deadline, "teardown").await;
     let left = check_consistent(&stack, per_network).await;
     assert!(left.is_empty(), "{left:?}");
@@ -606,6 +708,31 @@ async fn storm(etcd: Option<Etcd>) {
     );
     let log = stack.log();
     assert!(log.contains("reconciled"), "{log}");
+}
+
+/// Database `name` answers a query over verify-full TLS with `password`.
+async fn assert_answers(stack: &Stack, name: &str, password: &str) {
+    let (status, db) = stack.call("GET", &format!("/v1/databases/{name}"), None).await;
+    assert_eq!(status, 200, "{db}");
+    let (status, ca) = stack.call("GET", &format!("/v1/databases/{name}/ca.pem"), None).await;
+    assert_eq!(status, 200, "{ca}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.as_str().unwrap_or_default()).expect("ca");
+    let uri = format!("{}&sslrootcert={}", db["uri"].as_str().expect("uri"), ca_file.display());
+    let out = tokio::process::Command::new("psql")
+        .args(["-X", "-Atc", "SELECT 41 + 1", &uri])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .await
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "database {name} answers with its password: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The periodic pass (`--reconcile-interval 1`) removes what the daemons hold for VMs
