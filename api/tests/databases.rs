@@ -119,6 +119,9 @@ async fn wait_state(stack: &Stack, name: &str, want: &str) -> Value {
     panic!("database {name} never became {want}: {last}");
 }
 
+/// A password of the user's own choosing, given at create.
+const USER_PASSWORD: &str = "correct horse battery staple";
+
 #[test]
 fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
     assert!(
@@ -146,15 +149,18 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
                 "/v1/databases",
                 Some(
                     json!({"name": "app", "network": "lan", "storage": "1G", "memory_mib": 1024,
-                            "extensions": ["postgis"], "allowed_cidrs": ["10.89.0.0/25"]}),
+                            "extensions": ["postgis"], "allowed_cidrs": ["10.89.0.0/25"],
+                            "password": USER_PASSWORD}),
                 ),
             )
             .await;
         assert_eq!(status, 202, "{accepted}");
+        // The user's own password: the server takes it (the first queries use it).
         let password = accepted["database"]["password"]
             .as_str()
             .expect("password once")
             .to_string();
+        assert_eq!(password, USER_PASSWORD);
         let op = stack.wait_op(&accepted).await;
         assert_eq!(op["status"], "succeeded", "{op}\n{}", stack.log());
         eprintln!(
@@ -290,16 +296,24 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
         let (ok, _) = psql.run_as(&password, "verify-full", "SELECT 1", None);
         assert!(!ok, "the old password still works");
 
-        // More memory: the VM restarts, and the server's memory settings follow it.
-        // shared_buffers is a quarter of what the guest sees (the kernel keeps a little).
+        // More memory and one vCPU instead of two: the VM restarts, and the server's memory
+        // settings follow it. shared_buffers is a quarter of what the guest sees (the
+        // kernel keeps a little).
         let mb = |s: String| -> u64 { s.trim_end_matches("MB").parse().expect("MB") };
         let before = mb(psql.ok(&new_password, "SHOW shared_buffers"));
         assert!((220..=256).contains(&before), "shared_buffers {before} MB in 1024 MiB");
+        let nproc = "CREATE TEMP TABLE n (l text); COPY n FROM PROGRAM 'nproc'; SELECT trim(l) FROM n";
+        assert_eq!(psql.ok(&new_password, nproc), "2", "two vCPUs (the default) at first");
         let (status, resized) = stack
-            .call("PATCH", "/v1/databases/app", Some(json!({"memory_mib": 1536})))
+            .call(
+                "PATCH",
+                "/v1/databases/app",
+                Some(json!({"memory_mib": 1536, "vcpus": 1})),
+            )
             .await;
         assert_eq!(status, 200, "{resized}");
         assert_eq!(resized["memory_mib"], 1536);
+        assert_eq!(resized["vcpus"], 1);
         let back = Instant::now();
         let buffers = loop {
             let (ok, out) = psql.run_as(&new_password, "verify-full", "SHOW shared_buffers", None);
@@ -316,6 +330,7 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
             (340..=384).contains(&after),
             "shared_buffers {after} MB after growing to 1536 MiB"
         );
+        assert_eq!(psql.ok(&new_password, nproc), "1", "the guest has one vCPU now");
         assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
 
         // The CLI: list, and psql with the URI and the CA.
@@ -445,6 +460,7 @@ fn bad_database_requests_are_refused_and_leave_nothing() {
             (json!({"name": "a", "parameters": {"ssl": "off"}}), 422, "cannot be set"),
             (json!({"name": "a", "extensions": ["nope"]}), 422, "not available"),
             (json!({"name": "a", "network": "missing"}), 422, "missing"),
+            (json!({"name": "a", "hypervisor": "xen"}), 422, "hypervisor"),
         ] {
             let (got, err) = stack.call("POST", "/v1/databases", Some(body.clone())).await;
             assert_eq!(got, status, "{body}: {err}");

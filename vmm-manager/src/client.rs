@@ -133,6 +133,14 @@ impl VmmClient {
         self.0.send(&routes::HOST, &[], None).await
     }
 
+    /// Whether KVM runs a stock Linux guest on the host (see [`routes::KVM`]).
+    pub async fn kvm(&self, kernel: &std::path::Path) -> Result<crate::hypervisor::qemu::KvmVerdict, ClientError> {
+        let body = crate::http::KvmProbe {
+            kernel: kernel.to_path_buf(),
+        };
+        self.0.send_repeatable(&routes::KVM, &[], Some(&body)).await
+    }
+
     pub async fn hypervisors(&self) -> Result<Vec<crate::service::HypervisorAvailability>, ClientError> {
         self.0.send(&routes::HYPERVISORS, &[], None).await
     }

@@ -17,6 +17,8 @@
 //! - `GET /events`: server-sent events of VM state changes
 //! - `GET /hypervisors`: which hypervisors can run VMs on this host
 //! - `GET /host`: this host's CPUs, memory (total and available), hypervisors, version
+//! - `POST /host/kvm` (body `{"kernel": PATH}`): whether KVM runs a stock Linux guest
+//!   here, learned by booting that kernel once (or the operator's `--accel`)
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,7 +45,8 @@ pub mod routes {
     use socket_http::route::{delete, get, post, put};
     use socket_http::Route;
 
-    use super::ResizeDisk;
+    use super::{KvmProbe, ResizeDisk};
+    use crate::hypervisor::qemu::KvmVerdict;
     use crate::service::{HypervisorAvailability, SavedState};
     use crate::spec::{DiskSpec, HostFacts, Resize, VmInfo, VmSpec};
 
@@ -73,6 +76,9 @@ pub mod routes {
     pub const EVENTS: Route<(), ()> = get("/events");
     pub const HYPERVISORS: Route<(), Vec<HypervisorAvailability>> = get("/hypervisors");
     pub const HOST: Route<(), HostFacts> = get("/host");
+    /// Whether KVM runs a stock Linux guest here (one probe boot of the kernel given,
+    /// made once; or the operator's `--accel`).
+    pub const KVM: Route<KvmProbe, KvmVerdict> = post("/host/kvm");
     /// One request to the VM's guest agent; the agent's answer (`?timeout_s=`, default 60).
     pub const AGENT: Route<serde_json::Value, serde_json::Value> = post("/vms/{id}/agent");
 }
@@ -99,6 +105,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route(EVENTS.path, EVENTS.on(events))
         .route(HYPERVISORS.path, HYPERVISORS.on(hypervisors))
         .route(HOST.path, HOST.on(host))
+        .route(KVM.path, KVM.on(kvm))
         .route(AGENT.path, AGENT.on(agent))
         .with_state(svc)
         .merge(socket_http::server::health_router("vmm-manager"))
@@ -120,6 +127,19 @@ async fn agent(
     }
     let timeout = std::time::Duration::from_secs(q.timeout_s.unwrap_or(60).clamp(1, 900));
     Ok(Json(svc.agent(&id, request, timeout).await?))
+}
+
+/// The body of `POST /host/kvm`: a Linux kernel to probe KVM with.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct KvmProbe {
+    pub kernel: std::path::PathBuf,
+}
+
+async fn kvm(
+    State(svc): Svc,
+    Json(probe): Json<KvmProbe>,
+) -> Result<Json<crate::hypervisor::qemu::KvmVerdict>, ApiError> {
+    Ok(Json(svc.kvm(&probe.kernel).await?))
 }
 
 async fn host(State(svc): Svc) -> Json<crate::spec::HostFacts> {

@@ -188,7 +188,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// All VMs on this host.
 pub struct VmService {
     config: VmmConfig,
-    qemu: Arc<dyn Hypervisor>,
+    qemu: Arc<QemuDriver>,
     cloud_hypervisor: Arc<dyn Hypervisor>,
     jail: Arc<Jailer>,
     vms: RwLock<BTreeMap<String, Arc<Vm>>>,
@@ -239,6 +239,18 @@ impl VmService {
     /// The peak memory use of VM `id`'s cgroup, in bytes.
     pub fn memory_peak(&self, id: &str) -> Option<u64> {
         self.jail.memory_peak(id)
+    }
+
+    /// Whether KVM runs a stock Linux guest here, learned by booting `kernel` (a
+    /// Linux kernel, bzImage or ELF) once, unless the operator set the accelerator.
+    pub async fn kvm(&self, kernel: &std::path::Path) -> Result<crate::hypervisor::qemu::KvmVerdict, ServiceError> {
+        if !kernel.is_file() {
+            return Err(ServiceError::Spec(SpecError::MissingFile {
+                what: "kernel",
+                path: kernel.to_path_buf(),
+            }));
+        }
+        Ok(self.qemu.kvm_verdict(kernel).await)
     }
 
     /// The driver for `kind`.

@@ -48,9 +48,11 @@ pub struct CreateDatabase {
     /// Shown once, in this request's answer; kept only as a SCRAM verifier.
     #[serde(default)]
     pub password: Option<String>,
-    /// `qemu` or `cloud-hypervisor` (default: Cloud Hypervisor where KVM works).
+    /// `qemu` or `cloud-hypervisor`. By default Cloud Hypervisor where it is installed
+    /// and KVM runs a stock Linux guest (probed once by booting the image's kernel),
+    /// else QEMU.
     #[serde(default)]
-    pub hypervisor: Option<String>,
+    pub hypervisor: Option<crate::model::HypervisorKind>,
 }
 
 /// A create request that passed every check the request alone allows.
@@ -66,7 +68,7 @@ pub struct CreateDatabaseCommand {
     pub extensions: Vec<String>,
     pub parameters: BTreeMap<String, String>,
     pub password: Option<String>,
-    pub hypervisor: Option<String>,
+    pub hypervisor: Option<crate::model::HypervisorKind>,
 }
 
 fn invalid(m: impl Into<String>) -> DatabaseError {

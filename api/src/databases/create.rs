@@ -15,7 +15,7 @@ use super::command::{new_password, CreateDatabaseCommand};
 use super::error::DatabaseError;
 use super::record::{key, Database, DatabaseRecord, DbPhase};
 use super::{pki, probe};
-use crate::model::{CreateVm, Operation, VmRecord};
+use crate::model::{CreateVm, HypervisorKind, Operation, VmRecord};
 use crate::networks::DEFAULT_NETWORK;
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
@@ -35,6 +35,50 @@ pub struct DbCreate {
     pub password: Option<String>,
 }
 
+/// The hypervisor of a new database's VM: the one asked for; else Cloud Hypervisor
+/// where it is installed and KVM runs a stock Linux guest, else QEMU (under TCG where
+/// KVM does not work). vmm-manager learns the last by booting the image's kernel once.
+async fn choose_hypervisor(
+    state: &AppState,
+    requested: Option<HypervisorKind>,
+    image: &imaged::ImageInfo,
+) -> Result<HypervisorKind, DatabaseError> {
+    if let Some(kind) = requested {
+        return Ok(kind);
+    }
+    let host = state
+        .host_facts
+        .get_or(|| state.vmm.host())
+        .await
+        .map_err(crate::daemons::upstream)?;
+    let cloud_hypervisor = host
+        .hypervisors
+        .iter()
+        .any(|h| HypervisorKind::from(h.kind) == HypervisorKind::CloudHypervisor && h.available);
+    let kernel = image.boot.kernel_bzimage.as_ref().or(image.boot.kernel_elf.as_ref());
+    let kvm = match kernel {
+        Some(kernel) if cloud_hypervisor => Some(state.vmm.kvm(kernel).await.map_err(crate::daemons::upstream)?),
+        _ => None,
+    };
+    let kind = default_hypervisor(cloud_hypervisor, kvm.as_ref().map(|v| v.usable));
+    tracing::info!(
+        hypervisor = %kind,
+        cloud_hypervisor_installed = cloud_hypervisor,
+        kvm = kvm.as_ref().map(|v| v.how.as_str()).unwrap_or("not asked"),
+        "hypervisor for a new database"
+    );
+    Ok(kind)
+}
+
+/// Cloud Hypervisor when it is installed and KVM runs a Linux guest; QEMU otherwise.
+fn default_hypervisor(cloud_hypervisor_installed: bool, kvm_runs_linux: Option<bool>) -> HypervisorKind {
+    if cloud_hypervisor_installed && kvm_runs_linux == Some(true) {
+        HypervisorKind::CloudHypervisor
+    } else {
+        HypervisorKind::Qemu
+    }
+}
+
 /// Checks the request, claims the name (a taken one is refused at once with a 409)
 /// and runs the rest in a task. The answer carries the password, once.
 pub async fn begin(
@@ -51,9 +95,10 @@ pub async fn begin(
         }
         Err(e) => return Err(crate::daemons::upstream(e).into()),
     };
-    crate::vms::create::find_image(state, "postgres")
+    let image = crate::vms::create::find_image(state, "postgres")
         .await
         .map_err(|e| DatabaseError::Invalid(format!("the postgres image is not available: {e}")))?;
+    let hypervisor = choose_hypervisor(state, cmd.hypervisor, &image).await?;
     let password = cmd.password.clone().unwrap_or_else(new_password);
     let rec = DatabaseRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -70,7 +115,7 @@ pub async fn begin(
             .unwrap_or_else(|| vec![net.spec.subnet.trunc().to_string()]),
         extensions: cmd.extensions,
         parameters: cmd.parameters,
-        hypervisor: cmd.hypervisor,
+        hypervisor: Some(hypervisor.to_string()),
         phase: DbPhase::Creating,
         vm_name: format!("db-{}", cmd.name),
         volume: format!("db-{}-data", cmd.name),
@@ -381,4 +426,20 @@ pub(crate) async fn ready(state: &AppState, rec: &DatabaseRecord, password: &str
         name: rec.name.clone(),
         reason,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn databases_run_under_cloud_hypervisor_only_where_kvm_runs_linux() {
+        use HypervisorKind::{CloudHypervisor, Qemu};
+        assert_eq!(default_hypervisor(true, Some(true)), CloudHypervisor);
+        // This machine: /dev/kvm is there, but a stock kernel does not boot under it.
+        assert_eq!(default_hypervisor(true, Some(false)), Qemu);
+        // Not installed, or no kernel to probe with.
+        assert_eq!(default_hypervisor(false, Some(true)), Qemu);
+        assert_eq!(default_hypervisor(true, None), Qemu);
+    }
 }

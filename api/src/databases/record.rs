@@ -112,6 +112,8 @@ pub struct Database {
     pub allowed_cidrs: Vec<String>,
     pub extensions: Vec<String>,
     pub parameters: BTreeMap<String, String>,
+    /// `qemu` or `cloud-hypervisor`: what runs its VM.
+    pub hypervisor: String,
     /// The VM that runs it and the volume that holds its data.
     pub vm: String,
     pub volume: String,
@@ -151,6 +153,7 @@ impl Database {
             allowed_cidrs: rec.allowed_cidrs.clone(),
             extensions: rec.extensions.clone(),
             parameters: rec.parameters.clone(),
+            hypervisor: rec.hypervisor.clone().unwrap_or_else(|| "qemu".into()),
             vm: rec.vm_name.clone(),
             volume: rec.volume.clone(),
             created_at_ms: rec.created_at_ms,

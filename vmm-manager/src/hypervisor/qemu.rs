@@ -50,6 +50,14 @@ impl std::str::FromStr for Accel {
     }
 }
 
+/// Whether KVM can run a stock Linux guest here (`POST /host/kvm`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvmVerdict {
+    pub usable: bool,
+    /// How it was decided.
+    pub how: String,
+}
+
 /// The QEMU driver.
 pub struct QemuDriver {
     binary: String,
@@ -92,6 +100,22 @@ impl QemuDriver {
             vec![]
         };
         Ok((view, sandbox))
+    }
+
+    /// Whether KVM runs a stock Linux guest on this host, and how that was decided:
+    /// the operator's `--accel`, or (auto) one probe boot of `kernel`, made once and
+    /// shared with every later VM.
+    pub async fn kvm_verdict(&self, kernel: &Path) -> KvmVerdict {
+        let usable = self.use_kvm(kernel).await;
+        let how = match (self.accel, usable) {
+            (Accel::Kvm, _) => "QEMU's accelerator is set to kvm".to_string(),
+            (Accel::Tcg, _) => "QEMU's accelerator is set to tcg".to_string(),
+            (Accel::Auto, true) => "a Linux kernel booted under KVM".to_string(),
+            (Accel::Auto, false) => {
+                "a Linux kernel did not boot under KVM (no /dev/kvm, or nested or paravirtual KVM)".to_string()
+            }
+        };
+        KvmVerdict { usable, how }
     }
 
     /// Decides whether this VM runs under KVM.
