@@ -96,6 +96,7 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(DATABASES_READ, routes!(databases::http::ca_pem)))
         .routes(permit(DATABASES_READ, routes!(databases::http::logs)))
         .routes(permit(DATABASES_WRITE, routes!(databases::http::reset_password)))
+        .routes(permit(DATABASES_WRITE, routes!(databases::http::rotate_certificate)))
         .routes(permit(DATABASES_WRITE, routes!(databases::http::action)))
         .routes(permit(NETWORKS_READ, routes!(networks::http::list)))
         .routes(permit(NETWORKS_WRITE, routes!(networks::http::create)))
@@ -268,6 +269,7 @@ pub async fn run(
     if let Err(e) = networks::ensure_default(&state).await {
         tracing::error!("cannot create the default network: {e}");
     }
+    let renewing = tokio::spawn(crate::databases::certs::renew_periodically(state.clone()));
     let periodic = (!config.reconcile_interval.is_zero()).then(|| {
         tokio::spawn(crate::reconcile::pass::periodically(
             state.clone(),
@@ -286,6 +288,7 @@ pub async fn run(
     .await;
     let _ = shutdown.wait_for(|s| *s).await;
     following.abort();
+    renewing.abort();
     if let Some(p) = periodic {
         p.abort();
     }

@@ -119,6 +119,46 @@ async fn wait_state(stack: &Stack, name: &str, want: &str) -> Value {
     panic!("database {name} never became {want}: {last}");
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// The serial number and validity of the certificate the server at `address` serves
+/// (`openssl s_client -starttls postgres`, no verification).
+fn served_certificate(address: &str) -> String {
+    let script = format!(
+        "openssl s_client -starttls postgres -connect {address}:5432 </dev/null 2>/dev/null \
+         | openssl x509 -noout -serial -enddate"
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(text.starts_with("serial="), "no certificate from {address}: {text:?}");
+    text
+}
+
+/// Says, in the stopped api's store, that database `app`'s certificate ends tomorrow.
+async fn expire_certificate_tomorrow(stack: &Stack) {
+    use hearth_api::store::StateStore;
+    let store =
+        hearth_api::store::embedded::EmbeddedStore::open(&stack.data_dir().join("store.redb")).expect("open the store");
+    let (key, entry) = store
+        .list("databases/")
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|(k, _)| k.ends_with("/app"))
+        .expect("the database's record");
+    let mut rec: Value = serde_json::from_slice(&entry.value).expect("json");
+    rec["cert_not_after_ms"] = json!(now_ms() + 86_400_000);
+    store
+        .put(&key, serde_json::to_vec(&rec).expect("json"))
+        .await
+        .expect("put");
+}
+
 /// A password of the user's own choosing, given at create.
 const USER_PASSWORD: &str = "correct horse battery staple";
 
@@ -296,6 +336,27 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
         let (ok, _) = psql.run_as(&password, "verify-full", "SELECT 1", None);
         assert!(!ok, "the old password still works");
 
+        // A new server certificate, from the same CA: the running server serves it at
+        // once, without a restart, and verify-full still holds.
+        let address = db["address"].as_str().expect("address").to_string();
+        let first_cert = served_certificate(&address);
+        let started = psql.ok(&new_password, "SELECT pg_postmaster_start_time()");
+        let (status, rotated) = stack.call("POST", "/v1/databases/app/rotate-certificate", None).await;
+        assert_eq!(status, 200, "{rotated}");
+        let year = 365 * 86_400_000u64;
+        assert!(
+            rotated["certificate_expires_at_ms"].as_u64().expect("expiry") + 86_400_000 > now_ms() + year,
+            "a year from now: {rotated}"
+        );
+        let second_cert = served_certificate(&address);
+        assert_ne!(second_cert, first_cert, "the server serves its new certificate");
+        assert_eq!(
+            psql.ok(&new_password, "SELECT pg_postmaster_start_time()"),
+            started,
+            "no restart"
+        );
+        assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
+
         // More memory and one vCPU instead of two: the VM restarts, and the server's memory
         // settings follow it. shared_buffers is a quarter of what the guest sees (the
         // kernel keeps a little).
@@ -399,9 +460,28 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
             last_start.contains("was shut down at"),
             "not a clean shutdown: {last_start}"
         );
-        // …and the api and every daemon killed with SIGKILL and started again.
-        stack.restart(libc::SIGKILL).await;
+        // …and the api and every daemon killed with SIGKILL and started again. Meanwhile
+        // the record says the certificate ends tomorrow: the api renews it soon after
+        // it starts, in the running server.
+        stack.stop_api(libc::SIGKILL);
+        expire_certificate_tomorrow(&stack).await;
+        let before_renewal = served_certificate(&address);
+        stack.spawn().await;
         wait_state(&stack, "app", "running").await;
+        let renewed = Instant::now();
+        while served_certificate(&address) == before_renewal {
+            assert!(
+                renewed.elapsed() < Duration::from_secs(180),
+                "a certificate that ends tomorrow was not renewed\n{}",
+                stack.log()
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let (_, db) = stack.call("GET", "/v1/databases/app", None).await;
+        assert!(
+            db["certificate_expires_at_ms"].as_u64().expect("expiry") + 86_400_000 > now_ms() + year,
+            "renewed for a year: {db}"
+        );
         assert_eq!(psql.ok(&new_password, "SELECT count(*) FROM t"), "100000");
         // The settings changed over the API outlived the reboot (a newer generation
         // than the seed's first one).

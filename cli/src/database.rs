@@ -74,6 +74,11 @@ pub enum DbCommand {
         #[arg(long)]
         password_env: Option<String>,
     },
+    /// A new server certificate now (same CA; a running server loads it without a
+    /// restart). hearth renews it by itself 30 days before it expires.
+    RotateCertificate {
+        name: String,
+    },
     /// The end of the server's log.
     Logs {
         name: String,
@@ -248,6 +253,12 @@ pub(crate) async fn run(api: &ApiClient, out: Output, cmd: DbCommand) -> anyhow:
             let body = json!({"password": password_from(password_env)?});
             let db = api
                 .post(&format!("/v1/databases/{name}/reset-password"), Some(body))
+                .await?;
+            print_value(out, &db, show);
+        }
+        DbCommand::RotateCertificate { name } => {
+            let db = api
+                .post(&format!("/v1/databases/{name}/rotate-certificate"), None)
                 .await?;
             print_value(out, &db, show);
         }

@@ -85,6 +85,9 @@ pub enum Request {
     GrowFs,
     /// The last lines of the server's log.
     Logs { lines: usize },
+    /// A new server certificate and key (and the CA): written, then loaded by a
+    /// configuration reload (no restart; connections stay).
+    SetTls { tls: TlsFiles },
 }
 
 /// A request with the id its answer carries.

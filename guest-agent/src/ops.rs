@@ -145,5 +145,10 @@ pub fn handle(request: Request) -> Result<Value, String> {
             disks::grow(&seed.device)
         }
         Request::Logs { lines } => logs(&version, lines),
+        Request::SetTls { tls } => {
+            write_config(&state()?, Some(&tls))?;
+            psql(&version, "SELECT pg_reload_conf()")?;
+            Ok(json!({"reloaded": true}))
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use guest_agent::Request;
 
 use super::command::{check_cidrs, check_password, new_password, parse_storage, UpdateDatabase};
-use super::create::seed_user_data;
+use super::create::{server_tls, store_seed};
 use super::error::DatabaseError;
 use super::record::{key, Database, DatabaseRecord, DbPhase};
 use crate::model::VmRecord;
@@ -56,16 +56,30 @@ async fn reseed(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseEr
         .map_err(|e| DatabaseError::Invalid(format!("the database VM's seed is unreadable: {e}")))?;
     let tls: guest_agent::TlsFiles = serde_json::from_value(doc[guest_agent::SEED_KEY]["tls"].clone())
         .map_err(|e| DatabaseError::Invalid(format!("the database VM's seed has no TLS files: {e}")))?;
-    let user_data = seed_user_data(rec, tls)?;
-    let vm_key = format!("vms/{}", vm.id);
-    store::update_json(state.store.as_ref(), &vm_key, |v: &mut VmRecord| {
-        v.user_data = Some(user_data.clone());
-        true
-    })
-    .await?;
-    let (vm, _) = vm_record(state, rec).await?;
-    crate::vms::define::seed_disk(state, &vm).await?;
-    Ok(())
+    store_seed(state, rec, tls).await
+}
+
+/// A new server certificate from hearth's CA for the same address: into the seed first
+/// (a reboot serves it), then to a running server, which loads it with a configuration
+/// reload (no restart: open connections stay). The CA, and so every client's
+/// `sslrootcert`, stays the same.
+pub async fn rotate_certificate(
+    state: &AppState,
+    mut rec: DatabaseRecord,
+    rev: u64,
+) -> Result<Database, DatabaseError> {
+    ready(&rec, "renew its certificate")?;
+    let running = vm_state(state, &rec).await.as_deref() == Some("running");
+    let (tls, not_after_ms) = server_tls(state, &rec).await?;
+    rec.cert_not_after_ms = Some(not_after_ms);
+    save(state, &rec, rev).await?;
+    store_seed(state, &rec, tls.clone()).await?;
+    if running {
+        super::agent::call(state, &rec, &Request::SetTls { tls }, AGENT_TIMEOUT).await?;
+    }
+    super::create::event(state, &rec, "certificate_renewed");
+    let vm_state = vm_state(state, &rec).await;
+    Ok(Database::of(&rec, vm_state.as_deref()))
 }
 
 /// netd's allow-list at the database's port: the new networks, in place (no restart).

@@ -125,6 +125,7 @@ pub async fn begin(
         password_verifier: postgres_protocol::password::scram_sha_256(password.as_bytes()),
         generation: 1,
         created_at_ms: vmm_manager::spec::now_ms(),
+        cert_not_after_ms: None,
     };
     let context = DbCreate {
         rec,
@@ -336,37 +337,51 @@ pub(crate) fn seed_user_data(rec: &DatabaseRecord, tls: guest_agent::TlsFiles) -
     Ok(format!("#cloud-config\n{doc}\n"))
 }
 
-async fn write_seed(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
-    let address = c
-        .rec
+/// A new server certificate for the database's address, signed by hearth's CA, and
+/// when it expires.
+pub(super) async fn server_tls(
+    state: &AppState,
+    rec: &DatabaseRecord,
+) -> Result<(guest_agent::TlsFiles, u64), DatabaseError> {
+    let address = rec
         .address
         .ok_or_else(|| DatabaseError::Invalid("the database VM has no address".into()))?;
     let ca = pki::ca(state).await?;
-    let (cert_pem, key_pem) = pki::server_cert(
-        &ca,
-        address.into(),
-        &format!("{}.{}.db.hearth", c.rec.name, c.rec.project),
-    )?;
-    let user_data = seed_user_data(
-        &c.rec,
-        guest_agent::TlsFiles {
-            ca_pem: ca.cert_pem.clone(),
-            cert_pem,
-            key_pem,
-        },
-    )?;
-    let vm_id = c.rec.vm_id.clone().unwrap_or_default();
-    let vm_key = format!("vms/{vm_id}");
+    let (cert_pem, key_pem, not_after_ms) =
+        pki::server_cert(&ca, address.into(), &format!("{}.{}.db.hearth", rec.name, rec.project))?;
+    let tls = guest_agent::TlsFiles {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem,
+        key_pem,
+    };
+    Ok((tls, not_after_ms))
+}
+
+/// Writes the database's seed (its settings from the record, and `tls`) into its VM's
+/// record and seed disk: what the guest agent reads at the next boot.
+pub(super) async fn store_seed(
+    state: &AppState,
+    rec: &DatabaseRecord,
+    tls: guest_agent::TlsFiles,
+) -> Result<(), DatabaseError> {
+    let user_data = seed_user_data(rec, tls)?;
+    let vm_key = format!("vms/{}", rec.vm_id.as_deref().unwrap_or_default());
     store::update_json(state.store.as_ref(), &vm_key, |vm: &mut VmRecord| {
         vm.user_data = Some(user_data.clone());
         true
     })
     .await?;
-    let (rec, _) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key)
+    let (vm, _) = store::get_json::<VmRecord>(state.store.as_ref(), &vm_key)
         .await?
-        .ok_or_else(|| DatabaseError::Invalid("the database VM's record vanished".into()))?;
-    crate::vms::define::seed_disk(state, &rec).await?;
+        .ok_or_else(|| DatabaseError::Invalid(format!("database {:?} has lost its VM", rec.name)))?;
+    crate::vms::define::seed_disk(state, &vm).await?;
     Ok(())
+}
+
+async fn write_seed(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {
+    let (tls, not_after_ms) = server_tls(state, &c.rec).await?;
+    c.rec.cert_not_after_ms = Some(not_after_ms);
+    store_seed(state, &c.rec, tls).await
 }
 
 async fn start_vm(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseError> {

@@ -134,6 +134,18 @@ pub async fn reset_password(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/databases/{name}/rotate-certificate", tag = "databases", params(("name" = String, Path), crate::openapi::ProjectParam),
+    responses((status = 200, description = "The database with its new server certificate (same CA), loaded by a running server without a restart", body = Database),
+      (status = 404, body = crate::openapi::ErrorResponse), (status = 409, body = crate::openapi::ErrorResponse), (status = 504, body = crate::openapi::ErrorResponse)))]
+pub async fn rotate_certificate(
+    State(state): AppS,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Database>, ApiError> {
+    let (rec, rev) = find(&state, &caller.project, &name).await?;
+    Ok(Json(super::change::rotate_certificate(&state, rec, rev).await?))
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct LogsQuery {
     /// How many lines from the end (default 200).

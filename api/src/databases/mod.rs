@@ -5,6 +5,7 @@
 //! - [`record`]: the database as the store keeps it, and its public view
 //! - [`create`] / [`delete`]: the sagas (volume, VM, seed, start, readiness)
 //! - [`pki`]: hearth's database CA and the servers' certificates
+//! - [`certs`]: renewing the servers' certificates before they expire
 //! - [`probe`]: readiness, a real query over TLS with the real password
 //! - [`agent`]: requests to the guest agent (password, settings, growing, logs, stats)
 //! - [`http`]: the routes
@@ -14,6 +15,7 @@
 //! the seed and the store hold only its SCRAM-SHA-256 verifier.
 
 pub mod agent;
+pub mod certs;
 pub mod change;
 pub mod command;
 pub mod create;

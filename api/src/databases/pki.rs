@@ -70,8 +70,12 @@ pub async fn ca(state: &AppState) -> Result<Ca, DatabaseError> {
     }
 }
 
-/// A server certificate and key for `address` (and `dns_name`), signed by the CA.
-pub fn server_cert(ca: &Ca, address: std::net::IpAddr, dns_name: &str) -> Result<(String, String), DatabaseError> {
+/// How long a server certificate lasts.
+pub const SERVER_CERT_DAYS: i64 = 365;
+
+/// A server certificate and key for `address` (and `dns_name`), signed by the CA, and
+/// when it expires (ms since the epoch).
+pub fn server_cert(ca: &Ca, address: std::net::IpAddr, dns_name: &str) -> Result<(String, String, u64), DatabaseError> {
     let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(pki_error)?;
     let issuer = ca_params()?.self_signed(&ca_key).map_err(pki_error)?;
     let key = KeyPair::generate().map_err(pki_error)?;
@@ -81,9 +85,10 @@ pub fn server_cert(ca: &Ca, address: std::net::IpAddr, dns_name: &str) -> Result
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     p.not_before = time_now(0);
-    p.not_after = time_now(365);
+    p.not_after = time_now(SERVER_CERT_DAYS);
+    let not_after_ms = (p.not_after.unix_timestamp() * 1000).max(0) as u64;
     let cert = p.signed_by(&key, &issuer, &ca_key).map_err(pki_error)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    Ok((cert.pem(), key.serialize_pem(), not_after_ms))
 }
 
 #[cfg(test)]
@@ -94,7 +99,13 @@ mod tests {
     fn server_certificates_chain_to_the_ca() {
         use tokio_rustls::rustls::client::danger::ServerCertVerifier;
         let ca = make_ca().expect("ca");
-        let (cert, key) = server_cert(&ca, "10.1.2.3".parse().expect("ip"), "app.db.hearth").expect("cert");
+        let (cert, key, not_after_ms) =
+            server_cert(&ca, "10.1.2.3".parse().expect("ip"), "app.db.hearth").expect("cert");
+        let days = (not_after_ms - vmm_manager::spec::now_ms()) / 86_400_000;
+        assert!(
+            (364..=365).contains(&days),
+            "a server certificate lasts a year: {days} days"
+        );
         assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(key.contains("PRIVATE KEY"));
         // rustls accepts it for the address, with the CA as the only root.

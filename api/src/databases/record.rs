@@ -50,6 +50,10 @@ pub struct DatabaseRecord {
     /// change only when it is newer than what it has).
     pub generation: u64,
     pub created_at_ms: u64,
+    /// When the server's certificate expires (ms since the epoch); absent in records
+    /// older than renewal, whose certificate was made at create for a year.
+    #[serde(default)]
+    pub cert_not_after_ms: Option<u64>,
 }
 
 pub fn key(project: &str, name: &str) -> String {
@@ -59,6 +63,12 @@ pub fn key(project: &str, name: &str) -> String {
 impl DatabaseRecord {
     pub fn managed_by(&self) -> String {
         format!("database/{}", self.name)
+    }
+
+    /// When the server's certificate expires (ms since the epoch).
+    pub fn cert_expires_ms(&self) -> u64 {
+        self.cert_not_after_ms
+            .unwrap_or(self.created_at_ms + super::pki::SERVER_CERT_DAYS as u64 * 86_400_000)
     }
 
     /// The addresses the server accepts: the user's, and the host's own.
@@ -114,6 +124,9 @@ pub struct Database {
     pub parameters: BTreeMap<String, String>,
     /// `qemu` or `cloud-hypervisor`: what runs its VM.
     pub hypervisor: String,
+    /// When the server's certificate expires (ms since the epoch). hearth renews it
+    /// 30 days before (`POST …/rotate-certificate` does it at once).
+    pub certificate_expires_at_ms: u64,
     /// The VM that runs it and the volume that holds its data.
     pub vm: String,
     pub volume: String,
@@ -154,6 +167,7 @@ impl Database {
             extensions: rec.extensions.clone(),
             parameters: rec.parameters.clone(),
             hypervisor: rec.hypervisor.clone().unwrap_or_else(|| "qemu".into()),
+            certificate_expires_at_ms: rec.cert_expires_ms(),
             vm: rec.vm_name.clone(),
             volume: rec.volume.clone(),
             created_at_ms: rec.created_at_ms,
