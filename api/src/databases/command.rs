@@ -33,8 +33,8 @@ pub struct CreateDatabase {
     /// The network the server is on (default: the project's default network).
     #[serde(default)]
     pub network: Option<String>,
-    /// Who may connect (addresses or CIDRs); default: the database's own network.
-    /// Enforced by pg_hba.conf. The host itself (the network's gateway) may always
+    /// Who may connect (IPv4 addresses or CIDRs); default: the database's own network.
+    /// Enforced by pg_hba.conf and netd's firewall at the VM's port. The host itself (the network's gateway) may always
     /// connect: hearth's readiness check comes from there.
     #[serde(default)]
     pub allowed_cidrs: Option<Vec<String>>,
@@ -88,6 +88,13 @@ pub fn check_cidrs(c: &[String]) -> Result<(), DatabaseError> {
     }
     for x in c {
         guest_agent::check_cidr(x).map_err(|e| invalid(format!("allowed_cidrs: {e}")))?;
+        // hearth's networks, and so a database VM, have IPv4 only: an IPv6 network
+        // could never reach it, and netd's allow-list holds IPv4 networks.
+        if x.split('/').next().is_some_and(|a| a.contains(':')) {
+            return Err(invalid(format!(
+                "allowed_cidrs: {x:?} is IPv6; a database is reached over IPv4 only (hearth's networks have no IPv6)"
+            )));
+        }
     }
     Ok(())
 }
