@@ -91,12 +91,12 @@ def hearth_round(r, key, data, ca_path):
     t_vmm = time.monotonic()
     t_boot = until(lambda: console_has(data, vm_id, b"HEARTH-AGENT-BOOT ok"), deadline, 0.02)
     t_ready = until(lambda: console_has(data, vm_id, b"HEARTH-AGENT-READY"), deadline, 0.02)
-    _, db = call("GET", f"/v1/databases/{name}", key)
     uri = None
     while not uri:
         _, db = call("GET", f"/v1/databases/{name}", key)
         uri = db.get("uri")
-        time.sleep(0.02)
+        if not uri:
+            time.sleep(0.02)
     uri = f"{uri}&sslrootcert={ca_path}&connect_timeout=5"
     t_query = until(lambda: psql_ok(uri, password), deadline, 0.05)
     op = wait_op(acc["operation"]["id"], key)

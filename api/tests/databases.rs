@@ -511,17 +511,49 @@ fn a_database_is_a_real_postgres_over_tls_that_keeps_its_data() {
             );
         }
 
-        // Delete: VM, port, seed, volume and record all go.
-        let (status, acc) = stack.call("DELETE", "/v1/databases/app", None).await;
+        // Delete, keeping the volume: VM, port, seed and record go; the data volume
+        // stays, the user's now, with the cluster on it.
+        let (_, vol) = stack.call("GET", "/v1/volumes/db-app-data", None).await;
+        assert_eq!(vol["managed_by"], "database/app", "{vol}");
+        let (status, acc) = stack.call("DELETE", "/v1/databases/app?keep_volume=true", None).await;
         assert_eq!(status, 202, "{acc}");
         assert_eq!(stack.wait_op(&acc).await["status"], "succeeded");
         let (status, _) = stack.call("GET", "/v1/databases/app", None).await;
         assert_eq!(status, 404);
         let (_, vms) = stack.call("GET", "/v1/vms", None).await;
         assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
+        assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
+        let (status, kept) = stack.call("GET", "/v1/volumes/db-app-data", None).await;
+        assert_eq!(status, 200, "the volume was kept: {kept}");
+        assert!(kept.get("attached_to").is_none(), "{kept}");
+        assert!(kept.get("managed_by").is_none(), "the user's now: {kept}");
+        let file = std::fs::read_dir(stack.data_dir().join("volumes/volumes"))
+            .expect("pool")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("db-app-data"))
+            .expect("the kept volume's file");
+        let listing = Command::new("debugfs")
+            .args(["-R", "ls -p /15/main"])
+            .arg(&file)
+            .output()
+            .expect("debugfs");
+        let listing = String::from_utf8_lossy(&listing.stdout);
+        assert!(
+            listing.contains("/PG_VERSION/"),
+            "the cluster is on the kept volume: {listing}"
+        );
+        // A new database of the same name cannot take it (nor remove it).
+        let (status, taken) = stack
+            .call("POST", "/v1/databases", Some(json!({"name": "app", "network": "lan"})))
+            .await;
+        assert_eq!(status, 409, "{taken}");
+        let (status, _) = stack.call("GET", "/v1/volumes/db-app-data", None).await;
+        assert_eq!(status, 200, "still there");
+        let (status, _) = stack.call("DELETE", "/v1/volumes/db-app-data", None).await;
+        assert_eq!(status, 204);
         let (_, vols) = stack.call("GET", "/v1/volumes", None).await;
         assert_eq!(vols.as_array().map(Vec::len), Some(0), "{vols}");
-        assert!(stack.vmm_processes().is_empty(), "{:?}", stack.vmm_processes());
     });
 }
 
@@ -548,6 +580,27 @@ fn bad_database_requests_are_refused_and_leave_nothing() {
             let message = err["error"]["message"].as_str().unwrap_or_default();
             assert!(message.contains(words), "{body}: {message}");
         }
+        // A volume already has the data volume's name: 409, and that volume is left
+        // alone.
+        let (status, vol) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "db-b-data", "size": "1M"})))
+            .await;
+        assert_eq!(status, 201, "{vol}");
+        let (status, err) = stack
+            .call("POST", "/v1/databases", Some(json!({"name": "b", "storage": "1G"})))
+            .await;
+        assert_eq!(status, 409, "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("volume of its own"),
+            "{err}"
+        );
+        let (status, _) = stack.call("GET", "/v1/volumes/db-b-data", None).await;
+        assert_eq!(status, 200, "the volume that was there is still there");
+        let (status, _) = stack.call("DELETE", "/v1/volumes/db-b-data", None).await;
+        assert_eq!(status, 204);
         let (_, dbs) = stack.call("GET", "/v1/databases", None).await;
         assert_eq!(dbs, json!([]));
         let (_, vols) = stack.call("GET", "/v1/volumes", None).await;

@@ -50,7 +50,7 @@ pub struct Scraped {
 
 /// Every ready database's statistics, asked of the agents at once (5 s each at most).
 pub async fn scrape(state: &AppState) -> Vec<Scraped> {
-    let records: Vec<DatabaseRecord> = crate::store::list_json::<DatabaseRecord>(state.store.as_ref(), "databases/")
+    let records: Vec<DatabaseRecord> = super::record::list_all(state)
         .await
         .map(|v| v.into_iter().map(|(r, _)| r).collect())
         .unwrap_or_default();

@@ -31,7 +31,7 @@ pub async fn renew_periodically(state: Arc<AppState>) {
 }
 
 async fn renew_due(state: &AppState) {
-    let records = match crate::store::list_json::<DatabaseRecord>(state.store.as_ref(), "databases/").await {
+    let records = match super::record::list_all(state).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("cannot list databases for certificate renewal: {e}");

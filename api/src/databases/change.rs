@@ -111,7 +111,8 @@ async fn allow(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseErr
     Ok(())
 }
 
-async fn save(state: &AppState, rec: &DatabaseRecord, rev: u64) -> Result<(), DatabaseError> {
+/// Writes the record if it is still at `rev`; its new revision.
+async fn save(state: &AppState, rec: &DatabaseRecord, rev: u64) -> Result<u64, DatabaseError> {
     state
         .store
         .compare_and_swap(&key(&rec.project, &rec.name), Some(rev), store::encode(rec))
@@ -123,8 +124,7 @@ async fn save(state: &AppState, rec: &DatabaseRecord, rev: u64) -> Result<(), Da
                 action: "change it now",
             },
             other => other.into(),
-        })?;
-    Ok(())
+        })
 }
 
 /// `PATCH`: every part checked first, then applied in order: storage, settings, size.
@@ -164,8 +164,7 @@ pub async fn update(
         let vol = crate::volumes::records::find_record(state, &rec.project, &rec.volume).await?;
         crate::volumes::work::resize_local(state, &rec.project, &vol, size).await?;
         rec.storage_bytes = size;
-        save(state, &rec, rev).await?;
-        rev = super::record::find(state, &rec.project, &rec.name).await?.1;
+        rev = save(state, &rec, rev).await?;
         if running {
             super::agent::call(state, &rec, &Request::GrowFs, AGENT_TIMEOUT).await?;
         }
@@ -178,8 +177,7 @@ pub async fn update(
             rec.parameters = p;
         }
         rec.generation += 1;
-        save(state, &rec, rev).await?;
-        rev = super::record::find(state, &rec.project, &rec.name).await?.1;
+        rev = save(state, &rec, rev).await?;
         reseed(state, &rec).await?;
         allow(state, &rec).await?;
         if running {

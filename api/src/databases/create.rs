@@ -165,7 +165,7 @@ pub static DB_CREATE: SagaDef<DbCreate, DatabaseError> = SagaDef {
             name: "volume",
             doing: "making the data volume",
             run: |state, c| Box::pin(make_volume(state, c)),
-            undo: |state, c| Box::pin(remove_volume(state, &c.rec)),
+            undo: |state, c| Box::pin(remove_own_volume(state, &c.rec)),
         },
         Step {
             name: "vm",
@@ -240,16 +240,30 @@ async fn make_volume(state: &AppState, c: &mut DbCreate) -> Result<(), DatabaseE
             size_bytes: c.rec.storage_bytes,
         },
     };
-    match crate::volumes::work::create_now(state, &c.rec.project, req).await {
+    match crate::volumes::work::create_now(state, &c.rec.project, req, Some(c.rec.managed_by())).await {
         Ok(_) => Ok(()),
-        // Resumed after a crash: this create made it.
-        Err(crate::volumes::error::VolumeError::AlreadyExists(_)) if c.rec.phase == DbPhase::Creating => {
-            Err(DatabaseError::Invalid(format!(
-                "a volume named {:?} already exists; a database keeps its data on a volume of its own",
-                c.rec.volume
-            )))
+        // Someone else's (a create resumed after a crash is undone, never run on): the
+        // saga's undo leaves it alone, as this step did not make it.
+        Err(crate::volumes::error::VolumeError::AlreadyExists(_)) => {
+            Err(DatabaseError::VolumeTaken(c.rec.volume.clone()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the data volume if this database's create made it (the volume records its
+/// maker): a volume of that name that was someone else's stays.
+async fn remove_own_volume(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseError> {
+    let vol = match crate::volumes::records::find_record(state, &rec.project, &rec.volume).await {
+        Ok(v) => v,
+        Err(crate::volumes::error::VolumeError::NotFound(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if vol.managed_by.as_deref() == Some(rec.managed_by().as_str()) {
+        remove_volume(state, rec).await
+    } else {
+        tracing::info!(volume = %rec.volume, "not removing a volume this database's create did not make");
+        Ok(())
     }
 }
 

@@ -77,6 +77,15 @@ pub static DB_DELETE: SagaDef<DbDelete, DatabaseError> = SagaDef {
             run: |state, c| {
                 Box::pin(async move {
                     if c.keep_volume {
+                        // The user's from now on: no later create of a database of
+                        // this name may take it for its own (and undo it away).
+                        let key = crate::volumes::records::record_key(&c.rec.project, &c.rec.volume);
+                        store::update_json(
+                            state.store.as_ref(),
+                            &key,
+                            |v: &mut crate::volumes::records::VolumeRecord| v.managed_by.take().is_some(),
+                        )
+                        .await?;
                         Ok(())
                     } else {
                         remove_volume(state, &c.rec).await

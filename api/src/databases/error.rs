@@ -16,6 +16,9 @@ pub enum DatabaseError {
     AlreadyExists(String),
     #[error("database {0:?} does not exist")]
     NotFound(String),
+    /// The data volume's name is another volume's.
+    #[error("a volume named {0:?} already exists; a database keeps its data on a volume of its own")]
+    VolumeTaken(String),
     #[error("database {name:?} is {phase}: cannot {action}")]
     Busy {
         name: String,
@@ -43,7 +46,9 @@ impl From<&DatabaseError> for ApiError {
         match e {
             DatabaseError::Invalid(_) => ApiError::unprocessable(message),
             DatabaseError::InvalidName(e) => ApiError::from(e),
-            DatabaseError::AlreadyExists(_) | DatabaseError::Busy { .. } => ApiError::conflict(message),
+            DatabaseError::AlreadyExists(_) | DatabaseError::VolumeTaken(_) | DatabaseError::Busy { .. } => {
+                ApiError::conflict(message)
+            }
             DatabaseError::NotFound(_) => ApiError::not_found(message),
             DatabaseError::NotReady { .. } => ApiError::new(http::StatusCode::GATEWAY_TIMEOUT, "not_ready", message),
             DatabaseError::Agent { .. } => ApiError::new(http::StatusCode::BAD_GATEWAY, "agent_error", message),

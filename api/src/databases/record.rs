@@ -100,6 +100,11 @@ pub async fn list(state: &AppState, project: &str) -> Result<Vec<DatabaseRecord>
     )
 }
 
+/// Every project's databases, with their records' revisions.
+pub async fn list_all(state: &AppState) -> Result<Vec<(DatabaseRecord, u64)>, DatabaseError> {
+    Ok(store::list_json::<DatabaseRecord>(state.store.as_ref(), "databases/").await?)
+}
+
 /// A database, as `GET /v1/databases/{name}` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Database {

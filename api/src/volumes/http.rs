@@ -69,6 +69,7 @@ async fn view(
             .collect(),
         remote: rec.remote.clone(),
         created_at_ms: rec.created_at_ms,
+        managed_by: rec.managed_by.clone(),
     };
     if rec.remote.is_some() {
         // Attached, blockd's NBD client knows the size now; otherwise the one recorded.
@@ -406,7 +407,7 @@ async fn create_volume(
         project,
         &name,
         "create",
-        async move { crate::volumes::work::create_now(&st, &p, req).await },
+        async move { crate::volumes::work::create_now(&st, &p, req, None).await },
     )
     .await
 }

@@ -46,6 +46,10 @@ pub struct VolumeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
     pub created_at_ms: u64,
+    /// The managed service that made it (`database/<name>`): only that service's
+    /// undo removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 pub(crate) fn blockd_error(e: socket_http::ClientError) -> DaemonError {

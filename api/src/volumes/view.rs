@@ -33,6 +33,9 @@ pub struct Volume {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteDiskSpec>,
     pub created_at_ms: u64,
+    /// The managed service it belongs to (`database/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
 }
 
 /// Which VM holds a volume (also the claim `volume-attachments/{project}/{name}` in the store).

@@ -298,6 +298,7 @@ pub async fn create_now(
     state: &AppState,
     project: &str,
     req: crate::volumes::command::CreateVolumeCommand,
+    managed_by: Option<String>,
 ) -> Result<VolumeRecord, VolumeError> {
     let host = req.host_name_in(project)?;
     let r = VolumeRecord {
@@ -306,6 +307,7 @@ pub async fn create_now(
         remote: req.remote().cloned(),
         size_bytes: None,
         created_at_ms: vmm_manager::spec::now_ms(),
+        managed_by,
     };
     let s = state.store.as_ref();
     let key = record_key(project, &req.name);
