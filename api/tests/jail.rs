@@ -378,7 +378,41 @@ fn the_real_cloud_hypervisor_runs_jailed() {
         let data = stack.data_dir().display().to_string();
         let dir = format!("{data}/run/vms/{}", vm["id"].as_str().expect("id"));
         assert_only_own_files(pid, uid, gid, &data, &dir);
-        let (status, body) = stack.call("DELETE", "/v1/vms/pvh?force=true", None).await;
-        assert!(status == 202 || status == 200 || status == 204, "{status} {body}");
+
+        // A VMM may write its own directory, so it could put a link to another VM's
+        // API socket where its own is: vmm-manager then refuses to talk to it (the
+        // peer is not the VM's user) and the other VM is left alone.
+        let other = create(
+            &stack,
+            json!({"name": "other", "image": "pvh-count", "hypervisor": "cloud-hypervisor",
+                   "vcpus": 1, "memory_mib": 64}),
+        )
+        .await;
+        let other_dir = format!("{data}/run/vms/{}", other["id"].as_str().expect("id"));
+        let own = format!("{dir}/api.sock");
+        std::fs::rename(&own, format!("{dir}/api.sock.real")).expect("move the socket aside");
+        std::os::unix::fs::symlink(format!("{other_dir}/api.sock"), &own).expect("link");
+        let (status, accepted) = stack.call("POST", "/v1/vms/pvh/pause", None).await;
+        assert_eq!(status, 202, "{accepted}");
+        let op = stack.wait_op(&accepted).await;
+        assert_eq!(op["status"], "failed", "talked to another VM's VMM: {op}");
+        let message = op["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("not uid"), "{op}");
+        let (_, b) = stack.call("GET", "/v1/vms/other", None).await;
+        assert_eq!(b["state"], "running", "the other VM was not paused: {b}");
+        std::fs::remove_file(&own).expect("unlink");
+        std::fs::rename(format!("{dir}/api.sock.real"), &own).expect("move it back");
+        let (status, accepted) = stack.call("POST", "/v1/vms/pvh/pause", None).await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(
+            stack.wait_op(&accepted).await["status"],
+            "succeeded",
+            "its own socket again"
+        );
+
+        for name in ["pvh", "other"] {
+            let (status, body) = stack.call("DELETE", &format!("/v1/vms/{name}?force=true"), None).await;
+            assert!(status == 202 || status == 200 || status == 204, "{status} {body}");
+        }
     });
 }

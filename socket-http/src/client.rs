@@ -106,6 +106,8 @@ pub struct Client {
     endpoint: Endpoint,
     timeout: Duration,
     retry_for: Duration,
+    /// The uid the process serving a Unix socket must have (`SO_PEERCRED`).
+    peer_uid: Option<u32>,
 }
 
 /// Whether a failed exchange may be sent again: the request never reached the server
@@ -146,7 +148,16 @@ impl Client {
             endpoint,
             timeout: Duration::from_secs(120),
             retry_for: Duration::ZERO,
+            peer_uid: None,
         }
+    }
+
+    /// Talks only to a Unix socket served by a process of user `uid` (its
+    /// `SO_PEERCRED`): a socket whose directory an untrusted process may write (a
+    /// jailed VMM's) could be replaced by a link to someone else's.
+    pub fn with_peer_uid(mut self, uid: u32) -> Self {
+        self.peer_uid = Some(uid);
+        self
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -178,7 +189,19 @@ impl Client {
             source,
         };
         Ok(match &self.endpoint {
-            Endpoint::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await.map_err(connect)?),
+            Endpoint::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(connect)?;
+                if let Some(want) = self.peer_uid {
+                    let uid = stream.peer_cred().map_err(connect)?.uid();
+                    if uid != want {
+                        return Err(connect(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("served by uid {uid}, not uid {want}"),
+                        )));
+                    }
+                }
+                Box::new(stream)
+            }
             Endpoint::Tls(t) => Box::new(t.connect().await.map_err(connect)?),
         })
     }

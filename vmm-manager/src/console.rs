@@ -147,6 +147,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether the serial socket is served by the VM's own VMM user (see
+/// [`crate::jail::Jailer::check_peer`]).
+fn peer_ok(socket: &std::path::Path, stream: &UnixStream) -> bool {
+    let Some(dir) = socket.parent() else { return true };
+    match crate::jail::Jailer::check_peer(&crate::vm_dir::VmDir { dir: dir.to_path_buf() }, stream) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), "not connecting the console: {e}");
+            false
+        }
+    }
+}
+
 /// Keeps the serial socket connected and moves bytes both ways.
 async fn pump(socket: PathBuf, log: Option<PathBuf>, shared: Arc<Shared>, mut input: mpsc::Receiver<Bytes>) {
     let mut log_file = log.and_then(|p| {
@@ -156,7 +169,12 @@ async fn pump(socket: PathBuf, log: Option<PathBuf>, shared: Arc<Shared>, mut in
     });
     loop {
         let stream = match UnixStream::connect(&socket).await {
-            Ok(s) => s,
+            Ok(s) if peer_ok(&socket, &s) => s,
+            Ok(_) => {
+                // Not the VMM's own socket (a jailed VMM put something else there).
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             Err(_) => {
                 // The VMM may not have bound it yet, or is rebooting: keep trying while
                 // the console lives (the supervisor drops it when the VMM exits).

@@ -90,8 +90,13 @@ impl CloudHypervisorDriver {
         }
     }
 
+    /// The VMM's API; for a jailed one, only when its own user serves it.
     fn client(dir: &VmDir) -> UnixClient {
-        UnixClient::new(dir.api_socket()).with_timeout(Duration::from_secs(30))
+        let client = UnixClient::new(dir.api_socket()).with_timeout(Duration::from_secs(30));
+        match crate::jail::Jailer::info_of(dir) {
+            Some(jail) => client.with_peer_uid(jail.uid),
+            None => client,
+        }
     }
 
     /// `PUT /api/v1/<action>`, expecting a 2xx. Cloud Hypervisor's errors are JSON arrays

@@ -201,6 +201,21 @@ impl Jailer {
         Self::read_record(dir).map(|r| r.info)
     }
 
+    /// Checks that a socket vmm-manager connected to in a jailed VM's directory (which
+    /// the VMM may write: it could have put a link to another VM's socket there) is
+    /// served by the VM's own user. Without a jail record, anyone root trusts.
+    pub fn check_peer(dir: &VmDir, stream: &tokio::net::UnixStream) -> io::Result<()> {
+        let Some(jail) = Self::info_of(dir) else { return Ok(()) };
+        let uid = stream.peer_cred()?.uid();
+        if uid != jail.uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("served by uid {uid}, not the VM's user {}", jail.uid),
+            ));
+        }
+        Ok(())
+    }
+
     /// The VM's slot: the one it had, else the lowest no other VM holds.
     fn slot(&self, dir: &VmDir) -> io::Result<u32> {
         if let Some(r) = Self::read_record(dir) {

@@ -44,6 +44,7 @@ impl VmService {
             let stream = tokio::net::UnixStream::connect(vm.dir.agent_socket())
                 .await
                 .map_err(|e| channel_error(id, format!("cannot connect: {e}")))?;
+            crate::jail::Jailer::check_peer(&vm.dir, &stream).map_err(|e| channel_error(id, e))?;
             let (read, mut write) = stream.into_split();
             let mut read = BufReader::new(read);
             let mut answer = String::new();
