@@ -215,6 +215,50 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
         );
         assert_ne!(orig["nics"][0]["ip"], copy["nics"][0]["ip"], "{orig}\n{copy}");
         assert_ne!(orig["nics"][0]["mac"], copy["nics"][0]["mac"]);
+        // Its data volumes are clones of the snapshot's, attached in the same order,
+        // with the content they had then; a write to the copy's leaves the original's.
+        let attached: Vec<&str> = copy["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| v["volume"].as_str())
+            .collect();
+        assert_eq!(attached, ["copy-data", "copy-hot"], "{copy}");
+        let (_, cloned) = stack.call("GET", "/v1/volumes/copy-data", None).await;
+        assert_eq!(cloned["origin"], "data@vm-s1", "{cloned}");
+        assert!(
+            disk_marker(&stack, "copy").await.contains("SNAPSHOT-BEFORE-"),
+            "the copy's data volume holds the snapshot's content"
+        );
+        let hot = stack
+            .console_run("copy", "dd if=/dev/vdb bs=16 count=1 2>/dev/null | tr -d '\\000'; echo")
+            .await;
+        assert!(hot.contains("HOT-BEFORE"), "the copy's second volume too: {hot}");
+        stack
+            .console_run("copy", "printf COPY-WROTE-THIS | dd of=/dev/vda conv=fsync 2>/dev/null")
+            .await;
+        assert!(disk_marker(&stack, "copy").await.contains("COPY-WROTE-THIS"));
+        assert!(
+            disk_marker(&stack, "orig").await.contains("SNAPSHOT-BEFORE-"),
+            "the original's volume is its own"
+        );
+        // A name a clone would take is taken: 409 before anything is made.
+        let (status, vol) = stack
+            .call("POST", "/v1/volumes", Some(json!({"name": "c3-data", "size": "1M"})))
+            .await;
+        assert_eq!(status, 201, "{vol}");
+        let (status, e) = stack
+            .call(
+                "POST",
+                "/v1/vms",
+                Some(json!({"name": "c3", "image": "tiny", "from_snapshot": "orig@s1"})),
+            )
+            .await;
+        assert_eq!(status, 409, "{e}");
+        let (status, _) = stack.call("GET", "/v1/volumes/c3-hot", None).await;
+        assert_eq!(status, 404, "nothing made");
+        let (status, _) = stack.call("DELETE", "/v1/volumes/c3-data", None).await;
+        assert_eq!(status, 204);
         for (body, needle) in [
             (
                 json!({"name": "c2", "image": "tiny", "from_snapshot": "orig@nope"}),
@@ -284,11 +328,37 @@ fn a_snapshot_with_memory_brings_back_the_count_and_the_disk() {
         assert_eq!(status, 202, "{accepted}");
         assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");
 
+        // A snapshot the copy's volumes are clones of stays while they do (409, with
+        // the reason); they outlive the copy, as every volume does.
+        let (status, e) = stack.call("DELETE", "/v1/vms/orig/snapshots/s1", None).await;
+        assert_eq!(status, 409, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap_or_default().contains("clones"),
+            "{e}"
+        );
+        let (status, e) = stack.call("DELETE", "/v1/vms/orig", None).await;
+        assert_eq!(status, 409, "the original, with its snapshot's clones alive: {e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("volume copy-data"),
+            "{e}"
+        );
+        let (status, accepted) = stack.call("DELETE", "/v1/vms/copy", None).await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");
+        for v in ["copy-data", "copy-hot"] {
+            let (_, kept) = stack.call("GET", &format!("/v1/volumes/{v}"), None).await;
+            assert!(kept.get("attached_to").is_none(), "{kept}");
+            let (status, _) = stack.call("DELETE", &format!("/v1/volumes/{v}"), None).await;
+            assert_eq!(status, 204, "{v}");
+        }
         // Deleted: gone from the list; the VM's delete takes the rest.
         let (status, _) = stack.call("DELETE", "/v1/vms/orig/snapshots/s1", None).await;
         assert_eq!(status, 204);
         assert_eq!(stack.call("GET", "/v1/vms/orig/snapshots", None).await.1, json!([]));
-        for vm in ["orig", "other", "copy"] {
+        for vm in ["orig", "other"] {
             let (status, accepted) = stack.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
             assert_eq!(status, 202, "{accepted}");
             assert_eq!(op_of(&stack, &accepted).await["status"], "succeeded");

@@ -163,6 +163,12 @@ pub struct VmCreate {
     pub image: imaged::ImageInfo,
     pub nic_requests: Vec<NicRequest>,
     pub volume_requests: Vec<AttachVolume>,
+    /// Data volumes to clone from the snapshot the VM is made from (attached too: they
+    /// are in `volume_requests`), and those made so far.
+    #[serde(default)]
+    pub clones: Vec<crate::vms::snapshot::VolumeClone>,
+    #[serde(default)]
+    pub clones_made: Vec<String>,
     /// The root disk and seed, once made.
     #[serde(default)]
     pub boot: Vec<DiskSpec>,
@@ -248,10 +254,17 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
         return Err(VmError::MachineNeedsQemu);
     }
     let machine = req.machine.unwrap_or_default();
-    let origin = match &req.from_snapshot {
-        Some((vm, snap)) => crate::vms::snapshot::origin_for(state, project, vm, snap, &req.image).await?,
-        None => None,
+    let from = match &req.from_snapshot {
+        Some((vm, snap)) => crate::vms::snapshot::origin_for(state, project, (vm, snap), &req.image, &name).await?,
+        None => Default::default(),
     };
+    let origin = from.root_origin.clone();
+    let mut volume_requests = req.volumes.clone();
+    volume_requests.extend(from.clones.iter().map(|c| AttachVolume {
+        volume: c.name.clone(),
+        via: None,
+        read_only: false,
+    }));
     let image = find_image(state, &req.image).await?;
     kernel_for(&image, hypervisor)?;
     let disk_size = match (&req.disk_size, &image.disk) {
@@ -321,7 +334,9 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
         rec,
         image,
         nic_requests,
-        volume_requests: req.volumes,
+        volume_requests,
+        clones: from.clones,
+        clones_made: vec![],
         boot: vec![],
         start: req.start,
     })
@@ -358,7 +373,12 @@ pub static VM_CREATE: SagaDef<VmCreate, VmError> = SagaDef {
             name: "volumes",
             doing: "claiming its volumes",
             run: |state, c| Box::pin(claim_volumes(state, c)),
-            undo: |state, c| Box::pin(parts::release_volumes(state, &c.rec)),
+            undo: |state, c| {
+                Box::pin(async move {
+                    parts::release_volumes(state, &c.rec).await?;
+                    crate::vms::snapshot::remove_clones(state, &c.rec.project, &c.clones_made).await
+                })
+            },
         },
         Step {
             name: "image-lease",
@@ -458,6 +478,8 @@ async fn remove_ports(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
 }
 
 async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
+    let clones = c.clones.clone();
+    crate::vms::snapshot::make_clones(state, &c.rec.project, &clones, &mut c.clones_made).await?;
     for v in &c.volume_requests {
         let a = crate::volumes::work::claim(state, &c.rec, v, &c.rec.volumes).await?;
         c.rec.volumes.push(a);

@@ -71,7 +71,7 @@ pub enum VmError {
     RootDiskGone(String),
     #[error("the volume pool keeps no files (memory pool): root disks need a file or LVM pool")]
     PoolKeepsNoFiles,
-    #[error("VM {vm} has snapshots that VMs were made from ({clones}): delete those first")]
+    #[error("VM {vm} has snapshots that VMs or volumes were made from ({clones}): delete those first")]
     HasClones { vm: String, clones: String },
     #[error("VM {vm} already has a snapshot {name:?}")]
     SnapshotExists { vm: String, name: String },

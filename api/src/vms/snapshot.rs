@@ -104,16 +104,33 @@ pub async fn find(state: &AppState, vm: &VmRecord, name: &str) -> Result<Snapsho
         })
 }
 
-/// What a VM made `from_snapshot` clones its root disk from (`volume@snapshot`), after
-/// checking the snapshot: of a VM of this project, ready, of the same image. `None`
-/// when that VM had no root disk (an image without one).
+/// A data volume a VM made `from_snapshot` gets: `name`, a clone of `volume`'s disk
+/// snapshot `snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeClone {
+    pub name: String,
+    pub volume: String,
+    pub snapshot: String,
+}
+
+/// What a VM made `from_snapshot` is made of: the root disk's origin
+/// (`volume@snapshot`; `None` when that VM had no root disk) and a clone of each data
+/// volume the snapshot holds, named `<new VM>-<volume>`.
+#[derive(Debug, Clone, Default)]
+pub struct FromSnapshot {
+    pub root_origin: Option<String>,
+    pub clones: Vec<VolumeClone>,
+}
+
+/// What a VM named `new_vm` made `from_snapshot` clones, after checking the snapshot:
+/// of a VM of this project, ready, of the same image.
 pub async fn origin_for(
     state: &AppState,
     project: &str,
-    vm: &str,
-    snapshot: &str,
+    (vm, snapshot): (&str, &str),
     image: &str,
-) -> Result<Option<String>, VmError> {
+    new_vm: &str,
+) -> Result<FromSnapshot, VmError> {
     let refused = |why: String| VmError::Invalid(format!("from_snapshot {vm}@{snapshot}: {why}"));
     let source = match crate::vms::records::resolve(state, project, vm).await {
         Ok((rec, _)) => rec,
@@ -131,27 +148,112 @@ pub async fn origin_for(
     if source.image != image {
         return Err(refused(format!("its VM runs image {:?}, not {image:?}", source.image)));
     }
-    Ok(source
-        .root_disk
-        .as_ref()
-        .map(|r| format!("{}@{}", r.volume, disk_snapshot(snapshot))))
+    let root_volume = source.root_disk.as_ref().map(|r| r.volume.clone());
+    let mut clones = Vec::new();
+    for d in snap
+        .view
+        .disks
+        .iter()
+        .filter(|d| Some(&d.volume) != root_volume.as_ref())
+    {
+        let name = format!("{new_vm}-{}", d.volume);
+        validate_name("volume", &name).map_err(|e| {
+            refused(format!(
+                "the clone of volume {:?} cannot be named {name:?}: {e}",
+                d.volume
+            ))
+        })?;
+        match crate::volumes::records::find_record(state, project, &name).await {
+            Err(crate::volumes::error::VolumeError::NotFound(_)) => {}
+            Ok(_) => {
+                return Err(VmError::Volume(crate::volumes::error::VolumeError::AlreadyExists(name)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        clones.push(VolumeClone {
+            name,
+            volume: d.volume.clone(),
+            snapshot: disk_snapshot(snapshot),
+        });
+    }
+    Ok(FromSnapshot {
+        root_origin: root_volume.map(|v| format!("{v}@{}", disk_snapshot(snapshot))),
+        clones,
+    })
 }
 
-/// The VMs made from one of `vm`'s snapshots (their root disks are its clones).
+/// Makes the data volumes of a VM made `from_snapshot` (each a copy-on-write clone of
+/// its volume's disk snapshot), recording each in `made` as it is made.
+pub(crate) async fn make_clones(
+    state: &AppState,
+    project: &str,
+    clones: &[VolumeClone],
+    made: &mut Vec<String>,
+) -> Result<(), VmError> {
+    for c in clones {
+        let req = crate::volumes::command::CreateVolumeCommand {
+            name: c.name.clone(),
+            origin: crate::volumes::command::Origin::Snapshot {
+                volume: c.volume.clone(),
+                snapshot: c.snapshot.clone(),
+                size_bytes: None,
+            },
+        };
+        crate::volumes::work::create_now(state, project, req, None).await?;
+        made.push(c.name.clone());
+    }
+    Ok(())
+}
+
+/// Removes the clones a create made (`made`: never a volume of that name someone else
+/// made meanwhile; a clone made just before a crash that kept the create from recording
+/// it stays, an ordinary volume the user sees).
+pub(crate) async fn remove_clones(state: &AppState, project: &str, made: &[String]) -> Result<(), VmError> {
+    for name in made {
+        match crate::volumes::work::remove(state, project, name).await {
+            Ok(()) | Err(crate::volumes::error::VolumeError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// What was made from one of `vm`'s snapshots and still depends on it: VMs whose
+/// root disks are clones of its root disk's snapshots (`VM name`), and volumes cloned
+/// from its data volumes' snapshots (`volume name`, a VM made `from_snapshot` gets
+/// those).
 pub async fn made_from(state: &AppState, vm: &VmRecord) -> Result<Vec<String>, VmError> {
-    let Some(root) = &vm.root_disk else { return Ok(vec![]) };
-    let prefix = format!("{}@", root.volume);
-    Ok(store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
-        .await?
-        .into_iter()
-        .filter(|(r, _)| {
-            r.root_disk
-                .as_ref()
-                .and_then(|d| d.origin.as_deref())
-                .is_some_and(|o| o.starts_with(&prefix))
-        })
-        .map(|(r, _)| r.name)
-        .collect())
+    let mut out = Vec::new();
+    if let Some(root) = &vm.root_disk {
+        let prefix = format!("{}@", root.volume);
+        out.extend(
+            store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
+                .await?
+                .into_iter()
+                .filter(|(r, _)| {
+                    r.root_disk
+                        .as_ref()
+                        .and_then(|d| d.origin.as_deref())
+                        .is_some_and(|o| o.starts_with(&prefix))
+                })
+                .map(|(r, _)| format!("VM {}", r.name)),
+        );
+    }
+    let root = vm.root_disk.as_ref().map(|r| r.volume.as_str());
+    for snap in records(state, vm).await? {
+        let wanted = disk_snapshot(&snap.view.name);
+        for b in snap.blockd.iter().filter(|b| Some(b.as_str()) != root) {
+            let Ok(v) = state.blockd.volume(b).await else { continue };
+            for s in v.snapshots.iter().filter(|s| s.name == wanted) {
+                out.extend(
+                    s.clones
+                        .iter()
+                        .map(|c| format!("volume {}", crate::model::name_in_project(&vm.project, c))),
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The VM's snapshot records, by name.
