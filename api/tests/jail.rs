@@ -228,6 +228,29 @@ fn qemu_vmms_are_unprivileged_confined_and_limited() {
             "b's process is visible from a's jail: {out}"
         );
         assert_only_own_files(pid_a, uid_a, gid_a, &data, &dir_a);
+        // Its own network namespace, holding nothing (its TAP came as a descriptor):
+        // the api's port on the host's loopback is out of its reach (the guests' traffic
+        // still flows: networking.rs runs with jailed VMMs too).
+        let net = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).expect("network namespace");
+        assert_ne!(
+            net(&pid_a.to_string()),
+            net("self"),
+            "QEMU has its own network namespace"
+        );
+        let port = common::LISTEN.rsplit(':').next().expect("port");
+        let out = std::process::Command::new("nsenter")
+            .args(["--target", &pid_a.to_string(), "--net", "--mount"])
+            .args(["--setuid", &uid_a.to_string(), "--setgid", &gid_a.to_string(), "--"])
+            .args([
+                "python3",
+                "-c",
+                &format!("import socket; socket.create_connection(('127.0.0.1', {port}), 2)"),
+            ])
+            .output()
+            .expect("nsenter");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a's VMM reached the api on the host's loopback");
+        assert!(text.contains("unreachable") || text.contains("refused"), "{text}");
 
         // a's own disk: writable by a's user.
         let disk_a = format!("{dir_a}/disks/{}", disk_id(&a, "data-a"));

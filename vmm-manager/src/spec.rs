@@ -144,6 +144,10 @@ pub struct NicSpec {
     /// Queue pairs of the TAP (1 unless it was created multi-queue).
     #[serde(default = "one")]
     pub queue_pairs: u32,
+    /// A jailed VMM's view only: the descriptors its jailer opened for the TAP's
+    /// queues (never part of a spec).
+    #[serde(skip)]
+    pub fds: Vec<i32>,
 }
 
 fn one() -> u32 {
@@ -639,6 +643,7 @@ mod tests {
             tap: "a-very-long-tap-name".into(),
             mac: "52:54:00:00:00:01".into(),
             queue_pairs: 1,
+            fds: vec![],
         });
         assert!(matches!(s.validate(1024), Err(SpecError::Device(_))));
         Ok(())

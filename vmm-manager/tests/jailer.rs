@@ -30,6 +30,8 @@ fn jailed(dir: &Path, script: &str) -> (bool, String) {
         cgroup_procs: vec![],
         workdir: work,
         env: vec!["HEARTH_JAILER_TEST=given".into()],
+        net_namespace: true,
+        taps: vec![],
     };
     plan::system(&mut p);
     p.order();
@@ -101,6 +103,15 @@ fn a_jailed_process_has_no_privilege_and_sees_only_its_files() {
     }
     let (ok, out) = jailed(tmp.path(), "touch /usr/x");
     assert!(!ok && out.contains("Read-only file system"), "/usr is writable: {out}");
+    // A network namespace of its own: the host's loopback services are out of reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let connect = format!("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2)'");
+    let (ok, out) = jailed(tmp.path(), &connect);
+    assert!(!ok, "the jail reached the host's loopback: {out}");
+    assert!(out.contains("unreachable") || out.contains("refused"), "{out}");
+    let (ok, out) = jailed(tmp.path(), "cat /proc/net/dev | grep -c :");
+    assert!(ok && out.trim() == "1", "only its own loopback: {out}");
     // Its /proc shows its own processes only.
     let (ok, out) = jailed(tmp.path(), "ls /proc | grep -c '^[0-9]'");
     assert!(ok, "{out}");

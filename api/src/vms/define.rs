@@ -111,6 +111,7 @@ fn vm_spec(rec: &VmRecord, image: &imaged::ImageInfo) -> Result<VmSpec, VmError>
                 tap: n.tap.clone(),
                 mac: n.mac.clone(),
                 queue_pairs: 1,
+                fds: vec![],
             })
             .collect(),
         qemu: QemuOptions {

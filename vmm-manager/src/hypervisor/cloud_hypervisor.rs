@@ -464,6 +464,7 @@ mod tests {
                 tap: "htap1a2b3c".into(),
                 mac: "52:54:00:12:34:56".into(),
                 queue_pairs: 1,
+                fds: vec![],
             }],
             qemu: QemuOptions::default(),
             limits: Default::default(),

@@ -337,9 +337,14 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
     }
     for n in &spec.nics {
         let mq = n.queue_pairs > 1;
-        push(&[
-            "-netdev",
-            &format!(
+        let netdev = match n.fds.as_slice() {
+            // Opened by the jailer (QEMU has no network namespace of the host's).
+            [fd] => format!("tap,id={},fd={fd},vhost=off", n.id),
+            [_, ..] => {
+                let fds: Vec<String> = n.fds.iter().map(i32::to_string).collect();
+                format!("tap,id={},fds={},vhost=off", n.id, fds.join(":"))
+            }
+            [] => format!(
                 "tap,id={id},ifname={},script=no,downscript=no,vhost=off{q}",
                 n.tap,
                 id = n.id,
@@ -349,6 +354,10 @@ pub fn qemu_args(spec: &VmSpec, dir: &VmDir, kvm: bool, tsc_khz: Option<u64>) ->
                     String::new()
                 }
             ),
+        };
+        push(&[
+            "-netdev",
+            &netdev,
             "-device",
             &format!(
                 "virtio-net-{bus},netdev={id},id={id}-dev,mac={}{mq}",
@@ -792,6 +801,7 @@ mod tests {
                 tap: "htap0".into(),
                 mac: "52:54:00:00:00:01".into(),
                 queue_pairs: 2,
+                fds: vec![],
             }],
             qemu: QemuOptions::default(),
             limits: Default::default(),

@@ -218,6 +218,29 @@ fn jail(args: &[OsString]) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("joining {}: {e}", procs.display())))?;
     }
 
+    if plan.net_namespace {
+        // The TAPs first, in the host's network namespace, at the numbers the VMM's
+        // command line names; then a namespace of its own with nothing in it.
+        for tap in &plan.taps {
+            for &fd in &tap.fds {
+                let file = super::open_tap(&tap.name, tap.multi_queue)?;
+                use std::os::fd::IntoRawFd;
+                let raw = file.into_raw_fd();
+                // SAFETY: plain descriptor calls; `raw` is ours and closed once moved.
+                unsafe {
+                    check(libc::dup2(raw, fd), || format!("dup2 of TAP {} to {fd}", tap.name))?;
+                    libc::close(raw);
+                    check(libc::fcntl(fd, libc::F_SETFD, 0), || {
+                        "keeping a TAP open across exec".into()
+                    })?;
+                }
+            }
+        }
+        // SAFETY: unshare takes flags only; the process is single-threaded here.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, || {
+            "unshare(CLONE_NEWNET)".into()
+        })?;
+    }
     // SAFETY: unshare takes flags only; the process is single-threaded here.
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) }, || {
         "unshare(CLONE_NEWNS)".into()

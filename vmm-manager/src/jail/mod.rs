@@ -249,6 +249,11 @@ impl Jailer {
         for d in &mut v.disks {
             *d = self.disk_view(dir, d);
         }
+        if Self::own_netns(spec.hypervisor) {
+            for (n, fds) in v.nics.iter_mut().zip(Self::tap_fds(spec)) {
+                n.fds = fds;
+            }
+        }
         v
     }
 
@@ -367,39 +372,13 @@ impl Jailer {
     /// Gives TAP `name` to the VM's user, so the VMM attaches to it without
     /// `CAP_NET_ADMIN` (the kernel lets a TAP's owner open it).
     fn hand_over_tap(name: &str, multi_queue: bool, uid: u32, gid: u32) -> io::Result<()> {
-        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
         const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
         const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
-        #[repr(C)]
-        struct IfReq {
-            name: [u8; libc::IFNAMSIZ],
-            flags: libc::c_short,
-            _pad: [u8; 22],
-        }
-        if name.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::other(format!("TAP name {name:?} is too long")));
-        }
-        let tun = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-            _pad: [0; 22],
-        };
-        if multi_queue {
-            req.flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
-        }
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let tun = open_tap(name, multi_queue)?;
         use std::os::fd::AsRawFd;
         let fd = tun.as_raw_fd();
-        // SAFETY: `req` is a valid ifreq for TUNSETIFF; the others take integers.
+        // SAFETY: TUNSETOWNER and TUNSETGROUP take integers.
         unsafe {
-            if libc::ioctl(fd, TUNSETIFF, &mut req) < 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("opening TAP {name}: {e}")));
-            }
             if libc::ioctl(fd, TUNSETOWNER, uid as libc::c_ulong) < 0
                 || libc::ioctl(fd, TUNSETGROUP, gid as libc::c_ulong) < 0
             {
@@ -408,6 +387,29 @@ impl Jailer {
             }
         }
         Ok(())
+    }
+
+    /// The descriptors a jailed QEMU gets for its NICs' TAPs (one per queue, from
+    /// [`plan::FIRST_TAP_FD`] on, in the order of its NICs): the jailer opens them in
+    /// the host's network namespace and then gives the VMM one of its own, empty.
+    fn tap_fds(spec: &VmSpec) -> Vec<Vec<i32>> {
+        let mut next = plan::FIRST_TAP_FD;
+        spec.nics
+            .iter()
+            .map(|n| {
+                let fds: Vec<i32> = (next..next + n.queue_pairs.max(1) as i32).collect();
+                next += n.queue_pairs.max(1) as i32;
+                fds
+            })
+            .collect()
+    }
+
+    /// Whether a VMM of this kind gets a network namespace of its own. QEMU takes its
+    /// TAPs as descriptors (`-netdev tap,fd=`); Cloud Hypervisor's API takes them only
+    /// with `SCM_RIGHTS`, which hearth's client does not send yet, so it opens them by
+    /// name in the host's namespace.
+    fn own_netns(kind: HypervisorKind) -> bool {
+        kind == HypervisorKind::Qemu
     }
 
     /// Everything before a jailed VMM starts: the VM's user, the handover, its cgroup
@@ -478,6 +480,8 @@ impl Jailer {
             cgroup_procs: vec![],
             workdir: dir.dir.clone(),
             env: self.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            net_namespace: false,
+            taps: vec![],
         };
         plan::system(&mut jp);
         for file in std::iter::once(&spec.kernel).chain(spec.initramfs.as_ref()) {
@@ -494,6 +498,19 @@ impl Jailer {
         }
         for n in &spec.nics {
             Self::hand_over_tap(&n.tap, n.queue_pairs > 1, uid, gid)?;
+        }
+        if Self::own_netns(spec.hypervisor) {
+            jp.net_namespace = true;
+            jp.taps = spec
+                .nics
+                .iter()
+                .zip(Self::tap_fds(spec))
+                .map(|(n, fds)| plan::PlanTap {
+                    name: n.tap.clone(),
+                    multi_queue: n.queue_pairs > 1,
+                    fds,
+                })
+                .collect();
         }
         jp.order();
 
@@ -756,4 +773,39 @@ impl JailArgs {
             ..JailConfig::default()
         }
     }
+}
+
+/// Opens TAP `name` (made by netd) as a queue: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as
+/// QEMU opens one, with `IFF_MULTI_QUEUE` for a multi-queue TAP.
+pub(crate) fn open_tap(name: &str, multi_queue: bool) -> io::Result<std::fs::File> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!("TAP name {name:?} is too long")));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    if multi_queue {
+        req.flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
+    }
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: `req` is a valid ifreq for TUNSETIFF.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("opening TAP {name}: {e}")));
+    }
+    Ok(tun)
 }

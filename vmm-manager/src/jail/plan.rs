@@ -38,6 +38,23 @@ pub struct JailPlan {
     /// `KEY=VALUE` the VMM gets beyond PATH, LANG and HOME.
     #[serde(default)]
     pub env: Vec<String>,
+    /// A network namespace of its own (empty: not even the host's loopback), with
+    /// its TAPs opened before, in the host's, as descriptors.
+    #[serde(default)]
+    pub net_namespace: bool,
+    #[serde(default)]
+    pub taps: Vec<PlanTap>,
+}
+
+/// The first descriptor number a jailed VMM's TAP queues get.
+pub const FIRST_TAP_FD: i32 = 100;
+
+/// A TAP the jailer opens for the VMM: one descriptor per queue, at these numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlanTap {
+    pub name: String,
+    pub multi_queue: bool,
+    pub fds: Vec<i32>,
 }
 
 impl JailPlan {
@@ -186,6 +203,8 @@ mod tests {
             cgroup_procs: vec![],
             workdir: "/run/vm".into(),
             env: vec![],
+            net_namespace: false,
+            taps: vec![],
         };
         plan.order();
         let order: Vec<_> = plan.binds.iter().map(|b| b.dst.display().to_string()).collect();
