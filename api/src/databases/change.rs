@@ -62,7 +62,8 @@ async fn reseed(state: &AppState, rec: &DatabaseRecord) -> Result<(), DatabaseEr
 /// A new server certificate from hearth's CA for the same address: into the seed first
 /// (a reboot serves it), then to a running server, which loads it with a configuration
 /// reload (no restart: open connections stay). The CA, and so every client's
-/// `sslrootcert`, stays the same.
+/// `sslrootcert`, stays the same. The record learns the new expiry last, once the
+/// certificate is in place: a renewal cut short is made again at the next look.
 pub async fn rotate_certificate(
     state: &AppState,
     mut rec: DatabaseRecord,
@@ -71,12 +72,12 @@ pub async fn rotate_certificate(
     ready(&rec, "renew its certificate")?;
     let running = vm_state(state, &rec).await.as_deref() == Some("running");
     let (tls, not_after_ms) = server_tls(state, &rec).await?;
-    rec.cert_not_after_ms = Some(not_after_ms);
-    save(state, &rec, rev).await?;
     store_seed(state, &rec, tls.clone()).await?;
     if running {
         super::agent::call(state, &rec, &Request::SetTls { tls }, AGENT_TIMEOUT).await?;
     }
+    rec.cert_not_after_ms = Some(not_after_ms);
+    save(state, &rec, rev).await?;
     super::create::event(state, &rec, "certificate_renewed");
     let vm_state = vm_state(state, &rec).await;
     Ok(Database::of(&rec, vm_state.as_deref()))
