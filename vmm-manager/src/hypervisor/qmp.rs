@@ -187,40 +187,14 @@ fn execute_with_fd_blocking(
 fn check_peer(socket: &Path, stream: &impl std::os::fd::AsRawFd) -> Result<(), VmmError> {
     let Some(dir) = socket.parent() else { return Ok(()) };
     let vm = crate::vm_dir::VmDir { dir: dir.to_path_buf() };
-    let Some(jail) = crate::jail::Jailer::info_of(&vm) else {
+    if crate::jail::Jailer::info_of(&vm).is_none() {
         return Ok(());
-    };
+    }
     if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(VmmError::Control(format!(
             "{} is a symbolic link, not the VMM's socket",
             socket.display()
         )));
     }
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for getsockopt to fill.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(VmmError::Control(format!(
-            "SO_PEERCRED: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    if cred.uid != jail.uid {
-        return Err(VmmError::Control(format!(
-            "{} is served by uid {}, not the VM's user {}",
-            socket.display(),
-            cred.uid,
-            jail.uid
-        )));
-    }
-    Ok(())
+    crate::jail::Jailer::check_peer(&vm, stream).map_err(|e| VmmError::Control(format!("{}: {e}", socket.display())))
 }

@@ -204,9 +204,25 @@ impl Jailer {
     /// Checks that a socket vmm-manager connected to in a jailed VM's directory (which
     /// the VMM may write: it could have put a link to another VM's socket there) is
     /// served by the VM's own user. Without a jail record, anyone root trusts.
-    pub fn check_peer(dir: &VmDir, stream: &tokio::net::UnixStream) -> io::Result<()> {
+    pub fn check_peer(dir: &VmDir, stream: &impl std::os::fd::AsRawFd) -> io::Result<()> {
         let Some(jail) = Self::info_of(dir) else { return Ok(()) };
-        let uid = stream.peer_cred()?.uid();
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for getsockopt to fill.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut libc::ucred as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("SO_PEERCRED: {e}")));
+        }
+        let uid = cred.uid;
         if uid != jail.uid {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
