@@ -18,12 +18,33 @@ use futures_util::future::BoxFuture;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::{StateStore, StoreError, Versioned, WatchEvent};
+use super::{LeaseId, StateStore, StoreError, Versioned, WatchEvent};
 
 /// key → 8-byte little-endian revision followed by the value.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// "revision" → the store-wide revision counter.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The keys written with a lease. Leases live in this process's memory: when the
+/// store is opened again, the process that renewed them is gone, and so are they.
+const LEASED: TableDefinition<&str, ()> = TableDefinition::new("leased");
+
+/// The leases granted since the store was opened, and their keys.
+#[derive(Default)]
+struct Leases {
+    next: std::sync::atomic::AtomicI64,
+    held: Mutex<std::collections::HashMap<LeaseId, Held>>,
+    /// Whether the task that deletes the keys of lapsed leases runs.
+    reaper: std::sync::OnceLock<()>,
+}
+
+struct Held {
+    ttl: std::time::Duration,
+    deadline: std::time::Instant,
+    keys: std::collections::BTreeSet<String>,
+}
+
+/// How often lapsed leases are looked for.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A redb-backed [`StateStore`].
 pub struct EmbeddedStore {
@@ -39,6 +60,7 @@ pub struct EmbeddedStore {
     writer: Arc<Mutex<Writer>>,
     /// Keys whose last change is in the journal (`None`: deleted), with its revision.
     relaxed: Arc<Relaxed>,
+    leases: Arc<Leases>,
 }
 
 struct Writer {
@@ -97,6 +119,7 @@ impl EmbeddedStore {
         let tx = db.begin_write().map_err(unavailable)?;
         tx.open_table(KV).map_err(unavailable)?;
         tx.open_table(META).map_err(unavailable)?;
+        tx.open_table(LEASED).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         let (mut journal, last) = Journal::open(&path.with_extension("journal")).map_err(unavailable)?;
         // The journal's changes go into the file, each where it is newer than the
@@ -127,6 +150,19 @@ impl EmbeddedStore {
                     }
                 }
             }
+            // Keys of the leases of the process that had the store before: gone with it.
+            let mut leased = tx.open_table(LEASED).map_err(unavailable)?;
+            let stale: Vec<String> = leased
+                .iter()
+                .map_err(unavailable)?
+                .map(|item| item.map(|(k, _)| k.value().to_string()).map_err(unavailable))
+                .collect::<Result<_, _>>()?;
+            for key in &stale {
+                if kv.remove(key.as_str()).map_err(unavailable)?.is_some() {
+                    revision += 1;
+                }
+                leased.remove(key.as_str()).map_err(unavailable)?;
+            }
             meta.insert("revision", revision).map_err(unavailable)?;
             revision
         };
@@ -142,7 +178,51 @@ impl EmbeddedStore {
                 journal,
             })),
             relaxed: Default::default(),
+            leases: Default::default(),
         })
+    }
+
+    /// Starts (once) the task that deletes the keys of lapsed leases. It holds the
+    /// database weakly: it ends with the store, and never keeps the file open.
+    fn start_reaper(&self) {
+        let leases = Arc::downgrade(&self.leases);
+        let db = Arc::downgrade(&self.db);
+        let (writer, relaxed) = (self.writer.clone(), self.relaxed.clone());
+        let (changed, events) = (self.changed.clone(), self.events.clone());
+        self.leases.reaper.get_or_init(|| {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(REAP_EVERY).await;
+                    let (Some(leases), Some(db)) = (leases.upgrade(), db.upgrade()) else {
+                        return;
+                    };
+                    let now = std::time::Instant::now();
+                    let lapsed: Vec<Held> = {
+                        let mut held = leases.held.lock().unwrap_or_else(|p| p.into_inner());
+                        let ids: Vec<LeaseId> = held
+                            .iter()
+                            .filter(|(_, h)| h.deadline <= now)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        ids.into_iter().filter_map(|id| held.remove(&id)).collect()
+                    };
+                    let keys: Vec<String> = lapsed.into_iter().flat_map(|h| h.keys).collect();
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let (writer, relaxed, changed, events) =
+                        (writer.clone(), relaxed.clone(), changed.clone(), events.clone());
+                    let done = tokio::task::spawn_blocking(move || {
+                        for key in keys {
+                            if let Err(e) = remove_key(&db, &writer, &relaxed, &changed, &events, key.clone()) {
+                                tracing::warn!("cannot delete {key} of a lapsed lease: {e}");
+                            }
+                        }
+                    });
+                    let _ = done.await;
+                }
+            });
+        });
     }
 
     /// Runs a write transaction on a blocking thread. `f` returns the value to report
@@ -282,63 +362,78 @@ impl EmbeddedStore {
         Ok(next)
     }
 
-    /// Deletes a key wherever its last change is. One held in the journal gets a
-    /// tombstone there first (readers see it deleted at once); a copy in the file is
-    /// removed in a durable commit; then the key leaves the journal's map.
+    /// Deletes a key wherever its last change is (see [`remove_key`]).
     async fn remove(&self, key: String) -> Result<bool, StoreError> {
         let (db, writer, relaxed) = (self.db.clone(), self.writer.clone(), self.relaxed.clone());
         let (changed, events) = (self.changed.clone(), self.events.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let held = read_relaxed(&relaxed, &key);
-            let in_file = Self::file_get(&db, &key)?;
-            if newer(held.clone(), in_file.clone()).is_none() {
-                return Ok(false);
-            }
-            let next = w.revision + 1;
-            if held.is_some() {
-                w.journal
-                    .append(&Entry {
-                        key: key.clone(),
-                        revision: next,
-                        value: None,
-                    })
-                    .map_err(unavailable)?;
-                relaxed
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), (next, None));
-            }
-            if in_file.is_some() {
-                let tx = db.begin_write().map_err(unavailable)?;
-                {
-                    let mut kv = tx.open_table(KV).map_err(unavailable)?;
-                    kv.remove(key.as_str()).map_err(unavailable)?;
-                    let mut meta = tx.open_table(META).map_err(unavailable)?;
-                    meta.insert("revision", next).map_err(unavailable)?;
-                }
-                tx.commit().map_err(unavailable)?;
-            }
-            w.revision = next;
-            if held.is_some() {
-                relaxed.write().unwrap_or_else(|p| p.into_inner()).remove(&key);
-            }
-            // Under the writer lock: watchers see revisions in order.
-            announce(
-                &changed,
-                &events,
-                WatchEvent {
-                    key,
-                    value: None,
-                    revision: next,
-                },
-            );
-            drop(w);
-            Ok(true)
-        })
-        .await
-        .map_err(unavailable)?
+        tokio::task::spawn_blocking(move || remove_key(&db, &writer, &relaxed, &changed, &events, key))
+            .await
+            .map_err(unavailable)?
     }
+}
+
+/// Deletes a key wherever its last change is. One held in the journal gets a
+/// tombstone there first (readers see it deleted at once); a copy in the file is
+/// removed in a durable commit (with its lease mark); then the key leaves the
+/// journal's map.
+fn remove_key(
+    db: &Database,
+    writer: &Mutex<Writer>,
+    relaxed: &Relaxed,
+    changed: &Mutex<std::collections::HashMap<String, u64>>,
+    events: &broadcast::Sender<WatchEvent>,
+    key: String,
+) -> Result<bool, StoreError> {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let held = read_relaxed(relaxed, &key);
+    let in_file = EmbeddedStore::file_get(db, &key)?;
+    if newer(held.clone(), in_file.clone()).is_none() {
+        return Ok(false);
+    }
+    let next = w.revision + 1;
+    if held.is_some() {
+        w.journal
+            .append(&Entry {
+                key: key.clone(),
+                revision: next,
+                value: None,
+            })
+            .map_err(unavailable)?;
+        relaxed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), (next, None));
+    }
+    if in_file.is_some() {
+        let tx = db.begin_write().map_err(unavailable)?;
+        {
+            let mut kv = tx.open_table(KV).map_err(unavailable)?;
+            kv.remove(key.as_str()).map_err(unavailable)?;
+            tx.open_table(LEASED)
+                .map_err(unavailable)?
+                .remove(key.as_str())
+                .map_err(unavailable)?;
+            let mut meta = tx.open_table(META).map_err(unavailable)?;
+            meta.insert("revision", next).map_err(unavailable)?;
+        }
+        tx.commit().map_err(unavailable)?;
+    }
+    w.revision = next;
+    if held.is_some() {
+        relaxed.write().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    }
+    // Under the writer lock: watchers see revisions in order.
+    announce(
+        changed,
+        events,
+        WatchEvent {
+            key,
+            value: None,
+            revision: next,
+        },
+    );
+    drop(w);
+    Ok(true)
 }
 
 /// Stores `value` under `key` at `rev` and returns the revision with its watch event.
@@ -459,6 +554,131 @@ impl StateStore for EmbeddedStore {
         }
         .unwrap_or(self.opened_at);
         Box::pin(std::future::ready(Ok(super::PrefixVersion { count: 0, revision })))
+    }
+
+    /// A lease in this process's memory, lapsing `ttl` after it was last renewed.
+    fn grant_lease(&self, ttl: std::time::Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+        self.start_reaper();
+        let id = self.leases.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.leases.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Held {
+                ttl,
+                deadline: std::time::Instant::now() + ttl,
+                keys: Default::default(),
+            },
+        );
+        Box::pin(std::future::ready(Ok(id)))
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let now = std::time::Instant::now();
+        let mut held = self.leases.held.lock().unwrap_or_else(|p| p.into_inner());
+        let alive = match held.get_mut(&lease) {
+            Some(h) if h.deadline > now => {
+                h.deadline = now + h.ttl;
+                true
+            }
+            _ => false,
+        };
+        Box::pin(std::future::ready(Ok(alive)))
+    }
+
+    fn revoke_lease(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+        let gone = self
+            .leases
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease);
+        Box::pin(async move {
+            for key in gone.map(|h| h.keys).unwrap_or_default() {
+                self.remove(key).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn put_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+        create_only: bool,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let live = |leases: &Leases| {
+                leases
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&lease)
+                    .is_some_and(|h| h.deadline > std::time::Instant::now())
+            };
+            if !live(&self.leases) {
+                return Err(StoreError::LeaseLapsed(lease));
+            }
+            let k = key.to_string();
+            let (db, writer, relaxed) = (self.db.clone(), self.writer.clone(), self.relaxed.clone());
+            let (changed, events) = (self.changed.clone(), self.events.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                if create_only && newer(read_relaxed(&relaxed, &k), Self::file_get(&db, &k)?).is_some() {
+                    return Ok(None);
+                }
+                let next = w.revision + 1;
+                let tx = db.begin_write().map_err(unavailable)?;
+                {
+                    let mut kv = tx.open_table(KV).map_err(unavailable)?;
+                    store_value(&mut kv, &k, next, &value)?;
+                    tx.open_table(LEASED)
+                        .map_err(unavailable)?
+                        .insert(k.as_str(), ())
+                        .map_err(unavailable)?;
+                    tx.open_table(META)
+                        .map_err(unavailable)?
+                        .insert("revision", next)
+                        .map_err(unavailable)?;
+                }
+                tx.commit().map_err(unavailable)?;
+                w.revision = next;
+                relaxed.write().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                announce(
+                    &changed,
+                    &events,
+                    WatchEvent {
+                        key: k,
+                        value: Some(value),
+                        revision: next,
+                    },
+                );
+                drop(w);
+                Ok::<_, StoreError>(Some(next))
+            })
+            .await
+            .map_err(unavailable)??;
+            if written.is_some() {
+                let kept = match self
+                    .leases
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&lease)
+                {
+                    Some(h) => {
+                        h.keys.insert(key.to_string());
+                        true
+                    }
+                    None => false,
+                };
+                if !kept {
+                    // It lapsed while the key was written: the key goes too.
+                    self.remove(key.to_string()).await?;
+                    return Err(StoreError::LeaseLapsed(lease));
+                }
+            }
+            Ok(written)
+        })
     }
 }
 

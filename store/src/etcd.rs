@@ -11,13 +11,13 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 
-use super::{StateStore, StoreError, Versioned, WatchEvent};
+use super::{LeaseId, StateStore, StoreError, Versioned, WatchEvent};
 
 /// Where an etcd store lives, parsed from `etcd://host:port[,host:port…][/prefix]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +271,76 @@ impl StateStore for EtcdStore {
                     .unwrap_or(0),
             })
         })
+    }
+
+    /// etcd's own lease, of `ttl` rounded up to whole seconds (2 s at least).
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>> {
+        Box::pin(async move {
+            let secs = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(2);
+            let resp = self
+                .client
+                .lease_client()
+                .grant(secs, None)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            Ok(resp.id())
+        })
+    }
+
+    /// One keep-alive exchange: etcd answers with the lease's new TTL, or says it is gone.
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            match self.client.lease_client().keep_alive(lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if lease_gone(&e) => Ok(false),
+                Err(e) => Err(self.unavailable(e)),
+            }
+        })
+    }
+
+    fn revoke_lease(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self.client.lease_client().revoke(lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if lease_gone(&e) => Ok(()),
+                Err(e) => Err(self.unavailable(e)),
+            }
+        })
+    }
+
+    fn put_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+        create_only: bool,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let full = self.key(key);
+            let put = TxnOp::put(full.clone(), value, Some(PutOptions::new().with_lease(lease)));
+            let txn = if create_only {
+                Txn::new()
+                    .when([Compare::version(full, CompareOp::Equal, 0)])
+                    .and_then([put])
+            } else {
+                Txn::new().and_then([put])
+            };
+            match self.client.kv_client().txn(txn).await {
+                Ok(resp) if resp.succeeded() => header_revision(key, resp.header()).map(Some),
+                Ok(_) => Ok(None),
+                Err(e) if lease_gone(&e) => Err(StoreError::LeaseLapsed(lease)),
+                Err(e) => Err(self.unavailable(e)),
+            }
+        })
+    }
+}
+
+/// Whether etcd's error says the lease is gone (lapsed, revoked or never granted).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
     }
 }
 

@@ -81,6 +81,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("stored value under {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
+    /// The lease named lapsed (or was revoked): keys written with it are gone.
+    #[error("lease {0:x} has lapsed")]
+    LeaseLapsed(LeaseId),
 }
 
 impl From<StoreError> for ApiError {
@@ -89,6 +92,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
             StoreError::Unavailable(_) => ApiError::unavailable(e.to_string()),
             StoreError::Corrupt { .. } => ApiError::internal(e.to_string()),
+            StoreError::LeaseLapsed(_) => ApiError::unavailable(e.to_string()),
         }
     }
 }
@@ -123,7 +127,32 @@ pub trait StateStore: Send + Sync {
     /// cheaper to read than the keys themselves: what a cache of a listing compares
     /// before serving it (it may also change when nothing under `prefix` did).
     fn prefix_version<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<PrefixVersion, StoreError>>;
+
+    /// A lease of `ttl` (etcd rounds it up to whole seconds): keys written with it
+    /// ([`put_leased`](Self::put_leased)) live while its holder renews it
+    /// ([`keep_alive`](Self::keep_alive)) within `ttl`, and are deleted (watchers see
+    /// the deletes) when it lapses or is revoked. What a host's liveness and the
+    /// leader's term are made of.
+    fn grant_lease(&self, ttl: std::time::Duration) -> BoxFuture<'_, Result<LeaseId, StoreError>>;
+    /// Renews `lease` for its whole TTL; `Ok(false)` when it has lapsed already.
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Ends `lease` now, deleting its keys; a lapsed or unknown lease is no error.
+    fn revoke_lease(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Writes `key` tied to `lease` (see [`grant_lease`](Self::grant_lease)). With
+    /// `create_only`, only when the key does not exist: `Ok(None)` when it does.
+    /// [`StoreError::LeaseLapsed`] when the lease is gone. A key written with a lease
+    /// is only ever written with one.
+    fn put_leased<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        lease: LeaseId,
+        create_only: bool,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
 }
+
+/// A lease's id (etcd's own, or the embedded store's counter).
+pub type LeaseId = i64;
 
 /// See [`StateStore::prefix_version`]; only equality means anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

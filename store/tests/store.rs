@@ -16,7 +16,26 @@ async fn embedded_store_passes_the_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("open");
     conformance::conformance(s.as_ref()).await;
+    conformance::leases(s.as_ref()).await;
     assert!(dir.path().join("store.redb").exists());
+}
+
+/// A leased key does not outlive the process that renewed its lease: opened again,
+/// the embedded store no longer has it, and it keeps its other keys.
+#[tokio::test]
+async fn leased_keys_go_with_the_process_that_held_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("open");
+        let lease = s.grant_lease(Duration::from_secs(60)).await.expect("grant");
+        s.put_leased("alive/h1", b"x".to_vec(), lease, false)
+            .await
+            .expect("put");
+        s.put("hosts/h1", b"y".to_vec()).await.expect("put");
+    }
+    let s = store::open(&StoreLocation::Embedded, dir.path()).await.expect("reopen");
+    assert_eq!(s.get("alive/h1").await.expect("get"), None);
+    assert_eq!(s.get("hosts/h1").await.expect("get").expect("kept").value, b"y");
 }
 
 /// What the embedded store's journal of relaxed writes holds comes back after a
@@ -92,6 +111,7 @@ async fn etcd_store_passes_the_suite_and_survives_an_outage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store::open(&location, dir.path()).await.expect("connect");
     conformance::conformance(s.as_ref()).await;
+    conformance::leases(s.as_ref()).await;
 
     // Two prefixes in one etcd are two stores that do not see each other.
     let other = EtcdStore::connect(

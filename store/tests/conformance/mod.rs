@@ -155,3 +155,80 @@ pub async fn conformance(store: &dyn StateStore) {
     let results = futures_util::future::join_all((0..16).map(|i| store.compare_and_swap("race", None, vec![i]))).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
 }
+
+/// Leases: what a host's liveness and the leader's term are made of. A leased key
+/// lives while its lease is renewed, is deleted (and watchers told) within a moment of
+/// the lease lapsing, and `create_only` lets one holder in at a time.
+pub async fn leases(store: &dyn StateStore) {
+    use std::time::{Duration, Instant};
+    let ttl = Duration::from_secs(2);
+    let lease = store.grant_lease(ttl).await.expect("grant");
+    let rival = store.grant_lease(ttl).await.expect("grant");
+    let mut watch = store.watch();
+    let r = store
+        .put_leased("leader", b"one".to_vec(), lease, true)
+        .await
+        .expect("put leased");
+    assert!(r.is_some(), "the first holder gets the key");
+    assert_eq!(
+        store
+            .put_leased("leader", b"two".to_vec(), rival, true)
+            .await
+            .expect("put"),
+        None,
+        "create_only: a second holder does not"
+    );
+    assert_eq!(store.get("leader").await.expect("get").expect("held").value, b"one");
+    // Renewed past its TTL, it stays.
+    let until = Instant::now() + ttl + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(store.keep_alive(lease).await.expect("keep alive"), "renewed in time");
+        assert!(store.keep_alive(rival).await.expect("keep alive"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        store.get("leader").await.expect("get").is_some(),
+        "a renewed lease keeps its key"
+    );
+    // Left alone, it lapses: the key is deleted and watchers see the delete.
+    let left = Instant::now();
+    let deadline = left + ttl + Duration::from_secs(3);
+    let mut renew = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let ev = tokio::select! {
+            _ = renew.tick() => {
+                assert!(store.keep_alive(rival).await.expect("keep alive"));
+                continue;
+            }
+            ev = tokio::time::timeout_at(deadline.into(), watch.recv()) => ev,
+        };
+        let ev = ev.expect("the lapsed lease's key is deleted in time").expect("watch");
+        if ev.key == "leader" && ev.value.is_none() {
+            break;
+        }
+    }
+    assert!(left.elapsed() >= Duration::from_millis(1500), "not before its TTL");
+    assert_eq!(store.get("leader").await.expect("get"), None);
+    assert!(
+        !store.keep_alive(lease).await.expect("keep alive"),
+        "a lapsed lease stays lapsed"
+    );
+    assert!(matches!(
+        store.put_leased("x", vec![], lease, false).await,
+        Err(StoreError::LeaseLapsed(_))
+    ));
+    // Now the rival can take it; revoking its lease deletes the key at once.
+    assert!(store
+        .put_leased("leader", b"two".to_vec(), rival, true)
+        .await
+        .expect("put")
+        .is_some());
+    store
+        .put_leased("alive/a", b"a".to_vec(), rival, false)
+        .await
+        .expect("put");
+    store.revoke_lease(rival).await.expect("revoke");
+    assert_eq!(store.get("leader").await.expect("get"), None);
+    assert_eq!(store.get("alive/a").await.expect("get"), None);
+    store.revoke_lease(rival).await.expect("revoking twice is no error");
+}
