@@ -25,6 +25,7 @@ pub fn of_store(e: &StoreError) -> ApiError {
             key: key.clone(),
             message: message.clone(),
         },
+        StoreError::LeaseLapsed(id) => StoreError::LeaseLapsed(*id),
     })
 }
 

@@ -2,8 +2,14 @@
 
 mod jail;
 mod nic;
+mod operation;
+mod placement;
 pub use jail::VmJail;
 pub use nic::NicIngress;
+pub use operation::{
+    saga_key, Accepted, Operation, OperationStatus, ProgressDetail, SagaProgress, SagaRecord, SagaState,
+};
+pub use placement::{Placement, PlacementRecord};
 
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +83,10 @@ pub struct CreateVm {
     /// Relative I/O weight, 1..=10000 (default 100), where the host's cgroups have one.
     #[serde(default)]
     pub io_weight: Option<u32>,
+    /// Where the VM may go when there are several hosts (the scheduler decides the
+    /// rest, and `GET /v1/vms/{id}` says why).
+    #[serde(default)]
+    pub placement: Option<Placement>,
     /// Set only by a managed service creating its VM; never read from a request.
     #[serde(skip)]
     #[schema(ignore)]
@@ -306,6 +316,12 @@ pub struct VmRecord {
     /// agent channel, and only that service deletes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_by: Option<String>,
+    /// The host it runs on; `None` in records from before hosts were recorded (the
+    /// host of the api that made it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementRecord>,
 }
 
 /// A VM's root disk: a blockd volume cloned from the image.
@@ -360,6 +376,12 @@ pub struct Vm {
     /// changes or deletes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_by: Option<String>,
+    /// The host it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Why it was placed there: the scheduler's verdict on every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementRecord>,
 }
 
 impl Vm {
@@ -399,6 +421,8 @@ impl Vm {
                 .and_then(|s| s.jail.as_ref())
                 .map(Into::into),
             managed_by: r.managed_by.clone(),
+            host: r.host.clone(),
+            placement: r.placement.clone(),
         }
     }
 }
@@ -415,120 +439,6 @@ pub struct UpdateVm {
     /// a restart.
     #[serde(default)]
     pub memory_mib: Option<u64>,
-}
-
-/// Status of a long-running operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum OperationStatus {
-    Running,
-    Succeeded,
-    Failed,
-}
-
-/// A long-running mutation (`202 Accepted` returns one).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Operation {
-    pub id: String,
-    /// The project whose resource the operation works on.
-    #[serde(default = "default_project")]
-    pub project: String,
-    /// What it does, e.g. `vm.create`, `vm.stop`.
-    pub kind: String,
-    pub target_kind: String,
-    pub target_id: String,
-    pub status: OperationStatus,
-    /// Human description of the current step.
-    #[serde(default)]
-    pub progress: String,
-    /// Byte counts for operations that move data (image imports).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress_detail: Option<ProgressDetail>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<socket_http::ErrorBody>,
-    /// The steps of a composite change (VM create, delete) and how far it got.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub saga: Option<SagaProgress>,
-    pub created_at_ms: u64,
-    pub updated_at_ms: u64,
-}
-
-/// Where a saga is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SagaState {
-    Running,
-    Unwinding,
-    Succeeded,
-    Undone,
-}
-
-/// What an operation shows of its saga.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct SagaProgress {
-    /// The steps, in order.
-    pub steps: Vec<String>,
-    /// How many have finished (while undoing: how many are still to undo).
-    pub done: usize,
-    pub state: SagaState,
-    /// The step that failed, when one did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_step: Option<String>,
-}
-
-/// A saga as the store keeps it (`sagas/<operation id>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SagaRecord {
-    pub id: String,
-    pub kind: String,
-    /// The api process running it (see [`AppState::instance`]).
-    pub owner: String,
-    pub steps: Vec<String>,
-    /// Steps finished (while unwinding: steps still to undo).
-    pub done: usize,
-    pub state: SagaState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_step: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// What it is doing now ("cloning the root disk"): its operation's progress.
-    #[serde(default)]
-    pub doing: String,
-    pub context: serde_json::Value,
-}
-
-impl SagaRecord {
-    pub fn progress(&self) -> SagaProgress {
-        SagaProgress {
-            steps: self.steps.clone(),
-            done: self.done,
-            state: self.state,
-            failed_step: self.failed_step.clone(),
-        }
-    }
-}
-
-pub fn saga_key(id: &str) -> String {
-    format!("sagas/{id}")
-}
-
-/// How far an operation that moves data is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ProgressDetail {
-    pub bytes_done: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes_total: Option<u64>,
-    pub rate_bytes_per_second: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eta_seconds: Option<f64>,
-}
-
-/// What `POST /v1/vms` and VM actions answer.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Accepted {
-    pub operation: Operation,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<Vm>,
 }
 
 /// Validates a resource name: a DNS label (lowercase letters, digits, '-', 1-63 bytes,

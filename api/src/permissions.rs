@@ -58,6 +58,8 @@ pub const OPERATIONS_READ: Permission = read("operations.read");
 pub const EVENTS_READ: Permission = read("events.read");
 pub const METRICS_READ: Permission = Admin("metrics.read");
 pub const USERS_READ: Permission = Admin("users.read");
+pub const HOSTS_READ: Permission = Admin("hosts.read");
+pub const HOSTS_WRITE: Permission = Admin("hosts.write");
 pub const USERS_WRITE: Permission = Admin("users.write");
 pub const PROJECTS_WRITE: Permission = Admin("projects.write");
 /// The projects the caller belongs to (all of them for administrators).
@@ -70,6 +72,8 @@ pub const API_KEYS: Permission = SignedIn("api-keys.own");
 
 /// Every permission a route may declare.
 pub const ALL: &[Permission] = &[
+    HOSTS_READ,
+    HOSTS_WRITE,
     VMS_READ,
     VMS_WRITE,
     CONSOLES_READ,

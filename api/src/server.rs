@@ -57,6 +57,10 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(Permission::Public, routes!(live)))
         .routes(permit(Permission::Public, routes!(ready)))
         .routes(permit(METRICS_READ, routes!(crate::metrics::metrics)))
+        .routes(permit(HOSTS_READ, routes!(crate::hosts::http::list)))
+        .routes(permit(HOSTS_READ, routes!(crate::hosts::http::show)))
+        .routes(permit(HOSTS_WRITE, routes!(crate::hosts::http::action)))
+        .routes(permit(HOSTS_WRITE, routes!(crate::hosts::http::delete)))
         .routes(permit(VMS_READ, routes!(vms::http::list)))
         .routes(permit(VMS_WRITE, routes!(vms::http::create)))
         .routes(permit(VMS_READ, routes!(vms::http::show)))
@@ -196,6 +200,9 @@ pub async fn run(
         }
     };
     let mut daemons = tokio::task::JoinSet::new();
+    // With --host-address, the routers are served over TLS too, once the store (which
+    // holds the cluster's CA) is open.
+    let mut tls_routers = Vec::new();
     if let Some(aio) = all_in_one {
         let vmm = vmm_manager::VmService::open(aio.vmm).await?;
         {
@@ -228,6 +235,9 @@ pub async fn run(
             ),
         ];
         for (name, router) in routers {
+            if config.host.address.is_some() {
+                tls_routers.push((name, router.clone()));
+            }
             let path = config.socket(name);
             let listener = socket_http::server::bind_unix(&path).await?;
             let stop = stop();
@@ -240,6 +250,13 @@ pub async fn run(
         }
     }
     let state = open_state(config.clone()).await?;
+    if let Some(address) = config.host.address.filter(|_| !tls_routers.is_empty()) {
+        let endpoints =
+            crate::hosts::daemons::serve_tls(&state, address, config.host.daemon_port, tls_routers, shutdown.clone())
+                .await?;
+        tracing::info!(?endpoints, "daemons served to other hosts over TLS");
+        let _ = state.host_daemons.set(endpoints);
+    }
     let following = tokio::spawn(crate::vms::live::follow(state.vmm.clone(), state.live.clone()));
     networks::migrate(&state).await?;
     // Before serving: repair what a crash of the previous process left half done.
@@ -270,6 +287,13 @@ pub async fn run(
         tracing::error!("cannot create the default network: {e}");
     }
     let renewing = tokio::spawn(crate::databases::certs::renew_periodically(state.clone()));
+    // This host in the cluster: registered (and its lease taken) before the api serves,
+    // so the scheduler knows it from the first request.
+    crate::hosts::presence::register(&state).await?;
+    let presence = [
+        tokio::spawn(crate::hosts::presence::hold(state.clone())),
+        tokio::spawn(crate::hosts::presence::elect(state.clone())),
+    ];
     let periodic = (!config.reconcile_interval.is_zero()).then(|| {
         tokio::spawn(crate::reconcile::pass::periodically(
             state.clone(),
@@ -289,6 +313,9 @@ pub async fn run(
     let _ = shutdown.wait_for(|s| *s).await;
     following.abort();
     renewing.abort();
+    for p in presence {
+        p.abort();
+    }
     if let Some(p) = periodic {
         p.abort();
     }

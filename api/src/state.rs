@@ -33,6 +33,10 @@ pub struct ApiConfig {
     pub auth_failures_per_minute: u32,
     /// How often the reconciler looks for drift while the api serves (zero: only at start).
     pub reconcile_interval: Duration,
+    /// The host this api runs on, as the cluster knows it.
+    pub host: HostIdentity,
+    /// vCPUs VMs may be given per host CPU (`--cpu-allocation-ratio`).
+    pub cpu_allocation_ratio: f64,
     /// How long a call waits for a daemon to come back ([`DAEMON_RESTART`] when the
     /// daemons run on their own; zero when they run in this process, where they cannot
     /// restart alone and a stopping daemon must fail calls at once).
@@ -55,6 +59,45 @@ impl ApiConfig {
     /// The client of `daemon`, riding out its restarts for [`ApiConfig::daemon_retry`].
     pub fn client(&self, daemon: &str) -> socket_http::Client {
         socket_http::Client::to(self.endpoint(daemon)).with_retry(self.daemon_retry)
+    }
+}
+
+/// The host this api runs on: its name (`--host-name`) and the address other hosts
+/// reach its daemons at (`--host-address`, with `--daemon-port` the first of the four
+/// TLS ports an all-in-one api serves them on).
+#[derive(Debug, Clone)]
+pub struct HostIdentity {
+    pub name: String,
+    pub address: Option<std::net::IpAddr>,
+    pub daemon_port: u16,
+}
+
+impl HostIdentity {
+    /// This machine's host name, as a DNS label (its first label, lowercased, with
+    /// anything else made a `-`): the default `--host-name`.
+    pub fn default_name() -> String {
+        let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let label: String = raw
+            .trim()
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(63)
+            .collect();
+        let label = label.trim_matches('-').to_string();
+        if label.is_empty() {
+            "host".into()
+        } else {
+            label
+        }
     }
 }
 
@@ -132,6 +175,12 @@ pub struct AppState {
     pub host_facts: Cached<vmm_manager::spec::HostFacts>,
     /// netd's host facts (the resolvers guests get), kept briefly.
     pub host_network: Cached<netd::http::HostNetwork>,
+    /// Whether this api leads the cluster.
+    pub presence: crate::hosts::clients::Presence,
+    /// Other hosts' daemons, as clients.
+    pub remote_hosts: crate::hosts::clients::RemoteHosts,
+    /// This host's daemons' TLS endpoints, once served (registered with the host).
+    pub host_daemons: std::sync::OnceLock<std::collections::BTreeMap<String, String>>,
 }
 
 impl AppState {
@@ -145,12 +194,27 @@ impl AppState {
         out
     }
 
+    /// Records what vmm-manager answered about a VM in the live view, when the VM is
+    /// on this api's host (the view follows this host's vmm-manager only).
+    pub fn observe(&self, host: Option<&str>, info: &vmm_manager::spec::VmInfo) {
+        if self.is_local(host) {
+            self.live.observe(info);
+        }
+    }
+
+    /// Whether `host` is this api's own (`None`: a record from before hosts were
+    /// recorded, made by this host's api).
+    pub fn is_local(&self, host: Option<&str>) -> bool {
+        host.is_none_or(|h| h == self.config.host.name)
+    }
+
     /// What a VM listing reads.
     pub fn vm_sources(&self) -> crate::vms::list::Sources<'_> {
         crate::vms::list::Sources {
             store: self.store.as_ref(),
             live: &self.live,
             vmm: &self.vmm,
+            remote: self,
         }
     }
 }
@@ -166,7 +230,10 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
     let store = store::open(&config.store, &config.data_dir).await?;
     crate::auth::keys::ensure_admin_key(store.as_ref(), &config.data_dir).await?;
     let events = Arc::new(crate::events::bus::Events::default());
-    let ops = Operations::new(store.clone(), events.clone());
+    let instance = uuid::Uuid::new_v4().to_string();
+    let ops = Operations::new(store.clone(), events.clone(), instance.clone());
+    // Other hosts' live apis run their own operations.
+    let others = crate::hosts::record::live_instances(store.as_ref(), &config.host.name).await?;
     // Operations the previous process was running: the reconciler finishes or undoes
     // their work, then settles them (before the api serves).
     let interrupted = ops
@@ -174,6 +241,7 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         .await?
         .into_iter()
         .filter(|op| op.status == crate::model::OperationStatus::Running)
+        .filter(|op| op.runner.as_ref().is_none_or(|r| !others.contains(r)))
         .collect();
     let auth_limit = config.auth_failures_per_minute;
     Ok(Arc::new(AppState {
@@ -194,10 +262,13 @@ pub async fn open_state(config: ApiConfig) -> anyhow::Result<Arc<AppState>> {
         live: Default::default(),
         vm_list: Default::default(),
         reconciled: Default::default(),
-        instance: uuid::Uuid::new_v4().to_string(),
+        instance,
         interrupted: std::sync::Mutex::new(interrupted),
         drift: Default::default(),
         host_facts: Cached::new(HOST_FACTS_TTL),
         host_network: Cached::new(HOST_FACTS_TTL),
+        presence: Default::default(),
+        remote_hosts: Default::default(),
+        host_daemons: Default::default(),
     }))
 }

@@ -10,6 +10,7 @@
 mod client;
 mod database;
 pub mod doctor;
+mod host;
 mod identity;
 mod image;
 mod network;
@@ -78,6 +79,9 @@ pub enum Command {
     /// Managed PostgreSQL databases.
     #[command(subcommand)]
     Db(database::DbCommand),
+    /// The hosts of the cluster (administrators).
+    #[command(subcommand)]
+    Host(host::HostCommand),
     /// Manage volumes: data disks that outlive VMs.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
@@ -150,6 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Console { vm, read_only } => terminal::attach(&api, &vm, !read_only).await,
         Command::Network(cmd) => network(&api, out, cmd).await,
         Command::Db(cmd) => database::run(&api, out, cmd).await,
+        Command::Host(cmd) => host::run(&api, out, cmd).await,
         Command::Volume(cmd) => volume::run(&api, out, cmd).await,
         Command::Image(cmd) => image::run(&api, out, cmd).await,
         Command::Project(cmd) => identity::project(&api, out, cmd).await,

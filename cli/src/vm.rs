@@ -68,6 +68,12 @@ pub enum VmCommand {
         #[arg(long)]
         io_weight: Option<u32>,
         /// Define the VM without starting it.
+        /// Only this host (several hosts: `hearth host list`).
+        #[arg(long)]
+        host: Option<String>,
+        /// No two VMs of this group on one host.
+        #[arg(long)]
+        anti_affinity_group: Option<String>,
         #[arg(long)]
         no_start: bool,
         /// Return once the request is accepted instead of waiting for the operation.
@@ -182,6 +188,8 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             cpu_weight,
             cpu_limit,
             io_weight,
+            host,
+            anti_affinity_group,
             no_start,
             no_wait,
         } => {
@@ -220,6 +228,9 @@ pub(crate) async fn vm(api: &ApiClient, out: Output, cmd: VmCommand) -> anyhow::
             }
             if let Some(w) = io_weight {
                 body["io_weight"] = json!(w);
+            }
+            if host.is_some() || anti_affinity_group.is_some() {
+                body["placement"] = json!({"host": host, "anti_affinity_group": anti_affinity_group});
             }
             if let Some(m) = max_memory {
                 body["max_memory_mib"] = json!(m);
@@ -457,6 +468,19 @@ fn print_vm_details(v: &Value) {
         ),
         ("Image", s(&v["image"])),
     ];
+    if let Some(h) = v["host"].as_str() {
+        rows.push(("Host", h.to_string()));
+    }
+    for verdict in v["placement"]["verdicts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        rows.push((
+            if verdict["chosen"] == true { "Placed" } else { "Not on" },
+            format!("{}: {}", s(&verdict["host"]), s(&verdict["reason"])),
+        ));
+    }
     let j = &v["jail"];
     if j.is_object() {
         let limit = |k: &str, unit: &str| match &j[k] {

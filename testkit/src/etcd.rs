@@ -12,6 +12,8 @@ pub struct Etcd {
     child: Option<Child>,
     pub client_port: u16,
     peer_port: u16,
+    /// The address it listens on (loopback unless [`Etcd::start_on`] said otherwise).
+    pub host: String,
 }
 
 /// A loopback TCP port nothing listens on right now.
@@ -24,6 +26,11 @@ pub fn free_port() -> u16 {
 
 impl Etcd {
     pub fn start(client_port: u16, peer_port: u16) -> Etcd {
+        Self::start_on("127.0.0.1", client_port, peer_port)
+    }
+
+    /// An etcd listening on `host` (an address inside the test's own namespace).
+    pub fn start_on(host: &str, client_port: u16, peer_port: u16) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("hearth-etcd-")
             .tempdir()
@@ -33,6 +40,7 @@ impl Etcd {
             child: None,
             client_port,
             peer_port,
+            host: host.to_string(),
         };
         etcd.spawn();
         etcd
@@ -40,12 +48,12 @@ impl Etcd {
 
     /// The api's `--store` value.
     pub fn store_url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        format!("etcd://{}:{}", self.host, self.client_port)
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.host, self.client_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
         let child = Command::new("etcd")
             .args(["--name", "hearth-test", "--data-dir"])
@@ -71,11 +79,11 @@ impl Etcd {
 
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut s) = std::net::TcpStream::connect((self.host.as_str(), self.client_port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        let _ = s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out.contains("\"health\":\"true\"")

@@ -53,6 +53,20 @@ struct Args {
     /// Hypervisor for VMs that do not name one; QEMU is used where it is not installed.
     #[arg(long, default_value = "cloud-hypervisor")]
     default_hypervisor: HypervisorKind,
+    /// This host's name in the cluster (a DNS label; default: the machine's host name).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// The address other hosts reach this host at. With --all-in-one, the daemons are
+    /// then also served there over TLS (ports --daemon-port to --daemon-port + 3), so
+    /// the apis of other hosts can place VMs here.
+    #[arg(long)]
+    host_address: Option<std::net::IpAddr>,
+    /// The first of the four TLS ports of --host-address.
+    #[arg(long, default_value_t = 7440)]
+    daemon_port: u16,
+    /// vCPUs VMs may be given per host CPU, in all (the scheduler's vCPU capacity).
+    #[arg(long, default_value_t = 16.0)]
+    cpu_allocation_ratio: f64,
     /// All-in-one: image catalog directory (default <data dir>/images).
     #[arg(long)]
     images_dir: Option<PathBuf>,
@@ -129,7 +143,21 @@ async fn run() -> anyhow::Result<()> {
             endpoints.insert(name.to_string(), socket_http::Endpoint::Tls(target));
         }
     }
+    let host_name = a
+        .host_name
+        .clone()
+        .unwrap_or_else(hearth_api::state::HostIdentity::default_name);
+    hearth_api::model::validate_name("host", &host_name).map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
+    if !(a.cpu_allocation_ratio.is_finite() && a.cpu_allocation_ratio >= 0.1) {
+        anyhow::bail!("--cpu-allocation-ratio must be at least 0.1");
+    }
     let config = ApiConfig {
+        host: hearth_api::state::HostIdentity {
+            name: host_name,
+            address: a.host_address,
+            daemon_port: a.daemon_port,
+        },
+        cpu_allocation_ratio: a.cpu_allocation_ratio,
         data_dir: a.data_dir.clone(),
         endpoints,
         listen: a.listen,

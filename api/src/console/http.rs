@@ -228,7 +228,8 @@ pub async fn console(
     .await?;
     // Connect upstream before upgrading, so a stopped VM or a busy writer is refused
     // with a proper status instead of a WebSocket that closes at once.
-    let upstream_ws = state
+    let d = crate::hosts::daemons::of_vm(&state, &rec).await?;
+    let upstream_ws = d
         .vmm
         .console(&rec.id, write, write && q.takeover)
         .await
@@ -258,7 +259,8 @@ pub async fn vnc(
     )
     .await?;
     has_display(&rec)?;
-    let upstream_ws = state.vmm.vnc(&rec.id).await.map_err(upstream)?;
+    let d = crate::hosts::daemons::of_vm(&state, &rec).await?;
+    let upstream_ws = d.vmm.vnc(&rec.id).await.map_err(upstream)?;
     // noVNC asks for the "binary" subprotocol.
     Ok(ws
         .protocols(["binary"])

@@ -95,7 +95,7 @@ pub async fn begin(
         }
         Err(e) => return Err(crate::daemons::upstream(e).into()),
     };
-    let image = crate::vms::create::find_image(state, "postgres")
+    let image = crate::vms::create::find_image(&state.images, "postgres")
         .await
         .map_err(|e| DatabaseError::Invalid(format!("the postgres image is not available: {e}")))?;
     let hypervisor = choose_hypervisor(state, cmd.hypervisor, &image).await?;

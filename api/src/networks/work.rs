@@ -74,6 +74,28 @@ pub(crate) async fn owned(state: &AppState, project: &str, name: &str) -> Result
         || (project == crate::auth::keys::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
 }
 
+/// Network `name` of `project` as a host's netd has it; made there from its record
+/// first when that host has none yet (its first VM on the network). `None`: the
+/// project has no such network.
+pub(crate) async fn on_host(
+    state: &AppState,
+    netd: &netd::http::client::NetdClient,
+    project: &str,
+    name: &str,
+) -> Result<Option<netd::network::NetworkStatus>, NetworkError> {
+    let on_netd = host_name(project, name);
+    match netd.network(&on_netd).await {
+        Ok(n) => return Ok(Some(n)),
+        Err(e) if !e.is_not_found() => return Err(upstream(e).into()),
+        Err(_) => {}
+    }
+    let Some((spec, _)) = store::get_json::<NetworkSpec>(state.store.as_ref(), &key(project, name)).await? else {
+        return Ok(None);
+    };
+    tracing::info!(network = %on_netd, "making the network on a host that has none of it yet");
+    Ok(Some(netd.ensure_network(&spec).await.map_err(upstream)?))
+}
+
 /// Removes a network completely, from netd and the store (the reconciler, for a
 /// create or delete a crash cut short).
 pub async fn remove(state: &AppState, project: &str, name: &str) -> Result<(), NetworkError> {

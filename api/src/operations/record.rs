@@ -18,6 +18,8 @@ use crate::store::{self, StateStore, StoreError};
 /// Creates, updates and waits for operations.
 pub struct Operations {
     store: Arc<dyn StateStore>,
+    /// This api process's identity, recorded as the runner of what it starts.
+    instance: String,
     waiters: Mutex<HashMap<String, watch::Sender<()>>>,
     events: Arc<crate::events::bus::Events>,
     metrics: crate::operations::record::OperationMetrics,
@@ -42,9 +44,10 @@ fn key(id: &str) -> String {
 }
 
 impl Operations {
-    pub fn new(store: Arc<dyn StateStore>, events: Arc<crate::events::bus::Events>) -> Self {
+    pub fn new(store: Arc<dyn StateStore>, events: Arc<crate::events::bus::Events>, instance: String) -> Self {
         Self {
             store,
+            instance,
             waiters: Mutex::new(HashMap::new()),
             events,
             metrics: Default::default(),
@@ -157,6 +160,7 @@ impl Operations {
             saga,
             created_at_ms: now,
             updated_at_ms: now,
+            runner: Some(self.instance.clone()),
         };
         self.store.put(&key(&op.id), store::encode(&op)).await?;
         self.emit(&op);

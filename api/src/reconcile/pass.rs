@@ -278,8 +278,27 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
             report.names_freed.push(key["vm-names/".len()..].to_string());
         }
     }
+    // With several hosts: what another host's live api is doing is its own, and only
+    // this host's VMs are compared with this host's vmm-manager.
+    let others = crate::hosts::record::live_instances(state.store.as_ref(), &state.config.host.name).await?;
+    let busy: BTreeSet<String> = state
+        .ops
+        .list()
+        .await?
+        .into_iter()
+        .filter(|op| op.status == crate::model::OperationStatus::Running)
+        .filter(|op| op.runner.as_ref().is_some_and(|r| others.contains(r)))
+        .map(|op| op.target_id)
+        .collect();
     for (rec, _) in records {
+        if busy.contains(&rec.id) {
+            known.insert(rec.id.clone());
+            continue;
+        }
         match rec.phase {
+            Phase::Ready if !crate::hosts::daemons::is_local(state, rec.host.as_deref()) => {
+                known.insert(rec.id.clone());
+            }
             Phase::Ready => {
                 known.insert(rec.id.clone());
                 ready.push(rec);
@@ -501,15 +520,16 @@ async fn finish_create(state: &AppState, id: &str) -> Result<(), ApiError> {
         ));
     }
     if rec.desired_running == Some(true) {
-        let vm = state.vmm.get(id).await.map_err(crate::daemons::upstream)?;
+        let d = crate::hosts::daemons::of_vm(state, &rec).await?;
+        let vm = d.vmm.get(id).await.map_err(crate::daemons::upstream)?;
         use vmm_manager::VmState;
         if matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
-            let started = state
+            let started = d
                 .vmm
                 .action(id, vmm_manager::VmAction::Start, false)
                 .await
                 .map_err(crate::daemons::upstream)?;
-            state.live.observe(&started);
+            state.observe(rec.host.as_deref(), &started);
         }
     }
     Ok(())

@@ -421,11 +421,16 @@ pub async fn recover_in_background<C: Serialize + DeserializeOwned + Send + Sync
 /// Sagas in the store that no live process of this api runs: those of earlier
 /// processes (at start every saga is one), and those this one gave up on (an undo that
 /// failed, a forward-only step that failed), which no process owns.
+///
+/// With several hosts, the sagas of other hosts' live apis (those holding their host's
+/// lease) are theirs: left alone.
 pub async fn left_over(state: &AppState) -> Result<Vec<SagaRecord>, store::StoreError> {
+    let others = crate::hosts::record::live_instances(state.store.as_ref(), &state.config.host.name).await?;
     Ok(store::list_json::<SagaRecord>(state.store.as_ref(), "sagas/")
         .await?
         .into_iter()
         .map(|(r, _)| r)
-        .filter(|r| r.owner != state.instance && matches!(r.state, SagaState::Running | SagaState::Unwinding))
+        .filter(|r| r.owner != state.instance && !others.contains(&r.owner))
+        .filter(|r| matches!(r.state, SagaState::Running | SagaState::Unwinding))
         .collect())
 }

@@ -41,6 +41,7 @@ pub struct CreateVmCommand {
     pub limits: vmm_manager::spec::VmLimits,
     /// Set by a managed service (never by a request): see [`crate::model::VmRecord::managed_by`].
     pub managed_by: Option<String>,
+    pub placement: crate::model::Placement,
 }
 
 impl TryFrom<CreateVm> for CreateVmCommand {
@@ -63,6 +64,14 @@ impl TryFrom<CreateVm> for CreateVmCommand {
             )));
         }
         check_room(req.vcpus, req.memory_mib, req.max_vcpus, req.max_memory_mib)?;
+        if let Some(p) = &req.placement {
+            if let Some(h) = &p.host {
+                validate_name("host", h)?;
+            }
+            if let Some(g) = &p.anti_affinity_group {
+                validate_name("anti-affinity group", g)?;
+            }
+        }
         for (what, w) in [("cpu_weight", req.cpu_weight), ("io_weight", req.io_weight)] {
             if let Some(w) = w {
                 if !(1..=10_000).contains(&w) {
@@ -156,6 +165,7 @@ impl TryFrom<CreateVm> for CreateVmCommand {
                 io_weight: req.io_weight,
             },
             managed_by: req.managed_by,
+            placement: req.placement.unwrap_or_default(),
         })
     }
 }

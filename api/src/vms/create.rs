@@ -12,9 +12,7 @@ use vmm_manager::spec::{DiskSpec, VmAction, VmState};
 use crate::model::HypervisorKind;
 
 use crate::daemons::upstream;
-use crate::model::{
-    host_name, AttachVolume, CreateVm, NicIngress, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord,
-};
+use crate::model::{AttachVolume, CreateVm, NicIngress, NicRequest, Operation, Phase, RootDisk, Vm, VmRecord};
 use crate::networks::DEFAULT_NETWORK;
 use crate::saga::{Saga, SagaDef, Step};
 use crate::state::AppState;
@@ -66,9 +64,12 @@ pub(crate) fn choose_hypervisor(
 }
 
 /// Looks an image up in imaged; an unknown image is the request's fault (422).
-pub(crate) async fn find_image(state: &AppState, name: &str) -> Result<imaged::ImageInfo, VmError> {
+pub(crate) async fn find_image(
+    images: &imaged::client::ImagedClient,
+    name: &str,
+) -> Result<imaged::ImageInfo, VmError> {
     imaged::validate_name(name).map_err(|e| VmError::Invalid(e.to_string()))?;
-    state.images.get(name).await.map_err(|e| {
+    images.get(name).await.map_err(|e| {
         if e.is_not_found() {
             VmError::UnknownImage {
                 name: name.to_string(),
@@ -87,6 +88,7 @@ fn port_id(vm_id: &str, index: usize) -> String {
 /// Creates the ports of a VM's NICs; on failure removes the ones already made.
 pub(crate) async fn attach_nics(
     state: &AppState,
+    d: &crate::hosts::daemons::Daemons,
     project: &str,
     vm_id: &str,
     requests: &[crate::model::NicRequest],
@@ -95,13 +97,9 @@ pub(crate) async fn attach_nics(
     for (i, req) in requests.iter().enumerate() {
         let made = async {
             let host_network = crate::model::host_name(project, &req.network);
-            let net = state.netd.network(&host_network).await.map_err(|e| {
-                if e.is_not_found() {
-                    VmError::UnknownNetwork(req.network.clone())
-                } else {
-                    upstream(e).into()
-                }
-            })?;
+            let net = crate::networks::work::on_host(state, &d.netd, project, &req.network)
+                .await?
+                .ok_or_else(|| VmError::UnknownNetwork(req.network.clone()))?;
             if let Some(ip) = req.ip {
                 if !net.spec.subnet.contains(&ip) {
                     return Err(VmError::Invalid(format!(
@@ -117,11 +115,7 @@ pub(crate) async fn attach_nics(
                 queues: 1,
                 ingress: req.ingress.as_ref().map(NicIngress::to_netd),
             };
-            let port = state
-                .netd
-                .ensure_port(&port_id(vm_id, i), &spec)
-                .await
-                .map_err(upstream)?;
+            let port = d.netd.ensure_port(&port_id(vm_id, i), &spec).await.map_err(upstream)?;
             Ok(crate::model::Nic {
                 network: req.network.clone(),
                 port: port.id,
@@ -138,7 +132,7 @@ pub(crate) async fn attach_nics(
         match made {
             Ok(nic) => nics.push(nic),
             Err(e) => {
-                detach_nics(state, &nics).await;
+                detach_nics(d, &nics).await;
                 return Err(e);
             }
         }
@@ -147,9 +141,9 @@ pub(crate) async fn attach_nics(
 }
 
 /// Removes a VM's ports (TAPs and addresses).
-pub(crate) async fn detach_nics(state: &AppState, nics: &[crate::model::Nic]) {
+pub(crate) async fn detach_nics(d: &crate::hosts::daemons::Daemons, nics: &[crate::model::Nic]) {
     for nic in nics {
-        if let Err(e) = state.netd.delete_port(&nic.port).await {
+        if let Err(e) = d.netd.delete_port(&nic.port).await {
             tracing::error!(port = %nic.port, "cannot remove port: {e}");
         }
     }
@@ -217,8 +211,32 @@ pub async fn run(state: &AppState, project: &str, req: CreateVm) -> Result<VmRec
 async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCreate, VmError> {
     let req = CreateVmCommand::try_from(req)?;
     let (id, name) = (req.id.clone(), req.name.clone());
+    // Where it goes: the scheduler's choice among the hosts, unless its volumes or the
+    // VM it is made from tie it to one.
+    let pinned = pinned_host(state, project, &req).await?;
+    let needs = hearth_placement::Resources {
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        disk_bytes: match &req.disk_size {
+            Some((_, bytes)) => *bytes,
+            None => state
+                .images
+                .get(&req.image)
+                .await
+                .ok()
+                .and_then(|i| i.disk.map(|d| d.virtual_size))
+                .unwrap_or(0),
+        },
+    };
+    let (host_name_, placement) = crate::hosts::schedule::place(state, needs, &req.placement, pinned).await?;
+    let d = crate::hosts::daemons::on(state, Some(&host_name_)).await?;
     // The host's facts from its vmm-manager, not from the machine the api runs on.
-    let host = state.host_facts.get_or(|| state.vmm.host()).await.map_err(upstream)?;
+    let host = if crate::hosts::daemons::is_local(state, Some(&host_name_)) {
+        state.host_facts.get_or(|| state.vmm.host()).await
+    } else {
+        d.vmm.host().await
+    }
+    .map_err(upstream)?;
     let host_mib = host.memory_mib;
     if req.memory_mib > host_mib {
         return Err(VmError::InsufficientMemory {
@@ -265,7 +283,7 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
         via: None,
         read_only: false,
     }));
-    let image = find_image(state, &req.image).await?;
+    let image = find_image(&d.images, &req.image).await?;
     kernel_for(&image, hypervisor)?;
     let disk_size = match (&req.disk_size, &image.disk) {
         (None, _) => None,
@@ -291,7 +309,12 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
 
     let nic_requests = match req.nics.clone() {
         Some(n) => n,
-        None if state.netd.network(&host_name(project, DEFAULT_NETWORK)).await.is_ok() => {
+        None if crate::networks::work::on_host(state, &d.netd, project, DEFAULT_NETWORK)
+            .await
+            .ok()
+            .flatten()
+            .is_some() =>
+        {
             vec![NicRequest {
                 network: DEFAULT_NETWORK.into(),
                 ip: None,
@@ -329,6 +352,8 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
         desired_running: Some(req.start),
         limits: req.limits.clone(),
         managed_by: req.managed_by.clone(),
+        host: Some(host_name_),
+        placement: Some(placement),
     };
     Ok(VmCreate {
         rec,
@@ -340,6 +365,33 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
         boot: vec![],
         start: req.start,
     })
+}
+
+/// The host a new VM must go to, and why: its data volumes' host, or the host of the
+/// VM it is made from (volumes do not span hosts yet).
+async fn pinned_host(
+    state: &AppState,
+    project: &str,
+    req: &CreateVmCommand,
+) -> Result<Option<(String, String)>, VmError> {
+    if let Some((vm, _)) = &req.from_snapshot {
+        if let Ok((src, _)) = crate::vms::records::resolve(state, project, vm).await {
+            let host = crate::hosts::schedule::host_of(state, &src).to_string();
+            return Ok(Some((
+                host,
+                format!("it is made from a snapshot of VM {vm}, which lives here"),
+            )));
+        }
+    }
+    if !req.volumes.is_empty() {
+        // Volumes live where the api that made them runs: on this api's host.
+        let names: Vec<&str> = req.volumes.iter().map(|v| v.volume.as_str()).collect();
+        return Ok(Some((
+            state.config.host.name.clone(),
+            format!("its volumes ({}) live here", names.join(", ")),
+        )));
+    }
+    Ok(None)
 }
 
 const ROOT_DISK: &str = "root-disk";
@@ -464,15 +516,17 @@ async fn delete_record(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
 }
 
 async fn make_ports(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
-    c.rec.nics = attach_nics(state, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
+    let d = crate::hosts::daemons::of_vm(state, &c.rec).await?;
+    c.rec.nics = attach_nics(state, &d, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
     Ok(())
 }
 
 /// Every port this VM may have made, by the names derived from its id (a crash may
 /// have cut the step short before its ports were recorded).
 async fn remove_ports(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.rec).await?;
     for i in 0..c.nic_requests.len() {
-        state.netd.delete_port(&port_id(&c.rec.id, i)).await.map_err(upstream)?;
+        d.netd.delete_port(&port_id(&c.rec.id, i)).await.map_err(upstream)?;
     }
     Ok(())
 }
@@ -488,7 +542,8 @@ async fn claim_volumes(state: &AppState, c: &mut VmCreate) -> Result<(), VmError
 }
 
 async fn lease_image(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
-    state.images.lease(&c.image.digest, &c.rec.id).await.map_err(upstream)?;
+    let d = crate::hosts::daemons::of_vm(state, &c.rec).await?;
+    d.images.lease(&c.image.digest, &c.rec.id).await.map_err(upstream)?;
     Ok(())
 }
 
@@ -512,19 +567,20 @@ async fn mark_ready(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
 }
 
 async fn start_vm(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.rec).await?;
     if !c.start {
         return Ok(());
     }
-    let vm = state.vmm.get(&c.rec.id).await.map_err(upstream)?;
+    let vm = d.vmm.get(&c.rec.id).await.map_err(upstream)?;
     // Resumed after a crash, the VMM may already run.
     if !matches!(vm.status.state, VmState::Stopped | VmState::Failed) {
         return Ok(());
     }
-    let started = state
+    let started = d
         .vmm
         .action(&c.rec.id, VmAction::Start, false)
         .await
         .map_err(upstream)?;
-    state.live.observe(&started);
+    state.observe(c.rec.host.as_deref(), &started);
     Ok(())
 }

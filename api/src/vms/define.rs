@@ -19,6 +19,7 @@ use crate::vms::records::{name_key, vm_key};
 /// and the cloud-init seed is written again. Starts the VM when the user last wanted
 /// it running; returns whether it did.
 pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     for nic in &rec.nics {
         let spec = netd::network::PortSpec {
             network: crate::model::host_name(&rec.project, &nic.network),
@@ -27,7 +28,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError>
             queues: 1,
             ingress: nic.ingress.as_ref().map(crate::model::NicIngress::to_netd),
         };
-        let port = state.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
+        let port = d.netd.ensure_port(&nic.port, &spec).await.map_err(upstream)?;
         if port.tap != nic.tap {
             return Err(VmError::PortMoved {
                 port: nic.port.clone(),
@@ -36,7 +37,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError>
             });
         }
     }
-    let image = state
+    let image = d
         .images
         .get(if rec.image_digest.is_empty() {
             &rec.image
@@ -46,7 +47,7 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError>
         .await
         .map_err(upstream)?;
     if let Some(root) = &rec.root_disk {
-        state.blockd.volume(&root.volume).await.map_err(|e| {
+        d.blockd.volume(&root.volume).await.map_err(|e| {
             if e.is_not_found() {
                 VmError::RootDiskGone(root.volume.clone())
             } else {
@@ -60,9 +61,9 @@ pub async fn redefine(state: &AppState, rec: &VmRecord) -> Result<bool, VmError>
     }
     // Defined is defined: a start that fails leaves the VM stopped (or failed, with the
     // reason), and the pass goes on.
-    match state.vmm.action(&rec.id, VmAction::Start, false).await {
+    match d.vmm.action(&rec.id, VmAction::Start, false).await {
         Ok(started) => {
-            state.live.observe(&started);
+            state.observe(rec.host.as_deref(), &started);
             Ok(true)
         }
         Err(e) => {
@@ -149,6 +150,7 @@ pub(crate) async fn root_disk(
     rec: &VmRecord,
     image: &imaged::ImageInfo,
 ) -> Result<Option<DiskSpec>, VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     let (Some(root), Some(disk)) = (&rec.root_disk, &image.disk) else {
         return Ok(None);
     };
@@ -164,11 +166,7 @@ pub(crate) async fn root_disk(
         size_bytes: root.size_bytes,
         source: Some(source),
     };
-    let v = state
-        .blockd
-        .ensure_volume(&root.volume, &spec)
-        .await
-        .map_err(upstream)?;
+    let v = d.blockd.ensure_volume(&root.volume, &spec).await.map_err(upstream)?;
     let path = v.path.ok_or(VmError::PoolKeepsNoFiles)?;
     let format = match v.format {
         blockd::volume::VolumeFormat::Raw => DiskFormat::Raw,
@@ -188,13 +186,15 @@ pub(crate) async fn seed_disk(state: &AppState, rec: &VmRecord) -> Result<Option
         return Ok(None);
     }
     // The resolvers of the host the VM runs on, as its netd sees them.
-    let dns = state
-        .host_network
-        .get_or(|| state.netd.host())
-        .await
-        .map_err(upstream)?
-        .resolvers;
-    let seed = state
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
+    let dns = if crate::hosts::daemons::is_local(state, rec.host.as_deref()) {
+        state.host_network.get_or(|| state.netd.host()).await
+    } else {
+        d.netd.host().await
+    }
+    .map_err(upstream)?
+    .resolvers;
+    let seed = d
         .images
         .seed(&rec.id, &seed_request(rec, dns))
         .await
@@ -263,14 +263,15 @@ pub(crate) async fn define_with(
     image: &imaged::ImageInfo,
     boot: Vec<DiskSpec>,
 ) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     let mut spec = vm_spec(rec, image)?;
     spec.disks = boot;
     for v in &rec.volumes {
         spec.disks
             .push(crate::volumes::work::disk_spec(state, &rec.project, v).await?);
     }
-    let defined = state.vmm.ensure(&spec).await.map_err(upstream)?;
-    state.live.observe(&defined);
+    let defined = d.vmm.ensure(&spec).await.map_err(upstream)?;
+    state.observe(rec.host.as_deref(), &defined);
     Ok(())
 }
 

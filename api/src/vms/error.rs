@@ -88,6 +88,15 @@ pub enum VmError {
     /// A running VM cannot take the new size while it runs, and no restart was asked.
     #[error("{0}; ask again with ?restart=true to restart the VM with the new size")]
     RestartRequired(String),
+    /// The scheduler found no host for the VM; the message names each host and why.
+    #[error("no host can take the VM: {0}")]
+    NoHostFits(String),
+    /// Its network on its host.
+    #[error(transparent)]
+    Network(#[from] crate::networks::error::NetworkError),
+    /// Its host cannot be reached (lost, or out of this api's reach).
+    #[error(transparent)]
+    Host(#[from] crate::hosts::error::HostError),
     /// The listing could not be written as JSON.
     #[error(transparent)]
     Render(serde_json::Error),
@@ -134,6 +143,9 @@ impl From<&VmError> for ApiError {
             | DisksChanged { .. } => ApiError::conflict(message),
             SnapshotNotFound { .. } => ApiError::not_found(message),
             RestartRequired(_) => ApiError::new(http::StatusCode::CONFLICT, "restart_required", message),
+            NoHostFits(_) => ApiError::new(http::StatusCode::CONFLICT, "no_host_fits", message),
+            Host(e) => ApiError::from(e),
+            Network(e) => ApiError::from(e),
             Seed(_) | Render(_) => ApiError::internal(message),
             Volume(e) => ApiError::from(e),
             Daemon(e) => ApiError::from(e),
@@ -241,6 +253,19 @@ mod tests {
                 },
                 409,
                 "conflict",
+            ),
+            (
+                VmError::NoHostFits(s("a: cordoned; b: needs 4096 MiB of memory, 1024 MiB free")),
+                409,
+                "no_host_fits",
+            ),
+            (
+                VmError::Host(crate::hosts::error::HostError::Lost {
+                    name: s("b"),
+                    reason: s("its lease lapsed"),
+                }),
+                503,
+                "unavailable",
             ),
             (VmError::Render(bad_json), 500, "internal"),
             (VmError::Volume(VolumeError::Unknown(s("data"))), 422, "invalid"),

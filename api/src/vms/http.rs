@@ -23,13 +23,18 @@ use crate::vms::snapshot::{CreateSnapshot, RestoreVm, VmSnapshot};
 type AppS = State<Arc<AppState>>;
 
 async fn view(state: &AppState, rec: &VmRecord) -> Vm {
-    match state.vmm.get(&rec.id).await {
-        Ok(info) => {
-            state.live.observe(&info);
-            Vm::from_record(rec, Some(&info.status), true)
-        }
-        Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
-        Err(_) => Vm::from_record(rec, None, false),
+    match crate::hosts::daemons::of_vm(state, rec).await {
+        Ok(d) => match d.vmm.get(&rec.id).await {
+            Ok(info) => {
+                if crate::hosts::daemons::is_local(state, rec.host.as_deref()) {
+                    state.live.observe(&info);
+                }
+                Vm::from_record(rec, Some(&info.status), true)
+            }
+            Err(e) if e.is_not_found() => Vm::from_record(rec, None, true),
+            Err(_) => Vm::from_record(rec, None, false),
+        },
+        Err(e) => crate::vms::list::host_unreachable(Vm::from_record(rec, None, false), &e),
     }
 }
 
@@ -241,7 +246,9 @@ pub async fn act(
         .into());
     }
     // Refuse what cannot work now, synchronously, so the caller gets a 409 at once.
-    let live = state.vmm.get(&rec.id).await.map_err(upstream)?;
+    let d = crate::hosts::daemons::of_vm(state, &rec).await.map_err(VmError::from)?;
+    let local = crate::hosts::daemons::is_local(state, rec.host.as_deref());
+    let live = d.vmm.get(&rec.id).await.map_err(upstream)?;
     let st = live.status.state;
     let ok = action.allowed_in(st);
     if !ok {
@@ -263,9 +270,11 @@ pub async fn act(
     let (task_state, op_id, vm_id) = (state.clone(), op.id.clone(), rec.id.clone());
     tokio::spawn(async move {
         task_state.ops.progress(&op_id, &format!("{action} in progress")).await;
-        match task_state.vmm.action(&vm_id, action, force).await {
+        match d.vmm.action(&vm_id, action, force).await {
             Ok(info) => {
-                task_state.live.observe(&info);
+                if local {
+                    task_state.live.observe(&info);
+                }
                 task_state.ops.succeed(&op_id).await
             }
             Err(e) => task_state.ops.fail(&op_id, &upstream(e).into()).await,
@@ -289,7 +298,10 @@ pub async fn console_log(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let (rec, _) = resolve(&state, &caller.project, &id).await?;
-    let bytes = state
+    let d = crate::hosts::daemons::of_vm(&state, &rec)
+        .await
+        .map_err(VmError::from)?;
+    let bytes = d
         .vmm
         .console_log(&rec.id, q.bytes.unwrap_or(256 * 1024))
         .await

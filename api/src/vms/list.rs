@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use vmm_manager::client::VmmClient;
 
+use crate::hosts::error::HostError;
 use crate::model::{Vm, VmRecord};
 use crate::store::StateStore;
 use crate::store::{self, PrefixVersion};
@@ -42,6 +43,31 @@ pub struct Sources<'a> {
     pub store: &'a dyn StateStore,
     pub live: &'a LiveVms,
     pub vmm: &'a VmmClient,
+    /// For VMs on other hosts: their hosts' vmm-managers.
+    pub remote: &'a dyn RemoteStates,
+}
+
+/// The VMs on other hosts and what a VM id's state is there (`Ok(None)`: its host's
+/// vmm-manager does not know it), or why its host cannot be reached.
+pub type RemoteVmStates = HashMap<String, Result<Option<vmm_manager::spec::VmStatus>, HostError>>;
+
+/// What asks other hosts' vmm-managers (the api's state, in [`crate::hosts::daemons`]).
+pub trait RemoteStates: Sync {
+    /// The states of those of `records` that live on other hosts.
+    fn remote_states<'a>(&'a self, records: &'a [VmRecord]) -> futures_util::future::BoxFuture<'a, RemoteVmStates>;
+}
+
+/// A VM whose host cannot be reached: `host_lost` (with the reason) when the host was
+/// marked lost, else `unknown` saying why.
+pub fn host_unreachable(mut vm: Vm, e: &HostError) -> Vm {
+    if vm.state == "unknown" {
+        vm.state = match e {
+            HostError::Lost { .. } => "host_lost".into(),
+            _ => "unknown".into(),
+        };
+        vm.reason = Some(e.to_string());
+    }
+    vm
 }
 
 pub async fn views(state: Sources<'_>, project: Option<&str>) -> Result<(Vec<Vm>, Option<u64>), VmError> {
@@ -58,12 +84,18 @@ pub async fn views(state: Sources<'_>, project: Option<&str>) -> Result<(Vec<Vm>
             Err(_) => (HashMap::new(), false, None),
         },
     };
+    let remote = state.remote.remote_states(&records).await;
     let mut vms: Vec<Vm> = records
         .iter()
-        .map(|r| Vm::from_record(r, statuses.get(&r.id), reachable))
+        .map(|r| match remote.get(&r.id) {
+            None => Vm::from_record(r, statuses.get(&r.id), reachable),
+            Some(Ok(status)) => Vm::from_record(r, status.as_ref(), true),
+            Some(Err(e)) => host_unreachable(Vm::from_record(r, None, false), e),
+        })
         .collect();
     vms.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((vms, generation))
+    // Other hosts' VMs are not followed: such a listing is not cached.
+    Ok((vms, generation.filter(|_| remote.is_empty())))
 }
 
 /// One project's listing, rendered.

@@ -9,20 +9,23 @@ use crate::vms::error::VmError;
 
 /// Its VMM and state directory in vmm-manager (a running VMM is killed).
 pub(crate) async fn remove_vmm(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
-    Ok(state.vmm.delete(&rec.id).await.map_err(upstream)?)
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
+    Ok(d.vmm.delete(&rec.id).await.map_err(upstream)?)
 }
 
 /// The ports of the NICs it records.
 pub(crate) async fn remove_ports(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     for nic in &rec.nics {
-        state.netd.delete_port(&nic.port).await.map_err(upstream)?;
+        d.netd.delete_port(&nic.port).await.map_err(upstream)?;
     }
     Ok(())
 }
 
 pub(crate) async fn remove_root_disk(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     if let Some(root) = &rec.root_disk {
-        match state.blockd.delete_volume(&root.volume).await {
+        match d.blockd.delete_volume(&root.volume).await {
             Err(e) if !e.is_not_found() => return Err(upstream(e).into()),
             _ => {}
         }
@@ -31,8 +34,9 @@ pub(crate) async fn remove_root_disk(state: &AppState, rec: &VmRecord) -> Result
 }
 
 pub(crate) async fn remove_seed(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
     if rec.seed {
-        state.images.delete_seed(&rec.id).await.map_err(upstream)?;
+        d.images.delete_seed(&rec.id).await.map_err(upstream)?;
     }
     Ok(())
 }
@@ -49,5 +53,6 @@ pub(crate) async fn release_volumes(state: &AppState, rec: &VmRecord) -> Result<
 
 /// Its lease on its image.
 pub(crate) async fn release_image(state: &AppState, rec: &VmRecord) -> Result<(), VmError> {
-    Ok(state.images.release(&rec.id).await.map_err(upstream)?)
+    let d = crate::hosts::daemons::of_vm(state, rec).await?;
+    Ok(d.images.release(&rec.id).await.map_err(upstream)?)
 }

@@ -26,25 +26,34 @@ pub async fn resize(state: &AppState, rec: VmRecord, cmd: ResizeVmCommand, resta
         });
     }
     let (vcpus, memory_mib) = (cmd.vcpus.unwrap_or(rec.vcpus), cmd.memory_mib.unwrap_or(rec.memory_mib));
-    let host = state.host_facts.get_or(|| state.vmm.host()).await.map_err(upstream)?;
+    let d = crate::hosts::daemons::of_vm(state, &rec).await?;
+    let local = crate::hosts::daemons::is_local(state, rec.host.as_deref());
+    let host = if local {
+        state.host_facts.get_or(|| state.vmm.host()).await
+    } else {
+        d.vmm.host().await
+    }
+    .map_err(upstream)?;
     if memory_mib > host.memory_mib {
         return Err(VmError::InsufficientMemory {
             host_mib: host.memory_mib,
             asked: memory_mib,
         });
     }
-    let info = match state.vmm.resize(&rec.id, vcpus, memory_mib).await {
+    let info = match d.vmm.resize(&rec.id, vcpus, memory_mib).await {
         Ok(info) => info,
         Err(ClientError::Api { code, message, .. }) if code == "unsupported" && !restart => {
             return Err(VmError::RestartRequired(message));
         }
         Err(ClientError::Api { code, .. }) if code == "unsupported" => {
-            restart_with(state, &rec.id, vcpus, memory_mib).await?
+            restart_with(&d, &rec.id, vcpus, memory_mib).await?
         }
         Err(e) => return Err(upstream(e).into()),
     };
     let rec = record_size(state, &rec.id, vcpus, memory_mib).await?;
-    state.live.observe(&info);
+    if local {
+        state.live.observe(&info);
+    }
     Ok(Vm::from_record(&rec, Some(&info.status), true))
 }
 
@@ -52,14 +61,14 @@ pub async fn resize(state: &AppState, rec: VmRecord, cmd: ResizeVmCommand, resta
 /// fails, with the size it had). Only a running VM gets here: a stopped one takes
 /// its new size without a restart.
 async fn restart_with(
-    state: &AppState,
+    d: &crate::hosts::daemons::Daemons,
     id: &str,
     vcpus: u32,
     memory_mib: u64,
 ) -> Result<vmm_manager::spec::VmInfo, VmError> {
-    state.vmm.action(id, VmAction::Stop, false).await.map_err(upstream)?;
-    let resized = state.vmm.resize(id, vcpus, memory_mib).await.map_err(upstream);
-    let started = state.vmm.action(id, VmAction::Start, false).await.map_err(upstream);
+    d.vmm.action(id, VmAction::Stop, false).await.map_err(upstream)?;
+    let resized = d.vmm.resize(id, vcpus, memory_mib).await.map_err(upstream);
+    let started = d.vmm.action(id, VmAction::Start, false).await.map_err(upstream);
     resized?;
     Ok(started?)
 }

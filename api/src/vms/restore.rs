@@ -70,20 +70,20 @@ pub async fn begin(state: &Arc<AppState>, vm: VmRecord, req: RestoreVm) -> Resul
 }
 
 async fn restore(state: &AppState, op: &str, vm: &VmRecord, snap: &SnapshotRecord) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, vm).await?;
     let name = &snap.view.name;
     state.ops.progress(op, "stopping the VM").await;
-    let live = state.vmm.get(&vm.id).await.map_err(upstream)?.status.state;
+    let live = d.vmm.get(&vm.id).await.map_err(upstream)?.status.state;
     if !matches!(live, VmState::Stopped | VmState::Failed) {
-        state.vmm.action(&vm.id, VmAction::Stop, true).await.map_err(upstream)?;
+        d.vmm.action(&vm.id, VmAction::Stop, true).await.map_err(upstream)?;
     }
     state.ops.progress(op, "rolling its disks back").await;
     for (disk, blockd) in snap.view.disks.iter().zip(&snap.blockd) {
         let served = held_by_blockd(vm, &disk.volume);
         if served {
-            state.blockd.unexport(blockd, "vhost-user").await.map_err(upstream)?;
+            d.blockd.unexport(blockd, "vhost-user").await.map_err(upstream)?;
         }
-        state
-            .blockd
+        d.blockd
             .rollback(blockd, &disk_snapshot(name))
             .await
             .map_err(upstream)?;
@@ -95,19 +95,14 @@ async fn restore(state: &AppState, op: &str, vm: &VmRecord, snap: &SnapshotRecor
     }
     let info = if snap.view.memory {
         state.ops.progress(op, "loading its memory and devices").await;
-        state
-            .vmm
-            .restore_state(&vm.id, &state_name(name))
-            .await
-            .map_err(upstream)?
+        d.vmm.restore_state(&vm.id, &state_name(name)).await.map_err(upstream)?
     } else {
-        state
-            .vmm
+        d.vmm
             .resize(&vm.id, snap.view.vcpus, snap.view.memory_mib)
             .await
             .map_err(upstream)?
     };
     crate::vms::resize::record_size(state, &vm.id, snap.view.vcpus, snap.view.memory_mib).await?;
-    state.live.observe(&info);
+    state.observe(vm.host.as_deref(), &info);
     Ok(())
 }

@@ -223,6 +223,7 @@ pub(crate) async fn remove_clones(state: &AppState, project: &str, made: &[Strin
 /// from its data volumes' snapshots (`volume name`, a VM made `from_snapshot` gets
 /// those).
 pub async fn made_from(state: &AppState, vm: &VmRecord) -> Result<Vec<String>, VmError> {
+    let d = crate::hosts::daemons::of_vm(state, vm).await?;
     let mut out = Vec::new();
     if let Some(root) = &vm.root_disk {
         let prefix = format!("{}@", root.volume);
@@ -243,7 +244,7 @@ pub async fn made_from(state: &AppState, vm: &VmRecord) -> Result<Vec<String>, V
     for snap in records(state, vm).await? {
         let wanted = disk_snapshot(&snap.view.name);
         for b in snap.blockd.iter().filter(|b| Some(b.as_str()) != root) {
-            let Ok(v) = state.blockd.volume(b).await else { continue };
+            let Ok(v) = d.blockd.volume(b).await else { continue };
             for s in v.snapshots.iter().filter(|s| s.name == wanted) {
                 out.extend(
                     s.clones
@@ -316,6 +317,7 @@ pub async fn begin(
     vm: VmRecord,
     req: CreateSnapshot,
 ) -> Result<(crate::model::Operation, VmSnapshot), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &vm).await?;
     validate_name("snapshot", &req.name)?;
     if vm.phase != crate::model::Phase::Ready {
         return Err(VmError::NotReady {
@@ -323,7 +325,7 @@ pub async fn begin(
             phase: format!("{:?}", vm.phase).to_lowercase(),
         });
     }
-    let live = state.vmm.get(&vm.id).await.map_err(upstream)?.status.state;
+    let live = d.vmm.get(&vm.id).await.map_err(upstream)?.status.state;
     if req.memory && !matches!(live, VmState::Running | VmState::Paused) {
         return Err(VmError::ActionRefused {
             vm: vm.name,
@@ -443,26 +445,23 @@ async fn unclaim(state: &AppState, c: &Snapshotting) -> Result<(), VmError> {
 }
 
 async fn pause(state: &AppState, c: &mut Snapshotting) -> Result<(), VmError> {
-    let live = state.vmm.get(&c.vm.id).await.map_err(upstream)?.status.state;
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
+    let live = d.vmm.get(&c.vm.id).await.map_err(upstream)?.status.state;
     if live == VmState::Running {
-        state
-            .vmm
-            .action(&c.vm.id, VmAction::Pause, false)
-            .await
-            .map_err(upstream)?;
+        d.vmm.action(&c.vm.id, VmAction::Pause, false).await.map_err(upstream)?;
         c.paused_it = true;
     }
     Ok(())
 }
 
 async fn resume(state: &AppState, c: &Snapshotting) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
     if !c.paused_it {
         return Ok(());
     }
-    let live = state.vmm.get(&c.vm.id).await.map_err(upstream)?.status.state;
+    let live = d.vmm.get(&c.vm.id).await.map_err(upstream)?.status.state;
     if live == VmState::Paused {
-        state
-            .vmm
+        d.vmm
             .action(&c.vm.id, VmAction::Resume, false)
             .await
             .map_err(upstream)?;
@@ -471,8 +470,9 @@ async fn resume(state: &AppState, c: &Snapshotting) -> Result<(), VmError> {
 }
 
 async fn save_memory(state: &AppState, c: &mut Snapshotting) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
     if c.record.view.memory {
-        let saved = state
+        let saved = d
             .vmm
             .save_state(&c.vm.id, &state_name(&c.record.view.name))
             .await
@@ -483,26 +483,29 @@ async fn save_memory(state: &AppState, c: &mut Snapshotting) -> Result<(), VmErr
 }
 
 async fn drop_memory(state: &AppState, c: &Snapshotting) -> Result<(), VmError> {
-    match state.vmm.delete_state(&c.vm.id, &state_name(&c.record.view.name)).await {
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
+    match d.vmm.delete_state(&c.vm.id, &state_name(&c.record.view.name)).await {
         Err(e) if !e.is_not_found() => Err(upstream(e).into()),
         _ => Ok(()),
     }
 }
 
 async fn snapshot_disks(state: &AppState, c: &mut Snapshotting) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
     let snap = disk_snapshot(&c.record.view.name);
     let mut size = 0;
     for b in &c.record.blockd {
-        size += state.blockd.snapshot(b, &snap).await.map_err(upstream)?.allocated_bytes;
+        size += d.blockd.snapshot(b, &snap).await.map_err(upstream)?.allocated_bytes;
     }
     c.record.view.size_bytes += size;
     Ok(())
 }
 
 async fn drop_disks(state: &AppState, c: &Snapshotting) -> Result<(), VmError> {
+    let d = crate::hosts::daemons::of_vm(state, &c.vm).await?;
     let snap = disk_snapshot(&c.record.view.name);
     for b in &c.record.blockd {
-        match state.blockd.delete_snapshot(b, &snap).await {
+        match d.blockd.delete_snapshot(b, &snap).await {
             Err(e) if !e.is_not_found() => return Err(upstream(e).into()),
             _ => {}
         }

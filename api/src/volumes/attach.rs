@@ -36,6 +36,13 @@ pub async fn attach(
     vm_revision: u64,
     request: AttachVolume,
 ) -> Result<(), VolumeError> {
+    if !crate::hosts::daemons::is_local(state, vm.host.as_deref()) {
+        return Err(VolumeError::VmOnAnotherHost {
+            vm: vm.name,
+            host: vm.host.unwrap_or_default(),
+            here: state.config.host.name.clone(),
+        });
+    }
     let context = VolumeAttach {
         vm,
         vm_revision,

@@ -47,6 +47,10 @@ pub enum VolumeError {
     /// Its create or delete is in progress, or was cut short and is about to be undone.
     #[error("volume {0:?} is being created or deleted; retry when that is done")]
     Changing(String),
+    /// The VM runs on another host than this api's, where volumes made here are not
+    /// (volumes do not span hosts yet).
+    #[error("VM {vm} runs on host {host}; volumes are attached only to VMs on the host that holds them ({here})")]
+    VmOnAnotherHost { vm: String, host: String, here: String },
     /// Another host exports it: snapshots and clones are made there.
     #[error("volume {0:?} lives on another host; snapshot and clone it there")]
     OnAnotherHost(String),
@@ -95,6 +99,7 @@ impl From<&VolumeError> for ApiError {
             | VmNotReady(_)
             | AlreadyAttached(_)
             | Changing(_)
+            | VmOnAnotherHost { .. }
             | OnAnotherHost(_)
             | NoFile(_) => ApiError::conflict(message),
             NoSocket | NoClaim => ApiError::internal(message),

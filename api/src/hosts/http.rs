@@ -1,0 +1,107 @@
+//! The `/v1/hosts` routes (administrators only): parse, call, map errors.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use hearth_placement::Resources;
+use socket_http::ApiError;
+
+use super::error::HostError;
+use super::record::{self, HostRecord};
+use super::schedule::{host_of, needs};
+use super::view::Host;
+use crate::model::VmRecord;
+use crate::state::AppState;
+use crate::store;
+
+type AppS = State<Arc<AppState>>;
+
+/// Every host with what is placed on it.
+async fn hosts(state: &AppState, only: Option<&str>) -> Result<Vec<Host>, HostError> {
+    let alive = record::alive(state.store.as_ref()).await?;
+    let leader = record::leader(state.store.as_ref()).await?.map(|l| l.host);
+    let vms = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
+    let mut out = Vec::new();
+    for h in record::list(state.store.as_ref()).await? {
+        if only.is_some_and(|n| n != h.name) {
+            continue;
+        }
+        let mut used = Resources::default();
+        let mut names = Vec::new();
+        for (vm, _) in vms.iter().filter(|(vm, _)| host_of(state, vm) == h.name) {
+            let n = needs(vm);
+            used.vcpus += n.vcpus;
+            used.memory_mib += n.memory_mib;
+            used.disk_bytes += n.disk_bytes;
+            names.push(format!("{}/{}", vm.project, vm.name));
+        }
+        let (is_alive, leads) = (alive.contains(&h.name), leader.as_deref() == Some(h.name.as_str()));
+        out.push(Host::new(h, is_alive, leads, used, names));
+    }
+    Ok(out)
+}
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>)))]
+pub async fn list(State(state): AppS) -> Result<Json<Vec<Host>>, ApiError> {
+    Ok(Json(hosts(&state, None).await?))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
+    responses((status = 200, body = Host), (status = 404, body = crate::openapi::ErrorResponse)))]
+pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<Host>, ApiError> {
+    hosts(&state, Some(&name))
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or_else(|| HostError::NotFound(name).into())
+}
+
+/// `cordon` (takes no new VMs; keeps its own) or `uncordon`.
+#[utoipa::path(post, path = "/v1/hosts/{name}/{action}", tag = "hosts",
+    params(("name" = String, Path), ("action" = String, Path, description = "cordon or uncordon")),
+    responses((status = 200, body = Host), (status = 404, body = crate::openapi::ErrorResponse)))]
+pub async fn action(State(state): AppS, Path((name, action)): Path<(String, String)>) -> Result<Json<Host>, ApiError> {
+    let cordoned = match action.as_str() {
+        "cordon" => true,
+        "uncordon" => false,
+        _ => return Err(HostError::UnknownAction(action).into()),
+    };
+    let found = store::update_json::<HostRecord>(state.store.as_ref(), &record::key(&name), |h| {
+        let changed = h.cordoned != cordoned;
+        h.cordoned = cordoned;
+        changed
+    })
+    .await?;
+    if !found && record::get(state.store.as_ref(), &name).await?.is_none() {
+        return Err(HostError::NotFound(name).into());
+    }
+    if found {
+        tracing::info!(host = %name, cordoned, "host {action}ed");
+        state
+            .events
+            .emit("host", "", serde_json::json!({"name": name, "cordoned": cordoned}));
+    }
+    show(State(state), Path(name)).await
+}
+
+/// Forgets a host that is gone for good: refused while its api runs or VMs are
+/// placed on it.
+#[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path)),
+    responses((status = 204, description = "Forgotten"), (status = 404, body = crate::openapi::ErrorResponse),
+        (status = 409, description = "Its api runs, or it holds VMs", body = crate::openapi::ErrorResponse)))]
+pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let Some(host) = hosts(&state, Some(&name)).await?.pop() else {
+        return Err(HostError::NotFound(name).into());
+    };
+    if !host.vms.is_empty() {
+        return Err(HostError::HoldsVms { name, vms: host.vms }.into());
+    }
+    if record::alive(state.store.as_ref()).await?.contains(&name) {
+        return Err(HostError::Running(name).into());
+    }
+    state.store.delete(&record::key(&name)).await?;
+    tracing::warn!(host = %name, "host forgotten");
+    Ok(StatusCode::NO_CONTENT)
+}

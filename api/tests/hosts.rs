@@ -1,0 +1,506 @@
+//! Several hosts as one cloud, on this machine: three "hosts", each a network namespace
+//! of its own joined to the others by veth pairs on one bridge (the underlay,
+//! 10.99.0.0/24), each running `hearth-api --all-in-one` with its daemons served to the
+//! other hosts over TLS, all three sharing one real etcd. Shows what a user of a
+//! cluster sees: every host listed with its capacity; a VM created through one host's
+//! api placed where the scheduler says (and why), run and reached there; cordoned
+//! hosts skipped; a host whose api dies marked lost within seconds, and back when it
+//! returns.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{cloud_hypervisor_binary, images_dir, in_private_netns, patience};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+const UNDERLAY: &str = "10.99.0";
+const NAMES: [&str; 3] = ["h-a", "h-b", "h-c"];
+
+fn ip(args: &[&str]) {
+    testkit::run("ip", args);
+}
+
+/// One host: its namespace, data directory and api process.
+struct Host {
+    name: &'static str,
+    ns: String,
+    address: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    key: String,
+    store: String,
+}
+
+impl Host {
+    fn url(&self) -> String {
+        format!("http://{}:8080", self.address)
+    }
+
+    /// Starts (or starts again) `hearth-api --all-in-one` inside the host's namespace,
+    /// with a fresh sysfs there (netd reads it) and the cgroup file systems kept.
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("api.log"))
+            .expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
+        cmd.args(["--all-in-one", "--qemu-accel", "tcg", "--stop-timeout", "5"])
+            .arg("--cloud-hypervisor-binary")
+            .arg(cloud_hypervisor_binary())
+            .arg("--images-dir")
+            .arg(images_dir())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--cgroup-name")
+            .arg(common::cgroup_name(self.dir.path()))
+            .arg("--jail-uid-base")
+            .arg(common::jail_uid_base(self.dir.path()).to_string())
+            .args(["--listen", &format!("{}:8080", self.address)])
+            .args(["--host-name", self.name, "--host-address", &self.address])
+            .args(["--store", &self.store])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.ns)).expect("netns file");
+        let aside = std::ffi::CString::new(format!("/tmp/hearth-hosts-aside-{}-{}", std::process::id(), self.ns))
+            .expect("path");
+        let aside_path = aside.to_str().unwrap_or_default().to_string();
+        let _ = std::fs::create_dir(&aside_path);
+        {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            // SAFETY: between fork and exec the child only makes system calls: it joins
+            // the host's network namespace, takes a mount namespace of its own, and
+            // mounts sysfs there with the cgroup file systems moved back on top.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let ok = |rc: libc::c_int| {
+                        if rc == 0 {
+                            Ok(())
+                        } else {
+                            Err(std::io::Error::last_os_error())
+                        }
+                    };
+                    ok(libc::setns(fd, libc::CLONE_NEWNET))?;
+                    ok(libc::unshare(libc::CLONE_NEWNS))?;
+                    ok(libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ))?;
+                    let kept = libc::mount(
+                        c"/sys/fs/cgroup".as_ptr(),
+                        aside.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    );
+                    ok(libc::mount(
+                        c"sysfs".as_ptr(),
+                        c"/sys".as_ptr(),
+                        c"sysfs".as_ptr(),
+                        0,
+                        std::ptr::null(),
+                    ))?;
+                    if kept == 0 {
+                        ok(libc::mount(
+                            aside.as_ptr(),
+                            c"/sys/fs/cgroup".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_MOVE,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.child = Some(cmd.spawn().expect("spawn hearth-api"));
+        drop(ns);
+        // The child moved the cgroup mounts out of it: empty again.
+        let _ = std::fs::remove_dir(&aside_path);
+        let deadline = Instant::now() + patience(Duration::from_secs(60));
+        loop {
+            if let Ok((200, _)) = call(&self.url(), "", "GET", "/health/ready", None).await {
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("{}'s api exited with {status}: {}", self.name, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s api is not ready: {}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.key = std::fs::read_to_string(self.dir.path().join("admin.key"))
+            .expect("admin.key")
+            .trim()
+            .to_string();
+    }
+
+    fn log(&self) -> String {
+        testkit::tail(
+            &std::fs::read_to_string(self.dir.path().join("api.log")).unwrap_or_default(),
+            60,
+        )
+    }
+
+    /// Kills the api (-9) and reaps it; its VMMs run on.
+    fn kill_api(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signals only the api process this test started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(&self.url(), &self.key, method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", self.name))
+    }
+
+    /// Processes whose command line names this host's data directory (its VMMs).
+    fn processes(&self) -> Vec<u32> {
+        let marker = self.dir.path().display().to_string();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).replace('\0', " ").contains(&marker) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_api();
+        for pid in self.processes() {
+            // SAFETY: signals a process this test started (it names the host's data dir).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        drop(testkit::CgroupCleanup(common::cgroup_name(self.dir.path())));
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+async fn call(base: &str, key: &str, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::builder().method(method).uri(format!("{base}{path}"));
+    if !key.is_empty() {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let payload = match &body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(serde_json::to_vec(b).map_err(|e| e.to_string())?)
+        }
+        None => Bytes::new(),
+    };
+    let resp = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.request(req.body(Full::new(payload)).map_err(|e| e.to_string())?),
+    )
+    .await
+    .map_err(|_| "no answer in 60 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let value =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}
+
+/// The underlay: a bridge in the test's namespace and, per host, a namespace joined to
+/// it by a veth pair.
+fn make_hosts(store: &str) -> Vec<Host> {
+    ip(&["link", "add", "hunder0", "type", "bridge"]);
+    ip(&["addr", "add", &format!("{UNDERLAY}.254/24"), "dev", "hunder0"]);
+    ip(&["link", "set", "hunder0", "up"]);
+    let mut hosts = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let ns = format!("hh{}{}", std::process::id(), &name[2..]);
+        ip(&["netns", "add", &ns]);
+        let (outer, inner) = (format!("hu{i}"), format!("hu{i}p"));
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        ip(&["link", "set", &inner, "netns", &ns]);
+        ip(&["link", "set", &outer, "master", "hunder0", "up"]);
+        let address = format!("{UNDERLAY}.{}", i + 1);
+        ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", &inner]);
+        ip(&["-n", &ns, "link", "set", &inner, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        hosts.push(Host {
+            name,
+            ns,
+            address,
+            dir: tempfile::Builder::new()
+                .prefix("hearth-host-")
+                .tempdir()
+                .expect("tempdir"),
+            child: None,
+            key: String::new(),
+            store: store.to_string(),
+        });
+    }
+    hosts
+}
+
+/// Asks `via` for a tiny VM `nope` on `host` (what the tests expect refused).
+async fn place_on(via: &Host, host: &str) -> (u16, Value) {
+    via.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "nope", "image": "tiny", "placement": {"host": host}})),
+    )
+    .await
+}
+
+fn by_name<'a>(hosts: &'a Value, name: &str) -> &'a Value {
+    hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == name))
+        .unwrap_or_else(|| panic!("no host {name} in {hosts}"))
+}
+
+async fn wait_vm(host: &Host, vm: &str, state: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + patience(within);
+    loop {
+        let (status, v) = host.call("GET", &format!("/v1/vms/{vm}"), None).await;
+        if status == 200 && v["state"] == state {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "VM {vm} is not {state}: {v}\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn vm_dirs(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("run/vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn three_hosts_are_one_cloud() {
+    in_private_netns(|| async {
+        ip(&["link", "set", "lo", "up"]);
+        let mut hosts = make_hosts(&format!("etcd://{UNDERLAY}.254:2379"));
+        let _etcd = testkit::etcd::Etcd::start_on(&format!("{UNDERLAY}.254"), 2379, 2380);
+        for h in hosts.iter_mut() {
+            h.spawn().await;
+        }
+        let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+
+        // Every host is listed, by any host's api, ready, with its capacity and versions.
+        let (status, listed) = b.call("GET", "/v1/hosts", None).await;
+        assert_eq!(status, 200, "{listed}");
+        assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+        let leaders = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h["leader"] == true)
+            .count();
+        assert_eq!(leaders, 1, "one leader: {listed}");
+        for name in NAMES {
+            let h = by_name(&listed, name);
+            assert_eq!(h["state"], "ready", "{h}");
+            assert!(h["capacity"]["vcpus"].as_u64().unwrap_or(0) >= 1, "{h}");
+            assert!(h["allocatable"]["memory_mib"].as_u64().unwrap_or(0) > 256, "{h}");
+            assert_eq!(h["daemons"].as_object().map(|d| d.len()), Some(4), "{h}");
+            assert!(h["versions"]["vmm-manager"].is_string(), "{h}");
+        }
+        // The daemons served to other hosts want the cluster's token.
+        let url = by_name(&listed, "h-c")["daemons"]["vmm-manager"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(url.starts_with(&format!("https://{UNDERLAY}.3:")), "{url}");
+
+        // A VM created through A's api with placement on C runs on C, and every api
+        // shows it there with the scheduler's reasons.
+        let body = json!({"name": "on-c", "image": "tiny", "hypervisor": "qemu", "vcpus": 1, "memory_mib": 256,
+            "placement": {"host": "h-c"}});
+        let (status, created) = a.call("POST", "/v1/vms", Some(body)).await;
+        assert_eq!(status, 202, "{created}\n{}", a.log());
+        let vm = wait_vm(b, "on-c", "running", Duration::from_secs(120)).await;
+        assert_eq!(vm["host"], "h-c", "{vm}");
+        let verdicts = vm["placement"]["verdicts"].as_array().cloned().unwrap_or_default();
+        assert_eq!(verdicts.len(), 3, "{vm}");
+        assert_eq!(
+            (
+                verdicts[0]["host"].as_str(),
+                verdicts[0]["chosen"].as_bool(),
+                verdicts[0]["reason"].as_str()
+            ),
+            (Some("h-c"), Some(true), Some("the host placement names")),
+            "{vm}"
+        );
+        assert!(
+            verdicts[1..].iter().all(|v| v["reason"] == "placement names host h-c"),
+            "{vm}"
+        );
+        let id = vm["id"].as_str().unwrap_or_default().to_string();
+        assert!(vm_dirs(c.dir.path()).contains(&id), "C's vmm-manager holds the VM");
+        assert!(!vm_dirs(a.dir.path()).contains(&id) && !vm_dirs(b.dir.path()).contains(&id));
+        let pid = vm["pid"].as_u64().unwrap_or(0) as u32;
+        assert!(c.processes().contains(&pid), "its VMM is C's ({pid})");
+        // Its console, through A's api and C's vmm-manager over TLS.
+        let deadline = Instant::now() + patience(Duration::from_secs(120));
+        loop {
+            let (status, log) = a.call("GET", "/v1/vms/on-c/console/log", None).await;
+            if status == 200 && log.as_str().is_some_and(|l| l.contains("HEARTH-GUEST-READY")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no boot on C's console: {log}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let (status, listing) = c.call("GET", "/v1/vms", None).await;
+        assert_eq!(status, 200);
+        let on_c = listing
+            .as_array()
+            .and_then(|l| l.iter().find(|v| v["name"] == "on-c"))
+            .cloned();
+        assert_eq!(on_c.map(|v| v["state"].clone()), Some(json!("running")), "{listing}");
+
+        // Without a rule the scheduler spreads: C already holds a VM, so the next
+        // goes elsewhere, and says why.
+        let (status, _) = b
+            .call(
+                "POST",
+                "/v1/vms",
+                Some(json!({"name": "spread", "image": "tiny", "hypervisor": "qemu",
+                "vcpus": 1, "memory_mib": 256, "start": false})),
+            )
+            .await;
+        assert_eq!(status, 202);
+        let vm = wait_vm(a, "spread", "stopped", Duration::from_secs(60)).await;
+        assert_ne!(vm["host"], "h-c", "{vm}");
+        let chosen = &vm["placement"]["verdicts"][0];
+        assert!(
+            chosen["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("most room after placing")),
+            "{vm}"
+        );
+
+        // A cordoned host takes no VM, and the refusal names each host's reason.
+        let (status, h) = c.call("POST", "/v1/hosts/h-b/cordon", None).await;
+        assert_eq!((status, h["state"].as_str()), (200, Some("cordoned")), "{h}");
+        let (status, refused) = place_on(a, "h-b").await;
+        assert_eq!(
+            (status, refused["error"]["code"].as_str()),
+            (409, Some("no_host_fits")),
+            "{refused}"
+        );
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("h-b: cordoned")),
+            "{refused}"
+        );
+        let (status, _) = a.call("GET", "/v1/vms/nope", None).await;
+        assert_eq!(status, 404, "nothing of a refused VM stays");
+        let (status, refused) = place_on(a, "h-z").await;
+        assert_eq!(status, 422, "{refused}");
+        let (status, refused) = a.call("POST", "/v1/hosts/h-b/reboot", None).await;
+        assert_eq!(status, 404, "{refused}");
+        let (status, _) = c.call("POST", "/v1/hosts/h-b/uncordon", None).await;
+        assert_eq!(status, 200);
+        // A running host cannot be forgotten.
+        let (status, refused) = a.call("DELETE", "/v1/hosts/h-b", None).await;
+        assert_eq!(status, 409, "{refused}");
+
+        // B's api dies: within seconds the leader marks it lost, and B's VMs say so.
+        let on_b = vm["host"] == "h-b";
+        hosts[1].kill_api();
+        let killed = Instant::now();
+        let a = &hosts[0];
+        let lost_after = loop {
+            let (_, h) = a.call("GET", "/v1/hosts/h-b", None).await;
+            if h["state"] == "lost" {
+                assert!(h["lost"]["reason"].as_str().is_some_and(|r| r.contains("lease")), "{h}");
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < patience(Duration::from_secs(10)),
+                "B is not lost: {h}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!(
+            "hosts: B lost {:.1} s after its api was killed",
+            lost_after.as_secs_f64()
+        );
+        assert!(
+            lost_after <= patience(Duration::from_secs(5)),
+            "lost after {lost_after:?}"
+        );
+        if on_b {
+            let (_, v) = a.call("GET", "/v1/vms/spread", None).await;
+            assert_eq!(v["state"], "host_lost", "{v}");
+        }
+        // No new VM goes to a lost host.
+        let (status, refused) = place_on(a, "h-b").await;
+        assert_eq!(status, 409, "{refused}");
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("h-b: lost")),
+            "{refused}"
+        );
+
+        // B comes back: ready again, its VMs as they were.
+        hosts[1].spawn().await;
+        let (a, b) = (&hosts[0], &hosts[1]);
+        let (_, h) = a.call("GET", "/v1/hosts/h-b", None).await;
+        assert_eq!(h["state"], "ready", "{h}");
+        assert!(h["lost"].is_null(), "{h}");
+        wait_vm(b, "spread", "stopped", Duration::from_secs(30)).await;
+
+        // Deleting through any api removes the VM on its own host.
+        for (via, vm) in [(b, "on-c"), (a, "spread")] {
+            let (status, accepted) = via.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
+            assert_eq!(status, 202, "{accepted}");
+            let deadline = Instant::now() + patience(Duration::from_secs(60));
+            loop {
+                let (status, _) = via.call("GET", &format!("/v1/vms/{vm}"), None).await;
+                if status == 404 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{vm} is not deleted");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        assert!(
+            !vm_dirs(hosts[2].dir.path()).contains(&id),
+            "C's vmm-manager let the VM go"
+        );
+        assert!(!hosts[2].processes().contains(&pid), "its VMM is gone");
+        drop(hosts);
+        let _ = Command::new("ip").args(["link", "del", "hunder0"]).status();
+    });
+}
