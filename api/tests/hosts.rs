@@ -386,6 +386,63 @@ fn three_hosts_are_one_cloud() {
             .cloned();
         assert_eq!(on_c.map(|v| v["state"].clone()), Some(json!("running")), "{listing}");
 
+        // Networks span hosts: a VM of the default network on A reaches the one on C
+        // across the overlay hearth made, with an address no other host handed out;
+        // a VM of another network (on B) reaches neither.
+        let (status, net) = a
+            .call(
+                "POST",
+                "/v1/networks",
+                Some(json!({"name": "other", "subnet": "10.66.0.0/24"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{net}");
+        for (name, host, nets) in [
+            ("n-a", "h-a", json!([{"network": "default"}])),
+            ("o-b", "h-b", json!([{"network": "other"}])),
+        ] {
+            let body = json!({"name": name, "image": "tiny", "hypervisor": "qemu", "vcpus": 1, "memory_mib": 256,
+                "nics": nets, "placement": {"host": host}});
+            let (status, created) = c.call("POST", "/v1/vms", Some(body)).await;
+            assert_eq!(status, 202, "{created}");
+        }
+        let mut addresses = Vec::new();
+        for vm in ["on-c", "n-a", "o-b"] {
+            let v = wait_vm(a, vm, "running", Duration::from_secs(120)).await;
+            addresses.push(v["nics"][0]["ip"].as_str().unwrap_or_default().to_string());
+        }
+        assert_ne!(
+            addresses[0], addresses[1],
+            "one address per VM across hosts: {addresses:?}"
+        );
+        let listen = format!("{}:8080", a.address);
+        for (vm, ip) in [("on-c", &addresses[0]), ("n-a", &addresses[1]), ("o-b", &addresses[2])] {
+            let deadline = Instant::now() + patience(Duration::from_secs(60));
+            loop {
+                let shown = common::console_run_at(&listen, &a.key, vm, "ip -4 -o addr show dev eth0").await;
+                if shown.contains(&format!("{ip}/")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{vm} has no address {ip}: {shown}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        let out = common::console_run_at(&listen, &a.key, "n-a", &format!("ping -c 2 -W 2 {}", addresses[0])).await;
+        assert!(
+            out.contains("2 packets received"),
+            "A's VM cannot reach C's across the overlay: {out}"
+        );
+        let out = common::console_run_at(&listen, &a.key, "o-b", &format!("ping -c 2 -W 1 {}", addresses[0])).await;
+        assert!(
+            out.contains("0 packets received"),
+            "another network's VM reached it: {out}"
+        );
+        let (_, nets) = c.call("GET", "/v1/networks/default", None).await;
+        assert!(
+            nets["spec"]["vxlan"]["vni"].as_u64().is_some(),
+            "C's copy is on the overlay: {nets}"
+        );
+
         // Without a rule the scheduler spreads: C already holds a VM, so the next
         // goes elsewhere, and says why.
         let (status, _) = b
@@ -482,7 +539,7 @@ fn three_hosts_are_one_cloud() {
         wait_vm(b, "spread", "stopped", Duration::from_secs(30)).await;
 
         // Deleting through any api removes the VM on its own host.
-        for (via, vm) in [(b, "on-c"), (a, "spread")] {
+        for (via, vm) in [(b, "on-c"), (a, "spread"), (a, "n-a"), (b, "o-b")] {
             let (status, accepted) = via.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
             assert_eq!(status, 202, "{accepted}");
             let deadline = Instant::now() + patience(Duration::from_secs(60));

@@ -283,7 +283,8 @@ fn projects_are_isolated_on_every_route() {
                     );
                 } else if !streaming && !path.ends_with("/console") && !path.ends_with("/vnc") {
                     let (s, b) = send(&stack, &vic, &m, &concrete, "alpha", None).await;
-                    let host_admin = path == "/metrics" || path.starts_with("/v1/users");
+                    let host_admin =
+                        path == "/metrics" || path.starts_with("/v1/users") || path.starts_with("/v1/hosts");
                     if host_admin {
                         assert_eq!(s, 403, "vic {m} {concrete}: {b}");
                     } else {

@@ -53,7 +53,9 @@ const MAX_NETWORK_NAME: usize = 64;
 const MAX_IFNAME: usize = 15;
 
 /// The `bridge hearth` table. Ahead of everything else at the bridges' prerouting hook
-/// (-300), so nothing sees a spoofed frame first.
+/// (-300), so nothing sees a spoofed frame first. DHCP arriving over an overlay is
+/// dropped: each host's DHCP server answers its own VMs only (a network spanning
+/// hosts has one on each, and each knows only its own VMs' addresses).
 const GUARD_TABLE: &str = r#"table bridge hearth {
     set ports { type ifname; }
     set macs { type ifname . ether_addr; }
@@ -61,6 +63,7 @@ const GUARD_TABLE: &str = r#"table bridge hearth {
     set spoofed { type ifname; size 65535; flags dynamic; counter; }
     chain prerouting {
         type filter hook prerouting priority -300; policy accept;
+        iifname "hvx*" udp dport { 67, 68 } drop
         iifname @ports jump guard
         iifname "htap*" jump guard
     }
@@ -80,7 +83,7 @@ const GUARD_TABLE: &str = r#"table bridge hearth {
 /// What [`GUARD_TABLE`] holds, to tell a complete table from a damaged one.
 const GUARD_CHAINS: usize = 2;
 const GUARD_SETS: usize = 4;
-const GUARD_RULES: usize = 11;
+const GUARD_RULES: usize = 12;
 
 /// Everything the firewall must enforce: all of hearth's networks on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

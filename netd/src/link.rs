@@ -289,6 +289,39 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Removes a VXLAN peer's all-zero-MAC FDB entry (what `bridge fdb del
+    /// 00:00:00:00:00:00 dev VXLAN dst PEER` does): its traffic is no longer sent or
+    /// flooded there. Removing a missing one is harmless.
+    pub async fn fdb_delete_peer(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), LinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = vxlan;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut handle = self.handle.clone();
+        let mut resp = handle
+            .request(req)
+            .map_err(Self::err(format!("remove VXLAN peer {peer}")))?;
+        use futures_util::StreamExt;
+        while let Some(m) = resp.next().await {
+            if let NetlinkPayload::Error(e) = m.payload {
+                let err = rtnetlink::Error::NetlinkError(e);
+                if errno(&err) == Some(libc::ENOENT) {
+                    return Ok(());
+                }
+                return Err(Self::err(format!("remove VXLAN peer {peer}"))(err));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +394,22 @@ mod tests {
             assert!(fdb.contains("master hbr-test"), "{fdb}");
             assert!(fdb.contains("52:54:00:01:02:03"), "{fdb}");
             assert_eq!(fdb.matches("00:00:00:00:00:00 dst 192.0.2.10").count(), 1, "{fdb}");
+            assert!(fdb.contains("00:00:00:00:00:00 dst 192.0.2.11"), "{fdb}");
+            // A peer that leaves is taken out (twice is harmless); the other stays.
+            for _ in 0..2 {
+                nl.fdb_delete_peer(vx, "192.0.2.10".parse().expect("ip"))
+                    .await
+                    .expect("remove peer");
+            }
+            let fdb = String::from_utf8_lossy(
+                &std::process::Command::new("bridge")
+                    .args(["fdb", "show", "dev", "hvx-test"])
+                    .output()
+                    .expect("bridge")
+                    .stdout,
+            )
+            .into_owned();
+            assert!(!fdb.contains("dst 192.0.2.10"), "{fdb}");
             assert!(fdb.contains("00:00:00:00:00:00 dst 192.0.2.11"), "{fdb}");
             let details = ip(&["-d", "link", "show", "hvx-test"]);
             assert!(details.contains("vxlan id 4242"), "{details}");

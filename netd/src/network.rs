@@ -237,6 +237,21 @@ fn validate_resource_name(kind: &str, name: &str) -> Result<(), NetError> {
     }
 }
 
+/// Whether `new` differs from `old` only in its overlay: joining one (none before), or
+/// the same overlay (VNI, local address, device, port) with other peers.
+fn overlay_change_only(old: &NetworkSpec, new: &NetworkSpec) -> bool {
+    let same_but_overlay = NetworkSpec {
+        vxlan: old.vxlan.clone(),
+        ..new.clone()
+    } == *old;
+    let overlay_ok = match (&old.vxlan, &new.vxlan) {
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => a.vni == b.vni && a.local == b.local && a.device == b.device && a.port == b.port,
+        _ => false,
+    };
+    same_but_overlay && overlay_ok
+}
+
 fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -401,12 +416,27 @@ impl NetworkService {
     /// Ensures a network exists as described.
     pub async fn ensure_network(&self, spec: NetworkSpec) -> Result<NetworkStatus, NetError> {
         let mut st = self.state.lock().await;
-        if let Some(existing) = st.networks.get(&spec.name) {
+        // Peers the overlay no longer has, to take out of its forwarding table.
+        let mut dropped_peers = Vec::new();
+        if let Some(existing) = st.networks.get_mut(&spec.name) {
             if existing.spec != spec {
-                return Err(NetError::Conflict(format!(
-                    "network {} already exists with a different configuration",
-                    spec.name
-                )));
+                if !overlay_change_only(&existing.spec, &spec) {
+                    return Err(NetError::Conflict(format!(
+                        "network {} already exists with a different configuration",
+                        spec.name
+                    )));
+                }
+                // The network joins an overlay, or its overlay's peers change (hosts
+                // joining it or leaving it): the rest stays as it is.
+                write_json(&Self::net_dir(&self.config, &spec.name).join("spec.json"), &spec)?;
+                let new_peers = spec.vxlan.as_ref().map(|v| v.peers.clone()).unwrap_or_default();
+                dropped_peers = existing
+                    .spec
+                    .vxlan
+                    .as_ref()
+                    .map(|v| v.peers.iter().filter(|p| !new_peers.contains(p)).copied().collect())
+                    .unwrap_or_default();
+                existing.spec = spec.clone();
             }
         } else {
             Self::validate(&spec, &st.networks)?;
@@ -428,6 +458,13 @@ impl NetworkService {
             }
             let _ = self.realize_locked(&mut st).await;
             return Err(e);
+        }
+        if !dropped_peers.is_empty() {
+            if let Some(vx) = self.nl.link(&vxlan_name(&spec.name)).await? {
+                for peer in dropped_peers {
+                    self.nl.fdb_delete_peer(vx.index, peer).await?;
+                }
+            }
         }
         self.status_locked(&st, &spec.name).await
     }
@@ -879,4 +916,42 @@ fn firewall_spec(st: &State) -> firewall::FirewallSpec {
         })
         .collect();
     firewall::FirewallSpec { networks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_joining_an_overlay_or_changing_its_peers_changes_a_network_in_place() {
+        let plain = NetworkSpec {
+            name: "n".into(),
+            subnet: "10.5.0.0/24".parse().expect("subnet"),
+            gateway: None,
+            range: None,
+            dhcp: true,
+            nat: false,
+            vxlan: None,
+        };
+        let overlay = |peers: &[&str], vni: u32| NetworkSpec {
+            vxlan: Some(VxlanSpec {
+                vni,
+                local: "192.0.2.1".parse().expect("ip"),
+                device: None,
+                peers: peers.iter().map(|p| p.parse().expect("ip")).collect(),
+                port: 4789,
+            }),
+            ..plain.clone()
+        };
+        assert!(overlay_change_only(&plain, &overlay(&["192.0.2.2"], 7)), "joining");
+        assert!(
+            overlay_change_only(&overlay(&["192.0.2.2"], 7), &overlay(&["192.0.2.3"], 7)),
+            "peers"
+        );
+        assert!(!overlay_change_only(&overlay(&[], 7), &overlay(&[], 8)), "another VNI");
+        assert!(!overlay_change_only(&overlay(&[], 7), &plain), "leaving");
+        let mut nat = overlay(&[], 7);
+        nat.nat = true;
+        assert!(!overlay_change_only(&plain, &nat), "NAT too");
+    }
 }

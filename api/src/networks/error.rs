@@ -22,6 +22,9 @@ pub enum NetworkError {
     /// VMs have ports on it, so it cannot go.
     #[error("network {name:?} has VMs attached: {}", vms.join(", "))]
     InUse { name: String, vms: Vec<String> },
+    /// A host it is to exist on cannot be reached.
+    #[error(transparent)]
+    Host(#[from] crate::hosts::error::HostError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(transparent)]
@@ -39,6 +42,7 @@ impl From<&NetworkError> for ApiError {
             NetworkError::InUse { vms, .. } => {
                 ApiError::conflict(message).with_details(serde_json::json!({ "vms": vms }))
             }
+            NetworkError::Host(e) => ApiError::from(e),
             NetworkError::Daemon(e) => ApiError::from(e),
             NetworkError::Store(e) => crate::envelope::of_store(e),
         }

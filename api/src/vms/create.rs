@@ -88,6 +88,7 @@ fn port_id(vm_id: &str, index: usize) -> String {
 /// Creates the ports of a VM's NICs; on failure removes the ones already made.
 pub(crate) async fn attach_nics(
     state: &AppState,
+    host: &str,
     d: &crate::hosts::daemons::Daemons,
     project: &str,
     vm_id: &str,
@@ -97,7 +98,7 @@ pub(crate) async fn attach_nics(
     for (i, req) in requests.iter().enumerate() {
         let made = async {
             let host_network = crate::model::host_name(project, &req.network);
-            let net = crate::networks::work::on_host(state, &d.netd, project, &req.network)
+            let (net, spans) = crate::networks::work::on_host(state, host, &d.netd, project, &req.network)
                 .await?
                 .ok_or_else(|| VmError::UnknownNetwork(req.network.clone()))?;
             if let Some(ip) = req.ip {
@@ -108,10 +109,18 @@ pub(crate) async fn attach_nics(
                     )));
                 }
             }
+            // Across hosts, the api hands the address out (once for the whole network).
+            let ip = match req.ip {
+                None if spans => Some(
+                    crate::networks::overlay::pick_address(state, &net.spec, net.gateway, project, &req.network, vm_id)
+                        .await?,
+                ),
+                ip => ip,
+            };
             let spec = netd::network::PortSpec {
                 network: host_network.clone(),
                 mac: None,
-                ip: req.ip,
+                ip,
                 queues: 1,
                 ingress: req.ingress.as_ref().map(NicIngress::to_netd),
             };
@@ -309,12 +318,7 @@ async fn prepare(state: &AppState, project: &str, req: CreateVm) -> Result<VmCre
 
     let nic_requests = match req.nics.clone() {
         Some(n) => n,
-        None if crate::networks::work::on_host(state, &d.netd, project, DEFAULT_NETWORK)
-            .await
-            .ok()
-            .flatten()
-            .is_some() =>
-        {
+        None if crate::networks::work::exists(state, project, DEFAULT_NETWORK).await? => {
             vec![NicRequest {
                 network: DEFAULT_NETWORK.into(),
                 ip: None,
@@ -517,7 +521,8 @@ async fn delete_record(state: &AppState, c: &VmCreate) -> Result<(), VmError> {
 
 async fn make_ports(state: &AppState, c: &mut VmCreate) -> Result<(), VmError> {
     let d = crate::hosts::daemons::of_vm(state, &c.rec).await?;
-    c.rec.nics = attach_nics(state, &d, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
+    let host = crate::hosts::schedule::host_of(state, &c.rec).to_string();
+    c.rec.nics = attach_nics(state, &host, &d, &c.rec.project, &c.rec.id, &c.nic_requests).await?;
     Ok(())
 }
 

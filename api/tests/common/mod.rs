@@ -502,66 +502,13 @@ impl Stack {
     /// Types `line` into the console over the WebSocket and returns what came back
     /// once `expect` appeared.
     pub async fn console_exchange(&self, vm: &str, line: &str, expect: &str) -> String {
-        // The previous exchange's writer slot is released when the server has finished
-        // with its closed WebSocket, which can be a moment after our close: a 409
-        // ("already has a writer") right after one is retried for up to 2 s.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let ws = loop {
-            let mut req = format!("ws://{LISTEN}/v1/vms/{vm}/console")
-                .into_client_request()
-                .expect("request");
-            req.headers_mut()
-                .insert("authorization", format!("Bearer {}", self.key).parse().expect("header"));
-            match tokio_tungstenite::connect_async(req).await {
-                Ok((ws, _)) => break ws,
-                Err(tokio_tungstenite::tungstenite::Error::Http(r))
-                    if r.status() == 409 && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("console websocket: {e:?}"),
-            }
-        };
-        let (mut tx, mut rx) = ws.split();
-        // The first frame is the scrollback; what follows is live.
-        let _scrollback = tokio::time::timeout(patience(Duration::from_secs(10)), rx.next())
-            .await
-            .expect("scrollback frame");
-        tx.send(Message::Binary(Bytes::from(line.to_string())))
-            .await
-            .expect("send");
-        let mut seen = String::new();
-        let deadline = Instant::now() + patience(Duration::from_secs(30));
-        // A line typed while the shell sets its terminal up (printing a prompt) can
-        // lose its first characters; it is typed once more after 10 s without answer.
-        let mut again = Some(Instant::now() + patience(Duration::from_secs(10)));
-        while !seen.contains(expect) {
-            let until = again.map_or(deadline, |a| a.min(deadline));
-            match tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
-                Ok(Some(Ok(_))) => {}
-                Err(_) if again.take().is_some() => {
-                    tx.send(Message::Binary(Bytes::from(line.to_string())))
-                        .await
-                        .expect("send");
-                }
-                other => panic!("console ended before {expect:?} ({other:?}); saw {seen:?}"),
-            }
-        }
-        let _ = tx.send(Message::Close(None)).await;
-        // Wait for the server's side of the close, so its writer slot is free sooner.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while rx.next().await.is_some() {} }).await;
-        seen
+        console_exchange_at(LISTEN, &self.key, vm, line, expect).await
     }
 
     /// Runs a shell command in the guest over the console and returns its output (what
     /// came back up to an end marker the command prints).
     pub async fn console_run(&self, vm: &str, cmd: &str) -> String {
-        let out = self
-            .console_exchange(vm, &format!("{cmd}; echo __END_$((40+2))__\n"), "__END_42__")
-            .await;
-        let start = out.find(cmd).map(|i| i + cmd.len()).unwrap_or(0);
-        out[start..].to_string()
+        console_run_at(LISTEN, &self.key, vm, cmd).await
     }
 
     /// PIDs of live processes whose command line mentions this stack's data directory
@@ -635,6 +582,74 @@ impl Drop for Stack {
         // The VMs' cgroups, once their killed VMMs are gone.
         drop(testkit::CgroupCleanup(cgroup_name(self.dir.path())));
     }
+}
+
+/// Types `line` into the console over the WebSocket and returns what came back
+/// once `expect` appeared.
+pub async fn console_exchange_at(listen: &str, key: &str, vm: &str, line: &str, expect: &str) -> String {
+    // The previous exchange's writer slot is released when the server has finished
+    // with its closed WebSocket, which can be a moment after our close: a 409
+    // ("already has a writer") right after one is retried for up to 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let ws = loop {
+        let mut req = format!("ws://{listen}/v1/vms/{vm}/console")
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse().expect("header"));
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => break ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 409 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("console websocket: {e:?}"),
+        }
+    };
+    let (mut tx, mut rx) = ws.split();
+    // The first frame is the scrollback; what follows is live.
+    let _scrollback = tokio::time::timeout(patience(Duration::from_secs(10)), rx.next())
+        .await
+        .expect("scrollback frame");
+    tx.send(Message::Binary(Bytes::from(line.to_string())))
+        .await
+        .expect("send");
+    let mut seen = String::new();
+    let deadline = Instant::now() + patience(Duration::from_secs(30));
+    // A line typed while the shell sets its terminal up (printing a prompt) can
+    // lose its first characters; it is typed once more after 10 s without answer.
+    let mut again = Some(Instant::now() + patience(Duration::from_secs(10)));
+    while !seen.contains(expect) {
+        let until = again.map_or(deadline, |a| a.min(deadline));
+        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), rx.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) => {}
+            Err(_) if again.take().is_some() => {
+                tx.send(Message::Binary(Bytes::from(line.to_string())))
+                    .await
+                    .expect("send");
+            }
+            other => panic!("console ended before {expect:?} ({other:?}); saw {seen:?}"),
+        }
+    }
+    let _ = tx.send(Message::Close(None)).await;
+    // Wait for the server's side of the close, so its writer slot is free sooner.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while rx.next().await.is_some() {} }).await;
+    seen
+}
+
+/// Runs a shell command in the guest over the console and returns its output (what
+/// came back up to an end marker the command prints).
+pub async fn console_run_at(listen: &str, key: &str, vm: &str, cmd: &str) -> String {
+    let out = console_exchange_at(
+        listen,
+        key,
+        vm,
+        &format!("{cmd}; echo __END_$((40+2))__\n"),
+        "__END_42__",
+    )
+    .await;
+    let start = out.find(cmd).map(|i| i + cmd.len()).unwrap_or(0);
+    out[start..].to_string()
 }
 
 /// VM users of their own for this stack: stacks run side by side in one test run,
