@@ -261,28 +261,29 @@ impl Netlink {
     /// Adds a VXLAN peer: an all-zero-MAC FDB entry pointing at `peer` (what `bridge fdb
     /// append 00:00:00:00:00:00 dev VXLAN dst PEER` does). Adding it twice is harmless.
     pub async fn fdb_append_peer(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), LinkError> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = vxlan;
-        msg.header.state = NeighbourState::Permanent;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
-        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(peer_entry(vxlan, peer)));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        self.peer_request(req, format!("add VXLAN peer {peer}"), libc::EEXIST)
+            .await
+    }
+
+    /// Sends a peer's FDB request; `harmless` is the errno that means it is done already.
+    async fn peer_request(
+        &self,
+        req: NetlinkMessage<RouteNetlinkMessage>,
+        what: String,
+        harmless: i32,
+    ) -> Result<(), LinkError> {
         let mut handle = self.handle.clone();
-        let mut resp = handle
-            .request(req)
-            .map_err(Self::err(format!("add VXLAN peer {peer}")))?;
+        let mut resp = handle.request(req).map_err(Self::err(what.clone()))?;
         use futures_util::StreamExt;
         while let Some(m) = resp.next().await {
             if let NetlinkPayload::Error(e) = m.payload {
                 let err = rtnetlink::Error::NetlinkError(e);
-                if errno(&err) == Some(libc::EEXIST) {
+                if errno(&err) == Some(harmless) {
                     return Ok(());
                 }
-                return Err(Self::err(format!("add VXLAN peer {peer}"))(err));
+                return Err(Self::err(what)(err));
             }
         }
         Ok(())
@@ -294,32 +295,24 @@ impl Netlink {
     /// 00:00:00:00:00:00 dev VXLAN dst PEER` does): its traffic is no longer sent or
     /// flooded there. Removing a missing one is harmless.
     pub async fn fdb_delete_peer(&self, vxlan: u32, peer: Ipv4Addr) -> Result<(), LinkError> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = vxlan;
-        msg.header.state = NeighbourState::Permanent;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
-        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(msg));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(peer_entry(vxlan, peer)));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let mut handle = self.handle.clone();
-        let mut resp = handle
-            .request(req)
-            .map_err(Self::err(format!("remove VXLAN peer {peer}")))?;
-        use futures_util::StreamExt;
-        while let Some(m) = resp.next().await {
-            if let NetlinkPayload::Error(e) = m.payload {
-                let err = rtnetlink::Error::NetlinkError(e);
-                if errno(&err) == Some(libc::ENOENT) {
-                    return Ok(());
-                }
-                return Err(Self::err(format!("remove VXLAN peer {peer}"))(err));
-            }
-        }
-        Ok(())
+        self.peer_request(req, format!("remove VXLAN peer {peer}"), libc::ENOENT)
+            .await
     }
+}
+
+/// A VXLAN device's all-zero-MAC FDB entry for `peer`.
+fn peer_entry(vxlan: u32, peer: Ipv4Addr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = vxlan;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
+    msg
 }
 
 #[cfg(test)]
