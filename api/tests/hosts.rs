@@ -491,6 +491,15 @@ fn three_hosts_are_one_cloud() {
         let (status, refused) = a.call("DELETE", "/v1/hosts/h-b", None).await;
         assert_eq!(status, 409, "{refused}");
 
+        // The overlays of A reach B (network "other" has VMs on A's side only through
+        // its copy there, and o-b on B).
+        let fdb_on_a = |hosts: &[Host]| testkit::run("bridge", &["-n", &hosts[0].ns, "fdb", "show"]);
+        assert!(
+            fdb_on_a(&hosts).contains(&format!("dst {UNDERLAY}.2 ")),
+            "{}",
+            fdb_on_a(&hosts)
+        );
+
         // B's api dies: within seconds the leader marks it lost, and B's VMs say so.
         let on_b = vm["host"] == "h-b";
         hosts[1].kill_api();
@@ -520,6 +529,18 @@ fn three_hosts_are_one_cloud() {
             let (_, v) = a.call("GET", "/v1/vms/spread", None).await;
             assert_eq!(v["state"], "host_lost", "{v}");
         }
+        // Fenced: no overlay of A sends to B or floods there any more.
+        let deadline = Instant::now() + patience(Duration::from_secs(5));
+        while fdb_on_a(&hosts).contains(&format!("dst {UNDERLAY}.2 ")) {
+            assert!(
+                Instant::now() < deadline,
+                "A still peers with lost B: {}",
+                fdb_on_a(&hosts)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, other) = a.call("GET", "/v1/networks/other", None).await;
+        assert_eq!(other["spec"]["vxlan"]["peers"], json!([]), "{other}");
         // No new VM goes to a lost host.
         let (status, refused) = place_on(a, "h-b").await;
         assert_eq!(status, 409, "{refused}");
@@ -536,6 +557,13 @@ fn three_hosts_are_one_cloud() {
         let (_, h) = a.call("GET", "/v1/hosts/h-b", None).await;
         assert_eq!(h["state"], "ready", "{h}");
         assert!(h["lost"].is_null(), "{h}");
+        // Back in the overlays.
+        let (_, other) = a.call("GET", "/v1/networks/other", None).await;
+        assert_eq!(
+            other["spec"]["vxlan"]["peers"],
+            json!([format!("{UNDERLAY}.2")]),
+            "{other}"
+        );
         wait_vm(b, "spread", "stopped", Duration::from_secs(30)).await;
 
         // Deleting through any api removes the VM on its own host.

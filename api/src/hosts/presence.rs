@@ -76,6 +76,9 @@ pub async fn register(state: &AppState) -> Result<HostRecord, HostError> {
             Ok(_) => {
                 if let Some(l) = was_lost {
                     tracing::warn!(host = %me.name, lost_since_ms = l.since_ms, "this host was lost and is back");
+                    if let Err(e) = crate::networks::overlay::refresh_all(state).await {
+                        tracing::error!("cannot bring this host back into the overlays: {e}");
+                    }
                     state.events.emit(
                         "host",
                         "",
@@ -244,6 +247,10 @@ async fn sweep(state: &AppState) -> Result<(), HostError> {
         }
         // It may have come back between the look and the mark: then its api clears it.
         tracing::warn!(host = %host.name, "host lost: {reason}");
+        // Fenced: the other hosts' overlays drop it.
+        if let Err(e) = crate::networks::overlay::refresh_all(state).await {
+            tracing::error!(host = %host.name, "cannot take the lost host out of the overlays: {e}");
+        }
         state.events.emit(
             "host",
             "",

@@ -105,6 +105,21 @@ pub async fn span(
     target: &str,
 ) -> Result<NetworkStatus, NetworkError> {
     let vni = vni(state, project, name).await?;
+    connect(state, spec, vni, Some(target))
+        .await?
+        .ok_or_else(|| NetworkError::NotFound(name.to_string()))
+}
+
+/// Gives every live host that has the network the others as its overlay's peers
+/// (`target`, if any, gets the network first); lost hosts are no peers. Returns the
+/// network as `target` has it.
+async fn connect(
+    state: &AppState,
+    spec: &NetworkSpec,
+    vni: u32,
+    target: Option<&str>,
+) -> Result<Option<NetworkStatus>, NetworkError> {
+    let target = target.unwrap_or_default();
     let mut members = Vec::new();
     for h in record::list(state.store.as_ref()).await? {
         if h.lost.is_some() {
@@ -137,7 +152,28 @@ pub async fn span(
             Err(e) => tracing::warn!(%host, network = %spec.name, "cannot update the overlay's peers: {e}"),
         }
     }
-    on_target.ok_or_else(|| NetworkError::NotFound(name.to_string()))
+    Ok(on_target)
+}
+
+/// Brings every overlay in step with the hosts: a host marked lost is no peer any
+/// more (its VXLAN traffic is neither sent to it nor flooded there, so a host that was
+/// only cut off reaches no VM when it comes back), and a host back again is one.
+pub async fn refresh_all(state: &AppState) -> Result<(), NetworkError> {
+    for (key, v) in state.store.list("network-overlays/").await? {
+        let Some((project, name)) = key["network-overlays/".len()..].split_once('/') else {
+            continue;
+        };
+        let Ok(vni) = serde_json::from_slice::<u32>(&v.value) else {
+            continue;
+        };
+        let Some((spec, _)) =
+            store::get_json::<NetworkSpec>(state.store.as_ref(), &crate::networks::work::key(project, name)).await?
+        else {
+            continue;
+        };
+        connect(state, &spec, vni, None).await?;
+    }
+    Ok(())
 }
 
 /// An address of the network for VM `vm`'s NIC no VM of any host has: the first of
