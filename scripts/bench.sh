@@ -14,23 +14,25 @@
 #   restart to serving them again (scripts/bench_api.py, which also runs on its own).
 #   Managed PostgreSQL: create until the first TLS query with the password, against a
 #   Debian guest with cloud-init and PostgreSQL (scripts/bench_db.sh, also on its own).
+#   Several hosts: the scheduler placing 1,000 VMs over 50 simulated hosts, and the time
+#   until a host whose api died is marked lost (scripts/bench_hosts.py, also on its own).
 # Usage: scripts/bench.sh   (ROUNDS=N to change the number of interleaved rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_packages "${HEARTH_BUILD_PACKAGES[@]}" "${HEARTH_RUNTIME_PACKAGES[@]}" python3 iproute2
 guest-images/tiny/build.sh "$HEARTH_IMAGE_CACHE/tiny"
-cargo build --release --locked -p api -p netd -p imaged --bins --examples
+cargo build --release --locked -p api -p netd -p imaged -p hearth-placement --bins --examples
 api_bin="$CARGO_TARGET_DIR/release/hearth-api"
 netd_bin="$CARGO_TARGET_DIR/release/netd"
 
-out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp) img_out=$(mktemp) api_out=$(mktemp) db_out=$(mktemp)
+out=$(mktemp) net_out=$(mktemp) ipam_out=$(mktemp) nbd_out=$(mktemp) vu_out=$(mktemp) img_out=$(mktemp) api_out=$(mktemp) db_out=$(mktemp) hosts_out=$(mktemp)
 img_work=$(mktemp -d /var/tmp/hearth-image-bench.XXXXXX)
 xfs_mnt=""
 cleanup() {
 	[ -z "$xfs_mnt" ] || { umount "$xfs_mnt" 2>/dev/null; rmdir "$xfs_mnt"; }
 	rm -rf "$img_work"
-	rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out" "$img_out" "$api_out" "$db_out"
+	rm -f "$out" "$net_out" "$ipam_out" "$nbd_out" "$vu_out" "$img_out" "$api_out" "$db_out" "$hosts_out"
 }
 trap cleanup EXIT
 ensure_packages "${HEARTH_TEST_PACKAGES[@]}"
@@ -91,6 +93,9 @@ if [ -n "${BASELINE:-}" ]; then
 fi
 echo "==> managed PostgreSQL: create to the first TLS query, against Debian + cloud-init + PostgreSQL"
 scripts/bench_db.sh >"$db_out"
+echo "==> several hosts: the scheduler, and failure detection (${HOSTS_ROUNDS:-5} rounds)"
+ROUNDS="${HOSTS_ROUNDS:-5}" python3 scripts/bench_hosts.py "$api_bin" "$CARGO_TARGET_DIR/release/examples/place_many" \
+	"$HEARTH_IMAGE_CACHE" >"$hosts_out"
 cat "$db_out"
 echo "==> REST API: GET /v1/vms with ${VMS:-1000} VMs under wrk, embedded store and etcd; restart time"
 unshare --net --mount --propagation private bash -c 'mount -t sysfs sysfs /sys && ip link set lo up && HEARTH_BENCH_NETNS=1 exec python3 scripts/bench_api.py "$0" "$1"' \
@@ -178,3 +183,4 @@ python3 scripts/bench_storage_md.py "$nbd_out" "$vu_out" | tee -a docs/benchmark
 cat "$img_out" >>docs/benchmarks.md
 python3 scripts/bench_api.py --markdown "$api_out" | tee -a docs/benchmarks.md
 python3 scripts/bench_db.py --markdown "$db_out" | tee -a docs/benchmarks.md
+python3 scripts/bench_hosts.py --markdown "$hosts_out" | tee -a docs/benchmarks.md
