@@ -289,9 +289,9 @@ pub async fn run(
     let renewing = tokio::spawn(crate::databases::certs::renew_periodically(state.clone()));
     // This host in the cluster: registered (and its lease taken) before the api serves,
     // so the scheduler knows it from the first request.
-    crate::hosts::presence::register(&state).await?;
+    let lease = crate::hosts::presence::take_lease(&state).await?;
     let presence = [
-        tokio::spawn(crate::hosts::presence::hold(state.clone())),
+        tokio::spawn(crate::hosts::presence::hold(state.clone(), lease)),
         tokio::spawn(crate::hosts::presence::elect(state.clone())),
     ];
     let periodic = (!config.reconcile_interval.is_zero()).then(|| {

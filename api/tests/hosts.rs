@@ -491,6 +491,30 @@ fn three_hosts_are_one_cloud() {
         let (status, refused) = a.call("DELETE", "/v1/hosts/h-b", None).await;
         assert_eq!(status, 409, "{refused}");
 
+        // A VM that keeps nothing on its host (the tiny image has no disk), placed on B
+        // by the scheduler alone: A and C cordoned while it is made.
+        for h in ["h-a", "h-c"] {
+            assert_eq!(a.call("POST", &format!("/v1/hosts/{h}/cordon"), None).await.0, 200);
+        }
+        let (status, created) = a
+            .call(
+                "POST",
+                "/v1/vms",
+                Some(json!({"name": "mv", "image": "tiny", "hypervisor": "qemu",
+                "vcpus": 1, "memory_mib": 256})),
+            )
+            .await;
+        assert_eq!(status, 202, "{created}");
+        for h in ["h-a", "h-c"] {
+            assert_eq!(a.call("POST", &format!("/v1/hosts/{h}/uncordon"), None).await.0, 200);
+        }
+        let mv = wait_vm(a, "mv", "running", Duration::from_secs(120)).await;
+        assert_eq!(mv["host"], "h-b", "{mv}");
+        let (mv_id, mv_ip) = (
+            mv["id"].as_str().unwrap_or_default().to_string(),
+            mv["nics"][0]["ip"].clone(),
+        );
+
         // The overlays of A reach B (network "other" has VMs on A's side only through
         // its copy there, and o-b on B).
         let fdb_on_a = |hosts: &[Host]| testkit::run("bridge", &["-n", &hosts[0].ns, "fdb", "show"]);
@@ -525,9 +549,44 @@ fn three_hosts_are_one_cloud() {
             lost_after <= patience(Duration::from_secs(5)),
             "lost after {lost_after:?}"
         );
+        // B's VM that keeps nothing there runs on another host within 15 s of the
+        // failure, with its address, and boots there; the one whose placement names B
+        // stays, lost with it.
+        let moved_after = loop {
+            let (_, v) = a.call("GET", "/v1/vms/mv", None).await;
+            if v["state"] == "running" && v["host"] != "h-b" {
+                assert_eq!(v["nics"][0]["ip"], mv_ip, "{v}");
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < patience(Duration::from_secs(30)),
+                "mv did not move: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        eprintln!(
+            "hosts: B's VM running on another host {:.1} s after its api was killed",
+            moved_after.as_secs_f64()
+        );
+        assert!(
+            moved_after <= patience(Duration::from_secs(15)),
+            "moved after {moved_after:?}"
+        );
+        let deadline = Instant::now() + patience(Duration::from_secs(60));
+        loop {
+            let (_, log) = a.call("GET", "/v1/vms/mv/console/log", None).await;
+            if log.as_str().is_some_and(|l| l.contains("HEARTH-GUEST-READY")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "mv does not boot on its new host: {log}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (_, v) = a.call("GET", "/v1/vms/o-b", None).await;
+        assert_eq!(v["state"], "host_lost", "{v}");
         if on_b {
-            let (_, v) = a.call("GET", "/v1/vms/spread", None).await;
-            assert_eq!(v["state"], "host_lost", "{v}");
+            // Stopped, it moves too, and stays stopped.
+            let v = wait_vm(a, "spread", "stopped", Duration::from_secs(15)).await;
+            assert_ne!(v["host"], "h-b", "{v}");
         }
         // Fenced: no overlay of A sends to B or floods there any more.
         let deadline = Instant::now() + patience(Duration::from_secs(5));
@@ -565,9 +624,21 @@ fn three_hosts_are_one_cloud() {
             "{other}"
         );
         wait_vm(b, "spread", "stopped", Duration::from_secs(30)).await;
+        // The pinned VM's VMM ran on through its api's death; the moved one's stale copy
+        // on B is gone: no VM runs twice.
+        wait_vm(b, "o-b", "running", Duration::from_secs(30)).await;
+        assert!(!vm_dirs(b.dir.path()).contains(&mv_id), "B still holds mv's stale copy");
+        let (_, listed) = b.call("GET", "/v1/vms", None).await;
+        let copies = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["name"] == "mv")
+            .count();
+        assert_eq!(copies, 1, "{listed}");
 
         // Deleting through any api removes the VM on its own host.
-        for (via, vm) in [(b, "on-c"), (a, "spread"), (a, "n-a"), (b, "o-b")] {
+        for (via, vm) in [(b, "on-c"), (a, "spread"), (a, "n-a"), (b, "o-b"), (b, "mv")] {
             let (status, accepted) = via.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
             assert_eq!(status, 202, "{accepted}");
             let deadline = Instant::now() + patience(Duration::from_secs(60));

@@ -8,6 +8,7 @@
 pub mod clients;
 pub mod daemons;
 pub mod error;
+pub mod evacuate;
 pub mod http;
 pub mod presence;
 pub mod record;

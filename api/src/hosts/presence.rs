@@ -95,8 +95,9 @@ pub async fn register(state: &AppState) -> Result<HostRecord, HostError> {
 }
 
 /// Takes this host's lease and registers the host (in that order: a leader that sees
-/// the record also sees the lease, so it does not mark a starting host lost).
-async fn take_lease(state: &AppState) -> Result<LeaseId, HostError> {
+/// the record also sees the lease, so it does not mark a starting host lost). The api
+/// does this once before it serves, then [`hold`]s the lease.
+pub async fn take_lease(state: &AppState) -> Result<LeaseId, HostError> {
     let lease = state.store.grant_lease(LEASE_TTL).await?;
     let alive = Alive {
         instance: state.instance.clone(),
@@ -118,15 +119,19 @@ async fn take_lease(state: &AppState) -> Result<LeaseId, HostError> {
 /// Holds this host's lease for as long as the api runs, taking it again (and
 /// registering again) whenever it lapsed, and clearing a lost mark a leader set while
 /// the lease was held (a leader that judged from an old view).
-pub async fn hold(state: Arc<AppState>) {
+pub async fn hold(state: Arc<AppState>, first: LeaseId) {
+    let mut held = Some(first);
     loop {
-        let lease = match take_lease(&state).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("cannot register this host: {e}");
-                tokio::time::sleep(RENEW_EVERY).await;
-                continue;
-            }
+        let lease = match held.take() {
+            Some(l) => l,
+            None => match take_lease(&state).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("cannot register this host: {e}");
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    continue;
+                }
+            },
         };
         let mut tick = tokio::time::interval(RENEW_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -226,7 +231,8 @@ async fn lead(state: &AppState, lease: LeaseId) {
 async fn sweep(state: &AppState) -> Result<(), HostError> {
     let alive = record::alive(state.store.as_ref()).await?;
     for host in record::list(state.store.as_ref()).await? {
-        if host.lost.is_some() || alive.contains(&host.name) {
+        // This api's own host is alive: it is running this.
+        if host.lost.is_some() || alive.contains(&host.name) || host.name == state.config.host.name {
             continue;
         }
         let since_ms = now_ms();
@@ -251,6 +257,8 @@ async fn sweep(state: &AppState) -> Result<(), HostError> {
         if let Err(e) = crate::networks::overlay::refresh_all(state).await {
             tracing::error!(host = %host.name, "cannot take the lost host out of the overlays: {e}");
         }
+        // Then what kept nothing on it runs elsewhere.
+        crate::hosts::evacuate::restart_elsewhere(state, &host.name).await;
         state.events.emit(
             "host",
             "",

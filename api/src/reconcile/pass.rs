@@ -124,24 +124,35 @@ impl Held {
     }
 }
 
-/// Removes what the daemons hold under names hearth derives from the id of a VM that
-/// is not in `known`: VMM definitions, ports, root disks (with seed and image lease),
-/// volume claims.
-async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, report: &mut Report) {
+/// Removes what this host's daemons hold under names hearth derives from the id of a
+/// VM that is not `here` (a VM of this host): VMM definitions (with seed and image
+/// lease), ports, root disks; and volume claims of VMs not `known` at all. A VM moved
+/// to another host while this one was lost is not `here`: its stale copy goes.
+async fn remove_orphans(
+    state: &AppState,
+    known: &BTreeSet<String>,
+    here: &BTreeSet<String>,
+    held: Held,
+    report: &mut Report,
+) {
     for vm in held.vms.iter().flatten() {
         report.examined += 1;
-        if known.contains(&vm.spec.id) {
+        if here.contains(&vm.spec.id) {
             continue;
         }
         match state.vmm.delete(&vm.spec.id).await {
-            Ok(()) => report.orphan_vmms.push(vm.spec.id.clone()),
+            Ok(()) => {
+                report.orphan_vmms.push(vm.spec.id.clone());
+                let _ = state.images.delete_seed(&vm.spec.id).await;
+                let _ = state.images.release(&vm.spec.id).await;
+            }
             Err(e) if e.is_not_found() => {}
             Err(e) => tracing::warn!(vm = %vm.spec.id, "cannot remove an orphan VM: {e}"),
         }
     }
     for p in held.ports.into_iter().flatten() {
         report.examined += 1;
-        if vm_id_of_port(&p.id).is_some_and(|id| !known.contains(id)) {
+        if vm_id_of_port(&p.id).is_some_and(|id| !here.contains(id)) {
             match state.netd.delete_port(&p.id).await {
                 Ok(()) => report.orphan_ports.push(p.id),
                 Err(e) => tracing::warn!(port = %p.id, "cannot remove an orphan port: {e}"),
@@ -174,7 +185,7 @@ async fn remove_orphans(state: &AppState, known: &BTreeSet<String>, held: Held, 
     }
     for v in held.volumes.into_iter().flatten() {
         report.examined += 1;
-        let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !known.contains(*id)) else {
+        let Some(id) = vm_id_of_root_disk(&v.name).filter(|id| !here.contains(*id)) else {
             continue;
         };
         let id = id.to_string();
@@ -290,17 +301,23 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
         .filter(|op| op.runner.as_ref().is_some_and(|r| others.contains(r)))
         .map(|op| op.target_id)
         .collect();
+    let mut here = BTreeSet::new();
     for (rec, _) in records {
+        let local = state.is_local(rec.host.as_deref());
         if busy.contains(&rec.id) {
             known.insert(rec.id.clone());
+            if local {
+                here.insert(rec.id.clone());
+            }
             continue;
         }
         match rec.phase {
-            Phase::Ready if !crate::hosts::daemons::is_local(state, rec.host.as_deref()) => {
+            Phase::Ready if !local => {
                 known.insert(rec.id.clone());
             }
             Phase::Ready => {
                 known.insert(rec.id.clone());
+                here.insert(rec.id.clone());
                 ready.push(rec);
             }
             Phase::Creating => {
@@ -343,7 +360,7 @@ pub async fn reconcile(state: &std::sync::Arc<AppState>) -> Result<Report, ApiEr
         }
     }
     recreate_networks(state, &held, &mut report).await?;
-    remove_orphans(state, &known, held, &mut report).await;
+    remove_orphans(state, &known, &here, held, &mut report).await;
     remove_stale_probes(state, &mut report).await;
     Ok(report)
 }
@@ -419,9 +436,14 @@ pub async fn live(state: &std::sync::Arc<AppState>) -> Result<Report, ApiError> 
     held.claims.clear();
     let records = store::list_json::<VmRecord>(state.store.as_ref(), "vms/").await?;
     report.examined += records.len();
+    let here: BTreeSet<String> = records
+        .iter()
+        .filter(|(r, _)| state.is_local(r.host.as_deref()))
+        .map(|(r, _)| r.id.clone())
+        .collect();
     let known: BTreeSet<String> = records.into_iter().map(|(r, _)| r.id).collect();
     recreate_networks(state, &held, &mut report).await?;
-    remove_orphans(state, &known, held, &mut report).await;
+    remove_orphans(state, &known, &here, held, &mut report).await;
     remove_stale_probes(state, &mut report).await;
     Ok(report)
 }
