@@ -61,6 +61,8 @@ fn api_router() -> OpenApiRouter<Arc<AppState>> {
         .routes(permit(HOSTS_READ, routes!(crate::hosts::http::show)))
         .routes(permit(HOSTS_WRITE, routes!(crate::hosts::http::action)))
         .routes(permit(HOSTS_WRITE, routes!(crate::hosts::http::delete)))
+        .routes(permit(HOSTS_WRITE, routes!(crate::hosts::http::join_token)))
+        .routes(permit(Permission::Public, routes!(crate::hosts::http::join)))
         .routes(permit(VMS_READ, routes!(vms::http::list)))
         .routes(permit(VMS_WRITE, routes!(vms::http::create)))
         .routes(permit(VMS_READ, routes!(vms::http::show)))
@@ -289,6 +291,7 @@ pub async fn run(
     let renewing = tokio::spawn(crate::databases::certs::renew_periodically(state.clone()));
     // This host in the cluster: registered (and its lease taken) before the api serves,
     // so the scheduler knows it from the first request.
+    crate::hosts::join::check_admitted(&state).await?;
     let lease = crate::hosts::presence::take_lease(&state).await?;
     let presence = [
         tokio::spawn(crate::hosts::presence::hold(state.clone(), lease)),

@@ -49,6 +49,16 @@ fn bad_requests_are_refused_clearly() {
                 422,
                 "invalid type",
             ),
+            (
+                json!({"name": "a", "image": "tiny", "placement": {"host": "nowhere"}}),
+                422,
+                "placement names host nowhere, which does not exist",
+            ),
+            (
+                json!({"name": "a", "image": "tiny", "placement": {"anti_affinity_group": "Bad Group"}}),
+                422,
+                "invalid anti-affinity group name",
+            ),
         ];
         for (body, status, needle) in cases {
             let (got, err) = stack.call("POST", "/v1/vms", Some(body.clone())).await;
@@ -57,6 +67,36 @@ fn bad_requests_are_refused_clearly() {
             assert!(msg.contains(needle), "{body}: {msg}");
             assert!(err["error"]["code"].is_string(), "envelope: {err}");
         }
+        // One host, on the embedded store: it leads, and no other host can join.
+        let (got, hosts) = stack.call("GET", "/v1/hosts", None).await;
+        assert_eq!(got, 200, "{hosts}");
+        assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
+        assert_eq!(
+            (hosts[0]["state"].as_str(), hosts[0]["leader"].as_bool()),
+            (Some("ready"), Some(true)),
+            "{hosts}"
+        );
+        let (got, err) = stack.call("POST", "/v1/hosts/join-tokens", Some(json!({}))).await;
+        assert_eq!(got, 409, "{err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("several hosts need etcd"),
+            "{err}"
+        );
+        let (got, err) = stack
+            .call(
+                "POST",
+                "/v1/hosts/join",
+                Some(json!({"token": "hjt_x_y", "name": "h2", "address": "10.0.0.2"})),
+            )
+            .await;
+        assert_eq!(got, 409, "{err}");
+        let (got, _) = stack.call("GET", "/v1/hosts/nowhere", None).await;
+        assert_eq!(got, 404);
+        let (got, _) = stack.call("POST", "/v1/hosts/nowhere/cordon", None).await;
+        assert_eq!(got, 404);
         // Malformed JSON: 400 with the parser's message.
         let (got, err) = stack
             .request_as("POST", "/v1/vms", Some(b"{\"image\": "), Some(&stack.key))

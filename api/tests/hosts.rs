@@ -36,6 +36,8 @@ struct Host {
     child: Option<Child>,
     key: String,
     store: String,
+    /// The hearth.toml `hearth host join` wrote, once it joined (else the flags).
+    config: Option<std::path::PathBuf>,
 }
 
 impl Host {
@@ -43,29 +45,34 @@ impl Host {
         format!("http://{}:8080", self.address)
     }
 
-    /// Starts (or starts again) `hearth-api --all-in-one` inside the host's namespace,
-    /// with a fresh sysfs there (netd reads it) and the cgroup file systems kept.
-    async fn spawn(&mut self) {
+    /// `hearth-api --all-in-one` as host `name` with data directory `dir`, started
+    /// inside this host's namespace with a fresh sysfs there (netd reads it) and the
+    /// cgroup file systems kept.
+    fn launch(&self, name: &str, dir: &Path, config: Option<&Path>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("api.log"))
+            .open(dir.join("api.log"))
             .expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth-api"));
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        } else {
+            cmd.args(["--host-name", name, "--host-address", &self.address])
+                .args(["--store", &self.store]);
+        }
         cmd.args(["--all-in-one", "--qemu-accel", "tcg", "--stop-timeout", "5"])
             .arg("--cloud-hypervisor-binary")
             .arg(cloud_hypervisor_binary())
             .arg("--images-dir")
             .arg(images_dir())
             .arg("--data-dir")
-            .arg(self.dir.path())
+            .arg(dir)
             .arg("--cgroup-name")
-            .arg(common::cgroup_name(self.dir.path()))
+            .arg(common::cgroup_name(dir))
             .arg("--jail-uid-base")
-            .arg(common::jail_uid_base(self.dir.path()).to_string())
+            .arg(common::jail_uid_base(dir).to_string())
             .args(["--listen", &format!("{}:8080", self.address)])
-            .args(["--host-name", self.name, "--host-address", &self.address])
-            .args(["--store", &self.store])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
@@ -127,10 +134,16 @@ impl Host {
                 });
             }
         }
-        self.child = Some(cmd.spawn().expect("spawn hearth-api"));
+        let child = cmd.spawn().expect("spawn hearth-api");
         drop(ns);
         // The child moved the cgroup mounts out of it: empty again.
         let _ = std::fs::remove_dir(&aside_path);
+        child
+    }
+
+    /// Starts (or starts again) this host's api and waits until it is ready.
+    async fn spawn(&mut self) {
+        self.child = Some(self.launch(self.name, self.dir.path(), self.config.as_deref()));
         let deadline = Instant::now() + patience(Duration::from_secs(60));
         loop {
             if let Ok((200, _)) = call(&self.url(), "", "GET", "/health/ready", None).await {
@@ -260,6 +273,7 @@ fn make_hosts(store: &str) -> Vec<Host> {
             child: None,
             key: String::new(),
             store: store.to_string(),
+            config: None,
         });
     }
     hosts
@@ -309,9 +323,66 @@ fn three_hosts_are_one_cloud() {
         ip(&["link", "set", "lo", "up"]);
         let mut hosts = make_hosts(&format!("etcd://{UNDERLAY}.254:2379"));
         let _etcd = testkit::etcd::Etcd::start_on(&format!("{UNDERLAY}.254"), 2379, 2380);
-        for h in hosts.iter_mut() {
-            h.spawn().await;
+        // A makes the cluster; a machine that has not joined it is refused.
+        hosts[0].spawn().await;
+        let stranger = tempfile::Builder::new()
+            .prefix("hearth-host-")
+            .tempdir()
+            .expect("tempdir");
+        let mut refused = hosts[1].launch("h-d", stranger.path(), None);
+        let deadline = Instant::now() + patience(Duration::from_secs(60));
+        let status = loop {
+            if let Some(status) = refused.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "an api that did not join is still running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let said = std::fs::read_to_string(stranger.path().join("api.log")).unwrap_or_default();
+        assert!(
+            !status.success() && said.contains("has not joined this cluster"),
+            "{status}: {said}"
+        );
+        // B and C join with tokens from A's api, through the CLI on each "machine".
+        let mut last_token = String::new();
+        for i in 1..3 {
+            let (status, t) = hosts[0].call("POST", "/v1/hosts/join-tokens", Some(json!({}))).await;
+            assert_eq!(status, 201, "{t}");
+            assert!(
+                t["join_command"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&format!("hearth host join --url http://{UNDERLAY}.1:8080"))),
+                "{t}"
+            );
+            last_token = t["token"].as_str().unwrap_or_default().to_string();
+            let config = hosts[i].dir.path().join("hearth.toml");
+            let out = Command::new(common::hearth_cli())
+                .args(["--url", &hosts[0].url(), "host", "join", "--token", &last_token])
+                .args(["--name", hosts[i].name, "--address", &hosts[i].address])
+                .arg("--write-config")
+                .arg(&config)
+                .output()
+                .expect("hearth host join");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let written = std::fs::read_to_string(&config).expect("hearth.toml");
+            assert!(
+                written.contains(&format!("store = \"etcd://{UNDERLAY}.254:2379/hearth\"")),
+                "{written}"
+            );
+            hosts[i].config = Some(config);
+            hosts[i].spawn().await;
         }
+        // A token works once.
+        let (status, again) = call(
+            &hosts[0].url(),
+            "",
+            "POST",
+            "/v1/hosts/join",
+            Some(json!({"token": last_token, "name": "h-d", "address": format!("{UNDERLAY}.9")})),
+        )
+        .await
+        .expect("join");
+        assert_eq!(status, 401, "{again}");
         let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
 
         // Every host is listed, by any host's api, ready, with its capacity and versions.

@@ -130,6 +130,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .or(file.url)
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    if let Command::Host(cmd @ host::HostCommand::Join { .. }) = cli.command {
+        return host::join(&url, cli.output, cmd).await;
+    }
     let key_file = cli
         .api_key_file
         .clone()

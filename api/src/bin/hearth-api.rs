@@ -147,7 +147,7 @@ async fn run() -> anyhow::Result<()> {
         .host_name
         .clone()
         .unwrap_or_else(hearth_api::state::HostIdentity::default_name);
-    hearth_api::model::validate_name("host", &host_name).map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
+    hearth_api::hosts::join::check_name(&host_name).map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
     if !(a.cpu_allocation_ratio.is_finite() && a.cpu_allocation_ratio >= 0.1) {
         anyhow::bail!("--cpu-allocation-ratio must be at least 0.1");
     }

@@ -20,6 +20,15 @@ pub enum HostError {
     HoldsVms { name: String, vms: Vec<String> },
     #[error("no such action {0:?}: use cordon or uncordon")]
     UnknownAction(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The join token is unknown, used, expired or wrong.
+    #[error("this join token is unknown, used up or expired")]
+    BadToken,
+    #[error("this cluster keeps its state in an embedded store: several hosts need etcd (--store etcd://…)")]
+    EmbeddedStore,
+    #[error("host {0:?} has not joined this cluster: run `hearth host join` with a token from `hearth host join-token` on one of its hosts")]
+    NotAdmitted(String),
     #[error("{0} is being changed by another api; try again")]
     Busy(String),
     #[error("{0}: {1}")]
@@ -43,6 +52,9 @@ impl From<&HostError> for ApiError {
                 ApiError::conflict(message).with_details(serde_json::json!({ "vms": vms }))
             }
             HostError::UnknownAction(_) => ApiError::not_found(message),
+            HostError::Invalid(_) => ApiError::unprocessable(message),
+            HostError::BadToken => ApiError::unauthorized(message),
+            HostError::EmbeddedStore | HostError::NotAdmitted(_) => ApiError::conflict(message),
             HostError::Files(..) | HostError::Pki(_) => ApiError::internal(message),
             HostError::Daemon(e) => ApiError::from(e),
             HostError::Store(e) => crate::envelope::of_store(e),

@@ -90,7 +90,7 @@ async fn move_vm(state: &AppState, mut vm: VmRecord, revision: u64, lost: &str) 
         .await?;
     let d = crate::hosts::daemons::of_vm(state, &vm).await?;
     for nic in &vm.nics {
-        crate::networks::work::on_host(state, &to, &d.netd, &vm.project, &nic.network).await?;
+        crate::networks::overlay::on_host(state, &to, &d.netd, &vm.project, &nic.network).await?;
     }
     crate::vms::create::find_image(&d.images, &vm.image).await?;
     d.images

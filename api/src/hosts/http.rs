@@ -105,3 +105,33 @@ pub async fn delete(State(state): AppS, Path(name): Path<String>) -> Result<Stat
     tracing::warn!(host = %name, "host forgotten");
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// A single-use token that lets a new machine join the cluster (`hearth host join`).
+#[utoipa::path(post, path = "/v1/hosts/join-tokens", tag = "hosts", request_body = super::join::JoinTokenRequest,
+    responses((status = 201, body = super::join::JoinToken), (status = 409, description = "The cluster's store is embedded", body = crate::openapi::ErrorResponse),
+        (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn join_token(
+    State(state): AppS,
+    headers: http::HeaderMap,
+    crate::json::JsonBody(req): crate::json::JsonBody<super::join::JoinTokenRequest>,
+) -> Result<(StatusCode, Json<super::join::JoinToken>), ApiError> {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| state.config.listen.to_string());
+    let token = super::join::make_token(&state, req, &format!("http://{host}")).await?;
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+/// Admits a new host with a join token (no API key: the token is the credential) and
+/// answers with the cluster's store.
+#[utoipa::path(post, path = "/v1/hosts/join", tag = "hosts", request_body = super::join::JoinRequest,
+    responses((status = 200, body = super::join::Joined), (status = 401, description = "The token is unknown, used up or expired", body = crate::openapi::ErrorResponse),
+        (status = 409, body = crate::openapi::ErrorResponse), (status = 422, body = crate::openapi::ErrorResponse)))]
+pub async fn join(
+    State(state): AppS,
+    crate::json::JsonBody(req): crate::json::JsonBody<super::join::JoinRequest>,
+) -> Result<Json<super::join::Joined>, ApiError> {
+    Ok(Json(super::join::join(&state, req).await?))
+}

@@ -10,6 +10,7 @@ pub mod daemons;
 pub mod error;
 pub mod evacuate;
 pub mod http;
+pub mod join;
 pub mod presence;
 pub mod record;
 pub mod schedule;

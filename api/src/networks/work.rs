@@ -74,41 +74,6 @@ pub(crate) async fn owned(state: &AppState, project: &str, name: &str) -> Result
         || (project == crate::auth::keys::DEFAULT_PROJECT && state.netd.network(name).await.is_ok()))
 }
 
-/// Network `name` of `project` as the netd of host `host` has it; made there first
-/// when that host has none yet (its first VM on the network), joined to the other
-/// hosts that have it (see [`crate::networks::overlay`]), and whether hearth spans it
-/// over hosts (then addresses come from [`crate::networks::overlay::pick_address`]).
-/// `None`: the project has no such network.
-pub(crate) async fn on_host(
-    state: &AppState,
-    host: &str,
-    netd: &netd::http::client::NetdClient,
-    project: &str,
-    name: &str,
-) -> Result<Option<(netd::network::NetworkStatus, bool)>, NetworkError> {
-    let on_netd = host_name(project, name);
-    let Some((spec, _)) = store::get_json::<NetworkSpec>(state.store.as_ref(), &key(project, name)).await? else {
-        // The default project's networks from before the api kept records.
-        return match netd.network(&on_netd).await {
-            Ok(n) => Ok(Some((n, false))),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(upstream(e).into()),
-        };
-    };
-    if crate::networks::overlay::spans_hosts(state, &spec) {
-        return crate::networks::overlay::span(state, &spec, project, name, host)
-            .await
-            .map(|n| Some((n, true)));
-    }
-    match netd.network(&on_netd).await {
-        Ok(n) => return Ok(Some((n, false))),
-        Err(e) if !e.is_not_found() => return Err(upstream(e).into()),
-        Err(_) => {}
-    }
-    tracing::info!(network = %on_netd, "making the network on a host that has none of it yet");
-    Ok(Some((netd.ensure_network(&spec).await.map_err(upstream)?, false)))
-}
-
 /// Whether `project` has network `name`: recorded, or (the default project's, from
 /// before records) on this host's netd.
 pub(crate) async fn exists(state: &AppState, project: &str, name: &str) -> Result<bool, NetworkError> {

@@ -98,7 +98,7 @@ pub(crate) async fn attach_nics(
     for (i, req) in requests.iter().enumerate() {
         let made = async {
             let host_network = crate::model::host_name(project, &req.network);
-            let (net, spans) = crate::networks::work::on_host(state, host, &d.netd, project, &req.network)
+            let (net, spans) = crate::networks::overlay::on_host(state, host, &d.netd, project, &req.network)
                 .await?
                 .ok_or_else(|| VmError::UnknownNetwork(req.network.clone()))?;
             if let Some(ip) = req.ip {
