@@ -410,6 +410,43 @@ fn three_hosts_are_one_cloud() {
             .unwrap_or_default()
             .to_string();
         assert!(url.starts_with(&format!("https://{UNDERLAY}.3:")), "{url}");
+        // Mutual TLS: with the cluster's token but no certificate from its CA, C's
+        // vmm-manager serves nothing; with A's api's certificate it answers.
+        let cluster = hosts[0].dir.path().join("cluster");
+        let token = std::fs::read_to_string(cluster.join("daemon-token")).expect("token");
+        let curl = |extra: &[&str]| {
+            Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                ])
+                .arg(cluster.join("ca.pem"))
+                .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+                .args(extra)
+                .arg(format!("{url}/health"))
+                .output()
+                .expect("curl")
+        };
+        let anonymous = curl(&[]);
+        assert_ne!(
+            String::from_utf8_lossy(&anonymous.stdout),
+            "200",
+            "served without a client certificate"
+        );
+        let (cert, key) = (cluster.join("api.pem"), cluster.join("api.key"));
+        let known = curl(&[
+            "--cert",
+            cert.to_str().unwrap_or_default(),
+            "--key",
+            key.to_str().unwrap_or_default(),
+        ]);
+        assert_eq!(String::from_utf8_lossy(&known.stdout), "200", "{known:?}");
 
         // A VM created through A's api with placement on C runs on C, and every api
         // shows it there with the scheduler's reasons.

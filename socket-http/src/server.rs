@@ -93,6 +93,7 @@ impl Listen {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             token_file: self.token_file.clone()?,
+            client_ca: None,
         })
     }
 }

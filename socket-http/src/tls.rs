@@ -5,6 +5,11 @@
 //! The client verifies the daemon's certificate against a CA file and sends
 //! `Authorization: Bearer <token>`; the daemon refuses a request without that token
 //! (401, before any handler runs). The token is compared in constant time.
+//!
+//! Mutual TLS where asked: a listener given a client CA ([`TlsListen::client_ca`])
+//! completes no handshake with a client that shows no certificate signed by it, and a
+//! target given an identity ([`TlsTarget::with_identity`]) shows its certificate. The
+//! daemons of a cluster's hosts use both (certificates from the cluster's CA).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -87,6 +92,8 @@ pub struct TlsTarget {
     server_name: ServerName<'static>,
     connector: TlsConnector,
     token: String,
+    /// The CA file, kept to build the connector again with an identity.
+    ca: PathBuf,
 }
 
 impl std::fmt::Debug for TlsTarget {
@@ -122,7 +129,21 @@ impl TlsTarget {
             server_name,
             connector: TlsConnector::from(Arc::new(config)),
             token,
+            ca: ca.to_path_buf(),
         })
+    }
+
+    /// Shows the certificate chain in `cert` (with its key in `key`) to the daemon, for
+    /// one that wants mutual TLS.
+    pub fn with_identity(mut self, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots(&self.ca)?)
+            .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?;
+        self.connector = TlsConnector::from(Arc::new(config));
+        Ok(self)
     }
 
     pub(crate) async fn connect(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -146,6 +167,9 @@ pub struct TlsListen {
     pub key: PathBuf,
     /// The file holding the token clients must send.
     pub token_file: PathBuf,
+    /// Mutual TLS: clients must show a certificate this CA signed (`None`: any client
+    /// with the token).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Equal without telling, by its timing, how much of `a` matched.
@@ -187,10 +211,20 @@ impl TlsListener {
     pub async fn bind(listen: &TlsListen) -> Result<Self, TlsError> {
         let certs = certificates(&listen.cert)?;
         let key = private_key(&listen.key)?;
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match &listen.client_ca {
+            Some(ca) => {
+                let verifier =
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                        .build()
+                        .map_err(|e| TlsError::Config(format!("client CA: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
             .with_single_cert(certs, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let acceptor = TlsAcceptor::from(Arc::new(config));

@@ -91,6 +91,7 @@ async fn one_router_on_a_socket_and_over_tls_with_a_token() {
         cert: write(dir.path(), "cert.pem", &good.cert),
         key: write(dir.path(), "key.pem", &good.key),
         token_file: write(dir.path(), "token", &format!("{token}\n")),
+        client_ca: None,
     };
     // Bind first to learn the port, then serve on it (as the daemon would on a fixed one).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -191,4 +192,65 @@ fn token_files_must_hold_a_real_token() {
         socket_http::tls::read_token(&write(dir.path(), "ok", "0123456789abcdef0123\nignored\n")).expect("token"),
         "0123456789abcdef0123"
     );
+}
+
+/// Mutual TLS: a listener given a client CA serves a client showing a certificate that
+/// CA signed, and completes no handshake with one showing none or another CA's.
+#[tokio::test]
+async fn a_listener_with_a_client_ca_serves_only_clients_it_signed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = pki(&["localhost", "127.0.0.1"]);
+    let stranger = pki(&["localhost", "127.0.0.1"]);
+    let token = "a-token-of-thirty-two-characters".to_string();
+    let ca = write(dir.path(), "ca.pem", &good.ca);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = TlsListen {
+        addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+        cert: write(dir.path(), "cert.pem", &good.cert),
+        key: write(dir.path(), "key.pem", &good.key),
+        token_file: write(dir.path(), "token", &format!("{token}\n")),
+        client_ca: Some(ca.clone()),
+    };
+    let socket = dir.path().join("d.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(socket_http::server::serve(
+        socket.clone(),
+        Some(listen),
+        router(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let url = format!("https://127.0.0.1:{port}");
+    let target = || TlsTarget::new(&url, &ca, token.clone()).expect("target");
+    // The good CA signed `good.cert`: it serves as the client's identity too.
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let known = Client::to(Endpoint::Tls(target().with_identity(&cert, &key).expect("identity")))
+        .with_retry(Duration::from_secs(5));
+    known
+        .send(&DELETE_THING, &["a"], None)
+        .await
+        .expect("a client the CA signed");
+    let anonymous = Client::to(Endpoint::Tls(target()));
+    assert!(
+        anonymous.send(&DELETE_THING, &["a"], None).await.is_err(),
+        "a client without a certificate is served"
+    );
+    let (other_cert, other_key) = (
+        write(dir.path(), "other.pem", &stranger.cert),
+        write(dir.path(), "other.key", &stranger.key),
+    );
+    let impostor = Client::to(Endpoint::Tls(
+        target().with_identity(&other_cert, &other_key).expect("identity"),
+    ));
+    assert!(
+        impostor.send(&DELETE_THING, &["a"], None).await.is_err(),
+        "a client another CA signed is served"
+    );
+    let _ = stop.send(());
+    server.await.expect("join").expect("served");
 }

@@ -1,8 +1,8 @@
 //! Reaching a host's daemons. This host's are the api's own clients (Unix sockets, or
-//! what `--daemon` named); another host's are reached over TCP with TLS at the
-//! endpoints its api registered, verified against the cluster's CA and with the
-//! cluster's daemon token, both kept in the store and made by the first api that
-//! needed them.
+//! what `--daemon` named); another host's are reached over TCP with mutual TLS at the
+//! endpoints its api registered: each side shows a certificate the cluster's CA signed
+//! (kept in the store with the cluster's daemon token, both made by the first api that
+//! needed them), and the api sends the token too.
 //!
 //! With `--host-address`, an all-in-one api also serves its daemons there over TLS
 //! ([`serve_tls`]), with a certificate for that address signed by the cluster's CA.
@@ -60,7 +60,30 @@ pub async fn cluster_files(state: &AppState) -> Result<(PathBuf, PathBuf), HostE
     let (ca_path, token_path) = (dir.join("ca.pem"), dir.join("daemon-token"));
     write_private(&ca_path, &ca.cert_pem)?;
     write_private(&token_path, &token.token)?;
+    // This api's own certificate, shown to other hosts' daemons (mutual TLS).
+    // Made again when the cluster's CA is not the one that signed it (a data directory
+    // that served another cluster).
+    let (client_cert, client_key, signer) = (dir.join("api.pem"), dir.join("api.key"), dir.join("api.signer.pem"));
+    let signed_by_ca = std::fs::read_to_string(&signer).is_ok_and(|s| s == ca.cert_pem);
+    if !signed_by_ca || !client_cert.exists() || !client_key.exists() {
+        let address = state
+            .config
+            .host
+            .address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let (cert, key, _) = crate::pki::server_cert(&ca, CA_NAME, address, &state.config.host.name)
+            .map_err(|e| HostError::Files("the api's certificate".into(), e.to_string()))?;
+        write_private(&client_key, &key)?;
+        write_private(&client_cert, &cert)?;
+        write_private(&signer, &ca.cert_pem)?;
+    }
     Ok((ca_path, token_path))
+}
+
+/// This api's certificate and key for other hosts' daemons (made by [`cluster_files`]).
+fn identity(state: &AppState) -> (PathBuf, PathBuf) {
+    let dir = dir(state);
+    (dir.join("api.pem"), dir.join("api.key"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -94,7 +117,7 @@ pub async fn serve_tls(
     routers: Vec<(&'static str, axum::Router)>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<BTreeMap<String, String>, HostError> {
-    let (_, token_path) = cluster_files(state).await?;
+    let (ca_path, token_path) = cluster_files(state).await?;
     let ca = crate::pki::stored_ca(state.store.as_ref(), CA_KEY, CA_NAME).await?;
     let (cert, key, _) = crate::pki::server_cert(&ca, CA_NAME, address, &state.config.host.name)
         .map_err(|e| HostError::Files("the daemons' certificate".into(), e.to_string()))?;
@@ -112,6 +135,7 @@ pub async fn serve_tls(
             cert: cert_path.clone(),
             key: key_path.clone(),
             token_file: token_path.clone(),
+            client_ca: Some(ca_path.clone()),
         };
         let listener = socket_http::tls::TlsListener::bind(&listen)
             .await
@@ -165,10 +189,13 @@ pub async fn on(state: &AppState, host: Option<&str>) -> Result<Daemons, HostErr
             name: name.to_string(),
             why: format!("it registered no TLS endpoint for {daemon} (its api runs without --host-address)"),
         })?;
-        let target = socket_http::tls::TlsTarget::new(url, &ca, token.clone()).map_err(|e| HostError::Unreachable {
-            name: name.to_string(),
-            why: e.to_string(),
-        })?;
+        let (cert, key) = identity(state);
+        let target = socket_http::tls::TlsTarget::new(url, &ca, token.clone())
+            .and_then(|t| t.with_identity(&cert, &key))
+            .map_err(|e| HostError::Unreachable {
+                name: name.to_string(),
+                why: e.to_string(),
+            })?;
         Ok(socket_http::Client::to(socket_http::Endpoint::Tls(target)).with_retry(state.config.daemon_retry))
     };
     let d = Daemons {
