@@ -175,9 +175,14 @@ impl Host {
 
     /// Kills the api (-9) and reaps it; its VMMs run on.
     fn kill_api(&mut self) {
+        self.stop_api(libc::SIGKILL);
+    }
+
+    /// Stops the api with `signal` and reaps it; its VMMs run on.
+    fn stop_api(&mut self, signal: i32) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: signals only the api process this test started.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            unsafe { libc::kill(c.id() as i32, signal) };
             let _ = c.wait();
         }
     }
@@ -622,6 +627,40 @@ fn three_hosts_are_one_cloud() {
             mv["id"].as_str().unwrap_or_default().to_string(),
             mv["nics"][0]["ip"].clone(),
         );
+
+        // A rolling restart of every host's api (and so its daemons: all-in-one) while
+        // the VMs run: no host is marked lost, no VM moves or restarts, and the VMs on
+        // A and C still reach each other.
+        let before: Vec<(Value, Value)> = {
+            let (_, l) = hosts[0].call("GET", "/v1/vms", None).await;
+            l.as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| (v["host"].clone(), v["pid"].clone()))
+                .collect()
+        };
+        for i in 0..3 {
+            hosts[i].stop_api(libc::SIGTERM);
+            hosts[i].spawn().await;
+            let (_, listed) = hosts[(i + 1) % 3].call("GET", "/v1/hosts", None).await;
+            for h in listed.as_array().into_iter().flatten() {
+                assert_eq!(h["state"], "ready", "after restarting {}: {h}", hosts[i].name);
+            }
+        }
+        let after: Vec<(Value, Value)> = {
+            let (_, l) = hosts[0].call("GET", "/v1/vms", None).await;
+            l.as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| (v["host"].clone(), v["pid"].clone()))
+                .collect()
+        };
+        assert_eq!(before, after, "a VM moved or restarted during the rolling restart");
+        let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+        let listen = format!("{}:8080", a.address);
+        let out = common::console_run_at(&listen, &a.key, "n-a", &format!("ping -c 2 -W 2 {}", addresses[0])).await;
+        assert!(out.contains("2 packets received"), "after the rolling restart: {out}");
+        let _ = (b, c);
 
         // The overlays of A reach B (network "other" has VMs on A's side only through
         // its copy there, and o-b on B).

@@ -223,9 +223,18 @@ async fn remove_orphans(
 /// Networks the store has and netd lacked when it was read (its state was lost, or
 /// removed behind the api's back) are made again from their records, unless a change
 /// of theirs is in progress or was cut short (an intent marker).
+///
+/// A network hearth spans over hosts is this host's only while one of its VMs is on
+/// it: only then is it made again here, and joined to its overlay.
 async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -> Result<(), ApiError> {
     let Some(present) = &held.networks else { return Ok(()) };
     let present: BTreeSet<&str> = present.iter().map(|n| n.spec.name.as_str()).collect();
+    let used_here: BTreeSet<(String, String)> = store::list_json::<VmRecord>(state.store.as_ref(), "vms/")
+        .await?
+        .into_iter()
+        .filter(|(r, _)| state.is_local(r.host.as_deref()))
+        .flat_map(|(r, _)| r.nics.into_iter().map(move |n| (r.project.clone(), n.network)))
+        .collect();
     for (key, v) in state.store.list("networks/").await? {
         report.examined += 1;
         // networks/<project>/<name>
@@ -238,11 +247,20 @@ async fn recreate_networks(state: &AppState, held: &Held, report: &mut Report) -
         if present.contains(spec.name.as_str()) || name.contains('/') {
             continue;
         }
+        let spans = crate::networks::overlay::spans_hosts(state, &spec);
+        if spans && !used_here.contains(&(project.to_string(), name.to_string())) {
+            continue;
+        }
         // Holding the network's marker, so no create or delete of it runs meanwhile,
         // and only if its record is still the one read (not deleted since).
         let made: Result<_, NetworkError> =
             crate::intents::hold(state, crate::intents::Kind::Network, project, name, RECREATE, async {
                 match state.store.get(&key).await? {
+                    Some(now) if now.revision == v.revision && spans => {
+                        let me = &state.config.host.name;
+                        crate::networks::overlay::span(state, &spec, project, name, me).await?;
+                        Ok(true)
+                    }
                     Some(now) if now.revision == v.revision => {
                         state
                             .netd
