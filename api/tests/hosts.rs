@@ -313,6 +313,19 @@ async fn wait_vm(host: &Host, vm: &str, state: &str, within: Duration) -> Value 
     }
 }
 
+/// Waits until `vm`'s console log (read through `via`) shows the guest ready.
+async fn wait_booted(via: &Host, vm: &str, within: Duration) {
+    let deadline = Instant::now() + patience(within);
+    loop {
+        let (_, log) = via.call("GET", &format!("/v1/vms/{vm}/console/log"), None).await;
+        if log.as_str().is_some_and(|l| l.contains("HEARTH-GUEST-READY")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vm} does not boot: {log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn vm_dirs(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("run/vms"))
         .into_iter()
@@ -719,15 +732,7 @@ fn three_hosts_are_one_cloud() {
             moved_after <= patience(Duration::from_secs(15)),
             "moved after {moved_after:?}"
         );
-        let deadline = Instant::now() + patience(Duration::from_secs(60));
-        loop {
-            let (_, log) = a.call("GET", "/v1/vms/mv/console/log", None).await;
-            if log.as_str().is_some_and(|l| l.contains("HEARTH-GUEST-READY")) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "mv does not boot on its new host: {log}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_booted(a, "mv", Duration::from_secs(60)).await;
         let (_, v) = a.call("GET", "/v1/vms/o-b", None).await;
         assert_eq!(v["state"], "host_lost", "{v}");
         if on_b {
@@ -783,6 +788,32 @@ fn three_hosts_are_one_cloud() {
             .filter(|v| v["name"] == "mv")
             .count();
         assert_eq!(copies, 1, "{listed}");
+
+        // Draining mv's host (`hearth host drain`): mv moves off, cold (a new VMM that
+        // boots again, its address kept); VMs whose placement names the host stay,
+        // and the drain says why. The host is cordoned afterwards.
+        let (_, v) = a.call("GET", "/v1/vms/mv", None).await;
+        let (from, old_pid) = (v["host"].as_str().unwrap_or_default().to_string(), v["pid"].clone());
+        let out = Command::new(common::hearth_cli())
+            .args(["--url", &a.url(), "--api-key", &a.key, "host", "drain", &from])
+            .output()
+            .expect("hearth host drain");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(said.contains("mv -> "), "{said}");
+        assert!(said.contains("its placement names the drained host"), "{said}");
+        let v = wait_vm(a, "mv", "running", Duration::from_secs(60)).await;
+        assert_ne!(v["host"].as_str(), Some(from.as_str()), "{v}");
+        assert_ne!(v["pid"], old_pid, "{v}");
+        assert_eq!(v["nics"][0]["ip"], mv_ip, "{v}");
+        wait_booted(a, "mv", Duration::from_secs(60)).await;
+        let (_, h) = a.call("GET", &format!("/v1/hosts/{from}"), None).await;
+        assert_eq!(h["state"], "cordoned", "{h}");
+        assert!(
+            !h["vms"].as_array().into_iter().flatten().any(|v| v == "default/mv"),
+            "{h}"
+        );
+        assert_eq!(a.call("POST", &format!("/v1/hosts/{from}/uncordon"), None).await.0, 200);
 
         // Deleting through any api removes the VM on its own host.
         for (via, vm) in [(b, "on-c"), (a, "spread"), (a, "n-a"), (b, "o-b"), (b, "mv")] {

@@ -16,6 +16,9 @@ pub enum HostCommand {
     Cordon { name: String },
     /// Let the host take new VMs again.
     Uncordon { name: String },
+    /// Cordon the host and move its VMs that keep nothing there to other hosts (cold:
+    /// stopped, made elsewhere, started again); says what moved and what stayed.
+    Drain { name: String },
     /// Forget a host that is gone for good (refused while it runs or holds VMs).
     Delete { name: String },
     /// Make a single-use token that lets a new machine join (`hearth host join`).
@@ -183,6 +186,12 @@ pub(crate) async fn run(api: &ApiClient, out: Output, cmd: HostCommand) -> anyho
         HostCommand::Uncordon { name } => {
             let h = api.post(&format!("/v1/hosts/{name}/uncordon"), None).await?;
             print_value(out, &h, details);
+        }
+        HostCommand::Drain { name } => {
+            let accepted = api.post(&format!("/v1/hosts/{name}/drain"), None).await?;
+            let op_id = accepted["operation"]["id"].as_str().unwrap_or_default().to_string();
+            let op = crate::vm::wait_operation(api, out, &op_id).await?;
+            print_value(out, &op, |op| println!("drained {name}: {}", s(&op["progress"])));
         }
         HostCommand::JoinToken { expires_in } => {
             let body = expires_in

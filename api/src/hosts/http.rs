@@ -58,13 +58,22 @@ pub async fn show(State(state): AppS, Path(name): Path<String>) -> Result<Json<H
         .ok_or_else(|| HostError::NotFound(name).into())
 }
 
-/// `cordon` (takes no new VMs; keeps its own) or `uncordon`.
+/// `cordon` (takes no new VMs; keeps its own), `uncordon`, or `drain`: cordon, then
+/// move every VM that keeps nothing on the host to other hosts (cold: stopped, made
+/// elsewhere, started again if it ran; live migration is not built yet). A drain
+/// answers `202` with its operation, whose progress at the end lists what moved and
+/// what stayed and why.
 #[utoipa::path(post, path = "/v1/hosts/{name}/{action}", tag = "hosts",
-    params(("name" = String, Path), ("action" = String, Path, description = "cordon or uncordon")),
-    responses((status = 200, body = Host), (status = 404, body = crate::openapi::ErrorResponse)))]
-pub async fn action(State(state): AppS, Path((name, action)): Path<(String, String)>) -> Result<Json<Host>, ApiError> {
+    params(("name" = String, Path), ("action" = String, Path, description = "cordon, uncordon or drain")),
+    responses((status = 200, body = Host), (status = 202, description = "Draining", body = super::view::Draining),
+        (status = 404, body = crate::openapi::ErrorResponse)))]
+pub async fn action(
+    State(state): AppS,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let cordoned = match action.as_str() {
-        "cordon" => true,
+        "cordon" | "drain" => true,
         "uncordon" => false,
         _ => return Err(HostError::UnknownAction(action).into()),
     };
@@ -78,12 +87,44 @@ pub async fn action(State(state): AppS, Path((name, action)): Path<(String, Stri
         return Err(HostError::NotFound(name).into());
     }
     if found {
-        tracing::info!(host = %name, cordoned, "host {action}ed");
+        tracing::info!(host = %name, cordoned, "host {}ed", if cordoned { "cordon" } else { "uncordon" });
         state
             .events
             .emit("host", "", serde_json::json!({"name": name, "cordoned": cordoned}));
     }
-    show(State(state), Path(name)).await
+    if action != "drain" {
+        return Ok(show(State(state), Path(name)).await?.into_response());
+    }
+    let op = state.ops.start("default", "host.drain", "host", &name).await?;
+    let (task_state, op_id, host) = (state.clone(), op.id.clone(), name.clone());
+    tokio::spawn(async move {
+        let ops = &task_state.ops;
+        let drained = super::evacuate::drain(&task_state, &host, &op_id).await;
+        let stayed: Vec<String> = drained.stayed.iter().map(|(vm, why)| format!("{vm} ({why})")).collect();
+        let summary = format!(
+            "moved: {}; stayed: {}",
+            if drained.moved.is_empty() {
+                "none".to_string()
+            } else {
+                drained.moved.join(", ")
+            },
+            if stayed.is_empty() {
+                "none".to_string()
+            } else {
+                stayed.join(", ")
+            }
+        );
+        ops.succeed_saying(&op_id, &summary).await;
+    });
+    let host = hosts(&state, Some(&name))
+        .await?
+        .pop()
+        .ok_or_else(|| HostError::NotFound(name.clone()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(super::view::Draining { operation: op, host }),
+    )
+        .into_response())
 }
 
 /// Forgets a host that is gone for good: refused while its api runs or VMs are

@@ -68,3 +68,10 @@ impl Host {
         }
     }
 }
+
+/// A drain's answer: its operation, and the host (cordoned now).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Draining {
+    pub operation: crate::model::Operation,
+    pub host: Host,
+}

@@ -214,9 +214,14 @@ impl Operations {
     }
 
     pub async fn succeed(&self, id: &str) {
+        self.succeed_saying(id, "done").await;
+    }
+
+    /// Succeeds with `outcome` as its last progress (what a drain moved and left).
+    pub async fn succeed_saying(&self, id: &str, outcome: &str) {
         self.update(id, |op| {
             op.status = OperationStatus::Succeeded;
-            op.progress = "done".into();
+            op.progress = outcome.into();
         })
         .await;
     }
