@@ -249,6 +249,95 @@ async fn call(base: &str, key: &str, method: &str, path: &str, body: Option<Valu
     Ok((status, value))
 }
 
+/// One member of the test's etcd cluster, in its host's namespace (Debian's
+/// etcd-server), started and killed by PID; its data stays for a restart.
+struct Member {
+    child: Option<Child>,
+    address: String,
+}
+
+impl Member {
+    fn start(i: usize, host: &Host) -> Member {
+        let dir = host.dir.path().join("etcd");
+        let cluster: Vec<String> = (1..=3).map(|n| format!("m{n}=http://{UNDERLAY}.{n}:2380")).collect();
+        let (client, peer) = (
+            format!("http://{}:2379", host.address),
+            format!("http://{}:2380", host.address),
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(host.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.ns,
+                "etcd",
+                "--name",
+                &format!("m{}", i + 1),
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--initial-cluster",
+                &cluster.join(","),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn etcd (Debian package etcd-server)");
+        Member {
+            child: Some(child),
+            address: host.address.clone(),
+        }
+    }
+
+    /// Waits until the member says the cluster is healthy (a quorum of members).
+    fn wait_healthy(&self) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + patience(Duration::from_secs(60));
+        loop {
+            let mut out = String::new();
+            if let Ok(mut s) = std::net::TcpStream::connect((self.address.as_str(), 2379)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n");
+                let _ = s.read_to_string(&mut out);
+            }
+            if out.contains("\"health\":\"true\"") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd member at {} is not healthy: {out}",
+                self.address
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signals only the etcd process this test started (`ip netns exec`
+            // execs it in place).
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The underlay: a bridge in the test's namespace and, per host, a namespace joined to
 /// it by a veth pair.
 fn make_hosts(store: &str) -> Vec<Host> {
@@ -339,8 +428,13 @@ fn vm_dirs(dir: &Path) -> Vec<String> {
 fn three_hosts_are_one_cloud() {
     in_private_netns(|| async {
         ip(&["link", "set", "lo", "up"]);
-        let mut hosts = make_hosts(&format!("etcd://{UNDERLAY}.254:2379"));
-        let _etcd = testkit::etcd::Etcd::start_on(&format!("{UNDERLAY}.254"), 2379, 2380);
+        // One etcd cluster of three members, one on each host.
+        let endpoints: Vec<String> = (1..=3).map(|i| format!("{UNDERLAY}.{i}:2379")).collect();
+        let mut hosts = make_hosts(&format!("etcd://{}", endpoints.join(",")));
+        let mut members: Vec<Member> = hosts.iter().enumerate().map(|(i, h)| Member::start(i, h)).collect();
+        for m in &members {
+            m.wait_healthy();
+        }
         // A makes the cluster; a machine that has not joined it is refused.
         hosts[0].spawn().await;
         let stranger = tempfile::Builder::new()
@@ -384,7 +478,7 @@ fn three_hosts_are_one_cloud() {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let written = std::fs::read_to_string(&config).expect("hearth.toml");
             assert!(
-                written.contains(&format!("store = \"etcd://{UNDERLAY}.254:2379/hearth\"")),
+                written.contains(&format!("store = \"etcd://{}/hearth\"", endpoints.join(","))),
                 "{written}"
             );
             hosts[i].config = Some(config);
@@ -685,7 +779,48 @@ fn three_hosts_are_one_cloud() {
         );
 
         // B's api dies: within seconds the leader marks it lost, and B's VMs say so.
+        // One etcd member down (C's, as when C reboots): the other two keep the
+        // quorum, and the cluster goes on (a VM made and shown through A).
+        members[2].kill();
+        // While the other two elect a leader (when C's was it), a write may be 503 for
+        // a moment: a careful client tries again.
+        let down = Instant::now();
+        let created = loop {
+            let (status, created) = hosts[0]
+                .call(
+                    "POST",
+                    "/v1/vms",
+                    Some(json!({"name": "quorum", "image": "tiny", "hypervisor": "qemu",
+                    "vcpus": 1, "memory_mib": 256, "start": false})),
+                )
+                .await;
+            if status == 202 {
+                break created;
+            }
+            assert_eq!(status, 503, "{created}");
+            assert!(
+                down.elapsed() < patience(Duration::from_secs(15)),
+                "no quorum: {created}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        eprintln!(
+            "hosts: with one etcd member down, a VM made {:.1} s later",
+            down.elapsed().as_secs_f64()
+        );
+        assert!(created["operation"]["id"].is_string(), "{created}");
+        wait_vm(&hosts[0], "quorum", "stopped", Duration::from_secs(60)).await;
+        let (status, listed) = hosts[1].call("GET", "/v1/hosts", None).await;
+        assert_eq!(status, 200, "{listed}");
+        assert!(
+            listed.as_array().into_iter().flatten().all(|h| h["state"] == "ready"),
+            "{listed}"
+        );
+        members[2] = Member::start(2, &hosts[2]);
+        members[2].wait_healthy();
+
         let on_b = vm["host"] == "h-b";
+        // B's api (with its daemons) dies; its VMMs run on.
         hosts[1].kill_api();
         let killed = Instant::now();
         let a = &hosts[0];
@@ -816,7 +951,14 @@ fn three_hosts_are_one_cloud() {
         assert_eq!(a.call("POST", &format!("/v1/hosts/{from}/uncordon"), None).await.0, 200);
 
         // Deleting through any api removes the VM on its own host.
-        for (via, vm) in [(b, "on-c"), (a, "spread"), (a, "n-a"), (b, "o-b"), (b, "mv")] {
+        for (via, vm) in [
+            (b, "on-c"),
+            (a, "spread"),
+            (a, "n-a"),
+            (b, "o-b"),
+            (b, "mv"),
+            (a, "quorum"),
+        ] {
             let (status, accepted) = via.call("DELETE", &format!("/v1/vms/{vm}"), None).await;
             assert_eq!(status, 202, "{accepted}");
             let deadline = Instant::now() + patience(Duration::from_secs(60));
@@ -834,6 +976,7 @@ fn three_hosts_are_one_cloud() {
             "C's vmm-manager let the VM go"
         );
         assert!(!hosts[2].processes().contains(&pid), "its VMM is gone");
+        drop(members);
         drop(hosts);
         let _ = Command::new("ip").args(["link", "del", "hunder0"]).status();
     });

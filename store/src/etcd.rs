@@ -82,14 +82,70 @@ impl Drop for EtcdStore {
 /// How long one request may take before the store reports etcd unavailable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Whether etcd's error says the request never left: no connection to the member the
+/// client picked (one that is down, while the others may be up).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let s = e.to_string();
+    s.contains("connect error") || s.contains("Connection refused")
+}
+
+/// Whether a request that does the same when run twice may go again after `e`: it was
+/// not sent, or etcd's members were electing a leader.
+fn retry_same(e: &etcd_client::Error) -> bool {
+    not_sent(e) || e.to_string().contains("leader changed")
+}
+
 impl EtcdStore {
+    /// Runs `request` with a client, again (up to five times in all, 0.1 to 0.8 s apart) when
+    /// it could not be sent: with several members, one down makes the client's pick
+    /// of it fail before the next pick reaches a live one. A request that was sent is
+    /// never repeated (a compare-and-swap must not run twice).
+    async fn call<T, Fut>(&self, request: impl Fn(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_with(not_sent, request).await
+    }
+
+    /// [`EtcdStore::call`] for a request that does the same when run twice (a read, a
+    /// plain write, a delete, a lease renewal): also again while etcd elects a leader,
+    /// for up to about a second.
+    async fn call_same<T, Fut>(&self, request: impl Fn(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_with(retry_same, request).await
+    }
+
+    async fn call_with<T, Fut>(
+        &self,
+        again: fn(&etcd_client::Error) -> bool,
+        request: impl Fn(Client) -> Fut,
+    ) -> Result<T, etcd_client::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match request(self.client.clone()).await {
+                Err(e) if again(&e) && attempt < 4 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A range request over every key under `prefix`, with `options` (a prefix range).
     async fn range(&self, prefix: &str, options: GetOptions) -> Result<etcd_client::GetResponse, StoreError> {
-        self.client
-            .kv_client()
-            .get(self.key(prefix), Some(options.with_prefix()))
-            .await
-            .map_err(|e| self.unavailable(e))
+        let key = self.key(prefix);
+        self.call_same(|c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.kv_client().get(key, Some(options.with_prefix())).await }
+        })
+        .await
+        .map_err(|e| self.unavailable(e))
     }
 
     /// Connects (lazily: an etcd that is down now makes requests fail until it is up)
@@ -152,10 +208,12 @@ fn header_revision(key: &str, header: Option<&etcd_client::ResponseHeader>) -> R
 impl StateStore for EtcdStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
         Box::pin(async move {
+            let full = self.key(key);
             let resp = self
-                .client
-                .kv_client()
-                .get(self.key(key), None)
+                .call_same(|c| {
+                    let full = full.clone();
+                    async move { c.kv_client().get(full, None).await }
+                })
                 .await
                 .map_err(|e| self.unavailable(e))?;
             resp.kvs().first().map(|kv| self.versioned(key, kv)).transpose()
@@ -164,10 +222,12 @@ impl StateStore for EtcdStore {
 
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
+            let full = self.key(key);
             let resp = self
-                .client
-                .kv_client()
-                .put(self.key(key), value, None)
+                .call_same(|c| {
+                    let (full, value) = (full.clone(), value.clone());
+                    async move { c.kv_client().put(full, value, None).await }
+                })
                 .await
                 .map_err(|e| self.unavailable(e))?;
             header_revision(key, resp.header())
@@ -200,9 +260,10 @@ impl StateStore for EtcdStore {
                 .and_then([TxnOp::put(full.clone(), value, None)])
                 .or_else([TxnOp::get(full, None)]);
             let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
+                .call(|c| {
+                    let txn = txn.clone();
+                    async move { c.kv_client().txn(txn).await }
+                })
                 .await
                 .map_err(|e| self.unavailable(e))?;
             if resp.succeeded() {
@@ -222,10 +283,12 @@ impl StateStore for EtcdStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let full = self.key(key);
             let resp = self
-                .client
-                .kv_client()
-                .delete(self.key(key), None)
+                .call_same(|c| {
+                    let full = full.clone();
+                    async move { c.kv_client().delete(full, None).await }
+                })
                 .await
                 .map_err(|e| self.unavailable(e))?;
             Ok(resp.deleted() > 0)
@@ -278,9 +341,7 @@ impl StateStore for EtcdStore {
         Box::pin(async move {
             let secs = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(2);
             let resp = self
-                .client
-                .lease_client()
-                .grant(secs, None)
+                .call(|c| async move { c.lease_client().grant(secs, None).await })
                 .await
                 .map_err(|e| self.unavailable(e))?;
             Ok(resp.id())
@@ -290,7 +351,10 @@ impl StateStore for EtcdStore {
     /// One keep-alive exchange: etcd answers with the lease's new TTL, or says it is gone.
     fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(async move {
-            match self.client.lease_client().keep_alive(lease).await {
+            match self
+                .call(|c| async move { c.lease_client().keep_alive(lease).await })
+                .await
+            {
                 Ok(_) => Ok(true),
                 Err(e) if lease_gone(&e) => Ok(false),
                 Err(e) => Err(self.unavailable(e)),
@@ -300,7 +364,10 @@ impl StateStore for EtcdStore {
 
     fn revoke_lease(&self, lease: LeaseId) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            match self.client.lease_client().revoke(lease).await {
+            match self
+                .call_same(|c| async move { c.lease_client().revoke(lease).await })
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(e) if lease_gone(&e) => Ok(()),
                 Err(e) => Err(self.unavailable(e)),
@@ -325,7 +392,13 @@ impl StateStore for EtcdStore {
             } else {
                 Txn::new().and_then([put])
             };
-            match self.client.kv_client().txn(txn).await {
+            let sent = self
+                .call(|c| {
+                    let txn = txn.clone();
+                    async move { c.kv_client().txn(txn).await }
+                })
+                .await;
+            match sent {
                 Ok(resp) if resp.succeeded() => header_revision(key, resp.header()).map(Some),
                 Ok(_) => Ok(None),
                 Err(e) if lease_gone(&e) => Err(StoreError::LeaseLapsed(lease)),
