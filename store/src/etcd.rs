@@ -82,17 +82,29 @@ impl Drop for EtcdStore {
 /// How long one request may take before the store reports etcd unavailable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Whether etcd's error says the request never left: no connection to the member the
-/// client picked (one that is down, while the others may be up).
-fn not_sent(e: &etcd_client::Error) -> bool {
+/// How many more times a request may go after `e` when it never left: no connection
+/// to the member the client picked (one that is down, while the others may be up).
+fn not_sent(e: &etcd_client::Error) -> u32 {
     let s = e.to_string();
-    s.contains("connect error") || s.contains("Connection refused")
+    if s.contains("connect error") || s.contains("Connection refused") {
+        4
+    } else {
+        0
+    }
 }
 
-/// Whether a request that does the same when run twice may go again after `e`: it was
-/// not sent, or etcd's members were electing a leader.
-fn retry_same(e: &etcd_client::Error) -> bool {
-    not_sent(e) || e.to_string().contains("leader changed")
+/// How many more times a request that does the same when run twice may go after `e`:
+/// as [`not_sent`], and while etcd's members elect a leader; once more when etcd did
+/// not answer within the request's deadline (a member stalled on its disk a moment).
+fn retry_same(e: &etcd_client::Error) -> u32 {
+    let s = e.to_string();
+    if s.contains("leader changed") {
+        4
+    } else if s.contains("Timeout expired") {
+        1
+    } else {
+        not_sent(e)
+    }
 }
 
 impl EtcdStore {
@@ -119,7 +131,7 @@ impl EtcdStore {
 
     async fn call_with<T, Fut>(
         &self,
-        again: fn(&etcd_client::Error) -> bool,
+        again: fn(&etcd_client::Error) -> u32,
         request: impl Fn(Client) -> Fut,
     ) -> Result<T, etcd_client::Error>
     where
@@ -128,7 +140,7 @@ impl EtcdStore {
         let mut attempt = 0;
         loop {
             match request(self.client.clone()).await {
-                Err(e) if again(&e) && attempt < 4 => {
+                Err(e) if attempt < again(&e) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
